@@ -1,0 +1,14 @@
+//! `crdgen [DIR]`: writes the relayfed CRDs as YAML into DIR (default `charts/relayfed/crds`).
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::env::args().nth(1).map_or_else(|| PathBuf::from("charts/relayfed/crds"), PathBuf::from);
+    std::fs::create_dir_all(&dir)?;
+    for (name, text) in relayfed_crds::generate::crd_files()? {
+        let path = dir.join(&name);
+        std::fs::write(&path, text)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
