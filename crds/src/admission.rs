@@ -85,7 +85,9 @@ where
     }
     if let Err(cel) = kube::core::cel::Validator::new().validate(&schema, doc, old) {
         let mut errs = Errors::default();
-        errs.extend(cel.into_vec().into_iter().map(|e| FieldError::new(e.field_path.trim_start_matches('.'), e.message)));
+        errs.extend(
+            cel.into_vec().into_iter().map(|e| FieldError::new(e.field_path.trim_start_matches('.'), e.message)),
+        );
         errs.into_result(&kind, &name)?;
     }
     serde_path_to_error::deserialize::<_, K>(doc).map_err(|e| CrdError::Invalid {
@@ -100,7 +102,9 @@ fn check_metadata(doc: &Value, errs: &mut Errors) {
     match doc.pointer("/metadata/name") {
         None => errs.push("metadata.name", "Required value: every resource needs a name"),
         Some(Value::String(n)) if n.len() <= 253 && matches(NAME_PATTERN, n) => {}
-        Some(other) => errs.push("metadata.name", format!("Invalid value: {other}: must be a lowercase DNS-1123 subdomain")),
+        Some(other) => {
+            errs.push("metadata.name", format!("Invalid value: {other}: must be a lowercase DNS-1123 subdomain"))
+        }
     }
 }
 
@@ -176,7 +180,8 @@ pub fn check_schema(schema: &Value, value: &Value, path: &str, errs: &mut Errors
         Value::Object(map) => {
             let props = schema.get("properties").and_then(Value::as_object);
             let preserve = schema.get("x-kubernetes-preserve-unknown-fields").and_then(Value::as_bool) == Some(true);
-            for req in schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+            for req in schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str)
+            {
                 if !map.contains_key(req) {
                     errs.push(join(path, req), "Required value");
                 }
@@ -188,7 +193,10 @@ pub fn check_schema(schema: &Value, value: &Value, path: &str, errs: &mut Errors
                 } else if let Some(s) = schema.get("additionalProperties").filter(|s| s.is_object()) {
                     check_schema(s, v, &child, errs);
                 } else if props.is_some() && !preserve && !(path.is_empty() && ROOT_FIELDS.contains(&key.as_str())) {
-                    errs.push(child, format!("unknown field {key:?}: not in the relayfed.io/v1alpha1 schema (check spelling)"));
+                    errs.push(
+                        child,
+                        format!("unknown field {key:?}: not in the relayfed.io/v1alpha1 schema (check spelling)"),
+                    );
                 }
             }
         }

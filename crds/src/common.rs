@@ -240,7 +240,9 @@ mod tests {
 
     #[test]
     fn bad_durations_name_the_problem() {
-        for (text, reason) in [("", "empty"), ("10", "expected a unit"), ("m", "expected a number"), ("10 m", "expected a unit")] {
+        for (text, reason) in
+            [("", "empty"), ("10", "expected a unit"), ("m", "expected a number"), ("10 m", "expected a unit")]
+        {
             let err = text.parse::<Duration>().unwrap_err();
             assert!(err.reason.contains(reason), "{text}: {err}");
         }
@@ -268,5 +270,4 @@ mod tests {
             let _ = s.parse::<Duration>();
         }
     }
-
 }

@@ -53,7 +53,9 @@ pub enum CrdError {
         reason: String,
     },
     /// A document names a kind or apiVersion relayfed does not serve.
-    #[error("document {index} of {source_name}: unsupported {api_version}/{kind}; expected relayfed.io/v1alpha1 RelayFederation, Relay, Peer or RolloutPolicy")]
+    #[error(
+        "document {index} of {source_name}: unsupported {api_version}/{kind}; expected relayfed.io/v1alpha1 RelayFederation, Relay, Peer or RolloutPolicy"
+    )]
     UnsupportedKind {
         /// File name or other label of the input.
         source_name: String,

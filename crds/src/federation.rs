@@ -114,7 +114,10 @@ impl RelayFederation {
             }
         }
         if spec.registry_ttl.get() < std::time::Duration::from_secs(10) {
-            errs.push("spec.registryTtl", format!("{} is too short: must be at least 10s so refreshes can keep up", spec.registry_ttl));
+            errs.push(
+                "spec.registryTtl",
+                format!("{} is too short: must be at least 10s so refreshes can keep up", spec.registry_ttl),
+            );
         }
         errs.into_result("RelayFederation", &crate::name_of(&self.metadata))
     }

@@ -4,6 +4,8 @@
 //! [`RolloutPolicy`]. The schema (with CEL rules) is derived from the types and written to the
 //! Helm chart by `crdgen`; the checks a schema cannot express live in each kind's `validate()`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+// kube-derive takes repeated `printcolumn(...)`/`shortname` attributes; clippy mistakes them for duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 pub mod admission;
 pub mod common;

@@ -3,7 +3,9 @@
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{CommonStatus, DNS_NAME_PATTERN, ENDPOINT_PATTERN, NODE_ID_PATTERN, Permissions, RateLimit, parse_endpoint};
+use crate::common::{
+    CommonStatus, DNS_NAME_PATTERN, ENDPOINT_PATTERN, NODE_ID_PATTERN, Permissions, RateLimit, parse_endpoint,
+};
 use crate::error::{CrdError, Errors};
 
 /// Regex for a pinned public-key fingerprint: `sha256:` and 64 lowercase hex digits.
@@ -136,8 +138,14 @@ impl Peer {
         {
             errs.push("spec.identity.caBundle", "not a PEM certificate bundle (no BEGIN CERTIFICATE block)");
         }
-        if spec.trust_domain.is_some() && matches!(spec.trust_level, TrustLevel::Trusted | TrustLevel::Verified) && spec.identity.is_none() {
-            errs.push("spec.identity", "required for a trusted or verified peer of another federation: pin a caBundle or fingerprint");
+        if spec.trust_domain.is_some()
+            && matches!(spec.trust_level, TrustLevel::Trusted | TrustLevel::Verified)
+            && spec.identity.is_none()
+        {
+            errs.push(
+                "spec.identity",
+                "required for a trusted or verified peer of another federation: pin a caBundle or fingerprint",
+            );
         }
         errs.into_result("Peer", &crate::name_of(&self.metadata))
     }

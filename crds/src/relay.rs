@@ -228,11 +228,17 @@ impl Relay {
         if spec.ech_keys.grace_period >= spec.ech_keys.rotation_period {
             errs.push(
                 "spec.echKeys.gracePeriod",
-                format!("{} must be shorter than rotationPeriod {}", spec.ech_keys.grace_period, spec.ech_keys.rotation_period),
+                format!(
+                    "{} must be shorter than rotationPeriod {}",
+                    spec.ech_keys.grace_period, spec.ech_keys.rotation_period
+                ),
             );
         }
         if spec.ech_keys.rotation_period.get() < std::time::Duration::from_secs(60) {
-            errs.push("spec.echKeys.rotationPeriod", format!("{} is too short: at least 1m", spec.ech_keys.rotation_period));
+            errs.push(
+                "spec.echKeys.rotationPeriod",
+                format!("{} is too short: at least 1m", spec.ech_keys.rotation_period),
+            );
         }
         let mut seen = BTreeSet::new();
         for (i, m) in spec.main_relays.iter().enumerate() {
@@ -259,7 +265,10 @@ impl Relay {
             match parse_endpoint(&imp.listen) {
                 Err(reason) => errs.push(format!("spec.imports[{i}].listen"), format!("{:?}: {reason}", imp.listen)),
                 Ok(_) if !listens.insert(imp.listen.as_str()) => {
-                    errs.push(format!("spec.imports[{i}].listen"), format!("{} is already used by another import", imp.listen));
+                    errs.push(
+                        format!("spec.imports[{i}].listen"),
+                        format!("{} is already used by another import", imp.listen),
+                    );
                 }
                 Ok(_) => {}
             }

@@ -184,7 +184,11 @@ pub struct Retry {
 
 impl Default for Retry {
     fn default() -> Self {
-        Self { max_attempts: default_attempts(), initial_backoff: default_initial_backoff(), max_backoff: default_max_backoff() }
+        Self {
+            max_attempts: default_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+        }
     }
 }
 
@@ -328,7 +332,10 @@ impl RolloutPolicy {
         let black: BTreeSet<&str> = ech.blacklist.iter().map(String::as_str).collect();
         for (i, id) in ech.whitelist.iter().enumerate() {
             if black.contains(id.as_str()) {
-                errs.push(format!("spec.ech.whitelist[{i}]"), format!("{id:?} is also in spec.ech.blacklist; a peer is either forced on or forced off"));
+                errs.push(
+                    format!("spec.ech.whitelist[{i}]"),
+                    format!("{id:?} is also in spec.ech.blacklist; a peer is either forced on or forced off"),
+                );
             }
         }
         for (name, list) in [("whitelist", &ech.whitelist), ("blacklist", &ech.blacklist)] {
@@ -340,18 +347,27 @@ impl RolloutPolicy {
             }
         }
         if ech.mode == EchMode::Required && !ech.enabled {
-            errs.push("spec.ech.mode", "mode required needs enabled: true (otherwise every ECH destination fails closed)");
+            errs.push(
+                "spec.ech.mode",
+                "mode required needs enabled: true (otherwise every ECH destination fails closed)",
+            );
         }
         let rb = &ech.auto_rollback;
         if !(0.0..=1.0).contains(&rb.min_success_rate) {
             errs.push("spec.ech.autoRollback.minSuccessRate", format!("{} is outside 0..1", rb.min_success_rate));
         }
         if rb.evaluation_window.get() < std::time::Duration::from_secs(10) {
-            errs.push("spec.ech.autoRollback.evaluationWindow", format!("{} is too short: at least 10s", rb.evaluation_window));
+            errs.push(
+                "spec.ech.autoRollback.evaluationWindow",
+                format!("{} is too short: at least 10s", rb.evaluation_window),
+            );
         }
         let res = &self.spec.resilience;
         if !(0.0..=1.0).contains(&res.circuit_breaker.failure_rate) {
-            errs.push("spec.resilience.circuitBreaker.failureRate", format!("{} is outside 0..1", res.circuit_breaker.failure_rate));
+            errs.push(
+                "spec.resilience.circuitBreaker.failureRate",
+                format!("{} is outside 0..1", res.circuit_breaker.failure_rate),
+            );
         }
         if res.retry.initial_backoff > res.retry.max_backoff {
             errs.push(
@@ -370,7 +386,10 @@ impl RolloutPolicy {
             }
         }
         if res.timeouts.call < res.timeouts.connect {
-            errs.push("spec.resilience.timeouts.call", format!("{} is shorter than timeouts.connect {}", res.timeouts.call, res.timeouts.connect));
+            errs.push(
+                "spec.resilience.timeouts.call",
+                format!("{} is shorter than timeouts.connect {}", res.timeouts.call, res.timeouts.connect),
+            );
         }
         for key in self.spec.selector.match_labels.keys() {
             if key.is_empty() || key.len() > 317 {

@@ -1,6 +1,7 @@
 //! The examples under `examples/` are admitted exactly as documented: every valid file passes
 //! schema, CEL and `validate()`; every invalid file is rejected by the layer its header names,
 //! with a message naming the field its header names.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::path::{Path, PathBuf};
 
@@ -29,13 +30,26 @@ fn the_example_federation_is_admitted_whole() {
     let mut kinds = Vec::new();
     for path in yaml_files(&examples_dir().join("federation")) {
         let text = std::fs::read_to_string(&path).unwrap();
-        let resources = parse_documents(&path.display().to_string(), &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let resources =
+            parse_documents(&path.display().to_string(), &text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         kinds.extend(resources.iter().map(AnyResource::kind));
     }
     kinds.sort();
     assert_eq!(
         kinds,
-        ["Peer", "Peer", "Peer", "Peer", "Relay", "Relay", "Relay", "Relay", "Relay", "RelayFederation", "RolloutPolicy"]
+        [
+            "Peer",
+            "Peer",
+            "Peer",
+            "Peer",
+            "Relay",
+            "Relay",
+            "Relay",
+            "Relay",
+            "Relay",
+            "RelayFederation",
+            "RolloutPolicy"
+        ]
     );
 }
 
@@ -100,7 +114,10 @@ fn every_invalid_example_is_rejected_by_its_layer_naming_its_field() {
         let cel_ok = cel_passes(&kind, &doc);
         match layer.as_str() {
             "schema" => assert!(!schema_ok, "{name}: expected the schema to reject it"),
-            "cel" => assert!(schema_ok && !cel_ok, "{name}: expected schema to pass and CEL to reject (schema ok {schema_ok}, cel ok {cel_ok})"),
+            "cel" => assert!(
+                schema_ok && !cel_ok,
+                "{name}: expected schema to pass and CEL to reject (schema ok {schema_ok}, cel ok {cel_ok})"
+            ),
             "validate" => assert!(schema_ok && cel_ok, "{name}: expected schema and CEL to pass, validate() to reject"),
             other => panic!("{name}: unknown layer {other}"),
         }
