@@ -5,7 +5,11 @@ CARGO ?= cargo
 PYTHON ?= python3
 PY_REQS := tests/python/requirements.txt
 
-.PHONY: help build test test-rust test-python python-deps lint fmt crds clean
+FUZZ_SECONDS ?= 60
+# crate-dir:target pairs; each crate keeps its harnesses and seeds in <crate>/fuzz.
+FUZZ_TARGETS ?= crds:cr_documents crds:cr_json
+
+.PHONY: help build test test-rust test-python python-deps lint fmt crds fuzz clean
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +38,17 @@ fmt: ## Format the code.
 
 crds: ## Regenerate charts/relayfed/crds from the Rust types.
 	$(CARGO) run -q -p relayfed-crds --bin crdgen -- charts/relayfed/crds
+
+fuzz: ## Run every fuzz harness for FUZZ_SECONDS each (stable Rust, cargo-fuzz -s none).
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for pair in $(FUZZ_TARGETS); do \
+	  crate=$${pair%%:*}; target=$${pair##*:}; \
+	  mkdir -p $$crate/fuzz/corpus/$$target; \
+	  echo "fuzz: $$crate/$$target for $(FUZZ_SECONDS)s"; \
+	  (cd $$crate && $(CARGO) fuzz run -s none $$target fuzz/corpus/$$target fuzz/seeds/$$target \
+	     -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | grep -E '^(#[0-9]+.*DONE|Done|==|SUMMARY|thread)' || true); \
+	  test -z "$$(ls -A $$crate/fuzz/artifacts/$$target 2>/dev/null)" || { echo "fuzz: crash in $$crate/fuzz/artifacts/$$target"; exit 1; }; \
+	done
 
 clean: ## Remove build output.
 	$(CARGO) clean
