@@ -1,1 +1,5 @@
-//! x
+//! relayfed's data plane: wire protocol, ECH and Noise crypto, QUIC transport and the
+//! `relayfed-proxy` binary's modes (main relay, home node).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod protocol;

@@ -1,0 +1,352 @@
+//! The route header: the first frame of every stream, saying where it goes.
+//!
+//! Exact layout in docs/protocol.md §3. The header is either *plain* (the inner route in
+//! clear) or *sealed* (the inner route HPKE-sealed to the destination main relay's ECH key,
+//! with an outer part naming only that relay, the config id, suite and encapsulated key).
+//! A relay that opens a sealed header forwards it *opened*: plain, plus the config id it was
+//! sealed with, so the destination can bind the ECH decision into the Noise prologue.
+
+use super::wire::{DecodeError, Reader, Writer};
+
+/// Route header version spoken here.
+pub const ROUTE_VERSION: u8 = 1;
+/// Most relay hops a stream may take (home -> main -> main -> home).
+pub const MAX_HOPS: u8 = 3;
+/// Most entries in the path record.
+pub const MAX_PATH: usize = 4;
+/// Longest node id (a DNS label).
+pub const MAX_NODE_ID: usize = 63;
+/// Longest service name or origin identity.
+pub const MAX_NAME: usize = 127;
+/// Longest trace context (W3C `traceparent` is 55 bytes; `tracestate` may follow).
+pub const MAX_TRACE: usize = 255;
+/// Longest sealed payload.
+pub const MAX_SEALED: usize = 2048;
+/// Sealed plaintext is padded to a multiple of this, hiding name lengths.
+pub const PAD_TO: usize = 64;
+
+const FLAG_SEALED: u8 = 0x01;
+const FLAG_OPENED: u8 = 0x02;
+
+/// The sensitive part of a route: who is called, and by whom.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct InnerRoute {
+    /// Destination home node id.
+    pub dest_node: String,
+    /// Main relay the destination home node is attached to.
+    pub dest_main: String,
+    /// Service name.
+    pub service: String,
+    /// Service port.
+    pub port: u16,
+    /// Origin identity (`node@main`).
+    pub origin: String,
+}
+
+/// The outer part of a sealed route: all an intermediate relay may see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedRoute {
+    /// Main relay that owns the ECH key and can open the inner route.
+    pub main: String,
+    /// ECH config id of the key used.
+    pub config_id: u8,
+    /// HPKE KDF id.
+    pub kdf_id: u16,
+    /// HPKE AEAD id.
+    pub aead_id: u16,
+    /// HPKE encapsulated key.
+    pub enc: Vec<u8>,
+    /// HPKE ciphertext of the padded inner route.
+    pub payload: Vec<u8>,
+}
+
+/// What the header carries after the common fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteBody {
+    /// Inner route in clear (ECH not used).
+    Plain(InnerRoute),
+    /// Inner route sealed with ECH.
+    Sealed(SealedRoute),
+    /// Inner route opened by the relay owning the key; `config_id` names that key.
+    Opened {
+        /// Config id the route was sealed with.
+        config_id: u8,
+        /// The opened inner route.
+        route: InnerRoute,
+    },
+}
+
+/// One relay traversed, for tracing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathEntry {
+    /// Relay node id.
+    pub node: String,
+    /// Milliseconds since the Unix epoch when the relay forwarded the stream.
+    pub at_ms: u64,
+}
+
+/// The first frame of a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteHeader {
+    /// Remaining relay hops; a relay refuses the stream when it is 0 on arrival.
+    pub hop_limit: u8,
+    /// W3C trace context (may be empty).
+    pub trace_context: String,
+    /// Relays traversed so far.
+    pub path: Vec<PathEntry>,
+    /// The route itself.
+    pub body: RouteBody,
+}
+
+fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), DecodeError> {
+    if s.is_empty() || s.len() > max {
+        return Err(DecodeError::invalid(field, format!("must be 1..{max} bytes, is {}", s.len())));
+    }
+    Ok(())
+}
+
+impl InnerRoute {
+    /// Checks the bounds a peer will enforce, so what encodes also decodes.
+    pub fn check(&self) -> Result<(), DecodeError> {
+        check_len("dest_node", &self.dest_node, MAX_NODE_ID)?;
+        check_len("dest_main", &self.dest_main, MAX_NODE_ID)?;
+        check_len("service", &self.service, MAX_NAME)?;
+        check_len("origin", &self.origin, MAX_NAME)
+    }
+
+    /// Appends the encoding (no bounds check: call [`InnerRoute::check`] first).
+    pub fn write(&self, w: &mut Writer) {
+        w.vec8(self.dest_node.as_bytes())
+            .vec8(self.dest_main.as_bytes())
+            .vec8(self.service.as_bytes())
+            .u16(self.port)
+            .vec8(self.origin.as_bytes());
+    }
+
+    /// Encodes the inner route alone (used in the HPKE plaintext and the Noise prologue).
+    pub fn encode(&self) -> Result<Vec<u8>, DecodeError> {
+        self.check()?;
+        let mut w = Writer::new();
+        self.write(&mut w);
+        Ok(w.into_bytes())
+    }
+
+    /// Reads an inner route.
+    pub fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Self {
+            dest_node: r.str8("dest_node", MAX_NODE_ID)?.to_owned(),
+            dest_main: r.str8("dest_main", MAX_NODE_ID)?.to_owned(),
+            service: r.str8("service", MAX_NAME)?.to_owned(),
+            port: r.u16("port")?,
+            origin: r.str8("origin", MAX_NAME)?.to_owned(),
+        })
+    }
+
+    /// The padded plaintext sealed with ECH.
+    pub fn padded(&self) -> Result<Vec<u8>, DecodeError> {
+        let mut v = self.encode()?;
+        let target = v.len().div_ceil(PAD_TO) * PAD_TO;
+        v.resize(target.max(PAD_TO), 0);
+        Ok(v)
+    }
+
+    /// Decodes a padded plaintext; padding must be zeros.
+    pub fn from_padded(plain: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(plain);
+        let route = Self::read(&mut r)?;
+        if r.rest().iter().any(|&b| b != 0) {
+            return Err(DecodeError::invalid("padding", "non-zero byte"));
+        }
+        Ok(route)
+    }
+}
+
+impl SealedRoute {
+    /// The HPKE additional data: binds the outer fields a relay must not change.
+    pub fn aad(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.bytes(b"relayfed route v1")
+            .u8(ROUTE_VERSION)
+            .vec8(self.main.as_bytes())
+            .u8(self.config_id)
+            .u16(self.kdf_id)
+            .u16(self.aead_id)
+            .vec16(&self.enc);
+        w.into_bytes()
+    }
+}
+
+impl RouteHeader {
+    /// Encodes the header (the payload of a ROUTE frame).
+    pub fn encode(&self) -> Result<Vec<u8>, DecodeError> {
+        if self.trace_context.len() > MAX_TRACE {
+            return Err(DecodeError::TooLong { field: "trace_context", len: self.trace_context.len(), max: MAX_TRACE });
+        }
+        if self.path.len() > MAX_PATH {
+            return Err(DecodeError::TooLong { field: "path", len: self.path.len(), max: MAX_PATH });
+        }
+        let flags = match self.body {
+            RouteBody::Plain(_) => 0,
+            RouteBody::Sealed(_) => FLAG_SEALED,
+            RouteBody::Opened { .. } => FLAG_OPENED,
+        };
+        let mut w = Writer::new();
+        w.u8(ROUTE_VERSION).u8(self.hop_limit).u8(flags).vec8(self.trace_context.as_bytes());
+        w.u8(self.path.len() as u8); // bounded by MAX_PATH above
+        for p in &self.path {
+            check_len("path node", &p.node, MAX_NODE_ID)?;
+            w.vec8(p.node.as_bytes()).u64(p.at_ms);
+        }
+        match &self.body {
+            RouteBody::Plain(route) => {
+                route.check()?;
+                route.write(&mut w);
+            }
+            RouteBody::Opened { config_id, route } => {
+                route.check()?;
+                w.u8(*config_id);
+                route.write(&mut w);
+            }
+            RouteBody::Sealed(s) => {
+                check_len("main", &s.main, MAX_NODE_ID)?;
+                if s.enc.is_empty() || s.enc.len() > 255 {
+                    return Err(DecodeError::invalid("enc", "must be 1..255 bytes"));
+                }
+                if s.payload.len() < 17 || s.payload.len() > MAX_SEALED {
+                    return Err(DecodeError::invalid("sealed payload", format!("must be 17..{MAX_SEALED} bytes")));
+                }
+                w.vec8(s.main.as_bytes()).u8(s.config_id).u16(s.kdf_id).u16(s.aead_id).vec16(&s.enc).vec16(&s.payload);
+            }
+        }
+        Ok(w.into_bytes())
+    }
+
+    /// Decodes a header; never panics, names the field on error.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8("route version")?;
+        if version != ROUTE_VERSION {
+            return Err(DecodeError::UnsupportedVersion { field: "route header", version: version.into() });
+        }
+        let hop_limit = r.u8("hop_limit")?;
+        let flags = r.u8("flags")?;
+        if flags & !(FLAG_SEALED | FLAG_OPENED) != 0 || flags == FLAG_SEALED | FLAG_OPENED {
+            return Err(DecodeError::invalid("flags", format!("0x{flags:02x} is not a valid combination")));
+        }
+        let trace = r.vec8("trace_context", 0, MAX_TRACE)?;
+        let trace_context =
+            std::str::from_utf8(trace).map_err(|_| DecodeError::invalid("trace_context", "not UTF-8"))?.to_owned();
+        let count = usize::from(r.u8("path count")?);
+        if count > MAX_PATH {
+            return Err(DecodeError::TooLong { field: "path", len: count, max: MAX_PATH });
+        }
+        let mut path = Vec::with_capacity(count);
+        for _ in 0..count {
+            path.push(PathEntry { node: r.str8("path node", MAX_NODE_ID)?.to_owned(), at_ms: r.u64("path time")? });
+        }
+        let body = if flags & FLAG_SEALED != 0 {
+            RouteBody::Sealed(SealedRoute {
+                main: r.str8("main", MAX_NODE_ID)?.to_owned(),
+                config_id: r.u8("config_id")?,
+                kdf_id: r.u16("kdf_id")?,
+                aead_id: r.u16("aead_id")?,
+                enc: r.vec16("enc", 1, 255)?.to_vec(),
+                payload: r.vec16("sealed payload", 17, MAX_SEALED)?.to_vec(),
+            })
+        } else if flags & FLAG_OPENED != 0 {
+            let config_id = r.u8("config_id")?;
+            RouteBody::Opened { config_id, route: InnerRoute::read(&mut r)? }
+        } else {
+            RouteBody::Plain(InnerRoute::read(&mut r)?)
+        };
+        r.finish("route header")?;
+        Ok(Self { hop_limit, trace_context, path, body })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn inner() -> InnerRoute {
+        InnerRoute {
+            dest_node: "pay-us".into(),
+            dest_main: "hub-us".into(),
+            service: "payments".into(),
+            port: 9090,
+            origin: "shop-eu@hub-eu".into(),
+        }
+    }
+
+    fn arb_name(max: usize) -> impl Strategy<Value = String> {
+        proptest::string::string_regex(&format!("[a-z0-9@.-]{{1,{max}}}")).unwrap()
+    }
+
+    fn arb_inner() -> impl Strategy<Value = InnerRoute> {
+        (arb_name(63), arb_name(63), arb_name(127), any::<u16>(), arb_name(127)).prop_map(
+            |(dest_node, dest_main, service, port, origin)| InnerRoute { dest_node, dest_main, service, port, origin },
+        )
+    }
+
+    fn arb_header() -> impl Strategy<Value = RouteHeader> {
+        let body = prop_oneof![
+            arb_inner().prop_map(RouteBody::Plain),
+            (any::<u8>(), arb_inner()).prop_map(|(config_id, route)| RouteBody::Opened { config_id, route }),
+            (arb_name(63), any::<u8>(), any::<u16>(), any::<u16>(), prop::collection::vec(any::<u8>(), 1..255), prop::collection::vec(any::<u8>(), 17..300))
+                .prop_map(|(main, config_id, kdf_id, aead_id, enc, payload)| RouteBody::Sealed(SealedRoute { main, config_id, kdf_id, aead_id, enc, payload })),
+        ];
+        (any::<u8>(), "[ -~]{0,80}", prop::collection::vec((arb_name(63), any::<u64>()), 0..=MAX_PATH), body).prop_map(
+            |(hop_limit, trace_context, path, body)| RouteHeader {
+                hop_limit,
+                trace_context,
+                path: path.into_iter().map(|(node, at_ms)| PathEntry { node, at_ms }).collect(),
+                body,
+            },
+        )
+    }
+
+    #[test]
+    fn padding_hides_name_length() {
+        let mut a = inner();
+        a.service = "a".into();
+        let mut b = inner();
+        b.service = "a-much-longer-service-name".into();
+        assert_eq!(a.padded().unwrap().len(), b.padded().unwrap().len());
+        assert_eq!(InnerRoute::from_padded(&b.padded().unwrap()).unwrap(), b);
+        let mut bad = a.padded().unwrap();
+        *bad.last_mut().unwrap() = 1;
+        assert!(InnerRoute::from_padded(&bad).is_err());
+    }
+
+    #[test]
+    fn unknown_version_and_flags_are_refused() {
+        let h = RouteHeader { hop_limit: 3, trace_context: String::new(), path: vec![], body: RouteBody::Plain(inner()) };
+        let mut bytes = h.encode().unwrap();
+        bytes[0] = 2;
+        assert_eq!(RouteHeader::decode(&bytes), Err(DecodeError::UnsupportedVersion { field: "route header", version: 2 }));
+        bytes[0] = 1;
+        bytes[2] = 0x03;
+        assert!(matches!(RouteHeader::decode(&bytes), Err(DecodeError::Invalid { field: "flags", .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn headers_round_trip(h in arb_header()) {
+            let bytes = h.encode().unwrap();
+            prop_assert_eq!(RouteHeader::decode(&bytes).unwrap(), h);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+            let _ = RouteHeader::decode(&bytes);
+        }
+
+        #[test]
+        fn truncation_is_always_an_error(h in arb_header(), cut in any::<prop::sample::Index>()) {
+            let bytes = h.encode().unwrap();
+            let n = cut.index(bytes.len());
+            prop_assert!(RouteHeader::decode(&bytes[..n]).is_err());
+        }
+    }
+}
