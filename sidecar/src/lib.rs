@@ -2,4 +2,5 @@
 //! `relayfed-proxy` binary's modes (main relay, home node).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod crypto;
 pub mod protocol;

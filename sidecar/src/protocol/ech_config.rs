@@ -162,9 +162,8 @@ impl EchConfig {
         }
         let maximum_name_length = r.u8("maximum_name_length")?;
         let name = r.vec8("public_name", 1, 255)?;
-        let public_name = std::str::from_utf8(name)
-            .map_err(|_| DecodeError::invalid("public_name", "not ASCII/UTF-8"))?
-            .to_owned();
+        let public_name =
+            std::str::from_utf8(name).map_err(|_| DecodeError::invalid("public_name", "not ASCII/UTF-8"))?.to_owned();
         let ext_raw = r.vec16("extensions", 0, 0xffff)?;
         let mut er = Reader::new(ext_raw);
         let mut extensions = Vec::new();
@@ -200,9 +199,9 @@ impl EchConfig {
 
 /// A public name must be a DNS name (letters, digits, hyphens, dots), not an IPv4 address.
 fn valid_public_name(name: &str) -> bool {
-    let labels_ok = name.split('.').all(|l| {
-        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    });
+    let labels_ok = name
+        .split('.')
+        .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
     let ipv4 = name.split('.').count() == 4 && name.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit()));
     labels_ok && !ipv4
 }
@@ -337,7 +336,10 @@ mod tests {
 
     #[test]
     fn malformed_lists_name_the_field() {
-        assert!(matches!(EchConfigList::decode(&[0, 2, 0xfe, 0x0d]), Err(DecodeError::TooShort { field: "ECHConfigList", .. })));
+        assert!(matches!(
+            EchConfigList::decode(&[0, 2, 0xfe, 0x0d]),
+            Err(DecodeError::TooShort { field: "ECHConfigList", .. })
+        ));
         let mut bytes = {
             let mut w = Writer::new();
             w.vec16(&sample(1).encode().unwrap());

@@ -124,7 +124,8 @@ mod tests {
 
     #[test]
     fn error_frames_round_trip_and_truncate_messages() {
-        let f = Frame::Error(ErrorFrame { code: ErrorCode::RateLimited, retry_after_ms: 250, message: "é".repeat(200) });
+        let f =
+            Frame::Error(ErrorFrame { code: ErrorCode::RateLimited, retry_after_ms: 250, message: "é".repeat(200) });
         let bytes = f.encode().unwrap();
         let (back, used) = Frame::decode(&bytes).unwrap();
         assert_eq!(used, bytes.len());

@@ -293,8 +293,17 @@ pub(crate) mod tests {
         let body = prop_oneof![
             arb_inner().prop_map(RouteBody::Plain),
             (any::<u8>(), arb_inner()).prop_map(|(config_id, route)| RouteBody::Opened { config_id, route }),
-            (arb_name(63), any::<u8>(), any::<u16>(), any::<u16>(), prop::collection::vec(any::<u8>(), 1..255), prop::collection::vec(any::<u8>(), 17..300))
-                .prop_map(|(main, config_id, kdf_id, aead_id, enc, payload)| RouteBody::Sealed(SealedRoute { main, config_id, kdf_id, aead_id, enc, payload })),
+            (
+                arb_name(63),
+                any::<u8>(),
+                any::<u16>(),
+                any::<u16>(),
+                prop::collection::vec(any::<u8>(), 1..255),
+                prop::collection::vec(any::<u8>(), 17..300)
+            )
+                .prop_map(|(main, config_id, kdf_id, aead_id, enc, payload)| RouteBody::Sealed(
+                    SealedRoute { main, config_id, kdf_id, aead_id, enc, payload }
+                )),
         ];
         (any::<u8>(), "[ -~]{0,80}", prop::collection::vec((arb_name(63), any::<u64>()), 0..=MAX_PATH), body).prop_map(
             |(hop_limit, trace_context, path, body)| RouteHeader {
@@ -321,10 +330,14 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_version_and_flags_are_refused() {
-        let h = RouteHeader { hop_limit: 3, trace_context: String::new(), path: vec![], body: RouteBody::Plain(inner()) };
+        let h =
+            RouteHeader { hop_limit: 3, trace_context: String::new(), path: vec![], body: RouteBody::Plain(inner()) };
         let mut bytes = h.encode().unwrap();
         bytes[0] = 2;
-        assert_eq!(RouteHeader::decode(&bytes), Err(DecodeError::UnsupportedVersion { field: "route header", version: 2 }));
+        assert_eq!(
+            RouteHeader::decode(&bytes),
+            Err(DecodeError::UnsupportedVersion { field: "route header", version: 2 })
+        );
         bytes[0] = 1;
         bytes[2] = 0x03;
         assert!(matches!(RouteHeader::decode(&bytes), Err(DecodeError::Invalid { field: "flags", .. })));

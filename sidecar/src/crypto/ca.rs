@@ -1,0 +1,237 @@
+//! The federation CA: create it, issue node certificates, verify chains, read identities.
+//!
+//! A node certificate names its holder twice: the DNS SAN `<node-id>.<trust-domain>` (what
+//! TLS clients verify as the server name) and the URI SAN `relayfed://<trust-domain>/<node-id>`
+//! (the identity relayfed reads). Both are issued together, so they always agree. The
+//! operator reuses this module to run the CA in a cluster.
+
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use thiserror::Error;
+
+/// Why a CA operation failed.
+#[derive(Debug, Error)]
+pub enum CaError {
+    /// Certificate generation or signing failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A PEM input did not parse.
+    #[error("invalid PEM in {what}: {reason}")]
+    Pem {
+        /// Which input.
+        what: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The certificate carries no relayfed identity for the trust domain.
+    #[error("certificate has no relayfed://{trust_domain}/<node-id> URI SAN")]
+    NoIdentity {
+        /// Expected trust domain.
+        trust_domain: String,
+    },
+    /// A node id or trust domain is not a valid DNS label/name.
+    #[error("invalid {what} {value:?}: must be lowercase letters, digits and '-'")]
+    BadName {
+        /// Which name.
+        what: &'static str,
+        /// The rejected value.
+        value: String,
+    },
+}
+
+/// The DNS name a node's certificate is valid for.
+pub fn node_dns_name(node_id: &str, trust_domain: &str) -> String {
+    format!("{node_id}.{trust_domain}")
+}
+
+/// The identity URI of a node.
+pub fn identity_uri(node_id: &str, trust_domain: &str) -> String {
+    format!("relayfed://{trust_domain}/{node_id}")
+}
+
+fn check_label(what: &'static str, v: &str) -> Result<(), CaError> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if ok { Ok(()) } else { Err(CaError::BadName { what, value: v.to_owned() }) }
+}
+
+/// A PEM certificate and its PKCS#8 private key.
+#[derive(Clone)]
+pub struct CertifiedKey {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM (never log it).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedKey").finish_non_exhaustive()
+    }
+}
+
+impl CertifiedKey {
+    /// The certificate as DER.
+    pub fn cert_der(&self) -> Result<CertificateDer<'static>, CaError> {
+        parse_cert_pem(&self.cert_pem)
+    }
+
+    /// The private key as DER.
+    pub fn key_der(&self) -> Result<PrivateKeyDer<'static>, CaError> {
+        parse_key_pem(&self.key_pem)
+    }
+}
+
+/// Parses the first certificate of a PEM bundle.
+pub fn parse_cert_pem(pem: &str) -> Result<CertificateDer<'static>, CaError> {
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| CaError::Pem { what: "certificate", reason: e.to_string() })
+}
+
+/// Parses a PKCS#8 private key.
+pub fn parse_key_pem(pem: &str) -> Result<PrivateKeyDer<'static>, CaError> {
+    use rustls_pki_types::pem::PemObject;
+    PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+        .map(PrivateKeyDer::from)
+        .map_err(|e| CaError::Pem { what: "private key", reason: e.to_string() })
+}
+
+/// The federation's certificate authority.
+pub struct FederationCa {
+    trust_domain: String,
+    cert: CertifiedKey,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl FederationCa {
+    /// Creates a new CA for `trust_domain`, valid for ten years.
+    pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
+        for label in trust_domain.split('.') {
+            check_label("trust domain", label)?;
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("relayfed CA {trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(300)).into();
+        params.not_after = (now + Duration::from_secs(10 * 365 * 86_400)).into();
+        let cert = params.self_signed(&key)?;
+        let certified = CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() };
+        Ok(Self { trust_domain: trust_domain.to_owned(), cert: certified, issuer: Issuer::new(params, key) })
+    }
+
+    /// Loads an existing CA.
+    pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            cert: CertifiedKey { cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned() },
+            issuer,
+        })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The CA certificate and key (the key only ever goes to encrypted storage).
+    pub fn certified_key(&self) -> &CertifiedKey {
+        &self.cert
+    }
+
+    /// Issues a node certificate valid from now for `validity`.
+    pub fn issue(&self, node_id: &str, validity: Duration) -> Result<CertifiedKey, CaError> {
+        let now = SystemTime::now();
+        self.issue_between(node_id, now - Duration::from_secs(60), now + validity)
+    }
+
+    /// Issues a node certificate valid between two instants (tests issue expired ones).
+    pub fn issue_between(
+        &self,
+        node_id: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CertifiedKey, CaError> {
+        check_label("node id", node_id)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node_id);
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![
+            SanType::DnsName(node_dns_name(node_id, &self.trust_domain).try_into()?),
+            SanType::URI(identity_uri(node_id, &self.trust_domain).try_into()?),
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+}
+
+/// Reads the node id from a certificate's `relayfed://<trust_domain>/<node-id>` URI SAN.
+pub fn node_id_from_cert(der: &[u8], trust_domain: &str) -> Result<String, CaError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let no_id = || CaError::NoIdentity { trust_domain: trust_domain.to_owned() };
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| no_id())?;
+    let san = cert.subject_alternative_name().map_err(|_| no_id())?.ok_or_else(no_id)?;
+    let prefix = format!("relayfed://{trust_domain}/");
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::URI(uri) => uri.strip_prefix(&prefix).map(str::to_owned),
+            _ => None,
+        })
+        .filter(|id| check_label("node id", id).is_ok())
+        .ok_or_else(no_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_carry_the_identity() {
+        let ca = FederationCa::generate("acme.example").unwrap();
+        let node = ca.issue("hub-eu", Duration::from_secs(3600)).unwrap();
+        let der = node.cert_der().unwrap();
+        assert_eq!(node_id_from_cert(&der, "acme.example").unwrap(), "hub-eu");
+        assert!(matches!(node_id_from_cert(&der, "other.example"), Err(CaError::NoIdentity { .. })));
+        node.key_der().unwrap();
+    }
+
+    #[test]
+    fn a_reloaded_ca_keeps_issuing() {
+        let ca = FederationCa::generate("acme.example").unwrap();
+        let k = ca.certified_key().clone();
+        let again = FederationCa::from_pem("acme.example", &k.cert_pem, &k.key_pem).unwrap();
+        let node = again.issue("pay-us", Duration::from_secs(60)).unwrap();
+        assert_eq!(node_id_from_cert(&node.cert_der().unwrap(), "acme.example").unwrap(), "pay-us");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let ca = FederationCa::generate("acme.example").unwrap();
+        assert!(matches!(ca.issue("Hub_EU", Duration::from_secs(1)), Err(CaError::BadName { .. })));
+        assert!(FederationCa::generate("Acme.example").is_err());
+    }
+}

@@ -1,0 +1,305 @@
+//! ECH for the route header: HPKE (RFC 9180) seal and open, ECH key pairs, and a key set
+//! that rotates keys while keeping the previous one valid for a grace period.
+//!
+//! Suite: KEM DHKEM(X25519, HKDF-SHA256), KDF HKDF-SHA256, AEAD AES-128-GCM or
+//! ChaCha20-Poly1305. `info = "relayfed ech v1" || 0x00 || ECHConfig` (the whole encoded
+//! config, as TLS ECH does); `aad` is [`SealedRoute::aad`]. Plain values in, bytes out: no I/O.
+
+use std::time::{Duration, SystemTime};
+
+use hpke::aead::{AesGcm128, ChaCha20Poly1305};
+use hpke::kdf::HkdfSha256;
+use hpke::kem::X25519HkdfSha256;
+use hpke::{Deserializable, Kem, OpModeR, OpModeS, Serializable};
+use thiserror::Error;
+
+use crate::protocol::ech_config::{
+    AEAD_AES_128_GCM, AEAD_CHACHA20_POLY1305, CipherSuite, EchConfig, EchConfigList, KDF_HKDF_SHA256,
+    KEM_X25519_SHA256, ListEntry,
+};
+use crate::protocol::route::{InnerRoute, SealedRoute};
+use crate::protocol::{DecodeError, ErrorCode};
+
+/// Label that starts the HPKE `info` string.
+pub const INFO_LABEL: &[u8] = b"relayfed ech v1\0";
+
+/// Why ECH sealing or opening failed.
+#[derive(Debug, Error)]
+pub enum EchError {
+    /// The config names a KEM, KDF or AEAD relayfed does not implement.
+    #[error("unsupported HPKE suite: kem 0x{kem:04x}, kdf 0x{kdf:04x}, aead 0x{aead:04x}")]
+    UnsupportedSuite {
+        /// KEM id.
+        kem: u16,
+        /// KDF id.
+        kdf: u16,
+        /// AEAD id.
+        aead: u16,
+    },
+    /// The public key in the config is malformed.
+    #[error("invalid ECH public key")]
+    BadPublicKey,
+    /// The sealed route did not open (tampered, wrong key, wrong AAD).
+    #[error("sealed route header did not open: {0}")]
+    Open(String),
+    /// Sealing failed.
+    #[error("sealing failed: {0}")]
+    Seal(String),
+    /// The opened route or a config did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// No key with this config id (unknown, or rotated out of its grace period).
+    #[error("unknown ECH config id {0}")]
+    UnknownConfig(u8),
+}
+
+impl EchError {
+    /// The wire error code this failure is reported with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::UnknownConfig(_) => ErrorCode::EchUnknownConfig,
+            Self::Decode(_) => ErrorCode::MalformedFrame,
+            _ => ErrorCode::EchDecryptFailed,
+        }
+    }
+}
+
+fn hpke_err(e: hpke::HpkeError) -> String {
+    e.to_string()
+}
+
+/// An ECH key: the private key and the ECHConfig that publishes its public half.
+#[derive(Clone)]
+pub struct EchKeyPair {
+    config: EchConfig,
+    config_bytes: Vec<u8>,
+    secret: [u8; 32],
+}
+
+impl std::fmt::Debug for EchKeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EchKeyPair").field("config_id", &self.config.config_id).finish_non_exhaustive()
+    }
+}
+
+impl EchKeyPair {
+    /// Generates a fresh key for `public_name` with the given config id.
+    pub fn generate(config_id: u8, public_name: &str) -> Result<Self, EchError> {
+        let (sk, _) = X25519HkdfSha256::gen_keypair();
+        let mut secret = [0u8; 32];
+        secret.copy_from_slice(&sk.to_bytes());
+        Self::from_secret(config_id, public_name, secret)
+    }
+
+    /// Rebuilds a key from its stored secret.
+    pub fn from_secret(config_id: u8, public_name: &str, secret: [u8; 32]) -> Result<Self, EchError> {
+        let sk = <X25519HkdfSha256 as Kem>::PrivateKey::from_bytes(&secret).map_err(|_| EchError::BadPublicKey)?;
+        let pk = X25519HkdfSha256::sk_to_pk(&sk);
+        let config = EchConfig {
+            config_id,
+            kem_id: KEM_X25519_SHA256,
+            public_key: pk.to_bytes().to_vec(),
+            cipher_suites: vec![
+                CipherSuite { kdf_id: KDF_HKDF_SHA256, aead_id: AEAD_AES_128_GCM },
+                CipherSuite { kdf_id: KDF_HKDF_SHA256, aead_id: AEAD_CHACHA20_POLY1305 },
+            ],
+            maximum_name_length: 0,
+            public_name: public_name.to_owned(),
+            extensions: vec![],
+        };
+        let config_bytes = config.encode()?;
+        Ok(Self { config, config_bytes, secret })
+    }
+
+    /// The published config.
+    pub fn config(&self) -> &EchConfig {
+        &self.config
+    }
+
+    /// The private key bytes (for storage at rest; never log them).
+    pub fn secret(&self) -> &[u8; 32] {
+        &self.secret
+    }
+
+    /// Opens a sealed route addressed to this key.
+    pub fn open(&self, sealed: &SealedRoute) -> Result<InnerRoute, EchError> {
+        let sk = <X25519HkdfSha256 as Kem>::PrivateKey::from_bytes(&self.secret).map_err(|_| EchError::BadPublicKey)?;
+        let enc = <X25519HkdfSha256 as Kem>::EncappedKey::from_bytes(&sealed.enc)
+            .map_err(|_| EchError::Open("malformed encapsulated key".into()))?;
+        let info = info_for(&self.config_bytes);
+        let aad = sealed.aad();
+        let plain = match (sealed.kdf_id, sealed.aead_id) {
+            (KDF_HKDF_SHA256, AEAD_AES_128_GCM) => hpke::single_shot_open::<AesGcm128, HkdfSha256, X25519HkdfSha256>(
+                &OpModeR::Base,
+                &sk,
+                &enc,
+                &info,
+                &sealed.payload,
+                &aad,
+            ),
+            (KDF_HKDF_SHA256, AEAD_CHACHA20_POLY1305) => hpke::single_shot_open::<
+                ChaCha20Poly1305,
+                HkdfSha256,
+                X25519HkdfSha256,
+            >(
+                &OpModeR::Base, &sk, &enc, &info, &sealed.payload, &aad
+            ),
+            (kdf, aead) => return Err(EchError::UnsupportedSuite { kem: KEM_X25519_SHA256, kdf, aead }),
+        }
+        .map_err(|e| EchError::Open(hpke_err(e)))?;
+        Ok(InnerRoute::from_padded(&plain)?)
+    }
+}
+
+fn info_for(config_bytes: &[u8]) -> Vec<u8> {
+    let mut info = INFO_LABEL.to_vec();
+    info.extend_from_slice(config_bytes);
+    info
+}
+
+/// Seals `route` to `config` (owned by main relay `main`) with `suite`.
+pub fn seal(config: &EchConfig, suite: CipherSuite, main: &str, route: &InnerRoute) -> Result<SealedRoute, EchError> {
+    if config.kem_id != KEM_X25519_SHA256 || !suite.supported() {
+        return Err(EchError::UnsupportedSuite { kem: config.kem_id, kdf: suite.kdf_id, aead: suite.aead_id });
+    }
+    let pk =
+        <X25519HkdfSha256 as Kem>::PublicKey::from_bytes(&config.public_key).map_err(|_| EchError::BadPublicKey)?;
+    let info = info_for(&config.encode()?);
+    let plain = route.padded()?;
+    // The AAD covers the encapsulated key, which only exists after encapsulation: set up the
+    // sender context first, then seal with the complete outer header as AAD.
+    let mut sealed = SealedRoute {
+        main: main.to_owned(),
+        config_id: config.config_id,
+        kdf_id: suite.kdf_id,
+        aead_id: suite.aead_id,
+        enc: Vec::new(),
+        payload: Vec::new(),
+    };
+    match suite.aead_id {
+        AEAD_AES_128_GCM => {
+            let (enc, mut ctx) =
+                hpke::setup_sender::<AesGcm128, HkdfSha256, X25519HkdfSha256>(&OpModeS::Base, &pk, &info)
+                    .map_err(|e| EchError::Seal(hpke_err(e)))?;
+            sealed.enc = enc.to_bytes().to_vec();
+            sealed.payload = ctx.seal(&plain, &sealed.aad()).map_err(|e| EchError::Seal(hpke_err(e)))?;
+        }
+        _ => {
+            let (enc, mut ctx) =
+                hpke::setup_sender::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(&OpModeS::Base, &pk, &info)
+                    .map_err(|e| EchError::Seal(hpke_err(e)))?;
+            sealed.enc = enc.to_bytes().to_vec();
+            sealed.payload = ctx.seal(&plain, &sealed.aad()).map_err(|e| EchError::Seal(hpke_err(e)))?;
+        }
+    }
+    Ok(sealed)
+}
+
+/// The keys a main relay accepts: the current one, and the previous one until its grace ends.
+#[derive(Clone, Debug)]
+pub struct EchKeySet {
+    current: EchKeyPair,
+    previous: Option<(EchKeyPair, SystemTime)>,
+}
+
+impl EchKeySet {
+    /// A set with one key.
+    pub fn new(current: EchKeyPair) -> Self {
+        Self { current, previous: None }
+    }
+
+    /// Installs `next` as current; the old current stays valid until `now + grace`.
+    pub fn rotate(&mut self, next: EchKeyPair, grace: Duration, now: SystemTime) {
+        let old = std::mem::replace(&mut self.current, next);
+        self.previous = Some((old, now + grace));
+    }
+
+    /// The current key.
+    pub fn current(&self) -> &EchKeyPair {
+        &self.current
+    }
+
+    /// The key for `config_id`, if it is current or still in its grace period.
+    pub fn find(&self, config_id: u8, now: SystemTime) -> Option<&EchKeyPair> {
+        if self.current.config.config_id == config_id {
+            return Some(&self.current);
+        }
+        match &self.previous {
+            Some((k, until)) if k.config.config_id == config_id && now < *until => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Opens a sealed route with the matching key.
+    pub fn open(&self, sealed: &SealedRoute, now: SystemTime) -> Result<InnerRoute, EchError> {
+        self.find(sealed.config_id, now).ok_or(EchError::UnknownConfig(sealed.config_id))?.open(sealed)
+    }
+
+    /// The ECHConfigList to publish and to send as retry configs (current key only).
+    pub fn config_list(&self) -> Result<Vec<u8>, EchError> {
+        Ok(EchConfigList { entries: vec![ListEntry::Config(self.current.config.clone())] }.encode()?)
+    }
+
+    /// A config id different from every key in the set (for the next rotation).
+    pub fn next_config_id(&self) -> u8 {
+        let mut id = self.current.config.config_id.wrapping_add(1);
+        while self.previous.as_ref().is_some_and(|(k, _)| k.config.config_id == id) {
+            id = id.wrapping_add(1);
+        }
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::route::tests::inner;
+
+    fn suites() -> [CipherSuite; 2] {
+        [
+            CipherSuite { kdf_id: KDF_HKDF_SHA256, aead_id: AEAD_AES_128_GCM },
+            CipherSuite { kdf_id: KDF_HKDF_SHA256, aead_id: AEAD_CHACHA20_POLY1305 },
+        ]
+    }
+
+    #[test]
+    fn seal_then_open_with_both_aeads() {
+        let key = EchKeyPair::generate(7, "relay.acme.example").unwrap();
+        for suite in suites() {
+            let sealed = seal(key.config(), suite, "hub-us", &inner()).unwrap();
+            assert_eq!(sealed.config_id, 7);
+            assert_eq!(key.open(&sealed).unwrap(), inner());
+        }
+    }
+
+    #[test]
+    fn any_tampering_fails_to_open() {
+        let key = EchKeyPair::generate(1, "relay.acme.example").unwrap();
+        let sealed = seal(key.config(), suites()[0], "hub-us", &inner()).unwrap();
+        let mut t = sealed.clone();
+        t.payload[3] ^= 1;
+        assert!(matches!(key.open(&t), Err(EchError::Open(_))));
+        let mut t = sealed.clone();
+        t.main = "hub-eu".into(); // outer field bound by the AAD
+        assert!(matches!(key.open(&t), Err(EchError::Open(_))));
+        let mut t = sealed.clone();
+        t.enc[0] ^= 1;
+        assert!(key.open(&t).is_err());
+        let other = EchKeyPair::generate(1, "relay.acme.example").unwrap();
+        assert!(other.open(&sealed).is_err(), "another key with the same id must not open it");
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_key_for_the_grace_period() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let old = EchKeyPair::generate(1, "relay.acme.example").unwrap();
+        let sealed_old = seal(old.config(), suites()[1], "hub-us", &inner()).unwrap();
+        let mut set = EchKeySet::new(old);
+        let next = EchKeyPair::generate(set.next_config_id(), "relay.acme.example").unwrap();
+        set.rotate(next, Duration::from_secs(3600), t0);
+        assert_eq!(set.open(&sealed_old, t0 + Duration::from_secs(3599)).unwrap(), inner());
+        assert!(matches!(set.open(&sealed_old, t0 + Duration::from_secs(3600)), Err(EchError::UnknownConfig(1))));
+        let list = EchConfigList::decode(&set.config_list().unwrap()).unwrap();
+        assert_eq!(list.configs().map(|c| c.config_id).collect::<Vec<_>>(), [2]);
+    }
+}

@@ -1,0 +1,5 @@
+//! Cryptography without I/O: ECH (HPKE), Noise XK sessions, the federation CA.
+
+pub mod ca;
+pub mod ech;
+pub mod noise;

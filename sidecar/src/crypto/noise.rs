@@ -1,0 +1,345 @@
+//! End-to-end sessions: `Noise_XK_25519_ChaChaPoly_BLAKE2s` between the origin sidecar
+//! (initiator) and the destination sidecar (responder), as plain state machines (bytes in,
+//! bytes out).
+//!
+//! XK: the initiator knows the responder's static key in advance (from configuration or the
+//! registry); the initiator's static key is sent encrypted in message 3. The prologue binds
+//! the route and the ECH decision, so a relay that strips or alters ECH, or re-routes the
+//! stream, makes the handshake fail. Transport messages carry at most 65,519 bytes of
+//! plaintext; both sides rekey each direction every [`REKEY_INTERVAL`] messages, at the same
+//! message, without signalling. Nonces are implicit, so replayed, dropped or reordered
+//! messages fail to decrypt.
+
+use std::sync::{Arc, Mutex};
+
+use snow::{Builder, HandshakeState, TransportState};
+use thiserror::Error;
+
+use crate::protocol::route::InnerRoute;
+use crate::protocol::{DecodeError, ErrorCode};
+
+/// The Noise protocol name.
+pub const NOISE_PARAMS: &str = "Noise_XK_25519_ChaChaPoly_BLAKE2s";
+/// Largest Noise message.
+pub const MAX_MESSAGE: usize = 65_535;
+/// Largest plaintext in one transport message (message minus the 16-byte tag).
+pub const MAX_PLAINTEXT: usize = MAX_MESSAGE - 16;
+/// Messages per direction between rekeys.
+pub const REKEY_INTERVAL: u64 = 1 << 16;
+/// Label that starts the prologue.
+pub const PROLOGUE_LABEL: &[u8] = b"relayfed noise v1\0";
+
+/// Why a Noise step failed.
+#[derive(Debug, Error)]
+pub enum NoiseError {
+    /// The handshake failed (wrong key, altered prologue, tampered message).
+    #[error("noise handshake failed: {0}")]
+    Handshake(String),
+    /// A transport message did not decrypt (tampered, replayed, reordered).
+    #[error("noise message rejected: {0}")]
+    Decrypt(String),
+    /// Plaintext too long for one message.
+    #[error("plaintext of {0} bytes exceeds {MAX_PLAINTEXT}")]
+    TooLong(usize),
+    /// The route could not be encoded into the prologue.
+    #[error(transparent)]
+    Route(#[from] DecodeError),
+    /// Key material was malformed.
+    #[error("invalid key: {0}")]
+    Key(String),
+}
+
+impl NoiseError {
+    /// The wire error code for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Route(_) => ErrorCode::MalformedFrame,
+            _ => ErrorCode::HandshakeFailed,
+        }
+    }
+}
+
+fn params() -> Result<snow::params::NoiseParams, NoiseError> {
+    NOISE_PARAMS.parse().map_err(|e: snow::Error| NoiseError::Key(e.to_string()))
+}
+
+/// A Curve25519 static key pair.
+#[derive(Clone)]
+pub struct StaticKeypair {
+    /// Private key (never logged).
+    pub private: [u8; 32],
+    /// Public key, published through configuration or the registry.
+    pub public: [u8; 32],
+}
+
+impl std::fmt::Debug for StaticKeypair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticKeypair").field("public", &self.public).finish_non_exhaustive()
+    }
+}
+
+impl StaticKeypair {
+    /// Generates a new key pair.
+    pub fn generate() -> Result<Self, NoiseError> {
+        let kp = Builder::new(params()?).generate_keypair().map_err(|e| NoiseError::Key(e.to_string()))?;
+        Self::from_parts(&kp.private, &kp.public)
+    }
+
+    /// Rebuilds a key pair from its private key.
+    pub fn from_private(private: &[u8]) -> Result<Self, NoiseError> {
+        let private: [u8; 32] =
+            private.try_into().map_err(|_| NoiseError::Key("private key must be 32 bytes".into()))?;
+        // The public key is X25519(private, basepoint); derive it through the HPKE KEM, which
+        // uses the same curve and clamping.
+        use hpke::{Deserializable, Kem, Serializable};
+        let sk = <hpke::kem::X25519HkdfSha256 as Kem>::PrivateKey::from_bytes(&private)
+            .map_err(|e| NoiseError::Key(e.to_string()))?;
+        let pk = hpke::kem::X25519HkdfSha256::sk_to_pk(&sk);
+        Self::from_parts(&private, &pk.to_bytes())
+    }
+
+    fn from_parts(private: &[u8], public: &[u8]) -> Result<Self, NoiseError> {
+        Ok(Self {
+            private: private.try_into().map_err(|_| NoiseError::Key("private key must be 32 bytes".into()))?,
+            public: public.try_into().map_err(|_| NoiseError::Key("public key must be 32 bytes".into()))?,
+        })
+    }
+}
+
+/// The prologue both ends must agree on: label, ECH decision, config id, inner route.
+pub fn prologue(ech_config_id: Option<u8>, route: &InnerRoute) -> Result<Vec<u8>, NoiseError> {
+    let mut p = PROLOGUE_LABEL.to_vec();
+    match ech_config_id {
+        Some(id) => p.extend_from_slice(&[1, id]),
+        None => p.extend_from_slice(&[0, 0]),
+    }
+    p.extend_from_slice(&route.encode()?);
+    Ok(p)
+}
+
+/// The initiator before message 2 arrives.
+pub struct Initiator {
+    hs: HandshakeState,
+}
+
+impl Initiator {
+    /// Starts a handshake to `remote_static`; returns the state and message 1.
+    pub fn start(
+        local: &StaticKeypair,
+        remote_static: &[u8; 32],
+        prologue: &[u8],
+    ) -> Result<(Self, Vec<u8>), NoiseError> {
+        let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
+        let mut hs = Builder::new(params()?)
+            .local_private_key(&local.private)
+            .map_err(hs_err)?
+            .remote_public_key(remote_static)
+            .map_err(hs_err)?
+            .prologue(prologue)
+            .map_err(hs_err)?
+            .build_initiator()
+            .map_err(hs_err)?;
+        let mut buf = vec![0u8; 128];
+        let n = hs.write_message(&[], &mut buf).map_err(hs_err)?;
+        buf.truncate(n);
+        Ok((Self { hs }, buf))
+    }
+
+    /// Reads message 2, writes message 3, and enters transport mode.
+    pub fn finish(mut self, msg2: &[u8]) -> Result<(Session, Vec<u8>), NoiseError> {
+        let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
+        let mut scratch = vec![0u8; MAX_MESSAGE];
+        self.hs.read_message(msg2, &mut scratch).map_err(hs_err)?;
+        let mut msg3 = vec![0u8; 256];
+        let n = self.hs.write_message(&[], &mut msg3).map_err(hs_err)?;
+        msg3.truncate(n);
+        Ok((Session::new(self.hs.into_transport_mode().map_err(hs_err)?), msg3))
+    }
+}
+
+/// The responder after message 1, waiting for message 3.
+pub struct Responder {
+    hs: HandshakeState,
+}
+
+impl Responder {
+    /// Reads message 1; returns the state and message 2.
+    pub fn accept(local: &StaticKeypair, prologue: &[u8], msg1: &[u8]) -> Result<(Self, Vec<u8>), NoiseError> {
+        let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
+        let mut hs = Builder::new(params()?)
+            .local_private_key(&local.private)
+            .map_err(hs_err)?
+            .prologue(prologue)
+            .map_err(hs_err)?
+            .build_responder()
+            .map_err(hs_err)?;
+        let mut scratch = vec![0u8; MAX_MESSAGE];
+        hs.read_message(msg1, &mut scratch).map_err(hs_err)?;
+        let mut msg2 = vec![0u8; 128];
+        let n = hs.write_message(&[], &mut msg2).map_err(hs_err)?;
+        msg2.truncate(n);
+        Ok((Self { hs }, msg2))
+    }
+
+    /// Reads message 3; returns the session and the initiator's static public key.
+    pub fn finish(mut self, msg3: &[u8]) -> Result<(Session, [u8; 32]), NoiseError> {
+        let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
+        let mut scratch = vec![0u8; MAX_MESSAGE];
+        self.hs.read_message(msg3, &mut scratch).map_err(hs_err)?;
+        let remote: [u8; 32] = self
+            .hs
+            .get_remote_static()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| NoiseError::Handshake("initiator sent no static key".into()))?;
+        Ok((Session::new(self.hs.into_transport_mode().map_err(hs_err)?), remote))
+    }
+}
+
+/// An established session, split into independent send and receive halves.
+pub struct Session {
+    state: Arc<Mutex<TransportState>>,
+}
+
+impl Session {
+    fn new(ts: TransportState) -> Self {
+        Self { state: Arc::new(Mutex::new(ts)) }
+    }
+
+    /// Splits into halves that can be driven from two tasks.
+    pub fn split(self) -> (SendHalf, RecvHalf) {
+        (SendHalf { state: self.state.clone(), sent: 0 }, RecvHalf { state: self.state, received: 0 })
+    }
+}
+
+/// Encrypts outgoing messages.
+pub struct SendHalf {
+    state: Arc<Mutex<TransportState>>,
+    sent: u64,
+}
+
+impl SendHalf {
+    /// Encrypts one message (at most [`MAX_PLAINTEXT`] bytes).
+    pub fn encrypt(&mut self, plain: &[u8]) -> Result<Vec<u8>, NoiseError> {
+        if plain.len() > MAX_PLAINTEXT {
+            return Err(NoiseError::TooLong(plain.len()));
+        }
+        let mut out = vec![0u8; plain.len() + 16];
+        let mut ts = self.state.lock().map_err(|_| NoiseError::Decrypt("session lock poisoned".into()))?;
+        let n = ts.write_message(plain, &mut out).map_err(|e| NoiseError::Decrypt(e.to_string()))?;
+        out.truncate(n);
+        self.sent += 1;
+        if self.sent % REKEY_INTERVAL == 0 {
+            ts.rekey_outgoing();
+        }
+        Ok(out)
+    }
+}
+
+/// Decrypts incoming messages.
+pub struct RecvHalf {
+    state: Arc<Mutex<TransportState>>,
+    received: u64,
+}
+
+impl RecvHalf {
+    /// Decrypts one message; tampered, replayed or out-of-order messages fail.
+    pub fn decrypt(&mut self, msg: &[u8]) -> Result<Vec<u8>, NoiseError> {
+        let mut out = vec![0u8; msg.len()];
+        let mut ts = self.state.lock().map_err(|_| NoiseError::Decrypt("session lock poisoned".into()))?;
+        let n = ts.read_message(msg, &mut out).map_err(|e| NoiseError::Decrypt(e.to_string()))?;
+        out.truncate(n);
+        self.received += 1;
+        if self.received % REKEY_INTERVAL == 0 {
+            ts.rekey_incoming();
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::route::tests::inner;
+
+    /// Runs a full handshake in memory (the deterministic pair harness).
+    fn pair(
+        init_prologue: &[u8],
+        resp_prologue: &[u8],
+    ) -> Result<((SendHalf, RecvHalf), (SendHalf, RecvHalf), [u8; 32]), NoiseError> {
+        let a = StaticKeypair::generate()?;
+        let b = StaticKeypair::generate()?;
+        let (init, m1) = Initiator::start(&a, &b.public, init_prologue)?;
+        let (resp, m2) = Responder::accept(&b, resp_prologue, &m1)?;
+        let (sa, m3) = init.finish(&m2)?;
+        let (sb, remote) = resp.finish(&m3)?;
+        assert_eq!(remote, a.public);
+        Ok((sa.split(), sb.split(), a.public))
+    }
+
+    #[test]
+    fn handshake_and_transport() {
+        let p = prologue(Some(3), &inner()).unwrap();
+        let ((mut a_tx, mut a_rx), (mut b_tx, mut b_rx), _) = pair(&p, &p).unwrap();
+        let m = a_tx.encrypt(b"hello").unwrap();
+        assert_eq!(b_rx.decrypt(&m).unwrap(), b"hello");
+        let m = b_tx.encrypt(&vec![9u8; MAX_PLAINTEXT]).unwrap();
+        assert_eq!(m.len(), MAX_MESSAGE);
+        assert_eq!(a_rx.decrypt(&m).unwrap().len(), MAX_PLAINTEXT);
+        assert!(matches!(a_tx.encrypt(&vec![0; MAX_PLAINTEXT + 1]), Err(NoiseError::TooLong(_))));
+    }
+
+    #[test]
+    fn a_stripped_ech_decision_fails_the_handshake() {
+        let sealed = prologue(Some(3), &inner()).unwrap();
+        let plain = prologue(None, &inner()).unwrap();
+        assert!(pair(&sealed, &plain).is_err());
+        let mut rerouted = inner();
+        rerouted.service = "other".into();
+        assert!(pair(&sealed, &prologue(Some(3), &rerouted).unwrap()).is_err());
+        let rotated = prologue(Some(4), &inner()).unwrap();
+        assert!(pair(&sealed, &rotated).is_err());
+    }
+
+    #[test]
+    fn wrong_responder_key_fails() {
+        let p = prologue(None, &inner()).unwrap();
+        let a = StaticKeypair::generate().unwrap();
+        let b = StaticKeypair::generate().unwrap();
+        let impostor = StaticKeypair::generate().unwrap();
+        let (_init, m1) = Initiator::start(&a, &b.public, &p).unwrap();
+        assert!(Responder::accept(&impostor, &p, &m1).is_err());
+    }
+
+    #[test]
+    fn replayed_reordered_and_tampered_messages_are_rejected() {
+        let p = prologue(None, &inner()).unwrap();
+        let ((mut a_tx, _), (_, mut b_rx), _) = pair(&p, &p).unwrap();
+        let m1 = a_tx.encrypt(b"one").unwrap();
+        let m2 = a_tx.encrypt(b"two").unwrap();
+        assert!(b_rx.decrypt(&m2).is_err(), "reordered");
+        let ((mut a_tx, _), (_, mut b_rx), _) = pair(&p, &p).unwrap();
+        let m1b = a_tx.encrypt(b"one").unwrap();
+        assert_eq!(b_rx.decrypt(&m1b).unwrap(), b"one");
+        assert!(b_rx.decrypt(&m1b).is_err(), "replayed");
+        let mut t = a_tx.encrypt(b"three").unwrap();
+        t[0] ^= 1;
+        assert!(b_rx.decrypt(&t).is_err(), "tampered");
+        drop(m1);
+    }
+
+    #[test]
+    fn both_sides_rekey_at_the_same_message() {
+        let p = prologue(None, &inner()).unwrap();
+        let ((mut a_tx, _), (_, mut b_rx), _) = pair(&p, &p).unwrap();
+        for i in 0..(REKEY_INTERVAL + 3) {
+            let m = a_tx.encrypt(&i.to_be_bytes()).unwrap();
+            assert_eq!(b_rx.decrypt(&m).unwrap(), i.to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn private_key_rebuilds_public() {
+        let k = StaticKeypair::generate().unwrap();
+        assert_eq!(StaticKeypair::from_private(&k.private).unwrap().public, k.public);
+    }
+}
