@@ -2,5 +2,7 @@
 //! `relayfed-proxy` binary's modes (main relay, home node).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod config;
 pub mod crypto;
+pub mod federation;
 pub mod protocol;

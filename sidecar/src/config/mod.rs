@@ -1,0 +1,362 @@
+//! The config snapshot: everything a relay or home node needs, in one typed, validated value.
+//!
+//! This is the schema the operator (and local mode) emits; `relayfed-proxy` reads it from a
+//! YAML or JSON file. Validation happens once, at load, before any port is bound; every
+//! message names the field. Documented field by field in docs/protocol.md §8.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::federation::ech_policy::EchPolicy;
+
+/// Snapshot schema version understood here.
+pub const SNAPSHOT_SCHEMA: u32 = 1;
+
+/// Why a snapshot was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not a valid snapshot document.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// What the parser said (names the field).
+        reason: String,
+    },
+    /// The snapshot is well-formed but inconsistent.
+    #[error("invalid config snapshot: {field}: {reason}")]
+    Invalid {
+        /// Offending field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+/// The role a process plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Role {
+    /// Hub: accepts home nodes and routes between them.
+    Main,
+    /// Spoke: dials its main relay, imports and exports services.
+    Home,
+}
+
+/// Identity of this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id (DNS label).
+    pub id: String,
+    /// Role.
+    pub role: Role,
+    /// Trust domain of the federation.
+    pub trust_domain: String,
+}
+
+/// TLS material for hop connections (PEM files issued by the federation CA).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Federation CA certificate(s).
+    pub ca_file: PathBuf,
+    /// This node's certificate.
+    pub cert_file: PathBuf,
+    /// This node's private key.
+    pub key_file: PathBuf,
+}
+
+/// ECH keys of a main relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EchServerConfig {
+    /// JSON key file written by `relayfed-proxy ech keygen` (current key, optional previous).
+    pub key_file: PathBuf,
+    /// Seconds the previous key stays valid after a rotation.
+    #[serde(default = "default_grace")]
+    pub grace_seconds: u64,
+}
+
+fn default_grace() -> u64 {
+    3600
+}
+
+/// A main relay a home node may dial.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MainRelay {
+    /// Node id.
+    pub node_id: String,
+    /// UDP address.
+    pub endpoint: SocketAddr,
+    /// Lower is preferred.
+    #[serde(default)]
+    pub priority: u16,
+    /// Its ECHConfigList, base64 (from `Relay.status.echConfigList`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech_config_list: Option<String>,
+}
+
+/// A local service offered to the federation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Export {
+    /// Service name.
+    pub service: String,
+    /// Service port.
+    pub port: u16,
+    /// Where inbound streams are delivered.
+    pub target: SocketAddr,
+}
+
+/// A federated service reachable on a local listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Import {
+    /// Service name.
+    pub service: String,
+    /// Service port.
+    pub port: u16,
+    /// Local TCP listener for unmodified clients.
+    pub listen: SocketAddr,
+    /// Destination home node.
+    pub node: String,
+    /// Main relay the destination is attached to.
+    pub main: String,
+    /// Destination's Noise static public key, base64 (32 bytes).
+    pub noise_public_key: String,
+}
+
+/// Timeouts, in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// QUIC connection establishment.
+    #[serde(default = "default_connect_ms")]
+    pub connect_ms: u64,
+    /// Route + Noise handshake.
+    #[serde(default = "default_handshake_ms")]
+    pub handshake_ms: u64,
+    /// QUIC idle timeout (keep-alives run at a third of it).
+    #[serde(default = "default_idle_ms")]
+    pub idle_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { connect_ms: default_connect_ms(), handshake_ms: default_handshake_ms(), idle_ms: default_idle_ms() }
+    }
+}
+
+fn default_connect_ms() -> u64 {
+    5_000
+}
+fn default_handshake_ms() -> u64 {
+    5_000
+}
+fn default_idle_ms() -> u64 {
+    30_000
+}
+
+/// A complete config snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Snapshot {
+    /// Schema version (must be 1).
+    pub schema: u32,
+    /// Monotonic version assigned by the producer.
+    #[serde(default)]
+    pub version: u64,
+    /// This node.
+    pub node: NodeConfig,
+    /// Hop TLS material.
+    pub tls: TlsFiles,
+    /// QUIC listen address (main relays; home nodes bind an ephemeral port when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Admin/metrics HTTP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+    /// ECH keys (main relays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech: Option<EchServerConfig>,
+    /// Main relays to dial (home nodes).
+    #[serde(default)]
+    pub main_relays: Vec<MainRelay>,
+    /// Noise static private key file, base64 (home nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_key_file: Option<PathBuf>,
+    /// Services offered (home nodes).
+    #[serde(default)]
+    pub exports: Vec<Export>,
+    /// Services made reachable locally (home nodes).
+    #[serde(default)]
+    pub imports: Vec<Import>,
+    /// ECH rollout (home nodes, as origin).
+    #[serde(default)]
+    pub ech_policy: EchPolicy,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+impl Snapshot {
+    /// Reads and validates a snapshot from a YAML or JSON file (relative paths in it are
+    /// resolved against the file's directory).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut snap = Self::parse(&text).map_err(|reason| ConfigError::Parse { path: path.into(), reason })?;
+        if let Some(dir) = path.parent() {
+            snap.resolve_paths(dir);
+        }
+        snap.validate()?;
+        Ok(snap)
+    }
+
+    /// Parses YAML or JSON (JSON is YAML); the error names the field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let de = serde_saphyr::from_str::<serde_json::Value>(text).map_err(|e| e.to_string())?;
+        serde_path_to_error::deserialize(de).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.tls.ca_file);
+        fix(&mut self.tls.cert_file);
+        fix(&mut self.tls.key_file);
+        if let Some(e) = &mut self.ech {
+            fix(&mut e.key_file);
+        }
+        if let Some(k) = &mut self.noise_key_file {
+            fix(k);
+        }
+    }
+
+    /// Cross-field checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.schema != SNAPSHOT_SCHEMA {
+            return Err(invalid("schema", format!("{} is not supported; expected {SNAPSHOT_SCHEMA}", self.schema)));
+        }
+        let label_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if !label_ok(&self.node.id) {
+            return Err(invalid("node.id", format!("{:?} is not a DNS label", self.node.id)));
+        }
+        match self.node.role {
+            Role::Main => {
+                if self.listen.is_none() {
+                    return Err(invalid("listen", "a main relay needs a QUIC listen address"));
+                }
+                if !self.imports.is_empty() || !self.exports.is_empty() {
+                    return Err(invalid("imports/exports", "main relays only route; move them to a home node"));
+                }
+            }
+            Role::Home => {
+                if self.main_relays.is_empty() {
+                    return Err(invalid("mainRelays", "a home node needs at least one main relay"));
+                }
+                if self.noise_key_file.is_none() && (!self.imports.is_empty() || !self.exports.is_empty()) {
+                    return Err(invalid("noiseKeyFile", "required for end-to-end sessions"));
+                }
+            }
+        }
+        for (i, imp) in self.imports.iter().enumerate() {
+            if decode_key32(&imp.noise_public_key).is_none() {
+                return Err(invalid(format!("imports[{i}].noisePublicKey"), "must be 32 bytes, base64"));
+            }
+            if !label_ok(&imp.node) || !label_ok(&imp.main) {
+                return Err(invalid(format!("imports[{i}]"), "node and main must be DNS labels"));
+            }
+        }
+        for (i, m) in self.main_relays.iter().enumerate() {
+            if let Some(list) = &m.ech_config_list {
+                let bytes = base64_decode(list)
+                    .ok_or_else(|| invalid(format!("mainRelays[{i}].echConfigList"), "not base64"))?;
+                crate::protocol::EchConfigList::decode(&bytes)
+                    .map_err(|e| invalid(format!("mainRelays[{i}].echConfigList"), e.to_string()))?;
+            }
+        }
+        if self.ech_policy.percentage > 100 {
+            return Err(invalid("echPolicy.percentage", "must be 0-100"));
+        }
+        Ok(())
+    }
+}
+
+/// Standard base64 decode.
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s.trim()).ok()
+}
+
+/// Standard base64 encode.
+pub fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// Decodes a base64 32-byte key.
+pub fn decode_key32(s: &str) -> Option<[u8; 32]> {
+    base64_decode(s)?.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOME: &str = r#"
+schema: 1
+node: {id: shop-eu, role: home, trustDomain: acme.example}
+tls: {caFile: ca.pem, certFile: node.pem, keyFile: node.key}
+mainRelays: [{nodeId: hub-eu, endpoint: "127.0.0.1:7401"}]
+noiseKeyFile: noise.key
+imports:
+  - {service: payments, port: 9090, listen: "127.0.0.1:19190", node: pay-us, main: hub-us, noisePublicKey: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}
+echPolicy: {enabled: true, percentage: 25}
+"#;
+
+    #[test]
+    fn a_home_snapshot_parses_and_validates() {
+        let s = Snapshot::parse(HOME).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.imports[0].listen.port(), 19190);
+        assert_eq!(s.timeouts.connect_ms, 5000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Snapshot::parse(&HOME.replace("percentage: 25", "percentag: 25")).unwrap_err();
+        assert!(e.contains("echPolicy") && e.contains("percentag"), "{e}");
+        let e = Snapshot::parse(&HOME.replace("\"127.0.0.1:19190\"", "\"nowhere\"")).unwrap_err();
+        assert!(e.contains("imports[0].listen"), "{e}");
+        let mut s = Snapshot::parse(HOME).unwrap();
+        s.imports[0].noise_public_key = "short".into();
+        assert!(s.validate().unwrap_err().to_string().contains("imports[0].noisePublicKey"));
+        s.main_relays.clear();
+        s.imports.clear();
+        assert!(s.validate().unwrap_err().to_string().contains("mainRelays"));
+    }
+}

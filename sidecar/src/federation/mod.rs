@@ -1,0 +1,3 @@
+//! Federation logic: which route and which ECH decision a stream gets.
+
+pub mod ech_policy;
