@@ -2,7 +2,10 @@
 //! `relayfed-proxy` binary's modes (main relay, home node).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod config;
 pub mod crypto;
 pub mod federation;
+pub mod node;
 pub mod protocol;
+pub mod transport;

@@ -1,1 +1,189 @@
-fn main() {}
+//! `relayfed-proxy`: the relayfed data-plane binary (main relay, home node, ECH tooling).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use relayfed_sidecar::admin::{metrics::Metrics, server};
+use relayfed_sidecar::config::keys::EchKeyFile;
+use relayfed_sidecar::config::{Role, Snapshot, base64_decode, base64_encode};
+use relayfed_sidecar::crypto::ech::EchKeyPair;
+use relayfed_sidecar::node::{home::HomeNode, main_relay::MainRelay, main_relay::Tamper};
+use relayfed_sidecar::protocol::EchConfigList;
+use relayfed_sidecar::protocol::ech_config::ListEntry;
+
+#[derive(Parser)]
+#[command(name = "relayfed-proxy", version, about = "relayfed data plane: main relay, home node, ECH tooling")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a main relay (hub) from a config snapshot.
+    MainRelay {
+        /// Config snapshot (YAML or JSON).
+        #[arg(long)]
+        config: PathBuf,
+        /// Fault injection for tests (hidden).
+        #[arg(long, value_enum, default_value_t = TamperArg::None, hide = true)]
+        test_tamper: TamperArg,
+    },
+    /// Run a home node (spoke) from a config snapshot.
+    Home {
+        /// Config snapshot (YAML or JSON).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// ECH key tooling.
+    Ech {
+        #[command(subcommand)]
+        command: EchCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TamperArg {
+    None,
+    FlipSealed,
+    StripEch,
+}
+
+#[derive(Subcommand)]
+enum EchCommand {
+    /// Generate an ECH key: writes the private key file, prints the ECHConfigList (base64).
+    Keygen {
+        /// Public name written into the config.
+        #[arg(long)]
+        public_name: String,
+        /// Config id (0-255).
+        #[arg(long, default_value_t = 1)]
+        config_id: u8,
+        /// Where to write the key file (mode 0600).
+        #[arg(long, default_value = "ech-key.json")]
+        out: PathBuf,
+    },
+    /// Parse an ECHConfigList (base64) and print it as JSON, with skipped entries and why.
+    Inspect {
+        /// The ECHConfigList, base64.
+        list: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAYFED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Ech { command } => ech(command),
+        Command::MainRelay { config, test_tamper } => {
+            let tamper = match test_tamper {
+                TamperArg::None => Tamper::None,
+                TamperArg::FlipSealed => Tamper::FlipSealed,
+                TamperArg::StripEch => Tamper::StripEch,
+            };
+            run(config, Role::Main, tamper)
+        }
+        Command::Home { config } => run(config, Role::Home, Tamper::None),
+    }
+}
+
+fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
+    // Validate before binding anything.
+    let snap = Snapshot::load(&config)?;
+    if snap.node.role != role {
+        anyhow::bail!("{}: node.role is {:?}, but this command runs a {:?} node", config.display(), snap.node.role, role);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let metrics = Arc::new(Metrics::new());
+        let admin = match snap.admin {
+            Some(a) => Some(server::serve(a, metrics.clone()).await.with_context(|| format!("admin listener {a}"))?),
+            None => None,
+        };
+        let ready = match role {
+            Role::Main => {
+                let (relay, bound) = MainRelay::start(&snap, metrics, tamper).await?;
+                serde_json::json!({
+                    "event": "ready", "role": "main", "node": snap.node.id, "quic": bound.quic.to_string(),
+                    "admin": admin.map(|a| a.to_string()),
+                    "echConfigList": relay.ech_config_list().map(|l| base64_encode(&l)),
+                })
+            }
+            Role::Home => {
+                let (_node, bound) = HomeNode::start(&snap, metrics).await?;
+                let imports: serde_json::Map<String, serde_json::Value> =
+                    bound.imports.iter().map(|(k, a)| (k.clone(), a.to_string().into())).collect();
+                serde_json::json!({
+                    "event": "ready", "role": "home", "node": snap.node.id,
+                    "imports": imports, "admin": admin.map(|a| a.to_string()),
+                })
+            }
+        };
+        println!("{ready}");
+        tokio::signal::ctrl_c().await?;
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}
+
+fn ech(command: EchCommand) -> anyhow::Result<()> {
+    match command {
+        EchCommand::Keygen { public_name, config_id, out } => {
+            let key = EchKeyPair::generate(config_id, &public_name)?;
+            EchKeyFile::from_key(&key).save(&out)?;
+            let list = EchConfigList { entries: vec![ListEntry::Config(key.config().clone())] }.encode()?;
+            eprintln!("wrote private key to {} (mode 0600)", out.display());
+            println!("{}", base64_encode(&list));
+            Ok(())
+        }
+        EchCommand::Inspect { list } => {
+            let bytes = base64_decode(&list).context("the ECHConfigList must be base64")?;
+            let parsed = EchConfigList::decode(&bytes).context("not a valid ECHConfigList")?;
+            let configs: Vec<_> = parsed
+                .configs()
+                .map(|c| {
+                    serde_json::json!({
+                        "configId": c.config_id,
+                        "kemId": format!("0x{:04x}", c.kem_id),
+                        "publicKey": c.public_key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                        "cipherSuites": c.cipher_suites.iter().map(|s| serde_json::json!({
+                            "kdfId": format!("0x{:04x}", s.kdf_id), "aeadId": format!("0x{:04x}", s.aead_id)
+                        })).collect::<Vec<_>>(),
+                        "maximumNameLength": c.maximum_name_length,
+                        "publicName": c.public_name,
+                        "extensions": c.extensions.iter().map(|e| format!("0x{:04x}", e.ext_type)).collect::<Vec<_>>(),
+                        "usableByRelayfed": c.usable_suite().is_some(),
+                    })
+                })
+                .collect();
+            let skipped: Vec<_> = parsed
+                .skipped()
+                .map(|s| serde_json::json!({"index": s.index, "version": format!("0x{:04x}", s.version), "reason": s.reason}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"configs": configs, "skipped": skipped}))?);
+            Ok(())
+        }
+    }
+}

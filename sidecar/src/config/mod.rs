@@ -12,6 +12,8 @@ use thiserror::Error;
 
 use crate::federation::ech_policy::EchPolicy;
 
+pub mod keys;
+
 /// Snapshot schema version understood here.
 pub const SNAPSHOT_SCHEMA: u32 = 1;
 

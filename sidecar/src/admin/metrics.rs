@@ -1,0 +1,107 @@
+//! Every data-plane metric, registered in one place. Names follow
+//! `relayfed_<what>_<unit>`; counters get `_total` from the encoder.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// One label.
+pub type L1 = [(&'static str, &'static str); 1];
+/// Two labels.
+pub type L2 = [(&'static str, &'static str); 2];
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// The data-plane metrics of one process.
+pub struct Metrics {
+    registry: Registry,
+    /// Hop (QUIC/TLS) handshakes by `role` (server/client) and `result`.
+    pub hop_handshakes: Family<L2, Counter>,
+    /// ECH outcomes by `outcome`: attempted, accepted, retried, fallback, failed, opened, retry_sent.
+    pub ech: Family<L1, Counter>,
+    /// End-to-end Noise handshakes by `result` (ok, failed).
+    pub e2e_handshakes: Family<L1, Counter>,
+    /// Noise handshake latency at the initiator.
+    pub e2e_handshake_seconds: Histogram,
+    /// Stream setup latency at the origin (accept to first byte forwardable), by `ech`.
+    pub stream_setup_seconds: Family<L1, Histogram, fn() -> Histogram>,
+    /// Payload bytes by `direction` (tx: app to federation, rx: federation to app, relayed).
+    pub bytes: Family<L1, Counter>,
+    /// Streams by `direction` (outbound, inbound, relayed) and `result` (ok, error).
+    pub streams: Family<L2, Counter>,
+    /// Stream failures by structured error `code`.
+    pub stream_errors: Family<L1, Counter>,
+    /// Open hop connections.
+    pub open_connections: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let hop_handshakes = Family::<L2, Counter>::default();
+        let ech = Family::<L1, Counter>::default();
+        let e2e_handshakes = Family::<L1, Counter>::default();
+        let e2e_handshake_seconds = latency_histogram();
+        let stream_setup_seconds = Family::<L1, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let bytes = Family::<L1, Counter>::default();
+        let streams = Family::<L2, Counter>::default();
+        let stream_errors = Family::<L1, Counter>::default();
+        let open_connections = Gauge::default();
+        registry.register("relayfed_hop_handshakes", "QUIC/TLS hop handshakes by role and result", hop_handshakes.clone());
+        registry.register("relayfed_ech_streams", "ECH outcomes per stream", ech.clone());
+        registry.register("relayfed_e2e_handshakes", "End-to-end Noise XK handshakes by result", e2e_handshakes.clone());
+        registry.register(
+            "relayfed_e2e_handshake_duration_seconds",
+            "Noise XK handshake latency at the initiator",
+            e2e_handshake_seconds.clone(),
+        );
+        registry.register(
+            "relayfed_stream_setup_duration_seconds",
+            "Stream setup latency at the origin, from accept to an established session",
+            stream_setup_seconds.clone(),
+        );
+        registry.register("relayfed_payload_bytes", "Payload bytes by direction", bytes.clone());
+        registry.register("relayfed_streams", "Streams by direction and result", streams.clone());
+        registry.register("relayfed_stream_errors", "Stream failures by structured error code", stream_errors.clone());
+        registry.register("relayfed_hop_connections_open", "Open QUIC hop connections", open_connections.clone());
+        Self {
+            registry,
+            hop_handshakes,
+            ech,
+            e2e_handshakes,
+            e2e_handshake_seconds,
+            stream_setup_seconds,
+            bytes,
+            streams,
+            stream_errors,
+            open_connections,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a stream failure with its code.
+    pub fn stream_error(&self, direction: &'static str, code: crate::protocol::ErrorCode) {
+        self.stream_errors.get_or_create(&[("code", code.label())]).inc();
+        self.streams.get_or_create(&[("direction", direction), ("result", "error")]).inc();
+    }
+}

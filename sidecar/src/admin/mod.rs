@@ -1,0 +1,4 @@
+//! Observability: the metrics registry and the admin HTTP server.
+
+pub mod metrics;
+pub mod server;

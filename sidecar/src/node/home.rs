@@ -1,0 +1,449 @@
+//! Home node mode: dial the main relay, expose a local listener per imported service, and
+//! deliver inbound federation streams to local targets.
+//!
+//! Outbound (origin, Noise initiator): accept a TCP client, decide ECH for the destination,
+//! send ROUTE + Noise message 1, read message 2 (or an ERROR / RETRY_CONFIGS frame), send
+//! message 3, then carry the TCP bytes as Noise transport messages. Inbound (destination,
+//! Noise responder): read the delivered ROUTE and message 1, connect to the export's target,
+//! answer message 2, read message 3, then carry bytes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::admin::metrics::Metrics;
+use crate::config::keys::load_noise_key;
+use crate::config::{Export, Import, MainRelay, Snapshot, base64_decode, decode_key32};
+use crate::crypto::ech::seal;
+use crate::crypto::noise::{Initiator, MAX_PLAINTEXT, RecvHalf, Responder, SendHalf, StaticKeypair, prologue};
+use crate::federation::ech_policy::{EchDecision, EchPolicy};
+use crate::protocol::route::{InnerRoute, MAX_HOPS, RouteBody, RouteHeader};
+use crate::protocol::{EchConfigList, ErrorCode, Frame};
+use crate::transport::io::{FrameIoError, read_frame, send_error, write_frames};
+use crate::transport::tls::{HopIdentity, failure_reason};
+
+/// A failed stream: the code that goes on the wire, in logs and in metrics.
+type StreamError = (ErrorCode, String);
+
+/// Shared state of a running home node.
+pub struct HomeNode {
+    identity: HopIdentity,
+    noise: StaticKeypair,
+    mains: Vec<MainRelay>,
+    exports: Vec<Export>,
+    policy: EchPolicy,
+    ech_configs: RwLock<HashMap<String, EchConfigList>>,
+    conn: watch::Sender<Option<(String, quinn::Connection)>>,
+    metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// Where a started home node listens.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// `service:port` of each import, and its local listener.
+    pub imports: Vec<(String, SocketAddr)>,
+}
+
+impl HomeNode {
+    /// Loads keys from `snap` (validated), binds import listeners, and starts dialing.
+    /// Returns once the first main relay connection is up.
+    pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>) -> anyhow::Result<(Arc<Self>, Bound)> {
+        let identity = HopIdentity::load(snap)?;
+        let noise = match &snap.noise_key_file {
+            Some(p) => load_noise_key(p)?,
+            None => StaticKeypair::generate()?,
+        };
+        let mut mains = snap.main_relays.clone();
+        mains.sort_by_key(|m| m.priority);
+        let mut ech_configs = HashMap::new();
+        for m in &mains {
+            if let Some(list) = m.ech_config_list.as_deref().and_then(base64_decode)
+                && let Ok(parsed) = EchConfigList::decode(&list)
+            {
+                ech_configs.insert(m.node_id.clone(), parsed);
+            }
+        }
+        let (conn, _) = watch::channel(None);
+        let node = Arc::new(Self {
+            identity,
+            noise,
+            mains,
+            exports: snap.exports.clone(),
+            policy: snap.ech_policy.clone(),
+            ech_configs: RwLock::new(ech_configs),
+            conn,
+            metrics,
+            handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
+            connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
+        });
+        let mut bound = Bound { imports: Vec::new() };
+        for imp in &snap.imports {
+            let listener = TcpListener::bind(imp.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {} for {}: {e}", imp.listen, imp.service))?;
+            bound.imports.push((format!("{}:{}", imp.service, imp.port), listener.local_addr()?));
+            let import = Arc::new(imp.clone());
+            let n = node.clone();
+            tokio::spawn(async move { n.accept_clients(listener, import).await });
+        }
+        let bind: SocketAddr = snap.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(node.identity.client_config(&snap.timeouts)?);
+        let mut ready = node.conn.subscribe();
+        let n = node.clone();
+        tokio::spawn(async move { n.dial_loop(endpoint).await });
+        ready.wait_for(Option::is_some).await?;
+        Ok((node, bound))
+    }
+
+    /// Keeps a connection to the best reachable main relay, serving its inbound streams.
+    async fn dial_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            for main in &self.mains {
+                let Some(conn) = self.dial(&endpoint, main).await else { continue };
+                backoff = Duration::from_millis(100);
+                self.metrics.open_connections.inc();
+                self.conn.send_replace(Some((main.node_id.clone(), conn.clone())));
+                info!(main = %main.node_id, "connected to main relay");
+                self.clone().serve_inbound(conn).await;
+                self.conn.send_replace(None);
+                self.metrics.open_connections.dec();
+                warn!(main = %main.node_id, "main relay connection lost; reconnecting");
+                break;
+            }
+            // Exponential backoff with full jitter between rounds of dialing.
+            let jitter = rand::random_range(0..=backoff.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn dial(&self, endpoint: &quinn::Endpoint, main: &MainRelay) -> Option<quinn::Connection> {
+        let name = self.identity.server_name(&main.node_id);
+        let connecting = match endpoint.connect(main.endpoint, &name) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(main = %main.node_id, error = %e, "cannot dial main relay");
+                return None;
+            }
+        };
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => {
+                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
+                Some(conn)
+            }
+            Ok(Err(e)) => {
+                let reason = failure_reason(&e);
+                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", reason)]).inc();
+                warn!(main = %main.node_id, reason, error = %e, "hop handshake failed");
+                None
+            }
+            Err(_) => {
+                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "timeout")]).inc();
+                warn!(main = %main.node_id, "hop handshake timed out");
+                None
+            }
+        }
+    }
+
+    async fn serve_inbound(self: Arc<Self>, conn: quinn::Connection) {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let node = self.clone();
+            tokio::spawn(async move { node.inbound(send, recv).await });
+        }
+    }
+
+    async fn accept_clients(self: Arc<Self>, listener: TcpListener, import: Arc<Import>) {
+        loop {
+            let Ok((tcp, client)) = listener.accept().await else { continue };
+            let node = self.clone();
+            let import = import.clone();
+            let span = info_span!("outbound", %client, service = %import.service, dest = %import.node);
+            tokio::spawn(async move { node.outbound(tcp, &import).await }.instrument(span));
+        }
+    }
+
+    async fn outbound(&self, tcp: TcpStream, import: &Import) {
+        let started = Instant::now();
+        let est = match tokio::time::timeout(self.handshake_timeout, self.establish(import)).await {
+            Ok(r) => r,
+            Err(_) => Err((ErrorCode::Timeout, "route and handshake did not finish in time".to_owned())),
+        };
+        match est {
+            Ok(e) => {
+                let ech = if e.ech { "true" } else { "false" };
+                self.metrics.stream_setup_seconds.get_or_create(&[("ech", ech)]).observe(started.elapsed().as_secs_f64());
+                debug!(ech = e.ech, "session established");
+                self.pump(tcp, e.send, e.recv, e.tx, e.rx, "outbound").await;
+            }
+            Err((code, message)) => {
+                warn!(code = code.label(), message, "outbound stream failed");
+                self.metrics.stream_error("outbound", code);
+                reset(tcp);
+            }
+        }
+    }
+
+    fn ech_config_for(&self, main: &str) -> Option<(crate::protocol::EchConfig, crate::protocol::ech_config::CipherSuite)> {
+        let configs = self.ech_configs.read().ok()?;
+        configs.get(main)?.first_usable().map(|(c, s)| (c.clone(), s))
+    }
+
+    async fn establish(&self, import: &Import) -> Result<Established, StreamError> {
+        let (main_id, conn) = self
+            .conn
+            .borrow()
+            .clone()
+            .ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
+        let remote = decode_key32(&import.noise_public_key)
+            .ok_or((ErrorCode::Internal, "bad noisePublicKey (validated at load)".to_owned()))?;
+        let inner = InnerRoute {
+            dest_node: import.node.clone(),
+            dest_main: import.main.clone(),
+            service: import.service.clone(),
+            port: import.port,
+            origin: format!("{}@{}", self.identity.node_id, main_id),
+        };
+        let decision = self.policy.decide(&import.node, &import.main);
+        let mut retried = false;
+        loop {
+            let sealed = match decision {
+                EchDecision::Plain => None,
+                EchDecision::Opportunistic | EchDecision::Required => match self.ech_config_for(&import.main) {
+                    Some((config, suite)) => {
+                        let s = seal(&config, suite, &import.main, &inner).map_err(|e| (e.code(), e.to_string()))?;
+                        self.metrics.ech.get_or_create(&[("outcome", "attempted")]).inc();
+                        Some(s)
+                    }
+                    None if decision == EchDecision::Required => {
+                        self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
+                        return Err((ErrorCode::EchRequired, format!("no usable ECH config for {}", import.main)));
+                    }
+                    None => {
+                        self.metrics.ech.get_or_create(&[("outcome", "fallback")]).inc();
+                        None
+                    }
+                },
+            };
+            let config_id = sealed.as_ref().map(|s| s.config_id);
+            let body = match sealed {
+                Some(s) => RouteBody::Sealed(s),
+                None => RouteBody::Plain(inner.clone()),
+            };
+            let header = RouteHeader { hop_limit: MAX_HOPS, trace_context: String::new(), path: vec![], body };
+            let prologue = prologue(config_id, &inner).map_err(|e| (e.code(), e.to_string()))?;
+            let hs_started = Instant::now();
+            let (init, msg1) =
+                Initiator::start(&self.noise, &remote, &prologue).map_err(|e| (e.code(), e.to_string()))?;
+            let (mut send, mut recv) =
+                conn.open_bi().await.map_err(|e| (ErrorCode::PeerUnreachable, e.to_string()))?;
+            write_frames(&mut send, &[Frame::Route(header), Frame::Noise(msg1)]).await.map_err(io_err)?;
+            match read_frame(&mut recv).await.map_err(io_err)? {
+                Some(Frame::Noise(msg2)) => {
+                    let (session, msg3) = match init.finish(&msg2) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                            return Err((e.code(), e.to_string()));
+                        }
+                    };
+                    write_frames(&mut send, &[Frame::Noise(msg3)]).await.map_err(io_err)?;
+                    self.metrics.e2e_handshakes.get_or_create(&[("result", "ok")]).inc();
+                    self.metrics.e2e_handshake_seconds.observe(hs_started.elapsed().as_secs_f64());
+                    if config_id.is_some() {
+                        self.metrics.ech.get_or_create(&[("outcome", "accepted")]).inc();
+                    }
+                    let (tx, rx) = session.split();
+                    return Ok(Established { send, recv, tx, rx, ech: config_id.is_some() });
+                }
+                Some(Frame::RetryConfigs(list)) if config_id.is_some() && !retried => {
+                    let parsed = EchConfigList::decode(&list).map_err(|e| (ErrorCode::MalformedFrame, e.to_string()))?;
+                    info!(main = %import.main, "ECH config was stale: retrying once with the relay's retry configs");
+                    self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
+                    if let Ok(mut c) = self.ech_configs.write() {
+                        c.insert(import.main.clone(), parsed);
+                    }
+                    retried = true;
+                }
+                Some(Frame::Error(e)) => {
+                    if config_id.is_some() {
+                        self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
+                    }
+                    if e.code == ErrorCode::HandshakeFailed {
+                        self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                    }
+                    return Err((e.code, e.message));
+                }
+                Some(other) => {
+                    return Err((ErrorCode::MalformedFrame, format!("unexpected frame {other:?}")));
+                }
+                None => return Err((ErrorCode::PeerUnreachable, "stream closed before the handshake".to_owned())),
+            }
+        }
+    }
+
+    async fn inbound(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await;
+        let (config_id, route) = match first {
+            Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Plain(r), .. })))) => (None, r),
+            Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Opened { config_id, route }, .. })))) => {
+                (Some(config_id), route)
+            }
+            Ok(Ok(Some(_))) => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected an opened ROUTE").await,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => return self.refuse(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
+            Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no route header in time").await,
+        };
+        let span = info_span!("inbound", service = %route.service, origin = %route.origin, ech = config_id.is_some());
+        async {
+            if route.dest_node != self.identity.node_id {
+                return self.refuse(&mut send, ErrorCode::NoRoute, "stream is for another node").await;
+            }
+            let Some(export) = self.exports.iter().find(|e| e.service == route.service && e.port == route.port) else {
+                return self.refuse(&mut send, ErrorCode::ServiceNotFound, "service not exported here").await;
+            };
+            let msg1 = match read_frame(&mut recv).await {
+                Ok(Some(Frame::Noise(m))) => m,
+                _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 1").await,
+            };
+            let responder = prologue(config_id, &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1));
+            let (responder, msg2) = match responder {
+                Ok(x) => x,
+                Err(e) => {
+                    self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                    return self.refuse(&mut send, ErrorCode::HandshakeFailed, &e.to_string()).await;
+                }
+            };
+            let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(export.target)).await {
+                Ok(Ok(t)) => t,
+                _ => return self.refuse(&mut send, ErrorCode::TargetUnreachable, "local target refused or timed out").await,
+            };
+            let _ = tcp.set_nodelay(true);
+            if write_frames(&mut send, &[Frame::Noise(msg2)]).await.is_err() {
+                return;
+            }
+            let session = match read_frame(&mut recv).await {
+                Ok(Some(Frame::Noise(msg3))) => responder.finish(&msg3),
+                _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 3").await,
+            };
+            match session {
+                Ok((session, _initiator_static)) => {
+                    let (tx, rx) = session.split();
+                    self.pump(tcp, send, recv, tx, rx, "inbound").await;
+                }
+                Err(e) => {
+                    self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                    self.refuse(&mut send, ErrorCode::HandshakeFailed, &e.to_string()).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn refuse(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
+        warn!(code = code.label(), message, "inbound stream refused");
+        self.metrics.stream_error("inbound", code);
+        send_error(send, code, message).await;
+        let _ = send.finish();
+    }
+
+    /// Carries bytes between a TCP socket and a stream of Noise transport messages.
+    async fn pump(
+        &self,
+        tcp: TcpStream,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        mut tx: SendHalf,
+        mut rx: RecvHalf,
+        direction: &'static str,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let (mut tr, mut tw) = tcp.into_split();
+        let up = async {
+            let mut buf = vec![0u8; MAX_PLAINTEXT];
+            let mut total = 0u64;
+            loop {
+                let n = match tr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let Ok(ct) = tx.encrypt(&buf[..n]) else { return Err(ErrorCode::Internal) };
+                if write_frames(&mut send, &[Frame::Noise(ct)]).await.is_err() {
+                    return Err(ErrorCode::PeerUnreachable);
+                }
+                total += n as u64;
+            }
+            let _ = send.finish();
+            Ok(total)
+        };
+        let down = async {
+            let mut total = 0u64;
+            loop {
+                match read_frame(&mut recv).await {
+                    Ok(Some(Frame::Noise(m))) => {
+                        let Ok(pt) = rx.decrypt(&m) else { return Err(ErrorCode::HandshakeFailed) };
+                        if tw.write_all(&pt).await.is_err() {
+                            return Err(ErrorCode::TargetUnreachable);
+                        }
+                        total += pt.len() as u64;
+                    }
+                    Ok(Some(Frame::Error(e))) => return Err(e.code),
+                    Ok(Some(_)) => return Err(ErrorCode::MalformedFrame),
+                    Ok(None) => break,
+                    Err(_) => return Err(ErrorCode::PeerUnreachable),
+                }
+            }
+            let _ = tw.shutdown().await;
+            Ok(total)
+        };
+        let (u, d) = tokio::join!(up, down);
+        let (tx_dir, rx_dir) = if direction == "outbound" { ("tx", "rx") } else { ("rx", "tx") };
+        if let Ok(n) = u {
+            self.metrics.bytes.get_or_create(&[("direction", tx_dir)]).inc_by(n);
+        }
+        if let Ok(n) = d {
+            self.metrics.bytes.get_or_create(&[("direction", rx_dir)]).inc_by(n);
+        }
+        match u.and(d) {
+            Ok(_) => {
+                self.metrics.streams.get_or_create(&[("direction", direction), ("result", "ok")]).inc();
+            }
+            Err(code) => {
+                warn!(code = code.label(), "stream aborted");
+                self.metrics.stream_error(direction, code);
+            }
+        }
+    }
+}
+
+/// An established outbound session.
+struct Established {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    tx: SendHalf,
+    rx: RecvHalf,
+    ech: bool,
+}
+
+fn io_err(e: FrameIoError) -> StreamError {
+    match e {
+        FrameIoError::Io(e) => (ErrorCode::PeerUnreachable, e.to_string()),
+        FrameIoError::Decode(e) => (ErrorCode::MalformedFrame, e.to_string()),
+    }
+}
+
+/// Closes a client socket with a reset, so the app sees the failure at once.
+fn reset(tcp: TcpStream) {
+    let _ = tcp.set_zero_linger();
+    drop(tcp);
+}

@@ -1,0 +1,4 @@
+//! The binary's modes, composed from the layers below: main relay and home node.
+
+pub mod home;
+pub mod main_relay;

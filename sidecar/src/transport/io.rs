@@ -1,0 +1,53 @@
+//! Reading and writing frames on QUIC streams, and copying between streams and sockets.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::frame::{FRAME_HEADER, Frame};
+use crate::protocol::{DecodeError, ErrorCode, ErrorFrame};
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameIoError {
+    /// The stream failed or ended mid-frame.
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes were not a valid frame.
+    #[error("malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before any byte of a frame.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameIoError> {
+    let mut head = [0u8; FRAME_HEADER];
+    let mut got = 0;
+    while got < FRAME_HEADER {
+        let n = r.read(&mut head[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream ended inside a frame header").into());
+        }
+        got += n;
+    }
+    let len = usize::from(u16::from_be_bytes([head[1], head[2]]));
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok(Some(Frame::decode_body(head[0], &payload)?))
+}
+
+/// Writes frames in one write call.
+pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[Frame]) -> Result<(), FrameIoError> {
+    let mut buf = Vec::new();
+    for f in frames {
+        buf.extend_from_slice(&f.encode()?);
+    }
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Sends an ERROR frame (best effort: the stream is failing anyway).
+pub async fn send_error<W: AsyncWrite + Unpin>(w: &mut W, code: ErrorCode, message: impl Into<String>) {
+    let frame = Frame::Error(ErrorFrame { code, retry_after_ms: 0, message: message.into() });
+    let _ = write_frames(w, &[frame]).await;
+}

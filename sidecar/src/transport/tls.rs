@@ -1,0 +1,196 @@
+//! Hop TLS: mutual TLS 1.3 over QUIC with certificates from the federation CA.
+//!
+//! Servers require a client certificate chaining to the CA; clients verify the server as
+//! `<node-id>.<trust-domain>`, so a certificate for another node is refused. ALPN names the
+//! protocol version; a peer without it is refused by the handshake itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+
+use crate::config::{Snapshot, Timeouts};
+use crate::crypto::ca::{CaError, node_id_from_cert, parse_key_pem};
+
+/// ALPN of relayfed protocol version 1.
+pub const ALPN: &[u8] = b"relayfed/1";
+
+/// Why TLS material could not be loaded or used.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A certificate or key is malformed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+    /// The peer presented no usable identity.
+    #[error("peer identity: {0}")]
+    Identity(String),
+}
+
+/// This node's TLS identity and the CA it trusts.
+#[derive(Clone, Debug)]
+pub struct HopIdentity {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// This node's id.
+    pub node_id: String,
+    roots: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+}
+
+fn read(path: &std::path::Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+}
+
+fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    let v: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    let v = v.map_err(|e| TlsError::Rustls(format!("certificate PEM: {e}")))?;
+    if v.is_empty() {
+        return Err(TlsError::Rustls("no certificate in PEM".into()));
+    }
+    Ok(v)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl HopIdentity {
+    /// Loads the identity named by a snapshot.
+    pub fn load(snap: &Snapshot) -> Result<Self, TlsError> {
+        Self::from_pem(
+            &snap.node.trust_domain,
+            &snap.node.id,
+            &read(&snap.tls.ca_file)?,
+            &read(&snap.tls.cert_file)?,
+            &read(&snap.tls.key_file)?,
+        )
+    }
+
+    /// Builds an identity from PEM text.
+    pub fn from_pem(trust_domain: &str, node_id: &str, ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
+        let chain = certs(cert)?;
+        let own = node_id_from_cert(&chain[0], trust_domain)?;
+        if own != node_id {
+            return Err(TlsError::Identity(format!("certificate is for node {own:?}, config says {node_id:?}")));
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            node_id: node_id.to_owned(),
+            roots: certs(ca)?,
+            chain,
+            key: Arc::new(parse_key_pem(key)?),
+        })
+    }
+
+    fn root_store(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.roots {
+            roots.add(c.clone()).map_err(|e| TlsError::Rustls(format!("CA certificate: {e}")))?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    /// QUIC server configuration: client certificates required, ALPN `relayfed/1`.
+    pub fn server_config(&self, timeouts: &Timeouts) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.root_store()?, provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        cfg.transport_config(transport(timeouts));
+        Ok(cfg)
+    }
+
+    /// QUIC client configuration presenting this node's certificate.
+    pub fn client_config(&self, timeouts: &Timeouts) -> Result<quinn::ClientConfig, TlsError> {
+        self.client_config_with_alpn(timeouts, ALPN)
+    }
+
+    /// As [`HopIdentity::client_config`] with another ALPN (tests prove a wrong one is refused).
+    pub fn client_config_with_alpn(&self, timeouts: &Timeouts, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_root_certificates(self.root_store()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(transport(timeouts));
+        Ok(cfg)
+    }
+
+    /// The server name to dial `node_id` by.
+    pub fn server_name(&self, node_id: &str) -> String {
+        crate::crypto::ca::node_dns_name(node_id, &self.trust_domain)
+    }
+
+    /// The authenticated node id of the peer of `conn`.
+    pub fn peer_node_id(&self, conn: &quinn::Connection) -> Result<String, TlsError> {
+        let id = conn.peer_identity().ok_or_else(|| TlsError::Identity("no certificate".into()))?;
+        let chain = id
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .map_err(|_| TlsError::Identity("unexpected identity type".into()))?;
+        let leaf = chain.first().ok_or_else(|| TlsError::Identity("empty chain".into()))?;
+        Ok(node_id_from_cert(leaf, &self.trust_domain)?)
+    }
+}
+
+/// Transport parameters: keep-alives, idle timeout, windows sized for bulk streams.
+fn transport(timeouts: &Timeouts) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = Duration::from_millis(timeouts.idle_ms.max(1_000));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    t.keep_alive_interval(Some(idle / 3));
+    t.max_concurrent_bidi_streams(4096u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((8u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.send_window(32 << 20);
+    Arc::new(t)
+}
+
+/// Low-cardinality reason a hop handshake failed, for logs and metric labels.
+pub fn failure_reason(err: &quinn::ConnectionError) -> &'static str {
+    let text = format!("{err:?} {err}");
+    if text.contains("UnknownIssuer") || text.contains("BadSignature") || text.contains("unknown ca") {
+        "unknown_ca"
+    } else if text.contains("Expired") || text.contains("certificate expired") {
+        "expired"
+    } else if text.contains("NotValidForName") {
+        "node_id_mismatch"
+    } else if text.contains("NoApplicationProtocol") || text.contains("no_application_protocol") || text.contains("120") {
+        "alpn"
+    } else if text.contains("TimedOut") || text.contains("timed out") {
+        "timeout"
+    } else if text.contains("CertificateRequired") || text.contains("certificate required") {
+        "no_client_certificate"
+    } else {
+        "other"
+    }
+}
