@@ -8,4 +8,6 @@ pub mod crypto;
 pub mod federation;
 pub mod node;
 pub mod protocol;
+#[cfg(feature = "test-util")]
+pub mod testbed;
 pub mod transport;

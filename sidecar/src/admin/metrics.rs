@@ -60,9 +60,17 @@ impl Metrics {
         let streams = Family::<L2, Counter>::default();
         let stream_errors = Family::<L1, Counter>::default();
         let open_connections = Gauge::default();
-        registry.register("relayfed_hop_handshakes", "QUIC/TLS hop handshakes by role and result", hop_handshakes.clone());
+        registry.register(
+            "relayfed_hop_handshakes",
+            "QUIC/TLS hop handshakes by role and result",
+            hop_handshakes.clone(),
+        );
         registry.register("relayfed_ech_streams", "ECH outcomes per stream", ech.clone());
-        registry.register("relayfed_e2e_handshakes", "End-to-end Noise XK handshakes by result", e2e_handshakes.clone());
+        registry.register(
+            "relayfed_e2e_handshakes",
+            "End-to-end Noise XK handshakes by result",
+            e2e_handshakes.clone(),
+        );
         registry.register(
             "relayfed_e2e_handshake_duration_seconds",
             "Noise XK handshake latency at the initiator",

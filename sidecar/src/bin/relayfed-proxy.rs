@@ -112,7 +112,12 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
     // Validate before binding anything.
     let snap = Snapshot::load(&config)?;
     if snap.node.role != role {
-        anyhow::bail!("{}: node.role is {:?}, but this command runs a {:?} node", config.display(), snap.node.role, role);
+        anyhow::bail!(
+            "{}: node.role is {:?}, but this command runs a {:?} node",
+            config.display(),
+            snap.node.role,
+            role
+        );
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

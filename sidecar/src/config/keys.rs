@@ -53,7 +53,11 @@ impl EchKeyFile {
     pub fn from_key(key: &EchKeyPair) -> Self {
         Self {
             public_name: key.config().public_name.clone(),
-            current: StoredEchKey { config_id: key.config().config_id, secret: base64_encode(key.secret()), rotated_at: None },
+            current: StoredEchKey {
+                config_id: key.config().config_id,
+                secret: base64_encode(key.secret()),
+                rotated_at: None,
+            },
             previous: None,
         }
     }

@@ -181,7 +181,10 @@ impl HomeNode {
         match est {
             Ok(e) => {
                 let ech = if e.ech { "true" } else { "false" };
-                self.metrics.stream_setup_seconds.get_or_create(&[("ech", ech)]).observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .stream_setup_seconds
+                    .get_or_create(&[("ech", ech)])
+                    .observe(started.elapsed().as_secs_f64());
                 debug!(ech = e.ech, "session established");
                 self.pump(tcp, e.send, e.recv, e.tx, e.rx, "outbound").await;
             }
@@ -193,17 +196,17 @@ impl HomeNode {
         }
     }
 
-    fn ech_config_for(&self, main: &str) -> Option<(crate::protocol::EchConfig, crate::protocol::ech_config::CipherSuite)> {
+    fn ech_config_for(
+        &self,
+        main: &str,
+    ) -> Option<(crate::protocol::EchConfig, crate::protocol::ech_config::CipherSuite)> {
         let configs = self.ech_configs.read().ok()?;
         configs.get(main)?.first_usable().map(|(c, s)| (c.clone(), s))
     }
 
     async fn establish(&self, import: &Import) -> Result<Established, StreamError> {
-        let (main_id, conn) = self
-            .conn
-            .borrow()
-            .clone()
-            .ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
+        let (main_id, conn) =
+            self.conn.borrow().clone().ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
         let remote = decode_key32(&import.noise_public_key)
             .ok_or((ErrorCode::Internal, "bad noisePublicKey (validated at load)".to_owned()))?;
         let inner = InnerRoute {
@@ -244,8 +247,7 @@ impl HomeNode {
             let hs_started = Instant::now();
             let (init, msg1) =
                 Initiator::start(&self.noise, &remote, &prologue).map_err(|e| (e.code(), e.to_string()))?;
-            let (mut send, mut recv) =
-                conn.open_bi().await.map_err(|e| (ErrorCode::PeerUnreachable, e.to_string()))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| (ErrorCode::PeerUnreachable, e.to_string()))?;
             write_frames(&mut send, &[Frame::Route(header), Frame::Noise(msg1)]).await.map_err(io_err)?;
             match read_frame(&mut recv).await.map_err(io_err)? {
                 Some(Frame::Noise(msg2)) => {
@@ -266,7 +268,8 @@ impl HomeNode {
                     return Ok(Established { send, recv, tx, rx, ech: config_id.is_some() });
                 }
                 Some(Frame::RetryConfigs(list)) if config_id.is_some() && !retried => {
-                    let parsed = EchConfigList::decode(&list).map_err(|e| (ErrorCode::MalformedFrame, e.to_string()))?;
+                    let parsed =
+                        EchConfigList::decode(&list).map_err(|e| (ErrorCode::MalformedFrame, e.to_string()))?;
                     info!(main = %import.main, "ECH config was stale: retrying once with the relay's retry configs");
                     self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
                     if let Ok(mut c) = self.ech_configs.write() {
@@ -298,7 +301,9 @@ impl HomeNode {
             Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Opened { config_id, route }, .. })))) => {
                 (Some(config_id), route)
             }
-            Ok(Ok(Some(_))) => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected an opened ROUTE").await,
+            Ok(Ok(Some(_))) => {
+                return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected an opened ROUTE").await;
+            }
             Ok(Ok(None)) => return,
             Ok(Err(e)) => return self.refuse(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
             Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no route header in time").await,
@@ -325,7 +330,11 @@ impl HomeNode {
             };
             let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(export.target)).await {
                 Ok(Ok(t)) => t,
-                _ => return self.refuse(&mut send, ErrorCode::TargetUnreachable, "local target refused or timed out").await,
+                _ => {
+                    return self
+                        .refuse(&mut send, ErrorCode::TargetUnreachable, "local target refused or timed out")
+                        .await;
+                }
             };
             let _ = tcp.set_nodelay(true);
             if write_frames(&mut send, &[Frame::Noise(msg2)]).await.is_err() {

@@ -148,7 +148,9 @@ impl MainRelay {
     async fn route_stream(&self, peer: &str, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let header = match tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await {
             Ok(Ok(Some(Frame::Route(h)))) => h,
-            Ok(Ok(Some(_))) => return self.fail(&mut send, ErrorCode::MalformedFrame, "first frame must be ROUTE").await,
+            Ok(Ok(Some(_))) => {
+                return self.fail(&mut send, ErrorCode::MalformedFrame, "first frame must be ROUTE").await;
+            }
             Ok(Ok(None)) => return,
             Ok(Err(e)) => return self.fail(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
             Err(_) => return self.fail(&mut send, ErrorCode::Timeout, "no route header in time").await,
@@ -201,7 +203,9 @@ impl MainRelay {
         async {
             let claimed = route.origin.split('@').next().unwrap_or_default();
             if claimed != peer {
-                return self.fail(&mut send, ErrorCode::PermissionDenied, "origin does not match the authenticated peer").await;
+                return self
+                    .fail(&mut send, ErrorCode::PermissionDenied, "origin does not match the authenticated peer")
+                    .await;
             }
             if route.dest_main != me {
                 return self.fail(&mut send, ErrorCode::NoRoute, "destination is attached to another main relay").await;
@@ -216,7 +220,8 @@ impl MainRelay {
                 (Some(_), Tamper::StripEch) | (None, _) => RouteBody::Plain(route),
                 (Some(config_id), _) => RouteBody::Opened { config_id, route },
             };
-            let forward = RouteHeader { hop_limit: header.hop_limit - 1, trace_context: header.trace_context, path, body };
+            let forward =
+                RouteHeader { hop_limit: header.hop_limit - 1, trace_context: header.trace_context, path, body };
             let (mut dsend, mut drecv) = match dest.open_bi().await {
                 Ok(s) => s,
                 Err(e) => return self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await,

@@ -26,7 +26,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
             if got == 0 {
                 return Ok(None);
             }
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream ended inside a frame header").into());
+            return Err(
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "stream ended inside a frame header").into()
+            );
         }
         got += n;
     }

@@ -184,7 +184,8 @@ pub fn failure_reason(err: &quinn::ConnectionError) -> &'static str {
         "expired"
     } else if text.contains("NotValidForName") {
         "node_id_mismatch"
-    } else if text.contains("NoApplicationProtocol") || text.contains("no_application_protocol") || text.contains("120") {
+    } else if text.contains("NoApplicationProtocol") || text.contains("no_application_protocol") || text.contains("120")
+    {
         "alpn"
     } else if text.contains("TimedOut") || text.contains("timed out") {
         "timeout"

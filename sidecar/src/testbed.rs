@@ -1,0 +1,128 @@
+//! Test helpers (feature `test-util`): a fake CA and config snapshots for a topology, written
+//! to a temporary directory, so tests run the real binary from the same files local mode uses.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::config::keys::{EchKeyFile, save_noise_key};
+use crate::config::{
+    EchServerConfig, Export, Import, MainRelay, NodeConfig, Role, Snapshot, Timeouts, TlsFiles, base64_encode,
+};
+use crate::crypto::ca::FederationCa;
+use crate::crypto::ech::EchKeyPair;
+use crate::crypto::noise::StaticKeypair;
+use crate::federation::ech_policy::EchPolicy;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A directory with a federation CA and per-node key material.
+pub struct Testbed {
+    /// The directory (removed on drop).
+    pub dir: PathBuf,
+    /// The CA.
+    pub ca: FederationCa,
+    /// Trust domain.
+    pub trust_domain: String,
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+impl Testbed {
+    /// A fresh testbed for `trust_domain`.
+    pub fn new(trust_domain: &str) -> anyhow::Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("relayfed-testbed-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let ca = FederationCa::generate(trust_domain)?;
+        write(&dir.join("ca.pem"), &ca.certified_key().cert_pem)?;
+        Ok(Self { dir, ca, trust_domain: trust_domain.to_owned() })
+    }
+
+    /// Issues a certificate for `node` and returns the TLS file set.
+    pub fn tls_for(&self, node: &str) -> anyhow::Result<TlsFiles> {
+        let cert = self.ca.issue(node, Duration::from_secs(3600))?;
+        let (c, k) = (self.dir.join(format!("{node}.pem")), self.dir.join(format!("{node}.key")));
+        write(&c, &cert.cert_pem)?;
+        crate::config::keys::write_private(&k, cert.key_pem.as_bytes())?;
+        Ok(TlsFiles { ca_file: self.dir.join("ca.pem"), cert_file: c, key_file: k })
+    }
+
+    fn base(&self, node: &str, role: Role) -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            schema: crate::config::SNAPSHOT_SCHEMA,
+            version: 1,
+            node: NodeConfig { id: node.to_owned(), role, trust_domain: self.trust_domain.clone() },
+            tls: self.tls_for(node)?,
+            listen: None,
+            admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ech: None,
+            main_relays: vec![],
+            noise_key_file: None,
+            exports: vec![],
+            imports: vec![],
+            ech_policy: EchPolicy::default(),
+            timeouts: Timeouts::default(),
+        })
+    }
+
+    /// A main relay snapshot with an ECH key of `config_id`; returns the snapshot path.
+    pub fn main_relay(&self, node: &str, config_id: u8) -> anyhow::Result<PathBuf> {
+        let mut s = self.base(node, Role::Main)?;
+        s.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let key = EchKeyPair::generate(config_id, "relay.test.example")?;
+        let key_file = self.dir.join(format!("{node}-ech.json"));
+        EchKeyFile::from_key(&key).save(&key_file)?;
+        s.ech = Some(EchServerConfig { key_file, grace_seconds: 3600 });
+        self.save(node, &s)
+    }
+
+    /// Creates (or reuses) the Noise key of `node`; returns its public key, base64.
+    pub fn noise_key(&self, node: &str) -> anyhow::Result<String> {
+        let path = self.dir.join(format!("{node}-noise.key"));
+        let key = if path.exists() {
+            crate::config::keys::load_noise_key(&path)?
+        } else {
+            let k = StaticKeypair::generate()?;
+            save_noise_key(&path, &k)?;
+            k
+        };
+        Ok(base64_encode(&key.public))
+    }
+
+    /// A home node snapshot; returns its path.
+    pub fn home(
+        &self,
+        node: &str,
+        main: MainRelay,
+        exports: Vec<Export>,
+        imports: Vec<Import>,
+        policy: EchPolicy,
+    ) -> anyhow::Result<PathBuf> {
+        let mut s = self.base(node, Role::Home)?;
+        self.noise_key(node)?;
+        s.noise_key_file = Some(self.dir.join(format!("{node}-noise.key")));
+        s.main_relays = vec![main];
+        s.exports = exports;
+        s.imports = imports;
+        s.ech_policy = policy;
+        self.save(node, &s)
+    }
+
+    /// Writes a snapshot as YAML.
+    pub fn save(&self, node: &str, s: &Snapshot) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(format!("{node}.yaml"));
+        write(&path, &serde_saphyr::to_string(s)?)?;
+        Ok(path)
+    }
+}

@@ -1,0 +1,127 @@
+//! Shared helpers for the integration tests: real `relayfed-proxy` processes, a TCP echo
+//! server, and a Prometheus text scraper.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+/// A running `relayfed-proxy` process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub ready: Value,
+}
+
+impl Proc {
+    /// Starts `relayfed-proxy <mode> --config <config> [extra...]` and waits for its ready line.
+    pub async fn start(mode: &str, config: &Path, extra: &[&str]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relayfed-proxy"))
+            .arg(mode)
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .env("RELAYFED_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn relayfed-proxy");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines.next_line().await.unwrap().expect("process exited before it was ready");
+        let ready: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(ready["event"], "ready", "{line}");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Proc { child, ready }
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.ready["admin"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub fn quic(&self) -> SocketAddr {
+        self.ready["quic"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub fn import(&self, key: &str) -> SocketAddr {
+        self.ready["imports"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no import {key}: {}", self.ready))
+            .parse()
+            .unwrap()
+    }
+
+    /// Scrapes `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.admin()).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// Value of one sample, 0 when absent.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sample(&self.metrics().await, name, labels)
+    }
+}
+
+/// Finds `name{labels...}` in Prometheus text (label order as encoded) and returns its value.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let (lbl, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some((l, v)) => (l, v),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(v) => ("", v),
+                None => continue,
+            },
+        };
+        if labels.iter().all(|(k, v)| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
+            return value.trim().parse().unwrap();
+        }
+    }
+    0.0
+}
+
+/// A TCP echo server on loopback; returns its address.
+pub async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `payload`, half-closes, and reads everything back.
+pub async fn round_trip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.split();
+    let write = async {
+        w.write_all(payload).await?;
+        w.shutdown().await
+    };
+    let mut back = Vec::with_capacity(payload.len());
+    let read = r.read_to_end(&mut back);
+    let (wr, rd) = tokio::join!(write, read);
+    wr?;
+    rd?;
+    Ok(back)
+}

@@ -1,0 +1,160 @@
+//! Two home nodes and one main relay as real processes on loopback: a TCP client behind home A
+//! reaches an echo server behind home B, with ECH on and off, through the retry path for a
+//! stale ECH config, and against relays that tamper with the ECH part.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Proc, echo_server, round_trip};
+use relayfed_sidecar::config::{Export, Import, MainRelay, base64_encode};
+use relayfed_sidecar::crypto::ech::EchKeyPair;
+use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
+use relayfed_sidecar::protocol::EchConfigList;
+use relayfed_sidecar::protocol::ech_config::ListEntry;
+use relayfed_sidecar::testbed::Testbed;
+
+/// One relay, a destination home (`pay`) exporting an echo server as `echo:7`, and origin
+/// homes created on demand.
+struct Fed {
+    tb: Testbed,
+    relay: Proc,
+    _pay: Proc,
+}
+
+fn policy(percentage: u8, mode: EchMode) -> EchPolicy {
+    EchPolicy { enabled: true, mode, percentage, ..EchPolicy::default() }
+}
+
+impl Fed {
+    async fn start(tamper: &str) -> Fed {
+        let tb = Testbed::new("test.example").unwrap();
+        let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &["--test-tamper", tamper]).await;
+        let echo = echo_server().await;
+        let pay_cfg = tb
+            .home(
+                "pay",
+                Self::main_ref(&relay, None),
+                vec![Export { service: "echo".into(), port: 7, target: echo }],
+                vec![],
+                EchPolicy::default(),
+            )
+            .unwrap();
+        let pay = Proc::start("home", &pay_cfg, &[]).await;
+        Fed { tb, relay, _pay: pay }
+    }
+
+    fn main_ref(relay: &Proc, ech_list: Option<String>) -> MainRelay {
+        MainRelay { node_id: "hub".into(), endpoint: relay.quic(), priority: 0, ech_config_list: ech_list }
+    }
+
+    fn relay_list(&self) -> String {
+        self.relay.ready["echConfigList"].as_str().unwrap().to_owned()
+    }
+
+    /// Starts an origin home importing `echo` from `pay@hub` with `policy` and the given list.
+    async fn origin(&self, name: &str, policy: EchPolicy, ech_list: Option<String>) -> (Proc, SocketAddr) {
+        let import = Import {
+            service: "echo".into(),
+            port: 7,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            node: "pay".into(),
+            main: "hub".into(),
+            noise_public_key: self.tb.noise_key("pay").unwrap(),
+        };
+        let cfg = self.tb.home(name, Self::main_ref(&self.relay, ech_list), vec![], vec![import], policy).unwrap();
+        let p = Proc::start("home", &cfg, &[]).await;
+        let addr = p.import("echo:7");
+        (p, addr)
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mebibyte_and_many_small_messages_with_ech_on_and_off() {
+    let fed = Fed::start("none").await;
+    let (plain, plain_addr) = fed.origin("shop-plain", policy(0, EchMode::Opportunistic), Some(fed.relay_list())).await;
+    let (sealed, sealed_addr) = fed.origin("shop-ech", policy(100, EchMode::Required), Some(fed.relay_list())).await;
+
+    let big = pattern(1 << 20);
+    for addr in [plain_addr, sealed_addr] {
+        assert_eq!(round_trip(addr, &big).await.unwrap(), big, "1 MiB through {addr}");
+    }
+
+    // Many small messages on one connection, each echoed before the next is sent.
+    for addr in [plain_addr, sealed_addr] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for i in 0..500u32 {
+            let msg = format!("message {i:05} {}", "x".repeat((i % 97) as usize));
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg.as_bytes());
+        }
+    }
+
+    assert_eq!(plain.metric("relayfed_ech_streams_total", &[("outcome", "attempted")]).await, 0.0);
+    assert_eq!(plain.metric("relayfed_e2e_handshakes_total", &[("result", "ok")]).await, 2.0);
+    assert_eq!(sealed.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 2.0);
+    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "opened")]).await, 2.0);
+    assert!(fed.relay.metric("relayfed_hop_handshakes_total", &[("role", "server"), ("result", "ok")]).await >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_config_id_is_answered_with_retry_configs_and_the_retry_succeeds() {
+    let fed = Fed::start("none").await;
+    // A config from a key the relay never had (config id 9): as after a rotation.
+    let stale = EchKeyPair::generate(9, "relay.test.example").unwrap();
+    let list = EchConfigList { entries: vec![ListEntry::Config(stale.config().clone())] }.encode().unwrap();
+    let (origin, addr) = fed.origin("shop-stale", policy(100, EchMode::Required), Some(base64_encode(&list))).await;
+
+    let msg = pattern(4096);
+    assert_eq!(round_trip(addr, &msg).await.unwrap(), msg);
+    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 1.0);
+    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "retry_sent")]).await, 1.0);
+    // The refreshed config is kept: the next stream needs no retry.
+    assert_eq!(round_trip(addr, &msg).await.unwrap(), msg);
+    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_flips_sealed_bytes_is_detected() {
+    let fed = Fed::start("flip-sealed").await;
+    let (origin, addr) = fed.origin("shop", policy(100, EchMode::Required), Some(fed.relay_list())).await;
+    let err = round_trip(addr, b"secret request").await;
+    assert!(err.is_err() || err.as_ref().unwrap().is_empty(), "tampered stream must not carry data: {err:?}");
+    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "decrypt_failed")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_stream_errors_total", &[("code", "ECH_DECRYPT_FAILED")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "failed")]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_strips_ech_fails_the_noise_handshake() {
+    let fed = Fed::start("strip-ech").await;
+    let (origin, addr) = fed.origin("shop", policy(100, EchMode::Required), Some(fed.relay_list())).await;
+    let err = round_trip(addr, b"secret request").await;
+    assert!(err.is_err() || err.as_ref().unwrap().is_empty(), "downgraded stream must not carry data: {err:?}");
+    assert_eq!(fed._pay.metric("relayfed_e2e_handshakes_total", &[("result", "failed")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 1.0);
+    // Plain streams through the same relay are unaffected (it only alters sealed headers).
+    let (_plain, plain_addr) = fed.origin("shop-plain", policy(0, EchMode::Opportunistic), None).await;
+    assert_eq!(round_trip(plain_addr, b"hello").await.unwrap(), b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_mode_without_a_config_fails_closed_and_opportunistic_falls_back() {
+    let fed = Fed::start("none").await;
+    let (req, req_addr) = fed.origin("shop-req", policy(100, EchMode::Required), None).await;
+    let r = round_trip(req_addr, b"x").await;
+    assert!(r.is_err() || r.unwrap().is_empty());
+    assert_eq!(req.metric("relayfed_stream_errors_total", &[("code", "ECH_REQUIRED")]).await, 1.0);
+    let (opp, opp_addr) = fed.origin("shop-opp", policy(100, EchMode::Opportunistic), None).await;
+    assert_eq!(round_trip(opp_addr, b"fallback").await.unwrap(), b"fallback");
+    assert_eq!(opp.metric("relayfed_ech_streams_total", &[("outcome", "fallback")]).await, 1.0);
+}
