@@ -182,9 +182,11 @@ pub fn failure_reason(err: &quinn::ConnectionError) -> &'static str {
         "unknown_ca"
     } else if text.contains("Expired") || text.contains("certificate expired") {
         "expired"
-    } else if text.contains("NotValidForName") {
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
         "node_id_mismatch"
-    } else if text.contains("NoApplicationProtocol") || text.contains("no_application_protocol") || text.contains("120")
+    } else if text.contains("NoApplicationProtocol")
+        || text.contains("no_application_protocol")
+        || text.contains("crypto(78)")
     {
         "alpn"
     } else if text.contains("TimedOut") || text.contains("timed out") {
