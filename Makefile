@@ -22,11 +22,14 @@ test: test-rust test-python ## Run every test suite (Rust and Python).
 test-rust: ## Rust unit, property and integration tests.
 	$(CARGO) test --workspace
 
-test-python: python-deps ## Offline CRD/chart checks with independent validators.
-	$(PYTHON) -m pytest -q tests/python
+TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+
+test-python: python-deps ## Offline CRD checks and interop tests with independent implementations.
+	$(CARGO) build -q -p relayfed-sidecar --bin relayfed-proxy
+	RELAYFED_PROXY=$(TARGET_DIR)/debug/relayfed-proxy $(PYTHON) -m pytest -q tests/python
 
 python-deps: ## Install the Python test dependencies if any is missing.
-	@$(PYTHON) -c 'import pytest, yaml, jsonschema, kubernetes_validate' 2>/dev/null \
+	@$(PYTHON) -c 'import pytest, yaml, jsonschema, kubernetes_validate, pyhpke' 2>/dev/null \
 	  || $(PYTHON) -m pip install -q --disable-pip-version-check -r $(PY_REQS)
 
 lint: ## rustfmt and clippy (warnings are errors).

@@ -79,6 +79,15 @@ enum EchCommand {
         /// The ECHConfigList, base64.
         list: String,
     },
+    /// Open a captured sealed route header (base64) with a key file and print the inner route.
+    Open {
+        /// Key file written by `ech keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The route header (ROUTE frame payload), base64.
+        #[arg(long)]
+        route_header: String,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -161,6 +170,24 @@ fn ech(command: EchCommand) -> anyhow::Result<()> {
             let list = EchConfigList { entries: vec![ListEntry::Config(key.config().clone())] }.encode()?;
             eprintln!("wrote private key to {} (mode 0600)", out.display());
             println!("{}", base64_encode(&list));
+            Ok(())
+        }
+        EchCommand::Open { key, route_header } => {
+            use relayfed_sidecar::protocol::{RouteBody, RouteHeader};
+            let bytes = base64_decode(&route_header).context("the route header must be base64")?;
+            let header = RouteHeader::decode(&bytes).context("not a valid route header")?;
+            let RouteBody::Sealed(sealed) = header.body else { anyhow::bail!("the route header is not sealed") };
+            let keys = EchKeyFile::load(&key)?.key_set(&key, std::time::Duration::from_secs(u64::MAX / 4))?;
+            let route = keys
+                .open(&sealed, std::time::SystemTime::now())
+                .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "configId": sealed.config_id, "main": sealed.main, "destNode": route.dest_node,
+                    "destMain": route.dest_main, "service": route.service, "port": route.port, "origin": route.origin,
+                })
+            );
             Ok(())
         }
         EchCommand::Inspect { list } => {

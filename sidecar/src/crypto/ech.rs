@@ -262,6 +262,83 @@ mod tests {
         ]
     }
 
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    /// RFC 9180 Appendix A.1.1 (AES-128-GCM) and A.2.1 (ChaCha20-Poly1305), base mode,
+    /// sequence number 0: key derivation, encapsulation and the first ciphertext.
+    #[test]
+    fn rfc9180_test_vectors() {
+        struct V {
+            aead: u16,
+            ikm_e: &'static str,
+            ikm_r: &'static str,
+            sk_r: &'static str,
+            pk_r: &'static str,
+            enc: &'static str,
+            ct: &'static str,
+        }
+        let vectors = [
+            V {
+                aead: AEAD_AES_128_GCM,
+                ikm_e: "7268600d403fce431561aef583ee1613527cff655c1343f29812e66706df3234",
+                ikm_r: "6db9df30aa07dd42ee5e8181afdb977e538f5e1fec8a06223f33f7013e525037",
+                sk_r: "4612c550263fc8ad58375df3f557aac531d26850903e55a9f23f21d8534e8ac8",
+                pk_r: "3948cfe0ad1ddb695d780e59077195da6c56506b027329794ab02bca80815c4d",
+                enc: "37fda3567bdbd628e88668c3c8d7e97d1d1253b6d4ea6d44c150f741f1bf4431",
+                ct: "f938558b5d72f1a23810b4be2ab4f84331acc02fc97babc53a52ae8218a355a96d8770ac83d07bea87e13c512a",
+            },
+            V {
+                aead: AEAD_CHACHA20_POLY1305,
+                ikm_e: "909a9b35d3dc4713a5e72a4da274b55d3d3821a37e5d099e74a647db583a904b",
+                ikm_r: "1ac01f181fdf9f352797655161c58b75c656a6cc2716dcb66372da835542e1df",
+                sk_r: "8057991eef8f1f1af18f4a9491d16a1ce333f695d4db8e38da75975c4478e0fb",
+                pk_r: "4310ee97d88cc1f088a5576c77ab0cf5c3ac797f3d95139c6c84b5429c59662a",
+                enc: "1afa08d3dec047a643885163f1180476fa7ddb54c6a8029ea33f95796bf2ac4a",
+                ct: "1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28",
+            },
+        ];
+        let info = hex("4f6465206f6e2061204772656369616e2055726e");
+        let aad = hex("436f756e742d30");
+        let pt = hex("4265617574792069732074727574682c20747275746820626561757479");
+        for v in vectors {
+            let (sk, pk) = X25519HkdfSha256::derive_keypair(&hex(v.ikm_r));
+            // The appendix lists skRm before clamping; hpke stores it clamped (RFC 7748 §5).
+            let mut clamped = hex(v.sk_r);
+            clamped[0] &= 248;
+            clamped[31] = (clamped[31] & 127) | 64;
+            assert_eq!(sk.to_bytes().to_vec(), clamped);
+            assert_eq!(pk.to_bytes().to_vec(), hex(v.pk_r));
+            let (_, pk_e) = X25519HkdfSha256::derive_keypair(&hex(v.ikm_e));
+            assert_eq!(pk_e.to_bytes().to_vec(), hex(v.enc), "encapsulated key is the ephemeral public key");
+            // relayfed's own key type rebuilds the same public key from the stored secret.
+            let ours = EchKeyPair::from_secret(1, "relay.test.example", hex(v.sk_r).try_into().unwrap()).unwrap();
+            assert_eq!(ours.config().public_key, hex(v.pk_r));
+            let enc = <X25519HkdfSha256 as Kem>::EncappedKey::from_bytes(&hex(v.enc)).unwrap();
+            let opened = if v.aead == AEAD_AES_128_GCM {
+                hpke::single_shot_open::<AesGcm128, HkdfSha256, X25519HkdfSha256>(
+                    &OpModeR::Base,
+                    &sk,
+                    &enc,
+                    &info,
+                    &hex(v.ct),
+                    &aad,
+                )
+            } else {
+                hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
+                    &OpModeR::Base,
+                    &sk,
+                    &enc,
+                    &info,
+                    &hex(v.ct),
+                    &aad,
+                )
+            };
+            assert_eq!(opened.unwrap(), pt);
+        }
+    }
+
     #[test]
     fn seal_then_open_with_both_aeads() {
         let key = EchKeyPair::generate(7, "relay.acme.example").unwrap();

@@ -323,6 +323,29 @@ mod tests {
         assert_eq!(list.encode().unwrap(), bytes, "re-encoding loses nothing");
     }
 
+    /// The ECHConfigList Cloudflare publishes in the HTTPS DNS record of crypto.cloudflare.com
+    /// (public name cloudflare-ech.com; a snapshot of a rotating key), decoded by an
+    /// independent deployment's encoder.
+    #[test]
+    fn a_public_deployment_list_decodes() {
+        use base64::Engine;
+        let b64 = "AEX+DQBBNAAgACBEVvV6qv+2EGSHksMVtzMtBb0W4uDonEFEC5F+QK8lNAAEAAEAAQASY2xvdWRmbGFyZS1lY2guY29tAAA=";
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let list = EchConfigList::decode(&bytes).unwrap();
+        let configs: Vec<_> = list.configs().collect();
+        assert_eq!(configs.len(), 1);
+        let c = configs[0];
+        assert_eq!(c.config_id, 0x34);
+        assert_eq!(c.kem_id, KEM_X25519_SHA256);
+        assert_eq!(c.public_key.len(), 32);
+        assert_eq!(c.cipher_suites, [CipherSuite { kdf_id: KDF_HKDF_SHA256, aead_id: AEAD_AES_128_GCM }]);
+        assert_eq!(c.maximum_name_length, 0);
+        assert_eq!(c.public_name, "cloudflare-ech.com");
+        assert!(c.extensions.is_empty());
+        assert!(c.usable_suite().is_some(), "relayfed could seal to it");
+        assert_eq!(list.encode().unwrap(), bytes);
+    }
+
     #[test]
     fn mandatory_unknown_extension_is_skipped() {
         let mut c = sample(3);
