@@ -228,7 +228,7 @@ impl SendHalf {
         let n = ts.write_message(plain, &mut out).map_err(|e| NoiseError::Decrypt(e.to_string()))?;
         out.truncate(n);
         self.sent += 1;
-        if self.sent % REKEY_INTERVAL == 0 {
+        if self.sent.is_multiple_of(REKEY_INTERVAL) {
             ts.rekey_outgoing();
         }
         Ok(out)
@@ -249,7 +249,7 @@ impl RecvHalf {
         let n = ts.read_message(msg, &mut out).map_err(|e| NoiseError::Decrypt(e.to_string()))?;
         out.truncate(n);
         self.received += 1;
-        if self.received % REKEY_INTERVAL == 0 {
+        if self.received.is_multiple_of(REKEY_INTERVAL) {
             ts.rekey_incoming();
         }
         Ok(out)
@@ -261,16 +261,16 @@ mod tests {
     use super::*;
     use crate::protocol::route::tests::inner;
 
+    type Halves = (SendHalf, RecvHalf);
+
     /// Runs a full handshake in memory (the deterministic pair harness).
-    fn pair(
-        init_prologue: &[u8],
-        resp_prologue: &[u8],
-    ) -> Result<((SendHalf, RecvHalf), (SendHalf, RecvHalf), [u8; 32]), NoiseError> {
+    fn pair(init_prologue: &[u8], resp_prologue: &[u8]) -> Result<(Halves, Halves, [u8; 32]), NoiseError> {
         let a = StaticKeypair::generate()?;
         let b = StaticKeypair::generate()?;
         let (init, m1) = Initiator::start(&a, &b.public, init_prologue)?;
         let (resp, m2) = Responder::accept(&b, resp_prologue, &m1)?;
         let (sa, m3) = init.finish(&m2)?;
+        assert_eq!((m1.len(), m2.len(), m3.len()), (48, 48, 64), "sizes documented in docs/protocol.md §6");
         let (sb, remote) = resp.finish(&m3)?;
         assert_eq!(remote, a.public);
         Ok((sa.split(), sb.split(), a.public))

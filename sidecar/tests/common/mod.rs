@@ -25,7 +25,7 @@ impl Proc {
             .arg("--config")
             .arg(config)
             .args(extra)
-            .env("RELAYFED_LOG", "warn")
+            .env("RELAYFED_LOG", std::env::var("RELAYFED_LOG").unwrap_or_else(|_| "error".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
