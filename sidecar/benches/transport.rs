@@ -1,0 +1,234 @@
+//! `make bench`: Noise XK handshake, HPKE seal+open, stream setup through a relay with and
+//! without ECH over warm hop connections, and single-stream throughput home -> main -> home.
+//! Relay and home nodes are real release-build processes on loopback. Prints a Markdown
+//! table (the Makefile writes it to docs/benchmarks.md).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use relayfed_sidecar::config::{Export, Import, MainRelay};
+use relayfed_sidecar::crypto::ech::{EchKeyPair, seal};
+use relayfed_sidecar::crypto::noise::{Initiator, Responder, StaticKeypair, prologue};
+use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
+use relayfed_sidecar::protocol::InnerRoute;
+use relayfed_sidecar::testbed::Testbed;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    (pct(0.5), pct(0.99), v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn route() -> InnerRoute {
+    InnerRoute {
+        dest_node: "pay".into(),
+        dest_main: "hub".into(),
+        service: "echo".into(),
+        port: 7,
+        origin: "shop@hub".into(),
+    }
+}
+
+fn bench_noise(n: usize) -> Vec<f64> {
+    let a = StaticKeypair::generate().unwrap();
+    let b = StaticKeypair::generate().unwrap();
+    let p = prologue(Some(1), &route()).unwrap();
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let (i, m1) = Initiator::start(&a, &b.public, &p).unwrap();
+            let (r, m2) = Responder::accept(&b, &p, &m1).unwrap();
+            let (_s, m3) = i.finish(&m2).unwrap();
+            r.finish(&m3).unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect()
+}
+
+fn bench_hpke(n: usize) -> Vec<f64> {
+    let key = EchKeyPair::generate(1, "relay.bench.example").unwrap();
+    let (config, suite) = (key.config().clone(), key.config().usable_suite().unwrap());
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let s = seal(&config, suite, "hub", &route()).unwrap();
+            key.open(&s).unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect()
+}
+
+struct Proc {
+    _child: Child,
+    ready: Value,
+}
+
+async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relayfed-proxy"))
+        .args([mode, "--config"])
+        .arg(cfg)
+        .env("RELAYFED_LOG", "error")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Proc { _child: child, ready }
+}
+
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Time from TCP connect to the first echoed byte: route, ECH, Noise XK, one round trip.
+async fn bench_setup(addr: SocketAddr, n: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    out
+}
+
+/// A sink: reads to EOF, then answers the byte count (8 bytes) and closes.
+async fn sink_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n as u64,
+                    }
+                }
+                let _ = s.write_all(&total.to_be_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// One stream, `bytes` one way into the sink; MB/s until the sink confirms every byte.
+async fn bench_throughput(addr: SocketAddr, bytes: usize) -> f64 {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let t = Instant::now();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut sent = 0;
+    while sent < bytes {
+        s.write_all(&chunk).await.unwrap();
+        sent += chunk.len();
+    }
+    s.shutdown().await.unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await.unwrap();
+    assert_eq!(u64::from_be_bytes(count), bytes as u64, "the sink must receive every byte");
+    bytes as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let noise = stats(bench_noise(2000));
+    let hpke = stats(bench_hpke(5000));
+
+    let tb = Testbed::new("bench.example").unwrap();
+    let relay = start("main-relay", &tb.main_relay("hub", 1).unwrap()).await;
+    let quic: SocketAddr = relay.ready["quic"].as_str().unwrap().parse().unwrap();
+    let list = relay.ready["echConfigList"].as_str().unwrap().to_owned();
+    let main = |l: Option<String>| MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0, ech_config_list: l };
+    let echo = echo_server().await;
+    let sink = sink_server().await;
+    let exports = vec![
+        Export { service: "echo".into(), port: 7, target: echo },
+        Export { service: "sink".into(), port: 9, target: sink },
+    ];
+    let pay = tb.home("pay", main(None), exports, vec![], EchPolicy::default()).unwrap();
+    let _pay = start("home", &pay).await;
+    let import = Import {
+        service: "echo".into(),
+        port: 7,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        node: "pay".into(),
+        main: "hub".into(),
+        noise_public_key: tb.noise_key("pay").unwrap(),
+    };
+    let sink_import = Import { service: "sink".into(), port: 9, ..import.clone() };
+    let mut addrs = Vec::new();
+    for (name, pct) in [("shop-plain", 0u8), ("shop-ech", 100)] {
+        let policy = EchPolicy { enabled: true, mode: EchMode::Opportunistic, percentage: pct, ..EchPolicy::default() };
+        let cfg =
+            tb.home(name, main(Some(list.clone())), vec![], vec![import.clone(), sink_import.clone()], policy).unwrap();
+        let p = start("home", &cfg).await;
+        let echo_addr = p.ready["imports"]["echo:7"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        let sink_addr = p.ready["imports"]["sink:9"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        addrs.push((echo_addr, sink_addr, p));
+    }
+    // Warm up the hop connections and code paths.
+    bench_setup(addrs[0].0, 50).await;
+    bench_setup(addrs[1].0, 50).await;
+    let plain = stats(bench_setup(addrs[0].0, 1000).await);
+    let ech = stats(bench_setup(addrs[1].0, 1000).await);
+    let mut tput_plain = Vec::new();
+    let mut tput_ech = Vec::new();
+    for _ in 0..3 {
+        tput_plain.push(bench_throughput(addrs[0].1, 512 << 20).await);
+        tput_ech.push(bench_throughput(addrs[1].1, 512 << 20).await);
+    }
+    let (tp, _, _) = stats(tput_plain);
+    let (te, _, _) = stats(tput_ech);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    println!("| measurement | p50 | p99 | mean |");
+    println!("|---|---|---|---|");
+    println!(
+        "| Noise XK handshake, both sides, in memory (2,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        noise.0, noise.1, noise.2
+    );
+    println!(
+        "| HPKE seal + open of a route header (5,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        hpke.0, hpke.1, hpke.2
+    );
+    println!(
+        "| stream setup home -> main -> home, plain, warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        plain.0, plain.1, plain.2
+    );
+    println!(
+        "| stream setup home -> main -> home, ECH, warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        ech.0, ech.1, ech.2
+    );
+    println!("| ECH cost on stream setup (p50 difference) | {:.3} ms | | |", ech.0 - plain.0);
+    println!(
+        "| single-stream throughput home -> main -> home (512 MiB one way into a sink, median of 3), plain | {tp:.0} MB/s | | |"
+    );
+    println!("| single-stream throughput, ECH | {te:.0} MB/s | | |");
+}
