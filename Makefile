@@ -11,7 +11,8 @@ FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:fram
 
 BENCH_OUT ?= docs/benchmarks.md
 
-.PHONY: bench help build test test-rust test-python python-deps lint fmt crds fuzz clean
+
+.PHONY: demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +55,10 @@ fuzz: ## Run every fuzz harness for FUZZ_SECONDS each (stable Rust, cargo-fuzz -
 	     -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | grep -E '^(#[0-9]+.*DONE|Done|==|SUMMARY|thread)' || true); \
 	  test -z "$$(ls -A $$crate/fuzz/artifacts/$$target 2>/dev/null)" || { echo "fuzz: crash in $$crate/fuzz/artifacts/$$target"; exit 1; }; \
 	done
+
+demo: ## The main job: a local federation with traffic flowing, ECH at 0/50/100%.
+	$(CARGO) build -q --release -p relayfed-sidecar --bin relayfed-proxy --example demo
+	$(TARGET_DIR)/release/examples/demo
 
 bench: ## Transport micro-benchmarks (release build); writes $(BENCH_OUT).
 	$(CARGO) bench -q -p relayfed-sidecar --bench transport > target/bench-transport.md

@@ -151,11 +151,19 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
             }
             Role::Home => {
                 let (_node, bound) = HomeNode::start(&snap, metrics).await?;
-                let imports: serde_json::Map<String, serde_json::Value> =
-                    bound.imports.iter().map(|(k, a)| (k.clone(), a.to_string().into())).collect();
+                let imports: serde_json::Map<String, serde_json::Value> = bound
+                    .imports
+                    .iter()
+                    .map(|(i, a)| (format!("{}:{}", i.service, i.port), a.to_string().into()))
+                    .collect();
+                let import_list: Vec<_> = bound
+                    .imports
+                    .iter()
+                    .map(|(i, a)| serde_json::json!({"service": i.service, "port": i.port, "node": i.node, "listen": a.to_string()}))
+                    .collect();
                 serde_json::json!({
                     "event": "ready", "role": "home", "node": snap.node.id,
-                    "imports": imports, "admin": admin.map(|a| a.to_string()),
+                    "imports": imports, "importList": import_list, "admin": admin.map(|a| a.to_string()),
                 })
             }
         };

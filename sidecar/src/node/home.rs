@@ -48,8 +48,8 @@ pub struct HomeNode {
 /// Where a started home node listens.
 #[derive(Clone, Debug)]
 pub struct Bound {
-    /// `service:port` of each import, and its local listener.
-    pub imports: Vec<(String, SocketAddr)>,
+    /// Each import (in snapshot order) and its bound local listener.
+    pub imports: Vec<(Import, SocketAddr)>,
 }
 
 impl HomeNode {
@@ -89,7 +89,7 @@ impl HomeNode {
             let listener = TcpListener::bind(imp.listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {} for {}: {e}", imp.listen, imp.service))?;
-            bound.imports.push((format!("{}:{}", imp.service, imp.port), listener.local_addr()?));
+            bound.imports.push((imp.clone(), listener.local_addr()?));
             let import = Arc::new(imp.clone());
             let n = node.clone();
             tokio::spawn(async move { n.accept_clients(listener, import).await });
