@@ -25,6 +25,8 @@ pub struct Metrics {
     pub hop_handshakes: Family<L2, Counter>,
     /// ECH outcomes by `outcome`: attempted, accepted, retried, fallback, failed, opened, retry_sent.
     pub ech: Family<L1, Counter>,
+    /// Hop handshake latency at the dialing side.
+    pub hop_handshake_seconds: Histogram,
     /// End-to-end Noise handshakes by `result` (ok, failed).
     pub e2e_handshakes: Family<L1, Counter>,
     /// Noise handshake latency at the initiator.
@@ -53,6 +55,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let hop_handshakes = Family::<L2, Counter>::default();
         let ech = Family::<L1, Counter>::default();
+        let hop_handshake_seconds = latency_histogram();
         let e2e_handshakes = Family::<L1, Counter>::default();
         let e2e_handshake_seconds = latency_histogram();
         let stream_setup_seconds = Family::<L1, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
@@ -64,6 +67,11 @@ impl Metrics {
             "relayfed_hop_handshakes",
             "QUIC/TLS hop handshakes by role and result",
             hop_handshakes.clone(),
+        );
+        registry.register(
+            "relayfed_hop_handshake_duration_seconds",
+            "QUIC/TLS hop handshake latency at the dialing side",
+            hop_handshake_seconds.clone(),
         );
         registry.register("relayfed_ech_streams", "ECH outcomes per stream", ech.clone());
         registry.register(
@@ -88,6 +96,7 @@ impl Metrics {
         Self {
             registry,
             hop_handshakes,
+            hop_handshake_seconds,
             ech,
             e2e_handshakes,
             e2e_handshake_seconds,

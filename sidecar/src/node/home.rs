@@ -136,8 +136,10 @@ impl HomeNode {
                 return None;
             }
         };
+        let started = Instant::now();
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(conn)) => {
+                self.metrics.hop_handshake_seconds.observe(started.elapsed().as_secs_f64());
                 self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
                 Some(conn)
             }
