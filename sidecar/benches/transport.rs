@@ -181,6 +181,7 @@ async fn main() {
         node: "pay".into(),
         main: "hub".into(),
         noise_public_key: tb.noise_key("pay").unwrap(),
+        cluster_ip: None,
     };
     let sink_import = Import { service: "sink".into(), port: 9, ..import.clone() };
     let mut addrs = Vec::new();

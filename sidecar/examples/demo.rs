@@ -134,6 +134,7 @@ async fn main() {
             node: node.clone(),
             main: "hub".into(),
             noise_public_key: tb.noise_key(&node).unwrap(),
+            cluster_ip: None,
         });
     }
     println!("  {DESTINATIONS} destination home nodes (pay-1..pay-{DESTINATIONS}) export `echo:7`\n");

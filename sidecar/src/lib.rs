@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod crypto;
 pub mod federation;
+pub mod intercept;
 pub mod node;
 pub mod protocol;
 #[cfg(feature = "test-util")]

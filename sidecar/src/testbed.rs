@@ -72,6 +72,7 @@ impl Testbed {
             exports: vec![],
             imports: vec![],
             ech_policy: EchPolicy::default(),
+            intercept: None,
             timeouts: Timeouts::default(),
         })
     }

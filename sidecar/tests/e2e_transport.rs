@@ -62,6 +62,7 @@ impl Fed {
             node: "pay".into(),
             main: "hub".into(),
             noise_public_key: self.tb.noise_key("pay").unwrap(),
+            cluster_ip: None,
         };
         let cfg = self.tb.home(name, Self::main_ref(&self.relay, ech_list), vec![], vec![import], policy).unwrap();
         let p = Proc::start("home", &cfg, &[]).await;

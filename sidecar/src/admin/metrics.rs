@@ -41,6 +41,9 @@ pub struct Metrics {
     pub stream_errors: Family<L1, Counter>,
     /// Open hop connections.
     pub open_connections: Gauge,
+    /// Intercepted connections by `original_dst` (for imports; `other` otherwise), `service`
+    /// and `result` (federated, passthrough, refused, not_redirected).
+    pub intercepted: Family<[(&'static str, String); 3], Counter>,
 }
 
 impl Default for Metrics {
@@ -63,6 +66,7 @@ impl Metrics {
         let streams = Family::<L2, Counter>::default();
         let stream_errors = Family::<L1, Counter>::default();
         let open_connections = Gauge::default();
+        let intercepted = Family::<[(&'static str, String); 3], Counter>::default();
         registry.register(
             "relayfed_hop_handshakes",
             "QUIC/TLS hop handshakes by role and result",
@@ -93,6 +97,11 @@ impl Metrics {
         registry.register("relayfed_streams", "Streams by direction and result", streams.clone());
         registry.register("relayfed_stream_errors", "Stream failures by structured error code", stream_errors.clone());
         registry.register("relayfed_hop_connections_open", "Open QUIC hop connections", open_connections.clone());
+        registry.register(
+            "relayfed_intercepted_connections",
+            "Connections redirected by iptables, by original destination, service and result",
+            intercepted.clone(),
+        );
         Self {
             registry,
             hop_handshakes,
@@ -105,6 +114,7 @@ impl Metrics {
             streams,
             stream_errors,
             open_connections,
+            intercepted,
         }
     }
 
@@ -114,6 +124,17 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts an intercepted connection.
+    pub fn intercepted(&self, original_dst: String, service: &str, result: &'static str) {
+        self.intercepted
+            .get_or_create(&[
+                ("original_dst", original_dst),
+                ("service", service.to_owned()),
+                ("result", result.to_owned()),
+            ])
+            .inc();
     }
 
     /// Counts a stream failure with its code.

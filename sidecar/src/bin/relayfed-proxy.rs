@@ -51,6 +51,69 @@ enum Command {
         #[command(subcommand)]
         command: EchCommand,
     },
+    /// Install the iptables interception rules for a pod (init container; needs NET_ADMIN).
+    Init {
+        /// The home node's config snapshot (its `intercept` section and imports).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the rules instead of installing them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove the rules instead of installing them.
+        #[arg(long, conflicts_with = "dry_run")]
+        cleanup: bool,
+    },
+    /// Federation CA tooling (local mode and hosts outside Kubernetes).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Noise static key tooling.
+    Noise {
+        #[command(subcommand)]
+        command: NoiseCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a federation CA: writes DIR/ca.pem and DIR/ca.key (mode 0600).
+    Init {
+        /// Trust domain.
+        #[arg(long)]
+        trust_domain: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a node certificate: writes OUT/<node>.pem and OUT/<node>.key (mode 0600).
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Trust domain of the CA.
+        #[arg(long)]
+        trust_domain: String,
+        /// Node id.
+        #[arg(long)]
+        node: String,
+        /// Validity in hours.
+        #[arg(long, default_value_t = 24 * 30)]
+        hours: u64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum NoiseCommand {
+    /// Generate a Noise static key: writes the private key (base64, mode 0600), prints the public key.
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -118,7 +181,66 @@ fn main() -> anyhow::Result<()> {
             run(config, Role::Main, tamper)
         }
         Command::Home { config } => run(config, Role::Home, Tamper::None),
+        Command::Init { config, dry_run, cleanup } => init(config, dry_run, cleanup),
+        Command::Ca { command } => ca(command),
+        Command::Noise { command: NoiseCommand::Keygen { out } } => {
+            let key = relayfed_sidecar::crypto::noise::StaticKeypair::generate()?;
+            relayfed_sidecar::config::keys::save_noise_key(&out, &key)?;
+            println!("{}", base64_encode(&key.public));
+            Ok(())
+        }
     }
+}
+
+fn init(config: PathBuf, dry_run: bool, cleanup: bool) -> anyhow::Result<()> {
+    use relayfed_sidecar::intercept::rules;
+    let snap = Snapshot::load(&config)?;
+    let ic = snap
+        .intercept
+        .as_ref()
+        .with_context(|| format!("{}: no `intercept` section: nothing to install", config.display()))?;
+    if dry_run {
+        for line in rules::dry_run(ic, &snap.imports) {
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    if cleanup {
+        rules::cleanup(ic)?;
+        eprintln!("removed the relayfed interception rules");
+    } else {
+        rules::apply(ic, &snap.imports)?;
+        eprintln!(
+            "installed the relayfed interception rules: outbound TCP -> port {} (uid {} excluded)",
+            ic.outbound_port, ic.proxy_uid
+        );
+    }
+    Ok(())
+}
+
+fn ca(command: CaCommand) -> anyhow::Result<()> {
+    use relayfed_sidecar::config::keys::write_private;
+    use relayfed_sidecar::crypto::ca::FederationCa;
+    match command {
+        CaCommand::Init { trust_domain, out } => {
+            std::fs::create_dir_all(&out)?;
+            let ca = FederationCa::generate(&trust_domain)?;
+            std::fs::write(out.join("ca.pem"), &ca.certified_key().cert_pem)?;
+            write_private(&out.join("ca.key"), ca.certified_key().key_pem.as_bytes())?;
+            eprintln!("wrote {0}/ca.pem and {0}/ca.key", out.display());
+        }
+        CaCommand::Issue { ca_dir, trust_domain, node, hours, out } => {
+            let read =
+                |f: &str| std::fs::read_to_string(ca_dir.join(f)).with_context(|| format!("{}/{f}", ca_dir.display()));
+            let ca = FederationCa::from_pem(&trust_domain, &read("ca.pem")?, &read("ca.key")?)?;
+            let cert = ca.issue(&node, std::time::Duration::from_secs(hours * 3600))?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join(format!("{node}.pem")), &cert.cert_pem)?;
+            write_private(&out.join(format!("{node}.key")), cert.key_pem.as_bytes())?;
+            eprintln!("wrote {0}/{node}.pem and {0}/{node}.key", out.display());
+        }
+    }
+    Ok(())
 }
 
 fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
@@ -164,6 +286,7 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
                 serde_json::json!({
                     "event": "ready", "role": "home", "node": snap.node.id,
                     "imports": imports, "importList": import_list, "admin": admin.map(|a| a.to_string()),
+                    "outbound": bound.outbound.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 })
             }
         };

@@ -143,6 +143,70 @@ pub struct Import {
     pub main: String,
     /// Destination's Noise static public key, base64 (32 bytes).
     pub noise_public_key: String,
+    /// The imported service's address as apps dial it (its ClusterIP and port); connections
+    /// redirected by `relayfed-proxy init` to this address are carried to this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<SocketAddr>,
+}
+
+/// What happens to an intercepted connection whose original destination is not an import.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Unmatched {
+    /// Connect to the original destination directly (the proxy's uid is excluded from
+    /// redirection, so this cannot loop). Istio's default (`ALLOW_ANY`).
+    #[default]
+    Passthrough,
+    /// Reset the connection.
+    Refuse,
+}
+
+/// Which outbound TCP the init step redirects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum InterceptScope {
+    /// Only connections to the imports' `clusterIp` addresses.
+    #[default]
+    Imports,
+    /// All outbound TCP, minus the exclusions.
+    All,
+}
+
+/// Transparent interception (pods): the init step's rules and the outbound listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Intercept {
+    /// Port of the outbound listener on loopback (IPv4 `127.0.0.1`, IPv6 `::1`).
+    #[serde(default = "default_outbound_port")]
+    pub outbound_port: u16,
+    /// Uid the proxy runs as; its own traffic is never redirected.
+    #[serde(default = "default_proxy_uid")]
+    pub proxy_uid: u32,
+    /// Which connections are redirected.
+    #[serde(default)]
+    pub scope: InterceptScope,
+    /// Destination CIDRs never redirected (e.g. the API server).
+    #[serde(default)]
+    pub exclude_cidrs: Vec<String>,
+    /// Destination ports never redirected.
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+    /// Redirected connections that match no import.
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    /// Also install ip6tables rules and listen on `[::1]`.
+    #[serde(default = "yes")]
+    pub ipv6: bool,
+}
+
+fn default_outbound_port() -> u16 {
+    15001
+}
+fn default_proxy_uid() -> u32 {
+    1337
+}
+fn yes() -> bool {
+    true
 }
 
 /// Timeouts, in milliseconds.
@@ -213,6 +277,9 @@ pub struct Snapshot {
     /// ECH rollout (home nodes, as origin).
     #[serde(default)]
     pub ech_policy: EchPolicy,
+    /// Transparent interception (home nodes in pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercept: Option<Intercept>,
     /// Timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -299,6 +366,27 @@ impl Snapshot {
                     .ok_or_else(|| invalid(format!("mainRelays[{i}].echConfigList"), "not base64"))?;
                 crate::protocol::EchConfigList::decode(&bytes)
                     .map_err(|e| invalid(format!("mainRelays[{i}].echConfigList"), e.to_string()))?;
+            }
+        }
+        if let Some(ic) = &self.intercept {
+            if self.node.role != Role::Home {
+                return Err(invalid("intercept", "only home nodes intercept application traffic"));
+            }
+            for (i, c) in ic.exclude_cidrs.iter().enumerate() {
+                if crate::intercept::rules::parse_cidr(c).is_none() {
+                    return Err(invalid(format!("intercept.excludeCidrs[{i}]"), format!("{c:?} is not an IP/prefix")));
+                }
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (i, imp) in self.imports.iter().enumerate() {
+                if let Some(ip) = imp.cluster_ip
+                    && !seen.insert(ip)
+                {
+                    return Err(invalid(format!("imports[{i}].clusterIp"), format!("{ip} is used by two imports")));
+                }
+            }
+            if ic.scope == InterceptScope::Imports && self.imports.iter().all(|i| i.cluster_ip.is_none()) {
+                return Err(invalid("intercept.scope", "scope imports needs at least one import with a clusterIp"));
             }
         }
         if self.ech_policy.percentage > 100 {

@@ -19,10 +19,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin::metrics::Metrics;
 use crate::config::keys::load_noise_key;
-use crate::config::{Export, Import, MainRelay, Snapshot, base64_decode, decode_key32};
+use crate::config::{Export, Import, MainRelay, Snapshot, Unmatched, base64_decode, decode_key32};
 use crate::crypto::ech::seal;
 use crate::crypto::noise::{Initiator, MAX_PLAINTEXT, RecvHalf, Responder, SendHalf, StaticKeypair, prologue};
 use crate::federation::ech_policy::{EchDecision, EchPolicy};
+use crate::intercept::original_dst::original_dst;
 use crate::protocol::route::{InnerRoute, MAX_HOPS, RouteBody, RouteHeader};
 use crate::protocol::{EchConfigList, ErrorCode, Frame};
 use crate::transport::io::{FrameIoError, read_frame, send_error, write_frames};
@@ -50,6 +51,8 @@ pub struct HomeNode {
 pub struct Bound {
     /// Each import (in snapshot order) and its bound local listener.
     pub imports: Vec<(Import, SocketAddr)>,
+    /// Outbound listeners for intercepted connections (empty without `intercept`).
+    pub outbound: Vec<SocketAddr>,
 }
 
 impl HomeNode {
@@ -84,7 +87,7 @@ impl HomeNode {
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
             connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
         });
-        let mut bound = Bound { imports: Vec::new() };
+        let mut bound = Bound { imports: Vec::new(), outbound: Vec::new() };
         for imp in &snap.imports {
             let listener = TcpListener::bind(imp.listen)
                 .await
@@ -93,6 +96,29 @@ impl HomeNode {
             let import = Arc::new(imp.clone());
             let n = node.clone();
             tokio::spawn(async move { n.accept_clients(listener, import).await });
+        }
+        if let Some(ic) = &snap.intercept {
+            let by_dst: Arc<HashMap<SocketAddr, Arc<Import>>> =
+                Arc::new(snap.imports.iter().filter_map(|i| Some((i.cluster_ip?, Arc::new(i.clone())))).collect());
+            let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], ic.outbound_port))];
+            if ic.ipv6 {
+                addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, ic.outbound_port)));
+            }
+            for addr in addrs {
+                let listener = match TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) if addr.is_ipv6() => {
+                        warn!(%addr, error = %e, "no IPv6 outbound listener (is IPv6 disabled in this namespace?)");
+                        continue;
+                    }
+                    Err(e) => anyhow::bail!("cannot listen on {addr} for intercepted connections: {e}"),
+                };
+                bound.outbound.push(listener.local_addr()?);
+                let n = node.clone();
+                let by_dst = by_dst.clone();
+                let unmatched = ic.unmatched;
+                tokio::spawn(async move { n.accept_intercepted(listener, by_dst, unmatched).await });
+            }
         }
         let bind: SocketAddr = snap.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let mut endpoint = quinn::Endpoint::client(bind)?;
@@ -171,6 +197,52 @@ impl HomeNode {
             let import = import.clone();
             let span = info_span!("outbound", %client, service = %import.service, dest = %import.node);
             tokio::spawn(async move { node.outbound(tcp, &import).await }.instrument(span));
+        }
+    }
+
+    /// Connections redirected by iptables: find the import by original destination, then take
+    /// the same path as a plain-mode listener; otherwise pass through or refuse.
+    async fn accept_intercepted(
+        self: Arc<Self>,
+        listener: TcpListener,
+        by_dst: Arc<HashMap<SocketAddr, Arc<Import>>>,
+        unmatched: Unmatched,
+    ) {
+        loop {
+            let Ok((tcp, client)) = listener.accept().await else { continue };
+            let node = self.clone();
+            let by_dst = by_dst.clone();
+            tokio::spawn(async move {
+                let local = tcp.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                let Some(dst) = original_dst(&tcp, local) else {
+                    warn!(%client, "connection to the outbound port was not redirected: refused");
+                    node.metrics.intercepted("none".into(), "", "not_redirected");
+                    return reset(tcp);
+                };
+                if let Some(import) = by_dst.get(&dst) {
+                    node.metrics.intercepted(dst.to_string(), &import.service, "federated");
+                    let span = info_span!("outbound", %client, original_dst = %dst, service = %import.service, dest = %import.node);
+                    return node.outbound(tcp, import).instrument(span).await;
+                }
+                match unmatched {
+                    Unmatched::Refuse => {
+                        info!(%client, original_dst = %dst, "not an imported service: refused");
+                        node.metrics.intercepted("other".into(), "", "refused");
+                        reset(tcp);
+                    }
+                    Unmatched::Passthrough => {
+                        debug!(%client, original_dst = %dst, "not an imported service: passthrough");
+                        node.metrics.intercepted("other".into(), "", "passthrough");
+                        match TcpStream::connect(dst).await {
+                            Ok(mut upstream) => {
+                                let mut tcp = tcp;
+                                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+                            }
+                            Err(_) => reset(tcp),
+                        }
+                    }
+                }
+            });
         }
     }
 
