@@ -1,3 +1,5 @@
-//! Federation logic: which route and which ECH decision a stream gets.
+//! Federation logic without I/O: the registry, load balancing and the ECH rollout policy.
 
+pub mod balancer;
 pub mod ech_policy;
+pub mod registry;

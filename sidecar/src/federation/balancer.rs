@@ -1,0 +1,249 @@
+//! Load balancing across instances of one service: round robin, least connections, random,
+//! and the default peak-EWMA power of two choices (as Linkerd uses).
+//!
+//! Instances that failed recently are excluded for a cooldown; instances on the caller's own
+//! main relay are preferred while any is healthy (unless `prefer_local` is off). Time and
+//! randomness are passed in, so every algorithm is tested deterministically.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::registry::{Entry, Key};
+
+/// How an instance is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Algorithm {
+    /// In turn.
+    RoundRobin,
+    /// Fewest streams in flight.
+    LeastConnections,
+    /// Uniformly at random.
+    Random,
+    /// Two random candidates, the one with the lower peak-EWMA latency × (in-flight + 1).
+    #[default]
+    PeakEwma,
+}
+
+/// Decay time of the latency EWMA.
+pub const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// How long an instance is skipped after a failure.
+pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
+/// Latency assumed for an instance with no observations (so new instances get tried).
+const DEFAULT_RTT: f64 = 0.001;
+
+#[derive(Clone, Debug)]
+struct Stats {
+    inflight: u32,
+    ewma: f64,
+    stamp: Instant,
+    failed_until: Option<Instant>,
+}
+
+/// Per-service balancer state.
+#[derive(Debug)]
+pub struct Balancer {
+    algorithm: Algorithm,
+    prefer_local: bool,
+    next: usize,
+    stats: HashMap<Key, Stats>,
+}
+
+impl Balancer {
+    /// A balancer using `algorithm`.
+    pub fn new(algorithm: Algorithm, prefer_local: bool) -> Self {
+        Self { algorithm, prefer_local, next: 0, stats: HashMap::new() }
+    }
+
+    /// The algorithm in use.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    fn healthy(&self, k: &Key, now: Instant) -> bool {
+        self.stats.get(k).and_then(|s| s.failed_until).is_none_or(|until| now >= until)
+    }
+
+    fn cost(&self, k: &Key, now: Instant) -> f64 {
+        match self.stats.get(k) {
+            None => DEFAULT_RTT,
+            Some(s) => {
+                // Decay the EWMA towards the default as time passes without observations.
+                let w = (-(now.saturating_duration_since(s.stamp).as_secs_f64()) / EWMA_DECAY.as_secs_f64()).exp();
+                let ewma = s.ewma * w + DEFAULT_RTT * (1.0 - w);
+                ewma * f64::from(s.inflight + 1)
+            }
+        }
+    }
+
+    /// Picks an instance among `candidates` for a caller attached to `my_main`.
+    pub fn pick<R: Rng>(&mut self, candidates: &[Entry], my_main: &str, now: Instant, rng: &mut R) -> Option<Entry> {
+        let healthy: Vec<&Entry> = candidates.iter().filter(|e| self.healthy(&e.key(), now)).collect();
+        let local: Vec<&Entry> = healthy.iter().copied().filter(|e| e.main == my_main).collect();
+        let pool = if self.prefer_local && !local.is_empty() { local } else { healthy };
+        if pool.is_empty() {
+            return None;
+        }
+        let chosen = match self.algorithm {
+            Algorithm::RoundRobin => {
+                let e = pool[self.next % pool.len()];
+                self.next = self.next.wrapping_add(1);
+                e
+            }
+            Algorithm::Random => pool[rng.random_range(0..pool.len())],
+            Algorithm::LeastConnections => {
+                let min = pool.iter().map(|e| self.stats.get(&e.key()).map_or(0, |s| s.inflight)).min().unwrap_or(0);
+                let ties: Vec<&&Entry> =
+                    pool.iter().filter(|e| self.stats.get(&e.key()).map_or(0, |s| s.inflight) == min).collect();
+                ties[rng.random_range(0..ties.len())]
+            }
+            Algorithm::PeakEwma => {
+                if pool.len() == 1 {
+                    pool[0]
+                } else {
+                    let a = rng.random_range(0..pool.len());
+                    let mut b = rng.random_range(0..pool.len() - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    if self.cost(&pool[a].key(), now) <= self.cost(&pool[b].key(), now) { pool[a] } else { pool[b] }
+                }
+            }
+        };
+        Some(chosen.clone())
+    }
+
+    fn stats_mut(&mut self, k: &Key, now: Instant) -> &mut Stats {
+        self.stats.entry(k.clone()).or_insert(Stats { inflight: 0, ewma: DEFAULT_RTT, stamp: now, failed_until: None })
+    }
+
+    /// A stream to `k` started.
+    pub fn started(&mut self, k: &Key, now: Instant) {
+        self.stats_mut(k, now).inflight += 1;
+    }
+
+    /// A stream to `k` ended; `latency` is its setup latency when it succeeded.
+    pub fn finished(&mut self, k: &Key, now: Instant, latency: Option<Duration>) {
+        let s = self.stats_mut(k, now);
+        s.inflight = s.inflight.saturating_sub(1);
+        match latency {
+            Some(rtt) => {
+                let rtt = rtt.as_secs_f64();
+                let w = (-(now.saturating_duration_since(s.stamp).as_secs_f64()) / EWMA_DECAY.as_secs_f64()).exp();
+                // Peak: jump up at once, decay down slowly.
+                s.ewma = if rtt > s.ewma { rtt } else { s.ewma * w + rtt * (1.0 - w) };
+                s.stamp = now;
+                s.failed_until = None;
+            }
+            None => s.failed_until = Some(now + FAILURE_COOLDOWN),
+        }
+    }
+
+    /// Forgets instances that are gone from the registry.
+    pub fn retain(&mut self, alive: &[Entry]) {
+        let keys: std::collections::HashSet<Key> = alive.iter().map(Entry::key).collect();
+        self.stats.retain(|k, _| keys.contains(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn inst(node: &str, main: &str) -> Entry {
+        Entry {
+            service: "s".into(),
+            port: 1,
+            node: node.into(),
+            main: main.into(),
+            noise_key: String::new(),
+            ech: false,
+        }
+    }
+
+    fn counts(b: &mut Balancer, c: &[Entry], n: usize, now: Instant, rng: &mut StdRng) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for _ in 0..n {
+            *m.entry(b.pick(c, "m1", now, rng).unwrap().node).or_insert(0) += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn round_robin_is_even_and_random_roughly_even() {
+        let c = [inst("a", "m1"), inst("b", "m1"), inst("c", "m1")];
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut rr = Balancer::new(Algorithm::RoundRobin, true);
+        assert!(counts(&mut rr, &c, 300, now, &mut rng).values().all(|&v| v == 100));
+        let mut rnd = Balancer::new(Algorithm::Random, true);
+        assert!(counts(&mut rnd, &c, 3000, now, &mut rng).values().all(|&v| (850..1150).contains(&v)));
+    }
+
+    #[test]
+    fn least_connections_avoids_busy_instances() {
+        let c = [inst("a", "m1"), inst("b", "m1")];
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut b = Balancer::new(Algorithm::LeastConnections, true);
+        b.started(&c[0].key(), now);
+        for _ in 0..20 {
+            assert_eq!(b.pick(&c, "m1", now, &mut rng).unwrap().node, "b");
+        }
+    }
+
+    #[test]
+    fn peak_ewma_prefers_the_faster_instance() {
+        let c = [inst("slow", "m1"), inst("fast", "m1")];
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut b = Balancer::new(Algorithm::PeakEwma, true);
+        for (k, ms) in [(c[0].key(), 50), (c[1].key(), 1)] {
+            b.started(&k, t0);
+            b.finished(&k, t0, Some(Duration::from_millis(ms)));
+        }
+        let m = counts(&mut b, &c, 1000, t0, &mut rng);
+        assert_eq!(m.get("slow"), None, "with two instances P2C always compares both");
+        // While the fast one is loaded, the slow one (50x slower) still loses ...
+        b.started(&c[1].key(), t0);
+        assert_eq!(b.pick(&c, "m1", t0, &mut rng).unwrap().node, "fast");
+        // ... but its penalty decays: later, one stream in flight on the fast instance
+        // (cost x2) is enough to send the next stream to the slow one.
+        let later = t0 + EWMA_DECAY * 10;
+        assert_eq!(b.pick(&c, "m1", later, &mut rng).unwrap().node, "slow");
+    }
+
+    #[test]
+    fn failed_instances_are_skipped_for_the_cooldown() {
+        let c = [inst("a", "m1"), inst("b", "m1")];
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut b = Balancer::new(Algorithm::RoundRobin, true);
+        b.started(&c[0].key(), t0);
+        b.finished(&c[0].key(), t0, None);
+        assert!(counts(&mut b, &c, 10, t0, &mut rng).get("a").is_none());
+        assert!(counts(&mut b, &c, 10, t0 + FAILURE_COOLDOWN, &mut rng).get("a").is_some());
+        b.finished(&c[1].key(), t0, None);
+        assert!(b.pick(&c, "m1", t0, &mut rng).is_none(), "all instances unhealthy");
+    }
+
+    #[test]
+    fn local_instances_are_preferred_unless_disabled() {
+        let c = [inst("far", "m2"), inst("near", "m1")];
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut b = Balancer::new(Algorithm::RoundRobin, true);
+        assert!(counts(&mut b, &c, 10, now, &mut rng).get("far").is_none());
+        let mut b = Balancer::new(Algorithm::RoundRobin, false);
+        assert_eq!(counts(&mut b, &c, 10, now, &mut rng).get("far"), Some(&5));
+        // When the local instance fails, the federated one takes over.
+        let mut b = Balancer::new(Algorithm::RoundRobin, true);
+        b.finished(&c[1].key(), now, None);
+        assert_eq!(b.pick(&c, "m1", now, &mut rng).unwrap().node, "far");
+    }
+}

@@ -1,0 +1,322 @@
+//! The service registry of a main relay: local entries (its own home nodes) and federated
+//! entries (learned from peer main relays), merged deterministically.
+//!
+//! Each main relay numbers the changes to its *local* entries with a sequence number and
+//! sends them to its peers as deltas; a peer applies a delta only if its sequence number is
+//! newer than the last one applied from that origin, so replays and reordering after a
+//! reconnect cannot resurrect removed entries. A `full` delta replaces everything known from
+//! that origin (sent when a peering comes up). Federated entries expire `ttl` after the last
+//! delta or refresh from their origin; owners refresh while they live and remove entries
+//! promptly when a home node deregisters. Plain data; time is passed in (tests use a fake clock).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// One instance of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry {
+    /// Service name.
+    pub service: String,
+    /// Service port.
+    pub port: u16,
+    /// Home node serving it.
+    pub node: String,
+    /// Main relay the home node is attached to.
+    pub main: String,
+    /// The home node's Noise static public key, base64.
+    pub noise_key: String,
+    /// Whether the destination accepts ECH-sealed routes (capability).
+    #[serde(default)]
+    pub ech: bool,
+}
+
+/// Identity of an entry: which service instance it is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Key {
+    /// Service name.
+    pub service: String,
+    /// Service port.
+    pub port: u16,
+    /// Home node.
+    pub node: String,
+    /// Its main relay.
+    pub main: String,
+}
+
+impl Entry {
+    /// The entry's key.
+    pub fn key(&self) -> Key {
+        Key { service: self.service.clone(), port: self.port, node: self.node.clone(), main: self.main.clone() }
+    }
+}
+
+/// A change to one origin's local entries, as sent between main relays.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delta {
+    /// Main relay whose local entries these are.
+    pub origin: String,
+    /// Origin's sequence number after this change.
+    pub seq: u64,
+    /// Replace everything known from `origin` with `add`.
+    #[serde(default)]
+    pub full: bool,
+    /// Entries added or updated.
+    #[serde(default)]
+    pub add: Vec<Entry>,
+    /// Entries removed.
+    #[serde(default)]
+    pub remove: Vec<Key>,
+}
+
+/// Outcome of applying a delta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied; the view changed or was refreshed.
+    Applied,
+    /// Ignored: not newer than what was already applied from that origin.
+    Stale,
+    /// Ignored: an entry claimed to belong to a different main relay than the sender.
+    Forged,
+}
+
+#[derive(Clone, Debug)]
+struct Federated {
+    entry: Entry,
+    expires: Instant,
+}
+
+/// A main relay's registry.
+#[derive(Debug)]
+pub struct Registry {
+    me: String,
+    ttl: Duration,
+    local: BTreeMap<Key, Entry>,
+    local_seq: u64,
+    federated: BTreeMap<Key, Federated>,
+    origin_seq: HashMap<String, u64>,
+}
+
+impl Registry {
+    /// An empty registry for main relay `me`; federated entries live `ttl` unless refreshed.
+    pub fn new(me: &str, ttl: Duration) -> Self {
+        Self {
+            me: me.to_owned(),
+            ttl,
+            local: BTreeMap::new(),
+            local_seq: 0,
+            federated: BTreeMap::new(),
+            origin_seq: HashMap::new(),
+        }
+    }
+
+    /// Replaces the entries of home node `node` with `entries`; returns the delta for peers
+    /// (`None` when nothing changed).
+    pub fn register(&mut self, node: &str, entries: Vec<Entry>) -> Option<Delta> {
+        let old: Vec<Key> = self.local.keys().filter(|k| k.node == node).cloned().collect();
+        let mut add = Vec::new();
+        let mut keep = std::collections::HashSet::new();
+        for mut e in entries {
+            e.node = node.to_owned();
+            e.main = self.me.clone();
+            let k = e.key();
+            keep.insert(k.clone());
+            if self.local.get(&k) != Some(&e) {
+                self.local.insert(k, e.clone());
+                add.push(e);
+            }
+        }
+        let remove: Vec<Key> = old.into_iter().filter(|k| !keep.contains(k)).collect();
+        for k in &remove {
+            self.local.remove(k);
+        }
+        self.delta(add, remove)
+    }
+
+    /// Removes every entry of `node` (it disconnected or deregistered).
+    pub fn deregister(&mut self, node: &str) -> Option<Delta> {
+        self.register(node, Vec::new())
+    }
+
+    fn delta(&mut self, add: Vec<Entry>, remove: Vec<Key>) -> Option<Delta> {
+        if add.is_empty() && remove.is_empty() {
+            return None;
+        }
+        self.local_seq += 1;
+        Some(Delta { origin: self.me.clone(), seq: self.local_seq, full: false, add, remove })
+    }
+
+    /// Everything local, as a `full` delta (sent when a peering comes up, and as refresh).
+    pub fn full_delta(&self) -> Delta {
+        Delta {
+            origin: self.me.clone(),
+            seq: self.local_seq,
+            full: true,
+            add: self.local.values().cloned().collect(),
+            remove: Vec::new(),
+        }
+    }
+
+    /// Applies a delta received from peer `from`.
+    pub fn apply(&mut self, from: &str, d: &Delta, now: Instant) -> Applied {
+        if d.origin != from || d.add.iter().any(|e| e.main != from) || d.remove.iter().any(|k| k.main != from) {
+            return Applied::Forged;
+        }
+        let last = self.origin_seq.get(&d.origin).copied();
+        let newer = match last {
+            None => true,
+            Some(s) => d.seq > s || (d.full && d.seq >= s),
+        };
+        if !newer {
+            return Applied::Stale;
+        }
+        self.origin_seq.insert(d.origin.clone(), d.seq);
+        let expires = now + self.ttl;
+        if d.full {
+            self.federated.retain(|k, _| k.main != d.origin);
+        }
+        for k in &d.remove {
+            self.federated.remove(k);
+        }
+        for e in &d.add {
+            self.federated.insert(e.key(), Federated { entry: e.clone(), expires });
+        }
+        if d.full {
+            // A full delta also refreshes what it lists (already done) — nothing else from
+            // this origin survives.
+        }
+        Applied::Applied
+    }
+
+    /// Drops federated entries whose TTL ran out; returns their keys.
+    pub fn expire(&mut self, now: Instant) -> Vec<Key> {
+        let gone: Vec<Key> = self.federated.iter().filter(|(_, f)| f.expires <= now).map(|(k, _)| k.clone()).collect();
+        for k in &gone {
+            self.federated.remove(k);
+        }
+        gone
+    }
+
+    /// Instances of `service:port`: local ones first, then federated, each in key order.
+    pub fn lookup(&self, service: &str, port: u16) -> Vec<Entry> {
+        let local = self.local.values().filter(|e| e.service == service && e.port == port);
+        let fed = self.federated.values().map(|f| &f.entry).filter(|e| e.service == service && e.port == port);
+        local.chain(fed).cloned().collect()
+    }
+
+    /// Every entry (local then federated).
+    pub fn all(&self) -> Vec<Entry> {
+        self.local.values().cloned().chain(self.federated.values().map(|f| f.entry.clone())).collect()
+    }
+
+    /// Local entries.
+    pub fn local(&self) -> impl Iterator<Item = &Entry> {
+        self.local.values()
+    }
+
+    /// Federated entries with the time left before they expire.
+    pub fn federated(&self, now: Instant) -> impl Iterator<Item = (&Entry, Duration)> {
+        self.federated.values().map(move |f| (&f.entry, f.expires.saturating_duration_since(now)))
+    }
+
+    /// Counts: (local, federated).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.local.len(), self.federated.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(service: &str, node: &str, main: &str) -> Entry {
+        Entry {
+            service: service.into(),
+            port: 80,
+            node: node.into(),
+            main: main.into(),
+            noise_key: "k".into(),
+            ech: true,
+        }
+    }
+
+    #[test]
+    fn registration_produces_minimal_deltas() {
+        let mut r = Registry::new("m1", Duration::from_secs(600));
+        let d1 = r.register("h1", vec![e("a", "", ""), e("b", "", "")]).unwrap();
+        assert_eq!((d1.seq, d1.add.len(), d1.remove.len()), (1, 2, 0));
+        assert_eq!(d1.add[0].main, "m1", "the main relay stamps its own id");
+        assert!(r.register("h1", vec![e("a", "", ""), e("b", "", "")]).is_none(), "re-registration is idempotent");
+        let d2 = r.register("h1", vec![e("a", "", "")]).unwrap();
+        assert_eq!((d2.seq, d2.add.len(), d2.remove.len()), (2, 0, 1));
+        let d3 = r.deregister("h1").unwrap();
+        assert_eq!(d3.remove.len(), 1);
+        assert!(r.lookup("a", 80).is_empty());
+    }
+
+    #[test]
+    fn stale_and_forged_deltas_are_ignored() {
+        let t0 = Instant::now();
+        let mut origin = Registry::new("m2", Duration::from_secs(600));
+        let add = origin.register("h", vec![e("a", "", "")]).unwrap();
+        let del = origin.deregister("h").unwrap();
+        let mut r = Registry::new("m1", Duration::from_secs(600));
+        assert_eq!(r.apply("m2", &add, t0), Applied::Applied);
+        assert_eq!(r.apply("m2", &del, t0), Applied::Applied);
+        assert_eq!(r.apply("m2", &add, t0), Applied::Stale, "a replayed add must not resurrect the entry");
+        assert!(r.lookup("a", 80).is_empty());
+        assert_eq!(r.apply("m3", &add, t0), Applied::Forged, "m3 cannot speak for m2");
+    }
+
+    #[test]
+    fn federated_entries_expire_unless_refreshed() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(600);
+        let mut origin = Registry::new("m2", ttl);
+        origin.register("h", vec![e("a", "", "")]);
+        let mut r = Registry::new("m1", ttl);
+        r.apply("m2", &origin.full_delta(), t0);
+        assert!(r.expire(t0 + Duration::from_secs(599)).is_empty());
+        // A refresh (the same full delta) extends the lifetime.
+        assert_eq!(r.apply("m2", &origin.full_delta(), t0 + Duration::from_secs(500)), Applied::Applied);
+        assert!(r.expire(t0 + Duration::from_secs(1000)).is_empty());
+        assert_eq!(r.expire(t0 + Duration::from_secs(1100)).len(), 1);
+        assert!(r.lookup("a", 80).is_empty());
+    }
+
+    #[test]
+    fn a_full_delta_replaces_everything_from_its_origin() {
+        let t0 = Instant::now();
+        let mut r = Registry::new("m1", Duration::from_secs(600));
+        let d = Delta {
+            origin: "m2".into(),
+            seq: 5,
+            full: false,
+            add: vec![e("a", "h1", "m2"), e("a", "h2", "m2")],
+            remove: vec![],
+        };
+        r.apply("m2", &d, t0);
+        let full = Delta { origin: "m2".into(), seq: 6, full: true, add: vec![e("a", "h2", "m2")], remove: vec![] };
+        r.apply("m2", &full, t0);
+        assert_eq!(r.lookup("a", 80).iter().map(|e| e.node.as_str()).collect::<Vec<_>>(), ["h2"]);
+    }
+
+    #[test]
+    fn lookups_are_local_first() {
+        let t0 = Instant::now();
+        let mut r = Registry::new("m1", Duration::from_secs(600));
+        r.apply(
+            "m2",
+            &Delta { origin: "m2".into(), seq: 1, full: true, add: vec![e("a", "far", "m2")], remove: vec![] },
+            t0,
+        );
+        r.register("near", vec![e("a", "", "")]);
+        let found: Vec<_> = r.lookup("a", 80).into_iter().map(|e| e.node).collect();
+        assert_eq!(found, ["near", "far"]);
+        assert_eq!(r.sizes(), (1, 1));
+    }
+}
