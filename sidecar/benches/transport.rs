@@ -178,9 +178,9 @@ async fn main() {
         service: "echo".into(),
         port: 7,
         listen: "127.0.0.1:0".parse().unwrap(),
-        node: "pay".into(),
-        main: "hub".into(),
-        noise_public_key: tb.noise_key("pay").unwrap(),
+        node: Some("pay".into()),
+        main: Some("hub".into()),
+        noise_public_key: Some(tb.noise_key("pay").unwrap()),
         cluster_ip: None,
     };
     let sink_import = Import { service: "sink".into(), port: 9, ..import.clone() };

@@ -131,9 +131,9 @@ async fn main() {
             service: "echo".into(),
             port: 7,
             listen: "127.0.0.1:0".parse().unwrap(),
-            node: node.clone(),
-            main: "hub".into(),
-            noise_public_key: tb.noise_key(&node).unwrap(),
+            node: Some(node.clone()),
+            main: Some("hub".into()),
+            noise_public_key: Some(tb.noise_key(&node).unwrap()),
             cluster_ip: None,
         });
     }

@@ -73,6 +73,10 @@ impl Testbed {
             imports: vec![],
             ech_policy: EchPolicy::default(),
             intercept: None,
+            peers: vec![],
+            registry: Default::default(),
+            health_check_seconds: 30,
+            load_balancing: Default::default(),
             timeouts: Timeouts::default(),
         })
     }
@@ -85,6 +89,13 @@ impl Testbed {
         let key_file = self.dir.join(format!("{node}-ech.json"));
         EchKeyFile::from_key(&key).save(&key_file)?;
         s.ech = Some(EchServerConfig { key_file, grace_seconds: 3600 });
+        self.save(node, &s)
+    }
+
+    /// A main relay snapshot without ECH keys (it cannot open sealed routes).
+    pub fn main_relay_without_ech(&self, node: &str) -> anyhow::Result<PathBuf> {
+        let mut s = self.base(node, Role::Main)?;
+        s.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         self.save(node, &s)
     }
 

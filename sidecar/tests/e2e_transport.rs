@@ -29,8 +29,13 @@ fn policy(percentage: u8, mode: EchMode) -> EchPolicy {
 
 impl Fed {
     async fn start(tamper: &str) -> Fed {
+        Self::start_with(tamper, true).await
+    }
+
+    async fn start_with(tamper: &str, ech: bool) -> Fed {
         let tb = Testbed::new("test.example").unwrap();
-        let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &["--test-tamper", tamper]).await;
+        let cfg = if ech { tb.main_relay("hub", 1).unwrap() } else { tb.main_relay_without_ech("hub").unwrap() };
+        let relay = Proc::start("main-relay", &cfg, &["--test-tamper", tamper]).await;
         let echo = echo_server().await;
         let pay_cfg = tb
             .home(
@@ -59,9 +64,9 @@ impl Fed {
             service: "echo".into(),
             port: 7,
             listen: "127.0.0.1:0".parse().unwrap(),
-            node: "pay".into(),
-            main: "hub".into(),
-            noise_public_key: self.tb.noise_key("pay").unwrap(),
+            node: Some("pay".into()),
+            main: Some("hub".into()),
+            noise_public_key: Some(self.tb.noise_key("pay").unwrap()),
             cluster_ip: None,
         };
         let cfg = self.tb.home(name, Self::main_ref(&self.relay, ech_list), vec![], vec![import], policy).unwrap();
@@ -150,7 +155,8 @@ async fn a_relay_that_strips_ech_fails_the_noise_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_mode_without_a_config_fails_closed_and_opportunistic_falls_back() {
-    let fed = Fed::start("none").await;
+    // A relay without ECH keys publishes no ECHConfigList, in config or in its view.
+    let fed = Fed::start_with("none", false).await;
     let (req, req_addr) = fed.origin("shop-req", policy(100, EchMode::Required), None).await;
     let r = round_trip(req_addr, b"x").await;
     assert!(r.is_err() || r.unwrap().is_empty());

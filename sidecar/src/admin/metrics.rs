@@ -41,6 +41,20 @@ pub struct Metrics {
     pub stream_errors: Family<L1, Counter>,
     /// Open hop connections.
     pub open_connections: Gauge,
+    /// Routing decisions at relays by `result` (local, forwarded, no_route, peer_unreachable)
+    /// and at origins (resolved, service_not_found).
+    pub routes: Family<L1, Counter>,
+    /// Registry entries by `kind` (local, federated) at relays, `view` at home nodes.
+    pub registry_entries: Family<L1, Gauge>,
+    /// Registry propagation events by `event` (delta_sent, delta_applied, delta_stale,
+    /// delta_forged, refresh_sent, refresh_applied, expired, view_sent, view_received).
+    pub propagation: Family<L1, Counter>,
+    /// Peer health: 1 when up, by `peer`.
+    pub peer_up: Family<[(&'static str, String); 1], Gauge>,
+    /// Reconnections by `kind` (peer, main).
+    pub reconnects: Family<L1, Counter>,
+    /// Load-balancer picks by `service` and `node`.
+    pub lb_picks: Family<[(&'static str, String); 2], Counter>,
     /// Intercepted connections by `original_dst` (for imports; `other` otherwise), `service`
     /// and `result` (federated, passthrough, refused, not_redirected).
     pub intercepted: Family<[(&'static str, String); 3], Counter>,
@@ -67,6 +81,18 @@ impl Metrics {
         let stream_errors = Family::<L1, Counter>::default();
         let open_connections = Gauge::default();
         let intercepted = Family::<[(&'static str, String); 3], Counter>::default();
+        let routes = Family::<L1, Counter>::default();
+        let registry_entries = Family::<L1, Gauge>::default();
+        let propagation = Family::<L1, Counter>::default();
+        let peer_up = Family::<[(&'static str, String); 1], Gauge>::default();
+        let reconnects = Family::<L1, Counter>::default();
+        let lb_picks = Family::<[(&'static str, String); 2], Counter>::default();
+        registry.register("relayfed_routes", "Routing decisions by result", routes.clone());
+        registry.register("relayfed_registry_entries", "Registry entries by kind", registry_entries.clone());
+        registry.register("relayfed_registry_propagation", "Registry propagation events", propagation.clone());
+        registry.register("relayfed_peer_up", "1 when the peering is up", peer_up.clone());
+        registry.register("relayfed_reconnects", "Reconnections by kind", reconnects.clone());
+        registry.register("relayfed_lb_picks", "Load-balancer picks by service and instance", lb_picks.clone());
         registry.register(
             "relayfed_hop_handshakes",
             "QUIC/TLS hop handshakes by role and result",
@@ -114,6 +140,12 @@ impl Metrics {
             streams,
             stream_errors,
             open_connections,
+            routes,
+            registry_entries,
+            propagation,
+            peer_up,
+            reconnects,
+            lb_picks,
             intercepted,
         }
     }

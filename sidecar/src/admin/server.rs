@@ -1,31 +1,50 @@
-//! The admin HTTP server: `/metrics` (Prometheus) and `/healthz`.
+//! The admin HTTP server: `/metrics` (Prometheus), `/healthz`, and the JSON federation API
+//! (`/federation/health`, `/federation/peers`, `/federation/registry`,
+//! `/federation/trace?service=NAME&port=N`).
 //!
-//! It reads only the metrics registry, never data-path locks.
+//! It reads the metrics registry and short-lived snapshots of node state, never data-path
+//! locks held across I/O.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde_json::Value;
 use tokio::net::TcpListener;
 
 use super::metrics::Metrics;
 
-/// Binds `addr` and serves until the task is dropped; returns the bound address.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+/// What a node exposes under `/federation/`.
+pub trait FederationAdmin: Send + Sync {
+    /// JSON for `/federation/health`, `/federation/peers` or `/federation/registry`.
+    fn json(&self, path: &str) -> Option<Value>;
+    /// A path-trace probe to `service:port`.
+    fn trace<'a>(&'a self, service: &'a str, port: u16) -> Pin<Box<dyn Future<Output = Value> + Send + 'a>>;
+}
+
+/// Set once the node has started; the admin API answers 503 until then.
+pub type AdminSlot = Arc<OnceLock<Arc<dyn FederationAdmin>>>;
+
+/// Binds `addr` and serves until the process exits; returns the bound address.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, federation: AdminSlot) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { continue };
             let metrics = metrics.clone();
+            let federation = federation.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(route(&req, &metrics)) }
+                    let federation = federation.clone();
+                    async move { Ok::<_, Infallible>(route(&req, &metrics, &federation).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
             });
@@ -34,11 +53,47 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<S
     Ok(local)
 }
 
-fn route(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+async fn route(
+    req: &Request<hyper::body::Incoming>,
+    metrics: &Metrics,
+    federation: &AdminSlot,
+) -> Response<Full<Bytes>> {
+    const JSON: &str = "application/json";
+    let path = req.uri().path();
+    let (status, ctype, body) = match path {
         "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /healthz\n".to_owned()),
+        p if p.starts_with("/federation/") => match federation.get() {
+            None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".to_owned()),
+            Some(f) if p == "/federation/trace" => {
+                let q = req.uri().query().unwrap_or("");
+                match (query_param(q, "service"), query_param(q, "port").map(str::parse::<u16>)) {
+                    (Some(service), Some(Ok(port))) => (StatusCode::OK, JSON, f.trace(service, port).await.to_string()),
+                    _ => (
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        "usage: /federation/trace?service=NAME&port=N\n".to_owned(),
+                    ),
+                }
+            }
+            Some(f) => match f.json(p) {
+                Some(v) => (StatusCode::OK, JSON, v.to_string()),
+                None => (
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "try /federation/health, peers, registry or trace\n".to_owned(),
+                ),
+            },
+        },
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz or /federation/health\n".to_owned(),
+        ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -46,4 +101,24 @@ fn route(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Fu
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+impl FederationAdmin for crate::node::main_relay::MainRelay {
+    fn json(&self, path: &str) -> Option<Value> {
+        self.admin_json(path)
+    }
+
+    fn trace<'a>(&'a self, _service: &'a str, _port: u16) -> Pin<Box<dyn Future<Output = Value> + Send + 'a>> {
+        Box::pin(async { serde_json::json!({"error": "probes start at home nodes: ask a home node's admin port"}) })
+    }
+}
+
+impl FederationAdmin for crate::node::home::HomeNode {
+    fn json(&self, path: &str) -> Option<Value> {
+        self.admin_json(path)
+    }
+
+    fn trace<'a>(&'a self, service: &'a str, port: u16) -> Pin<Box<dyn Future<Output = Value> + Send + 'a>> {
+        Box::pin(self.trace(service, port))
+    }
 }

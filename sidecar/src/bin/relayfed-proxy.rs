@@ -258,13 +258,15 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let metrics = Arc::new(Metrics::new());
+        let slot: server::AdminSlot = Default::default();
         let admin = match snap.admin {
-            Some(a) => Some(server::serve(a, metrics.clone()).await.with_context(|| format!("admin listener {a}"))?),
+            Some(a) => Some(server::serve(a, metrics.clone(), slot.clone()).await.with_context(|| format!("admin listener {a}"))?),
             None => None,
         };
         let ready = match role {
             Role::Main => {
                 let (relay, bound) = MainRelay::start(&snap, metrics, tamper).await?;
+                let _ = slot.set(relay.clone());
                 serde_json::json!({
                     "event": "ready", "role": "main", "node": snap.node.id, "quic": bound.quic.to_string(),
                     "admin": admin.map(|a| a.to_string()),
@@ -272,7 +274,8 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
                 })
             }
             Role::Home => {
-                let (_node, bound) = HomeNode::start(&snap, metrics).await?;
+                let (node, bound) = HomeNode::start(&snap, metrics).await?;
+                let _ = slot.set(node.clone());
                 let imports: serde_json::Map<String, serde_json::Value> = bound
                     .imports
                     .iter()

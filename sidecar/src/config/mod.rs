@@ -137,12 +137,16 @@ pub struct Import {
     pub port: u16,
     /// Local TCP listener for unmodified clients.
     pub listen: SocketAddr,
-    /// Destination home node.
-    pub node: String,
+    /// Destination home node; omit (with `main` and `noisePublicKey`) to resolve the service
+    /// through the registry and load-balance across its instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Main relay the destination is attached to.
-    pub main: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub main: Option<String>,
     /// Destination's Noise static public key, base64 (32 bytes).
-    pub noise_public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_public_key: Option<String>,
     /// The imported service's address as apps dial it (its ClusterIP and port); connections
     /// redirected by `relayfed-proxy init` to this address are carried to this service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -199,6 +203,10 @@ pub struct Intercept {
     pub ipv6: bool,
 }
 
+fn default_health() -> u64 {
+    30
+}
+
 fn default_outbound_port() -> u16 {
     15001
 }
@@ -207,6 +215,59 @@ fn default_proxy_uid() -> u32 {
 }
 fn yes() -> bool {
     true
+}
+
+/// A peer main relay (main relays only). Of two peers, the one with the smaller node id dials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerRelay {
+    /// Its node id.
+    pub node_id: String,
+    /// Its QUIC address.
+    pub endpoint: SocketAddr,
+}
+
+/// Registry timing (main relays).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Federated entries expire this long after the last delta or refresh from their owner.
+    #[serde(default = "default_ttl")]
+    pub ttl_seconds: u64,
+    /// How often this relay refreshes its own entries at its peers (default: a third of the TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_seconds: Option<u64>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self { ttl_seconds: default_ttl(), refresh_seconds: None }
+    }
+}
+
+fn default_ttl() -> u64 {
+    600
+}
+
+/// Load balancing (home nodes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancing {
+    /// Algorithm for services without their own.
+    #[serde(default)]
+    pub default: crate::federation::balancer::Algorithm,
+    /// Per-service algorithm.
+    #[serde(default)]
+    pub per_service: std::collections::BTreeMap<String, crate::federation::balancer::Algorithm>,
+    /// Prefer instances on the caller's own main relay while any is healthy.
+    #[serde(default = "yes")]
+    pub prefer_local: bool,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        Self { default: Default::default(), per_service: Default::default(), prefer_local: true }
+    }
 }
 
 /// Timeouts, in milliseconds.
@@ -277,6 +338,18 @@ pub struct Snapshot {
     /// ECH rollout (home nodes, as origin).
     #[serde(default)]
     pub ech_policy: EchPolicy,
+    /// Peer main relays (main relays).
+    #[serde(default)]
+    pub peers: Vec<PeerRelay>,
+    /// Registry timing (main relays).
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// Seconds between health checks of peers.
+    #[serde(default = "default_health")]
+    pub health_check_seconds: u64,
+    /// Load balancing (home nodes).
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
     /// Transparent interception (home nodes in pods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intercept: Option<Intercept>,
@@ -353,12 +426,31 @@ impl Snapshot {
             }
         }
         for (i, imp) in self.imports.iter().enumerate() {
-            if decode_key32(&imp.noise_public_key).is_none() {
-                return Err(invalid(format!("imports[{i}].noisePublicKey"), "must be 32 bytes, base64"));
+            match (&imp.node, &imp.main, &imp.noise_public_key) {
+                (None, None, None) => {}
+                (Some(node), Some(main), Some(key)) => {
+                    if decode_key32(key).is_none() {
+                        return Err(invalid(format!("imports[{i}].noisePublicKey"), "must be 32 bytes, base64"));
+                    }
+                    if !label_ok(node) || !label_ok(main) {
+                        return Err(invalid(format!("imports[{i}]"), "node and main must be DNS labels"));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("imports[{i}]"),
+                        "set node, main and noisePublicKey together (a fixed destination) or none (resolved through the registry)",
+                    ));
+                }
             }
-            if !label_ok(&imp.node) || !label_ok(&imp.main) {
-                return Err(invalid(format!("imports[{i}]"), "node and main must be DNS labels"));
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if !label_ok(&p.node_id) || p.node_id == self.node.id {
+                return Err(invalid(format!("peers[{i}].nodeId"), "must be another main relay's node id"));
             }
+        }
+        if self.registry.ttl_seconds < 2 {
+            return Err(invalid("registry.ttlSeconds", "must be at least 2"));
         }
         for (i, m) in self.main_relays.iter().enumerate() {
             if let Some(list) = &m.ech_config_list {
@@ -443,7 +535,7 @@ echPolicy: {enabled: true, percentage: 25}
         let e = Snapshot::parse(&HOME.replace("\"127.0.0.1:19190\"", "\"nowhere\"")).unwrap_err();
         assert!(e.contains("imports[0].listen"), "{e}");
         let mut s = Snapshot::parse(HOME).unwrap();
-        s.imports[0].noise_public_key = "short".into();
+        s.imports[0].noise_public_key = Some("short".into());
         assert!(s.validate().unwrap_err().to_string().contains("imports[0].noisePublicKey"));
         s.main_relays.clear();
         s.imports.clear();

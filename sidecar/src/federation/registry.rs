@@ -192,6 +192,25 @@ impl Registry {
         Applied::Applied
     }
 
+    /// This relay's current sequence number (sent in refreshes).
+    pub fn seq(&self) -> u64 {
+        self.local_seq
+    }
+
+    /// A refresh from `origin` at `seq`: extends the TTL of its entries when `seq` is the last
+    /// one applied (a newer one means deltas were missed: the entries are left to expire and
+    /// the next full delta repairs the view). Returns whether anything was refreshed.
+    pub fn refresh(&mut self, origin: &str, seq: u64, now: Instant) -> bool {
+        if self.origin_seq.get(origin) != Some(&seq) {
+            return false;
+        }
+        let expires = now + self.ttl;
+        for f in self.federated.values_mut().filter(|f| f.entry.main == origin) {
+            f.expires = expires;
+        }
+        true
+    }
+
     /// Drops federated entries whose TTL ran out; returns their keys.
     pub fn expire(&mut self, now: Instant) -> Vec<Key> {
         let gone: Vec<Key> = self.federated.iter().filter(|(_, f)| f.expires <= now).map(|(k, _)| k.clone()).collect();
@@ -286,6 +305,20 @@ mod tests {
         assert!(r.expire(t0 + Duration::from_secs(1000)).is_empty());
         assert_eq!(r.expire(t0 + Duration::from_secs(1100)).len(), 1);
         assert!(r.lookup("a", 80).is_empty());
+    }
+
+    #[test]
+    fn refreshes_extend_only_at_the_current_sequence_number() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let mut origin = Registry::new("m2", ttl);
+        origin.register("h", vec![e("a", "", "")]);
+        let mut r = Registry::new("m1", ttl);
+        r.apply("m2", &origin.full_delta(), t0);
+        assert!(r.refresh("m2", origin.seq(), t0 + Duration::from_secs(9)));
+        assert!(r.expire(t0 + Duration::from_secs(15)).is_empty());
+        assert!(!r.refresh("m2", origin.seq() + 1, t0 + Duration::from_secs(18)), "a gap is not papered over");
+        assert_eq!(r.expire(t0 + Duration::from_secs(19)).len(), 1);
     }
 
     #[test]

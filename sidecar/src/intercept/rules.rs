@@ -258,9 +258,9 @@ mod tests {
             service: "web".into(),
             port: 80,
             listen: "127.0.0.1:0".parse().unwrap(),
-            node: "b".into(),
-            main: "hub".into(),
-            noise_public_key: String::new(),
+            node: None,
+            main: None,
+            noise_public_key: None,
             cluster_ip: Some(addr.parse().unwrap()),
         }
     }

@@ -19,11 +19,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin::metrics::Metrics;
 use crate::config::keys::load_noise_key;
-use crate::config::{Export, Import, MainRelay, Snapshot, Unmatched, base64_decode, decode_key32};
+use crate::config::{
+    Export, Import, LoadBalancing, MainRelay, Snapshot, Unmatched, base64_decode, base64_encode, decode_key32,
+};
 use crate::crypto::ech::seal;
 use crate::crypto::noise::{Initiator, MAX_PLAINTEXT, RecvHalf, Responder, SendHalf, StaticKeypair, prologue};
+use crate::federation::balancer::Balancer;
 use crate::federation::ech_policy::{EchDecision, EchPolicy};
+use crate::federation::registry::{Entry, Key};
 use crate::intercept::original_dst::original_dst;
+use crate::protocol::control::{Control, MainInfo, Service, TraceHop};
 use crate::protocol::route::{InnerRoute, MAX_HOPS, RouteBody, RouteHeader};
 use crate::protocol::{EchConfigList, ErrorCode, Frame};
 use crate::transport::io::{FrameIoError, read_frame, send_error, write_frames};
@@ -41,6 +46,9 @@ pub struct HomeNode {
     policy: EchPolicy,
     ech_configs: RwLock<HashMap<String, EchConfigList>>,
     conn: watch::Sender<Option<(String, quinn::Connection)>>,
+    view: RwLock<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>,
+    balancers: std::sync::Mutex<HashMap<(String, u16), Balancer>>,
+    lb: LoadBalancing,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
     connect_timeout: Duration,
@@ -83,6 +91,9 @@ impl HomeNode {
             policy: snap.ech_policy.clone(),
             ech_configs: RwLock::new(ech_configs),
             conn,
+            view: RwLock::new(Default::default()),
+            balancers: std::sync::Mutex::new(HashMap::new()),
+            lb: snap.load_balancing.clone(),
             metrics,
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
             connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
@@ -133,14 +144,29 @@ impl HomeNode {
     /// Keeps a connection to the best reachable main relay, serving its inbound streams.
     async fn dial_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
         let mut backoff = Duration::from_millis(100);
+        let mut first = true;
         loop {
             for main in &self.mains {
                 let Some(conn) = self.dial(&endpoint, main).await else { continue };
                 backoff = Duration::from_millis(100);
+                if !first {
+                    self.metrics.reconnects.get_or_create(&[("kind", "main")]).inc();
+                }
+                first = false;
+                // Register before announcing the connection, so no call races the view.
+                let control = match self.register(&conn).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(main = %main.node_id, error = %e, "registration failed");
+                        conn.close(0u32.into(), b"registration failed");
+                        continue;
+                    }
+                };
                 self.metrics.open_connections.inc();
                 self.conn.send_replace(Some((main.node_id.clone(), conn.clone())));
                 info!(main = %main.node_id, "connected to main relay");
                 self.clone().serve_inbound(conn).await;
+                control.abort();
                 self.conn.send_replace(None);
                 self.metrics.open_connections.dec();
                 warn!(main = %main.node_id, "main relay connection lost; reconnecting");
@@ -183,6 +209,108 @@ impl HomeNode {
         }
     }
 
+    /// Opens the control stream, registers the exported services and waits for the first
+    /// view; returns the task that keeps applying views.
+    async fn register(self: &Arc<Self>, conn: &quinn::Connection) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let services =
+            self.exports.iter().map(|e| Service { service: e.service.clone(), port: e.port, ech: true }).collect();
+        let register = Control::Register { services, noise_key: base64_encode(&self.noise.public) };
+        write_frames(&mut send, &[Frame::Control(register)]).await?;
+        let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv))
+            .await
+            .map_err(|_| anyhow::anyhow!("no view from the main relay in time"))??;
+        match first {
+            Some(Frame::Control(v @ Control::View { .. })) => self.apply_view(v),
+            other => anyhow::bail!("expected a view, got {other:?}"),
+        }
+        let node = self.clone();
+        Ok(tokio::spawn(async move {
+            let _keep_open = send;
+            while let Ok(Some(Frame::Control(m))) = read_frame(&mut recv).await {
+                node.apply_view(m);
+            }
+        }))
+    }
+
+    fn apply_view(&self, m: Control) {
+        let Control::View { mains, entries } = m else { return };
+        self.metrics.propagation.get_or_create(&[("event", "view_received")]).inc();
+        self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
+        // Lists from the config snapshot stay as given (a stale one is repaired by retry
+        // configs); the view adds the lists of main relays the snapshot does not name.
+        if let Ok(mut c) = self.ech_configs.write() {
+            for (main, info) in &mains {
+                if !c.contains_key(main)
+                    && let Some(list) = info.ech_config_list.as_deref().and_then(base64_decode)
+                    && let Ok(parsed) = EchConfigList::decode(&list)
+                {
+                    c.insert(main.clone(), parsed);
+                }
+            }
+        }
+        if let Ok(mut b) = self.balancers.lock() {
+            for bal in b.values_mut() {
+                bal.retain(&entries);
+            }
+        }
+        if let Ok(mut v) = self.view.write() {
+            *v = (mains, entries);
+        }
+    }
+
+    /// The destination of a stream for `import`: fixed in config, or picked from the view.
+    fn resolve(&self, import: &Import, my_main: &str) -> Result<(Entry, bool), StreamError> {
+        if let (Some(node), Some(main), Some(key)) = (&import.node, &import.main, &import.noise_public_key) {
+            let e = Entry {
+                service: import.service.clone(),
+                port: import.port,
+                node: node.clone(),
+                main: main.clone(),
+                noise_key: key.clone(),
+                ech: true,
+            };
+            return Ok((e, false));
+        }
+        let candidates: Vec<Entry> = self
+            .view
+            .read()
+            .map(|v| v.1.iter().filter(|e| e.service == import.service && e.port == import.port).cloned().collect())
+            .unwrap_or_default();
+        if candidates.is_empty() {
+            self.metrics.routes.get_or_create(&[("result", "service_not_found")]).inc();
+            return Err((
+                ErrorCode::ServiceNotFound,
+                format!("no instance of {}:{} is registered", import.service, import.port),
+            ));
+        }
+        let algorithm = self.lb.per_service.get(&import.service).copied().unwrap_or(self.lb.default);
+        let picked = self.balancers.lock().ok().and_then(|mut b| {
+            let bal = b
+                .entry((import.service.clone(), import.port))
+                .or_insert_with(|| Balancer::new(algorithm, self.lb.prefer_local));
+            let now = Instant::now();
+            let e = bal.pick(&candidates, my_main, now, &mut rand::rng())?;
+            bal.started(&e.key(), now);
+            Some(e)
+        });
+        let Some(e) = picked else {
+            self.metrics.routes.get_or_create(&[("result", "no_healthy_instance")]).inc();
+            return Err((ErrorCode::CircuitOpen, format!("every instance of {} failed recently", import.service)));
+        };
+        self.metrics.routes.get_or_create(&[("result", "resolved")]).inc();
+        self.metrics.lb_picks.get_or_create(&[("service", e.service.clone()), ("node", e.node.clone())]).inc();
+        Ok((e, true))
+    }
+
+    fn balanced_done(&self, import: &Import, key: &Key, latency: Option<Duration>) {
+        if let Ok(mut b) = self.balancers.lock()
+            && let Some(bal) = b.get_mut(&(import.service.clone(), import.port))
+        {
+            bal.finished(key, Instant::now(), latency);
+        }
+    }
+
     async fn serve_inbound(self: Arc<Self>, conn: quinn::Connection) {
         while let Ok((send, recv)) = conn.accept_bi().await {
             let node = self.clone();
@@ -195,7 +323,7 @@ impl HomeNode {
             let Ok((tcp, client)) = listener.accept().await else { continue };
             let node = self.clone();
             let import = import.clone();
-            let span = info_span!("outbound", %client, service = %import.service, dest = %import.node);
+            let span = info_span!("outbound", %client, service = %import.service, dest = ?import.node);
             tokio::spawn(async move { node.outbound(tcp, &import).await }.instrument(span));
         }
     }
@@ -221,7 +349,7 @@ impl HomeNode {
                 };
                 if let Some(import) = by_dst.get(&dst) {
                     node.metrics.intercepted(dst.to_string(), &import.service, "federated");
-                    let span = info_span!("outbound", %client, original_dst = %dst, service = %import.service, dest = %import.node);
+                    let span = info_span!("outbound", %client, original_dst = %dst, service = %import.service, dest = ?import.node);
                     return node.outbound(tcp, import).instrument(span).await;
                 }
                 match unmatched {
@@ -281,29 +409,44 @@ impl HomeNode {
     async fn establish(&self, import: &Import) -> Result<Established, StreamError> {
         let (main_id, conn) =
             self.conn.borrow().clone().ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
-        let remote = decode_key32(&import.noise_public_key)
-            .ok_or((ErrorCode::Internal, "bad noisePublicKey (validated at load)".to_owned()))?;
+        let (dest, balanced) = self.resolve(import, &main_id)?;
+        let started = Instant::now();
+        let result = self.establish_to(&conn, &main_id, &dest).await;
+        if balanced {
+            self.balanced_done(import, &dest.key(), result.as_ref().ok().map(|_| started.elapsed()));
+        }
+        result
+    }
+
+    async fn establish_to(
+        &self,
+        conn: &quinn::Connection,
+        main_id: &str,
+        dest: &Entry,
+    ) -> Result<Established, StreamError> {
+        let remote =
+            decode_key32(&dest.noise_key).ok_or((ErrorCode::Internal, format!("bad Noise key for {}", dest.node)))?;
         let inner = InnerRoute {
-            dest_node: import.node.clone(),
-            dest_main: import.main.clone(),
-            service: import.service.clone(),
-            port: import.port,
+            dest_node: dest.node.clone(),
+            dest_main: dest.main.clone(),
+            service: dest.service.clone(),
+            port: dest.port,
             origin: format!("{}@{}", self.identity.node_id, main_id),
         };
-        let decision = self.policy.decide(&import.node, &import.main);
+        let decision = if dest.ech { self.policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
         let mut retried = false;
         loop {
             let sealed = match decision {
                 EchDecision::Plain => None,
-                EchDecision::Opportunistic | EchDecision::Required => match self.ech_config_for(&import.main) {
+                EchDecision::Opportunistic | EchDecision::Required => match self.ech_config_for(&dest.main) {
                     Some((config, suite)) => {
-                        let s = seal(&config, suite, &import.main, &inner).map_err(|e| (e.code(), e.to_string()))?;
+                        let s = seal(&config, suite, &dest.main, &inner).map_err(|e| (e.code(), e.to_string()))?;
                         self.metrics.ech.get_or_create(&[("outcome", "attempted")]).inc();
                         Some(s)
                     }
                     None if decision == EchDecision::Required => {
                         self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
-                        return Err((ErrorCode::EchRequired, format!("no usable ECH config for {}", import.main)));
+                        return Err((ErrorCode::EchRequired, format!("no usable ECH config for {}", dest.main)));
                     }
                     None => {
                         self.metrics.ech.get_or_create(&[("outcome", "fallback")]).inc();
@@ -316,7 +459,8 @@ impl HomeNode {
                 Some(s) => RouteBody::Sealed(s),
                 None => RouteBody::Plain(inner.clone()),
             };
-            let header = RouteHeader { hop_limit: MAX_HOPS, trace_context: String::new(), path: vec![], body };
+            let header =
+                RouteHeader { hop_limit: MAX_HOPS, probe: false, trace_context: String::new(), path: vec![], body };
             let prologue = prologue(config_id, &inner).map_err(|e| (e.code(), e.to_string()))?;
             let hs_started = Instant::now();
             let (init, msg1) =
@@ -344,10 +488,10 @@ impl HomeNode {
                 Some(Frame::RetryConfigs(list)) if config_id.is_some() && !retried => {
                     let parsed =
                         EchConfigList::decode(&list).map_err(|e| (ErrorCode::MalformedFrame, e.to_string()))?;
-                    info!(main = %import.main, "ECH config was stale: retrying once with the relay's retry configs");
+                    info!(main = %dest.main, "ECH config was stale: retrying once with the relay's retry configs");
                     self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
                     if let Ok(mut c) = self.ech_configs.write() {
-                        c.insert(import.main.clone(), parsed);
+                        c.insert(dest.main.clone(), parsed);
                     }
                     retried = true;
                 }
@@ -370,11 +514,16 @@ impl HomeNode {
 
     async fn inbound(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await;
-        let (config_id, route) = match first {
-            Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Plain(r), .. })))) => (None, r),
-            Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Opened { config_id, route }, .. })))) => {
-                (Some(config_id), route)
+        let (config_id, route, probe_path) = match first {
+            Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Plain(r), probe, path, .. })))) => {
+                (None, r, probe.then_some(path))
             }
+            Ok(Ok(Some(Frame::Route(RouteHeader {
+                body: RouteBody::Opened { config_id, route },
+                probe,
+                path,
+                ..
+            })))) => (Some(config_id), route, probe.then_some(path)),
             Ok(Ok(Some(_))) => {
                 return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected an opened ROUTE").await;
             }
@@ -390,6 +539,14 @@ impl HomeNode {
             let Some(export) = self.exports.iter().find(|e| e.service == route.service && e.port == route.port) else {
                 return self.refuse(&mut send, ErrorCode::ServiceNotFound, "service not exported here").await;
             };
+            if let Some(path) = probe_path {
+                let mut hops: Vec<TraceHop> =
+                    path.into_iter().map(|p| TraceHop { node: p.node, at_ms: p.at_ms }).collect();
+                hops.push(TraceHop { node: self.identity.node_id.clone(), at_ms: super::main_relay::now_ms() });
+                let _ = write_frames(&mut send, &[Frame::Control(Control::TraceResult { hops })]).await;
+                let _ = send.finish();
+                return;
+            }
             let msg1 = match read_frame(&mut recv).await {
                 Ok(Some(Frame::Noise(m))) => m,
                 _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 1").await,
@@ -431,6 +588,113 @@ impl HomeNode {
         }
         .instrument(span)
         .await
+    }
+
+    /// Path-trace probe to one instance of `service:port`: the route taken, with the time
+    /// each relay forwarded it and the destination received it.
+    pub async fn trace(&self, service: &str, port: u16) -> serde_json::Value {
+        use serde_json::json;
+        let Some((main_id, conn)) = self.conn.borrow().clone() else {
+            return json!({"error": "PEER_UNREACHABLE", "message": "no main relay connection"});
+        };
+        let import = Import {
+            service: service.to_owned(),
+            port,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            node: None,
+            main: None,
+            noise_public_key: None,
+            cluster_ip: None,
+        };
+        let dest = match self.resolve(&import, &main_id) {
+            Ok((d, balanced)) => {
+                if balanced {
+                    self.balanced_done(&import, &d.key(), None.or(Some(Duration::ZERO)));
+                }
+                d
+            }
+            Err((code, message)) => return json!({"error": code.label(), "message": message}),
+        };
+        let inner = InnerRoute {
+            dest_node: dest.node.clone(),
+            dest_main: dest.main.clone(),
+            service: service.to_owned(),
+            port,
+            origin: format!("{}@{}", self.identity.node_id, main_id),
+        };
+        let sent = super::main_relay::now_ms();
+        let started = Instant::now();
+        let header = RouteHeader {
+            hop_limit: MAX_HOPS,
+            probe: true,
+            trace_context: String::new(),
+            path: vec![],
+            body: RouteBody::Plain(inner),
+        };
+        let result = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| (ErrorCode::PeerUnreachable, e.to_string()))?;
+            write_frames(&mut send, &[Frame::Route(header)]).await.map_err(io_err)?;
+            match read_frame(&mut recv).await.map_err(io_err)? {
+                Some(Frame::Control(Control::TraceResult { hops })) => Ok(hops),
+                Some(Frame::Error(e)) => Err((e.code, e.message)),
+                other => Err((ErrorCode::MalformedFrame, format!("unexpected answer {other:?}"))),
+            }
+        };
+        match tokio::time::timeout(self.handshake_timeout, result).await {
+            Ok(Ok(hops)) => {
+                let mut prev = sent;
+                let hops: Vec<_> = std::iter::once(json!({"node": self.identity.node_id, "atMs": sent, "deltaMs": 0}))
+                    .chain(hops.iter().map(|h| {
+                        let d = h.at_ms.saturating_sub(prev);
+                        prev = h.at_ms;
+                        json!({"node": h.node, "atMs": h.at_ms, "deltaMs": d})
+                    }))
+                    .collect();
+                json!({
+                    "service": service, "port": port, "destination": format!("{}@{}", dest.node, dest.main),
+                    "relayHops": hops.len().saturating_sub(2), "hops": hops,
+                    "roundTripMillis": started.elapsed().as_secs_f64() * 1e3,
+                })
+            }
+            Ok(Err((code, message))) => json!({"error": code.label(), "message": message}),
+            Err(_) => json!({"error": "TIMEOUT"}),
+        }
+    }
+
+    /// JSON for the admin API (`/federation/health|peers|registry`).
+    pub fn admin_json(&self, path: &str) -> Option<serde_json::Value> {
+        use serde_json::json;
+        let main = self.conn.borrow().as_ref().map(|(m, c)| (m.clone(), c.rtt()));
+        let (mains, entries) = self.view.read().ok()?.clone();
+        match path {
+            "/federation/health" => {
+                let mut services: Vec<String> = entries.iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
+                services.sort();
+                services.dedup();
+                Some(json!({
+                    "status": if main.is_some() { "ok" } else { "disconnected" },
+                    "node": self.identity.node_id,
+                    "role": "home",
+                    "mainRelay": main.as_ref().map(|m| m.0.clone()),
+                    "connectedPeers": usize::from(main.is_some()),
+                    "exports": self.exports.iter().map(|e| format!("{}:{}", e.service, e.port)).collect::<Vec<_>>(),
+                    "services": services.len(),
+                    "averageLatencyMillis": main.as_ref().map(|m| m.1.as_secs_f64() * 1e3),
+                }))
+            }
+            "/federation/peers" => Some(json!(
+                self.mains
+                    .iter()
+                    .map(|m| json!({
+                        "node": m.node_id, "endpoint": m.endpoint.to_string(), "priority": m.priority,
+                        "state": if main.as_ref().is_some_and(|c| c.0 == m.node_id) { "up" } else { "standby" },
+                        "rttMillis": main.as_ref().filter(|c| c.0 == m.node_id).map(|c| c.1.as_secs_f64() * 1e3),
+                    }))
+                    .collect::<Vec<_>>()
+            )),
+            "/federation/registry" => Some(json!({"node": self.identity.node_id, "mains": mains, "entries": entries})),
+            _ => None,
+        }
     }
 
     async fn refuse(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {

@@ -1,23 +1,28 @@
-//! Main relay mode: accept home nodes over mutual-TLS QUIC and route streams between them.
+//! Main relay mode: accept home nodes and peer main relays over mutual-TLS QUIC and route
+//! streams between them.
 //!
-//! Per stream: read the ROUTE frame, enforce the hop limit and loop check, open ECH when the
-//! header is sealed to our key (answering an unknown config id with retry configs), check
-//! the origin claimed in the route is the authenticated peer, then open a stream to the
-//! destination home node, send it the (opened) header and copy bytes both ways. Relays never
-//! see plaintext after the header: the rest is Noise ciphertext.
+//! Per stream: read the ROUTE frame (or CONTROL: then it is the sender's control stream, see
+//! `main_control.rs`), enforce the hop limit and loop check, open ECH when the header is
+//! sealed to our key (answering an unknown config id with retry configs), check the origin
+//! claimed in the route against the authenticated sender, then deliver to the local home node
+//! or forward to the peer main relay that owns the destination, and copy bytes both ways.
+//! Relays never see plaintext after the header: the rest is Noise ciphertext.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin::metrics::Metrics;
 use crate::config::Snapshot;
 use crate::config::keys::EchKeyFile;
 use crate::crypto::ech::{EchError, EchKeySet};
+use crate::federation::registry::Registry;
+use crate::protocol::control::Control;
 use crate::protocol::route::{PathEntry, RouteBody, RouteHeader};
 use crate::protocol::{ErrorCode, Frame};
 use crate::transport::io::{read_frame, send_error, write_frames};
@@ -34,13 +39,43 @@ pub enum Tamper {
     StripEch,
 }
 
+/// Who sent a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Sender {
+    /// One of our home nodes.
+    Home(String),
+    /// A peer main relay.
+    Peer(String),
+}
+
+/// A connected neighbour and the channel to its control stream.
+pub(crate) struct Link {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) control: Option<mpsc::UnboundedSender<Control>>,
+}
+
+/// Health of a peering.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PeerHealth {
+    pub(crate) up: bool,
+    pub(crate) last_seen: Option<Instant>,
+    pub(crate) failures: u64,
+    pub(crate) ech_config_list: Option<String>,
+}
+
 /// Shared state of a running main relay.
 pub struct MainRelay {
-    identity: HopIdentity,
-    keys: Option<EchKeySet>,
-    homes: RwLock<HashMap<String, quinn::Connection>>,
-    metrics: Arc<Metrics>,
-    handshake_timeout: Duration,
+    pub(crate) identity: HopIdentity,
+    pub(crate) keys: Option<EchKeySet>,
+    pub(crate) homes: RwLock<HashMap<String, Link>>,
+    pub(crate) peers: RwLock<HashMap<String, Link>>,
+    pub(crate) peer_health: RwLock<HashMap<String, PeerHealth>>,
+    pub(crate) peer_endpoints: HashMap<String, SocketAddr>,
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) health_interval: Duration,
+    pub(crate) refresh_interval: Duration,
     tamper: Tamper,
 }
 
@@ -51,12 +86,13 @@ pub struct Bound {
     pub quic: SocketAddr,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl MainRelay {
-    /// Loads identity and keys from `snap` (validated), binds, and starts accepting.
+    /// Loads identity and keys from `snap` (validated), binds, starts accepting, and dials the
+    /// peers it is responsible for.
     pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>, tamper: Tamper) -> anyhow::Result<(Arc<Self>, Bound)> {
         let identity = HopIdentity::load(snap)?;
         let keys = match &snap.ech {
@@ -64,20 +100,37 @@ impl MainRelay {
             None => None,
         };
         let listen = snap.listen.ok_or_else(|| anyhow::anyhow!("listen: required for a main relay"))?;
-        let endpoint = quinn::Endpoint::server(identity.server_config(&snap.timeouts)?, listen)
+        let mut endpoint = quinn::Endpoint::server(identity.server_config(&snap.timeouts)?, listen)
             .map_err(|e| anyhow::anyhow!("cannot bind QUIC on {listen}: {e} (is the port in use?)"))?;
+        endpoint.set_default_client_config(identity.client_config(&snap.timeouts)?);
         let bound = Bound { quic: endpoint.local_addr()? };
+        let ttl = Duration::from_secs(snap.registry.ttl_seconds);
         let relay = Arc::new(Self {
+            registry: Mutex::new(Registry::new(&snap.node.id, ttl)),
             identity,
             keys,
             homes: RwLock::new(HashMap::new()),
+            peers: RwLock::new(HashMap::new()),
+            peer_health: RwLock::new(snap.peers.iter().map(|p| (p.node_id.clone(), PeerHealth::default())).collect()),
+            peer_endpoints: snap.peers.iter().map(|p| (p.node_id.clone(), p.endpoint)).collect(),
             metrics,
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
+            health_interval: Duration::from_secs(snap.health_check_seconds.max(1)),
+            refresh_interval: Duration::from_secs(
+                snap.registry.refresh_seconds.unwrap_or(snap.registry.ttl_seconds / 3).max(1),
+            ),
             tamper,
         });
         let r = relay.clone();
-        tokio::spawn(async move { r.accept_loop(endpoint).await });
+        let ep = endpoint.clone();
+        tokio::spawn(async move { r.accept_loop(ep).await });
+        relay.clone().start_federation(endpoint);
         Ok((relay, bound))
+    }
+
+    /// This relay's node id.
+    pub fn node_id(&self) -> &str {
+        &self.identity.node_id
     }
 
     /// The ECHConfigList this relay publishes, if it has ECH keys.
@@ -103,7 +156,7 @@ impl MainRelay {
     }
 
     async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
-        let peer = match self.identity.peer_node_id(&conn) {
+        let node = match self.identity.peer_node_id(&conn) {
             Ok(p) => p,
             Err(e) => {
                 self.metrics.hop_handshakes.get_or_create(&[("role", "server"), ("result", "no_identity")]).inc();
@@ -113,19 +166,33 @@ impl MainRelay {
             }
         };
         self.metrics.hop_handshakes.get_or_create(&[("role", "server"), ("result", "ok")]).inc();
+        let sender = if self.peer_endpoints.contains_key(&node) { Sender::Peer(node) } else { Sender::Home(node) };
+        self.serve_streams(conn, sender).await;
+    }
+
+    /// Serves every stream of an established connection (either direction of dialing).
+    pub(crate) async fn serve_streams(self: &Arc<Self>, conn: quinn::Connection, sender: Sender) {
         self.metrics.open_connections.inc();
-        let span = info_span!("connection", peer = %peer, remote = %conn.remote_address());
+        let (kind, node) = match &sender {
+            Sender::Home(n) => ("home", n.clone()),
+            Sender::Peer(n) => ("peer", n.clone()),
+        };
+        let span = info_span!("connection", %kind, peer = %node, remote = %conn.remote_address());
         async {
-            info!("home node connected");
-            if let Ok(mut homes) = self.homes.write() {
-                homes.insert(peer.clone(), conn.clone());
+            info!("connected");
+            let links = if kind == "home" { &self.homes } else { &self.peers };
+            if let Ok(mut l) = links.write() {
+                l.insert(node.clone(), Link { conn: conn.clone(), control: None });
+            }
+            if kind == "peer" {
+                self.peer_up(&node, true);
             }
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
                         let relay = self.clone();
-                        let peer = peer.clone();
-                        tokio::spawn(async move { relay.route_stream(&peer, send, recv).await }.in_current_span());
+                        let sender = sender.clone();
+                        tokio::spawn(async move { relay.stream(sender, send, recv).await }.in_current_span());
                     }
                     Err(e) => {
                         info!(reason = %e, "connection closed");
@@ -133,10 +200,18 @@ impl MainRelay {
                     }
                 }
             }
-            if let Ok(mut homes) = self.homes.write() {
+            let current = links.write().ok().and_then(|mut l| {
                 // Only forget the entry if it is still this connection (not a reconnect).
-                if homes.get(&peer).is_some_and(|c| c.stable_id() == conn.stable_id()) {
-                    homes.remove(&peer);
+                if l.get(&node).is_some_and(|c| c.conn.stable_id() == conn.stable_id()) {
+                    l.remove(&node)
+                } else {
+                    None
+                }
+            });
+            if current.is_some() {
+                match kind {
+                    "home" => self.home_gone(&node),
+                    _ => self.peer_up(&node, false),
                 }
             }
         }
@@ -145,16 +220,26 @@ impl MainRelay {
         self.metrics.open_connections.dec();
     }
 
-    async fn route_stream(&self, peer: &str, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let header = match tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await {
-            Ok(Ok(Some(Frame::Route(h)))) => h,
+    async fn stream(self: Arc<Self>, sender: Sender, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        match tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await {
+            Ok(Ok(Some(Frame::Route(h)))) => self.route_stream(&sender, h, send, recv).await,
+            Ok(Ok(Some(Frame::Control(first)))) => self.control_stream(sender, first, send, recv).await,
             Ok(Ok(Some(_))) => {
-                return self.fail(&mut send, ErrorCode::MalformedFrame, "first frame must be ROUTE").await;
+                self.fail(&mut send, ErrorCode::MalformedFrame, "first frame must be ROUTE or CONTROL").await
             }
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => return self.fail(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
-            Err(_) => return self.fail(&mut send, ErrorCode::Timeout, "no route header in time").await,
-        };
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => self.fail(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
+            Err(_) => self.fail(&mut send, ErrorCode::Timeout, "no route header in time").await,
+        }
+    }
+
+    async fn route_stream(
+        &self,
+        sender: &Sender,
+        header: RouteHeader,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
         let me = self.identity.node_id.clone();
         if header.hop_limit == 0 {
             return self.fail(&mut send, ErrorCode::HopLimitExceeded, "hop limit reached").await;
@@ -162,15 +247,32 @@ impl MainRelay {
         if header.path.iter().any(|p| p.node == me) {
             return self.fail(&mut send, ErrorCode::LoopDetected, "stream already passed this relay").await;
         }
+        let mut path = header.path.clone();
+        path.push(PathEntry { node: me.clone(), at_ms: now_ms() });
+        let hop_limit = header.hop_limit - 1;
         let (config_id, route) = match header.body {
             RouteBody::Plain(r) => (None, r),
             RouteBody::Opened { .. } => {
-                return self.fail(&mut send, ErrorCode::MalformedFrame, "only relays send opened headers").await;
+                return self
+                    .fail(&mut send, ErrorCode::MalformedFrame, "only the key owner sends opened headers")
+                    .await;
+            }
+            RouteBody::Sealed(sealed) if sealed.main != me => {
+                // Not ours to open: forward by the outer header to the relay that owns the key.
+                let next = sealed.main.clone();
+                if let Sender::Home(h) = sender {
+                    debug!(home = %h, %next, "forwarding a sealed route by its outer header");
+                }
+                let fwd = RouteHeader {
+                    hop_limit,
+                    probe: header.probe,
+                    trace_context: header.trace_context,
+                    path,
+                    body: RouteBody::Sealed(sealed),
+                };
+                return self.forward_to_peer(&next, fwd, send, recv).await;
             }
             RouteBody::Sealed(mut sealed) => {
-                if sealed.main != me {
-                    return self.fail(&mut send, ErrorCode::NoRoute, "sealed for another main relay").await;
-                }
                 let Some(keys) = &self.keys else {
                     return self.fail(&mut send, ErrorCode::EchDecryptFailed, "this relay has no ECH keys").await;
                 };
@@ -201,53 +303,104 @@ impl MainRelay {
         };
         let span = info_span!("stream", service = %route.service, dest = %route.dest_node, ech = config_id.is_some());
         async {
-            let claimed = route.origin.split('@').next().unwrap_or_default();
-            if claimed != peer {
+            let (origin_node, origin_main) = route.origin.split_once('@').unwrap_or((route.origin.as_str(), ""));
+            let authentic = match sender {
+                Sender::Home(h) => origin_node == h && origin_main == me,
+                Sender::Peer(p) => origin_main == p,
+            };
+            if !authentic {
                 return self
-                    .fail(&mut send, ErrorCode::PermissionDenied, "origin does not match the authenticated peer")
+                    .fail(&mut send, ErrorCode::PermissionDenied, "origin does not match the authenticated sender")
                     .await;
             }
             if route.dest_main != me {
-                return self.fail(&mut send, ErrorCode::NoRoute, "destination is attached to another main relay").await;
+                if matches!(sender, Sender::Peer(_)) {
+                    return self.fail(&mut send, ErrorCode::NoRoute, "a peer sent a stream for a third relay").await;
+                }
+                let next = route.dest_main.clone();
+                let fwd = RouteHeader {
+                    hop_limit,
+                    probe: header.probe,
+                    trace_context: header.trace_context,
+                    path,
+                    body: RouteBody::Plain(route),
+                };
+                return self.forward_to_peer(&next, fwd, send, recv).await;
             }
-            let dest = self.homes.read().ok().and_then(|h| h.get(&route.dest_node).cloned());
+            let dest = self.homes.read().ok().and_then(|h| h.get(&route.dest_node).map(|l| l.conn.clone()));
             let Some(dest) = dest else {
+                self.metrics.routes.get_or_create(&[("result", "no_route")]).inc();
                 return self.fail(&mut send, ErrorCode::NoRoute, "destination home node is not connected").await;
             };
-            let mut path = header.path.clone();
-            path.push(PathEntry { node: me.clone(), at_ms: now_ms() });
             let body = match (config_id, self.tamper) {
                 (Some(_), Tamper::StripEch) | (None, _) => RouteBody::Plain(route),
                 (Some(config_id), _) => RouteBody::Opened { config_id, route },
             };
             let forward =
-                RouteHeader { hop_limit: header.hop_limit - 1, trace_context: header.trace_context, path, body };
-            let (mut dsend, mut drecv) = match dest.open_bi().await {
-                Ok(s) => s,
-                Err(e) => return self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await,
-            };
-            if let Err(e) = write_frames(&mut dsend, &[Frame::Route(forward)]).await {
-                return self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await;
-            }
-            let up = async {
-                let n = tokio::io::copy(&mut recv, &mut dsend).await.unwrap_or(0);
-                let _ = dsend.shutdown().await;
-                n
-            };
-            let down = async {
-                let n = tokio::io::copy(&mut drecv, &mut send).await.unwrap_or(0);
-                let _ = send.shutdown().await;
-                n
-            };
-            let (a, b) = tokio::join!(up, down);
-            self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(a + b);
-            self.metrics.streams.get_or_create(&[("direction", "relayed"), ("result", "ok")]).inc();
+                RouteHeader { hop_limit, probe: header.probe, trace_context: header.trace_context, path, body };
+            self.metrics.routes.get_or_create(&[("result", "local")]).inc();
+            self.pipe(dest, forward, send, recv).await;
         }
         .instrument(span)
         .await
     }
 
-    async fn fail(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
+    async fn forward_to_peer(
+        &self,
+        next: &str,
+        header: RouteHeader,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let conn = self.peers.read().ok().and_then(|p| p.get(next).map(|l| l.conn.clone()));
+        match conn {
+            Some(conn) => {
+                self.metrics.routes.get_or_create(&[("result", "forwarded")]).inc();
+                self.pipe(conn, header, send, recv).await
+            }
+            None if self.peer_endpoints.contains_key(next) => {
+                self.metrics.routes.get_or_create(&[("result", "peer_unreachable")]).inc();
+                self.fail(&mut send, ErrorCode::PeerUnreachable, &format!("peer main relay {next} is not connected"))
+                    .await
+            }
+            None => {
+                self.metrics.routes.get_or_create(&[("result", "no_route")]).inc();
+                self.fail(&mut send, ErrorCode::NoRoute, &format!("{next} is not a peer of this relay")).await
+            }
+        }
+    }
+
+    /// Opens a stream on `conn`, sends `header`, and copies bytes both ways.
+    async fn pipe(
+        &self,
+        conn: quinn::Connection,
+        header: RouteHeader,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let (mut dsend, mut drecv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await,
+        };
+        if let Err(e) = write_frames(&mut dsend, &[Frame::Route(header)]).await {
+            return self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await;
+        }
+        let up = async {
+            let n = tokio::io::copy(&mut recv, &mut dsend).await.unwrap_or(0);
+            let _ = dsend.shutdown().await;
+            n
+        };
+        let down = async {
+            let n = tokio::io::copy(&mut drecv, &mut send).await.unwrap_or(0);
+            let _ = send.shutdown().await;
+            n
+        };
+        let (a, b) = tokio::join!(up, down);
+        self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(a + b);
+        self.metrics.streams.get_or_create(&[("direction", "relayed"), ("result", "ok")]).inc();
+    }
+
+    pub(crate) async fn fail(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
         warn!(code = code.label(), message, "stream refused");
         self.metrics.stream_error("relayed", code);
         send_error(send, code, message).await;

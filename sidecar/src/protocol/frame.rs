@@ -26,6 +26,8 @@ pub mod kind {
     pub const RETRY_CONFIGS: u8 = 0x03;
     /// Noise handshake or transport message.
     pub const NOISE: u8 = 0x04;
+    /// Control message (JSON).
+    pub const CONTROL: u8 = 0x05;
 }
 
 /// A structured error sent by any hop.
@@ -50,6 +52,8 @@ pub enum Frame {
     RetryConfigs(Vec<u8>),
     /// A Noise message.
     Noise(Vec<u8>),
+    /// A control message.
+    Control(super::control::Control),
 }
 
 impl Frame {
@@ -65,6 +69,7 @@ impl Frame {
             }
             Frame::RetryConfigs(list) => (kind::RETRY_CONFIGS, list.clone()),
             Frame::Noise(m) => (kind::NOISE, m.clone()),
+            Frame::Control(c) => (kind::CONTROL, c.encode()),
         };
         if payload.len() > MAX_FRAME_PAYLOAD {
             return Err(DecodeError::TooLong { field: "frame payload", len: payload.len(), max: MAX_FRAME_PAYLOAD });
@@ -93,6 +98,7 @@ impl Frame {
                 Ok(Frame::RetryConfigs(payload.to_vec()))
             }
             kind::NOISE => Ok(Frame::Noise(payload.to_vec())),
+            kind::CONTROL => Ok(Frame::Control(super::control::Control::decode(payload)?)),
             other => Err(DecodeError::invalid("frame type", format!("0x{other:02x} is unknown"))),
         }
     }

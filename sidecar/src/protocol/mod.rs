@@ -1,5 +1,6 @@
 //! The wire protocol: frames, route header, ECHConfigList and error codes. No I/O here.
 
+pub mod control;
 pub mod ech_config;
 pub mod error_code;
 pub mod frame;

@@ -27,6 +27,7 @@ pub const PAD_TO: usize = 64;
 
 const FLAG_SEALED: u8 = 0x01;
 const FLAG_OPENED: u8 = 0x02;
+const FLAG_PROBE: u8 = 0x04;
 
 /// The sensitive part of a route: who is called, and by whom.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -90,6 +91,8 @@ pub struct PathEntry {
 pub struct RouteHeader {
     /// Remaining relay hops; a relay refuses the stream when it is 0 on arrival.
     pub hop_limit: u8,
+    /// A path-trace probe: the destination answers with the hops instead of delivering.
+    pub probe: bool,
     /// W3C trace context (may be empty).
     pub trace_context: String,
     /// Relays traversed so far.
@@ -189,7 +192,7 @@ impl RouteHeader {
             RouteBody::Plain(_) => 0,
             RouteBody::Sealed(_) => FLAG_SEALED,
             RouteBody::Opened { .. } => FLAG_OPENED,
-        };
+        } | if self.probe { FLAG_PROBE } else { 0 };
         let mut w = Writer::new();
         w.u8(ROUTE_VERSION).u8(self.hop_limit).u8(flags).vec8(self.trace_context.as_bytes());
         w.u8(self.path.len() as u8); // bounded by MAX_PATH above
@@ -230,7 +233,9 @@ impl RouteHeader {
         }
         let hop_limit = r.u8("hop_limit")?;
         let flags = r.u8("flags")?;
-        if flags & !(FLAG_SEALED | FLAG_OPENED) != 0 || flags == FLAG_SEALED | FLAG_OPENED {
+        if flags & !(FLAG_SEALED | FLAG_OPENED | FLAG_PROBE) != 0
+            || flags & (FLAG_SEALED | FLAG_OPENED) == FLAG_SEALED | FLAG_OPENED
+        {
             return Err(DecodeError::invalid("flags", format!("0x{flags:02x} is not a valid combination")));
         }
         let trace = r.vec8("trace_context", 0, MAX_TRACE)?;
@@ -260,7 +265,7 @@ impl RouteHeader {
             RouteBody::Plain(InnerRoute::read(&mut r)?)
         };
         r.finish("route header")?;
-        Ok(Self { hop_limit, trace_context, path, body })
+        Ok(Self { hop_limit, probe: flags & FLAG_PROBE != 0, trace_context, path, body })
     }
 }
 
@@ -305,14 +310,20 @@ pub(crate) mod tests {
                     SealedRoute { main, config_id, kdf_id, aead_id, enc, payload }
                 )),
         ];
-        (any::<u8>(), "[ -~]{0,80}", prop::collection::vec((arb_name(63), any::<u64>()), 0..=MAX_PATH), body).prop_map(
-            |(hop_limit, trace_context, path, body)| RouteHeader {
+        (
+            any::<u8>(),
+            any::<bool>(),
+            "[ -~]{0,80}",
+            prop::collection::vec((arb_name(63), any::<u64>()), 0..=MAX_PATH),
+            body,
+        )
+            .prop_map(|(hop_limit, probe, trace_context, path, body)| RouteHeader {
                 hop_limit,
+                probe,
                 trace_context,
                 path: path.into_iter().map(|(node, at_ms)| PathEntry { node, at_ms }).collect(),
                 body,
-            },
-        )
+            })
     }
 
     #[test]
@@ -330,8 +341,13 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_version_and_flags_are_refused() {
-        let h =
-            RouteHeader { hop_limit: 3, trace_context: String::new(), path: vec![], body: RouteBody::Plain(inner()) };
+        let h = RouteHeader {
+            hop_limit: 3,
+            probe: false,
+            trace_context: String::new(),
+            path: vec![],
+            body: RouteBody::Plain(inner()),
+        };
         let mut bytes = h.encode().unwrap();
         bytes[0] = 2;
         assert_eq!(

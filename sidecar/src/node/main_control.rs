@@ -1,0 +1,415 @@
+//! A main relay's control plane: home registrations, views pushed to home nodes, peering with
+//! other main relays (dialing, registry deltas, refreshes, health checks) and TTL expiry.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::main_relay::{Link, MainRelay, Sender};
+use crate::config::base64_encode;
+use crate::federation::registry::{Applied, Delta, Entry};
+use crate::protocol::Frame;
+use crate::protocol::control::{Control, MainInfo};
+use crate::transport::io::{read_frame, write_frames};
+use crate::transport::tls::failure_reason;
+
+impl MainRelay {
+    /// Starts dialing peers (those with a larger node id) and the periodic tasks.
+    pub(crate) fn start_federation(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let me = self.identity.node_id.clone();
+        for (peer, addr) in self.peer_endpoints.clone() {
+            if me < peer {
+                let relay = self.clone();
+                let endpoint = endpoint.clone();
+                tokio::spawn(async move { relay.dial_peer(endpoint, peer, addr).await });
+            }
+        }
+        let relay = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(relay.refresh_interval);
+            loop {
+                tick.tick().await;
+                let seq = relay.registry.lock().map(|r| r.seq()).unwrap_or(0);
+                relay.to_peers(Control::Refresh { origin: relay.identity.node_id.clone(), seq }, "refresh_sent");
+            }
+        });
+        let relay = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(relay.health_interval);
+            let mut id = 0;
+            loop {
+                tick.tick().await;
+                id += 1;
+                relay.to_peers(Control::Ping { id }, "");
+            }
+        });
+        let relay = self;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let gone = relay.registry.lock().map(|mut r| r.expire(Instant::now())).unwrap_or_default();
+                if !gone.is_empty() {
+                    info!(expired = gone.len(), "federated registry entries expired");
+                    relay.metrics.propagation.get_or_create(&[("event", "expired")]).inc_by(gone.len() as u64);
+                    relay.push_views();
+                }
+            }
+        });
+    }
+
+    async fn dial_peer(self: Arc<Self>, endpoint: quinn::Endpoint, peer: String, addr: std::net::SocketAddr) {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            let name = self.identity.server_name(&peer);
+            let conn = match endpoint.connect(addr, &name) {
+                Ok(c) => c.await.map_err(|e| failure_reason(&e).to_owned()),
+                Err(e) => Err(e.to_string()),
+            };
+            match conn {
+                Ok(conn) => {
+                    self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
+                    if !first {
+                        self.metrics.reconnects.get_or_create(&[("kind", "peer")]).inc();
+                    }
+                    first = false;
+                    backoff = Duration::from_millis(100);
+                    match conn.open_bi().await {
+                        Ok((send, recv)) => {
+                            let hello = self.hello();
+                            let relay = self.clone();
+                            let p = peer.clone();
+                            tokio::spawn(async move { relay.peer_control(p, vec![hello], send, recv).await });
+                            self.serve_streams(conn, Sender::Peer(peer.clone())).await;
+                        }
+                        Err(e) => warn!(%peer, error = %e, "cannot open the peer control stream"),
+                    }
+                }
+                Err(reason) => {
+                    self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "other")]).inc();
+                    if let Ok(mut h) = self.peer_health.write() {
+                        h.entry(peer.clone()).or_default().failures += 1;
+                    }
+                    warn!(%peer, %addr, %reason, "cannot reach peer main relay");
+                }
+            }
+            let jitter = rand::random_range(0..=backoff.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    fn hello(&self) -> Control {
+        Control::PeerHello {
+            node: self.identity.node_id.clone(),
+            ech_config_list: self.ech_config_list().map(|l| base64_encode(&l)),
+        }
+    }
+
+    /// The first frame of a stream was CONTROL: a home's or a peer's control stream.
+    pub(crate) async fn control_stream(
+        self: Arc<Self>,
+        sender: Sender,
+        first: Control,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        match sender {
+            Sender::Home(node) => self.home_control(node, first, send, recv).await,
+            Sender::Peer(node) => {
+                let replies = vec![self.hello()];
+                self.handle_peer(&node, first, None);
+                self.peer_control(node, replies, send, recv).await
+            }
+        }
+    }
+
+    /// Runs a peer control stream: sends `initial` then a full delta, then relays outgoing
+    /// messages and handles incoming ones until the stream ends.
+    async fn peer_control(
+        self: Arc<Self>,
+        peer: String,
+        initial: Vec<Control>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Control>();
+        for m in initial {
+            let _ = tx.send(m);
+        }
+        let full = self.registry.lock().map(|r| r.full_delta()).ok();
+        if let Some(full) = full {
+            let _ = tx.send(Control::Delta { delta: full });
+        }
+        if let Ok(mut p) = self.peers.write()
+            && let Some(link) = p.get_mut(&peer)
+        {
+            link.control = Some(tx.clone());
+        }
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if write_frames(&mut send, &[Frame::Control(m)]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            match read_frame(&mut recv).await {
+                Ok(Some(Frame::Control(m))) => self.handle_peer(&peer, m, Some(&tx)),
+                Ok(Some(other)) => {
+                    warn!(%peer, frame = ?other, "unexpected frame on the peer control stream");
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        writer.abort();
+    }
+
+    fn handle_peer(&self, peer: &str, m: Control, tx: Option<&mpsc::UnboundedSender<Control>>) {
+        let now = Instant::now();
+        if let Ok(mut h) = self.peer_health.write() {
+            let e = h.entry(peer.to_owned()).or_default();
+            e.last_seen = Some(now);
+        }
+        match m {
+            Control::PeerHello { node, ech_config_list } => {
+                if node != peer {
+                    warn!(%peer, claimed = %node, "peer hello names another node");
+                    return;
+                }
+                if let Ok(mut h) = self.peer_health.write() {
+                    h.entry(peer.to_owned()).or_default().ech_config_list = ech_config_list;
+                }
+                self.push_views();
+            }
+            Control::Delta { delta } => {
+                let applied = self.registry.lock().map(|mut r| r.apply(peer, &delta, now));
+                match applied {
+                    Ok(Applied::Applied) => {
+                        self.metrics.propagation.get_or_create(&[("event", "delta_applied")]).inc();
+                        self.push_views();
+                    }
+                    Ok(Applied::Stale) => {
+                        self.metrics.propagation.get_or_create(&[("event", "delta_stale")]).inc();
+                    }
+                    Ok(Applied::Forged) | Err(_) => {
+                        self.metrics.propagation.get_or_create(&[("event", "delta_forged")]).inc();
+                        warn!(%peer, origin = %delta.origin, "refused a delta for entries the peer does not own");
+                    }
+                }
+            }
+            Control::Refresh { origin, seq } => {
+                if origin == peer && self.registry.lock().map(|mut r| r.refresh(&origin, seq, now)).unwrap_or(false) {
+                    self.metrics.propagation.get_or_create(&[("event", "refresh_applied")]).inc();
+                }
+            }
+            Control::Ping { id } => {
+                if let Some(tx) = tx {
+                    let _ = tx.send(Control::Pong { id });
+                }
+            }
+            Control::Pong { .. } => {}
+            other => warn!(%peer, message = ?other, "unexpected control message from a peer"),
+        }
+    }
+
+    async fn home_control(
+        self: Arc<Self>,
+        node: String,
+        first: Control,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Control>();
+        if let Ok(mut h) = self.homes.write()
+            && let Some(link) = h.get_mut(&node)
+        {
+            link.control = Some(tx);
+        }
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if write_frames(&mut send, &[Frame::Control(m)]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                Control::Register { services, noise_key } => {
+                    let entries = services
+                        .into_iter()
+                        .map(|s| Entry {
+                            service: s.service,
+                            port: s.port,
+                            node: node.clone(),
+                            main: String::new(),
+                            noise_key: noise_key.clone(),
+                            ech: s.ech,
+                        })
+                        .collect();
+                    let delta = self.registry.lock().ok().and_then(|mut r| r.register(&node, entries));
+                    info!(home = %node, "home node registered");
+                    if let Some(d) = delta {
+                        self.broadcast(d);
+                    }
+                    self.push_views();
+                }
+                other => warn!(home = %node, message = ?other, "unexpected control message from a home node"),
+            }
+            next = match read_frame(&mut recv).await {
+                Ok(Some(Frame::Control(m))) => Some(m),
+                _ => None,
+            };
+        }
+        writer.abort();
+    }
+
+    /// A home node's connection ended: its entries go, everywhere, now.
+    pub(crate) fn home_gone(&self, node: &str) {
+        let delta = self.registry.lock().ok().and_then(|mut r| r.deregister(node));
+        if let Some(d) = delta {
+            info!(home = %node, removed = d.remove.len(), "home node gone: deregistered");
+            self.broadcast(d);
+        }
+        self.push_views();
+    }
+
+    pub(crate) fn peer_up(&self, peer: &str, up: bool) {
+        if let Ok(mut h) = self.peer_health.write() {
+            let e = h.entry(peer.to_owned()).or_default();
+            e.up = up;
+            if up {
+                e.failures = 0;
+                e.last_seen = Some(Instant::now());
+            }
+        }
+        self.metrics.peer_up.get_or_create(&[("peer", peer.to_owned())]).set(i64::from(up));
+    }
+
+    fn broadcast(&self, d: Delta) {
+        self.to_peers(Control::Delta { delta: d }, "delta_sent");
+    }
+
+    fn to_peers(&self, m: Control, event: &'static str) {
+        let peers = self
+            .peers
+            .read()
+            .map(|p| p.values().filter_map(|l| l.control.clone()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for tx in peers {
+            if tx.send(m.clone()).is_ok() && !event.is_empty() {
+                self.metrics.propagation.get_or_create(&[("event", event)]).inc();
+            }
+        }
+    }
+
+    /// Sends every home node the current view (all instances, the mains' ECH configs).
+    pub(crate) fn push_views(&self) {
+        let (entries, sizes) = match self.registry.lock() {
+            Ok(r) => (r.all(), r.sizes()),
+            Err(_) => return,
+        };
+        self.metrics.registry_entries.get_or_create(&[("kind", "local")]).set(sizes.0 as i64);
+        self.metrics.registry_entries.get_or_create(&[("kind", "federated")]).set(sizes.1 as i64);
+        let mut mains = BTreeMap::new();
+        mains.insert(
+            self.identity.node_id.clone(),
+            MainInfo { ech_config_list: self.ech_config_list().map(|l| base64_encode(&l)) },
+        );
+        if let Ok(h) = self.peer_health.read() {
+            for (p, health) in h.iter() {
+                mains.insert(p.clone(), MainInfo { ech_config_list: health.ech_config_list.clone() });
+            }
+        }
+        let view = Control::View { mains, entries };
+        let homes = self
+            .homes
+            .read()
+            .map(|h| h.values().filter_map(|l| l.control.clone()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for tx in homes {
+            if tx.send(view.clone()).is_ok() {
+                self.metrics.propagation.get_or_create(&[("event", "view_sent")]).inc();
+            }
+        }
+    }
+
+    /// JSON for the admin API (`/federation/health|peers|registry`).
+    pub fn admin_json(&self, path: &str) -> Option<Value> {
+        let now = Instant::now();
+        let peers = || -> Vec<Value> {
+            let links = self
+                .peers
+                .read()
+                .map(|p| p.iter().map(|(k, l)| (k.clone(), l.conn.rtt())).collect::<BTreeMap<_, _>>())
+                .unwrap_or_default();
+            let health = self.peer_health.read().map(|h| h.clone()).unwrap_or_default();
+            let mut names: Vec<&String> = health.keys().collect();
+            names.sort();
+            names
+                .into_iter()
+                .map(|p| {
+                    let h = &health[p];
+                    json!({
+                        "node": p,
+                        "state": if links.contains_key(p) { "up" } else { "down" },
+                        "rttMillis": links.get(p).map(|r| r.as_secs_f64() * 1e3),
+                        "lastSeenSecondsAgo": h.last_seen.map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                        "failures": h.failures,
+                        "endpoint": self.peer_endpoints.get(p).map(ToString::to_string),
+                    })
+                })
+                .collect()
+        };
+        match path {
+            "/federation/peers" => Some(Value::Array(peers())),
+            "/federation/registry" => {
+                let r = self.registry.lock().ok()?;
+                Some(json!({
+                    "node": self.identity.node_id,
+                    "seq": r.seq(),
+                    "local": r.local().collect::<Vec<_>>(),
+                    "federated": r.federated(now).map(|(e, ttl)| json!({"entry": e, "ttlSeconds": ttl.as_secs_f64()})).collect::<Vec<_>>(),
+                }))
+            }
+            "/federation/health" => {
+                let homes: Vec<String> = self.homes.read().map(|h| h.keys().cloned().collect()).unwrap_or_default();
+                let peers = peers();
+                let up: Vec<&Value> = peers.iter().filter(|p| p["state"] == "up").collect();
+                let rtts: Vec<f64> = up.iter().filter_map(|p| p["rttMillis"].as_f64()).collect();
+                let r = self.registry.lock().ok()?;
+                let mut services: Vec<String> =
+                    r.all().into_iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
+                services.sort();
+                services.dedup();
+                Some(json!({
+                    "status": if up.len() == peers.len() { "ok" } else { "degraded" },
+                    "node": self.identity.node_id,
+                    "role": "main",
+                    "connectedHomes": homes.len(),
+                    "connectedPeers": up.len(),
+                    "configuredPeers": peers.len(),
+                    "services": services.len(),
+                    "failedPeers": peers.iter().filter(|p| p["state"] != "up").map(|p| p["node"].clone()).collect::<Vec<_>>(),
+                    "averagePeerRttMillis": if rtts.is_empty() { None } else { Some(rtts.iter().sum::<f64>() / rtts.len() as f64) },
+                }))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Link {
+    /// Whether the link has a control channel yet.
+    #[allow(dead_code)]
+    pub(crate) fn has_control(&self) -> bool {
+        self.control.is_some()
+    }
+}

@@ -1,0 +1,150 @@
+//! Control messages: registration, registry propagation, views, health checks, path traces.
+//!
+//! Carried in CONTROL frames (type `0x05`) whose payload is one UTF-8 JSON object with a
+//! `type` field (docs/protocol.md §3.1). A control stream is the first stream a home node
+//! opens to its main relay, or a dialing main relay opens to its peer; its first frame is
+//! CONTROL instead of ROUTE.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::wire::DecodeError;
+use crate::federation::registry::{Delta, Entry};
+
+/// A service a home node serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    /// Service name.
+    pub service: String,
+    /// Service port.
+    pub port: u16,
+    /// Accepts ECH-sealed routes.
+    #[serde(default)]
+    pub ech: bool,
+}
+
+/// What a home node learns about a main relay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MainInfo {
+    /// Its ECHConfigList, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech_config_list: Option<String>,
+}
+
+/// One hop of a path trace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TraceHop {
+    /// Node id.
+    pub node: String,
+    /// Unix milliseconds when it forwarded (relays) or received (destination) the probe.
+    pub at_ms: u64,
+}
+
+/// A control message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum Control {
+    /// Home -> main: the full set of services this home serves (replaces the previous set).
+    #[serde(rename_all = "camelCase")]
+    Register {
+        /// Services.
+        services: Vec<Service>,
+        /// The home's Noise static public key, base64.
+        noise_key: String,
+    },
+    /// Main -> home: every instance the home may call, and the main relays' ECH configs.
+    #[serde(rename_all = "camelCase")]
+    View {
+        /// Main relays by node id.
+        mains: BTreeMap<String, MainInfo>,
+        /// Instances (local first).
+        entries: Vec<Entry>,
+    },
+    /// Main <-> main: first message on a peer control stream.
+    #[serde(rename_all = "camelCase")]
+    PeerHello {
+        /// The sender's node id.
+        node: String,
+        /// The sender's ECHConfigList, base64.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ech_config_list: Option<String>,
+    },
+    /// Main -> main: a change to the sender's local entries.
+    Delta {
+        /// The change.
+        delta: Delta,
+    },
+    /// Main -> main: the sender is alive and at `seq`; extends the TTL of its entries.
+    #[serde(rename_all = "camelCase")]
+    Refresh {
+        /// The sender.
+        origin: String,
+        /// Its current sequence number.
+        seq: u64,
+    },
+    /// Health check.
+    Ping {
+        /// Echoed in the pong.
+        id: u64,
+    },
+    /// Health check answer.
+    Pong {
+        /// The ping's id.
+        id: u64,
+    },
+    /// Destination -> origin: answer to a probe stream (route header flag `probe`).
+    #[serde(rename_all = "camelCase")]
+    TraceResult {
+        /// Relays traversed, then the destination itself.
+        hops: Vec<TraceHop>,
+    },
+}
+
+impl Control {
+    /// Encodes as JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes a CONTROL payload; errors name the field.
+    pub fn decode(payload: &[u8]) -> Result<Self, DecodeError> {
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| DecodeError::invalid("control message", format!("{}: {}", e.path(), e.inner())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn messages_round_trip_with_readable_json() {
+        let m = Control::Register {
+            services: vec![Service { service: "echo".into(), port: 7, ech: true }],
+            noise_key: "k".into(),
+        };
+        let bytes = m.encode();
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"type":"register","services":[{"service":"echo","port":7,"ech":true}],"noiseKey":"k"}"#
+        );
+        assert_eq!(Control::decode(&bytes).unwrap(), m);
+        let err = Control::decode(br#"{"type":"register","services":[{"service":"echo","port":"x"}],"noiseKey":"k"}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("expected u16"), "{err}");
+        assert!(Control::decode(br#"{"type":"nope"}"#).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Control::decode(&bytes);
+        }
+    }
+}
