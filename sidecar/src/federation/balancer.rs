@@ -226,8 +226,8 @@ mod tests {
         let mut b = Balancer::new(Algorithm::RoundRobin, true);
         b.started(&c[0].key(), t0);
         b.finished(&c[0].key(), t0, None);
-        assert!(counts(&mut b, &c, 10, t0, &mut rng).get("a").is_none());
-        assert!(counts(&mut b, &c, 10, t0 + FAILURE_COOLDOWN, &mut rng).get("a").is_some());
+        assert!(!counts(&mut b, &c, 10, t0, &mut rng).contains_key("a"));
+        assert!(counts(&mut b, &c, 10, t0 + FAILURE_COOLDOWN, &mut rng).contains_key("a"));
         b.finished(&c[1].key(), t0, None);
         assert!(b.pick(&c, "m1", t0, &mut rng).is_none(), "all instances unhealthy");
     }
@@ -238,7 +238,7 @@ mod tests {
         let now = Instant::now();
         let mut rng = StdRng::seed_from_u64(9);
         let mut b = Balancer::new(Algorithm::RoundRobin, true);
-        assert!(counts(&mut b, &c, 10, now, &mut rng).get("far").is_none());
+        assert!(!counts(&mut b, &c, 10, now, &mut rng).contains_key("far"));
         let mut b = Balancer::new(Algorithm::RoundRobin, false);
         assert_eq!(counts(&mut b, &c, 10, now, &mut rng).get("far"), Some(&5));
         // When the local instance fails, the federated one takes over.
