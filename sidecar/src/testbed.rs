@@ -138,3 +138,131 @@ impl Testbed {
         Ok(path)
     }
 }
+
+/// A federation topology described as data (tests/scenarios/*.yaml).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScenarioSpec {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Registry TTL for federated entries.
+    pub registry_ttl_seconds: u64,
+    /// QUIC idle timeout.
+    pub idle_timeout_ms: u64,
+    /// Main relays; every pair peers.
+    pub mains: Vec<String>,
+    /// Home nodes.
+    pub homes: Vec<HomeSpec>,
+}
+
+/// A home node of a scenario.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HomeSpec {
+    /// Node id.
+    pub id: String,
+    /// Main relays in priority order.
+    pub mains: Vec<String>,
+    /// Exported `service:port`.
+    #[serde(default)]
+    pub exports: Vec<String>,
+    /// Imported `service:port` (resolved through the registry).
+    #[serde(default)]
+    pub imports: Vec<String>,
+    /// Services balanced round robin (others use the default, peak EWMA).
+    #[serde(default)]
+    pub round_robin: Vec<String>,
+}
+
+/// Splits `service:port`.
+pub fn service_port(s: &str) -> anyhow::Result<(String, u16)> {
+    let (svc, port) = s.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("{s}: expected service:port"))?;
+    Ok((svc.to_owned(), port.parse()?))
+}
+
+/// Snapshot files of a scenario.
+pub struct ScenarioFiles {
+    /// Main relay id, snapshot path, QUIC address.
+    pub mains: Vec<(String, PathBuf, SocketAddr)>,
+    /// Home id and snapshot path.
+    pub homes: Vec<(String, PathBuf)>,
+}
+
+fn free_udp_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+impl Testbed {
+    /// Writes snapshots for every node of `spec`; `target(home, service, port)` gives the
+    /// address each export delivers to. Main relays get fixed ports so they can restart.
+    pub fn scenario(
+        &self,
+        spec: &ScenarioSpec,
+        target: impl Fn(&str, &str, u16) -> SocketAddr,
+    ) -> anyhow::Result<ScenarioFiles> {
+        let timeouts = Timeouts { idle_ms: spec.idle_timeout_ms, ..Timeouts::default() };
+        let addrs: Vec<(String, SocketAddr)> =
+            spec.mains.iter().map(|m| Ok((m.clone(), free_udp_port()?))).collect::<anyhow::Result<_>>()?;
+        let mut files = ScenarioFiles { mains: vec![], homes: vec![] };
+        for (id, addr) in &addrs {
+            let path = self.main_relay(id, 1)?;
+            let mut s = Snapshot::load(&path)?;
+            s.listen = Some(*addr);
+            s.timeouts = timeouts.clone();
+            s.registry.ttl_seconds = spec.registry_ttl_seconds;
+            s.registry.refresh_seconds = Some(1);
+            s.health_check_seconds = 1;
+            s.peers = addrs
+                .iter()
+                .filter(|(p, _)| p != id)
+                .map(|(p, a)| crate::config::PeerRelay { node_id: p.clone(), endpoint: *a })
+                .collect();
+            files.mains.push((id.clone(), self.save(id, &s)?, *addr));
+        }
+        for h in &spec.homes {
+            let mains = h
+                .mains
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let addr = addrs.iter().find(|(id, _)| id == m).map(|(_, a)| *a);
+                    let endpoint = addr.ok_or_else(|| anyhow::anyhow!("home {} names unknown main {m}", h.id))?;
+                    Ok(MainRelay { node_id: m.clone(), endpoint, priority: (i * 10) as u16, ech_config_list: None })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let exports = h
+                .exports
+                .iter()
+                .map(|e| {
+                    let (service, port) = service_port(e)?;
+                    Ok(Export { target: target(&h.id, &service, port), service, port })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let imports = h
+                .imports
+                .iter()
+                .map(|i| {
+                    let (service, port) = service_port(i)?;
+                    Ok(Import {
+                        service,
+                        port,
+                        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                        node: None,
+                        main: None,
+                        noise_public_key: None,
+                        cluster_ip: None,
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let path = self.home(&h.id, mains[0].clone(), exports, imports, EchPolicy::default())?;
+            let mut s = Snapshot::load(&path)?;
+            s.main_relays = mains;
+            s.timeouts = timeouts.clone();
+            for svc in &h.round_robin {
+                s.load_balancing.per_service.insert(svc.clone(), crate::federation::balancer::Algorithm::RoundRobin);
+            }
+            files.homes.push((h.id.clone(), self.save(&h.id, &s)?));
+        }
+        Ok(files)
+    }
+}

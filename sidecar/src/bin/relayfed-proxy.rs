@@ -263,10 +263,13 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
             Some(a) => Some(server::serve(a, metrics.clone(), slot.clone()).await.with_context(|| format!("admin listener {a}"))?),
             None => None,
         };
+        let mut relay_handle = None;
+        let mut home_handle = None;
         let ready = match role {
             Role::Main => {
                 let (relay, bound) = MainRelay::start(&snap, metrics, tamper).await?;
                 let _ = slot.set(relay.clone());
+                relay_handle = Some(relay.clone());
                 serde_json::json!({
                     "event": "ready", "role": "main", "node": snap.node.id, "quic": bound.quic.to_string(),
                     "admin": admin.map(|a| a.to_string()),
@@ -276,6 +279,7 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
             Role::Home => {
                 let (node, bound) = HomeNode::start(&snap, metrics).await?;
                 let _ = slot.set(node.clone());
+                home_handle = Some(node.clone());
                 let imports: serde_json::Map<String, serde_json::Value> = bound
                     .imports
                     .iter()
@@ -294,8 +298,18 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
             }
         };
         println!("{ready}");
-        tokio::signal::ctrl_c().await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
         tracing::info!("shutting down");
+        if let Some(n) = home_handle {
+            n.shutdown().await;
+        }
+        if let Some(r) = relay_handle {
+            r.shutdown().await;
+        }
         Ok(())
     })
 }

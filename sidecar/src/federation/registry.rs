@@ -1,10 +1,11 @@
 //! The service registry of a main relay: local entries (its own home nodes) and federated
 //! entries (learned from peer main relays), merged deterministically.
 //!
-//! Each main relay numbers the changes to its *local* entries with a sequence number and
-//! sends them to its peers as deltas; a peer applies a delta only if its sequence number is
-//! newer than the last one applied from that origin, so replays and reordering after a
-//! reconnect cannot resurrect removed entries. A `full` delta replaces everything known from
+//! Each main relay numbers the changes to its *local* entries with `(epoch, seq)` — the epoch
+//! is fixed when the relay starts (so a restarted relay is newer than its previous life) and
+//! `seq` counts changes — and sends them to its peers as deltas; a peer applies a delta only
+//! if it is newer than the last one applied from that origin, so replays and reordering after
+//! a reconnect cannot resurrect removed entries. A `full` delta replaces everything known from
 //! that origin (sent when a peering comes up). Federated entries expire `ttl` after the last
 //! delta or refresh from their origin; owners refresh while they live and remove entries
 //! promptly when a home node deregisters. Plain data; time is passed in (tests use a fake clock).
@@ -60,6 +61,9 @@ impl Entry {
 pub struct Delta {
     /// Main relay whose local entries these are.
     pub origin: String,
+    /// Origin's incarnation (fixed per process start).
+    #[serde(default)]
+    pub epoch: u64,
     /// Origin's sequence number after this change.
     pub seq: u64,
     /// Replace everything known from `origin` with `add`.
@@ -95,18 +99,30 @@ struct Federated {
 pub struct Registry {
     me: String,
     ttl: Duration,
+    epoch: u64,
     local: BTreeMap<Key, Entry>,
     local_seq: u64,
     federated: BTreeMap<Key, Federated>,
-    origin_seq: HashMap<String, u64>,
+    origin_seq: HashMap<String, (u64, u64)>,
 }
 
 impl Registry {
     /// An empty registry for main relay `me`; federated entries live `ttl` unless refreshed.
+    /// The epoch is the start time in Unix milliseconds.
     pub fn new(me: &str, ttl: Duration) -> Self {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self::with_epoch(me, ttl, epoch)
+    }
+
+    /// As [`Registry::new`] with an explicit epoch (tests).
+    pub fn with_epoch(me: &str, ttl: Duration, epoch: u64) -> Self {
         Self {
             me: me.to_owned(),
             ttl,
+            epoch,
             local: BTreeMap::new(),
             local_seq: 0,
             federated: BTreeMap::new(),
@@ -147,13 +163,14 @@ impl Registry {
             return None;
         }
         self.local_seq += 1;
-        Some(Delta { origin: self.me.clone(), seq: self.local_seq, full: false, add, remove })
+        Some(Delta { origin: self.me.clone(), epoch: self.epoch, seq: self.local_seq, full: false, add, remove })
     }
 
     /// Everything local, as a `full` delta (sent when a peering comes up, and as refresh).
     pub fn full_delta(&self) -> Delta {
         Delta {
             origin: self.me.clone(),
+            epoch: self.epoch,
             seq: self.local_seq,
             full: true,
             add: self.local.values().cloned().collect(),
@@ -167,16 +184,20 @@ impl Registry {
             return Applied::Forged;
         }
         let last = self.origin_seq.get(&d.origin).copied();
+        let at = (d.epoch, d.seq);
         let newer = match last {
             None => true,
-            Some(s) => d.seq > s || (d.full && d.seq >= s),
+            Some(s) => at > s || (d.full && at >= s),
         };
         if !newer {
             return Applied::Stale;
         }
-        self.origin_seq.insert(d.origin.clone(), d.seq);
+        // A new incarnation of the origin only speaks in full deltas first; anything it says
+        // replaces what its previous life said.
+        let new_epoch = last.is_some_and(|(e, _)| e != d.epoch);
+        self.origin_seq.insert(d.origin.clone(), at);
         let expires = now + self.ttl;
-        if d.full {
+        if d.full || new_epoch {
             self.federated.retain(|k, _| k.main != d.origin);
         }
         for k in &d.remove {
@@ -184,10 +205,6 @@ impl Registry {
         }
         for e in &d.add {
             self.federated.insert(e.key(), Federated { entry: e.clone(), expires });
-        }
-        if d.full {
-            // A full delta also refreshes what it lists (already done) — nothing else from
-            // this origin survives.
         }
         Applied::Applied
     }
@@ -197,11 +214,16 @@ impl Registry {
         self.local_seq
     }
 
+    /// This relay's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// A refresh from `origin` at `seq`: extends the TTL of its entries when `seq` is the last
     /// one applied (a newer one means deltas were missed: the entries are left to expire and
     /// the next full delta repairs the view). Returns whether anything was refreshed.
-    pub fn refresh(&mut self, origin: &str, seq: u64, now: Instant) -> bool {
-        if self.origin_seq.get(origin) != Some(&seq) {
+    pub fn refresh(&mut self, origin: &str, epoch: u64, seq: u64, now: Instant) -> bool {
+        if self.origin_seq.get(origin) != Some(&(epoch, seq)) {
             return false;
         }
         let expires = now + self.ttl;
@@ -292,6 +314,25 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_origin_is_newer_than_its_previous_life() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(600);
+        let mut old = Registry::with_epoch("m2", ttl, 100);
+        old.register("h", vec![e("a", "", "")]);
+        old.register("h", vec![e("a", "", ""), e("b", "", "")]);
+        let mut r = Registry::with_epoch("m1", ttl, 1);
+        r.apply("m2", &old.full_delta(), t0);
+        // The restarted relay starts counting again, but from a later epoch.
+        let mut new = Registry::with_epoch("m2", ttl, 200);
+        assert_eq!(r.apply("m2", &new.full_delta(), t0), Applied::Applied);
+        assert!(r.lookup("a", 80).is_empty(), "the new life's (empty) full delta replaces the old entries");
+        let d = new.register("h", vec![e("a", "", "")]).unwrap();
+        assert_eq!(r.apply("m2", &d, t0), Applied::Applied);
+        assert_eq!(r.lookup("a", 80).len(), 1);
+        assert_eq!(r.apply("m2", &old.full_delta(), t0), Applied::Stale, "the old life cannot come back");
+    }
+
+    #[test]
     fn federated_entries_expire_unless_refreshed() {
         let t0 = Instant::now();
         let ttl = Duration::from_secs(600);
@@ -315,9 +356,12 @@ mod tests {
         origin.register("h", vec![e("a", "", "")]);
         let mut r = Registry::new("m1", ttl);
         r.apply("m2", &origin.full_delta(), t0);
-        assert!(r.refresh("m2", origin.seq(), t0 + Duration::from_secs(9)));
+        assert!(r.refresh("m2", origin.epoch(), origin.seq(), t0 + Duration::from_secs(9)));
         assert!(r.expire(t0 + Duration::from_secs(15)).is_empty());
-        assert!(!r.refresh("m2", origin.seq() + 1, t0 + Duration::from_secs(18)), "a gap is not papered over");
+        assert!(
+            !r.refresh("m2", origin.epoch(), origin.seq() + 1, t0 + Duration::from_secs(18)),
+            "a gap is not papered over"
+        );
         assert_eq!(r.expire(t0 + Duration::from_secs(19)).len(), 1);
     }
 
@@ -327,13 +371,15 @@ mod tests {
         let mut r = Registry::new("m1", Duration::from_secs(600));
         let d = Delta {
             origin: "m2".into(),
+            epoch: 1,
             seq: 5,
             full: false,
             add: vec![e("a", "h1", "m2"), e("a", "h2", "m2")],
             remove: vec![],
         };
         r.apply("m2", &d, t0);
-        let full = Delta { origin: "m2".into(), seq: 6, full: true, add: vec![e("a", "h2", "m2")], remove: vec![] };
+        let full =
+            Delta { origin: "m2".into(), epoch: 1, seq: 6, full: true, add: vec![e("a", "h2", "m2")], remove: vec![] };
         r.apply("m2", &full, t0);
         assert_eq!(r.lookup("a", 80).iter().map(|e| e.node.as_str()).collect::<Vec<_>>(), ["h2"]);
     }
@@ -344,7 +390,14 @@ mod tests {
         let mut r = Registry::new("m1", Duration::from_secs(600));
         r.apply(
             "m2",
-            &Delta { origin: "m2".into(), seq: 1, full: true, add: vec![e("a", "far", "m2")], remove: vec![] },
+            &Delta {
+                origin: "m2".into(),
+                epoch: 1,
+                seq: 1,
+                full: true,
+                add: vec![e("a", "far", "m2")],
+                remove: vec![],
+            },
             t0,
         );
         r.register("near", vec![e("a", "", "")]);

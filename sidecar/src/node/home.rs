@@ -46,6 +46,7 @@ pub struct HomeNode {
     policy: EchPolicy,
     ech_configs: RwLock<HashMap<String, EchConfigList>>,
     conn: watch::Sender<Option<(String, quinn::Connection)>>,
+    endpoint: std::sync::OnceLock<quinn::Endpoint>,
     view: RwLock<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>,
     balancers: std::sync::Mutex<HashMap<(String, u16), Balancer>>,
     lb: LoadBalancing,
@@ -91,6 +92,7 @@ impl HomeNode {
             policy: snap.ech_policy.clone(),
             ech_configs: RwLock::new(ech_configs),
             conn,
+            endpoint: std::sync::OnceLock::new(),
             view: RwLock::new(Default::default()),
             balancers: std::sync::Mutex::new(HashMap::new()),
             lb: snap.load_balancing.clone(),
@@ -134,6 +136,7 @@ impl HomeNode {
         let bind: SocketAddr = snap.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let mut endpoint = quinn::Endpoint::client(bind)?;
         endpoint.set_default_client_config(node.identity.client_config(&snap.timeouts)?);
+        let _ = node.endpoint.set(endpoint.clone());
         let mut ready = node.conn.subscribe();
         let n = node.clone();
         tokio::spawn(async move { n.dial_loop(endpoint).await });
@@ -206,6 +209,15 @@ impl HomeNode {
                 warn!(main = %main.node_id, "hop handshake timed out");
                 None
             }
+        }
+    }
+
+    /// Clean shutdown: closes the main relay connection, so the relay deregisters this node's
+    /// services at once (everywhere), and waits for the close to be sent.
+    pub async fn shutdown(&self) {
+        if let Some(ep) = self.endpoint.get() {
+            ep.close(0u32.into(), b"shutdown");
+            let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
         }
     }
 

@@ -33,8 +33,8 @@ impl MainRelay {
             let mut tick = tokio::time::interval(relay.refresh_interval);
             loop {
                 tick.tick().await;
-                let seq = relay.registry.lock().map(|r| r.seq()).unwrap_or(0);
-                relay.to_peers(Control::Refresh { origin: relay.identity.node_id.clone(), seq }, "refresh_sent");
+                let (epoch, seq) = relay.registry.lock().map(|r| (r.epoch(), r.seq())).unwrap_or((0, 0));
+                relay.to_peers(Control::Refresh { origin: relay.identity.node_id.clone(), epoch, seq }, "refresh_sent");
             }
         });
         let relay = self.clone();
@@ -204,8 +204,10 @@ impl MainRelay {
                     }
                 }
             }
-            Control::Refresh { origin, seq } => {
-                if origin == peer && self.registry.lock().map(|mut r| r.refresh(&origin, seq, now)).unwrap_or(false) {
+            Control::Refresh { origin, epoch, seq } => {
+                if origin == peer
+                    && self.registry.lock().map(|mut r| r.refresh(&origin, epoch, seq, now)).unwrap_or(false)
+                {
                     self.metrics.propagation.get_or_create(&[("event", "refresh_applied")]).inc();
                 }
             }

@@ -77,6 +77,7 @@ pub struct MainRelay {
     pub(crate) health_interval: Duration,
     pub(crate) refresh_interval: Duration,
     tamper: Tamper,
+    endpoint: std::sync::OnceLock<quinn::Endpoint>,
 }
 
 /// Addresses a started relay is bound to.
@@ -120,12 +121,22 @@ impl MainRelay {
                 snap.registry.refresh_seconds.unwrap_or(snap.registry.ttl_seconds / 3).max(1),
             ),
             tamper,
+            endpoint: std::sync::OnceLock::new(),
         });
+        let _ = relay.endpoint.set(endpoint.clone());
         let r = relay.clone();
         let ep = endpoint.clone();
         tokio::spawn(async move { r.accept_loop(ep).await });
         relay.clone().start_federation(endpoint);
         Ok((relay, bound))
+    }
+
+    /// Clean shutdown: closes every connection (homes fail over, peers see it at once).
+    pub async fn shutdown(&self) {
+        if let Some(ep) = self.endpoint.get() {
+            ep.close(0u32.into(), b"shutdown");
+            let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+        }
     }
 
     /// This relay's node id.

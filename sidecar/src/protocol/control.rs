@@ -83,6 +83,8 @@ pub enum Control {
     Refresh {
         /// The sender.
         origin: String,
+        /// Its epoch.
+        epoch: u64,
         /// Its current sequence number.
         seq: u64,
     },

@@ -57,6 +57,23 @@ impl Proc {
             .unwrap()
     }
 
+    /// GETs an admin path and parses the JSON body.
+    pub async fn json(&self, path: &str) -> Value {
+        let mut s = TcpStream::connect(self.admin()).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
+    }
+
+    /// Sends a signal (SIGTERM for a clean stop, SIGKILL for a crash) and waits for exit.
+    pub async fn signal(&mut self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill").args([format!("-{sig}"), pid]).status().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
     /// Scrapes `/metrics`.
     pub async fn metrics(&self) -> String {
         let mut s = TcpStream::connect(self.admin()).await.unwrap();
@@ -91,6 +108,40 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         }
     }
     0.0
+}
+
+/// Waits until `check` holds, polling observable state every 20 ms; panics after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A server that answers each connection with `<name>|` followed by an echo of the request.
+pub async fn identify_server(name: &str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if w.write_all(format!("{name}|").as_bytes()).await.is_ok() {
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
 }
 
 /// A TCP echo server on loopback; returns its address.

@@ -1,0 +1,190 @@
+//! Three main relays and six home nodes as real processes on loopback, from the scenario in
+//! tests/scenarios/federation.yaml: registration, registry propagation, local (2-hop) and
+//! cross-federation (3-hop) calls, SERVICE_NOT_FOUND, load balancing, prompt deregistration,
+//! TTL expiry after a relay crash, failover and recovery, and the path-trace probe.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Proc, eventually, identify_server, round_trip};
+use relayfed_sidecar::testbed::{ScenarioSpec, Testbed, service_port};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// Calls `service:port` through `home`'s import listener; returns (instance, payload echoed).
+async fn call(home: &Proc, import: &str, payload: &[u8]) -> std::io::Result<(String, Vec<u8>)> {
+    let reply = round_trip(home.import(import), payload).await?;
+    let bar = reply.iter().position(|&b| b == b'|').ok_or_else(|| std::io::Error::other("no answer"))?;
+    Ok((String::from_utf8_lossy(&reply[..bar]).into_owned(), reply[bar + 1..].to_vec()))
+}
+
+fn nodes_in(registry: &Value) -> Vec<String> {
+    let mut v: Vec<String> = registry["local"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(registry["federated"].as_array().unwrap().iter().map(|f| &f["entry"]))
+        .map(|e| format!("{}/{}", e["node"].as_str().unwrap(), e["service"].as_str().unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+async fn registry_of(p: &Proc) -> Vec<String> {
+    nodes_in(&p.json("/federation/registry").await)
+}
+
+async fn view_of(p: &Proc) -> Vec<String> {
+    let mut v: Vec<String> = p.json("/federation/registry").await["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}/{}", e["node"].as_str().unwrap(), e["service"].as_str().unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_mains_six_homes() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scenarios/federation.yaml")).unwrap();
+    let spec: ScenarioSpec = serde_saphyr::from_str(&text).unwrap();
+    let tb = Testbed::new(&spec.trust_domain).unwrap();
+    let mut targets = HashMap::new();
+    for h in &spec.homes {
+        for e in &h.exports {
+            let (svc, port) = service_port(e).unwrap();
+            targets.insert((h.id.clone(), svc, port), identify_server(&h.id).await);
+        }
+    }
+    let files = tb.scenario(&spec, |h, s, p| targets[&(h.to_owned(), s.to_owned(), p)]).unwrap();
+    let mut mains: HashMap<String, Proc> = HashMap::new();
+    for (id, path, _) in &files.mains {
+        mains.insert(id.clone(), Proc::start("main-relay", path, &[]).await);
+    }
+    let mut homes: HashMap<String, Proc> = HashMap::new();
+    for (id, path) in &files.homes {
+        homes.insert(id.clone(), Proc::start("home", path, &[]).await);
+    }
+    let all: Vec<String> = {
+        let mut v: Vec<String> = spec
+            .homes
+            .iter()
+            .flat_map(|h| h.exports.iter().map(move |e| format!("{}/{}", h.id, service_port(e).unwrap().0)))
+            .collect();
+        v.sort();
+        v
+    };
+
+    // Every main relay holds every instance: its own as local, the others as federated.
+    for (id, m) in &mains {
+        eventually(&format!("{id} knows every instance"), WAIT, || async { registry_of(m).await == all }).await;
+        let reg = m.json("/federation/registry").await;
+        for e in reg["local"].as_array().unwrap() {
+            assert_eq!(e["main"], id.as_str(), "local entries are this relay's");
+        }
+        for f in reg["federated"].as_array().unwrap() {
+            assert_ne!(f["entry"]["main"], id.as_str());
+            assert!(f["ttlSeconds"].as_f64().unwrap() > 0.0);
+        }
+        let health = m.json("/federation/health").await;
+        assert_eq!(health["connectedPeers"], 2, "{id}: {health}");
+    }
+    for h in ["a2", "c1"] {
+        eventually(&format!("{h}'s view is complete"), WAIT, || async { view_of(&homes[h]).await == all }).await;
+    }
+
+    // Local call (home -> main -> home): a2 prefers a1 on its own relay.
+    let big = pattern(256 * 1024);
+    let (who, echoed) = call(&homes["a2"], "echo:7", &big).await.unwrap();
+    assert_eq!((who.as_str(), echoed == big), ("a1", true));
+    let trace = homes["a2"].json("/federation/trace?service=echo&port=7").await;
+    assert_eq!(trace["relayHops"], 1, "{trace}");
+    assert_eq!(
+        trace["hops"].as_array().unwrap().iter().map(|h| h["node"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["a2", "hub-a", "a1"]
+    );
+
+    // Cross-federation call (home -> main -> main -> home), with the hops in the trace.
+    let (who, echoed) = call(&homes["c1"], "only-b:9", &big).await.unwrap();
+    assert_eq!((who.as_str(), echoed == big), ("b1", true));
+    let trace = homes["c1"].json("/federation/trace?service=only-b&port=9").await;
+    assert_eq!(
+        trace["hops"].as_array().unwrap().iter().map(|h| h["node"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["c1", "hub-c", "hub-b", "b1"],
+        "{trace}"
+    );
+
+    // A service nobody exports.
+    assert!(call(&homes["a2"], "missing:1", b"x").await.is_err());
+    assert_eq!(homes["a2"].metric("relayfed_stream_errors_total", &[("code", "SERVICE_NOT_FOUND")]).await, 1.0);
+
+    // Round robin across b1 and b2 for `spread` (configured for c1).
+    let mut spread = HashMap::new();
+    for i in 0..20u32 {
+        let (who, echoed) = call(&homes["c1"], "spread:5", &i.to_be_bytes()).await.unwrap();
+        assert_eq!(echoed, i.to_be_bytes());
+        *spread.entry(who).or_insert(0) += 1;
+    }
+    assert_eq!(spread, HashMap::from([("b1".to_owned(), 10), ("b2".to_owned(), 10)]));
+
+    // A clean stop removes a home's entries everywhere, promptly (well before the TTL).
+    homes.get_mut("c2").unwrap().signal("TERM").await;
+    for (id, m) in &mains {
+        eventually(&format!("{id} forgets c2"), Duration::from_secs(2), || async {
+            !registry_of(m).await.iter().any(|e| e.starts_with("c2/"))
+        })
+        .await;
+    }
+
+    // A killed instance stops receiving calls once its relay notices (QUIC idle timeout).
+    homes.get_mut("b2").unwrap().signal("KILL").await;
+    eventually("c1 stops seeing b2", WAIT, || async {
+        !view_of(&homes["c1"]).await.iter().any(|e| e.starts_with("b2/"))
+    })
+    .await;
+    for i in 0..6u32 {
+        assert_eq!(call(&homes["c1"], "spread:5", &i.to_be_bytes()).await.unwrap().0, "b1");
+    }
+
+    // A main relay crash: its home fails over to the next main, calls resume; the relay
+    // comes back and its own home reconnects to it.
+    mains.get_mut("hub-a").unwrap().signal("KILL").await;
+    eventually("a2 fails over to hub-b", WAIT, || async {
+        homes["a2"].json("/federation/health").await["mainRelay"] == "hub-b"
+    })
+    .await;
+    assert_eq!(
+        call(&homes["a2"], "only-b:9", b"after failover").await.unwrap(),
+        ("b1".to_owned(), b"after failover".to_vec())
+    );
+    let a_path = &files.mains.iter().find(|(id, _, _)| id == "hub-a").unwrap().1;
+    mains.insert("hub-a".into(), Proc::start("main-relay", a_path, &[]).await);
+    eventually("a1 is back in c1's view", WAIT, || async {
+        view_of(&homes["c1"]).await.iter().any(|e| e == "a1/echo")
+    })
+    .await;
+    assert_eq!(call(&homes["c1"], "echo:7", b"resumed").await.unwrap(), ("a1".to_owned(), b"resumed".to_vec()));
+    assert!(homes["a1"].metric("relayfed_reconnects_total", &[("kind", "main")]).await >= 1.0);
+
+    // A crashed relay's entries stay at its peers until their TTL runs out, then go.
+    mains.get_mut("hub-b").unwrap().signal("KILL").await;
+    let b_entries = |v: Vec<String>| v.iter().filter(|e| e.starts_with("b1/")).count();
+    assert_eq!(b_entries(registry_of(&mains["hub-c"]).await), 2, "entries survive a crash until the TTL");
+    for id in ["hub-a", "hub-c"] {
+        eventually(&format!("{id} expires hub-b's entries"), WAIT, || async {
+            b_entries(registry_of(&mains[id]).await) == 0
+        })
+        .await;
+    }
+    assert!(mains["hub-c"].metric("relayfed_registry_propagation_total", &[("event", "expired")]).await >= 2.0);
+}
