@@ -232,21 +232,41 @@ impl HomeNode {
         let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv))
             .await
             .map_err(|_| anyhow::anyhow!("no view from the main relay in time"))??;
-        match first {
-            Some(Frame::Control(v @ Control::View { .. })) => self.apply_view(v),
-            other => anyhow::bail!("expected a view, got {other:?}"),
+        let mut parts = Vec::new();
+        let mut next = first;
+        loop {
+            match next {
+                Some(Frame::Control(Control::View { mains, entries, more })) => {
+                    parts.push((mains, entries));
+                    if !more {
+                        break;
+                    }
+                }
+                other => anyhow::bail!("expected a view, got {other:?}"),
+            }
+            next = read_frame(&mut recv).await?;
         }
+        self.apply_view(std::mem::take(&mut parts));
         let node = self.clone();
         Ok(tokio::spawn(async move {
             let _keep_open = send;
-            while let Ok(Some(Frame::Control(m))) = read_frame(&mut recv).await {
-                node.apply_view(m);
+            while let Ok(Some(Frame::Control(Control::View { mains, entries, more }))) = read_frame(&mut recv).await {
+                parts.push((mains, entries));
+                if !more {
+                    node.apply_view(std::mem::take(&mut parts));
+                }
             }
         }))
     }
 
-    fn apply_view(&self, m: Control) {
-        let Control::View { mains, entries } = m else { return };
+    /// Installs a complete view assembled from its parts.
+    fn apply_view(&self, parts: Vec<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>) {
+        let mut mains = std::collections::BTreeMap::new();
+        let mut entries = Vec::new();
+        for (m, e) in parts {
+            mains.extend(m);
+            entries.extend(e);
+        }
         self.metrics.propagation.get_or_create(&[("event", "view_received")]).inc();
         self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
         // Lists from the config snapshot stay as given (a stale one is repaired by retry

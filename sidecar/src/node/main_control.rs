@@ -225,23 +225,12 @@ impl MainRelay {
         self: Arc<Self>,
         node: String,
         first: Control,
-        mut send: quinn::SendStream,
+        send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Control>();
-        if let Ok(mut h) = self.homes.write()
-            && let Some(link) = h.get_mut(&node)
-        {
-            link.control = Some(tx);
-        }
-        let writer = tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                if write_frames(&mut send, &[Frame::Control(m)]).await.is_err() {
-                    break;
-                }
-            }
-        });
         let mut next = Some(first);
+        let mut send = Some(send);
+        let mut writer = None;
         while let Some(m) = next.take() {
             match m {
                 Control::Register { services, noise_key } => {
@@ -265,12 +254,32 @@ impl MainRelay {
                 }
                 other => warn!(home = %node, message = ?other, "unexpected control message from a home node"),
             }
+            if let Some(mut send) = send.take() {
+                // After the first registration: send the newest view whenever it changes
+                // (coalesced: a slow home never makes views pile up).
+                let mut views = self.views.subscribe();
+                let metrics = self.metrics.clone();
+                writer = Some(tokio::spawn(async move {
+                    loop {
+                        let bytes = views.borrow_and_update().clone();
+                        if tokio::io::AsyncWriteExt::write_all(&mut send, &bytes).await.is_err() {
+                            break;
+                        }
+                        metrics.propagation.get_or_create(&[("event", "view_sent")]).inc();
+                        if views.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                }));
+            }
             next = match read_frame(&mut recv).await {
                 Ok(Some(Frame::Control(m))) => Some(m),
                 _ => None,
             };
         }
-        writer.abort();
+        if let Some(w) = writer {
+            w.abort();
+        }
     }
 
     /// A home node's connection ended: its entries go, everywhere, now.
@@ -312,7 +321,8 @@ impl MainRelay {
         }
     }
 
-    /// Sends every home node the current view (all instances, the mains' ECH configs).
+    /// Publishes the current view (all instances, the mains' ECH configs) to every home
+    /// node's writer, encoded once, split into CONTROL frames of at most 200 entries.
     pub(crate) fn push_views(&self) {
         let (entries, sizes) = match self.registry.lock() {
             Ok(r) => (r.all(), r.sizes()),
@@ -330,17 +340,23 @@ impl MainRelay {
                 mains.insert(p.clone(), MainInfo { ech_config_list: health.ech_config_list.clone() });
             }
         }
-        let view = Control::View { mains, entries };
-        let homes = self
-            .homes
-            .read()
-            .map(|h| h.values().filter_map(|l| l.control.clone()).collect::<Vec<_>>())
-            .unwrap_or_default();
-        for tx in homes {
-            if tx.send(view.clone()).is_ok() {
-                self.metrics.propagation.get_or_create(&[("event", "view_sent")]).inc();
+        let chunks: Vec<&[Entry]> = if entries.is_empty() { vec![&[]] } else { entries.chunks(200).collect() };
+        let mut bytes = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let part = Control::View {
+                mains: if i == 0 { mains.clone() } else { BTreeMap::new() },
+                entries: chunk.to_vec(),
+                more: i + 1 < chunks.len(),
+            };
+            match Frame::Control(part).encode() {
+                Ok(b) => bytes.extend_from_slice(&b),
+                Err(e) => {
+                    warn!(error = %e, "view part too large to encode");
+                    return;
+                }
             }
         }
+        self.views.send_replace(Arc::new(bytes));
     }
 
     /// JSON for the admin API (`/federation/health|peers|registry`).

@@ -78,6 +78,8 @@ pub struct MainRelay {
     pub(crate) refresh_interval: Duration,
     tamper: Tamper,
     endpoint: std::sync::OnceLock<quinn::Endpoint>,
+    /// The latest view, encoded once as CONTROL frames; home writers send the newest only.
+    pub(crate) views: tokio::sync::watch::Sender<Arc<Vec<u8>>>,
 }
 
 /// Addresses a started relay is bound to.
@@ -122,7 +124,9 @@ impl MainRelay {
             ),
             tamper,
             endpoint: std::sync::OnceLock::new(),
+            views: tokio::sync::watch::channel(Arc::new(Vec::new())).0,
         });
+        relay.push_views();
         let _ = relay.endpoint.set(endpoint.clone());
         let r = relay.clone();
         let ep = endpoint.clone();

@@ -57,12 +57,16 @@ pub enum Control {
         noise_key: String,
     },
     /// Main -> home: every instance the home may call, and the main relays' ECH configs.
+    /// Large views are split across several messages; all but the last set `more`.
     #[serde(rename_all = "camelCase")]
     View {
-        /// Main relays by node id.
+        /// Main relays by node id (in the first part).
         mains: BTreeMap<String, MainInfo>,
         /// Instances (local first).
         entries: Vec<Entry>,
+        /// More parts follow.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// Main <-> main: first message on a peer control stream.
     #[serde(rename_all = "camelCase")]

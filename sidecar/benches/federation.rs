@@ -1,0 +1,171 @@
+//! `make bench` (federation part): 1,000 concurrent cross-federation calls (home -> main ->
+//! main -> home, small request/response, each a new stream with its own Noise handshake), and
+//! a main relay's resident memory per connected, registered home node. Relays and home nodes
+//! are real release-build processes; the extra homes for the memory measurement are real QUIC
+//! clients in this process that connect, register a service and receive views.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use relayfed_sidecar::config::{Snapshot, Timeouts};
+use relayfed_sidecar::protocol::Frame;
+use relayfed_sidecar::protocol::control::{Control, Service};
+use relayfed_sidecar::testbed::{HomeSpec, ScenarioSpec, Testbed};
+use relayfed_sidecar::transport::io::{read_frame, write_frames};
+use relayfed_sidecar::transport::tls::HopIdentity;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+struct Proc {
+    child: Child,
+    ready: Value,
+}
+
+async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relayfed-proxy"))
+        .args([mode, "--config"])
+        .arg(cfg)
+        .env("RELAYFED_LOG", "error")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Proc { child, ready }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+}
+
+async fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn registry_size(admin: &str) -> usize {
+    let mut s = TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /federation/health HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let body: Value = serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap();
+    body["services"].as_u64().unwrap() as usize
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let spec = ScenarioSpec {
+        trust_domain: "bench.example".into(),
+        registry_ttl_seconds: 600,
+        idle_timeout_ms: 30_000,
+        mains: vec!["hub-a".into(), "hub-b".into()],
+        homes: vec![
+            HomeSpec { id: "client".into(), mains: vec!["hub-a".into()], exports: vec![], imports: vec!["echo:7".into()], round_robin: vec![] },
+            HomeSpec { id: "server".into(), mains: vec!["hub-b".into()], exports: vec!["echo:7".into()], imports: vec![], round_robin: vec![] },
+        ],
+    };
+    let tb = Testbed::new(&spec.trust_domain).unwrap();
+    let echo = echo_server().await;
+    let files = tb.scenario(&spec, |_, _, _| echo).unwrap();
+    let mut mains = Vec::new();
+    for (_, path, _) in &files.mains {
+        mains.push(start("main-relay", path).await);
+    }
+    let server = start("home", &files.homes[1].1).await;
+    let client = start("home", &files.homes[0].1).await;
+    let admin = client.ready["admin"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while registry_size(&admin).await < 1 {
+        assert!(Instant::now() < deadline, "the client never saw the echo service");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let import: SocketAddr = client.ready["imports"]["echo:7"].as_str().unwrap().parse().unwrap();
+
+    // Warm up, then 1,000 concurrent calls.
+    for _ in 0..20 {
+        call(import).await.unwrap();
+    }
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..1000).map(|_| tokio::spawn(call(import))).collect();
+        let mut ok = 0;
+        for t in tasks {
+            if t.await.unwrap().is_ok() {
+                ok += 1;
+            }
+        }
+        runs.push((t.elapsed(), ok));
+    }
+
+    // Memory per connected home at hub-a: RSS before and after 500 registered homes.
+    let hub_a_pid = mains[0].child.id().unwrap();
+    let hub_a: SocketAddr = files.mains[0].2;
+    let snap = Snapshot::load(&files.homes[0].1).unwrap();
+    let ca = std::fs::read_to_string(&snap.tls.ca_file).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_kib(hub_a_pid);
+    let n = 500;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let node = format!("mem-{i}");
+        let cert = tb.ca.issue(&node, Duration::from_secs(3600)).unwrap();
+        let id = HopIdentity::from_pem(&spec.trust_domain, &node, &ca, &cert.cert_pem, &cert.key_pem).unwrap();
+        endpoint.set_default_client_config(id.client_config(&Timeouts::default()).unwrap());
+        let conn = endpoint.connect(hub_a, &id.server_name("hub-a")).unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let reg = Control::Register { services: vec![Service { service: format!("svc-{i}"), port: 80, ech: true }], noise_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into() };
+        write_frames(&mut send, &[Frame::Control(reg)]).await.unwrap();
+        let _view = read_frame(&mut recv).await.unwrap();
+        // Keep draining views so the relay's writer is never blocked by us.
+        tokio::spawn(async move {
+            let _keep = send;
+            while let Ok(Some(_)) = read_frame(&mut recv).await {}
+        });
+        conns.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(hub_a_pid);
+    let per_home = (after.saturating_sub(before)) as f64 / n as f64;
+
+    println!("| measurement | result |");
+    println!("|---|---|");
+    for (i, (d, ok)) in runs.iter().enumerate() {
+        println!("| 1,000 concurrent cross-federation calls (3 relay hops... home -> hub-a -> hub-b -> home), run {} | {ok}/1000 ok in {:.0} ms |", i + 1, d.as_secs_f64() * 1e3);
+    }
+    println!("| hub-a resident memory before / after {n} connected, registered home nodes | {before} KiB / {after} KiB |");
+    println!("| main relay memory per connected home node | {per_home:.1} KiB |");
+    drop(conns);
+    drop(server);
+}
+
+async fn call(addr: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    let msg = b"ping across the federation";
+    s.write_all(msg).await?;
+    let mut back = [0u8; 26];
+    s.read_exact(&mut back).await?;
+    if &back != msg {
+        return Err(std::io::Error::other("corrupted"));
+    }
+    Ok(())
+}
