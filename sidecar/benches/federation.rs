@@ -42,7 +42,15 @@ async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 async fn echo_server() -> SocketAddr {
@@ -78,8 +86,20 @@ async fn main() {
         idle_timeout_ms: 30_000,
         mains: vec!["hub-a".into(), "hub-b".into()],
         homes: vec![
-            HomeSpec { id: "client".into(), mains: vec!["hub-a".into()], exports: vec![], imports: vec!["echo:7".into()], round_robin: vec![] },
-            HomeSpec { id: "server".into(), mains: vec!["hub-b".into()], exports: vec!["echo:7".into()], imports: vec![], round_robin: vec![] },
+            HomeSpec {
+                id: "client".into(),
+                mains: vec!["hub-a".into()],
+                exports: vec![],
+                imports: vec!["echo:7".into()],
+                round_robin: vec![],
+            },
+            HomeSpec {
+                id: "server".into(),
+                mains: vec!["hub-b".into()],
+                exports: vec!["echo:7".into()],
+                imports: vec![],
+                round_robin: vec![],
+            },
         ],
     };
     let tb = Testbed::new(&spec.trust_domain).unwrap();
@@ -133,13 +153,19 @@ async fn main() {
         endpoint.set_default_client_config(id.client_config(&Timeouts::default()).unwrap());
         let conn = endpoint.connect(hub_a, &id.server_name("hub-a")).unwrap().await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let reg = Control::Register { services: vec![Service { service: format!("svc-{i}"), port: 80, ech: true }], noise_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into() };
+        let reg = Control::Register {
+            services: vec![Service { service: format!("svc-{i}"), port: 80, ech: true }],
+            noise_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            imports: Some(vec!["echo:7".into()]),
+        };
         write_frames(&mut send, &[Frame::Control(reg)]).await.unwrap();
-        let _view = read_frame(&mut recv).await.unwrap();
-        // Keep draining views so the relay's writer is never blocked by us.
+        // Behave like a home node: acknowledge every complete view.
         tokio::spawn(async move {
-            let _keep = send;
-            while let Ok(Some(_)) = read_frame(&mut recv).await {}
+            while let Ok(Some(Frame::Control(Control::View { more, .. }))) = read_frame(&mut recv).await {
+                if !more && write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await.is_err() {
+                    break;
+                }
+            }
         });
         conns.push(conn);
     }
@@ -150,9 +176,15 @@ async fn main() {
     println!("| measurement | result |");
     println!("|---|---|");
     for (i, (d, ok)) in runs.iter().enumerate() {
-        println!("| 1,000 concurrent cross-federation calls (3 relay hops... home -> hub-a -> hub-b -> home), run {} | {ok}/1000 ok in {:.0} ms |", i + 1, d.as_secs_f64() * 1e3);
+        println!(
+            "| 1,000 concurrent cross-federation calls (3 relay hops... home -> hub-a -> hub-b -> home), run {} | {ok}/1000 ok in {:.0} ms |",
+            i + 1,
+            d.as_secs_f64() * 1e3
+        );
     }
-    println!("| hub-a resident memory before / after {n} connected, registered home nodes | {before} KiB / {after} KiB |");
+    println!(
+        "| hub-a resident memory before / after {n} connected, registered home nodes | {before} KiB / {after} KiB |"
+    );
     println!("| main relay memory per connected home node | {per_home:.1} KiB |");
     drop(conns);
     drop(server);

@@ -99,8 +99,15 @@ async fn three_mains_six_homes() {
         let health = m.json("/federation/health").await;
         assert_eq!(health["connectedPeers"], 2, "{id}: {health}");
     }
-    for h in ["a2", "c1"] {
-        eventually(&format!("{h}'s view is complete"), WAIT, || async { view_of(&homes[h]).await == all }).await;
+    // Each home's view holds exactly the instances of the services it imports.
+    for h in spec.homes.iter().filter(|h| !h.imports.is_empty()) {
+        let wanted: Vec<String> = h.imports.iter().map(|i| service_port(i).unwrap().0).collect();
+        let expected: Vec<String> =
+            all.iter().filter(|e| wanted.iter().any(|w| e.ends_with(&format!("/{w}")))).cloned().collect();
+        eventually(&format!("{}'s view is complete", h.id), WAIT, || async {
+            view_of(&homes[&h.id]).await == expected
+        })
+        .await;
     }
 
     // Local call (home -> main -> home): a2 prefers a1 on its own relay.

@@ -43,6 +43,7 @@ pub struct HomeNode {
     noise: StaticKeypair,
     mains: Vec<MainRelay>,
     exports: Vec<Export>,
+    imports: Vec<(String, u16)>,
     policy: EchPolicy,
     ech_configs: RwLock<HashMap<String, EchConfigList>>,
     conn: watch::Sender<Option<(String, quinn::Connection)>>,
@@ -89,6 +90,7 @@ impl HomeNode {
             noise,
             mains,
             exports: snap.exports.clone(),
+            imports: snap.imports.iter().map(|i| (i.service.clone(), i.port)).collect(),
             policy: snap.ech_policy.clone(),
             ech_configs: RwLock::new(ech_configs),
             conn,
@@ -194,6 +196,7 @@ impl HomeNode {
         let started = Instant::now();
         match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(conn)) => {
+                crate::transport::tls::raise_stream_limit(&conn);
                 self.metrics.hop_handshake_seconds.observe(started.elapsed().as_secs_f64());
                 self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
                 Some(conn)
@@ -227,7 +230,9 @@ impl HomeNode {
         let (mut send, mut recv) = conn.open_bi().await?;
         let services =
             self.exports.iter().map(|e| Service { service: e.service.clone(), port: e.port, ech: true }).collect();
-        let register = Control::Register { services, noise_key: base64_encode(&self.noise.public) };
+        let imports = self.imports.iter().map(|(s, p)| format!("{s}:{p}")).collect();
+        let register =
+            Control::Register { services, noise_key: base64_encode(&self.noise.public), imports: Some(imports) };
         write_frames(&mut send, &[Frame::Control(register)]).await?;
         let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv))
             .await
@@ -247,13 +252,16 @@ impl HomeNode {
             next = read_frame(&mut recv).await?;
         }
         self.apply_view(std::mem::take(&mut parts));
+        write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await?;
         let node = self.clone();
         Ok(tokio::spawn(async move {
-            let _keep_open = send;
             while let Ok(Some(Frame::Control(Control::View { mains, entries, more }))) = read_frame(&mut recv).await {
                 parts.push((mains, entries));
                 if !more {
                     node.apply_view(std::mem::take(&mut parts));
+                    if write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await.is_err() {
+                        break;
+                    }
                 }
             }
         }))

@@ -17,6 +17,36 @@ use crate::protocol::control::{Control, MainInfo};
 use crate::transport::io::{read_frame, write_frames};
 use crate::transport::tls::failure_reason;
 
+/// What every home's view is cut from.
+#[derive(Debug, Default)]
+pub(crate) struct ViewData {
+    mains: BTreeMap<String, MainInfo>,
+    entries: Vec<Entry>,
+}
+
+impl ViewData {
+    /// The view for a home interested in `imports` (all when `None`), as CONTROL frames of at
+    /// most 200 entries each.
+    fn encode_for(&self, imports: Option<&std::collections::HashSet<(String, u16)>>) -> Vec<u8> {
+        let entries: Vec<&Entry> =
+            self.entries.iter().filter(|e| imports.is_none_or(|i| i.contains(&(e.service.clone(), e.port)))).collect();
+        let chunks: Vec<&[&Entry]> = if entries.is_empty() { vec![&[]] } else { entries.chunks(200).collect() };
+        let mut bytes = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let part = Control::View {
+                mains: if i == 0 { self.mains.clone() } else { BTreeMap::new() },
+                entries: chunk.iter().map(|e| (*e).clone()).collect(),
+                more: i + 1 < chunks.len(),
+            };
+            match Frame::Control(part).encode() {
+                Ok(b) => bytes.extend_from_slice(&b),
+                Err(e) => warn!(error = %e, "view part too large to encode"),
+            }
+        }
+        bytes
+    }
+}
+
 impl MainRelay {
     /// Starts dialing peers (those with a larger node id) and the periodic tasks.
     pub(crate) fn start_federation(self: Arc<Self>, endpoint: quinn::Endpoint) {
@@ -73,6 +103,7 @@ impl MainRelay {
             };
             match conn {
                 Ok(conn) => {
+                    crate::transport::tls::raise_stream_limit(&conn);
                     self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
                     if !first {
                         self.metrics.reconnects.get_or_create(&[("kind", "peer")]).inc();
@@ -231,9 +262,20 @@ impl MainRelay {
         let mut next = Some(first);
         let mut send = Some(send);
         let mut writer = None;
+        let acked = Arc::new(tokio::sync::Notify::new());
+        let interest: Arc<std::sync::RwLock<Option<std::collections::HashSet<(String, u16)>>>> = Default::default();
         while let Some(m) = next.take() {
             match m {
-                Control::Register { services, noise_key } => {
+                Control::Register { services, noise_key, imports } => {
+                    if let Ok(mut i) = interest.write() {
+                        *i = imports.map(|list| {
+                            list.iter()
+                                .filter_map(|s| {
+                                    s.rsplit_once(':').and_then(|(n, p)| Some((n.to_owned(), p.parse().ok()?)))
+                                })
+                                .collect()
+                        });
+                    }
                     let entries = services
                         .into_iter()
                         .map(|s| Entry {
@@ -252,20 +294,27 @@ impl MainRelay {
                     }
                     self.push_views();
                 }
+                Control::ViewAck => acked.notify_one(),
                 other => warn!(home = %node, message = ?other, "unexpected control message from a home node"),
             }
             if let Some(mut send) = send.take() {
+                let acked = acked.clone();
+                let interest = interest.clone();
                 // After the first registration: send the newest view whenever it changes
                 // (coalesced: a slow home never makes views pile up).
                 let mut views = self.views.subscribe();
                 let metrics = self.metrics.clone();
                 writer = Some(tokio::spawn(async move {
                     loop {
-                        let bytes = views.borrow_and_update().clone();
+                        let data = views.borrow_and_update().clone();
+                        let bytes = data.encode_for(interest.read().ok().and_then(|i| i.clone()).as_ref());
                         if tokio::io::AsyncWriteExt::write_all(&mut send, &bytes).await.is_err() {
                             break;
                         }
                         metrics.propagation.get_or_create(&[("event", "view_sent")]).inc();
+                        // One view in flight per home: wait until it is applied, then send
+                        // the newest (intermediate views are skipped, not queued).
+                        acked.notified().await;
                         if views.changed().await.is_err() {
                             break;
                         }
@@ -322,7 +371,7 @@ impl MainRelay {
     }
 
     /// Publishes the current view (all instances, the mains' ECH configs) to every home
-    /// node's writer, encoded once, split into CONTROL frames of at most 200 entries.
+    /// node's writer.
     pub(crate) fn push_views(&self) {
         let (entries, sizes) = match self.registry.lock() {
             Ok(r) => (r.all(), r.sizes()),
@@ -340,23 +389,7 @@ impl MainRelay {
                 mains.insert(p.clone(), MainInfo { ech_config_list: health.ech_config_list.clone() });
             }
         }
-        let chunks: Vec<&[Entry]> = if entries.is_empty() { vec![&[]] } else { entries.chunks(200).collect() };
-        let mut bytes = Vec::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let part = Control::View {
-                mains: if i == 0 { mains.clone() } else { BTreeMap::new() },
-                entries: chunk.to_vec(),
-                more: i + 1 < chunks.len(),
-            };
-            match Frame::Control(part).encode() {
-                Ok(b) => bytes.extend_from_slice(&b),
-                Err(e) => {
-                    warn!(error = %e, "view part too large to encode");
-                    return;
-                }
-            }
-        }
-        self.views.send_replace(Arc::new(bytes));
+        self.views.send_replace(Arc::new(ViewData { mains, entries }));
     }
 
     /// JSON for the admin API (`/federation/health|peers|registry`).

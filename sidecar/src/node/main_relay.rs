@@ -78,8 +78,9 @@ pub struct MainRelay {
     pub(crate) refresh_interval: Duration,
     tamper: Tamper,
     endpoint: std::sync::OnceLock<quinn::Endpoint>,
-    /// The latest view, encoded once as CONTROL frames; home writers send the newest only.
-    pub(crate) views: tokio::sync::watch::Sender<Arc<Vec<u8>>>,
+    /// The latest view (main relays' ECH configs and every instance); each home writer sends
+    /// the newest, filtered to what that home imports.
+    pub(crate) views: tokio::sync::watch::Sender<Arc<super::main_control::ViewData>>,
 }
 
 /// Addresses a started relay is bound to.
@@ -124,7 +125,7 @@ impl MainRelay {
             ),
             tamper,
             endpoint: std::sync::OnceLock::new(),
-            views: tokio::sync::watch::channel(Arc::new(Vec::new())).0,
+            views: tokio::sync::watch::channel(Arc::new(Default::default())).0,
         });
         relay.push_views();
         let _ = relay.endpoint.set(endpoint.clone());
@@ -181,7 +182,12 @@ impl MainRelay {
             }
         };
         self.metrics.hop_handshakes.get_or_create(&[("role", "server"), ("result", "ok")]).inc();
-        let sender = if self.peer_endpoints.contains_key(&node) { Sender::Peer(node) } else { Sender::Home(node) };
+        let sender = if self.peer_endpoints.contains_key(&node) {
+            crate::transport::tls::raise_stream_limit(&conn);
+            Sender::Peer(node)
+        } else {
+            Sender::Home(node)
+        };
         self.serve_streams(conn, sender).await;
     }
 

@@ -55,6 +55,9 @@ pub enum Control {
         services: Vec<Service>,
         /// The home's Noise static public key, base64.
         noise_key: String,
+        /// `service:port` the home calls; its views carry only these (absent: everything).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        imports: Option<Vec<String>>,
     },
     /// Main -> home: every instance the home may call, and the main relays' ECH configs.
     /// Large views are split across several messages; all but the last set `more`.
@@ -68,6 +71,9 @@ pub enum Control {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         more: bool,
     },
+    /// Home -> main: the last complete view was applied; the relay sends at most one view at
+    /// a time per home and waits for this before sending a newer one (coalescing).
+    ViewAck,
     /// Main <-> main: first message on a peer control stream.
     #[serde(rename_all = "camelCase")]
     PeerHello {
@@ -134,6 +140,7 @@ mod tests {
         let m = Control::Register {
             services: vec![Service { service: "echo".into(), port: 7, ech: true }],
             noise_key: "k".into(),
+            imports: None,
         };
         let bytes = m.encode();
         assert_eq!(

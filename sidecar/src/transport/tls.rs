@@ -167,12 +167,25 @@ fn transport(timeouts: &Timeouts) -> Arc<quinn::TransportConfig> {
     let idle = Duration::from_millis(timeouts.idle_ms.max(1_000));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some(idle / 3));
-    t.max_concurrent_bidi_streams(4096u32.into());
+    // quinn preallocates state for every stream a peer may open, so the default stays small
+    // (a relay holds thousands of home connections); links that carry many streams (peer
+    // relays, and a home's single link to its relay) raise it with `raise_stream_limit`.
+    t.max_concurrent_bidi_streams(HOME_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((8u32 << 20).into());
     t.receive_window((32u32 << 20).into());
     t.send_window(32 << 20);
     Arc::new(t)
+}
+
+/// Concurrent streams a home node may open to its main relay.
+pub const HOME_STREAMS: u32 = 256;
+/// Concurrent streams on links that aggregate many callers (relay <-> relay, relay -> home).
+pub const TRUNK_STREAMS: u32 = 8192;
+
+/// Raises the number of streams the peer of `conn` may open at once (trunk links).
+pub fn raise_stream_limit(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(TRUNK_STREAMS.into());
 }
 
 /// Low-cardinality reason a hop handshake failed, for logs and metric labels.
