@@ -17,6 +17,9 @@ use crate::protocol::control::{Control, MainInfo};
 use crate::transport::io::{read_frame, write_frames};
 use crate::transport::tls::failure_reason;
 
+/// The `(service, port)` pairs a home imports.
+type Interest = std::collections::HashSet<(String, u16)>;
+
 /// What every home's view is cut from.
 #[derive(Debug, Default)]
 pub(crate) struct ViewData {
@@ -27,7 +30,7 @@ pub(crate) struct ViewData {
 impl ViewData {
     /// The view for a home interested in `imports` (all when `None`), as CONTROL frames of at
     /// most 200 entries each.
-    fn encode_for(&self, imports: Option<&std::collections::HashSet<(String, u16)>>) -> Vec<u8> {
+    fn encode_for(&self, imports: Option<&Interest>) -> Vec<u8> {
         let entries: Vec<&Entry> =
             self.entries.iter().filter(|e| imports.is_none_or(|i| i.contains(&(e.service.clone(), e.port)))).collect();
         let chunks: Vec<&[&Entry]> = if entries.is_empty() { vec![&[]] } else { entries.chunks(200).collect() };
@@ -263,7 +266,7 @@ impl MainRelay {
         let mut send = Some(send);
         let mut writer = None;
         let acked = Arc::new(tokio::sync::Notify::new());
-        let interest: Arc<std::sync::RwLock<Option<std::collections::HashSet<(String, u16)>>>> = Default::default();
+        let interest: Arc<std::sync::RwLock<Option<Interest>>> = Default::default();
         while let Some(m) = next.take() {
             match m {
                 Control::Register { services, noise_key, imports } => {
