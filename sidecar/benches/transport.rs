@@ -16,7 +16,7 @@ use relayfed_sidecar::protocol::InnerRoute;
 use relayfed_sidecar::testbed::Testbed;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -85,7 +85,7 @@ async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
 }
 
 async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -116,7 +116,7 @@ async fn bench_setup(addr: SocketAddr, n: usize) -> Vec<f64> {
 
 /// A sink: reads to EOF, then answers the byte count (8 bytes) and closes.
 async fn sink_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

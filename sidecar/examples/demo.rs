@@ -19,7 +19,7 @@ use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy, bucket};
 use relayfed_sidecar::testbed::Testbed;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 const DESTINATIONS: usize = 6;
@@ -87,7 +87,7 @@ fn quantile(text: &str, q: f64) -> f64 {
 }
 
 async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

@@ -104,8 +104,7 @@ impl HomeNode {
         });
         let mut bound = Bound { imports: Vec::new(), outbound: Vec::new() };
         for imp in &snap.imports {
-            let listener = TcpListener::bind(imp.listen)
-                .await
+            let listener = crate::transport::io::listen(imp.listen)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {} for {}: {e}", imp.listen, imp.service))?;
             bound.imports.push((imp.clone(), listener.local_addr()?));
             let import = Arc::new(imp.clone());
@@ -120,7 +119,7 @@ impl HomeNode {
                 addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, ic.outbound_port)));
             }
             for addr in addrs {
-                let listener = match TcpListener::bind(addr).await {
+                let listener = match crate::transport::io::listen(addr) {
                     Ok(l) => l,
                     Err(e) if addr.is_ipv6() => {
                         warn!(%addr, error = %e, "no IPv6 outbound listener (is IPv6 disabled in this namespace?)");

@@ -208,12 +208,30 @@ impl MainRelay {
             if kind == "peer" {
                 self.peer_up(&node, true);
             }
+            // Streams in flight from this neighbour, to grow a home's stream limit on demand
+            // (quinn preallocates per allowed stream, so idle homes stay small).
+            let inflight = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let mut limit =
+                if kind == "home" { crate::transport::tls::HOME_STREAMS } else { crate::transport::tls::TRUNK_STREAMS };
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
+                        let now = inflight.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        if now * 4 >= limit * 3 && limit < crate::transport::tls::TRUNK_STREAMS {
+                            limit = (limit * 2).min(crate::transport::tls::TRUNK_STREAMS);
+                            conn.set_max_concurrent_bi_streams(limit.into());
+                            debug!(limit, "raised the stream limit of a busy neighbour");
+                        }
                         let relay = self.clone();
                         let sender = sender.clone();
-                        tokio::spawn(async move { relay.stream(sender, send, recv).await }.in_current_span());
+                        let inflight = inflight.clone();
+                        tokio::spawn(
+                            async move {
+                                relay.stream(sender, send, recv).await;
+                                inflight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            .in_current_span(),
+                        );
                     }
                     Err(e) => {
                         info!(reason = %e, "connection closed");

@@ -53,3 +53,15 @@ pub async fn send_error<W: AsyncWrite + Unpin>(w: &mut W, code: ErrorCode, messa
     let frame = Frame::Error(ErrorFrame { code, retry_after_ms: 0, message: message.into() });
     let _ = write_frames(w, &[frame]).await;
 }
+
+/// Listen backlog for application-facing TCP listeners: a burst of connections (a client
+/// opening hundreds at once) must queue, not overflow into SYN retransmits (1 s stalls).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener with [`LISTEN_BACKLOG`] (capped by the kernel's `somaxconn`).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}

@@ -178,8 +178,9 @@ fn transport(timeouts: &Timeouts) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// Concurrent streams a home node may open to its main relay.
-pub const HOME_STREAMS: u32 = 256;
+/// Concurrent streams a home node may open to its main relay at first (the relay doubles it,
+/// up to [`TRUNK_STREAMS`], whenever a home uses three quarters of it).
+pub const HOME_STREAMS: u32 = 32;
 /// Concurrent streams on links that aggregate many callers (relay <-> relay, relay -> home).
 pub const TRUNK_STREAMS: u32 = 8192;
 

@@ -8,7 +8,7 @@ use std::process::Stdio;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 /// A running `relayfed-proxy` process, killed on drop.
@@ -125,7 +125,7 @@ where
 
 /// A server that answers each connection with `<name>|` followed by an echo of the request.
 pub async fn identify_server(name: &str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = l.local_addr().unwrap();
     let name = name.to_owned();
     tokio::spawn(async move {
@@ -146,7 +146,7 @@ pub async fn identify_server(name: &str) -> SocketAddr {
 
 /// A TCP echo server on loopback; returns its address.
 pub async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
