@@ -9,6 +9,7 @@ pub mod federation;
 pub mod intercept;
 pub mod node;
 pub mod protocol;
+pub mod resilience;
 #[cfg(feature = "test-util")]
 pub mod testbed;
 pub mod transport;

@@ -1,0 +1,6 @@
+//! Resilience primitives, each alone and tested alone: token-bucket rate limiting, circuit
+//! breakers, exponential backoff with full jitter.
+
+pub mod backoff;
+pub mod breaker;
+pub mod rate_limit;
