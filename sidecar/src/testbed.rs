@@ -77,6 +77,8 @@ impl Testbed {
             registry: Default::default(),
             health_check_seconds: 30,
             load_balancing: Default::default(),
+            trust: Default::default(),
+            resilience: Default::default(),
             timeouts: Timeouts::default(),
         })
     }
@@ -215,7 +217,13 @@ impl Testbed {
             s.peers = addrs
                 .iter()
                 .filter(|(p, _)| p != id)
-                .map(|(p, a)| crate::config::PeerRelay { node_id: p.clone(), endpoint: *a })
+                .map(|(p, a)| crate::config::PeerRelay {
+                    node_id: p.clone(),
+                    endpoint: *a,
+                    trust_level: crate::config::TrustLevel::Trusted,
+                    permissions: None,
+                    rate_limit: None,
+                })
                 .collect();
             files.mains.push((id.clone(), self.save(id, &s)?, *addr));
         }

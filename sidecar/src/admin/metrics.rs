@@ -55,6 +55,14 @@ pub struct Metrics {
     pub reconnects: Family<L1, Counter>,
     /// Load-balancer picks by `service` and `node`.
     pub lb_picks: Family<[(&'static str, String); 2], Counter>,
+    /// Circuit breaker state by `target` (0 closed, 1 open, 2 half-open).
+    pub circuit_state: Family<[(&'static str, String); 1], Gauge>,
+    /// Stream-setup retries by the `code` that caused them.
+    pub retries: Family<L1, Counter>,
+    /// Streams refused by rate limiting, by `sender`.
+    pub rate_limited: Family<[(&'static str, String); 1], Counter>,
+    /// Trust denials by `rule` (reject_unknown, blocked, call_permission, export_permission).
+    pub trust_denials: Family<L1, Counter>,
     /// Intercepted connections by `original_dst` (for imports; `other` otherwise), `service`
     /// and `result` (federated, passthrough, refused, not_redirected).
     pub intercepted: Family<[(&'static str, String); 3], Counter>,
@@ -87,6 +95,30 @@ impl Metrics {
         let peer_up = Family::<[(&'static str, String); 1], Gauge>::default();
         let reconnects = Family::<L1, Counter>::default();
         let lb_picks = Family::<[(&'static str, String); 2], Counter>::default();
+        let circuit_state = Family::<[(&'static str, String); 1], Gauge>::default();
+        let retries = Family::<L1, Counter>::default();
+        let rate_limited = Family::<[(&'static str, String); 1], Counter>::default();
+        let trust_denials = Family::<L1, Counter>::default();
+        registry.register(
+            "relayfed_circuit_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        registry.register(
+            "relayfed_stream_retries",
+            "Stream-setup retries on another instance, by cause",
+            retries.clone(),
+        );
+        registry.register(
+            "relayfed_rate_limited_streams",
+            "Streams refused by rate limiting, by sender",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "relayfed_trust_denials",
+            "Peers, homes, calls or exports denied by trust rules",
+            trust_denials.clone(),
+        );
         registry.register("relayfed_routes", "Routing decisions by result", routes.clone());
         registry.register("relayfed_registry_entries", "Registry entries by kind", registry_entries.clone());
         registry.register("relayfed_registry_propagation", "Registry propagation events", propagation.clone());
@@ -146,6 +178,10 @@ impl Metrics {
             peer_up,
             reconnects,
             lb_picks,
+            circuit_state,
+            retries,
+            rate_limited,
+            trust_denials,
             intercepted,
         }
     }

@@ -1,8 +1,9 @@
 //! Load balancing across instances of one service: round robin, least connections, random,
 //! and the default peak-EWMA power of two choices (as Linkerd uses).
 //!
-//! Instances that failed recently are excluded for a cooldown; instances on the caller's own
-//! main relay are preferred while any is healthy (unless `prefer_local` is off). Time and
+//! Each instance has a circuit breaker: instances whose circuit is open are excluded (a
+//! half-open one admits its probes); instances on the caller's own main relay are preferred
+//! while any is healthy (unless `prefer_local` is off). Time and
 //! randomness are passed in, so every algorithm is tested deterministically.
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::registry::{Entry, Key};
+use crate::resilience::breaker::{Breaker, BreakerConfig, State};
 
 /// How an instance is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -30,8 +32,6 @@ pub enum Algorithm {
 
 /// Decay time of the latency EWMA.
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// How long an instance is skipped after a failure.
-pub const FAILURE_COOLDOWN: Duration = Duration::from_secs(5);
 /// Latency assumed for an instance with no observations (so new instances get tried).
 const DEFAULT_RTT: f64 = 0.001;
 
@@ -40,7 +40,7 @@ struct Stats {
     inflight: u32,
     ewma: f64,
     stamp: Instant,
-    failed_until: Option<Instant>,
+    breaker: Breaker,
 }
 
 /// Per-service balancer state.
@@ -48,14 +48,20 @@ struct Stats {
 pub struct Balancer {
     algorithm: Algorithm,
     prefer_local: bool,
+    breaker: BreakerConfig,
     next: usize,
     stats: HashMap<Key, Stats>,
 }
 
 impl Balancer {
-    /// A balancer using `algorithm`.
-    pub fn new(algorithm: Algorithm, prefer_local: bool) -> Self {
-        Self { algorithm, prefer_local, next: 0, stats: HashMap::new() }
+    /// A balancer using `algorithm`, with a `breaker` per instance.
+    pub fn new(algorithm: Algorithm, prefer_local: bool, breaker: BreakerConfig) -> Self {
+        Self { algorithm, prefer_local, breaker, next: 0, stats: HashMap::new() }
+    }
+
+    /// Breaker state of every instance seen.
+    pub fn states(&mut self, now: Instant) -> Vec<(Key, State)> {
+        self.stats.iter_mut().map(|(k, s)| (k.clone(), s.breaker.state(now))).collect()
     }
 
     /// The algorithm in use.
@@ -63,8 +69,8 @@ impl Balancer {
         self.algorithm
     }
 
-    fn healthy(&self, k: &Key, now: Instant) -> bool {
-        self.stats.get(k).and_then(|s| s.failed_until).is_none_or(|until| now >= until)
+    fn healthy(&mut self, k: &Key, now: Instant) -> bool {
+        self.stats.get_mut(k).is_none_or(|s| s.breaker.would_allow(now))
     }
 
     fn cost(&self, k: &Key, now: Instant) -> f64 {
@@ -81,7 +87,12 @@ impl Balancer {
 
     /// Picks an instance among `candidates` for a caller attached to `my_main`.
     pub fn pick<R: Rng>(&mut self, candidates: &[Entry], my_main: &str, now: Instant, rng: &mut R) -> Option<Entry> {
-        let healthy: Vec<&Entry> = candidates.iter().filter(|e| self.healthy(&e.key(), now)).collect();
+        let mut healthy: Vec<&Entry> = Vec::with_capacity(candidates.len());
+        for e in candidates {
+            if self.healthy(&e.key(), now) {
+                healthy.push(e);
+            }
+        }
         let local: Vec<&Entry> = healthy.iter().copied().filter(|e| e.main == my_main).collect();
         let pool = if self.prefer_local && !local.is_empty() { local } else { healthy };
         if pool.is_empty() {
@@ -113,11 +124,20 @@ impl Balancer {
                 }
             }
         };
-        Some(chosen.clone())
+        let chosen = chosen.clone();
+        // Reserve a half-open probe slot, if that is the state.
+        self.stats_mut(&chosen.key(), now).breaker.allow(now);
+        Some(chosen)
     }
 
     fn stats_mut(&mut self, k: &Key, now: Instant) -> &mut Stats {
-        self.stats.entry(k.clone()).or_insert(Stats { inflight: 0, ewma: DEFAULT_RTT, stamp: now, failed_until: None })
+        let breaker = self.breaker;
+        self.stats.entry(k.clone()).or_insert_with(|| Stats {
+            inflight: 0,
+            ewma: DEFAULT_RTT,
+            stamp: now,
+            breaker: Breaker::new(breaker),
+        })
     }
 
     /// A stream to `k` started.
@@ -136,9 +156,16 @@ impl Balancer {
                 // Peak: jump up at once, decay down slowly.
                 s.ewma = if rtt > s.ewma { rtt } else { s.ewma * w + rtt * (1.0 - w) };
                 s.stamp = now;
-                s.failed_until = None;
+                s.breaker.record(true, now);
             }
-            None => s.failed_until = Some(now + FAILURE_COOLDOWN),
+            None => s.breaker.record(false, now),
+        }
+    }
+
+    /// A stream to `k` ended without telling anything about the instance (e.g. a probe).
+    pub fn release(&mut self, k: &Key) {
+        if let Some(s) = self.stats.get_mut(k) {
+            s.inflight = s.inflight.saturating_sub(1);
         }
     }
 
@@ -154,6 +181,13 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    /// One failure opens an instance's circuit for `COOLDOWN` (one probe when half-open).
+    const COOLDOWN: Duration = Duration::from_secs(5);
+
+    fn cfg() -> BreakerConfig {
+        BreakerConfig { consecutive_failures: 1, open_for: COOLDOWN, half_open_probes: 1, ..BreakerConfig::default() }
+    }
 
     fn inst(node: &str, main: &str) -> Entry {
         Entry {
@@ -179,9 +213,9 @@ mod tests {
         let c = [inst("a", "m1"), inst("b", "m1"), inst("c", "m1")];
         let now = Instant::now();
         let mut rng = StdRng::seed_from_u64(7);
-        let mut rr = Balancer::new(Algorithm::RoundRobin, true);
+        let mut rr = Balancer::new(Algorithm::RoundRobin, true, cfg());
         assert!(counts(&mut rr, &c, 300, now, &mut rng).values().all(|&v| v == 100));
-        let mut rnd = Balancer::new(Algorithm::Random, true);
+        let mut rnd = Balancer::new(Algorithm::Random, true, cfg());
         assert!(counts(&mut rnd, &c, 3000, now, &mut rng).values().all(|&v| (850..1150).contains(&v)));
     }
 
@@ -190,7 +224,7 @@ mod tests {
         let c = [inst("a", "m1"), inst("b", "m1")];
         let now = Instant::now();
         let mut rng = StdRng::seed_from_u64(1);
-        let mut b = Balancer::new(Algorithm::LeastConnections, true);
+        let mut b = Balancer::new(Algorithm::LeastConnections, true, cfg());
         b.started(&c[0].key(), now);
         for _ in 0..20 {
             assert_eq!(b.pick(&c, "m1", now, &mut rng).unwrap().node, "b");
@@ -202,7 +236,7 @@ mod tests {
         let c = [inst("slow", "m1"), inst("fast", "m1")];
         let t0 = Instant::now();
         let mut rng = StdRng::seed_from_u64(3);
-        let mut b = Balancer::new(Algorithm::PeakEwma, true);
+        let mut b = Balancer::new(Algorithm::PeakEwma, true, cfg());
         for (k, ms) in [(c[0].key(), 50), (c[1].key(), 1)] {
             b.started(&k, t0);
             b.finished(&k, t0, Some(Duration::from_millis(ms)));
@@ -219,17 +253,26 @@ mod tests {
     }
 
     #[test]
-    fn failed_instances_are_skipped_for_the_cooldown() {
+    fn an_open_circuit_is_skipped_and_recovers_through_half_open() {
         let c = [inst("a", "m1"), inst("b", "m1")];
         let t0 = Instant::now();
         let mut rng = StdRng::seed_from_u64(5);
-        let mut b = Balancer::new(Algorithm::RoundRobin, true);
+        let mut b = Balancer::new(Algorithm::RoundRobin, true, cfg());
         b.started(&c[0].key(), t0);
         b.finished(&c[0].key(), t0, None);
         assert!(!counts(&mut b, &c, 10, t0, &mut rng).contains_key("a"));
-        assert!(counts(&mut b, &c, 10, t0 + FAILURE_COOLDOWN, &mut rng).contains_key("a"));
-        b.finished(&c[1].key(), t0, None);
-        assert!(b.pick(&c, "m1", t0, &mut rng).is_none(), "all instances unhealthy");
+        assert!(b.states(t0).contains(&(c[0].key(), State::Open)));
+        // Half-open: one probe goes to `a`; a success closes its circuit.
+        let t1 = t0 + COOLDOWN;
+        let probes = counts(&mut b, &c, 10, t1, &mut rng);
+        assert_eq!(probes.get("a"), Some(&1), "{probes:?}");
+        b.finished(&c[0].key(), t1, Some(Duration::from_millis(1)));
+        assert!(b.states(t1).contains(&(c[0].key(), State::Closed)));
+        assert_eq!(counts(&mut b, &c, 10, t1, &mut rng).get("a"), Some(&5));
+        let t2 = t1 + Duration::from_millis(1);
+        b.finished(&c[0].key(), t2, None);
+        b.finished(&c[1].key(), t2, None);
+        assert!(b.pick(&c, "m1", t2, &mut rng).is_none(), "all circuits open");
     }
 
     #[test]
@@ -237,12 +280,12 @@ mod tests {
         let c = [inst("far", "m2"), inst("near", "m1")];
         let now = Instant::now();
         let mut rng = StdRng::seed_from_u64(9);
-        let mut b = Balancer::new(Algorithm::RoundRobin, true);
+        let mut b = Balancer::new(Algorithm::RoundRobin, true, cfg());
         assert!(!counts(&mut b, &c, 10, now, &mut rng).contains_key("far"));
-        let mut b = Balancer::new(Algorithm::RoundRobin, false);
+        let mut b = Balancer::new(Algorithm::RoundRobin, false, cfg());
         assert_eq!(counts(&mut b, &c, 10, now, &mut rng).get("far"), Some(&5));
         // When the local instance fails, the federated one takes over.
-        let mut b = Balancer::new(Algorithm::RoundRobin, true);
+        let mut b = Balancer::new(Algorithm::RoundRobin, true, cfg());
         b.finished(&c[1].key(), now, None);
         assert_eq!(b.pick(&c, "m1", now, &mut rng).unwrap().node, "far");
     }

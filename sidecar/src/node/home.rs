@@ -51,6 +51,8 @@ pub struct HomeNode {
     view: RwLock<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>,
     balancers: std::sync::Mutex<HashMap<(String, u16), Balancer>>,
     lb: LoadBalancing,
+    breaker: crate::resilience::breaker::BreakerConfig,
+    retry: crate::config::RetryConfig,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
     connect_timeout: Duration,
@@ -98,6 +100,8 @@ impl HomeNode {
             view: RwLock::new(Default::default()),
             balancers: std::sync::Mutex::new(HashMap::new()),
             lb: snap.load_balancing.clone(),
+            breaker: snap.resilience.circuit_breaker.to_breaker(),
+            retry: snap.resilience.retry.clone(),
             metrics,
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
             connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
@@ -299,7 +303,7 @@ impl HomeNode {
     }
 
     /// The destination of a stream for `import`: fixed in config, or picked from the view.
-    fn resolve(&self, import: &Import, my_main: &str) -> Result<(Entry, bool), StreamError> {
+    fn resolve(&self, import: &Import, my_main: &str, exclude: &[Key]) -> Result<(Entry, bool), StreamError> {
         if let (Some(node), Some(main), Some(key)) = (&import.node, &import.main, &import.noise_public_key) {
             let e = Entry {
                 service: import.service.clone(),
@@ -314,8 +318,19 @@ impl HomeNode {
         let candidates: Vec<Entry> = self
             .view
             .read()
-            .map(|v| v.1.iter().filter(|e| e.service == import.service && e.port == import.port).cloned().collect())
+            .map(|v| {
+                v.1.iter()
+                    .filter(|e| e.service == import.service && e.port == import.port && !exclude.contains(&e.key()))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
+        if candidates.is_empty() && !exclude.is_empty() {
+            return Err((
+                ErrorCode::NoRoute,
+                format!("every instance of {}:{} failed for this call", import.service, import.port),
+            ));
+        }
         if candidates.is_empty() {
             self.metrics.routes.get_or_create(&[("result", "service_not_found")]).inc();
             return Err((
@@ -327,7 +342,7 @@ impl HomeNode {
         let picked = self.balancers.lock().ok().and_then(|mut b| {
             let bal = b
                 .entry((import.service.clone(), import.port))
-                .or_insert_with(|| Balancer::new(algorithm, self.lb.prefer_local));
+                .or_insert_with(|| Balancer::new(algorithm, self.lb.prefer_local, self.breaker));
             let now = Instant::now();
             let e = bal.pick(&candidates, my_main, now, &mut rand::rng())?;
             bal.started(&e.key(), now);
@@ -346,8 +361,25 @@ impl HomeNode {
         if let Ok(mut b) = self.balancers.lock()
             && let Some(bal) = b.get_mut(&(import.service.clone(), import.port))
         {
-            bal.finished(key, Instant::now(), latency);
+            let now = Instant::now();
+            bal.finished(key, now, latency);
+            for (k, state) in bal.states(now) {
+                self.metrics
+                    .circuit_state
+                    .get_or_create(&[("target", format!("{}/{}@{}", k.service, k.node, k.main))])
+                    .set(state.as_i64());
+            }
         }
+    }
+
+    /// Circuit breaker states of every instance this home has called, for the admin API.
+    fn breaker_states(&self) -> Vec<serde_json::Value> {
+        let now = Instant::now();
+        let Ok(mut b) = self.balancers.lock() else { return vec![] };
+        b.values_mut()
+            .flat_map(|bal| bal.states(now))
+            .map(|(k, s)| serde_json::json!({"service": k.service, "port": k.port, "node": k.node, "main": k.main, "state": s.label()}))
+            .collect()
     }
 
     async fn serve_inbound(self: Arc<Self>, conn: quinn::Connection) {
@@ -445,16 +477,40 @@ impl HomeNode {
         configs.get(main)?.first_usable().map(|(c, s)| (c.clone(), s))
     }
 
+    /// Sets up the stream for one call. A registry-resolved call whose setup fails before any
+    /// payload byte is read from the client (the client's bytes are only read once the session
+    /// is up) is retried on another instance, with full-jitter backoff, up to `maxAttempts`.
     async fn establish(&self, import: &Import) -> Result<Established, StreamError> {
-        let (main_id, conn) =
-            self.conn.borrow().clone().ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
-        let (dest, balanced) = self.resolve(import, &main_id)?;
-        let started = Instant::now();
-        let result = self.establish_to(&conn, &main_id, &dest).await;
-        if balanced {
-            self.balanced_done(import, &dest.key(), result.as_ref().ok().map(|_| started.elapsed()));
+        let backoff = crate::resilience::backoff::Backoff {
+            initial: Duration::from_millis(self.retry.initial_backoff_ms),
+            max: Duration::from_millis(self.retry.max_backoff_ms),
+        };
+        let mut tried: Vec<Key> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let (main_id, conn) = self
+                .conn
+                .borrow()
+                .clone()
+                .ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
+            let (dest, balanced) = self.resolve(import, &main_id, &tried)?;
+            let started = Instant::now();
+            let result = self.establish_to(&conn, &main_id, &dest).await;
+            if balanced {
+                self.balanced_done(import, &dest.key(), result.as_ref().ok().map(|_| started.elapsed()));
+            }
+            attempt += 1;
+            match result {
+                Err((code, message)) if balanced && retryable(code) && attempt < self.retry.max_attempts.max(1) => {
+                    self.metrics.retries.get_or_create(&[("code", code.label())]).inc();
+                    info!(code = code.label(), %message, instance = %dest.node, attempt, "stream setup failed before any payload: retrying on another instance");
+                    tried.push(dest.key());
+                    let wait = backoff.wait(attempt - 1, &mut rand::rng());
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
         }
-        result
     }
 
     async fn establish_to(
@@ -645,10 +701,15 @@ impl HomeNode {
             noise_public_key: None,
             cluster_ip: None,
         };
-        let dest = match self.resolve(&import, &main_id) {
+        let dest = match self.resolve(&import, &main_id, &[]) {
             Ok((d, balanced)) => {
                 if balanced {
-                    self.balanced_done(&import, &d.key(), None.or(Some(Duration::ZERO)));
+                    // A probe says nothing about the instance's latency: release it neutrally.
+                    if let Ok(mut b) = self.balancers.lock()
+                        && let Some(bal) = b.get_mut(&(import.service.clone(), import.port))
+                    {
+                        bal.release(&d.key());
+                    }
                 }
                 d
             }
@@ -719,6 +780,7 @@ impl HomeNode {
                     "exports": self.exports.iter().map(|e| format!("{}:{}", e.service, e.port)).collect::<Vec<_>>(),
                     "services": services.len(),
                     "averageLatencyMillis": main.as_ref().map(|m| m.1.as_secs_f64() * 1e3),
+                    "circuits": self.breaker_states(),
                 }))
             }
             "/federation/peers" => Some(json!(
@@ -819,6 +881,14 @@ struct Established {
     tx: SendHalf,
     rx: RecvHalf,
     ech: bool,
+}
+
+/// Failures worth another instance: the destination or the path to it, not the request.
+fn retryable(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::PeerUnreachable | ErrorCode::NoRoute | ErrorCode::TargetUnreachable | ErrorCode::CircuitOpen
+    )
 }
 
 fn io_err(e: FrameIoError) -> StreamError {
