@@ -222,7 +222,15 @@ impl MainRelay {
                 }
                 self.push_views();
             }
-            Control::Delta { delta } => {
+            Control::Delta { mut delta } => {
+                let allowed = self.permissions_of(peer).export;
+                let before = delta.add.len();
+                delta.add.retain(|e| crate::config::Permissions::matches(&allowed, &e.service));
+                if delta.add.len() < before {
+                    let denied = (before - delta.add.len()) as u64;
+                    self.metrics.trust_denials.get_or_create(&[("rule", "export_permission")]).inc_by(denied);
+                    warn!(%peer, denied, rule = "export_permission", "dropped registry entries the peer may not export");
+                }
                 let applied = self.registry.lock().map(|mut r| r.apply(peer, &delta, now));
                 match applied {
                     Ok(Applied::Applied) => {

@@ -81,6 +81,18 @@ pub struct MainRelay {
     /// The latest view (main relays' ECH configs and every instance); each home writer sends
     /// the newest, filtered to what that home imports.
     pub(crate) views: tokio::sync::watch::Sender<Arc<super::main_control::ViewData>>,
+    /// Peer settings (trust level, permissions, rate limit).
+    pub(crate) peer_config: HashMap<String, crate::config::PeerRelay>,
+    pub(crate) trust: crate::config::Trust,
+    limiter: Mutex<crate::resilience::rate_limit::RateLimiter>,
+    default_rate: Option<crate::resilience::rate_limit::Limit>,
+}
+
+/// Most senders whose token buckets a relay tracks (idle ones are evicted first).
+const MAX_RATE_SENDERS: usize = 100_000;
+
+fn limit(r: &crate::config::RateLimit) -> crate::resilience::rate_limit::Limit {
+    crate::resilience::rate_limit::Limit { rate: r.streams_per_second, burst: r.burst.max(1.0) }
 }
 
 /// Addresses a started relay is bound to.
@@ -126,6 +138,10 @@ impl MainRelay {
             tamper,
             endpoint: std::sync::OnceLock::new(),
             views: tokio::sync::watch::channel(Arc::new(Default::default())).0,
+            peer_config: snap.peers.iter().map(|p| (p.node_id.clone(), p.clone())).collect(),
+            trust: snap.trust.clone(),
+            limiter: Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_RATE_SENDERS)),
+            default_rate: snap.resilience.rate_limit.as_ref().map(limit),
         });
         relay.push_views();
         let _ = relay.endpoint.set(endpoint.clone());
@@ -182,6 +198,12 @@ impl MainRelay {
             }
         };
         self.metrics.hop_handshakes.get_or_create(&[("role", "server"), ("result", "ok")]).inc();
+        if let Some(rule) = self.refuse_connection(&node) {
+            self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
+            warn!(%node, rule, code = ErrorCode::UnknownPeer.label(), "connection refused by trust rules");
+            conn.close(ErrorCode::UnknownPeer.to_u16().into(), rule.as_bytes());
+            return;
+        }
         let sender = if self.peer_endpoints.contains_key(&node) {
             crate::transport::tls::raise_stream_limit(&conn);
             Sender::Peer(node)
@@ -267,8 +289,60 @@ impl MainRelay {
                 self.fail(&mut send, ErrorCode::MalformedFrame, "first frame must be ROUTE or CONTROL").await
             }
             Ok(Ok(None)) => {}
+            Ok(Err(crate::transport::io::FrameIoError::Decode(crate::protocol::DecodeError::UnsupportedVersion { field, version }))) => {
+                let msg = format!("{field} version {version} is not supported (this relay speaks 1)");
+                self.fail(&mut send, ErrorCode::UnsupportedVersion, &msg).await
+            }
             Ok(Err(e)) => self.fail(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
             Err(_) => self.fail(&mut send, ErrorCode::Timeout, "no route header in time").await,
+        }
+    }
+
+    /// Trust rules for a new connection: the rule that refuses it, if any.
+    pub(crate) fn refuse_connection(&self, node: &str) -> Option<&'static str> {
+        match self.peer_config.get(node) {
+            Some(p) if p.trust_level == crate::config::TrustLevel::Blocked => Some("blocked"),
+            Some(p) if p.trust_level == crate::config::TrustLevel::Unknown && self.trust.reject_unknown => {
+                Some("reject_unknown")
+            }
+            Some(_) => None,
+            None if self.trust.reject_unknown && !self.trust.known_nodes.iter().any(|k| k == node) => Some("reject_unknown"),
+            None => None,
+        }
+    }
+
+    /// The permissions a peer has.
+    pub(crate) fn permissions_of(&self, peer: &str) -> crate::config::Permissions {
+        use crate::config::{Permissions, TrustLevel};
+        let all = || Permissions { call: vec!["*".into()], export: vec!["*".into()] };
+        match self.peer_config.get(peer) {
+            Some(p) => match p.trust_level {
+                TrustLevel::Trusted => p.permissions.clone().unwrap_or_else(all),
+                TrustLevel::Verified => p.permissions.clone().unwrap_or_else(|| self.trust.default_permissions.clone()),
+                TrustLevel::Unknown => self.trust.default_permissions.clone(),
+                TrustLevel::Blocked => Permissions::default(),
+            },
+            None => Permissions::default(),
+        }
+    }
+
+    /// Token bucket check for a new stream from `sender`.
+    fn rate_limited(&self, sender: &Sender) -> Option<Duration> {
+        let (key, lim) = match sender {
+            Sender::Home(h) => (h.clone(), self.default_rate),
+            Sender::Peer(p) => (
+                format!("peer:{p}"),
+                self.peer_config.get(p).and_then(|c| c.rate_limit.as_ref()).map(limit).or(self.default_rate),
+            ),
+        };
+        let lim = lim?;
+        let decision = self.limiter.lock().ok()?.admit(&key, lim, Instant::now());
+        match decision {
+            crate::resilience::rate_limit::Decision::Admit => None,
+            crate::resilience::rate_limit::Decision::Limited { retry_after } => {
+                self.metrics.rate_limited.get_or_create(&[("sender", key)]).inc();
+                Some(retry_after)
+            }
         }
     }
 
@@ -280,6 +354,17 @@ impl MainRelay {
         recv: quinn::RecvStream,
     ) {
         let me = self.identity.node_id.clone();
+        if let Some(retry_after) = self.rate_limited(sender) {
+            self.metrics.stream_error("relayed", ErrorCode::RateLimited);
+            let frame = crate::protocol::ErrorFrame {
+                code: ErrorCode::RateLimited,
+                retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX).max(1),
+                message: "too many new streams from this sender".into(),
+            };
+            let _ = write_frames(&mut send, &[Frame::Error(frame)]).await;
+            let _ = send.finish();
+            return;
+        }
         if header.hop_limit == 0 {
             return self.fail(&mut send, ErrorCode::HopLimitExceeded, "hop limit reached").await;
         }
@@ -351,6 +436,14 @@ impl MainRelay {
                 return self
                     .fail(&mut send, ErrorCode::PermissionDenied, "origin does not match the authenticated sender")
                     .await;
+            }
+            if let Sender::Peer(p) = sender
+                && route.dest_main == me
+                && !crate::config::Permissions::matches(&self.permissions_of(p).call, &route.service)
+            {
+                self.metrics.trust_denials.get_or_create(&[("rule", "call_permission")]).inc();
+                warn!(peer = %p, service = %route.service, rule = "call_permission", "call denied by trust rules");
+                return self.fail(&mut send, ErrorCode::PermissionDenied, "the peer may not call this service").await;
             }
             if route.dest_main != me {
                 if matches!(sender, Sender::Peer(_)) {
