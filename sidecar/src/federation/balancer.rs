@@ -166,6 +166,7 @@ impl Balancer {
     pub fn release(&mut self, k: &Key) {
         if let Some(s) = self.stats.get_mut(k) {
             s.inflight = s.inflight.saturating_sub(1);
+            s.breaker.cancel();
         }
     }
 

@@ -372,6 +372,15 @@ impl HomeNode {
         }
     }
 
+    /// Ends a stream to `key` without judging the instance.
+    fn release(&self, import: &Import, key: &Key) {
+        if let Ok(mut b) = self.balancers.lock()
+            && let Some(bal) = b.get_mut(&(import.service.clone(), import.port))
+        {
+            bal.release(key);
+        }
+    }
+
     /// Circuit breaker states of every instance this home has called, for the admin API.
     fn breaker_states(&self) -> Vec<serde_json::Value> {
         let now = Instant::now();
@@ -497,7 +506,13 @@ impl HomeNode {
             let started = Instant::now();
             let result = self.establish_to(&conn, &main_id, &dest).await;
             if balanced {
-                self.balanced_done(import, &dest.key(), result.as_ref().ok().map(|_| started.elapsed()));
+                match &result {
+                    Ok(_) => self.balanced_done(import, &dest.key(), Some(started.elapsed())),
+                    Err((code, _)) if against_instance(*code) => self.balanced_done(import, &dest.key(), None),
+                    // Refusals about the caller (rate limit, permissions, ECH policy) say
+                    // nothing about the instance's health.
+                    Err(_) => self.release(import, &dest.key()),
+                }
             }
             attempt += 1;
             match result {
@@ -705,11 +720,7 @@ impl HomeNode {
             Ok((d, balanced)) => {
                 if balanced {
                     // A probe says nothing about the instance's latency: release it neutrally.
-                    if let Ok(mut b) = self.balancers.lock()
-                        && let Some(bal) = b.get_mut(&(import.service.clone(), import.port))
-                    {
-                        bal.release(&d.key());
-                    }
+                    self.release(&import, &d.key());
                 }
                 d
             }
@@ -881,6 +892,20 @@ struct Established {
     tx: SendHalf,
     rx: RecvHalf,
     ech: bool,
+}
+
+/// Failures that count against the instance (its circuit breaker).
+fn against_instance(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::TargetUnreachable
+            | ErrorCode::NoRoute
+            | ErrorCode::PeerUnreachable
+            | ErrorCode::Timeout
+            | ErrorCode::HandshakeFailed
+            | ErrorCode::ServiceNotFound
+            | ErrorCode::MalformedFrame
+    )
 }
 
 /// Failures worth another instance: the destination or the path to it, not the request.

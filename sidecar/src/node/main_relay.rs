@@ -289,7 +289,10 @@ impl MainRelay {
                 self.fail(&mut send, ErrorCode::MalformedFrame, "first frame must be ROUTE or CONTROL").await
             }
             Ok(Ok(None)) => {}
-            Ok(Err(crate::transport::io::FrameIoError::Decode(crate::protocol::DecodeError::UnsupportedVersion { field, version }))) => {
+            Ok(Err(crate::transport::io::FrameIoError::Decode(crate::protocol::DecodeError::UnsupportedVersion {
+                field,
+                version,
+            }))) => {
                 let msg = format!("{field} version {version} is not supported (this relay speaks 1)");
                 self.fail(&mut send, ErrorCode::UnsupportedVersion, &msg).await
             }
@@ -306,7 +309,9 @@ impl MainRelay {
                 Some("reject_unknown")
             }
             Some(_) => None,
-            None if self.trust.reject_unknown && !self.trust.known_nodes.iter().any(|k| k == node) => Some("reject_unknown"),
+            None if self.trust.reject_unknown && !self.trust.known_nodes.iter().any(|k| k == node) => {
+                Some("reject_unknown")
+            }
             None => None,
         }
     }

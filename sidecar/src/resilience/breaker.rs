@@ -121,6 +121,14 @@ impl Breaker {
         }
     }
 
+    /// Gives back a half-open probe slot reserved by [`Breaker::allow`] for a call whose
+    /// outcome says nothing about the target (e.g. refused for the caller's own reasons).
+    pub fn cancel(&mut self) {
+        if self.state == State::HalfOpen {
+            self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+        }
+    }
+
     /// Records an outcome.
     pub fn record(&mut self, ok: bool, now: Instant) {
         while self.outcomes.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.config.window) {
@@ -188,6 +196,20 @@ mod tests {
         assert!(!b.allow(t1), "only one probe at a time");
         b.record(true, t1);
         assert_eq!(b.state(t1), State::Closed);
+    }
+
+    #[test]
+    fn a_cancelled_probe_frees_its_slot() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(cfg());
+        for _ in 0..3 {
+            b.record(false, t0);
+        }
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(b.allow(t1));
+        assert!(!b.allow(t1));
+        b.cancel();
+        assert!(b.allow(t1), "the slot is free again");
     }
 
     #[test]

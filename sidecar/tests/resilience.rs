@@ -1,0 +1,385 @@
+//! Resilience and trust with real relays on loopback: rate limits, circuit breakers, retries
+//! (and their limits), hostile input, rejectUnknown and export permissions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Proc, echo_server, eventually, identify_server, round_trip};
+use relayfed_sidecar::config::{
+    Export, Import, MainRelay, PeerRelay, Permissions, RateLimit, Snapshot, Timeouts, TrustLevel,
+};
+use relayfed_sidecar::federation::ech_policy::EchPolicy;
+use relayfed_sidecar::protocol::route::{InnerRoute, RouteBody, RouteHeader};
+use relayfed_sidecar::protocol::{ErrorCode, Frame};
+use relayfed_sidecar::testbed::Testbed;
+use relayfed_sidecar::transport::io::read_frame;
+use relayfed_sidecar::transport::tls::HopIdentity;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn edit(path: &PathBuf, f: impl FnOnce(&mut Snapshot)) {
+    let mut s = Snapshot::load(path).unwrap();
+    f(&mut s);
+    std::fs::write(path, serde_saphyr::to_string(&s).unwrap()).unwrap();
+}
+
+fn main_ref(relay: &Proc) -> MainRelay {
+    MainRelay { node_id: "hub".into(), endpoint: relay.quic(), priority: 0, ech_config_list: None }
+}
+
+fn import(service: &str, port: u16) -> Import {
+    Import {
+        service: service.into(),
+        port,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        node: None,
+        main: None,
+        noise_public_key: None,
+        cluster_ip: None,
+    }
+}
+
+fn dead_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+async fn home(
+    tb: &Testbed,
+    name: &str,
+    relay: &Proc,
+    exports: Vec<Export>,
+    imports: Vec<Import>,
+    f: impl FnOnce(&mut Snapshot),
+) -> Proc {
+    let path = tb.home(name, main_ref(relay), exports, imports, EchPolicy::default()).unwrap();
+    edit(&path, f);
+    Proc::start("home", &path, &[]).await
+}
+
+async fn view_has(p: &Proc, n: usize) -> bool {
+    p.json("/federation/registry").await["entries"].as_array().unwrap().len() == n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
+    let tb = Testbed::new("test.example").unwrap();
+    let cfg = tb.main_relay("hub", 1).unwrap();
+    edit(&cfg, |s| s.resilience.rate_limit = Some(RateLimit { streams_per_second: 20.0, burst: 10.0 }));
+    let relay = Proc::start("main-relay", &cfg, &[]).await;
+    let echo = echo_server().await;
+    let _dest =
+        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    let flood = home(&tb, "flood", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
+    let good = home(&tb, "good", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
+    eventually("views", WAIT, || async { view_has(&flood, 1).await && view_has(&good, 1).await }).await;
+
+    let started = Instant::now();
+    let floods: Vec<_> = (0..300).map(|_| tokio::spawn(round_trip(flood.import("echo:7"), b"spam"))).collect();
+    let mut good_ok = 0;
+    for i in 0..8u32 {
+        if round_trip(good.import("echo:7"), &i.to_be_bytes()).await.unwrap_or_default() == i.to_be_bytes() {
+            good_ok += 1;
+        }
+    }
+    let mut flood_ok = 0;
+    for f in floods {
+        if f.await.unwrap().is_ok_and(|r| r == b"spam") {
+            flood_ok += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(good_ok, 8, "the well-behaved sender is unaffected");
+    let quota = 10.0 + 20.0 * elapsed + 1.0;
+    assert!(
+        (10..=quota as usize).contains(&flood_ok),
+        "flood got {flood_ok} through in {elapsed:.2}s (quota {quota:.0})"
+    );
+    let limited = relay.metric("relayfed_rate_limited_streams_total", &[("sender", "flood")]).await;
+    let m = flood.metrics().await;
+    let errors: Vec<&str> = m.lines().filter(|l| l.starts_with("relayfed_stream_errors_total")).collect();
+    assert_eq!(limited as usize, 300 - flood_ok, "{errors:?}");
+    assert_eq!(relay.metric("relayfed_rate_limited_streams_total", &[("sender", "good")]).await, 0.0);
+    assert_eq!(
+        flood.metric("relayfed_stream_errors_total", &[("code", "RATE_LIMITED")]).await as usize,
+        300 - flood_ok
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_half_open() {
+    let tb = Testbed::new("test.example").unwrap();
+    let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    let good = identify_server("good").await;
+    let broken = dead_port();
+    let _a =
+        home(&tb, "good", &relay, vec![Export { service: "svc".into(), port: 1, target: good }], vec![], |_| {}).await;
+    let _b =
+        home(&tb, "broken", &relay, vec![Export { service: "svc".into(), port: 1, target: broken }], vec![], |_| {})
+            .await;
+    let caller = home(&tb, "caller", &relay, vec![], vec![import("svc", 1)], |s| {
+        s.resilience.circuit_breaker.consecutive_failures = 2;
+        s.resilience.circuit_breaker.open_ms = 1000;
+        s.resilience.circuit_breaker.half_open_probes = 1;
+        s.load_balancing.default = relayfed_sidecar::federation::balancer::Algorithm::RoundRobin;
+    })
+    .await;
+    eventually("view", WAIT, || async { view_has(&caller, 2).await }).await;
+    let target = "svc/broken@hub";
+    // Every call succeeds (a failed setup is retried on the other instance) ...
+    for i in 0..6u32 {
+        let r = round_trip(caller.import("svc:1"), &i.to_be_bytes()).await.unwrap();
+        assert!(r.starts_with(b"good|"), "{r:?}");
+    }
+    // ... and after two failures the broken instance's circuit is open and it is skipped.
+    assert_eq!(caller.metric("relayfed_circuit_state", &[("target", target)]).await, 1.0);
+    let retries = caller.metric("relayfed_stream_retries_total", &[("code", "TARGET_UNREACHABLE")]).await;
+    assert_eq!(retries, 2.0, "only the two calls that tripped the breaker needed a retry");
+    // The instance comes back; after the open period one probe closes the circuit again.
+    let server = tokio::spawn(async move {
+        let l = tokio::net::TcpListener::bind(broken).await.unwrap();
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = w.write_all(b"broken|").await;
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    eventually("the circuit closes after a successful half-open probe", WAIT, || async {
+        let _ = round_trip(caller.import("svc:1"), b"x").await;
+        caller.metric("relayfed_circuit_state", &[("target", target)]).await == 0.0
+    })
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let r = round_trip(caller.import("svc:1"), b"y").await.unwrap();
+        seen.insert(String::from_utf8_lossy(&r[..r.iter().position(|&b| b == b'|').unwrap()]).into_owned());
+    }
+    assert_eq!(seen.len(), 2, "both instances serve again: {seen:?}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_whose_relay_is_down_connects_by_retry_once_it_is_up() {
+    let tb = Testbed::new("test.example").unwrap();
+    let relay_cfg = tb.main_relay("hub", 1).unwrap();
+    let quic = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    edit(&relay_cfg, |s| s.listen = Some(quic));
+    let admin = dead_port();
+    let path = tb
+        .home(
+            "early",
+            MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0, ech_config_list: None },
+            vec![],
+            vec![],
+            EchPolicy::default(),
+        )
+        .unwrap();
+    edit(&path, |s| {
+        s.admin = Some(admin);
+        s.timeouts = Timeouts { connect_ms: 200, ..Timeouts::default() };
+    });
+    let home = tokio::spawn(async move { Proc::start("home", &path, &[]).await });
+    let failures = || async move {
+        let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return 0.0 };
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        common::sample(&out, "relayfed_hop_handshakes_total", &[("role", "client"), ("result", "timeout")])
+    };
+    eventually("two failed connection attempts", WAIT, || async { failures().await >= 2.0 }).await;
+    let _relay = Proc::start("main-relay", &relay_cfg, &[]).await;
+    let home = home.await.unwrap();
+    assert_eq!(home.metric("relayfed_hop_handshakes_total", &[("role", "client"), ("result", "ok")]).await, 1.0);
+    assert!(home.metric("relayfed_hop_handshakes_total", &[("role", "client"), ("result", "timeout")]).await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_delivered_bytes_is_not_retried() {
+    let tb = Testbed::new("test.example").unwrap();
+    let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    // A target that answers part of the response and then resets the connection.
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let target = l.local_addr().unwrap();
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4];
+            let _ = s.read_exact(&mut buf).await;
+            let _ = s.write_all(b"partial").await;
+            s.set_zero_linger().unwrap();
+            drop(s);
+        }
+    });
+    let echo = echo_server().await;
+    let _bad = home(&tb, "bad", &relay, vec![Export { service: "svc".into(), port: 1, target }], vec![], |_| {}).await;
+    let _ok =
+        home(&tb, "ok", &relay, vec![Export { service: "svc".into(), port: 1, target: echo }], vec![], |_| {}).await;
+    let caller = home(&tb, "caller", &relay, vec![], vec![import("svc", 1)], |s| {
+        s.load_balancing.default = relayfed_sidecar::federation::balancer::Algorithm::RoundRobin;
+    })
+    .await;
+    eventually("view", WAIT, || async { view_has(&caller, 2).await }).await;
+    // Round robin: the first two calls reach both instances once each.
+    let mut partial = 0;
+    for _ in 0..2 {
+        if let Ok(r) = round_trip(caller.import("svc:1"), b"data").await
+            && r == b"partial"
+        {
+            partial += 1;
+        }
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the broken target saw exactly one connection");
+    assert!(partial <= 1);
+    let m = caller.metrics().await;
+    assert!(!m.contains("relayfed_stream_retries_total{"), "a stream that carried payload is never retried:\n{m}");
+}
+
+/// A raw client on a home's certificate, speaking frames directly to the relay.
+async fn raw_client(tb: &Testbed, node: &str, relay: SocketAddr) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cert = tb.ca.issue(node, Duration::from_secs(600)).unwrap();
+    let id =
+        HopIdentity::from_pem(&tb.trust_domain, node, &tb.ca.certified_key().cert_pem, &cert.cert_pem, &cert.key_pem)
+            .unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(id.client_config(&Timeouts::default()).unwrap());
+    ep.connect(relay, &id.server_name("hub")).unwrap().await
+}
+
+async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Option<Frame> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let _ = send.finish();
+    read_frame(&mut recv).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_documented_errors_and_the_relay_keeps_serving() {
+    let tb = Testbed::new("test.example").unwrap();
+    let cfg = tb.main_relay("hub", 1).unwrap();
+    edit(&cfg, |s| {
+        s.trust.reject_unknown = true;
+        s.trust.known_nodes = vec!["dest".into(), "caller".into(), "raw".into()];
+    });
+    let relay = Proc::start("main-relay", &cfg, &[]).await;
+    let echo = echo_server().await;
+    let _dest =
+        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    let caller = home(&tb, "caller", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
+    eventually("view", WAIT, || async { view_has(&caller, 1).await }).await;
+
+    let conn = raw_client(&tb, "raw", relay.quic()).await.unwrap();
+    let code = |f: Option<Frame>| match f {
+        Some(Frame::Error(e)) => e.code,
+        other => panic!("expected an ERROR frame, got {other:?}"),
+    };
+    // Unknown frame type, a header announcing more bytes than sent, an unknown route version,
+    // garbage in a route frame, an oversized garbage frame.
+    assert_eq!(code(send_raw(&conn, &[0x7f, 0, 0]).await), ErrorCode::MalformedFrame);
+    assert_eq!(code(send_raw(&conn, &[0x01, 0x00, 0x40, 1, 2]).await), ErrorCode::MalformedFrame);
+    let route = RouteHeader {
+        hop_limit: 3,
+        probe: false,
+        trace_context: String::new(),
+        path: vec![],
+        body: RouteBody::Plain(InnerRoute {
+            dest_node: "dest".into(),
+            dest_main: "hub".into(),
+            service: "echo".into(),
+            port: 7,
+            origin: "raw@hub".into(),
+        }),
+    };
+    let mut v2 = Frame::Route(route.clone()).encode().unwrap();
+    v2[3] = 2;
+    assert_eq!(code(send_raw(&conn, &v2).await), ErrorCode::UnsupportedVersion);
+    assert_eq!(code(send_raw(&conn, &[0x01, 0x00, 0x03, 1, 3, 0x40]).await), ErrorCode::MalformedFrame);
+    let mut big = vec![0x01, 0xff, 0xff, 0x01];
+    big.extend(std::iter::repeat_n(0xa5, 0xfffe));
+    assert_eq!(code(send_raw(&conn, &big).await), ErrorCode::MalformedFrame);
+    // A route claiming another origin than the authenticated sender.
+    let mut forged = route.clone();
+    if let RouteBody::Plain(r) = &mut forged.body {
+        r.origin = "caller@hub".into();
+    }
+    assert_eq!(code(send_raw(&conn, &Frame::Route(forged).encode().unwrap()).await), ErrorCode::PermissionDenied);
+    // Hop limit exhausted.
+    let mut spent = route.clone();
+    spent.hop_limit = 0;
+    assert_eq!(code(send_raw(&conn, &Frame::Route(spent).encode().unwrap()).await), ErrorCode::HopLimitExceeded);
+    let m = relay.metrics().await;
+    assert_eq!(common::sample(&m, "relayfed_stream_errors_total", &[("code", "MALFORMED_FRAME")]), 4.0);
+    assert_eq!(common::sample(&m, "relayfed_stream_errors_total", &[("code", "UNSUPPORTED_VERSION")]), 1.0);
+
+    // An unknown node (valid certificate from our CA) under rejectUnknown: refused, counted.
+    let intruder = raw_client(&tb, "intruder", relay.quic()).await.unwrap();
+    let err = intruder.closed().await;
+    assert!(format!("{err:?}").contains("reject_unknown"), "{err:?}");
+    assert_eq!(relay.metric("relayfed_trust_denials_total", &[("rule", "reject_unknown")]).await, 1.0);
+
+    // Still serving real traffic.
+    assert_eq!(round_trip(caller.import("echo:7"), b"still here").await.unwrap(), b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_export_what_it_is_not_permitted_to() {
+    let tb = Testbed::new("test.example").unwrap();
+    let a_cfg = tb.main_relay("hub-a", 1).unwrap();
+    let b_cfg = tb.main_relay("hub-b", 2).unwrap();
+    let (a_addr, b_addr) = (dead_udp(), dead_udp());
+    let peer = |id: &str, addr, level, perms| PeerRelay {
+        node_id: id.into(),
+        endpoint: addr,
+        trust_level: level,
+        permissions: perms,
+        rate_limit: None,
+    };
+    edit(&a_cfg, |s| {
+        s.listen = Some(a_addr);
+        s.peers = vec![peer("hub-b", b_addr, TrustLevel::Trusted, None)];
+    });
+    edit(&b_cfg, |s| {
+        s.listen = Some(b_addr);
+        s.peers = vec![peer(
+            "hub-a",
+            a_addr,
+            TrustLevel::Verified,
+            Some(Permissions { call: vec!["*".into()], export: vec!["public-*".into()] }),
+        )];
+    });
+    let a = Proc::start("main-relay", &a_cfg, &[]).await;
+    let b = Proc::start("main-relay", &b_cfg, &[]).await;
+    let echo = echo_server().await;
+    let exports = vec![
+        Export { service: "public-api".into(), port: 1, target: echo },
+        Export { service: "secret-db".into(), port: 2, target: echo },
+    ];
+    let _h = home(&tb, "h", &a, exports, vec![], |s| s.main_relays[0].node_id = "hub-a".into()).await;
+    eventually("hub-b learns hub-a's permitted export", WAIT, || async {
+        let reg = b.json("/federation/registry").await;
+        !reg["federated"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let reg = b.json("/federation/registry").await;
+    let services: Vec<&str> =
+        reg["federated"].as_array().unwrap().iter().map(|f| f["entry"]["service"].as_str().unwrap()).collect();
+    assert_eq!(services, ["public-api"]);
+    assert!(b.metric("relayfed_trust_denials_total", &[("rule", "export_permission")]).await >= 1.0);
+}
+
+fn dead_udp() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
