@@ -383,3 +383,24 @@ async fn a_peer_cannot_export_what_it_is_not_permitted_to() {
 fn dead_udp() -> SocketAddr {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_is_closed_after_the_stream_idle_timeout() {
+    let tb = Testbed::new("test.example").unwrap();
+    let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    let echo = echo_server().await;
+    let _dest =
+        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    let caller =
+        home(&tb, "caller", &relay, vec![], vec![import("echo", 7)], |s| s.timeouts.stream_idle_ms = 300).await;
+    eventually("view", WAIT, || async { view_has(&caller, 1).await }).await;
+    let mut s = tokio::net::TcpStream::connect(caller.import("echo:7")).await.unwrap();
+    s.write_all(b"hi").await.unwrap();
+    let mut back = [0u8; 2];
+    s.read_exact(&mut back).await.unwrap();
+    // Now silence: the sidecar closes the stream; the read ends (EOF or reset).
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the idle stream was not closed");
+    assert_eq!(caller.metric("relayfed_stream_errors_total", &[("code", "TIMEOUT")]).await, 1.0);
+}

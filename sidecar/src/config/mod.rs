@@ -467,11 +467,23 @@ pub struct Timeouts {
     /// QUIC idle timeout (keep-alives run at a third of it).
     #[serde(default = "default_idle_ms")]
     pub idle_ms: u64,
+    /// A proxied stream with no payload in either direction for this long is closed.
+    #[serde(default = "default_stream_idle_ms")]
+    pub stream_idle_ms: u64,
+}
+
+fn default_stream_idle_ms() -> u64 {
+    300_000
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect_ms: default_connect_ms(), handshake_ms: default_handshake_ms(), idle_ms: default_idle_ms() }
+        Self {
+            connect_ms: default_connect_ms(),
+            handshake_ms: default_handshake_ms(),
+            idle_ms: default_idle_ms(),
+            stream_idle_ms: default_stream_idle_ms(),
+        }
     }
 }
 

@@ -56,6 +56,7 @@ pub struct HomeNode {
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
     connect_timeout: Duration,
+    stream_idle: Duration,
 }
 
 /// Where a started home node listens.
@@ -105,6 +106,7 @@ impl HomeNode {
             metrics,
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
             connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
+            stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
         });
         let mut bound = Bound { imports: Vec::new(), outbound: Vec::new() };
         for imp in &snap.imports {
@@ -828,6 +830,10 @@ impl HomeNode {
     ) {
         let _ = tcp.set_nodelay(true);
         let (mut tr, mut tw) = tcp.into_split();
+        // Last payload in either direction (ms since `epoch`), for the stream idle timeout.
+        let epoch = Instant::now();
+        let last = std::sync::atomic::AtomicU64::new(0);
+        let touch = || last.store(epoch.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         let up = async {
             let mut buf = vec![0u8; MAX_PLAINTEXT];
             let mut total = 0u64;
@@ -836,6 +842,7 @@ impl HomeNode {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
+                touch();
                 let Ok(ct) = tx.encrypt(&buf[..n]) else { return Err(ErrorCode::Internal) };
                 if write_frames(&mut send, &[Frame::Noise(ct)]).await.is_err() {
                     return Err(ErrorCode::PeerUnreachable);
@@ -850,6 +857,7 @@ impl HomeNode {
             loop {
                 match read_frame(&mut recv).await {
                     Ok(Some(Frame::Noise(m))) => {
+                        touch();
                         let Ok(pt) = rx.decrypt(&m) else { return Err(ErrorCode::HandshakeFailed) };
                         if tw.write_all(&pt).await.is_err() {
                             return Err(ErrorCode::TargetUnreachable);
@@ -865,7 +873,26 @@ impl HomeNode {
             let _ = tw.shutdown().await;
             Ok(total)
         };
-        let (u, d) = tokio::join!(up, down);
+        let idle = self.stream_idle;
+        let watchdog = async {
+            loop {
+                let since = epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed)));
+                if since >= idle {
+                    return;
+                }
+                tokio::time::sleep(idle - since).await;
+            }
+        };
+        let (u, d) = tokio::select! {
+            r = async { tokio::join!(up, down) } => r,
+            () = watchdog => {
+                warn!(code = ErrorCode::Timeout.label(), idle_ms = idle.as_millis() as u64, "stream idle: closed");
+                self.metrics.stream_error(direction, ErrorCode::Timeout);
+                return;
+            }
+        };
         let (tx_dir, rx_dir) = if direction == "outbound" { ("tx", "rx") } else { ("rx", "tx") };
         if let Ok(n) = u {
             self.metrics.bytes.get_or_create(&[("direction", tx_dir)]).inc_by(n);

@@ -86,6 +86,9 @@ pub struct MainRelay {
     pub(crate) trust: crate::config::Trust,
     limiter: Mutex<crate::resilience::rate_limit::RateLimiter>,
     default_rate: Option<crate::resilience::rate_limit::Limit>,
+    /// A circuit breaker per peer relay, for streams forwarded to it.
+    peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
+    breaker_config: crate::resilience::breaker::BreakerConfig,
 }
 
 /// Most senders whose token buckets a relay tracks (idle ones are evicted first).
@@ -142,6 +145,8 @@ impl MainRelay {
             trust: snap.trust.clone(),
             limiter: Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_RATE_SENDERS)),
             default_rate: snap.resilience.rate_limit.as_ref().map(limit),
+            peer_breakers: Mutex::new(HashMap::new()),
+            breaker_config: snap.resilience.circuit_breaker.to_breaker(),
         });
         relay.push_views();
         let _ = relay.endpoint.set(endpoint.clone());
@@ -489,38 +494,74 @@ impl MainRelay {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
+        if !self.peer_breaker(next, |b, now| b.allow(now)) {
+            self.metrics.routes.get_or_create(&[("result", "circuit_open")]).inc();
+            return self.fail(&mut send, ErrorCode::CircuitOpen, &format!("circuit to {next} is open")).await;
+        }
         let conn = self.peers.read().ok().and_then(|p| p.get(next).map(|l| l.conn.clone()));
         match conn {
             Some(conn) => {
                 self.metrics.routes.get_or_create(&[("result", "forwarded")]).inc();
-                self.pipe(conn, header, send, recv).await
+                let opened = self.pipe(conn, header, send, recv).await;
+                self.peer_breaker(next, |b, now| {
+                    b.record(opened, now);
+                    true
+                });
             }
             None if self.peer_endpoints.contains_key(next) => {
+                self.peer_breaker(next, |b, now| {
+                    b.record(false, now);
+                    true
+                });
                 self.metrics.routes.get_or_create(&[("result", "peer_unreachable")]).inc();
                 self.fail(&mut send, ErrorCode::PeerUnreachable, &format!("peer main relay {next} is not connected"))
                     .await
             }
             None => {
+                self.peer_breaker(next, |b, _| {
+                    b.cancel();
+                    true
+                });
                 self.metrics.routes.get_or_create(&[("result", "no_route")]).inc();
                 self.fail(&mut send, ErrorCode::NoRoute, &format!("{next} is not a peer of this relay")).await
             }
         }
     }
 
-    /// Opens a stream on `conn`, sends `header`, and copies bytes both ways.
+    /// Runs `f` on the breaker of peer `peer` and exports its state.
+    fn peer_breaker(
+        &self,
+        peer: &str,
+        f: impl FnOnce(&mut crate::resilience::breaker::Breaker, Instant) -> bool,
+    ) -> bool {
+        let now = Instant::now();
+        let Ok(mut all) = self.peer_breakers.lock() else { return true };
+        let b =
+            all.entry(peer.to_owned()).or_insert_with(|| crate::resilience::breaker::Breaker::new(self.breaker_config));
+        let r = f(b, now);
+        self.metrics.circuit_state.get_or_create(&[("target", format!("peer:{peer}"))]).set(b.state(now).as_i64());
+        r
+    }
+
+    /// Opens a stream on `conn`, sends `header`, and copies bytes both ways; returns whether
+    /// the next hop accepted the stream.
     async fn pipe(
         &self,
         conn: quinn::Connection,
         header: RouteHeader,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-    ) {
+    ) -> bool {
         let (mut dsend, mut drecv) = match conn.open_bi().await {
             Ok(s) => s,
-            Err(e) => return self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await,
+            Err(e) => {
+                self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await;
+                return false;
+            }
         };
         if let Err(e) = write_frames(&mut dsend, &[Frame::Route(header)]).await {
-            return self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await;
+            self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await;
+            return false;
         }
         let up = async {
             let n = tokio::io::copy(&mut recv, &mut dsend).await.unwrap_or(0);
@@ -535,6 +576,7 @@ impl MainRelay {
         let (a, b) = tokio::join!(up, down);
         self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(a + b);
         self.metrics.streams.get_or_create(&[("direction", "relayed"), ("result", "ok")]).inc();
+        true
     }
 
     pub(crate) async fn fail(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
