@@ -79,6 +79,7 @@ impl Testbed {
             load_balancing: Default::default(),
             trust: Default::default(),
             resilience: Default::default(),
+            key_passphrase_file: None,
             timeouts: Timeouts::default(),
         })
     }
@@ -89,7 +90,7 @@ impl Testbed {
         s.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         let key = EchKeyPair::generate(config_id, "relay.test.example")?;
         let key_file = self.dir.join(format!("{node}-ech.json"));
-        EchKeyFile::from_key(&key).save(&key_file)?;
+        EchKeyFile::from_key(&key).save(&key_file, None)?;
         s.ech = Some(EchServerConfig { key_file, grace_seconds: 3600 });
         self.save(node, &s)
     }
@@ -105,10 +106,10 @@ impl Testbed {
     pub fn noise_key(&self, node: &str) -> anyhow::Result<String> {
         let path = self.dir.join(format!("{node}-noise.key"));
         let key = if path.exists() {
-            crate::config::keys::load_noise_key(&path)?
+            crate::config::keys::load_noise_key(&path, None)?
         } else {
             let k = StaticKeypair::generate()?;
-            save_noise_key(&path, &k)?;
+            save_noise_key(&path, &k, None)?;
             k
         };
         Ok(base64_encode(&key.public))
@@ -131,6 +132,22 @@ impl Testbed {
         s.imports = imports;
         s.ech_policy = policy;
         self.save(node, &s)
+    }
+
+    /// Re-writes `node`'s TLS key and Noise key (if any) sealed with `passphrase`, and points
+    /// its snapshot at a passphrase file; returns the passphrase file.
+    pub fn encrypt_keys(&self, node: &str, passphrase: &str) -> anyhow::Result<PathBuf> {
+        let snap_path = self.dir.join(format!("{node}.yaml"));
+        let mut s = Snapshot::load(&snap_path)?;
+        let pass_file = self.dir.join(format!("{node}.passphrase"));
+        crate::config::keys::write_private(&pass_file, format!("{passphrase}\n").as_bytes())?;
+        for key in std::iter::once(s.tls.key_file.clone()).chain(s.noise_key_file.clone()) {
+            let plain = std::fs::read(&key)?;
+            crate::config::keys::write_secret(&key, &plain, Some(passphrase.as_bytes()))?;
+        }
+        s.key_passphrase_file = Some(pass_file.clone());
+        self.save(node, &s)?;
+        Ok(pass_file)
     }
 
     /// Writes a snapshot as YAML.

@@ -404,3 +404,45 @@ async fn an_idle_stream_is_closed_after_the_stream_idle_timeout() {
     assert!(ended.is_ok(), "the idle stream was not closed");
     assert_eq!(caller.metric("relayfed_stream_errors_total", &[("code", "TIMEOUT")]).await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_encrypted_at_rest_load_with_the_passphrase_only() {
+    let tb = Testbed::new("test.example").unwrap();
+    let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    let echo = echo_server().await;
+    let path = tb
+        .home(
+            "dest",
+            main_ref(&relay),
+            vec![Export { service: "echo".into(), port: 7, target: echo }],
+            vec![],
+            EchPolicy::default(),
+        )
+        .unwrap();
+    let pass_file = tb.encrypt_keys("dest", "correct horse battery staple").unwrap();
+    let key_file = Snapshot::load(&path).unwrap().tls.key_file;
+    let on_disk = std::fs::read_to_string(&key_file).unwrap();
+    assert!(!on_disk.contains("PRIVATE KEY") && on_disk.contains("sealed-key/v1"), "the TLS key is not in clear");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    // With the passphrase the node starts and serves.
+    let dest = Proc::start("home", &path, &[]).await;
+    let caller = home(&tb, "caller", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
+    eventually("view", WAIT, || async { view_has(&caller, 1).await }).await;
+    assert_eq!(round_trip(caller.import("echo:7"), b"sealed keys").await.unwrap(), b"sealed keys");
+    drop(dest);
+    // With a wrong passphrase it refuses to start, saying why (and never prints the secret).
+    std::fs::write(&pass_file, "wrong\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relayfed-proxy"))
+        .args(["home", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("wrong passphrase"), "{stderr}");
+    assert!(!stderr.contains("correct horse"));
+}

@@ -113,6 +113,9 @@ enum NoiseCommand {
         /// Where to write the private key.
         #[arg(long)]
         out: PathBuf,
+        /// Encrypt the key file with the passphrase in this file.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
 }
 
@@ -136,6 +139,9 @@ enum EchCommand {
         /// Where to write the key file (mode 0600).
         #[arg(long, default_value = "ech-key.json")]
         out: PathBuf,
+        /// Encrypt the key file with the passphrase in this file.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// Parse an ECHConfigList (base64) and print it as JSON, with skipped entries and why.
     Inspect {
@@ -183,13 +189,20 @@ fn main() -> anyhow::Result<()> {
         Command::Home { config } => run(config, Role::Home, Tamper::None),
         Command::Init { config, dry_run, cleanup } => init(config, dry_run, cleanup),
         Command::Ca { command } => ca(command),
-        Command::Noise { command: NoiseCommand::Keygen { out } } => {
+        Command::Noise { command: NoiseCommand::Keygen { out, passphrase_file } } => {
             let key = relayfed_sidecar::crypto::noise::StaticKeypair::generate()?;
-            relayfed_sidecar::config::keys::save_noise_key(&out, &key)?;
+            relayfed_sidecar::config::keys::save_noise_key(&out, &key, read_passphrase(passphrase_file)?.as_deref())?;
             println!("{}", base64_encode(&key.public));
             Ok(())
         }
     }
+}
+
+/// Reads a passphrase file (trailing newline removed).
+fn read_passphrase(path: Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("passphrase file {}", path.display()))?;
+    Ok(Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()))
 }
 
 fn init(config: PathBuf, dry_run: bool, cleanup: bool) -> anyhow::Result<()> {
@@ -316,9 +329,9 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
 
 fn ech(command: EchCommand) -> anyhow::Result<()> {
     match command {
-        EchCommand::Keygen { public_name, config_id, out } => {
+        EchCommand::Keygen { public_name, config_id, out, passphrase_file } => {
             let key = EchKeyPair::generate(config_id, &public_name)?;
-            EchKeyFile::from_key(&key).save(&out)?;
+            EchKeyFile::from_key(&key).save(&out, read_passphrase(passphrase_file)?.as_deref())?;
             let list = EchConfigList { entries: vec![ListEntry::Config(key.config().clone())] }.encode()?;
             eprintln!("wrote private key to {} (mode 0600)", out.display());
             println!("{}", base64_encode(&list));
@@ -329,7 +342,7 @@ fn ech(command: EchCommand) -> anyhow::Result<()> {
             let bytes = base64_decode(&route_header).context("the route header must be base64")?;
             let header = RouteHeader::decode(&bytes).context("not a valid route header")?;
             let RouteBody::Sealed(sealed) = header.body else { anyhow::bail!("the route header is not sealed") };
-            let keys = EchKeyFile::load(&key)?.key_set(&key, std::time::Duration::from_secs(u64::MAX / 4))?;
+            let keys = EchKeyFile::load(&key, None)?.key_set(&key, std::time::Duration::from_secs(u64::MAX / 4))?;
             let route = keys
                 .open(&sealed, std::time::SystemTime::now())
                 .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;

@@ -62,16 +62,16 @@ impl EchKeyFile {
         }
     }
 
-    /// Reads a key file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        serde_json::from_str(&text).map_err(|e| bad(path, e.to_string()))
+    /// Reads a key file (encrypted or not).
+    pub fn load(path: &Path, passphrase: Option<&[u8]>) -> Result<Self, ConfigError> {
+        let bytes = read_secret(path, passphrase)?;
+        serde_json::from_slice(&bytes).map_err(|e| bad(path, e.to_string()))
     }
 
-    /// Writes the file with mode 0600.
-    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+    /// Writes the file with mode 0600, encrypted when a passphrase is given.
+    pub fn save(&self, path: &Path, passphrase: Option<&[u8]>) -> Result<(), ConfigError> {
         let text = serde_json::to_string_pretty(self).map_err(|e| bad(path, e.to_string()))?;
-        write_private(path, text.as_bytes())
+        write_secret(path, text.as_bytes(), passphrase)
     }
 
     /// The key set, with the previous key honoured for `grace` after its rotation.
@@ -101,16 +101,33 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ConfigError> {
     f.write_all(bytes).map_err(|source| ConfigError::Read { path: path.into(), source })
 }
 
-/// Reads a Noise static private key file (base64 text).
-pub fn load_noise_key(path: &Path) -> Result<StaticKeypair, ConfigError> {
+/// Reads a secret file, decrypting it when it is sealed with a passphrase.
+pub fn read_secret(path: &Path, passphrase: Option<&[u8]>) -> Result<Vec<u8>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    let bytes = base64_decode(&text).ok_or_else(|| bad(path, "not base64"))?;
+    super::keystore::unwrap(&text, passphrase).map_err(|e| bad(path, e.to_string()))
+}
+
+/// Writes a secret file (mode 0600), sealed when a passphrase is given.
+pub fn write_secret(path: &Path, bytes: &[u8], passphrase: Option<&[u8]>) -> Result<(), ConfigError> {
+    match passphrase {
+        Some(p) => {
+            let sealed = super::keystore::seal(p, bytes).map_err(|e| bad(path, e.to_string()))?;
+            write_private(path, sealed.as_bytes())
+        }
+        None => write_private(path, bytes),
+    }
+}
+
+/// Reads a Noise static private key file (base64 text, possibly sealed).
+pub fn load_noise_key(path: &Path, passphrase: Option<&[u8]>) -> Result<StaticKeypair, ConfigError> {
+    let text = read_secret(path, passphrase)?;
+    let bytes = base64_decode(&String::from_utf8_lossy(&text)).ok_or_else(|| bad(path, "not base64"))?;
     StaticKeypair::from_private(&bytes).map_err(|e| bad(path, e.to_string()))
 }
 
-/// Writes a Noise static private key file (base64 text, mode 0600).
-pub fn save_noise_key(path: &Path, key: &StaticKeypair) -> Result<(), ConfigError> {
-    write_private(path, base64_encode(&key.private).as_bytes())
+/// Writes a Noise static private key file (base64 text, mode 0600, sealed with a passphrase).
+pub fn save_noise_key(path: &Path, key: &StaticKeypair, passphrase: Option<&[u8]>) -> Result<(), ConfigError> {
+    write_secret(path, base64_encode(&key.private).as_bytes(), passphrase)
 }
 
 #[cfg(test)]
@@ -127,13 +144,18 @@ mod tests {
         let mut file = EchKeyFile::from_key(&new);
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
         file.previous = Some(StoredEchKey { config_id: 1, secret: base64_encode(old.secret()), rotated_at: Some(now) });
-        file.save(&path).unwrap();
+        file.save(&path, None).unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
-        let set = EchKeyFile::load(&path).unwrap().key_set(&path, Duration::from_secs(60)).unwrap();
+        let set = EchKeyFile::load(&path, None).unwrap().key_set(&path, Duration::from_secs(60)).unwrap();
+        // The same file sealed with a passphrase loads only with it.
+        file.save(&path, Some(b"pw")).unwrap();
+        assert!(EchKeyFile::load(&path, None).unwrap_err().to_string().contains("keyPassphraseFile"));
+        assert!(EchKeyFile::load(&path, Some(b"wrong")).is_err());
+        assert_eq!(EchKeyFile::load(&path, Some(b"pw")).unwrap().current.config_id, 2);
         assert_eq!(set.current().config().config_id, 2);
         assert!(set.find(1, SystemTime::now()).is_some());
         assert!(set.find(1, SystemTime::now() + Duration::from_secs(120)).is_none());

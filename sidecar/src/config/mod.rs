@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::federation::ech_policy::EchPolicy;
 
 pub mod keys;
+pub mod keystore;
 
 /// Snapshot schema version understood here.
 pub const SNAPSHOT_SCHEMA: u32 = 1;
@@ -552,6 +553,9 @@ pub struct Snapshot {
     /// Rate limits, circuit breakers, retries.
     #[serde(default)]
     pub resilience: Resilience,
+    /// File holding the passphrase of encrypted key files (TLS key, Noise key, ECH keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_passphrase_file: Option<PathBuf>,
     /// Transparent interception (home nodes in pods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intercept: Option<Intercept>,
@@ -594,6 +598,16 @@ impl Snapshot {
         if let Some(k) = &mut self.noise_key_file {
             fix(k);
         }
+        if let Some(k) = &mut self.key_passphrase_file {
+            fix(k);
+        }
+    }
+
+    /// The passphrase for encrypted key files, if one is configured (trailing newline removed).
+    pub fn passphrase(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.key_passphrase_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        Ok(Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()))
     }
 
     /// Cross-field checks.

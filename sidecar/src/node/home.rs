@@ -74,7 +74,7 @@ impl HomeNode {
     pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>) -> anyhow::Result<(Arc<Self>, Bound)> {
         let identity = HopIdentity::load(snap)?;
         let noise = match &snap.noise_key_file {
-            Some(p) => load_noise_key(p)?,
+            Some(p) => load_noise_key(p, snap.passphrase()?.as_deref())?,
             None => StaticKeypair::generate()?,
         };
         let mut mains = snap.main_relays.clone();

@@ -115,7 +115,10 @@ impl MainRelay {
     pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>, tamper: Tamper) -> anyhow::Result<(Arc<Self>, Bound)> {
         let identity = HopIdentity::load(snap)?;
         let keys = match &snap.ech {
-            Some(e) => Some(EchKeyFile::load(&e.key_file)?.key_set(&e.key_file, Duration::from_secs(e.grace_seconds))?),
+            Some(e) => Some(
+                EchKeyFile::load(&e.key_file, snap.passphrase()?.as_deref())?
+                    .key_set(&e.key_file, Duration::from_secs(e.grace_seconds))?,
+            ),
             None => None,
         };
         let listen = snap.listen.ok_or_else(|| anyhow::anyhow!("listen: required for a main relay"))?;

@@ -74,12 +74,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl HopIdentity {
     /// Loads the identity named by a snapshot.
     pub fn load(snap: &Snapshot) -> Result<Self, TlsError> {
+        let pass = snap.passphrase().map_err(|e| TlsError::Identity(e.to_string()))?;
+        let key = crate::config::keys::read_secret(&snap.tls.key_file, pass.as_deref())
+            .map_err(|e| TlsError::Identity(e.to_string()))?;
         Self::from_pem(
             &snap.node.trust_domain,
             &snap.node.id,
             &read(&snap.tls.ca_file)?,
             &read(&snap.tls.cert_file)?,
-            &read(&snap.tls.key_file)?,
+            &String::from_utf8_lossy(&key),
         )
     }
 
