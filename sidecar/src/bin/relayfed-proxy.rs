@@ -85,6 +85,9 @@ enum CaCommand {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Encrypt ca.key with the passphrase in this file.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// Issue a node certificate: writes OUT/<node>.pem and OUT/<node>.key (mode 0600).
     Issue {
@@ -103,6 +106,9 @@ enum CaCommand {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Passphrase of ca.key (if encrypted); also encrypts the issued key.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
 }
 
@@ -232,24 +238,27 @@ fn init(config: PathBuf, dry_run: bool, cleanup: bool) -> anyhow::Result<()> {
 }
 
 fn ca(command: CaCommand) -> anyhow::Result<()> {
-    use relayfed_sidecar::config::keys::write_private;
+    use relayfed_sidecar::config::keys::{read_secret, write_secret};
     use relayfed_sidecar::crypto::ca::FederationCa;
     match command {
-        CaCommand::Init { trust_domain, out } => {
+        CaCommand::Init { trust_domain, out, passphrase_file } => {
+            let pass = read_passphrase(passphrase_file)?;
             std::fs::create_dir_all(&out)?;
             let ca = FederationCa::generate(&trust_domain)?;
             std::fs::write(out.join("ca.pem"), &ca.certified_key().cert_pem)?;
-            write_private(&out.join("ca.key"), ca.certified_key().key_pem.as_bytes())?;
+            write_secret(&out.join("ca.key"), ca.certified_key().key_pem.as_bytes(), pass.as_deref())?;
             eprintln!("wrote {0}/ca.pem and {0}/ca.key", out.display());
         }
-        CaCommand::Issue { ca_dir, trust_domain, node, hours, out } => {
-            let read =
-                |f: &str| std::fs::read_to_string(ca_dir.join(f)).with_context(|| format!("{}/{f}", ca_dir.display()));
-            let ca = FederationCa::from_pem(&trust_domain, &read("ca.pem")?, &read("ca.key")?)?;
+        CaCommand::Issue { ca_dir, trust_domain, node, hours, out, passphrase_file } => {
+            let pass = read_passphrase(passphrase_file)?;
+            let cert_pem = std::fs::read_to_string(ca_dir.join("ca.pem"))
+                .with_context(|| format!("{}/ca.pem", ca_dir.display()))?;
+            let key_pem = String::from_utf8(read_secret(&ca_dir.join("ca.key"), pass.as_deref())?)?;
+            let ca = FederationCa::from_pem(&trust_domain, &cert_pem, &key_pem)?;
             let cert = ca.issue(&node, std::time::Duration::from_secs(hours * 3600))?;
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join(format!("{node}.pem")), &cert.cert_pem)?;
-            write_private(&out.join(format!("{node}.key")), cert.key_pem.as_bytes())?;
+            write_secret(&out.join(format!("{node}.key")), cert.key_pem.as_bytes(), pass.as_deref())?;
             eprintln!("wrote {0}/{node}.pem and {0}/{node}.key", out.display());
         }
     }
