@@ -403,6 +403,8 @@ async fn an_idle_stream_is_closed_after_the_stream_idle_timeout() {
     let ended = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
     assert!(ended.is_ok(), "the idle stream was not closed");
     assert_eq!(caller.metric("relayfed_stream_errors_total", &[("code", "TIMEOUT")]).await, 1.0);
+    // The same code in the admin API.
+    assert_eq!(caller.json("/federation/health").await["errors"]["TIMEOUT"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub rate_limited: Family<[(&'static str, String); 1], Counter>,
     /// Trust denials by `rule` (reject_unknown, blocked, call_permission, export_permission).
     pub trust_denials: Family<L1, Counter>,
+    /// Stream failures by code, readable back for the admin API.
+    error_counts: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Intercepted connections by `original_dst` (for imports; `other` otherwise), `service`
     /// and `result` (federated, passthrough, refused, not_redirected).
     pub intercepted: Family<[(&'static str, String); 3], Counter>,
@@ -182,6 +184,7 @@ impl Metrics {
             retries,
             rate_limited,
             trust_denials,
+            error_counts: Default::default(),
             intercepted,
         }
     }
@@ -192,6 +195,11 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Stream failures so far, by code (for `/federation/health`).
+    pub fn error_counts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.error_counts.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// Counts an intercepted connection.
@@ -208,6 +216,9 @@ impl Metrics {
     /// Counts a stream failure with its code.
     pub fn stream_error(&self, direction: &'static str, code: crate::protocol::ErrorCode) {
         self.stream_errors.get_or_create(&[("code", code.label())]).inc();
+        if let Ok(mut c) = self.error_counts.lock() {
+            *c.entry(code.label()).or_insert(0) += 1;
+        }
         self.streams.get_or_create(&[("direction", direction), ("result", "error")]).inc();
     }
 }

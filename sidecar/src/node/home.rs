@@ -794,6 +794,7 @@ impl HomeNode {
                     "services": services.len(),
                     "averageLatencyMillis": main.as_ref().map(|m| m.1.as_secs_f64() * 1e3),
                     "circuits": self.breaker_states(),
+                    "errors": self.metrics.error_counts(),
                 }))
             }
             "/federation/peers" => Some(json!(

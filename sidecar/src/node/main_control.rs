@@ -461,6 +461,7 @@ impl MainRelay {
                     "services": services.len(),
                     "failedPeers": peers.iter().filter(|p| p["state"] != "up").map(|p| p["node"].clone()).collect::<Vec<_>>(),
                     "averagePeerRttMillis": if rtts.is_empty() { None } else { Some(rtts.iter().sum::<f64>() / rtts.len() as f64) },
+                    "errors": self.metrics.error_counts(),
                 }))
             }
             _ => None,
