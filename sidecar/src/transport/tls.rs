@@ -183,7 +183,7 @@ fn transport(timeouts: &Timeouts) -> Arc<quinn::TransportConfig> {
 
 /// Concurrent streams a home node may open to its main relay at first (the relay doubles it,
 /// up to [`TRUNK_STREAMS`], whenever a home uses three quarters of it).
-pub const HOME_STREAMS: u32 = 32;
+pub const HOME_STREAMS: u32 = 16;
 /// Concurrent streams on links that aggregate many callers (relay <-> relay, relay -> home).
 pub const TRUNK_STREAMS: u32 = 8192;
 
