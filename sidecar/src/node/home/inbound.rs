@@ -1,0 +1,91 @@
+//! Inbound streams: deliver an opened route to the exported target as the Noise responder,
+//! or answer a probe with the path it took.
+
+use super::*;
+
+impl HomeNode {
+    pub(super) async fn inbound(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await;
+        let (config_id, route, probe_path) = match first {
+            Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Plain(r), probe, path, .. })))) => {
+                (None, r, probe.then_some(path))
+            }
+            Ok(Ok(Some(Frame::Route(RouteHeader {
+                body: RouteBody::Opened { config_id, route },
+                probe,
+                path,
+                ..
+            })))) => (Some(config_id), route, probe.then_some(path)),
+            Ok(Ok(Some(_))) => {
+                return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected an opened ROUTE").await;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => return self.refuse(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
+            Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no route header in time").await,
+        };
+        let span = info_span!("inbound", service = %route.service, origin = %route.origin, ech = config_id.is_some());
+        async {
+            if route.dest_node != self.identity.node_id {
+                return self.refuse(&mut send, ErrorCode::NoRoute, "stream is for another node").await;
+            }
+            let Some(export) = self.exports.iter().find(|e| e.service == route.service && e.port == route.port) else {
+                return self.refuse(&mut send, ErrorCode::ServiceNotFound, "service not exported here").await;
+            };
+            if let Some(path) = probe_path {
+                let mut hops: Vec<TraceHop> =
+                    path.into_iter().map(|p| TraceHop { node: p.node, at_ms: p.at_ms }).collect();
+                hops.push(TraceHop { node: self.identity.node_id.clone(), at_ms: crate::node::main_relay::now_ms() });
+                let _ = write_frames(&mut send, &[Frame::Control(Control::TraceResult { hops })]).await;
+                let _ = send.finish();
+                return;
+            }
+            let msg1 = match read_frame(&mut recv).await {
+                Ok(Some(Frame::Noise(m))) => m,
+                _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 1").await,
+            };
+            let responder = prologue(config_id, &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1));
+            let (responder, msg2) = match responder {
+                Ok(x) => x,
+                Err(e) => {
+                    self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                    return self.refuse(&mut send, ErrorCode::HandshakeFailed, &e.to_string()).await;
+                }
+            };
+            let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(export.target)).await {
+                Ok(Ok(t)) => t,
+                _ => {
+                    return self
+                        .refuse(&mut send, ErrorCode::TargetUnreachable, "local target refused or timed out")
+                        .await;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if write_frames(&mut send, &[Frame::Noise(msg2)]).await.is_err() {
+                return;
+            }
+            let session = match read_frame(&mut recv).await {
+                Ok(Some(Frame::Noise(msg3))) => responder.finish(&msg3),
+                _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 3").await,
+            };
+            match session {
+                Ok((session, _initiator_static)) => {
+                    let (tx, rx) = session.split();
+                    self.pump(tcp, send, recv, tx, rx, "inbound").await;
+                }
+                Err(e) => {
+                    self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                    self.refuse(&mut send, ErrorCode::HandshakeFailed, &e.to_string()).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn refuse(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
+        warn!(code = code.label(), message, "inbound stream refused");
+        self.metrics.stream_error("inbound", code);
+        send_error(send, code, message).await;
+        let _ = send.finish();
+    }
+}

@@ -1,0 +1,365 @@
+//! Home node mode: dial the main relay, expose a local listener per imported service, and
+//! deliver inbound federation streams to local targets.
+//!
+//! Outbound (origin, Noise initiator): accept a TCP client, decide ECH for the destination,
+//! send ROUTE + Noise message 1, read message 2 (or an ERROR / RETRY_CONFIGS frame), send
+//! message 3, then carry the TCP bytes as Noise transport messages. Inbound (destination,
+//! Noise responder): read the delivered ROUTE and message 1, connect to the export's target,
+//! answer message 2, read message 3, then carry bytes.
+
+mod inbound;
+mod outbound;
+mod pump;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::admin::metrics::Metrics;
+use crate::config::keys::load_noise_key;
+use crate::config::{
+    Export, Import, LoadBalancing, MainRelay, Snapshot, Unmatched, base64_decode, base64_encode, decode_key32,
+};
+use crate::crypto::ech::seal;
+use crate::crypto::noise::{Initiator, MAX_PLAINTEXT, RecvHalf, Responder, SendHalf, StaticKeypair, prologue};
+use crate::federation::balancer::Balancer;
+use crate::federation::ech_policy::{EchDecision, EchPolicy};
+use crate::federation::registry::{Entry, Key};
+use crate::intercept::original_dst::original_dst;
+use crate::protocol::control::{Control, MainInfo, Service, TraceHop};
+use crate::protocol::route::{InnerRoute, MAX_HOPS, RouteBody, RouteHeader};
+use crate::protocol::{EchConfigList, ErrorCode, Frame};
+use crate::transport::io::{FrameIoError, read_frame, send_error, write_frames};
+use crate::transport::tls::{HopIdentity, failure_reason};
+
+/// A failed stream: the code that goes on the wire, in logs and in metrics.
+type StreamError = (ErrorCode, String);
+
+/// Shared state of a running home node.
+pub struct HomeNode {
+    identity: HopIdentity,
+    noise: StaticKeypair,
+    mains: Vec<MainRelay>,
+    exports: Vec<Export>,
+    imports: Vec<(String, u16)>,
+    policy: EchPolicy,
+    ech_configs: RwLock<HashMap<String, EchConfigList>>,
+    conn: watch::Sender<Option<(String, quinn::Connection)>>,
+    endpoint: std::sync::OnceLock<quinn::Endpoint>,
+    view: RwLock<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>,
+    balancers: std::sync::Mutex<HashMap<(String, u16), Balancer>>,
+    lb: LoadBalancing,
+    breaker: crate::resilience::breaker::BreakerConfig,
+    retry: crate::config::RetryConfig,
+    metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
+    connect_timeout: Duration,
+    stream_idle: Duration,
+}
+
+/// Where a started home node listens.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// Each import (in snapshot order) and its bound local listener.
+    pub imports: Vec<(Import, SocketAddr)>,
+    /// Outbound listeners for intercepted connections (empty without `intercept`).
+    pub outbound: Vec<SocketAddr>,
+}
+
+impl HomeNode {
+    /// Loads keys from `snap` (validated), binds import listeners, and starts dialing.
+    /// Returns once the first main relay connection is up.
+    pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>) -> anyhow::Result<(Arc<Self>, Bound)> {
+        let identity = HopIdentity::load(snap)?;
+        let noise = match &snap.noise_key_file {
+            Some(p) => load_noise_key(p, snap.passphrase()?.as_deref())?,
+            None => StaticKeypair::generate()?,
+        };
+        let mut mains = snap.main_relays.clone();
+        mains.sort_by_key(|m| m.priority);
+        let mut ech_configs = HashMap::new();
+        for m in &mains {
+            if let Some(list) = m.ech_config_list.as_deref().and_then(base64_decode)
+                && let Ok(parsed) = EchConfigList::decode(&list)
+            {
+                ech_configs.insert(m.node_id.clone(), parsed);
+            }
+        }
+        let (conn, _) = watch::channel(None);
+        let node = Arc::new(Self {
+            identity,
+            noise,
+            mains,
+            exports: snap.exports.clone(),
+            imports: snap.imports.iter().map(|i| (i.service.clone(), i.port)).collect(),
+            policy: snap.ech_policy.clone(),
+            ech_configs: RwLock::new(ech_configs),
+            conn,
+            endpoint: std::sync::OnceLock::new(),
+            view: RwLock::new(Default::default()),
+            balancers: std::sync::Mutex::new(HashMap::new()),
+            lb: snap.load_balancing.clone(),
+            breaker: snap.resilience.circuit_breaker.to_breaker(),
+            retry: snap.resilience.retry.clone(),
+            metrics,
+            handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
+            connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
+            stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
+        });
+        let mut bound = Bound { imports: Vec::new(), outbound: Vec::new() };
+        for imp in &snap.imports {
+            let listener = crate::transport::io::listen(imp.listen)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {} for {}: {e}", imp.listen, imp.service))?;
+            bound.imports.push((imp.clone(), listener.local_addr()?));
+            let import = Arc::new(imp.clone());
+            let n = node.clone();
+            tokio::spawn(async move { n.accept_clients(listener, import).await });
+        }
+        if let Some(ic) = &snap.intercept {
+            let by_dst: Arc<HashMap<SocketAddr, Arc<Import>>> =
+                Arc::new(snap.imports.iter().filter_map(|i| Some((i.cluster_ip?, Arc::new(i.clone())))).collect());
+            let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], ic.outbound_port))];
+            if ic.ipv6 {
+                addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, ic.outbound_port)));
+            }
+            for addr in addrs {
+                let listener = match crate::transport::io::listen(addr) {
+                    Ok(l) => l,
+                    Err(e) if addr.is_ipv6() => {
+                        warn!(%addr, error = %e, "no IPv6 outbound listener (is IPv6 disabled in this namespace?)");
+                        continue;
+                    }
+                    Err(e) => anyhow::bail!("cannot listen on {addr} for intercepted connections: {e}"),
+                };
+                bound.outbound.push(listener.local_addr()?);
+                let n = node.clone();
+                let by_dst = by_dst.clone();
+                let unmatched = ic.unmatched;
+                tokio::spawn(async move { n.accept_intercepted(listener, by_dst, unmatched).await });
+            }
+        }
+        let bind: SocketAddr = snap.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(node.identity.client_config(&snap.timeouts)?);
+        let _ = node.endpoint.set(endpoint.clone());
+        let mut ready = node.conn.subscribe();
+        let n = node.clone();
+        tokio::spawn(async move { n.dial_loop(endpoint).await });
+        ready.wait_for(Option::is_some).await?;
+        Ok((node, bound))
+    }
+
+    /// Keeps a connection to the best reachable main relay, serving its inbound streams.
+    async fn dial_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            for main in &self.mains {
+                let Some(conn) = self.dial(&endpoint, main).await else { continue };
+                backoff = Duration::from_millis(100);
+                if !first {
+                    self.metrics.reconnects.get_or_create(&[("kind", "main")]).inc();
+                }
+                first = false;
+                // Register before announcing the connection, so no call races the view.
+                let control = match self.register(&conn).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(main = %main.node_id, error = %e, "registration failed");
+                        conn.close(0u32.into(), b"registration failed");
+                        continue;
+                    }
+                };
+                self.metrics.open_connections.inc();
+                self.conn.send_replace(Some((main.node_id.clone(), conn.clone())));
+                info!(main = %main.node_id, "connected to main relay");
+                self.clone().serve_inbound(conn).await;
+                control.abort();
+                self.conn.send_replace(None);
+                self.metrics.open_connections.dec();
+                warn!(main = %main.node_id, "main relay connection lost; reconnecting");
+                break;
+            }
+            // Exponential backoff with full jitter between rounds of dialing.
+            let jitter = rand::random_range(0..=backoff.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn dial(&self, endpoint: &quinn::Endpoint, main: &MainRelay) -> Option<quinn::Connection> {
+        let name = self.identity.server_name(&main.node_id);
+        let connecting = match endpoint.connect(main.endpoint, &name) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(main = %main.node_id, error = %e, "cannot dial main relay");
+                return None;
+            }
+        };
+        let started = Instant::now();
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => {
+                crate::transport::tls::raise_stream_limit(&conn);
+                self.metrics.hop_handshake_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
+                Some(conn)
+            }
+            Ok(Err(e)) => {
+                let reason = failure_reason(&e);
+                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", reason)]).inc();
+                warn!(main = %main.node_id, reason, error = %e, "hop handshake failed");
+                None
+            }
+            Err(_) => {
+                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "timeout")]).inc();
+                warn!(main = %main.node_id, "hop handshake timed out");
+                None
+            }
+        }
+    }
+
+    /// Clean shutdown: closes the main relay connection, so the relay deregisters this node's
+    /// services at once (everywhere), and waits for the close to be sent.
+    pub async fn shutdown(&self) {
+        if let Some(ep) = self.endpoint.get() {
+            ep.close(0u32.into(), b"shutdown");
+            let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+        }
+    }
+
+    /// Opens the control stream, registers the exported services and waits for the first
+    /// view; returns the task that keeps applying views.
+    async fn register(self: &Arc<Self>, conn: &quinn::Connection) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let services =
+            self.exports.iter().map(|e| Service { service: e.service.clone(), port: e.port, ech: true }).collect();
+        let imports = self.imports.iter().map(|(s, p)| format!("{s}:{p}")).collect();
+        let register =
+            Control::Register { services, noise_key: base64_encode(&self.noise.public), imports: Some(imports) };
+        write_frames(&mut send, &[Frame::Control(register)]).await?;
+        let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv))
+            .await
+            .map_err(|_| anyhow::anyhow!("no view from the main relay in time"))??;
+        let mut parts = Vec::new();
+        let mut next = first;
+        loop {
+            match next {
+                Some(Frame::Control(Control::View { mains, entries, more })) => {
+                    parts.push((mains, entries));
+                    if !more {
+                        break;
+                    }
+                }
+                other => anyhow::bail!("expected a view, got {other:?}"),
+            }
+            next = read_frame(&mut recv).await?;
+        }
+        self.apply_view(std::mem::take(&mut parts));
+        write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await?;
+        let node = self.clone();
+        Ok(tokio::spawn(async move {
+            while let Ok(Some(Frame::Control(Control::View { mains, entries, more }))) = read_frame(&mut recv).await {
+                parts.push((mains, entries));
+                if !more {
+                    node.apply_view(std::mem::take(&mut parts));
+                    if write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Installs a complete view assembled from its parts.
+    fn apply_view(&self, parts: Vec<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>) {
+        let mut mains = std::collections::BTreeMap::new();
+        let mut entries = Vec::new();
+        for (m, e) in parts {
+            mains.extend(m);
+            entries.extend(e);
+        }
+        self.metrics.propagation.get_or_create(&[("event", "view_received")]).inc();
+        self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
+        // Lists from the config snapshot stay as given (a stale one is repaired by retry
+        // configs); the view adds the lists of main relays the snapshot does not name.
+        if let Ok(mut c) = self.ech_configs.write() {
+            for (main, info) in &mains {
+                if !c.contains_key(main)
+                    && let Some(list) = info.ech_config_list.as_deref().and_then(base64_decode)
+                    && let Ok(parsed) = EchConfigList::decode(&list)
+                {
+                    c.insert(main.clone(), parsed);
+                }
+            }
+        }
+        if let Ok(mut b) = self.balancers.lock() {
+            for bal in b.values_mut() {
+                bal.retain(&entries);
+            }
+        }
+        if let Ok(mut v) = self.view.write() {
+            *v = (mains, entries);
+        }
+    }
+
+    /// Circuit breaker states of every instance this home has called, for the admin API.
+    fn breaker_states(&self) -> Vec<serde_json::Value> {
+        let now = Instant::now();
+        let Ok(mut b) = self.balancers.lock() else { return vec![] };
+        b.values_mut()
+            .flat_map(|bal| bal.states(now))
+            .map(|(k, s)| serde_json::json!({"service": k.service, "port": k.port, "node": k.node, "main": k.main, "state": s.label()}))
+            .collect()
+    }
+
+    async fn serve_inbound(self: Arc<Self>, conn: quinn::Connection) {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let node = self.clone();
+            tokio::spawn(async move { node.inbound(send, recv).await });
+        }
+    }
+
+    /// JSON for the admin API (`/federation/health|peers|registry`).
+    pub fn admin_json(&self, path: &str) -> Option<serde_json::Value> {
+        use serde_json::json;
+        let main = self.conn.borrow().as_ref().map(|(m, c)| (m.clone(), c.rtt()));
+        let (mains, entries) = self.view.read().ok()?.clone();
+        match path {
+            "/federation/health" => {
+                let mut services: Vec<String> = entries.iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
+                services.sort();
+                services.dedup();
+                Some(json!({
+                    "status": if main.is_some() { "ok" } else { "disconnected" },
+                    "node": self.identity.node_id,
+                    "role": "home",
+                    "mainRelay": main.as_ref().map(|m| m.0.clone()),
+                    "connectedPeers": usize::from(main.is_some()),
+                    "exports": self.exports.iter().map(|e| format!("{}:{}", e.service, e.port)).collect::<Vec<_>>(),
+                    "services": services.len(),
+                    "averageLatencyMillis": main.as_ref().map(|m| m.1.as_secs_f64() * 1e3),
+                    "circuits": self.breaker_states(),
+                    "errors": self.metrics.error_counts(),
+                }))
+            }
+            "/federation/peers" => Some(json!(
+                self.mains
+                    .iter()
+                    .map(|m| json!({
+                        "node": m.node_id, "endpoint": m.endpoint.to_string(), "priority": m.priority,
+                        "state": if main.as_ref().is_some_and(|c| c.0 == m.node_id) { "up" } else { "standby" },
+                        "rttMillis": main.as_ref().filter(|c| c.0 == m.node_id).map(|c| c.1.as_secs_f64() * 1e3),
+                    }))
+                    .collect::<Vec<_>>()
+            )),
+            "/federation/registry" => Some(json!({"node": self.identity.node_id, "mains": mains, "entries": entries})),
+            _ => None,
+        }
+    }
+}

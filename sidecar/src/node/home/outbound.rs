@@ -1,0 +1,426 @@
+//! Outbound calls: accept a client (a plain-mode listener or an intercepted connection),
+//! resolve and balance the destination, set up the stream (ECH, Noise XK) with retries
+//! before any payload, then hand it to the pump; plus the path-trace probe.
+
+use super::*;
+
+impl HomeNode {
+    pub(super) async fn accept_clients(self: Arc<Self>, listener: TcpListener, import: Arc<Import>) {
+        loop {
+            let Ok((tcp, client)) = listener.accept().await else { continue };
+            let node = self.clone();
+            let import = import.clone();
+            let span = info_span!("outbound", %client, service = %import.service, dest = ?import.node);
+            tokio::spawn(async move { node.outbound(tcp, &import).await }.instrument(span));
+        }
+    }
+
+    /// Connections redirected by iptables: find the import by original destination, then take
+    /// the same path as a plain-mode listener; otherwise pass through or refuse.
+    pub(super) async fn accept_intercepted(
+        self: Arc<Self>,
+        listener: TcpListener,
+        by_dst: Arc<HashMap<SocketAddr, Arc<Import>>>,
+        unmatched: Unmatched,
+    ) {
+        loop {
+            let Ok((tcp, client)) = listener.accept().await else { continue };
+            let node = self.clone();
+            let by_dst = by_dst.clone();
+            tokio::spawn(async move {
+                let local = tcp.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                let Some(dst) = original_dst(&tcp, local) else {
+                    warn!(%client, "connection to the outbound port was not redirected: refused");
+                    node.metrics.intercepted("none".into(), "", "not_redirected");
+                    return reset(tcp);
+                };
+                if let Some(import) = by_dst.get(&dst) {
+                    node.metrics.intercepted(dst.to_string(), &import.service, "federated");
+                    let span = info_span!("outbound", %client, original_dst = %dst, service = %import.service, dest = ?import.node);
+                    return node.outbound(tcp, import).instrument(span).await;
+                }
+                match unmatched {
+                    Unmatched::Refuse => {
+                        info!(%client, original_dst = %dst, "not an imported service: refused");
+                        node.metrics.intercepted("other".into(), "", "refused");
+                        reset(tcp);
+                    }
+                    Unmatched::Passthrough => {
+                        debug!(%client, original_dst = %dst, "not an imported service: passthrough");
+                        node.metrics.intercepted("other".into(), "", "passthrough");
+                        match TcpStream::connect(dst).await {
+                            Ok(mut upstream) => {
+                                let mut tcp = tcp;
+                                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+                            }
+                            Err(_) => reset(tcp),
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    async fn outbound(&self, tcp: TcpStream, import: &Import) {
+        let started = Instant::now();
+        let est = match tokio::time::timeout(self.handshake_timeout, self.establish(import)).await {
+            Ok(r) => r,
+            Err(_) => Err((ErrorCode::Timeout, "route and handshake did not finish in time".to_owned())),
+        };
+        match est {
+            Ok(e) => {
+                let ech = if e.ech { "true" } else { "false" };
+                self.metrics
+                    .stream_setup_seconds
+                    .get_or_create(&[("ech", ech)])
+                    .observe(started.elapsed().as_secs_f64());
+                debug!(ech = e.ech, "session established");
+                self.pump(tcp, e.send, e.recv, e.tx, e.rx, "outbound").await;
+            }
+            Err((code, message)) => {
+                warn!(code = code.label(), message, "outbound stream failed");
+                self.metrics.stream_error("outbound", code);
+                reset(tcp);
+            }
+        }
+    }
+
+    fn ech_config_for(
+        &self,
+        main: &str,
+    ) -> Option<(crate::protocol::EchConfig, crate::protocol::ech_config::CipherSuite)> {
+        let configs = self.ech_configs.read().ok()?;
+        configs.get(main)?.first_usable().map(|(c, s)| (c.clone(), s))
+    }
+
+    /// The destination of a stream for `import`: fixed in config, or picked from the view.
+    fn resolve(&self, import: &Import, my_main: &str, exclude: &[Key]) -> Result<(Entry, bool), StreamError> {
+        if let (Some(node), Some(main), Some(key)) = (&import.node, &import.main, &import.noise_public_key) {
+            let e = Entry {
+                service: import.service.clone(),
+                port: import.port,
+                node: node.clone(),
+                main: main.clone(),
+                noise_key: key.clone(),
+                ech: true,
+            };
+            return Ok((e, false));
+        }
+        let candidates: Vec<Entry> = self
+            .view
+            .read()
+            .map(|v| {
+                v.1.iter()
+                    .filter(|e| e.service == import.service && e.port == import.port && !exclude.contains(&e.key()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if candidates.is_empty() && !exclude.is_empty() {
+            return Err((
+                ErrorCode::NoRoute,
+                format!("every instance of {}:{} failed for this call", import.service, import.port),
+            ));
+        }
+        if candidates.is_empty() {
+            self.metrics.routes.get_or_create(&[("result", "service_not_found")]).inc();
+            return Err((
+                ErrorCode::ServiceNotFound,
+                format!("no instance of {}:{} is registered", import.service, import.port),
+            ));
+        }
+        let algorithm = self.lb.per_service.get(&import.service).copied().unwrap_or(self.lb.default);
+        let picked = self.balancers.lock().ok().and_then(|mut b| {
+            let bal = b
+                .entry((import.service.clone(), import.port))
+                .or_insert_with(|| Balancer::new(algorithm, self.lb.prefer_local, self.breaker));
+            let now = Instant::now();
+            let e = bal.pick(&candidates, my_main, now, &mut rand::rng())?;
+            bal.started(&e.key(), now);
+            Some(e)
+        });
+        let Some(e) = picked else {
+            self.metrics.routes.get_or_create(&[("result", "no_healthy_instance")]).inc();
+            return Err((ErrorCode::CircuitOpen, format!("every instance of {} failed recently", import.service)));
+        };
+        self.metrics.routes.get_or_create(&[("result", "resolved")]).inc();
+        self.metrics.lb_picks.get_or_create(&[("service", e.service.clone()), ("node", e.node.clone())]).inc();
+        Ok((e, true))
+    }
+
+    fn balanced_done(&self, import: &Import, key: &Key, latency: Option<Duration>) {
+        if let Ok(mut b) = self.balancers.lock()
+            && let Some(bal) = b.get_mut(&(import.service.clone(), import.port))
+        {
+            let now = Instant::now();
+            bal.finished(key, now, latency);
+            for (k, state) in bal.states(now) {
+                self.metrics
+                    .circuit_state
+                    .get_or_create(&[("target", format!("{}/{}@{}", k.service, k.node, k.main))])
+                    .set(state.as_i64());
+            }
+        }
+    }
+
+    /// Ends a stream to `key` without judging the instance.
+    fn release(&self, import: &Import, key: &Key) {
+        if let Ok(mut b) = self.balancers.lock()
+            && let Some(bal) = b.get_mut(&(import.service.clone(), import.port))
+        {
+            bal.release(key);
+        }
+    }
+
+    /// Sets up the stream for one call. A registry-resolved call whose setup fails before any
+    /// payload byte is read from the client (the client's bytes are only read once the session
+    /// is up) is retried on another instance, with full-jitter backoff, up to `maxAttempts`.
+    async fn establish(&self, import: &Import) -> Result<Established, StreamError> {
+        let backoff = crate::resilience::backoff::Backoff {
+            initial: Duration::from_millis(self.retry.initial_backoff_ms),
+            max: Duration::from_millis(self.retry.max_backoff_ms),
+        };
+        let mut tried: Vec<Key> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let (main_id, conn) = self
+                .conn
+                .borrow()
+                .clone()
+                .ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
+            let (dest, balanced) = self.resolve(import, &main_id, &tried)?;
+            let started = Instant::now();
+            let result = self.establish_to(&conn, &main_id, &dest).await;
+            if balanced {
+                match &result {
+                    Ok(_) => self.balanced_done(import, &dest.key(), Some(started.elapsed())),
+                    Err((code, _)) if against_instance(*code) => self.balanced_done(import, &dest.key(), None),
+                    // Refusals about the caller (rate limit, permissions, ECH policy) say
+                    // nothing about the instance's health.
+                    Err(_) => self.release(import, &dest.key()),
+                }
+            }
+            attempt += 1;
+            match result {
+                Err((code, message)) if balanced && retryable(code) && attempt < self.retry.max_attempts.max(1) => {
+                    self.metrics.retries.get_or_create(&[("code", code.label())]).inc();
+                    info!(code = code.label(), %message, instance = %dest.node, attempt, "stream setup failed before any payload: retrying on another instance");
+                    tried.push(dest.key());
+                    let wait = backoff.wait(attempt - 1, &mut rand::rng());
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn establish_to(
+        &self,
+        conn: &quinn::Connection,
+        main_id: &str,
+        dest: &Entry,
+    ) -> Result<Established, StreamError> {
+        let remote =
+            decode_key32(&dest.noise_key).ok_or((ErrorCode::Internal, format!("bad Noise key for {}", dest.node)))?;
+        let inner = InnerRoute {
+            dest_node: dest.node.clone(),
+            dest_main: dest.main.clone(),
+            service: dest.service.clone(),
+            port: dest.port,
+            origin: format!("{}@{}", self.identity.node_id, main_id),
+        };
+        let decision = if dest.ech { self.policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
+        let mut retried = false;
+        loop {
+            let sealed = match decision {
+                EchDecision::Plain => None,
+                EchDecision::Opportunistic | EchDecision::Required => match self.ech_config_for(&dest.main) {
+                    Some((config, suite)) => {
+                        let s = seal(&config, suite, &dest.main, &inner).map_err(|e| (e.code(), e.to_string()))?;
+                        self.metrics.ech.get_or_create(&[("outcome", "attempted")]).inc();
+                        Some(s)
+                    }
+                    None if decision == EchDecision::Required => {
+                        self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
+                        return Err((ErrorCode::EchRequired, format!("no usable ECH config for {}", dest.main)));
+                    }
+                    None => {
+                        self.metrics.ech.get_or_create(&[("outcome", "fallback")]).inc();
+                        None
+                    }
+                },
+            };
+            let config_id = sealed.as_ref().map(|s| s.config_id);
+            let body = match sealed {
+                Some(s) => RouteBody::Sealed(s),
+                None => RouteBody::Plain(inner.clone()),
+            };
+            let header =
+                RouteHeader { hop_limit: MAX_HOPS, probe: false, trace_context: String::new(), path: vec![], body };
+            let prologue = prologue(config_id, &inner).map_err(|e| (e.code(), e.to_string()))?;
+            let hs_started = Instant::now();
+            let (init, msg1) =
+                Initiator::start(&self.noise, &remote, &prologue).map_err(|e| (e.code(), e.to_string()))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| (ErrorCode::PeerUnreachable, e.to_string()))?;
+            write_frames(&mut send, &[Frame::Route(header), Frame::Noise(msg1)]).await.map_err(io_err)?;
+            match read_frame(&mut recv).await.map_err(io_err)? {
+                Some(Frame::Noise(msg2)) => {
+                    let (session, msg3) = match init.finish(&msg2) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                            return Err((e.code(), e.to_string()));
+                        }
+                    };
+                    write_frames(&mut send, &[Frame::Noise(msg3)]).await.map_err(io_err)?;
+                    self.metrics.e2e_handshakes.get_or_create(&[("result", "ok")]).inc();
+                    self.metrics.e2e_handshake_seconds.observe(hs_started.elapsed().as_secs_f64());
+                    if config_id.is_some() {
+                        self.metrics.ech.get_or_create(&[("outcome", "accepted")]).inc();
+                    }
+                    let (tx, rx) = session.split();
+                    return Ok(Established { send, recv, tx, rx, ech: config_id.is_some() });
+                }
+                Some(Frame::RetryConfigs(list)) if config_id.is_some() && !retried => {
+                    let parsed =
+                        EchConfigList::decode(&list).map_err(|e| (ErrorCode::MalformedFrame, e.to_string()))?;
+                    info!(main = %dest.main, "ECH config was stale: retrying once with the relay's retry configs");
+                    self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
+                    if let Ok(mut c) = self.ech_configs.write() {
+                        c.insert(dest.main.clone(), parsed);
+                    }
+                    retried = true;
+                }
+                Some(Frame::Error(e)) => {
+                    if config_id.is_some() {
+                        self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
+                    }
+                    if e.code == ErrorCode::HandshakeFailed {
+                        self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                    }
+                    return Err((e.code, e.message));
+                }
+                Some(other) => {
+                    return Err((ErrorCode::MalformedFrame, format!("unexpected frame {other:?}")));
+                }
+                None => return Err((ErrorCode::PeerUnreachable, "stream closed before the handshake".to_owned())),
+            }
+        }
+    }
+
+    /// Path-trace probe to one instance of `service:port`: the route taken, with the time
+    /// each relay forwarded it and the destination received it.
+    pub async fn trace(&self, service: &str, port: u16) -> serde_json::Value {
+        use serde_json::json;
+        let Some((main_id, conn)) = self.conn.borrow().clone() else {
+            return json!({"error": "PEER_UNREACHABLE", "message": "no main relay connection"});
+        };
+        let import = Import {
+            service: service.to_owned(),
+            port,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            node: None,
+            main: None,
+            noise_public_key: None,
+            cluster_ip: None,
+        };
+        let dest = match self.resolve(&import, &main_id, &[]) {
+            Ok((d, balanced)) => {
+                if balanced {
+                    // A probe says nothing about the instance's latency: release it neutrally.
+                    self.release(&import, &d.key());
+                }
+                d
+            }
+            Err((code, message)) => return json!({"error": code.label(), "message": message}),
+        };
+        let inner = InnerRoute {
+            dest_node: dest.node.clone(),
+            dest_main: dest.main.clone(),
+            service: service.to_owned(),
+            port,
+            origin: format!("{}@{}", self.identity.node_id, main_id),
+        };
+        let sent = crate::node::main_relay::now_ms();
+        let started = Instant::now();
+        let header = RouteHeader {
+            hop_limit: MAX_HOPS,
+            probe: true,
+            trace_context: String::new(),
+            path: vec![],
+            body: RouteBody::Plain(inner),
+        };
+        let result = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| (ErrorCode::PeerUnreachable, e.to_string()))?;
+            write_frames(&mut send, &[Frame::Route(header)]).await.map_err(io_err)?;
+            match read_frame(&mut recv).await.map_err(io_err)? {
+                Some(Frame::Control(Control::TraceResult { hops })) => Ok(hops),
+                Some(Frame::Error(e)) => Err((e.code, e.message)),
+                other => Err((ErrorCode::MalformedFrame, format!("unexpected answer {other:?}"))),
+            }
+        };
+        match tokio::time::timeout(self.handshake_timeout, result).await {
+            Ok(Ok(hops)) => {
+                let mut prev = sent;
+                let hops: Vec<_> = std::iter::once(json!({"node": self.identity.node_id, "atMs": sent, "deltaMs": 0}))
+                    .chain(hops.iter().map(|h| {
+                        let d = h.at_ms.saturating_sub(prev);
+                        prev = h.at_ms;
+                        json!({"node": h.node, "atMs": h.at_ms, "deltaMs": d})
+                    }))
+                    .collect();
+                json!({
+                    "service": service, "port": port, "destination": format!("{}@{}", dest.node, dest.main),
+                    "relayHops": hops.len().saturating_sub(2), "hops": hops,
+                    "roundTripMillis": started.elapsed().as_secs_f64() * 1e3,
+                })
+            }
+            Ok(Err((code, message))) => json!({"error": code.label(), "message": message}),
+            Err(_) => json!({"error": "TIMEOUT"}),
+        }
+    }
+}
+
+/// An established outbound session.
+struct Established {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    tx: SendHalf,
+    rx: RecvHalf,
+    ech: bool,
+}
+
+/// Failures that count against the instance (its circuit breaker).
+fn against_instance(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::TargetUnreachable
+            | ErrorCode::NoRoute
+            | ErrorCode::PeerUnreachable
+            | ErrorCode::Timeout
+            | ErrorCode::HandshakeFailed
+            | ErrorCode::ServiceNotFound
+            | ErrorCode::MalformedFrame
+    )
+}
+
+/// Failures worth another instance: the destination or the path to it, not the request.
+fn retryable(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::PeerUnreachable | ErrorCode::NoRoute | ErrorCode::TargetUnreachable | ErrorCode::CircuitOpen
+    )
+}
+
+fn io_err(e: FrameIoError) -> StreamError {
+    match e {
+        FrameIoError::Io(e) => (ErrorCode::PeerUnreachable, e.to_string()),
+        FrameIoError::Decode(e) => (ErrorCode::MalformedFrame, e.to_string()),
+    }
+}
+
+/// Closes a client socket with a reset, so the app sees the failure at once.
+fn reset(tcp: TcpStream) {
+    let _ = tcp.set_zero_linger();
+    drop(tcp);
+}

@@ -1,0 +1,99 @@
+//! Carrying bytes: a TCP socket on one side, Noise transport messages in NOISE frames on the
+//! other, with the stream idle watchdog.
+
+use super::*;
+
+impl HomeNode {
+    /// Carries bytes between a TCP socket and a stream of Noise transport messages.
+    pub(super) async fn pump(
+        &self,
+        tcp: TcpStream,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        mut tx: SendHalf,
+        mut rx: RecvHalf,
+        direction: &'static str,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let (mut tr, mut tw) = tcp.into_split();
+        // Last payload in either direction (ms since `epoch`), for the stream idle timeout.
+        let epoch = Instant::now();
+        let last = std::sync::atomic::AtomicU64::new(0);
+        let touch = || last.store(epoch.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        let up = async {
+            let mut buf = vec![0u8; MAX_PLAINTEXT];
+            let mut total = 0u64;
+            loop {
+                let n = match tr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                touch();
+                let Ok(ct) = tx.encrypt(&buf[..n]) else { return Err(ErrorCode::Internal) };
+                if write_frames(&mut send, &[Frame::Noise(ct)]).await.is_err() {
+                    return Err(ErrorCode::PeerUnreachable);
+                }
+                total += n as u64;
+            }
+            let _ = send.finish();
+            Ok(total)
+        };
+        let down = async {
+            let mut total = 0u64;
+            loop {
+                match read_frame(&mut recv).await {
+                    Ok(Some(Frame::Noise(m))) => {
+                        touch();
+                        let Ok(pt) = rx.decrypt(&m) else { return Err(ErrorCode::HandshakeFailed) };
+                        if tw.write_all(&pt).await.is_err() {
+                            return Err(ErrorCode::TargetUnreachable);
+                        }
+                        total += pt.len() as u64;
+                    }
+                    Ok(Some(Frame::Error(e))) => return Err(e.code),
+                    Ok(Some(_)) => return Err(ErrorCode::MalformedFrame),
+                    Ok(None) => break,
+                    Err(_) => return Err(ErrorCode::PeerUnreachable),
+                }
+            }
+            let _ = tw.shutdown().await;
+            Ok(total)
+        };
+        let idle = self.stream_idle;
+        let watchdog = async {
+            loop {
+                let since = epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed)));
+                if since >= idle {
+                    return;
+                }
+                tokio::time::sleep(idle - since).await;
+            }
+        };
+        let (u, d) = tokio::select! {
+            r = async { tokio::join!(up, down) } => r,
+            () = watchdog => {
+                warn!(code = ErrorCode::Timeout.label(), idle_ms = idle.as_millis() as u64, "stream idle: closed");
+                self.metrics.stream_error(direction, ErrorCode::Timeout);
+                return;
+            }
+        };
+        let (tx_dir, rx_dir) = if direction == "outbound" { ("tx", "rx") } else { ("rx", "tx") };
+        if let Ok(n) = u {
+            self.metrics.bytes.get_or_create(&[("direction", tx_dir)]).inc_by(n);
+        }
+        if let Ok(n) = d {
+            self.metrics.bytes.get_or_create(&[("direction", rx_dir)]).inc_by(n);
+        }
+        match u.and(d) {
+            Ok(_) => {
+                self.metrics.streams.get_or_create(&[("direction", direction), ("result", "ok")]).inc();
+            }
+            Err(code) => {
+                warn!(code = code.label(), "stream aborted");
+                self.metrics.stream_error(direction, code);
+            }
+        }
+    }
+}
