@@ -1,0 +1,200 @@
+//! Snapshot sections for trust and resilience: peers with trust levels, permissions and rate
+//! limits; trust defaults; circuit breaker, retry and rate-limit settings.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A peer main relay (main relays only). Of two peers, the one with the smaller node id dials.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerRelay {
+    /// Its node id.
+    pub node_id: String,
+    /// Its QUIC address.
+    pub endpoint: SocketAddr,
+    /// How much it is trusted.
+    #[serde(default = "trusted")]
+    pub trust_level: TrustLevel,
+    /// What it may call and export (default: the policy's `defaultPermissions` for verified
+    /// peers; everything for trusted ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Permissions>,
+    /// Rate limit for streams it forwards (default: `resilience.rateLimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+fn trusted() -> TrustLevel {
+    TrustLevel::Trusted
+}
+
+/// Trust levels (mirror `Peer.spec.trustLevel`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TrustLevel {
+    /// Everything allowed unless `permissions` narrows it.
+    Trusted,
+    /// `permissions`, or the policy's `defaultPermissions`.
+    Verified,
+    /// Refused under `rejectUnknown`; otherwise `defaultPermissions`.
+    #[default]
+    Unknown,
+    /// Always refused.
+    Blocked,
+}
+
+/// Service name patterns: `*`, `prefix*`, or an exact name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Permissions {
+    /// Services the peer may call.
+    #[serde(default)]
+    pub call: Vec<String>,
+    /// Services the peer may export into our registry.
+    #[serde(default)]
+    pub export: Vec<String>,
+}
+
+impl Permissions {
+    /// Whether any of `patterns` matches `service`.
+    pub fn matches(patterns: &[String], service: &str) -> bool {
+        patterns
+            .iter()
+            .any(|p| p == "*" || p == service || p.strip_suffix('*').is_some_and(|pre| service.starts_with(pre)))
+    }
+}
+
+/// A token-bucket rate limit for new streams.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained streams per second.
+    pub streams_per_second: f64,
+    /// Burst size.
+    pub burst: f64,
+}
+
+/// Trust defaults (relays).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Trust {
+    /// Refuse any node that is neither a configured peer nor in `knownNodes`, before routing.
+    #[serde(default)]
+    pub reject_unknown: bool,
+    /// Home nodes this relay expects (ignored unless `rejectUnknown`).
+    #[serde(default)]
+    pub known_nodes: Vec<String>,
+    /// Permissions of verified peers without their own.
+    #[serde(default)]
+    pub default_permissions: Permissions,
+}
+
+/// Circuit breaker settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive failures that open the circuit.
+    #[serde(default = "cb_consecutive")]
+    pub consecutive_failures: u32,
+    /// Failure share over the window that opens it.
+    #[serde(default = "cb_rate")]
+    pub failure_rate: f64,
+    /// Window in milliseconds.
+    #[serde(default = "cb_window")]
+    pub window_ms: u64,
+    /// How long it stays open, in milliseconds.
+    #[serde(default = "cb_open")]
+    pub open_ms: u64,
+    /// Probes while half-open.
+    #[serde(default = "cb_probes")]
+    pub half_open_probes: u32,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: cb_consecutive(),
+            failure_rate: cb_rate(),
+            window_ms: cb_window(),
+            open_ms: cb_open(),
+            half_open_probes: cb_probes(),
+        }
+    }
+}
+
+impl CircuitBreakerConfig {
+    /// As the breaker module's type.
+    pub fn to_breaker(&self) -> crate::resilience::breaker::BreakerConfig {
+        crate::resilience::breaker::BreakerConfig {
+            consecutive_failures: self.consecutive_failures.max(1),
+            failure_rate: self.failure_rate,
+            window: std::time::Duration::from_millis(self.window_ms),
+            min_requests: 20,
+            open_for: std::time::Duration::from_millis(self.open_ms),
+            half_open_probes: self.half_open_probes.max(1),
+        }
+    }
+}
+
+fn cb_consecutive() -> u32 {
+    5
+}
+fn cb_rate() -> f64 {
+    0.5
+}
+fn cb_window() -> u64 {
+    30_000
+}
+fn cb_open() -> u64 {
+    30_000
+}
+fn cb_probes() -> u32 {
+    3
+}
+
+/// Retry settings: only stream setups that delivered no payload byte are retried.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts including the first.
+    #[serde(default = "retry_attempts")]
+    pub max_attempts: u32,
+    /// First backoff ceiling, milliseconds.
+    #[serde(default = "retry_initial")]
+    pub initial_backoff_ms: u64,
+    /// Largest backoff ceiling, milliseconds.
+    #[serde(default = "retry_max")]
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { max_attempts: retry_attempts(), initial_backoff_ms: retry_initial(), max_backoff_ms: retry_max() }
+    }
+}
+
+fn retry_attempts() -> u32 {
+    3
+}
+fn retry_initial() -> u64 {
+    100
+}
+fn retry_max() -> u64 {
+    5_000
+}
+
+/// Resilience settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resilience {
+    /// Default per-sender rate limit at relays (none: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Circuit breakers (per instance at homes, per peer at relays).
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Stream-setup retries at homes.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
