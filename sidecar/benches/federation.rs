@@ -6,39 +6,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use relayfed_sidecar::config::{Snapshot, Timeouts};
 use relayfed_sidecar::protocol::Frame;
 use relayfed_sidecar::protocol::control::{Control, Service};
+use relayfed_sidecar::testbed::procs::{Proc, echo_server};
 use relayfed_sidecar::testbed::{HomeSpec, ScenarioSpec, Testbed};
 use relayfed_sidecar::transport::io::{read_frame, write_frames};
 use relayfed_sidecar::transport::tls::HopIdentity;
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-
-struct Proc {
-    child: Child,
-    ready: Value,
-}
-
-async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relayfed-proxy"))
-        .args([mode, "--config"])
-        .arg(cfg)
-        .env("RELAYFED_LOG", "error")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { child, ready }
-}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -51,30 +30,6 @@ fn rss_kib(pid: u32) -> u64 {
         .trim()
         .parse()
         .unwrap()
-}
-
-async fn echo_server() -> SocketAddr {
-    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-async fn registry_size(admin: &str) -> usize {
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /federation/health HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let body: Value = serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap();
-    body["services"].as_u64().unwrap() as usize
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -112,9 +67,8 @@ async fn main() {
     }
     let server = start("home", &files.homes[1].1).await;
     let client = start("home", &files.homes[0].1).await;
-    let admin = client.ready["admin"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while registry_size(&admin).await < 1 {
+    while client.json("/federation/health").await["services"].as_u64().unwrap() < 1 {
         assert!(Instant::now() < deadline, "the client never saw the echo service");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -201,4 +155,8 @@ async fn call(addr: SocketAddr) -> std::io::Result<()> {
         return Err(std::io::Error::other("corrupted"));
     }
     Ok(())
+}
+
+async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
+    Proc::start_bin(Path::new(env!("CARGO_BIN_EXE_relayfed-proxy")), mode, cfg, &[]).await
 }

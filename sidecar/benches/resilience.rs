@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,47 +12,11 @@ use std::time::{Duration, Instant};
 use relayfed_sidecar::config::{Export, Import, MainRelay, RateLimit, Snapshot};
 use relayfed_sidecar::federation::ech_policy::EchPolicy;
 use relayfed_sidecar::testbed::Testbed;
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use relayfed_sidecar::testbed::procs::{Proc, echo_server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 const QUOTA: f64 = 200.0;
-
-struct Proc {
-    _child: Child,
-    ready: Value,
-}
-
-async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relayfed-proxy"))
-        .args([mode, "--config"])
-        .arg(cfg)
-        .env("RELAYFED_LOG", "error")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { _child: child, ready }
-}
-
-async fn echo_server() -> SocketAddr {
-    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
 
 async fn call(addr: SocketAddr) -> std::io::Result<Duration> {
     let t = Instant::now();
@@ -158,4 +122,8 @@ async fn main() {
     );
     println!("| p99 under flood / unloaded p99 | {:.2}x | |", l99 / u99);
     drop(homes);
+}
+
+async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
+    Proc::start_bin(Path::new(env!("CARGO_BIN_EXE_relayfed-proxy")), mode, cfg, &[]).await
 }

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use relayfed_sidecar::config::{Export, Import, MainRelay};
@@ -14,10 +14,9 @@ use relayfed_sidecar::crypto::noise::{Initiator, Responder, StaticKeypair, prolo
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
 use relayfed_sidecar::protocol::InnerRoute;
 use relayfed_sidecar::testbed::Testbed;
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use relayfed_sidecar::testbed::procs::{Proc, echo_server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -62,41 +61,6 @@ fn bench_hpke(n: usize) -> Vec<f64> {
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect()
-}
-
-struct Proc {
-    _child: Child,
-    ready: Value,
-}
-
-async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relayfed-proxy"))
-        .args([mode, "--config"])
-        .arg(cfg)
-        .env("RELAYFED_LOG", "error")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { _child: child, ready }
-}
-
-async fn echo_server() -> SocketAddr {
-    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// Time from TCP connect to the first echoed byte: route, ECH, Noise XK, one round trip.
@@ -232,4 +196,8 @@ async fn main() {
         "| single-stream throughput home -> main -> home (512 MiB one way into a sink, median of 3), plain | {tp:.0} MB/s | | |"
     );
     println!("| single-stream throughput, ECH | {te:.0} MB/s | | |");
+}
+
+async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
+    Proc::start_bin(Path::new(env!("CARGO_BIN_EXE_relayfed-proxy")), mode, cfg, &[]).await
 }

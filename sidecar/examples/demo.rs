@@ -12,51 +12,21 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 
 use relayfed_sidecar::config::{Export, Import, MainRelay};
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy, bucket};
 use relayfed_sidecar::testbed::Testbed;
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use relayfed_sidecar::testbed::procs::{Proc, echo_server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 const DESTINATIONS: usize = 6;
 const STREAMS_PER_ORIGIN: usize = 240;
-
-struct Proc {
-    child: Child,
-    ready: Value,
-}
 
 fn proxy_binary() -> PathBuf {
     // target/<profile>/examples/demo -> target/<profile>/relayfed-proxy
     let exe = std::env::current_exe().unwrap();
     exe.parent().and_then(|p| p.parent()).unwrap().join("relayfed-proxy")
-}
-
-async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
-    let mut child = Command::new(proxy_binary())
-        .args([mode, "--config"])
-        .arg(cfg)
-        .env("RELAYFED_LOG", "error")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("relayfed-proxy must be built next to the demo (make demo builds both)");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready: Value = serde_json::from_str(&lines.next_line().await.unwrap().expect("process exited early")).unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { child, ready }
-}
-
-async fn scrape(admin: &str) -> String {
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// Sum of every sample of `name` whose labels include all of `labels`.
@@ -84,21 +54,6 @@ fn quantile(text: &str, q: f64) -> f64 {
     buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
     let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
     buckets.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| le * 1e3).unwrap_or(f64::NAN)
-}
-
-async fn echo_server() -> SocketAddr {
-    let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +122,7 @@ async fn main() {
                 }
             }
         }
-        let m = scrape(origin.ready["admin"].as_str().unwrap()).await;
+        let m = origin.metrics().await;
         let sealed = sum(&m, "relayfed_ech_streams_total", &["outcome=\"accepted\""]);
         let fallbacks = sum(&m, "relayfed_ech_streams_total", &["outcome=\"fallback\""]);
         let handshakes = sum(&m, "relayfed_e2e_handshakes_total", &["result=\"ok\""]);
@@ -188,7 +143,7 @@ async fn main() {
         );
         drop(origin);
     }
-    let r = scrape(relay.ready["admin"].as_str().unwrap()).await;
+    let r = relay.metrics().await;
     println!(
         "\n  the relay opened {} sealed route headers and relayed {:.1} KB it could not read (Noise ciphertext)",
         sum(&r, "relayfed_ech_streams_total", &["outcome=\"opened\""]),
@@ -198,4 +153,8 @@ async fn main() {
         let _ = p.child.kill().await;
     }
     println!("  all {} relayfed processes stopped; key material removed with {}", procs.len() + 1, tb.dir.display());
+}
+
+async fn start(mode: &str, cfg: &std::path::Path) -> Proc {
+    Proc::start_bin(&proxy_binary(), mode, cfg, &[]).await
 }

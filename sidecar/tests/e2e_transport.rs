@@ -35,7 +35,7 @@ impl Fed {
     async fn start_with(tamper: &str, ech: bool) -> Fed {
         let tb = Testbed::new("test.example").unwrap();
         let cfg = if ech { tb.main_relay("hub", 1).unwrap() } else { tb.main_relay_without_ech("hub").unwrap() };
-        let relay = Proc::start("main-relay", &cfg, &["--test-tamper", tamper]).await;
+        let relay = common::start("main-relay", &cfg, &["--test-tamper", tamper]).await;
         let echo = echo_server().await;
         let pay_cfg = tb
             .home(
@@ -46,7 +46,7 @@ impl Fed {
                 EchPolicy::default(),
             )
             .unwrap();
-        let pay = Proc::start("home", &pay_cfg, &[]).await;
+        let pay = common::start("home", &pay_cfg, &[]).await;
         Fed { tb, relay, _pay: pay }
     }
 
@@ -70,7 +70,7 @@ impl Fed {
             cluster_ip: None,
         };
         let cfg = self.tb.home(name, Self::main_ref(&self.relay, ech_list), vec![], vec![import], policy).unwrap();
-        let p = Proc::start("home", &cfg, &[]).await;
+        let p = common::start("home", &cfg, &[]).await;
         let addr = p.import("echo:7");
         (p, addr)
     }

@@ -69,11 +69,11 @@ async fn three_mains_six_homes() {
     let files = tb.scenario(&spec, |h, s, p| targets[&(h.to_owned(), s.to_owned(), p)]).unwrap();
     let mut mains: HashMap<String, Proc> = HashMap::new();
     for (id, path, _) in &files.mains {
-        mains.insert(id.clone(), Proc::start("main-relay", path, &[]).await);
+        mains.insert(id.clone(), common::start("main-relay", path, &[]).await);
     }
     let mut homes: HashMap<String, Proc> = HashMap::new();
     for (id, path) in &files.homes {
-        homes.insert(id.clone(), Proc::start("home", path, &[]).await);
+        homes.insert(id.clone(), common::start("home", path, &[]).await);
     }
     let all: Vec<String> = {
         let mut v: Vec<String> = spec
@@ -175,7 +175,7 @@ async fn three_mains_six_homes() {
         ("b1".to_owned(), b"after failover".to_vec())
     );
     let a_path = &files.mains.iter().find(|(id, _, _)| id == "hub-a").unwrap().1;
-    mains.insert("hub-a".into(), Proc::start("main-relay", a_path, &[]).await);
+    mains.insert("hub-a".into(), common::start("main-relay", a_path, &[]).await);
     eventually("a1 is back in c1's view", WAIT, || async {
         view_of(&homes["c1"]).await.iter().any(|e| e == "a1/echo")
     })

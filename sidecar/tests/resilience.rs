@@ -60,7 +60,7 @@ async fn home(
 ) -> Proc {
     let path = tb.home(name, main_ref(relay), exports, imports, EchPolicy::default()).unwrap();
     edit(&path, f);
-    Proc::start("home", &path, &[]).await
+    common::start("home", &path, &[]).await
 }
 
 async fn view_has(p: &Proc, n: usize) -> bool {
@@ -72,7 +72,7 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
     let tb = Testbed::new("test.example").unwrap();
     let cfg = tb.main_relay("hub", 1).unwrap();
     edit(&cfg, |s| s.resilience.rate_limit = Some(RateLimit { streams_per_second: 20.0, burst: 10.0 }));
-    let relay = Proc::start("main-relay", &cfg, &[]).await;
+    let relay = common::start("main-relay", &cfg, &[]).await;
     let echo = echo_server().await;
     let _dest =
         home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
@@ -115,7 +115,7 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_half_open() {
     let tb = Testbed::new("test.example").unwrap();
-    let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     let good = identify_server("good").await;
     let broken = dead_port();
     let _a =
@@ -188,7 +188,7 @@ async fn a_home_whose_relay_is_down_connects_by_retry_once_it_is_up() {
         s.admin = Some(admin);
         s.timeouts = Timeouts { connect_ms: 200, ..Timeouts::default() };
     });
-    let home = tokio::spawn(async move { Proc::start("home", &path, &[]).await });
+    let home = tokio::spawn(async move { common::start("home", &path, &[]).await });
     let failures = || async move {
         let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return 0.0 };
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
@@ -197,7 +197,7 @@ async fn a_home_whose_relay_is_down_connects_by_retry_once_it_is_up() {
         common::sample(&out, "relayfed_hop_handshakes_total", &[("role", "client"), ("result", "timeout")])
     };
     eventually("two failed connection attempts", WAIT, || async { failures().await >= 2.0 }).await;
-    let _relay = Proc::start("main-relay", &relay_cfg, &[]).await;
+    let _relay = common::start("main-relay", &relay_cfg, &[]).await;
     let home = home.await.unwrap();
     assert_eq!(home.metric("relayfed_hop_handshakes_total", &[("role", "client"), ("result", "ok")]).await, 1.0);
     assert!(home.metric("relayfed_hop_handshakes_total", &[("role", "client"), ("result", "timeout")]).await >= 2.0);
@@ -206,7 +206,7 @@ async fn a_home_whose_relay_is_down_connects_by_retry_once_it_is_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_delivered_bytes_is_not_retried() {
     let tb = Testbed::new("test.example").unwrap();
-    let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     // A target that answers part of the response and then resets the connection.
     let accepted = Arc::new(AtomicUsize::new(0));
     let l = relayfed_sidecar::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -274,7 +274,7 @@ async fn hostile_input_gets_documented_errors_and_the_relay_keeps_serving() {
         s.trust.reject_unknown = true;
         s.trust.known_nodes = vec!["dest".into(), "caller".into(), "raw".into()];
     });
-    let relay = Proc::start("main-relay", &cfg, &[]).await;
+    let relay = common::start("main-relay", &cfg, &[]).await;
     let echo = echo_server().await;
     let _dest =
         home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
@@ -360,8 +360,8 @@ async fn a_peer_cannot_export_what_it_is_not_permitted_to() {
             Some(Permissions { call: vec!["*".into()], export: vec!["public-*".into()] }),
         )];
     });
-    let a = Proc::start("main-relay", &a_cfg, &[]).await;
-    let b = Proc::start("main-relay", &b_cfg, &[]).await;
+    let a = common::start("main-relay", &a_cfg, &[]).await;
+    let b = common::start("main-relay", &b_cfg, &[]).await;
     let echo = echo_server().await;
     let exports = vec![
         Export { service: "public-api".into(), port: 1, target: echo },
@@ -387,7 +387,7 @@ fn dead_udp() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_stream_is_closed_after_the_stream_idle_timeout() {
     let tb = Testbed::new("test.example").unwrap();
-    let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     let echo = echo_server().await;
     let _dest =
         home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
@@ -410,7 +410,7 @@ async fn an_idle_stream_is_closed_after_the_stream_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_encrypted_at_rest_load_with_the_passphrase_only() {
     let tb = Testbed::new("test.example").unwrap();
-    let relay = Proc::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     let echo = echo_server().await;
     let path = tb
         .home(
@@ -431,7 +431,7 @@ async fn keys_encrypted_at_rest_load_with_the_passphrase_only() {
         assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
     }
     // With the passphrase the node starts and serves.
-    let dest = Proc::start("home", &path, &[]).await;
+    let dest = common::start("home", &path, &[]).await;
     let caller = home(&tb, "caller", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
     eventually("view", WAIT, || async { view_has(&caller, 1).await }).await;
     assert_eq!(round_trip(caller.import("echo:7"), b"sealed keys").await.unwrap(), b"sealed keys");

@@ -15,6 +15,8 @@ use crate::crypto::ech::EchKeyPair;
 use crate::crypto::noise::StaticKeypair;
 use crate::federation::ech_policy::EchPolicy;
 
+pub mod procs;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A directory with a federation CA and per-node key material.

@@ -1,0 +1,178 @@
+//! Running the real binary in tests, benches and the demo: processes that announce readiness
+//! on stdout, admin-port scraping, and small TCP servers (echo, identify).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// A running `relayfed-proxy` process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub ready: Value,
+}
+
+impl Proc {
+    /// Starts `<binary> <mode> --config <config> [extra...]` and waits for its ready line.
+    pub async fn start_bin(binary: &Path, mode: &str, config: &Path, extra: &[&str]) -> Proc {
+        let mut child = Command::new(binary)
+            .arg(mode)
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .env("RELAYFED_LOG", std::env::var("RELAYFED_LOG").unwrap_or_else(|_| "error".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn relayfed-proxy");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines.next_line().await.unwrap().expect("process exited before it was ready");
+        let ready: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(ready["event"], "ready", "{line}");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Proc { child, ready }
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.ready["admin"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub fn quic(&self) -> SocketAddr {
+        self.ready["quic"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub fn import(&self, key: &str) -> SocketAddr {
+        self.ready["imports"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no import {key}: {}", self.ready))
+            .parse()
+            .unwrap()
+    }
+
+    /// GETs an admin path and parses the JSON body.
+    pub async fn json(&self, path: &str) -> Value {
+        let mut s = TcpStream::connect(self.admin()).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
+    }
+
+    /// Sends a signal (SIGTERM for a clean stop, SIGKILL for a crash) and waits for exit.
+    pub async fn signal(&mut self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill").args([format!("-{sig}"), pid]).status().unwrap();
+        self.child.wait().await.unwrap();
+    }
+
+    /// Scrapes `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.admin()).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// Value of one sample, 0 when absent.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sample(&self.metrics().await, name, labels)
+    }
+}
+
+/// Finds `name{labels...}` in Prometheus text (label order as encoded) and returns its value.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let (lbl, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some((l, v)) => (l, v),
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(v) => ("", v),
+                None => continue,
+            },
+        };
+        if labels.iter().all(|(k, v)| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
+            return value.trim().parse().unwrap();
+        }
+    }
+    0.0
+}
+
+/// Waits until `check` holds, polling observable state every 20 ms; panics after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A server that answers each connection with `<name>|` followed by an echo of the request.
+pub async fn identify_server(name: &str) -> SocketAddr {
+    let l = crate::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = l.local_addr().unwrap();
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                if w.write_all(format!("{name}|").as_bytes()).await.is_ok() {
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP echo server on loopback; returns its address.
+pub async fn echo_server() -> SocketAddr {
+    let l = crate::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `payload`, half-closes, and reads everything back.
+pub async fn round_trip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.split();
+    let write = async {
+        w.write_all(payload).await?;
+        w.shutdown().await
+    };
+    let mut back = Vec::with_capacity(payload.len());
+    let read = r.read_to_end(&mut back);
+    let (wr, rd) = tokio::join!(write, read);
+    wr?;
+    rd?;
+    Ok(back)
+}
