@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::main_relay::{Link, MainRelay, Sender};
+use super::main_relay::{MainRelay, Sender};
 use crate::config::base64_encode;
 use crate::federation::registry::{Applied, Delta, Entry};
 use crate::protocol::Frame;
@@ -55,7 +55,7 @@ impl MainRelay {
     pub(crate) fn start_federation(self: Arc<Self>, endpoint: quinn::Endpoint) {
         let me = self.identity.node_id.clone();
         for (peer, addr) in self.peer_endpoints.clone() {
-            if me < peer {
+            if me < peer && self.refuse_connection(&peer).is_none() {
                 let relay = self.clone();
                 let endpoint = endpoint.clone();
                 tokio::spawn(async move { relay.dial_peer(endpoint, peer, addr).await });
@@ -318,7 +318,10 @@ impl MainRelay {
                 writer = Some(tokio::spawn(async move {
                     loop {
                         let data = views.borrow_and_update().clone();
-                        let bytes = data.encode_for(interest.read().ok().and_then(|i| i.clone()).as_ref());
+                        let bytes = match interest.read() {
+                            Ok(i) => data.encode_for(i.as_ref()),
+                            Err(_) => data.encode_for(None),
+                        };
                         if tokio::io::AsyncWriteExt::write_all(&mut send, &bytes).await.is_err() {
                             break;
                         }
@@ -466,13 +469,5 @@ impl MainRelay {
             }
             _ => None,
         }
-    }
-}
-
-impl Link {
-    /// Whether the link has a control channel yet.
-    #[allow(dead_code)]
-    pub(crate) fn has_control(&self) -> bool {
-        self.control.is_some()
     }
 }
