@@ -1,0 +1,324 @@
+//! The plan: one pure function from the admitted CRs of a federation to a config snapshot per
+//! node. The Kubernetes applier (issue 7) and the local mode (issue 8) both consume it.
+//!
+//! Mapping (docs/protocol.md §8 for the snapshot fields):
+//! - `RelayFederation`: trust domain, registry TTL, the main relays' endpoints, the default
+//!   `RolloutPolicy`.
+//! - `Relay` type main -> a main snapshot: listen on its federation endpoint when that is an
+//!   `ip:port` (local mode), else on `0.0.0.0:listenPort`; peers = every other main relay of
+//!   the federation (trusted) plus `Peer` resources for it (or for all mains when
+//!   `localRelay` is unset), a `Peer` for one of our own mains overriding its trust settings.
+//! - `Relay` type home -> a home snapshot: its main relays with priorities, exports, imports
+//!   (resolved through the registry at run time).
+//! - the default `RolloutPolicy` -> ECH policy, trust defaults (`knownNodes` = every relay of
+//!   the federation), resilience and timeouts for every node.
+//!
+//! Key material is referenced by path in a `KeyLayout`; generating it is the applier's job.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use relayfed_crds::{AnyResource, EchMode, Peer, Relay, RelayFederation, RelayType, RolloutPolicy, TrustLevel};
+use relayfed_sidecar::config::{
+    CircuitBreakerConfig, EchServerConfig, Export, Import, MainRelay, NodeConfig, PeerRelay, Permissions, RateLimit,
+    RegistryConfig, Resilience, RetryConfig, Role, Snapshot, Timeouts, TlsFiles, Trust,
+};
+use relayfed_sidecar::federation::ech_policy::{self, EchPolicy};
+
+/// A problem that keeps the plan from being compiled, naming the object and field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{object} {field}: {reason}")]
+pub struct PlanError {
+    /// `Kind/name` of the offending object.
+    pub object: String,
+    /// Field path.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn err(object: impl Into<String>, field: impl Into<String>, reason: impl Into<String>) -> PlanError {
+    PlanError { object: object.into(), field: field.into(), reason: reason.into() }
+}
+
+/// Where each node's key material lives.
+#[derive(Clone, Debug)]
+pub struct KeyLayout {
+    /// Directory holding `ca.pem`, `<node>.pem`, `<node>.key`, `<node>-noise.key`, `<node>-ech.json`.
+    pub dir: PathBuf,
+}
+
+impl KeyLayout {
+    fn tls(&self, node: &str) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.dir.join("ca.pem"),
+            cert_file: self.dir.join(format!("{node}.pem")),
+            key_file: self.dir.join(format!("{node}.key")),
+        }
+    }
+}
+
+/// The compiled federation: one snapshot per node id, and warnings about what was left out.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Snapshots by node id.
+    pub snapshots: BTreeMap<String, Snapshot>,
+    /// Things the plan could not express (e.g. peers named by DNS name in local mode).
+    pub warnings: Vec<String>,
+}
+
+/// Compiles the CRs of one federation into per-node snapshots.
+pub fn compile(resources: &[AnyResource], keys: &KeyLayout, version: u64) -> Result<Plan, Vec<PlanError>> {
+    let mut errors = Vec::new();
+    let feds: Vec<&RelayFederation> = resources
+        .iter()
+        .filter_map(|r| if let AnyResource::Federation(f) = r { Some(f.as_ref()) } else { None })
+        .collect();
+    let [fed] = feds.as_slice() else {
+        return Err(vec![err(
+            "RelayFederation",
+            "",
+            format!("exactly one RelayFederation is needed, found {}", feds.len()),
+        )]);
+    };
+    let fed_name = fed.metadata.name.clone().unwrap_or_default();
+    let fed_obj = format!("RelayFederation/{fed_name}");
+    let relays: Vec<&Relay> = resources
+        .iter()
+        .filter_map(|r| if let AnyResource::Relay(x) = r { Some(x.as_ref()) } else { None })
+        .filter(|r| r.spec.federation == fed_name)
+        .collect();
+    let peers: Vec<&Peer> =
+        resources.iter().filter_map(|r| if let AnyResource::Peer(x) = r { Some(x.as_ref()) } else { None }).collect();
+    let policy = resources.iter().find_map(|r| match r {
+        AnyResource::RolloutPolicy(p)
+            if p.metadata.name.clone().unwrap_or_default() == fed.spec.default_rollout_policy =>
+        {
+            Some(p.as_ref())
+        }
+        _ => None,
+    });
+    let Some(policy) = policy else {
+        return Err(vec![err(
+            &fed_obj,
+            "spec.defaultRolloutPolicy",
+            format!("RolloutPolicy {:?} does not exist", fed.spec.default_rollout_policy),
+        )]);
+    };
+    let mut warnings = Vec::new();
+    let endpoint_of =
+        |node: &str| fed.spec.main_relays.iter().find(|m| m.node_id == node).and_then(|m| m.endpoint.clone());
+    let mains: Vec<&Relay> = relays.iter().copied().filter(|r| r.spec.relay_type == RelayType::Main).collect();
+    let mut seen = BTreeMap::new();
+    for r in &relays {
+        let obj = format!("Relay/{}", r.metadata.name.clone().unwrap_or_default());
+        if let Some(other) = seen.insert(r.spec.node_id.clone(), obj.clone()) {
+            errors.push(err(&obj, "spec.nodeId", format!("{:?} is also the node id of {other}", r.spec.node_id)));
+        }
+    }
+    let (ech, trust, resilience, timeouts) = policy_parts(policy, &relays);
+    let base = |node: &str, role: Role| Snapshot {
+        schema: relayfed_sidecar::config::SNAPSHOT_SCHEMA,
+        version,
+        node: NodeConfig { id: node.to_owned(), role, trust_domain: fed.spec.trust_domain.clone() },
+        tls: keys.tls(node),
+        listen: None,
+        admin: None,
+        ech: None,
+        main_relays: vec![],
+        noise_key_file: None,
+        exports: vec![],
+        imports: vec![],
+        ech_policy: ech.clone(),
+        intercept: None,
+        peers: vec![],
+        registry: RegistryConfig { ttl_seconds: fed.spec.registry_ttl.get().as_secs(), refresh_seconds: None },
+        health_check_seconds: 30,
+        load_balancing: Default::default(),
+        trust: trust.clone(),
+        resilience: resilience.clone(),
+        timeouts: timeouts.clone(),
+        key_passphrase_file: None,
+    };
+    let mut snapshots = BTreeMap::new();
+    for m in &mains {
+        let obj = format!("Relay/{}", m.metadata.name.clone().unwrap_or_default());
+        let node = &m.spec.node_id;
+        let Some(endpoint) = endpoint_of(node) else {
+            errors.push(err(&obj, "spec.nodeId", format!("{node:?} is not listed in {fed_obj} spec.mainRelays")));
+            continue;
+        };
+        let mut s = base(node, Role::Main);
+        s.listen = Some(endpoint.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], m.spec.listen_port))));
+        s.ech = Some(EchServerConfig {
+            key_file: keys.dir.join(format!("{node}-ech.json")),
+            grace_seconds: m.spec.ech_keys.grace_period.get().as_secs(),
+        });
+        let mut node_peers: BTreeMap<String, PeerRelay> = BTreeMap::new();
+        for other in mains.iter().filter(|o| o.spec.node_id != *node) {
+            if let Some(addr) = endpoint_of(&other.spec.node_id).and_then(|e| e.parse().ok()) {
+                node_peers.insert(
+                    other.spec.node_id.clone(),
+                    PeerRelay {
+                        node_id: other.spec.node_id.clone(),
+                        endpoint: addr,
+                        trust_level: relayfed_sidecar::config::TrustLevel::Trusted,
+                        permissions: None,
+                        rate_limit: None,
+                    },
+                );
+            } else {
+                warnings.push(format!("{obj}: main relay {} has no ip:port endpoint; not peered", other.spec.node_id));
+            }
+        }
+        for p in peers.iter().filter(|p| p.spec.local_relay.as_deref().is_none_or(|l| l == node)) {
+            let pobj = format!("Peer/{}", p.metadata.name.clone().unwrap_or_default());
+            if p.spec.node_id == *node {
+                continue;
+            }
+            if p.spec.trust_domain.as_deref().is_some_and(|td| td != fed.spec.trust_domain) {
+                warnings.push(format!(
+                    "{pobj}: peers of another trust domain are not supported yet (multi-CA trust); skipped"
+                ));
+                continue;
+            }
+            let Some(addr) = p.spec.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok()) else {
+                warnings.push(format!(
+                    "{pobj}: no ip:port endpoint (names are resolved by the operator in a cluster); skipped"
+                ));
+                continue;
+            };
+            node_peers.insert(
+                p.spec.node_id.clone(),
+                PeerRelay {
+                    node_id: p.spec.node_id.clone(),
+                    endpoint: addr,
+                    trust_level: trust_level(p.spec.trust_level),
+                    permissions: p.spec.permissions.as_ref().map(permissions),
+                    rate_limit: p.spec.rate_limit.as_ref().map(rate_limit),
+                },
+            );
+        }
+        s.peers = node_peers.into_values().collect();
+        snapshots.insert(node.clone(), s);
+    }
+    for h in relays.iter().filter(|r| r.spec.relay_type == RelayType::Home) {
+        let obj = format!("Relay/{}", h.metadata.name.clone().unwrap_or_default());
+        let node = &h.spec.node_id;
+        let mut s = base(node, Role::Home);
+        s.noise_key_file = Some(keys.dir.join(format!("{node}-noise.key")));
+        for (i, m) in h.spec.main_relays.iter().enumerate() {
+            let endpoint = m.endpoint.clone().or_else(|| endpoint_of(&m.node_id));
+            match endpoint.as_deref().map(str::parse::<SocketAddr>) {
+                Some(Ok(addr)) => s.main_relays.push(MainRelay {
+                    node_id: m.node_id.clone(),
+                    endpoint: addr,
+                    priority: m.priority,
+                    ech_config_list: None,
+                }),
+                Some(Err(_)) => warnings.push(format!("{obj}: spec.mainRelays[{i}] endpoint is not ip:port; skipped")),
+                None => errors.push(err(
+                    &obj,
+                    format!("spec.mainRelays[{i}].nodeId"),
+                    format!("{:?} is not a main relay of {fed_obj} and has no endpoint", m.node_id),
+                )),
+            }
+        }
+        for (i, e) in h.spec.exports.iter().enumerate() {
+            match e.target.parse() {
+                Ok(target) => s.exports.push(Export { service: e.name.clone(), port: e.port, target }),
+                Err(_) => {
+                    errors.push(err(&obj, format!("spec.exports[{i}].target"), "must be ip:port for a home relay"))
+                }
+            }
+        }
+        for (i, imp) in h.spec.imports.iter().enumerate() {
+            match imp.listen.parse() {
+                Ok(listen) => s.imports.push(Import {
+                    service: imp.name.clone(),
+                    port: imp.port,
+                    listen,
+                    node: None,
+                    main: None,
+                    noise_public_key: None,
+                    cluster_ip: None,
+                }),
+                Err(_) => errors.push(err(&obj, format!("spec.imports[{i}].listen"), "must be ip:port")),
+            }
+        }
+        snapshots.insert(node.clone(), s);
+    }
+    for (node, s) in &snapshots {
+        if let Err(e) = s.validate() {
+            errors.push(err(format!("node {node}"), "", format!("compiled snapshot is invalid: {e}")));
+        }
+    }
+    if errors.is_empty() { Ok(Plan { snapshots, warnings }) } else { Err(errors) }
+}
+
+fn trust_level(t: TrustLevel) -> relayfed_sidecar::config::TrustLevel {
+    use relayfed_sidecar::config::TrustLevel as T;
+    match t {
+        TrustLevel::Trusted => T::Trusted,
+        TrustLevel::Verified => T::Verified,
+        TrustLevel::Unknown => T::Unknown,
+        TrustLevel::Blocked => T::Blocked,
+    }
+}
+
+fn permissions(p: &relayfed_crds::Permissions) -> Permissions {
+    Permissions { call: p.call.clone(), export: p.export.clone() }
+}
+
+fn rate_limit(r: &relayfed_crds::RateLimit) -> RateLimit {
+    RateLimit { streams_per_second: f64::from(r.streams_per_second), burst: f64::from(r.burst) }
+}
+
+/// ECH policy, trust defaults, resilience and timeouts from the `RolloutPolicy`.
+fn policy_parts(policy: &RolloutPolicy, relays: &[&Relay]) -> (EchPolicy, Trust, Resilience, Timeouts) {
+    let e = &policy.spec.ech;
+    let ech = EchPolicy {
+        enabled: e.enabled,
+        mode: match e.mode {
+            EchMode::Disabled => ech_policy::EchMode::Disabled,
+            EchMode::Opportunistic => ech_policy::EchMode::Opportunistic,
+            EchMode::Required => ech_policy::EchMode::Required,
+        },
+        percentage: e.percentage,
+        whitelist: e.whitelist.clone(),
+        blacklist: e.blacklist.clone(),
+    };
+    let t = &policy.spec.trust;
+    let trust = Trust {
+        reject_unknown: t.reject_unknown,
+        known_nodes: relays.iter().map(|r| r.spec.node_id.clone()).collect(),
+        default_permissions: permissions(&t.default_permissions),
+    };
+    let r = &policy.spec.resilience;
+    let ms = |d: relayfed_crds::Duration| d.get().as_millis() as u64;
+    let resilience = Resilience {
+        rate_limit: r.rate_limit.as_ref().map(rate_limit),
+        circuit_breaker: CircuitBreakerConfig {
+            consecutive_failures: r.circuit_breaker.consecutive_failures,
+            failure_rate: r.circuit_breaker.failure_rate,
+            window_ms: ms(r.circuit_breaker.window),
+            open_ms: ms(r.circuit_breaker.open_duration),
+            half_open_probes: r.circuit_breaker.half_open_probes,
+        },
+        retry: RetryConfig {
+            max_attempts: r.retry.max_attempts,
+            initial_backoff_ms: ms(r.retry.initial_backoff),
+            max_backoff_ms: ms(r.retry.max_backoff),
+        },
+    };
+    let timeouts = Timeouts {
+        connect_ms: ms(r.timeouts.connect),
+        // The snapshot's handshake deadline covers the whole stream setup (route, Noise,
+        // retries): the policy's per-call budget.
+        handshake_ms: ms(r.timeouts.call),
+        idle_ms: Timeouts::default().idle_ms,
+        stream_idle_ms: ms(r.timeouts.idle),
+    };
+    (ech, trust, resilience, timeouts)
+}

@@ -1,0 +1,108 @@
+//! The plan compiles the example federation into valid per-node snapshots, and names the
+//! object and field of every combination it cannot compile.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use relayfed_crds::{AnyResource, parse_documents};
+use relayfed_operator::plan::{KeyLayout, compile};
+use relayfed_sidecar::config::{Role, TrustLevel};
+
+fn examples() -> Vec<AnyResource> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/federation");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| parse_documents(&f.display().to_string(), &std::fs::read_to_string(f).unwrap()).unwrap())
+        .collect()
+}
+
+fn keys() -> KeyLayout {
+    KeyLayout { dir: PathBuf::from("/var/lib/relayfed/keys") }
+}
+
+fn yaml(text: &str) -> Vec<AnyResource> {
+    parse_documents("inline.yaml", text).unwrap()
+}
+
+#[test]
+fn the_example_federation_compiles_into_one_valid_snapshot_per_relay() {
+    let plan = compile(&examples(), &keys(), 7).unwrap();
+    assert_eq!(plan.snapshots.keys().collect::<Vec<_>>(), ["hub-eu", "hub-us", "pay-us", "shop-eu", "web-eu"]);
+    let hub = &plan.snapshots["hub-eu"];
+    assert_eq!(hub.node.role, Role::Main);
+    assert_eq!(hub.listen, Some("127.0.0.1:7401".parse().unwrap()));
+    assert_eq!(hub.version, 7);
+    assert_eq!(hub.registry.ttl_seconds, 600);
+    assert_eq!(hub.ech.as_ref().unwrap().grace_seconds, 3600);
+    // The other hub is a trusted peer; the partner (another trust domain) and the blocked
+    // legacy hub (named by DNS) cannot be expressed yet and are reported, not dropped silently.
+    assert_eq!(
+        hub.peers.iter().map(|p| (p.node_id.as_str(), p.trust_level)).collect::<Vec<_>>(),
+        [("hub-us", TrustLevel::Trusted)]
+    );
+    assert!(
+        plan.warnings.iter().any(|w| w.contains("Peer/partner") && w.contains("trust domain")),
+        "{:?}",
+        plan.warnings
+    );
+    assert!(plan.warnings.iter().any(|w| w.contains("Peer/legacy-hub")), "{:?}", plan.warnings);
+    // Policy: ECH on, opportunistic, 0%; trust defaults with every relay known.
+    assert!(hub.ech_policy.enabled && hub.ech_policy.percentage == 0);
+    assert!(hub.trust.reject_unknown);
+    assert_eq!(hub.trust.known_nodes.len(), 5);
+    assert_eq!(hub.resilience.rate_limit.unwrap().streams_per_second, 200.0);
+    assert_eq!(hub.resilience.retry.initial_backoff_ms, 100);
+
+    let shop = &plan.snapshots["shop-eu"];
+    assert_eq!(shop.node.role, Role::Home);
+    let mains: Vec<(&str, u16, String)> =
+        shop.main_relays.iter().map(|m| (m.node_id.as_str(), m.priority, m.endpoint.to_string())).collect();
+    assert_eq!(mains, [("hub-eu", 0, "127.0.0.1:7401".into()), ("hub-us", 10, "127.0.0.1:7402".into())]);
+    assert_eq!(shop.exports[0].target, "127.0.0.1:18080".parse().unwrap());
+    assert!(shop.imports.iter().all(|i| i.node.is_none()), "imports are resolved through the registry");
+    assert_eq!(shop.noise_key_file.as_deref(), Some(Path::new("/var/lib/relayfed/keys/shop-eu-noise.key")));
+    let web = &plan.snapshots["web-eu"];
+    assert_eq!(web.imports.iter().map(|i| i.service.as_str()).collect::<Vec<_>>(), ["catalog", "payments"]);
+}
+
+#[test]
+fn a_changed_policy_changes_every_snapshot() {
+    let mut res = examples();
+    for r in &mut res {
+        if let AnyResource::RolloutPolicy(p) = r {
+            p.spec.ech.percentage = 25;
+        }
+    }
+    let plan = compile(&res, &keys(), 8).unwrap();
+    assert!(plan.snapshots.values().all(|s| s.ech_policy.percentage == 25 && s.version == 8));
+}
+
+#[test]
+fn impossible_combinations_name_object_and_field() {
+    let base = "apiVersion: relayfed.io/v1alpha1\nkind: RelayFederation\nmetadata: {name: f}\nspec: {trustDomain: t.example, publicName: r.t.example, mainRelays: [{nodeId: hub, endpoint: \"127.0.0.1:7000\"}]}\n";
+    let policy = "---\napiVersion: relayfed.io/v1alpha1\nkind: RolloutPolicy\nmetadata: {name: default}\nspec: {}\n";
+    let hub = "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: hub}\nspec: {type: main, nodeId: hub, federation: f}\n";
+
+    let no_policy = compile(&yaml(&format!("{base}{hub}")), &keys(), 1).unwrap_err();
+    assert_eq!(
+        (no_policy[0].object.as_str(), no_policy[0].field.as_str()),
+        ("RelayFederation/f", "spec.defaultRolloutPolicy")
+    );
+
+    let stray_main = "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: other}\nspec: {type: main, nodeId: other, federation: f}\n";
+    let e = compile(&yaml(&format!("{base}{policy}{hub}{stray_main}")), &keys(), 1).unwrap_err();
+    assert!(e.iter().any(|e| e.object == "Relay/other" && e.field == "spec.nodeId"), "{e:?}");
+
+    let lost_home = "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: lost}\nspec: {type: home, nodeId: lost, federation: f, mainRelays: [{nodeId: nowhere}]}\n";
+    let e = compile(&yaml(&format!("{base}{policy}{hub}{lost_home}")), &keys(), 1).unwrap_err();
+    assert!(e.iter().any(|e| e.object == "Relay/lost" && e.field == "spec.mainRelays[0].nodeId"), "{e:?}");
+
+    let twin = "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: twin}\nspec: {type: home, nodeId: hub, federation: f, mainRelays: [{nodeId: hub}]}\n";
+    let e = compile(&yaml(&format!("{base}{policy}{hub}{twin}")), &keys(), 1).unwrap_err();
+    assert!(e.iter().any(|e| e.field == "spec.nodeId" && e.reason.contains("also the node id")), "{e:?}");
+
+    let none = compile(&yaml(policy), &keys(), 1).unwrap_err();
+    assert!(none[0].reason.contains("exactly one RelayFederation"));
+}
