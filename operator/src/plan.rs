@@ -235,15 +235,7 @@ pub fn compile(resources: &[AnyResource], keys: &KeyLayout, version: u64) -> Res
         }
         for (i, imp) in h.spec.imports.iter().enumerate() {
             match imp.listen.parse() {
-                Ok(listen) => s.imports.push(Import {
-                    service: imp.name.clone(),
-                    port: imp.port,
-                    listen,
-                    node: None,
-                    main: None,
-                    noise_public_key: None,
-                    cluster_ip: None,
-                }),
+                Ok(listen) => s.imports.push(Import::resolved(&imp.name, imp.port, listen)),
                 Err(_) => errors.push(err(&obj, format!("spec.imports[{i}].listen"), "must be ip:port")),
             }
         }

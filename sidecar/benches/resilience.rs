@@ -64,15 +64,7 @@ async fn main() {
         )
         .unwrap();
     let _dest = start("home", &dest).await;
-    let import = Import {
-        service: "echo".into(),
-        port: 7,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        node: Some("dest".into()),
-        main: Some("hub".into()),
-        noise_public_key: Some(tb.noise_key("dest").unwrap()),
-        cluster_ip: None,
-    };
+    let import = Import::fixed("echo", 7, "127.0.0.1:0".parse().unwrap(), "dest", "hub", tb.noise_key("dest").unwrap());
     let mut addrs = Vec::new();
     let mut homes = Vec::new();
     for name in ["good", "flood"] {

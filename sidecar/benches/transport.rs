@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use relayfed_sidecar::config::{Export, Import, MainRelay};
 use relayfed_sidecar::crypto::ech::{EchKeyPair, seal};
@@ -138,15 +138,7 @@ async fn main() {
     ];
     let pay = tb.home("pay", main(None), exports, vec![], EchPolicy::default()).unwrap();
     let _pay = start("home", &pay).await;
-    let import = Import {
-        service: "echo".into(),
-        port: 7,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        node: Some("pay".into()),
-        main: Some("hub".into()),
-        noise_public_key: Some(tb.noise_key("pay").unwrap()),
-        cluster_ip: None,
-    };
+    let import = Import::fixed("echo", 7, "127.0.0.1:0".parse().unwrap(), "pay", "hub", tb.noise_key("pay").unwrap());
     let sink_import = Import { service: "sink".into(), port: 9, ..import.clone() };
     let mut addrs = Vec::new();
     for (name, pct) in [("shop-plain", 0u8), ("shop-ech", 100)] {
@@ -171,7 +163,6 @@ async fn main() {
     }
     let (tp, _, _) = stats(tput_plain);
     let (te, _, _) = stats(tput_ech);
-    tokio::time::sleep(Duration::from_millis(10)).await;
 
     println!("| measurement | p50 | p99 | mean |");
     println!("|---|---|---|---|");

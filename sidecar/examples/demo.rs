@@ -82,15 +82,14 @@ async fn main() {
             )
             .unwrap();
         procs.push(start("home", &cfg).await);
-        imports.push(Import {
-            service: "echo".into(),
-            port: 7,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            node: Some(node.clone()),
-            main: Some("hub".into()),
-            noise_public_key: Some(tb.noise_key(&node).unwrap()),
-            cluster_ip: None,
-        });
+        imports.push(Import::fixed(
+            "echo",
+            7,
+            "127.0.0.1:0".parse().unwrap(),
+            &node,
+            "hub",
+            tb.noise_key(&node).unwrap(),
+        ));
     }
     println!("  {DESTINATIONS} destination home nodes (pay-1..pay-{DESTINATIONS}) export `echo:7`\n");
 

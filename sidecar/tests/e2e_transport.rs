@@ -20,7 +20,7 @@ use relayfed_sidecar::testbed::Testbed;
 struct Fed {
     tb: Testbed,
     relay: Proc,
-    _pay: Proc,
+    pay: Proc,
 }
 
 fn policy(percentage: u8, mode: EchMode) -> EchPolicy {
@@ -47,7 +47,7 @@ impl Fed {
             )
             .unwrap();
         let pay = common::start("home", &pay_cfg, &[]).await;
-        Fed { tb, relay, _pay: pay }
+        Fed { tb, relay, pay }
     }
 
     fn main_ref(relay: &Proc, ech_list: Option<String>) -> MainRelay {
@@ -60,15 +60,8 @@ impl Fed {
 
     /// Starts an origin home importing `echo` from `pay@hub` with `policy` and the given list.
     async fn origin(&self, name: &str, policy: EchPolicy, ech_list: Option<String>) -> (Proc, SocketAddr) {
-        let import = Import {
-            service: "echo".into(),
-            port: 7,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            node: Some("pay".into()),
-            main: Some("hub".into()),
-            noise_public_key: Some(self.tb.noise_key("pay").unwrap()),
-            cluster_ip: None,
-        };
+        let import =
+            Import::fixed("echo", 7, "127.0.0.1:0".parse().unwrap(), "pay", "hub", self.tb.noise_key("pay").unwrap());
         let cfg = self.tb.home(name, Self::main_ref(&self.relay, ech_list), vec![], vec![import], policy).unwrap();
         let p = common::start("home", &cfg, &[]).await;
         let addr = p.import("echo:7");
@@ -146,7 +139,7 @@ async fn a_relay_that_strips_ech_fails_the_noise_handshake() {
     let (origin, addr) = fed.origin("shop", policy(100, EchMode::Required), Some(fed.relay_list())).await;
     let err = round_trip(addr, b"secret request").await;
     assert!(err.is_err() || err.as_ref().unwrap().is_empty(), "downgraded stream must not carry data: {err:?}");
-    assert_eq!(fed._pay.metric("relayfed_e2e_handshakes_total", &[("result", "failed")]).await, 1.0);
+    assert_eq!(fed.pay.metric("relayfed_e2e_handshakes_total", &[("result", "failed")]).await, 1.0);
     assert_eq!(origin.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 1.0);
     // Plain streams through the same relay are unaffected (it only alters sealed headers).
     let (_plain, plain_addr) = fed.origin("shop-plain", policy(0, EchMode::Opportunistic), None).await;

@@ -14,13 +14,12 @@ use relayfed_sidecar::node::main_relay::{MainRelay, Tamper};
 use relayfed_sidecar::testbed::Testbed;
 use relayfed_sidecar::transport::tls::{HopIdentity, failure_reason};
 
-async fn relay(tb: &Testbed) -> (SocketAddr, Arc<Metrics>) {
+async fn relay(tb: &Testbed) -> (SocketAddr, Arc<Metrics>, Arc<MainRelay>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let snap = Snapshot::load(&tb.main_relay("hub", 1).unwrap()).unwrap();
     let metrics = Arc::new(Metrics::new());
-    let (_relay, bound) = MainRelay::start(&snap, metrics.clone(), Tamper::None).await.unwrap();
-    std::mem::forget(_relay); // keep serving for the test's lifetime
-    (bound.quic, metrics)
+    let (relay, bound) = MainRelay::start(&snap, metrics.clone(), Tamper::None).await.unwrap();
+    (bound.quic, metrics, relay)
 }
 
 fn identity(tb: &Testbed, node: &str, cert: &relayfed_sidecar::crypto::ca::CertifiedKey) -> HopIdentity {
@@ -72,7 +71,7 @@ async fn counted(metrics: &Metrics, reason: &str) -> f64 {
 #[tokio::test]
 async fn a_certificate_from_the_federation_ca_is_accepted() {
     let tb = Testbed::new("test.example").unwrap();
-    let (addr, metrics) = relay(&tb).await;
+    let (addr, metrics, _relay) = relay(&tb).await;
     let good = tb.ca.issue("shop", Duration::from_secs(600)).unwrap();
     let conn = dial(&identity(&tb, "shop", &good), b"relayfed/1", addr, "hub").await.unwrap();
     assert_eq!(
@@ -85,7 +84,7 @@ async fn a_certificate_from_the_federation_ca_is_accepted() {
 #[tokio::test]
 async fn a_client_from_another_ca_is_refused() {
     let tb = Testbed::new("test.example").unwrap();
-    let (addr, metrics) = relay(&tb).await;
+    let (addr, metrics, _relay) = relay(&tb).await;
     let other = Testbed::new("test.example").unwrap();
     let cert = other.ca.issue("intruder", Duration::from_secs(600)).unwrap();
     // The intruder trusts our CA (it knows the relay), but its own certificate is from another CA.
@@ -104,7 +103,7 @@ async fn a_client_from_another_ca_is_refused() {
 #[tokio::test]
 async fn a_relay_from_another_ca_is_refused_by_the_client() {
     let tb = Testbed::new("test.example").unwrap();
-    let (addr, _) = relay(&tb).await;
+    let (addr, _, _relay) = relay(&tb).await;
     let other = Testbed::new("test.example").unwrap();
     let cert = other.ca.issue("shop", Duration::from_secs(600)).unwrap();
     let id = identity(&other, "shop", &cert);
@@ -115,7 +114,7 @@ async fn a_relay_from_another_ca_is_refused_by_the_client() {
 #[tokio::test]
 async fn an_expired_certificate_is_refused() {
     let tb = Testbed::new("test.example").unwrap();
-    let (addr, metrics) = relay(&tb).await;
+    let (addr, metrics, _relay) = relay(&tb).await;
     let now = SystemTime::now();
     let cert = tb.ca.issue_between("shop", now - Duration::from_secs(7200), now - Duration::from_secs(3600)).unwrap();
     assert!(dial(&identity(&tb, "shop", &cert), b"relayfed/1", addr, "hub").await.is_err());
@@ -125,7 +124,7 @@ async fn an_expired_certificate_is_refused() {
 #[tokio::test]
 async fn an_unknown_alpn_is_refused() {
     let tb = Testbed::new("test.example").unwrap();
-    let (addr, metrics) = relay(&tb).await;
+    let (addr, metrics, _relay) = relay(&tb).await;
     let cert = tb.ca.issue("shop", Duration::from_secs(600)).unwrap();
     let err = dial(&identity(&tb, "shop", &cert), b"relayfed/0", addr, "hub").await.unwrap_err();
     assert_eq!(failure_reason(&err), "alpn", "{err:?}");
@@ -135,7 +134,7 @@ async fn an_unknown_alpn_is_refused() {
 #[tokio::test]
 async fn a_relay_with_another_node_id_is_refused() {
     let tb = Testbed::new("test.example").unwrap();
-    let (addr, _) = relay(&tb).await;
+    let (addr, _, _relay) = relay(&tb).await;
     let cert = tb.ca.issue("shop", Duration::from_secs(600)).unwrap();
     let err = dial(&identity(&tb, "shop", &cert), b"relayfed/1", addr, "hub-us").await.unwrap_err();
     assert_eq!(failure_reason(&err), "node_id_mismatch", "{err:?}");

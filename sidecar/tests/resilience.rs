@@ -35,15 +35,7 @@ fn main_ref(relay: &Proc) -> MainRelay {
 }
 
 fn import(service: &str, port: u16) -> Import {
-    Import {
-        service: service.into(),
-        port,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        node: None,
-        main: None,
-        noise_public_key: None,
-        cluster_ip: None,
-    }
+    Import::resolved(service, port, "127.0.0.1:0".parse().unwrap())
 }
 
 fn dead_port() -> SocketAddr {

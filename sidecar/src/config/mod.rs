@@ -157,6 +157,39 @@ pub struct Import {
     pub cluster_ip: Option<SocketAddr>,
 }
 
+impl Import {
+    /// An import of `service:port` on `listen`, resolved through the registry (no fixed
+    /// destination, no ClusterIP).
+    pub fn resolved(service: &str, port: u16, listen: SocketAddr) -> Self {
+        Self {
+            service: service.to_owned(),
+            port,
+            listen,
+            node: None,
+            main: None,
+            noise_public_key: None,
+            cluster_ip: None,
+        }
+    }
+
+    /// An import of `service:port` on `listen`, sent to `node@main` with its Noise key.
+    pub fn fixed(
+        service: &str,
+        port: u16,
+        listen: SocketAddr,
+        node: &str,
+        main: &str,
+        noise_public_key: String,
+    ) -> Self {
+        Self {
+            node: Some(node.to_owned()),
+            main: Some(main.to_owned()),
+            noise_public_key: Some(noise_public_key),
+            ..Self::resolved(service, port, listen)
+        }
+    }
+}
+
 /// What happens to an intercepted connection whose original destination is not an import.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

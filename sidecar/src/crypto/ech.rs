@@ -128,25 +128,12 @@ impl EchKeyPair {
             .map_err(|_| EchError::Open("malformed encapsulated key".into()))?;
         let info = info_for(&self.config_bytes);
         let aad = sealed.aad();
-        let plain = match (sealed.kdf_id, sealed.aead_id) {
-            (KDF_HKDF_SHA256, AEAD_AES_128_GCM) => hpke::single_shot_open::<AesGcm128, HkdfSha256, X25519HkdfSha256>(
-                &OpModeR::Base,
-                &sk,
-                &enc,
-                &info,
-                &sealed.payload,
-                &aad,
-            ),
-            (KDF_HKDF_SHA256, AEAD_CHACHA20_POLY1305) => hpke::single_shot_open::<
-                ChaCha20Poly1305,
-                HkdfSha256,
-                X25519HkdfSha256,
-            >(
-                &OpModeR::Base, &sk, &enc, &info, &sealed.payload, &aad
-            ),
+        let open = match (sealed.kdf_id, sealed.aead_id) {
+            (KDF_HKDF_SHA256, AEAD_AES_128_GCM) => open_with::<AesGcm128>,
+            (KDF_HKDF_SHA256, AEAD_CHACHA20_POLY1305) => open_with::<ChaCha20Poly1305>,
             (kdf, aead) => return Err(EchError::UnsupportedSuite { kem: KEM_X25519_SHA256, kdf, aead }),
-        }
-        .map_err(|e| EchError::Open(hpke_err(e)))?;
+        };
+        let plain = open(&sk, &enc, &info, &sealed.payload, &aad).map_err(|e| EchError::Open(hpke_err(e)))?;
         Ok(InnerRoute::from_padded(&plain)?)
     }
 }
@@ -155,6 +142,35 @@ fn info_for(config_bytes: &[u8]) -> Vec<u8> {
     let mut info = INFO_LABEL.to_vec();
     info.extend_from_slice(config_bytes);
     info
+}
+
+type Sk = <X25519HkdfSha256 as Kem>::PrivateKey;
+type Pk = <X25519HkdfSha256 as Kem>::PublicKey;
+type Enc = <X25519HkdfSha256 as Kem>::EncappedKey;
+
+/// HPKE single-shot open with AEAD `A` (KEM X25519-HKDF-SHA256, KDF HKDF-SHA256).
+fn open_with<A: hpke::aead::Aead>(
+    sk: &Sk,
+    enc: &Enc,
+    info: &[u8],
+    ct: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, hpke::HpkeError> {
+    hpke::single_shot_open::<A, HkdfSha256, X25519HkdfSha256>(&OpModeR::Base, sk, enc, info, ct, aad)
+}
+
+/// HPKE seal with AEAD `A` into `outer`: encapsulates first, because the AAD (the outer
+/// header) covers the encapsulated key, then fills in the ciphertext.
+fn seal_with<A: hpke::aead::Aead>(
+    pk: &Pk,
+    info: &[u8],
+    plain: &[u8],
+    outer: &mut SealedRoute,
+) -> Result<(), hpke::HpkeError> {
+    let (enc, mut ctx) = hpke::setup_sender::<A, HkdfSha256, X25519HkdfSha256>(&OpModeS::Base, pk, info)?;
+    outer.enc = enc.to_bytes().to_vec();
+    outer.payload = ctx.seal(plain, &outer.aad())?;
+    Ok(())
 }
 
 /// Seals `route` to `config` (owned by main relay `main`) with `suite`.
@@ -166,8 +182,6 @@ pub fn seal(config: &EchConfig, suite: CipherSuite, main: &str, route: &InnerRou
         <X25519HkdfSha256 as Kem>::PublicKey::from_bytes(&config.public_key).map_err(|_| EchError::BadPublicKey)?;
     let info = info_for(&config.encode()?);
     let plain = route.padded()?;
-    // The AAD covers the encapsulated key, which only exists after encapsulation: set up the
-    // sender context first, then seal with the complete outer header as AAD.
     let mut sealed = SealedRoute {
         main: main.to_owned(),
         config_id: config.config_id,
@@ -176,22 +190,8 @@ pub fn seal(config: &EchConfig, suite: CipherSuite, main: &str, route: &InnerRou
         enc: Vec::new(),
         payload: Vec::new(),
     };
-    match suite.aead_id {
-        AEAD_AES_128_GCM => {
-            let (enc, mut ctx) =
-                hpke::setup_sender::<AesGcm128, HkdfSha256, X25519HkdfSha256>(&OpModeS::Base, &pk, &info)
-                    .map_err(|e| EchError::Seal(hpke_err(e)))?;
-            sealed.enc = enc.to_bytes().to_vec();
-            sealed.payload = ctx.seal(&plain, &sealed.aad()).map_err(|e| EchError::Seal(hpke_err(e)))?;
-        }
-        _ => {
-            let (enc, mut ctx) =
-                hpke::setup_sender::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(&OpModeS::Base, &pk, &info)
-                    .map_err(|e| EchError::Seal(hpke_err(e)))?;
-            sealed.enc = enc.to_bytes().to_vec();
-            sealed.payload = ctx.seal(&plain, &sealed.aad()).map_err(|e| EchError::Seal(hpke_err(e)))?;
-        }
-    }
+    let setup = if suite.aead_id == AEAD_AES_128_GCM { seal_with::<AesGcm128> } else { seal_with::<ChaCha20Poly1305> };
+    setup(&pk, &info, &plain, &mut sealed).map_err(|e| EchError::Seal(hpke_err(e)))?;
     Ok(sealed)
 }
 
@@ -317,23 +317,9 @@ mod tests {
             assert_eq!(ours.config().public_key, hex(v.pk_r));
             let enc = <X25519HkdfSha256 as Kem>::EncappedKey::from_bytes(&hex(v.enc)).unwrap();
             let opened = if v.aead == AEAD_AES_128_GCM {
-                hpke::single_shot_open::<AesGcm128, HkdfSha256, X25519HkdfSha256>(
-                    &OpModeR::Base,
-                    &sk,
-                    &enc,
-                    &info,
-                    &hex(v.ct),
-                    &aad,
-                )
+                open_with::<AesGcm128>(&sk, &enc, &info, &hex(v.ct), &aad)
             } else {
-                hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, X25519HkdfSha256>(
-                    &OpModeR::Base,
-                    &sk,
-                    &enc,
-                    &info,
-                    &hex(v.ct),
-                    &aad,
-                )
+                open_with::<ChaCha20Poly1305>(&sk, &enc, &info, &hex(v.ct), &aad)
             };
             assert_eq!(opened.unwrap(), pt);
         }

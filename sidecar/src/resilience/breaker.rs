@@ -227,38 +227,25 @@ mod tests {
         assert!(b.allow(t1 + Duration::from_secs(10)));
     }
 
+    /// A rate-only breaker (10 outcomes minimum, 50%) fed `outcomes` in order.
+    fn rate_breaker(outcomes: impl Iterator<Item = bool>, t0: Instant) -> Breaker {
+        let mut b = Breaker::new(BreakerConfig {
+            consecutive_failures: 100,
+            min_requests: 10,
+            failure_rate: 0.5,
+            ..Default::default()
+        });
+        for (i, ok) in outcomes.enumerate() {
+            b.record(ok, t0 + Duration::from_millis(i as u64));
+        }
+        b
+    }
+
     #[test]
     fn failure_rate_over_the_window_opens() {
         let t0 = Instant::now();
-        let mut b = Breaker::new(BreakerConfig {
-            consecutive_failures: 100,
-            min_requests: 10,
-            failure_rate: 0.5,
-            ..Default::default()
-        });
-        for i in 0..10 {
-            b.record(i % 2 == 0, t0 + Duration::from_millis(i));
-        }
-        assert_eq!(b.state(t0), State::Open, "5 of 10 failed");
-        let mut b = Breaker::new(BreakerConfig {
-            consecutive_failures: 100,
-            min_requests: 10,
-            failure_rate: 0.5,
-            ..Default::default()
-        });
-        for i in 0..10 {
-            b.record(i % 3 == 1, t0 + Duration::from_millis(i));
-        }
-        assert_eq!(b.state(t0), State::Open, "7 of 10 failed");
-        let mut b = Breaker::new(BreakerConfig {
-            consecutive_failures: 100,
-            min_requests: 10,
-            failure_rate: 0.5,
-            ..Default::default()
-        });
-        for i in 0..10 {
-            b.record(i % 4 != 0, t0 + Duration::from_millis(i));
-        }
-        assert_eq!(b.state(t0), State::Closed, "3 of 10 failed");
+        assert_eq!(rate_breaker((0..10).map(|i| i % 2 == 0), t0).state(t0), State::Open, "5 of 10 failed");
+        assert_eq!(rate_breaker((0..10).map(|i| i % 3 == 1), t0).state(t0), State::Open, "7 of 10 failed");
+        assert_eq!(rate_breaker((0..10).map(|i| i % 4 != 0), t0).state(t0), State::Closed, "3 of 10 failed");
     }
 }

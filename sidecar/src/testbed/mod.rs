@@ -270,15 +270,7 @@ impl Testbed {
                 .iter()
                 .map(|i| {
                     let (service, port) = service_port(i)?;
-                    Ok(Import {
-                        service,
-                        port,
-                        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                        node: None,
-                        main: None,
-                        noise_public_key: None,
-                        cluster_ip: None,
-                    })
+                    Ok(Import::resolved(&service, port, SocketAddr::from(([127, 0, 0, 1], 0))))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let path = self.home(&h.id, mains[0].clone(), exports, imports, EchPolicy::default())?;

@@ -315,15 +315,7 @@ impl HomeNode {
         let Some((main_id, conn)) = self.conn.borrow().clone() else {
             return json!({"error": "PEER_UNREACHABLE", "message": "no main relay connection"});
         };
-        let import = Import {
-            service: service.to_owned(),
-            port,
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            node: None,
-            main: None,
-            noise_public_key: None,
-            cluster_ip: None,
-        };
+        let import = Import::resolved(service, port, SocketAddr::from(([127, 0, 0, 1], 0)));
         let dest = match self.resolve(&import, &main_id, &[]) {
             Ok((d, balanced)) => {
                 if balanced {
