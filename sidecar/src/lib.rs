@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod crypto;
+pub mod distribution;
 pub mod federation;
 pub mod intercept;
 pub mod node;

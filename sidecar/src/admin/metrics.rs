@@ -63,6 +63,10 @@ pub struct Metrics {
     pub rate_limited: Family<[(&'static str, String); 1], Counter>,
     /// Trust denials by `rule` (reject_unknown, blocked, call_permission, export_permission).
     pub trust_denials: Family<L1, Counter>,
+    /// Version of the config snapshot in force.
+    pub config_version: Gauge,
+    /// Config updates received from the distribution server by `result` (applied, restart_required, invalid, error).
+    pub config_updates: Family<L1, Counter>,
     /// Stream failures by code, readable back for the admin API.
     error_counts: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Intercepted connections by `original_dst` (for imports; `other` otherwise), `service`
@@ -101,6 +105,14 @@ impl Metrics {
         let retries = Family::<L1, Counter>::default();
         let rate_limited = Family::<[(&'static str, String); 1], Counter>::default();
         let trust_denials = Family::<L1, Counter>::default();
+        let config_version = Gauge::default();
+        let config_updates = Family::<L1, Counter>::default();
+        registry.register("relayfed_config_version", "Version of the config snapshot in force", config_version.clone());
+        registry.register(
+            "relayfed_config_updates",
+            "Config updates received from the distribution server, by result",
+            config_updates.clone(),
+        );
         registry.register(
             "relayfed_circuit_state",
             "Circuit breaker state: 0 closed, 1 open, 2 half-open",
@@ -184,6 +196,8 @@ impl Metrics {
             retries,
             rate_limited,
             trust_denials,
+            config_version,
+            config_updates,
             error_counts: Default::default(),
             intercepted,
         }

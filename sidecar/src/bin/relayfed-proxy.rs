@@ -1,15 +1,14 @@
 //! `relayfed-proxy`: the relayfed data-plane binary (main relay, home node, ECH tooling).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use relayfed_sidecar::admin::{metrics::Metrics, server};
 use relayfed_sidecar::config::keys::EchKeyFile;
 use relayfed_sidecar::config::{Role, Snapshot, base64_decode, base64_encode};
 use relayfed_sidecar::crypto::ech::EchKeyPair;
-use relayfed_sidecar::node::{home::HomeNode, main_relay::MainRelay, main_relay::Tamper};
+use relayfed_sidecar::node::main_relay::Tamper;
+use relayfed_sidecar::node::runner::{self, RunOptions};
 use relayfed_sidecar::protocol::EchConfigList;
 use relayfed_sidecar::protocol::ech_config::ListEntry;
 
@@ -39,12 +38,16 @@ enum Command {
         /// Fault injection for tests (hidden).
         #[arg(long, value_enum, default_value_t = TamperArg::None, hide = true)]
         test_tamper: TamperArg,
+        #[command(flatten)]
+        sub: ConfigServerArgs,
     },
     /// Run a home node (spoke) from a config snapshot.
     Home {
         /// Config snapshot (YAML or JSON).
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        sub: ConfigServerArgs,
     },
     /// ECH key tooling.
     Ech {
@@ -73,6 +76,18 @@ enum Command {
         #[command(subcommand)]
         command: NoiseCommand,
     },
+}
+
+/// Live configuration: where to stream new snapshot versions from.
+#[derive(clap::Args)]
+struct ConfigServerArgs {
+    /// Config distribution server (`host:port`, HTTPS with the node's certificate); the
+    /// `--config` file is the first version, newer ones are applied live.
+    #[arg(long)]
+    config_server: Option<String>,
+    /// Node id in the distribution server's certificate.
+    #[arg(long, default_value = relayfed_sidecar::distribution::DEFAULT_SERVER_NODE)]
+    config_server_node: String,
 }
 
 #[derive(Subcommand)]
@@ -184,15 +199,15 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Ech { command } => ech(command),
-        Command::MainRelay { config, test_tamper } => {
+        Command::MainRelay { config, test_tamper, sub } => {
             let tamper = match test_tamper {
                 TamperArg::None => Tamper::None,
                 TamperArg::FlipSealed => Tamper::FlipSealed,
                 TamperArg::StripEch => Tamper::StripEch,
             };
-            run(config, Role::Main, tamper)
+            run(config, Role::Main, tamper, sub)
         }
-        Command::Home { config } => run(config, Role::Home, Tamper::None),
+        Command::Home { config, sub } => run(config, Role::Home, Tamper::None, sub),
         Command::Init { config, dry_run, cleanup } => init(config, dry_run, cleanup),
         Command::Ca { command } => ca(command),
         Command::Noise { command: NoiseCommand::Keygen { out, passphrase_file } } => {
@@ -265,7 +280,7 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
+fn run(config: PathBuf, role: Role, tamper: Tamper, sub: ConfigServerArgs) -> anyhow::Result<()> {
     // Validate before binding anything.
     let snap = Snapshot::load(&config)?;
     if snap.node.role != role {
@@ -278,62 +293,8 @@ fn run(config: PathBuf, role: Role, tamper: Tamper) -> anyhow::Result<()> {
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
-        let metrics = Arc::new(Metrics::new());
-        let slot: server::AdminSlot = Default::default();
-        let admin = match snap.admin {
-            Some(a) => Some(server::serve(a, metrics.clone(), slot.clone()).await.with_context(|| format!("admin listener {a}"))?),
-            None => None,
-        };
-        let mut relay_handle = None;
-        let mut home_handle = None;
-        let ready = match role {
-            Role::Main => {
-                let (relay, bound) = MainRelay::start(&snap, metrics, tamper).await?;
-                let _ = slot.set(relay.clone());
-                relay_handle = Some(relay.clone());
-                serde_json::json!({
-                    "event": "ready", "role": "main", "node": snap.node.id, "quic": bound.quic.to_string(),
-                    "admin": admin.map(|a| a.to_string()),
-                    "echConfigList": relay.ech_config_list().map(|l| base64_encode(&l)),
-                })
-            }
-            Role::Home => {
-                let (node, bound) = HomeNode::start(&snap, metrics).await?;
-                let _ = slot.set(node.clone());
-                home_handle = Some(node.clone());
-                let imports: serde_json::Map<String, serde_json::Value> = bound
-                    .imports
-                    .iter()
-                    .map(|(i, a)| (format!("{}:{}", i.service, i.port), a.to_string().into()))
-                    .collect();
-                let import_list: Vec<_> = bound
-                    .imports
-                    .iter()
-                    .map(|(i, a)| serde_json::json!({"service": i.service, "port": i.port, "node": i.node, "listen": a.to_string()}))
-                    .collect();
-                serde_json::json!({
-                    "event": "ready", "role": "home", "node": snap.node.id,
-                    "imports": imports, "importList": import_list, "admin": admin.map(|a| a.to_string()),
-                    "outbound": bound.outbound.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                })
-            }
-        };
-        println!("{ready}");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-        if let Some(n) = home_handle {
-            n.shutdown().await;
-        }
-        if let Some(r) = relay_handle {
-            r.shutdown().await;
-        }
-        Ok(())
-    })
+    let opts = RunOptions { tamper, config_server: sub.config_server, config_server_node: sub.config_server_node };
+    rt.block_on(runner::run(snap, opts))
 }
 
 fn ech(command: EchCommand) -> anyhow::Result<()> {

@@ -452,6 +452,34 @@ impl Snapshot {
         Ok(Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()))
     }
 
+    /// The fields that differ between `self` (in force) and `next` and that a running node
+    /// cannot change in place: its identity, sockets, key files, exports/imports, main
+    /// relays, registry timing and interception. Everything else (ECH policy, peers, trust,
+    /// resilience, load balancing, per-stream timeouts) is applied live.
+    pub fn restart_fields(&self, next: &Snapshot) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut check = |name: &'static str, same: bool| {
+            if !same {
+                out.push(name);
+            }
+        };
+        check("node", self.node == next.node);
+        check("tls", self.tls == next.tls);
+        check("listen", self.listen == next.listen);
+        check("admin", self.admin == next.admin);
+        check("ech", self.ech == next.ech);
+        check("mainRelays", self.main_relays == next.main_relays);
+        check("noiseKeyFile", self.noise_key_file == next.noise_key_file);
+        check("exports", self.exports == next.exports);
+        check("imports", self.imports == next.imports);
+        check("registry", self.registry == next.registry);
+        check("healthCheckSeconds", self.health_check_seconds == next.health_check_seconds);
+        check("keyPassphraseFile", self.key_passphrase_file == next.key_passphrase_file);
+        check("intercept", self.intercept == next.intercept);
+        check("timeouts.idleMs", self.timeouts.idle_ms == next.timeouts.idle_ms);
+        out
+    }
+
     /// Cross-field checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.schema != SNAPSHOT_SCHEMA {

@@ -54,7 +54,9 @@ impl MainRelay {
     /// Starts dialing peers (those with a larger node id) and the periodic tasks.
     pub(crate) fn start_federation(self: Arc<Self>, endpoint: quinn::Endpoint) {
         let me = self.identity.node_id.clone();
-        for (peer, addr) in self.peer_endpoints.clone() {
+        let peers: Vec<(String, std::net::SocketAddr)> =
+            self.live().peers.values().map(|p| (p.node_id.clone(), p.endpoint)).collect();
+        for (peer, addr) in peers {
             if me < peer && self.refuse_connection(&peer).is_none() {
                 let relay = self.clone();
                 let endpoint = endpoint.clone();
@@ -95,10 +97,15 @@ impl MainRelay {
         });
     }
 
-    async fn dial_peer(self: Arc<Self>, endpoint: quinn::Endpoint, peer: String, addr: std::net::SocketAddr) {
+    pub(crate) async fn dial_peer(self: Arc<Self>, endpoint: quinn::Endpoint, peer: String, addr: std::net::SocketAddr) {
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
         loop {
+            // A config update may remove the peer or move it (a new task dials the new address).
+            if self.live().peers.get(&peer).is_none_or(|p| p.endpoint != addr) {
+                info!(%peer, "peer removed from the configuration: no longer dialing");
+                return;
+            }
             let name = self.identity.server_name(&peer);
             let conn = match endpoint.connect(addr, &name) {
                 Ok(c) => c.await.map_err(|e| failure_reason(&e).to_owned()),
@@ -428,7 +435,7 @@ impl MainRelay {
                         "rttMillis": links.get(p).map(|r| r.as_secs_f64() * 1e3),
                         "lastSeenSecondsAgo": h.last_seen.map(|t| now.saturating_duration_since(t).as_secs_f64()),
                         "failures": h.failures,
-                        "endpoint": self.peer_endpoints.get(p).map(ToString::to_string),
+                        "endpoint": self.live().peers.get(p).map(|c| c.endpoint.to_string()),
                     })
                 })
                 .collect()

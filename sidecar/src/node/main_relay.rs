@@ -70,7 +70,6 @@ pub struct MainRelay {
     pub(crate) homes: RwLock<HashMap<String, Link>>,
     pub(crate) peers: RwLock<HashMap<String, Link>>,
     pub(crate) peer_health: RwLock<HashMap<String, PeerHealth>>,
-    pub(crate) peer_endpoints: HashMap<String, SocketAddr>,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) handshake_timeout: Duration,
@@ -81,14 +80,33 @@ pub struct MainRelay {
     /// The latest view (main relays' ECH configs and every instance); each home writer sends
     /// the newest, filtered to what that home imports.
     pub(crate) views: tokio::sync::watch::Sender<Arc<super::main_control::ViewData>>,
-    /// Peer settings (trust level, permissions, rate limit).
-    pub(crate) peer_config: HashMap<String, crate::config::PeerRelay>,
-    pub(crate) trust: crate::config::Trust,
+    /// Settings a new config version replaces in place: peers (endpoint, trust level,
+    /// permissions, rate limit), trust defaults, the default rate limit, breaker settings.
+    live: RwLock<Arc<MainLive>>,
     limiter: Mutex<crate::resilience::rate_limit::RateLimiter>,
-    default_rate: Option<crate::resilience::rate_limit::Limit>,
     /// A circuit breaker per peer relay, for streams forwarded to it.
     peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
-    breaker_config: crate::resilience::breaker::BreakerConfig,
+}
+
+/// The part of a main relay's configuration that changes without a restart.
+#[derive(Clone, Debug)]
+pub(crate) struct MainLive {
+    /// Peer main relays by node id.
+    pub(crate) peers: HashMap<String, crate::config::PeerRelay>,
+    pub(crate) trust: crate::config::Trust,
+    pub(crate) default_rate: Option<crate::resilience::rate_limit::Limit>,
+    pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
+}
+
+impl MainLive {
+    fn from_snapshot(snap: &Snapshot) -> Self {
+        Self {
+            peers: snap.peers.iter().map(|p| (p.node_id.clone(), p.clone())).collect(),
+            trust: snap.trust.clone(),
+            default_rate: snap.resilience.rate_limit.as_ref().map(limit),
+            breaker: snap.resilience.circuit_breaker.to_breaker(),
+        }
+    }
 }
 
 /// Most senders whose token buckets a relay tracks (idle ones are evicted first).
@@ -134,7 +152,6 @@ impl MainRelay {
             homes: RwLock::new(HashMap::new()),
             peers: RwLock::new(HashMap::new()),
             peer_health: RwLock::new(snap.peers.iter().map(|p| (p.node_id.clone(), PeerHealth::default())).collect()),
-            peer_endpoints: snap.peers.iter().map(|p| (p.node_id.clone(), p.endpoint)).collect(),
             metrics,
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
             health_interval: Duration::from_secs(snap.health_check_seconds.max(1)),
@@ -144,13 +161,11 @@ impl MainRelay {
             tamper,
             endpoint: std::sync::OnceLock::new(),
             views: tokio::sync::watch::channel(Arc::new(Default::default())).0,
-            peer_config: snap.peers.iter().map(|p| (p.node_id.clone(), p.clone())).collect(),
-            trust: snap.trust.clone(),
+            live: RwLock::new(Arc::new(MainLive::from_snapshot(snap))),
             limiter: Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_RATE_SENDERS)),
-            default_rate: snap.resilience.rate_limit.as_ref().map(limit),
             peer_breakers: Mutex::new(HashMap::new()),
-            breaker_config: snap.resilience.circuit_breaker.to_breaker(),
         });
+        relay.metrics.config_version.set(snap.version as i64);
         relay.push_views();
         let _ = relay.endpoint.set(endpoint.clone());
         let r = relay.clone();
@@ -158,6 +173,62 @@ impl MainRelay {
         tokio::spawn(async move { r.accept_loop(ep).await });
         relay.clone().start_federation(endpoint);
         Ok((relay, bound))
+    }
+
+    /// The live settings in force now.
+    pub(crate) fn live(&self) -> Arc<MainLive> {
+        match self.live.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Applies a new config version: peers added are dialed, peers removed or now refused by
+    /// the trust rules are disconnected, and trust defaults, permissions, rate limits and
+    /// breaker settings apply to new streams at once. Fields that need a restart are not
+    /// looked at ([`Snapshot::restart_fields`] names them).
+    pub fn apply(self: &Arc<Self>, snap: &Snapshot) {
+        let next = MainLive::from_snapshot(snap);
+        let old = self.live();
+        if next.breaker != old.breaker
+            && let Ok(mut b) = self.peer_breakers.lock()
+        {
+            b.clear();
+        }
+        match self.live.write() {
+            Ok(mut l) => *l = Arc::new(next.clone()),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(next.clone()),
+        }
+        if let Ok(mut h) = self.peer_health.write() {
+            h.retain(|p, _| next.peers.contains_key(p));
+            for p in next.peers.keys() {
+                h.entry(p.clone()).or_default();
+            }
+        }
+        // Drop links that the new rules no longer allow (removed, blocked, unknown).
+        let links: Vec<String> = self.peers.read().map(|p| p.keys().cloned().collect()).unwrap_or_default();
+        for peer in links {
+            let gone = !next.peers.contains_key(&peer);
+            if let Some(rule) = self.refuse_connection(&peer).or(gone.then_some("removed")) {
+                info!(%peer, rule, "peer no longer allowed: disconnecting");
+                if let Some(link) = self.peers.write().ok().and_then(|mut p| p.remove(&peer)) {
+                    link.conn.close(ErrorCode::UnknownPeer.to_u16().into(), rule.as_bytes());
+                }
+            }
+        }
+        if let Some(endpoint) = self.endpoint.get() {
+            let me = self.identity.node_id.clone();
+            for (peer, cfg) in &next.peers {
+                let new = old.peers.get(peer).is_none_or(|o| o.endpoint != cfg.endpoint);
+                if new && me < *peer && self.refuse_connection(peer).is_none() {
+                    info!(%peer, endpoint = %cfg.endpoint, "new peer main relay: dialing");
+                    let relay = self.clone();
+                    let (endpoint, peer, addr) = (endpoint.clone(), peer.clone(), cfg.endpoint);
+                    tokio::spawn(async move { relay.dial_peer(endpoint, peer, addr).await });
+                }
+            }
+        }
+        self.metrics.config_version.set(snap.version as i64);
     }
 
     /// Clean shutdown: closes every connection (homes fail over, peers see it at once).
@@ -212,7 +283,7 @@ impl MainRelay {
             conn.close(ErrorCode::UnknownPeer.to_u16().into(), rule.as_bytes());
             return;
         }
-        let sender = if self.peer_endpoints.contains_key(&node) {
+        let sender = if self.live().peers.contains_key(&node) {
             crate::transport::tls::raise_stream_limit(&conn);
             Sender::Peer(node)
         } else {
@@ -311,13 +382,14 @@ impl MainRelay {
 
     /// Trust rules for a new connection: the rule that refuses it, if any.
     pub(crate) fn refuse_connection(&self, node: &str) -> Option<&'static str> {
-        match self.peer_config.get(node) {
+        let live = self.live();
+        match live.peers.get(node) {
             Some(p) if p.trust_level == crate::config::TrustLevel::Blocked => Some("blocked"),
-            Some(p) if p.trust_level == crate::config::TrustLevel::Unknown && self.trust.reject_unknown => {
+            Some(p) if p.trust_level == crate::config::TrustLevel::Unknown && live.trust.reject_unknown => {
                 Some("reject_unknown")
             }
             Some(_) => None,
-            None if self.trust.reject_unknown && !self.trust.known_nodes.iter().any(|k| k == node) => {
+            None if live.trust.reject_unknown && !live.trust.known_nodes.iter().any(|k| k == node) => {
                 Some("reject_unknown")
             }
             None => None,
@@ -328,11 +400,12 @@ impl MainRelay {
     pub(crate) fn permissions_of(&self, peer: &str) -> crate::config::Permissions {
         use crate::config::{Permissions, TrustLevel};
         let all = || Permissions { call: vec!["*".into()], export: vec!["*".into()] };
-        match self.peer_config.get(peer) {
+        let live = self.live();
+        match live.peers.get(peer) {
             Some(p) => match p.trust_level {
                 TrustLevel::Trusted => p.permissions.clone().unwrap_or_else(all),
-                TrustLevel::Verified => p.permissions.clone().unwrap_or_else(|| self.trust.default_permissions.clone()),
-                TrustLevel::Unknown => self.trust.default_permissions.clone(),
+                TrustLevel::Verified => p.permissions.clone().unwrap_or_else(|| live.trust.default_permissions.clone()),
+                TrustLevel::Unknown => live.trust.default_permissions.clone(),
                 TrustLevel::Blocked => Permissions::default(),
             },
             None => Permissions::default(),
@@ -341,11 +414,12 @@ impl MainRelay {
 
     /// Token bucket check for a new stream from `sender`.
     fn rate_limited(&self, sender: &Sender) -> Option<Duration> {
+        let live = self.live();
         let (key, lim) = match sender {
-            Sender::Home(h) => (h.clone(), self.default_rate),
+            Sender::Home(h) => (h.clone(), live.default_rate),
             Sender::Peer(p) => (
                 format!("peer:{p}"),
-                self.peer_config.get(p).and_then(|c| c.rate_limit.as_ref()).map(limit).or(self.default_rate),
+                live.peers.get(p).and_then(|c| c.rate_limit.as_ref()).map(limit).or(live.default_rate),
             ),
         };
         let lim = lim?;
@@ -511,7 +585,7 @@ impl MainRelay {
                     true
                 });
             }
-            None if self.peer_endpoints.contains_key(next) => {
+            None if self.live().peers.contains_key(next) => {
                 self.peer_breaker(next, |b, now| {
                     b.record(false, now);
                     true
@@ -538,9 +612,9 @@ impl MainRelay {
         f: impl FnOnce(&mut crate::resilience::breaker::Breaker, Instant) -> bool,
     ) -> bool {
         let now = Instant::now();
+        let config = self.live().breaker;
         let Ok(mut all) = self.peer_breakers.lock() else { return true };
-        let b =
-            all.entry(peer.to_owned()).or_insert_with(|| crate::resilience::breaker::Breaker::new(self.breaker_config));
+        let b = all.entry(peer.to_owned()).or_insert_with(|| crate::resilience::breaker::Breaker::new(config));
         let r = f(b, now);
         self.metrics.circuit_state.get_or_create(&[("target", format!("peer:{peer}"))]).set(b.state(now).as_i64());
         r

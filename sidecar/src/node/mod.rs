@@ -3,3 +3,4 @@
 pub mod home;
 pub mod main_control;
 pub mod main_relay;
+pub mod runner;

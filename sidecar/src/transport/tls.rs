@@ -110,8 +110,9 @@ impl HopIdentity {
         Ok(Arc::new(roots))
     }
 
-    /// QUIC server configuration: client certificates required, ALPN `relayfed/1`.
-    pub fn server_config(&self, timeouts: &Timeouts) -> Result<quinn::ServerConfig, TlsError> {
+    /// rustls server configuration (TLS 1.3, client certificates from the CA required) with
+    /// the given ALPN protocols; QUIC hops and the config distribution server share it.
+    pub fn rustls_server(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.root_store()?, provider())
             .build()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
@@ -121,7 +122,25 @@ impl HopIdentity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Ok(tls)
+    }
+
+    /// rustls client configuration presenting this node's certificate, with one ALPN.
+    pub fn rustls_client(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_root_certificates(self.root_store()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
+    }
+
+    /// QUIC server configuration: client certificates required, ALPN `relayfed/1`.
+    pub fn server_config(&self, timeouts: &Timeouts) -> Result<quinn::ServerConfig, TlsError> {
+        let tls = self.rustls_server(&[ALPN])?;
         let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Rustls(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
         cfg.transport_config(transport(timeouts));
@@ -135,13 +154,7 @@ impl HopIdentity {
 
     /// As [`HopIdentity::client_config`] with another ALPN (tests prove a wrong one is refused).
     pub fn client_config_with_alpn(&self, timeouts: &Timeouts, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Rustls(e.to_string()))?
-            .with_root_certificates(self.root_store()?)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
+        let tls = self.rustls_client(alpn)?;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Rustls(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
         cfg.transport_config(transport(timeouts));
@@ -159,6 +172,11 @@ impl HopIdentity {
         let chain = id
             .downcast::<Vec<CertificateDer<'static>>>()
             .map_err(|_| TlsError::Identity("unexpected identity type".into()))?;
+        self.node_id_of_chain(&chain)
+    }
+
+    /// The node id named by a verified peer certificate chain (leaf first).
+    pub fn node_id_of_chain(&self, chain: &[CertificateDer<'_>]) -> Result<String, TlsError> {
         let leaf = chain.first().ok_or_else(|| TlsError::Identity("empty chain".into()))?;
         Ok(node_id_from_cert(leaf, &self.trust_domain)?)
     }

@@ -5,7 +5,7 @@ use super::*;
 
 impl HomeNode {
     pub(super) async fn inbound(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await;
+        let first = tokio::time::timeout(self.live().handshake_timeout, read_frame(&mut recv)).await;
         let (config_id, route, probe_path) = match first {
             Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Plain(r), probe, path, .. })))) => {
                 (None, r, probe.then_some(path))
@@ -51,7 +51,7 @@ impl HomeNode {
                     return self.refuse(&mut send, ErrorCode::HandshakeFailed, &e.to_string()).await;
                 }
             };
-            let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(export.target)).await {
+            let tcp = match tokio::time::timeout(self.live().connect_timeout, TcpStream::connect(export.target)).await {
                 Ok(Ok(t)) => t,
                 _ => {
                     return self

@@ -48,19 +48,43 @@ pub struct HomeNode {
     mains: Vec<MainRelay>,
     exports: Vec<Export>,
     imports: Vec<(String, u16)>,
-    policy: EchPolicy,
     ech_configs: RwLock<HashMap<String, EchConfigList>>,
     conn: watch::Sender<Option<(String, quinn::Connection)>>,
     endpoint: std::sync::OnceLock<quinn::Endpoint>,
     view: RwLock<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>,
     balancers: std::sync::Mutex<HashMap<(String, u16), Balancer>>,
-    lb: LoadBalancing,
-    breaker: crate::resilience::breaker::BreakerConfig,
-    retry: crate::config::RetryConfig,
+    /// Settings a new config version replaces in place (new streams use them; streams in
+    /// flight keep what they started with).
+    live: RwLock<Arc<HomeLive>>,
     metrics: Arc<Metrics>,
-    handshake_timeout: Duration,
-    connect_timeout: Duration,
-    stream_idle: Duration,
+}
+
+/// The part of a home node's configuration that changes without a restart.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct HomeLive {
+    pub(crate) version: u64,
+    pub(crate) policy: EchPolicy,
+    pub(crate) lb: LoadBalancing,
+    pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
+    pub(crate) retry: crate::config::RetryConfig,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) stream_idle: Duration,
+}
+
+impl HomeLive {
+    fn from_snapshot(snap: &Snapshot) -> Self {
+        Self {
+            version: snap.version,
+            policy: snap.ech_policy.clone(),
+            lb: snap.load_balancing.clone(),
+            breaker: snap.resilience.circuit_breaker.to_breaker(),
+            retry: snap.resilience.retry.clone(),
+            handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
+            connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
+            stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
+        }
+    }
 }
 
 /// Where a started home node listens.
@@ -98,20 +122,15 @@ impl HomeNode {
             mains,
             exports: snap.exports.clone(),
             imports: snap.imports.iter().map(|i| (i.service.clone(), i.port)).collect(),
-            policy: snap.ech_policy.clone(),
             ech_configs: RwLock::new(ech_configs),
             conn,
             endpoint: std::sync::OnceLock::new(),
             view: RwLock::new(Default::default()),
             balancers: std::sync::Mutex::new(HashMap::new()),
-            lb: snap.load_balancing.clone(),
-            breaker: snap.resilience.circuit_breaker.to_breaker(),
-            retry: snap.resilience.retry.clone(),
+            live: RwLock::new(Arc::new(HomeLive::from_snapshot(snap))),
             metrics,
-            handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
-            connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
-            stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
         });
+        node.metrics.config_version.set(snap.version as i64);
         let mut bound = Bound { imports: Vec::new(), outbound: Vec::new() };
         for imp in &snap.imports {
             let listener = crate::transport::io::listen(imp.listen)
@@ -153,6 +172,37 @@ impl HomeNode {
         tokio::spawn(async move { n.dial_loop(endpoint).await });
         ready.wait_for(Option::is_some).await?;
         Ok((node, bound))
+    }
+
+    /// The live settings in force now.
+    pub(crate) fn live(&self) -> Arc<HomeLive> {
+        match self.live.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Applies a new config version: the ECH policy, load balancing, circuit breakers,
+    /// retries and timeouts take effect for new streams at once; streams in flight are left
+    /// alone. Fields that need a restart are not looked at ([`Snapshot::restart_fields`]
+    /// names them).
+    pub fn apply(&self, snap: &Snapshot) {
+        let next = HomeLive::from_snapshot(snap);
+        let old = self.live();
+        if next.lb != old.lb || next.breaker != old.breaker {
+            // Balancers hold per-instance breakers built from the old settings.
+            if let Ok(mut b) = self.balancers.lock() {
+                b.clear();
+            }
+        }
+        if next.policy != old.policy {
+            info!(version = snap.version, percentage = next.policy.percentage, mode = ?next.policy.mode, enabled = next.policy.enabled, "ECH policy updated");
+        }
+        match self.live.write() {
+            Ok(mut l) => *l = Arc::new(next),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(next),
+        }
+        self.metrics.config_version.set(snap.version as i64);
     }
 
     /// Keeps a connection to the best reachable main relay, serving its inbound streams.
@@ -203,7 +253,7 @@ impl HomeNode {
             }
         };
         let started = Instant::now();
-        match tokio::time::timeout(self.connect_timeout, connecting).await {
+        match tokio::time::timeout(self.live().connect_timeout, connecting).await {
             Ok(Ok(conn)) => {
                 crate::transport::tls::raise_stream_limit(&conn);
                 self.metrics.hop_handshake_seconds.observe(started.elapsed().as_secs_f64());
@@ -243,7 +293,7 @@ impl HomeNode {
         let register =
             Control::Register { services, noise_key: base64_encode(&self.noise.public), imports: Some(imports) };
         write_frames(&mut send, &[Frame::Control(register)]).await?;
-        let first = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv))
+        let first = tokio::time::timeout(self.live().handshake_timeout, read_frame(&mut recv))
             .await
             .map_err(|_| anyhow::anyhow!("no view from the main relay in time"))??;
         let mut parts = Vec::new();

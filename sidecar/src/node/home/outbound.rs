@@ -63,7 +63,7 @@ impl HomeNode {
 
     async fn outbound(&self, tcp: TcpStream, import: &Import) {
         let started = Instant::now();
-        let est = match tokio::time::timeout(self.handshake_timeout, self.establish(import)).await {
+        let est = match tokio::time::timeout(self.live().handshake_timeout, self.establish(import)).await {
             Ok(r) => r,
             Err(_) => Err((ErrorCode::Timeout, "route and handshake did not finish in time".to_owned())),
         };
@@ -129,11 +129,12 @@ impl HomeNode {
                 format!("no instance of {}:{} is registered", import.service, import.port),
             ));
         }
-        let algorithm = self.lb.per_service.get(&import.service).copied().unwrap_or(self.lb.default);
+        let live = self.live();
+        let algorithm = live.lb.per_service.get(&import.service).copied().unwrap_or(live.lb.default);
         let picked = self.balancers.lock().ok().and_then(|mut b| {
             let bal = b
                 .entry((import.service.clone(), import.port))
-                .or_insert_with(|| Balancer::new(algorithm, self.lb.prefer_local, self.breaker));
+                .or_insert_with(|| Balancer::new(algorithm, live.lb.prefer_local, live.breaker));
             let now = Instant::now();
             let e = bal.pick(&candidates, my_main, now, &mut rand::rng())?;
             bal.started(&e.key(), now);
@@ -176,9 +177,11 @@ impl HomeNode {
     /// payload byte is read from the client (the client's bytes are only read once the session
     /// is up) is retried on another instance, with full-jitter backoff, up to `maxAttempts`.
     async fn establish(&self, import: &Import) -> Result<Established, StreamError> {
+        // One call uses one version of the settings from start to end.
+        let retry = self.live().retry.clone();
         let backoff = crate::resilience::backoff::Backoff {
-            initial: Duration::from_millis(self.retry.initial_backoff_ms),
-            max: Duration::from_millis(self.retry.max_backoff_ms),
+            initial: Duration::from_millis(retry.initial_backoff_ms),
+            max: Duration::from_millis(retry.max_backoff_ms),
         };
         let mut tried: Vec<Key> = Vec::new();
         let mut attempt = 0u32;
@@ -202,7 +205,7 @@ impl HomeNode {
             }
             attempt += 1;
             match result {
-                Err((code, message)) if balanced && retryable(code) && attempt < self.retry.max_attempts.max(1) => {
+                Err((code, message)) if balanced && retryable(code) && attempt < retry.max_attempts.max(1) => {
                     self.metrics.retries.get_or_create(&[("code", code.label())]).inc();
                     info!(code = code.label(), %message, instance = %dest.node, attempt, "stream setup failed before any payload: retrying on another instance");
                     tried.push(dest.key());
@@ -229,7 +232,7 @@ impl HomeNode {
             port: dest.port,
             origin: format!("{}@{}", self.identity.node_id, main_id),
         };
-        let decision = if dest.ech { self.policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
+        let decision = if dest.ech { self.live().policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
         let mut retried = false;
         loop {
             let sealed = match decision {
@@ -351,7 +354,7 @@ impl HomeNode {
                 other => Err((ErrorCode::MalformedFrame, format!("unexpected answer {other:?}"))),
             }
         };
-        match tokio::time::timeout(self.handshake_timeout, result).await {
+        match tokio::time::timeout(self.live().handshake_timeout, result).await {
             Ok(Ok(hops)) => {
                 let mut prev = sent;
                 let hops: Vec<_> = std::iter::once(json!({"node": self.identity.node_id, "atMs": sent, "deltaMs": 0}))

@@ -59,7 +59,7 @@ impl HomeNode {
             let _ = tw.shutdown().await;
             Ok(total)
         };
-        let idle = self.stream_idle;
+        let idle = self.live().stream_idle;
         let watchdog = async {
             loop {
                 let since = epoch

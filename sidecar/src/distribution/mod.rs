@@ -1,0 +1,90 @@
+//! Config distribution: how relays and sidecars receive new config snapshot versions from the
+//! operator (or local mode) and acknowledge them.
+//!
+//! HTTP/1.1 over TLS 1.3 on TCP, mutually authenticated with certificates from the federation
+//! CA (the node id in the client certificate must match the node in the path). Long-poll:
+//!
+//! - `GET /v1/snapshot/{node}?after={version}&waitSeconds={n}`: the node's snapshot (JSON,
+//!   docs/protocol.md §8) as soon as its version is greater than `after` — at once on
+//!   connect, since a fresh node asks with `after=0` or its file's version — else `304` after
+//!   `n` seconds (at most [`MAX_WAIT_SECONDS`]). `403` when the certificate names another
+//!   node, `404` for a node the plan does not have.
+//! - `POST /v1/ack/{node}` with an [`Ack`]: the version the node now runs and how it went.
+//!
+//! Full protocol: docs/protocol.md §9.
+
+pub mod client;
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN for the distribution endpoint.
+pub const ALPN: &[u8] = b"http/1.1";
+/// Longest long-poll the server holds open.
+pub const MAX_WAIT_SECONDS: u64 = 60;
+/// Node id in the distribution server's certificate unless configured otherwise.
+pub const DEFAULT_SERVER_NODE: &str = "relayfed-operator";
+
+/// What a node did with a snapshot version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AckResult {
+    /// Everything in it is in force.
+    Applied,
+    /// The live parts are in force; the fields in `restartRequired` wait for a restart.
+    RestartRequired,
+    /// Refused (parse or validation error in `detail`); the previous version stays.
+    Invalid,
+}
+
+/// Body of `POST /v1/ack/{node}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Ack {
+    /// The snapshot version this acknowledges.
+    pub version: u64,
+    /// Outcome.
+    pub result: AckResult,
+    /// Fields that changed but need a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restart_required: Vec<String>,
+    /// Error text for `invalid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Ack {
+    /// Parses an ack body; the error names the field.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+    }
+}
+
+/// Splits a distribution path into (kind, node): `/v1/snapshot/x` -> ("snapshot", "x").
+pub fn parse_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/v1/")?;
+    let (kind, node) = rest.split_once('/')?;
+    let ok = !node.is_empty()
+        && node.len() <= 63
+        && node.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    (matches!(kind, "snapshot" | "ack") && ok).then_some((kind, node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_acks_parse_strictly() {
+        assert_eq!(parse_path("/v1/snapshot/shop-eu"), Some(("snapshot", "shop-eu")));
+        assert_eq!(parse_path("/v1/ack/hub-us"), Some(("ack", "hub-us")));
+        for bad in ["/v1/snapshot/", "/v1/other/x", "/v2/snapshot/x", "/v1/snapshot/A", "/v1/snapshot/a/b"] {
+            assert_eq!(parse_path(bad), None, "{bad}");
+        }
+        let ack = Ack { version: 3, result: AckResult::RestartRequired, restart_required: vec!["imports".into()], detail: None };
+        assert_eq!(Ack::parse(&serde_json::to_vec(&ack).unwrap()).unwrap(), ack);
+        let e = Ack::parse(br#"{"version": 1, "result": "maybe"}"#).unwrap_err();
+        assert!(e.contains("result"), "{e}");
+        assert!(Ack::parse(b"\xff").is_err());
+    }
+}
