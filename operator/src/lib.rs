@@ -1,7 +1,10 @@
-//! The relayfed operator: compiles `relayfed.io` CRs into a federation plan and per-node config
-//! snapshots ([`plan`]). Reconcilers, config distribution, identity and the injection webhook
-//! are issue 7 and not built yet; the CRD types live in `relayfed-crds` and the snapshot schema
-//! in `relayfed-sidecar::config`.
+//! The relayfed control plane: compiles `relayfed.io` CRs into a federation plan and per-node
+//! config snapshots ([`plan`]), distributes them to running nodes ([`distribution`]), and runs
+//! a whole federation on one machine ([`local`]). The CRD types live in `relayfed-crds`, the
+//! snapshot schema and the data plane in `relayfed-sidecar`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod distribution;
+pub mod local;
+pub mod metrics;
 pub mod plan;

@@ -246,6 +246,9 @@ pub fn compile(resources: &[AnyResource], keys: &KeyLayout, version: u64) -> Res
             errors.push(err(format!("node {node}"), "", format!("compiled snapshot is invalid: {e}")));
         }
     }
+    // Every main relay sees the same Peer objects: report each problem once.
+    warnings.sort();
+    warnings.dedup();
     if errors.is_empty() { Ok(Plan { snapshots, warnings }) } else { Err(errors) }
 }
 

@@ -110,6 +110,13 @@ impl Subscription {
         let node = self.identity.node_id.clone();
         let mut sender = self.connect().await?;
         info!(server = %self.server, after = *version, "subscribed to config distribution");
+        // Report the version this node runs (its start-up file, or the last one applied).
+        let hello = Ack { version: *version, result: AckResult::Applied, restart_required: vec![], detail: None };
+        let body = serde_json::to_vec(&hello).map_err(|e| self.transport(e))?;
+        let (status, _, text) = self.request(&mut sender, Method::POST, format!("/v1/ack/{node}"), body).await?;
+        if !status.is_success() {
+            return Err(ClientError::Status { status: status.as_u16(), body: String::from_utf8_lossy(&text).into() });
+        }
         loop {
             let path = format!("/v1/snapshot/{node}?after={}&waitSeconds={}", *version, self.wait_seconds);
             let (status, header_version, body) = self.request(&mut sender, Method::GET, path, Vec::new()).await?;
@@ -156,7 +163,10 @@ impl Subscription {
             let body = serde_json::to_vec(&ack).map_err(|e| self.transport(e))?;
             let (status, _, text) = self.request(&mut sender, Method::POST, format!("/v1/ack/{node}"), body).await?;
             if !status.is_success() {
-                return Err(ClientError::Status { status: status.as_u16(), body: String::from_utf8_lossy(&text).into() });
+                return Err(ClientError::Status {
+                    status: status.as_u16(),
+                    body: String::from_utf8_lossy(&text).into(),
+                });
             }
         }
     }

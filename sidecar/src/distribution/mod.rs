@@ -81,7 +81,12 @@ mod tests {
         for bad in ["/v1/snapshot/", "/v1/other/x", "/v2/snapshot/x", "/v1/snapshot/A", "/v1/snapshot/a/b"] {
             assert_eq!(parse_path(bad), None, "{bad}");
         }
-        let ack = Ack { version: 3, result: AckResult::RestartRequired, restart_required: vec!["imports".into()], detail: None };
+        let ack = Ack {
+            version: 3,
+            result: AckResult::RestartRequired,
+            restart_required: vec!["imports".into()],
+            detail: None,
+        };
         assert_eq!(Ack::parse(&serde_json::to_vec(&ack).unwrap()).unwrap(), ack);
         let e = Ack::parse(br#"{"version": 1, "result": "maybe"}"#).unwrap_err();
         assert!(e.contains("result"), "{e}");

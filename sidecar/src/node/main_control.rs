@@ -97,7 +97,12 @@ impl MainRelay {
         });
     }
 
-    pub(crate) async fn dial_peer(self: Arc<Self>, endpoint: quinn::Endpoint, peer: String, addr: std::net::SocketAddr) {
+    pub(crate) async fn dial_peer(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        peer: String,
+        addr: std::net::SocketAddr,
+    ) {
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
         loop {

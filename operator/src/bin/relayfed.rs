@@ -1,0 +1,225 @@
+//! `relayfed`: the control-plane binary. `relayfed local up|status|down` runs a whole
+//! federation on this machine from CR YAML; `relayfed node` is what local mode runs per relay.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use relayfed_operator::local::supervisor::{Supervisor, UpOptions};
+use relayfed_operator::local::{StateDir, SupervisorFile, alive, http, status};
+use relayfed_sidecar::config::Snapshot;
+use relayfed_sidecar::node::runner::{self, RunOptions};
+
+#[derive(Parser)]
+#[command(name = "relayfed", version, about = "relayfed control plane: local mode (and, in a cluster, the operator)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a federation on this machine from RelayFederation/Relay/Peer/RolloutPolicy YAML.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+    /// Run one node from a snapshot file (what local mode starts per relay).
+    #[command(hide = true)]
+    Node {
+        /// Config snapshot.
+        #[arg(long)]
+        config: PathBuf,
+        /// Config distribution server to subscribe to.
+        #[arg(long)]
+        config_server: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct StateArg {
+    /// State directory (keys, runtime files, logs). Default: $RELAYFED_STATE_DIR, else
+    /// $XDG_STATE_HOME/relayfed/local, else ~/.local/state/relayfed/local.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+impl StateArg {
+    fn state(&self) -> StateDir {
+        StateDir::new(self.state_dir.clone().unwrap_or_else(StateDir::default_root))
+    }
+}
+
+#[derive(Subcommand)]
+enum LocalCommand {
+    /// Admit, compile and run the federation; watch the files and apply edits live.
+    Up {
+        /// Manifest files or directories (`*.yaml`, `*.yml`, `*.json`), as for `kubectl apply -f`.
+        #[arg(short = 'f', long = "filename", required = true)]
+        inputs: Vec<PathBuf>,
+        #[command(flatten)]
+        state: StateArg,
+        /// File holding the passphrase that seals the key material (else $RELAYFED_PASSPHRASE,
+        /// else one generated into the state directory).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Return once the federation runs, leaving it in the background (logs in the state
+        /// directory); stop it with `relayfed local down`.
+        #[arg(short, long)]
+        detach: bool,
+    },
+    /// Show relays, peers, services, ECH rollout state and health.
+    Status {
+        #[command(flatten)]
+        state: StateArg,
+        /// Print the JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the federation started with `up` (every node, then the supervisor).
+    Down {
+        #[command(flatten)]
+        state: StateArg,
+    },
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAYFED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::Node { config, config_server } => {
+            // Die with the supervisor: a killed supervisor leaves no relays behind.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+                anyhow::bail!("the supervisor is gone");
+            }
+            let snap = Snapshot::load(&config)?;
+            let opts = RunOptions { config_server, ..Default::default() };
+            runtime()?.block_on(runner::run(snap, opts))
+        }
+        Command::Local { command } => match command {
+            LocalCommand::Up { inputs, state, passphrase_file, detach } => {
+                up(inputs, state.state(), passphrase_file, detach)
+            }
+            LocalCommand::Status { state, json } => runtime()?.block_on(show_status(state.state(), json)),
+            LocalCommand::Down { state } => runtime()?.block_on(down(state.state())),
+        },
+    }
+}
+
+fn running(state: &StateDir) -> Option<SupervisorFile> {
+    SupervisorFile::read(&state.supervisor_file()).filter(|f| alive(f.pid))
+}
+
+fn up(inputs: Vec<PathBuf>, state: StateDir, passphrase_file: Option<PathBuf>, detach: bool) -> anyhow::Result<()> {
+    if let Some(f) = running(&state) {
+        anyhow::bail!(
+            "a local federation already runs from {} (pid {}); `relayfed local down --state-dir {0}` first",
+            state.root.display(),
+            f.pid
+        );
+    }
+    let _ = std::fs::remove_file(state.supervisor_file());
+    let exe = std::env::current_exe().context("cannot locate the relayfed executable")?;
+    if detach {
+        return detach_up(&exe, &inputs, &state, passphrase_file.as_ref());
+    }
+    let opts = UpOptions { inputs, state, passphrase_file, node_exe: exe };
+    runtime()?.block_on(async move {
+        let sup = Supervisor::start(opts).await?;
+        eprintln!(
+            "local federation running; `relayfed local status` shows it, `relayfed local down` (or Ctrl-C) stops it"
+        );
+        sup.run().await
+    })
+}
+
+fn detach_up(exe: &PathBuf, inputs: &[PathBuf], state: &StateDir, pass: Option<&PathBuf>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(state.logs())?;
+    let log_path = state.logs().join("supervisor.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("local").arg("up").arg("--state-dir").arg(&state.root);
+    for i in inputs {
+        cmd.arg("-f").arg(std::fs::canonicalize(i).with_context(|| i.display().to_string())?);
+    }
+    if let Some(p) = pass {
+        cmd.arg("--passphrase-file").arg(std::fs::canonicalize(p)?);
+    }
+    let mut child =
+        cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            anyhow::bail!(
+                "the federation did not start ({status}); last lines of {}:\n{}",
+                log_path.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if SupervisorFile::read(&state.supervisor_file()).is_some_and(|f| f.pid == child.id()) {
+            eprintln!(
+                "local federation running in the background (pid {}, logs in {}); `relayfed local status --state-dir {}`",
+                child.id(),
+                state.logs().display(),
+                state.root.display()
+            );
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the federation did not report ready in time; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn show_status(state: StateDir, as_json: bool) -> anyhow::Result<()> {
+    let f = running(&state).with_context(|| format!("no local federation runs from {}", state.root.display()))?;
+    let (code, body) = http::request(&f.control, hyper::Method::GET, "/local/status", Duration::from_secs(10)).await?;
+    anyhow::ensure!(code == 200, "supervisor answered {code}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", status::render(&v));
+    }
+    Ok(())
+}
+
+async fn down(state: StateDir) -> anyhow::Result<()> {
+    let Some(f) = running(&state) else {
+        let _ = std::fs::remove_file(state.supervisor_file());
+        eprintln!("no local federation runs from {}", state.root.display());
+        return Ok(());
+    };
+    http::request(&f.control, hyper::Method::POST, "/local/down", Duration::from_secs(5)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // The supervisor removes its file once every node stopped (its process may linger as a
+    // zombie of whoever started it).
+    while alive(f.pid) && state.supervisor_file().exists() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "supervisor {} did not stop within 30 s", f.pid);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("local federation stopped");
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! The config distribution server: holds the latest snapshot of every node, answers
+//! long-polls from relays and sidecars (mTLS, the client certificate names the node), and
+//! tracks the version each node acknowledged. Wire protocol: docs/protocol.md §9 and
+//! `relayfed_sidecar::distribution`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use relayfed_sidecar::config::Snapshot;
+use relayfed_sidecar::distribution::{ALPN, Ack, AckResult, MAX_WAIT_SECONDS, parse_path};
+use relayfed_sidecar::transport::tls::HopIdentity;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::metrics::OperatorMetrics;
+
+/// Largest ack body accepted.
+const MAX_ACK_BYTES: usize = 16 * 1024;
+
+/// One node's published snapshot.
+#[derive(Clone, Debug)]
+struct Published {
+    version: u64,
+    json: Bytes,
+    snapshot: Arc<Snapshot>,
+    at: Instant,
+}
+
+/// What a node last acknowledged.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AckState {
+    /// Acknowledged version.
+    pub version: u64,
+    /// Outcome.
+    pub result: AckResult,
+    /// Fields waiting for a restart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restart_required: Vec<String>,
+    /// Error text for an invalid snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Seconds since the Unix epoch when the ack arrived.
+    pub at_unix: u64,
+}
+
+/// The store every subscriber reads from.
+pub struct Distributor {
+    published: watch::Sender<BTreeMap<String, Published>>,
+    acks: Mutex<BTreeMap<String, AckState>>,
+    generation: Mutex<u64>,
+    metrics: Arc<OperatorMetrics>,
+}
+
+impl Distributor {
+    /// An empty store; versions continue after `generation` (e.g. the last version served
+    /// before a restart, so nodes never see a version go backwards).
+    pub fn new(metrics: Arc<OperatorMetrics>, generation: u64) -> Arc<Self> {
+        Arc::new(Self {
+            published: watch::channel(BTreeMap::new()).0,
+            acks: Mutex::new(BTreeMap::new()),
+            generation: Mutex::new(generation),
+            metrics,
+        })
+    }
+
+    /// Publishes a compiled plan. Nodes whose snapshot changed (ignoring `version`) get the
+    /// next generation number as their new version; the others keep theirs. Nodes missing
+    /// from `snapshots` are withdrawn. Returns the nodes that got a new version.
+    pub fn publish(&self, snapshots: &BTreeMap<String, Snapshot>) -> Vec<String> {
+        let mut generation = match self.generation.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let next_gen = *generation + 1;
+        let mut changed = Vec::new();
+        self.published.send_modify(|map| {
+            map.retain(|node, _| snapshots.contains_key(node));
+            for (node, snap) in snapshots {
+                let same = map
+                    .get(node)
+                    .is_some_and(|p| Snapshot { version: p.snapshot.version, ..snap.clone() } == *p.snapshot);
+                if same {
+                    continue;
+                }
+                let mut s = snap.clone();
+                s.version = next_gen;
+                let json = match serde_json::to_vec(&s) {
+                    Ok(j) => Bytes::from(j),
+                    Err(e) => {
+                        warn!(%node, error = %e, "cannot encode snapshot");
+                        continue;
+                    }
+                };
+                self.metrics.config_published_version.get_or_create(&[("node", node.clone())]).set(next_gen as i64);
+                map.insert(
+                    node.clone(),
+                    Published { version: next_gen, json, snapshot: Arc::new(s), at: Instant::now() },
+                );
+                changed.push(node.clone());
+            }
+        });
+        if !changed.is_empty() {
+            *generation = next_gen;
+            info!(version = next_gen, nodes = ?changed, "published config snapshots");
+        }
+        changed
+    }
+
+    /// The snapshot currently published for `node`.
+    pub fn snapshot(&self, node: &str) -> Option<Arc<Snapshot>> {
+        self.published.borrow().get(node).map(|p| p.snapshot.clone())
+    }
+
+    /// The version published for each node.
+    pub fn versions(&self) -> BTreeMap<String, u64> {
+        self.published.borrow().iter().map(|(n, p)| (n.clone(), p.version)).collect()
+    }
+
+    /// The last acknowledgement of each node.
+    pub fn acks(&self) -> BTreeMap<String, AckState> {
+        self.acks.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// The latest generation number handed out.
+    pub fn generation(&self) -> u64 {
+        self.generation.lock().map(|g| *g).unwrap_or(0)
+    }
+
+    /// Waits until every published node acknowledged its current version (or `deadline`
+    /// passes); returns the nodes still behind.
+    pub async fn wait_acked(&self, deadline: Duration) -> Vec<String> {
+        let until = Instant::now() + deadline;
+        let mut rx = self.published.subscribe();
+        loop {
+            let behind: Vec<String> = {
+                let acks = self.acks();
+                rx.borrow_and_update()
+                    .iter()
+                    .filter(|(n, p)| acks.get(*n).is_none_or(|a| a.version < p.version))
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            };
+            if behind.is_empty() || Instant::now() >= until {
+                return behind;
+            }
+            // Acks do not go through the watch; poll them at a short interval.
+            let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+        }
+    }
+
+    fn record_ack(&self, node: &str, ack: Ack) {
+        let published = self.published.borrow().get(node).map(|p| (p.version, p.at));
+        if let Some((version, at)) = published
+            && ack.version == version
+        {
+            self.metrics.config_ack_seconds.observe(at.elapsed().as_secs_f64());
+        }
+        let label = match ack.result {
+            AckResult::Applied => "applied",
+            AckResult::RestartRequired => "restart_required",
+            AckResult::Invalid => "invalid",
+        };
+        self.metrics.config_acks.get_or_create(&[("result", label)]).inc();
+        self.metrics.config_acked_version.get_or_create(&[("node", node.to_owned())]).set(ack.version as i64);
+        if ack.result == AckResult::Invalid {
+            warn!(%node, version = ack.version, detail = ?ack.detail, "node refused a config snapshot");
+        } else {
+            debug!(%node, version = ack.version, result = label, "config acknowledged");
+        }
+        let at_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        if let Ok(mut a) = self.acks.lock() {
+            a.insert(
+                node.to_owned(),
+                AckState {
+                    version: ack.version,
+                    result: ack.result,
+                    restart_required: ack.restart_required,
+                    detail: ack.detail,
+                    at_unix,
+                },
+            );
+        }
+    }
+
+    /// Binds `addr` and serves the distribution endpoint with `identity` (a certificate from
+    /// the federation CA); returns the bound address.
+    pub async fn serve(self: Arc<Self>, addr: SocketAddr, identity: &HopIdentity) -> anyhow::Result<SocketAddr> {
+        let tls = identity.rustls_server(&[ALPN])?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, remote)) = listener.accept().await else { continue };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, identity, this) = (acceptor.clone(), identity.clone(), self.clone());
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            this.metrics.config_refusals.get_or_create(&[("reason", "tls")]).inc();
+                            warn!(%remote, error = %e, "distribution TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let client = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .ok_or_else(|| "no client certificate".to_owned())
+                        .and_then(|c| identity.node_id_of_chain(c).map_err(|e| e.to_string()));
+                    let client = match client {
+                        Ok(c) => c,
+                        Err(e) => {
+                            this.metrics.config_refusals.get_or_create(&[("reason", "identity")]).inc();
+                            warn!(%remote, error = %e, "distribution client without a node identity");
+                            return;
+                        }
+                    };
+                    this.metrics.config_subscribers.inc();
+                    let metrics = this.metrics.clone();
+                    let span = info_span!("distribution", node = %client, %remote);
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (this, client) = (this.clone(), client.clone());
+                        async move { Ok::<_, Infallible>(this.handle(&client, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .instrument(span)
+                        .await;
+                    metrics.config_subscribers.dec();
+                });
+            }
+        });
+        Ok(local)
+    }
+
+    async fn handle(self: &Arc<Self>, client: &str, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let Some((kind, node)) = parse_path(req.uri().path()) else {
+            return text(StatusCode::NOT_FOUND, "unknown path; see docs/protocol.md §9\n");
+        };
+        if node != client {
+            self.metrics.config_refusals.get_or_create(&[("reason", "wrong_node")]).inc();
+            return text(StatusCode::FORBIDDEN, &format!("certificate is for node {client:?}, not {node:?}\n"));
+        }
+        let node = node.to_owned();
+        match (kind, req.method()) {
+            ("snapshot", &Method::GET) => {
+                let query = req.uri().query().unwrap_or("");
+                let param = |k: &str| -> Option<u64> {
+                    query.split('&').find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+                };
+                let after = param("after").unwrap_or(0);
+                let wait = Duration::from_secs(param("waitSeconds").unwrap_or(30).min(MAX_WAIT_SECONDS));
+                self.long_poll(&node, after, wait).await
+            }
+            ("ack", &Method::POST) => {
+                let body = match Limited::new(req.into_body(), MAX_ACK_BYTES).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, &format!("ack body: {e}\n")),
+                };
+                match Ack::parse(&body) {
+                    Ok(ack) => {
+                        self.record_ack(&node, ack);
+                        let mut r = Response::new(Full::new(Bytes::new()));
+                        *r.status_mut() = StatusCode::NO_CONTENT;
+                        r
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, &format!("ack: {e}\n")),
+                }
+            }
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET /v1/snapshot/{node} or POST /v1/ack/{node}\n"),
+        }
+    }
+
+    async fn long_poll(&self, node: &str, after: u64, wait: Duration) -> Response<Full<Bytes>> {
+        let mut rx = self.published.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let found = rx.borrow_and_update().get(node).cloned();
+            match found {
+                None => return text(StatusCode::NOT_FOUND, &format!("no snapshot for node {node:?} in the plan\n")),
+                Some(p) if p.version > after => {
+                    self.metrics.config_served.inc();
+                    let mut r = Response::new(Full::new(p.json));
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    if let Ok(v) = hyper::header::HeaderValue::from_str(&p.version.to_string()) {
+                        r.headers_mut().insert("x-relayfed-version", v);
+                    }
+                    return r;
+                }
+                Some(_) => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => {
+                    let mut r = Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = StatusCode::NOT_MODIFIED;
+                    return r;
+                }
+            }
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain"));
+    r
+}

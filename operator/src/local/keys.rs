@@ -1,0 +1,200 @@
+//! Key material of a local federation, generated on first start and reused afterwards: the
+//! federation CA, a certificate per node (and one for the distribution server), Noise static
+//! keys for home nodes, ECH keys for main relays. Private keys are sealed with the passphrase
+//! (Argon2id + ChaCha20-Poly1305, `relayfed_sidecar::config::keystore`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use relayfed_sidecar::config::Role;
+use relayfed_sidecar::config::keys::{EchKeyFile, read_secret, save_noise_key, write_secret};
+use relayfed_sidecar::crypto::ca::FederationCa;
+use relayfed_sidecar::crypto::ech::EchKeyPair;
+use relayfed_sidecar::crypto::noise::StaticKeypair;
+use relayfed_sidecar::transport::tls::HopIdentity;
+
+/// Node certificates are valid this long ...
+const CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+/// ... and reissued at start when they expire within this.
+const RENEW_BEFORE: Duration = Duration::from_secs(7 * 86_400);
+
+/// Why key material could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The stored CA belongs to another trust domain.
+    #[error(
+        "{path} is the CA of trust domain {found:?}, but the federation says {wanted:?}; use another --state-dir or delete it"
+    )]
+    TrustDomain {
+        /// CA file.
+        path: PathBuf,
+        /// Trust domain of the stored CA.
+        found: String,
+        /// Trust domain of the RelayFederation.
+        wanted: String,
+    },
+    /// The passphrase does not open the stored keys.
+    #[error("cannot open {path} with this passphrase (was the state directory created with another one?): {reason}")]
+    Passphrase {
+        /// The sealed file.
+        path: PathBuf,
+        /// What the keystore said.
+        reason: String,
+    },
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> KeyError {
+    KeyError::File { path: path.to_owned(), reason: e.to_string() }
+}
+
+/// What `ensure` did, for the start-up summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyReport {
+    /// Files generated now.
+    pub generated: Vec<String>,
+    /// Files found and reused.
+    pub reused: Vec<String>,
+}
+
+/// The key directory of a state directory.
+pub struct KeyStore {
+    /// `<state>/keys`.
+    pub dir: PathBuf,
+    trust_domain: String,
+    public_name: String,
+    passphrase: Vec<u8>,
+}
+
+impl KeyStore {
+    /// A key store for one federation.
+    pub fn new(dir: PathBuf, trust_domain: &str, public_name: &str, passphrase: Vec<u8>) -> Self {
+        Self { dir, trust_domain: trust_domain.to_owned(), public_name: public_name.to_owned(), passphrase }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Loads the CA, creating it on first use (never overwritten afterwards).
+    fn ca(&self, report: &mut KeyReport) -> Result<FederationCa, KeyError> {
+        let (cert, key) = (self.path("ca.pem"), self.path("ca.key"));
+        if cert.exists() {
+            let pem = std::fs::read_to_string(&cert).map_err(|e| file_err(&cert, e))?;
+            let der = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem).map_err(|e| file_err(&cert, e))?;
+            let found = ca_trust_domain(&der).unwrap_or_default();
+            if found != self.trust_domain {
+                return Err(KeyError::TrustDomain { path: cert, found, wanted: self.trust_domain.clone() });
+            }
+            let key_pem = read_secret(&key, Some(&self.passphrase))
+                .map_err(|e| KeyError::Passphrase { path: key.clone(), reason: e.to_string() })?;
+            report.reused.push("ca".into());
+            return FederationCa::from_pem(&self.trust_domain, &pem, &String::from_utf8_lossy(&key_pem))
+                .map_err(|e| file_err(&key, e));
+        }
+        let ca = FederationCa::generate(&self.trust_domain).map_err(|e| file_err(&cert, e))?;
+        write_secret(&key, ca.certified_key().key_pem.as_bytes(), Some(&self.passphrase))
+            .map_err(|e| file_err(&key, e))?;
+        std::fs::write(&cert, &ca.certified_key().cert_pem).map_err(|e| file_err(&cert, e))?;
+        report.generated.push("ca".into());
+        Ok(ca)
+    }
+
+    /// Makes sure every node (and the distribution server, `server_node`) has its material.
+    pub fn ensure(&self, nodes: &[(String, Role)], server_node: &str) -> Result<KeyReport, KeyError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| file_err(&self.dir, e))?;
+        let mut report = KeyReport::default();
+        let ca = self.ca(&mut report)?;
+        let pass = Some(self.passphrase.as_slice());
+        let all = nodes.iter().map(|(n, r)| (n.as_str(), Some(*r))).chain([(server_node, None)]);
+        for (node, role) in all {
+            let (cert, key) = (self.path(&format!("{node}.pem")), self.path(&format!("{node}.key")));
+            if cert.exists() && key.exists() && !expiring(&cert) {
+                report.reused.push(format!("{node} certificate"));
+            } else {
+                let issued = ca.issue(node, CERT_VALIDITY).map_err(|e| file_err(&cert, e))?;
+                write_secret(&key, issued.key_pem.as_bytes(), pass).map_err(|e| file_err(&key, e))?;
+                std::fs::write(&cert, &issued.cert_pem).map_err(|e| file_err(&cert, e))?;
+                report.generated.push(format!("{node} certificate"));
+            }
+            match role {
+                Some(Role::Home) => {
+                    let noise = self.path(&format!("{node}-noise.key"));
+                    if noise.exists() {
+                        report.reused.push(format!("{node} noise key"));
+                    } else {
+                        let k = StaticKeypair::generate().map_err(|e| file_err(&noise, e))?;
+                        save_noise_key(&noise, &k, pass).map_err(|e| file_err(&noise, e))?;
+                        report.generated.push(format!("{node} noise key"));
+                    }
+                }
+                Some(Role::Main) => {
+                    let ech = self.path(&format!("{node}-ech.json"));
+                    if ech.exists() {
+                        report.reused.push(format!("{node} ECH key"));
+                    } else {
+                        let k =
+                            EchKeyPair::generate(rand::random(), &self.public_name).map_err(|e| file_err(&ech, e))?;
+                        EchKeyFile::from_key(&k).save(&ech, pass).map_err(|e| file_err(&ech, e))?;
+                        report.generated.push(format!("{node} ECH key"));
+                    }
+                }
+                None => {}
+            }
+        }
+        Ok(report)
+    }
+
+    /// The TLS identity of `node` (e.g. the distribution server's).
+    pub fn identity(&self, node: &str) -> Result<HopIdentity, KeyError> {
+        let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| file_err(&p, e));
+        let key_path = self.path(&format!("{node}.key"));
+        let key = read_secret(&key_path, Some(&self.passphrase))
+            .map_err(|e| KeyError::Passphrase { path: key_path.clone(), reason: e.to_string() })?;
+        HopIdentity::from_pem(
+            &self.trust_domain,
+            node,
+            &read(self.path("ca.pem"))?,
+            &read(self.path(&format!("{node}.pem")))?,
+            &String::from_utf8_lossy(&key),
+        )
+        .map_err(|e| file_err(&key_path, e))
+    }
+
+    /// SHA-256 fingerprint of the CA certificate (`sha256:<hex>`), shown by `status`.
+    pub fn ca_fingerprint(&self) -> Option<String> {
+        use sha2::Digest;
+        let pem = std::fs::read_to_string(self.path("ca.pem")).ok()?;
+        let der = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem).ok()?;
+        Some(format!("sha256:{}", hex(&sha2::Sha256::digest(der.as_ref()))))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The trust domain named in a CA certificate's common name (`relayfed CA <domain>`).
+fn ca_trust_domain(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    cn.strip_prefix("relayfed CA ").map(str::to_owned)
+}
+
+/// Whether the certificate in `path` expires within [`RENEW_BEFORE`] (or cannot be read).
+fn expiring(path: &Path) -> bool {
+    let Ok(pem) = std::fs::read_to_string(path) else { return true };
+    let Ok(der) = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem) else { return true };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else { return true };
+    let not_after = cert.validity().not_after.timestamp();
+    let renew_at = SystemTime::now() + RENEW_BEFORE;
+    let renew_at = renew_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(i64::MAX);
+    not_after < renew_at
+}

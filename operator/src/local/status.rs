@@ -1,0 +1,241 @@
+//! The supervisor's control API (loopback HTTP: `GET /local/status`, `POST /local/down`,
+//! `GET /metrics`) and the `relayfed local status` table.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use relayfed_crds::AnyResource;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use super::supervisor::Shared;
+use crate::distribution::Distributor;
+use crate::metrics::OperatorMetrics;
+
+/// Serves the control API on an ephemeral loopback port; returns its address.
+pub async fn serve(
+    shared: Arc<Mutex<Shared>>,
+    distributor: Arc<Distributor>,
+    metrics: Arc<OperatorMetrics>,
+    down: Box<dyn Fn() + Send + Sync>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let local = listener.local_addr()?;
+    let down: Arc<dyn Fn() + Send + Sync> = Arc::from(down);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (shared, distributor, metrics, down) =
+                (shared.clone(), distributor.clone(), metrics.clone(), down.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let (shared, distributor, metrics, down) =
+                        (shared.clone(), distributor.clone(), metrics.clone(), down.clone());
+                    async move {
+                        let (status, body) = match (req.method(), req.uri().path()) {
+                            (&Method::GET, "/local/status") => {
+                                (StatusCode::OK, status_json(&shared, &distributor).await.to_string())
+                            }
+                            (&Method::POST, "/local/down") => {
+                                down();
+                                (StatusCode::ACCEPTED, "{\"stopping\":true}".to_owned())
+                            }
+                            (&Method::GET, "/metrics") => (StatusCode::OK, metrics.encode()),
+                            _ => (StatusCode::NOT_FOUND, "GET /local/status, POST /local/down, GET /metrics\n".into()),
+                        };
+                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() = status;
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+/// The rollout state of the federation's default `RolloutPolicy`.
+fn rollout(resources: &[AnyResource]) -> Value {
+    let default = resources.iter().find_map(|r| match r {
+        AnyResource::Federation(f) => Some(f.spec.default_rollout_policy.clone()),
+        _ => None,
+    });
+    resources
+        .iter()
+        .find_map(|r| match r {
+            AnyResource::RolloutPolicy(p) if Some(r.name()) == default => Some(json!({
+                "policy": r.name(),
+                "enabled": p.spec.ech.enabled,
+                "mode": p.spec.ech.mode,
+                "percentage": p.spec.ech.percentage,
+                "whitelist": p.spec.ech.whitelist,
+                "blacklist": p.spec.ech.blacklist,
+                "rejectUnknown": p.spec.trust.reject_unknown,
+            })),
+            _ => None,
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// The full status document (`relayfed local status --json`).
+pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> Value {
+    let s = match shared.lock() {
+        Ok(s) => s.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    let versions = distributor.versions();
+    let acks = distributor.acks();
+    let mut nodes = Vec::new();
+    for (node, p) in &s.nodes {
+        let admin = p.ready.as_ref().and_then(|r| r["admin"].as_str()).map(str::to_owned);
+        let health = match &admin {
+            Some(a) => super::http::get_json(a, "/federation/health").await,
+            None => None,
+        };
+        let ack = acks.get(node);
+        nodes.push(json!({
+            "node": node,
+            "role": p.role,
+            "state": p.state,
+            "pid": p.pid,
+            "restarts": p.restarts,
+            "lastExit": p.last_exit,
+            "admin": admin,
+            "quic": p.ready.as_ref().and_then(|r| r["quic"].as_str()),
+            "imports": p.ready.as_ref().map(|r| r["importList"].clone()).unwrap_or(Value::Null),
+            "configVersion": versions.get(node),
+            "ackedVersion": ack.map(|a| a.version),
+            "ackResult": ack.map(|a| a.result),
+            "restartRequired": ack.map(|a| a.restart_required.clone()).unwrap_or_default(),
+            "health": health,
+        }));
+    }
+    let fed = s.resources.iter().find_map(|r| match r {
+        AnyResource::Federation(f) => Some((r.name(), f.spec.trust_domain.clone())),
+        _ => None,
+    });
+    json!({
+        "federation": fed.as_ref().map(|f| f.0.clone()),
+        "trustDomain": fed.as_ref().map(|f| f.1.clone()),
+        "caFingerprint": s.ca_fingerprint,
+        "files": s.files,
+        "generation": distributor.generation(),
+        "acceptedEdits": s.accepted_edits,
+        "lastRejected": s.last_rejected.as_ref().map(|(at, errs)| json!({"atUnix": at, "errors": errs})),
+        "warnings": s.warnings,
+        "rollout": rollout(&s.resources),
+        "workloads": s.workloads.iter().map(|(n, svc, a, k)| json!({"node": n, "service": svc, "address": a.to_string(), "kind": k})).collect::<Vec<_>>(),
+        "nodes": nodes,
+    })
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders the status document as the table `relayfed local status` prints.
+pub fn render(status: &Value) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "federation {} (trust domain {}, CA {})\n",
+        cell(&status["federation"]),
+        cell(&status["trustDomain"]),
+        cell(&status["caFingerprint"])
+    ));
+    let r = &status["rollout"];
+    out.push_str(&format!(
+        "rollout    policy {}: ECH {} mode {} at {}%  whitelist {}  blacklist {}\n",
+        cell(&r["policy"]),
+        if r["enabled"].as_bool() == Some(true) { "enabled" } else { "disabled" },
+        cell(&r["mode"]),
+        cell(&r["percentage"]),
+        cell(&r["whitelist"]),
+        cell(&r["blacklist"])
+    ));
+    out.push_str(&format!(
+        "config     generation {}, {} edit(s) applied",
+        cell(&status["generation"]),
+        cell(&status["acceptedEdits"])
+    ));
+    match status["lastRejected"]["errors"].as_array() {
+        Some(errs) if !errs.is_empty() => {
+            out.push_str(", last edit REJECTED (the running configuration stays):\n");
+            for e in errs {
+                out.push_str(&format!("             {}\n", cell(e)));
+            }
+        }
+        _ => out.push('\n'),
+    }
+    out.push('\n');
+    let header = ["NODE", "ROLE", "PROCESS", "PID", "RESTARTS", "CONFIG", "HEALTH", "PEERS", "SERVICES", "LISTENERS"];
+    let mut rows = vec![header.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()];
+    for n in status["nodes"].as_array().into_iter().flatten() {
+        let h = &n["health"];
+        let peers = match cell(&n["role"]).as_str() {
+            "main" => format!(
+                "{}/{} peers, {} homes",
+                cell(&h["connectedPeers"]),
+                cell(&h["configuredPeers"]),
+                cell(&h["connectedHomes"])
+            ),
+            _ => format!("main {}", cell(&h["mainRelay"])),
+        };
+        let config = match (n["configVersion"].as_u64(), n["ackedVersion"].as_u64()) {
+            (Some(v), Some(a)) if a >= v => format!("v{v} acked"),
+            (Some(v), Some(a)) => format!("v{v} (acked v{a})"),
+            (Some(v), None) => format!("v{v} (not acked)"),
+            _ => "-".into(),
+        };
+        let listeners: Vec<String> = n["imports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| format!("{}:{}->{}", cell(&i["service"]), cell(&i["port"]), cell(&i["listen"])))
+            .chain(n["quic"].as_str().map(|q| format!("quic {q}")))
+            .collect();
+        rows.push(vec![
+            cell(&n["node"]),
+            cell(&n["role"]),
+            cell(&n["state"]),
+            cell(&n["pid"]),
+            cell(&n["restarts"]),
+            config,
+            if h.is_null() { "unreachable".into() } else { cell(&h["status"]) },
+            if h.is_null() { "-".into() } else { peers },
+            cell(&h["services"]),
+            if listeners.is_empty() { "-".into() } else { listeners.join(" ") },
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let line: Vec<String> = row.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    let workloads = status["workloads"].as_array().cloned().unwrap_or_default();
+    if !workloads.is_empty() {
+        out.push_str("\nbuilt-in workloads: ");
+        let w: Vec<String> = workloads
+            .iter()
+            .map(|w| {
+                format!("{} {}/{} on {}", cell(&w["kind"]), cell(&w["node"]), cell(&w["service"]), cell(&w["address"]))
+            })
+            .collect();
+        out.push_str(&w.join(", "));
+        out.push('\n');
+    }
+    for w in status["warnings"].as_array().into_iter().flatten() {
+        out.push_str(&format!("warning: {}\n", cell(w)));
+    }
+    out
+}

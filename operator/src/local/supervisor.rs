@@ -1,0 +1,692 @@
+//! The local-mode supervisor: admits and compiles the CRs, keeps key material, serves config
+//! distribution, runs one child process per relay, restarts crashed ones with backoff, and
+//! applies edits of the watched CR files.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use relayfed_crds::{AnyResource, RelayType};
+use relayfed_sidecar::config::{Role, Snapshot};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::keys::KeyStore;
+use super::sources::{Loaded, Sources};
+use super::workloads::{self, Workload};
+use super::{StateDir, SupervisorFile};
+use crate::distribution::Distributor;
+use crate::metrics::OperatorMetrics;
+use crate::plan::{self, KeyLayout};
+
+/// Node id in the distribution server's certificate.
+pub const SERVER_NODE: &str = relayfed_sidecar::distribution::DEFAULT_SERVER_NODE;
+/// How often the CR files are checked for edits.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a node may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node gets to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Options of `relayfed local up`.
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    /// `-f` inputs.
+    pub inputs: Vec<PathBuf>,
+    /// State directory.
+    pub state: StateDir,
+    /// Passphrase file for the key material (else `$RELAYFED_PASSPHRASE`, else generated).
+    pub passphrase_file: Option<PathBuf>,
+    /// The executable that runs nodes (`<exe> node --config F --config-server A`).
+    pub node_exe: PathBuf,
+}
+
+/// Lifecycle of a node process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProcState {
+    /// Spawned, no ready line yet.
+    Starting,
+    /// Serving.
+    Running,
+    /// Exited unexpectedly; a restart is scheduled.
+    CrashLoop,
+    /// Being stopped (for a restart or shutdown).
+    Stopping,
+}
+
+/// One supervised node process.
+#[derive(Clone, Debug)]
+pub struct NodeProc {
+    /// Role.
+    pub role: Role,
+    /// Lifecycle state.
+    pub state: ProcState,
+    /// Process id while one runs.
+    pub pid: Option<u32>,
+    /// Unexpected exits so far.
+    pub restarts: u64,
+    /// The ready line of the current process.
+    pub ready: Option<Value>,
+    /// How the last process ended.
+    pub last_exit: Option<String>,
+    /// The snapshot the current process started with (restart-only fields compare to it).
+    pub started_with: Snapshot,
+    generation: u64,
+    started_at: Instant,
+    restart_now: bool,
+}
+
+/// What the control API reports besides the nodes.
+#[derive(Clone, Debug, Default)]
+pub struct Shared {
+    /// Nodes by id.
+    pub nodes: BTreeMap<String, NodeProc>,
+    /// Currently admitted resources.
+    pub resources: Vec<AnyResource>,
+    /// Files read.
+    pub files: Vec<PathBuf>,
+    /// Plan warnings.
+    pub warnings: Vec<String>,
+    /// The last rejected edit: when (unix seconds) and every message.
+    pub last_rejected: Option<(u64, Vec<String>)>,
+    /// Accepted edits since start.
+    pub accepted_edits: u64,
+    /// Built-in workloads: (node, service, address, kind).
+    pub workloads: Vec<(String, String, SocketAddr, &'static str)>,
+    /// CA fingerprint.
+    pub ca_fingerprint: Option<String>,
+}
+
+enum Event {
+    Ready { node: String, generation: u64, line: Value },
+    Exited { node: String, generation: u64, status: String },
+    Restart { node: String },
+    Down,
+}
+
+/// A running supervisor.
+pub struct Supervisor {
+    opts: UpOptions,
+    sources: Sources,
+    loaded: Loaded,
+    keys: KeyStore,
+    passphrase_file: PathBuf,
+    remove_passphrase_on_exit: bool,
+    /// The config distribution store.
+    pub distributor: Arc<Distributor>,
+    distribution_addr: SocketAddr,
+    /// State shown by `status`.
+    pub shared: Arc<Mutex<Shared>>,
+    /// Metrics (`/metrics` of the control API).
+    pub metrics: Arc<OperatorMetrics>,
+    events: mpsc::UnboundedSender<Event>,
+    events_rx: Option<mpsc::UnboundedReceiver<Event>>,
+    workload_tasks: BTreeMap<(String, SocketAddr), (Workload, tokio::task::JoinHandle<()>)>,
+    shutting_down: bool,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn federation_of(resources: &[AnyResource]) -> Option<(String, String)> {
+    resources.iter().find_map(|r| match r {
+        AnyResource::Federation(f) => Some((f.spec.trust_domain.clone(), f.spec.public_name.clone())),
+        _ => None,
+    })
+}
+
+/// The passphrase file to use and whether it is ours to delete on exit.
+fn passphrase(opts: &UpOptions) -> anyhow::Result<(PathBuf, Vec<u8>, bool)> {
+    let read = |p: &PathBuf| -> anyhow::Result<Vec<u8>> {
+        let t = std::fs::read_to_string(p).with_context(|| format!("passphrase file {}", p.display()))?;
+        Ok(t.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+    };
+    if let Some(p) = &opts.passphrase_file {
+        let p = std::fs::canonicalize(p).with_context(|| format!("passphrase file {}", p.display()))?;
+        let pass = read(&p)?;
+        return Ok((p, pass, false));
+    }
+    if let Some(v) = std::env::var_os("RELAYFED_PASSPHRASE") {
+        let path = opts.state.run().join("passphrase");
+        std::fs::create_dir_all(opts.state.run())?;
+        relayfed_sidecar::config::keys::write_private(&path, v.as_encoded_bytes())?;
+        return Ok((path, v.as_encoded_bytes().to_vec(), true));
+    }
+    let path = opts.state.generated_passphrase();
+    if !path.exists() {
+        std::fs::create_dir_all(&opts.state.root)?;
+        let pass: String = (0..32).map(|_| char::from(b'a' + rand::random_range(0..26u8))).collect();
+        relayfed_sidecar::config::keys::write_private(&path, pass.as_bytes())?;
+        warn!(
+            path = %path.display(),
+            "generated a passphrase for the key material and stored it next to it (fine for a demo; pass --passphrase-file or RELAYFED_PASSPHRASE to keep it elsewhere)"
+        );
+    }
+    let pass = read(&path)?;
+    Ok((path, pass, false))
+}
+
+/// Compiles admitted resources into the snapshots local nodes run with.
+/// Snapshots by node and the plan's warnings.
+type Compiled = (BTreeMap<String, Snapshot>, Vec<String>);
+
+/// Returns the snapshots and the plan's warnings.
+fn compile(keys: &KeyStore, passphrase_file: &std::path::Path, loaded: &Loaded) -> Result<Compiled, Vec<String>> {
+    let layout = KeyLayout { dir: keys.dir.clone() };
+    let plan = plan::compile(&loaded.resources, &layout, 0)
+        .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let mut out = plan.snapshots;
+    for s in out.values_mut() {
+        s.key_passphrase_file = Some(passphrase_file.to_owned());
+        s.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        // On loopback, notice a dead neighbour within seconds: health pings every 2 s, and
+        // a QUIC connection without an answer for 6 s is given up (keep-alives every 2 s).
+        s.health_check_seconds = s.health_check_seconds.min(2);
+        s.timeouts.idle_ms = s.timeouts.idle_ms.min(6_000);
+    }
+    Ok((out, plan.warnings))
+}
+
+impl Supervisor {
+    /// Admits, compiles, prepares keys, starts distribution, workloads and every node.
+    /// Errors name the file, object and field (as `kubectl apply` would).
+    pub async fn start(opts: UpOptions) -> anyhow::Result<Self> {
+        let sources = Sources::new(opts.inputs.clone());
+        let loaded = sources
+            .load(None)
+            .map_err(|errs| anyhow::anyhow!("the manifests were rejected:\n  {}", errs.join("\n  ")))?;
+        let (trust_domain, public_name) =
+            federation_of(&loaded.resources).context("the manifests define no RelayFederation")?;
+        std::fs::create_dir_all(opts.state.run().join("nodes"))?;
+        std::fs::create_dir_all(opts.state.logs())?;
+        let (passphrase_file, pass, remove_passphrase_on_exit) = passphrase(&opts)?;
+        let keys = KeyStore::new(opts.state.keys(), &trust_domain, &public_name, pass);
+        let metrics = Arc::new(OperatorMetrics::new());
+        let distributor = Distributor::new(metrics.clone(), 0);
+        let (snapshots, warnings) = compile(&keys, &passphrase_file, &loaded)
+            .map_err(|errs| anyhow::anyhow!("the manifests cannot run:\n  {}", errs.join("\n  ")))?;
+        let nodes: Vec<(String, Role)> = snapshots.iter().map(|(n, s)| (n.clone(), s.node.role)).collect();
+        let report = keys.ensure(&nodes, SERVER_NODE)?;
+        info!(generated = ?report.generated, reused = ?report.reused, "key material ready");
+        let identity = keys.identity(SERVER_NODE)?;
+        let distribution_addr = distributor.clone().serve(SocketAddr::from(([127, 0, 0, 1], 0)), &identity).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Mutex::new(Shared { ca_fingerprint: keys.ca_fingerprint(), ..Default::default() }));
+        let mut sup = Self {
+            opts,
+            sources,
+            loaded: loaded.clone(),
+            keys,
+            passphrase_file,
+            remove_passphrase_on_exit,
+            distributor,
+            distribution_addr,
+            shared,
+            metrics,
+            events: tx,
+            events_rx: Some(rx),
+            workload_tasks: BTreeMap::new(),
+            shutting_down: false,
+        };
+        if let Ok(mut s) = sup.shared.lock() {
+            s.warnings = warnings;
+        }
+        sup.sync_workloads(&loaded.resources).await?;
+        sup.distributor.publish(&snapshots);
+        if let Ok(mut s) = sup.shared.lock() {
+            s.resources = loaded.resources.clone();
+            s.files = loaded.files.clone();
+        }
+        // Main relays first (home nodes dial them), then home nodes.
+        for role in [Role::Main, Role::Home] {
+            let group: Vec<String> =
+                snapshots.iter().filter(|(_, s)| s.node.role == role).map(|(n, _)| n.clone()).collect();
+            for node in &group {
+                sup.spawn(node)?;
+            }
+            sup.wait_ready(&group).await?;
+        }
+        Ok(sup)
+    }
+
+    /// The config distribution address.
+    pub fn distribution_addr(&self) -> SocketAddr {
+        self.distribution_addr
+    }
+
+    /// Compiles admitted resources into the snapshots local nodes run with.
+    fn compile(&self, loaded: &Loaded) -> Result<BTreeMap<String, Snapshot>, Vec<String>> {
+        let (out, warnings) = compile(&self.keys, &self.passphrase_file, loaded)?;
+        for w in &warnings {
+            warn!("{w}");
+        }
+        if let Ok(mut s) = self.shared.lock() {
+            s.warnings = warnings;
+        }
+        Ok(out)
+    }
+
+    fn spawn(&mut self, node: &str) -> anyhow::Result<()> {
+        let snap = self.distributor.snapshot(node).with_context(|| format!("no snapshot for {node}"))?;
+        let file = self.opts.state.node_file(node);
+        std::fs::write(&file, serde_json::to_vec_pretty(snap.as_ref())?)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.opts.state.log_file(node))?;
+        let mut child = tokio::process::Command::new(&self.opts.node_exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&file)
+            .arg("--config-server")
+            .arg(self.distribution_addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {} for node {node}", self.opts.node_exe.display()))?;
+        let pid = child.id();
+        let generation = {
+            let mut shared = self.shared.lock().map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
+            let entry = shared.nodes.entry(node.to_owned()).or_insert_with(|| NodeProc {
+                role: snap.node.role,
+                state: ProcState::Starting,
+                pid: None,
+                restarts: 0,
+                ready: None,
+                last_exit: None,
+                started_with: snap.as_ref().clone(),
+                generation: 0,
+                started_at: Instant::now(),
+                restart_now: false,
+            });
+            entry.generation += 1;
+            entry.state = ProcState::Starting;
+            entry.pid = pid;
+            entry.ready = None;
+            entry.started_with = snap.as_ref().clone();
+            entry.started_at = Instant::now();
+            entry.restart_now = false;
+            entry.generation
+        };
+        self.metrics.process_up.get_or_create(&[("node", node.to_owned())]).set(0);
+        info!(%node, ?pid, version = snap.version, "node process started");
+        let stdout = child.stdout.take();
+        let tx = self.events.clone();
+        let name = node.to_owned();
+        tokio::spawn(async move {
+            if let Some(out) = stdout {
+                let mut lines = BufReader::new(out).lines();
+                if let Ok(Some(line)) = lines.next_line().await
+                    && let Ok(v) = serde_json::from_str::<Value>(&line)
+                {
+                    let _ = tx.send(Event::Ready { node: name.clone(), generation, line: v });
+                }
+                while let Ok(Some(_)) = lines.next_line().await {}
+            }
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = tx.send(Event::Exited { node: name, generation, status });
+        });
+        Ok(())
+    }
+
+    /// Waits until every node in `group` printed its ready line; fails with the log tail of
+    /// the first that exits or stays silent.
+    async fn wait_ready(&mut self, group: &[String]) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let mut rx = self.events_rx.take().context("event loop already running")?;
+        let result = loop {
+            let pending: Vec<String> = {
+                let s = self.shared.lock().map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
+                group
+                    .iter()
+                    .filter(|n| s.nodes.get(*n).is_none_or(|p| p.state != ProcState::Running))
+                    .cloned()
+                    .collect()
+            };
+            if pending.is_empty() {
+                break Ok(());
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Exited { node, status, .. })) => {
+                    break Err(anyhow::anyhow!(
+                        "node {node} exited during start-up ({status}):\n{}",
+                        self.log_tail(&node)
+                    ));
+                }
+                Ok(Some(ev)) => self.handle(ev),
+                Ok(None) => break Err(anyhow::anyhow!("event channel closed")),
+                Err(_) => {
+                    break Err(anyhow::anyhow!("nodes not ready after {READY_TIMEOUT:?}: {}", pending.join(", ")));
+                }
+            }
+        };
+        self.events_rx = Some(rx);
+        result
+    }
+
+    fn log_tail(&self, node: &str) -> String {
+        let text = std::fs::read_to_string(self.opts.state.log_file(node)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Handles one event (except `Down`, which the loop handles).
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Ready { node, generation, line } => {
+                if let Ok(mut s) = self.shared.lock()
+                    && let Some(p) = s.nodes.get_mut(&node)
+                    && p.generation == generation
+                {
+                    p.state = ProcState::Running;
+                    p.ready = Some(line);
+                    self.metrics.process_up.get_or_create(&[("node", node.clone())]).set(1);
+                    info!(%node, "node ready");
+                }
+            }
+            Event::Exited { node, generation, status } => {
+                let mut respawn_now = false;
+                let mut backoff = None;
+                if let Ok(mut s) = self.shared.lock()
+                    && let Some(p) = s.nodes.get_mut(&node)
+                    && p.generation == generation
+                {
+                    self.metrics.process_up.get_or_create(&[("node", node.clone())]).set(0);
+                    p.pid = None;
+                    p.ready = None;
+                    p.last_exit = Some(status.clone());
+                    if self.shutting_down {
+                        p.state = ProcState::Stopping;
+                    } else if p.restart_now {
+                        respawn_now = true;
+                    } else {
+                        p.state = ProcState::CrashLoop;
+                        p.restarts += 1;
+                        self.metrics.process_restarts.get_or_create(&[("node", node.clone())]).inc();
+                        if p.started_at.elapsed() > Duration::from_secs(30) {
+                            p.restarts = p.restarts.min(1);
+                        }
+                        let wait = Duration::from_millis(500) * 2u32.pow(p.restarts.min(5) as u32 - 1);
+                        backoff = Some(wait.min(Duration::from_secs(10)));
+                        error!(%node, %status, restart_in = ?backoff, "node process exited unexpectedly");
+                    }
+                }
+                if respawn_now && let Err(e) = self.spawn(&node) {
+                    error!(%node, error = %e, "cannot restart node");
+                }
+                if let Some(wait) = backoff {
+                    let tx = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        let _ = tx.send(Event::Restart { node });
+                    });
+                }
+            }
+            Event::Restart { node } => {
+                let due = self
+                    .shared
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.nodes.get(&node).map(|p| p.state == ProcState::CrashLoop))
+                    .unwrap_or(false);
+                if due && !self.shutting_down {
+                    info!(%node, "restarting node process");
+                    if let Err(e) = self.spawn(&node) {
+                        error!(%node, error = %e, "cannot restart node");
+                    }
+                }
+            }
+            Event::Down => {}
+        }
+    }
+
+    fn signal(&self, node: &str, sig: nix::sys::signal::Signal) {
+        let pid = self.shared.lock().ok().and_then(|s| s.nodes.get(node).and_then(|p| p.pid));
+        if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+
+    /// Stops `node`'s process; with `restart`, a new one starts (with the current snapshot)
+    /// as soon as it exited.
+    fn stop(&mut self, node: &str, restart: bool) {
+        if let Ok(mut s) = self.shared.lock()
+            && let Some(p) = s.nodes.get_mut(node)
+        {
+            p.state = ProcState::Stopping;
+            p.restart_now = restart;
+        }
+        self.signal(node, nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Starts, restarts or stops built-in workloads to match the annotations.
+    async fn sync_workloads(&mut self, resources: &[AnyResource]) -> anyhow::Result<()> {
+        let mut wanted: BTreeMap<(String, SocketAddr), (Workload, String)> = BTreeMap::new();
+        for r in resources {
+            let AnyResource::Relay(relay) = r else { continue };
+            if relay.spec.relay_type != RelayType::Home {
+                continue;
+            }
+            let Some(kind) = relay.metadata.annotations.as_ref().and_then(|a| a.get(workloads::ANNOTATION)) else {
+                continue;
+            };
+            let kind = Workload::parse(kind).map_err(|e| anyhow::anyhow!("Relay/{}: {e}", r.name()))?;
+            for e in &relay.spec.exports {
+                if let Ok(addr) = e.target.parse::<SocketAddr>() {
+                    wanted.insert((relay.spec.node_id.clone(), addr), (kind, e.name.clone()));
+                }
+            }
+        }
+        let stale: Vec<(String, SocketAddr)> = self
+            .workload_tasks
+            .iter()
+            .filter(|(k, (kind, _))| wanted.get(*k).is_none_or(|(w, _)| w != kind))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some((_, task)) = self.workload_tasks.remove(&k) {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        let mut listed = Vec::new();
+        for ((node, addr), (kind, service)) in wanted {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.workload_tasks.entry((node.clone(), addr)) {
+                let task = workloads::start(kind, addr, service.clone(), node.clone())
+                    .await
+                    .with_context(|| format!("built-in {} workload for {node}/{service} on {addr}", kind.label()))?;
+                info!(%node, %service, %addr, kind = kind.label(), "built-in workload started");
+                slot.insert((kind, task));
+            }
+            listed.push((node, service, addr, kind.label()));
+        }
+        if let Ok(mut s) = self.shared.lock() {
+            s.workloads = listed;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the sources after an edit; publishes an admitted and compilable one, keeps
+    /// the running configuration otherwise. Returns whether it was accepted.
+    pub async fn reload(&mut self) -> bool {
+        let result = match self.sources.load(Some(&self.loaded)) {
+            Err(errs) => Err(errs),
+            Ok(loaded) => self.compile(&loaded).map(|snaps| (loaded, snaps)),
+        };
+        let (loaded, snapshots) = match result {
+            Ok(x) => x,
+            Err(errs) => {
+                self.metrics.config_changes.get_or_create(&[("result", "rejected")]).inc();
+                for e in &errs {
+                    error!("edit rejected; the running configuration stays in force: {e}");
+                }
+                if let Ok(mut s) = self.shared.lock() {
+                    s.last_rejected = Some((now_unix(), errs));
+                }
+                // Do not re-read the same broken contents on every tick.
+                if let Ok(fp) = self.sources.fingerprint() {
+                    self.loaded.fingerprint = fp;
+                }
+                return false;
+            }
+        };
+        let nodes: Vec<(String, Role)> = snapshots.iter().map(|(n, s)| (n.clone(), s.node.role)).collect();
+        if let Err(e) = self.keys.ensure(&nodes, SERVER_NODE) {
+            error!(error = %e, "cannot prepare keys for the edited federation; not applied");
+            return false;
+        }
+        if let Err(e) = self.sync_workloads(&loaded.resources).await {
+            error!(error = %e, "built-in workloads");
+        }
+        let changed = self.distributor.publish(&snapshots);
+        let running: BTreeSet<String> =
+            self.shared.lock().map(|s| s.nodes.keys().cloned().collect()).unwrap_or_default();
+        for node in running.iter().filter(|n| !snapshots.contains_key(*n)) {
+            info!(%node, "relay removed from the manifests: stopping");
+            self.stop(node, false);
+            if let Ok(mut s) = self.shared.lock() {
+                s.nodes.remove(node);
+            }
+        }
+        for node in &changed {
+            let started_with = self.shared.lock().ok().and_then(|s| s.nodes.get(node).map(|p| p.started_with.clone()));
+            match started_with {
+                None => {
+                    info!(%node, "relay added: starting");
+                    if let Err(e) = self.spawn(node) {
+                        error!(%node, error = %e, "cannot start node");
+                    }
+                }
+                Some(old) => {
+                    let restart = snapshots.get(node).map(|s| old.restart_fields(s)).unwrap_or_default();
+                    if !restart.is_empty() {
+                        info!(%node, fields = ?restart, "changed fields need a restart: restarting the node");
+                        self.stop(node, true);
+                    }
+                }
+            }
+        }
+        self.metrics.config_changes.get_or_create(&[("result", "accepted")]).inc();
+        info!(changed = ?changed, "edit admitted and published");
+        if let Ok(mut s) = self.shared.lock() {
+            s.resources = loaded.resources.clone();
+            s.files = loaded.files.clone();
+            s.accepted_edits += 1;
+        }
+        self.loaded = loaded;
+        true
+    }
+
+    /// Serves the control API and runs until `down`, SIGTERM or Ctrl-C; then stops every
+    /// node (home nodes first) and removes the runtime files.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let control = super::status::serve(
+            self.shared.clone(),
+            self.distributor.clone(),
+            self.metrics.clone(),
+            self.events_down(),
+        )
+        .await?;
+        let file = SupervisorFile {
+            pid: std::process::id(),
+            control: control.to_string(),
+            distribution: self.distribution_addr.to_string(),
+        };
+        std::fs::write(self.opts.state.supervisor_file(), serde_json::to_vec_pretty(&file)?)?;
+        println!(
+            "{}",
+            serde_json::json!({"event": "ready", "control": file.control, "distribution": file.distribution, "state": self.opts.state.root})
+        );
+        let mut rx = self.events_rx.take().context("event loop already running")?;
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    match self.sources.fingerprint() {
+                        Ok(fp) if fp != self.loaded.fingerprint => {
+                            info!("manifests changed: admitting the edit");
+                            self.reload().await;
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "cannot read the manifests"),
+                    }
+                }
+                ev = rx.recv() => match ev {
+                    Some(Event::Down) | None => break,
+                    Some(ev) => self.handle(ev),
+                },
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            }
+        }
+        self.shutdown(&mut rx).await;
+        Ok(())
+    }
+
+    fn events_down(&self) -> Box<dyn Fn() + Send + Sync> {
+        let tx = self.events.clone();
+        Box::new(move || {
+            let _ = tx.send(Event::Down);
+        })
+    }
+
+    async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Event>) {
+        self.shutting_down = true;
+        info!("stopping the local federation");
+        for role in [Role::Home, Role::Main] {
+            let group: Vec<String> = self
+                .shared
+                .lock()
+                .map(|s| {
+                    s.nodes.iter().filter(|(_, p)| p.role == role && p.pid.is_some()).map(|(n, _)| n.clone()).collect()
+                })
+                .unwrap_or_default();
+            for n in &group {
+                self.stop(n, false);
+            }
+            let deadline = tokio::time::Instant::now() + STOP_GRACE;
+            loop {
+                let left: Vec<String> = self
+                    .shared
+                    .lock()
+                    .map(|s| {
+                        group.iter().filter(|n| s.nodes.get(*n).is_some_and(|p| p.pid.is_some())).cloned().collect()
+                    })
+                    .unwrap_or_default();
+                if left.is_empty() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(ev)) => self.handle(ev),
+                    Ok(None) => break,
+                    Err(_) => {
+                        for n in &left {
+                            warn!(node = %n, "did not stop in time: killing");
+                            self.signal(n, nix::sys::signal::Signal::SIGKILL);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        for (_, (_, task)) in std::mem::take(&mut self.workload_tasks) {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(self.opts.state.supervisor_file());
+        if self.remove_passphrase_on_exit {
+            let _ = std::fs::remove_file(&self.passphrase_file);
+        }
+        info!("local federation stopped");
+    }
+}

@@ -1,0 +1,101 @@
+//! Built-in demo workloads, so the examples need no other software: a home relay annotated
+//! `relayfed.io/local-workload: http` (or `echo`) gets that service started on each of its
+//! export targets.
+//!
+//! - `http`: HTTP/1.1; every response is JSON naming the service and the node that served it
+//!   (`{"service","node","method","path","bytes"}`), and a POST body is counted.
+//! - `echo`: raw TCP; every byte read is written back.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+/// Annotation on a home `Relay` that starts a built-in workload on its export targets.
+pub const ANNOTATION: &str = "relayfed.io/local-workload";
+
+/// A kind of built-in workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// HTTP/1.1 server answering JSON.
+    Http,
+    /// Raw TCP echo.
+    Echo,
+}
+
+impl Workload {
+    /// Parses the annotation value.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "http" => Ok(Self::Http),
+            "echo" => Ok(Self::Echo),
+            other => Err(format!("{ANNOTATION}: {other:?} is not a built-in workload (http, echo)")),
+        }
+    }
+
+    /// The annotation value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Echo => "echo",
+        }
+    }
+}
+
+/// Starts `kind` on `addr` as `service` of `node`; the task runs until aborted.
+pub async fn start(kind: Workload, addr: SocketAddr, service: String, node: String) -> std::io::Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (service, node) = (service.clone(), node.clone());
+            tokio::spawn(async move {
+                match kind {
+                    Workload::Echo => echo(tcp).await,
+                    Workload::Http => http(tcp, service, node).await,
+                }
+            });
+        }
+    }))
+}
+
+async fn echo(mut tcp: tokio::net::TcpStream) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tcp.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn http(tcp: tokio::net::TcpStream, service: String, node: String) {
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (service, node) = (service.clone(), node.clone());
+        async move {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_owned();
+            let bytes = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+            let body =
+                serde_json::json!({"service": service, "node": node, "method": method, "path": path, "bytes": bytes});
+            let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+            r.headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+            Ok::<_, Infallible>(r)
+        }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await {
+        warn!(error = %e, "built-in http workload: connection error");
+    }
+}

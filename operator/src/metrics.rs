@@ -1,0 +1,136 @@
+//! Operator and local-mode metrics (Prometheus text via prometheus-client): config
+//! distribution, processes supervised in local mode, reconciles, certificates, admissions.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Node = [(&'static str, String); 1];
+type L1 = [(&'static str, &'static str); 1];
+type L2 = [(&'static str, &'static str); 2];
+
+/// Every metric the operator (or the local-mode supervisor) exports.
+pub struct OperatorMetrics {
+    registry: Registry,
+    /// Config version published per `node`.
+    pub config_published_version: Family<Node, Gauge>,
+    /// Config version acknowledged per `node`.
+    pub config_acked_version: Family<Node, Gauge>,
+    /// Acknowledgements by `result`.
+    pub config_acks: Family<L1, Counter>,
+    /// Snapshots sent to subscribers.
+    pub config_served: Counter,
+    /// Open subscriber connections.
+    pub config_subscribers: Gauge,
+    /// Time from publishing a version to a node acknowledging it.
+    pub config_ack_seconds: Histogram,
+    /// Refused distribution clients by `reason` (tls, identity, wrong_node).
+    pub config_refusals: Family<L1, Counter>,
+    /// Config sources (files or CR updates) by `result` (accepted, rejected, unchanged).
+    pub config_changes: Family<L1, Counter>,
+    /// Supervised node processes that are running, by `node` (local mode).
+    pub process_up: Family<Node, Gauge>,
+    /// Restarts of supervised node processes, by `node` (local mode).
+    pub process_restarts: Family<Node, Counter>,
+    /// Reconciles by `kind` and `result` (ok, error).
+    pub reconciles: Family<L2, Counter>,
+    /// Reconcile duration by `kind`.
+    pub reconcile_seconds: Family<L1, Histogram, fn() -> Histogram>,
+    /// Certificates issued by `kind` (node, ca).
+    pub certificates_issued: Family<L1, Counter>,
+    /// Webhook admissions by `result` (injected, skipped, error).
+    pub admissions: Family<L1, Counter>,
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+}
+
+impl Default for OperatorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OperatorMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            config_published_version: Default::default(),
+            config_acked_version: Default::default(),
+            config_acks: Default::default(),
+            config_served: Default::default(),
+            config_subscribers: Default::default(),
+            config_ack_seconds: seconds_histogram(),
+            config_refusals: Default::default(),
+            config_changes: Default::default(),
+            process_up: Default::default(),
+            process_restarts: Default::default(),
+            reconciles: Default::default(),
+            reconcile_seconds: Family::new_with_constructor(seconds_histogram),
+            certificates_issued: Default::default(),
+            admissions: Default::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "relayfed_config_published_version",
+            "Config snapshot version published per node",
+            m.config_published_version.clone(),
+        );
+        registry.register(
+            "relayfed_config_acknowledged_version",
+            "Config snapshot version acknowledged per node",
+            m.config_acked_version.clone(),
+        );
+        registry.register("relayfed_config_acks", "Config acknowledgements by result", m.config_acks.clone());
+        registry.register("relayfed_config_snapshots_served", "Snapshots sent to subscribers", m.config_served.clone());
+        registry.register("relayfed_config_subscribers", "Open subscriber connections", m.config_subscribers.clone());
+        registry.register_with_unit(
+            "relayfed_config_ack_latency",
+            "Time from publishing a config version to its acknowledgement",
+            prometheus_client::registry::Unit::Seconds,
+            m.config_ack_seconds.clone(),
+        );
+        registry.register(
+            "relayfed_config_refusals",
+            "Refused distribution clients by reason",
+            m.config_refusals.clone(),
+        );
+        registry.register("relayfed_config_changes", "Config source changes by result", m.config_changes.clone());
+        registry.register(
+            "relayfed_local_process_up",
+            "Supervised node processes running (local mode)",
+            m.process_up.clone(),
+        );
+        registry.register(
+            "relayfed_local_process_restarts",
+            "Restarts of supervised node processes (local mode)",
+            m.process_restarts.clone(),
+        );
+        registry.register("relayfed_operator_reconciles", "Reconciles by kind and result", m.reconciles.clone());
+        registry.register_with_unit(
+            "relayfed_operator_reconcile_duration",
+            "Reconcile duration by kind",
+            prometheus_client::registry::Unit::Seconds,
+            m.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "relayfed_operator_certificates_issued",
+            "Certificates issued by kind",
+            m.certificates_issued.clone(),
+        );
+        registry.register("relayfed_operator_webhook_admissions", "Webhook admissions by result", m.admissions.clone());
+        Self { registry, ..m }
+    }
+
+    /// Prometheus/OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
