@@ -42,7 +42,8 @@ fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
     match v {
         Value::Object(m) => {
             for (k, child) in m {
-                let p = format!("{at}/{k}");
+                // RFC 6901 escaping: annotation keys contain `/`.
+                let p = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
                 out.push(p.clone());
                 pointers(child, p, out);
             }
