@@ -56,8 +56,8 @@ fuzz: ## Run every fuzz harness for FUZZ_SECONDS each (stable Rust, cargo-fuzz -
 	  test -z "$$(ls -A $$crate/fuzz/artifacts/$$target 2>/dev/null)" || { echo "fuzz: crash in $$crate/fuzz/artifacts/$$target"; exit 1; }; \
 	done
 
-demo: ## The main job: a local federation with traffic flowing, ECH at 0/50/100%.
-	$(CARGO) build -q --release -p relayfed-sidecar --bin relayfed-proxy --example demo
+demo: ## The main job: the example federation in local mode, traffic flowing, ECH edited 0 -> 50 -> 100%.
+	$(CARGO) build -q --release -p relayfed-operator --bin relayfed --example demo
 	$(TARGET_DIR)/release/examples/demo
 
 bench: ## Transport micro-benchmarks (release build); writes $(BENCH_OUT).
