@@ -1,6 +1,6 @@
 //! The config distribution server: holds the latest snapshot of every node, answers
 //! long-polls from relays and sidecars (mTLS, the client certificate names the node), and
-//! tracks the version each node acknowledged. Wire protocol: docs/protocol.md §9 and
+//! tracks the version each node acknowledged. Wire protocol: docs/protocol.md §10 and
 //! `relayfed_sidecar::distribution`.
 
 use std::collections::BTreeMap;
@@ -249,7 +249,7 @@ impl Distributor {
 
     async fn handle(self: &Arc<Self>, client: &str, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         let Some((kind, node)) = parse_path(req.uri().path()) else {
-            return text(StatusCode::NOT_FOUND, "unknown path; see docs/protocol.md §9\n");
+            return text(StatusCode::NOT_FOUND, "unknown path; see docs/protocol.md §10\n");
         };
         if node != client {
             self.metrics.config_refusals.get_or_create(&[("reason", "wrong_node")]).inc();

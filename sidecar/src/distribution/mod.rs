@@ -11,7 +11,7 @@
 //!   node, `404` for a node the plan does not have.
 //! - `POST /v1/ack/{node}` with an [`Ack`]: the version the node now runs and how it went.
 //!
-//! Full protocol: docs/protocol.md §9.
+//! Full protocol: docs/protocol.md §10.
 
 pub mod client;
 
