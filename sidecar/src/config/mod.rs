@@ -615,6 +615,19 @@ echPolicy: {enabled: true, percentage: 25}
     }
 
     #[test]
+    fn restart_fields_name_what_cannot_change_live() {
+        let a = Snapshot::parse(HOME).unwrap();
+        let mut b = a.clone();
+        b.version = 9;
+        b.ech_policy.percentage = 100;
+        b.resilience.retry.max_attempts = 1;
+        assert!(a.restart_fields(&b).is_empty(), "policy and resilience apply live");
+        b.imports[0].listen = "127.0.0.1:1".parse().unwrap();
+        b.timeouts.idle_ms = 1;
+        assert_eq!(a.restart_fields(&b), ["imports", "timeouts.idleMs"]);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let e = Snapshot::parse(&HOME.replace("percentage: 25", "percentag: 25")).unwrap_err();
         assert!(e.contains("echPolicy") && e.contains("percentag"), "{e}");

@@ -92,4 +92,18 @@ mod tests {
         assert!(e.contains("result"), "{e}");
         assert!(Ack::parse(b"\xff").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = Ack::parse(&body);
+            let _ = parse_path(&String::from_utf8_lossy(&body));
+        }
+
+        #[test]
+        fn acks_round_trip(version in proptest::num::u64::ANY, fields in proptest::collection::vec("[a-zA-Z.]{1,12}", 0..4), detail in proptest::option::of(".{0,40}")) {
+            let ack = Ack { version, result: AckResult::Invalid, restart_required: fields, detail };
+            proptest::prop_assert_eq!(Ack::parse(&serde_json::to_vec(&ack).unwrap()).unwrap(), ack);
+        }
+    }
 }
