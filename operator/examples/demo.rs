@@ -272,8 +272,13 @@ async fn main() {
     let out = cli(&state, &["local", "down"]);
     print!("{}", String::from_utf8_lossy(&out.stderr));
     let code = tokio::time::timeout(Duration::from_secs(30), up.wait()).await.unwrap().unwrap();
-    let left = std::process::Command::new("pgrep").args(["-f", &format!("{} node", relayfed().display())]).output();
-    let left = left.map(|o| String::from_utf8_lossy(&o.stdout).lines().count()).unwrap_or(0);
+    // Node processes still alive: any process whose command line is `<relayfed> node ...`.
+    let me = relayfed().display().to_string();
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| c.split(|b| *b == 0).map(String::from_utf8_lossy).take(2).collect::<Vec<_>>() == [me.as_str(), "node"])
+        .count();
     println!("supervisor exited ({code}); node processes left running: {left}");
     println!("logs: {}/logs, state (sealed keys, reused next time): {}", state.display(), state.join("keys").display());
 }
