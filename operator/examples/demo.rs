@@ -277,7 +277,9 @@ async fn main() {
     let left = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .filter(|c| c.split(|b| *b == 0).map(String::from_utf8_lossy).take(2).collect::<Vec<_>>() == [me.as_str(), "node"])
+        .filter(|c| {
+            c.split(|b| *b == 0).map(String::from_utf8_lossy).take(2).collect::<Vec<_>>() == [me.as_str(), "node"]
+        })
         .count();
     println!("supervisor exited ({code}); node processes left running: {left}");
     println!("logs: {}/logs, state (sealed keys, reused next time): {}", state.display(), state.join("keys").display());
