@@ -29,10 +29,11 @@ TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null 
 
 test-python: python-deps ## Offline CRD checks and interop tests with independent implementations.
 	$(CARGO) build -q -p relayfed-sidecar --bin relayfed-proxy
-	RELAYFED_PROXY=$(TARGET_DIR)/debug/relayfed-proxy $(PYTHON) -m pytest -q -rs tests/python
+	$(CARGO) build -q -p relayfed-operator --bin relayfed
+	RELAYFED_PROXY=$(TARGET_DIR)/debug/relayfed-proxy RELAYFED=$(TARGET_DIR)/debug/relayfed $(PYTHON) -m pytest -q -rs tests/python
 
 python-deps: ## Install the Python test dependencies if any is missing.
-	@$(PYTHON) -c 'import pytest, yaml, jsonschema, kubernetes_validate, pyhpke' 2>/dev/null \
+	@$(PYTHON) -c 'import pytest, yaml, jsonschema, kubernetes_validate, pyhpke, jsonpatch' 2>/dev/null \
 	  || $(PYTHON) -m pip install -q --disable-pip-version-check -r $(PY_REQS)
 
 lint: ## rustfmt and clippy (warnings are errors).

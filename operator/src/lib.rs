@@ -8,3 +8,4 @@ pub mod distribution;
 pub mod local;
 pub mod metrics;
 pub mod plan;
+pub mod webhook;

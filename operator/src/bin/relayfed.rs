@@ -25,6 +25,11 @@ enum Command {
         #[command(subcommand)]
         command: LocalCommand,
     },
+    /// The sidecar injection webhook (mutating admission).
+    Webhook {
+        #[command(subcommand)]
+        command: WebhookCommand,
+    },
     /// Run one node from a snapshot file (what local mode starts per relay).
     #[command(hide = true)]
     Node {
@@ -35,6 +40,74 @@ enum Command {
         #[arg(long)]
         config_server: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum WebhookCommand {
+    /// Serve `/inject` and `/inject/namespace` over HTTPS.
+    Serve {
+        /// Listen address.
+        #[arg(long, default_value = "0.0.0.0:9443")]
+        listen: std::net::SocketAddr,
+        /// Serving certificate chain (PEM).
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// Serving key (PEM).
+        #[arg(long)]
+        tls_key: PathBuf,
+        /// Injection settings (JSON, `InjectConfig`); defaults when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Answer one AdmissionReview read from a file (or `-` for stdin) and print the response.
+    Review {
+        /// The AdmissionReview JSON.
+        file: PathBuf,
+        /// As if the pod's namespace carried `relayfed.io/inject=enabled`.
+        #[arg(long)]
+        namespace_enabled: bool,
+        /// Injection settings (JSON); defaults when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn inject_config(path: Option<&PathBuf>) -> anyhow::Result<relayfed_operator::webhook::InjectConfig> {
+    match path {
+        None => Ok(Default::default()),
+        Some(p) => Ok(serde_json::from_str(&std::fs::read_to_string(p).with_context(|| p.display().to_string())?)
+            .with_context(|| format!("{}: not an injection config", p.display()))?),
+    }
+}
+
+fn webhook(command: WebhookCommand) -> anyhow::Result<()> {
+    match command {
+        WebhookCommand::Review { file, namespace_enabled, config } => {
+            let body = if file.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)?;
+                b
+            } else {
+                std::fs::read(&file).with_context(|| file.display().to_string())?
+            };
+            let (response, _) =
+                relayfed_operator::webhook::review(&body, namespace_enabled, &inject_config(config.as_ref())?)?;
+            println!("{response}");
+            Ok(())
+        }
+        WebhookCommand::Serve { listen, tls_cert, tls_key, config } => {
+            let cfg = inject_config(config.as_ref())?;
+            let cert = std::fs::read_to_string(&tls_cert).with_context(|| tls_cert.display().to_string())?;
+            let key = std::fs::read_to_string(&tls_key).with_context(|| tls_key.display().to_string())?;
+            runtime()?.block_on(async move {
+                let metrics = std::sync::Arc::new(relayfed_operator::metrics::OperatorMetrics::new());
+                let addr = relayfed_operator::webhook::serve(listen, &cert, &key, cfg, metrics).await?;
+                eprintln!("injection webhook listening on https://{addr}");
+                tokio::signal::ctrl_c().await?;
+                Ok(())
+            })
+        }
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -114,6 +187,7 @@ fn main() -> anyhow::Result<()> {
             let opts = RunOptions { config_server, ..Default::default() };
             runtime()?.block_on(runner::run(snap, opts))
         }
+        Command::Webhook { command } => webhook(command),
         Command::Local { command } => match command {
             LocalCommand::Up { inputs, state, passphrase_file, detach } => {
                 up(inputs, state.state(), passphrase_file, detach)
