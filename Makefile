@@ -33,7 +33,7 @@ test-python: python-deps ## Offline CRD checks and interop tests with independen
 	RELAYFED_PROXY=$(TARGET_DIR)/debug/relayfed-proxy RELAYFED=$(TARGET_DIR)/debug/relayfed $(PYTHON) -m pytest -q -rs tests/python
 
 python-deps: ## Install the Python test dependencies if any is missing.
-	@$(PYTHON) -c 'import pytest, yaml, jsonschema, kubernetes_validate, pyhpke, jsonpatch' 2>/dev/null \
+	@$(PYTHON) -c 'import pytest, yaml, jsonschema, kubernetes_validate, pyhpke, jsonpatch, helm_python' 2>/dev/null \
 	  || $(PYTHON) -m pip install -q --disable-pip-version-check -r $(PY_REQS)
 
 lint: ## rustfmt and clippy (warnings are errors).
