@@ -13,6 +13,11 @@ use relayfed_sidecar::crypto::ech::EchKeyPair;
 use relayfed_sidecar::crypto::noise::StaticKeypair;
 use relayfed_sidecar::transport::tls::HopIdentity;
 
+use anyhow::Context;
+use tracing::warn;
+
+use super::StateDir;
+
 /// Node certificates are valid this long ...
 const CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
 /// ... and reissued at start when they expire within this.
@@ -197,4 +202,35 @@ fn expiring(path: &Path) -> bool {
     let renew_at = SystemTime::now() + RENEW_BEFORE;
     let renew_at = renew_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(i64::MAX);
     not_after < renew_at
+}
+
+/// The passphrase file to use and whether it is ours to delete on exit.
+pub fn passphrase(state: &StateDir, given: Option<&Path>) -> anyhow::Result<(PathBuf, Vec<u8>, bool)> {
+    let read = |p: &Path| -> anyhow::Result<Vec<u8>> {
+        let t = std::fs::read_to_string(p).with_context(|| format!("passphrase file {}", p.display()))?;
+        Ok(t.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+    };
+    if let Some(p) = given {
+        let p = std::fs::canonicalize(p).with_context(|| format!("passphrase file {}", p.display()))?;
+        let pass = read(&p)?;
+        return Ok((p, pass, false));
+    }
+    if let Some(v) = std::env::var_os("RELAYFED_PASSPHRASE") {
+        let path = state.run().join("passphrase");
+        std::fs::create_dir_all(state.run())?;
+        relayfed_sidecar::config::keys::write_private(&path, v.as_encoded_bytes())?;
+        return Ok((path, v.as_encoded_bytes().to_vec(), true));
+    }
+    let path = state.generated_passphrase();
+    if !path.exists() {
+        std::fs::create_dir_all(&state.root)?;
+        let pass: String = (0..32).map(|_| char::from(b'a' + rand::random_range(0..26u8))).collect();
+        relayfed_sidecar::config::keys::write_private(&path, pass.as_bytes())?;
+        warn!(
+            path = %path.display(),
+            "generated a passphrase for the key material and stored it next to it (fine for a demo; pass --passphrase-file or RELAYFED_PASSPHRASE to keep it elsewhere)"
+        );
+    }
+    let pass = read(&path)?;
+    Ok((path, pass, false))
 }

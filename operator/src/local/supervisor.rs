@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use relayfed_crds::{AnyResource, RelayType};
+use relayfed_crds::AnyResource;
 use relayfed_sidecar::config::{Role, Snapshot};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use super::keys::KeyStore;
 use super::sources::{Loaded, Sources};
-use super::workloads::{self, Workload};
+use super::workloads;
 use super::{StateDir, SupervisorFile};
 use crate::distribution::Distributor;
 use crate::metrics::OperatorMetrics;
@@ -128,7 +128,7 @@ pub struct Supervisor {
     pub metrics: Arc<OperatorMetrics>,
     events: mpsc::UnboundedSender<Event>,
     events_rx: Option<mpsc::UnboundedReceiver<Event>>,
-    workload_tasks: BTreeMap<(String, SocketAddr), (Workload, tokio::task::JoinHandle<()>)>,
+    workloads: workloads::Running,
     shutting_down: bool,
 }
 
@@ -143,42 +143,10 @@ fn federation_of(resources: &[AnyResource]) -> Option<(String, String)> {
     })
 }
 
-/// The passphrase file to use and whether it is ours to delete on exit.
-fn passphrase(opts: &UpOptions) -> anyhow::Result<(PathBuf, Vec<u8>, bool)> {
-    let read = |p: &PathBuf| -> anyhow::Result<Vec<u8>> {
-        let t = std::fs::read_to_string(p).with_context(|| format!("passphrase file {}", p.display()))?;
-        Ok(t.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
-    };
-    if let Some(p) = &opts.passphrase_file {
-        let p = std::fs::canonicalize(p).with_context(|| format!("passphrase file {}", p.display()))?;
-        let pass = read(&p)?;
-        return Ok((p, pass, false));
-    }
-    if let Some(v) = std::env::var_os("RELAYFED_PASSPHRASE") {
-        let path = opts.state.run().join("passphrase");
-        std::fs::create_dir_all(opts.state.run())?;
-        relayfed_sidecar::config::keys::write_private(&path, v.as_encoded_bytes())?;
-        return Ok((path, v.as_encoded_bytes().to_vec(), true));
-    }
-    let path = opts.state.generated_passphrase();
-    if !path.exists() {
-        std::fs::create_dir_all(&opts.state.root)?;
-        let pass: String = (0..32).map(|_| char::from(b'a' + rand::random_range(0..26u8))).collect();
-        relayfed_sidecar::config::keys::write_private(&path, pass.as_bytes())?;
-        warn!(
-            path = %path.display(),
-            "generated a passphrase for the key material and stored it next to it (fine for a demo; pass --passphrase-file or RELAYFED_PASSPHRASE to keep it elsewhere)"
-        );
-    }
-    let pass = read(&path)?;
-    Ok((path, pass, false))
-}
-
-/// Compiles admitted resources into the snapshots local nodes run with.
 /// Snapshots by node and the plan's warnings.
 type Compiled = (BTreeMap<String, Snapshot>, Vec<String>);
 
-/// Returns the snapshots and the plan's warnings.
+/// Compiles admitted resources into the snapshots local nodes run with, and the plan's warnings.
 fn compile(keys: &KeyStore, passphrase_file: &std::path::Path, loaded: &Loaded) -> Result<Compiled, Vec<String>> {
     let layout = KeyLayout { dir: keys.dir.clone() };
     let plan = plan::compile(&loaded.resources, &layout, 0)
@@ -207,7 +175,8 @@ impl Supervisor {
             federation_of(&loaded.resources).context("the manifests define no RelayFederation")?;
         std::fs::create_dir_all(opts.state.run().join("nodes"))?;
         std::fs::create_dir_all(opts.state.logs())?;
-        let (passphrase_file, pass, remove_passphrase_on_exit) = passphrase(&opts)?;
+        let (passphrase_file, pass, remove_passphrase_on_exit) =
+            super::keys::passphrase(&opts.state, opts.passphrase_file.as_deref())?;
         let keys = KeyStore::new(opts.state.keys(), &trust_domain, &public_name, pass);
         let metrics = Arc::new(OperatorMetrics::new());
         let distributor = Distributor::new(metrics.clone(), 0);
@@ -233,7 +202,7 @@ impl Supervisor {
             metrics,
             events: tx,
             events_rx: Some(rx),
-            workload_tasks: BTreeMap::new(),
+            workloads: Default::default(),
             shutting_down: false,
         };
         if let Ok(mut s) = sup.shared.lock() {
@@ -471,45 +440,7 @@ impl Supervisor {
 
     /// Starts, restarts or stops built-in workloads to match the annotations.
     async fn sync_workloads(&mut self, resources: &[AnyResource]) -> anyhow::Result<()> {
-        let mut wanted: BTreeMap<(String, SocketAddr), (Workload, String)> = BTreeMap::new();
-        for r in resources {
-            let AnyResource::Relay(relay) = r else { continue };
-            if relay.spec.relay_type != RelayType::Home {
-                continue;
-            }
-            let Some(kind) = relay.metadata.annotations.as_ref().and_then(|a| a.get(workloads::ANNOTATION)) else {
-                continue;
-            };
-            let kind = Workload::parse(kind).map_err(|e| anyhow::anyhow!("Relay/{}: {e}", r.name()))?;
-            for e in &relay.spec.exports {
-                if let Ok(addr) = e.target.parse::<SocketAddr>() {
-                    wanted.insert((relay.spec.node_id.clone(), addr), (kind, e.name.clone()));
-                }
-            }
-        }
-        let stale: Vec<(String, SocketAddr)> = self
-            .workload_tasks
-            .iter()
-            .filter(|(k, (kind, _))| wanted.get(*k).is_none_or(|(w, _)| w != kind))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in stale {
-            if let Some((_, task)) = self.workload_tasks.remove(&k) {
-                task.abort();
-                let _ = task.await;
-            }
-        }
-        let mut listed = Vec::new();
-        for ((node, addr), (kind, service)) in wanted {
-            if let std::collections::btree_map::Entry::Vacant(slot) = self.workload_tasks.entry((node.clone(), addr)) {
-                let task = workloads::start(kind, addr, service.clone(), node.clone())
-                    .await
-                    .with_context(|| format!("built-in {} workload for {node}/{service} on {addr}", kind.label()))?;
-                info!(%node, %service, %addr, kind = kind.label(), "built-in workload started");
-                slot.insert((kind, task));
-            }
-            listed.push((node, service, addr, kind.label()));
-        }
+        let listed = self.workloads.sync(resources).await?;
         if let Ok(mut s) = self.shared.lock() {
             s.workloads = listed;
         }
@@ -680,9 +611,7 @@ impl Supervisor {
                 }
             }
         }
-        for (_, (_, task)) in std::mem::take(&mut self.workload_tasks) {
-            task.abort();
-        }
+        self.workloads.stop_all();
         let _ = std::fs::remove_file(self.opts.state.supervisor_file());
         if self.remove_passphrase_on_exit {
             let _ = std::fs::remove_file(&self.passphrase_file);

@@ -99,3 +99,66 @@ async fn http(tcp: tokio::net::TcpStream, service: String, node: String) {
         warn!(error = %e, "built-in http workload: connection error");
     }
 }
+
+/// The built-in workloads running now, keyed by (node, address).
+#[derive(Default)]
+pub struct Running {
+    tasks: std::collections::BTreeMap<(String, SocketAddr), (Workload, JoinHandle<()>)>,
+}
+
+impl Running {
+    /// Starts, restarts or stops workloads to match the annotations of `resources`; returns
+    /// (node, service, address, kind) of each one running.
+    pub async fn sync(
+        &mut self,
+        resources: &[relayfed_crds::AnyResource],
+    ) -> anyhow::Result<Vec<(String, String, SocketAddr, &'static str)>> {
+        use anyhow::Context;
+        use relayfed_crds::{AnyResource, RelayType};
+        let mut wanted: std::collections::BTreeMap<(String, SocketAddr), (Workload, String)> = Default::default();
+        for r in resources {
+            let AnyResource::Relay(relay) = r else { continue };
+            if relay.spec.relay_type != RelayType::Home {
+                continue;
+            }
+            let Some(kind) = relay.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION)) else { continue };
+            let kind = Workload::parse(kind).map_err(|e| anyhow::anyhow!("Relay/{}: {e}", r.name()))?;
+            for e in &relay.spec.exports {
+                if let Ok(addr) = e.target.parse::<SocketAddr>() {
+                    wanted.insert((relay.spec.node_id.clone(), addr), (kind, e.name.clone()));
+                }
+            }
+        }
+        let stale: Vec<(String, SocketAddr)> = self
+            .tasks
+            .iter()
+            .filter(|(k, (kind, _))| wanted.get(*k).is_none_or(|(w, _)| w != kind))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some((_, task)) = self.tasks.remove(&k) {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        let mut listed = Vec::new();
+        for ((node, addr), (kind, service)) in wanted {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.tasks.entry((node.clone(), addr)) {
+                let task = start(kind, addr, service.clone(), node.clone())
+                    .await
+                    .with_context(|| format!("built-in {} workload for {node}/{service} on {addr}", kind.label()))?;
+                tracing::info!(%node, %service, %addr, kind = kind.label(), "built-in workload started");
+                slot.insert((kind, task));
+            }
+            listed.push((node, service, addr, kind.label()));
+        }
+        Ok(listed)
+    }
+
+    /// Stops every workload.
+    pub fn stop_all(&mut self) {
+        for (_, (_, task)) in std::mem::take(&mut self.tasks) {
+            task.abort();
+        }
+    }
+}
