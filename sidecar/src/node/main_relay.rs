@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::main_live::MainLive;
 use crate::admin::metrics::Metrics;
 use crate::config::Snapshot;
 use crate::config::keys::EchKeyFile;
@@ -76,43 +77,22 @@ pub struct MainRelay {
     pub(crate) health_interval: Duration,
     pub(crate) refresh_interval: Duration,
     tamper: Tamper,
-    endpoint: std::sync::OnceLock<quinn::Endpoint>,
+    pub(crate) endpoint: std::sync::OnceLock<quinn::Endpoint>,
     /// The latest view (main relays' ECH configs and every instance); each home writer sends
     /// the newest, filtered to what that home imports.
     pub(crate) views: tokio::sync::watch::Sender<Arc<super::main_control::ViewData>>,
     /// Settings a new config version replaces in place: peers (endpoint, trust level,
     /// permissions, rate limit), trust defaults, the default rate limit, breaker settings.
-    live: RwLock<Arc<MainLive>>,
+    pub(crate) live: RwLock<Arc<MainLive>>,
     limiter: Mutex<crate::resilience::rate_limit::RateLimiter>,
     /// A circuit breaker per peer relay, for streams forwarded to it.
-    peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
-}
-
-/// The part of a main relay's configuration that changes without a restart.
-#[derive(Clone, Debug)]
-pub(crate) struct MainLive {
-    /// Peer main relays by node id.
-    pub(crate) peers: HashMap<String, crate::config::PeerRelay>,
-    pub(crate) trust: crate::config::Trust,
-    pub(crate) default_rate: Option<crate::resilience::rate_limit::Limit>,
-    pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
-}
-
-impl MainLive {
-    fn from_snapshot(snap: &Snapshot) -> Self {
-        Self {
-            peers: snap.peers.iter().map(|p| (p.node_id.clone(), p.clone())).collect(),
-            trust: snap.trust.clone(),
-            default_rate: snap.resilience.rate_limit.as_ref().map(limit),
-            breaker: snap.resilience.circuit_breaker.to_breaker(),
-        }
-    }
+    pub(crate) peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
 }
 
 /// Most senders whose token buckets a relay tracks (idle ones are evicted first).
 const MAX_RATE_SENDERS: usize = 100_000;
 
-fn limit(r: &crate::config::RateLimit) -> crate::resilience::rate_limit::Limit {
+pub(crate) fn limit(r: &crate::config::RateLimit) -> crate::resilience::rate_limit::Limit {
     crate::resilience::rate_limit::Limit { rate: r.streams_per_second, burst: r.burst.max(1.0) }
 }
 
@@ -173,62 +153,6 @@ impl MainRelay {
         tokio::spawn(async move { r.accept_loop(ep).await });
         relay.clone().start_federation(endpoint);
         Ok((relay, bound))
-    }
-
-    /// The live settings in force now.
-    pub(crate) fn live(&self) -> Arc<MainLive> {
-        match self.live.read() {
-            Ok(l) => l.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Applies a new config version: peers added are dialed, peers removed or now refused by
-    /// the trust rules are disconnected, and trust defaults, permissions, rate limits and
-    /// breaker settings apply to new streams at once. Fields that need a restart are not
-    /// looked at ([`Snapshot::restart_fields`] names them).
-    pub fn apply(self: &Arc<Self>, snap: &Snapshot) {
-        let next = MainLive::from_snapshot(snap);
-        let old = self.live();
-        if next.breaker != old.breaker
-            && let Ok(mut b) = self.peer_breakers.lock()
-        {
-            b.clear();
-        }
-        match self.live.write() {
-            Ok(mut l) => *l = Arc::new(next.clone()),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(next.clone()),
-        }
-        if let Ok(mut h) = self.peer_health.write() {
-            h.retain(|p, _| next.peers.contains_key(p));
-            for p in next.peers.keys() {
-                h.entry(p.clone()).or_default();
-            }
-        }
-        // Drop links that the new rules no longer allow (removed, blocked, unknown).
-        let links: Vec<String> = self.peers.read().map(|p| p.keys().cloned().collect()).unwrap_or_default();
-        for peer in links {
-            let gone = !next.peers.contains_key(&peer);
-            if let Some(rule) = self.refuse_connection(&peer).or(gone.then_some("removed")) {
-                info!(%peer, rule, "peer no longer allowed: disconnecting");
-                if let Some(link) = self.peers.write().ok().and_then(|mut p| p.remove(&peer)) {
-                    link.conn.close(ErrorCode::UnknownPeer.to_u16().into(), rule.as_bytes());
-                }
-            }
-        }
-        if let Some(endpoint) = self.endpoint.get() {
-            let me = self.identity.node_id.clone();
-            for (peer, cfg) in &next.peers {
-                let new = old.peers.get(peer).is_none_or(|o| o.endpoint != cfg.endpoint);
-                if new && me < *peer && self.refuse_connection(peer).is_none() {
-                    info!(%peer, endpoint = %cfg.endpoint, "new peer main relay: dialing");
-                    let relay = self.clone();
-                    let (endpoint, peer, addr) = (endpoint.clone(), peer.clone(), cfg.endpoint);
-                    tokio::spawn(async move { relay.dial_peer(endpoint, peer, addr).await });
-                }
-            }
-        }
-        self.metrics.config_version.set(snap.version as i64);
     }
 
     /// Clean shutdown: closes every connection (homes fail over, peers see it at once).

@@ -2,5 +2,6 @@
 
 pub mod home;
 pub mod main_control;
+pub mod main_live;
 pub mod main_relay;
 pub mod runner;

@@ -1,0 +1,90 @@
+//! A main relay's live settings: the part of its configuration a new config version replaces
+//! in place (peers, trust defaults, rate limits, breaker settings), and how it is applied.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::info;
+
+use super::main_relay::{MainRelay, limit};
+use crate::config::Snapshot;
+use crate::protocol::ErrorCode;
+
+/// The part of a main relay's configuration that changes without a restart.
+#[derive(Clone, Debug)]
+pub(crate) struct MainLive {
+    /// Peer main relays by node id.
+    pub(crate) peers: HashMap<String, crate::config::PeerRelay>,
+    pub(crate) trust: crate::config::Trust,
+    pub(crate) default_rate: Option<crate::resilience::rate_limit::Limit>,
+    pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
+}
+
+impl MainLive {
+    pub(crate) fn from_snapshot(snap: &Snapshot) -> Self {
+        Self {
+            peers: snap.peers.iter().map(|p| (p.node_id.clone(), p.clone())).collect(),
+            trust: snap.trust.clone(),
+            default_rate: snap.resilience.rate_limit.as_ref().map(limit),
+            breaker: snap.resilience.circuit_breaker.to_breaker(),
+        }
+    }
+}
+
+impl MainRelay {
+    /// The live settings in force now.
+    pub(crate) fn live(&self) -> Arc<MainLive> {
+        match self.live.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Applies a new config version: peers added are dialed, peers removed or now refused by
+    /// the trust rules are disconnected, and trust defaults, permissions, rate limits and
+    /// breaker settings apply to new streams at once. Fields that need a restart are not
+    /// looked at ([`Snapshot::restart_fields`] names them).
+    pub fn apply(self: &Arc<Self>, snap: &Snapshot) {
+        let next = MainLive::from_snapshot(snap);
+        let old = self.live();
+        if next.breaker != old.breaker
+            && let Ok(mut b) = self.peer_breakers.lock()
+        {
+            b.clear();
+        }
+        match self.live.write() {
+            Ok(mut l) => *l = Arc::new(next.clone()),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(next.clone()),
+        }
+        if let Ok(mut h) = self.peer_health.write() {
+            h.retain(|p, _| next.peers.contains_key(p));
+            for p in next.peers.keys() {
+                h.entry(p.clone()).or_default();
+            }
+        }
+        // Drop links that the new rules no longer allow (removed, blocked, unknown).
+        let links: Vec<String> = self.peers.read().map(|p| p.keys().cloned().collect()).unwrap_or_default();
+        for peer in links {
+            let gone = !next.peers.contains_key(&peer);
+            if let Some(rule) = self.refuse_connection(&peer).or(gone.then_some("removed")) {
+                info!(%peer, rule, "peer no longer allowed: disconnecting");
+                if let Some(link) = self.peers.write().ok().and_then(|mut p| p.remove(&peer)) {
+                    link.conn.close(ErrorCode::UnknownPeer.to_u16().into(), rule.as_bytes());
+                }
+            }
+        }
+        if let Some(endpoint) = self.endpoint.get() {
+            let me = self.identity.node_id.clone();
+            for (peer, cfg) in &next.peers {
+                let new = old.peers.get(peer).is_none_or(|o| o.endpoint != cfg.endpoint);
+                if new && me < *peer && self.refuse_connection(peer).is_none() {
+                    info!(%peer, endpoint = %cfg.endpoint, "new peer main relay: dialing");
+                    let relay = self.clone();
+                    let (endpoint, peer, addr) = (endpoint.clone(), peer.clone(), cfg.endpoint);
+                    tokio::spawn(async move { relay.dial_peer(endpoint, peer, addr).await });
+                }
+            }
+        }
+        self.metrics.config_version.set(snap.version as i64);
+    }
+}
