@@ -77,7 +77,7 @@ bench: ## Transport micro-benchmarks (release build); writes $(BENCH_OUT).
 	   echo; echo "## Transport"; echo; echo "\`cargo bench -p relayfed-sidecar --bench transport\`"; echo; cat target/bench-transport.md; \
 	   echo; echo "## Federation"; echo; echo "\`cargo bench -p relayfed-sidecar --bench federation\`"; echo; cat target/bench-federation.md; \
 	   echo; echo "## Resilience"; echo; echo "\`cargo bench -p relayfed-sidecar --bench resilience\`"; echo; cat target/bench-resilience.md; \
-	   echo; echo "## Config distribution"; echo; echo "\`cargo bench -p relayfed-operator --bench distribution\` (acknowledgements are checked every 50 ms, so figures are +-50 ms)"; echo; cat target/bench-distribution.md; } > $(BENCH_OUT)
+	   echo; echo "## Config distribution"; echo; echo "\`cargo bench -p relayfed-operator --bench distribution\`"; echo; cat target/bench-distribution.md; } > $(BENCH_OUT)
 	@cat $(BENCH_OUT)
 
 clean: ## Remove build output.

@@ -57,6 +57,8 @@ pub struct AckState {
 pub struct Distributor {
     published: watch::Sender<BTreeMap<String, Published>>,
     acks: Mutex<BTreeMap<String, AckState>>,
+    /// Counts acknowledgements, so waiters wake on each one.
+    acked: watch::Sender<u64>,
     generation: Mutex<u64>,
     metrics: Arc<OperatorMetrics>,
 }
@@ -68,6 +70,7 @@ impl Distributor {
         Arc::new(Self {
             published: watch::channel(BTreeMap::new()).0,
             acks: Mutex::new(BTreeMap::new()),
+            acked: watch::channel(0).0,
             generation: Mutex::new(generation),
             metrics,
         })
@@ -139,22 +142,31 @@ impl Distributor {
     /// Waits until every published node acknowledged its current version (or `deadline`
     /// passes); returns the nodes still behind.
     pub async fn wait_acked(&self, deadline: Duration) -> Vec<String> {
-        let until = Instant::now() + deadline;
+        let until = tokio::time::Instant::now() + deadline;
         let mut rx = self.published.subscribe();
+        let mut acked = self.acked.subscribe();
         loop {
+            // Mark both as seen before reading the state, so no change is missed.
+            acked.borrow_and_update();
             let behind: Vec<String> = {
-                let acks = self.acks();
+                let acks = match self.acks.lock() {
+                    Ok(a) => a,
+                    Err(p) => p.into_inner(),
+                };
                 rx.borrow_and_update()
                     .iter()
                     .filter(|(n, p)| acks.get(*n).is_none_or(|a| a.version < p.version))
                     .map(|(n, _)| n.clone())
                     .collect()
             };
-            if behind.is_empty() || Instant::now() >= until {
+            if behind.is_empty() || tokio::time::Instant::now() >= until {
                 return behind;
             }
-            // Acks do not go through the watch; poll them at a short interval.
-            let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = acked.changed() => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
         }
     }
 
@@ -190,6 +202,7 @@ impl Distributor {
                 },
             );
         }
+        self.acked.send_modify(|n| *n += 1);
     }
 
     /// Binds `addr` and serves the distribution endpoint with `identity` (a certificate from

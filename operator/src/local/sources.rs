@@ -65,57 +65,76 @@ impl Sources {
         Ok(out)
     }
 
-    /// Hash of the current file set and contents (cheap change detection for the watcher).
-    pub fn fingerprint(&self) -> Result<[u8; 32], String> {
+    /// Reads every file once: names, contents and their hash (the watcher compares hashes).
+    pub fn read(&self) -> Result<Contents, String> {
         let mut h = sha2::Sha256::new();
+        let mut files = Vec::new();
         for f in self.files()? {
             let bytes = std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?;
             h.update(f.display().to_string().as_bytes());
             h.update((bytes.len() as u64).to_be_bytes());
             h.update(&bytes);
+            files.push((f, bytes));
         }
-        Ok(h.finalize().into())
+        Ok(Contents { files, fingerprint: h.finalize().into() })
     }
 
-    /// Reads and admits every document; with `previous`, objects that existed before are
-    /// admitted as updates. Returns every rejection message (the API server's wording).
+    /// Reads and admits every document (see [`admit`]).
     pub fn load(&self, previous: Option<&Loaded>) -> Result<Loaded, Vec<String>> {
-        let files = self.files().map_err(|e| vec![e])?;
-        let fingerprint = self.fingerprint().map_err(|e| vec![e])?;
-        let mut resources = Vec::new();
-        let mut raw = BTreeMap::new();
-        let mut errors = Vec::new();
-        for f in &files {
-            let name = f.display().to_string();
-            let text = match std::fs::read_to_string(f) {
-                Ok(t) => t,
-                Err(e) => {
-                    errors.push(format!("{name}: {e}"));
-                    continue;
-                }
-            };
-            let docs: Vec<Value> = match serde_saphyr::from_multiple(&text) {
-                Ok(d) => d,
-                Err(e) => {
-                    errors.push(format!("{name}: not valid YAML: {e}"));
-                    continue;
-                }
-            };
-            for (index, doc) in docs.into_iter().enumerate().filter(|(_, d)| !d.is_null()) {
-                let key = object_key(&doc);
-                let old = previous.and_then(|p| p.raw.get(&key));
-                match admit_update(&name, index, doc.clone(), old) {
-                    Ok(r) => {
-                        if raw.insert(key.clone(), doc).is_some() {
-                            errors.push(format!("{name}: {} {:?} is defined twice", key.0, key.2));
-                        }
-                        resources.push(r);
+        admit(&self.read().map_err(|e| vec![e])?, previous)
+    }
+}
+
+/// The files of the sources as read at one moment.
+#[derive(Clone, Debug)]
+pub struct Contents {
+    /// Each file and its bytes, in read order.
+    pub files: Vec<(PathBuf, Vec<u8>)>,
+    /// Hash of the names and contents.
+    pub fingerprint: [u8; 32],
+}
+
+/// Admits every document of `contents`; with `previous`, objects that existed before are
+/// admitted as updates. Returns every rejection message (the API server's wording).
+pub fn admit(contents: &Contents, previous: Option<&Loaded>) -> Result<Loaded, Vec<String>> {
+    let mut resources = Vec::new();
+    let mut raw = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (f, bytes) in &contents.files {
+        let name = f.display().to_string();
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{name}: not UTF-8: {e}"));
+                continue;
+            }
+        };
+        let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+            Ok(d) => d,
+            Err(e) => {
+                errors.push(format!("{name}: not valid YAML: {e}"));
+                continue;
+            }
+        };
+        for (index, doc) in docs.into_iter().enumerate().filter(|(_, d)| !d.is_null()) {
+            let key = object_key(&doc);
+            let old = previous.and_then(|p| p.raw.get(&key));
+            match admit_update(&name, index, doc.clone(), old) {
+                Ok(r) => {
+                    if raw.insert(key.clone(), doc).is_some() {
+                        errors.push(format!("{name}: {} {:?} is defined twice", key.0, key.2));
                     }
-                    Err(e) => errors.push(e.to_string()),
+                    resources.push(r);
                 }
+                Err(e) => errors.push(e.to_string()),
             }
         }
-        if errors.is_empty() { Ok(Loaded { resources, raw, fingerprint, files }) } else { Err(errors) }
+    }
+    let files = contents.files.iter().map(|(f, _)| f.clone()).collect();
+    if errors.is_empty() {
+        Ok(Loaded { resources, raw, fingerprint: contents.fingerprint, files })
+    } else {
+        Err(errors)
     }
 }
 

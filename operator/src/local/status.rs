@@ -91,13 +91,22 @@ pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> V
     };
     let versions = distributor.versions();
     let acks = distributor.acks();
+    // Ask every node at once: one slow node costs its own timeout, not everyone's.
+    let mut asks = tokio::task::JoinSet::new();
+    for (node, p) in &s.nodes {
+        if let Some(admin) = p.ready.as_ref().and_then(|r| r["admin"].as_str()).map(str::to_owned) {
+            let node = node.clone();
+            asks.spawn(async move { (node, super::http::get_json(&admin, "/federation/health").await) });
+        }
+    }
+    let mut healths = std::collections::BTreeMap::new();
+    while let Some(Ok((node, health))) = asks.join_next().await {
+        healths.insert(node, health);
+    }
     let mut nodes = Vec::new();
     for (node, p) in &s.nodes {
         let admin = p.ready.as_ref().and_then(|r| r["admin"].as_str()).map(str::to_owned);
-        let health = match &admin {
-            Some(a) => super::http::get_json(a, "/federation/health").await,
-            None => None,
-        };
+        let health = healths.remove(node).flatten();
         let ack = acks.get(node);
         nodes.push(json!({
             "node": node,

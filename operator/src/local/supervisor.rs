@@ -449,8 +449,8 @@ impl Supervisor {
 
     /// Re-reads the sources after an edit; publishes an admitted and compilable one, keeps
     /// the running configuration otherwise. Returns whether it was accepted.
-    pub async fn reload(&mut self) -> bool {
-        let result = match self.sources.load(Some(&self.loaded)) {
+    pub async fn reload(&mut self, contents: &super::sources::Contents) -> bool {
+        let result = match super::sources::admit(contents, Some(&self.loaded)) {
             Err(errs) => Err(errs),
             Ok(loaded) => self.compile(&loaded).map(|snaps| (loaded, snaps)),
         };
@@ -464,10 +464,8 @@ impl Supervisor {
                 if let Ok(mut s) = self.shared.lock() {
                     s.last_rejected = Some((now_unix(), errs));
                 }
-                // Do not re-read the same broken contents on every tick.
-                if let Ok(fp) = self.sources.fingerprint() {
-                    self.loaded.fingerprint = fp;
-                }
+                // Do not admit the same broken contents again on every tick.
+                self.loaded.fingerprint = contents.fingerprint;
                 return false;
             }
         };
@@ -544,10 +542,10 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    match self.sources.fingerprint() {
-                        Ok(fp) if fp != self.loaded.fingerprint => {
+                    match self.sources.read() {
+                        Ok(contents) if contents.fingerprint != self.loaded.fingerprint => {
                             info!("manifests changed: admitting the edit");
-                            self.reload().await;
+                            self.reload(&contents).await;
                         }
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "cannot read the manifests"),

@@ -5,7 +5,9 @@ use super::*;
 
 impl HomeNode {
     pub(super) async fn inbound(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let first = tokio::time::timeout(self.live().handshake_timeout, read_frame(&mut recv)).await;
+        // One stream uses one version of the live settings from setup to close.
+        let live = self.live();
+        let first = tokio::time::timeout(live.handshake_timeout, read_frame(&mut recv)).await;
         let (config_id, route, probe_path) = match first {
             Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Plain(r), probe, path, .. })))) => {
                 (None, r, probe.then_some(path))
@@ -51,7 +53,7 @@ impl HomeNode {
                     return self.refuse(&mut send, ErrorCode::HandshakeFailed, &e.to_string()).await;
                 }
             };
-            let tcp = match tokio::time::timeout(self.live().connect_timeout, TcpStream::connect(export.target)).await {
+            let tcp = match tokio::time::timeout(live.connect_timeout, TcpStream::connect(export.target)).await {
                 Ok(Ok(t)) => t,
                 _ => {
                     return self
@@ -69,8 +71,7 @@ impl HomeNode {
             };
             match session {
                 Ok((session, _initiator_static)) => {
-                    let (tx, rx) = session.split();
-                    self.pump(tcp, send, recv, tx, rx, "inbound").await;
+                    self.pump(tcp, send, recv, session.split(), "inbound", live.stream_idle).await;
                 }
                 Err(e) => {
                     self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();

@@ -59,10 +59,10 @@ pub struct HomeNode {
     metrics: Arc<Metrics>,
 }
 
-/// The part of a home node's configuration that changes without a restart.
-#[derive(Clone, Debug, PartialEq)]
+/// The part of a home node's configuration that changes without a restart. A stream takes
+/// one `Arc` of it when it starts and uses that until it ends.
+#[derive(Clone, Debug)]
 pub(crate) struct HomeLive {
-    pub(crate) version: u64,
     pub(crate) policy: EchPolicy,
     pub(crate) lb: LoadBalancing,
     pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
@@ -75,7 +75,6 @@ pub(crate) struct HomeLive {
 impl HomeLive {
     fn from_snapshot(snap: &Snapshot) -> Self {
         Self {
-            version: snap.version,
             policy: snap.ech_policy.clone(),
             lb: snap.load_balancing.clone(),
             breaker: snap.resilience.circuit_breaker.to_breaker(),

@@ -63,7 +63,9 @@ impl HomeNode {
 
     async fn outbound(&self, tcp: TcpStream, import: &Import) {
         let started = Instant::now();
-        let est = match tokio::time::timeout(self.live().handshake_timeout, self.establish(import)).await {
+        // One stream uses one version of the live settings from setup to close.
+        let live = self.live();
+        let est = match tokio::time::timeout(live.handshake_timeout, self.establish(import, &live)).await {
             Ok(r) => r,
             Err(_) => Err((ErrorCode::Timeout, "route and handshake did not finish in time".to_owned())),
         };
@@ -75,7 +77,7 @@ impl HomeNode {
                     .get_or_create(&[("ech", ech)])
                     .observe(started.elapsed().as_secs_f64());
                 debug!(ech = e.ech, "session established");
-                self.pump(tcp, e.send, e.recv, e.tx, e.rx, "outbound").await;
+                self.pump(tcp, e.send, e.recv, (e.tx, e.rx), "outbound", live.stream_idle).await;
             }
             Err((code, message)) => {
                 warn!(code = code.label(), message, "outbound stream failed");
@@ -94,7 +96,13 @@ impl HomeNode {
     }
 
     /// The destination of a stream for `import`: fixed in config, or picked from the view.
-    fn resolve(&self, import: &Import, my_main: &str, exclude: &[Key]) -> Result<(Entry, bool), StreamError> {
+    fn resolve(
+        &self,
+        import: &Import,
+        my_main: &str,
+        exclude: &[Key],
+        live: &HomeLive,
+    ) -> Result<(Entry, bool), StreamError> {
         if let (Some(node), Some(main), Some(key)) = (&import.node, &import.main, &import.noise_public_key) {
             let e = Entry {
                 service: import.service.clone(),
@@ -129,7 +137,6 @@ impl HomeNode {
                 format!("no instance of {}:{} is registered", import.service, import.port),
             ));
         }
-        let live = self.live();
         let algorithm = live.lb.per_service.get(&import.service).copied().unwrap_or(live.lb.default);
         let picked = self.balancers.lock().ok().and_then(|mut b| {
             let bal = b
@@ -176,9 +183,8 @@ impl HomeNode {
     /// Sets up the stream for one call. A registry-resolved call whose setup fails before any
     /// payload byte is read from the client (the client's bytes are only read once the session
     /// is up) is retried on another instance, with full-jitter backoff, up to `maxAttempts`.
-    async fn establish(&self, import: &Import) -> Result<Established, StreamError> {
-        // One call uses one version of the settings from start to end.
-        let retry = self.live().retry.clone();
+    async fn establish(&self, import: &Import, live: &HomeLive) -> Result<Established, StreamError> {
+        let retry = &live.retry;
         let backoff = crate::resilience::backoff::Backoff {
             initial: Duration::from_millis(retry.initial_backoff_ms),
             max: Duration::from_millis(retry.max_backoff_ms),
@@ -191,9 +197,9 @@ impl HomeNode {
                 .borrow()
                 .clone()
                 .ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
-            let (dest, balanced) = self.resolve(import, &main_id, &tried)?;
+            let (dest, balanced) = self.resolve(import, &main_id, &tried, live)?;
             let started = Instant::now();
-            let result = self.establish_to(&conn, &main_id, &dest).await;
+            let result = self.establish_to(&conn, &main_id, &dest, live).await;
             if balanced {
                 match &result {
                     Ok(_) => self.balanced_done(import, &dest.key(), Some(started.elapsed())),
@@ -222,6 +228,7 @@ impl HomeNode {
         conn: &quinn::Connection,
         main_id: &str,
         dest: &Entry,
+        live: &HomeLive,
     ) -> Result<Established, StreamError> {
         let remote =
             decode_key32(&dest.noise_key).ok_or((ErrorCode::Internal, format!("bad Noise key for {}", dest.node)))?;
@@ -232,7 +239,7 @@ impl HomeNode {
             port: dest.port,
             origin: format!("{}@{}", self.identity.node_id, main_id),
         };
-        let decision = if dest.ech { self.live().policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
+        let decision = if dest.ech { live.policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
         let mut retried = false;
         loop {
             let sealed = match decision {
@@ -319,7 +326,8 @@ impl HomeNode {
             return json!({"error": "PEER_UNREACHABLE", "message": "no main relay connection"});
         };
         let import = Import::resolved(service, port, SocketAddr::from(([127, 0, 0, 1], 0)));
-        let dest = match self.resolve(&import, &main_id, &[]) {
+        let live = self.live();
+        let dest = match self.resolve(&import, &main_id, &[], &live) {
             Ok((d, balanced)) => {
                 if balanced {
                     // A probe says nothing about the instance's latency: release it neutrally.
@@ -354,7 +362,7 @@ impl HomeNode {
                 other => Err((ErrorCode::MalformedFrame, format!("unexpected answer {other:?}"))),
             }
         };
-        match tokio::time::timeout(self.live().handshake_timeout, result).await {
+        match tokio::time::timeout(live.handshake_timeout, result).await {
             Ok(Ok(hops)) => {
                 let mut prev = sent;
                 let hops: Vec<_> = std::iter::once(json!({"node": self.identity.node_id, "atMs": sent, "deltaMs": 0}))

@@ -10,9 +10,9 @@ impl HomeNode {
         tcp: TcpStream,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-        mut tx: SendHalf,
-        mut rx: RecvHalf,
+        (mut tx, mut rx): (SendHalf, RecvHalf),
         direction: &'static str,
+        idle: Duration,
     ) {
         let _ = tcp.set_nodelay(true);
         let (mut tr, mut tw) = tcp.into_split();
@@ -59,7 +59,6 @@ impl HomeNode {
             let _ = tw.shutdown().await;
             Ok(total)
         };
-        let idle = self.live().stream_idle;
         let watchdog = async {
             loop {
                 let since = epoch
