@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod distribution;
+pub mod k8s;
 pub mod local;
 pub mod metrics;
 pub mod plan;

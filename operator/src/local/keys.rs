@@ -187,7 +187,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The trust domain named in a CA certificate's common name (`relayfed CA <domain>`).
-fn ca_trust_domain(der: &[u8]) -> Option<String> {
+pub fn ca_trust_domain(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
     cn.strip_prefix("relayfed CA ").map(str::to_owned)

@@ -1,0 +1,181 @@
+//! `Peer` and `RolloutPolicy` -> validated, folded into the plan of every federation in their
+//! namespace, and a status condition `Applied` saying what was applied or why it was rejected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use relayfed_crds::{Peer, RolloutPolicy};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{Instrument, info_span};
+
+use super::context::name_ns;
+use super::status::{Cond, apply_status, event, set_condition};
+use super::{Context, ReconcileError, replan};
+
+/// The federations in `namespace` (their names).
+fn federations(ctx: &Context, namespace: &str) -> Vec<String> {
+    let mut names: Vec<String> = ctx
+        .stores
+        .federations
+        .state()
+        .iter()
+        .filter(|f| f.metadata.namespace.as_deref() == Some(namespace))
+        .map(|f| f.name_any())
+        .collect();
+    names.sort();
+    names
+}
+
+/// What to report about one object after validating and re-planning.
+struct Verdict {
+    ok: bool,
+    reason: &'static str,
+    message: String,
+}
+
+/// Validates `obj` (`validate` is the kind's semantic check), re-plans every federation of
+/// its namespace, and reports the outcome naming this object.
+fn judge(
+    ctx: &Context,
+    namespace: &str,
+    object: &str,
+    validate: Result<(), relayfed_crds::CrdError>,
+    in_use: bool,
+) -> Verdict {
+    if let Err(e) = validate {
+        return Verdict { ok: false, reason: "Invalid", message: e.to_string() };
+    }
+    let feds = federations(ctx, namespace);
+    if feds.is_empty() {
+        return Verdict {
+            ok: false,
+            reason: "NoFederation",
+            message: format!("no RelayFederation in namespace {namespace}"),
+        };
+    }
+    let mut applied = Vec::new();
+    for fed in &feds {
+        match replan::replan(ctx, namespace, fed) {
+            Ok(_) => applied.push(fed.clone()),
+            Err(errors) => {
+                if let Some(msg) = replan::errors_for(&errors, object) {
+                    return Verdict { ok: false, reason: "Rejected", message: msg };
+                }
+            }
+        }
+    }
+    if !in_use {
+        return Verdict { ok: true, reason: "NotReferenced", message: "valid; no federation uses it".into() };
+    }
+    if applied.is_empty() {
+        return Verdict {
+            ok: false,
+            reason: "FederationInvalid",
+            message: "valid, but the federation's plan has errors (see its Ready condition)".into(),
+        };
+    }
+    Verdict { ok: true, reason: "Applied", message: format!("in force in federation {}", applied.join(", ")) }
+}
+
+async fn report<K>(
+    ctx: &Context,
+    obj: &K,
+    v: Verdict,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ReconcileError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+    K: HasConditions,
+{
+    let (_, namespace) = name_ns(obj.meta())?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let generation = obj.meta().generation;
+    let mut conds = obj.conditions();
+    let was_ok = conds.iter().find(|c| c.type_ == "Applied").map(|c| c.status == "True");
+    if !v.ok && was_ok != Some(false) {
+        event(ctx, obj, true, v.reason, "Apply", v.message.clone()).await;
+    } else if v.ok && v.reason == "Applied" && was_ok != Some(true) {
+        event(ctx, obj, false, "Applied", "Apply", v.message.clone()).await;
+    }
+    set_condition(
+        &mut conds,
+        Cond { type_: "Applied", ok: v.ok, reason: v.reason, message: v.message },
+        generation,
+        ctx.now(),
+    );
+    let mut status = extra;
+    status.insert("observedGeneration".into(), generation.into());
+    status.insert("conditions".into(), serde_json::to_value(&conds).unwrap_or_default());
+    apply_status(&api, obj, serde_json::Value::Object(status)).await
+}
+
+/// Gives access to an object's current conditions.
+pub trait HasConditions {
+    /// The conditions in its status.
+    fn conditions(&self) -> Vec<relayfed_crds::Condition>;
+}
+
+impl HasConditions for Peer {
+    fn conditions(&self) -> Vec<relayfed_crds::Condition> {
+        self.status.as_ref().map(|s| s.common.conditions.clone()).unwrap_or_default()
+    }
+}
+
+impl HasConditions for RolloutPolicy {
+    fn conditions(&self) -> Vec<relayfed_crds::Condition> {
+        self.status.as_ref().map(|s| s.common.conditions.clone()).unwrap_or_default()
+    }
+}
+
+fn finish(ctx: &Context, kind: &'static str, key: &str, started: std::time::Instant, ok: bool) {
+    ctx.metrics.reconcile_seconds.get_or_create(&[("kind", kind)]).observe(started.elapsed().as_secs_f64());
+    if ok {
+        ctx.metrics.reconciles.get_or_create(&[("kind", kind), ("result", "ok")]).inc();
+        ctx.succeeded(key);
+    }
+}
+
+/// Reconciles one `Peer`.
+pub async fn reconcile_peer(peer: Arc<Peer>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let (name, namespace) = name_ns(&peer.metadata)?;
+    let started = std::time::Instant::now();
+    let result = async {
+        let v = judge(&ctx, &namespace, &format!("Peer/{name}"), peer.validate(), true);
+        report(&ctx, peer.as_ref(), v, serde_json::Map::new()).await?;
+        Ok(Action::requeue(Duration::from_secs(300)))
+    }
+    .instrument(info_span!("reconcile", kind = "Peer", %namespace, %name))
+    .await;
+    finish(&ctx, "Peer", &format!("{namespace}/{name}"), started, result.is_ok());
+    result
+}
+
+/// Reconciles one `RolloutPolicy`.
+pub async fn reconcile_policy(policy: Arc<RolloutPolicy>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let (name, namespace) = name_ns(&policy.metadata)?;
+    let started = std::time::Instant::now();
+    let result = async {
+        let in_use = ctx.stores.federations.state().iter().any(|f| {
+            f.metadata.namespace.as_deref() == Some(namespace.as_str()) && f.spec.default_rollout_policy == name
+        });
+        let v = judge(&ctx, &namespace, &format!("RolloutPolicy/{name}"), policy.validate(), in_use);
+        let mut extra = serde_json::Map::new();
+        if v.ok {
+            extra.insert("effectivePercentage".into(), policy.spec.ech.percentage.into());
+        }
+        report(&ctx, policy.as_ref(), v, extra).await?;
+        Ok(Action::requeue(Duration::from_secs(300)))
+    }
+    .instrument(info_span!("reconcile", kind = "RolloutPolicy", %namespace, %name))
+    .await;
+    finish(&ctx, "RolloutPolicy", &format!("{namespace}/{name}"), started, result.is_ok());
+    result
+}

@@ -1,0 +1,108 @@
+//! Compile a federation's plan from the informer stores and publish it: the one path from
+//! CRs to the snapshots nodes receive.
+
+use std::collections::BTreeMap;
+
+use kube::ResourceExt;
+use relayfed_crds::AnyResource;
+use relayfed_sidecar::config::Snapshot;
+
+use super::Context;
+use crate::plan::{self, KeyLayout, Plan, PlanError};
+
+/// The CRs of federation `name` in `namespace`, as the plan takes them. Objects being deleted
+/// are left out: a relay with a deletion timestamp is already withdrawn.
+pub fn resources(ctx: &Context, namespace: &str, name: &str) -> Vec<AnyResource> {
+    let live = |meta: &kube::api::ObjectMeta| {
+        meta.namespace.as_deref() == Some(namespace) && meta.deletion_timestamp.is_none()
+    };
+    let mut out = Vec::new();
+    for f in ctx.stores.federations.state() {
+        if live(&f.metadata) && f.name_any() == name {
+            out.push(AnyResource::Federation(Box::new((*f).clone())));
+        }
+    }
+    for r in ctx.stores.relays.state() {
+        if live(&r.metadata) && r.spec.federation == name {
+            out.push(AnyResource::Relay(Box::new((*r).clone())));
+        }
+    }
+    for p in ctx.stores.peers.state() {
+        if live(&p.metadata) {
+            out.push(AnyResource::Peer(Box::new((*p).clone())));
+        }
+    }
+    for p in ctx.stores.policies.state() {
+        if live(&p.metadata) {
+            out.push(AnyResource::RolloutPolicy(Box::new((*p).clone())));
+        }
+    }
+    // Stores are unordered; the plan must not depend on arrival order.
+    out.sort_by_key(|r| (r.kind(), r.name()));
+    out
+}
+
+/// Compiles federation `namespace/name` and publishes the union of every federation's
+/// snapshots. On errors nothing is published for this federation (the previous snapshots
+/// stay in force) and the errors are returned for the status of the objects they name.
+pub fn replan(ctx: &Context, namespace: &str, name: &str) -> Result<Plan, Vec<PlanError>> {
+    let key = format!("{namespace}/{name}");
+    let keys = KeyLayout { dir: ctx.settings.key_dir.clone() };
+    let compiled = plan::compile(&resources(ctx, namespace, name), &keys, 0);
+    let mut plans = match ctx.plans.lock() {
+        Ok(p) => p,
+        Err(p) => p.into_inner(),
+    };
+    match &compiled {
+        Ok(p) => {
+            plans.insert(key, in_cluster(ctx, namespace, p.snapshots.clone()));
+        }
+        Err(_)
+            if ctx.stores.federations.state().iter().all(|f| crate::k8s::context::object_key(&f.metadata) != key) =>
+        {
+            // The federation itself is gone: withdraw its nodes.
+            plans.remove(&key);
+        }
+        Err(_) => return compiled,
+    }
+    let mut union: BTreeMap<String, Snapshot> = BTreeMap::new();
+    for (fed, snaps) in plans.iter() {
+        for (node, snap) in snaps {
+            if union.contains_key(node) {
+                tracing::warn!(federation = %fed, %node, "node id used by two federations; the first one wins");
+                continue;
+            }
+            union.insert(node.clone(), snap.clone());
+        }
+    }
+    let changed = ctx.distributor.publish(&union);
+    if !changed.is_empty() {
+        ctx.metrics.config_changes.get_or_create(&[("result", "accepted")]).inc();
+    }
+    compiled
+}
+
+/// In a cluster a main relay listens on all addresses of its pod at `spec.listenPort` (its
+/// federation endpoint is the Service's address, not the pod's) and serves its admin API on
+/// [`ADMIN_PORT`](super::relay_objects::ADMIN_PORT) for probes and scraping.
+fn in_cluster(ctx: &Context, namespace: &str, mut snaps: BTreeMap<String, Snapshot>) -> BTreeMap<String, Snapshot> {
+    use std::net::SocketAddr;
+    for r in ctx.stores.relays.state() {
+        if r.metadata.namespace.as_deref() != Some(namespace) || r.spec.relay_type != relayfed_crds::RelayType::Main {
+            continue;
+        }
+        if let Some(s) = snaps.get_mut(&r.spec.node_id) {
+            s.listen = Some(SocketAddr::from(([0, 0, 0, 0], r.spec.listen_port)));
+            let admin = u16::try_from(super::relay_objects::ADMIN_PORT).unwrap_or(9901);
+            s.admin = Some(SocketAddr::from(([0, 0, 0, 0], admin)));
+        }
+    }
+    snaps
+}
+
+/// The plan errors that name `object` (`Kind/name`), joined for a condition message.
+pub fn errors_for(errors: &[PlanError], object: &str) -> Option<String> {
+    let mine: Vec<String> =
+        errors.iter().filter(|e| e.object == object).map(|e| format!("{}: {}", e.field, e.reason)).collect();
+    (!mine.is_empty()).then(|| mine.join("; "))
+}
