@@ -30,6 +30,11 @@ enum Command {
         #[command(subcommand)]
         command: WebhookCommand,
     },
+    /// The Kubernetes operator (in-cluster; needs an API server).
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
     /// Run one node from a snapshot file (what local mode starts per relay).
     #[command(hide = true)]
     Node {
@@ -39,6 +44,34 @@ enum Command {
         /// Config distribution server to subscribe to.
         #[arg(long)]
         config_server: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Reconcile the relayfed.io CRDs (leader-elected) and serve config distribution.
+    Run {
+        /// Namespace of the leader Lease (the operator's own; default $POD_NAMESPACE).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "relayfed-system")]
+        namespace: String,
+        /// This replica's identity in the Lease (default $POD_NAME).
+        #[arg(long, env = "POD_NAME")]
+        identity: String,
+        /// The federation (`namespace/name`) whose nodes the distribution server serves.
+        #[arg(long)]
+        federation: String,
+        /// Image of relayfed-proxy for main relay Deployments.
+        #[arg(long)]
+        proxy_image: String,
+        /// Address nodes subscribe to (`host:port` of the operator's Service).
+        #[arg(long)]
+        config_server: String,
+        /// Config distribution (HTTPS, mTLS) listen address.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        distribution_listen: std::net::SocketAddr,
+        /// Admin port: /metrics, /healthz, /readyz (leader only).
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        admin_listen: std::net::SocketAddr,
     },
 }
 
@@ -188,6 +221,32 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(runner::run(snap, opts))
         }
         Command::Webhook { command } => webhook(command),
+        Command::Operator {
+            command:
+                OperatorCommand::Run {
+                    namespace,
+                    identity,
+                    federation,
+                    proxy_image,
+                    config_server,
+                    distribution_listen,
+                    admin_listen,
+                },
+        } => {
+            use relayfed_operator::k8s::{Settings, controllers};
+            let settings = Settings { proxy_image, config_server, ..Settings::default() };
+            let opts = controllers::RunOptions { namespace, identity, federation, distribution_listen };
+            runtime()?.block_on(async move {
+                let metrics = std::sync::Arc::new(relayfed_operator::metrics::OperatorMetrics::new());
+                let leading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                relayfed_operator::k8s::probes::serve(admin_listen, metrics.clone(), leading.clone()).await?;
+                let client = kube::Client::try_default()
+                    .await
+                    .context("no Kubernetes API: run in a cluster or with a kubeconfig (for a machine without one, see `relayfed local up`)")?;
+                controllers::run(client, settings, opts, metrics, leading).await?;
+                Ok(())
+            })
+        }
         Command::Local { command } => match command {
             LocalCommand::Up { inputs, state, passphrase_file, detach } => {
                 up(inputs, state.state(), passphrase_file, detach)

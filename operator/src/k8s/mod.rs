@@ -8,10 +8,12 @@
 //! Secret, which is created once and never written again ([`federation`]).
 
 pub mod context;
+pub mod controllers;
 pub mod ech_rotation;
 pub mod federation;
 pub mod leader;
 pub mod policy;
+pub mod probes;
 pub mod relay;
 pub mod relay_objects;
 pub mod replan;

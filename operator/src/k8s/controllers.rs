@@ -1,0 +1,202 @@
+//! Wires the reconcilers into kube-runtime controllers (one per CRD, owned objects watched),
+//! behind Lease leader election, and serves config distribution for one federation.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use relayfed_crds::{Peer, Relay, RelayFederation, RolloutPolicy};
+use tracing::{info, warn};
+
+use super::context::{error_policy, object_key};
+use super::leader::Elector;
+use super::{Context, FIELD_MANAGER, LABEL_MANAGED_BY, ReconcileError, Settings, Stores};
+use crate::distribution::Distributor;
+use crate::metrics::OperatorMetrics;
+
+/// What `relayfed operator run` needs beyond [`Settings`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Namespace of the leader Lease (the operator's own).
+    pub namespace: String,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+    /// The federation (`namespace/name`) whose nodes the distribution server serves.
+    pub federation: String,
+    /// Distribution server address.
+    pub distribution_listen: SocketAddr,
+}
+
+fn report<K: kube::Resource>(
+    kind: &'static str,
+) -> impl FnMut(
+    Result<(ObjectRef<K>, Action), kube::runtime::controller::Error<ReconcileError, watcher::Error>>,
+) -> std::future::Ready<()> {
+    move |res| {
+        match res {
+            Ok((obj, _)) => tracing::debug!(kind, object = %obj, "reconciled"),
+            Err(e) => tracing::debug!(kind, error = %e, "reconcile error (requeued with backoff)"),
+        }
+        std::future::ready(())
+    }
+}
+
+/// Builds the four controllers over `client`, returns their shared context and the future
+/// that runs them until shutdown.
+pub fn controllers(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<OperatorMetrics>,
+    distributor: Arc<Distributor>,
+) -> (Arc<Context>, impl std::future::Future<Output = ()>) {
+    let wc = watcher::Config::default();
+    let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={FIELD_MANAGER}"));
+    let feds = Controller::new(Api::<RelayFederation>::all(client.clone()), wc.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone());
+    let relays = Controller::new(Api::<Relay>::all(client.clone()), wc.clone())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<Secret>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned);
+    let peers = Controller::new(Api::<Peer>::all(client.clone()), wc.clone());
+    let policies = Controller::new(Api::<RolloutPolicy>::all(client.clone()), wc);
+    let stores =
+        Stores { federations: feds.store(), relays: relays.store(), peers: peers.store(), policies: policies.store() };
+    let clock: super::Clock = Arc::new(SystemTime::now);
+    let ctx = Context::new(client, settings, metrics, stores, distributor, clock);
+    let c = ctx.clone();
+    let run = async move {
+        let f = feds
+            .run(
+                super::federation::reconcile,
+                |o: Arc<RelayFederation>, e, ctx: Arc<Context>| {
+                    error_policy("RelayFederation", &object_key(&o.metadata), e, &ctx)
+                },
+                c.clone(),
+            )
+            .for_each(report("RelayFederation"));
+        let r = relays
+            .run(
+                super::relay::reconcile,
+                |o: Arc<Relay>, e, ctx: Arc<Context>| error_policy("Relay", &object_key(&o.metadata), e, &ctx),
+                c.clone(),
+            )
+            .for_each(report("Relay"));
+        let p = peers
+            .run(
+                super::policy::reconcile_peer,
+                |o: Arc<Peer>, e, ctx: Arc<Context>| error_policy("Peer", &object_key(&o.metadata), e, &ctx),
+                c.clone(),
+            )
+            .for_each(report("Peer"));
+        let q = policies
+            .run(
+                super::policy::reconcile_policy,
+                |o: Arc<RolloutPolicy>, e, ctx: Arc<Context>| {
+                    error_policy("RolloutPolicy", &object_key(&o.metadata), e, &ctx)
+                },
+                c,
+            )
+            .for_each(report("RolloutPolicy"));
+        futures::join!(f, r, p, q);
+    };
+    (ctx, run)
+}
+
+/// Runs the operator: waits for the Lease, then reconciles and serves distribution until the
+/// Lease is lost (returns an error so the pod restarts as a follower) or the process stops.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    opts: RunOptions,
+    metrics: Arc<OperatorMetrics>,
+    leading: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), ReconcileError> {
+    let elector = Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &opts.namespace),
+        "relayfed-operator",
+        &opts.identity,
+        Duration::from_secs(15),
+    );
+    loop {
+        match elector.try_lead(SystemTime::now()).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "leader election"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    leading.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(identity = %opts.identity, "leading: starting controllers");
+    // Versions continue from the wall clock, so a new leader never hands out a lower version.
+    let start = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let distributor = Distributor::new(metrics.clone(), start);
+    let (ctx, controllers) = controllers(client.clone(), settings, metrics, distributor.clone());
+    let serve = serve_distribution(ctx.clone(), opts.clone());
+    let renew = async {
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            match elector.try_lead(SystemTime::now()).await {
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => return ReconcileError::Dependency("lost the leader Lease to another replica".into()),
+                Err(e) if last_ok.elapsed() > elector.lease_duration => {
+                    return ReconcileError::Dependency(format!("could not renew the leader Lease: {e}"));
+                }
+                Err(e) => warn!(error = %e, "renewing the leader Lease"),
+            }
+        }
+    };
+    tokio::select! {
+        _ = controllers => Ok(()),
+        e = renew => Err(e),
+        e = serve => e,
+    }
+}
+
+/// Once the federation's CA exists, serves config distribution with a server certificate
+/// issued from it (node id [`relayfed_sidecar::distribution::DEFAULT_SERVER_NODE`]).
+async fn serve_distribution(ctx: Arc<Context>, opts: RunOptions) -> Result<(), ReconcileError> {
+    let (namespace, name) = opts.federation.split_once('/').ok_or_else(|| {
+        ReconcileError::Object(format!("--federation {:?}: expected namespace/name", opts.federation))
+    })?;
+    let (ca, trust_domain) = loop {
+        let fed = ctx.stores.federations.get(&ObjectRef::new(name).within(namespace));
+        if let Some(fed) = fed
+            && let Some(ca) =
+                super::federation::load_ca(&ctx, namespace, &fed.name_any(), &fed.spec.trust_domain, false).await?
+        {
+            break (ca, fed.spec.trust_domain.clone());
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let node = relayfed_sidecar::distribution::DEFAULT_SERVER_NODE;
+    let issued =
+        ca.ca.issue(node, Duration::from_secs(365 * 86_400)).map_err(|e| ReconcileError::Keys(e.to_string()))?;
+    let identity = relayfed_sidecar::transport::tls::HopIdentity::from_pem(
+        &trust_domain,
+        node,
+        &ca.ca.certified_key().cert_pem,
+        &issued.cert_pem,
+        &issued.key_pem,
+    )
+    .map_err(|e| ReconcileError::Keys(e.to_string()))?;
+    let bound =
+        ctx.distributor.clone().serve(opts.distribution_listen, &identity).await.map_err(|e| {
+            ReconcileError::Dependency(format!("config distribution on {}: {e}", opts.distribution_listen))
+        })?;
+    info!(%bound, federation = %opts.federation, "serving config distribution");
+    std::future::pending::<()>().await;
+    Ok(())
+}
