@@ -37,11 +37,10 @@ pub struct RunOptions {
     pub distribution_listen: SocketAddr,
 }
 
-fn report<K: kube::Resource>(
-    kind: &'static str,
-) -> impl FnMut(
-    Result<(ObjectRef<K>, Action), kube::runtime::controller::Error<ReconcileError, watcher::Error>>,
-) -> std::future::Ready<()> {
+/// What a controller stream yields per reconcile.
+type Outcome<K> = Result<(ObjectRef<K>, Action), kube::runtime::controller::Error<ReconcileError, watcher::Error>>;
+
+fn report<K: kube::Resource>(kind: &'static str) -> impl FnMut(Outcome<K>) -> std::future::Ready<()> {
     move |res| {
         match res {
             Ok((obj, _)) => tracing::debug!(kind, object = %obj, "reconciled"),
