@@ -275,6 +275,21 @@ impl MainRelay {
         }
     }
 
+    /// When the home's certificate binds a Noise key (issued by the operator from a CSR), the
+    /// key it registers must be that one; certificates without the binding are accepted as
+    /// before (local mode, hosts outside Kubernetes).
+    fn noise_binding_mismatch(&self, node: &str, registered: &str) -> Option<String> {
+        let conn = self.homes.read().ok()?.get(node)?.conn.clone();
+        let chain = conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+        let leaf = chain.first()?;
+        match crate::crypto::ca::noise_key_from_cert(leaf.as_ref()) {
+            Ok(None) => None,
+            Ok(Some(bound)) if crate::config::base64_decode(registered).as_deref() == Some(&bound[..]) => None,
+            Ok(Some(_)) => Some("the registered key differs from the one in the certificate".into()),
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
     async fn home_control(
         self: Arc<Self>,
         node: String,
@@ -290,6 +305,11 @@ impl MainRelay {
         while let Some(m) = next.take() {
             match m {
                 Control::Register { services, noise_key, imports } => {
+                    if let Some(reason) = self.noise_binding_mismatch(&node, &noise_key) {
+                        self.metrics.trust_denials.get_or_create(&[("rule", "noise_key_binding")]).inc();
+                        warn!(home = %node, %reason, "registration refused: Noise key not bound to the certificate");
+                        break;
+                    }
                     if let Ok(mut i) = interest.write() {
                         *i = imports.map(|list| {
                             list.iter()
