@@ -7,7 +7,7 @@ PY_REQS := tests/python/requirements.txt
 
 FUZZ_SECONDS ?= 60
 # crate-dir:target pairs; each crate keeps its harnesses and seeds in <crate>/fuzz.
-FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:frame sidecar:ech_config_list sidecar:snapshot sidecar:control sidecar:distribution
+FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:frame sidecar:ech_config_list sidecar:snapshot sidecar:control sidecar:distribution operator:admission_review operator:certificate_request
 
 BENCH_OUT ?= docs/benchmarks.md
 

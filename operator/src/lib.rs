@@ -5,6 +5,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod distribution;
+pub mod https;
+pub mod identity;
 pub mod k8s;
 pub mod local;
 pub mod metrics;

@@ -264,17 +264,7 @@ pub async fn serve(
     metrics: std::sync::Arc<crate::metrics::OperatorMetrics>,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use http_body_util::{BodyExt, Full, Limited};
-    use rustls_pki_types::pem::PemObject;
-    let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
-        rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>()?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
-    let mut tls =
-        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let acceptor = crate::https::acceptor(cert_pem, key_pem)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let cfg = std::sync::Arc::new(cfg);

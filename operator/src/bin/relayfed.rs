@@ -69,6 +69,9 @@ enum OperatorCommand {
         /// Config distribution (HTTPS, mTLS) listen address.
         #[arg(long, default_value = "0.0.0.0:8443")]
         distribution_listen: std::net::SocketAddr,
+        /// Workload certificate server (HTTPS, `POST /v1/certificate` with a bound token).
+        #[arg(long, default_value = "0.0.0.0:8444")]
+        identity_listen: std::net::SocketAddr,
         /// Admin port: /metrics, /healthz, /readyz (leader only).
         #[arg(long, default_value = "0.0.0.0:9090")]
         admin_listen: std::net::SocketAddr,
@@ -235,7 +238,8 @@ fn main() -> anyhow::Result<()> {
         } => {
             use relayfed_operator::k8s::{Settings, controllers};
             let settings = Settings { proxy_image, config_server, ..Settings::default() };
-            let opts = controllers::RunOptions { namespace, identity, federation, distribution_listen };
+            let opts =
+                controllers::RunOptions { namespace, identity, federation, distribution_listen, identity_listen };
             runtime()?.block_on(async move {
                 let metrics = std::sync::Arc::new(relayfed_operator::metrics::OperatorMetrics::new());
                 let leading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub federation: String,
     /// Distribution server address.
     pub distribution_listen: SocketAddr,
+    /// Workload certificate (CSR) server address.
+    pub identity_listen: SocketAddr,
 }
 
 /// What a controller stream yields per reconcile.
@@ -164,7 +166,7 @@ pub async fn run(
     }
 }
 
-/// Once the federation's CA exists, serves config distribution with a server certificate
+/// Once the federation's CA exists, serves config distribution and workload certificates with a server certificate
 /// issued from it (node id [`relayfed_sidecar::distribution::DEFAULT_SERVER_NODE`]).
 async fn serve_distribution(ctx: Arc<Context>, opts: RunOptions) -> Result<(), ReconcileError> {
     let (namespace, name) = opts.federation.split_once('/').ok_or_else(|| {
@@ -196,6 +198,16 @@ async fn serve_distribution(ctx: Arc<Context>, opts: RunOptions) -> Result<(), R
             ReconcileError::Dependency(format!("config distribution on {}: {e}", opts.distribution_listen))
         })?;
     info!(%bound, federation = %opts.federation, "serving config distribution");
+    let ids = Arc::new(crate::identity::IdentityServer {
+        client: ctx.client.clone(),
+        ca: Arc::new(ca.ca),
+        metrics: ctx.metrics.clone(),
+    });
+    let bound = ids
+        .serve(opts.identity_listen, &issued.cert_pem, &issued.key_pem)
+        .await
+        .map_err(|e| ReconcileError::Dependency(format!("certificate server on {}: {e}", opts.identity_listen)))?;
+    info!(%bound, "serving workload certificates (POST /v1/certificate)");
     std::future::pending::<()>().await;
     Ok(())
 }

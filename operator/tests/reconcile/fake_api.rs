@@ -41,6 +41,9 @@ pub struct State {
     pub calls: Vec<Call>,
     /// Paths whose next PUT fails with 409 (a concurrent writer).
     pub conflict_on_put: Vec<String>,
+    /// For POSTs to these collection paths, fields merged into the answer (e.g. a
+    /// TokenReview's status, which the API server computes).
+    pub post_replies: BTreeMap<String, Value>,
     /// Paths the next GET answers 404 for (an object created concurrently).
     pub hide_once: Vec<String>,
     rv: u64,
@@ -160,6 +163,11 @@ impl FakeApi {
                 Some(o) => (200, o.clone()),
                 None => status(404, "NotFound", &format!("{path} not found")),
             },
+            "POST" if s.post_replies.contains_key(&path) => {
+                let mut obj = call.body.clone();
+                merge(&mut obj, &s.post_replies[&path]);
+                (201, obj)
+            }
             "POST" => {
                 let name = call.body["metadata"]["name"].as_str().unwrap_or("").to_owned();
                 let full = format!("{path}/{name}");

@@ -5,6 +5,7 @@
 
 mod fake_api;
 mod federation;
+mod identity;
 mod leader;
 mod policy;
 mod relay;
