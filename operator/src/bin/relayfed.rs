@@ -233,6 +233,7 @@ fn main() -> anyhow::Result<()> {
                     proxy_image,
                     config_server,
                     distribution_listen,
+                    identity_listen,
                     admin_listen,
                 },
         } => {
