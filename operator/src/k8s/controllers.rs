@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use super::context::{error_policy, object_key};
 use super::leader::Elector;
+use super::services::{ServiceExport, ServiceImport};
 use super::{Context, FIELD_MANAGER, LABEL_MANAGED_BY, ReconcileError, Settings, Stores};
 use crate::distribution::Distributor;
 use crate::metrics::OperatorMetrics;
@@ -69,7 +70,10 @@ pub fn controllers(
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<Secret>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned);
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned.clone());
+    let exports = Controller::new(Api::<ServiceExport>::all(client.clone()), wc.clone());
+    let imports = Controller::new(Api::<ServiceImport>::all(client.clone()), wc.clone())
+        .owns(Api::<Service>::all(client.clone()), owned);
     let peers = Controller::new(Api::<Peer>::all(client.clone()), wc.clone());
     let policies = Controller::new(Api::<RolloutPolicy>::all(client.clone()), wc);
     let stores =
@@ -107,10 +111,28 @@ pub fn controllers(
                 |o: Arc<RolloutPolicy>, e, ctx: Arc<Context>| {
                     error_policy("RolloutPolicy", &object_key(&o.metadata), e, &ctx)
                 },
-                c,
+                c.clone(),
             )
             .for_each(report("RolloutPolicy"));
-        futures::join!(f, r, p, q);
+        let x = exports
+            .run(
+                super::services::reconcile_export,
+                |o: Arc<ServiceExport>, e, ctx: Arc<Context>| {
+                    error_policy("ServiceExport", &object_key(&o.metadata), e, &ctx)
+                },
+                c.clone(),
+            )
+            .for_each(report("ServiceExport"));
+        let i = imports
+            .run(
+                super::services::reconcile_import,
+                |o: Arc<ServiceImport>, e, ctx: Arc<Context>| {
+                    error_policy("ServiceImport", &object_key(&o.metadata), e, &ctx)
+                },
+                c.clone(),
+            )
+            .for_each(report("ServiceImport"));
+        futures::join!(f, r, p, q, x, i);
     };
     (ctx, run)
 }

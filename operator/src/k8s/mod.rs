@@ -17,6 +17,7 @@ pub mod probes;
 pub mod relay;
 pub mod relay_objects;
 pub mod replan;
+pub mod services;
 pub mod status;
 
 pub use context::{Clock, Context, ReconcileError, Settings, Stores};

@@ -9,6 +9,7 @@ mod identity;
 mod leader;
 mod policy;
 mod relay;
+mod services;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
