@@ -44,7 +44,27 @@ def test_every_rendered_object_is_valid(values):
 
 
 def test_injection_can_be_turned_off():
-    assert render({"injection": {"enabled": False}}) == []
+    docs = render({"injection": {"enabled": False}})
+    assert docs and all("injector" not in d["metadata"]["name"] for d in docs)
+    assert not [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    assert render({"injection": {"enabled": False}, "operator": {"enabled": False}}) == []
+
+
+def test_the_operator_is_leader_elected_and_may_do_what_its_reconcilers_do():
+    docs = render()
+    (dep,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "relayfed-operator"]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["relayfed"] and c["args"][:2] == ["operator", "run"]
+    assert "--federation=relayfed-system/relayfed" in c["args"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    (role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    verbs = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert "create" in verbs[("", "secrets")], "the CA Secret is created with POST"
+    assert "update" not in verbs[("", "secrets")], "the operator never replaces a Secret"
+    assert "create" in verbs[("authentication.k8s.io", "tokenreviews")]
+    assert "update" in verbs[("relayfed.io", "relays/finalizers")]
+    (lease,) = [d for d in docs if d["kind"] == "Role"]
+    assert lease["rules"][0]["resources"] == ["leases"]
 
 
 def test_the_two_webhooks_have_disjoint_namespace_selectors_and_paths():

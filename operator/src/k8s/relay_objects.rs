@@ -115,6 +115,7 @@ pub fn deployment(r: &Relay, owner: &OwnerReference, settings: &Settings) -> Dep
     let container = Container {
         name: "relayfed-proxy".into(),
         image: Some(settings.proxy_image.clone()),
+        command: Some(vec!["relayfed-proxy".into()]),
         args: Some(vec![
             "main-relay".into(),
             "--config".into(),
