@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::info;
 
@@ -86,5 +87,54 @@ impl MainRelay {
             }
         }
         self.metrics.config_version.set(snap.version as i64);
+    }
+}
+
+/// How often a main relay looks at its ECH key file for a rotation.
+const ECH_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+impl MainRelay {
+    /// The ECH keys in force.
+    pub(crate) fn ech_keys(&self) -> Option<Arc<crate::crypto::ech::EchKeySet>> {
+        self.keys.read().ok().and_then(|k| k.clone())
+    }
+
+    /// Re-reads the ECH key file when its contents change (the operator rotated the key and
+    /// the kubelet updated the mounted Secret) and swaps the key set: new routes see the new
+    /// config, routes sealed to the previous key still open during the grace period, and the
+    /// new ECHConfigList goes out to homes with the next view.
+    pub(crate) fn watch_ech_keys(
+        self: Arc<Self>,
+        path: std::path::PathBuf,
+        grace: Duration,
+        passphrase: Option<Vec<u8>>,
+    ) {
+        tokio::spawn(async move {
+            let read = |p: &std::path::Path| std::fs::read(p).ok();
+            let mut last = read(&path);
+            loop {
+                tokio::time::sleep(ECH_RELOAD_INTERVAL).await;
+                let now = read(&path);
+                if now.is_none() || now == last {
+                    continue;
+                }
+                last = now;
+                let loaded = crate::config::keys::EchKeyFile::load(&path, passphrase.as_deref())
+                    .and_then(|f| f.key_set(&path, grace));
+                match loaded {
+                    Ok(set) => {
+                        let id = set.current().config().config_id;
+                        if let Ok(mut k) = self.keys.write() {
+                            *k = Some(Arc::new(set));
+                        }
+                        tracing::info!(config_id = id, "ECH keys reloaded from their file");
+                        self.push_views();
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "ECH key file changed but cannot be read; keeping the keys in force")
+                    }
+                }
+            }
+        });
     }
 }

@@ -67,7 +67,8 @@ pub(crate) struct PeerHealth {
 /// Shared state of a running main relay.
 pub struct MainRelay {
     pub(crate) identity: HopIdentity,
-    pub(crate) keys: Option<EchKeySet>,
+    /// ECH keys; replaced when the key file changes (a rotation), see `main_live`.
+    pub(crate) keys: RwLock<Option<Arc<EchKeySet>>>,
     pub(crate) homes: RwLock<HashMap<String, Link>>,
     pub(crate) peers: RwLock<HashMap<String, Link>>,
     pub(crate) peer_health: RwLock<HashMap<String, PeerHealth>>,
@@ -128,7 +129,7 @@ impl MainRelay {
         let relay = Arc::new(Self {
             registry: Mutex::new(Registry::new(&snap.node.id, ttl)),
             identity,
-            keys,
+            keys: RwLock::new(keys.map(Arc::new)),
             homes: RwLock::new(HashMap::new()),
             peers: RwLock::new(HashMap::new()),
             peer_health: RwLock::new(snap.peers.iter().map(|p| (p.node_id.clone(), PeerHealth::default())).collect()),
@@ -152,6 +153,9 @@ impl MainRelay {
         let ep = endpoint.clone();
         tokio::spawn(async move { r.accept_loop(ep).await });
         relay.clone().start_federation(endpoint);
+        if let Some(e) = &snap.ech {
+            relay.clone().watch_ech_keys(e.key_file.clone(), Duration::from_secs(e.grace_seconds), snap.passphrase()?);
+        }
         Ok((relay, bound))
     }
 
@@ -170,7 +174,7 @@ impl MainRelay {
 
     /// The ECHConfigList this relay publishes, if it has ECH keys.
     pub fn ech_config_list(&self) -> Option<Vec<u8>> {
-        self.keys.as_ref().and_then(|k| k.config_list().ok())
+        self.ech_keys().and_then(|k| k.config_list().ok())
     }
 
     async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
@@ -408,7 +412,7 @@ impl MainRelay {
                 return self.forward_to_peer(&next, fwd, send, recv).await;
             }
             RouteBody::Sealed(mut sealed) => {
-                let Some(keys) = &self.keys else {
+                let Some(keys) = self.ech_keys() else {
                     return self.fail(&mut send, ErrorCode::EchDecryptFailed, "this relay has no ECH keys").await;
                 };
                 if self.tamper == Tamper::FlipSealed
