@@ -162,8 +162,9 @@ pub async fn run(
     }
     leading.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(identity = %opts.identity, "leading: starting controllers");
-    // Versions continue from the wall clock, so a new leader never hands out a lower version.
-    let start = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // Versions continue from the wall clock in milliseconds, so a new leader hands out higher
+    // versions than the previous one did (unless it published more than once per millisecond).
+    let start = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let distributor = Distributor::new(metrics.clone(), start);
     let (ctx, controllers) = controllers(client.clone(), settings, metrics, distributor.clone());
     let serve = serve_distribution(ctx.clone(), opts.clone());

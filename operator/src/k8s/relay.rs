@@ -258,6 +258,16 @@ async fn apply(relay: &Relay, ctx: &Context, name: &str, namespace: &str) -> Res
             );
             event(ctx, relay, true, "Invalid", "Plan", msg).await;
         }
+        if snapshot.is_none() && replan::errors_for(plan.as_ref().err().map_or(&[][..], |e| &e[..]), &obj).is_none() {
+            let msg = "the federation's plan has errors (see its Ready condition); nothing deployed yet".to_owned();
+            set_condition(
+                &mut conds,
+                Cond { type_: "Ready", ok: false, reason: "NotPlanned", message: msg },
+                generation,
+                now,
+            );
+            requeue = requeue.min(Duration::from_secs(30));
+        }
         if let Some(snap) = snapshot {
             let json = serde_json::to_string_pretty(&*snap).map_err(|e| ReconcileError::Keys(e.to_string()))?;
             apply_obj::<ConfigMap>(ctx, namespace, &objects::config_map(relay, &owner, json)).await?;
