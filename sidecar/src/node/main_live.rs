@@ -106,12 +106,13 @@ impl MainRelay {
     pub(crate) fn watch_ech_keys(
         self: Arc<Self>,
         path: std::path::PathBuf,
+        loaded_from: Option<Vec<u8>>,
         grace: Duration,
         passphrase: Option<Vec<u8>>,
     ) {
         tokio::spawn(async move {
             let read = |p: &std::path::Path| std::fs::read(p).ok();
-            let mut last = read(&path);
+            let mut last = loaded_from;
             loop {
                 tokio::time::sleep(ECH_RELOAD_INTERVAL).await;
                 let now = read(&path);

@@ -113,6 +113,8 @@ impl MainRelay {
     /// peers it is responsible for.
     pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>, tamper: Tamper) -> anyhow::Result<(Arc<Self>, Bound)> {
         let identity = HopIdentity::load(snap)?;
+        // The bytes the keys come from, read first: a rotation racing the load is seen later.
+        let ech_bytes = snap.ech.as_ref().and_then(|e| std::fs::read(&e.key_file).ok());
         let keys = match &snap.ech {
             Some(e) => Some(
                 EchKeyFile::load(&e.key_file, snap.passphrase()?.as_deref())?
@@ -154,7 +156,8 @@ impl MainRelay {
         tokio::spawn(async move { r.accept_loop(ep).await });
         relay.clone().start_federation(endpoint);
         if let Some(e) = &snap.ech {
-            relay.clone().watch_ech_keys(e.key_file.clone(), Duration::from_secs(e.grace_seconds), snap.passphrase()?);
+            let grace = Duration::from_secs(e.grace_seconds);
+            relay.clone().watch_ech_keys(e.key_file.clone(), ech_bytes, grace, snap.passphrase()?);
         }
         Ok((relay, bound))
     }
