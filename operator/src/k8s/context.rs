@@ -117,6 +117,17 @@ impl Context {
         }
     }
 
+    /// Records the end of a reconcile of `kind` `key` that started at `started`: duration
+    /// always, the `ok` count and a backoff reset on success (failures are counted by
+    /// [`error_policy`]).
+    pub(crate) fn finished(&self, kind: &'static str, key: &str, started: std::time::Instant, ok: bool) {
+        self.metrics.reconcile_seconds.get_or_create(&[("kind", kind)]).observe(started.elapsed().as_secs_f64());
+        if ok {
+            self.metrics.reconciles.get_or_create(&[("kind", kind), ("result", "ok")]).inc();
+            self.succeeded(key);
+        }
+    }
+
     /// Records a failed reconcile of `key` and returns how long to wait before the next try:
     /// 5 s doubling per consecutive failure, at most 5 minutes.
     pub fn backoff(&self, key: &str) -> Duration {

@@ -143,14 +143,7 @@ pub async fn reconcile(fed: Arc<RelayFederation>, ctx: Arc<Context>) -> Result<A
     let span = info_span!("reconcile", kind = "RelayFederation", %namespace, %name);
     let started = std::time::Instant::now();
     let result = apply(&fed, &ctx, &name, &namespace).instrument(span).await;
-    ctx.metrics
-        .reconcile_seconds
-        .get_or_create(&[("kind", "RelayFederation")])
-        .observe(started.elapsed().as_secs_f64());
-    if result.is_ok() {
-        ctx.metrics.reconciles.get_or_create(&[("kind", "RelayFederation"), ("result", "ok")]).inc();
-        ctx.succeeded(&format!("{namespace}/{name}"));
-    }
+    ctx.finished("RelayFederation", &format!("{namespace}/{name}"), started, result.is_ok());
     result
 }
 

@@ -135,14 +135,6 @@ impl HasConditions for RolloutPolicy {
     }
 }
 
-fn finish(ctx: &Context, kind: &'static str, key: &str, started: std::time::Instant, ok: bool) {
-    ctx.metrics.reconcile_seconds.get_or_create(&[("kind", kind)]).observe(started.elapsed().as_secs_f64());
-    if ok {
-        ctx.metrics.reconciles.get_or_create(&[("kind", kind), ("result", "ok")]).inc();
-        ctx.succeeded(key);
-    }
-}
-
 /// Reconciles one `Peer`.
 pub async fn reconcile_peer(peer: Arc<Peer>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let (name, namespace) = name_ns(&peer.metadata)?;
@@ -154,7 +146,7 @@ pub async fn reconcile_peer(peer: Arc<Peer>, ctx: Arc<Context>) -> Result<Action
     }
     .instrument(info_span!("reconcile", kind = "Peer", %namespace, %name))
     .await;
-    finish(&ctx, "Peer", &format!("{namespace}/{name}"), started, result.is_ok());
+    ctx.finished("Peer", &format!("{namespace}/{name}"), started, result.is_ok());
     result
 }
 
@@ -176,6 +168,6 @@ pub async fn reconcile_policy(policy: Arc<RolloutPolicy>, ctx: Arc<Context>) -> 
     }
     .instrument(info_span!("reconcile", kind = "RolloutPolicy", %namespace, %name))
     .await;
-    finish(&ctx, "RolloutPolicy", &format!("{namespace}/{name}"), started, result.is_ok());
+    ctx.finished("RolloutPolicy", &format!("{namespace}/{name}"), started, result.is_ok());
     result
 }

@@ -49,11 +49,7 @@ pub async fn reconcile(relay: Arc<Relay>, ctx: Arc<Context>) -> Result<Action, R
         kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => ReconcileError::Finalizer(other.to_string()),
     });
-    ctx.metrics.reconcile_seconds.get_or_create(&[("kind", "Relay")]).observe(started.elapsed().as_secs_f64());
-    if result.is_ok() {
-        ctx.metrics.reconciles.get_or_create(&[("kind", "Relay"), ("result", "ok")]).inc();
-        ctx.succeeded(&format!("{namespace}/{name}"));
-    }
+    ctx.finished("Relay", &format!("{namespace}/{name}"), started, result.is_ok());
     result
 }
 
