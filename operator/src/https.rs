@@ -18,3 +18,45 @@ pub fn acceptor(cert_pem: &str, key_pem: &str) -> anyhow::Result<tokio_rustls::T
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }
+
+/// Binds `addr` and serves HTTP/1.1 over TLS (certificate and key in PEM): every request goes
+/// to `handle`, which answers with a status and a body. Returns the bound address.
+pub async fn serve<F, Fut>(
+    addr: std::net::SocketAddr,
+    cert_pem: &str,
+    key_pem: &str,
+    handle: F,
+) -> anyhow::Result<std::net::SocketAddr>
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (hyper::StatusCode, String)> + Send + 'static,
+{
+    let acceptor = acceptor(cert_pem, key_pem)?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, remote)) = listener.accept().await else { continue };
+            let (acceptor, handle) = (acceptor.clone(), handle.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    tracing::warn!(%remote, "TLS handshake failed");
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let handle = handle.clone();
+                    async move {
+                        let (status, body) = handle(req).await;
+                        let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                        *r.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}

@@ -227,44 +227,24 @@ impl IdentityServer {
         cert_pem: &str,
         key_pem: &str,
     ) -> anyhow::Result<std::net::SocketAddr> {
-        use http_body_util::{BodyExt, Full, Limited};
-        let acceptor = crate::https::acceptor(cert_pem, key_pem)?;
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let local = listener.local_addr()?;
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
-                let (acceptor, this) = (acceptor.clone(), self.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let this = this.clone();
-                        async move {
-                            let (status, body) = if (req.method(), req.uri().path())
-                                != (&hyper::Method::POST, "/v1/certificate")
-                            {
-                                (404, json!({"error": "not_found", "message": "POST /v1/certificate"}))
-                            } else {
-                                let auth =
-                                    req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
-                                match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                                    Ok(b) => this.handle(auth.as_deref(), &b.to_bytes(), SystemTime::now()).await,
-                                    Err(e) => (400, json!({"error": "bad_request", "message": format!("body: {e}")})),
-                                }
-                            };
-                            let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body.to_string())));
-                            *r.status_mut() =
-                                hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-                            Ok::<_, std::convert::Infallible>(r)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                        .await;
-                });
+        use http_body_util::{BodyExt, Limited};
+        crate::https::serve(addr, cert_pem, key_pem, move |req: hyper::Request<hyper::body::Incoming>| {
+            let this = self.clone();
+            async move {
+                let (status, body) = if (req.method(), req.uri().path()) != (&hyper::Method::POST, "/v1/certificate") {
+                    (404, json!({"error": "not_found", "message": "POST /v1/certificate"}))
+                } else {
+                    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                        Ok(b) => this.handle(auth.as_deref(), &b.to_bytes(), SystemTime::now()).await,
+                        Err(e) => (400, json!({"error": "bad_request", "message": format!("body: {e}")})),
+                    }
+                };
+                let status = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+                (status, body.to_string())
             }
-        });
-        Ok(local)
+        })
+        .await
     }
 }
 

@@ -263,54 +263,33 @@ pub async fn serve(
     cfg: InjectConfig,
     metrics: std::sync::Arc<crate::metrics::OperatorMetrics>,
 ) -> anyhow::Result<std::net::SocketAddr> {
-    use http_body_util::{BodyExt, Full, Limited};
-    let acceptor = crate::https::acceptor(cert_pem, key_pem)?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
+    use http_body_util::{BodyExt, Limited};
     let cfg = std::sync::Arc::new(cfg);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, remote)) = listener.accept().await else { continue };
-            let (acceptor, cfg, metrics) = (acceptor.clone(), cfg.clone(), metrics.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    tracing::warn!(%remote, "webhook TLS handshake failed");
-                    return;
-                };
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (cfg, metrics) = (cfg.clone(), metrics.clone());
-                    async move {
-                        let ns = match (req.method(), req.uri().path()) {
-                            (&hyper::Method::POST, "/inject") => Some(false),
-                            (&hyper::Method::POST, "/inject/namespace") => Some(true),
-                            _ => None,
-                        };
-                        let (status, body) = match ns {
-                            None => (hyper::StatusCode::NOT_FOUND, "POST /inject or /inject/namespace\n".to_owned()),
-                            Some(ns) => match Limited::new(req.into_body(), 4 << 20).collect().await {
-                                Err(e) => (hyper::StatusCode::BAD_REQUEST, format!("request body: {e}\n")),
-                                Ok(b) => match review(&b.to_bytes(), ns, &cfg) {
-                                    Ok((v, result)) => {
-                                        metrics.admissions.get_or_create(&[("result", result)]).inc();
-                                        (hyper::StatusCode::OK, v.to_string())
-                                    }
-                                    Err(e) => {
-                                        metrics.admissions.get_or_create(&[("result", "malformed")]).inc();
-                                        (hyper::StatusCode::BAD_REQUEST, format!("{e}\n"))
-                                    }
-                                },
-                            },
-                        };
-                        let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
-                        *r.status_mut() = status;
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
+    crate::https::serve(addr, cert_pem, key_pem, move |req: hyper::Request<hyper::body::Incoming>| {
+        let (cfg, metrics) = (cfg.clone(), metrics.clone());
+        async move {
+            let ns = match (req.method(), req.uri().path()) {
+                (&hyper::Method::POST, "/inject") => Some(false),
+                (&hyper::Method::POST, "/inject/namespace") => Some(true),
+                _ => None,
+            };
+            match ns {
+                None => (hyper::StatusCode::NOT_FOUND, "POST /inject or /inject/namespace\n".to_owned()),
+                Some(ns) => match Limited::new(req.into_body(), 4 << 20).collect().await {
+                    Err(e) => (hyper::StatusCode::BAD_REQUEST, format!("request body: {e}\n")),
+                    Ok(b) => match review(&b.to_bytes(), ns, &cfg) {
+                        Ok((v, result)) => {
+                            metrics.admissions.get_or_create(&[("result", result)]).inc();
+                            (hyper::StatusCode::OK, v.to_string())
+                        }
+                        Err(e) => {
+                            metrics.admissions.get_or_create(&[("result", "malformed")]).inc();
+                            (hyper::StatusCode::BAD_REQUEST, format!("{e}\n"))
+                        }
+                    },
+                },
+            }
         }
-    });
-    Ok(local)
+    })
+    .await
 }

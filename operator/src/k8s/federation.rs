@@ -61,15 +61,6 @@ fn secret_text(s: &Secret, key: &str) -> Option<String> {
     s.data.as_ref()?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())
 }
 
-/// `sha256:<hex>` of a PEM certificate.
-pub fn fingerprint(cert_pem: &str) -> Result<String, ReconcileError> {
-    use sha2::Digest;
-    let der =
-        relayfed_sidecar::crypto::ca::parse_cert_pem(cert_pem).map_err(|e| ReconcileError::Keys(e.to_string()))?;
-    let hex: String = sha2::Sha256::digest(der.as_ref()).iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("sha256:{hex}"))
-}
-
 /// Reads the CA Secret of `fed`; when `create` and it does not exist, creates it (POST, so a
 /// concurrent creation loses with 409 and re-reads instead of overwriting).
 pub async fn load_ca(
@@ -134,7 +125,9 @@ pub async fn load_ca(
     }
     let ca = FederationCa::from_pem(trust_domain, &cert, &key)
         .map_err(|e| ReconcileError::Dependency(format!("Secret {namespace}/{name}: {e}")))?;
-    Ok(Some(LoadedCa { fingerprint: fingerprint(&cert)?, ca, created }))
+    let fingerprint = relayfed_sidecar::crypto::ca::cert_fingerprint(&cert)
+        .map_err(|e| ReconcileError::Dependency(format!("Secret {namespace}/{name}: {e}")))?;
+    Ok(Some(LoadedCa { fingerprint, ca, created }))
 }
 
 /// Reconciles one `RelayFederation`.

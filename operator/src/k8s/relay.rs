@@ -16,8 +16,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use relayfed_crds::{Relay, RelayFederation, RelayType};
+use relayfed_sidecar::config::base64_encode;
 use relayfed_sidecar::config::keys::EchKeyFile;
-use relayfed_sidecar::config::{Snapshot, base64_encode};
 use relayfed_sidecar::crypto::ca::parse_cert_pem;
 use tracing::{Instrument, info, info_span};
 
@@ -180,6 +180,10 @@ async fn apply(relay: &Relay, ctx: &Context, name: &str, namespace: &str) -> Res
         now,
     );
 
+    // Publish the plan with this relay in it; errors naming the relay go to its status.
+    let invalid = replan::replan(ctx, namespace, &relay.spec.federation)
+        .err()
+        .and_then(|errors| replan::errors_for(&errors, &format!("Relay/{name}")));
     if relay.spec.relay_type == RelayType::Main {
         // ECH keys.
         let ech_name = objects::ech_secret_name(name);
@@ -239,61 +243,46 @@ async fn apply(relay: &Relay, ctx: &Context, name: &str, namespace: &str) -> Res
         status.insert("echConfigId".into(), outcome.state.file.current.config_id.into());
         status.insert("lastKeyRotation".into(), rfc3339(outcome.state.current_since).into());
 
-        // The plan decides the relay's snapshot; publish it and write the ConfigMap.
-        let plan = replan::replan(ctx, namespace, &relay.spec.federation);
-        let obj = format!("Relay/{name}");
-        let snapshot: Option<Arc<Snapshot>> = ctx.distributor.snapshot(&node);
-        if let Err(errors) = &plan
-            && let Some(msg) = replan::errors_for(errors, &obj)
-        {
-            set_condition(
-                &mut conds,
-                Cond { type_: "Ready", ok: false, reason: "Invalid", message: msg.clone() },
-                generation,
-                now,
-            );
-            event(ctx, relay, true, "Invalid", "Plan", msg).await;
+        // The plan decides the relay's snapshot (the last good one stays deployed while the
+        // relay is invalid); write it and the objects that run it.
+        if let Some(msg) = &invalid {
+            event(ctx, relay, true, "Invalid", "Plan", msg.clone()).await;
         }
-        if snapshot.is_none() && replan::errors_for(plan.as_ref().err().map_or(&[][..], |e| &e[..]), &obj).is_none() {
-            let msg = "the federation's plan has errors (see its Ready condition); nothing deployed yet".to_owned();
-            set_condition(
-                &mut conds,
-                Cond { type_: "Ready", ok: false, reason: "NotPlanned", message: msg },
-                generation,
-                now,
-            );
-            requeue = requeue.min(Duration::from_secs(30));
-        }
-        if let Some(snap) = snapshot {
-            let json = serde_json::to_string_pretty(&*snap).map_err(|e| ReconcileError::Keys(e.to_string()))?;
-            apply_obj::<ConfigMap>(ctx, namespace, &objects::config_map(relay, &owner, json)).await?;
-            let dep =
-                apply_obj::<Deployment>(ctx, namespace, &objects::deployment(relay, &owner, &ctx.settings)).await?;
-            let svc = apply_obj::<Service>(ctx, namespace, &objects::service(relay, &owner)).await?;
-            apply_obj::<PodDisruptionBudget>(ctx, namespace, &objects::pdb(relay, &owner)).await?;
-            let ready = dep.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
-            status.insert("readyReplicas".into(), ready.into());
-            if let Some(ep) = endpoint(&svc, relay.spec.listen_port) {
-                status.insert("endpoint".into(), ep.into());
+        let mut ready_cond = invalid.clone().map(|msg| (false, "Invalid", msg));
+        match ctx.distributor.snapshot(&node) {
+            Some(snap) => {
+                let json = serde_json::to_string_pretty(&*snap).map_err(|e| ReconcileError::Keys(e.to_string()))?;
+                apply_obj::<ConfigMap>(ctx, namespace, &objects::config_map(relay, &owner, json)).await?;
+                let dep =
+                    apply_obj::<Deployment>(ctx, namespace, &objects::deployment(relay, &owner, &ctx.settings)).await?;
+                let svc = apply_obj::<Service>(ctx, namespace, &objects::service(relay, &owner)).await?;
+                apply_obj::<PodDisruptionBudget>(ctx, namespace, &objects::pdb(relay, &owner)).await?;
+                let ready = dep.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+                status.insert("readyReplicas".into(), ready.into());
+                if let Some(ep) = endpoint(&svc, relay.spec.listen_port) {
+                    status.insert("endpoint".into(), ep.into());
+                }
+                let replicas = relay.spec.replicas;
+                ready_cond.get_or_insert_with(|| match ready {
+                    0 => (false, "Progressing", format!("0/{replicas} replicas ready")),
+                    n => (true, "Ready", format!("{n}/{replicas} replicas ready")),
+                });
             }
-            let (ok, reason, message) = if ready > 0 {
-                (true, "Ready", format!("{ready}/{} replicas ready", relay.spec.replicas))
-            } else {
-                (false, "Progressing", format!("0/{} replicas ready", relay.spec.replicas))
-            };
-            set_condition(&mut conds, Cond { type_: "Ready", ok, reason, message }, generation, now);
+            None => {
+                let msg = "the federation's plan has errors (see its Ready condition); nothing deployed yet";
+                ready_cond.get_or_insert((false, "NotPlanned", msg.to_owned()));
+            }
+        }
+        if let Some((ok, reason, message)) = ready_cond {
             if !ok {
                 requeue = requeue.min(Duration::from_secs(15));
             }
+            set_condition(&mut conds, Cond { type_: "Ready", ok, reason, message }, generation, now);
         }
     } else {
-        let plan = replan::replan(ctx, namespace, &relay.spec.federation);
-        let (ok, reason, message) = match &plan {
-            Err(errors) => match replan::errors_for(errors, &format!("Relay/{name}")) {
-                Some(msg) => (false, "Invalid", msg),
-                None => (true, "Planned", "identity issued; run the home relay with its snapshot".to_owned()),
-            },
-            Ok(_) => (true, "Planned", "identity issued; run the home relay with its snapshot".to_owned()),
+        let (ok, reason, message) = match invalid {
+            Some(msg) => (false, "Invalid", msg),
+            None => (true, "Planned", "identity issued; run the home relay with its snapshot".to_owned()),
         };
         set_condition(&mut conds, Cond { type_: "Ready", ok, reason, message }, generation, now);
     }

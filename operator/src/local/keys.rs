@@ -175,15 +175,9 @@ impl KeyStore {
 
     /// SHA-256 fingerprint of the CA certificate (`sha256:<hex>`), shown by `status`.
     pub fn ca_fingerprint(&self) -> Option<String> {
-        use sha2::Digest;
         let pem = std::fs::read_to_string(self.path("ca.pem")).ok()?;
-        let der = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem).ok()?;
-        Some(format!("sha256:{}", hex(&sha2::Sha256::digest(der.as_ref()))))
+        relayfed_sidecar::crypto::ca::cert_fingerprint(&pem).ok()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The trust domain named in a CA certificate's common name (`relayfed CA <domain>`).

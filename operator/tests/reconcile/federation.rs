@@ -85,7 +85,7 @@ async fn an_existing_ca_is_never_written_again() {
     assert!(writes.is_empty(), "the CA Secret was written: {writes:?}");
     assert_eq!(s.api.get(CA).unwrap(), before);
     assert!(s.api.events().is_empty(), "no CACreated event for an existing CA");
-    let fp = relayfed_operator::k8s::federation::fingerprint(&ca.certified_key().cert_pem).unwrap();
+    let fp = relayfed_sidecar::crypto::ca::cert_fingerprint(&ca.certified_key().cert_pem).unwrap();
     let last = s.api.calls().into_iter().rev().find(|c| c.path == STATUS).unwrap();
     assert_eq!(last.body["status"]["caFingerprint"], fp);
     let bundle = s.api.calls().into_iter().find(|c| c.path == BUNDLE).unwrap();
@@ -124,7 +124,7 @@ async fn a_concurrent_creation_wins_and_is_read_back() {
     reconcile(Arc::new(federation(&crs)), s.ctx.clone()).await.unwrap();
     let lines = s.api.lines();
     assert_eq!(&lines[..3], &[format!("GET {CA}"), format!("POST {SECRETS}"), format!("GET {CA}")]);
-    let fp = relayfed_operator::k8s::federation::fingerprint(&theirs.certified_key().cert_pem).unwrap();
+    let fp = relayfed_sidecar::crypto::ca::cert_fingerprint(&theirs.certified_key().cert_pem).unwrap();
     let last = s.api.calls().into_iter().rev().find(|c| c.path == STATUS).unwrap();
     assert_eq!(last.body["status"]["caFingerprint"], fp);
     assert!(s.api.events().is_empty());

@@ -14,7 +14,7 @@ use relayfed_sidecar::crypto::ca::FederationCa;
 use relayfed_sidecar::protocol::ech_config::EchConfigList;
 use serde_json::{Value, json};
 
-use super::{NS, Scenario, example, relay, t0};
+use super::{Scenario, example, relay, t0};
 
 const BASE: &str = "/api/v1/namespaces/relayfed-system";
 const APPS: &str = "/apis/apps/v1/namespaces/relayfed-system";
@@ -288,5 +288,4 @@ async fn deleting_a_relay_withdraws_its_node_then_removes_the_finalizer() {
     let us = s2.ctx.distributor.snapshot("hub-us").unwrap();
     assert!(!us.trust.known_nodes.contains(&"hub-eu".to_owned()), "{:?}", us.trust.known_nodes);
     assert!(us.trust.known_nodes.contains(&"shop-eu".to_owned()));
-    let _ = NS;
 }

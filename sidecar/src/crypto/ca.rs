@@ -105,6 +105,11 @@ pub fn parse_key_pem(pem: &str) -> Result<PrivateKeyDer<'static>, CaError> {
         .map_err(|e| CaError::Pem { what: "private key", reason: e.to_string() })
 }
 
+/// OID of the extension binding a node's Noise static public key to its certificate (an
+/// OCTET STRING of the 32-byte X25519 key). Experimental arc; to be replaced by a registered
+/// Private Enterprise Number before 1.0 (docs/protocol.md §11).
+pub const NOISE_KEY_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 99999, 1, 1];
+
 /// The federation's certificate authority.
 pub struct FederationCa {
     trust_domain: String,
@@ -155,6 +160,30 @@ impl FederationCa {
         &self.cert
     }
 
+    /// What every node certificate says: the node named twice (DNS and URI SANs), client and
+    /// server usage, the validity window.
+    fn node_params(
+        &self,
+        node_id: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CertificateParams, CaError> {
+        check_label("node id", node_id)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node_id);
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![
+            SanType::DnsName(node_dns_name(node_id, &self.trust_domain).try_into()?),
+            SanType::URI(identity_uri(node_id, &self.trust_domain).try_into()?),
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        Ok(params)
+    }
+
     /// Issues a node certificate valid from now for `validity`.
     pub fn issue(&self, node_id: &str, validity: Duration) -> Result<CertifiedKey, CaError> {
         let now = SystemTime::now();
@@ -168,31 +197,12 @@ impl FederationCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<CertifiedKey, CaError> {
-        check_label("node id", node_id)?;
+        let params = self.node_params(node_id, not_before, not_after)?;
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, node_id);
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![
-            SanType::DnsName(node_dns_name(node_id, &self.trust_domain).try_into()?),
-            SanType::URI(identity_uri(node_id, &self.trust_domain).try_into()?),
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
-}
 
-/// OID of the extension binding a node's Noise static public key to its certificate (an
-/// OCTET STRING of the 32-byte X25519 key). Experimental arc; to be replaced by a registered
-/// Private Enterprise Number before 1.0 (docs/protocol.md §11).
-pub const NOISE_KEY_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 99999, 1, 1];
-
-impl FederationCa {
     /// Signs a PKCS#10 CSR (PEM; its self-signature is verified) for `node_id`: the subject,
     /// SANs, usages and validity are ours, only the public key comes from the CSR. With
     /// `noise_key`, the certificate also carries [`NOISE_KEY_OID`], binding that Noise key.
@@ -204,21 +214,9 @@ impl FederationCa {
         not_after: SystemTime,
         noise_key: Option<&[u8; 32]>,
     ) -> Result<String, CaError> {
-        check_label("node id", node_id)?;
+        let mut params = self.node_params(node_id, not_before, not_after)?;
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::Pem { what: "certificate signing request", reason: e.to_string() })?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, node_id);
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![
-            SanType::DnsName(node_dns_name(node_id, &self.trust_domain).try_into()?),
-            SanType::URI(identity_uri(node_id, &self.trust_domain).try_into()?),
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
         if let Some(key) = noise_key {
             let mut der = vec![0x04, 0x20];
             der.extend_from_slice(key);
@@ -248,6 +246,14 @@ pub fn noise_key_from_cert(der: &[u8]) -> Result<Option<[u8; 32]>, CaError> {
         }
     }
     Ok(None)
+}
+
+/// `sha256:<hex>` of a PEM certificate's DER (how CA fingerprints are shown and pinned).
+pub fn cert_fingerprint(cert_pem: &str) -> Result<String, CaError> {
+    use sha2::Digest;
+    let der = parse_cert_pem(cert_pem)?;
+    let hex: String = sha2::Sha256::digest(der.as_ref()).iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("sha256:{hex}"))
 }
 
 /// Reads the node id from a certificate's `relayfed://<trust_domain>/<node-id>` URI SAN.
