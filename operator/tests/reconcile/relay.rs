@@ -289,3 +289,31 @@ async fn deleting_a_relay_withdraws_its_node_then_removes_the_finalizer() {
     assert!(!us.trust.known_nodes.contains(&"hub-eu".to_owned()), "{:?}", us.trust.known_nodes);
     assert!(us.trust.known_nodes.contains(&"shop-eu".to_owned()));
 }
+
+#[tokio::test]
+async fn a_relay_the_plan_rejects_says_why_and_is_not_deployed() {
+    // A main relay whose node id the federation does not list.
+    let mut crs = example();
+    for r in crs.iter_mut() {
+        if let AnyResource::Relay(x) = r {
+            x.metadata.finalizers = Some(vec![FINALIZER.into()]);
+            if x.metadata.name.as_deref() == Some("hub-eu") {
+                x.spec.node_id = "hub-xx".into();
+            }
+        }
+    }
+    let s = Scenario::new(&crs, t0());
+    let ca = FederationCa::generate("acme.example").unwrap();
+    s.api.seed(
+        &format!("{BASE}/secrets/acme-ca"),
+        json!({"metadata": {"name": "acme-ca"}, "data": {
+            "ca.crt": b64(ca.certified_key().cert_pem.as_bytes()), "ca.key": b64(ca.certified_key().key_pem.as_bytes())}}),
+    );
+    reconcile(Arc::new(relay(&crs, "hub-eu")), s.ctx.clone()).await.unwrap();
+    assert!(!s.api.lines().iter().any(|l| l.contains("/deployments/")), "{:?}", s.api.lines());
+    assert!(s.api.events().contains(&("Warning".into(), "Invalid".into())));
+    let status = s.api.calls().last().unwrap().body["status"].clone();
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("Invalid")));
+    assert!(ready["message"].as_str().unwrap().contains("spec.nodeId"), "{ready}");
+}
