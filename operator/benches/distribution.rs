@@ -41,7 +41,7 @@ fn main() {
             let sub = Subscription {
                 server: addr.to_string(),
                 server_node: "relayfed-operator".into(),
-                identity: pki.identity(n),
+                identity: pki.identity(n).into(),
                 wait_seconds: 60,
             };
             tokio::spawn(sub.run(0, Arc::new(Metrics::new()), |snap| Ack {

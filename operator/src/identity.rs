@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use relayfed_sidecar::crypto::ca::FederationCa;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Digest;
 
@@ -22,32 +21,7 @@ pub const CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
 
-/// `POST /v1/certificate` body.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CertificateRequest {
-    /// PKCS#10 CSR, PEM.
-    pub csr: String,
-    /// The sidecar's Noise static public key (32 bytes, base64), bound into the certificate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub noise_public_key: Option<String>,
-}
-
-/// `POST /v1/certificate` response.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct CertificateResponse {
-    /// The node id the certificate names.
-    pub node_id: String,
-    /// The certificate, PEM.
-    pub certificate: String,
-    /// The federation CA certificate, PEM.
-    pub ca_bundle: String,
-    /// Expiry, Unix seconds.
-    pub not_after: u64,
-    /// When to renew, Unix seconds (two thirds of the lifetime).
-    pub renew_after: u64,
-}
+pub use relayfed_sidecar::distribution::certificate::{CertificateRequest, CertificateResponse};
 
 /// The pod a verified token belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,12 +111,13 @@ pub fn workload_of(review: &TokenReview) -> Result<Workload, IdentityError> {
     Ok(Workload { namespace: namespace.to_owned(), service_account: sa.to_owned(), pod })
 }
 
-/// Signs the request for `w` at `now`.
+/// Signs the request for `w` at `now`, valid for `validity` (renew after two thirds of it).
 pub fn issue(
     ca: &FederationCa,
     w: &Workload,
     req: &CertificateRequest,
     now: SystemTime,
+    validity: Duration,
 ) -> Result<CertificateResponse, IdentityError> {
     let noise = match &req.noise_public_key {
         None => None,
@@ -153,7 +128,7 @@ pub fn issue(
         ),
     };
     let node_id = node_id_for(w);
-    let not_after = now + CERT_VALIDITY;
+    let not_after = now + validity;
     let certificate = ca
         .sign_csr(&req.csr, &node_id, now - Duration::from_secs(60), not_after, noise.as_ref())
         .map_err(|e| IdentityError::BadRequest(e.to_string()))?;
@@ -163,7 +138,7 @@ pub fn issue(
         certificate,
         ca_bundle: ca.certified_key().cert_pem.clone(),
         not_after: secs(not_after),
-        renew_after: secs(now + CERT_VALIDITY * 2 / 3),
+        renew_after: secs(now + validity * 2 / 3),
     })
 }
 
@@ -175,6 +150,8 @@ pub struct IdentityServer {
     pub ca: Arc<FederationCa>,
     /// Metrics.
     pub metrics: Arc<OperatorMetrics>,
+    /// Lifetime of issued certificates ([`CERT_VALIDITY`] in production).
+    pub validity: Duration,
 }
 
 impl IdentityServer {
@@ -202,7 +179,7 @@ impl IdentityServer {
                 .ok_or_else(|| IdentityError::Unauthenticated("missing Authorization: Bearer <token>".into()))?;
             let req = parse_request(body)?;
             let w = self.review(token).await?;
-            let issued = issue(&self.ca, &w, &req, now)?;
+            let issued = issue(&self.ca, &w, &req, now, self.validity)?;
             tracing::info!(node = %issued.node_id, namespace = %w.namespace, pod = %w.pod, "workload certificate issued");
             Ok::<_, IdentityError>(issued)
         }

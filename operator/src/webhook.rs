@@ -27,6 +27,14 @@ pub const STATUS: &str = "relayfed.io/status";
 pub const PROXY: &str = "relayfed-proxy";
 /// Name of the init container.
 pub const INIT: &str = "relayfed-init";
+/// Label on injected pods (the operator watches pods by it).
+pub const INJECTED_LABEL: &str = "relayfed.io/injected";
+/// Mount path of the sidecar's runtime volume (key material, the current snapshot).
+pub const RUN_DIR: &str = "/var/run/relayfed";
+/// The namespace ConfigMap with the federation CA and trust domain (the operator writes it).
+pub const CA_ROOT_CONFIGMAP: &str = "relayfed-ca-root";
+/// Mount path of the projected service-account token (audience `relayfed`).
+pub const TOKEN_DIR: &str = "/var/run/secrets/relayfed.io";
 
 /// What the webhook does when it cannot decide (mirrors the webhook's `failurePolicy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +59,9 @@ pub struct InjectConfig {
     pub admin_port: u16,
     /// Config distribution server `host:port`.
     pub config_server: String,
+    /// Workload certificate server `host:port` (`POST /v1/certificate`).
+    #[serde(default = "default_identity_server")]
+    pub identity_server: String,
     /// Use a native sidecar (init container with `restartPolicy: Always`).
     pub native_sidecar: bool,
     /// Container resources (Kubernetes `ResourceRequirements` JSON).
@@ -67,11 +78,16 @@ impl Default for InjectConfig {
             outbound_port: 15001,
             admin_port: 15090,
             config_server: "relayfed-operator.relayfed-system.svc:8443".into(),
+            identity_server: default_identity_server(),
             native_sidecar: true,
             resources: json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}}),
             failure_policy: FailurePolicy::Fail,
         }
     }
+}
+
+fn default_identity_server() -> String {
+    "relayfed-operator.relayfed-system.svc:8444".into()
 }
 
 /// Why a review could not be processed.
@@ -139,17 +155,22 @@ pub fn decide(pod: &Value, namespace_enabled: bool, cfg: &InjectConfig) -> Resul
     let init = json!({
         "name": INIT,
         "image": cfg.image,
-        "args": ["relayfed-proxy", "init", "--config", "/var/run/relayfed/snapshot.json"],
+        // Interception must be in place before the app starts, when the pod's snapshot is not
+        // known yet: every outbound TCP connection is redirected (scope all), the proxy decides.
+        "args": ["relayfed-proxy", "init", "--outbound-port", cfg.outbound_port.to_string(), "--proxy-uid", cfg.proxy_uid.to_string()],
         "securityContext": {
             "runAsUser": 0, "runAsNonRoot": false, "allowPrivilegeEscalation": false,
             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "relayfed-run", "mountPath": "/var/run/relayfed"}],
+        "volumeMounts": [{"name": "relayfed-run", "mountPath": RUN_DIR}],
     });
     let mut proxy = json!({
         "name": PROXY,
         "image": cfg.image,
-        "args": ["relayfed-proxy", "home", "--config", "/var/run/relayfed/snapshot.json", "--config-server", cfg.config_server],
+        "args": [
+            "relayfed-proxy", "workload", "--identity-server", cfg.identity_server, "--config-server", cfg.config_server,
+            "--dir", RUN_DIR, "--token-file", format!("{TOKEN_DIR}/token"),
+        ],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -162,8 +183,8 @@ pub fn decide(pod: &Value, namespace_enabled: bool, cfg: &InjectConfig) -> Resul
         },
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": cfg.admin_port}, "periodSeconds": 5},
         "volumeMounts": [
-            {"name": "relayfed-run", "mountPath": "/var/run/relayfed"},
-            {"name": "relayfed-token", "mountPath": "/var/run/secrets/relayfed.io", "readOnly": true},
+            {"name": "relayfed-run", "mountPath": RUN_DIR},
+            {"name": "relayfed-token", "mountPath": TOKEN_DIR, "readOnly": true},
         ],
     });
     let mut inits = vec![init];
@@ -187,7 +208,14 @@ pub fn decide(pod: &Value, namespace_enabled: bool, cfg: &InjectConfig) -> Resul
     }
     let volumes = [
         json!({"name": "relayfed-run", "emptyDir": {"medium": "Memory"}}),
-        json!({"name": "relayfed-token", "projected": {"sources": [{"serviceAccountToken": {"audience": "relayfed", "expirationSeconds": 3600, "path": "token"}}]}}),
+        // The token proves the pod to the operator; the CA root (copied into the namespace by
+        // the operator) lets the sidecar verify the operator before it has a certificate.
+        json!({"name": "relayfed-token", "projected": {"sources": [
+            {"serviceAccountToken": {"audience": "relayfed", "expirationSeconds": 3600, "path": "token"}},
+            {"configMap": {"name": CA_ROOT_CONFIGMAP, "items": [
+                {"key": "ca.pem", "path": "ca.pem"}, {"key": "trust-domain", "path": "trust-domain"},
+            ]}},
+        ]}}),
     ];
     if spec.volumes.as_ref().is_none_or(Vec::is_empty) {
         ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
@@ -195,6 +223,12 @@ pub fn decide(pod: &Value, namespace_enabled: bool, cfg: &InjectConfig) -> Resul
         for v in volumes {
             ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": v}));
         }
+    }
+    // The label lets the operator watch injected pods only.
+    if typed.metadata.labels.is_none() {
+        ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {INJECTED_LABEL: "true"}}));
+    } else {
+        ops.push(json!({"op": "add", "path": format!("/metadata/labels/{}", escape(INJECTED_LABEL)), "value": "true"}));
     }
     if typed.metadata.annotations.is_none() {
         ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {STATUS: "injected"}}));

@@ -35,7 +35,7 @@ async fn subscribers_follow_published_versions_and_ack_them() {
     let sub = Subscription {
         server: addr.to_string(),
         server_node: "relayfed-operator".into(),
-        identity: pki.identity("a"),
+        identity: pki.identity("a").into(),
         wait_seconds: 5,
     };
     let task = tokio::spawn(sub.run(0, Arc::new(Metrics::new()), move |snap| {
@@ -86,7 +86,7 @@ async fn a_node_cannot_read_another_nodes_snapshot() {
     let mut sub = Subscription {
         server: addr.to_string(),
         server_node: "relayfed-operator".into(),
-        identity: pki.identity("b"),
+        identity: pki.identity("b").into(),
         wait_seconds: 1,
     };
     sub.identity.node_id = "a".into();

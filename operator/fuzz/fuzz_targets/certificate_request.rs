@@ -15,6 +15,6 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(req) = parse_request(data) {
         let ca = CA.get_or_init(|| FederationCa::generate("fuzz.example").expect("CA"));
         let w = Workload { namespace: "ns".into(), service_account: "sa".into(), pod: "pod-1".into() };
-        let _ = issue(ca, &w, &req, SystemTime::now());
+        let _ = issue(ca, &w, &req, SystemTime::now(), relayfed_operator::identity::CERT_VALIDITY);
     }
 });

@@ -75,6 +75,15 @@ enum OperatorCommand {
         /// Admin port: /metrics, /healthz, /readyz (leader only).
         #[arg(long, default_value = "0.0.0.0:9090")]
         admin_listen: std::net::SocketAddr,
+        /// Outbound listener port of injected sidecars (chart `injection.outboundPort`).
+        #[arg(long, default_value_t = 15001)]
+        workload_outbound_port: u16,
+        /// Uid of injected sidecars, excluded from interception (chart `injection.proxyUid`).
+        #[arg(long, default_value_t = 1337)]
+        workload_proxy_uid: u32,
+        /// Admin port of injected sidecars (chart `injection.adminPort`).
+        #[arg(long, default_value_t = 15090)]
+        workload_admin_port: u16,
     },
 }
 
@@ -235,10 +244,17 @@ fn main() -> anyhow::Result<()> {
                     distribution_listen,
                     identity_listen,
                     admin_listen,
+                    workload_outbound_port,
+                    workload_proxy_uid,
+                    workload_admin_port,
                 },
         } => {
-            use relayfed_operator::k8s::{Settings, controllers};
-            let settings = Settings { proxy_image, config_server, ..Settings::default() };
+            use relayfed_operator::k8s::{Settings, controllers, workloads::WorkloadSettings};
+            let mut workloads = WorkloadSettings { federation: federation.clone(), ..Default::default() };
+            workloads.intercept.outbound_port = workload_outbound_port;
+            workloads.intercept.proxy_uid = workload_proxy_uid;
+            workloads.admin_port = workload_admin_port;
+            let settings = Settings { proxy_image, config_server, workloads, ..Settings::default() };
             let opts =
                 controllers::RunOptions { namespace, identity, federation, distribution_listen, identity_listen };
             runtime()?.block_on(async move {

@@ -10,7 +10,10 @@ use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use relayfed_crds::{Peer, Relay, RelayFederation, RolloutPolicy};
+
+use super::services::{ServiceExport, ServiceImport};
 use relayfed_sidecar::config::Snapshot;
 
 use crate::distribution::Distributor;
@@ -29,6 +32,8 @@ pub struct Settings {
     pub relay_cert_validity: Duration,
     /// Re-issue a relay certificate when less than this much lifetime is left.
     pub relay_cert_renew_before: Duration,
+    /// Injected pods: the federation they join and how their sidecars run.
+    pub workloads: super::workloads::WorkloadSettings,
 }
 
 impl Default for Settings {
@@ -39,6 +44,7 @@ impl Default for Settings {
             config_server: "relayfed-operator.relayfed-system.svc:8443".into(),
             relay_cert_validity: Duration::from_secs(30 * 86_400),
             relay_cert_renew_before: Duration::from_secs(10 * 86_400),
+            workloads: Default::default(),
         }
     }
 }
@@ -46,8 +52,8 @@ impl Default for Settings {
 /// The reconcilers' clock (tests fix it to make rotation deterministic).
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-/// Read-only informer caches of the four CRDs; the plan is compiled from them, never from
-/// extra API reads.
+/// Read-only informer caches of the four CRDs and of the cluster facts injected pods need;
+/// the plan is compiled from them, never from extra API reads.
 #[derive(Clone)]
 pub struct Stores {
     /// `RelayFederation` objects.
@@ -58,6 +64,14 @@ pub struct Stores {
     pub peers: Store<Peer>,
     /// `RolloutPolicy` objects.
     pub policies: Store<RolloutPolicy>,
+    /// Injected pods (label `relayfed.io/injected=true`).
+    pub pods: Store<Pod>,
+    /// Services (the exported ones are matched against pods).
+    pub services: Store<Service>,
+    /// MCS `ServiceExport`s.
+    pub exports: Store<ServiceExport>,
+    /// MCS `ServiceImport`s.
+    pub imports: Store<ServiceImport>,
 }
 
 /// Everything a reconcile needs.

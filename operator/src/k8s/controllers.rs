@@ -8,12 +8,12 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use relayfed_crds::{Peer, Relay, RelayFederation, RolloutPolicy};
 use tracing::{info, warn};
@@ -75,9 +75,22 @@ pub fn controllers(
     let imports = Controller::new(Api::<ServiceImport>::all(client.clone()), wc.clone())
         .owns(Api::<Service>::all(client.clone()), owned);
     let peers = Controller::new(Api::<Peer>::all(client.clone()), wc.clone());
-    let policies = Controller::new(Api::<RolloutPolicy>::all(client.clone()), wc);
-    let stores =
-        Stores { federations: feds.store(), relays: relays.store(), peers: peers.store(), policies: policies.store() };
+    let policies = Controller::new(Api::<RolloutPolicy>::all(client.clone()), wc.clone());
+    // Injected pods only (the webhook labels them); a change replans the workloads' federation.
+    let injected = watcher::Config::default().labels(&format!("{}=true", crate::webhook::INJECTED_LABEL));
+    let pods = Controller::new(Api::<Pod>::all(client.clone()), injected);
+    let (services, services_writer) = reflector::store::<Service>();
+    let services_watch = reflector::reflector(services_writer, watcher(Api::<Service>::all(client.clone()), wc)).applied_objects();
+    let stores = Stores {
+        federations: feds.store(),
+        relays: relays.store(),
+        peers: peers.store(),
+        policies: policies.store(),
+        pods: pods.store(),
+        services,
+        exports: exports.store(),
+        imports: imports.store(),
+    };
     let clock: super::Clock = Arc::new(SystemTime::now);
     let ctx = Context::new(client, settings, metrics, stores, distributor, clock);
     let c = ctx.clone();
@@ -132,7 +145,25 @@ pub fn controllers(
                 c.clone(),
             )
             .for_each(report("ServiceImport"));
-        futures::join!(f, r, p, q, x, i);
+        let w = pods
+            .run(
+                super::workloads::reconcile_pod,
+                |o: Arc<Pod>, e, ctx: Arc<Context>| error_policy("Pod", &object_key(&o.metadata), e, &ctx),
+                c.clone(),
+            )
+            .for_each(report("Pod"));
+        // An exported Service's selector or ports changed: the pods that back it change.
+        let ctx_s = c.clone();
+        let s = services_watch.for_each(move |ev| {
+            if let Ok(svc) = ev {
+                let exported = ctx_s.stores.exports.get(&ObjectRef::new(&svc.name_any()).within(&svc.namespace().unwrap_or_default()));
+                if exported.is_some() {
+                    super::workloads::replan_workloads(&ctx_s);
+                }
+            }
+            std::future::ready(())
+        });
+        futures::join!(f, r, p, q, x, i, w, s);
     };
     (ctx, run)
 }
@@ -225,6 +256,7 @@ async fn serve_distribution(ctx: Arc<Context>, opts: RunOptions) -> Result<(), R
         client: ctx.client.clone(),
         ca: Arc::new(ca.ca),
         metrics: ctx.metrics.clone(),
+        validity: crate::identity::CERT_VALIDITY,
     });
     let bound = ids
         .serve(opts.identity_listen, &issued.cert_pem, &issued.key_pem)

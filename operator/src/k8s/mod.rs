@@ -19,6 +19,7 @@ pub mod relay_objects;
 pub mod replan;
 pub mod services;
 pub mod status;
+pub mod workloads;
 
 pub use context::{Clock, Context, ReconcileError, Settings, Stores};
 

@@ -48,7 +48,8 @@ pub fn resources(ctx: &Context, namespace: &str, name: &str) -> Vec<AnyResource>
 pub fn replan(ctx: &Context, namespace: &str, name: &str) -> Result<Plan, Vec<PlanError>> {
     let key = format!("{namespace}/{name}");
     let keys = KeyLayout { dir: ctx.settings.key_dir.clone() };
-    let compiled = plan::compile(&resources(ctx, namespace, name), &keys, 0);
+    let workloads = super::workloads::facts_for(ctx, namespace, name);
+    let compiled = plan::compile_with_workloads(&resources(ctx, namespace, name), &keys, 0, workloads.as_ref());
     let mut plans = match ctx.plans.lock() {
         Ok(p) => p,
         Err(p) => p.into_inner(),

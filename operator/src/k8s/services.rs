@@ -145,6 +145,8 @@ pub async fn reconcile_import(si: Arc<ServiceImport>, ctx: Arc<Context>) -> Resu
                 .map_err(|e| ReconcileError::kube(format!("apply ServiceImport {name} ips"), e))?;
             event(&ctx, si.as_ref(), false, "Imported", "Import", format!("reachable at {ip}")).await;
         }
+        // Injected pods intercept the import's ClusterIP.
+        super::workloads::replan_workloads(&ctx);
         ctx.succeeded(&format!("{namespace}/{name}"));
         Ok(Action::requeue(Duration::from_secs(600)))
     }
@@ -181,6 +183,8 @@ pub async fn reconcile_export(se: Arc<ServiceExport>, ctx: Arc<Context>) -> Resu
         set_condition(&mut conds, Cond { type_: "Valid", ok, reason, message }, generation, ctx.now());
         let api: Api<ServiceExport> = Api::namespaced(ctx.client.clone(), &namespace);
         apply_status(&api, se.as_ref(), serde_json::json!({"conditions": conds})).await?;
+        // The pods behind the Service register it with their main relay.
+        super::workloads::replan_workloads(&ctx);
         ctx.succeeded(&format!("{namespace}/{name}"));
         Ok(Action::requeue(Duration::from_secs(if ok { 600 } else { 30 })))
     }

@@ -21,7 +21,8 @@ fn server(review_status: Value) -> (Arc<IdentityServer>, FakeApi) {
     let (client, api) = FakeApi::client();
     api.0.lock().unwrap().post_replies.insert(REVIEWS.into(), json!({"status": review_status}));
     let ca = Arc::new(FederationCa::generate("acme.example").unwrap());
-    (Arc::new(IdentityServer { client, ca, metrics: Arc::new(OperatorMetrics::new()) }), api)
+    let validity = relayfed_operator::identity::CERT_VALIDITY;
+    (Arc::new(IdentityServer { client, ca, metrics: Arc::new(OperatorMetrics::new()), validity }), api)
 }
 
 fn bound(ns: &str, pod: &str, audiences: &[&str]) -> Value {

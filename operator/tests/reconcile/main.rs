@@ -67,6 +67,15 @@ pub fn example() -> Vec<AnyResource> {
     out
 }
 
+/// Cluster objects the informers hold besides the CRs.
+#[derive(Default)]
+pub struct Cluster {
+    pub pods: Vec<k8s_openapi::api::core::v1::Pod>,
+    pub services: Vec<k8s_openapi::api::core::v1::Service>,
+    pub exports: Vec<relayfed_operator::k8s::services::ServiceExport>,
+    pub imports: Vec<relayfed_operator::k8s::services::ServiceImport>,
+}
+
 /// A scenario: the fake API, the reconcilers' context over it, and the CRs in the stores.
 pub struct Scenario {
     pub api: FakeApi,
@@ -76,6 +85,11 @@ pub struct Scenario {
 impl Scenario {
     /// A context whose stores hold `resources` and whose clock reads `now`.
     pub fn new(resources: &[AnyResource], now: SystemTime) -> Self {
+        Self::with_cluster(resources, now, Cluster::default())
+    }
+
+    /// [`Scenario::new`] with pods, Services, exports and imports in the informer caches.
+    pub fn with_cluster(resources: &[AnyResource], now: SystemTime, cluster: Cluster) -> Self {
         let (client, api) = FakeApi::client();
         let pick = |f: &dyn Fn(&AnyResource) -> bool| resources.iter().filter(|r| f(r)).cloned().collect::<Vec<_>>();
         let feds: Vec<RelayFederation> = pick(&|r| matches!(r, AnyResource::Federation(_)))
@@ -94,8 +108,16 @@ impl Scenario {
             .iter()
             .filter_map(|r| if let AnyResource::RolloutPolicy(x) = r { Some((**x).clone()) } else { None })
             .collect();
-        let stores =
-            Stores { federations: store(feds), relays: store(relays), peers: store(peers), policies: store(policies) };
+        let stores = Stores {
+            federations: store(feds),
+            relays: store(relays),
+            peers: store(peers),
+            policies: store(policies),
+            pods: store(cluster.pods),
+            services: store(cluster.services),
+            exports: store(cluster.exports),
+            imports: store(cluster.imports),
+        };
         let metrics = Arc::new(OperatorMetrics::new());
         let distributor = Distributor::new(metrics.clone(), 0);
         let ctx = Context::new(client, Settings::default(), metrics, stores, distributor, Arc::new(move || now));

@@ -49,16 +49,58 @@ enum Command {
         #[command(flatten)]
         sub: ConfigServerArgs,
     },
+    /// Run as the injected sidecar of a pod: obtain a workload certificate with the projected
+    /// service-account token, fetch this pod's snapshot, run as a home node, renew.
+    Workload {
+        /// Workload certificate server (`host:port`, the operator).
+        #[arg(long)]
+        identity_server: String,
+        /// Config distribution server (`host:port`, the operator).
+        #[arg(long)]
+        config_server: String,
+        /// Node id in both servers' certificates.
+        #[arg(long, default_value = relayfed_sidecar::distribution::DEFAULT_SERVER_NODE)]
+        server_node: String,
+        /// Runtime directory (key material, snapshot.json).
+        #[arg(long, default_value = "/var/run/relayfed")]
+        dir: PathBuf,
+        /// Projected service-account token (audience relayfed).
+        #[arg(long, default_value = "/var/run/secrets/relayfed.io/token")]
+        token_file: PathBuf,
+        /// Federation CA certificate (PEM), projected from the relayfed-ca-root ConfigMap.
+        #[arg(long, default_value = "/var/run/secrets/relayfed.io/ca.pem")]
+        ca_file: PathBuf,
+        /// The federation's trust domain, projected from the relayfed-ca-root ConfigMap.
+        #[arg(long, default_value = "/var/run/secrets/relayfed.io/trust-domain")]
+        trust_domain_file: PathBuf,
+    },
     /// ECH key tooling.
     Ech {
         #[command(subcommand)]
         command: EchCommand,
     },
     /// Install the iptables interception rules for a pod (init container; needs NET_ADMIN).
+    /// From a snapshot (`--config`), or from flags: every outbound TCP connection redirected
+    /// (scope all), as the injected init container does before the pod's snapshot exists.
     Init {
         /// The home node's config snapshot (its `intercept` section and imports).
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required_unless_present = "outbound_port")]
+        config: Option<PathBuf>,
+        /// Outbound listener port (without `--config`).
+        #[arg(long, conflicts_with = "config", requires = "proxy_uid")]
+        outbound_port: Option<u16>,
+        /// Uid of the proxy, never redirected (without `--config`).
+        #[arg(long, conflicts_with = "config")]
+        proxy_uid: Option<u32>,
+        /// Destination CIDR never redirected (repeatable; without `--config`).
+        #[arg(long, conflicts_with = "config")]
+        exclude_cidr: Vec<String>,
+        /// Destination port never redirected (repeatable; without `--config`).
+        #[arg(long, conflicts_with = "config")]
+        exclude_port: Vec<u16>,
+        /// Do not install ip6tables rules (without `--config`).
+        #[arg(long, conflicts_with = "config")]
+        no_ipv6: bool,
         /// Print the rules instead of installing them.
         #[arg(long)]
         dry_run: bool,
@@ -208,7 +250,53 @@ fn main() -> anyhow::Result<()> {
             run(config, Role::Main, tamper, sub)
         }
         Command::Home { config, sub } => run(config, Role::Home, Tamper::None, sub),
-        Command::Init { config, dry_run, cleanup } => init(config, dry_run, cleanup),
+        Command::Init { config, outbound_port, proxy_uid, exclude_cidr, exclude_port, no_ipv6, dry_run, cleanup } => {
+            let (ic, imports, source) = match (config, outbound_port, proxy_uid) {
+                (Some(config), _, _) => {
+                    let snap = Snapshot::load(&config)?;
+                    let ic = snap.intercept.clone().with_context(|| {
+                        format!("{}: no `intercept` section: nothing to install", config.display())
+                    })?;
+                    (ic, snap.imports, config.display().to_string())
+                }
+                (None, Some(outbound_port), Some(proxy_uid)) => {
+                    let ic = relayfed_sidecar::config::Intercept {
+                        outbound_port,
+                        proxy_uid,
+                        scope: relayfed_sidecar::config::InterceptScope::All,
+                        exclude_cidrs: exclude_cidr,
+                        exclude_ports: exclude_port,
+                        unmatched: relayfed_sidecar::config::Unmatched::Passthrough,
+                        ipv6: !no_ipv6,
+                    };
+                    (ic, vec![], "flags".to_owned())
+                }
+                _ => anyhow::bail!("give --config, or --outbound-port with --proxy-uid"),
+            };
+            init(&ic, &imports, &source, dry_run, cleanup)
+        }
+        Command::Workload {
+            identity_server,
+            config_server,
+            server_node,
+            dir,
+            token_file,
+            ca_file,
+            trust_domain_file,
+        } => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let opts = relayfed_sidecar::node::workload::WorkloadOptions {
+                identity_server,
+                config_server,
+                server_node,
+                dir,
+                token_file,
+                ca_file,
+                trust_domain_file,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(relayfed_sidecar::node::workload::run(opts))
+        }
         Command::Ca { command } => ca(command),
         Command::Noise { command: NoiseCommand::Keygen { out, passphrase_file } } => {
             let key = relayfed_sidecar::crypto::noise::StaticKeypair::generate()?;
@@ -226,15 +314,19 @@ fn read_passphrase(path: Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
     Ok(Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()))
 }
 
-fn init(config: PathBuf, dry_run: bool, cleanup: bool) -> anyhow::Result<()> {
+fn init(
+    ic: &relayfed_sidecar::config::Intercept,
+    imports: &[relayfed_sidecar::config::Import],
+    source: &str,
+    dry_run: bool,
+    cleanup: bool,
+) -> anyhow::Result<()> {
     use relayfed_sidecar::intercept::rules;
-    let snap = Snapshot::load(&config)?;
-    let ic = snap
-        .intercept
-        .as_ref()
-        .with_context(|| format!("{}: no `intercept` section: nothing to install", config.display()))?;
+    for (i, c) in ic.exclude_cidrs.iter().enumerate() {
+        anyhow::ensure!(rules::parse_cidr(c).is_some(), "{source}: exclude CIDR #{i} {c:?} is not an IP/prefix");
+    }
     if dry_run {
-        for line in rules::dry_run(ic, &snap.imports) {
+        for line in rules::dry_run(ic, imports) {
             println!("{line}");
         }
         return Ok(());
@@ -243,7 +335,7 @@ fn init(config: PathBuf, dry_run: bool, cleanup: bool) -> anyhow::Result<()> {
         rules::cleanup(ic)?;
         eprintln!("removed the relayfed interception rules");
     } else {
-        rules::apply(ic, &snap.imports)?;
+        rules::apply(ic, imports)?;
         eprintln!(
             "installed the relayfed interception rules: outbound TCP -> port {} (uid {} excluded)",
             ic.outbound_port, ic.proxy_uid
@@ -293,7 +385,12 @@ fn run(config: PathBuf, role: Role, tamper: Tamper, sub: ConfigServerArgs) -> an
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let opts = RunOptions { tamper, config_server: sub.config_server, config_server_node: sub.config_server_node };
+    let opts = RunOptions {
+        tamper,
+        config_server: sub.config_server,
+        config_server_node: sub.config_server_node,
+        ..Default::default()
+    };
     rt.block_on(runner::run(snap, opts))
 }
 

@@ -425,7 +425,9 @@ impl Snapshot {
         serde_path_to_error::deserialize(de).map_err(|e| format!("{}: {}", e.path(), e.inner()))
     }
 
-    fn resolve_paths(&mut self, dir: &Path) {
+    /// Resolves relative key file paths against `dir` (the snapshot file's directory, or a
+    /// workload sidecar's runtime directory).
+    pub fn resolve_paths(&mut self, dir: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = dir.join(&*p);

@@ -13,7 +13,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::{ALPN, Ack, AckResult};
 use crate::admin::metrics::Metrics;
 use crate::config::Snapshot;
-use crate::transport::tls::HopIdentity;
+use crate::transport::tls::SharedIdentity;
 
 /// Where and as whom a node subscribes.
 #[derive(Clone, Debug)]
@@ -22,8 +22,9 @@ pub struct Subscription {
     pub server: String,
     /// Node id in the server's certificate (verified as `<id>.<trust-domain>`).
     pub server_node: String,
-    /// This node's TLS identity (its node id names the snapshot asked for).
-    pub identity: HopIdentity,
+    /// This node's TLS identity (its node id names the snapshot asked for); a renewal
+    /// replaces it and the next connection presents the new certificate.
+    pub identity: SharedIdentity,
     /// Seconds each long-poll may wait.
     pub wait_seconds: u64,
 }
@@ -57,8 +58,9 @@ impl Subscription {
     }
 
     async fn connect(&self) -> Result<Sender, ClientError> {
-        let tls = self.identity.rustls_client(ALPN).map_err(|e| self.transport(e))?;
-        let name = rustls_pki_types::ServerName::try_from(self.identity.server_name(&self.server_node))
+        let identity = self.identity.get();
+        let tls = identity.rustls_client(ALPN).map_err(|e| self.transport(e))?;
+        let name = rustls_pki_types::ServerName::try_from(identity.server_name(&self.server_node))
             .map_err(|e| self.transport(e))?;
         let tcp = tokio::net::TcpStream::connect(&self.server).await.map_err(|e| self.transport(e))?;
         let _ = tcp.set_nodelay(true);
@@ -107,7 +109,7 @@ impl Subscription {
     where
         F: FnMut(Snapshot) -> Ack,
     {
-        let node = self.identity.node_id.clone();
+        let node = self.identity.get().node_id;
         let mut sender = self.connect().await?;
         info!(server = %self.server, after = *version, "subscribed to config distribution");
         // Report the version this node runs (its start-up file, or the last one applied).
@@ -171,13 +173,33 @@ impl Subscription {
         }
     }
 
+    /// Fetches this node's current snapshot once (`after=0`): what a new sidecar starts from.
+    /// `Ok(None)` when the server does not know the node yet (`404`: not planned yet).
+    pub async fn fetch(&self) -> Result<Option<Snapshot>, ClientError> {
+        let node = self.identity.get().node_id;
+        let mut sender = self.connect().await?;
+        let path = format!("/v1/snapshot/{node}?after=0&waitSeconds=0");
+        let (status, _, body) = self.request(&mut sender, Method::GET, path, Vec::new()).await?;
+        match status {
+            StatusCode::OK => {
+                let snap = std::str::from_utf8(&body)
+                    .map_err(|e| e.to_string())
+                    .and_then(Snapshot::parse)
+                    .map_err(|reason| ClientError::Status { status: 200, body: format!("invalid snapshot: {reason}") })?;
+                Ok(Some(snap))
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            other => Err(ClientError::Status { status: other.as_u16(), body: String::from_utf8_lossy(&body).into_owned() }),
+        }
+    }
+
     /// Runs forever: keeps a long-poll open, calls `on_snapshot` for every new version (the
     /// returned ack is sent back), and reconnects with capped, jittered backoff.
     pub async fn run<F>(self, mut version: u64, metrics: Arc<Metrics>, mut on_snapshot: F)
     where
         F: FnMut(Snapshot) -> Ack + Send,
     {
-        let span = info_span!("config", server = %self.server, node = %self.identity.node_id);
+        let span = info_span!("config", server = %self.server, node = %self.identity.get().node_id);
         async move {
             let mut backoff = Duration::from_millis(100);
             loop {

@@ -13,6 +13,7 @@
 //!
 //! Full protocol: docs/protocol.md §10.
 
+pub mod certificate;
 pub mod client;
 
 use serde::{Deserialize, Serialize};

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::home::HomeNode;
 use super::main_relay::{MainRelay, Tamper};
@@ -12,7 +12,7 @@ use crate::admin::{metrics::Metrics, server};
 use crate::config::{Role, Snapshot, base64_encode};
 use crate::distribution::client::Subscription;
 use crate::distribution::{Ack, AckResult};
-use crate::transport::tls::HopIdentity;
+use crate::transport::tls::{HopIdentity, SharedIdentity};
 
 /// How a node process runs besides its snapshot.
 #[derive(Clone, Debug)]
@@ -23,6 +23,11 @@ pub struct RunOptions {
     pub config_server: Option<String>,
     /// Node id in that server's certificate.
     pub config_server_node: String,
+    /// Renewed certificates (workload sidecars): each new value is used for new hop and
+    /// distribution connections.
+    pub identity_updates: Option<tokio::sync::watch::Receiver<HopIdentity>>,
+    /// Directory relative key file paths in received snapshots are resolved against.
+    pub base_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -31,6 +36,8 @@ impl Default for RunOptions {
             tamper: Tamper::None,
             config_server: None,
             config_server_node: crate::distribution::DEFAULT_SERVER_NODE.to_owned(),
+            identity_updates: None,
+            base_dir: None,
         }
     }
 }
@@ -119,16 +126,33 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
             (Running::Home(node), ready)
         }
     };
+    let identity = SharedIdentity::from(HopIdentity::load(&snap)?);
+    if let Some(mut updates) = opts.identity_updates.clone() {
+        let (identity, running, timeouts) = (identity.clone(), running.clone(), snap.timeouts.clone());
+        tokio::spawn(async move {
+            while updates.changed().await.is_ok() {
+                let next = updates.borrow_and_update().clone();
+                if let Running::Home(h) = &running
+                    && let Err(e) = h.renew_identity(&next, &timeouts)
+                {
+                    warn!(error = %e, "renewed certificate not installed");
+                    continue;
+                }
+                identity.replace(next);
+            }
+        });
+    }
     if let Some(server) = opts.config_server.clone() {
-        let sub = Subscription {
-            server,
-            server_node: opts.config_server_node.clone(),
-            identity: HopIdentity::load(&snap)?,
-            wait_seconds: 30,
-        };
+        let sub = Subscription { server, server_node: opts.config_server_node.clone(), identity, wait_seconds: 30 };
         let in_force = snap.clone();
         let node = running.clone();
-        tokio::spawn(sub.run(snap.version, metrics.clone(), move |next| node.apply(&in_force, &next)));
+        let base_dir = opts.base_dir.clone();
+        tokio::spawn(sub.run(snap.version, metrics.clone(), move |mut next| {
+            if let Some(d) = &base_dir {
+                next.resolve_paths(d);
+            }
+            node.apply(&in_force, &next)
+        }));
     }
     println!("{ready}");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -41,6 +41,35 @@ pub enum TlsError {
     Identity(String),
 }
 
+/// A node's identity that a certificate renewal replaces in place: connections made after
+/// the swap present the new certificate, established ones keep theirs.
+#[derive(Clone, Debug)]
+pub struct SharedIdentity(Arc<std::sync::RwLock<HopIdentity>>);
+
+impl SharedIdentity {
+    /// The identity in force now.
+    pub fn get(&self) -> HopIdentity {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the identity (a renewed certificate).
+    pub fn replace(&self, next: HopIdentity) {
+        match self.0.write() {
+            Ok(mut g) => *g = next,
+            Err(p) => *p.into_inner() = next,
+        }
+    }
+}
+
+impl From<HopIdentity> for SharedIdentity {
+    fn from(id: HopIdentity) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(id)))
+    }
+}
+
 /// This node's TLS identity and the CA it trusts.
 #[derive(Clone, Debug)]
 pub struct HopIdentity {

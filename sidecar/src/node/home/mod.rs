@@ -56,6 +56,8 @@ pub struct HomeNode {
     /// Settings a new config version replaces in place (new streams use them; streams in
     /// flight keep what they started with).
     live: RwLock<Arc<HomeLive>>,
+    /// Hop TLS for new main relay connections; a renewed certificate replaces it.
+    client_tls: RwLock<quinn::ClientConfig>,
     metrics: Arc<Metrics>,
 }
 
@@ -115,7 +117,9 @@ impl HomeNode {
             }
         }
         let (conn, _) = watch::channel(None);
+        let client_tls = RwLock::new(identity.client_config(&snap.timeouts)?);
         let node = Arc::new(Self {
+            client_tls,
             identity,
             noise,
             mains,
@@ -163,8 +167,7 @@ impl HomeNode {
             }
         }
         let bind: SocketAddr = snap.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let mut endpoint = quinn::Endpoint::client(bind)?;
-        endpoint.set_default_client_config(node.identity.client_config(&snap.timeouts)?);
+        let endpoint = quinn::Endpoint::client(bind)?;
         let _ = node.endpoint.set(endpoint.clone());
         let mut ready = node.conn.subscribe();
         let n = node.clone();
@@ -202,6 +205,24 @@ impl HomeNode {
             Err(poisoned) => *poisoned.into_inner() = Arc::new(next),
         }
         self.metrics.config_version.set(snap.version as i64);
+    }
+
+    /// Installs a renewed certificate for the next main relay connections (the one in use
+    /// keeps its handshake). The node id must stay the same.
+    pub fn renew_identity(&self, next: &HopIdentity, timeouts: &crate::config::Timeouts) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            next.node_id == self.identity.node_id,
+            "renewed certificate is for node {:?}, this node is {:?}",
+            next.node_id,
+            self.identity.node_id
+        );
+        let cfg = next.client_config(timeouts)?;
+        match self.client_tls.write() {
+            Ok(mut c) => *c = cfg,
+            Err(p) => *p.into_inner() = cfg,
+        }
+        info!(node = %next.node_id, "hop certificate renewed");
+        Ok(())
     }
 
     /// Keeps a connection to the best reachable main relay, serving its inbound streams.
@@ -244,7 +265,11 @@ impl HomeNode {
 
     async fn dial(&self, endpoint: &quinn::Endpoint, main: &MainRelay) -> Option<quinn::Connection> {
         let name = self.identity.server_name(&main.node_id);
-        let connecting = match endpoint.connect(main.endpoint, &name) {
+        let tls = match self.client_tls.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let connecting = match endpoint.connect_with(tls, main.endpoint, &name) {
             Ok(c) => c,
             Err(e) => {
                 warn!(main = %main.node_id, error = %e, "cannot dial main relay");

@@ -13,7 +13,13 @@
 //! - the default `RolloutPolicy` -> ECH policy, trust defaults (`knownNodes` = every relay of
 //!   the federation), resilience and timeouts for every node.
 //!
+//! - injected pods ([`workloads`], in a cluster only) -> a home snapshot each: the
+//!   federation's main relays at their observed endpoints, the pod's exported Services, every
+//!   imported service at its ClusterIP, interception; their node ids join `knownNodes`.
+//!
 //! Key material is referenced by path in a `KeyLayout`; generating it is the applier's job.
+
+pub mod workloads;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -70,6 +76,16 @@ pub struct Plan {
 
 /// Compiles the CRs of one federation into per-node snapshots.
 pub fn compile(resources: &[AnyResource], keys: &KeyLayout, version: u64) -> Result<Plan, Vec<PlanError>> {
+    compile_with_workloads(resources, keys, version, None)
+}
+
+/// [`compile`], plus a home snapshot for every injected pod in `workloads` (in a cluster).
+pub fn compile_with_workloads(
+    resources: &[AnyResource],
+    keys: &KeyLayout,
+    version: u64,
+    workloads: Option<&workloads::WorkloadFacts>,
+) -> Result<Plan, Vec<PlanError>> {
     let mut errors = Vec::new();
     let feds: Vec<&RelayFederation> = resources
         .iter()
@@ -117,7 +133,9 @@ pub fn compile(resources: &[AnyResource], keys: &KeyLayout, version: u64) -> Res
             errors.push(err(&obj, "spec.nodeId", format!("{:?} is also the node id of {other}", r.spec.node_id)));
         }
     }
-    let (ech, trust, resilience, timeouts) = policy_parts(policy, &relays);
+    let (ech, mut trust, resilience, timeouts) = policy_parts(policy, &relays);
+    // Injected pods hold CA-issued certificates naming them: relays know them.
+    trust.known_nodes.extend(workloads.iter().flat_map(|f| f.workloads.iter().map(|w| w.node_id.clone())));
     let base = |node: &str, role: Role| Snapshot {
         schema: relayfed_sidecar::config::SNAPSHOT_SCHEMA,
         version,
@@ -240,6 +258,19 @@ pub fn compile(resources: &[AnyResource], keys: &KeyLayout, version: u64) -> Res
             }
         }
         snapshots.insert(node.clone(), s);
+    }
+    if let Some(facts) = workloads {
+        let mains = workloads::main_relays_for_workloads(fed, &relays, &mut warnings);
+        for w in &facts.workloads {
+            if snapshots.contains_key(&w.node_id) {
+                warnings.push(format!("Pod/{}: node id {:?} is taken by a Relay; not planned", w.pod, w.node_id));
+                continue;
+            }
+            if let Some(s) = workloads::workload_snapshot(base(&w.node_id, Role::Home), w, facts, &mains, &mut warnings)
+            {
+                snapshots.insert(w.node_id.clone(), s);
+            }
+        }
     }
     for (node, s) in &snapshots {
         if let Err(e) = s.validate() {
