@@ -35,6 +35,9 @@ enum Command {
         #[command(subcommand)]
         command: OperatorCommand,
     },
+    /// Run as an injected pod's sidecar (what `relayfed-proxy workload` does; for tests).
+    #[command(hide = true)]
+    Workload(relayfed_sidecar::node::workload::WorkloadOptions),
     /// Run one node from a snapshot file (what local mode starts per relay).
     #[command(hide = true)]
     Node {
@@ -232,6 +235,7 @@ fn main() -> anyhow::Result<()> {
             let opts = RunOptions { config_server, ..Default::default() };
             runtime()?.block_on(runner::run(snap, opts))
         }
+        Command::Workload(opts) => runtime()?.block_on(relayfed_sidecar::node::workload::run(opts)),
         Command::Webhook { command } => webhook(command),
         Command::Operator {
             command:

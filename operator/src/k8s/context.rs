@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use k8s_openapi::api::core::v1::{Pod, Service};
 use relayfed_crds::{Peer, Relay, RelayFederation, RolloutPolicy};
 
 use super::services::{ServiceExport, ServiceImport};

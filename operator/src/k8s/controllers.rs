@@ -80,7 +80,8 @@ pub fn controllers(
     let injected = watcher::Config::default().labels(&format!("{}=true", crate::webhook::INJECTED_LABEL));
     let pods = Controller::new(Api::<Pod>::all(client.clone()), injected);
     let (services, services_writer) = reflector::store::<Service>();
-    let services_watch = reflector::reflector(services_writer, watcher(Api::<Service>::all(client.clone()), wc)).applied_objects();
+    let services_watch =
+        reflector::reflector(services_writer, watcher(Api::<Service>::all(client.clone()), wc)).applied_objects();
     let stores = Stores {
         federations: feds.store(),
         relays: relays.store(),
@@ -156,7 +157,10 @@ pub fn controllers(
         let ctx_s = c.clone();
         let s = services_watch.for_each(move |ev| {
             if let Ok(svc) = ev {
-                let exported = ctx_s.stores.exports.get(&ObjectRef::new(&svc.name_any()).within(&svc.namespace().unwrap_or_default()));
+                let exported = ctx_s
+                    .stores
+                    .exports
+                    .get(&ObjectRef::new(&svc.name_any()).within(&svc.namespace().unwrap_or_default()));
                 if exported.is_some() {
                     super::workloads::replan_workloads(&ctx_s);
                 }

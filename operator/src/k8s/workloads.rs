@@ -103,11 +103,8 @@ pub fn facts(
         .filter(|p| is_live_workload(p))
         .map(|p| {
             let namespace = p.namespace().unwrap_or_default();
-            let w = identity::Workload {
-                namespace: namespace.clone(),
-                service_account: String::new(),
-                pod: p.name_any(),
-            };
+            let w =
+                identity::Workload { namespace: namespace.clone(), service_account: String::new(), pod: p.name_any() };
             let mut exports = Vec::new();
             for svc in exported.iter().filter(|s| s.namespace().as_deref() == Some(namespace.as_str())) {
                 if !selects(svc, p) {
@@ -233,9 +230,13 @@ async fn ensure_ca_root(ctx: &Context, namespace: &str) -> Result<(), super::Rec
             ctx.settings.workloads.federation
         )));
     };
-    let Some(fed) = ctx.stores.federations.state().into_iter().find(|f| {
-        f.metadata.namespace.as_deref() == Some(fed_ns) && f.metadata.name.as_deref() == Some(fed_name)
-    }) else {
+    let Some(fed) = ctx
+        .stores
+        .federations
+        .state()
+        .into_iter()
+        .find(|f| f.metadata.namespace.as_deref() == Some(fed_ns) && f.metadata.name.as_deref() == Some(fed_name))
+    else {
         return Err(super::ReconcileError::Dependency(format!(
             "RelayFederation {fed_ns}/{fed_name} does not exist; injected pods wait for it"
         )));

@@ -10,6 +10,7 @@ mod leader;
 mod policy;
 mod relay;
 mod services;
+mod workload;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -51,29 +51,7 @@ enum Command {
     },
     /// Run as the injected sidecar of a pod: obtain a workload certificate with the projected
     /// service-account token, fetch this pod's snapshot, run as a home node, renew.
-    Workload {
-        /// Workload certificate server (`host:port`, the operator).
-        #[arg(long)]
-        identity_server: String,
-        /// Config distribution server (`host:port`, the operator).
-        #[arg(long)]
-        config_server: String,
-        /// Node id in both servers' certificates.
-        #[arg(long, default_value = relayfed_sidecar::distribution::DEFAULT_SERVER_NODE)]
-        server_node: String,
-        /// Runtime directory (key material, snapshot.json).
-        #[arg(long, default_value = "/var/run/relayfed")]
-        dir: PathBuf,
-        /// Projected service-account token (audience relayfed).
-        #[arg(long, default_value = "/var/run/secrets/relayfed.io/token")]
-        token_file: PathBuf,
-        /// Federation CA certificate (PEM), projected from the relayfed-ca-root ConfigMap.
-        #[arg(long, default_value = "/var/run/secrets/relayfed.io/ca.pem")]
-        ca_file: PathBuf,
-        /// The federation's trust domain, projected from the relayfed-ca-root ConfigMap.
-        #[arg(long, default_value = "/var/run/secrets/relayfed.io/trust-domain")]
-        trust_domain_file: PathBuf,
-    },
+    Workload(relayfed_sidecar::node::workload::WorkloadOptions),
     /// ECH key tooling.
     Ech {
         #[command(subcommand)]
@@ -254,9 +232,10 @@ fn main() -> anyhow::Result<()> {
             let (ic, imports, source) = match (config, outbound_port, proxy_uid) {
                 (Some(config), _, _) => {
                     let snap = Snapshot::load(&config)?;
-                    let ic = snap.intercept.clone().with_context(|| {
-                        format!("{}: no `intercept` section: nothing to install", config.display())
-                    })?;
+                    let ic = snap
+                        .intercept
+                        .clone()
+                        .with_context(|| format!("{}: no `intercept` section: nothing to install", config.display()))?;
                     (ic, snap.imports, config.display().to_string())
                 }
                 (None, Some(outbound_port), Some(proxy_uid)) => {
@@ -275,25 +254,8 @@ fn main() -> anyhow::Result<()> {
             };
             init(&ic, &imports, &source, dry_run, cleanup)
         }
-        Command::Workload {
-            identity_server,
-            config_server,
-            server_node,
-            dir,
-            token_file,
-            ca_file,
-            trust_domain_file,
-        } => {
+        Command::Workload(opts) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let opts = relayfed_sidecar::node::workload::WorkloadOptions {
-                identity_server,
-                config_server,
-                server_node,
-                dir,
-                token_file,
-                ca_file,
-                trust_domain_file,
-            };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(relayfed_sidecar::node::workload::run(opts))
         }

@@ -182,14 +182,15 @@ impl Subscription {
         let (status, _, body) = self.request(&mut sender, Method::GET, path, Vec::new()).await?;
         match status {
             StatusCode::OK => {
-                let snap = std::str::from_utf8(&body)
-                    .map_err(|e| e.to_string())
-                    .and_then(Snapshot::parse)
-                    .map_err(|reason| ClientError::Status { status: 200, body: format!("invalid snapshot: {reason}") })?;
+                let snap = std::str::from_utf8(&body).map_err(|e| e.to_string()).and_then(Snapshot::parse).map_err(
+                    |reason| ClientError::Status { status: 200, body: format!("invalid snapshot: {reason}") },
+                )?;
                 Ok(Some(snap))
             }
             StatusCode::NOT_FOUND => Ok(None),
-            other => Err(ClientError::Status { status: other.as_u16(), body: String::from_utf8_lossy(&body).into_owned() }),
+            other => {
+                Err(ClientError::Status { status: other.as_u16(), body: String::from_utf8_lossy(&body).into_owned() })
+            }
         }
     }
 

@@ -25,24 +25,33 @@ use crate::distribution::certificate::{CertificateClient, CertificateRequest, Ce
 use crate::distribution::client::Subscription;
 use crate::transport::tls::HopIdentity;
 
-/// Where a workload sidecar finds its inputs and the servers it talks to.
-#[derive(Clone, Debug)]
+/// Where a workload sidecar finds its inputs and the servers it talks to (the flags of
+/// `relayfed-proxy workload`; the defaults are the injected pod's paths).
+#[derive(Clone, Debug, clap::Args)]
 pub struct WorkloadOptions {
-    /// Certificate server `host:port` (`POST /v1/certificate`).
+    /// Workload certificate server (`host:port`, the operator; `POST /v1/certificate`).
+    #[arg(long)]
     pub identity_server: String,
-    /// Config distribution server `host:port`.
+    /// Config distribution server (`host:port`, the operator).
+    #[arg(long)]
     pub config_server: String,
     /// Node id in both servers' certificates.
+    #[arg(long, default_value = crate::distribution::DEFAULT_SERVER_NODE)]
     pub server_node: String,
     /// Runtime directory: key material and the current snapshot are written here; relative
     /// paths in snapshots are resolved against it.
+    #[arg(long, default_value = "/var/run/relayfed")]
     pub dir: PathBuf,
     /// The projected service-account token (audience `relayfed`; re-read for every request,
     /// since the kubelet rotates it).
+    #[arg(long, default_value = "/var/run/secrets/relayfed.io/token")]
     pub token_file: PathBuf,
-    /// The federation CA (PEM) that issued the servers' certificates.
+    /// The federation CA (PEM) that issued the servers' certificates (projected from the
+    /// `relayfed-ca-root` ConfigMap).
+    #[arg(long, default_value = "/var/run/secrets/relayfed.io/ca.pem")]
     pub ca_file: PathBuf,
-    /// File holding the federation's trust domain.
+    /// File holding the federation's trust domain (projected from the same ConfigMap).
+    #[arg(long, default_value = "/var/run/secrets/relayfed.io/trust-domain")]
     pub trust_domain_file: PathBuf,
 }
 
@@ -63,7 +72,11 @@ fn unix(secs: u64) -> SystemTime {
 
 /// Asks for a certificate until it is issued: transient failures are retried with capped,
 /// jittered backoff; a refusal that cannot change (bad token, forbidden) is returned.
-async fn obtain(client: &CertificateClient, opts: &WorkloadOptions, keys: &Keys) -> anyhow::Result<CertificateResponse> {
+async fn obtain(
+    client: &CertificateClient,
+    opts: &WorkloadOptions,
+    keys: &Keys,
+) -> anyhow::Result<CertificateResponse> {
     let csr = rcgen::CertificateParams::default().serialize_request(&keys.tls)?.pem()?;
     let req = CertificateRequest { csr, noise_public_key: Some(base64_encode(&keys.noise.public)) };
     let mut backoff = Duration::from_millis(200);
@@ -84,8 +97,9 @@ async fn obtain(client: &CertificateClient, opts: &WorkloadOptions, keys: &Keys)
 /// the identity it makes.
 fn install(dir: &Path, trust_domain: &str, keys: &Keys, issued: &CertificateResponse) -> anyhow::Result<HopIdentity> {
     let key_pem = keys.tls.serialize_pem();
-    let identity = HopIdentity::from_pem(trust_domain, &issued.node_id, &issued.ca_bundle, &issued.certificate, &key_pem)
-        .context("the issued certificate does not make a usable identity")?;
+    let identity =
+        HopIdentity::from_pem(trust_domain, &issued.node_id, &issued.ca_bundle, &issued.certificate, &key_pem)
+            .context("the issued certificate does not make a usable identity")?;
     let write = |name: &str, text: &str| -> anyhow::Result<()> {
         // Write then rename: a reader never sees half a certificate.
         let tmp = dir.join(format!(".{name}.tmp"));
