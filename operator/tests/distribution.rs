@@ -83,13 +83,15 @@ async fn a_node_cannot_read_another_nodes_snapshot() {
     // delivered, and the refusal is counted.
     let got = Arc::new(Mutex::new(0));
     let g = got.clone();
-    let mut sub = Subscription {
+    // A certificate for "b" asking for "a"'s snapshot.
+    let mut impostor = pki.identity("b");
+    impostor.node_id = "a".into();
+    let sub = Subscription {
         server: addr.to_string(),
         server_node: "relayfed-operator".into(),
-        identity: pki.identity("b").into(),
+        identity: impostor.into(),
         wait_seconds: 1,
     };
-    sub.identity.node_id = "a".into();
     let task = tokio::spawn(sub.run(0, Arc::new(Metrics::new()), move |snap| {
         *g.lock().unwrap() += 1;
         applied(snap.version)

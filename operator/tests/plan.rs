@@ -106,3 +106,30 @@ fn impossible_combinations_name_object_and_field() {
     let none = compile(&yaml(policy), &keys(), 1).unwrap_err();
     assert!(none[0].reason.contains("exactly one RelayFederation"));
 }
+
+#[test]
+fn injected_pods_without_a_reachable_main_relay_are_left_out_with_a_warning() {
+    use relayfed_operator::plan::workloads::{Workload, WorkloadFacts};
+    let mut resources = examples();
+    // No main relay has an ip:port endpoint: workloads cannot be planned, the federation can.
+    for r in &mut resources {
+        if let relayfed_crds::AnyResource::Federation(f) = r {
+            for m in &mut f.spec.main_relays {
+                m.endpoint = Some("hub.example.net:7401".into());
+            }
+        }
+    }
+    let facts = WorkloadFacts {
+        workloads: vec![Workload { node_id: "web-1-abc123".into(), pod: "shop/web-1".into(), exports: vec![] }],
+        imports: vec![],
+        intercept: relayfed_operator::k8s::workloads::WorkloadSettings::default().intercept,
+        admin_port: 15090,
+    };
+    let plan = relayfed_operator::plan::compile_with_workloads(&resources, &keys(), 1, Some(&facts)).unwrap();
+    assert!(!plan.snapshots.contains_key("web-1-abc123"));
+    assert!(
+        plan.warnings.iter().any(|w| w.contains("shop/web-1") && w.contains("no main relay")),
+        "{:?}",
+        plan.warnings
+    );
+}

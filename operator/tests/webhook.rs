@@ -58,7 +58,28 @@ fn pods_in_labelled_namespaces_get_the_proxy_as_a_native_sidecar() {
         let vols: Vec<String> = spec.volumes.unwrap().into_iter().map(|v| v.name).collect();
         assert!(vols.contains(&"relayfed-run".to_owned()) && vols.contains(&"relayfed-token".to_owned()), "{vols:?}");
         assert_eq!(pod["metadata"]["annotations"]["relayfed.io/status"], "injected");
+        assert_eq!(
+            pod["metadata"]["labels"]["relayfed.io/injected"], "true",
+            "{fixture}: the operator watches this label"
+        );
         assert_eq!(spec.containers[0].name, "catalog", "app containers are untouched");
+        // The init container needs no snapshot: it redirects all outbound TCP, minus the proxy's uid.
+        let init_args = inits[0].args.clone().unwrap();
+        assert_eq!(init_args[..2], ["relayfed-proxy", "init"]);
+        assert!(init_args.windows(2).any(|w| w == ["--proxy-uid", "1337"]), "{init_args:?}");
+        assert!(init_args.windows(2).any(|w| w == ["--outbound-port", "15001"]), "{init_args:?}");
+        // The proxy bootstraps its identity and config from the operator.
+        let proxy_args = inits[1].args.clone().unwrap();
+        assert_eq!(proxy_args[..2], ["relayfed-proxy", "workload"]);
+        assert!(proxy_args.windows(2).any(|w| w[0] == "--identity-server" && w[1] == cfg.identity_server));
+        assert!(proxy_args.windows(2).any(|w| w[0] == "--config-server" && w[1] == cfg.config_server));
+        let token = &pod["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "relayfed-token").unwrap()
+            ["projected"]["sources"];
+        assert_eq!(token[0]["serviceAccountToken"]["audience"], "relayfed");
+        assert_eq!(
+            token[1]["configMap"]["name"], "relayfed-ca-root",
+            "the CA root the sidecar verifies the operator with"
+        );
     }
     // Existing init containers, volumes and annotations are kept, after ours.
     let (_, pod) = admit("with-init-and-annotations.json", true, &cfg);

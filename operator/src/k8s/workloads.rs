@@ -254,3 +254,93 @@ async fn ensure_ca_root(ctx: &Context, namespace: &str) -> Result<(), super::Rec
         .map_err(|e| super::ReconcileError::kube(format!("apply ConfigMap {namespace}/{CA_ROOT_CONFIGMAP}"), e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value, phase: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": labels, "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": phase},
+        }))
+        .unwrap()
+    }
+
+    fn service(name: &str, selector: serde_json::Value, ports: serde_json::Value) -> Service {
+        serde_json::from_value(
+            json!({"metadata": {"name": name, "namespace": "shop"}, "spec": {"selector": selector, "ports": ports}}),
+        )
+        .unwrap()
+    }
+
+    fn export(name: &str) -> ServiceExport {
+        let mut e = ServiceExport::new(name, Default::default());
+        e.metadata.namespace = Some("shop".into());
+        e
+    }
+
+    #[test]
+    fn only_live_injected_pods_are_workloads_and_exports_follow_selectors_and_ports() {
+        let injected = json!({"relayfed.io/status": "injected"});
+        let pods = [
+            pod("web-1", json!({"app": "web"}), injected.clone(), "Running"),
+            pod("web-2", json!({"app": "web"}), injected.clone(), "Succeeded"),
+            pod("plain", json!({"app": "web"}), json!({}), "Running"),
+            pod("db-1", json!({"app": "db"}), injected, "Pending"),
+        ];
+        let services = [
+            service(
+                "web",
+                json!({"app": "web"}),
+                json!([{"port": 80, "targetPort": "http"}, {"port": 53, "protocol": "UDP"}, {"port": 81, "targetPort": 9000}]),
+            ),
+            service("db", json!({"app": "db"}), json!([{"port": 5432}])),
+        ];
+        let exports = [export("web"), export("missing")];
+        let f = facts(
+            &WorkloadSettings::default(),
+            &pods.iter().collect::<Vec<_>>(),
+            &services.iter().collect::<Vec<_>>(),
+            &exports.iter().collect::<Vec<_>>(),
+            &[],
+        );
+        let names: Vec<&str> = f.workloads.iter().map(|w| w.pod.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"shop/web-1") && names.contains(&"shop/db-1"), "{names:?}");
+        let web = f.workloads.iter().find(|w| w.pod == "shop/web-1").unwrap();
+        assert_eq!(
+            web.exports,
+            vec![
+                WorkloadExport { service: "web.shop".into(), port: 80, target_port: 8080 },
+                WorkloadExport { service: "web.shop".into(), port: 81, target_port: 9000 },
+            ],
+            "named targetPort resolved, UDP skipped"
+        );
+        let db = f.workloads.iter().find(|w| w.pod == "shop/db-1").unwrap();
+        assert!(db.exports.is_empty(), "db is not exported");
+    }
+
+    #[test]
+    fn imports_need_an_allocated_ip() {
+        let mut with_ip = ServiceImport::new(
+            "pay",
+            super::super::services::ServiceImportSpec {
+                type_: None,
+                ports: vec![super::super::services::ImportPort { name: None, port: 443, protocol: None }],
+                ips: vec!["10.96.0.9".into()],
+            },
+        );
+        with_ip.metadata.namespace = Some("shop".into());
+        let mut pending = with_ip.clone();
+        pending.metadata.name = Some("later".into());
+        pending.spec.ips.clear();
+        let f = facts(&WorkloadSettings::default(), &[], &[], &[], &[&with_ip, &pending]);
+        assert_eq!(
+            f.imports,
+            vec![ImportedService { service: "pay.shop".into(), port: 443, cluster_ip: "10.96.0.9".parse().unwrap() }]
+        );
+    }
+}
