@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -130,7 +131,10 @@ def scrape(ns):
 
 
 def rules(ns):
-    return sh("iptables-save", "-t", "nat", ns=ns).stdout + sh("ip6tables-save", "-t", "nat", ns=ns).stdout
+    """The nat tables, without iptables-save's "# Generated/Completed ... <time>" comments
+    (they differ whenever two dumps straddle a second) and packet counters."""
+    out = sh("iptables-save", "-t", "nat", ns=ns).stdout + sh("ip6tables-save", "-t", "nat", ns=ns).stdout
+    return "\n".join(re.sub(r" \[\d+:\d+\]$", "", line) for line in out.splitlines() if not line.startswith("#"))
 
 
 def test_unmodified_curl_reaches_a_localhost_server_in_another_pod(world):
