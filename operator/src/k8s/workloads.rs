@@ -197,7 +197,9 @@ pub fn ca_root_configmap(namespace: &str, ca_pem: &str, trust_domain: &str) -> k
 
 /// Reconciles an injected pod: makes sure its namespace has the CA root ConfigMap its
 /// sidecar starts from, then replans the federation injected pods join, so a new pod gets
-/// its snapshot (and the relays learn its node id) and a deleted one is withdrawn.
+/// its snapshot (and the relays learn its node id) and a terminating one is withdrawn (a
+/// graceful delete sets `deletionTimestamp` first; a pod force-deleted without one is
+/// withdrawn by the next replan, at the latest the exports' 10-minute requeue).
 pub async fn reconcile_pod(
     pod: std::sync::Arc<Pod>,
     ctx: std::sync::Arc<Context>,
