@@ -172,17 +172,13 @@ pub fn replan_workloads(ctx: &Context) {
     }
 }
 
-/// Name of the ConfigMap, in every namespace with injected pods, that holds the federation
-/// CA (`ca.pem`) and trust domain (`trust-domain`); the injected token volume projects it,
-/// so a sidecar can verify the operator before it has a certificate (Istio's root-cert
-/// ConfigMap does the same).
-pub const CA_ROOT_CONFIGMAP: &str = webhook::CA_ROOT_CONFIGMAP;
-
-/// The CA root ConfigMap for `namespace`.
+/// The CA root ConfigMap ([`webhook::CA_ROOT_CONFIGMAP`]) for `namespace`: the federation CA
+/// and trust domain the injected token volume projects, so a sidecar can verify the operator
+/// before it has a certificate (as Istio's root-cert ConfigMap does).
 pub fn ca_root_configmap(namespace: &str, ca_pem: &str, trust_domain: &str) -> k8s_openapi::api::core::v1::ConfigMap {
     k8s_openapi::api::core::v1::ConfigMap {
         metadata: kube::api::ObjectMeta {
-            name: Some(CA_ROOT_CONFIGMAP.into()),
+            name: Some(webhook::CA_ROOT_CONFIGMAP.into()),
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([(super::LABEL_MANAGED_BY.to_owned(), super::FIELD_MANAGER.to_owned())])),
             ..Default::default()
@@ -251,9 +247,11 @@ async fn ensure_ca_root(ctx: &Context, namespace: &str) -> Result<(), super::Rec
     };
     let cm = ca_root_configmap(namespace, &ca.ca.certified_key().cert_pem, &td);
     let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    api.patch(CA_ROOT_CONFIGMAP, &PatchParams::apply(super::FIELD_MANAGER).force(), &Patch::Apply(&cm))
+    api.patch(webhook::CA_ROOT_CONFIGMAP, &PatchParams::apply(super::FIELD_MANAGER).force(), &Patch::Apply(&cm))
         .await
-        .map_err(|e| super::ReconcileError::kube(format!("apply ConfigMap {namespace}/{CA_ROOT_CONFIGMAP}"), e))?;
+        .map_err(|e| {
+            super::ReconcileError::kube(format!("apply ConfigMap {namespace}/{}", webhook::CA_ROOT_CONFIGMAP), e)
+        })?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use relayfed_crds::Relay;
 use relayfed_sidecar::config::{Export, Import, Intercept, InterceptScope, MainRelay, Role, Snapshot, TlsFiles};
+use relayfed_sidecar::node::workload::{CA_FILE, CERT_FILE, KEY_FILE, NOISE_FILE};
 
 /// A pod with the injected sidecar, as the plan needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,15 +66,6 @@ pub struct WorkloadFacts {
 pub fn tls_files() -> TlsFiles {
     TlsFiles { ca_file: PathBuf::from(CA_FILE), cert_file: PathBuf::from(CERT_FILE), key_file: PathBuf::from(KEY_FILE) }
 }
-
-/// Federation CA bundle in a workload's runtime directory.
-pub const CA_FILE: &str = "ca.pem";
-/// Workload certificate.
-pub const CERT_FILE: &str = "tls.pem";
-/// Workload private key.
-pub const KEY_FILE: &str = "tls.key";
-/// Workload Noise static key.
-pub const NOISE_FILE: &str = "noise.key";
 
 /// The main relays a workload dials: the federation's main relays in `spec.mainRelays` order
 /// (that order is the priority), each at its observed endpoint (`Relay.status.endpoint`, the

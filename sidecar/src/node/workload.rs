@@ -55,6 +55,16 @@ pub struct WorkloadOptions {
     pub trust_domain_file: PathBuf,
 }
 
+/// Federation CA bundle in a workload's runtime directory (relative: the plan names these
+/// files, the sidecar resolves them against `--dir`).
+pub const CA_FILE: &str = "ca.pem";
+/// Workload certificate.
+pub const CERT_FILE: &str = "tls.pem";
+/// Workload private key.
+pub const KEY_FILE: &str = "tls.key";
+/// Workload Noise static key.
+pub const NOISE_FILE: &str = "noise.key";
+
 /// Key material a workload keeps for its whole life (renewals reuse it).
 struct Keys {
     tls: rcgen::KeyPair,
@@ -106,9 +116,9 @@ fn install(dir: &Path, trust_domain: &str, keys: &Keys, issued: &CertificateResp
         write_private(&tmp, text.as_bytes())?;
         std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("{}/{name}", dir.display()))
     };
-    write("ca.pem", &issued.ca_bundle)?;
-    write("tls.key", &key_pem)?;
-    write("tls.pem", &issued.certificate)?;
+    write(CA_FILE, &issued.ca_bundle)?;
+    write(KEY_FILE, &key_pem)?;
+    write(CERT_FILE, &issued.certificate)?;
     Ok(identity)
 }
 
@@ -123,7 +133,7 @@ pub async fn run(opts: WorkloadOptions) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&opts.dir).with_context(|| format!("runtime directory {}", opts.dir.display()))?;
     let keys = Keys { tls: rcgen::KeyPair::generate()?, noise: StaticKeypair::generate()? };
-    save_noise_key(&opts.dir.join("noise.key"), &keys.noise, None)?;
+    save_noise_key(&opts.dir.join(NOISE_FILE), &keys.noise, None)?;
     let issued = obtain(&client, &opts, &keys).await?;
     let identity = install(&opts.dir, &trust_domain, &keys, &issued)?;
     info!(node = %issued.node_id, renew_at = issued.renew_after, "workload certificate issued");
