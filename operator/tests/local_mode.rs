@@ -18,11 +18,24 @@ use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_relayfed");
 
+/// A port for the manifests, picked below Linux's ephemeral range (32768-60999): a port from
+/// that range, free when picked, can be taken by any outgoing connection before the federation
+/// binds it. Each call moves on (tests in this binary run in parallel) and skips ports in use.
+fn pick(bindable: impl Fn(u16) -> bool) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 400) as u16 * 20;
+    loop {
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2_000; // < 30000
+        if bindable(port) {
+            return port;
+        }
+    }
+}
 fn free_udp() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    pick(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
 }
 fn free_tcp() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    pick(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
 fn workdir(name: &str) -> PathBuf {
