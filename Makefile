@@ -12,7 +12,7 @@ FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:fram
 BENCH_OUT ?= docs/benchmarks.md
 
 
-.PHONY: demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean
+.PHONY: demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -22,8 +22,19 @@ build: ## Build every crate and binary.
 
 test: test-rust test-python ## Run every test suite (Rust and Python).
 
-test-rust: ## Rust unit, property and integration tests.
-	$(CARGO) test --workspace
+test-rust: cluster ## Rust unit, property and integration tests (incl. the operator on a real control plane).
+	RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh) $(CARGO) test --workspace
+
+cluster: ## Build the test control plane (etcd, apiserver, controller-manager, scheduler, kubectl, kwok, helm) from Go modules; cached.
+	@tests/cluster/build.sh >/dev/null
+
+cluster-up: cluster ## Start a test control plane in the background; prints its kubeconfig and bin directory.
+	$(CARGO) build -q -p relayfed-test-cluster
+	$(TARGET_DIR)/debug/relayfed-test-cluster up
+
+cluster-down: ## Stop the control plane started by `make cluster-up`.
+	$(CARGO) build -q -p relayfed-test-cluster
+	$(TARGET_DIR)/debug/relayfed-test-cluster down
 
 TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 

@@ -3,6 +3,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+use crate::mcs::{ServiceExport, ServiceImport};
 use crate::{Peer, Relay, RelayFederation, RolloutPolicy};
 
 /// Every CRD of the API, in a stable order.
@@ -24,4 +25,24 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_saphyr::ser::Error> {
             Ok((name, format!("{HEADER}{body}")))
         })
         .collect()
+}
+
+/// Path of the optional MCS CRD template, relative to the chart.
+pub const MCS_TEMPLATE: &str = "templates/mcs-crds.yaml";
+
+/// The MCS CRDs (`ServiceExport`, `ServiceImport`) as a chart template, rendered only with
+/// `multicluster.installCRDs=true` and kept on uninstall (other controllers may use them).
+pub fn mcs_template() -> Result<String, serde_saphyr::ser::Error> {
+    let mut out = String::from(HEADER);
+    out.push_str("# The subset of the upstream mcs-api CRDs that relayfed uses; off by default (a cluster may\n");
+    out.push_str("# already run an MCS implementation with the full CRDs).\n");
+    out.push_str("{{- if .Values.multicluster.installCRDs }}\n");
+    for mut crd in [ServiceExport::crd(), ServiceImport::crd()] {
+        crd.metadata.annotations =
+            Some([("helm.sh/resource-policy".to_owned(), "keep".to_owned())].into_iter().collect());
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd)?);
+    }
+    out.push_str("{{- end }}\n");
+    Ok(out)
 }

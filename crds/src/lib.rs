@@ -13,6 +13,7 @@ pub mod document;
 pub mod error;
 pub mod federation;
 pub mod generate;
+pub mod mcs;
 pub mod peer;
 pub mod relay;
 pub mod rollout;

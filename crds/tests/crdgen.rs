@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use relayfed_crds::generate::crd_files;
+use relayfed_crds::generate::{MCS_TEMPLATE, crd_files, mcs_template};
 
 #[test]
 fn committed_crds_match_the_types() {
@@ -20,6 +20,13 @@ fn committed_crds_match_the_types() {
         let on_disk = std::fs::read_to_string(dir.join(&name)).unwrap();
         assert!(on_disk == text, "charts/relayfed/crds/{name} is stale: run `make crds` and commit the result");
     }
+}
+
+#[test]
+fn committed_mcs_template_matches_the_types() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/relayfed").join(MCS_TEMPLATE);
+    let on_disk = std::fs::read_to_string(&path).unwrap();
+    assert!(on_disk == mcs_template().unwrap(), "{} is stale: run `make crds` and commit the result", path.display());
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! `crdgen [DIR]`: writes the relayfed CRDs as YAML into DIR (default `charts/relayfed/crds`).
+//! `crdgen [DIR]`: writes the relayfed CRDs as YAML into DIR (default `charts/relayfed/crds`)
+//! and the optional MCS CRD template beside it (`DIR/../templates/mcs-crds.yaml`).
 
 use std::path::PathBuf;
 
@@ -10,5 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(&path, text)?;
         println!("wrote {}", path.display());
     }
+    let chart = dir.parent().map_or_else(|| PathBuf::from("."), PathBuf::from);
+    let path = chart.join(relayfed_crds::generate::MCS_TEMPLATE);
+    std::fs::write(&path, relayfed_crds::generate::mcs_template()?)?;
+    println!("wrote {}", path.display());
     Ok(())
 }

@@ -9,65 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use kube::Resource;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::{CustomResource, Resource};
-use relayfed_crds::Condition;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info_span};
 
 use super::context::name_ns;
 use super::status::{Cond, apply_status, event, set_condition};
 use super::{Context, FIELD_MANAGER, LABEL_MANAGED_BY, ReconcileError};
 
-/// MCS `ServiceExport`: marks the Service of the same name as exported.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "multicluster.x-k8s.io",
-    version = "v1alpha1",
-    kind = "ServiceExport",
-    namespaced,
-    status = "ServiceExportStatus"
-)]
-pub struct ServiceExportSpec {}
-
-/// MCS `ServiceExport` status.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct ServiceExportStatus {
-    /// `Valid` (the Service exists) and `Exported`.
-    #[serde(default)]
-    pub conditions: Vec<Condition>,
-}
-
-/// One port of an imported service.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct ImportPort {
-    /// Port name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Port number.
-    pub port: i32,
-    /// Protocol (TCP only is proxied).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<String>,
-}
-
-/// MCS `ServiceImport`: a service of another cluster, made reachable here.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[kube(group = "multicluster.x-k8s.io", version = "v1alpha1", kind = "ServiceImport", namespaced)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceImportSpec {
-    /// `ClusterSetIP` (a virtual IP) or `Headless` (not supported: reported).
-    #[serde(rename = "type", default)]
-    pub type_: Option<String>,
-    /// Ports.
-    #[serde(default)]
-    pub ports: Vec<ImportPort>,
-    /// The local virtual IPs (written by the operator).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ips: Vec<String>,
-}
+pub use relayfed_crds::mcs::{
+    ImportPort, ServiceExport, ServiceExportSpec, ServiceExportStatus, ServiceImport, ServiceImportSpec,
+};
 
 /// Label on Services created for imports.
 pub const LABEL_IMPORTED: &str = "relayfed.io/imported";

@@ -1,0 +1,101 @@
+//! The real CLIs against a plane (`kubectl`, `helm`) and credentials for other identities.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::Context;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
+
+use crate::Endpoints;
+
+/// What a CLI run printed.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit success.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Self {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Endpoints {
+    /// Runs the real `kubectl --kubeconfig <admin> args...`.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Run> {
+        self.kubectl_as(&self.kubeconfig, args)
+    }
+
+    /// Runs `kubectl` with another kubeconfig.
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Run> {
+        Ok(Command::new(self.bin.join("kubectl"))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(args)
+            .output()
+            .context("running kubectl")?
+            .into())
+    }
+
+    /// Runs `kubectl` (admin) with `input` on its standard input.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> anyhow::Result<Run> {
+        use std::io::Write;
+        let mut child = Command::new(self.bin.join("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?.into())
+    }
+
+    /// Runs the real `helm --kubeconfig <admin> args...`.
+    pub fn helm(&self, args: &[&str]) -> anyhow::Result<Run> {
+        let home = self.dir.join("helm-home");
+        Ok(Command::new(self.bin.join("helm"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .output()
+            .context("running helm")?
+            .into())
+    }
+
+    /// A kubeconfig authenticating as ServiceAccount `ns/name` with a token from the
+    /// TokenRequest API (valid `seconds`), written into the plane's directory.
+    pub async fn service_account_kubeconfig(&self, ns: &str, name: &str, seconds: i64) -> anyhow::Result<PathBuf> {
+        let admin = crate::kubeconfig::client(&self.kubeconfig).await?;
+        let sas: Api<ServiceAccount> = Api::namespaced(admin, ns);
+        let req = TokenRequest {
+            spec: TokenRequestSpec { expiration_seconds: Some(seconds), ..Default::default() },
+            ..Default::default()
+        };
+        let token = sas
+            .create_token_request(name, &PostParams::default(), &req)
+            .await
+            .with_context(|| format!("TokenRequest for {ns}/{name}"))?
+            .status
+            .context("TokenRequest without status")?
+            .token;
+        let path = self.dir.join(format!("sa-{ns}-{name}.kubeconfig"));
+        crate::kubeconfig::write_token(&path, &format!("{ns}-{name}"), &self.server, &self.ca_cert, &token)?;
+        Ok(path)
+    }
+}
