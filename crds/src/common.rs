@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Regex for a node id: a DNS-1123 label (lowercase alphanumerics and `-`, at most 63 chars).
 pub const NODE_ID_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 /// Regex for a `host:port` endpoint (DNS name, IPv4, or bracketed IPv6, then a port).
-pub const ENDPOINT_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$";
+pub const ENDPOINT_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
 /// Regex for a DNS subdomain (trust domains, public names).
 pub const DNS_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// Regex for a duration in Go's `time.ParseDuration` subset used here (`ms`, `s`, `m`, `h`).
@@ -163,8 +163,10 @@ pub struct CommonStatus {
     /// The `.metadata.generation` last acted upon by the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Standard conditions (`Ready`, `Applied`, ...).
+    /// Standard conditions (`Ready`, `Applied`, ...), one per type: a list map, so field
+    /// managers applying different condition types merge instead of replacing each other.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -40,6 +40,7 @@ pub enum ClusterRole {
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("self.mainRelays.all(r, self.mainRelays.exists_one(o, o.nodeId == r.nodeId))").message("mainRelays: node ids must be unique").field_path(".mainRelays"))]
+#[x_kube(validation = Rule::new("self.mainRelays.all(r, has(r.endpoint))").message("every main relay of the federation needs an endpoint: home nodes dial it").field_path(".mainRelays"))]
 #[serde(rename_all = "camelCase")]
 pub struct RelayFederationSpec {
     /// Trust domain named in every identity (`relayfed://<trustDomain>/<nodeId>`).
@@ -61,6 +62,7 @@ pub struct RelayFederationSpec {
     pub default_rollout_policy: String,
     /// How long a federated registry entry lives unless refreshed by its owner.
     #[serde(default = "default_registry_ttl")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10s')").message("registryTtl must be at least 10s so refreshes can keep up"))]
     pub registry_ttl: Duration,
 }
 

@@ -25,6 +25,7 @@ pub struct ServiceExportSpec {}
 pub struct ServiceExportStatus {
     /// `Valid` (the Service exists) and `Exported`.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -140,6 +140,7 @@ pub struct ServiceImport {
 #[x_kube(validation = Rule::new("self.type == 'main' || (has(self.mainRelays) && size(self.mainRelays) > 0)").message("a home relay must name at least one main relay in mainRelays").field_path(".mainRelays"))]
 #[x_kube(validation = Rule::new("self.type == 'home' || !has(self.mainRelays) || size(self.mainRelays) == 0").message("a main relay does not dial other main relays: peer them with Peer resources instead").field_path(".mainRelays"))]
 #[x_kube(validation = Rule::new("self.type == 'home' || ((!has(self.exports) || size(self.exports) == 0) && (!has(self.imports) || size(self.imports) == 0))").message("exports and imports belong to home relays; main relays only route").field_path(".exports"))]
+#[x_kube(validation = Rule::new("self.type == 'main' || !has(self.replicas) || self.replicas == 1").message("a home relay runs as one process: replicas must be 1").field_path(".replicas"))]
 #[x_kube(validation = Rule::new("self.type == 'main' || !has(self.serviceType)").message("serviceType applies to main relays only").field_path(".serviceType"))]
 #[serde(rename_all = "camelCase")]
 pub struct RelaySpec {

@@ -167,7 +167,8 @@ fn default_probes() -> u32 {
 }
 
 /// Retry settings: only for attempts that delivered no payload byte.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.initialBackoff) || !has(self.maxBackoff) || duration(self.initialBackoff) <= duration(self.maxBackoff)").message("initialBackoff must not be longer than maxBackoff").field_path(".initialBackoff"))]
 #[serde(rename_all = "camelCase")]
 pub struct Retry {
     /// Attempts including the first.

@@ -39,8 +39,13 @@ echo "cluster: building the control plane $k8s_version into $bin (cold: ~15 min 
 # etcd's main package is the module root: the binary comes out named `server`.
 (cd "$here" && go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
 (cd "$here/kwok" && go build -trimpath -ldflags "-s -w" -o "$tmp/kwok" sigs.k8s.io/kwok/cmd/kwok)
-(cd "$here/helm" && go build -trimpath \
-  -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v3.22.0" -o "$tmp/helm" helm.sh/helm/v3/cmd/helm)
+# helm stamps the Kubernetes version `helm template`/`lint` assume (else v1.20) from its
+# client-go minor, as its Makefile does.
+helm_k8s_minor="$(cd "$here/helm" && go list -m -f '{{.Version}}' k8s.io/client-go | cut -d. -f2)"
+(cd "$here/helm" && go build -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v3.22.0 \
+  -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor \
+  -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor" \
+  -o "$tmp/helm" helm.sh/helm/v3/cmd/helm)
 # kwok's stage configuration ships in its module: fast node initialisation, heartbeats with
 # leases, and pods that become Ready, complete and are deleted.
 kwok_dir="$(cd "$here/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
@@ -54,5 +59,7 @@ for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat
 done
 mv "$tmp"/* "$bin"/
 rmdir "$tmp"
+# Older builds (another go.sum or script) are dead weight: ~0.5 GB each.
+for old in "$cache_root"/*/; do [ "${old%/}" = "$cache_root/$key" ] || rm -rf "$old"; done
 echo "cluster: built in $(( $(date +%s) - start ))s" >&2
 echo "$bin"

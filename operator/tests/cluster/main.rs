@@ -1,0 +1,10 @@
+//! The operator on a real control plane (etcd, kube-apiserver, controller-manager, scheduler,
+//! kwok; built from Go modules by tests/cluster/build.sh and started by the
+//! relayfed-test-cluster harness once for this binary). Each test takes its own namespace;
+//! tests that run an operator hold [`support::serial`]. What the harness does not emulate: a
+//! kubelet (kwok marks pods Running; no container runs), image pulls, cgroups, kube-proxy and
+//! cluster DNS.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod api;
+mod support;
