@@ -8,7 +8,36 @@ use crate::{Peer, Relay, RelayFederation, RolloutPolicy};
 
 /// Every CRD of the API, in a stable order.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![RelayFederation::crd(), Relay::crd(), Peer::crd(), RolloutPolicy::crd()]
+    [RelayFederation::crd(), Relay::crd(), Peer::crd(), RolloutPolicy::crd()]
+        .into_iter()
+        .map(known_formats_only)
+        .collect()
+}
+
+/// Integer formats kube-apiserver knows; schemars' `uint8`/`uint16`/`uint32`/`uint64` are
+/// not among them and make every `kubectl apply` of the CRDs warn "unrecognized format"
+/// (the ranges are bounded by `minimum`/`maximum` instead).
+const KNOWN_INT_FORMATS: [&str; 2] = ["int32", "int64"];
+
+fn strip_formats(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let unknown = map.get("type").and_then(|t| t.as_str()) == Some("integer")
+                && map.get("format").and_then(|f| f.as_str()).is_some_and(|f| !KNOWN_INT_FORMATS.contains(&f));
+            if unknown {
+                map.remove("format");
+            }
+            map.values_mut().for_each(strip_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_formats),
+        _ => {}
+    }
+}
+
+fn known_formats_only(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    let Ok(mut v) = serde_json::to_value(&crd) else { return crd };
+    strip_formats(&mut v);
+    serde_json::from_value(v).unwrap_or(crd)
 }
 
 /// Header written at the top of each generated file.
@@ -37,7 +66,7 @@ pub fn mcs_template() -> Result<String, serde_saphyr::ser::Error> {
     out.push_str("# The subset of the upstream mcs-api CRDs that relayfed uses; off by default (a cluster may\n");
     out.push_str("# already run an MCS implementation with the full CRDs).\n");
     out.push_str("{{- if .Values.multicluster.installCRDs }}\n");
-    for mut crd in [ServiceExport::crd(), ServiceImport::crd()] {
+    for mut crd in [ServiceExport::crd(), ServiceImport::crd()].map(known_formats_only) {
         crd.metadata.annotations =
             Some([("helm.sh/resource-policy".to_owned(), "keep".to_owned())].into_iter().collect());
         out.push_str("---\n");

@@ -196,6 +196,18 @@ impl ReconcileError {
         }
     }
 
+    /// When the API server refused the operator's ServiceAccount (403), what it refused, in
+    /// words that say what to grant.
+    pub fn forbidden(&self) -> Option<String> {
+        match self {
+            Self::Kube { action, source: kube::Error::Api(s) } if s.code == 403 => Some(format!(
+                "{action}: {} — grant it to the operator's ClusterRole (chart templates/operator.yaml)",
+                s.message
+            )),
+            _ => None,
+        }
+    }
+
     /// Wraps a client error with what was being done.
     pub fn kube(action: impl Into<String>, source: kube::Error) -> Self {
         Self::Kube { action: action.into(), source }

@@ -136,6 +136,9 @@ pub async fn reconcile(fed: Arc<RelayFederation>, ctx: Arc<Context>) -> Result<A
     let span = info_span!("reconcile", kind = "RelayFederation", %namespace, %name);
     let started = std::time::Instant::now();
     let result = apply(&fed, &ctx, &name, &namespace).instrument(span).await;
+    if let Err(e) = &result {
+        super::status::report_forbidden(&ctx, &*fed, e).await;
+    }
     ctx.finished("RelayFederation", &format!("{namespace}/{name}"), started, result.is_ok());
     result
 }

@@ -37,6 +37,7 @@ pub async fn reconcile(relay: Arc<Relay>, ctx: Arc<Context>) -> Result<Action, R
     let span = info_span!("reconcile", kind = "Relay", %namespace, %name);
     let started = std::time::Instant::now();
     let api: Api<Relay> = Api::namespaced(ctx.client.clone(), &namespace);
+    let obj = relay.clone();
     let result = finalizer(&api, FINALIZER, relay, |ev| async {
         match ev {
             Finalizer::Apply(r) => apply(&r, &ctx, &name, &namespace).await,
@@ -49,6 +50,9 @@ pub async fn reconcile(relay: Arc<Relay>, ctx: Arc<Context>) -> Result<Action, R
         kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => ReconcileError::Finalizer(other.to_string()),
     });
+    if let Err(e) = &result {
+        super::status::report_forbidden(&ctx, &*obj, e).await;
+    }
     ctx.finished("Relay", &format!("{namespace}/{name}"), started, result.is_ok());
     result
 }

@@ -98,3 +98,27 @@ pub async fn event<K: Resource<DynamicType = ()>>(
         tracing::warn!(reason, error = %e, "cannot publish event");
     }
 }
+
+/// After a failed reconcile: when the operator was forbidden something, says so in the
+/// object's `Ready` condition (reason `Forbidden`, naming the verb and resource), so that
+/// `kubectl get`/`describe` shows what RBAC lacks instead of a stale state. Best effort: the
+/// status write may itself be forbidden, and the error is logged and counted anyway.
+pub async fn report_forbidden<K>(ctx: &Context, obj: &K, err: &ReconcileError)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let Some(message) = err.forbidden() else { return };
+    let Some(ns) = obj.namespace() else { return };
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut conds: Vec<Condition> = serde_json::to_value(obj)
+        .ok()
+        .and_then(|v| serde_json::from_value(v.get("status")?.get("conditions")?.clone()).ok())
+        .unwrap_or_default();
+    let generation = obj.meta().generation;
+    set_condition(&mut conds, Cond { type_: "Ready", ok: false, reason: "Forbidden", message }, generation, ctx.now());
+    let _ = apply_status(&api, obj, serde_json::json!({"conditions": conds})).await;
+}

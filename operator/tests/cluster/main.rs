@@ -7,4 +7,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod api;
+mod reconcilers;
 mod support;

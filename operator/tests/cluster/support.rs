@@ -23,6 +23,7 @@ pub fn plane() -> &'static ControlPlane {
         let crds = repo().join("charts/relayfed/crds");
         let out = plane.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()]).unwrap();
         assert!(out.ok, "applying the chart's CRDs: {}", out.stderr);
+        assert!(!out.stderr.contains("Warning"), "the API server warns about the chart's CRDs: {}", out.stderr);
         let mcs =
             render_chart(plane, &["--set", "multicluster.installCRDs=true", "--show-only", "templates/mcs-crds.yaml"]);
         let out = plane.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &mcs).unwrap();
@@ -120,4 +121,99 @@ pub fn get_json(ns: &str, what: &[&str]) -> Value {
     let out = plane().kubectl(&args).unwrap();
     assert!(out.ok, "kubectl {args:?}: {}", out.stderr);
     serde_json::from_str(&out.stdout).unwrap()
+}
+
+/// Applies the chart's operator RBAC (ServiceAccount, ClusterRole, bindings, Lease Role) for a
+/// release named `release` in namespace `ns`, exactly as `helm template` renders it, and
+/// returns a kubeconfig that authenticates as that ServiceAccount (TokenRequest).
+pub async fn operator_identity(ns: &str, release: &str) -> PathBuf {
+    let rendered = render_chart_release(release, ns, &["--show-only", "templates/operator.yaml"]);
+    let rbac: Vec<&str> = rendered
+        .split("\n---")
+        .filter(|d| {
+            ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+                .iter()
+                .any(|k| d.contains(&format!("\nkind: {k}\n")))
+        })
+        .collect();
+    assert_eq!(rbac.len(), 5, "the chart's operator RBAC changed shape:\n{rendered}");
+    let out = plane().kubectl_stdin(&["apply", "-f", "-"], &rbac.join("\n---\n")).unwrap();
+    assert!(out.ok, "applying the chart's RBAC: {}", out.stderr);
+    plane().service_account_kubeconfig(ns, &format!("{release}-operator"), 3600).await.unwrap()
+}
+
+/// `helm template <release> charts/relayfed -n <ns> args...`.
+pub fn render_chart_release(release: &str, ns: &str, args: &[&str]) -> String {
+    let chart = repo().join("charts/relayfed").display().to_string();
+    let mut all = vec!["template", release, chart.as_str(), "--namespace", ns];
+    all.extend_from_slice(args);
+    let out = plane().helm(&all).unwrap();
+    assert!(out.ok, "helm template {args:?}: {}", out.stderr);
+    out.stdout
+}
+
+/// `relayfed operator run` as a real process; killed on drop.
+pub struct Operator {
+    child: std::process::Child,
+    /// Its log (stdout and stderr).
+    pub log: PathBuf,
+    /// Its admin port (/metrics, /healthz, /readyz).
+    pub admin_port: u16,
+}
+
+impl Operator {
+    /// Starts replica `identity` with `kubeconfig`, the Lease in `lease_ns`, serving `federation`.
+    pub fn start(kubeconfig: &Path, lease_ns: &str, identity: &str, federation: &str) -> Self {
+        let port = || relayfed_test_cluster::ports::free_port().unwrap();
+        let (dist, ids, admin) = (port(), port(), port());
+        let log = plane().dir.join(format!("operator-{lease_ns}-{identity}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_relayfed"))
+            .args(["operator", "run", "--namespace", lease_ns, "--identity", identity, "--federation", federation])
+            .args(["--proxy-image", "ghcr.io/relayfed/relayfed:test", "--config-server", &format!("127.0.0.1:{dist}")])
+            .arg(format!("--distribution-listen=127.0.0.1:{dist}"))
+            .arg(format!("--identity-listen=127.0.0.1:{ids}"))
+            .arg(format!("--admin-listen=127.0.0.1:{admin}"))
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,relayfed_operator=debug")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self { child, log, admin_port: admin }
+    }
+
+    /// What it logged so far.
+    pub fn logged(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path` on its admin port: `(status code, body)`.
+    pub async fn admin(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+    }
+
+    /// Whether it reports itself leading (`/readyz` 200).
+    pub async fn leading(&self) -> bool {
+        self.admin("/readyz").await.is_some_and(|(c, _)| c == 200)
+    }
+
+    /// Kills it (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

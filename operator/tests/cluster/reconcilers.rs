@@ -1,0 +1,244 @@
+//! The reconcilers on a real API server, as the chart's ServiceAccount (a TokenRequest token,
+//! RBAC exactly as `helm template` renders it): the example federation becomes Secrets,
+//! Deployments whose pods the real controller-manager creates and kwok runs, Services, PDBs
+//! with owner references, conditions, Events; a deleted Relay runs its finalizer and the
+//! garbage collector removes its children; ECH keys rotate with their grace period; a verb
+//! missing from the ClusterRole is reported naming the verb and resource.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use relayfed_crds::{Relay, RelayFederation, RolloutPolicy};
+
+use crate::support::{Namespace, Operator, eventually, examples_in, operator_identity, plane, serial};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn owned_by_relay<K: kube::Resource>(obj: &K, relay: &str) -> bool {
+    obj.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Relay" && o.name == relay && o.controller == Some(true))
+}
+
+#[tokio::test]
+async fn the_example_federation_reconciles_under_the_charts_rbac() {
+    let _serial = serial().await;
+    let ns = Namespace::create("rec-examples", &[]);
+    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
+    let op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
+    let dir = examples_in("federation", &ns.name);
+    let out = plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+
+    let client = plane().client().await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let ca = eventually("the CA Secret", WAIT, || async { secrets.get_opt("acme-ca").await.ok().flatten() }).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the trust bundle", WAIT, || async { cms.get_opt("acme-trust-bundle").await.ok().flatten() }).await;
+
+    let relays: Api<Relay> = Api::namespaced(client.clone(), &ns.name);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    for (hub, replicas) in [("hub-eu", 2), ("hub-us", 1)] {
+        let dep =
+            eventually("a main relay's Deployment", WAIT, || async { deps.get_opt(hub).await.ok().flatten() }).await;
+        assert!(
+            owned_by_relay(&dep, hub),
+            "{hub}: Deployment not owned by its Relay: {:?}",
+            dep.metadata.owner_references
+        );
+        let svc = eventually("a main relay's Service", WAIT, || async { svcs.get_opt(hub).await.ok().flatten() }).await;
+        assert!(owned_by_relay(&svc, hub));
+        for s in [format!("{hub}-identity"), format!("{hub}-ech")] {
+            let secret =
+                eventually("a relay Secret", WAIT, || async { secrets.get_opt(&s).await.ok().flatten() }).await;
+            assert!(owned_by_relay(&secret, hub), "{s} not owned by {hub}");
+        }
+        if replicas > 1 {
+            let pdb = eventually("the PDB", WAIT, || async { pdbs.get_opt(hub).await.ok().flatten() }).await;
+            assert!(owned_by_relay(&pdb, hub));
+        }
+        // The real controller-manager creates the pods, the scheduler binds them, kwok runs them.
+        let selector = format!("relayfed.io/relay={hub}");
+        eventually("the relay's pods Running on a node", WAIT, || async {
+            let list = pods.list(&ListParams::default().labels(&selector)).await.ok()?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("node-1")
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                })
+                .count();
+            (running == replicas).then_some(())
+        })
+        .await;
+        // Status: the ECHConfigList, Ready with the current generation once the replicas are up.
+        eventually("the relay Ready with its ECHConfigList", WAIT, || async {
+            let r = relays.get(hub).await.ok()?;
+            let s = r.status?;
+            let ready = s.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            (ready && s.ech_config_list.is_some() && s.common.observed_generation == r.metadata.generation)
+                .then_some(())
+        })
+        .await;
+    }
+    let feds: Api<RelayFederation> = Api::namespaced(client.clone(), &ns.name);
+    eventually("federation status", WAIT, || async {
+        let f = feds.get("acme").await.ok()?;
+        let s = f.status?;
+        (s.common.observed_generation == f.metadata.generation && s.ca_fingerprint.is_some()).then_some(())
+    })
+    .await;
+    // Events from the operator, through the events.k8s.io API its RBAC grants.
+    let events = crate::support::get_json(&ns.name, &["events.events.k8s.io"]);
+    let ours =
+        events["items"].as_array().unwrap().iter().filter(|e| e["reportingController"] == "relayfed-operator").count();
+    assert!(ours > 0, "no Events from the operator: {events}");
+
+    // A policy edit is reported Applied with the new generation.
+    let policies: Api<RolloutPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let patch = serde_json::json!({"spec": {"ech": {"percentage": 42}}});
+    let edited = policies.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually("the policy edit applied", WAIT, || async {
+        let s = policies.get("default").await.ok()?.status?;
+        let applied = s.common.conditions.iter().any(|c| c.type_ == "Applied" && c.status == "True");
+        (applied && s.common.observed_generation == edited.metadata.generation).then_some(())
+    })
+    .await;
+
+    // Deleting a Relay runs its finalizer; the garbage collector removes what it owned.
+    relays.delete("hub-us", &DeleteParams::default()).await.unwrap();
+    eventually("the Relay gone (finalizer removed)", WAIT, || async {
+        relays.get_opt("hub-us").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    eventually("its Deployment, Service and Secrets collected", Duration::from_secs(120), || async {
+        let left = deps.get_opt("hub-us").await.ok()?.is_some()
+            || svcs.get_opt("hub-us").await.ok()?.is_some()
+            || secrets.get_opt("hub-us-ech").await.ok()?.is_some();
+        (!left).then_some(())
+    })
+    .await;
+    // The CA was never replaced, and nothing was forbidden to the chart's ServiceAccount.
+    assert_eq!(secrets.get("acme-ca").await.unwrap().data, ca.data);
+    let log = op.logged();
+    assert!(!log.contains("forbidden"), "the chart's RBAC refused a request:\n{log}");
+    assert!(dep_managed_by_operator(&deps, "hub-eu").await, "hub-eu not written by the operator's field manager");
+}
+
+async fn dep_managed_by_operator(deps: &Api<Deployment>, name: &str) -> bool {
+    deps.get(name)
+        .await
+        .is_ok_and(|d| d.managed_fields().iter().any(|m| m.manager.as_deref() == Some("relayfed-operator")))
+}
+
+/// `(config id, has a previous key)` of a relay's ECH Secret.
+async fn ech_state(secrets: &Api<Secret>, relay: &str, node: &str) -> Option<(u64, bool)> {
+    let s = secrets.get_opt(&format!("{relay}-ech")).await.ok()??;
+    let bytes = s.data?.get(&format!("{node}-ech.json"))?.0.clone();
+    let file: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some((file["current"]["configId"].as_u64()?, !file["previous"].is_null()))
+}
+
+#[tokio::test]
+async fn ech_keys_rotate_and_the_previous_key_is_dropped_after_the_grace_period() {
+    let _serial = serial().await;
+    let ns = Namespace::create("rec-rotation", &[]);
+    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
+    let _op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
+    let dir = examples_in("federation", &ns.name);
+    let fed = dir.join("00-federation.yaml").display().to_string();
+    assert!(plane().kubectl(&["apply", "-f", &fed]).unwrap().ok);
+    let relay = format!(
+        "apiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: hub-eu, namespace: {}}}\n\
+         spec: {{type: main, nodeId: hub-eu, federation: acme, listenPort: 7401, \
+         echKeys: {{rotationPeriod: 1m, gracePeriod: 20s}}}}\n",
+        ns.name
+    );
+    let out = plane().kubectl_stdin(&["apply", "-f", "-"], &relay).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let client = plane().client().await.unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let relays: Api<Relay> = Api::namespaced(client, &ns.name);
+    let (first, had_previous) =
+        eventually("the first ECH key", WAIT, || async { ech_state(&secrets, "hub-eu", "hub-eu").await }).await;
+    assert!(!had_previous);
+    // After the rotation period: a new config id, the old key kept as previous, status updated.
+    let (second, kept) = eventually("a rotated ECH key", Duration::from_secs(120), || async {
+        ech_state(&secrets, "hub-eu", "hub-eu").await.filter(|(id, _)| *id != first)
+    })
+    .await;
+    assert!(kept, "the previous key was not kept for the grace period");
+    eventually("status naming the new config id", WAIT, || async {
+        let s = relays.get("hub-eu").await.ok()?.status?;
+        (s.ech_config_id == Some(second as u8) && s.last_key_rotation.is_some()).then_some(())
+    })
+    .await;
+    // After the grace period, the previous key is dropped (before the next rotation).
+    let (id, previous) = eventually("the previous key dropped", Duration::from_secs(50), || async {
+        ech_state(&secrets, "hub-eu", "hub-eu").await.filter(|(_, p)| !p)
+    })
+    .await;
+    assert!(!previous);
+    assert_eq!(id, second, "pruning the previous key must not rotate the current one");
+}
+
+#[tokio::test]
+async fn a_verb_missing_from_the_cluster_role_is_reported_naming_verb_and_resource() {
+    let _serial = serial().await;
+    let ns = Namespace::create("rec-rbac", &[]);
+    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
+    // Break the chart's ClusterRole: no `patch` on Deployments.
+    let role = format!("{}-operator", ns.name);
+    let out = plane().kubectl(&["get", "clusterrole", &role, "-o", "json"]).unwrap();
+    let mut cr: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    for rule in cr["rules"].as_array_mut().unwrap() {
+        if rule["resources"].as_array().unwrap().iter().any(|r| r == "deployments") {
+            rule["verbs"].as_array_mut().unwrap().retain(|v| v != "patch");
+        }
+    }
+    let out = plane().kubectl_stdin(&["replace", "-f", "-"], &cr.to_string()).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
+    let dir = examples_in("federation", &ns.name);
+    assert!(plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap().ok);
+    let client = plane().client().await.unwrap();
+    let relays: Api<Relay> = Api::namespaced(client, &ns.name);
+    // The Relay's Ready condition says what is missing, in terms an operator can act on.
+    let message = eventually("Ready=False naming the missing permission", WAIT, || async {
+        let s = relays.get("hub-eu").await.ok()?.status?;
+        s.common
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "Forbidden")
+            .map(|c| c.message.clone())
+    })
+    .await;
+    assert!(message.contains("patch") && message.contains("deployments"), "{message}");
+    // Retried with backoff, not in a storm: over 20 s the failing reconciles stay few.
+    let failures = |m: &str| -> u64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("relayfed_operator_reconciles_total{")
+                    && l.contains("kind=\"Relay\"")
+                    && l.contains("result=\"kube_api\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    let before = failures(&op.admin("/metrics").await.unwrap().1);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let after = failures(&op.admin("/metrics").await.unwrap().1);
+    assert!(after - before <= 8, "{} failed Relay reconciles in 20 s: a retry storm", after - before);
+    assert!(op.logged().contains("cannot patch resource \"deployments\""), "{}", op.logged());
+}
