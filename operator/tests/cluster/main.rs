@@ -7,5 +7,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod api;
+mod leader;
 mod reconcilers;
 mod support;

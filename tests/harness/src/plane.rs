@@ -57,6 +57,8 @@ pub struct Endpoints {
     pub server: String,
     /// The CA of every serving certificate (PEM path).
     pub ca_cert: PathBuf,
+    /// The API server's audit log (JSON lines, level Metadata: who did what to which object).
+    pub audit_log: PathBuf,
     /// Directory with kubectl, helm and the components.
     pub bin: PathBuf,
     /// Component name and pid, in start order.
@@ -159,6 +161,16 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
     let kubeconfig = crate::kubeconfig::write_admin(dir, &opts.name, &server, &pki)?;
     let p = |x: &Path| x.display().to_string();
 
+    // Writes only (reads are not logged): enough to tell which identity wrote what, e.g. that
+    // a follower replica of the operator wrote nothing.
+    let audit_policy = dir.join("audit-policy.yaml");
+    std::fs::write(
+        &audit_policy,
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+         - level: None\n  verbs: [get, list, watch]\n\
+         - level: Metadata\n",
+    )?;
+    let audit_log = dir.join("audit.log");
     let etcd_url = format!("http://127.0.0.1:{etcd_port}");
     let peer_url = format!("http://127.0.0.1:{etcd_peer}");
     procs.push(Proc::spawn(
@@ -202,6 +214,9 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
             s("--endpoint-reconciler-type=none"),
             s("--profiling=false"),
             s(format_args!("--cert-dir={}", p(&dir.join("apiserver-certs")))),
+            s(format_args!("--audit-policy-file={}", p(&audit_policy))),
+            s(format_args!("--audit-log-path={}", p(&audit_log))),
+            s("--audit-log-format=json"),
         ],
         dir,
     )?);
@@ -306,6 +321,7 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
         kubeconfig,
         server,
         ca_cert: pki.ca_cert.clone(),
+        audit_log,
         bin: bin.to_owned(),
         pids: procs.iter().map(|p| (p.name.clone(), p.pid())).collect(),
         ready_after: t0.elapsed(),

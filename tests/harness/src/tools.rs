@@ -99,3 +99,43 @@ impl Endpoints {
         Ok(path)
     }
 }
+
+/// One write recorded in the API server's audit log.
+#[derive(Debug, Clone)]
+pub struct AuditWrite {
+    /// `create`, `update`, `patch`, `delete`, ...
+    pub verb: String,
+    /// Resource (plural), with `/subresource` when there is one.
+    pub resource: String,
+    /// Namespace, empty for cluster-scoped objects.
+    pub namespace: String,
+    /// Object name.
+    pub name: String,
+    /// When the API server received it (RFC 3339, microseconds).
+    pub time: String,
+    /// HTTP status code of the answer.
+    pub code: u16,
+}
+
+impl Endpoints {
+    /// Every write `user` made, in order, from the audit log.
+    pub fn audit_writes(&self, user: &str) -> Vec<AuditWrite> {
+        let text = std::fs::read_to_string(&self.audit_log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+            .map(|e| {
+                let o = &e["objectRef"];
+                let sub = o["subresource"].as_str().map(|s| format!("/{s}")).unwrap_or_default();
+                AuditWrite {
+                    verb: e["verb"].as_str().unwrap_or_default().to_owned(),
+                    resource: format!("{}{sub}", o["resource"].as_str().unwrap_or_default()),
+                    namespace: o["namespace"].as_str().unwrap_or_default().to_owned(),
+                    name: o["name"].as_str().unwrap_or_default().to_owned(),
+                    time: e["requestReceivedTimestamp"].as_str().unwrap_or_default().to_owned(),
+                    code: e["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
+                }
+            })
+            .collect()
+    }
+}
