@@ -132,9 +132,13 @@ pub fn decide(pod: &Value, namespace_enabled: bool, cfg: &InjectConfig) -> Resul
     let typed: k8s_openapi::api::core::v1::Pod =
         serde_json::from_value(pod.clone()).map_err(|e| format!("object is not a Pod: {e}"))?;
     let annotations = typed.metadata.annotations.clone().unwrap_or_default();
+    let labels = typed.metadata.labels.clone().unwrap_or_default();
     let spec = typed.spec.as_ref().ok_or("Pod has no spec")?;
-    match annotations.get(INJECT).map(String::as_str) {
-        Some("disabled") => return Ok(Decision::Skip("opted out by annotation")),
+    // The label is what the chart's objectSelectors match (so an unavailable webhook only
+    // affects pods that asked for it); the annotation is honoured as well.
+    let choice = labels.get(INJECT).or_else(|| annotations.get(INJECT)).map(String::as_str);
+    match choice {
+        Some("disabled") => return Ok(Decision::Skip("opted out by label or annotation")),
         Some("enabled") => {}
         _ if namespace_enabled => {}
         _ => return Ok(Decision::Skip("namespace and pod did not opt in")),
