@@ -57,6 +57,8 @@ pub struct Endpoints {
     pub server: String,
     /// The CA of every serving certificate (PEM path).
     pub ca_cert: PathBuf,
+    /// The service-account signing key (PKCS#8 PEM path), for tokens the API would refuse to mint.
+    pub sa_key: PathBuf,
     /// The API server's audit log (JSON lines, level Metadata: who did what to which object).
     pub audit_log: PathBuf,
     /// Directory with kubectl, helm and the components.
@@ -321,6 +323,7 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
         kubeconfig,
         server,
         ca_cert: pki.ca_cert.clone(),
+        sa_key: pki.sa_key.clone(),
         audit_log,
         bin: bin.to_owned(),
         pids: procs.iter().map(|p| (p.name.clone(), p.pid())).collect(),

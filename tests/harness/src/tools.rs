@@ -139,3 +139,25 @@ impl Endpoints {
             .collect()
     }
 }
+
+impl Endpoints {
+    /// A service-account JWT with `claims`, signed (ES256) with the plane's own signing key:
+    /// for tokens the TokenRequest API will not issue, such as one that has already expired.
+    pub fn mint_token(&self, claims: &serde_json::Value) -> anyhow::Result<String> {
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        use rustls_pki_types::PrivatePkcs8KeyDer;
+        use rustls_pki_types::pem::PemObject;
+        let pem = std::fs::read(&self.sa_key)?;
+        let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| anyhow::anyhow!("sa.key: {e}"))?;
+        let rng = ring::rand::SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der(), &rng)
+            .map_err(|e| anyhow::anyhow!("sa.key: {e}"))?;
+        let header = B64URL.encode(br#"{"alg":"ES256","typ":"JWT"}"#);
+        let body = B64URL.encode(serde_json::to_vec(claims)?);
+        let input = format!("{header}.{body}");
+        let sig = key.sign(&rng, input.as_bytes()).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+        Ok(format!("{input}.{}", B64URL.encode(sig.as_ref())))
+    }
+}
