@@ -71,7 +71,12 @@ pub fn controllers(
         .owns(Api::<Secret>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned.clone());
-    let exports = Controller::new(Api::<ServiceExport>::all(client.clone()), wc.clone());
+    // An export's validity follows the Service of the same name: Service events map to it.
+    let exports = Controller::new(Api::<ServiceExport>::all(client.clone()), wc.clone()).watches(
+        Api::<Service>::all(client.clone()),
+        wc.clone(),
+        |svc: Service| Some(ObjectRef::<ServiceExport>::new(&svc.name_any()).within(&svc.namespace()?)),
+    );
     let imports = Controller::new(Api::<ServiceImport>::all(client.clone()), wc.clone())
         .owns(Api::<Service>::all(client.clone()), owned);
     let peers = Controller::new(Api::<Peer>::all(client.clone()), wc.clone());

@@ -11,4 +11,5 @@ mod identity;
 mod injection;
 mod leader;
 mod reconcilers;
+mod services;
 mod support;
