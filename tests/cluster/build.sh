@@ -25,6 +25,8 @@ start=$(date +%s)
 tmp="$cache_root/$key/tmp"
 rm -rf "$tmp" && mkdir -p "$tmp" "$bin"
 export GOFLAGS="-mod=mod -buildvcs=false"
+# Static binaries: nothing of the host C library is needed at run time.
+export CGO_ENABLED=0
 minor="${k8s_version#v1.}"; minor="${minor%%.*}"
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$k8s_version \
  -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor \

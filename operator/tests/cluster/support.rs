@@ -200,11 +200,6 @@ impl Operator {
         Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
     }
 
-    /// Whether it reports itself leading (`/readyz` 200).
-    pub async fn leading(&self) -> bool {
-        self.admin("/readyz").await.is_some_and(|(c, _)| c == 200)
-    }
-
     /// Kills it (as a crash would).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
