@@ -15,9 +15,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use relayfed_sidecar::config::Snapshot;
 use relayfed_sidecar::distribution::{ALPN, Ack, AckResult, MAX_WAIT_SECONDS, parse_path};
+use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
 use relayfed_sidecar::transport::tls::HopIdentity;
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -210,16 +210,18 @@ impl Distributor {
     pub async fn serve(self: Arc<Self>, addr: SocketAddr, identity: &HopIdentity) -> anyhow::Result<SocketAddr> {
         let tls = identity.rustls_server(&[ALPN])?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = TcpListener::bind(addr).await?;
+        let limits = ServerLimits::FLEET;
+        let listener = BoundedListener::bind(addr, limits, "distribution").await?;
         let local = listener.local_addr()?;
         let identity = identity.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, remote)) = listener.accept().await else { continue };
+                let Admitted { tcp, remote, permit } = listener.accept().await;
                 let _ = tcp.set_nodelay(true);
                 let (acceptor, identity, this) = (acceptor.clone(), identity.clone(), self.clone());
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    let _permit = permit;
+                    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             this.metrics.config_refusals.get_or_create(&[("reason", "tls")]).inc();
@@ -249,10 +251,7 @@ impl Distributor {
                         let (this, client) = (this.clone(), client.clone());
                         async move { Ok::<_, Infallible>(this.handle(&client, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .instrument(span)
-                        .await;
+                    let _ = http1(&limits).serve_connection(TokioIo::new(tls), svc).instrument(span).await;
                     metrics.config_subscribers.dec();
                 });
             }

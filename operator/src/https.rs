@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1, tls_accept};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -32,15 +33,17 @@ where
     Fut: std::future::Future<Output = (hyper::StatusCode, String)> + Send + 'static,
 {
     let acceptor = acceptor(cert_pem, key_pem)?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let limits = ServerLimits::FLEET;
+    let listener = BoundedListener::bind(addr, limits, "https").await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, remote)) = listener.accept().await else { continue };
+            let Admitted { tcp, remote, permit } = listener.accept().await;
             let (acceptor, handle) = (acceptor.clone(), handle.clone());
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    tracing::warn!(%remote, "TLS handshake failed");
+                let _permit = permit;
+                let Some(tls) = tls_accept(&acceptor, tcp, &limits).await else {
+                    tracing::debug!(%remote, "TLS handshake failed or timed out");
                     return;
                 };
                 let svc = hyper::service::service_fn(move |req| {
@@ -52,9 +55,7 @@ where
                         Ok::<_, std::convert::Infallible>(r)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
+                let _ = http1(&limits).serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
             });
         }
     });

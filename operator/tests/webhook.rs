@@ -185,6 +185,12 @@ async fn the_https_server_answers_reviews() {
     )
     .await
     .unwrap();
+    // Slowloris: connections that never send a ClientHello are closed after the handshake
+    // timeout and do not stop reviews meanwhile.
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
     // A TLS client trusting the CA, as kube-apiserver does with the caBundle.
     let mut roots = rustls::RootCertStore::empty();
     roots.add(relayfed_sidecar::crypto::ca::parse_cert_pem(&ca.certified_key().cert_pem).unwrap()).unwrap();
@@ -201,6 +207,12 @@ async fn the_https_server_answers_reviews() {
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status().as_u16(), status, "{path}");
+    }
+    let limit = relayfed_sidecar::serving::ServerLimits::FLEET.handshake_timeout + std::time::Duration::from_secs(5);
+    let mut buf = [0u8; 1];
+    for s in &mut silent {
+        let closed = tokio::time::timeout(limit, tokio::io::AsyncReadExt::read(s, &mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "a silent connection was held past the handshake timeout");
     }
     let text = metrics.encode();
     assert!(text.contains("relayfed_operator_webhook_admissions_total{result=\"injected\"} 1"), "{text}");

@@ -11,6 +11,7 @@ pub mod intercept;
 pub mod node;
 pub mod protocol;
 pub mod resilience;
+pub mod serving;
 #[cfg(feature = "test-util")]
 pub mod testbed;
 pub mod transport;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::net::TcpListener;
+use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
 
 use crate::metrics::OperatorMetrics;
 
@@ -18,13 +18,14 @@ pub async fn serve(
     metrics: Arc<OperatorMetrics>,
     leading: Arc<AtomicBool>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = BoundedListener::bind(addr, ServerLimits::ADMIN, "operator-admin").await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Admitted { tcp, permit, .. } = listener.accept().await;
             let (metrics, leading) = (metrics.clone(), leading.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let (metrics, leading) = (metrics.clone(), leading.clone());
                     async move {
@@ -43,7 +44,7 @@ pub async fn serve(
                     }
                 });
                 let io = hyper_util::rt::TokioIo::new(tcp);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                let _ = http1(&ServerLimits::ADMIN).serve_connection(io, svc).await;
             });
         }
     });

@@ -10,8 +10,8 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use relayfed_crds::AnyResource;
+use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 use super::supervisor::Shared;
 use crate::distribution::Distributor;
@@ -24,15 +24,17 @@ pub async fn serve(
     metrics: Arc<OperatorMetrics>,
     down: Box<dyn Fn() + Send + Sync>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let listener =
+        BoundedListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)), ServerLimits::ADMIN, "local-control").await?;
     let local = listener.local_addr()?;
     let down: Arc<dyn Fn() + Send + Sync> = Arc::from(down);
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Admitted { tcp, permit, .. } = listener.accept().await;
             let (shared, distributor, metrics, down) =
                 (shared.clone(), distributor.clone(), metrics.clone(), down.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let (shared, distributor, metrics, down) =
                         (shared.clone(), distributor.clone(), metrics.clone(), down.clone());
@@ -53,7 +55,7 @@ pub async fn serve(
                         Ok::<_, Infallible>(r)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                let _ = http1(&ServerLimits::ADMIN).serve_connection(TokioIo::new(tcp), svc).await;
             });
         }
     });

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -51,12 +51,13 @@ impl Workload {
 
 /// Starts `kind` on `addr` as `service` of `node`; the task runs until aborted.
 pub async fn start(kind: Workload, addr: SocketAddr, service: String, node: String) -> std::io::Result<JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = BoundedListener::bind(addr, ServerLimits::FLEET, "workload").await?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Admitted { tcp, permit, .. } = listener.accept().await;
             let (service, node) = (service.clone(), node.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 match kind {
                     Workload::Echo => echo(tcp).await,
                     Workload::Http => http(tcp, service, node).await,
@@ -95,7 +96,7 @@ async fn http(tcp: tokio::net::TcpStream, service: String, node: String) {
             Ok::<_, Infallible>(r)
         }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await {
+    if let Err(e) = http1(&ServerLimits::FLEET).serve_connection(TokioIo::new(tcp), svc).await {
         warn!(error = %e, "built-in http workload: connection error");
     }
 }

@@ -234,4 +234,12 @@ async fn a_verb_missing_from_the_cluster_role_is_reported_naming_verb_and_resour
     eprintln!("failed reconciles of hub-eu in 20 s while forbidden: {during}");
     assert!(during <= 5, "{during} failed reconciles of one Relay in 20 s: a retry storm");
     assert!(op.logged().contains("cannot patch resource \"deployments\""), "{}", op.logged());
+    // Counted under its error label, where an alert can see it.
+    let (_, metrics) = op.admin("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("relayfed_operator_reconciles_total{") && l.contains("result=\"kube_api\"")),
+        "{metrics}"
+    );
 }

@@ -16,7 +16,8 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::TcpListener;
+
+use crate::serving::{Admitted, BoundedListener, ServerLimits, http1};
 
 use super::metrics::Metrics;
 
@@ -33,20 +34,21 @@ pub type AdminSlot = Arc<OnceLock<Arc<dyn FederationAdmin>>>;
 
 /// Binds `addr` and serves until the process exits; returns the bound address.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, federation: AdminSlot) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = BoundedListener::bind(addr, ServerLimits::ADMIN, "admin").await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Admitted { tcp, permit, .. } = listener.accept().await;
             let metrics = metrics.clone();
             let federation = federation.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     let federation = federation.clone();
                     async move { Ok::<_, Infallible>(route(&req, &metrics, &federation).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                let _ = http1(&ServerLimits::ADMIN).serve_connection(TokioIo::new(tcp), svc).await;
             });
         }
     });

@@ -3,15 +3,23 @@
 //! before any payload, then hand it to the pump; plus the path-trace probe.
 
 use super::*;
+use crate::serving::{Admitted, BoundedListener, ServerLimits};
 
 impl HomeNode {
     pub(super) async fn accept_clients(self: Arc<Self>, listener: TcpListener, import: Arc<Import>) {
+        let listener = BoundedListener::new(listener, ServerLimits::DATA, "import");
         loop {
-            let Ok((tcp, client)) = listener.accept().await else { continue };
+            let Admitted { tcp, remote: client, permit } = listener.accept().await;
             let node = self.clone();
             let import = import.clone();
             let span = info_span!("outbound", %client, service = %import.service, dest = ?import.node);
-            tokio::spawn(async move { node.outbound(tcp, &import).await }.instrument(span));
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    node.outbound(tcp, &import).await
+                }
+                .instrument(span),
+            );
         }
     }
 
@@ -23,11 +31,13 @@ impl HomeNode {
         by_dst: Arc<HashMap<SocketAddr, Arc<Import>>>,
         unmatched: Unmatched,
     ) {
+        let listener = BoundedListener::new(listener, ServerLimits::DATA, "outbound");
         loop {
-            let Ok((tcp, client)) = listener.accept().await else { continue };
+            let Admitted { tcp, remote: client, permit } = listener.accept().await;
             let node = self.clone();
             let by_dst = by_dst.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let local = tcp.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
                 let Some(dst) = original_dst(&tcp, local) else {
                     warn!(%client, "connection to the outbound port was not redirected: refused");
