@@ -137,3 +137,19 @@ fn injected_pods_without_a_reachable_main_relay_are_left_out_with_a_warning() {
         plan.warnings
     );
 }
+
+#[test]
+fn the_policy_handshake_and_call_timeouts_reach_the_snapshot_separately() {
+    let mut resources = examples();
+    for r in &mut resources {
+        if let AnyResource::RolloutPolicy(p) = r {
+            p.spec.resilience.timeouts.handshake = "2s".parse().unwrap();
+            p.spec.resilience.timeouts.call = "9s".parse().unwrap();
+        }
+    }
+    let plan = compile(&resources, &keys(), 1).unwrap();
+    for (node, snap) in &plan.snapshots {
+        assert_eq!(snap.timeouts.handshake_ms, 2_000, "{node}: one attempt's handshake");
+        assert_eq!(snap.timeouts.call_ms, 9_000, "{node}: the whole call setup");
+    }
+}

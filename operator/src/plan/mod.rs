@@ -340,9 +340,8 @@ fn policy_parts(policy: &RolloutPolicy, relays: &[&Relay]) -> (EchPolicy, Trust,
     };
     let timeouts = Timeouts {
         connect_ms: ms(r.timeouts.connect),
-        // The snapshot's handshake deadline covers the whole stream setup (route, Noise,
-        // retries): the policy's per-call budget.
-        handshake_ms: ms(r.timeouts.call),
+        handshake_ms: ms(r.timeouts.handshake),
+        call_ms: ms(r.timeouts.call),
         idle_ms: Timeouts::default().idle_ms,
         stream_idle_ms: ms(r.timeouts.idle),
     };

@@ -304,9 +304,13 @@ pub struct Timeouts {
     /// QUIC connection establishment.
     #[serde(default = "default_connect_ms")]
     pub connect_ms: u64,
-    /// Route + Noise handshake.
+    /// Route + Noise handshake of one attempt; a responder gives the initiator this long
+    /// for the ROUTE frame and Noise messages 1 and 3.
     #[serde(default = "default_handshake_ms")]
     pub handshake_ms: u64,
+    /// A caller's whole stream setup: resolve, route, handshake and retries on other instances.
+    #[serde(default = "default_call_ms")]
+    pub call_ms: u64,
     /// QUIC idle timeout (keep-alives run at a third of it).
     #[serde(default = "default_idle_ms")]
     pub idle_ms: u64,
@@ -324,6 +328,7 @@ impl Default for Timeouts {
         Self {
             connect_ms: default_connect_ms(),
             handshake_ms: default_handshake_ms(),
+            call_ms: default_call_ms(),
             idle_ms: default_idle_ms(),
             stream_idle_ms: default_stream_idle_ms(),
         }
@@ -338,6 +343,9 @@ fn default_handshake_ms() -> u64 {
 }
 fn default_idle_ms() -> u64 {
     30_000
+}
+fn default_call_ms() -> u64 {
+    15_000
 }
 
 /// A complete config snapshot.

@@ -41,8 +41,12 @@ impl HomeNode {
                 let _ = send.finish();
                 return;
             }
-            let msg1 = match read_frame(&mut recv).await {
-                Ok(Some(Frame::Noise(m))) => m,
+            // The initiator gets the handshake timeout for messages 1 and 3 together: a stalled
+            // stream holds the exported target's connection no longer than that.
+            let deadline = tokio::time::Instant::now() + live.handshake_timeout;
+            let msg1 = match tokio::time::timeout_at(deadline, read_frame(&mut recv)).await {
+                Ok(Ok(Some(Frame::Noise(m)))) => m,
+                Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no Noise message 1 in time").await,
                 _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 1").await,
             };
             let responder = prologue(config_id, &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1));
@@ -65,8 +69,9 @@ impl HomeNode {
             if write_frames(&mut send, &[Frame::Noise(msg2)]).await.is_err() {
                 return;
             }
-            let session = match read_frame(&mut recv).await {
-                Ok(Some(Frame::Noise(msg3))) => responder.finish(&msg3),
+            let session = match tokio::time::timeout_at(deadline, read_frame(&mut recv)).await {
+                Ok(Ok(Some(Frame::Noise(msg3)))) => responder.finish(&msg3),
+                Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no Noise message 3 in time").await,
                 _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 3").await,
             };
             match session {

@@ -69,7 +69,10 @@ pub(crate) struct HomeLive {
     pub(crate) lb: LoadBalancing,
     pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
     pub(crate) retry: crate::config::RetryConfig,
+    /// One attempt's route + Noise handshake (a responder's deadline for the initiator).
     pub(crate) handshake_timeout: Duration,
+    /// A caller's whole setup, retries included.
+    pub(crate) call_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) stream_idle: Duration,
 }
@@ -82,6 +85,7 @@ impl HomeLive {
             breaker: snap.resilience.circuit_breaker.to_breaker(),
             retry: snap.resilience.retry.clone(),
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
+            call_timeout: Duration::from_millis(snap.timeouts.call_ms),
             connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
             stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
         }

@@ -75,9 +75,12 @@ impl HomeNode {
         let started = Instant::now();
         // One stream uses one version of the live settings from setup to close.
         let live = self.live();
-        let est = match tokio::time::timeout(live.handshake_timeout, self.establish(import, &live)).await {
+        let est = match tokio::time::timeout(live.call_timeout, self.establish(import, &live)).await {
             Ok(r) => r,
-            Err(_) => Err((ErrorCode::Timeout, "route and handshake did not finish in time".to_owned())),
+            Err(_) => Err((
+                ErrorCode::Timeout,
+                "stream setup (with retries) did not finish within the call timeout".to_owned(),
+            )),
         };
         match est {
             Ok(e) => {
@@ -209,7 +212,14 @@ impl HomeNode {
                 .ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
             let (dest, balanced) = self.resolve(import, &main_id, &tried, live)?;
             let started = Instant::now();
-            let result = self.establish_to(&conn, &main_id, &dest, live).await;
+            // One attempt gets the handshake timeout; the call timeout bounds them all.
+            let result =
+                match tokio::time::timeout(live.handshake_timeout, self.establish_to(&conn, &main_id, &dest, live))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err((ErrorCode::Timeout, format!("no Noise handshake with {} in time", dest.node))),
+                };
             if balanced {
                 match &result {
                     Ok(_) => self.balanced_done(import, &dest.key(), Some(started.elapsed())),
@@ -372,7 +382,7 @@ impl HomeNode {
                 other => Err((ErrorCode::MalformedFrame, format!("unexpected answer {other:?}"))),
             }
         };
-        match tokio::time::timeout(live.handshake_timeout, result).await {
+        match tokio::time::timeout(live.call_timeout, result).await {
             Ok(Ok(hops)) => {
                 let mut prev = sent;
                 let hops: Vec<_> = std::iter::once(json!({"node": self.identity.node_id, "atMs": sent, "deltaMs": 0}))
