@@ -441,3 +441,50 @@ async fn keys_encrypted_at_rest_load_with_the_passphrase_only() {
     assert!(stderr.contains("wrong passphrase"), "{stderr}");
     assert!(!stderr.contains("correct horse"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stalls_after_noise_message_1_releases_the_target_within_the_handshake_timeout() {
+    use relayfed_sidecar::crypto::noise::{Initiator, StaticKeypair, prologue};
+    let tb = Testbed::new("test.example").unwrap();
+    let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
+    // The exported target: a listener that reports each connection's end.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let exports = vec![Export { service: "db".into(), port: 5432, target: target_addr }];
+    let _dest = home(&tb, "dest", &relay, exports, vec![], |s| s.timeouts.handshake_ms = 500).await;
+    let conn = raw_client(&tb, "raw", relay.quic()).await.unwrap();
+    let inner = InnerRoute {
+        dest_node: "dest".into(),
+        dest_main: "hub".into(),
+        service: "db".into(),
+        port: 5432,
+        origin: "raw@hub".into(),
+    };
+    let route = RouteHeader {
+        hop_limit: 3,
+        probe: false,
+        trace_context: String::new(),
+        path: vec![],
+        body: RouteBody::Plain(inner.clone()),
+    };
+    let remote: [u8; 32] =
+        relayfed_sidecar::config::base64_decode(&tb.noise_key("dest").unwrap()).unwrap().try_into().unwrap();
+    let me = StaticKeypair::generate().unwrap();
+    let (_init, msg1) = Initiator::start(&me, &remote, &prologue(None, &inner).unwrap()).unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut bytes = Frame::Route(route).encode().unwrap();
+    bytes.extend(Frame::Noise(msg1).encode().unwrap());
+    send.write_all(&bytes).await.unwrap();
+    // A valid message 1 makes the responder open the target; then the initiator stalls.
+    let (mut backend, _) = tokio::time::timeout(WAIT, target.accept()).await.unwrap().unwrap();
+    assert!(matches!(read_frame(&mut recv).await, Ok(Some(Frame::Noise(_)))), "expected Noise message 2");
+    let started = Instant::now();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(WAIT, backend.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the target connection was held for a stalled stream");
+    assert!(started.elapsed() < Duration::from_secs(5), "released after {:?}", started.elapsed());
+    match read_frame(&mut recv).await {
+        Ok(Some(Frame::Error(e))) => assert_eq!(e.code, ErrorCode::Timeout),
+        other => panic!("expected ERROR TIMEOUT, got {other:?}"),
+    }
+}
