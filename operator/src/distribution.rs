@@ -170,8 +170,14 @@ impl Distributor {
         }
     }
 
-    fn record_ack(&self, node: &str, ack: Ack) {
+    /// Records `node`'s acknowledgement, unless it names a version never published to it.
+    pub fn record_ack(&self, node: &str, ack: Ack) -> Result<(), String> {
         let published = self.published.borrow().get(node).map(|p| (p.version, p.at));
+        if let Err(reason) = ack_acceptable(published.map(|(v, _)| v), ack.version) {
+            self.metrics.config_refusals.get_or_create(&[("reason", "unknown_version")]).inc();
+            warn!(%node, version = ack.version, %reason, "acknowledgement refused");
+            return Err(reason);
+        }
         if let Some((version, at)) = published
             && ack.version == version
         {
@@ -203,6 +209,7 @@ impl Distributor {
             );
         }
         self.acked.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     /// Binds `addr` and serves the distribution endpoint with `identity` (a certificate from
@@ -284,12 +291,14 @@ impl Distributor {
                     Err(e) => return text(StatusCode::BAD_REQUEST, &format!("ack body: {e}\n")),
                 };
                 match Ack::parse(&body) {
-                    Ok(ack) => {
-                        self.record_ack(&node, ack);
-                        let mut r = Response::new(Full::new(Bytes::new()));
-                        *r.status_mut() = StatusCode::NO_CONTENT;
-                        r
-                    }
+                    Ok(ack) => match self.record_ack(&node, ack) {
+                        Ok(()) => {
+                            let mut r = Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = StatusCode::NO_CONTENT;
+                            r
+                        }
+                        Err(reason) => text(StatusCode::CONFLICT, &format!("ack: {reason}\n")),
+                    },
                     Err(e) => text(StatusCode::BAD_REQUEST, &format!("ack: {e}\n")),
                 }
             }
@@ -335,4 +344,28 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     *r.status_mut() = status;
     r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain"));
     r
+}
+
+/// Whether an acknowledgement of `version` can be true when `published` is the newest version
+/// published to the node: a version above it (or any version for a node with nothing
+/// published) was never sent, so status must not report it applied.
+pub fn ack_acceptable(published: Option<u64>, version: u64) -> Result<(), String> {
+    match published {
+        None => Err(format!("version {version} acknowledged, but nothing is published for this node")),
+        Some(p) if version > p => Err(format!("version {version} acknowledged, but {p} is the newest published")),
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ack_acceptable;
+
+    #[test]
+    fn only_published_versions_can_be_acknowledged() {
+        assert!(ack_acceptable(Some(7), 7).is_ok());
+        assert!(ack_acceptable(Some(7), 5).is_ok(), "a late ack of an earlier version is true");
+        assert!(ack_acceptable(Some(7), 999_999).unwrap_err().contains("7 is the newest"));
+        assert!(ack_acceptable(None, 1).is_err());
+    }
 }

@@ -105,3 +105,18 @@ async fn a_node_cannot_read_another_nodes_snapshot() {
     assert!(dist.acks().is_empty());
     task.abort();
 }
+
+#[test]
+fn an_ack_for_a_version_never_published_is_refused_and_not_reported() {
+    let metrics = Arc::new(OperatorMetrics::new());
+    let dist = Distributor::new(metrics.clone(), 0);
+    dist.publish(&BTreeMap::from([("a".to_owned(), common::home("a", 0))]));
+    let published = dist.versions()["a"];
+    let err = dist.record_ack("a", applied(999_999)).unwrap_err();
+    assert!(err.contains("999999") && err.contains(&published.to_string()), "{err}");
+    assert!(dist.record_ack("b", applied(1)).is_err(), "nothing is published for b");
+    assert!(dist.acks().is_empty(), "a refused ack must not show in status: {:?}", dist.acks());
+    assert!(metrics.encode().contains("relayfed_config_refusals_total{reason=\"unknown_version\"} 2"));
+    dist.record_ack("a", applied(published)).unwrap();
+    assert_eq!(dist.acks()["a"].version, published);
+}
