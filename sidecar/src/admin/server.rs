@@ -3,7 +3,10 @@
 //! `/federation/trace?service=NAME&port=N`).
 //!
 //! It reads the metrics registry and short-lived snapshots of node state, never data-path
-//! locks held across I/O.
+//! locks held across I/O. `/metrics` and `/healthz` answer anyone (Prometheus, probes); the
+//! federation API (registry, peers, health, trace probes) answers loopback clients only, as
+//! Linkerd's admin server does: it names every service, node and relay, and a trace probe
+//! spends the node's rate limit at its relay. Reach it with `kubectl port-forward` or `exec`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,15 +41,16 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, federation: AdminSlo
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Admitted { tcp, permit, .. } = listener.accept().await;
+            let Admitted { tcp, remote, permit } = listener.accept().await;
             let metrics = metrics.clone();
             let federation = federation.clone();
+            let local_client = remote.ip().to_canonical().is_loopback();
             tokio::spawn(async move {
                 let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
                     let federation = federation.clone();
-                    async move { Ok::<_, Infallible>(route(&req, &metrics, &federation).await) }
+                    async move { Ok::<_, Infallible>(route(&req, local_client, &metrics, &federation).await) }
                 });
                 let _ = http1(&ServerLimits::ADMIN).serve_connection(TokioIo::new(tcp), svc).await;
             });
@@ -55,12 +59,19 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, federation: AdminSlo
     Ok(local)
 }
 
+/// Whether a client may read `path`: metrics and health from anywhere, the federation API
+/// from loopback only.
+fn allowed(path: &str, local_client: bool) -> bool {
+    local_client || !path.starts_with("/federation/")
+}
+
 fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 async fn route(
     req: &Request<hyper::body::Incoming>,
+    local_client: bool,
     metrics: &Metrics,
     federation: &AdminSlot,
 ) -> Response<Full<Bytes>> {
@@ -69,6 +80,11 @@ async fn route(
     let (status, ctype, body) = match path {
         "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        p if !allowed(p, local_client) => (
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "the federation API answers on localhost only: use `kubectl port-forward` or `kubectl exec`\n".to_owned(),
+        ),
         p if p.starts_with("/federation/") => match federation.get() {
             None => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n".to_owned()),
             Some(f) if p == "/federation/trace" => {
@@ -122,5 +138,21 @@ impl FederationAdmin for crate::node::home::HomeNode {
 
     fn trace<'a>(&'a self, service: &'a str, port: u16) -> Pin<Box<dyn Future<Output = Value> + Send + 'a>> {
         Box::pin(self.trace(service, port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allowed;
+
+    #[test]
+    fn metrics_are_open_and_the_federation_api_is_local_only() {
+        for p in ["/metrics", "/healthz"] {
+            assert!(allowed(p, false) && allowed(p, true), "{p}");
+        }
+        for p in ["/federation/registry", "/federation/trace", "/federation/health", "/federation/peers"] {
+            assert!(!allowed(p, false), "{p} answered a remote client");
+            assert!(allowed(p, true), "{p}");
+        }
     }
 }
