@@ -4,16 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::{Resource, ResourceExt};
 use relayfed_crds::{Peer, RolloutPolicy};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tracing::{Instrument, info_span};
 
 use super::context::name_ns;
-use super::status::{Cond, apply_status, event, set_condition};
+use super::status::{Cond, StatusObject, apply_status, event, set_condition};
 use super::{Context, ReconcileError, replan};
 
 /// The federations in `namespace` (their names).
@@ -88,12 +86,7 @@ async fn report<K>(
     extra: serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), ReconcileError>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
-    K: HasConditions,
+    K: StatusObject,
 {
     let (_, namespace) = name_ns(obj.meta())?;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -115,24 +108,6 @@ where
     status.insert("observedGeneration".into(), generation.into());
     status.insert("conditions".into(), serde_json::to_value(&conds).unwrap_or_default());
     apply_status(&api, obj, serde_json::Value::Object(status)).await
-}
-
-/// Gives access to an object's current conditions.
-pub trait HasConditions {
-    /// The conditions in its status.
-    fn conditions(&self) -> Vec<relayfed_crds::Condition>;
-}
-
-impl HasConditions for Peer {
-    fn conditions(&self) -> Vec<relayfed_crds::Condition> {
-        self.status.as_ref().map(|s| s.common.conditions.clone()).unwrap_or_default()
-    }
-}
-
-impl HasConditions for RolloutPolicy {
-    fn conditions(&self) -> Vec<relayfed_crds::Condition> {
-        self.status.as_ref().map(|s| s.common.conditions.clone()).unwrap_or_default()
-    }
 }
 
 /// Reconciles one `Peer`.

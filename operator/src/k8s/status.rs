@@ -103,22 +103,55 @@ pub async fn event<K: Resource<DynamicType = ()>>(
 /// object's `Ready` condition (reason `Forbidden`, naming the verb and resource), so that
 /// `kubectl get`/`describe` shows what RBAC lacks instead of a stale state. Best effort: the
 /// status write may itself be forbidden, and the error is logged and counted anyway.
-pub async fn report_forbidden<K>(ctx: &Context, obj: &K, err: &ReconcileError)
-where
+pub async fn report_forbidden<K: StatusObject>(ctx: &Context, obj: &K, err: &ReconcileError) {
+    let Some(message) = err.forbidden() else { return };
+    let Some(ns) = obj.namespace() else { return };
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut conds = obj.conditions();
+    let generation = obj.meta().generation;
+    set_condition(&mut conds, Cond { type_: "Ready", ok: false, reason: "Forbidden", message }, generation, ctx.now());
+    let _ = apply_status(&api, obj, serde_json::json!({"conditions": conds})).await;
+}
+
+/// Gives access to an object's current conditions.
+pub trait HasConditions {
+    /// The conditions in its status.
+    fn conditions(&self) -> Vec<Condition>;
+}
+
+macro_rules! common_conditions {
+    ($($kind:ty),*) => {$(
+        impl HasConditions for $kind {
+            fn conditions(&self) -> Vec<Condition> {
+                self.status.as_ref().map(|s| s.common.conditions.clone()).unwrap_or_default()
+            }
+        }
+    )*};
+}
+common_conditions!(
+    relayfed_crds::RelayFederation,
+    relayfed_crds::Relay,
+    relayfed_crds::Peer,
+    relayfed_crds::RolloutPolicy
+);
+
+/// A namespaced relayfed object whose status the reconcilers write.
+pub trait StatusObject:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Serialize
+    + std::fmt::Debug
+    + HasConditions
+{
+}
+
+impl<K> StatusObject for K where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + DeserializeOwned
         + Serialize
-        + std::fmt::Debug,
+        + std::fmt::Debug
+        + HasConditions
 {
-    let Some(message) = err.forbidden() else { return };
-    let Some(ns) = obj.namespace() else { return };
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut conds: Vec<Condition> = serde_json::to_value(obj)
-        .ok()
-        .and_then(|v| serde_json::from_value(v.get("status")?.get("conditions")?.clone()).ok())
-        .unwrap_or_default();
-    let generation = obj.meta().generation;
-    set_condition(&mut conds, Cond { type_: "Ready", ok: false, reason: "Forbidden", message }, generation, ctx.now());
-    let _ = apply_status(&api, obj, serde_json::json!({"conditions": conds})).await;
 }

@@ -28,25 +28,25 @@ async fn the_example_federation_is_accepted_with_columns_and_short_names() {
     let out = plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap();
     assert!(out.ok, "the server refused an example: {}", out.stderr);
     let listed = get_json(&ns.name, &["rfed,rly,rpeer,rp"]);
-    let mut kinds: Vec<&str> =
-        listed["items"].as_array().unwrap().iter().map(|o| o["kind"].as_str().unwrap()).collect();
-    kinds.sort();
-    assert_eq!(
-        kinds,
-        [
-            "Peer",
-            "Peer",
-            "Peer",
-            "Peer",
-            "Relay",
-            "Relay",
-            "Relay",
-            "Relay",
-            "Relay",
-            "RelayFederation",
-            "RolloutPolicy"
-        ]
-    );
+    let mut served: Vec<(String, String)> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["kind"].as_str().unwrap().to_owned(), o["metadata"]["name"].as_str().unwrap().to_owned()))
+        .collect();
+    served.sort();
+    // Exactly what offline admission reads from the same files.
+    let mut offline: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flat_map(|f| {
+            let p = f.unwrap().path();
+            relayfed_crds::parse_documents("example", &std::fs::read_to_string(&p).unwrap()).unwrap()
+        })
+        .map(|r| (r.kind().to_owned(), r.name()))
+        .collect();
+    offline.sort();
+    assert_eq!(served, offline);
+    assert_eq!(served.len(), 11);
     // Every printer column of every CRD is a column of `kubectl get`, under its short name.
     for file in std::fs::read_dir(repo().join("charts/relayfed/crds")).unwrap() {
         let crd: Value = serde_saphyr::from_str(&std::fs::read_to_string(file.unwrap().path()).unwrap()).unwrap();

@@ -11,7 +11,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use relayfed_sidecar::distribution::certificate::{CertificateClient, CertificateError, CertificateRequest};
 use serde_json::json;
 
-use crate::support::{Namespace, Operator, eventually, examples_in, operator_identity, plane, serial};
+use crate::support::{Namespace, eventually, examples_in, operated, plane};
 
 async fn token(sas: &Api<ServiceAccount>, pod: &Pod, audience: &str) -> String {
     let req = TokenRequest {
@@ -52,10 +52,8 @@ fn refused(r: Result<impl std::fmt::Debug, CertificateError>) -> (u16, String) {
 
 #[tokio::test]
 async fn a_pod_bound_token_gets_a_certificate_and_bad_tokens_are_refused() {
-    let _serial = serial().await;
-    let ns = Namespace::create("identity", &[]);
-    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
-    let op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
+    let setup = operated("identity").await;
+    let (ns, op) = (&setup.ns, &setup.op);
     let dir = examples_in("federation", &ns.name);
     assert!(plane().kubectl(&["apply", "-f", &dir.join("00-federation.yaml").display().to_string()]).unwrap().ok);
     let client = plane().client().await.unwrap();

@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use relayfed_crds::{Relay, RelayFederation, RolloutPolicy};
 
-use crate::support::{Namespace, Operator, eventually, examples_in, operator_identity, plane, serial};
+use crate::support::{Namespace, Operator, eventually, examples_in, operated, operator_identity, plane, serial};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -28,10 +28,8 @@ fn owned_by_relay<K: kube::Resource>(obj: &K, relay: &str) -> bool {
 
 #[tokio::test]
 async fn the_example_federation_reconciles_under_the_charts_rbac() {
-    let _serial = serial().await;
-    let ns = Namespace::create("rec-examples", &[]);
-    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
-    let op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
+    let setup = operated("rec-examples").await;
+    let (ns, op) = (&setup.ns, &setup.op);
     let dir = examples_in("federation", &ns.name);
     let out = plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap();
     assert!(out.ok, "{}", out.stderr);
@@ -151,10 +149,8 @@ async fn ech_state(secrets: &Api<Secret>, relay: &str, node: &str) -> Option<(u6
 
 #[tokio::test]
 async fn ech_keys_rotate_and_the_previous_key_is_dropped_after_the_grace_period() {
-    let _serial = serial().await;
-    let ns = Namespace::create("rec-rotation", &[]);
-    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
-    let _op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
+    let setup = operated("rec-rotation").await;
+    let (ns, _op) = (&setup.ns, &setup.op);
     let dir = examples_in("federation", &ns.name);
     let fed = dir.join("00-federation.yaml").display().to_string();
     assert!(plane().kubectl(&["apply", "-f", &fed]).unwrap().ok);

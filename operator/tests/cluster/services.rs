@@ -10,7 +10,7 @@ use kube::api::{Api, DeleteParams};
 use relayfed_operator::k8s::services::{ServiceExport, ServiceImport};
 use serde_json::json;
 
-use crate::support::{Namespace, Operator, eventually, examples_in, operator_identity, plane, serial};
+use crate::support::{Namespace, eventually, examples_in, operated, plane};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -21,10 +21,8 @@ async fn valid(exports: &Api<ServiceExport>) -> Option<String> {
 
 #[tokio::test]
 async fn imports_become_services_and_exports_follow_their_service() {
-    let _serial = serial().await;
-    let ns = Namespace::create("mcs", &[]);
-    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
-    let _op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
+    let setup = operated("mcs").await;
+    let (ns, _op) = (&setup.ns, &setup.op);
     let dir = examples_in("federation", &ns.name);
     assert!(plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap().ok);
     let shop = Namespace::create("mcs-shop", &[]);

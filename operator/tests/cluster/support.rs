@@ -212,3 +212,22 @@ impl Drop for Operator {
         self.kill();
     }
 }
+
+/// A test's namespace with the chart's operator RBAC and `relayfed operator run` serving the
+/// federation `<ns>/acme` as the chart's ServiceAccount, holding the serial lock throughout.
+pub struct Operated {
+    /// The operator (dropped first).
+    pub op: Operator,
+    /// The namespace.
+    pub ns: Namespace,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+/// Sets up [`Operated`] in a namespace named after `prefix`.
+pub async fn operated(prefix: &str) -> Operated {
+    let serial = serial().await;
+    let ns = Namespace::create(prefix, &[]);
+    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
+    let op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
+    Operated { op, ns, _serial: serial }
+}
