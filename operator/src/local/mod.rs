@@ -38,9 +38,15 @@ impl StateDir {
         base.join("relayfed/local")
     }
 
-    /// A state directory at `root`.
+    /// A state directory at `root`; a relative path is taken from the current directory now,
+    /// since node processes run elsewhere and resolve paths in their snapshots as given.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        let root = root.into();
+        let root = match (root.is_relative(), std::env::current_dir()) {
+            (true, Ok(cwd)) => cwd.join(root),
+            _ => root,
+        };
+        Self { root }
     }
 
     /// Key material.
@@ -102,4 +108,18 @@ impl SupervisorFile {
 pub fn alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else { return false };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StateDir;
+
+    #[test]
+    fn a_relative_state_dir_becomes_absolute() {
+        let s = StateDir::new("state");
+        assert!(s.root.is_absolute(), "{}", s.root.display());
+        assert!(s.root.ends_with("state"));
+        assert!(s.keys().is_absolute());
+        assert_eq!(StateDir::new("/var/lib/x").root, std::path::PathBuf::from("/var/lib/x"));
+    }
 }
