@@ -488,3 +488,36 @@ async fn a_stream_that_stalls_after_noise_message_1_releases_the_target_within_t
         other => panic!("expected ERROR TIMEOUT, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_home_backs_off_and_logs_the_relays_reason() {
+    let tb = Testbed::new("test.example").unwrap();
+    let cfg = tb.main_relay("hub", 1).unwrap();
+    edit(&cfg, |s| {
+        s.trust.reject_unknown = true;
+        s.trust.known_nodes = vec!["someone-else".into()];
+    });
+    let relay = common::start("main-relay", &cfg, &[]).await;
+    let path = tb.home("stranger", main_ref(&relay), vec![], vec![], EchPolicy::default()).unwrap();
+    // Never ready (no relay takes it), so started by hand with its log captured.
+    let log = tb.dir.join("stranger.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relayfed-proxy"))
+        .args(["home", "--config"])
+        .arg(&path)
+        .env("RELAYFED_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let denials = || async { relay.metric("relayfed_trust_denials_total", &[("rule", "reject_unknown")]).await };
+    eventually("the first refusal", WAIT, || async { denials().await >= 1.0 }).await;
+    let first = denials().await;
+    // A measurement window, not a synchronisation: without backoff this was ~60 dials.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dials = denials().await - first;
+    let _ = child.kill().await;
+    assert!(dials <= 12.0, "{dials} redials in 3 s after a refusal: no backoff");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("relay_said") && text.contains("reject_unknown"), "the home's log does not say why:\n{text}");
+}

@@ -236,7 +236,6 @@ impl HomeNode {
         loop {
             for main in &self.mains {
                 let Some(conn) = self.dial(&endpoint, main).await else { continue };
-                backoff = Duration::from_millis(100);
                 if !first {
                     self.metrics.reconnects.get_or_create(&[("kind", "main")]).inc();
                 }
@@ -245,11 +244,23 @@ impl HomeNode {
                 let control = match self.register(&conn).await {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!(main = %main.node_id, error = %e, "registration failed");
+                        // A relay that refuses this node (unknown, blocked, not planned here)
+                        // closes the connection saying why: log its words, and keep backing off.
+                        let relay_said = conn.close_reason().map(|r| r.to_string());
+                        warn!(
+                            main = %main.node_id,
+                            error = %e,
+                            relay_said = relay_said.as_deref().unwrap_or("nothing"),
+                            retry_within = ?backoff,
+                            "registration refused or failed; is this node in the relay's plan (trust.knownNodes)?"
+                        );
                         conn.close(0u32.into(), b"registration failed");
                         continue;
                     }
                 };
+                // Only a registered connection resets the backoff: a relay that accepts the
+                // handshake and then refuses the node must not be redialed at full speed.
+                backoff = Duration::from_millis(100);
                 self.metrics.open_connections.inc();
                 self.conn.send_replace(Some((main.node_id.clone(), conn.clone())));
                 info!(main = %main.node_id, "connected to main relay");
