@@ -7,7 +7,7 @@ PY_REQS := tests/python/requirements.txt
 
 FUZZ_SECONDS ?= 60
 # crate-dir:target pairs; each crate keeps its harnesses and seeds in <crate>/fuzz.
-FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:frame sidecar:ech_config_list sidecar:snapshot sidecar:control sidecar:distribution operator:admission_review operator:certificate_request
+FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:frame sidecar:ech_config_list sidecar:snapshot sidecar:control sidecar:distribution sidecar:sealed_route_open sidecar:noise_responder operator:admission_review operator:certificate_request
 
 BENCH_OUT ?= docs/benchmarks.md
 
@@ -64,7 +64,7 @@ fuzz: ## Run every fuzz harness for FUZZ_SECONDS each (stable Rust, cargo-fuzz -
 	  mkdir -p $$crate/fuzz/corpus/$$target; \
 	  echo "fuzz: $$crate/$$target for $(FUZZ_SECONDS)s"; \
 	  (cd $$crate && $(CARGO) fuzz run -s none $$target fuzz/corpus/$$target fuzz/seeds/$$target \
-	     -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | grep -E '^(#[0-9]+.*DONE|Done|==|SUMMARY|thread)' || true); \
+	     -- -max_total_time=$(FUZZ_SECONDS) -max_len=70000 -rss_limit_mb=2048 2>&1 | grep -E '^(#[0-9]+.*DONE|Done|==|SUMMARY|thread)' || true); \
 	  test -z "$$(ls -A $$crate/fuzz/artifacts/$$target 2>/dev/null)" || { echo "fuzz: crash in $$crate/fuzz/artifacts/$$target"; exit 1; }; \
 	done
 
