@@ -110,7 +110,14 @@ pub async fn report_forbidden<K: StatusObject>(ctx: &Context, obj: &K, err: &Rec
     let mut conds = obj.conditions();
     let generation = obj.meta().generation;
     set_condition(&mut conds, Cond { type_: "Ready", ok: false, reason: "Forbidden", message }, generation, ctx.now());
-    let _ = apply_status(&api, obj, serde_json::json!({"conditions": conds})).await;
+    // The whole current status with the new condition: a server-side apply by the same field
+    // manager that left fields out would remove them (echConfigList, endpoint, ...).
+    let mut status = serde_json::to_value(obj).ok().and_then(|v| v.get("status").cloned()).unwrap_or_default();
+    if !status.is_object() {
+        status = serde_json::json!({});
+    }
+    status["conditions"] = serde_json::to_value(&conds).unwrap_or_default();
+    let _ = apply_status(&api, obj, status).await;
 }
 
 /// Gives access to an object's current conditions.

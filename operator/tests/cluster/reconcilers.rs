@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use relayfed_crds::{Relay, RelayFederation, RolloutPolicy};
 
-use crate::support::{Namespace, Operator, eventually, examples_in, operated, operator_identity, plane, serial};
+use crate::support::{eventually, examples_in, operated, plane};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -190,10 +190,20 @@ async fn ech_keys_rotate_and_the_previous_key_is_dropped_after_the_grace_period(
 
 #[tokio::test]
 async fn a_verb_missing_from_the_cluster_role_is_reported_naming_verb_and_resource() {
-    let _serial = serial().await;
-    let ns = Namespace::create("rec-rbac", &[]);
-    let kubeconfig = operator_identity(&ns.name, &ns.name).await;
-    // Break the chart's ClusterRole: no `patch` on Deployments.
+    let setup = operated("rec-rbac").await;
+    let (ns, op) = (&setup.ns, &setup.op);
+    let dir = examples_in("federation", &ns.name);
+    assert!(plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap().ok);
+    let client = plane().client().await.unwrap();
+    let relays: Api<Relay> = Api::namespaced(client, &ns.name);
+    eventually("hub-eu Ready with its ECHConfigList", WAIT, || async {
+        let s = relays.get("hub-eu").await.ok()?.status?;
+        let ready = s.common.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && s.ech_config_list.is_some()).then_some(())
+    })
+    .await;
+    // Break the chart's ClusterRole: no `patch` on Deployments; then change the relay so its
+    // Deployment must be patched.
     let role = format!("{}-operator", ns.name);
     let out = plane().kubectl(&["get", "clusterrole", &role, "-o", "json"]).unwrap();
     let mut cr: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
@@ -204,21 +214,21 @@ async fn a_verb_missing_from_the_cluster_role_is_reported_naming_verb_and_resour
     }
     let out = plane().kubectl_stdin(&["replace", "-f", "-"], &cr.to_string()).unwrap();
     assert!(out.ok, "{}", out.stderr);
-    let op = Operator::start(&kubeconfig, &ns.name, "op-0", &format!("{}/acme", ns.name));
-    let dir = examples_in("federation", &ns.name);
-    assert!(plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap().ok);
-    let client = plane().client().await.unwrap();
-    let relays: Api<Relay> = Api::namespaced(client, &ns.name);
-    // The Relay's Ready condition says what is missing, in terms an operator can act on.
-    let message = eventually("Ready=False naming the missing permission", WAIT, || async {
+    let edit = serde_json::json!({"spec": {"resources": {"requests": {"cpu": "150m"}}}});
+    relays.patch("hub-eu", &PatchParams::default(), &Patch::Merge(&edit)).await.unwrap();
+    // The Relay's Ready condition says what is missing, in terms an operator can act on, and
+    // the rest of its status (the ECHConfigList homes seal to) is kept.
+    let (message, status) = eventually("Ready=False naming the missing permission", WAIT, || async {
         let s = relays.get("hub-eu").await.ok()?.status?;
-        s.common
+        let c = s
+            .common
             .conditions
             .iter()
-            .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "Forbidden")
-            .map(|c| c.message.clone())
+            .find(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "Forbidden")?;
+        Some((c.message.clone(), s.clone()))
     })
     .await;
+    assert!(status.ech_config_list.is_some(), "reporting Forbidden erased the rest of the status: {status:?}");
     assert!(message.contains("patch") && message.contains("deployments"), "{message}");
     // Retried with backoff, not in a storm: over 20 s one relay's failed reconciles stay few
     // (backoff 5 s doubling; a storm would be one per watch event, hundreds).
