@@ -127,6 +127,21 @@ fn opt_out_not_opted_in_and_host_network_pods_are_left_alone() {
 }
 
 #[test]
+fn the_pod_label_opts_in_and_out_as_the_charts_object_selectors_do() {
+    use relayfed_operator::webhook::{Decision, decide};
+    let cfg = InjectConfig::default();
+    let pod = |labels: Value| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": labels},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}})
+    };
+    let injected = |p: &Value, ns| matches!(decide(p, ns, &cfg).unwrap(), Decision::Inject(_));
+    assert!(injected(&pod(serde_json::json!({"relayfed.io/inject": "enabled"})), false));
+    assert!(!injected(&pod(serde_json::json!({"relayfed.io/inject": "disabled"})), true));
+    assert!(injected(&pod(serde_json::json!({"app": "x"})), true));
+    assert!(!injected(&pod(serde_json::json!({"app": "x"})), false));
+}
+
+#[test]
 fn malformed_reviews_get_clear_errors_and_broken_pods_follow_the_failure_policy() {
     let cfg = InjectConfig::default();
     for (body, want) in [
