@@ -139,3 +139,35 @@ async fn a_relay_with_another_node_id_is_refused() {
     let err = dial(&identity(&tb, "shop", &cert), b"relayfed/1", addr, "hub-us").await.unwrap_err();
     assert_eq!(failure_reason(&err), "node_id_mismatch", "{err:?}");
 }
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused_and_counted_as_such() {
+    let tb = Testbed::new("test.example").unwrap();
+    let (addr, metrics, _relay) = relay(&tb).await;
+    // Trusts the relay, presents nothing.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(relayfed_sidecar::crypto::ca::parse_cert_pem(&tb.ca.certified_key().cert_pem).unwrap()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"relayfed/1".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let name = relayfed_sidecar::crypto::ca::node_dns_name("hub", &tb.trust_domain);
+    let refused = match ep.connect(addr, &name).unwrap().await {
+        Err(_) => true,
+        Ok(conn) => match conn.open_bi().await {
+            Ok((mut send, mut recv)) => {
+                let _ = send.write_all(&[0x7f, 0, 0]).await;
+                let _ = recv.read(&mut [0u8; 1]).await;
+                conn.close_reason().is_some()
+            }
+            Err(_) => true,
+        },
+    };
+    assert!(refused, "a client without a certificate was served");
+    assert_eq!(counted(&metrics, "no_client_certificate").await, 1.0, "{}", metrics.encode());
+}

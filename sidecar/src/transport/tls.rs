@@ -255,7 +255,12 @@ pub fn failure_reason(err: &quinn::ConnectionError) -> &'static str {
         "alpn"
     } else if text.contains("TimedOut") || text.contains("timed out") {
         "timeout"
-    } else if text.contains("CertificateRequired") || text.contains("certificate required") {
+    } else if text.contains("CertificateRequired")
+        || text.contains("certificate required")
+        || text.contains("NoCertificatesPresented")
+        || text.contains("no certificates")
+        || text.contains("crypto(74)")
+    {
         "no_client_certificate"
     } else {
         "other"
