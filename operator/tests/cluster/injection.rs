@@ -5,12 +5,12 @@
 //! scope are still created; PodSecurity `baseline` and `restricted` reject the injected init
 //! container (NET_ADMIN), which docs/operations.md states.
 
-use std::process::{Child, Command};
 use std::time::Duration;
 
 use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
+use relayfed_test_cluster::process::Proc;
 use serde_json::{Value, json};
 
 use crate::support::{Namespace, eventually, plane, render_chart_release, serial};
@@ -18,7 +18,7 @@ use crate::support::{Namespace, eventually, plane, render_chart_release, serial}
 /// The webhook process and the MutatingWebhookConfiguration; both removed on drop, so no other
 /// test meets a webhook that is not there.
 struct Injector {
-    child: Option<Child>,
+    child: Option<Proc>,
     mwc: String,
     port: u16,
     files: std::path::PathBuf,
@@ -57,17 +57,16 @@ impl Injector {
     }
 
     fn start(&mut self) {
-        let log = std::fs::File::create(self.files.join("webhook.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_relayfed"))
-            .args(["webhook", "serve", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .arg(format!("--tls-cert={}", self.files.join("tls.crt").display()))
-            .arg(format!("--tls-key={}", self.files.join("tls.key").display()))
-            .arg(format!("--config={}", self.files.join("inject.json").display()))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        let args = vec![
+            "webhook".to_owned(),
+            "serve".to_owned(),
+            format!("--listen=127.0.0.1:{}", self.port),
+            format!("--tls-cert={}", self.files.join("tls.crt").display()),
+            format!("--tls-key={}", self.files.join("tls.key").display()),
+            format!("--config={}", self.files.join("inject.json").display()),
+        ];
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_relayfed"));
+        self.child = Some(Proc::spawn("webhook", bin, &args, &self.files).unwrap());
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(std::time::Instant::now() < deadline, "the webhook did not listen");
@@ -76,10 +75,7 @@ impl Injector {
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        drop(self.child.take());
     }
 }
 

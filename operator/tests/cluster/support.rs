@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use std::ffi::OsStr;
+
 use relayfed_test_cluster::ControlPlane;
+use relayfed_test_cluster::process::Proc;
 use serde_json::Value;
 
 /// The repository root.
@@ -152,11 +155,9 @@ pub fn render_chart_release(release: &str, ns: &str, args: &[&str]) -> String {
     out.stdout
 }
 
-/// `relayfed operator run` as a real process; killed on drop.
+/// `relayfed operator run` as a real process (the harness's [`Proc`]: logged, killed on drop).
 pub struct Operator {
-    child: std::process::Child,
-    /// Its log (stdout and stderr).
-    pub log: PathBuf,
+    proc: Proc,
     /// Its admin port (/metrics, /healthz, /readyz).
     pub admin_port: u16,
 }
@@ -166,50 +167,47 @@ impl Operator {
     pub fn start(kubeconfig: &Path, lease_ns: &str, identity: &str, federation: &str) -> Self {
         let port = || relayfed_test_cluster::ports::free_port().unwrap();
         let (dist, ids, admin) = (port(), port(), port());
-        let log = plane().dir.join(format!("operator-{lease_ns}-{identity}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_relayfed"))
-            .args(["operator", "run", "--namespace", lease_ns, "--identity", identity, "--federation", federation])
-            .args(["--proxy-image", "ghcr.io/relayfed/relayfed:test", "--config-server", &format!("127.0.0.1:{dist}")])
-            .arg(format!("--distribution-listen=127.0.0.1:{dist}"))
-            .arg(format!("--identity-listen=127.0.0.1:{ids}"))
-            .arg(format!("--admin-listen=127.0.0.1:{admin}"))
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,relayfed_operator=debug")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Self { child, log, admin_port: admin }
+        let args: Vec<String> = [
+            "operator",
+            "run",
+            "--namespace",
+            lease_ns,
+            "--identity",
+            identity,
+            "--federation",
+            federation,
+            "--proxy-image",
+            "ghcr.io/relayfed/relayfed:test",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([
+            format!("--config-server=127.0.0.1:{dist}"),
+            format!("--distribution-listen=127.0.0.1:{dist}"),
+            format!("--identity-listen=127.0.0.1:{ids}"),
+            format!("--admin-listen=127.0.0.1:{admin}"),
+        ])
+        .collect();
+        let env = [("KUBECONFIG", kubeconfig.as_os_str()), ("RUST_LOG", OsStr::new("info,relayfed_operator=debug"))];
+        let name = format!("operator-{lease_ns}-{identity}");
+        let proc =
+            Proc::spawn_with_env(&name, Path::new(env!("CARGO_BIN_EXE_relayfed")), &args, &env, &plane().dir).unwrap();
+        Self { proc, admin_port: admin }
     }
 
     /// What it logged so far.
     pub fn logged(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(&self.proc.log).unwrap_or_default()
     }
 
     /// `GET path` on its admin port: `(status code, body)`.
     pub async fn admin(&self, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
+        relayfed_test_cluster::http::get(self.admin_port, path).await.ok()
     }
 
     /// Kills it (as a crash would).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill();
+        self.proc.kill();
     }
 }
 

@@ -1,16 +1,27 @@
-//! A plain-HTTP GET for endpoints that are not TLS (etcd's `/health`).
+//! A plain-HTTP GET for endpoints that are not TLS (etcd's `/health`, the operator's admin port).
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// `GET path` on 127.0.0.1:`port`; returns the body.
-pub async fn get_plain(port: u16, path: &str) -> anyhow::Result<String> {
+/// `GET path` on 127.0.0.1:`port`: the status code and the body.
+pub async fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    match text.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => Ok(body.to_owned()),
-        _ => anyhow::bail!("unexpected answer: {text}"),
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let code = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|h| h.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {text}"))?;
+    Ok((code, body.to_owned()))
+}
+
+/// `GET path`; the body of a `200`, an error otherwise.
+pub async fn get_plain(port: u16, path: &str) -> anyhow::Result<String> {
+    match get(port, path).await? {
+        (200, body) => Ok(body),
+        (code, body) => anyhow::bail!("{path}: {code} {body}"),
     }
 }

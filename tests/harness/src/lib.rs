@@ -30,11 +30,8 @@ pub fn run_dir(name: &str) -> anyhow::Result<PathBuf> {
     for entry in std::fs::read_dir(&root)?.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
         let owner = file.rsplit('-').nth(1).and_then(|p| p.parse::<i32>().ok());
-        if let Some(pid) = owner {
-            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-            if !alive {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+        if owner.is_some_and(|pid| !process::alive(pid)) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

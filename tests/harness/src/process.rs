@@ -20,6 +20,17 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin args...` with its output in `dir/<name>.log`.
     pub fn spawn(name: &str, bin: &Path, args: &[String], dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with_env(name, bin, args, &[], dir)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, &std::ffi::OsStr)],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).with_context(|| log.display().to_string())?;
         let err = out.try_clone()?;
@@ -27,6 +38,7 @@ impl Proc {
             .args(["--pdeathsig", "KILL", "--"])
             .arg(bin)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out)
@@ -67,6 +79,12 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z'))
 }
 
 /// The last `lines` lines of a file.

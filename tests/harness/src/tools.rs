@@ -31,6 +31,23 @@ impl From<Output> for Run {
     }
 }
 
+/// Runs `cmd` to completion, feeding it `input` when given.
+fn run(cmd: &mut Command, input: Option<&str>) -> anyhow::Result<Run> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let stdin = if input.is_some() { Stdio::piped() } else { Stdio::null() };
+    let mut child = cmd
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if let (Some(text), Some(mut pipe)) = (input, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())?;
+    }
+    Ok(child.wait_with_output()?.into())
+}
+
 impl Endpoints {
     /// Runs the real `kubectl --kubeconfig <admin> args...`.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<Run> {
@@ -39,43 +56,31 @@ impl Endpoints {
 
     /// Runs `kubectl` with another kubeconfig.
     pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Run> {
-        Ok(Command::new(self.bin.join("kubectl"))
-            .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .args(args)
-            .output()
-            .context("running kubectl")?
-            .into())
+        run(
+            Command::new(self.bin.join("kubectl")).arg(format!("--kubeconfig={}", kubeconfig.display())).args(args),
+            None,
+        )
     }
 
     /// Runs `kubectl` (admin) with `input` on its standard input.
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> anyhow::Result<Run> {
-        use std::io::Write;
-        let mut child = Command::new(self.bin.join("kubectl"))
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("running kubectl")?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input.as_bytes())?;
-        }
-        Ok(child.wait_with_output()?.into())
+        let kubeconfig = format!("--kubeconfig={}", self.kubeconfig.display());
+        run(Command::new(self.bin.join("kubectl")).arg(kubeconfig).args(args), Some(input))
     }
 
-    /// Runs the real `helm --kubeconfig <admin> args...`.
+    /// Runs the real `helm --kubeconfig <admin> args...` (its cache and config in the plane's
+    /// directory).
     pub fn helm(&self, args: &[&str]) -> anyhow::Result<Run> {
         let home = self.dir.join("helm-home");
-        Ok(Command::new(self.bin.join("helm"))
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .args(args)
-            .env("HELM_CACHE_HOME", home.join("cache"))
-            .env("HELM_CONFIG_HOME", home.join("config"))
-            .env("HELM_DATA_HOME", home.join("data"))
-            .output()
-            .context("running helm")?
-            .into())
+        run(
+            Command::new(self.bin.join("helm"))
+                .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+                .args(args)
+                .env("HELM_CACHE_HOME", home.join("cache"))
+                .env("HELM_CONFIG_HOME", home.join("config"))
+                .env("HELM_DATA_HOME", home.join("data")),
+            None,
+        )
     }
 
     /// A kubeconfig authenticating as ServiceAccount `ns/name` with a token from the

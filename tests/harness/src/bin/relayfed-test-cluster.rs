@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use relayfed_test_cluster::process::alive;
 use relayfed_test_cluster::{ControlPlane, Options};
 
 #[derive(Parser)]
@@ -131,12 +132,6 @@ fn serve(dir: PathBuf, node: Vec<String>) -> anyhow::Result<()> {
 fn running(dir: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(dir.join("serve.pid")).ok()?.trim().parse().ok()?;
     alive(pid).then_some(pid)
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie still answers kill(0); it is gone for our purposes.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty() && !stat.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z'))
 }
 
 fn down(dir: &Path) -> anyhow::Result<()> {
