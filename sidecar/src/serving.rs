@@ -207,9 +207,13 @@ mod tests {
         for _ in 0..20 {
             idle.push(TcpStream::connect(addr).await.unwrap());
         }
-        // Never more than the limit admitted, however many clients hold connections open.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(l.active() <= 4, "{} connections admitted over a limit of 4", l.active());
+        // The slots fill up to the limit and no further, however many clients hold connections.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while l.active() < 4 {
+            assert!(tokio::time::Instant::now() < deadline, "only {} connections admitted", l.active());
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(l.active(), 4, "connections admitted over a limit of 4");
         // The idle ones time out and free their slots: a real request is then served.
         let answer = tokio::time::timeout(Duration::from_secs(20), get(addr)).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
