@@ -52,7 +52,7 @@ async fn main() {
     std::fs::write(&cfg, serde_saphyr::to_string(&s).unwrap()).unwrap();
     let relay = start("main-relay", &cfg).await;
     let quic: SocketAddr = relay.ready["quic"].as_str().unwrap().parse().unwrap();
-    let main = MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0, ech_config_list: None };
+    let main = MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0 };
     let echo = echo_server().await;
     let dest = tb
         .home(

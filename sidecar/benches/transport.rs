@@ -13,6 +13,7 @@ use relayfed_sidecar::crypto::ech::{EchKeyPair, seal};
 use relayfed_sidecar::crypto::noise::{Initiator, Responder, StaticKeypair, prologue};
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
 use relayfed_sidecar::protocol::InnerRoute;
+use relayfed_sidecar::protocol::route::EchBinding;
 use relayfed_sidecar::testbed::Testbed;
 use relayfed_sidecar::testbed::procs::{Proc, echo_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,7 +38,8 @@ fn route() -> InnerRoute {
 fn bench_noise(n: usize) -> Vec<f64> {
     let a = StaticKeypair::generate().unwrap();
     let b = StaticKeypair::generate().unwrap();
-    let p = prologue(Some(1), &route()).unwrap();
+    let binding = EchBinding { config_id: 1, config_digest: [7; 32], enc: vec![9; 32] };
+    let p = prologue(Some(&binding), &route()).unwrap();
     (0..n)
         .map(|_| {
             let t = Instant::now();
@@ -128,23 +130,21 @@ async fn main() {
     let tb = Testbed::new("bench.example").unwrap();
     let relay = start("main-relay", &tb.main_relay("hub", 1).unwrap()).await;
     let quic: SocketAddr = relay.ready["quic"].as_str().unwrap().parse().unwrap();
-    let list = relay.ready["echConfigList"].as_str().unwrap().to_owned();
-    let main = |l: Option<String>| MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0, ech_config_list: l };
+    let main = || MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0 };
     let echo = echo_server().await;
     let sink = sink_server().await;
     let exports = vec![
         Export { service: "echo".into(), port: 7, target: echo },
         Export { service: "sink".into(), port: 9, target: sink },
     ];
-    let pay = tb.home("pay", main(None), exports, vec![], EchPolicy::default()).unwrap();
+    let pay = tb.home("pay", main(), exports, vec![], EchPolicy::default()).unwrap();
     let _pay = start("home", &pay).await;
     let import = Import::fixed("echo", 7, "127.0.0.1:0".parse().unwrap(), "pay", "hub", tb.noise_key("pay").unwrap());
     let sink_import = Import { service: "sink".into(), port: 9, ..import.clone() };
     let mut addrs = Vec::new();
     for (name, pct) in [("shop-plain", 0u8), ("shop-ech", 100)] {
         let policy = EchPolicy { enabled: true, mode: EchMode::Opportunistic, percentage: pct, ..EchPolicy::default() };
-        let cfg =
-            tb.home(name, main(Some(list.clone())), vec![], vec![import.clone(), sink_import.clone()], policy).unwrap();
+        let cfg = tb.home(name, main(), vec![], vec![import.clone(), sink_import.clone()], policy).unwrap();
         let p = start("home", &cfg).await;
         let echo_addr = p.ready["imports"]["echo:7"].as_str().unwrap().parse::<SocketAddr>().unwrap();
         let sink_addr = p.ready["imports"]["sink:9"].as_str().unwrap().parse::<SocketAddr>().unwrap();

@@ -1,6 +1,6 @@
 //! Two home nodes and one main relay as real processes on loopback: a TCP client behind home A
-//! reaches an echo server behind home B, with ECH on and off, through the retry path for a
-//! stale ECH config, and against relays that tamper with the ECH part.
+//! reaches an echo server behind home B, with ECH on and off, with a stale ECH config (whose
+//! retry configs are not trusted), and against relays that tamper with the ECH part.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 
 use common::{Proc, echo_server, round_trip};
-use relayfed_sidecar::config::{Export, Import, MainRelay, base64_encode};
+use relayfed_sidecar::config::{Export, Import, MainRelay, Snapshot, base64_encode};
 use relayfed_sidecar::crypto::ech::EchKeyPair;
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
 use relayfed_sidecar::protocol::EchConfigList;
@@ -40,7 +40,7 @@ impl Fed {
         let pay_cfg = tb
             .home(
                 "pay",
-                Self::main_ref(&relay, None),
+                Self::main_ref(&relay),
                 vec![Export { service: "echo".into(), port: 7, target: echo }],
                 vec![],
                 EchPolicy::default(),
@@ -50,19 +50,23 @@ impl Fed {
         Fed { tb, relay, pay }
     }
 
-    fn main_ref(relay: &Proc, ech_list: Option<String>) -> MainRelay {
-        MainRelay { node_id: "hub".into(), endpoint: relay.quic(), priority: 0, ech_config_list: ech_list }
+    fn main_ref(relay: &Proc) -> MainRelay {
+        MainRelay { node_id: "hub".into(), endpoint: relay.quic(), priority: 0 }
     }
 
     fn relay_list(&self) -> String {
         self.relay.ready["echConfigList"].as_str().unwrap().to_owned()
     }
 
-    /// Starts an origin home importing `echo` from `pay@hub` with `policy` and the given list.
+    /// Starts an origin home importing `echo` from `pay@hub` with `policy` and, in its config
+    /// snapshot, the given ECHConfigList for `hub` (none: no config).
     async fn origin(&self, name: &str, policy: EchPolicy, ech_list: Option<String>) -> (Proc, SocketAddr) {
         let import =
             Import::fixed("echo", 7, "127.0.0.1:0".parse().unwrap(), "pay", "hub", self.tb.noise_key("pay").unwrap());
-        let cfg = self.tb.home(name, Self::main_ref(&self.relay, ech_list), vec![], vec![import], policy).unwrap();
+        let cfg = self.tb.home(name, Self::main_ref(&self.relay), vec![], vec![import], policy).unwrap();
+        let mut snap = Snapshot::load(&cfg).unwrap();
+        snap.ech_configs = ech_list.into_iter().map(|l| ("hub".to_owned(), l)).collect();
+        let cfg = self.tb.save(name, &snap).unwrap();
         let p = common::start("home", &cfg, &[]).await;
         let addr = p.import("echo:7");
         (p, addr)
@@ -105,21 +109,24 @@ async fn one_mebibyte_and_many_small_messages_with_ech_on_and_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_config_id_is_answered_with_retry_configs_and_the_retry_succeeds() {
+async fn retry_configs_for_a_stale_config_are_not_trusted_and_the_stream_fails_closed() {
     let fed = Fed::start("none").await;
-    // A config from a key the relay never had (config id 9): as after a rotation.
+    // A config from a key the relay never had (config id 9): as after a rotation the config
+    // snapshot has not caught up with. The retry configs the relay sends back arrive through
+    // the path, so the origin must not seal to them.
     let stale = EchKeyPair::generate(9, "relay.test.example").unwrap();
     let list = EchConfigList { entries: vec![ListEntry::Config(stale.config().clone())] }.encode().unwrap();
     let (origin, addr) = fed.origin("shop-stale", policy(100, EchMode::Required), Some(base64_encode(&list))).await;
 
-    let msg = pattern(4096);
-    assert_eq!(round_trip(addr, &msg).await.unwrap(), msg);
-    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 1.0);
-    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 1.0);
-    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "retry_sent")]).await, 1.0);
-    // The refreshed config is kept: the next stream needs no retry.
-    assert_eq!(round_trip(addr, &msg).await.unwrap(), msg);
-    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 1.0);
+    for _ in 0..2 {
+        let r = round_trip(addr, b"x").await;
+        assert!(r.is_err() || r.unwrap().is_empty(), "no plain and no retried stream");
+    }
+    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "retry_sent")]).await, 2.0);
+    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "retry_refused")]).await, 2.0);
+    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 0.0);
+    assert_eq!(origin.metric("relayfed_stream_errors_total", &[("code", "ECH_UNKNOWN_CONFIG")]).await, 2.0);
+    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "opened")]).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,6 +148,7 @@ async fn a_relay_that_strips_ech_fails_the_noise_handshake() {
     assert!(err.is_err() || err.as_ref().unwrap().is_empty(), "downgraded stream must not carry data: {err:?}");
     assert_eq!(fed.pay.metric("relayfed_e2e_handshakes_total", &[("result", "failed")]).await, 1.0);
     assert_eq!(origin.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "downgrade")]).await, 1.0);
     // Plain streams through the same relay are unaffected (it only alters sealed headers).
     let (_plain, plain_addr) = fed.origin("shop-plain", policy(0, EchMode::Opportunistic), None).await;
     assert_eq!(round_trip(plain_addr, b"hello").await.unwrap(), b"hello");

@@ -31,7 +31,7 @@ fn edit(path: &PathBuf, f: impl FnOnce(&mut Snapshot)) {
 }
 
 fn main_ref(relay: &Proc) -> MainRelay {
-    MainRelay { node_id: "hub".into(), endpoint: relay.quic(), priority: 0, ech_config_list: None }
+    MainRelay { node_id: "hub".into(), endpoint: relay.quic(), priority: 0 }
 }
 
 fn import(service: &str, port: u16) -> Import {
@@ -171,7 +171,7 @@ async fn a_home_whose_relay_is_down_connects_by_retry_once_it_is_up() {
     let path = tb
         .home(
             "early",
-            MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0, ech_config_list: None },
+            MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0 },
             vec![],
             vec![],
             EchPolicy::default(),

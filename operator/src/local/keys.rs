@@ -157,6 +157,22 @@ impl KeyStore {
         Ok(report)
     }
 
+    /// The ECHConfigList (base64) each main relay in `mains` publishes, read from its key
+    /// file: what home snapshots carry as `echConfigs`.
+    pub fn ech_configs(&self, mains: &[&str]) -> Result<std::collections::BTreeMap<String, String>, KeyError> {
+        let mut out = std::collections::BTreeMap::new();
+        for node in mains {
+            let path = self.path(&format!("{node}-ech.json"));
+            let list = EchKeyFile::load(&path, Some(&self.passphrase))
+                .and_then(|f| f.key_set(&path, Duration::ZERO))
+                .map_err(|e| KeyError::Passphrase { path: path.clone(), reason: e.to_string() })?
+                .config_list()
+                .map_err(|e| file_err(&path, e))?;
+            out.insert((*node).to_owned(), relayfed_sidecar::config::base64_encode(&list));
+        }
+        Ok(out)
+    }
+
     /// The TLS identity of `node` (e.g. the distribution server's).
     pub fn identity(&self, node: &str) -> Result<HopIdentity, KeyError> {
         let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| file_err(&p, e));

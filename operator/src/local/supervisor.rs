@@ -163,6 +163,18 @@ fn compile(keys: &KeyStore, passphrase_file: &std::path::Path, loaded: &Loaded) 
     Ok((out, plan.warnings))
 }
 
+/// Gives home snapshots the ECH configs of the main relays' key files (kept by this
+/// supervisor; homes seal only to configs from their snapshot).
+fn with_ech_configs(
+    keys: &KeyStore,
+    nodes: &[(String, Role)],
+    snapshots: &mut BTreeMap<String, Snapshot>,
+) -> Result<(), super::keys::KeyError> {
+    let mains: Vec<&str> = nodes.iter().filter(|(_, r)| *r == Role::Main).map(|(n, _)| n.as_str()).collect();
+    plan::set_ech_configs(snapshots, &keys.ech_configs(&mains)?);
+    Ok(())
+}
+
 impl Supervisor {
     /// Admits, compiles, prepares keys, starts distribution, workloads and every node.
     /// Errors name the file, object and field (as `kubectl apply` would).
@@ -180,10 +192,11 @@ impl Supervisor {
         let keys = KeyStore::new(opts.state.keys(), &trust_domain, &public_name, pass);
         let metrics = Arc::new(OperatorMetrics::new());
         let distributor = Distributor::new(metrics.clone(), 0);
-        let (snapshots, warnings) = compile(&keys, &passphrase_file, &loaded)
+        let (mut snapshots, warnings) = compile(&keys, &passphrase_file, &loaded)
             .map_err(|errs| anyhow::anyhow!("the manifests cannot run:\n  {}", errs.join("\n  ")))?;
         let nodes: Vec<(String, Role)> = snapshots.iter().map(|(n, s)| (n.clone(), s.node.role)).collect();
         let report = keys.ensure(&nodes, SERVER_NODE)?;
+        with_ech_configs(&keys, &nodes, &mut snapshots)?;
         info!(generated = ?report.generated, reused = ?report.reused, "key material ready");
         let identity = keys.identity(SERVER_NODE)?;
         let distribution_addr = distributor.clone().serve(SocketAddr::from(([127, 0, 0, 1], 0)), &identity).await?;
@@ -454,7 +467,7 @@ impl Supervisor {
             Err(errs) => Err(errs),
             Ok(loaded) => self.compile(&loaded).map(|snaps| (loaded, snaps)),
         };
-        let (loaded, snapshots) = match result {
+        let (loaded, mut snapshots) = match result {
             Ok(x) => x,
             Err(errs) => {
                 self.metrics.config_changes.get_or_create(&[("result", "rejected")]).inc();
@@ -472,6 +485,10 @@ impl Supervisor {
         let nodes: Vec<(String, Role)> = snapshots.iter().map(|(n, s)| (n.clone(), s.node.role)).collect();
         if let Err(e) = self.keys.ensure(&nodes, SERVER_NODE) {
             error!(error = %e, "cannot prepare keys for the edited federation; not applied");
+            return false;
+        }
+        if let Err(e) = with_ech_configs(&self.keys, &nodes, &mut snapshots) {
+            error!(error = %e, "cannot read the main relays' ECH keys; not applied");
             return false;
         }
         if let Err(e) = self.sync_workloads(&loaded.resources).await {

@@ -9,7 +9,8 @@
 //!   the federation (trusted) plus `Peer` resources for it (or for all mains when
 //!   `localRelay` is unset), a `Peer` for one of our own mains overriding its trust settings.
 //! - `Relay` type home -> a home snapshot: its main relays with priorities, exports, imports
-//!   (resolved through the registry at run time).
+//!   (resolved through the registry at run time), and the ECH configs of every main relay
+//!   (`Relay.status.echConfigList`; local mode fills them from its key files).
 //! - the default `RolloutPolicy` -> ECH policy, trust defaults (`knownNodes` = every relay of
 //!   the federation), resilience and timeouts for every node.
 //!
@@ -149,6 +150,7 @@ pub fn compile_with_workloads(
         exports: vec![],
         imports: vec![],
         ech_policy: ech.clone(),
+        ech_configs: BTreeMap::new(),
         intercept: None,
         peers: vec![],
         registry: RegistryConfig { ttl_seconds: fed.spec.registry_ttl.get().as_secs(), refresh_seconds: None },
@@ -229,12 +231,9 @@ pub fn compile_with_workloads(
         for (i, m) in h.spec.main_relays.iter().enumerate() {
             let endpoint = m.endpoint.clone().or_else(|| endpoint_of(&m.node_id));
             match endpoint.as_deref().map(str::parse::<SocketAddr>) {
-                Some(Ok(addr)) => s.main_relays.push(MainRelay {
-                    node_id: m.node_id.clone(),
-                    endpoint: addr,
-                    priority: m.priority,
-                    ech_config_list: None,
-                }),
+                Some(Ok(addr)) => {
+                    s.main_relays.push(MainRelay { node_id: m.node_id.clone(), endpoint: addr, priority: m.priority })
+                }
                 Some(Err(_)) => warnings.push(format!("{obj}: spec.mainRelays[{i}] endpoint is not ip:port; skipped")),
                 None => errors.push(err(
                     &obj,
@@ -272,6 +271,7 @@ pub fn compile_with_workloads(
             }
         }
     }
+    set_ech_configs(&mut snapshots, &published_ech_configs(&mains));
     for (node, s) in &snapshots {
         if let Err(e) = s.validate() {
             errors.push(err(format!("node {node}"), "", format!("compiled snapshot is invalid: {e}")));
@@ -281,6 +281,21 @@ pub fn compile_with_workloads(
     warnings.sort();
     warnings.dedup();
     if errors.is_empty() { Ok(Plan { snapshots, warnings }) } else { Err(errors) }
+}
+
+/// The ECHConfigList each main relay published in its status (in a cluster: the operator
+/// wrote it there from the relay's ECH key Secret), by node id.
+fn published_ech_configs(mains: &[&Relay]) -> BTreeMap<String, String> {
+    mains.iter().filter_map(|m| Some((m.spec.node_id.clone(), m.status.as_ref()?.ech_config_list.clone()?))).collect()
+}
+
+/// Gives every home snapshot the ECH configs of the federation's main relays (`configs`, by
+/// node id, base64 ECHConfigList): the only configs homes seal to. Local mode calls this with
+/// the configs of the key files it keeps; the plan calls it with `Relay.status`.
+pub fn set_ech_configs(snapshots: &mut BTreeMap<String, Snapshot>, configs: &BTreeMap<String, String>) {
+    for s in snapshots.values_mut().filter(|s| s.node.role == Role::Home) {
+        s.ech_configs = configs.clone();
+    }
 }
 
 fn trust_level(t: TrustLevel) -> relayfed_sidecar::config::TrustLevel {

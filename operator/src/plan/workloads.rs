@@ -69,7 +69,7 @@ pub fn tls_files() -> TlsFiles {
 
 /// The main relays a workload dials: the federation's main relays in `spec.mainRelays` order
 /// (that order is the priority), each at its observed endpoint (`Relay.status.endpoint`, the
-/// Service address) or else its declared `ip:port` endpoint, with its published ECHConfigList.
+/// Service address) or else its declared `ip:port` endpoint.
 pub fn main_relays_for_workloads(
     fed: &relayfed_crds::RelayFederation,
     relays: &[&Relay],
@@ -90,12 +90,7 @@ pub fn main_relays_for_workloads(
             ));
             continue;
         };
-        out.push(MainRelay {
-            node_id: m.node_id.clone(),
-            endpoint,
-            priority: u16::try_from(i).unwrap_or(u16::MAX),
-            ech_config_list: status.and_then(|s| s.ech_config_list.clone()),
-        });
+        out.push(MainRelay { node_id: m.node_id.clone(), endpoint, priority: u16::try_from(i).unwrap_or(u16::MAX) });
     }
     out
 }

@@ -114,9 +114,6 @@ pub struct MainRelay {
     /// Lower is preferred.
     #[serde(default)]
     pub priority: u16,
-    /// Its ECHConfigList, base64 (from `Relay.status.echConfigList`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ech_config_list: Option<String>,
 }
 
 /// A local service offered to the federation.
@@ -385,6 +382,13 @@ pub struct Snapshot {
     /// ECH rollout (home nodes, as origin).
     #[serde(default)]
     pub ech_policy: EchPolicy,
+    /// The ECHConfigList (base64) of every main relay of the federation that has ECH keys, by
+    /// node id (home nodes). The only ECH configs a home seals to: this snapshot comes from
+    /// the CA-authenticated config distribution, so no relay on the path can substitute,
+    /// omit or "retry" a key (docs/protocol.md §5). A main relay absent here has ECH
+    /// switched off: `required` fails closed, `opportunistic` sends plain.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ech_configs: std::collections::BTreeMap<String, String>,
     /// Peer main relays (main relays).
     #[serde(default)]
     pub peers: Vec<PeerRelay>,
@@ -490,6 +494,18 @@ impl Snapshot {
         out
     }
 
+    /// The decoded `echConfigs` (entries that do not decode are left out; `validate` refuses
+    /// them at load).
+    pub fn ech_config_lists(&self) -> std::collections::HashMap<String, crate::protocol::EchConfigList> {
+        self.ech_configs
+            .iter()
+            .filter_map(|(main, list)| {
+                let parsed = crate::protocol::EchConfigList::decode(&base64_decode(list)?).ok()?;
+                Some((main.clone(), parsed))
+            })
+            .collect()
+    }
+
     /// Cross-field checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.schema != SNAPSHOT_SCHEMA {
@@ -548,13 +564,13 @@ impl Snapshot {
         if self.registry.ttl_seconds < 2 {
             return Err(invalid("registry.ttlSeconds", "must be at least 2"));
         }
-        for (i, m) in self.main_relays.iter().enumerate() {
-            if let Some(list) = &m.ech_config_list {
-                let bytes = base64_decode(list)
-                    .ok_or_else(|| invalid(format!("mainRelays[{i}].echConfigList"), "not base64"))?;
-                crate::protocol::EchConfigList::decode(&bytes)
-                    .map_err(|e| invalid(format!("mainRelays[{i}].echConfigList"), e.to_string()))?;
+        for (main, list) in &self.ech_configs {
+            if !label_ok(main) {
+                return Err(invalid(format!("echConfigs.{main}"), "the key must be a main relay's node id"));
             }
+            let bytes = base64_decode(list).ok_or_else(|| invalid(format!("echConfigs.{main}"), "not base64"))?;
+            crate::protocol::EchConfigList::decode(&bytes)
+                .map_err(|e| invalid(format!("echConfigs.{main}"), e.to_string()))?;
         }
         if let Some(ic) = &self.intercept {
             if self.node.role != Role::Home {

@@ -17,7 +17,7 @@ use crate::protocol::ech_config::{
     AEAD_AES_128_GCM, AEAD_CHACHA20_POLY1305, CipherSuite, EchConfig, EchConfigList, KDF_HKDF_SHA256,
     KEM_X25519_SHA256, ListEntry,
 };
-use crate::protocol::route::{InnerRoute, SealedRoute};
+use crate::protocol::route::{CONFIG_DIGEST_LEN, EchBinding, InnerRoute, SealedRoute};
 use crate::protocol::{DecodeError, ErrorCode};
 
 /// Label that starts the HPKE `info` string.
@@ -121,6 +121,15 @@ impl EchKeyPair {
         &self.secret
     }
 
+    /// What an opened route is bound to: this key's config and the sealing's encapsulation.
+    pub fn binding(&self, sealed: &SealedRoute) -> EchBinding {
+        EchBinding {
+            config_id: self.config.config_id,
+            config_digest: digest(&self.config_bytes),
+            enc: sealed.enc.clone(),
+        }
+    }
+
     /// Opens a sealed route addressed to this key.
     pub fn open(&self, sealed: &SealedRoute) -> Result<InnerRoute, EchError> {
         let sk = <X25519HkdfSha256 as Kem>::PrivateKey::from_bytes(&self.secret).map_err(|_| EchError::BadPublicKey)?;
@@ -136,6 +145,21 @@ impl EchKeyPair {
         let plain = open(&sk, &enc, &info, &sealed.payload, &aad).map_err(|e| EchError::Open(hpke_err(e)))?;
         Ok(InnerRoute::from_padded(&plain)?)
     }
+}
+
+fn digest(config_bytes: &[u8]) -> [u8; CONFIG_DIGEST_LEN] {
+    use sha2::Digest;
+    sha2::Sha256::digest(config_bytes).into()
+}
+
+/// SHA-256 of an ECHConfig's encoding: what the Noise prologue binds (docs/protocol.md §6).
+pub fn config_digest(config: &EchConfig) -> Result<[u8; CONFIG_DIGEST_LEN], EchError> {
+    Ok(digest(&config.encode()?))
+}
+
+/// The binding of a route the origin sealed to `config`.
+pub fn binding(config: &EchConfig, sealed: &SealedRoute) -> Result<EchBinding, EchError> {
+    Ok(EchBinding { config_id: sealed.config_id, config_digest: config_digest(config)?, enc: sealed.enc.clone() })
 }
 
 fn info_for(config_bytes: &[u8]) -> Vec<u8> {
@@ -232,7 +256,13 @@ impl EchKeySet {
 
     /// Opens a sealed route with the matching key.
     pub fn open(&self, sealed: &SealedRoute, now: SystemTime) -> Result<InnerRoute, EchError> {
-        self.find(sealed.config_id, now).ok_or(EchError::UnknownConfig(sealed.config_id))?.open(sealed)
+        self.open_bound(sealed, now).map(|(route, _)| route)
+    }
+
+    /// Opens a sealed route with the matching key, and says which key and sealing it was.
+    pub fn open_bound(&self, sealed: &SealedRoute, now: SystemTime) -> Result<(InnerRoute, EchBinding), EchError> {
+        let key = self.find(sealed.config_id, now).ok_or(EchError::UnknownConfig(sealed.config_id))?;
+        Ok((key.open(sealed)?, key.binding(sealed)))
     }
 
     /// The ECHConfigList to publish and to send as retry configs (current key only).
@@ -333,6 +363,27 @@ mod tests {
             assert_eq!(sealed.config_id, 7);
             assert_eq!(key.open(&sealed).unwrap(), inner());
         }
+    }
+
+    #[test]
+    fn the_origin_and_the_key_owner_compute_the_same_binding_and_a_substitute_key_does_not() {
+        let key = EchKeyPair::generate(7, "relay.acme.example").unwrap();
+        let mut set = EchKeySet::new(key.clone());
+        let sealed = seal(key.config(), suites()[0], "hub-us", &inner()).unwrap();
+        let origin = binding(key.config(), &sealed).unwrap();
+        let (route, owner) = set.open_bound(&sealed, SystemTime::now()).unwrap();
+        assert_eq!((route, &owner), (inner(), &origin));
+        assert_eq!(owner.enc, sealed.enc);
+        // A relay's own key published under the same config id: another digest.
+        let forged = EchKeyPair::generate(7, "relay.acme.example").unwrap();
+        let forged_sealed = seal(forged.config(), suites()[0], "hub-us", &inner()).unwrap();
+        assert_ne!(binding(forged.config(), &forged_sealed).unwrap().config_digest, origin.config_digest);
+        // Re-sealing the same route to the real key: another encapsulation.
+        let resealed = seal(key.config(), suites()[0], "hub-us", &inner()).unwrap();
+        set.rotate(EchKeyPair::generate(8, "relay.acme.example").unwrap(), Duration::from_secs(60), SystemTime::now());
+        let (_, again) = set.open_bound(&resealed, SystemTime::now()).unwrap();
+        assert_eq!(again.config_digest, origin.config_digest, "the previous key still opens in its grace period");
+        assert_ne!(again.enc, origin.enc);
     }
 
     #[test]

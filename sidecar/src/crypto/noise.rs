@@ -4,8 +4,9 @@
 //!
 //! XK: the initiator knows the responder's static key in advance (from configuration or the
 //! registry); the initiator's static key is sent encrypted in message 3. The prologue binds
-//! the route and the ECH decision, so a relay that strips or alters ECH, or re-routes the
-//! stream, makes the handshake fail. Transport messages carry at most 65,519 bytes of
+//! the route and the ECH sealing (config id, digest of the ECH config, encapsulated key), so a
+//! relay that strips or alters ECH, substitutes a key of its own, re-seals the route or
+//! re-routes the stream makes the handshake fail. Transport messages carry at most 65,519 bytes of
 //! plaintext; both sides rekey each direction every [`REKEY_INTERVAL`] messages, at the same
 //! message, without signalling. Nonces are implicit, so replayed, dropped or reordered
 //! messages fail to decrypt.
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use snow::{Builder, HandshakeState, TransportState};
 use thiserror::Error;
 
-use crate::protocol::route::InnerRoute;
+use crate::protocol::route::{EchBinding, InnerRoute};
 use crate::protocol::{DecodeError, ErrorCode};
 
 /// The Noise protocol name.
@@ -27,7 +28,7 @@ pub const MAX_PLAINTEXT: usize = MAX_MESSAGE - 16;
 /// Messages per direction between rekeys.
 pub const REKEY_INTERVAL: u64 = 1 << 16;
 /// Label that starts the prologue.
-pub const PROLOGUE_LABEL: &[u8] = b"relayfed noise v1\0";
+pub const PROLOGUE_LABEL: &[u8] = b"relayfed noise v2\0";
 
 /// Why a Noise step failed.
 #[derive(Debug, Error)]
@@ -106,12 +107,16 @@ impl StaticKeypair {
     }
 }
 
-/// The prologue both ends must agree on: label, ECH decision, config id, inner route.
-pub fn prologue(ech_config_id: Option<u8>, route: &InnerRoute) -> Result<Vec<u8>, NoiseError> {
+/// The prologue both ends must agree on: label, ECH decision and sealing, inner route
+/// (docs/protocol.md §6).
+pub fn prologue(ech: Option<&EchBinding>, route: &InnerRoute) -> Result<Vec<u8>, NoiseError> {
     let mut p = PROLOGUE_LABEL.to_vec();
-    match ech_config_id {
-        Some(id) => p.extend_from_slice(&[1, id]),
-        None => p.extend_from_slice(&[0, 0]),
+    match ech {
+        Some(binding) => {
+            p.push(1);
+            p.extend_from_slice(&binding.encode()?);
+        }
+        None => p.push(0),
     }
     p.extend_from_slice(&route.encode()?);
     Ok(p)
@@ -276,9 +281,13 @@ mod tests {
         Ok((sa.split(), sb.split(), a.public))
     }
 
+    fn bound(config_id: u8, digest: u8, enc: u8) -> EchBinding {
+        EchBinding { config_id, config_digest: [digest; 32], enc: vec![enc; 32] }
+    }
+
     #[test]
     fn handshake_and_transport() {
-        let p = prologue(Some(3), &inner()).unwrap();
+        let p = prologue(Some(&bound(3, 1, 2)), &inner()).unwrap();
         let ((mut a_tx, mut a_rx), (mut b_tx, mut b_rx), _) = pair(&p, &p).unwrap();
         let m = a_tx.encrypt(b"hello").unwrap();
         assert_eq!(b_rx.decrypt(&m).unwrap(), b"hello");
@@ -290,14 +299,18 @@ mod tests {
 
     #[test]
     fn a_stripped_ech_decision_fails_the_handshake() {
-        let sealed = prologue(Some(3), &inner()).unwrap();
+        let sealed = prologue(Some(&bound(3, 1, 2)), &inner()).unwrap();
         let plain = prologue(None, &inner()).unwrap();
         assert!(pair(&sealed, &plain).is_err());
         let mut rerouted = inner();
         rerouted.service = "other".into();
-        assert!(pair(&sealed, &prologue(Some(3), &rerouted).unwrap()).is_err());
-        let rotated = prologue(Some(4), &inner()).unwrap();
+        assert!(pair(&sealed, &prologue(Some(&bound(3, 1, 2)), &rerouted).unwrap()).is_err());
+        let rotated = prologue(Some(&bound(4, 1, 2)), &inner()).unwrap();
         assert!(pair(&sealed, &rotated).is_err());
+        let substituted_key = prologue(Some(&bound(3, 9, 2)), &inner()).unwrap();
+        assert!(pair(&sealed, &substituted_key).is_err(), "another ECH key under the same config id");
+        let resealed = prologue(Some(&bound(3, 1, 9)), &inner()).unwrap();
+        assert!(pair(&sealed, &resealed).is_err(), "the route re-sealed with another encapsulation");
     }
 
     #[test]

@@ -392,7 +392,7 @@ impl MainRelay {
         let mut path = header.path.clone();
         path.push(PathEntry { node: me.clone(), at_ms: now_ms() });
         let hop_limit = header.hop_limit - 1;
-        let (config_id, route) = match header.body {
+        let (binding, route) = match header.body {
             RouteBody::Plain(r) => (None, r),
             RouteBody::Opened { .. } => {
                 return self
@@ -423,10 +423,10 @@ impl MainRelay {
                 {
                     *b ^= 0x01;
                 }
-                match keys.open(&sealed, SystemTime::now()) {
-                    Ok(r) => {
+                match keys.open_bound(&sealed, SystemTime::now()) {
+                    Ok((r, binding)) => {
                         self.metrics.ech.get_or_create(&[("outcome", "opened")]).inc();
-                        (Some(sealed.config_id), r)
+                        (Some(binding), r)
                     }
                     Err(EchError::UnknownConfig(id)) => {
                         self.metrics.ech.get_or_create(&[("outcome", "retry_sent")]).inc();
@@ -443,7 +443,7 @@ impl MainRelay {
                 }
             }
         };
-        let span = info_span!("stream", service = %route.service, dest = %route.dest_node, ech = config_id.is_some());
+        let span = info_span!("stream", service = %route.service, dest = %route.dest_node, ech = binding.is_some());
         async {
             let (origin_node, origin_main) = route.origin.split_once('@').unwrap_or((route.origin.as_str(), ""));
             let authentic = match sender {
@@ -482,9 +482,9 @@ impl MainRelay {
                 self.metrics.routes.get_or_create(&[("result", "no_route")]).inc();
                 return self.fail(&mut send, ErrorCode::NoRoute, "destination home node is not connected").await;
             };
-            let body = match (config_id, self.tamper) {
+            let body = match (binding, self.tamper) {
                 (Some(_), Tamper::StripEch) | (None, _) => RouteBody::Plain(route),
-                (Some(config_id), _) => RouteBody::Opened { config_id, route },
+                (Some(binding), _) => RouteBody::Opened { binding, route },
             };
             let forward =
                 RouteHeader { hop_limit, probe: header.probe, trace_context: header.trace_context, path, body };

@@ -3,8 +3,10 @@
 //! Exact layout in docs/protocol.md §3. The header is either *plain* (the inner route in
 //! clear) or *sealed* (the inner route HPKE-sealed to the destination main relay's ECH key,
 //! with an outer part naming only that relay, the config id, suite and encapsulated key).
-//! A relay that opens a sealed header forwards it *opened*: plain, plus the config id it was
-//! sealed with, so the destination can bind the ECH decision into the Noise prologue.
+//! A relay that opens a sealed header forwards it *opened*: plain, plus the [`EchBinding`]
+//! (config id, digest of the config that opened it, encapsulated key), so the destination
+//! binds exactly that key and that encapsulation into the Noise prologue: a route sealed to
+//! any other key, or re-sealed on the way, fails the end-to-end handshake.
 
 use super::wire::{DecodeError, Reader, Writer};
 
@@ -61,6 +63,52 @@ pub struct SealedRoute {
     pub payload: Vec<u8>,
 }
 
+/// Length of an ECH config digest (SHA-256).
+pub const CONFIG_DIGEST_LEN: usize = 32;
+
+/// What ties an end-to-end session to one ECH sealing: the key it was sealed to and the
+/// encapsulation used. The origin computes it when sealing; the key owner reports it when
+/// opening; both go into the Noise prologue.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EchBinding {
+    /// Config id of the key.
+    pub config_id: u8,
+    /// SHA-256 of the encoded ECHConfig (version, length and contents) of the key.
+    pub config_digest: [u8; CONFIG_DIGEST_LEN],
+    /// HPKE encapsulated key of this sealing (1..255 bytes).
+    pub enc: Vec<u8>,
+}
+
+impl EchBinding {
+    fn write(&self, w: &mut Writer) {
+        w.u8(self.config_id).bytes(&self.config_digest).vec8(&self.enc);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let config_id = r.u8("config_id")?;
+        let digest = r.take(CONFIG_DIGEST_LEN, "config_digest")?;
+        let mut config_digest = [0u8; CONFIG_DIGEST_LEN];
+        config_digest.copy_from_slice(digest);
+        let enc = r.vec8("enc", 1, 255)?.to_vec();
+        Ok(Self { config_id, config_digest, enc })
+    }
+
+    /// The bytes the Noise prologue carries for this binding.
+    pub fn encode(&self) -> Result<Vec<u8>, DecodeError> {
+        self.check()?;
+        let mut w = Writer::new();
+        self.write(&mut w);
+        Ok(w.into_bytes())
+    }
+
+    fn check(&self) -> Result<(), DecodeError> {
+        if self.enc.is_empty() || self.enc.len() > 255 {
+            return Err(DecodeError::invalid("enc", "must be 1..255 bytes"));
+        }
+        Ok(())
+    }
+}
+
 /// What the header carries after the common fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouteBody {
@@ -68,10 +116,10 @@ pub enum RouteBody {
     Plain(InnerRoute),
     /// Inner route sealed with ECH.
     Sealed(SealedRoute),
-    /// Inner route opened by the relay owning the key; `config_id` names that key.
+    /// Inner route opened by the relay owning the key; `binding` names that key and sealing.
     Opened {
-        /// Config id the route was sealed with.
-        config_id: u8,
+        /// The key and encapsulation the route was sealed with.
+        binding: EchBinding,
         /// The opened inner route.
         route: InnerRoute,
     },
@@ -205,9 +253,10 @@ impl RouteHeader {
                 route.check()?;
                 route.write(&mut w);
             }
-            RouteBody::Opened { config_id, route } => {
+            RouteBody::Opened { binding, route } => {
                 route.check()?;
-                w.u8(*config_id);
+                binding.check()?;
+                binding.write(&mut w);
                 route.write(&mut w);
             }
             RouteBody::Sealed(s) => {
@@ -259,8 +308,8 @@ impl RouteHeader {
                 payload: r.vec16("sealed payload", 17, MAX_SEALED)?.to_vec(),
             })
         } else if flags & FLAG_OPENED != 0 {
-            let config_id = r.u8("config_id")?;
-            RouteBody::Opened { config_id, route: InnerRoute::read(&mut r)? }
+            let binding = EchBinding::read(&mut r)?;
+            RouteBody::Opened { binding, route: InnerRoute::read(&mut r)? }
         } else {
             RouteBody::Plain(InnerRoute::read(&mut r)?)
         };
@@ -297,7 +346,12 @@ pub(crate) mod tests {
     fn arb_header() -> impl Strategy<Value = RouteHeader> {
         let body = prop_oneof![
             arb_inner().prop_map(RouteBody::Plain),
-            (any::<u8>(), arb_inner()).prop_map(|(config_id, route)| RouteBody::Opened { config_id, route }),
+            (any::<u8>(), any::<[u8; 32]>(), prop::collection::vec(any::<u8>(), 1..255), arb_inner()).prop_map(
+                |(config_id, config_digest, enc, route)| RouteBody::Opened {
+                    binding: EchBinding { config_id, config_digest, enc },
+                    route
+                }
+            ),
             (
                 arb_name(63),
                 any::<u8>(),

@@ -74,6 +74,7 @@ impl Testbed {
             exports: vec![],
             imports: vec![],
             ech_policy: EchPolicy::default(),
+            ech_configs: Default::default(),
             intercept: None,
             peers: vec![],
             registry: Default::default(),
@@ -117,7 +118,23 @@ impl Testbed {
         Ok(base64_encode(&key.public))
     }
 
-    /// A home node snapshot; returns its path.
+    /// The ECHConfigList (base64) of every main relay with an ECH key in this testbed, by
+    /// node id: what the plan gives home snapshots as `echConfigs`.
+    pub fn ech_configs(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let mut out = std::collections::BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let Some(node) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("-ech.json")) else {
+                continue;
+            };
+            let list = EchKeyFile::load(&path, None)?.key_set(&path, Duration::ZERO)?.config_list()?;
+            out.insert(node.to_owned(), base64_encode(&list));
+        }
+        Ok(out)
+    }
+
+    /// A home node snapshot (with the ECH configs of every main relay created so far);
+    /// returns its path.
     pub fn home(
         &self,
         node: &str,
@@ -133,6 +150,7 @@ impl Testbed {
         s.exports = exports;
         s.imports = imports;
         s.ech_policy = policy;
+        s.ech_configs = self.ech_configs()?;
         self.save(node, &s)
     }
 
@@ -254,7 +272,7 @@ impl Testbed {
                 .map(|(i, m)| {
                     let addr = addrs.iter().find(|(id, _)| id == m).map(|(_, a)| *a);
                     let endpoint = addr.ok_or_else(|| anyhow::anyhow!("home {} names unknown main {m}", h.id))?;
-                    Ok(MainRelay { node_id: m.clone(), endpoint, priority: (i * 10) as u16, ech_config_list: None })
+                    Ok(MainRelay { node_id: m.clone(), endpoint, priority: (i * 10) as u16 })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let exports = h

@@ -8,16 +8,13 @@ impl HomeNode {
         // One stream uses one version of the live settings from setup to close.
         let live = self.live();
         let first = tokio::time::timeout(live.handshake_timeout, read_frame(&mut recv)).await;
-        let (config_id, route, probe_path) = match first {
+        let (binding, route, probe_path) = match first {
             Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Plain(r), probe, path, .. })))) => {
                 (None, r, probe.then_some(path))
             }
             Ok(Ok(Some(Frame::Route(RouteHeader {
-                body: RouteBody::Opened { config_id, route },
-                probe,
-                path,
-                ..
-            })))) => (Some(config_id), route, probe.then_some(path)),
+                body: RouteBody::Opened { binding, route }, probe, path, ..
+            })))) => (Some(binding), route, probe.then_some(path)),
             Ok(Ok(Some(_))) => {
                 return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected an opened ROUTE").await;
             }
@@ -25,7 +22,7 @@ impl HomeNode {
             Ok(Err(e)) => return self.refuse(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
             Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no route header in time").await,
         };
-        let span = info_span!("inbound", service = %route.service, origin = %route.origin, ech = config_id.is_some());
+        let span = info_span!("inbound", service = %route.service, origin = %route.origin, ech = binding.is_some());
         async {
             if route.dest_node != self.identity.node_id {
                 return self.refuse(&mut send, ErrorCode::NoRoute, "stream is for another node").await;
@@ -49,7 +46,7 @@ impl HomeNode {
                 Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no Noise message 1 in time").await,
                 _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 1").await,
             };
-            let responder = prologue(config_id, &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1));
+            let responder = prologue(binding.as_ref(), &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1));
             let (responder, msg2) = match responder {
                 Ok(x) => x,
                 Err(e) => {

@@ -23,9 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin::metrics::Metrics;
 use crate::config::keys::load_noise_key;
-use crate::config::{
-    Export, Import, LoadBalancing, MainRelay, Snapshot, Unmatched, base64_decode, base64_encode, decode_key32,
-};
+use crate::config::{Export, Import, LoadBalancing, MainRelay, Snapshot, Unmatched, base64_encode, decode_key32};
 use crate::crypto::ech::seal;
 use crate::crypto::noise::{Initiator, MAX_PLAINTEXT, RecvHalf, Responder, SendHalf, StaticKeypair, prologue};
 use crate::federation::balancer::Balancer;
@@ -48,6 +46,8 @@ pub struct HomeNode {
     mains: Vec<MainRelay>,
     exports: Vec<Export>,
     imports: Vec<(String, u16)>,
+    /// ECH configs by main relay, from the authenticated snapshot only (never from views or
+    /// retry configs, which arrive through relays that must not choose the key).
     ech_configs: RwLock<HashMap<String, EchConfigList>>,
     conn: watch::Sender<Option<(String, quinn::Connection)>>,
     endpoint: std::sync::OnceLock<quinn::Endpoint>,
@@ -112,14 +112,6 @@ impl HomeNode {
         };
         let mut mains = snap.main_relays.clone();
         mains.sort_by_key(|m| m.priority);
-        let mut ech_configs = HashMap::new();
-        for m in &mains {
-            if let Some(list) = m.ech_config_list.as_deref().and_then(base64_decode)
-                && let Ok(parsed) = EchConfigList::decode(&list)
-            {
-                ech_configs.insert(m.node_id.clone(), parsed);
-            }
-        }
         let (conn, _) = watch::channel(None);
         let client_tls = RwLock::new(identity.client_config(&snap.timeouts)?);
         let node = Arc::new(Self {
@@ -129,7 +121,7 @@ impl HomeNode {
             mains,
             exports: snap.exports.clone(),
             imports: snap.imports.iter().map(|i| (i.service.clone(), i.port)).collect(),
-            ech_configs: RwLock::new(ech_configs),
+            ech_configs: RwLock::new(snap.ech_config_lists()),
             conn,
             endpoint: std::sync::OnceLock::new(),
             view: RwLock::new(Default::default()),
@@ -188,8 +180,8 @@ impl HomeNode {
         }
     }
 
-    /// Applies a new config version: the ECH policy, load balancing, circuit breakers,
-    /// retries and timeouts take effect for new streams at once; streams in flight are left
+    /// Applies a new config version: the ECH policy and ECH configs, load balancing, circuit
+    /// breakers, retries and timeouts take effect for new streams at once; streams in flight are left
     /// alone. Fields that need a restart are not looked at ([`Snapshot::restart_fields`]
     /// names them).
     pub fn apply(&self, snap: &Snapshot) {
@@ -207,6 +199,11 @@ impl HomeNode {
         match self.live.write() {
             Ok(mut l) => *l = Arc::new(next),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(next),
+        }
+        let configs = snap.ech_config_lists();
+        match self.ech_configs.write() {
+            Ok(mut c) => *c = configs,
+            Err(poisoned) => *poisoned.into_inner() = configs,
         }
         self.metrics.config_version.set(snap.version as i64);
     }
@@ -375,18 +372,8 @@ impl HomeNode {
         }
         self.metrics.propagation.get_or_create(&[("event", "view_received")]).inc();
         self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
-        // Lists from the config snapshot stay as given (a stale one is repaired by retry
-        // configs); the view adds the lists of main relays the snapshot does not name.
-        if let Ok(mut c) = self.ech_configs.write() {
-            for (main, info) in &mains {
-                if !c.contains_key(main)
-                    && let Some(list) = info.ech_config_list.as_deref().and_then(base64_decode)
-                    && let Ok(parsed) = EchConfigList::decode(&list)
-                {
-                    c.insert(main.clone(), parsed);
-                }
-            }
-        }
+        // The view's ECH configs are not used: the relay that sends the view could choose
+        // them. ECH configs come from the authenticated snapshot alone.
         if let Ok(mut b) = self.balancers.lock() {
             for bal in b.values_mut() {
                 bal.retain(&entries);

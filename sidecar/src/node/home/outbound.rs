@@ -3,6 +3,7 @@
 //! before any payload, then hand it to the pump; plus the path-trace probe.
 
 use super::*;
+use crate::crypto::ech::config_digest;
 use crate::serving::{Admitted, BoundedListener, ServerLimits};
 
 impl HomeNode {
@@ -266,28 +267,32 @@ impl HomeNode {
                 EchDecision::Plain => None,
                 EchDecision::Opportunistic | EchDecision::Required => match self.ech_config_for(&dest.main) {
                     Some((config, suite)) => {
-                        let s = seal(&config, suite, &dest.main, &inner).map_err(|e| (e.code(), e.to_string()))?;
+                        let ech_err = |e: crate::crypto::ech::EchError| (e.code(), e.to_string());
+                        let s = seal(&config, suite, &dest.main, &inner).map_err(ech_err)?;
+                        let b = crate::crypto::ech::binding(&config, &s).map_err(ech_err)?;
                         self.metrics.ech.get_or_create(&[("outcome", "attempted")]).inc();
-                        Some(s)
+                        Some((s, b))
                     }
                     None if decision == EchDecision::Required => {
                         self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
                         return Err((ErrorCode::EchRequired, format!("no usable ECH config for {}", dest.main)));
                     }
                     None => {
+                        // The authenticated snapshot says this relay has no ECH keys: ECH is
+                        // securely off for it, not stripped by a relay.
                         self.metrics.ech.get_or_create(&[("outcome", "fallback")]).inc();
                         None
                     }
                 },
             };
-            let config_id = sealed.as_ref().map(|s| s.config_id);
+            let binding = sealed.as_ref().map(|(_, b)| b.clone());
             let body = match sealed {
-                Some(s) => RouteBody::Sealed(s),
+                Some((s, _)) => RouteBody::Sealed(s),
                 None => RouteBody::Plain(inner.clone()),
             };
             let header =
                 RouteHeader { hop_limit: MAX_HOPS, probe: false, trace_context: String::new(), path: vec![], body };
-            let prologue = prologue(config_id, &inner).map_err(|e| (e.code(), e.to_string()))?;
+            let prologue = prologue(binding.as_ref(), &inner).map_err(|e| (e.code(), e.to_string()))?;
             let hs_started = Instant::now();
             let (init, msg1) =
                 Initiator::start(&self.noise, &remote, &prologue).map_err(|e| (e.code(), e.to_string()))?;
@@ -298,35 +303,45 @@ impl HomeNode {
                     let (session, msg3) = match init.finish(&msg2) {
                         Ok(x) => x,
                         Err(e) => {
-                            self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                            self.handshake_failed(binding.is_some());
                             return Err((e.code(), e.to_string()));
                         }
                     };
                     write_frames(&mut send, &[Frame::Noise(msg3)]).await.map_err(io_err)?;
                     self.metrics.e2e_handshakes.get_or_create(&[("result", "ok")]).inc();
                     self.metrics.e2e_handshake_seconds.observe(hs_started.elapsed().as_secs_f64());
-                    if config_id.is_some() {
+                    if binding.is_some() {
                         self.metrics.ech.get_or_create(&[("outcome", "accepted")]).inc();
                     }
                     let (tx, rx) = session.split();
-                    return Ok(Established { send, recv, tx, rx, ech: config_id.is_some() });
+                    return Ok(Established { send, recv, tx, rx, ech: binding.is_some() });
                 }
-                Some(Frame::RetryConfigs(list)) if config_id.is_some() && !retried => {
-                    let parsed =
-                        EchConfigList::decode(&list).map_err(|e| (ErrorCode::MalformedFrame, e.to_string()))?;
-                    info!(main = %dest.main, "ECH config was stale: retrying once with the relay's retry configs");
-                    self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
-                    if let Ok(mut c) = self.ech_configs.write() {
-                        c.insert(dest.main.clone(), parsed);
+                Some(Frame::RetryConfigs(_)) if let Some(used) = &binding => {
+                    // Retry configs come through relays, which could put a key of their own
+                    // in them: they are never used. They only say the config was stale, so
+                    // the stream is retried once if the authenticated snapshot has changed
+                    // the config since (a newer version arrived), and fails closed otherwise.
+                    let now = self.ech_config_for(&dest.main).and_then(|(c, _)| config_digest(&c).ok());
+                    if !retried && now.is_some_and(|d| d != used.config_digest) {
+                        info!(main = %dest.main, "ECH config was stale: retrying with the config snapshot's newer config");
+                        self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
+                        retried = true;
+                        continue;
                     }
-                    retried = true;
+                    self.metrics.ech.get_or_create(&[("outcome", "retry_refused")]).inc();
+                    return Err((
+                        ErrorCode::EchUnknownConfig,
+                        format!(
+                            "{} does not accept ECH config {} and the config snapshot has no other; retry configs from the path are not trusted",
+                            dest.main, used.config_id
+                        ),
+                    ));
                 }
                 Some(Frame::Error(e)) => {
-                    if config_id.is_some() {
-                        self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
-                    }
                     if e.code == ErrorCode::HandshakeFailed {
-                        self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                        self.handshake_failed(binding.is_some());
+                    } else if binding.is_some() {
+                        self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
                     }
                     return Err((e.code, e.message));
                 }
@@ -335,6 +350,15 @@ impl HomeNode {
                 }
                 None => return Err((ErrorCode::PeerUnreachable, "stream closed before the handshake".to_owned())),
             }
+        }
+    }
+
+    /// Counts a failed end-to-end handshake; for an ECH stream that is a downgrade or
+    /// substitution on the path (the prologue binds the ECH key and sealing), or a wrong key.
+    fn handshake_failed(&self, ech: bool) {
+        self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+        if ech {
+            self.metrics.ech.get_or_create(&[("outcome", "downgrade")]).inc();
         }
     }
 
