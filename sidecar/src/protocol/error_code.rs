@@ -61,7 +61,7 @@ codes! {
     /// The ECH-sealed route header could not be opened (tampered or wrong key).
     EchDecryptFailed = 9, "ECH_DECRYPT_FAILED", "a relay altered the sealed header, or keys are out of sync";
     /// The ECH config id is unknown or expired; retry configs accompany this code.
-    EchUnknownConfig = 10, "ECH_UNKNOWN_CONFIG", "the sender's ECH config is stale; it retries with the configs sent back";
+    EchUnknownConfig = 10, "ECH_UNKNOWN_CONFIG", "the home's ECH config is stale: is config distribution reaching it? (retry configs from the path are never used)";
     /// The end-to-end Noise handshake failed.
     HandshakeFailed = 11, "HANDSHAKE_FAILED", "wrong static key for the destination, or a relay altered the route/ECH decision";
     /// A frame or header could not be decoded.

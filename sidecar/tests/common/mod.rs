@@ -2,6 +2,8 @@
 //! the binary built for these tests.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod mitm;
+
 use std::path::Path;
 
 pub use relayfed_sidecar::testbed::procs::{Proc, echo_server, eventually, identify_server, round_trip, sample};

@@ -1,0 +1,142 @@
+//! A dishonest first relay against ECH, as real processes on loopback: shop -> hub-a -> hub-b
+//! -> pay, where hub-a's side of shop's connection is a relay holding hub-a's certificate and
+//! key that attacks every stream (`common::mitm`). It forges retry configs, omits configs,
+//! replaces config ids and re-seals routes; each attempt must leave it without a single inner
+//! route, and every substitution must fail the stream and be counted, never fall back to plain.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::mitm::{Attack, Mitm, Seen};
+use common::{Proc, echo_server, eventually, round_trip};
+use relayfed_sidecar::config::{Snapshot, base64_decode};
+use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
+use relayfed_sidecar::protocol::InnerRoute;
+use relayfed_sidecar::testbed::{HomeSpec, ScenarioSpec, Testbed};
+
+struct Net {
+    _tb: Testbed,
+    _relays: Vec<Proc>,
+    pay: Proc,
+    shop: Proc,
+    mitm: Mitm,
+}
+
+fn home(id: &str, main: &str, exports: &[&str], imports: &[&str]) -> HomeSpec {
+    HomeSpec {
+        id: id.into(),
+        mains: vec![main.into()],
+        exports: exports.iter().map(|s| (*s).to_owned()).collect(),
+        imports: imports.iter().map(|s| (*s).to_owned()).collect(),
+        round_robin: vec![],
+    }
+}
+
+/// The route shop sends for a call to `echo:7` (what a relay could guess from the registry).
+fn shop_route() -> InnerRoute {
+    InnerRoute {
+        dest_node: "pay".into(),
+        dest_main: "hub-b".into(),
+        service: "echo".into(),
+        port: 7,
+        origin: "shop@hub-a".into(),
+    }
+}
+
+async fn net(attack: Attack, mode: EchMode) -> Net {
+    let spec = ScenarioSpec {
+        trust_domain: "hostile.test".into(),
+        registry_ttl_seconds: 30,
+        idle_timeout_ms: 5_000,
+        mains: vec!["hub-a".into(), "hub-b".into()],
+        homes: vec![home("pay", "hub-b", &["echo:7"], &[]), home("shop", "hub-a", &[], &["echo:7"])],
+    };
+    let tb = Testbed::new(&spec.trust_domain).unwrap();
+    let echo = echo_server().await;
+    let files = tb.scenario(&spec, |_, _, _| echo).unwrap();
+    let mut relays = Vec::new();
+    for (_, path, _) in &files.mains {
+        relays.push(common::start("main-relay", path, &[]).await);
+    }
+    let hub_a = files.mains.iter().find(|(id, _, _)| id == "hub-a").unwrap();
+    let hub_b_list = base64_decode(relays[1].ready["echConfigList"].as_str().unwrap()).unwrap();
+    let path_of = |id: &str| files.homes.iter().find(|(h, _)| h == id).unwrap().1.clone();
+    let pay = common::start("home", &path_of("pay"), &[]).await;
+    let shop_path = path_of("shop");
+    let mut shop_snap = Snapshot::load(&shop_path).unwrap();
+    let mitm = Mitm::start(&Snapshot::load(&hub_a.1).unwrap(), &shop_snap, hub_a.2, "hub-b", &hub_b_list, attack).await;
+    shop_snap.main_relays[0].endpoint = mitm.addr;
+    shop_snap.ech_policy = EchPolicy { enabled: true, mode, percentage: 100, ..EchPolicy::default() };
+    assert!(shop_snap.ech_configs.contains_key("hub-b"), "the plan gives homes every main relay's config");
+    let shop = common::start("home", &tb.save("shop", &shop_snap).unwrap(), &[]).await;
+    eventually("shop's view lists pay's echo", Duration::from_secs(15), || async {
+        shop.json("/federation/registry").await["entries"].as_array().is_some_and(|e| !e.is_empty())
+    })
+    .await;
+    Net { _tb: tb, _relays: relays, pay, shop, mitm }
+}
+
+/// Makes `n` calls; returns how many echoed their payload.
+async fn calls(net: &Net, n: usize) -> usize {
+    let mut ok = 0;
+    for i in 0..n {
+        let msg = format!("private request {i}");
+        if round_trip(net.shop.import("echo:7"), msg.as_bytes()).await.is_ok_and(|r| r == msg.as_bytes()) {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_relay_that_forges_retry_configs_reads_no_route() {
+    let net = net(Attack::ForgeRetryConfigs, EchMode::Required).await;
+    // Before the fix: 10/10 calls succeeded and the relay read 10/10 inner routes.
+    let ok = calls(&net, 10).await;
+    assert_eq!(Seen::get(&net.mitm.seen.forged_retries), 1);
+    assert_eq!(Seen::get(&net.mitm.seen.routes_read), 0, "the relay read an inner route");
+    assert_eq!(ok, 9, "the forged stream fails closed; every later call is sealed to the real key");
+    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "retry_refused")]).await, 1.0);
+    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 0.0);
+    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 9.0);
+    assert_eq!(net.shop.metric("relayfed_stream_errors_total", &[("code", "ECH_UNKNOWN_CONFIG")]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_relay_that_omits_configs_cannot_downgrade_opportunistic_ech() {
+    let net = net(Attack::OmitConfigs, EchMode::Opportunistic).await;
+    // Before the fix: the origin took hub-b's config from the view, found none, sent plain.
+    assert_eq!(calls(&net, 5).await, 5);
+    assert_eq!(Seen::get(&net.mitm.seen.routes_read), 0, "the relay read an inner route");
+    assert_eq!(Seen::get(&net.mitm.seen.sealed_unread), 5);
+    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "fallback")]).await, 0.0);
+    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 5.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_config_id_fails_closed_without_trusting_the_retry_configs() {
+    let net = net(Attack::ReplaceConfigId, EchMode::Required).await;
+    assert_eq!(calls(&net, 3).await, 0);
+    assert_eq!(Seen::get(&net.mitm.seen.routes_read), 0);
+    assert_eq!(Seen::get(&net.mitm.seen.rewritten), 3);
+    // hub-b does not know the id and answers with its real configs; they arrive through the
+    // dishonest relay, so the origin does not act on them.
+    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "retry_refused")]).await, 3.0);
+    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "fallback")]).await, 0.0);
+    assert_eq!(net.pay.metric("relayfed_e2e_handshakes_total", &[("result", "ok")]).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resealed_route_fails_the_end_to_end_handshake() {
+    // The relay seals the very route shop sends, to hub-b's real key, in place of shop's: all
+    // it lacks is shop's encapsulation, which the prologue binds.
+    let net = net(Attack::Reseal(shop_route()), EchMode::Required).await;
+    // Before the fix (prologue without the ECH key and encapsulation): 3/3 calls succeeded.
+    assert_eq!(calls(&net, 3).await, 0);
+    assert_eq!(Seen::get(&net.mitm.seen.rewritten), 3);
+    assert_eq!(net.pay.metric("relayfed_e2e_handshakes_total", &[("result", "failed")]).await, 3.0);
+    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "downgrade")]).await, 3.0);
+    assert_eq!(net.shop.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 3.0);
+}
