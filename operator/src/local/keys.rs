@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use relayfed_sidecar::config::Role;
-use relayfed_sidecar::config::keys::{EchKeyFile, read_secret, save_noise_key, write_secret};
+use relayfed_sidecar::config::keys::{EchKeyFile, load_noise_key, read_secret, save_noise_key, write_secret};
 use relayfed_sidecar::crypto::ca::FederationCa;
 use relayfed_sidecar::crypto::ech::EchKeyPair;
 use relayfed_sidecar::crypto::noise::StaticKeypair;
@@ -120,26 +120,37 @@ impl KeyStore {
         let pass = Some(self.passphrase.as_slice());
         let all = nodes.iter().map(|(n, r)| (n.as_str(), Some(*r))).chain([(server_node, None)]);
         for (node, role) in all {
+            // A home's certificate binds its Noise key (relays refuse other keys), so the
+            // Noise key comes first.
+            let noise_public = match role {
+                Some(Role::Home) => {
+                    let noise = self.path(&format!("{node}-noise.key"));
+                    let k = if noise.exists() {
+                        report.reused.push(format!("{node} noise key"));
+                        load_noise_key(&noise, pass)
+                            .map_err(|e| KeyError::Passphrase { path: noise.clone(), reason: e.to_string() })?
+                    } else {
+                        let k = StaticKeypair::generate().map_err(|e| file_err(&noise, e))?;
+                        save_noise_key(&noise, &k, pass).map_err(|e| file_err(&noise, e))?;
+                        report.generated.push(format!("{node} noise key"));
+                        k
+                    };
+                    Some(k.public)
+                }
+                _ => None,
+            };
             let (cert, key) = (self.path(&format!("{node}.pem")), self.path(&format!("{node}.key")));
-            if cert.exists() && key.exists() && !expiring(&cert) {
+            if cert.exists() && key.exists() && !expiring(&cert) && binds(&cert, noise_public.as_ref()) {
                 report.reused.push(format!("{node} certificate"));
             } else {
-                let issued = ca.issue(node, CERT_VALIDITY).map_err(|e| file_err(&cert, e))?;
+                let issued =
+                    ca.issue_bound(node, CERT_VALIDITY, noise_public.as_ref()).map_err(|e| file_err(&cert, e))?;
                 write_secret(&key, issued.key_pem.as_bytes(), pass).map_err(|e| file_err(&key, e))?;
                 std::fs::write(&cert, &issued.cert_pem).map_err(|e| file_err(&cert, e))?;
                 report.generated.push(format!("{node} certificate"));
             }
             match role {
-                Some(Role::Home) => {
-                    let noise = self.path(&format!("{node}-noise.key"));
-                    if noise.exists() {
-                        report.reused.push(format!("{node} noise key"));
-                    } else {
-                        let k = StaticKeypair::generate().map_err(|e| file_err(&noise, e))?;
-                        save_noise_key(&noise, &k, pass).map_err(|e| file_err(&noise, e))?;
-                        report.generated.push(format!("{node} noise key"));
-                    }
-                }
+                Some(Role::Home) => {}
                 Some(Role::Main) => {
                     let ech = self.path(&format!("{node}-ech.json"));
                     if ech.exists() {
@@ -201,6 +212,13 @@ pub fn ca_trust_domain(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
     cn.strip_prefix("relayfed CA ").map(str::to_owned)
+}
+
+/// Whether the certificate in `path` binds exactly `noise_key` (none: binds nothing).
+fn binds(path: &Path, noise_key: Option<&[u8; 32]>) -> bool {
+    let Ok(pem) = std::fs::read_to_string(path) else { return false };
+    let Ok(der) = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem) else { return false };
+    relayfed_sidecar::crypto::ca::noise_key_from_cert(der.as_ref()).ok().flatten().as_ref() == noise_key
 }
 
 /// Whether the certificate in `path` expires within [`RENEW_BEFORE`] (or cannot be read).

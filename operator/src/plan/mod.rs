@@ -4,7 +4,9 @@
 //! Mapping (docs/protocol.md §8 for the snapshot fields):
 //! - `RelayFederation`: trust domain, registry TTL, the main relays' endpoints, the default
 //!   `RolloutPolicy`.
-//! - `Relay` type main -> a main snapshot: listen on its federation endpoint when that is an
+//! - `Relay` type main -> a main snapshot: the homes assigned to it with the exports each may
+//!   register (`trust.homes`: every home whose snapshot lists it); listen on its federation
+//!   endpoint when that is an
 //!   `ip:port` (local mode), else on `0.0.0.0:listenPort`; peers = every other main relay of
 //!   the federation (trusted) plus `Peer` resources for it (or for all mains when
 //!   `localRelay` is unset), a `Peer` for one of our own mains overriding its trust settings.
@@ -272,6 +274,7 @@ pub fn compile_with_workloads(
         }
     }
     set_ech_configs(&mut snapshots, &published_ech_configs(&mains));
+    assign_homes(&mut snapshots);
     for (node, s) in &snapshots {
         if let Err(e) = s.validate() {
             errors.push(err(format!("node {node}"), "", format!("compiled snapshot is invalid: {e}")));
@@ -287,6 +290,21 @@ pub fn compile_with_workloads(
 /// wrote it there from the relay's ECH key Secret), by node id.
 fn published_ech_configs(mains: &[&Relay]) -> BTreeMap<String, String> {
     mains.iter().filter_map(|m| Some((m.spec.node_id.clone(), m.status.as_ref()?.ech_config_list.clone()?))).collect()
+}
+
+/// Tells every main relay which homes the plan assigns to it (the homes whose snapshot lists
+/// it) and the exports each may register (`trust.homes`); relays refuse everything else.
+fn assign_homes(snapshots: &mut BTreeMap<String, Snapshot>) {
+    let mut by_main: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for s in snapshots.values().filter(|s| s.node.role == Role::Home) {
+        let exports: Vec<String> = s.exports.iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
+        for m in &s.main_relays {
+            by_main.entry(m.node_id.clone()).or_default().insert(s.node.id.clone(), exports.clone());
+        }
+    }
+    for s in snapshots.values_mut().filter(|s| s.node.role == Role::Main) {
+        s.trust.homes = Some(by_main.remove(&s.node.id).unwrap_or_default());
+    }
 }
 
 /// Gives every home snapshot the ECH configs of the federation's main relays (`configs`, by
@@ -335,6 +353,7 @@ fn policy_parts(policy: &RolloutPolicy, relays: &[&Relay]) -> (EchPolicy, Trust,
         reject_unknown: t.reject_unknown,
         known_nodes: relays.iter().map(|r| r.spec.node_id.clone()).collect(),
         default_permissions: permissions(&t.default_permissions),
+        homes: None,
     };
     let r = &policy.spec.resilience;
     let ms = |d: relayfed_crds::Duration| d.get().as_millis() as u64;

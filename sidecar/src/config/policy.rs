@@ -88,6 +88,13 @@ pub struct Trust {
     /// Permissions of verified peers without their own.
     #[serde(default)]
     pub default_permissions: Permissions,
+    /// The home nodes the plan assigns to this main relay, each with the `service:port`
+    /// exports it may register (main relays). When set, any other home is refused, only
+    /// granted exports are registered, and a home's certificate must bind the Noise key it
+    /// registers. Absent (a hand-written snapshot): homes the other rules admit register
+    /// what they like, with any Noise key their certificate does not contradict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub homes: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 /// Circuit breaker settings.

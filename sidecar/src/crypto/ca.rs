@@ -186,8 +186,25 @@ impl FederationCa {
 
     /// Issues a node certificate valid from now for `validity`.
     pub fn issue(&self, node_id: &str, validity: Duration) -> Result<CertifiedKey, CaError> {
+        self.issue_bound(node_id, validity, None)
+    }
+
+    /// Issues a node certificate valid from now for `validity`; with `noise_key`, it binds that
+    /// Noise static key ([`NOISE_KEY_OID`]), as home certificates must under a plan.
+    pub fn issue_bound(
+        &self,
+        node_id: &str,
+        validity: Duration,
+        noise_key: Option<&[u8; 32]>,
+    ) -> Result<CertifiedKey, CaError> {
         let now = SystemTime::now();
-        self.issue_between(node_id, now - Duration::from_secs(60), now + validity)
+        let mut params = self.node_params(node_id, now - Duration::from_secs(60), now + validity)?;
+        if let Some(key) = noise_key {
+            params.custom_extensions.push(noise_key_extension(key));
+        }
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
     /// Issues a node certificate valid between two instants (tests issue expired ones).
@@ -218,13 +235,18 @@ impl FederationCa {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::Pem { what: "certificate signing request", reason: e.to_string() })?;
         if let Some(key) = noise_key {
-            let mut der = vec![0x04, 0x20];
-            der.extend_from_slice(key);
-            params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(NOISE_KEY_OID, der));
+            params.custom_extensions.push(noise_key_extension(key));
         }
         csr.params = params;
         Ok(csr.signed_by(&self.issuer)?.pem())
     }
+}
+
+/// The [`NOISE_KEY_OID`] extension binding `key`: its value is the DER OCTET STRING of the key.
+fn noise_key_extension(key: &[u8; 32]) -> rcgen::CustomExtension {
+    let mut der = vec![0x04, 0x20];
+    der.extend_from_slice(key);
+    rcgen::CustomExtension::from_oid_content(NOISE_KEY_OID, der)
 }
 
 /// The Noise static public key bound to a certificate ([`NOISE_KEY_OID`]), if it carries one.

@@ -1,5 +1,7 @@
-//! Federation logic without I/O: the registry, load balancing and the ECH rollout policy.
+//! Federation logic without I/O: the registry, who may register what, load balancing and
+//! the ECH rollout policy.
 
 pub mod balancer;
 pub mod ech_policy;
+pub mod registration;
 pub mod registry;

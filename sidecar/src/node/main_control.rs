@@ -11,9 +11,10 @@ use tracing::{info, warn};
 
 use super::main_relay::{MainRelay, Sender};
 use crate::config::base64_encode;
+use crate::federation::registration;
 use crate::federation::registry::{Applied, Delta, Entry};
-use crate::protocol::Frame;
 use crate::protocol::control::{Control, MainInfo};
+use crate::protocol::{ErrorCode, Frame};
 use crate::transport::io::{read_frame, write_frames};
 use crate::transport::tls::failure_reason;
 
@@ -275,18 +276,25 @@ impl MainRelay {
         }
     }
 
-    /// When the home's certificate binds a Noise key (issued by the operator from a CSR), the
-    /// key it registers must be that one; certificates without the binding are accepted as
-    /// before (local mode, hosts outside Kubernetes).
-    fn noise_binding_mismatch(&self, node: &str, registered: &str) -> Option<String> {
-        let conn = self.homes.read().ok()?.get(node)?.conn.clone();
-        let chain = conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
-        let leaf = chain.first()?;
-        match crate::crypto::ca::noise_key_from_cert(leaf.as_ref()) {
-            Ok(None) => None,
-            Ok(Some(bound)) if crate::config::base64_decode(registered).as_deref() == Some(&bound[..]) => None,
-            Ok(Some(_)) => Some("the registered key differs from the one in the certificate".into()),
-            Err(e) => Some(e.to_string()),
+    /// The Noise key the home's certificate binds (`Ok(None)`: no binding; `Err`: malformed).
+    fn bound_noise_key(&self, node: &str) -> Result<Option<[u8; 32]>, ()> {
+        let conn = self.homes.read().ok().and_then(|h| h.get(node).map(|l| l.conn.clone())).ok_or(())?;
+        let chain = conn
+            .peer_identity()
+            .and_then(|i| i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+            .ok_or(())?;
+        let leaf = chain.first().ok_or(())?;
+        crate::crypto::ca::noise_key_from_cert(leaf.as_ref()).map_err(|_| ())
+    }
+
+    /// Refuses a home's registration: counted, logged, and the connection closed with the
+    /// rule as its reason (the home logs it).
+    fn refuse_home(&self, node: &str, refusal: registration::Refusal) {
+        let rule = refusal.rule();
+        self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
+        warn!(home = %node, rule, code = ErrorCode::PermissionDenied.label(), "registration refused");
+        if let Some(link) = self.homes.read().ok().and_then(|h| h.get(node).map(|l| l.conn.clone())) {
+            link.close(ErrorCode::PermissionDenied.to_u16().into(), rule.as_bytes());
         }
     }
 
@@ -305,10 +313,18 @@ impl MainRelay {
         while let Some(m) = next.take() {
             match m {
                 Control::Register { services, noise_key, imports } => {
-                    if let Some(reason) = self.noise_binding_mismatch(&node, &noise_key) {
-                        self.metrics.trust_denials.get_or_create(&[("rule", "noise_key_binding")]).inc();
-                        warn!(home = %node, %reason, "registration refused: Noise key not bound to the certificate");
+                    let live = self.live();
+                    let planned = live.trust.homes.as_ref();
+                    let registered = crate::config::base64_decode(&noise_key).unwrap_or_default();
+                    let bound = self.bound_noise_key(&node);
+                    if let Err(refusal) = registration::check_noise_key(planned.is_some(), bound, &registered) {
+                        self.refuse_home(&node, refusal);
                         break;
+                    }
+                    let (services, refused) = registration::granted(planned, &node, services);
+                    for s in &refused {
+                        self.metrics.trust_denials.get_or_create(&[("rule", "export_not_planned")]).inc();
+                        warn!(home = %node, service = %s.service, port = s.port, rule = "export_not_planned", "export not granted to this home by the plan: not registered");
                     }
                     if let Ok(mut i) = interest.write() {
                         *i = imports.map(|list| {

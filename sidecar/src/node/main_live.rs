@@ -74,6 +74,17 @@ impl MainRelay {
                 }
             }
         }
+        // And homes the new plan no longer assigns here (they fail over to another relay).
+        let homes: Vec<String> = self.homes.read().map(|h| h.keys().cloned().collect()).unwrap_or_default();
+        for home in homes {
+            if let Err(refusal) = crate::federation::registration::admit_home(next.trust.homes.as_ref(), &home) {
+                info!(%home, rule = refusal.rule(), "home no longer planned here: disconnecting");
+                let link = self.homes.read().ok().and_then(|h| h.get(&home).map(|l| l.conn.clone()));
+                if let Some(conn) = link {
+                    conn.close(ErrorCode::PermissionDenied.to_u16().into(), refusal.rule().as_bytes());
+                }
+            }
+        }
         if let Some(endpoint) = self.endpoint.get() {
             let me = self.identity.node_id.clone();
             for (peer, cfg) in &next.peers {

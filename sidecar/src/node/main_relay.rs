@@ -214,10 +214,18 @@ impl MainRelay {
             conn.close(ErrorCode::UnknownPeer.to_u16().into(), rule.as_bytes());
             return;
         }
-        let sender = if self.live().peers.contains_key(&node) {
+        let live = self.live();
+        let sender = if live.peers.contains_key(&node) {
             crate::transport::tls::raise_stream_limit(&conn);
             Sender::Peer(node)
         } else {
+            if let Err(refusal) = crate::federation::registration::admit_home(live.trust.homes.as_ref(), &node) {
+                let rule = refusal.rule();
+                self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
+                warn!(%node, rule, code = ErrorCode::PermissionDenied.label(), "home refused: the plan does not assign it to this relay");
+                conn.close(ErrorCode::PermissionDenied.to_u16().into(), rule.as_bytes());
+                return;
+            }
             Sender::Home(node)
         };
         self.serve_streams(conn, sender).await;

@@ -53,7 +53,13 @@ impl Testbed {
 
     /// Issues a certificate for `node` and returns the TLS file set.
     pub fn tls_for(&self, node: &str) -> anyhow::Result<TlsFiles> {
-        let cert = self.ca.issue(node, Duration::from_secs(3600))?;
+        self.tls_bound(node, None)
+    }
+
+    /// Issues a certificate for `node`, binding `noise_key` when given (as home certificates
+    /// are), and returns the TLS file set.
+    pub fn tls_bound(&self, node: &str, noise_key: Option<&[u8; 32]>) -> anyhow::Result<TlsFiles> {
+        let cert = self.ca.issue_bound(node, Duration::from_secs(3600), noise_key)?;
         let (c, k) = (self.dir.join(format!("{node}.pem")), self.dir.join(format!("{node}.key")));
         write(&c, &cert.cert_pem)?;
         crate::config::keys::write_private(&k, cert.key_pem.as_bytes())?;
@@ -144,7 +150,9 @@ impl Testbed {
         policy: EchPolicy,
     ) -> anyhow::Result<PathBuf> {
         let mut s = self.base(node, Role::Home)?;
-        self.noise_key(node)?;
+        let public = crate::config::decode_key32(&self.noise_key(node)?)
+            .ok_or_else(|| anyhow::anyhow!("noise key of {node} is not 32 bytes"))?;
+        s.tls = self.tls_bound(node, Some(&public))?;
         s.noise_key_file = Some(self.dir.join(format!("{node}-noise.key")));
         s.main_relays = vec![main];
         s.exports = exports;
@@ -251,6 +259,10 @@ impl Testbed {
             s.registry.ttl_seconds = spec.registry_ttl_seconds;
             s.registry.refresh_seconds = Some(1);
             s.health_check_seconds = 1;
+            // The plan's assignment: the homes that list this relay, with their exports.
+            s.trust.homes = Some(
+                spec.homes.iter().filter(|h| h.mains.contains(id)).map(|h| (h.id.clone(), h.exports.clone())).collect(),
+            );
             s.peers = addrs
                 .iter()
                 .filter(|(p, _)| p != id)
