@@ -144,6 +144,10 @@ enum CaCommand {
         /// Passphrase of ca.key (if encrypted); also encrypts the issued key.
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// A home's Noise key file (`noise keygen`): the certificate binds its public key, as
+        /// main relays require of homes under a plan. Read with the same passphrase.
+        #[arg(long)]
+        noise_key: Option<PathBuf>,
     },
 }
 
@@ -318,13 +322,17 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
             write_secret(&out.join("ca.key"), ca.certified_key().key_pem.as_bytes(), pass.as_deref())?;
             eprintln!("wrote {0}/ca.pem and {0}/ca.key", out.display());
         }
-        CaCommand::Issue { ca_dir, trust_domain, node, hours, out, passphrase_file } => {
+        CaCommand::Issue { ca_dir, trust_domain, node, hours, out, passphrase_file, noise_key } => {
             let pass = read_passphrase(passphrase_file)?;
             let cert_pem = std::fs::read_to_string(ca_dir.join("ca.pem"))
                 .with_context(|| format!("{}/ca.pem", ca_dir.display()))?;
             let key_pem = String::from_utf8(read_secret(&ca_dir.join("ca.key"), pass.as_deref())?)?;
             let ca = FederationCa::from_pem(&trust_domain, &cert_pem, &key_pem)?;
-            let cert = ca.issue(&node, std::time::Duration::from_secs(hours * 3600))?;
+            let bound = match &noise_key {
+                Some(p) => Some(relayfed_sidecar::config::keys::load_noise_key(p, pass.as_deref())?.public),
+                None => None,
+            };
+            let cert = ca.issue_bound(&node, std::time::Duration::from_secs(hours * 3600), bound.as_ref())?;
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join(format!("{node}.pem")), &cert.cert_pem)?;
             write_secret(&out.join(format!("{node}.key")), cert.key_pem.as_bytes(), pass.as_deref())?;
