@@ -44,8 +44,8 @@ fn bench_noise(n: usize) -> Vec<f64> {
         .map(|_| {
             let t = Instant::now();
             let (i, m1) = Initiator::start(&a, &b.public, &p).unwrap();
-            let (r, m2) = Responder::accept(&b, &p, &m1).unwrap();
-            let (_s, m3) = i.finish(&m2).unwrap();
+            let (r, m2) = Responder::accept(&b, &p, &m1, &[]).unwrap();
+            let (_s, m3, _) = i.finish(&m2).unwrap();
             r.finish(&m3).unwrap();
             t.elapsed().as_secs_f64() * 1e3
         })

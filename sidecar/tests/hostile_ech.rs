@@ -1,8 +1,9 @@
 //! A dishonest first relay against ECH, as real processes on loopback: shop -> hub-a -> hub-b
 //! -> pay, where hub-a's side of shop's connection is a relay holding hub-a's certificate and
 //! key that attacks every stream (`common::mitm`). It forges retry configs, omits configs,
-//! replaces config ids and re-seals routes; each attempt must leave it without a single inner
-//! route, and every substitution must fail the stream and be counted, never fall back to plain.
+//! replaces config ids, re-seals routes and substitutes the destination's Noise key; each
+//! attempt must leave it without a single inner route or payload byte, and every substitution
+//! must fail the stream and be counted, never fall back to plain.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -66,6 +67,15 @@ async fn net(attack: Attack, mode: EchMode) -> Net {
     let pay = common::start("home", &path_of("pay"), &[]).await;
     let shop_path = path_of("shop");
     let mut shop_snap = Snapshot::load(&shop_path).unwrap();
+    let attack = match attack {
+        // The destination's real certificate: public, so a relay may well have it.
+        Attack::SubstituteNoiseKey { route, .. } => {
+            let pem = std::fs::read_to_string(tb.dir.join("pay.pem")).unwrap();
+            let cert = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem).unwrap().to_vec();
+            Attack::SubstituteNoiseKey { route, cert }
+        }
+        other => other,
+    };
     let mitm = Mitm::start(&Snapshot::load(&hub_a.1).unwrap(), &shop_snap, hub_a.2, "hub-b", &hub_b_list, attack).await;
     shop_snap.main_relays[0].endpoint = mitm.addr;
     shop_snap.ech_policy = EchPolicy { enabled: true, mode, percentage: 100, ..EchPolicy::default() };
@@ -138,5 +148,19 @@ async fn a_resealed_route_fails_the_end_to_end_handshake() {
     assert_eq!(Seen::get(&net.mitm.seen.rewritten), 3);
     assert_eq!(net.pay.metric("relayfed_e2e_handshakes_total", &[("result", "failed")]).await, 3.0);
     assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "downgrade")]).await, 3.0);
+    assert_eq!(net.shop.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_relay_that_substitutes_the_destinations_noise_key_reads_no_payload() {
+    // The relay puts its own Noise key for pay in shop's view and answers as pay. It cannot
+    // open the sealed route, but it guesses it and knows every field of the prologue; what it
+    // lacks is a certificate binding its key to pay, so it shows pay's real one.
+    let net = net(Attack::SubstituteNoiseKey { route: shop_route(), cert: vec![] }, EchMode::Required).await;
+    // Before the fix (no certificate in message 2): 3/3 handshakes with the relay completed.
+    assert_eq!(calls(&net, 3).await, 0);
+    assert_eq!(Seen::get(&net.mitm.seen.payload_read), 0, "the relay decrypted a payload");
+    assert_eq!(Seen::get(&net.mitm.seen.handshakes), 0, "shop finished a handshake with the relay");
+    assert_eq!(net.shop.metric("relayfed_e2e_handshakes_total", &[("result", "key_unverified")]).await, 3.0);
     assert_eq!(net.shop.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 3.0);
 }

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let (prologue, msgs) = rest.split_at(cut);
     let half = msgs.len() / 2;
     let (msg1, msg3) = msgs.split_at(half);
-    if let Ok((responder, msg2)) = Responder::accept(&me, prologue, msg1) {
+    if let Ok((responder, msg2)) = Responder::accept(&me, prologue, msg1, b"certificate") {
         assert!(!msg2.is_empty());
         let _ = responder.finish(msg3);
     }

@@ -150,15 +150,17 @@ impl Initiator {
         Ok((Self { hs }, buf))
     }
 
-    /// Reads message 2, writes message 3, and enters transport mode.
-    pub fn finish(mut self, msg2: &[u8]) -> Result<(Session, Vec<u8>), NoiseError> {
+    /// Reads message 2, writes message 3, and enters transport mode; also returns message
+    /// 2's payload (the responder's certificate, encrypted on the wire).
+    pub fn finish(mut self, msg2: &[u8]) -> Result<(Session, Vec<u8>, Vec<u8>), NoiseError> {
         let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
-        let mut scratch = vec![0u8; MAX_MESSAGE];
-        self.hs.read_message(msg2, &mut scratch).map_err(hs_err)?;
+        let mut payload = vec![0u8; MAX_MESSAGE];
+        let len = self.hs.read_message(msg2, &mut payload).map_err(hs_err)?;
+        payload.truncate(len);
         let mut msg3 = vec![0u8; 256];
         let n = self.hs.write_message(&[], &mut msg3).map_err(hs_err)?;
         msg3.truncate(n);
-        Ok((Session::new(self.hs.into_transport_mode().map_err(hs_err)?), msg3))
+        Ok((Session::new(self.hs.into_transport_mode().map_err(hs_err)?), msg3, payload))
     }
 }
 
@@ -168,8 +170,14 @@ pub struct Responder {
 }
 
 impl Responder {
-    /// Reads message 1; returns the state and message 2.
-    pub fn accept(local: &StaticKeypair, prologue: &[u8], msg1: &[u8]) -> Result<(Self, Vec<u8>), NoiseError> {
+    /// Reads message 1; returns the state and message 2, which carries `payload` (encrypted:
+    /// the destination sends its certificate there, docs/protocol.md §6).
+    pub fn accept(
+        local: &StaticKeypair,
+        prologue: &[u8],
+        msg1: &[u8],
+        payload: &[u8],
+    ) -> Result<(Self, Vec<u8>), NoiseError> {
         let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
         let mut hs = Builder::new(params()?)
             .local_private_key(&local.private)
@@ -180,8 +188,11 @@ impl Responder {
             .map_err(hs_err)?;
         let mut scratch = vec![0u8; MAX_MESSAGE];
         hs.read_message(msg1, &mut scratch).map_err(hs_err)?;
-        let mut msg2 = vec![0u8; 128];
-        let n = hs.write_message(&[], &mut msg2).map_err(hs_err)?;
+        if payload.len() > MAX_MESSAGE - 64 {
+            return Err(NoiseError::TooLong(payload.len()));
+        }
+        let mut msg2 = vec![0u8; 64 + payload.len()];
+        let n = hs.write_message(payload, &mut msg2).map_err(hs_err)?;
         msg2.truncate(n);
         Ok((Self { hs }, msg2))
     }
@@ -273,8 +284,9 @@ mod tests {
         let a = StaticKeypair::generate()?;
         let b = StaticKeypair::generate()?;
         let (init, m1) = Initiator::start(&a, &b.public, init_prologue)?;
-        let (resp, m2) = Responder::accept(&b, resp_prologue, &m1)?;
-        let (sa, m3) = init.finish(&m2)?;
+        let (resp, m2) = Responder::accept(&b, resp_prologue, &m1, &[])?;
+        let (sa, m3, payload) = init.finish(&m2)?;
+        assert!(payload.is_empty());
         assert_eq!((m1.len(), m2.len(), m3.len()), (48, 48, 64), "sizes documented in docs/protocol.md §6");
         let (sb, remote) = resp.finish(&m3)?;
         assert_eq!(remote, a.public);
@@ -314,13 +326,27 @@ mod tests {
     }
 
     #[test]
+    fn message_2_carries_the_responders_payload_encrypted() {
+        let p = prologue(None, &inner()).unwrap();
+        let a = StaticKeypair::generate().unwrap();
+        let b = StaticKeypair::generate().unwrap();
+        let (init, m1) = Initiator::start(&a, &b.public, &p).unwrap();
+        let cert = b"-- a certificate, 600 bytes or so --".repeat(16);
+        let (_resp, m2) = Responder::accept(&b, &p, &m1, &cert).unwrap();
+        assert_eq!(m2.len(), 48 + cert.len());
+        assert!(!m2.windows(16).any(|w| w == &cert[..16]), "the payload is not in clear");
+        let (_, _, payload) = init.finish(&m2).unwrap();
+        assert_eq!(payload, cert);
+    }
+
+    #[test]
     fn wrong_responder_key_fails() {
         let p = prologue(None, &inner()).unwrap();
         let a = StaticKeypair::generate().unwrap();
         let b = StaticKeypair::generate().unwrap();
         let impostor = StaticKeypair::generate().unwrap();
         let (_init, m1) = Initiator::start(&a, &b.public, &p).unwrap();
-        assert!(Responder::accept(&impostor, &p, &m1).is_err());
+        assert!(Responder::accept(&impostor, &p, &m1, &[]).is_err());
     }
 
     #[test]

@@ -204,6 +204,27 @@ impl HopIdentity {
         self.node_id_of_chain(&chain)
     }
 
+    /// This node's certificate (DER), as sent to an origin in Noise message 2.
+    pub fn leaf_der(&self) -> &[u8] {
+        self.chain.first().map(|c| c.as_ref()).unwrap_or_default()
+    }
+
+    /// Verifies `der` as a node certificate of this federation (it chains to the CA, is
+    /// valid now and allows client use) and returns the node id it names and the Noise key it
+    /// binds, if any. Used by origins to check a destination's Noise key: a relay that made
+    /// up a key cannot show a CA-issued certificate binding it.
+    pub fn verify_node_cert(&self, der: &[u8]) -> Result<(String, Option<[u8; 32]>), TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.root_store()?, provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let cert = CertificateDer::from(der.to_vec());
+        verifier
+            .verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now())
+            .map_err(|e| TlsError::Identity(format!("certificate not issued by this federation's CA: {e}")))?;
+        let node = node_id_from_cert(der, &self.trust_domain)?;
+        Ok((node, crate::crypto::ca::noise_key_from_cert(der)?))
+    }
+
     /// The node id named by a verified peer certificate chain (leaf first).
     pub fn node_id_of_chain(&self, chain: &[CertificateDer<'_>]) -> Result<String, TlsError> {
         let leaf = chain.first().ok_or_else(|| TlsError::Identity("empty chain".into()))?;

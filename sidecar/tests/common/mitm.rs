@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use relayfed_sidecar::config::{Snapshot, Timeouts};
-use relayfed_sidecar::crypto::ech::{EchKeyPair, seal};
+use relayfed_sidecar::crypto::ech::{EchKeyPair, config_digest, seal};
+use relayfed_sidecar::crypto::noise::{Responder, StaticKeypair, prologue};
 use relayfed_sidecar::protocol::control::Control;
 use relayfed_sidecar::protocol::ech_config::{CipherSuite, ListEntry};
+use relayfed_sidecar::protocol::route::EchBinding;
 use relayfed_sidecar::protocol::{EchConfig, EchConfigList, Frame, InnerRoute, RouteBody};
 use relayfed_sidecar::transport::io::{read_frame, write_frames};
 use relayfed_sidecar::transport::tls::HopIdentity;
@@ -31,6 +33,15 @@ pub enum Attack {
     /// Replaces every sealed route with `route` sealed afresh to the destination relay's key
     /// (what it forwards after reading a route it should not have read).
     Reseal(InnerRoute),
+    /// Puts a Noise key of its own in every view entry and answers every stream as the
+    /// destination: Noise responder for `route` (which it guesses from the registry), showing
+    /// `cert` (the destination's real certificate, which is not secret) in message 2.
+    SubstituteNoiseKey {
+        /// The route it expects streams to carry.
+        route: InnerRoute,
+        /// The certificate it shows.
+        cert: Vec<u8>,
+    },
 }
 
 /// What the dishonest relay learnt and did.
@@ -44,6 +55,10 @@ pub struct Seen {
     pub forged_retries: AtomicU32,
     /// Routes it re-sealed or rewrote before forwarding.
     pub rewritten: AtomicU32,
+    /// End-to-end handshakes it completed as a fake destination.
+    pub handshakes: AtomicU32,
+    /// Payload messages it decrypted.
+    pub payload_read: AtomicU32,
 }
 
 impl Seen {
@@ -77,6 +92,8 @@ struct Ctx {
     real: (EchConfig, CipherSuite),
     /// Main relay the destination relay is (the sealed routes' outer `main`).
     dest_main: String,
+    /// Its own Noise key (substituted into views).
+    noise: StaticKeypair,
 }
 
 impl Mitm {
@@ -105,7 +122,8 @@ impl Mitm {
         let real = (config.clone(), suite);
         let own = EchKeyPair::generate(config.config_id, &config.public_name).unwrap();
         let seen = Arc::new(Seen::default());
-        let ctx = Arc::new(Ctx { attack, seen: seen.clone(), own, real, dest_main: dest_main.to_owned() });
+        let noise = StaticKeypair::generate().unwrap();
+        let ctx = Arc::new(Ctx { attack, seen: seen.clone(), own, real, dest_main: dest_main.to_owned(), noise });
         let addr = server.local_addr().unwrap();
         let name = as_home.server_name(&relay.node.id);
         let task = tokio::spawn(async move {
@@ -175,14 +193,23 @@ async fn outbound(
         Frame::Control(c) => {
             write_frames(&mut usend, &[Frame::Control(c)]).await.unwrap();
             let omit = matches!(ctx.attack, Attack::OmitConfigs);
+            let fake_key = matches!(ctx.attack, Attack::SubstituteNoiseKey { .. })
+                .then(|| relayfed_sidecar::config::base64_encode(&ctx.noise.public));
             tokio::spawn(async move {
                 let mut urecv = urecv;
                 let down = async {
                     while let Ok(Some(frame)) = read_frame(&mut urecv).await {
                         let frame = match frame {
-                            Frame::Control(Control::View { mut mains, entries, more }) if omit => {
-                                for info in mains.values_mut() {
-                                    info.ech_config_list = None;
+                            Frame::Control(Control::View { mut mains, mut entries, more }) => {
+                                if omit {
+                                    for info in mains.values_mut() {
+                                        info.ech_config_list = None;
+                                    }
+                                }
+                                if let Some(key) = &fake_key {
+                                    for e in &mut entries {
+                                        e.noise_key = key.clone();
+                                    }
                                 }
                                 Frame::Control(Control::View { mains, entries, more })
                             }
@@ -198,6 +225,10 @@ async fn outbound(
                 };
                 tokio::join!(down, up);
             });
+            false
+        }
+        Frame::Route(header) if matches!(ctx.attack, Attack::SubstituteNoiseKey { .. }) => {
+            tokio::spawn(fake_destination(ctx, header, send, recv));
             false
         }
         Frame::Route(mut header) => {
@@ -252,5 +283,40 @@ async fn outbound(
             tokio::spawn(splice(recv, usend, urecv, send));
             false
         }
+    }
+}
+
+/// Answers a stream as the destination would, with the substituted Noise key: the prologue
+/// from the sealed header's outer fields and the guessed route, the real certificate in
+/// message 2, then one payload message read.
+async fn fake_destination(
+    ctx: Arc<Ctx>,
+    header: relayfed_sidecar::protocol::RouteHeader,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let Attack::SubstituteNoiseKey { route, cert } = &ctx.attack else { return };
+    let binding = match &header.body {
+        RouteBody::Sealed(s) => Some(EchBinding {
+            config_id: s.config_id,
+            config_digest: config_digest(&ctx.real.0).unwrap(),
+            enc: s.enc.clone(),
+        }),
+        _ => None,
+    };
+    let Ok(Some(Frame::Noise(msg1))) = read_frame(&mut recv).await else { return };
+    let prologue = prologue(binding.as_ref(), route).unwrap();
+    let Ok((responder, msg2)) = Responder::accept(&ctx.noise, &prologue, &msg1, cert) else { return };
+    if write_frames(&mut send, &[Frame::Noise(msg2)]).await.is_err() {
+        return;
+    }
+    let Ok(Some(Frame::Noise(msg3))) = read_frame(&mut recv).await else { return };
+    let Ok((session, _)) = responder.finish(&msg3) else { return };
+    ctx.seen.handshakes.fetch_add(1, Ordering::SeqCst);
+    let (_tx, mut rx) = session.split();
+    if let Ok(Some(Frame::Noise(m))) = read_frame(&mut recv).await
+        && rx.decrypt(&m).is_ok()
+    {
+        ctx.seen.payload_read.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -46,7 +46,11 @@ impl HomeNode {
                 Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no Noise message 1 in time").await,
                 _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 1").await,
             };
-            let responder = prologue(binding.as_ref(), &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1));
+            // Message 2 carries this node's certificate, which binds its Noise key: the origin
+            // checks that the key it took from the registry is really this node's.
+            let cert = self.leaf_cert();
+            let responder =
+                prologue(binding.as_ref(), &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1, &cert));
             let (responder, msg2) = match responder {
                 Ok(x) => x,
                 Err(e) => {

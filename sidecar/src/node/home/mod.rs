@@ -58,6 +58,8 @@ pub struct HomeNode {
     live: RwLock<Arc<HomeLive>>,
     /// Hop TLS for new main relay connections; a renewed certificate replaces it.
     client_tls: RwLock<quinn::ClientConfig>,
+    /// This node's current certificate (DER), sent to origins in Noise message 2.
+    leaf: RwLock<Vec<u8>>,
     metrics: Arc<Metrics>,
 }
 
@@ -116,6 +118,7 @@ impl HomeNode {
         let client_tls = RwLock::new(identity.client_config(&snap.timeouts)?);
         let node = Arc::new(Self {
             client_tls,
+            leaf: RwLock::new(identity.leaf_der().to_vec()),
             identity,
             noise,
             mains,
@@ -172,6 +175,14 @@ impl HomeNode {
         Ok((node, bound))
     }
 
+    /// This node's current certificate (DER).
+    fn leaf_cert(&self) -> Vec<u8> {
+        match self.leaf.read() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
     /// The live settings in force now.
     pub(crate) fn live(&self) -> Arc<HomeLive> {
         match self.live.read() {
@@ -221,6 +232,11 @@ impl HomeNode {
         match self.client_tls.write() {
             Ok(mut c) => *c = cfg,
             Err(p) => *p.into_inner() = cfg,
+        }
+        let leaf = next.leaf_der().to_vec();
+        match self.leaf.write() {
+            Ok(mut l) => *l = leaf,
+            Err(p) => *p.into_inner() = leaf,
         }
         info!(node = %next.node_id, "hop certificate renewed");
         Ok(())

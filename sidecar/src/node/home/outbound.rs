@@ -214,13 +214,15 @@ impl HomeNode {
             let (dest, balanced) = self.resolve(import, &main_id, &tried, live)?;
             let started = Instant::now();
             // One attempt gets the handshake timeout; the call timeout bounds them all.
-            let result =
-                match tokio::time::timeout(live.handshake_timeout, self.establish_to(&conn, &main_id, &dest, live))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err((ErrorCode::Timeout, format!("no Noise handshake with {} in time", dest.node))),
-                };
+            let result = match tokio::time::timeout(
+                live.handshake_timeout,
+                self.establish_to(&conn, &main_id, &dest, balanced, live),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err((ErrorCode::Timeout, format!("no Noise handshake with {} in time", dest.node))),
+            };
             if balanced {
                 match &result {
                     Ok(_) => self.balanced_done(import, &dest.key(), Some(started.elapsed())),
@@ -249,6 +251,7 @@ impl HomeNode {
         conn: &quinn::Connection,
         main_id: &str,
         dest: &Entry,
+        from_registry: bool,
         live: &HomeLive,
     ) -> Result<Established, StreamError> {
         let remote =
@@ -300,13 +303,24 @@ impl HomeNode {
             write_frames(&mut send, &[Frame::Route(header), Frame::Noise(msg1)]).await.map_err(io_err)?;
             match read_frame(&mut recv).await.map_err(io_err)? {
                 Some(Frame::Noise(msg2)) => {
-                    let (session, msg3) = match init.finish(&msg2) {
+                    let (session, msg3, cert) = match init.finish(&msg2) {
                         Ok(x) => x,
                         Err(e) => {
                             self.handshake_failed(binding.is_some());
                             return Err((e.code(), e.to_string()));
                         }
                     };
+                    // A key from the registry came through relays: the destination must show
+                    // a CA-issued certificate binding it (a key from the snapshot is trusted).
+                    if from_registry
+                        && let Err(reason) = destination_key_bound(&self.identity, &dest.node, &remote, &cert)
+                    {
+                        self.metrics.e2e_handshakes.get_or_create(&[("result", "key_unverified")]).inc();
+                        return Err((
+                            ErrorCode::HandshakeFailed,
+                            format!("the Noise key the registry gave for {} is not the node's: {reason}", dest.node),
+                        ));
+                    }
                     write_frames(&mut send, &[Frame::Noise(msg3)]).await.map_err(io_err)?;
                     self.metrics.e2e_handshakes.get_or_create(&[("result", "ok")]).inc();
                     self.metrics.e2e_handshake_seconds.observe(hs_started.elapsed().as_secs_f64());
@@ -435,6 +449,20 @@ struct Established {
     tx: SendHalf,
     rx: RecvHalf,
     ech: bool,
+}
+
+/// Whether `cert` (from Noise message 2) is a certificate of this federation for `node` that
+/// binds `key`, the key the handshake used.
+fn destination_key_bound(identity: &HopIdentity, node: &str, key: &[u8; 32], cert: &[u8]) -> Result<(), String> {
+    let (named, bound) = identity.verify_node_cert(cert).map_err(|e| e.to_string())?;
+    if named != node {
+        return Err(format!("the certificate is for node {named:?}"));
+    }
+    match bound {
+        Some(k) if k == *key => Ok(()),
+        Some(_) => Err("its certificate binds another Noise key".into()),
+        None => Err("its certificate binds no Noise key".into()),
+    }
 }
 
 /// Failures that count against the instance (its circuit breaker).
