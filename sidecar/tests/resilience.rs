@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Proc, echo_server, eventually, identify_server, round_trip};
+use common::{Proc, echo_server, eventually, get, identify_server, round_trip};
 use relayfed_sidecar::config::{
     Export, Import, MainRelay, PeerRelay, Permissions, RateLimit, Snapshot, Timeouts, TrustLevel,
 };
@@ -103,6 +103,41 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
         "{limited} limited, {flood_ok} ok"
     );
     assert_eq!(relay.metric("relayfed_rate_limited_streams_total", &[("sender", "good")]).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_probe_flood_does_not_use_up_the_senders_real_quota() {
+    let tb = Testbed::new("test.example").unwrap();
+    let cfg = tb.main_relay("hub", 1).unwrap();
+    edit(&cfg, |s| s.resilience.rate_limit = Some(RateLimit { streams_per_second: 2.0, burst: 10.0 }));
+    let relay = common::start("main-relay", &cfg, &[]).await;
+    let echo = echo_server().await;
+    let _dest =
+        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
+    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+
+    // 200 probes through the home's admin API (loopback), 40 at a time. Before probes had a
+    // bucket of their own they took the home's 10-stream burst, and the calls below failed
+    // with RATE_LIMITED.
+    for _ in 0..5 {
+        let batch: Vec<_> = (0..40)
+            .map(|_| {
+                let admin = shop.admin();
+                tokio::spawn(async move { get(admin, "/federation/trace?service=echo&port=7").await })
+            })
+            .collect();
+        for b in batch {
+            let answer = b.await.unwrap().unwrap();
+            assert!(answer.contains(" 200 "), "a probe was not answered: {answer}");
+        }
+    }
+    let limited_probes = relay.metric("relayfed_rate_limited_streams_total", &[("sender", "probe:shop")]).await;
+    assert!(limited_probes >= 150.0, "the probes were held to their own quota: {limited_probes} limited");
+    for i in 0..8u32 {
+        assert_eq!(round_trip(shop.import("echo:7"), &i.to_be_bytes()).await.unwrap(), i.to_be_bytes(), "call {i}");
+    }
+    assert_eq!(relay.metric("relayfed_rate_limited_streams_total", &[("sender", "shop")]).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,10 @@ pub struct MainRelay {
     pub(crate) peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
 }
 
+/// Path-trace probes a sender may start, per second and in a burst (its own bucket).
+pub const PROBE_LIMIT: crate::resilience::rate_limit::Limit =
+    crate::resilience::rate_limit::Limit { rate: 5.0, burst: 10.0 };
+
 /// Most senders whose token buckets a relay tracks (idle ones are evicted first).
 const MAX_RATE_SENDERS: usize = 100_000;
 
@@ -351,10 +355,13 @@ impl MainRelay {
         }
     }
 
-    /// Token bucket check for a new stream from `sender`.
-    fn rate_limited(&self, sender: &Sender) -> Option<Duration> {
+    /// Token bucket check for a new stream from `sender`. Path-trace probes have buckets of
+    /// their own ([`PROBE_LIMIT`]), so a probe flood never uses up a sender's real quota.
+    fn rate_limited(&self, sender: &Sender, probe: bool) -> Option<Duration> {
         let live = self.live();
         let (key, lim) = match sender {
+            Sender::Home(h) if probe => (format!("probe:{h}"), Some(PROBE_LIMIT)),
+            Sender::Peer(p) if probe => (format!("probe:peer:{p}"), Some(PROBE_LIMIT)),
             Sender::Home(h) => (h.clone(), live.default_rate),
             Sender::Peer(p) => (
                 format!("peer:{p}"),
@@ -380,7 +387,7 @@ impl MainRelay {
         recv: quinn::RecvStream,
     ) {
         let me = self.identity.node_id.clone();
-        if let Some(retry_after) = self.rate_limited(sender) {
+        if let Some(retry_after) = self.rate_limited(sender, header.probe) {
             self.metrics.stream_error("relayed", ErrorCode::RateLimited);
             let frame = crate::protocol::ErrorFrame {
                 code: ErrorCode::RateLimited,

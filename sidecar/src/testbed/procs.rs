@@ -59,10 +59,7 @@ impl Proc {
 
     /// GETs an admin path and parses the JSON body.
     pub async fn json(&self, path: &str) -> Value {
-        let mut s = TcpStream::connect(self.admin()).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        let out = get(self.admin(), path).await.unwrap();
         let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
     }
@@ -76,17 +73,22 @@ impl Proc {
 
     /// Scrapes `/metrics`.
     pub async fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(self.admin()).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+        get(self.admin(), "/metrics").await.unwrap()
     }
 
     /// Value of one sample, 0 when absent.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         sample(&self.metrics().await, name, labels)
     }
+}
+
+/// GETs `path` from an HTTP/1.0 server at `addr`: the whole response, head included.
+pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
 }
 
 /// Finds `name{labels...}` in Prometheus text (label order as encoded) and returns its value.
