@@ -141,6 +141,32 @@ async fn a_trace_probe_flood_does_not_use_up_the_senders_real_quota() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_closes_a_stream_that_carries_nothing_for_its_idle_timeout() {
+    let tb = Testbed::new("test.example").unwrap();
+    let cfg = tb.main_relay("hub", 1).unwrap();
+    edit(&cfg, |s| s.timeouts.stream_idle_ms = 300);
+    let relay = common::start("main-relay", &cfg, &[]).await;
+    let echo = echo_server().await;
+    let _dest =
+        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    // The homes keep their default (5 min) idle timeout: only the relay's can end the stream.
+    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
+    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+    let mut client = tokio::net::TcpStream::connect(shop.import("echo:7")).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    client.read_exact(&mut back).await.unwrap();
+    // Then silence: the relay closes the stream, so the client sees its connection end.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the idle stream was not closed");
+    eventually("the relay counted the idle stream", WAIT, || async {
+        relay.metric("relayfed_stream_errors_total", &[("code", "TIMEOUT")]).await == 1.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_half_open() {
     let tb = Testbed::new("test.example").unwrap();
     let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -26,6 +25,7 @@ use crate::federation::registry::Registry;
 use crate::protocol::control::Control;
 use crate::protocol::route::{PathEntry, RouteBody, RouteHeader};
 use crate::protocol::{ErrorCode, Frame};
+use crate::transport::idle::copy_watched;
 use crate::transport::io::{read_frame, send_error, write_frames};
 use crate::transport::tls::{HopIdentity, failure_reason};
 
@@ -75,6 +75,8 @@ pub struct MainRelay {
     pub(crate) registry: Mutex<Registry>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) handshake_timeout: Duration,
+    /// A relayed stream without payload either way this long is closed.
+    pub(crate) stream_idle: Duration,
     pub(crate) health_interval: Duration,
     pub(crate) refresh_interval: Duration,
     tamper: Tamper,
@@ -141,6 +143,7 @@ impl MainRelay {
             peer_health: RwLock::new(snap.peers.iter().map(|p| (p.node_id.clone(), PeerHealth::default())).collect()),
             metrics,
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
+            stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
             health_interval: Duration::from_secs(snap.health_check_seconds.max(1)),
             refresh_interval: Duration::from_secs(
                 snap.registry.refresh_seconds.unwrap_or(snap.registry.ttl_seconds / 3).max(1),
@@ -586,19 +589,21 @@ impl MainRelay {
             self.fail(&mut send, ErrorCode::PeerUnreachable, &e.to_string()).await;
             return false;
         }
-        let up = async {
-            let n = tokio::io::copy(&mut recv, &mut dsend).await.unwrap_or(0);
-            let _ = dsend.shutdown().await;
-            n
-        };
-        let down = async {
-            let n = tokio::io::copy(&mut drecv, &mut send).await.unwrap_or(0);
-            let _ = send.shutdown().await;
-            n
-        };
-        let (a, b) = tokio::join!(up, down);
-        self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(a + b);
-        self.metrics.streams.get_or_create(&[("direction", "relayed"), ("result", "ok")]).inc();
+        // A stream that carries nothing either way for `stream_idle` is closed (both sides
+        // reset), so stalled streams cannot pile up at a relay.
+        let watch = crate::transport::idle::IdleWatch::new();
+        let up = copy_watched(&mut recv, &mut dsend, &watch);
+        let down = copy_watched(&mut drecv, &mut send, &watch);
+        tokio::select! {
+            (a, b) = async { tokio::join!(up, down) } => {
+                self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(a + b);
+                self.metrics.streams.get_or_create(&[("direction", "relayed"), ("result", "ok")]).inc();
+            }
+            () = watch.expired(self.stream_idle) => {
+                warn!(code = ErrorCode::Timeout.label(), idle_ms = self.stream_idle.as_millis() as u64, "relayed stream idle: closed");
+                self.metrics.stream_error("relayed", ErrorCode::Timeout);
+            }
+        }
         true
     }
 

@@ -1,4 +1,6 @@
-//! QUIC hop transport: TLS identities and configs, frame I/O on streams.
+//! QUIC hop transport: TLS identities and configs, frame I/O on streams, the stream idle
+//! watchdog.
 
+pub mod idle;
 pub mod io;
 pub mod tls;

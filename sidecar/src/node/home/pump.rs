@@ -16,10 +16,8 @@ impl HomeNode {
     ) {
         let _ = tcp.set_nodelay(true);
         let (mut tr, mut tw) = tcp.into_split();
-        // Last payload in either direction (ms since `epoch`), for the stream idle timeout.
-        let epoch = Instant::now();
-        let last = std::sync::atomic::AtomicU64::new(0);
-        let touch = || last.store(epoch.elapsed().as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        let watch = crate::transport::idle::IdleWatch::new();
+        let touch = || watch.touch();
         let up = async {
             let mut buf = vec![0u8; MAX_PLAINTEXT];
             let mut total = 0u64;
@@ -59,17 +57,7 @@ impl HomeNode {
             let _ = tw.shutdown().await;
             Ok(total)
         };
-        let watchdog = async {
-            loop {
-                let since = epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed)));
-                if since >= idle {
-                    return;
-                }
-                tokio::time::sleep(idle - since).await;
-            }
-        };
+        let watchdog = watch.expired(idle);
         let (u, d) = tokio::select! {
             r = async { tokio::join!(up, down) } => r,
             () = watchdog => {
