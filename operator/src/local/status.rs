@@ -131,6 +131,11 @@ pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> V
         AnyResource::Federation(f) => Some((r.name(), f.spec.trust_domain.clone())),
         _ => None,
     });
+    let rollout = rollout(&s.resources);
+    let mut warnings = s.warnings.clone();
+    if rollout["enabled"].as_bool() == Some(true) {
+        warnings.extend(anonymity_warnings(&nodes));
+    }
     json!({
         "federation": fed.as_ref().map(|f| f.0.clone()),
         "trustDomain": fed.as_ref().map(|f| f.1.clone()),
@@ -139,11 +144,32 @@ pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> V
         "generation": distributor.generation(),
         "acceptedEdits": s.accepted_edits,
         "lastRejected": s.last_rejected.as_ref().map(|(at, errs)| json!({"atUnix": at, "errors": errs})),
-        "warnings": s.warnings,
-        "rollout": rollout(&s.resources),
+        "warnings": warnings,
+        "rollout": rollout,
         "workloads": s.workloads.iter().map(|(n, svc, a, k)| json!({"node": n, "service": svc, "address": a.to_string(), "kind": k})).collect::<Vec<_>>(),
         "nodes": nodes,
     })
+}
+
+/// Fewest services a main relay should host before ECH hides which one a stream is for.
+pub const MIN_ANONYMITY_SET: u64 = 3;
+
+/// A warning for each main relay (in status `nodes`) whose homes export fewer than
+/// [`MIN_ANONYMITY_SET`] services: a stream sealed to it names one of that few.
+pub fn anonymity_warnings(nodes: &[Value]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n["role"] == "main")
+        .filter_map(|n| {
+            let set = n["health"]["echAnonymitySet"].as_u64()?;
+            (set < MIN_ANONYMITY_SET).then(|| {
+                format!(
+                    "main relay {} hosts {set} service(s): relays on the path of a stream sealed to it can tell which one it is for (ECH hides a service among at least {MIN_ANONYMITY_SET})",
+                    cell(&n["node"])
+                )
+            })
+        })
+        .collect()
 }
 
 fn cell(v: &Value) -> String {
@@ -249,4 +275,26 @@ pub fn render(status: &Value) -> String {
         out.push_str(&format!("warning: {}\n", cell(w)));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn main(node: &str, set: Option<u64>) -> Value {
+        json!({"node": node, "role": "main", "health": set.map(|s| json!({"echAnonymitySet": s}))})
+    }
+
+    #[test]
+    fn main_relays_hosting_fewer_than_three_services_are_named() {
+        let nodes = [
+            main("hub-a", Some(1)),
+            main("hub-b", Some(3)),
+            main("hub-c", None),
+            json!({"node": "shop", "role": "home", "health": {"echAnonymitySet": 0}}),
+        ];
+        let w = anonymity_warnings(&nodes);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("main relay hub-a hosts 1 service(s)"), "{}", w[0]);
+    }
 }

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub routes: Family<L1, Counter>,
     /// Registry entries by `kind` (local, federated) at relays, `view` at home nodes.
     pub registry_entries: Family<L1, Gauge>,
+    /// Distinct services this main relay's homes export (its ECH anonymity set).
+    pub ech_anonymity_set: Gauge,
     /// Registry propagation events by `event` (delta_sent, delta_applied, delta_stale,
     /// delta_forged, refresh_sent, refresh_applied, expired, view_sent, view_received).
     pub propagation: Family<L1, Counter>,
@@ -97,6 +99,7 @@ impl Metrics {
         let intercepted = Family::<[(&'static str, String); 3], Counter>::default();
         let routes = Family::<L1, Counter>::default();
         let registry_entries = Family::<L1, Gauge>::default();
+        let ech_anonymity_set = Gauge::default();
         let propagation = Family::<L1, Counter>::default();
         let peer_up = Family::<[(&'static str, String); 1], Gauge>::default();
         let reconnects = Family::<L1, Counter>::default();
@@ -135,6 +138,11 @@ impl Metrics {
         );
         registry.register("relayfed_routes", "Routing decisions by result", routes.clone());
         registry.register("relayfed_registry_entries", "Registry entries by kind", registry_entries.clone());
+        registry.register(
+            "relayfed_ech_anonymity_set_services",
+            "Distinct services the main relay's homes export: what a stream sealed to it could be for",
+            ech_anonymity_set.clone(),
+        );
         registry.register("relayfed_registry_propagation", "Registry propagation events", propagation.clone());
         registry.register("relayfed_peer_up", "1 when the peering is up", peer_up.clone());
         registry.register("relayfed_reconnects", "Reconnections by kind", reconnects.clone());
@@ -188,6 +196,7 @@ impl Metrics {
             open_connections,
             routes,
             registry_entries,
+            ech_anonymity_set,
             propagation,
             peer_up,
             reconnects,

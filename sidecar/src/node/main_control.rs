@@ -51,6 +51,12 @@ impl ViewData {
     }
 }
 
+/// How many distinct services (`service:port`) this relay's homes export: what a stream
+/// sealed to this relay could be for, as seen by the relays on its path.
+pub(crate) fn anonymity_set<'a>(local: impl Iterator<Item = &'a Entry>) -> usize {
+    local.map(|e| (&e.service, e.port)).collect::<std::collections::HashSet<_>>().len()
+}
+
 impl MainRelay {
     /// Starts dialing peers (those with a larger node id) and the periodic tasks.
     pub(crate) fn start_federation(self: Arc<Self>, endpoint: quinn::Endpoint) {
@@ -435,10 +441,11 @@ impl MainRelay {
     /// Publishes the current view (all instances, the mains' ECH configs) to every home
     /// node's writer.
     pub(crate) fn push_views(&self) {
-        let (entries, sizes) = match self.registry.lock() {
-            Ok(r) => (r.all(), r.sizes()),
+        let (entries, sizes, anonymity) = match self.registry.lock() {
+            Ok(r) => (r.all(), r.sizes(), anonymity_set(r.local())),
             Err(_) => return,
         };
+        self.metrics.ech_anonymity_set.set(anonymity as i64);
         self.metrics.registry_entries.get_or_create(&[("kind", "local")]).set(sizes.0 as i64);
         self.metrics.registry_entries.get_or_create(&[("kind", "federated")]).set(sizes.1 as i64);
         let mut mains = BTreeMap::new();
@@ -502,10 +509,12 @@ impl MainRelay {
                     r.all().into_iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
                 services.sort();
                 services.dedup();
+                let anonymity = anonymity_set(r.local());
                 Some(json!({
                     "status": if up.len() == peers.len() { "ok" } else { "degraded" },
                     "node": self.identity.node_id,
                     "role": "main",
+                    "echAnonymitySet": anonymity,
                     "connectedHomes": homes.len(),
                     "connectedPeers": up.len(),
                     "configuredPeers": peers.len(),
