@@ -65,7 +65,8 @@ fn allowed(path: &str, local_client: bool) -> bool {
     local_client || !path.starts_with("/federation/")
 }
 
-fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+/// The value of `key` in a URL query string (`a=1&b=2`), undecoded; the first one wins.
+pub fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
