@@ -1,12 +1,14 @@
 //! Two home nodes and one main relay as real processes on loopback: a TCP client behind home A
 //! reaches an echo server behind home B, with ECH on and off, with a stale ECH config (whose
-//! retry configs are not trusted), and against relays that tamper with the ECH part.
+//! retry configs are not trusted), and against tampering with the ECH part on the path
+//! (`common::mitm`, holding the relay's certificate, in front of the relay).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::net::SocketAddr;
 
+use common::mitm::{Attack, Mitm};
 use common::{Proc, echo_server, round_trip};
 use relayfed_sidecar::config::{Export, Import, MainRelay, Snapshot, base64_encode};
 use relayfed_sidecar::crypto::ech::EchKeyPair;
@@ -19,8 +21,21 @@ use relayfed_sidecar::testbed::Testbed;
 /// homes created on demand.
 struct Fed {
     tb: Testbed,
+    relay_cfg: std::path::PathBuf,
     relay: Proc,
     pay: Proc,
+    /// What happens on the path: nothing, a bit flipped in every sealed route on the way from
+    /// an origin to the relay, or ECH stripped on the way from the relay to pay.
+    tamper: Tamper,
+    /// The tampering relays in front of the relay (kept running).
+    mitms: std::sync::Mutex<Vec<Mitm>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tamper {
+    None,
+    FlipSealed,
+    StripEch,
 }
 
 fn policy(percentage: u8, mode: EchMode) -> EchPolicy {
@@ -28,14 +43,14 @@ fn policy(percentage: u8, mode: EchMode) -> EchPolicy {
 }
 
 impl Fed {
-    async fn start(tamper: &str) -> Fed {
+    async fn start(tamper: Tamper) -> Fed {
         Self::start_with(tamper, true).await
     }
 
-    async fn start_with(tamper: &str, ech: bool) -> Fed {
+    async fn start_with(tamper: Tamper, ech: bool) -> Fed {
         let tb = Testbed::new("test.example").unwrap();
         let cfg = if ech { tb.main_relay("hub", 1).unwrap() } else { tb.main_relay_without_ech("hub").unwrap() };
-        let relay = common::start("main-relay", &cfg, &["--test-tamper", tamper]).await;
+        let relay = common::start("main-relay", &cfg, &[]).await;
         let echo = echo_server().await;
         let pay_cfg = tb
             .home(
@@ -46,8 +61,23 @@ impl Fed {
                 EchPolicy::default(),
             )
             .unwrap();
+        let mut mitms = Vec::new();
+        if tamper == Tamper::StripEch {
+            let mitm = Self::mitm(&cfg, &pay_cfg, &relay, Attack::StripOpened).await;
+            let mut snap = Snapshot::load(&pay_cfg).unwrap();
+            snap.main_relays[0].endpoint = mitm.addr;
+            tb.save("pay", &snap).unwrap();
+            mitms.push(mitm);
+        }
         let pay = common::start("home", &pay_cfg, &[]).await;
-        Fed { tb, relay, pay }
+        Fed { tb, relay_cfg: cfg, relay, pay, tamper, mitms: std::sync::Mutex::new(mitms) }
+    }
+
+    /// A tampering relay in front of `relay` for the home of `home_cfg`.
+    async fn mitm(relay_cfg: &std::path::Path, home_cfg: &std::path::Path, relay: &Proc, attack: Attack) -> Mitm {
+        let list = relay.ready["echConfigList"].as_str().and_then(relayfed_sidecar::config::base64_decode);
+        let relay_snap = Snapshot::load(relay_cfg).unwrap();
+        Mitm::start(&relay_snap, &Snapshot::load(home_cfg).unwrap(), relay.quic(), "hub", list.as_deref(), attack).await
     }
 
     fn main_ref(relay: &Proc) -> MainRelay {
@@ -66,6 +96,11 @@ impl Fed {
         let cfg = self.tb.home(name, Self::main_ref(&self.relay), vec![], vec![import], policy).unwrap();
         let mut snap = Snapshot::load(&cfg).unwrap();
         snap.ech_configs = ech_list.into_iter().map(|l| ("hub".to_owned(), l)).collect();
+        if self.tamper == Tamper::FlipSealed {
+            let mitm = Self::mitm(&self.relay_cfg, &cfg, &self.relay, Attack::FlipSealed).await;
+            snap.main_relays[0].endpoint = mitm.addr;
+            self.mitms.lock().unwrap().push(mitm);
+        }
         let cfg = self.tb.save(name, &snap).unwrap();
         let p = common::start("home", &cfg, &[]).await;
         let addr = p.import("echo:7");
@@ -79,7 +114,7 @@ fn pattern(len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_mebibyte_and_many_small_messages_with_ech_on_and_off() {
-    let fed = Fed::start("none").await;
+    let fed = Fed::start(Tamper::None).await;
     let (plain, plain_addr) = fed.origin("shop-plain", policy(0, EchMode::Opportunistic), Some(fed.relay_list())).await;
     let (sealed, sealed_addr) = fed.origin("shop-ech", policy(100, EchMode::Required), Some(fed.relay_list())).await;
 
@@ -110,7 +145,7 @@ async fn one_mebibyte_and_many_small_messages_with_ech_on_and_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_configs_for_a_stale_config_are_not_trusted_and_the_stream_fails_closed() {
-    let fed = Fed::start("none").await;
+    let fed = Fed::start(Tamper::None).await;
     // A config from a key the relay never had (config id 9): as after a rotation the config
     // snapshot has not caught up with. The retry configs the relay sends back arrive through
     // the path, so the origin must not seal to them.
@@ -131,7 +166,7 @@ async fn retry_configs_for_a_stale_config_are_not_trusted_and_the_stream_fails_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_flips_sealed_bytes_is_detected() {
-    let fed = Fed::start("flip-sealed").await;
+    let fed = Fed::start(Tamper::FlipSealed).await;
     let (origin, addr) = fed.origin("shop", policy(100, EchMode::Required), Some(fed.relay_list())).await;
     let err = round_trip(addr, b"secret request").await;
     assert!(err.is_err() || err.as_ref().unwrap().is_empty(), "tampered stream must not carry data: {err:?}");
@@ -142,7 +177,7 @@ async fn a_relay_that_flips_sealed_bytes_is_detected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_strips_ech_fails_the_noise_handshake() {
-    let fed = Fed::start("strip-ech").await;
+    let fed = Fed::start(Tamper::StripEch).await;
     let (origin, addr) = fed.origin("shop", policy(100, EchMode::Required), Some(fed.relay_list())).await;
     let err = round_trip(addr, b"secret request").await;
     assert!(err.is_err() || err.as_ref().unwrap().is_empty(), "downgraded stream must not carry data: {err:?}");
@@ -157,7 +192,7 @@ async fn a_relay_that_strips_ech_fails_the_noise_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_mode_without_a_config_fails_closed_and_opportunistic_falls_back() {
     // A relay without ECH keys publishes no ECHConfigList, in config or in its view.
-    let fed = Fed::start_with("none", false).await;
+    let fed = Fed::start_with(Tamper::None, false).await;
     let (req, req_addr) = fed.origin("shop-req", policy(100, EchMode::Required), None).await;
     let r = round_trip(req_addr, b"x").await;
     assert!(r.is_err() || r.unwrap().is_empty());

@@ -9,7 +9,7 @@ use relayfed_sidecar::admin::metrics::Metrics;
 use relayfed_sidecar::config::Snapshot;
 use relayfed_sidecar::config::keys::{EchKeyFile, StoredEchKey};
 use relayfed_sidecar::crypto::ech::EchKeyPair;
-use relayfed_sidecar::node::main_relay::{MainRelay, Tamper};
+use relayfed_sidecar::node::main_relay::MainRelay;
 use relayfed_sidecar::protocol::ech_config::EchConfigList;
 use relayfed_sidecar::testbed::Testbed;
 
@@ -18,7 +18,7 @@ async fn a_rotated_key_file_is_picked_up_without_a_restart() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tb = Testbed::new("test.example").unwrap();
     let snap = Snapshot::load(&tb.main_relay("hub", 1).unwrap()).unwrap();
-    let (relay, _) = MainRelay::start(&snap, Arc::new(Metrics::new()), Tamper::None).await.unwrap();
+    let (relay, _) = MainRelay::start(&snap, Arc::new(Metrics::new())).await.unwrap();
     let ids = |list: Vec<u8>| -> Vec<u8> {
         let l = EchConfigList::decode(&list).unwrap();
         l.entries

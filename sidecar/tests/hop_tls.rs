@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use relayfed_sidecar::admin::metrics::Metrics;
 use relayfed_sidecar::config::{Snapshot, Timeouts};
-use relayfed_sidecar::node::main_relay::{MainRelay, Tamper};
+use relayfed_sidecar::node::main_relay::MainRelay;
 use relayfed_sidecar::testbed::Testbed;
 use relayfed_sidecar::transport::tls::{HopIdentity, failure_reason};
 
@@ -18,7 +18,7 @@ async fn relay(tb: &Testbed) -> (SocketAddr, Arc<Metrics>, Arc<MainRelay>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let snap = Snapshot::load(&tb.main_relay("hub", 1).unwrap()).unwrap();
     let metrics = Arc::new(Metrics::new());
-    let (relay, bound) = MainRelay::start(&snap, metrics.clone(), Tamper::None).await.unwrap();
+    let (relay, bound) = MainRelay::start(&snap, metrics.clone()).await.unwrap();
     (bound.quic, metrics, relay)
 }
 

@@ -76,7 +76,8 @@ async fn net(attack: Attack, mode: EchMode) -> Net {
         }
         other => other,
     };
-    let mitm = Mitm::start(&Snapshot::load(&hub_a.1).unwrap(), &shop_snap, hub_a.2, "hub-b", &hub_b_list, attack).await;
+    let mitm =
+        Mitm::start(&Snapshot::load(&hub_a.1).unwrap(), &shop_snap, hub_a.2, "hub-b", Some(&hub_b_list), attack).await;
     shop_snap.main_relays[0].endpoint = mitm.addr;
     shop_snap.ech_policy = EchPolicy { enabled: true, mode, percentage: 100, ..EchPolicy::default() };
     assert!(shop_snap.ech_configs.contains_key("hub-b"), "the plan gives homes every main relay's config");

@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use relayfed_sidecar::config::keys::EchKeyFile;
 use relayfed_sidecar::config::{Role, Snapshot, base64_decode, base64_encode};
 use relayfed_sidecar::crypto::ech::EchKeyPair;
-use relayfed_sidecar::node::main_relay::Tamper;
 use relayfed_sidecar::node::runner::{self, RunOptions};
 use relayfed_sidecar::protocol::EchConfigList;
 use relayfed_sidecar::protocol::ech_config::ListEntry;
@@ -35,9 +34,6 @@ enum Command {
         /// Config snapshot (YAML or JSON).
         #[arg(long)]
         config: PathBuf,
-        /// Fault injection for tests (hidden).
-        #[arg(long, value_enum, default_value_t = TamperArg::None, hide = true)]
-        test_tamper: TamperArg,
         #[command(flatten)]
         sub: ConfigServerArgs,
     },
@@ -164,13 +160,6 @@ enum NoiseCommand {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum TamperArg {
-    None,
-    FlipSealed,
-    StripEch,
-}
-
 #[derive(Subcommand)]
 enum EchCommand {
     /// Generate an ECH key: writes the private key file, prints the ECHConfigList (base64).
@@ -223,15 +212,8 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Ech { command } => ech(command),
-        Command::MainRelay { config, test_tamper, sub } => {
-            let tamper = match test_tamper {
-                TamperArg::None => Tamper::None,
-                TamperArg::FlipSealed => Tamper::FlipSealed,
-                TamperArg::StripEch => Tamper::StripEch,
-            };
-            run(config, Role::Main, tamper, sub)
-        }
-        Command::Home { config, sub } => run(config, Role::Home, Tamper::None, sub),
+        Command::MainRelay { config, sub } => run(config, Role::Main, sub),
+        Command::Home { config, sub } => run(config, Role::Home, sub),
         Command::Init { config, outbound_port, proxy_uid, exclude_cidr, exclude_port, no_ipv6, dry_run, cleanup } => {
             let (ic, imports, source) = match (config, outbound_port, proxy_uid) {
                 (Some(config), _, _) => {
@@ -342,7 +324,7 @@ fn ca(command: CaCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(config: PathBuf, role: Role, tamper: Tamper, sub: ConfigServerArgs) -> anyhow::Result<()> {
+fn run(config: PathBuf, role: Role, sub: ConfigServerArgs) -> anyhow::Result<()> {
     // Validate before binding anything.
     let snap = Snapshot::load(&config)?;
     if snap.node.role != role {
@@ -356,7 +338,6 @@ fn run(config: PathBuf, role: Role, tamper: Tamper, sub: ConfigServerArgs) -> an
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let opts = RunOptions {
-        tamper,
         config_server: sub.config_server,
         config_server_node: sub.config_server_node,
         ..Default::default()

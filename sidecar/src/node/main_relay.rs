@@ -29,17 +29,6 @@ use crate::transport::idle::copy_watched;
 use crate::transport::io::{read_frame, send_error, write_frames};
 use crate::transport::tls::{HopIdentity, failure_reason};
 
-/// Fault injection for tests: what a misbehaving relay does to sealed headers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tamper {
-    /// Behave.
-    None,
-    /// Flip a bit of the sealed payload before opening it (an on-path attacker).
-    FlipSealed,
-    /// Forward an opened header as plain, hiding that ECH was used (a downgrade).
-    StripEch,
-}
-
 /// Who sent a stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Sender {
@@ -79,7 +68,6 @@ pub struct MainRelay {
     pub(crate) stream_idle: Duration,
     pub(crate) health_interval: Duration,
     pub(crate) refresh_interval: Duration,
-    tamper: Tamper,
     pub(crate) endpoint: std::sync::OnceLock<quinn::Endpoint>,
     /// The latest view (main relays' ECH configs and every instance); each home writer sends
     /// the newest, filtered to what that home imports.
@@ -117,7 +105,7 @@ pub(crate) fn now_ms() -> u64 {
 impl MainRelay {
     /// Loads identity and keys from `snap` (validated), binds, starts accepting, and dials the
     /// peers it is responsible for.
-    pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>, tamper: Tamper) -> anyhow::Result<(Arc<Self>, Bound)> {
+    pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>) -> anyhow::Result<(Arc<Self>, Bound)> {
         let identity = HopIdentity::load(snap)?;
         // The bytes the keys come from, read first: a rotation racing the load is seen later.
         let ech_bytes = snap.ech.as_ref().and_then(|e| std::fs::read(&e.key_file).ok());
@@ -148,7 +136,6 @@ impl MainRelay {
             refresh_interval: Duration::from_secs(
                 snap.registry.refresh_seconds.unwrap_or(snap.registry.ttl_seconds / 3).max(1),
             ),
-            tamper,
             endpoint: std::sync::OnceLock::new(),
             views: tokio::sync::watch::channel(Arc::new(Default::default())).0,
             live: RwLock::new(Arc::new(MainLive::from_snapshot(snap))),
@@ -432,15 +419,10 @@ impl MainRelay {
                 };
                 return self.forward_to_peer(&next, fwd, send, recv).await;
             }
-            RouteBody::Sealed(mut sealed) => {
+            RouteBody::Sealed(sealed) => {
                 let Some(keys) = self.ech_keys() else {
                     return self.fail(&mut send, ErrorCode::EchDecryptFailed, "this relay has no ECH keys").await;
                 };
-                if self.tamper == Tamper::FlipSealed
-                    && let Some(b) = sealed.payload.get_mut(0)
-                {
-                    *b ^= 0x01;
-                }
                 match keys.open_bound(&sealed, SystemTime::now()) {
                     Ok((r, binding)) => {
                         self.metrics.ech.get_or_create(&[("outcome", "opened")]).inc();
@@ -500,9 +482,9 @@ impl MainRelay {
                 self.metrics.routes.get_or_create(&[("result", "no_route")]).inc();
                 return self.fail(&mut send, ErrorCode::NoRoute, "destination home node is not connected").await;
             };
-            let body = match (binding, self.tamper) {
-                (Some(_), Tamper::StripEch) | (None, _) => RouteBody::Plain(route),
-                (Some(binding), _) => RouteBody::Opened { binding, route },
+            let body = match binding {
+                None => RouteBody::Plain(route),
+                Some(binding) => RouteBody::Opened { binding, route },
             };
             let forward =
                 RouteHeader { hop_limit, probe: header.probe, trace_context: header.trace_context, path, body };

@@ -7,7 +7,7 @@ use anyhow::Context;
 use tracing::{info, warn};
 
 use super::home::HomeNode;
-use super::main_relay::{MainRelay, Tamper};
+use super::main_relay::MainRelay;
 use crate::admin::{metrics::Metrics, server};
 use crate::config::{Role, Snapshot, base64_encode};
 use crate::distribution::client::Subscription;
@@ -17,8 +17,6 @@ use crate::transport::tls::{HopIdentity, SharedIdentity};
 /// How a node process runs besides its snapshot.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// Fault injection (tests only).
-    pub tamper: Tamper,
     /// Config distribution server `host:port` to subscribe to for new versions.
     pub config_server: Option<String>,
     /// Node id in that server's certificate.
@@ -33,7 +31,6 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         Self {
-            tamper: Tamper::None,
             config_server: None,
             config_server_node: crate::distribution::DEFAULT_SERVER_NODE.to_owned(),
             identity_updates: None,
@@ -96,7 +93,7 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
     };
     let (running, ready) = match snap.node.role {
         Role::Main => {
-            let (relay, bound) = MainRelay::start(&snap, metrics.clone(), opts.tamper).await?;
+            let (relay, bound) = MainRelay::start(&snap, metrics.clone()).await?;
             let _ = slot.set(relay.clone());
             let ready = serde_json::json!({
                 "event": "ready", "role": "main", "node": snap.node.id, "quic": bound.quic.to_string(),

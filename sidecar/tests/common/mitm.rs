@@ -33,6 +33,12 @@ pub enum Attack {
     /// Replaces every sealed route with `route` sealed afresh to the destination relay's key
     /// (what it forwards after reading a route it should not have read).
     Reseal(InnerRoute),
+    /// Flips a bit of every sealed payload it forwards (an on-path attacker before the key
+    /// owner).
+    FlipSealed,
+    /// In front of a destination home: delivers every opened route as plain, hiding that ECH
+    /// was used (a downgrade by the key owner's side).
+    StripOpened,
     /// Puts a Noise key of its own in every view entry and answers every stream as the
     /// destination: Noise responder for `route` (which it guesses from the registry), showing
     /// `cert` (the destination's real certificate, which is not secret) in message 2.
@@ -88,8 +94,8 @@ struct Ctx {
     seen: Arc<Seen>,
     /// Its own ECH key (forged into retry configs).
     own: EchKeyPair,
-    /// The destination relay's real config and a suite of it (for re-sealing).
-    real: (EchConfig, CipherSuite),
+    /// The destination relay's real config and a suite of it (for re-sealing), if it has one.
+    real: Option<(EchConfig, CipherSuite)>,
     /// Main relay the destination relay is (the sealed routes' outer `main`).
     dest_main: String,
     /// Its own Noise key (substituted into views).
@@ -99,13 +105,13 @@ struct Ctx {
 impl Mitm {
     /// Starts in front of the main relay `relay` (its snapshot: certificate and key), relaying
     /// to `upstream` as the home `home` (its snapshot); `dest_list` is the destination relay
-    /// `dest_main`'s real ECHConfigList.
+    /// `dest_main`'s real ECHConfigList, if it has ECH keys.
     pub async fn start(
         relay: &Snapshot,
         home: &Snapshot,
         upstream: SocketAddr,
         dest_main: &str,
-        dest_list: &[u8],
+        dest_list: Option<&[u8]>,
         attack: Attack,
     ) -> Mitm {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -117,10 +123,14 @@ impl Mitm {
                 .unwrap();
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         client.set_default_client_config(as_home.client_config(&timeouts).unwrap());
-        let list = EchConfigList::decode(dest_list).unwrap();
-        let (config, suite) = list.first_usable().unwrap();
-        let real = (config.clone(), suite);
-        let own = EchKeyPair::generate(config.config_id, &config.public_name).unwrap();
+        let real = dest_list.map(|l| {
+            let list = EchConfigList::decode(l).unwrap();
+            let (config, suite) = list.first_usable().unwrap();
+            (config.clone(), suite)
+        });
+        let (id, name) =
+            real.as_ref().map_or((1, "relay.test.example".to_owned()), |(c, _)| (c.config_id, c.public_name.clone()));
+        let own = EchKeyPair::generate(id, &name).unwrap();
         let seen = Arc::new(Seen::default());
         let noise = StaticKeypair::generate().unwrap();
         let ctx = Arc::new(Ctx { attack, seen: seen.clone(), own, real, dest_main: dest_main.to_owned(), noise });
@@ -141,10 +151,29 @@ impl Mitm {
 /// Passes the home's streams (down) to the relay (up) and the relay's to the home.
 async fn serve(ctx: Arc<Ctx>, down: quinn::Connection, up: quinn::Connection) {
     let (d, u) = (down.clone(), up.clone());
+    let strip = matches!(ctx.attack, Attack::StripOpened);
     let inbound = tokio::spawn(async move {
-        while let Ok((send, recv)) = u.accept_bi().await {
-            let Ok((dsend, drecv)) = d.open_bi().await else { break };
-            tokio::spawn(splice(recv, dsend, drecv, send));
+        while let Ok((send, mut recv)) = u.accept_bi().await {
+            let Ok((mut dsend, drecv)) = d.open_bi().await else { break };
+            tokio::spawn(async move {
+                if strip {
+                    // The relay's stream to the home: deliver an opened route as plain.
+                    let Ok(Some(frame)) = read_frame(&mut recv).await else { return };
+                    let frame = match frame {
+                        Frame::Route(mut h) => {
+                            if let RouteBody::Opened { route, .. } = h.body {
+                                h.body = RouteBody::Plain(route);
+                            }
+                            Frame::Route(h)
+                        }
+                        other => other,
+                    };
+                    if write_frames(&mut dsend, &[frame]).await.is_err() {
+                        return;
+                    }
+                }
+                splice(recv, dsend, drecv, send).await;
+            });
         }
     });
     let mut forged = false;
@@ -241,7 +270,8 @@ async fn outbound(
                     Ok(route) => {
                         // Sealed to the forged key: read it, re-seal it to the real one.
                         ctx.seen.routes_read.fetch_add(1, Ordering::SeqCst);
-                        *sealed = seal(&ctx.real.0, ctx.real.1, &ctx.dest_main, &route).unwrap();
+                        let (config, suite) = ctx.real.clone().unwrap();
+                        *sealed = seal(&config, suite, &ctx.dest_main, &route).unwrap();
                         ctx.seen.rewritten.fetch_add(1, Ordering::SeqCst);
                     }
                     Err(_) => {
@@ -261,7 +291,12 @@ async fn outbound(
                                 ctx.seen.rewritten.fetch_add(1, Ordering::SeqCst);
                             }
                             Attack::Reseal(route) => {
-                                *sealed = seal(&ctx.real.0, ctx.real.1, &ctx.dest_main, route).unwrap();
+                                let (config, suite) = ctx.real.clone().unwrap();
+                                *sealed = seal(&config, suite, &ctx.dest_main, route).unwrap();
+                                ctx.seen.rewritten.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Attack::FlipSealed => {
+                                sealed.payload[0] ^= 0x01;
                                 ctx.seen.rewritten.fetch_add(1, Ordering::SeqCst);
                             }
                             _ => {}
@@ -299,7 +334,7 @@ async fn fake_destination(
     let binding = match &header.body {
         RouteBody::Sealed(s) => Some(EchBinding {
             config_id: s.config_id,
-            config_digest: config_digest(&ctx.real.0).unwrap(),
+            config_digest: config_digest(&ctx.real.as_ref().unwrap().0).unwrap(),
             enc: s.enc.clone(),
         }),
         _ => None,
