@@ -152,9 +152,9 @@ def test_unmodified_curl_reaches_a_localhost_server_in_another_pod(world):
     server = Proc(ns["b"], ["python3", "-u", "-m", "http.server", "8080", "--bind", "127.0.0.1", "--directory", site], json_ready=False)
     other = Proc(ns["b"], ["python3", "-u", "-m", "http.server", "8081", "--bind", "10.88.0.2", "--directory", site], json_ready=False)
     procs += [server, other]
-    main = {"nodeId": "hub", "endpoint": "10.88.0.3:7400", "echConfigList": ech_list}
+    main = {"nodeId": "hub", "endpoint": "10.88.0.3:7400"}
     b = Proc(ns["b"], [PROXY, "home", "--config", snapshot(
-        work, "b", "home", mainRelays=[main], noiseKeyFile="b-noise.key",
+        work, "b", "home", mainRelays=[main], echConfigs={"hub": ech_list}, noiseKeyFile="b-noise.key",
         exports=[{"service": SERVICE, "port": 80, "target": "127.0.0.1:8080"}])])
     procs.append(b)
 
@@ -164,7 +164,7 @@ def test_unmodified_curl_reaches_a_localhost_server_in_another_pod(world):
              "noisePublicKey": noise["b"], "clusterIp": ip}
             for ip in (f"{CLUSTER_IP4}:80", f"[{CLUSTER_IP6}]:80")
         ]
-        cfg = snapshot(work, "a", "home", mainRelays=[main], noiseKeyFile="a-noise.key", imports=imports,
+        cfg = snapshot(work, "a", "home", mainRelays=[main], echConfigs={"hub": ech_list}, noiseKeyFile="a-noise.key", imports=imports,
                        echPolicy={"enabled": True, "mode": "required", "percentage": 100},
                        intercept={"outboundPort": 15001, "proxyUid": PROXY_UID, "scope": "all", "unmatched": unmatched})
         return cfg

@@ -179,7 +179,6 @@ pub async fn run(opts: WorkloadOptions) -> anyhow::Result<()> {
         config_server_node: opts.server_node.clone(),
         identity_updates: Some(rx),
         base_dir: Some(opts.dir.clone()),
-        ..Default::default()
     };
     runner::run(snap, run).await
 }
