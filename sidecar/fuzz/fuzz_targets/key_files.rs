@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     // Argon2 cost is bounded by the decoder (m <= 1 GiB, t <= 16), but a bound that high
     // would turn every such input into a fuzzer timeout: derive keys only for cheap inputs.
     let cost = serde_json::from_str::<serde_json::Value>(&text)
-        .map(|v| v["m"].as_u64().unwrap_or(0) * v["t"].as_u64().unwrap_or(0).max(1))
+        .map(|v| v["m"].as_u64().unwrap_or(0).saturating_mul(v["t"].as_u64().unwrap_or(0).max(1)))
         .unwrap_or(0);
     if cost <= 64 * 1024 {
         let _ = unwrap(&text, Some(b"fuzz passphrase"));
