@@ -167,6 +167,50 @@ async fn a_relay_closes_a_stream_that_carries_nothing_for_its_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_homes_own_link_opens_no_remote_breaker() {
+    let tb = Testbed::new("test.example").unwrap();
+    let cfg = tb.main_relay("hub", 1).unwrap();
+    // A fixed port, so the relay can come back where the homes dial it.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    edit(&cfg, |s| s.listen = Some(port));
+    let mut relay = common::start("main-relay", &cfg, &[]).await;
+    let echo = echo_server().await;
+    let quick = |s: &mut Snapshot| {
+        s.timeouts.idle_ms = 1_500;
+        s.timeouts.handshake_ms = 300;
+        s.resilience.circuit_breaker.consecutive_failures = 2;
+        s.resilience.retry.max_attempts = 1;
+    };
+    let _dest =
+        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], quick).await;
+    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], quick).await;
+    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+    assert_eq!(round_trip(shop.import("echo:7"), b"before").await.unwrap(), b"before");
+
+    // The relay dies: calls time out on shop's own dying link until it notices (1.5 s).
+    relay.signal("KILL").await;
+    for _ in 0..3 {
+        assert!(round_trip(shop.import("echo:7"), b"during").await.unwrap_or_default().is_empty());
+    }
+    eventually("shop noticed its link is gone", WAIT, || async {
+        shop.json("/federation/health").await["status"] == "disconnected"
+    })
+    .await;
+    let relay = common::start("main-relay", &cfg, &[]).await;
+    // Connected again (its registration brought a fresh view) and dest is back in it.
+    eventually("shop reconnected and sees dest again", WAIT, || async {
+        shop.json("/federation/health").await["status"] == "ok" && view_has(&shop, 1).await
+    })
+    .await;
+    // The timeouts opened dest's breaker while the link was dying. Before the fix it stayed
+    // open: CIRCUIT_OPEN for openMs (30 s) although dest was fine all along.
+    let open_before = shop.metric("relayfed_stream_errors_total", &[("code", "CIRCUIT_OPEN")]).await;
+    assert_eq!(round_trip(shop.import("echo:7"), b"after").await.unwrap(), b"after");
+    assert_eq!(shop.metric("relayfed_stream_errors_total", &[("code", "CIRCUIT_OPEN")]).await, open_before);
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_half_open() {
     let tb = Testbed::new("test.example").unwrap();
     let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;

@@ -280,6 +280,10 @@ impl HomeNode {
                 self.clone().serve_inbound(conn).await;
                 control.abort();
                 self.conn.send_replace(None);
+                // Streams that failed while this link was dying (timeouts before the loss was
+                // noticed) were blamed on remote instances; they were our own link's fault.
+                // Forget every breaker, so the instances are called again once reconnected.
+                self.forget_breakers();
                 self.metrics.open_connections.dec();
                 warn!(main = %main.node_id, "main relay connection lost; reconnecting");
                 break;
@@ -398,6 +402,22 @@ impl HomeNode {
         if let Ok(mut v) = self.view.write() {
             *v = (mains, entries);
         }
+    }
+
+    /// Drops every instance's breaker and balancing state (and shows them closed).
+    fn forget_breakers(&self) {
+        let Ok(mut b) = self.balancers.lock() else { return };
+        let now = Instant::now();
+        for bal in b.values_mut() {
+            for (k, _) in bal.states(now) {
+                let target = format!("{}/{}@{}", k.service, k.node, k.main);
+                self.metrics
+                    .circuit_state
+                    .get_or_create(&[("target", target)])
+                    .set(crate::resilience::breaker::State::Closed.as_i64());
+            }
+        }
+        b.clear();
     }
 
     /// Circuit breaker states of every instance this home has called, for the admin API.

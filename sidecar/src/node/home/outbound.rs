@@ -223,10 +223,15 @@ impl HomeNode {
                 Ok(r) => r,
                 Err(_) => Err((ErrorCode::Timeout, format!("no Noise handshake with {} in time", dest.node))),
             };
+            // A failure on our own link (the main relay connection closed meanwhile) says
+            // nothing about the instance: it is released unjudged, like a refusal.
+            let own_link_lost = conn.close_reason().is_some();
             if balanced {
                 match &result {
                     Ok(_) => self.balanced_done(import, &dest.key(), Some(started.elapsed())),
-                    Err((code, _)) if against_instance(*code) => self.balanced_done(import, &dest.key(), None),
+                    Err((code, _)) if against_instance(*code) && !own_link_lost => {
+                        self.balanced_done(import, &dest.key(), None)
+                    }
                     // Refusals about the caller (rate limit, permissions, ECH policy) say
                     // nothing about the instance's health.
                     Err(_) => self.release(import, &dest.key()),
