@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
+use relayfed_sidecar::admin::server::OPENMETRICS;
 use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
 
 use crate::metrics::OperatorMetrics;
@@ -38,8 +39,12 @@ pub async fn serve(
                             (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "following\n".to_owned()),
                             _ => (StatusCode::NOT_FOUND, "GET /metrics, /healthz, /readyz\n".to_owned()),
                         };
+                        let metrics_page = req.uri().path() == "/metrics";
                         let mut r = Response::new(Full::new(Bytes::from(body)));
                         *r.status_mut() = status;
+                        let ctype = if metrics_page { OPENMETRICS } else { "text/plain; charset=utf-8" };
+                        r.headers_mut()
+                            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
                         Ok::<_, std::convert::Infallible>(r)
                     }
                 });
@@ -49,4 +54,30 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.to_ascii_lowercase()
+    }
+
+    #[tokio::test]
+    async fn metrics_carry_the_openmetrics_content_type_and_readiness_follows_leadership() {
+        let leading = Arc::new(AtomicBool::new(false));
+        let addr =
+            serve("127.0.0.1:0".parse().unwrap(), Arc::new(OperatorMetrics::new()), leading.clone()).await.unwrap();
+        let metrics = get(addr, "/metrics").await;
+        assert!(metrics.contains("content-type: application/openmetrics-text; version=1.0.0"), "{metrics}");
+        assert!(get(addr, "/readyz").await.starts_with("http/1.0 503"));
+        leading.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.starts_with("http/1.0 200"));
+    }
 }

@@ -39,6 +39,11 @@ pub async fn serve(
                     let (shared, distributor, metrics, down) =
                         (shared.clone(), distributor.clone(), metrics.clone(), down.clone());
                     async move {
+                        let ctype = match req.uri().path() {
+                            "/metrics" => relayfed_sidecar::admin::server::OPENMETRICS,
+                            "/local/status" | "/local/down" => "application/json",
+                            _ => "text/plain; charset=utf-8",
+                        };
                         let (status, body) = match (req.method(), req.uri().path()) {
                             (&Method::GET, "/local/status") => {
                                 (StatusCode::OK, status_json(&shared, &distributor).await.to_string())
@@ -52,6 +57,8 @@ pub async fn serve(
                         };
                         let mut r = Response::new(Full::new(Bytes::from(body)));
                         *r.status_mut() = status;
+                        r.headers_mut()
+                            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
                         Ok::<_, Infallible>(r)
                     }
                 });

@@ -65,6 +65,10 @@ fn allowed(path: &str, local_client: bool) -> bool {
     local_client || !path.starts_with("/federation/")
 }
 
+/// The Content-Type of `/metrics` everywhere (prometheus-client writes OpenMetrics text;
+/// Prometheus 3 refuses scrapes without a Content-Type).
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// The value of `key` in a URL query string (`a=1&b=2`), undecoded; the first one wins.
 pub fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
@@ -79,7 +83,7 @@ async fn route(
     const JSON: &str = "application/json";
     let path = req.uri().path();
     let (status, ctype, body) = match path {
-        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
+        "/metrics" => (StatusCode::OK, OPENMETRICS, metrics.encode()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         p if !allowed(p, local_client) => (
             StatusCode::FORBIDDEN,
