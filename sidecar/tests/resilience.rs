@@ -211,6 +211,34 @@ async fn losing_the_homes_own_link_opens_no_remote_breaker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_stream_cut_by_a_dead_destination_is_counted_as_an_error() {
+    let tb = Testbed::new("test.example").unwrap();
+    let cfg = tb.main_relay("hub", 1).unwrap();
+    // The relay notices the dead destination's connection within 1.5 s.
+    edit(&cfg, |s| s.timeouts.idle_ms = 1_500);
+    let relay = common::start("main-relay", &cfg, &[]).await;
+    let echo = echo_server().await;
+    let mut dest =
+        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
+    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+    assert_eq!(round_trip(shop.import("echo:7"), b"whole").await.unwrap(), b"whole");
+    let mut client = tokio::net::TcpStream::connect(shop.import("echo:7")).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    client.read_exact(&mut back).await.unwrap();
+    dest.signal("KILL").await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await.expect("the cut stream was not closed");
+    eventually("the relay counted the cut stream", WAIT, || async {
+        relay.metric("relayfed_streams_total", &[("direction", "relayed"), ("result", "error")]).await == 1.0
+    })
+    .await;
+    assert_eq!(relay.metric("relayfed_stream_errors_total", &[("code", "PEER_UNREACHABLE")]).await, 1.0);
+    assert_eq!(relay.metric("relayfed_streams_total", &[("direction", "relayed"), ("result", "ok")]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_half_open() {
     let tb = Testbed::new("test.example").unwrap();
     let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;

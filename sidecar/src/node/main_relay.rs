@@ -574,16 +574,49 @@ impl MainRelay {
         // A stream that carries nothing either way for `stream_idle` is closed (both sides
         // reset), so stalled streams cannot pile up at a relay.
         let watch = crate::transport::idle::IdleWatch::new();
-        let up = copy_watched(&mut recv, &mut dsend, &watch);
-        let down = copy_watched(&mut drecv, &mut send, &watch);
-        tokio::select! {
-            (a, b) = async { tokio::join!(up, down) } => {
-                self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(a + b);
+        let outcome = {
+            let mut up = std::pin::pin!(copy_watched(&mut recv, &mut dsend, &watch));
+            let mut down = std::pin::pin!(copy_watched(&mut drecv, &mut send, &watch));
+            let idle = watch.expired(self.stream_idle);
+            let mut idle = std::pin::pin!(idle);
+            let (mut a, mut b) = (None, None);
+            // Until both directions end cleanly; the first failure (or idleness) ends both.
+            loop {
+                tokio::select! {
+                    r = &mut up, if a.is_none() => a = Some(r),
+                    r = &mut down, if b.is_none() => b = Some(r),
+                    () = &mut idle => break Err(ErrorCode::Timeout),
+                }
+                match (a, b) {
+                    (Some((x, true)), Some((y, true))) => break Ok(x + y),
+                    (Some((_, false)), _) | (_, Some((_, false))) => break Err(ErrorCode::PeerUnreachable),
+                    _ => {}
+                }
+            }
+        };
+        match outcome {
+            Ok(bytes) => {
+                self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(bytes);
                 self.metrics.streams.get_or_create(&[("direction", "relayed"), ("result", "ok")]).inc();
             }
-            () = watch.expired(self.stream_idle) => {
-                warn!(code = ErrorCode::Timeout.label(), idle_ms = self.stream_idle.as_millis() as u64, "relayed stream idle: closed");
-                self.metrics.stream_error("relayed", ErrorCode::Timeout);
+            Err(code) => {
+                // Either side failed or the stream went idle: reset both sides, so neither
+                // end waits for the other.
+                let reset = quinn::VarInt::from_u32(u32::from(code.to_u16()));
+                let _ = send.reset(reset);
+                let _ = dsend.reset(reset);
+                let _ = recv.stop(reset);
+                let _ = drecv.stop(reset);
+                if code == ErrorCode::Timeout {
+                    warn!(
+                        code = code.label(),
+                        idle_ms = self.stream_idle.as_millis() as u64,
+                        "relayed stream idle: closed"
+                    );
+                } else {
+                    debug!(code = code.label(), "relayed stream cut on one side: reset both");
+                }
+                self.metrics.stream_error("relayed", code);
             }
         }
         true

@@ -43,9 +43,11 @@ impl IdleWatch {
     }
 }
 
-/// Copies `from` to `to` until EOF or an error, touching `watch` for every chunk; finishes
-/// `to` at the end. Returns the bytes copied.
-pub async fn copy_watched<R, W>(from: &mut R, to: &mut W, watch: &IdleWatch) -> u64
+/// Copies `from` to `to` until EOF or an error, touching `watch` for every chunk; at EOF it
+/// finishes `to` (on an error the caller decides: a relay resets both streams). Returns the
+/// bytes copied and whether the copy ended cleanly (EOF read, everything written, `to`
+/// finished).
+pub async fn copy_watched<R, W>(from: &mut R, to: &mut W, watch: &IdleWatch) -> (u64, bool)
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -54,19 +56,22 @@ where
     // 16 KiB per direction: relays hold many streams at once.
     let mut buf = vec![0u8; 16 * 1024];
     let mut total = 0u64;
-    loop {
+    let clean = loop {
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break true,
+            Err(_) => break false,
             Ok(n) => n,
         };
         watch.touch();
         if to.write_all(&buf[..n]).await.is_err() {
-            break;
+            break false;
         }
         total += n as u64;
+    };
+    if !clean {
+        return (total, false);
     }
-    let _ = to.shutdown().await;
-    total
+    (total, to.shutdown().await.is_ok())
 }
 
 #[cfg(test)]

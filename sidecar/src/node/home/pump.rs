@@ -58,8 +58,10 @@ impl HomeNode {
             Ok(total)
         };
         let watchdog = watch.expired(idle);
-        let (u, d) = tokio::select! {
-            r = async { tokio::join!(up, down) } => r,
+        // The first failure in either direction ends the stream (the other direction is
+        // dropped with it), so a reset from the relay closes the app's connection at once.
+        let result = tokio::select! {
+            r = async { tokio::try_join!(up, down) } => r,
             () = watchdog => {
                 warn!(code = ErrorCode::Timeout.label(), idle_ms = idle.as_millis() as u64, "stream idle: closed");
                 self.metrics.stream_error(direction, ErrorCode::Timeout);
@@ -67,14 +69,10 @@ impl HomeNode {
             }
         };
         let (tx_dir, rx_dir) = if direction == "outbound" { ("tx", "rx") } else { ("rx", "tx") };
-        if let Ok(n) = u {
-            self.metrics.bytes.get_or_create(&[("direction", tx_dir)]).inc_by(n);
-        }
-        if let Ok(n) = d {
-            self.metrics.bytes.get_or_create(&[("direction", rx_dir)]).inc_by(n);
-        }
-        match u.and(d) {
-            Ok(_) => {
+        match result {
+            Ok((u, d)) => {
+                self.metrics.bytes.get_or_create(&[("direction", tx_dir)]).inc_by(u);
+                self.metrics.bytes.get_or_create(&[("direction", rx_dir)]).inc_by(d);
                 self.metrics.streams.get_or_create(&[("direction", direction), ("result", "ok")]).inc();
             }
             Err(code) => {
