@@ -25,7 +25,7 @@ use crate::federation::registry::Registry;
 use crate::protocol::control::Control;
 use crate::protocol::route::{PathEntry, RouteBody, RouteHeader};
 use crate::protocol::{ErrorCode, Frame};
-use crate::transport::idle::copy_watched;
+use crate::transport::idle::splice_streams;
 use crate::transport::io::{read_frame, send_error, write_frames};
 use crate::transport::tls::{HopIdentity, failure_reason};
 
@@ -573,40 +573,13 @@ impl MainRelay {
         }
         // A stream that carries nothing either way for `stream_idle` is closed (both sides
         // reset), so stalled streams cannot pile up at a relay.
-        let watch = crate::transport::idle::IdleWatch::new();
-        let outcome = {
-            let mut up = std::pin::pin!(copy_watched(&mut recv, &mut dsend, &watch));
-            let mut down = std::pin::pin!(copy_watched(&mut drecv, &mut send, &watch));
-            let idle = watch.expired(self.stream_idle);
-            let mut idle = std::pin::pin!(idle);
-            let (mut a, mut b) = (None, None);
-            // Until both directions end cleanly; the first failure (or idleness) ends both.
-            loop {
-                tokio::select! {
-                    r = &mut up, if a.is_none() => a = Some(r),
-                    r = &mut down, if b.is_none() => b = Some(r),
-                    () = &mut idle => break Err(ErrorCode::Timeout),
-                }
-                match (a, b) {
-                    (Some((x, true)), Some((y, true))) => break Ok(x + y),
-                    (Some((_, false)), _) | (_, Some((_, false))) => break Err(ErrorCode::PeerUnreachable),
-                    _ => {}
-                }
-            }
-        };
+        let outcome = splice_streams((&mut send, &mut recv), (&mut dsend, &mut drecv), self.stream_idle).await;
         match outcome {
             Ok(bytes) => {
                 self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(bytes);
                 self.metrics.streams.get_or_create(&[("direction", "relayed"), ("result", "ok")]).inc();
             }
             Err(code) => {
-                // Either side failed or the stream went idle: reset both sides, so neither
-                // end waits for the other.
-                let reset = quinn::VarInt::from_u32(u32::from(code.to_u16()));
-                let _ = send.reset(reset);
-                let _ = dsend.reset(reset);
-                let _ = recv.stop(reset);
-                let _ = drecv.stop(reset);
                 if code == ErrorCode::Timeout {
                     warn!(
                         code = code.label(),

@@ -1,10 +1,13 @@
 //! The stream idle watchdog: both directions of a stream touch it when payload moves, and
-//! [`IdleWatch::expired`] completes once nothing moved either way for the idle timeout.
+//! [`IdleWatch::expired`] completes once nothing moved either way for the idle timeout; and
+//! the relay's splice of two QUIC streams under it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::protocol::ErrorCode;
 
 /// When a stream last carried payload, in either direction.
 #[derive(Debug)]
@@ -72,6 +75,45 @@ where
         return (total, false);
     }
     (total, to.shutdown().await.is_ok())
+}
+
+/// Copies two QUIC streams into each other (`a`'s receive side to `b`'s send side and back)
+/// until both directions end cleanly: `Ok(bytes copied)`. The first failure on either side,
+/// or `idle` without payload either way, resets all four halves (so neither end waits for the
+/// other) and returns the code used (`PEER_UNREACHABLE`, `TIMEOUT`).
+pub async fn splice_streams(
+    a: (&mut quinn::SendStream, &mut quinn::RecvStream),
+    b: (&mut quinn::SendStream, &mut quinn::RecvStream),
+    idle: Duration,
+) -> Result<u64, ErrorCode> {
+    let ((a_send, a_recv), (b_send, b_recv)) = (a, b);
+    let watch = IdleWatch::new();
+    let outcome = {
+        let mut up = std::pin::pin!(copy_watched(a_recv, b_send, &watch));
+        let mut down = std::pin::pin!(copy_watched(b_recv, a_send, &watch));
+        let mut expired = std::pin::pin!(watch.expired(idle));
+        let (mut x, mut y) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut up, if x.is_none() => x = Some(r),
+                r = &mut down, if y.is_none() => y = Some(r),
+                () = &mut expired => break Err(ErrorCode::Timeout),
+            }
+            match (x, y) {
+                (Some((m, true)), Some((n, true))) => break Ok(m + n),
+                (Some((_, false)), _) | (_, Some((_, false))) => break Err(ErrorCode::PeerUnreachable),
+                _ => {}
+            }
+        }
+    };
+    if let Err(code) = outcome {
+        let reset = quinn::VarInt::from_u32(u32::from(code.to_u16()));
+        let _ = a_send.reset(reset);
+        let _ = b_send.reset(reset);
+        let _ = a_recv.stop(reset);
+        let _ = b_recv.stop(reset);
+    }
+    outcome
 }
 
 #[cfg(test)]
