@@ -47,6 +47,7 @@ impl AnyResource {
 /// `source_name` labels errors (usually the file name). Empty documents are skipped. The first
 /// rejected document stops parsing: a federation is applied whole or not at all.
 pub fn parse_documents(source_name: &str, yaml: &str) -> Result<Vec<AnyResource>, CrdError> {
+    refuse_tags(source_name, yaml)?;
     let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|e| CrdError::Document {
         source_name: source_name.to_owned(),
         index: 0,
@@ -57,4 +58,73 @@ pub fn parse_documents(source_name: &str, yaml: &str) -> Result<Vec<AnyResource>
         .filter(|(_, doc)| !doc.is_null())
         .map(|(index, doc)| admission::admit(source_name, index, doc))
         .collect()
+}
+
+/// Core-schema tags (`!!str`, `!!int`, ...) mean what kubectl's YAML-to-JSON reads them as.
+const CORE_TAGS: [&str; 7] = ["bool", "float", "int", "map", "null", "seq", "str"];
+
+/// Refuses explicit YAML tags other than the core schema's (`!!binary`, `!!timestamp`,
+/// `!custom`, `%TAG` handles): a YAML library and the API server's YAML-to-JSON path read
+/// them differently, so local mode would run something other than what `kubectl apply`
+/// stores. Syntax errors are left to the document parser, which reports them.
+fn refuse_tags(source_name: &str, yaml: &str) -> Result<(), CrdError> {
+    use granit_parser::{Event, Parser};
+    let mut index = 0usize;
+    for item in Parser::new_from_str(yaml) {
+        let Ok((event, span)) = item else { return Ok(()) };
+        let tag = match &event {
+            Event::DocumentEnd => {
+                index += 1;
+                continue;
+            }
+            Event::Scalar(_, _, _, tag) | Event::SequenceStart(_, _, tag) | Event::MappingStart(_, _, tag) => tag,
+            _ => continue,
+        };
+        if let Some(tag) = tag
+            && !(tag.handle == "tag:yaml.org,2002:" && CORE_TAGS.contains(&tag.suffix.as_str()))
+        {
+            return Err(CrdError::Document {
+                source_name: source_name.to_owned(),
+                index,
+                reason: format!(
+                    "line {}: the YAML tag {tag} is not allowed in a manifest (kubectl would read the value differently); remove it",
+                    span.start.line()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tag_tests {
+    use super::*;
+
+    const DOC: &str = "apiVersion: relayfed.io/v1alpha1\nkind: RelayFederation\nmetadata:\n  name: f\n";
+
+    #[test]
+    fn tags_other_than_the_core_schema_are_refused_naming_the_line() {
+        for (text, tag) in [
+            (format!("{DOC}spec:\n  trustDomain: !!binary ZXhhbXBsZS5vcmc=\n"), "tag:yaml.org,2002:binary"),
+            (format!("{DOC}spec: !custom\n  trustDomain: example.org\n"), "!custom"),
+            (
+                format!("---\n{DOC}---\n{DOC}spec:\n  publicName: !!timestamp 2001-12-14\n"),
+                "tag:yaml.org,2002:timestamp",
+            ),
+        ] {
+            let err = parse_documents("f.yaml", &text).unwrap_err().to_string();
+            assert!(err.contains(tag) && err.contains("line "), "{err}");
+        }
+        let second = format!("---\n{DOC}---\n{DOC}spec: !x {{}}\n");
+        assert!(matches!(parse_documents("f.yaml", &second), Err(CrdError::Document { index: 1, .. })));
+    }
+
+    #[test]
+    fn core_schema_tags_are_read_as_usual() {
+        let text = format!("{DOC}spec: !!map\n  trustDomain: !!str example.org\n");
+        // Whatever admission says about the spec, the tags themselves are not the problem.
+        if let Err(e) = parse_documents("f.yaml", &text) {
+            assert!(!e.to_string().contains("YAML tag"), "{e}");
+        }
+    }
 }
