@@ -48,7 +48,7 @@ impl HomeNode {
             };
             // Message 2 carries this node's certificate, which binds its Noise key: the origin
             // checks that the key it took from the registry is really this node's.
-            let cert = self.leaf_cert();
+            let cert = self.current_identity().leaf_der().to_vec();
             let responder =
                 prologue(binding.as_ref(), &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1, &cert));
             let (responder, msg2) = match responder {

@@ -58,8 +58,9 @@ pub struct HomeNode {
     live: RwLock<Arc<HomeLive>>,
     /// Hop TLS for new main relay connections; a renewed certificate replaces it.
     client_tls: RwLock<quinn::ClientConfig>,
-    /// This node's current certificate (DER), sent to origins in Noise message 2.
-    leaf: RwLock<Vec<u8>>,
+    /// This node's current identity (a renewal replaces it): its certificate goes to origins
+    /// in Noise message 2, its CA bundle verifies destinations' certificates.
+    current: RwLock<HopIdentity>,
     metrics: Arc<Metrics>,
 }
 
@@ -118,7 +119,7 @@ impl HomeNode {
         let client_tls = RwLock::new(identity.client_config(&snap.timeouts)?);
         let node = Arc::new(Self {
             client_tls,
-            leaf: RwLock::new(identity.leaf_der().to_vec()),
+            current: RwLock::new(identity.clone()),
             identity,
             noise,
             mains,
@@ -175,10 +176,10 @@ impl HomeNode {
         Ok((node, bound))
     }
 
-    /// This node's current certificate (DER).
-    fn leaf_cert(&self) -> Vec<u8> {
-        match self.leaf.read() {
-            Ok(l) => l.clone(),
+    /// This node's current identity (the newest renewed certificate and CA bundle).
+    fn current_identity(&self) -> HopIdentity {
+        match self.current.read() {
+            Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
@@ -233,10 +234,9 @@ impl HomeNode {
             Ok(mut c) => *c = cfg,
             Err(p) => *p.into_inner() = cfg,
         }
-        let leaf = next.leaf_der().to_vec();
-        match self.leaf.write() {
-            Ok(mut l) => *l = leaf,
-            Err(p) => *p.into_inner() = leaf,
+        match self.current.write() {
+            Ok(mut c) => *c = next.clone(),
+            Err(p) => *p.into_inner() = next.clone(),
         }
         info!(node = %next.node_id, "hop certificate renewed");
         Ok(())

@@ -318,7 +318,7 @@ impl HomeNode {
                     // A key from the registry came through relays: the destination must show
                     // a CA-issued certificate binding it (a key from the snapshot is trusted).
                     if from_registry
-                        && let Err(reason) = destination_key_bound(&self.identity, &dest.node, &remote, &cert)
+                        && let Err(reason) = destination_key_bound(&self.current_identity(), &dest.node, &remote, &cert)
                     {
                         self.metrics.e2e_handshakes.get_or_create(&[("result", "key_unverified")]).inc();
                         return Err((
