@@ -77,10 +77,13 @@ where
     (total, to.shutdown().await.is_ok())
 }
 
-/// Copies two QUIC streams into each other (`a`'s receive side to `b`'s send side and back)
-/// until both directions end cleanly: `Ok(bytes copied)`. The first failure on either side,
-/// or `idle` without payload either way, resets all four halves (so neither end waits for the
-/// other) and returns the code used (`PEER_UNREACHABLE`, `TIMEOUT`).
+/// Copies two QUIC streams into each other until the stream is over: `a` is the caller's
+/// side, `b` the next hop's. Requests flow `a -> b`, answers `b -> a`. The stream is `Ok(bytes
+/// copied)` once the answer direction has ended cleanly (the request direction may fail after
+/// that: a far side that has answered may stop reading). It fails when the answer direction
+/// fails, when the request direction fails before the answer is complete, or after `idle`
+/// without payload either way; then every half still open is reset or stopped (so neither
+/// end waits for the other) and the code used is returned (`PEER_UNREACHABLE`, `TIMEOUT`).
 pub async fn splice_streams(
     a: (&mut quinn::SendStream, &mut quinn::RecvStream),
     b: (&mut quinn::SendStream, &mut quinn::RecvStream),
@@ -88,29 +91,31 @@ pub async fn splice_streams(
 ) -> Result<u64, ErrorCode> {
     let ((a_send, a_recv), (b_send, b_recv)) = (a, b);
     let watch = IdleWatch::new();
+    let (mut requests, mut answers) = (None, None);
     let outcome = {
         let mut up = std::pin::pin!(copy_watched(a_recv, b_send, &watch));
         let mut down = std::pin::pin!(copy_watched(b_recv, a_send, &watch));
         let mut expired = std::pin::pin!(watch.expired(idle));
-        let (mut x, mut y) = (None, None);
         loop {
             tokio::select! {
-                r = &mut up, if x.is_none() => x = Some(r),
-                r = &mut down, if y.is_none() => y = Some(r),
+                r = &mut up, if requests.is_none() => requests = Some(r),
+                r = &mut down, if answers.is_none() => answers = Some(r),
                 () = &mut expired => break Err(ErrorCode::Timeout),
             }
-            match (x, y) {
-                (Some((m, true)), Some((n, true))) => break Ok(m + n),
-                (Some((_, false)), _) | (_, Some((_, false))) => break Err(ErrorCode::PeerUnreachable),
+            match (requests, answers) {
+                (_, Some((_, false))) | (Some((_, false)), None) => break Err(ErrorCode::PeerUnreachable),
+                (Some((m, _)), Some((n, true))) => break Ok(m + n),
                 _ => {}
             }
         }
     };
     if let Err(code) = outcome {
         let reset = quinn::VarInt::from_u32(u32::from(code.to_u16()));
+        if !matches!(requests, Some((_, true))) {
+            let _ = b_send.reset(reset);
+            let _ = a_recv.stop(reset);
+        }
         let _ = a_send.reset(reset);
-        let _ = b_send.reset(reset);
-        let _ = a_recv.stop(reset);
         let _ = b_recv.stop(reset);
     }
     outcome
