@@ -80,6 +80,9 @@ pub struct HopIdentity {
     roots: Vec<CertificateDer<'static>>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    /// The CA verifier for client certificates, built once (hop servers, and origins checking
+    /// destinations' certificates on every stream setup).
+    verifier: Arc<std::sync::OnceLock<Arc<dyn rustls::server::danger::ClientCertVerifier>>>,
 }
 
 fn read(path: &std::path::Path) -> Result<String, TlsError> {
@@ -128,6 +131,7 @@ impl HopIdentity {
             roots: certs(ca)?,
             chain,
             key: Arc::new(parse_key_pem(key)?),
+            verifier: Default::default(),
         })
     }
 
@@ -139,12 +143,21 @@ impl HopIdentity {
         Ok(Arc::new(roots))
     }
 
+    /// The verifier of client certificates issued by this node's CA (built on first use).
+    fn client_verifier(&self) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+        if let Some(v) = self.verifier.get() {
+            return Ok(v.clone());
+        }
+        let v = WebPkiClientVerifier::builder_with_provider(self.root_store()?, provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        Ok(self.verifier.get_or_init(|| v).clone())
+    }
+
     /// rustls server configuration (TLS 1.3, client certificates from the CA required) with
     /// the given ALPN protocols; QUIC hops and the config distribution server share it.
     pub fn rustls_server(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.root_store()?, provider())
-            .build()
-            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let verifier = self.client_verifier()?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -214,11 +227,8 @@ impl HopIdentity {
     /// binds, if any. Used by origins to check a destination's Noise key: a relay that made
     /// up a key cannot show a CA-issued certificate binding it.
     pub fn verify_node_cert(&self, der: &[u8]) -> Result<(String, Option<[u8; 32]>), TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.root_store()?, provider())
-            .build()
-            .map_err(|e| TlsError::Rustls(e.to_string()))?;
         let cert = CertificateDer::from(der.to_vec());
-        verifier
+        self.client_verifier()?
             .verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now())
             .map_err(|e| TlsError::Identity(format!("certificate not issued by this federation's CA: {e}")))?;
         let node = node_id_from_cert(der, &self.trust_domain)?;

@@ -60,7 +60,7 @@ pub struct HomeNode {
     client_tls: RwLock<quinn::ClientConfig>,
     /// This node's current identity (a renewal replaces it): its certificate goes to origins
     /// in Noise message 2, its CA bundle verifies destinations' certificates.
-    current: RwLock<HopIdentity>,
+    current: RwLock<Arc<HopIdentity>>,
     metrics: Arc<Metrics>,
 }
 
@@ -119,7 +119,7 @@ impl HomeNode {
         let client_tls = RwLock::new(identity.client_config(&snap.timeouts)?);
         let node = Arc::new(Self {
             client_tls,
-            current: RwLock::new(identity.clone()),
+            current: RwLock::new(Arc::new(identity.clone())),
             identity,
             noise,
             mains,
@@ -177,7 +177,7 @@ impl HomeNode {
     }
 
     /// This node's current identity (the newest renewed certificate and CA bundle).
-    fn current_identity(&self) -> HopIdentity {
+    fn current_identity(&self) -> Arc<HopIdentity> {
         match self.current.read() {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
@@ -234,9 +234,10 @@ impl HomeNode {
             Ok(mut c) => *c = cfg,
             Err(p) => *p.into_inner() = cfg,
         }
+        let current = Arc::new(next.clone());
         match self.current.write() {
-            Ok(mut c) => *c = next.clone(),
-            Err(p) => *p.into_inner() = next.clone(),
+            Ok(mut c) => *c = current,
+            Err(p) => *p.into_inner() = current,
         }
         info!(node = %next.node_id, "hop certificate renewed");
         Ok(())
