@@ -26,16 +26,6 @@ struct Net {
     mitm: Mitm,
 }
 
-fn home(id: &str, main: &str, exports: &[&str], imports: &[&str]) -> HomeSpec {
-    HomeSpec {
-        id: id.into(),
-        mains: vec![main.into()],
-        exports: exports.iter().map(|s| (*s).to_owned()).collect(),
-        imports: imports.iter().map(|s| (*s).to_owned()).collect(),
-        round_robin: vec![],
-    }
-}
-
 /// The route shop sends for a call to `echo:7` (what a relay could guess from the registry).
 fn shop_route() -> InnerRoute {
     InnerRoute {
@@ -53,7 +43,7 @@ async fn net(attack: Attack, mode: EchMode) -> Net {
         registry_ttl_seconds: 30,
         idle_timeout_ms: 5_000,
         mains: vec!["hub-a".into(), "hub-b".into()],
-        homes: vec![home("pay", "hub-b", &["echo:7"], &[]), home("shop", "hub-a", &[], &["echo:7"])],
+        homes: vec![HomeSpec::on("pay", "hub-b", &["echo:7"], &[]), HomeSpec::on("shop", "hub-a", &[], &["echo:7"])],
     };
     let tb = Testbed::new(&spec.trust_domain).unwrap();
     let echo = echo_server().await;

@@ -28,16 +28,6 @@ struct Net {
     shop: Proc,
 }
 
-fn home(id: &str, main: &str, exports: &[&str], imports: &[&str]) -> HomeSpec {
-    HomeSpec {
-        id: id.into(),
-        mains: vec![main.into()],
-        exports: exports.iter().map(|s| (*s).to_owned()).collect(),
-        imports: imports.iter().map(|s| (*s).to_owned()).collect(),
-        round_robin: vec![],
-    }
-}
-
 impl Net {
     /// hub-a and hub-b; pay (hub-b) exports echo:7, shop (hub-a) imports it, mallory is
     /// planned at hub-b with no exports. pay and shop run; mallory is the test's own client.
@@ -48,9 +38,9 @@ impl Net {
             idle_timeout_ms: 5_000,
             mains: vec!["hub-a".into(), "hub-b".into()],
             homes: vec![
-                home("pay", "hub-b", &["echo:7"], &[]),
-                home("shop", "hub-a", &[], &["echo:7"]),
-                home("mallory", "hub-b", &[], &[]),
+                HomeSpec::on("pay", "hub-b", &["echo:7"], &[]),
+                HomeSpec::on("shop", "hub-a", &[], &["echo:7"]),
+                HomeSpec::on("mallory", "hub-b", &[], &[]),
             ],
         };
         let tb = Testbed::new(&spec.trust_domain).unwrap();

@@ -59,6 +59,30 @@ async fn view_has(p: &Proc, n: usize) -> bool {
     p.json("/federation/registry").await["entries"].as_array().unwrap().len() == n
 }
 
+/// One relay (its snapshot edited by `relay`), `dest` exporting an echo server as `echo:7`
+/// and `shop` importing it (both edited by `homes`), with shop's view listing dest. Bind every
+/// field a test needs alive: the testbed holds the files, each process dies with its `Proc`.
+struct EchoFed {
+    tb: Testbed,
+    cfg: PathBuf,
+    relay: Proc,
+    dest: Proc,
+    shop: Proc,
+}
+
+async fn echo_fed(relay: impl FnOnce(&mut Snapshot), homes: impl Fn(&mut Snapshot)) -> EchoFed {
+    let tb = Testbed::new("test.example").unwrap();
+    let cfg = tb.main_relay("hub", 1).unwrap();
+    edit(&cfg, relay);
+    let relay = common::start("main-relay", &cfg, &[]).await;
+    let echo = echo_server().await;
+    let exports = vec![Export { service: "echo".into(), port: 7, target: echo }];
+    let dest = home(&tb, "dest", &relay, exports, vec![], &homes).await;
+    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], &homes).await;
+    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+    EchoFed { tb, cfg, relay, dest, shop }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
     let tb = Testbed::new("test.example").unwrap();
@@ -107,15 +131,8 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_probe_flood_does_not_use_up_the_senders_real_quota() {
-    let tb = Testbed::new("test.example").unwrap();
-    let cfg = tb.main_relay("hub", 1).unwrap();
-    edit(&cfg, |s| s.resilience.rate_limit = Some(RateLimit { streams_per_second: 2.0, burst: 10.0 }));
-    let relay = common::start("main-relay", &cfg, &[]).await;
-    let echo = echo_server().await;
-    let _dest =
-        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
-    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
-    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+    let EchoFed { tb: _tb, relay, dest: _dest, shop, .. } =
+        echo_fed(|s| s.resilience.rate_limit = Some(RateLimit { streams_per_second: 2.0, burst: 10.0 }), |_| {}).await;
 
     // 200 probes through the home's admin API (loopback), 40 at a time. Before probes had a
     // bucket of their own they took the home's 10-stream burst, and the calls below failed
@@ -142,16 +159,8 @@ async fn a_trace_probe_flood_does_not_use_up_the_senders_real_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_closes_a_stream_that_carries_nothing_for_its_idle_timeout() {
-    let tb = Testbed::new("test.example").unwrap();
-    let cfg = tb.main_relay("hub", 1).unwrap();
-    edit(&cfg, |s| s.timeouts.stream_idle_ms = 300);
-    let relay = common::start("main-relay", &cfg, &[]).await;
-    let echo = echo_server().await;
-    let _dest =
-        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
     // The homes keep their default (5 min) idle timeout: only the relay's can end the stream.
-    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
-    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+    let EchoFed { tb: _tb, relay, dest: _dest, shop, .. } = echo_fed(|s| s.timeouts.stream_idle_ms = 300, |_| {}).await;
     let mut client = tokio::net::TcpStream::connect(shop.import("echo:7")).await.unwrap();
     client.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
@@ -168,23 +177,15 @@ async fn a_relay_closes_a_stream_that_carries_nothing_for_its_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_homes_own_link_opens_no_remote_breaker() {
-    let tb = Testbed::new("test.example").unwrap();
-    let cfg = tb.main_relay("hub", 1).unwrap();
     // A fixed port, so the relay can come back where the homes dial it.
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    edit(&cfg, |s| s.listen = Some(port));
-    let mut relay = common::start("main-relay", &cfg, &[]).await;
-    let echo = echo_server().await;
     let quick = |s: &mut Snapshot| {
         s.timeouts.idle_ms = 1_500;
         s.timeouts.handshake_ms = 300;
         s.resilience.circuit_breaker.consecutive_failures = 2;
         s.resilience.retry.max_attempts = 1;
     };
-    let _dest =
-        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], quick).await;
-    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], quick).await;
-    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+    let EchoFed { tb: _tb, cfg, mut relay, dest: _dest, shop } = echo_fed(|s| s.listen = Some(port), quick).await;
     assert_eq!(round_trip(shop.import("echo:7"), b"before").await.unwrap(), b"before");
 
     // The relay dies: calls time out on shop's own dying link until it notices (1.5 s).
@@ -212,16 +213,8 @@ async fn losing_the_homes_own_link_opens_no_remote_breaker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_stream_cut_by_a_dead_destination_is_counted_as_an_error() {
-    let tb = Testbed::new("test.example").unwrap();
-    let cfg = tb.main_relay("hub", 1).unwrap();
     // The relay notices the dead destination's connection within 1.5 s.
-    edit(&cfg, |s| s.timeouts.idle_ms = 1_500);
-    let relay = common::start("main-relay", &cfg, &[]).await;
-    let echo = echo_server().await;
-    let mut dest =
-        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
-    let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
-    eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
+    let EchoFed { tb: _tb, relay, mut dest, shop, .. } = echo_fed(|s| s.timeouts.idle_ms = 1_500, |_| {}).await;
     assert_eq!(round_trip(shop.import("echo:7"), b"whole").await.unwrap(), b"whole");
     let mut client = tokio::net::TcpStream::connect(shop.import("echo:7")).await.unwrap();
     client.write_all(b"ping").await.unwrap();

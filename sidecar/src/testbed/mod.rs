@@ -221,6 +221,20 @@ pub struct HomeSpec {
     pub round_robin: Vec<String>,
 }
 
+impl HomeSpec {
+    /// A home on one main relay, exporting and importing the given `service:port`s.
+    pub fn on(id: &str, main: &str, exports: &[&str], imports: &[&str]) -> Self {
+        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        Self {
+            id: id.into(),
+            mains: vec![main.into()],
+            exports: owned(exports),
+            imports: owned(imports),
+            round_robin: vec![],
+        }
+    }
+}
+
 /// Splits `service:port`.
 pub fn service_port(s: &str) -> anyhow::Result<(String, u16)> {
     let (svc, port) = s.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("{s}: expected service:port"))?;
