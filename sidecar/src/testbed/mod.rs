@@ -66,12 +66,13 @@ impl Testbed {
         Ok(TlsFiles { ca_file: self.dir.join("ca.pem"), cert_file: c, key_file: k })
     }
 
-    fn base(&self, node: &str, role: Role) -> anyhow::Result<Snapshot> {
+    /// A snapshot with a certificate for `node` (binding `noise_key`, as homes' do).
+    fn base(&self, node: &str, role: Role, noise_key: Option<&[u8; 32]>) -> anyhow::Result<Snapshot> {
         Ok(Snapshot {
             schema: crate::config::SNAPSHOT_SCHEMA,
             version: 1,
             node: NodeConfig { id: node.to_owned(), role, trust_domain: self.trust_domain.clone() },
-            tls: self.tls_for(node)?,
+            tls: self.tls_bound(node, noise_key)?,
             listen: None,
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ech: None,
@@ -95,7 +96,7 @@ impl Testbed {
 
     /// A main relay snapshot with an ECH key of `config_id`; returns the snapshot path.
     pub fn main_relay(&self, node: &str, config_id: u8) -> anyhow::Result<PathBuf> {
-        let mut s = self.base(node, Role::Main)?;
+        let mut s = self.base(node, Role::Main, None)?;
         s.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         let key = EchKeyPair::generate(config_id, "relay.test.example")?;
         let key_file = self.dir.join(format!("{node}-ech.json"));
@@ -106,7 +107,7 @@ impl Testbed {
 
     /// A main relay snapshot without ECH keys (it cannot open sealed routes).
     pub fn main_relay_without_ech(&self, node: &str) -> anyhow::Result<PathBuf> {
-        let mut s = self.base(node, Role::Main)?;
+        let mut s = self.base(node, Role::Main, None)?;
         s.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         self.save(node, &s)
     }
@@ -149,10 +150,9 @@ impl Testbed {
         imports: Vec<Import>,
         policy: EchPolicy,
     ) -> anyhow::Result<PathBuf> {
-        let mut s = self.base(node, Role::Home)?;
         let public = crate::config::decode_key32(&self.noise_key(node)?)
             .ok_or_else(|| anyhow::anyhow!("noise key of {node} is not 32 bytes"))?;
-        s.tls = self.tls_bound(node, Some(&public))?;
+        let mut s = self.base(node, Role::Home, Some(&public))?;
         s.noise_key_file = Some(self.dir.join(format!("{node}-noise.key")));
         s.main_relays = vec![main];
         s.exports = exports;
