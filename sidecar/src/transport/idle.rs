@@ -79,11 +79,12 @@ where
 
 /// Copies two QUIC streams into each other until the stream is over: `a` is the caller's
 /// side, `b` the next hop's. Requests flow `a -> b`, answers `b -> a`. The stream is `Ok(bytes
-/// copied)` once the answer direction has ended cleanly (the request direction may fail after
-/// that: a far side that has answered may stop reading). It fails when the answer direction
-/// fails, when the request direction fails before the answer is complete, or after `idle`
-/// without payload either way; then every half still open is reset or stopped (so neither
-/// end waits for the other) and the code used is returned (`PEER_UNREACHABLE`, `TIMEOUT`).
+/// copied)` once the answer direction has ended cleanly, whatever became of the request
+/// direction (a far side that answers may stop reading, and its STOP can arrive before its
+/// answer is read, so a request-side failure waits for the answer). It fails when the answer
+/// direction fails, or after `idle` without payload either way; then every half still open
+/// is reset or stopped (so neither end waits for the other) and the code used is returned
+/// (`PEER_UNREACHABLE`, `TIMEOUT`).
 pub async fn splice_streams(
     a: (&mut quinn::SendStream, &mut quinn::RecvStream),
     b: (&mut quinn::SendStream, &mut quinn::RecvStream),
@@ -103,7 +104,7 @@ pub async fn splice_streams(
                 () = &mut expired => break Err(ErrorCode::Timeout),
             }
             match (requests, answers) {
-                (_, Some((_, false))) | (Some((_, false)), None) => break Err(ErrorCode::PeerUnreachable),
+                (_, Some((_, false))) => break Err(ErrorCode::PeerUnreachable),
                 (Some((m, _)), Some((n, true))) => break Ok(m + n),
                 _ => {}
             }

@@ -58,15 +58,30 @@ impl HomeNode {
             Ok(total)
         };
         let watchdog = watch.expired(idle);
-        // The first failure in either direction ends the stream (the other direction is
-        // dropped with it), so a reset from the relay closes the app's connection at once.
-        let result = tokio::select! {
-            r = async { tokio::try_join!(up, down) } => r,
-            () = watchdog => {
-                warn!(code = ErrorCode::Timeout.label(), idle_ms = idle.as_millis() as u64, "stream idle: closed");
-                self.metrics.stream_error(direction, ErrorCode::Timeout);
-                return;
+        // A failure on the QUIC side (the relay reset the stream, the far side is gone) ends
+        // the stream at once; a failure on the app's side waits for the QUIC side to end, so
+        // an answer already on its way is still delivered. Idleness ends it too.
+        let (mut up, mut down) = (std::pin::pin!(up), std::pin::pin!(down));
+        let mut watchdog = std::pin::pin!(watchdog);
+        let (mut u, mut d) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut up, if u.is_none() => u = Some(r),
+                r = &mut down, if d.is_none() => d = Some(r),
+                () = &mut watchdog => {
+                    warn!(code = ErrorCode::Timeout.label(), idle_ms = idle.as_millis() as u64, "stream idle: closed");
+                    self.metrics.stream_error(direction, ErrorCode::Timeout);
+                    return;
+                }
             }
+            if matches!(d, Some(Err(_))) || (u.is_some() && d.is_some()) {
+                break;
+            }
+        }
+        let result = match (u, d) {
+            (_, Some(Err(code))) | (Some(Err(code)), _) => Err(code),
+            (Some(Ok(u)), Some(Ok(d))) => Ok((u, d)),
+            _ => Err(ErrorCode::Internal),
         };
         let (tx_dir, rx_dir) = if direction == "outbound" { ("tx", "rx") } else { ("rx", "tx") };
         match result {
