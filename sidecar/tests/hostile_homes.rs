@@ -134,7 +134,14 @@ async fn a_home_at_a_relay_the_plan_does_not_assign_it_to_is_refused() {
     // mallory is planned at hub-b only; before the fix hub-a took its registration.
     let (conn, first) = mallory_registers(&net.tb, "hub-a", net.relay("hub-a").quic(), Some(&key), &key).await;
     assert!(!matches!(first, Some(Frame::Control(Control::View { .. }))), "mallory got a view: {first:?}");
-    assert_eq!(closed_with(&conn).await, "not_planned_here");
+    // The relay closes right after the handshake; on a loaded machine its close can be
+    // overtaken and the client sees a stateless reset instead of the reason. The relay's
+    // count below is what proves the refusal; the reason is checked whenever it arrives.
+    match tokio::time::timeout(WAIT, conn.closed()).await.expect("the relay did not close the connection") {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(&c.reason[..], b"not_planned_here"),
+        quinn::ConnectionError::Reset => {}
+        other => panic!("closed, but not by the relay: {other}"),
+    }
     let hub_a = net.relay("hub-a");
     assert_eq!(hub_a.metric("relayfed_trust_denials_total", &[("rule", "not_planned_here")]).await, 1.0);
     assert_eq!(net.view_nodes().await, ["pay"]);
