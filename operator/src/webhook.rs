@@ -16,6 +16,7 @@
 //! (audience `relayfed`) for identity, a runtime volume, and the annotation
 //! `relayfed.io/status: injected`.
 
+use relayfed_sidecar::intercept::rules::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -66,14 +67,25 @@ pub struct InjectConfig {
     pub native_sidecar: bool,
     /// Container resources (Kubernetes `ResourceRequirements` JSON).
     pub resources: Value,
+    /// The init container's resources (it runs iptables once and exits).
+    #[serde(default = "default_init_resources")]
+    pub init_resources: Value,
+    /// Which iptables the init container runs (`relayfed-proxy init --iptables`); it decides
+    /// the capabilities the init container asks for.
+    #[serde(default)]
+    pub iptables: Backend,
     /// Failure policy.
     pub failure_policy: FailurePolicy,
+}
+
+fn default_init_resources() -> Value {
+    json!({"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}})
 }
 
 impl Default for InjectConfig {
     fn default() -> Self {
         Self {
-            image: "ghcr.io/relayfed/relayfed:0.1.0".into(),
+            image: "ghcr.io/relayfed/relayfed-proxy:0.1.0".into(),
             proxy_uid: 1337,
             outbound_port: 15001,
             admin_port: 15090,
@@ -81,6 +93,8 @@ impl Default for InjectConfig {
             identity_server: default_identity_server(),
             native_sidecar: true,
             resources: json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}}),
+            init_resources: default_init_resources(),
+            iptables: Backend::Auto,
             failure_policy: FailurePolicy::Fail,
         }
     }
@@ -161,10 +175,21 @@ pub fn decide(pod: &Value, namespace_enabled: bool, cfg: &InjectConfig) -> Resul
         "image": cfg.image,
         // Interception must be in place before the app starts, when the pod's snapshot is not
         // known yet: every outbound TCP connection is redirected (scope all), the proxy decides.
-        "args": ["relayfed-proxy", "init", "--outbound-port", cfg.outbound_port.to_string(), "--proxy-uid", cfg.proxy_uid.to_string()],
+        // The image's ENTRYPOINT is relayfed-proxy (docs/operations.md, "Images").
+        "args": [
+            "init", "--outbound-port", cfg.outbound_port.to_string(), "--proxy-uid", cfg.proxy_uid.to_string(),
+            "--iptables", cfg.iptables.arg(),
+        ],
+        // iptables-legacy takes its lock under the run volume: the root filesystem stays read-only.
+        "env": [{"name": "XTABLES_LOCKFILE", "value": format!("{RUN_DIR}/xtables.lock")}],
+        "resources": cfg.init_resources,
+        // Root (uid 0) only because iptables needs the capabilities in its effective set;
+        // nothing but the capabilities iptables uses, no privilege escalation, default seccomp.
         "securityContext": {
-            "runAsUser": 0, "runAsNonRoot": false, "allowPrivilegeEscalation": false,
-            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "runAsUser": 0, "runAsNonRoot": false, "allowPrivilegeEscalation": false, "privileged": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"add": cfg.iptables.capabilities(), "drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [{"name": "relayfed-run", "mountPath": RUN_DIR}],
     });
@@ -172,7 +197,7 @@ pub fn decide(pod: &Value, namespace_enabled: bool, cfg: &InjectConfig) -> Resul
         "name": PROXY,
         "image": cfg.image,
         "args": [
-            "relayfed-proxy", "workload", "--identity-server", cfg.identity_server, "--config-server", cfg.config_server,
+            "workload", "--identity-server", cfg.identity_server, "--config-server", cfg.config_server,
             "--dir", RUN_DIR, "--token-file", format!("{TOKEN_DIR}/token"),
         ],
         "env": [
@@ -184,6 +209,7 @@ pub fn decide(pod: &Value, namespace_enabled: bool, cfg: &InjectConfig) -> Resul
         "securityContext": {
             "runAsUser": cfg.proxy_uid, "runAsNonRoot": true, "allowPrivilegeEscalation": false,
             "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": cfg.admin_port}, "periodSeconds": 5},
         "volumeMounts": [

@@ -9,8 +9,9 @@
 use std::path::Path;
 
 use base64::Engine;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod};
 use relayfed_operator::webhook::{FailurePolicy, INIT, InjectConfig, PROXY, review};
+use relayfed_sidecar::intercept::rules::Backend;
 use serde_json::Value;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -65,12 +66,12 @@ fn pods_in_labelled_namespaces_get_the_proxy_as_a_native_sidecar() {
         assert_eq!(spec.containers[0].name, "catalog", "app containers are untouched");
         // The init container needs no snapshot: it redirects all outbound TCP, minus the proxy's uid.
         let init_args = inits[0].args.clone().unwrap();
-        assert_eq!(init_args[..2], ["relayfed-proxy", "init"]);
+        assert_eq!(init_args[0], "init");
         assert!(init_args.windows(2).any(|w| w == ["--proxy-uid", "1337"]), "{init_args:?}");
         assert!(init_args.windows(2).any(|w| w == ["--outbound-port", "15001"]), "{init_args:?}");
         // The proxy bootstraps its identity and config from the operator.
         let proxy_args = inits[1].args.clone().unwrap();
-        assert_eq!(proxy_args[..2], ["relayfed-proxy", "workload"]);
+        assert_eq!(proxy_args[0], "workload");
         assert!(proxy_args.windows(2).any(|w| w[0] == "--identity-server" && w[1] == cfg.identity_server));
         assert!(proxy_args.windows(2).any(|w| w[0] == "--config-server" && w[1] == cfg.config_server));
         let token = &pod["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "relayfed-token").unwrap()
@@ -86,6 +87,38 @@ fn pods_in_labelled_namespaces_get_the_proxy_as_a_native_sidecar() {
     assert_eq!(names(&pod["spec"]["initContainers"]), [INIT, PROXY, "migrate"]);
     assert_eq!(pod["metadata"]["annotations"]["prometheus.io/scrape"], "true");
     assert_eq!(pod["spec"]["volumes"][0]["name"], "kube-api-access-x7k2p");
+}
+
+#[test]
+fn injected_containers_follow_the_image_contract_and_the_init_step_is_hardened() {
+    for (backend, caps) in [
+        (Backend::Auto, vec!["NET_ADMIN", "NET_RAW"]),
+        (Backend::Legacy, vec!["NET_ADMIN", "NET_RAW"]),
+        (Backend::Nft, vec!["NET_ADMIN"]),
+    ] {
+        let cfg = InjectConfig { iptables: backend, ..InjectConfig::default() };
+        let (_, pod) = admit("plain.json", true, &cfg);
+        let inits: Vec<Container> = serde_json::from_value(pod["spec"]["initContainers"].clone()).unwrap();
+        for c in &inits {
+            // The relayfed-proxy image's ENTRYPOINT is the binary: arguments only, no command.
+            assert!(c.command.is_none(), "{}: the ENTRYPOINT runs relayfed-proxy", c.name);
+            assert_eq!(c.image.as_deref(), Some(cfg.image.as_str()));
+            let sc = c.security_context.clone().unwrap();
+            assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault", "{}", c.name);
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+            assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+            assert_eq!(sc.capabilities.clone().unwrap().drop.unwrap(), ["ALL"], "{}", c.name);
+            assert!(c.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some(), "{}: bounded", c.name);
+        }
+        let init = &inits[0];
+        assert_eq!(init.security_context.clone().unwrap().capabilities.unwrap().add.unwrap(), caps, "{backend:?}");
+        let args = init.args.clone().unwrap();
+        assert!(args.windows(2).any(|w| w == ["--iptables", backend.arg()]), "{args:?}");
+        // iptables-legacy's lock lives on the run volume, not the read-only root.
+        let env = init.env.clone().unwrap();
+        assert!(env.iter().any(|e| e.name == "XTABLES_LOCKFILE"
+            && e.value.as_deref().is_some_and(|v| v.starts_with(relayfed_operator::webhook::RUN_DIR))));
+    }
 }
 
 #[test]

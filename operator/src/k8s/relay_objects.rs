@@ -115,7 +115,7 @@ pub fn deployment(r: &Relay, owner: &OwnerReference, settings: &Settings) -> Dep
     let container = Container {
         name: "relayfed-proxy".into(),
         image: Some(settings.proxy_image.clone()),
-        command: Some(vec!["relayfed-proxy".into()]),
+        // The image's ENTRYPOINT is relayfed-proxy (docs/operations.md, "Images").
         args: Some(vec![
             "main-relay".into(),
             "--config".into(),

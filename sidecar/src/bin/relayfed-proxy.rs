@@ -81,6 +81,10 @@ enum Command {
         /// Remove the rules instead of installing them.
         #[arg(long, conflicts_with = "dry_run")]
         cleanup: bool,
+        /// Which iptables installs the rules: `nft` (iptables-nft), `legacy` (iptables-legacy)
+        /// or `auto` (`iptables` as the image resolves it). Use the one the node's kube-proxy uses.
+        #[arg(long, value_enum, default_value_t = relayfed_sidecar::intercept::rules::Backend::Auto)]
+        iptables: relayfed_sidecar::intercept::rules::Backend,
     },
     /// Federation CA tooling (local mode and hosts outside Kubernetes).
     Ca {
@@ -214,7 +218,17 @@ fn main() -> anyhow::Result<()> {
         Command::Ech { command } => ech(command),
         Command::MainRelay { config, sub } => run(config, Role::Main, sub),
         Command::Home { config, sub } => run(config, Role::Home, sub),
-        Command::Init { config, outbound_port, proxy_uid, exclude_cidr, exclude_port, no_ipv6, dry_run, cleanup } => {
+        Command::Init {
+            config,
+            outbound_port,
+            proxy_uid,
+            exclude_cidr,
+            exclude_port,
+            no_ipv6,
+            dry_run,
+            cleanup,
+            iptables,
+        } => {
             let (ic, imports, source) = match (config, outbound_port, proxy_uid) {
                 (Some(config), _, _) => {
                     let snap = Snapshot::load(&config)?;
@@ -238,7 +252,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 _ => anyhow::bail!("give --config, or --outbound-port with --proxy-uid"),
             };
-            init(&ic, &imports, &source, dry_run, cleanup)
+            init(&ic, &imports, &source, InitMode { dry_run, cleanup, backend: iptables })
         }
         Command::Workload(opts) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -262,28 +276,34 @@ fn read_passphrase(path: Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
     Ok(Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()))
 }
 
+/// What `relayfed-proxy init` does with the rules.
+struct InitMode {
+    dry_run: bool,
+    cleanup: bool,
+    backend: relayfed_sidecar::intercept::rules::Backend,
+}
+
 fn init(
     ic: &relayfed_sidecar::config::Intercept,
     imports: &[relayfed_sidecar::config::Import],
     source: &str,
-    dry_run: bool,
-    cleanup: bool,
+    InitMode { dry_run, cleanup, backend }: InitMode,
 ) -> anyhow::Result<()> {
     use relayfed_sidecar::intercept::rules;
     for (i, c) in ic.exclude_cidrs.iter().enumerate() {
         anyhow::ensure!(rules::parse_cidr(c).is_some(), "{source}: exclude CIDR #{i} {c:?} is not an IP/prefix");
     }
     if dry_run {
-        for line in rules::dry_run(ic, imports) {
+        for line in rules::dry_run(ic, imports, backend) {
             println!("{line}");
         }
         return Ok(());
     }
     if cleanup {
-        rules::cleanup(ic)?;
+        rules::cleanup(ic, backend)?;
         eprintln!("removed the relayfed interception rules");
     } else {
-        rules::apply(ic, imports)?;
+        rules::apply(ic, imports, backend)?;
         eprintln!(
             "installed the relayfed interception rules: outbound TCP -> port {} (uid {} excluded)",
             ic.outbound_port, ic.proxy_uid

@@ -29,12 +29,51 @@ pub enum Family {
     V6,
 }
 
-impl Family {
-    /// The command for this family.
-    pub fn binary(self) -> &'static str {
+/// Which iptables implementation installs the rules: the kernel's nf_tables (`iptables-nft`),
+/// the legacy x_tables (`iptables-legacy`), or whatever `iptables` resolves to in the image.
+/// The node's other rules (kube-proxy, the CNI) use one of them; mixing both in one network
+/// namespace works but hides each set from the other's listing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// `iptables` / `ip6tables` as installed (Debian: the nft variant unless switched).
+    #[default]
+    Auto,
+    /// `iptables-nft` / `ip6tables-nft` (netlink; needs CAP_NET_ADMIN only).
+    Nft,
+    /// `iptables-legacy` / `ip6tables-legacy` (raw socket; needs CAP_NET_ADMIN and CAP_NET_RAW).
+    Legacy,
+}
+
+impl Backend {
+    /// The `--iptables` argument of `relayfed-proxy init` that selects this backend.
+    pub fn arg(self) -> &'static str {
         match self {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
+            Backend::Auto => "auto",
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    /// The Linux capabilities this backend needs, as a pod's securityContext names them.
+    pub fn capabilities(self) -> &'static [&'static str] {
+        match self {
+            Backend::Nft => &["NET_ADMIN"],
+            Backend::Auto | Backend::Legacy => &["NET_ADMIN", "NET_RAW"],
+        }
+    }
+}
+
+impl Family {
+    /// The command for this family and backend.
+    pub fn binary(self, backend: Backend) -> &'static str {
+        match (self, backend) {
+            (Family::V4, Backend::Auto) => "iptables",
+            (Family::V6, Backend::Auto) => "ip6tables",
+            (Family::V4, Backend::Nft) => "iptables-nft",
+            (Family::V6, Backend::Nft) => "ip6tables-nft",
+            (Family::V4, Backend::Legacy) => "iptables-legacy",
+            (Family::V6, Backend::Legacy) => "ip6tables-legacy",
         }
     }
 
@@ -149,10 +188,10 @@ pub fn families(ic: &Intercept) -> Vec<Family> {
 }
 
 /// Shell lines for `--dry-run` (what `apply` would run, minus the existence checks).
-pub fn dry_run(ic: &Intercept, imports: &[Import]) -> Vec<String> {
+pub fn dry_run(ic: &Intercept, imports: &[Import], backend: Backend) -> Vec<String> {
     let mut out = Vec::new();
     for f in families(ic) {
-        let b = f.binary();
+        let b = f.binary(backend);
         out.push(format!("{b} -t nat -N {CHAIN}  # if missing"));
         out.push(format!("{b} -t nat -F {CHAIN}"));
         for r in chain_rules(ic, imports, f) {
@@ -163,8 +202,8 @@ pub fn dry_run(ic: &Intercept, imports: &[Import]) -> Vec<String> {
     out
 }
 
-fn run(family: Family, args: &[String]) -> Result<std::process::Output, InitError> {
-    let binary = family.binary();
+fn run(family: Family, backend: Backend, args: &[String]) -> Result<std::process::Output, InitError> {
+    let binary = family.binary(backend);
     let mut full = vec!["-w".to_owned(), "5".to_owned(), "-t".to_owned(), "nat".to_owned()];
     full.extend(args.iter().cloned());
     let out = Command::new(binary).args(&full).output().map_err(|e| match e.kind() {
@@ -174,13 +213,13 @@ fn run(family: Family, args: &[String]) -> Result<std::process::Output, InitErro
     Ok(out)
 }
 
-fn must(family: Family, args: &[String]) -> Result<(), InitError> {
-    let out = run(family, args)?;
+fn must(family: Family, backend: Backend, args: &[String]) -> Result<(), InitError> {
+    let out = run(family, backend, args)?;
     if out.status.success() {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    let binary = family.binary();
+    let binary = family.binary(backend);
     if stderr.contains("Permission denied")
         || stderr.contains("you must be root")
         || out.status.code() == Some(4) && stderr.contains("ermission")
@@ -190,8 +229,8 @@ fn must(family: Family, args: &[String]) -> Result<(), InitError> {
     Err(InitError::Failed { binary, args: args.join(" "), stderr })
 }
 
-fn succeeds(family: Family, args: &[String]) -> Result<bool, InitError> {
-    Ok(run(family, args)?.status.success())
+fn succeeds(family: Family, backend: Backend, args: &[String]) -> Result<bool, InitError> {
+    Ok(run(family, backend, args)?.status.success())
 }
 
 fn strs(v: &[&str]) -> Vec<String> {
@@ -199,39 +238,39 @@ fn strs(v: &[&str]) -> Vec<String> {
 }
 
 /// Installs (or refreshes) the rules; running it twice leaves one set.
-pub fn apply(ic: &Intercept, imports: &[Import]) -> Result<(), InitError> {
+pub fn apply(ic: &Intercept, imports: &[Import], b: Backend) -> Result<(), InitError> {
     for f in families(ic) {
-        if !succeeds(f, &strs(&["-S", CHAIN]))? {
-            must(f, &strs(&["-N", CHAIN]))?;
+        if !succeeds(f, b, &strs(&["-S", CHAIN]))? {
+            must(f, b, &strs(&["-N", CHAIN]))?;
         }
-        must(f, &strs(&["-F", CHAIN]))?;
+        must(f, b, &strs(&["-F", CHAIN]))?;
         for r in chain_rules(ic, imports, f) {
-            must(f, &r)?;
+            must(f, b, &r)?;
         }
         let mut check = vec!["-C".to_owned()];
         check.extend(jump());
-        if !succeeds(f, &check)? {
+        if !succeeds(f, b, &check)? {
             let mut add = vec!["-A".to_owned()];
             add.extend(jump());
-            must(f, &add)?;
+            must(f, b, &add)?;
         }
     }
     Ok(())
 }
 
 /// Removes everything `apply` added (safe to run when nothing is installed).
-pub fn cleanup(ic: &Intercept) -> Result<(), InitError> {
+pub fn cleanup(ic: &Intercept, b: Backend) -> Result<(), InitError> {
     for f in families(ic) {
         let mut check = vec!["-C".to_owned()];
         check.extend(jump());
-        while succeeds(f, &check)? {
+        while succeeds(f, b, &check)? {
             let mut del = vec!["-D".to_owned()];
             del.extend(jump());
-            must(f, &del)?;
+            must(f, b, &del)?;
         }
-        if succeeds(f, &strs(&["-S", CHAIN]))? {
-            must(f, &strs(&["-F", CHAIN]))?;
-            must(f, &strs(&["-X", CHAIN]))?;
+        if succeeds(f, b, &strs(&["-S", CHAIN]))? {
+            must(f, b, &strs(&["-F", CHAIN]))?;
+            must(f, b, &strs(&["-X", CHAIN]))?;
         }
     }
     Ok(())
@@ -295,9 +334,19 @@ mod tests {
 
     #[test]
     fn dry_run_prints_both_families() {
-        let lines = dry_run(&ic(InterceptScope::All), &[]);
+        let lines = dry_run(&ic(InterceptScope::All), &[], Backend::Auto);
         assert!(lines.iter().any(|l| l.starts_with("iptables -t nat -A OUTPUT -p tcp -j RELAYFED_OUTPUT")));
         assert!(lines.iter().any(|l| l.starts_with("ip6tables -t nat -A RELAYFED_OUTPUT -d ::1/128 -j RETURN")));
+    }
+
+    #[test]
+    fn backends_pick_their_binaries_and_capabilities() {
+        let nft = dry_run(&ic(InterceptScope::All), &[], Backend::Nft);
+        assert!(nft.iter().all(|l| l.starts_with("iptables-nft ") || l.starts_with("ip6tables-nft ")), "{nft:?}");
+        let legacy = dry_run(&ic(InterceptScope::All), &[], Backend::Legacy);
+        assert!(legacy.iter().any(|l| l.starts_with("ip6tables-legacy -t nat -F RELAYFED_OUTPUT")), "{legacy:?}");
+        assert_eq!(Backend::Nft.capabilities(), ["NET_ADMIN"]);
+        assert_eq!(Backend::Legacy.capabilities(), ["NET_ADMIN", "NET_RAW"]);
     }
 
     #[test]
