@@ -64,8 +64,8 @@ lint: ## rustfmt and clippy (warnings are errors).
 fmt: ## Format the code.
 	$(CARGO) fmt --all
 
-crds: ## Regenerate charts/relayfed/crds from the Rust types.
-	$(CARGO) run -q -p relayfed-crds --bin crdgen -- charts/relayfed/crds
+crds: ## Regenerate the CRD chart (charts/relayfed-crds/templates) from the Rust types.
+	$(CARGO) run -q -p relayfed-crds --bin crdgen -- charts/relayfed-crds/templates
 
 fuzz: ## Run every fuzz harness for FUZZ_SECONDS each (stable Rust, cargo-fuzz -s none).
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked

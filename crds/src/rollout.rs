@@ -281,7 +281,6 @@ pub struct PolicySelector {
     derive = "PartialEq",
     status = "RolloutPolicyStatus",
     shortname = "rp",
-    shortname = "rollout",
     category = "relayfed",
     doc = "Gradual ECH rollout (mode, percentage, whitelist, automatic rollback), trust defaults and resilience settings.",
     printcolumn(name = "Enabled", type_ = "boolean", json_path = ".spec.ech.enabled"),

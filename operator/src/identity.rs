@@ -205,22 +205,29 @@ impl IdentityServer {
         key_pem: &str,
     ) -> anyhow::Result<std::net::SocketAddr> {
         use http_body_util::{BodyExt, Limited};
-        crate::https::serve(addr, cert_pem, key_pem, move |req: hyper::Request<hyper::body::Incoming>| {
-            let this = self.clone();
-            async move {
-                let (status, body) = if (req.method(), req.uri().path()) != (&hyper::Method::POST, "/v1/certificate") {
-                    (404, json!({"error": "not_found", "message": "POST /v1/certificate"}))
-                } else {
-                    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
-                    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                        Ok(b) => this.handle(auth.as_deref(), &b.to_bytes(), SystemTime::now()).await,
-                        Err(e) => (400, json!({"error": "bad_request", "message": format!("body: {e}")})),
-                    }
-                };
-                let status = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-                (status, body.to_string())
-            }
-        })
+        crate::https::serve(
+            addr,
+            crate::https::Certificates::Pem(cert_pem.to_owned(), key_pem.to_owned()),
+            move |req: hyper::Request<hyper::body::Incoming>| {
+                let this = self.clone();
+                async move {
+                    let (status, body) = if (req.method(), req.uri().path())
+                        != (&hyper::Method::POST, "/v1/certificate")
+                    {
+                        (404, json!({"error": "not_found", "message": "POST /v1/certificate"}))
+                    } else {
+                        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                        match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                            Ok(b) => this.handle(auth.as_deref(), &b.to_bytes(), SystemTime::now()).await,
+                            Err(e) => (400, json!({"error": "bad_request", "message": format!("body: {e}")})),
+                        }
+                    };
+                    let status =
+                        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+                    (status, body.to_string())
+                }
+            },
+        )
         .await
     }
 }

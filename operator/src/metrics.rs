@@ -43,6 +43,8 @@ pub struct OperatorMetrics {
     pub certificates_issued: Family<L1, Counter>,
     /// Webhook admissions by `result` (injected, skipped, error).
     pub admissions: Family<L1, Counter>,
+    /// 1 while this replica holds the leader Lease, else 0.
+    pub leader: Gauge,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -74,6 +76,7 @@ impl OperatorMetrics {
             reconcile_seconds: Family::new_with_constructor(seconds_histogram),
             certificates_issued: Default::default(),
             admissions: Default::default(),
+            leader: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -124,6 +127,11 @@ impl OperatorMetrics {
             m.certificates_issued.clone(),
         );
         registry.register("relayfed_operator_webhook_admissions", "Webhook admissions by result", m.admissions.clone());
+        registry.register(
+            "relayfed_operator_leader",
+            "1 while this replica holds the leader Lease (it reconciles and serves distribution)",
+            m.leader.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -319,17 +319,16 @@ pub fn review(body: &[u8], namespace_enabled: bool, cfg: &InjectConfig) -> Resul
 }
 
 /// Serves the webhook over HTTPS (`POST /inject`, `POST /inject/namespace`) with the given
-/// PEM certificate chain and key; returns the bound address.
+/// certificate (files are reloaded when they change); returns the bound address.
 pub async fn serve(
     addr: std::net::SocketAddr,
-    cert_pem: &str,
-    key_pem: &str,
+    certs: crate::https::Certificates,
     cfg: InjectConfig,
     metrics: std::sync::Arc<crate::metrics::OperatorMetrics>,
 ) -> anyhow::Result<std::net::SocketAddr> {
     use http_body_util::{BodyExt, Limited};
     let cfg = std::sync::Arc::new(cfg);
-    crate::https::serve(addr, cert_pem, key_pem, move |req: hyper::Request<hyper::body::Incoming>| {
+    crate::https::serve(addr, certs, move |req: hyper::Request<hyper::body::Incoming>| {
         let (cfg, metrics) = (cfg.clone(), metrics.clone());
         async move {
             let ns = match (req.method(), req.uri().path()) {

@@ -226,8 +226,7 @@ async fn the_https_server_answers_reviews() {
     let metrics = std::sync::Arc::new(relayfed_operator::metrics::OperatorMetrics::new());
     let addr = relayfed_operator::webhook::serve(
         "127.0.0.1:0".parse().unwrap(),
-        &cert.cert_pem,
-        &cert.key_pem,
+        relayfed_operator::https::Certificates::Pem(cert.cert_pem.clone(), cert.key_pem.clone()),
         InjectConfig::default(),
         metrics.clone(),
     )
@@ -265,4 +264,45 @@ async fn the_https_server_answers_reviews() {
     let text = metrics.encode();
     assert!(text.contains("relayfed_operator_webhook_admissions_total{result=\"injected\"} 1"), "{text}");
     assert!(text.contains("relayfed_operator_webhook_admissions_total{result=\"malformed\"} 1"), "{text}");
+}
+
+/// The certificate the server at `addr` presents to a client trusting `ca_pem`.
+async fn served_certificate(addr: std::net::SocketAddr, ca_pem: &str) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(relayfed_sidecar::crypto::ca::parse_cert_pem(ca_pem).unwrap()).unwrap();
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("relayfed-webhook.cluster.local").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, tcp).await.unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn the_webhook_serves_a_renewed_certificate_without_a_restart() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = std::env::temp_dir().join(format!("relayfed-webhook-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let ca = relayfed_sidecar::crypto::ca::FederationCa::generate("cluster.local").unwrap();
+    let ca_pem = ca.certified_key().cert_pem.clone();
+    let first = ca.issue("relayfed-webhook", std::time::Duration::from_secs(3600)).unwrap();
+    std::fs::write(&crt, &first.cert_pem).unwrap();
+    std::fs::write(&key, &first.key_pem).unwrap();
+    let metrics = std::sync::Arc::new(relayfed_operator::metrics::OperatorMetrics::new());
+    let certs = relayfed_operator::https::Certificates::Files(crt.clone(), key.clone());
+    let addr =
+        relayfed_operator::webhook::serve("127.0.0.1:0".parse().unwrap(), certs, InjectConfig::default(), metrics)
+            .await
+            .unwrap();
+    let der = |pem: &str| relayfed_sidecar::crypto::ca::parse_cert_pem(pem).unwrap().to_vec();
+    assert_eq!(served_certificate(addr, &ca_pem).await, der(&first.cert_pem));
+    // A renewal (as cert-manager or kubectl writes the Secret) is served to new connections.
+    let second = ca.issue("relayfed-webhook", std::time::Duration::from_secs(7200)).unwrap();
+    std::fs::write(&key, &second.key_pem).unwrap();
+    std::fs::write(&crt, &second.cert_pem).unwrap();
+    assert_eq!(served_certificate(addr, &ca_pem).await, der(&second.cert_pem), "the renewal was not picked up");
+    // A broken update keeps the last good certificate instead of failing every handshake.
+    std::fs::write(&crt, "not a certificate").unwrap();
+    assert_eq!(served_certificate(addr, &ca_pem).await, der(&second.cert_pem));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -75,7 +75,7 @@ enum OperatorCommand {
         /// Workload certificate server (HTTPS, `POST /v1/certificate` with a bound token).
         #[arg(long, default_value = "0.0.0.0:8444")]
         identity_listen: std::net::SocketAddr,
-        /// Admin port: /metrics, /healthz, /readyz (leader only).
+        /// Admin port: /metrics, /healthz, /readyz (Ready once the API server and the Lease were reached).
         #[arg(long, default_value = "0.0.0.0:9090")]
         admin_listen: std::net::SocketAddr,
         /// Outbound listener port of injected sidecars (chart `injection.outboundPort`).
@@ -87,6 +87,11 @@ enum OperatorCommand {
         /// Admin port of injected sidecars (chart `injection.adminPort`).
         #[arg(long, default_value_t = 15090)]
         workload_admin_port: u16,
+        /// Placement and metadata of main relay pods, as JSON (chart `relays.*` and
+        /// `imagePullSecrets`): nodeSelector, tolerations, affinity, topologySpreadConstraints,
+        /// podAnnotations, podLabels, priorityClassName, imagePullSecrets.
+        #[arg(long, default_value = "")]
+        relay_pods: String,
     },
 }
 
@@ -145,11 +150,10 @@ fn webhook(command: WebhookCommand) -> anyhow::Result<()> {
         }
         WebhookCommand::Serve { listen, tls_cert, tls_key, config } => {
             let cfg = inject_config(config.as_ref())?;
-            let cert = std::fs::read_to_string(&tls_cert).with_context(|| tls_cert.display().to_string())?;
-            let key = std::fs::read_to_string(&tls_key).with_context(|| tls_key.display().to_string())?;
             runtime()?.block_on(async move {
                 let metrics = std::sync::Arc::new(relayfed_operator::metrics::OperatorMetrics::new());
-                let addr = relayfed_operator::webhook::serve(listen, &cert, &key, cfg, metrics).await?;
+                let certs = relayfed_operator::https::Certificates::Files(tls_cert, tls_key);
+                let addr = relayfed_operator::webhook::serve(listen, certs, cfg, metrics).await?;
                 eprintln!("injection webhook listening on https://{addr}");
                 tokio::signal::ctrl_c().await?;
                 Ok(())
@@ -251,6 +255,7 @@ fn main() -> anyhow::Result<()> {
                     workload_outbound_port,
                     workload_proxy_uid,
                     workload_admin_port,
+                    relay_pods,
                 },
         } => {
             use relayfed_operator::k8s::{Settings, controllers, workloads::WorkloadSettings};
@@ -258,17 +263,18 @@ fn main() -> anyhow::Result<()> {
             workloads.intercept.outbound_port = workload_outbound_port;
             workloads.intercept.proxy_uid = workload_proxy_uid;
             workloads.admin_port = workload_admin_port;
-            let settings = Settings { proxy_image, config_server, workloads, ..Settings::default() };
+            let relay_pods = relayfed_operator::k8s::RelayPods::parse(&relay_pods).map_err(|e| anyhow::anyhow!(e))?;
+            let settings = Settings { proxy_image, config_server, workloads, relay_pods, ..Settings::default() };
             let opts =
                 controllers::RunOptions { namespace, identity, federation, distribution_listen, identity_listen };
             runtime()?.block_on(async move {
                 let metrics = std::sync::Arc::new(relayfed_operator::metrics::OperatorMetrics::new());
-                let leading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                relayfed_operator::k8s::probes::serve(admin_listen, metrics.clone(), leading.clone()).await?;
+                let role = std::sync::Arc::new(relayfed_operator::k8s::probes::Role::default());
+                relayfed_operator::k8s::probes::serve(admin_listen, metrics.clone(), role.clone()).await?;
                 let client = kube::Client::try_default()
                     .await
                     .context("no Kubernetes API: run in a cluster or with a kubeconfig (for a machine without one, see `relayfed local up`)")?;
-                controllers::run(client, settings, opts, metrics, leading).await?;
+                controllers::run(client, settings, opts, metrics, role).await?;
                 Ok(())
             })
         }

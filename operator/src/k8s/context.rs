@@ -34,6 +34,50 @@ pub struct Settings {
     pub relay_cert_renew_before: Duration,
     /// Injected pods: the federation they join and how their sidecars run.
     pub workloads: super::workloads::WorkloadSettings,
+    /// Placement and metadata for main relay pods (chart `relays.*`, `imagePullSecrets`).
+    pub relay_pods: RelayPods,
+}
+
+/// Placement and metadata the operator puts on every main relay pod it deploys (the chart's
+/// `relays` values plus `imagePullSecrets`, passed as JSON in `--relay-pods`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RelayPods {
+    /// Node selector.
+    #[serde(default)]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+    /// Tolerations.
+    #[serde(default)]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    /// Affinity (none: the relay's replicas may share a node).
+    #[serde(default)]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    /// Topology spread constraints.
+    #[serde(default)]
+    pub topology_spread_constraints: Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint>,
+    /// Extra pod annotations.
+    #[serde(default)]
+    pub pod_annotations: std::collections::BTreeMap<String, String>,
+    /// Extra pod labels (the operator's own labels win).
+    #[serde(default)]
+    pub pod_labels: std::collections::BTreeMap<String, String>,
+    /// PriorityClass.
+    #[serde(default)]
+    pub priority_class_name: Option<String>,
+    /// Pull secrets for the proxy image.
+    #[serde(default)]
+    pub image_pull_secrets: Vec<k8s_openapi::api::core::v1::LocalObjectReference>,
+}
+
+impl RelayPods {
+    /// Parses the `--relay-pods` JSON; empty or whitespace means none.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        if json.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let de = &mut serde_json::Deserializer::from_str(json);
+        serde_path_to_error::deserialize(de).map_err(|e| format!("--relay-pods: {}: {}", e.path(), e.inner()))
+    }
 }
 
 impl Default for Settings {
@@ -45,6 +89,7 @@ impl Default for Settings {
             relay_cert_validity: Duration::from_secs(30 * 86_400),
             relay_cert_renew_before: Duration::from_secs(10 * 86_400),
             workloads: Default::default(),
+            relay_pods: RelayPods::default(),
         }
     }
 }

@@ -19,7 +19,8 @@ use relayfed_crds::{Peer, Relay, RelayFederation, RolloutPolicy};
 use tracing::{info, warn};
 
 use super::context::{error_policy, object_key};
-use super::leader::Elector;
+use super::leader::{Elector, PodLabel};
+use super::probes::Role;
 use super::services::{ServiceExport, ServiceImport};
 use super::{Context, FIELD_MANAGER, LABEL_MANAGED_BY, ReconcileError, Settings, Stores};
 use crate::distribution::Distributor;
@@ -184,23 +185,38 @@ pub async fn run(
     settings: Settings,
     opts: RunOptions,
     metrics: Arc<OperatorMetrics>,
-    leading: Arc<std::sync::atomic::AtomicBool>,
+    role: Arc<Role>,
 ) -> Result<(), ReconcileError> {
+    use std::sync::atomic::Ordering;
     let elector = Elector::new(
         Api::<Lease>::namespaced(client.clone(), &opts.namespace),
         "relayfed-operator",
         &opts.identity,
         Duration::from_secs(15),
     );
+    let label = PodLabel::new(Api::namespaced(client.clone(), &opts.namespace), &opts.identity);
+    metrics.leader.set(0);
+    // Ready once the API server answered (the label patch and the first Lease read); a
+    // follower stays Ready, it only does not receive config subscribers.
+    let mut labelled = false;
     loop {
+        if !labelled {
+            match label.follow().await {
+                Ok(()) => labelled = true,
+                Err(e) => warn!(error = %e, "labelling this replica a follower"),
+            }
+        }
         match elector.try_lead(SystemTime::now()).await {
             Ok(true) => break,
-            Ok(false) => {}
+            Ok(false) => role.ready.store(labelled, Ordering::Relaxed),
             Err(e) => warn!(error = %e, "leader election"),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    leading.store(true, std::sync::atomic::Ordering::Relaxed);
+    label.lead().await?;
+    role.leading.store(true, Ordering::Relaxed);
+    role.ready.store(true, Ordering::Relaxed);
+    metrics.leader.set(1);
     info!(identity = %opts.identity, "leading: starting controllers");
     // Versions continue from the wall clock in milliseconds, so a new leader hands out higher
     // versions than the previous one did (unless it published more than once per millisecond).

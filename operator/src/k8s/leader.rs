@@ -3,13 +3,19 @@
 //! concurrency), so two candidates can never both win the same term.
 //!
 //! The decision is pure ([`decide`]); [`Elector::try_lead`] performs it against the API.
+//!
+//! The holder also labels its own pod [`LEADER_LABEL`]`=true` and every other replica's
+//! `false` ([`PodLabel`]): the distribution Service selects the label, so config subscribers
+//! reach the leader while every replica is Ready. A replica that starts (or restarts after
+//! losing the Lease) labels itself `false` first.
 
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 
 use super::ReconcileError;
 
@@ -122,5 +128,57 @@ impl Elector {
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(ReconcileError::kube(format!("write Lease {}", self.name), e)),
         }
+    }
+}
+
+/// The pod label naming the replica that leads (`true`) or follows (`false`).
+pub const LEADER_LABEL: &str = "relayfed.io/leader";
+
+/// Labels the operator's pods by role. Outside a pod (the operator run from a shell or a
+/// test), the own pod does not exist and labelling is skipped with one log line.
+pub struct PodLabel {
+    api: Api<Pod>,
+    own: String,
+}
+
+impl PodLabel {
+    /// Labels pods in `api`'s namespace; `own` is this replica's pod name.
+    pub fn new(api: Api<Pod>, own: &str) -> Self {
+        Self { api, own: own.to_owned() }
+    }
+
+    async fn set(&self, pod: &str, leading: bool) -> Result<bool, ReconcileError> {
+        let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: leading.to_string()}}});
+        match self.api.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(ReconcileError::kube(format!("label pod {pod} {LEADER_LABEL}={leading}"), e)),
+        }
+    }
+
+    /// Marks this replica a follower (at start-up, before it may lead).
+    pub async fn follow(&self) -> Result<(), ReconcileError> {
+        if !self.set(&self.own, false).await? {
+            tracing::info!(pod = %self.own, "no such pod in the operator's namespace: not labelling the leader");
+        }
+        Ok(())
+    }
+
+    /// Marks this replica the leader, after taking every other replica's label away (one that
+    /// lost the Lease while cut off from the API server may still carry it).
+    pub async fn lead(&self) -> Result<(), ReconcileError> {
+        let others = self
+            .api
+            .list(&ListParams::default().labels(&format!("{LEADER_LABEL}=true")))
+            .await
+            .map_err(|e| ReconcileError::kube(format!("list pods labelled {LEADER_LABEL}=true"), e))?;
+        for pod in others.items {
+            let name = pod.metadata.name.unwrap_or_default();
+            if name != self.own {
+                tracing::info!(pod = %name, "taking the leader label from a former leader");
+                self.set(&name, false).await?;
+            }
+        }
+        self.set(&self.own, true).await.map(|_| ())
     }
 }

@@ -21,7 +21,7 @@ pub mod services;
 pub mod status;
 pub mod workloads;
 
-pub use context::{Clock, Context, ReconcileError, Settings, Stores};
+pub use context::{Clock, Context, ReconcileError, RelayPods, Settings, Stores};
 
 /// The field manager of every server-side apply the operator sends.
 pub const FIELD_MANAGER: &str = "relayfed-operator";

@@ -1,5 +1,7 @@
 //! The operator's plain-HTTP admin port: `/metrics`, `/healthz` (the process runs) and
-//! `/readyz` (this replica leads, so the Service routes config subscribers to it only).
+//! `/readyz` (this replica has reached the API server and read the leader Lease). Readiness
+//! does not depend on leadership, so a follower is Ready and rolling updates complete; the
+//! distribution Service selects the leader by its pod label instead ([`super::leader`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,12 +15,28 @@ use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
 
 use crate::metrics::OperatorMetrics;
 
+/// What this replica knows about itself, for the probes.
+#[derive(Debug, Default)]
+pub struct Role {
+    /// It holds the leader Lease.
+    pub leading: AtomicBool,
+    /// It has read the Lease at least once (the API server is reachable and RBAC allows it).
+    pub ready: AtomicBool,
+}
+
+impl Role {
+    /// The `/readyz` answer.
+    fn readiness(&self) -> (StatusCode, &'static str) {
+        match (self.ready.load(Ordering::Relaxed), self.leading.load(Ordering::Relaxed)) {
+            (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "waiting to reach the API server and the leader Lease\n"),
+            (true, true) => (StatusCode::OK, "ready, leading\n"),
+            (true, false) => (StatusCode::OK, "ready, following\n"),
+        }
+    }
+}
+
 /// Serves the admin port on `addr`; returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<OperatorMetrics>,
-    leading: Arc<AtomicBool>,
-) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, metrics: Arc<OperatorMetrics>, leading: Arc<Role>) -> std::io::Result<SocketAddr> {
     let listener = BoundedListener::bind(addr, ServerLimits::ADMIN, "operator-admin").await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
@@ -33,10 +51,10 @@ pub async fn serve(
                         let (status, body) = match (req.method(), req.uri().path()) {
                             (&Method::GET, "/metrics") => (StatusCode::OK, metrics.encode()),
                             (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned()),
-                            (&Method::GET, "/readyz") if leading.load(Ordering::Relaxed) => {
-                                (StatusCode::OK, "leading\n".to_owned())
+                            (&Method::GET, "/readyz") => {
+                                let (status, text) = leading.readiness();
+                                (status, text.to_owned())
                             }
-                            (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "following\n".to_owned()),
                             _ => (StatusCode::NOT_FOUND, "GET /metrics, /healthz, /readyz\n".to_owned()),
                         };
                         let metrics_page = req.uri().path() == "/metrics";
@@ -70,14 +88,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn metrics_carry_the_openmetrics_content_type_and_readiness_follows_leadership() {
-        let leading = Arc::new(AtomicBool::new(false));
-        let addr =
-            serve("127.0.0.1:0".parse().unwrap(), Arc::new(OperatorMetrics::new()), leading.clone()).await.unwrap();
+    async fn metrics_carry_the_openmetrics_content_type_and_followers_are_ready() {
+        let role = Arc::new(Role::default());
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(OperatorMetrics::new()), role.clone()).await.unwrap();
         let metrics = get(addr, "/metrics").await;
         assert!(metrics.contains("content-type: application/openmetrics-text; version=1.0.0"), "{metrics}");
-        assert!(get(addr, "/readyz").await.starts_with("http/1.0 503"));
-        leading.store(true, Ordering::Relaxed);
-        assert!(get(addr, "/readyz").await.starts_with("http/1.0 200"));
+        assert!(get(addr, "/readyz").await.starts_with("http/1.0 503"), "not ready before the Lease was read");
+        role.ready.store(true, Ordering::Relaxed);
+        let follower = get(addr, "/readyz").await;
+        assert!(follower.starts_with("http/1.0 200") && follower.ends_with("ready, following\n"), "{follower}");
+        role.leading.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.ends_with("ready, leading\n"));
     }
 }

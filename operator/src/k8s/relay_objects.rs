@@ -102,6 +102,11 @@ fn amounts(a: &ResourceAmounts) -> Option<BTreeMap<String, Quantity>> {
     (!m.is_empty()).then_some(m)
 }
 
+/// `Some(v)` unless `v` is empty (so an unset value is absent from the applied object).
+fn non_empty<T: Clone>(v: &[T]) -> Option<Vec<T>> {
+    (!v.is_empty()).then(|| v.to_vec())
+}
+
 /// The relay's Deployment.
 pub fn deployment(r: &Relay, owner: &OwnerReference, settings: &Settings) -> Deployment {
     let name = r.metadata.name.clone().unwrap_or_default();
@@ -171,8 +176,15 @@ pub fn deployment(r: &Relay, owner: &OwnerReference, settings: &Settings) -> Dep
         ]),
         ..Default::default()
     };
+    let placement = &settings.relay_pods;
     let pod = PodSpec {
         containers: vec![container],
+        node_selector: (!placement.node_selector.is_empty()).then(|| placement.node_selector.clone()),
+        tolerations: non_empty(&placement.tolerations),
+        affinity: placement.affinity.clone(),
+        topology_spread_constraints: non_empty(&placement.topology_spread_constraints),
+        priority_class_name: placement.priority_class_name.clone(),
+        image_pull_secrets: non_empty(&placement.image_pull_secrets),
         security_context: Some(PodSecurityContext {
             run_as_user: Some(65532),
             run_as_group: Some(65532),
@@ -197,8 +209,10 @@ pub fn deployment(r: &Relay, owner: &OwnerReference, settings: &Settings) -> Dep
         ]),
         ..Default::default()
     };
-    let mut template_labels = labels(r, &name);
+    let mut template_labels = placement.pod_labels.clone();
+    template_labels.extend(labels(r, &name));
     template_labels.insert("relayfed.io/node".into(), node.clone());
+    let annotations = (!placement.pod_annotations.is_empty()).then(|| placement.pod_annotations.clone());
     Deployment {
         metadata: meta(r, name.clone(), owner),
         spec: Some(DeploymentSpec {
@@ -212,7 +226,7 @@ pub fn deployment(r: &Relay, owner: &OwnerReference, settings: &Settings) -> Dep
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(template_labels), ..Default::default() }),
+                metadata: Some(ObjectMeta { labels: Some(template_labels), annotations, ..Default::default() }),
                 spec: Some(pod),
             },
             ..Default::default()
@@ -264,5 +278,58 @@ pub fn pdb(r: &Relay, owner: &OwnerReference) -> PodDisruptionBudget {
             ..spec
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::k8s::RelayPods;
+
+    fn hub() -> Relay {
+        let text = include_str!("../../../examples/federation/10-main-relays.yaml");
+        let docs = relayfed_crds::parse_documents("10-main-relays.yaml", text).unwrap();
+        docs.into_iter()
+            .find_map(|d| match d {
+                relayfed_crds::AnyResource::Relay(r) => Some(*r),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn relay_pods_get_the_charts_placement_and_metadata() {
+        let chart_json = r#"{"nodeSelector":{"relayfed.io/edge":"true"},"tolerations":[{"key":"edge","operator":"Exists","effect":"NoSchedule"}],
+            "affinity":{},"topologySpreadConstraints":[],"podAnnotations":{"team":"net"},"podLabels":{"tier":"edge","relayfed.io/node":"spoofed"},
+            "priorityClassName":"relayfed-critical","imagePullSecrets":[{"name":"regcred"}]}"#;
+        let relay_pods = RelayPods::parse(chart_json).unwrap();
+        let settings = Settings { relay_pods, ..Settings::default() };
+        let owner = OwnerReference::default();
+        let dep = deployment(&hub(), &owner, &settings);
+        let template = dep.spec.unwrap().template;
+        let pod = template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["relayfed.io/edge"], "true");
+        assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("edge"));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("relayfed-critical"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+        assert!(pod.topology_spread_constraints.is_none(), "empty values stay absent");
+        let meta = template.metadata.unwrap();
+        assert_eq!(meta.annotations.unwrap()["team"], "net");
+        let labels = meta.labels.unwrap();
+        assert_eq!(labels["tier"], "edge");
+        assert_eq!(labels["relayfed.io/node"], "hub-eu", "the operator's own labels win");
+        // Arguments only: the image's ENTRYPOINT is relayfed-proxy.
+        assert!(pod.containers[0].command.is_none());
+        assert_eq!(pod.containers[0].args.as_ref().unwrap()[0], "main-relay");
+    }
+
+    #[test]
+    fn relay_pods_reject_unknown_keys_and_accept_nothing() {
+        assert_eq!(RelayPods::parse("").unwrap(), RelayPods::default());
+        let err = RelayPods::parse(r#"{"nodeselector":{}}"#).unwrap_err();
+        assert!(err.contains("nodeselector"), "{err}");
+        let err = RelayPods::parse(r#"{"tolerations":[{"tolerationSeconds":"soon"}]}"#).unwrap_err();
+        assert!(err.contains("tolerations"), "{err}");
     }
 }

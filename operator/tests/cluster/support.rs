@@ -17,20 +17,17 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The shared plane with the chart's CRDs (and the optional MCS CRDs) installed and
-/// established.
+/// The shared plane with the CRD chart (with the optional MCS CRDs) applied and established.
 pub fn plane() -> &'static ControlPlane {
     static READY: OnceLock<()> = OnceLock::new();
     let plane = relayfed_test_cluster::shared();
     READY.get_or_init(|| {
-        let crds = repo().join("charts/relayfed/crds");
-        let out = plane.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()]).unwrap();
-        assert!(out.ok, "applying the chart's CRDs: {}", out.stderr);
+        let chart = repo().join("charts/relayfed-crds").display().to_string();
+        let out = plane.helm(&["template", "relayfed-crds", &chart, "--set", "multicluster.installCRDs=true"]).unwrap();
+        assert!(out.ok, "helm template relayfed-crds: {}", out.stderr);
+        let out = plane.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &out.stdout).unwrap();
+        assert!(out.ok, "applying the CRD chart: {}", out.stderr);
         assert!(!out.stderr.contains("Warning"), "the API server warns about the chart's CRDs: {}", out.stderr);
-        let mcs =
-            render_chart(plane, &["--set", "multicluster.installCRDs=true", "--show-only", "templates/mcs-crds.yaml"]);
-        let out = plane.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &mcs).unwrap();
-        assert!(out.ok, "applying the MCS CRDs: {}", out.stderr);
         let out = plane.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).unwrap();
         assert!(out.ok, "CRDs not established: {}", out.stderr);
     });
