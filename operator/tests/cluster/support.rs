@@ -34,16 +34,6 @@ pub fn plane() -> &'static ControlPlane {
     plane
 }
 
-/// `helm template` of the chart with `args`, through the real helm CLI.
-pub fn render_chart(plane: &ControlPlane, args: &[&str]) -> String {
-    let chart = repo().join("charts/relayfed").display().to_string();
-    let mut all = vec!["template", "relayfed", chart.as_str(), "--namespace", "relayfed-system"];
-    all.extend_from_slice(args);
-    let out = plane.helm(&all).unwrap();
-    assert!(out.ok, "helm template {args:?}: {}", out.stderr);
-    out.stdout
-}
-
 /// Every test that runs an operator holds this: operators watch all namespaces, so two at
 /// once would reconcile each other's objects.
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
