@@ -4,6 +4,7 @@
 //! snapshot schema and the data plane in `relayfed-sidecar`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod check;
 pub mod distribution;
 pub mod https;
 pub mod identity;

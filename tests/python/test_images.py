@@ -127,7 +127,7 @@ def test_the_entrypoint_runs_from_the_unpacked_root_filesystem(unpacked, name):
     assert "Usage:" in out.stdout
     # Every subcommand the chart and the operator invoke exists under that entrypoint.
     subcommands = {
-        "relayfed": [["operator", "run"], ["webhook", "serve"]],
+        "relayfed": [["operator", "run"], ["webhook", "serve"], ["check"], ["validate"], ["completions"]],
         "relayfed-proxy": [["init"], ["workload"], ["main-relay"]],
     }[name]
     for sub in subcommands:

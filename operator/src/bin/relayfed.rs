@@ -35,6 +35,22 @@ enum Command {
         #[command(subcommand)]
         command: OperatorCommand,
     },
+    /// Check a cluster before or after installing relayfed (API version, CRDs, operator
+    /// leading, webhook reachable, relays Ready, ECH keys fresh, peers up, configs applied).
+    /// Exits non-zero when a check fails; each failure names its remedy.
+    Check(CheckArgs),
+    /// Validate RelayFederation/Relay/Peer/RolloutPolicy YAML offline, as the API server
+    /// would admit it and as the operator would plan it; starts nothing.
+    Validate {
+        /// Files or directories (`*.yaml`, `*.yml`, `*.json`); repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Print shell completions (`relayfed completions bash > /etc/bash_completion.d/relayfed`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run as an injected pod's sidecar (what `relayfed-proxy workload` does; for tests).
     #[command(hide = true)]
     Workload(relayfed_sidecar::node::workload::WorkloadOptions),
@@ -48,6 +64,38 @@ enum Command {
         #[arg(long)]
         config_server: Option<String>,
     },
+}
+
+/// `relayfed check` arguments.
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (default: the current one).
+    #[arg(long)]
+    context: Option<String>,
+    /// The release namespace.
+    #[arg(short = 'n', long, default_value = "relayfed-system")]
+    namespace: String,
+    /// The Helm release name.
+    #[arg(long, default_value = "relayfed")]
+    release: String,
+    /// Only the checks that make sense before `helm install` (API server, CRDs).
+    #[arg(long)]
+    pre: bool,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+/// How `relayfed check` prints its results.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    /// One line per check, remedies underneath.
+    Text,
+    /// `{"passed": bool, "checks": [...]}`.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -278,6 +326,17 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Check(args) => check(args),
+        Command::Validate { inputs } => validate(inputs),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "relayfed",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Local { command } => match command {
             LocalCommand::Up { inputs, state, passphrase_file, detach } => {
                 up(inputs, state.state(), passphrase_file, detach)
@@ -290,6 +349,61 @@ fn main() -> anyhow::Result<()> {
 
 fn running(state: &StateDir) -> Option<SupervisorFile> {
     SupervisorFile::read(&state.supervisor_file()).filter(|f| alive(f.pid))
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    use relayfed_operator::check;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let target = check::gather::Target { namespace: args.namespace, release: args.release, pre_install: args.pre };
+    let outcomes = runtime()?.block_on(async move {
+        let options = kube::config::KubeConfigOptions { context: args.context, ..Default::default() };
+        let config = match &args.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path).with_context(|| path.display().to_string())?;
+                kube::Config::from_custom_kubeconfig(kc, &options).await?
+            }
+            None if options.context.is_some() => kube::Config::from_kubeconfig(&options).await?,
+            None => kube::Config::infer().await.context("no kubeconfig found and not running in a cluster")?,
+        };
+        let client = kube::Client::try_from(config)?;
+        anyhow::Ok(check::evaluate(&check::gather::gather(&client, &target).await))
+    })?;
+    match args.output {
+        OutputFormat::Text => print!("{}", check::render_text(&outcomes)),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"passed": check::passed(&outcomes), "checks": outcomes}))?
+        ),
+    }
+    if !check::passed(&outcomes) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn validate(inputs: Vec<PathBuf>) -> anyhow::Result<()> {
+    use relayfed_operator::local::sources::Sources;
+    let sources = Sources::new(inputs);
+    let loaded = sources.load(None).map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
+    let keys = relayfed_operator::plan::KeyLayout { dir: PathBuf::from("/keys") };
+    match relayfed_operator::plan::compile(&loaded.resources, &keys, 1) {
+        Ok(plan) => {
+            for w in &plan.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "valid: {} resources in {} files; the plan has {} nodes",
+                loaded.resources.len(),
+                loaded.files.len(),
+                plan.snapshots.len()
+            );
+            Ok(())
+        }
+        Err(errors) => {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::bail!("admitted, but the plan is invalid:\n{}", text.join("\n"))
+        }
+    }
 }
 
 fn up(inputs: Vec<PathBuf>, state: StateDir, passphrase_file: Option<PathBuf>, detach: bool) -> anyhow::Result<()> {
