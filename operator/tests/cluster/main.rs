@@ -10,6 +10,7 @@ mod api;
 mod chart;
 mod identity;
 mod injection;
+mod install;
 mod leader;
 mod reconcilers;
 mod services;

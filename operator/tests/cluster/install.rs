@@ -1,0 +1,152 @@
+//! The user's install sequence with the real helm CLI, as the README gives it: the CRD chart,
+//! `relayfed check --pre`, `helm install --wait`, a federation applied and Ready, `relayfed
+//! check` passing, `helm test`, `relayfed check` reporting a stopped webhook and a lost leader
+//! with their remedies, and `helm uninstall` keeping only the CRDs. kwok runs the chart's pods
+//! without executing them, so the operator and the webhook run as real processes on loopback
+//! under the chart's identities: the operator with the name of one of the chart's operator pods
+//! (it labels that pod as the leader), the webhook with the chart's own certificate (URL mode).
+
+use std::time::Duration;
+
+use relayfed_test_cluster::process::Proc;
+use serde_json::Value;
+
+use crate::support::{Namespace, Operator, eventually, examples_in, get_json, plane, repo, serial};
+
+fn helm(args: &[&str]) -> String {
+    let out = plane().helm(args).unwrap();
+    assert!(out.ok, "helm {args:?}: {}{}", out.stdout, out.stderr);
+    out.stdout
+}
+
+/// `relayfed check -o json` as `kubeconfig`: (exit ok, report).
+fn check(kubeconfig: &std::path::Path, ns: &str, release: &str, extra: &[&str]) -> (bool, Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relayfed"))
+        .args(["check", "-o", "json", "--kubeconfig"])
+        .arg(kubeconfig)
+        .args(["-n", ns, "--release", release])
+        .args(extra)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("check printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.success(), report["passed"] == true, "the exit status follows the report");
+    (out.status.success(), report)
+}
+
+fn failures(report: &Value) -> Vec<(String, String)> {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "fail")
+        .map(|c| (c["name"].as_str().unwrap().to_owned(), c["remedy"].as_str().unwrap_or_default().to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
+    let _serial = serial().await;
+    let ns = Namespace::create("install", &[]);
+    let (release, n) = (ns.name.clone(), ns.name.as_str());
+    let admin = plane().kubeconfig.clone();
+    let crds = repo().join("charts/relayfed-crds").display().to_string();
+    let chart = repo().join("charts/relayfed").display().to_string();
+    // The shared plane applied the CRDs with kubectl; the CRD chart takes them over.
+    helm(&["upgrade", "--install", "relayfed-crds", &crds, "-n", n, "--take-ownership", "--wait"]);
+    let (ok, report) = check(&admin, n, &release, &["--pre"]);
+    assert!(ok, "pre-install checks: {report:#}");
+
+    let port = relayfed_test_cluster::ports::free_port().unwrap();
+    let url = format!("injection.webhook.url=https://127.0.0.1:{port}");
+    let fed = format!("operator.federation={n}/acme");
+    helm(&["install", &release, &chart, "-n", n, "--set", &url, "--set", &fed, "--wait", "--timeout", "180s"]);
+    // Every replica of both Deployments is Ready (readiness no longer waits for leadership).
+    for d in [format!("{release}-operator"), format!("{release}-injector")] {
+        let dep = get_json(n, &["deployment", &d]);
+        assert_eq!(dep["status"]["readyReplicas"], dep["spec"]["replicas"], "{d}");
+    }
+
+    // The webhook with the installed certificate, the operator as the first operator pod.
+    let dir = plane().dir.join(format!("install-{release}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = get_json(n, &["secret", &format!("{release}-injector-tls")]);
+    for key in ["tls.crt", "tls.key"] {
+        use base64::Engine;
+        let pem = base64::engine::general_purpose::STANDARD.decode(secret["data"][key].as_str().unwrap()).unwrap();
+        std::fs::write(dir.join(key), pem).unwrap();
+    }
+    let args: Vec<String> = vec![
+        "webhook".into(),
+        "serve".into(),
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--tls-cert={}", dir.join("tls.crt").display()),
+        format!("--tls-key={}", dir.join("tls.key").display()),
+    ];
+    let mut webhook = Some(
+        Proc::spawn("install-webhook", std::path::Path::new(env!("CARGO_BIN_EXE_relayfed")), &args, &dir).unwrap(),
+    );
+    let pods = get_json(n, &["pods", "-l", "app.kubernetes.io/component=operator"]);
+    let leader_pod = pods["items"][0]["metadata"]["name"].as_str().unwrap().to_owned();
+    let sa = plane().service_account_kubeconfig(n, &format!("{release}-operator"), 3600).await.unwrap();
+    let mut op = Operator::start(&sa, n, &leader_pod, &format!("{n}/acme"));
+
+    let examples = examples_in("federation", n);
+    for f in ["00-federation.yaml", "10-main-relays.yaml", "40-rollout-policy.yaml"] {
+        let out = plane().kubectl(&["apply", "-f", &examples.join(f).display().to_string()]).unwrap();
+        assert!(out.ok, "{f}: {}", out.stderr);
+    }
+    // The leader labels its pod, so the distribution Service has exactly that endpoint.
+    eventually("the leader label on the operator pod", Duration::from_secs(60), || async {
+        let pod = get_json(n, &["pod", &leader_pod]);
+        (pod["metadata"]["labels"]["relayfed.io/leader"] == "true").then_some(())
+    })
+    .await;
+    eventually("relayfed check to pass", Duration::from_secs(120), || async {
+        let (ok, report) = check(&admin, n, &release, &[]);
+        ok.then_some(report)
+    })
+    .await;
+    let slices = get_json(n, &["endpointslices", "-l", &format!("kubernetes.io/service-name={release}-operator")]);
+    let targets: Vec<&str> = slices["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+        .filter_map(|e| e["targetRef"]["name"].as_str())
+        .collect();
+    assert_eq!(targets, [leader_pod.as_str()], "the distribution Service selects the leader only");
+
+    // helm test runs the check Job; kwok completes it without executing the container.
+    helm(&["test", &release, "-n", n, "--timeout", "120s"]);
+    // The check's own ServiceAccount (the chart's read-only ClusterRole) can run every check.
+    let check_sa = plane().service_account_kubeconfig(n, &format!("{release}-check"), 600).await.unwrap();
+    let (ok, report) = check(&check_sa, n, &release, &[]);
+    assert!(ok, "relayfed check as {release}-check: {report:#}");
+
+    // Broken states, each reported with its remedy.
+    webhook.take();
+    let (ok, report) = check(&admin, n, &release, &[]);
+    let fails = failures(&report);
+    assert!(!ok && fails.len() == 1 && fails[0].0 == "injection webhook" && !fails[0].1.is_empty(), "{report:#}");
+    op.kill();
+    eventually("the lost leader to be reported", Duration::from_secs(60), || async {
+        let (_, report) = check(&admin, n, &release, &[]);
+        failures(&report)
+            .iter()
+            .any(|(name, remedy)| name == "operator leading" && remedy.contains("logs"))
+            .then_some(())
+    })
+    .await;
+
+    helm(&["uninstall", &release, "-n", n, "--wait"]);
+    for kind in ["deployments", "services", "mutatingwebhookconfigurations", "clusterroles"] {
+        let out = plane()
+            .kubectl(&["get", kind, "-A", "-l", &format!("app.kubernetes.io/instance={release}"), "-o", "name"])
+            .unwrap();
+        assert!(out.ok && out.stdout.trim().is_empty(), "{kind} outlived the release: {}", out.stdout);
+    }
+    let out = plane().kubectl(&["get", "crd", "relays.relayfed.io"]).unwrap();
+    assert!(out.ok, "the CRDs are kept (helm.sh/resource-policy: keep)");
+}
