@@ -371,7 +371,7 @@ fn peers(f: &Facts) -> Vec<Outcome> {
         .iter()
         .map(|p| {
             let name = p.metadata.name.clone().unwrap_or_default();
-            let state = p.status.as_ref().and_then(|s| s.state.clone());
+            let state = p.status.as_ref().and_then(|s| s.state);
             match state {
                 Some(PeerState::Up) => ok(c, format!("peer {name} up"), "connected"),
                 Some(other) => bad(
