@@ -12,7 +12,7 @@ FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:fram
 BENCH_OUT ?= docs/benchmarks.md
 
 
-.PHONY: images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+.PHONY: chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -83,6 +83,12 @@ VERSION = $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' char
 images: ## Build the relayfed and relayfed-proxy images as OCI archives into <target>/images (no container engine needed).
 	$(CARGO) build -q --release -p relayfed-operator --bin relayfed -p relayfed-sidecar --bin relayfed-proxy
 	$(PYTHON) images/build.py --bin-dir $(TARGET_DIR)/release --out $(TARGET_DIR)/images --version $(VERSION)
+
+HELM_DOCS ?= /var/tmp/relayfed-tools/helm-docs
+
+chart-docs: ## Regenerate charts/relayfed/README.md from values.yaml (helm-docs, built from tests/cluster/helm-docs).
+	@test -x $(HELM_DOCS) || (cd tests/cluster/helm-docs && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -o $(HELM_DOCS) github.com/norwoodj/helm-docs/cmd/helm-docs)
+	$(HELM_DOCS) --chart-search-root charts --chart-to-generate charts/relayfed
 
 demo: ## The main job: the example federation in local mode, traffic flowing, ECH edited 0 -> 50 -> 100%.
 	$(CARGO) build -q --release -p relayfed-operator --bin relayfed --example demo
