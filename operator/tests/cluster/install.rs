@@ -108,15 +108,19 @@ async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
         ok.then_some(report)
     })
     .await;
-    let slices = get_json(n, &["endpointslices", "-l", &format!("kubernetes.io/service-name={release}-operator")]);
-    let targets: Vec<&str> = slices["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
-        .filter_map(|e| e["targetRef"]["name"].as_str())
-        .collect();
-    assert_eq!(targets, [leader_pod.as_str()], "the distribution Service selects the leader only");
+    // The endpoint slice controller follows the label (asynchronously).
+    eventually("the distribution Service to select the leader only", Duration::from_secs(60), || async {
+        let slices = get_json(n, &["endpointslices", "-l", &format!("kubernetes.io/service-name={release}-operator")]);
+        let targets: Vec<String> = slices["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+            .filter_map(|e| e["targetRef"]["name"].as_str().map(str::to_owned))
+            .collect();
+        (targets == [leader_pod.clone()]).then_some(())
+    })
+    .await;
 
     // helm test runs the check Job; kwok completes it without executing the container.
     helm(&["test", &release, "-n", n, "--timeout", "120s"]);
