@@ -47,8 +47,10 @@ def test_injection_can_be_turned_off():
     docs = render({"injection": {"enabled": False}})
     assert docs and all("injector" not in d["metadata"]["name"] for d in docs)
     assert not [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
-    assert render({"injection": {"enabled": False}, "operator": {"enabled": False}, "tests": {"enabled": False}}) \
-        == [d for d in render({"injection": {"enabled": False}, "operator": {"enabled": False}}) if d["kind"] == "ClusterRole"]
+    # Only the read-only `relayfed check` identity remains (ClusterRole, ServiceAccount, binding).
+    rest = render({"injection": {"enabled": False}, "operator": {"enabled": False}, "tests": {"enabled": False}})
+    assert sorted(d["kind"] for d in rest) == ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"]
+    assert all(d["metadata"]["name"] == "relayfed-check" for d in rest)
 
 
 def test_the_operator_is_leader_elected_and_may_do_what_its_reconcilers_do():

@@ -16,14 +16,14 @@ import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CRD_DIR = ROOT / "charts" / "relayfed" / "crds"
+CRD_DIR = ROOT / "charts" / "relayfed-crds" / "templates"
 EXAMPLES = ROOT / "examples"
 K8S_VERSION = "1.33.0"
 
 
 def load_crds():
     crds = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
+    for path in sorted(CRD_DIR.glob("*.relayfed.io.yaml")):
         crd = yaml.safe_load(path.read_text())
         crds[crd["spec"]["names"]["kind"]] = crd
     return crds
@@ -95,7 +95,7 @@ def header(text, key):
     raise AssertionError(f"missing '# {key}:' header")
 
 
-@pytest.mark.parametrize("path", sorted(CRD_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CRD_DIR.glob("*.relayfed.io.yaml")), ids=lambda p: p.name)
 def test_crd_is_a_valid_apiextensions_v1_object(path):
     crd = yaml.safe_load(path.read_text())
     kubernetes_validate.validate(crd, K8S_VERSION, strict=True)

@@ -154,3 +154,32 @@ async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
     let out = plane().kubectl(&["get", "crd", "relays.relayfed.io"]).unwrap();
     assert!(out.ok, "the CRDs are kept (helm.sh/resource-policy: keep)");
 }
+
+#[tokio::test]
+async fn relayfed_check_reports_missing_crds_on_a_fresh_cluster_until_the_crd_chart_is_installed() {
+    // A control plane of its own: the shared one has the CRDs.
+    let fresh = relayfed_test_cluster::ControlPlane::start(relayfed_test_cluster::Options {
+        name: "fresh".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let (ok, report) = check(&fresh.kubeconfig, "relayfed-system", "relayfed", &["--pre"]);
+    assert!(!ok);
+    let fails = failures(&report);
+    assert_eq!(fails.len(), relayfed_operator::check::CRDS.len(), "{report:#}");
+    for (name, remedy) in &fails {
+        assert!(name.starts_with("CRD ") && remedy.contains("charts/relayfed-crds"), "{name}: {remedy}");
+    }
+    let crds = repo().join("charts/relayfed-crds").display().to_string();
+    let out = fresh.helm(&["install", "relayfed-crds", &crds, "--wait"]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    eventually("the pre-install checks to pass", Duration::from_secs(30), || async {
+        let (ok, _) = check(&fresh.kubeconfig, "relayfed-system", "relayfed", &["--pre"]);
+        ok.then_some(())
+    })
+    .await;
+    // Post-install checks without the main chart name what is missing, with remedies.
+    let (ok, report) = check(&fresh.kubeconfig, "relayfed-system", "relayfed", &[]);
+    let fails = failures(&report);
+    assert!(!ok && fails.iter().any(|(n, r)| n == "operator deployed" && r.contains("helm install")), "{report:#}");
+}
