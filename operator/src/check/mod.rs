@@ -371,22 +371,22 @@ fn peers(f: &Facts) -> Vec<Outcome> {
         .iter()
         .map(|p| {
             let name = p.metadata.name.clone().unwrap_or_default();
-            let state = p.status.as_ref().and_then(|s| s.state);
-            match state {
-                Some(PeerState::Up) => ok(c, format!("peer {name} up"), "connected"),
-                Some(other) => bad(
-                    c,
-                    Status::Fail,
-                    format!("peer {name} up"),
-                    format!("{other:?}"),
-                    format!("kubectl -n {} describe peer {name}; check the peer's endpoint and trust", f.namespace),
-                ),
-                None => bad(
+            let status = p.status.clone().unwrap_or_default();
+            let remedy =
+                format!("kubectl -n {} describe peer {name}; check the peer's endpoints and trust", f.namespace);
+            match (status.state, condition(&status.common.conditions, "Applied")) {
+                (Some(PeerState::Up), _) => ok(c, format!("peer {name}"), "up"),
+                (Some(other), _) => bad(c, Status::Fail, format!("peer {name}"), format!("{other:?}"), remedy),
+                (None, Some(cond)) if cond.status == "True" => ok(c, format!("peer {name}"), cond.message.clone()),
+                (None, Some(cond)) => {
+                    bad(c, Status::Fail, format!("peer {name}"), format!("{}: {}", cond.reason, cond.message), remedy)
+                }
+                (None, None) => bad(
                     c,
                     Status::Warn,
-                    format!("peer {name} up"),
-                    "no state reported yet",
-                    "the relays report peer state once connected; re-run in a minute",
+                    format!("peer {name}"),
+                    "not reconciled yet",
+                    "check that the operator leads; re-run in a minute",
                 ),
             }
         })

@@ -66,6 +66,29 @@ pub fn controllers(
     let owned = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={FIELD_MANAGER}"));
     let feds = Controller::new(Api::<RelayFederation>::all(client.clone()), wc.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone());
+    // A federation's plan and status follow its members: a Relay maps to the federation it
+    // names, a RolloutPolicy to the federations that use it as default, a Peer to the
+    // federations of its namespace. (Without this, a federation applied before its
+    // RolloutPolicy stayed PlanInvalid until the 5-minute requeue.)
+    let fed_store = feds.store();
+    let in_namespace = move |ns: Option<String>, pick: &dyn Fn(&RelayFederation) -> bool| {
+        fed_store
+            .state()
+            .into_iter()
+            .filter(|f| f.metadata.namespace == ns && pick(f))
+            .map(|f| ObjectRef::from_obj(f.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    let (by_policy, by_peer) = (in_namespace.clone(), in_namespace);
+    let feds = feds
+        .watches(Api::<Relay>::all(client.clone()), wc.clone(), |r: Relay| {
+            Some(ObjectRef::<RelayFederation>::new(&r.spec.federation).within(&r.namespace()?))
+        })
+        .watches(Api::<RolloutPolicy>::all(client.clone()), wc.clone(), move |p: RolloutPolicy| {
+            let name = p.name_any();
+            by_policy(p.namespace(), &|f| f.spec.default_rollout_policy == name)
+        })
+        .watches(Api::<Peer>::all(client.clone()), wc.clone(), move |p: Peer| by_peer(p.namespace(), &|_| true));
     let relays = Controller::new(Api::<Relay>::all(client.clone()), wc.clone())
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())

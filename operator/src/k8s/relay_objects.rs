@@ -332,4 +332,26 @@ mod tests {
         let err = RelayPods::parse(r#"{"tolerations":[{"tolerationSeconds":"soon"}]}"#).unwrap_err();
         assert!(err.contains("tolerations"), "{err}");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_parsed_or_refused_with_a_message(text in "\\PC{0,200}") {
+            if let Err(e) = RelayPods::parse(&text) {
+                proptest::prop_assert!(e.starts_with("--relay-pods"));
+            }
+        }
+
+        #[test]
+        fn placement_maps_survive_the_flag(
+            selector in proptest::collection::btree_map("[a-z./-]{1,20}", "[a-z0-9-]{0,20}", 0..5),
+            labels in proptest::collection::btree_map("[a-z./-]{1,20}", "[a-z0-9-]{0,20}", 0..5),
+            priority in proptest::option::of("[a-z-]{1,20}"),
+        ) {
+            let json = serde_json::json!({"nodeSelector": selector, "podLabels": labels, "priorityClassName": priority});
+            let parsed = RelayPods::parse(&json.to_string()).unwrap();
+            proptest::prop_assert_eq!(parsed.node_selector, selector);
+            proptest::prop_assert_eq!(parsed.pod_labels, labels);
+            proptest::prop_assert_eq!(parsed.priority_class_name, priority);
+        }
+    }
 }

@@ -15,7 +15,10 @@ use crate::support::{Namespace, Operator, eventually, examples_in, get_json, pla
 
 fn helm(args: &[&str]) -> String {
     let out = plane().helm(args).unwrap();
-    assert!(out.ok, "helm {args:?}: {}{}", out.stdout, out.stderr);
+    if !out.ok {
+        let state = plane().kubectl(&["get", "nodes,pods,deploy", "-A", "-o", "wide"]).unwrap().stdout;
+        panic!("helm {args:?}: {}{}\n{state}", out.stdout, out.stderr);
+    }
     out.stdout
 }
 
@@ -93,21 +96,27 @@ async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
     let mut op = Operator::start(&sa, n, &leader_pod, &format!("{n}/acme"));
 
     let examples = examples_in("federation", n);
-    for f in ["00-federation.yaml", "10-main-relays.yaml", "40-rollout-policy.yaml"] {
-        let out = plane().kubectl(&["apply", "-f", &examples.join(f).display().to_string()]).unwrap();
-        assert!(out.ok, "{f}: {}", out.stderr);
-    }
+    let out = plane().kubectl(&["apply", "-f", &examples.display().to_string()]).unwrap();
+    assert!(out.ok, "kubectl apply -f examples/federation/: {}", out.stderr);
     // The leader labels its pod, so the distribution Service has exactly that endpoint.
     eventually("the leader label on the operator pod", Duration::from_secs(60), || async {
         let pod = get_json(n, &["pod", &leader_pod]);
         (pod["metadata"]["labels"]["relayfed.io/leader"] == "true").then_some(())
     })
     .await;
-    eventually("relayfed check to pass", Duration::from_secs(120), || async {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
         let (ok, report) = check(&admin, n, &release, &[]);
-        ok.then_some(report)
-    })
-    .await;
+        if ok {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut pods = plane().kubectl(&["get", "rfed,rs,deploy", "-n", n, "-o", "yaml"]).unwrap().stdout;
+            pods.push_str(&op.logged());
+            panic!("relayfed check did not pass: {report:#}\n{pods}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     // The endpoint slice controller follows the label (asynchronously).
     eventually("the distribution Service to select the leader only", Duration::from_secs(60), || async {
         let slices = get_json(n, &["endpointslices", "-l", &format!("kubernetes.io/service-name={release}-operator")]);

@@ -256,8 +256,10 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
         s(format_args!("--cluster-signing-key-file={}", p(&pki.ca_key))),
         s(format_args!("--service-cluster-ip-range={}", opts.service_cidr)),
         s("--use-service-account-credentials=true"),
-        // A node that stops heartbeating is noticed in seconds, not the default 40 s.
-        s("--node-monitor-grace-period=20s"),
+        // The default node-monitor grace period (50 s) stays: kwok renews node Leases about
+        // every 25 s at its default 40 s duration, and a 20 s grace made the node flap
+        // NotReady every cycle, which marks every pod NotReady for good (kwok does not make
+        // them Ready again) — Deployments lost their ready replicas mid-test.
     ]);
     procs.push(Proc::spawn("kube-controller-manager", &bin.join("kube-controller-manager"), &cm_args, dir)?);
     procs.push(Proc::spawn("kube-scheduler", &bin.join("kube-scheduler"), &common(sched_port), dir)?);
@@ -290,6 +292,8 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
             s("--manage-all-nodes=true"),
             s(format_args!("--cidr={}", opts.pod_cidr)),
             s("--node-ip=127.0.0.1"),
+            // Renew node Leases more often (every ~12 s), well within the grace period.
+            s("--node-lease-duration-seconds=20"),
         ],
         dir,
     )?);
