@@ -216,6 +216,10 @@ pub struct RelayStatus {
     /// RFC 3339 time of the last ECH key rotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_key_rotation: Option<String>,
+    /// Distinct services the plan registers at this main relay: the ECH anonymity set of a
+    /// stream sealed to it (relays on the path learn only that it is one of these).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech_anonymity_set: Option<i64>,
 }
 
 impl Relay {

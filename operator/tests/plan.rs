@@ -153,3 +153,15 @@ fn the_policy_handshake_and_call_timeouts_reach_the_snapshot_separately() {
         assert_eq!(snap.timeouts.call_ms, 9_000, "{node}: the whole call setup");
     }
 }
+
+#[test]
+fn a_main_relays_planned_anonymity_set_counts_the_distinct_services_of_its_homes() {
+    let plan = compile(&examples(), &keys(), 7).unwrap();
+    // hub-us hosts shop-eu (catalog) and pay-us (payments); hub-eu only shop-eu's catalog,
+    // which web-eu imports rather than exports.
+    let set = |node: &str| relayfed_operator::plan::planned_anonymity_set(&plan.snapshots[node]);
+    assert_eq!(set("hub-us"), 2);
+    assert_eq!(set("hub-eu"), 1);
+    // A home snapshot has no homes of its own.
+    assert_eq!(set("shop-eu"), 0);
+}

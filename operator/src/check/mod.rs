@@ -328,6 +328,7 @@ fn relays(f: &Facts) -> Vec<Outcome> {
                 ),
             }];
             if r.spec.relay_type == RelayType::Main {
+                out.push(anonymity(c, &name, status.ech_anonymity_set));
                 let period = r.spec.ech_keys.rotation_period.get();
                 let grace = r.spec.ech_keys.grace_period.get();
                 let rotated = status.last_key_rotation.as_deref().and_then(parse_time);
@@ -363,6 +364,26 @@ fn relays(f: &Facts) -> Vec<Outcome> {
             out
         })
         .collect()
+}
+
+/// A main relay whose planned ECH anonymity set is small: a stream sealed to it names one of
+/// few services, whatever ECH hides.
+fn anonymity(c: &'static str, name: &str, set: Option<i64>) -> Outcome {
+    let min = crate::local::status::MIN_ANONYMITY_SET;
+    let check = format!("relay {name} ECH anonymity set");
+    match set {
+        None => ok(c, check, "not planned yet"),
+        Some(n) if u64::try_from(n).unwrap_or(0) >= min => ok(c, check, format!("{n} services")),
+        Some(n) => bad(
+            c,
+            Status::Warn,
+            check,
+            format!("{n} service(s): relays on the path of a stream sealed to it can tell which one it is for"),
+            format!(
+                "ECH hides a service among at least {min}: host more services at this main relay, or accept the smaller set"
+            ),
+        ),
+    }
 }
 
 fn peers(f: &Facts) -> Vec<Outcome> {

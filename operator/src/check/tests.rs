@@ -105,6 +105,15 @@ fn relays_peers_and_policies_are_read_from_their_status() {
     relay.status = Some(status("True", &now_rfc));
     f.relays = vec![relay.clone()];
     assert!(passed(&evaluate(&f)), "{}", render_text(&evaluate(&f)));
+    // A small anonymity set warns (and passes); a large one is fine.
+    for (set, want) in [(1, Status::Warn), (3, Status::Ok)] {
+        relay.status.as_mut().unwrap().ech_anonymity_set = Some(set);
+        f.relays = vec![relay.clone()];
+        let out = evaluate(&f);
+        let o = out.iter().find(|o| o.name == "relay hub-eu ECH anonymity set").unwrap();
+        assert_eq!(o.status, want, "{set}: {}", render_text(&out));
+        assert!(passed(&out));
+    }
     relay.status = Some(status("False", "2020-01-01T00:00:00Z"));
     f.relays = vec![relay];
     assert_eq!(failed(&f), ["relay hub-eu Ready", "relay hub-eu ECH keys"]);

@@ -263,6 +263,7 @@ async fn apply(relay: &Relay, ctx: &Context, name: &str, namespace: &str) -> Res
                 apply_obj::<PodDisruptionBudget>(ctx, namespace, &objects::pdb(relay, &owner)).await?;
                 let ready = dep.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
                 status.insert("readyReplicas".into(), ready.into());
+                status.insert("echAnonymitySet".into(), crate::plan::planned_anonymity_set(&snap).into());
                 if let Some(ep) = endpoint(&svc, relay.spec.listen_port) {
                     status.insert("endpoint".into(), ep.into());
                 }

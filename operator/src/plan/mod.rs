@@ -307,6 +307,19 @@ fn assign_homes(snapshots: &mut BTreeMap<String, Snapshot>) {
     }
 }
 
+/// The planned ECH anonymity set of a main relay's snapshot: the distinct services its
+/// homes may register (`trust.homes` values are `service:port`).
+pub fn planned_anonymity_set(main: &Snapshot) -> usize {
+    let services: std::collections::BTreeSet<&str> = main
+        .trust
+        .homes
+        .iter()
+        .flat_map(|h| h.values().flatten())
+        .map(|e| e.rsplit_once(':').map_or(e.as_str(), |(s, _)| s))
+        .collect();
+    services.len()
+}
+
 /// Gives every home snapshot the ECH configs of the federation's main relays (`configs`, by
 /// node id, base64 ECHConfigList): the only configs homes seal to. Local mode calls this with
 /// the configs of the key files it keeps; the plan calls it with `Relay.status`.
