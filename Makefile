@@ -38,12 +38,13 @@ cluster-down: ## Stop the control plane started by `make cluster-up`.
 
 TARGET_DIR = $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | $(PYTHON) -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
-test-python: python-deps images ## Offline CRD and chart checks, the images, interop tests with independent implementations.
+test-python: python-deps images cluster ## Offline CRD and chart checks, the images, interop tests with independent implementations.
 	$(CARGO) build -q -p relayfed-sidecar --bin relayfed-proxy
 	$(CARGO) build -q -p relayfed-operator --bin relayfed
 	RELAYFED_PROXY=$(TARGET_DIR)/debug/relayfed-proxy RELAYFED=$(TARGET_DIR)/debug/relayfed \
 	  RELAYFED_IMAGES=$(TARGET_DIR)/images RELAYFED_RELEASE_BIN=$(TARGET_DIR)/release \
-	  CHECKOV=$(CHECKOV_VENV)/bin/checkov $(PYTHON) -m pytest -q -rs tests/python
+	  CHECKOV=$(CHECKOV_VENV)/bin/checkov RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh 2>/dev/null) \
+	  $(PYTHON) -m pytest -q -rs tests/python
 
 # checkov pins packages (e.g. packaging<24) that conflict with pytest: it gets its own venv,
 # outside the work tree.
@@ -84,11 +85,8 @@ images: ## Build the relayfed and relayfed-proxy images as OCI archives into <ta
 	$(CARGO) build -q --release -p relayfed-operator --bin relayfed -p relayfed-sidecar --bin relayfed-proxy
 	$(PYTHON) images/build.py --bin-dir $(TARGET_DIR)/release --out $(TARGET_DIR)/images --version $(VERSION)
 
-HELM_DOCS ?= /var/tmp/relayfed-tools/helm-docs
-
-chart-docs: ## Regenerate charts/relayfed/README.md from values.yaml (helm-docs, built from tests/cluster/helm-docs).
-	@test -x $(HELM_DOCS) || (cd tests/cluster/helm-docs && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -o $(HELM_DOCS) github.com/norwoodj/helm-docs/cmd/helm-docs)
-	$(HELM_DOCS) --chart-search-root charts --chart-to-generate charts/relayfed
+chart-docs: cluster ## Regenerate charts/relayfed/README.md from values.yaml (helm-docs, built with the test control plane).
+	$$(tests/cluster/build.sh 2>/dev/null)/helm-docs --chart-search-root charts --chart-to-generate charts/relayfed
 
 demo: ## The main job: the example federation in local mode, traffic flowing, ECH edited 0 -> 50 -> 100%.
 	$(CARGO) build -q --release -p relayfed-operator --bin relayfed --example demo

@@ -9,9 +9,10 @@ cache_root="${RELAYFED_CLUSTER_CACHE:-/var/tmp/relayfed-cluster}"
 k8s_version="v1.36.3"
 
 key="$( (cat "$here"/go.mod "$here"/go.sum "$here"/kwok/go.mod "$here"/kwok/go.sum \
-          "$here"/helm/go.mod "$here"/helm/go.sum "$here"/build.sh; go version) | sha256sum | cut -c1-16)"
+          "$here"/helm/go.mod "$here"/helm/go.sum "$here"/helm-docs/go.mod "$here"/helm-docs/go.sum \
+          "$here"/build.sh; go version) | sha256sum | cut -c1-16)"
 bin="$cache_root/$key/bin"
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm helm-docs)
 
 complete=1
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || complete=0; done
@@ -48,6 +49,8 @@ helm_k8s_minor="$(cd "$here/helm" && go list -m -f '{{.Version}}' k8s.io/client-
   -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor \
   -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor" \
   -o "$tmp/helm" helm.sh/helm/v3/cmd/helm)
+# helm-docs generates (and the chart test re-checks) the chart README's values table.
+(cd "$here/helm-docs" && go build -trimpath -ldflags "-s -w" -o "$tmp/helm-docs" github.com/norwoodj/helm-docs/cmd/helm-docs)
 # kwok's stage configuration ships in its module: fast node initialisation, heartbeats with
 # leases, and pods that become Ready, complete and are deleted.
 kwok_dir="$(cd "$here/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"

@@ -194,3 +194,13 @@ def test_rendered_injection_settings_drive_the_webhook(native, tmp_path):
     proxy = [c for v in proxy for c in (v if isinstance(v, list) else [v]) if c.get("name") == "relayfed-proxy"]
     assert len(proxy) == 1
     assert proxy[0].get("restartPolicy") == ("Always" if native else None)
+
+
+def test_the_chart_readme_is_generated_from_the_current_values():
+    bin_dir = os.environ.get("RELAYFED_CLUSTER_BIN")
+    if not bin_dir:
+        pytest.fail("RELAYFED_CLUSTER_BIN unset: make test-python sets it (helm-docs is built with the control plane)")
+    out = subprocess.run([os.path.join(bin_dir, "helm-docs"), "--chart-search-root", str(ROOT / "charts"),
+                          "--chart-to-generate", str(CHART), "--dry-run"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (CHART / "README.md").read_text().strip(), \
+        "charts/relayfed/README.md is stale: run `make chart-docs` and commit it"

@@ -103,8 +103,26 @@ pub fn controllers(
     );
     let imports = Controller::new(Api::<ServiceImport>::all(client.clone()), wc.clone())
         .owns(Api::<Service>::all(client.clone()), owned);
+    // Peers and policies are judged against their federation's plan: a federation change
+    // (e.g. it became valid once its RolloutPolicy arrived) re-judges them.
     let peers = Controller::new(Api::<Peer>::all(client.clone()), wc.clone());
-    let policies = Controller::new(Api::<RolloutPolicy>::all(client.clone()), wc.clone());
+    let peer_store = peers.store();
+    let peers = peers.watches(Api::<RelayFederation>::all(client.clone()), wc.clone(), move |f: RelayFederation| {
+        let ns = f.namespace();
+        peer_store
+            .state()
+            .into_iter()
+            .filter(|p| p.metadata.namespace == ns)
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect::<Vec<_>>()
+    });
+    let policies = Controller::new(Api::<RolloutPolicy>::all(client.clone()), wc.clone()).watches(
+        Api::<RelayFederation>::all(client.clone()),
+        wc.clone(),
+        |f: RelayFederation| {
+            Some(ObjectRef::<RolloutPolicy>::new(&f.spec.default_rollout_policy).within(&f.namespace()?))
+        },
+    );
     // Injected pods only (the webhook labels them); a change replans the workloads' federation.
     let injected = watcher::Config::default().labels(&format!("{}=true", crate::webhook::INJECTED_LABEL));
     let pods = Controller::new(Api::<Pod>::all(client.clone()), injected);
