@@ -220,6 +220,15 @@ pub struct RelayStatus {
     /// stream sealed to it (relays on the path learn only that it is one of these).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_anonymity_set: Option<i64>,
+    /// The config snapshot version published for this relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<i64>,
+    /// The version the relay last acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_version: Option<i64>,
+    /// How the relay took its last acknowledged version (`applied`, `restartRequired`, `invalid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_result: Option<String>,
 }
 
 impl Relay {

@@ -134,6 +134,11 @@ impl Distributor {
         self.acks.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
+    /// Changes whenever a node acknowledges a version (watch it, then read [`Self::acks`]).
+    pub fn ack_changes(&self) -> watch::Receiver<u64> {
+        self.acked.subscribe()
+    }
+
     /// The latest generation number handed out.
     pub fn generation(&self) -> u64 {
         self.generation.lock().map(|g| *g).unwrap_or(0)

@@ -329,6 +329,7 @@ fn relays(f: &Facts) -> Vec<Outcome> {
             }];
             if r.spec.relay_type == RelayType::Main {
                 out.push(anonymity(c, &name, status.ech_anonymity_set));
+                out.push(acknowledged(c, &f.namespace, &name, &status));
                 let period = r.spec.ech_keys.rotation_period.get();
                 let grace = r.spec.ech_keys.grace_period.get();
                 let rotated = status.last_key_rotation.as_deref().and_then(parse_time);
@@ -364,6 +365,29 @@ fn relays(f: &Facts) -> Vec<Outcome> {
             out
         })
         .collect()
+}
+
+/// Whether a main relay acknowledged the config version published for it.
+fn acknowledged(c: &'static str, ns: &str, name: &str, s: &relayfed_crds::RelayStatus) -> Outcome {
+    let check = format!("relay {name} config acknowledged");
+    let logs = format!("kubectl -n {ns} logs deploy/{name} (relays acknowledge a new snapshot within seconds)");
+    match (s.config_version, s.acknowledged_version, s.acknowledged_result.as_deref()) {
+        (None, _, _) => ok(c, check, "no config published yet"),
+        (Some(v), Some(a), Some("invalid")) if a == v => {
+            bad(c, Status::Fail, check, format!("the relay refused config version {v} as invalid"), logs)
+        }
+        (Some(v), Some(a), result) if a >= v => ok(c, check, format!("version {v} ({})", result.unwrap_or("applied"))),
+        (Some(v), last, _) => bad(
+            c,
+            Status::Warn,
+            check,
+            match last {
+                Some(a) => format!("version {v} published, {a} acknowledged"),
+                None => format!("version {v} published, none acknowledged yet"),
+            },
+            logs,
+        ),
+    }
 }
 
 /// A main relay whose planned ECH anonymity set is small: a stream sealed to it names one of

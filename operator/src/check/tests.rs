@@ -114,6 +114,27 @@ fn relays_peers_and_policies_are_read_from_their_status() {
         assert_eq!(o.status, want, "{set}: {}", render_text(&out));
         assert!(passed(&out));
     }
+    // Config acknowledgement: behind is a warning, refused is a failure.
+    let ack_of = |relay: &Relay, f: &Facts| {
+        let mut f = f.clone();
+        f.relays = vec![relay.clone()];
+        let out = evaluate(&f);
+        out.into_iter().find(|o| o.name == "relay hub-eu config acknowledged").unwrap().status
+    };
+    relay.status.as_mut().unwrap().ech_anonymity_set = None;
+    for (version, acked, result, want) in [
+        (Some(7), Some(7), Some("applied"), Status::Ok),
+        (Some(8), Some(7), Some("applied"), Status::Warn),
+        (Some(8), None, None, Status::Warn),
+        (Some(8), Some(8), Some("invalid"), Status::Fail),
+        (None, None, None, Status::Ok),
+    ] {
+        let s = relay.status.as_mut().unwrap();
+        s.config_version = version;
+        s.acknowledged_version = acked;
+        s.acknowledged_result = result.map(str::to_owned);
+        assert_eq!(ack_of(&relay, &f), want, "{version:?} {acked:?} {result:?}");
+    }
     relay.status = Some(status("False", "2020-01-01T00:00:00Z"));
     f.relays = vec![relay];
     assert_eq!(failed(&f), ["relay hub-eu Ready", "relay hub-eu ECH keys"]);

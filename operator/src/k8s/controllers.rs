@@ -95,6 +95,11 @@ pub fn controllers(
         .owns(Api::<Secret>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned.clone());
+    // A main relay's status shows the config version it acknowledged: its acks re-reconcile.
+    let relays = {
+        let trigger = main_relay_acks(distributor.clone(), relays.store());
+        relays.reconcile_all_on(trigger)
+    };
     // An export's validity follows the Service of the same name: Service events map to it.
     let exports = Controller::new(Api::<ServiceExport>::all(client.clone()), wc.clone()).watches(
         Api::<Service>::all(client.clone()),
@@ -217,6 +222,38 @@ pub fn controllers(
         futures::join!(f, r, p, q, x, i, w, s);
     };
     (ctx, run)
+}
+
+/// Yields whenever a main relay acknowledges a new config version (workload acks are many and
+/// change no Relay status, so they do not trigger).
+fn main_relay_acks(
+    distributor: Arc<Distributor>,
+    relays: reflector::Store<Relay>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    let rx = distributor.ack_changes();
+    futures::stream::unfold((rx, std::collections::BTreeMap::new()), move |(mut rx, last)| {
+        let (distributor, relays) = (distributor.clone(), relays.clone());
+        async move {
+            loop {
+                rx.changed().await.ok()?;
+                let mains: std::collections::BTreeSet<String> = relays
+                    .state()
+                    .iter()
+                    .filter(|r| r.spec.relay_type == relayfed_crds::RelayType::Main)
+                    .map(|r| r.spec.node_id.clone())
+                    .collect();
+                let now: std::collections::BTreeMap<String, u64> = distributor
+                    .acks()
+                    .into_iter()
+                    .filter(|(n, _)| mains.contains(n))
+                    .map(|(n, a)| (n, a.version))
+                    .collect();
+                if now != last {
+                    return Some(((), (rx, now)));
+                }
+            }
+        }
+    })
 }
 
 /// Runs the operator: waits for the Lease, then reconciles and serves distribution until the
