@@ -1,7 +1,8 @@
 //! The user's install sequence with the real helm CLI, as the README gives it: the CRD chart,
 //! `relayfed check --pre`, `helm install --wait`, a federation applied and Ready, `relayfed
 //! check` passing, `helm test`, `relayfed check` reporting a stopped webhook and a lost leader
-//! with their remedies, and `helm uninstall` keeping only the CRDs. kwok runs the chart's pods
+//! with their remedies, the injector scaled to 0 blocking only pods that asked for injection,
+//! and `helm uninstall` keeping only the CRDs. kwok runs the chart's pods
 //! without executing them, so the operator and the webhook run as real processes on loopback
 //! under the chart's identities: the operator with the name of one of the chart's operator pods
 //! (it labels that pod as the leader), the webhook with the chart's own certificate (URL mode).
@@ -143,6 +144,22 @@ async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
     let (ok, report) = check(&admin, n, &release, &[]);
     let fails = failures(&report);
     assert!(!ok && fails.len() == 1 && fails[0].0 == "injection webhook" && !fails[0].1.is_empty(), "{report:#}");
+    // With the injector scaled to 0 as well, pods that did not opt in are created; a pod that
+    // asked for injection is refused (failurePolicy Fail) rather than started without a proxy.
+    let out =
+        plane().kubectl(&["scale", "-n", n, "deployment", &format!("{release}-injector"), "--replicas=0"]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let plain = Namespace::create("install-plain", &[]);
+    let pod = |name: &str, inject: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": plain.name, "labels": {"relayfed.io/inject": inject}},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}})
+        .to_string()
+    };
+    let out = plane().kubectl_stdin(&["create", "-f", "-"], &pod("not-opted-in", "unset")).unwrap();
+    assert!(out.ok, "a pod outside the injection scope was refused: {}", out.stderr);
+    let out = plane().kubectl_stdin(&["create", "-f", "-"], &pod("opted-in", "enabled")).unwrap();
+    assert!(!out.ok && out.stderr.contains("pod.inject.relayfed.io"), "{}", out.stderr);
     op.kill();
     eventually("the lost leader to be reported", Duration::from_secs(60), || async {
         let (_, report) = check(&admin, n, &release, &[]);
@@ -166,6 +183,8 @@ async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
 
 #[tokio::test]
 async fn relayfed_check_reports_missing_crds_on_a_fresh_cluster_until_the_crd_chart_is_installed() {
+    // Serialised with the other heavy tests: a second plane at once loads 2 cores.
+    let _serial = serial().await;
     // A control plane of its own: the shared one has the CRDs.
     let fresh = relayfed_test_cluster::ControlPlane::start(relayfed_test_cluster::Options {
         name: "fresh".into(),
