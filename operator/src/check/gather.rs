@@ -12,7 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams};
 use kube::{Client, Resource};
-use relayfed_crds::{Peer, Relay, RolloutPolicy};
+use relayfed_crds::{Peer, Relay, RelayFederation, RolloutPolicy};
 
 use super::{CrdFact, Facts, LeaseFact, WebhookFact};
 
@@ -175,6 +175,7 @@ pub async fn gather(client: &Client, t: &Target) -> Facts {
         });
     facts.webhook = webhook(client, t).await;
     if facts.crds.len() == super::CRDS.len() {
+        facts.federations = list(Api::<RelayFederation>::namespaced(client.clone(), ns)).await;
         facts.relays = list(Api::<Relay>::namespaced(client.clone(), ns)).await;
         facts.peers = list(Api::<Peer>::namespaced(client.clone(), ns)).await;
         facts.policies = list(Api::<RolloutPolicy>::namespaced(client.clone(), ns)).await;

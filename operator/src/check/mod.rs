@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use relayfed_crds::peer::PeerState;
 use relayfed_crds::relay::RelayType;
-use relayfed_crds::{Peer, Relay, RolloutPolicy};
+use relayfed_crds::{Peer, Relay, RelayFederation, RolloutPolicy};
 use serde::Serialize;
 
 /// The oldest Kubernetes the chart supports (`kubeVersion` in Chart.yaml).
@@ -112,6 +112,8 @@ pub struct Facts {
     pub operator_ready: Option<(i32, i32)>,
     /// The webhook.
     pub webhook: WebhookFact,
+    /// RelayFederations in the namespace.
+    pub federations: Vec<RelayFederation>,
     /// Relays in the namespace.
     pub relays: Vec<Relay>,
     /// Peers in the namespace.
@@ -133,6 +135,7 @@ impl Default for Facts {
             lease: None,
             operator_ready: None,
             webhook: WebhookFact::default(),
+            federations: Vec::new(),
             relays: Vec::new(),
             peers: Vec::new(),
             policies: Vec::new(),
@@ -162,6 +165,7 @@ pub fn evaluate(f: &Facts) -> Vec<Outcome> {
     out.push(operator(f));
     out.push(leader(f));
     out.push(webhook(f));
+    out.extend(federations(f));
     out.extend(relays(f));
     out.extend(peers(f));
     out.extend(policies(f));
@@ -300,6 +304,37 @@ fn webhook(f: &Facts) -> Outcome {
         }
         (None, Some(n)) => ok(c, "injection webhook", format!("{n} ready endpoints; caBundle valid")),
     }
+}
+
+fn federations(f: &Facts) -> Vec<Outcome> {
+    let c = "federation";
+    f.federations
+        .iter()
+        .map(|fed| {
+            let name = fed.metadata.name.clone().unwrap_or_default();
+            let status = fed.status.clone().unwrap_or_default();
+            match condition(&status.common.conditions, "Ready") {
+                Some(cond) if cond.status == "True" => ok(c, format!("federation {name} Ready"), cond.message.clone()),
+                Some(cond) => bad(
+                    c,
+                    Status::Fail,
+                    format!("federation {name} Ready"),
+                    format!("{}: {}", cond.reason, cond.message),
+                    format!(
+                        "kubectl -n {} describe relayfederation {name}: the message names object and field",
+                        f.namespace
+                    ),
+                ),
+                None => bad(
+                    c,
+                    Status::Fail,
+                    format!("federation {name} Ready"),
+                    "no Ready condition: the operator has not reconciled it",
+                    "check that the operator leads (above)",
+                ),
+            }
+        })
+        .collect()
 }
 
 fn relays(f: &Facts) -> Vec<Outcome> {

@@ -139,3 +139,36 @@ fn relays_peers_and_policies_are_read_from_their_status() {
     f.relays = vec![relay];
     assert_eq!(failed(&f), ["relay hub-eu Ready", "relay hub-eu ECH keys"]);
 }
+
+#[test]
+fn a_federation_whose_plan_fails_is_reported_with_its_message() {
+    let mut f = healthy();
+    let docs =
+        relayfed_crds::parse_documents("x", include_str!("../../../examples/federation/00-federation.yaml")).unwrap();
+    let mut fed = docs
+        .into_iter()
+        .find_map(|d| match d {
+            relayfed_crds::AnyResource::Federation(r) => Some(*r),
+            _ => None,
+        })
+        .unwrap();
+    let cond = |status: &str| relayfed_crds::common::Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: "PlanInvalid".into(),
+        message: "RelayFederation/acme spec.defaultRolloutPolicy: RolloutPolicy \"default\" not found".into(),
+        last_transition_time: None,
+        observed_generation: None,
+    };
+    fed.status = Some(relayfed_crds::RelayFederationStatus {
+        common: relayfed_crds::common::CommonStatus { observed_generation: None, conditions: vec![cond("False")] },
+        ..Default::default()
+    });
+    f.federations = vec![fed.clone()];
+    let out = evaluate(&f);
+    assert_eq!(failed(&f), ["federation acme Ready"]);
+    assert!(out.iter().any(|o| o.detail.contains("defaultRolloutPolicy")));
+    fed.status.as_mut().unwrap().common.conditions = vec![cond("True")];
+    f.federations = vec![fed];
+    assert!(passed(&evaluate(&f)));
+}
