@@ -292,22 +292,18 @@ def passwd_files(entries: list[str]) -> dict[str, bytes]:
     return {"/etc/passwd": passwd.encode(), "/etc/group": group.encode()}
 
 
+def binary_image(bin_dir: Path, binary: str, user: str, uid: int) -> Image:
+    """An image whose ENTRYPOINT is `binary` (from `bin_dir`), run as `user` with `uid`."""
+    path = f"/usr/local/bin/{binary}"
+    img = Image(name=binary, entrypoint=[path], user=f"{uid}:{uid}", passwd=[f"{user}:{uid}"])
+    add_binary(img, str(bin_dir / binary), path)
+    return img
+
+
 def images(bin_dir: Path) -> list[Image]:
     """The two images of the contract."""
-    relayfed = Image(
-        name="relayfed",
-        entrypoint=["/usr/local/bin/relayfed"],
-        user="65532:65532",
-        passwd=["nonroot:65532"],
-    )
-    add_binary(relayfed, str(bin_dir / "relayfed"), "/usr/local/bin/relayfed")
-    proxy = Image(
-        name="relayfed-proxy",
-        entrypoint=["/usr/local/bin/relayfed-proxy"],
-        user="1337:1337",
-        passwd=["relayfed-proxy:1337"],
-    )
-    add_binary(proxy, str(bin_dir / "relayfed-proxy"), "/usr/local/bin/relayfed-proxy")
+    relayfed = binary_image(bin_dir, "relayfed", "nonroot", 65532)
+    proxy = binary_image(bin_dir, "relayfed-proxy", "relayfed-proxy", 1337)
     add_iptables(proxy)
     for img in (relayfed, proxy):
         img.dirs.update({"/tmp": 0o1777, "/run": 0o755})

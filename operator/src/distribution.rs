@@ -129,6 +129,16 @@ impl Distributor {
         self.published.borrow().iter().map(|(n, p)| (n.clone(), p.version)).collect()
     }
 
+    /// The version published for `node`.
+    pub fn version(&self, node: &str) -> Option<u64> {
+        self.published.borrow().get(node).map(|p| p.version)
+    }
+
+    /// `node`'s last acknowledgement.
+    pub fn ack(&self, node: &str) -> Option<AckState> {
+        self.acks.lock().ok()?.get(node).cloned()
+    }
+
     /// The last acknowledgement of each node.
     pub fn acks(&self) -> BTreeMap<String, AckState> {
         self.acks.lock().map(|a| a.clone()).unwrap_or_default()

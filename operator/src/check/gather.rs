@@ -64,13 +64,10 @@ async fn crds(client: &Client) -> std::collections::BTreeMap<String, CrdFact> {
 
 fn lease_fact(lease: Lease) -> LeaseFact {
     let spec = lease.spec.unwrap_or_default();
-    let micros = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime| {
-        u64::try_from(t.0.as_microsecond()).ok().map(|us| SystemTime::UNIX_EPOCH + Duration::from_micros(us))
-    };
     LeaseFact {
+        duration: crate::k8s::leader::term(&spec),
+        renewed: spec.renew_time.as_ref().map(crate::k8s::leader::system),
         holder: spec.holder_identity,
-        renewed: spec.renew_time.as_ref().and_then(micros),
-        duration: Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15)),
     }
 }
 

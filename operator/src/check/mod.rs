@@ -148,13 +148,6 @@ fn condition<'a>(conds: &'a [relayfed_crds::Condition], type_: &str) -> Option<&
     conds.iter().find(|c| c.type_ == type_)
 }
 
-/// Parses an RFC 3339 timestamp as the operator writes it.
-fn parse_time(s: &str) -> Option<SystemTime> {
-    let ts: k8s_openapi::jiff::Timestamp = s.parse().ok()?;
-    let secs = u64::try_from(ts.as_second()).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-}
-
 /// Runs every check on `f`, in display order.
 pub fn evaluate(f: &Facts) -> Vec<Outcome> {
     let mut out = vec![api_version(f)];
@@ -306,33 +299,37 @@ fn webhook(f: &Facts) -> Outcome {
     }
 }
 
-fn federations(f: &Facts) -> Vec<Outcome> {
+/// A check that reads one status condition: `True` passes with its message, `False` fails
+/// with its reason and `remedy`, no condition at all means the operator never reconciled it.
+fn from_condition(check: String, cond: Option<&relayfed_crds::Condition>, remedy: String) -> Outcome {
     let c = "federation";
+    match cond {
+        Some(cond) if cond.status == "True" => ok(c, check, cond.message.clone()),
+        Some(cond) => bad(c, Status::Fail, check, format!("{}: {}", cond.reason, cond.message), remedy),
+        None => bad(
+            c,
+            Status::Fail,
+            check,
+            format!("not reconciled by the operator yet ({remedy})"),
+            "check that the operator leads (above)",
+        ),
+    }
+}
+
+fn federations(f: &Facts) -> Vec<Outcome> {
     f.federations
         .iter()
         .map(|fed| {
             let name = fed.metadata.name.clone().unwrap_or_default();
             let status = fed.status.clone().unwrap_or_default();
-            match condition(&status.common.conditions, "Ready") {
-                Some(cond) if cond.status == "True" => ok(c, format!("federation {name} Ready"), cond.message.clone()),
-                Some(cond) => bad(
-                    c,
-                    Status::Fail,
-                    format!("federation {name} Ready"),
-                    format!("{}: {}", cond.reason, cond.message),
-                    format!(
-                        "kubectl -n {} describe relayfederation {name}: the message names object and field",
-                        f.namespace
-                    ),
+            from_condition(
+                format!("federation {name} Ready"),
+                condition(&status.common.conditions, "Ready"),
+                format!(
+                    "kubectl -n {} describe relayfederation {name}: the message names object and field",
+                    f.namespace
                 ),
-                None => bad(
-                    c,
-                    Status::Fail,
-                    format!("federation {name} Ready"),
-                    "no Ready condition: the operator has not reconciled it",
-                    "check that the operator leads (above)",
-                ),
-            }
+            )
         })
         .collect()
 }
@@ -344,30 +341,17 @@ fn relays(f: &Facts) -> Vec<Outcome> {
         .flat_map(|r| {
             let name = r.metadata.name.clone().unwrap_or_default();
             let status = r.status.clone().unwrap_or_default();
-            let ready = condition(&status.common.conditions, "Ready");
-            let mut out = vec![match ready {
-                Some(cond) if cond.status == "True" => ok(c, format!("relay {name} Ready"), cond.message.clone()),
-                Some(cond) => bad(
-                    c,
-                    Status::Fail,
-                    format!("relay {name} Ready"),
-                    format!("{}: {}", cond.reason, cond.message),
-                    format!("kubectl -n {} describe relay {name}", f.namespace),
-                ),
-                None => bad(
-                    c,
-                    Status::Fail,
-                    format!("relay {name} Ready"),
-                    "no Ready condition: the operator has not reconciled it",
-                    "check that the operator leads (above) and that the relay names an existing federation",
-                ),
-            }];
+            let mut out = vec![from_condition(
+                format!("relay {name} Ready"),
+                condition(&status.common.conditions, "Ready"),
+                format!("kubectl -n {} describe relay {name}", f.namespace),
+            )];
             if r.spec.relay_type == RelayType::Main {
                 out.push(anonymity(c, &name, status.ech_anonymity_set));
                 out.push(acknowledged(c, &f.namespace, &name, &status));
                 let period = r.spec.ech_keys.rotation_period.get();
                 let grace = r.spec.ech_keys.grace_period.get();
-                let rotated = status.last_key_rotation.as_deref().and_then(parse_time);
+                let rotated = status.last_key_rotation.as_deref().and_then(crate::k8s::status::parse_rfc3339);
                 out.push(match rotated {
                     Some(t) if t + period + grace >= f.now => {
                         let age = f.now.duration_since(t).unwrap_or_default().as_secs();
@@ -474,42 +458,29 @@ fn peers(f: &Facts) -> Vec<Outcome> {
 }
 
 fn policies(f: &Facts) -> Vec<Outcome> {
-    let c = "federation";
     f.policies
         .iter()
         .map(|p| {
             let name = p.metadata.name.clone().unwrap_or_default();
             let status = p.status.clone().unwrap_or_default();
+            let check = format!("rollout policy {name} applied");
+            let applied = condition(&status.common.conditions, "Applied");
             let generation = p.metadata.generation;
-            match condition(&status.common.conditions, "Applied") {
-                Some(cond) if cond.status == "True" && status.common.observed_generation == generation => {
-                    ok(c, format!("rollout policy {name} applied"), cond.message.clone())
-                }
-                Some(cond) if cond.status == "True" => bad(
-                    c,
+            match applied {
+                Some(cond) if cond.status == "True" && status.common.observed_generation != generation => bad(
+                    "federation",
                     Status::Warn,
-                    format!("rollout policy {name} applied"),
+                    check,
                     format!(
-                        "generation {} not acknowledged yet (last: {:?})",
+                        "generation {} not reconciled yet (last: {:?})",
                         generation.unwrap_or(0),
                         status.common.observed_generation
                     ),
-                    "re-run shortly; nodes acknowledge a new config within seconds",
+                    "re-run shortly; the operator applies an edit within seconds",
                 ),
-                Some(cond) => bad(
-                    c,
-                    Status::Fail,
-                    format!("rollout policy {name} applied"),
-                    format!("{}: {}", cond.reason, cond.message),
-                    format!("kubectl -n {} describe rolloutpolicy {name}", f.namespace),
-                ),
-                None => bad(
-                    c,
-                    Status::Fail,
-                    format!("rollout policy {name} applied"),
-                    "no Applied condition",
-                    "check that the operator leads",
-                ),
+                _ => {
+                    from_condition(check, applied, format!("kubectl -n {} describe rolloutpolicy {name}", f.namespace))
+                }
             }
         })
         .collect()

@@ -19,6 +19,27 @@ fn healthy() -> Facts {
     f
 }
 
+/// The first resource `pick` accepts in an example file.
+fn example<T>(yaml: &str, pick: fn(relayfed_crds::AnyResource) -> Option<T>) -> T {
+    relayfed_crds::parse_documents("example", yaml).unwrap().into_iter().find_map(pick).unwrap()
+}
+
+/// A `Ready` condition.
+fn ready(status: &str, reason: &str, message: &str) -> relayfed_crds::Condition {
+    relayfed_crds::Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: None,
+        observed_generation: None,
+    }
+}
+
+fn conditions(list: Vec<relayfed_crds::Condition>) -> relayfed_crds::common::CommonStatus {
+    relayfed_crds::common::CommonStatus { observed_generation: None, conditions: list }
+}
+
 fn failed(f: &Facts) -> Vec<String> {
     evaluate(f).into_iter().filter(|o| o.status == Status::Fail).map(|o| o.name).collect()
 }
@@ -77,27 +98,12 @@ fn pre_install_checks_only_the_api_and_the_crds() {
 #[test]
 fn relays_peers_and_policies_are_read_from_their_status() {
     let mut f = healthy();
-    let docs =
-        relayfed_crds::parse_documents("x", include_str!("../../../examples/federation/10-main-relays.yaml")).unwrap();
-    let mut relay = docs
-        .into_iter()
-        .find_map(|d| match d {
-            relayfed_crds::AnyResource::Relay(r) => Some(*r),
-            _ => None,
-        })
-        .unwrap();
-    let status = |ready: &str, rotated: &str| relayfed_crds::relay::RelayStatus {
-        common: relayfed_crds::common::CommonStatus {
-            observed_generation: None,
-            conditions: vec![relayfed_crds::common::Condition {
-                type_: "Ready".into(),
-                status: ready.into(),
-                reason: "Progressing".into(),
-                message: "0/2 replicas ready".into(),
-                last_transition_time: None,
-                observed_generation: None,
-            }],
-        },
+    let mut relay = example(include_str!("../../../examples/federation/10-main-relays.yaml"), |d| match d {
+        relayfed_crds::AnyResource::Relay(r) => Some(*r),
+        _ => None,
+    });
+    let status = |status: &str, rotated: &str| relayfed_crds::relay::RelayStatus {
+        common: conditions(vec![ready(status, "Progressing", "0/2 replicas ready")]),
         last_key_rotation: Some(rotated.into()),
         ..Default::default()
     };
@@ -143,27 +149,19 @@ fn relays_peers_and_policies_are_read_from_their_status() {
 #[test]
 fn a_federation_whose_plan_fails_is_reported_with_its_message() {
     let mut f = healthy();
-    let docs =
-        relayfed_crds::parse_documents("x", include_str!("../../../examples/federation/00-federation.yaml")).unwrap();
-    let mut fed = docs
-        .into_iter()
-        .find_map(|d| match d {
-            relayfed_crds::AnyResource::Federation(r) => Some(*r),
-            _ => None,
-        })
-        .unwrap();
-    let cond = |status: &str| relayfed_crds::common::Condition {
-        type_: "Ready".into(),
-        status: status.into(),
-        reason: "PlanInvalid".into(),
-        message: "RelayFederation/acme spec.defaultRolloutPolicy: RolloutPolicy \"default\" not found".into(),
-        last_transition_time: None,
-        observed_generation: None,
-    };
-    fed.status = Some(relayfed_crds::RelayFederationStatus {
-        common: relayfed_crds::common::CommonStatus { observed_generation: None, conditions: vec![cond("False")] },
-        ..Default::default()
+    let mut fed = example(include_str!("../../../examples/federation/00-federation.yaml"), |d| match d {
+        relayfed_crds::AnyResource::Federation(r) => Some(*r),
+        _ => None,
     });
+    let cond = |status: &str| {
+        ready(
+            status,
+            "PlanInvalid",
+            "RelayFederation/acme spec.defaultRolloutPolicy: RolloutPolicy \"default\" not found",
+        )
+    };
+    fed.status =
+        Some(relayfed_crds::RelayFederationStatus { common: conditions(vec![cond("False")]), ..Default::default() });
     f.federations = vec![fed.clone()];
     let out = evaluate(&f);
     assert_eq!(failed(&f), ["federation acme Ready"]);

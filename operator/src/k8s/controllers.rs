@@ -236,17 +236,12 @@ fn main_relay_acks(
         async move {
             loop {
                 rx.changed().await.ok()?;
-                let mains: std::collections::BTreeSet<String> = relays
+                // Only main relays' acks (one lookup each), not every workload's.
+                let now: std::collections::BTreeMap<String, u64> = relays
                     .state()
                     .iter()
                     .filter(|r| r.spec.relay_type == relayfed_crds::RelayType::Main)
-                    .map(|r| r.spec.node_id.clone())
-                    .collect();
-                let now: std::collections::BTreeMap<String, u64> = distributor
-                    .acks()
-                    .into_iter()
-                    .filter(|(n, _)| mains.contains(n))
-                    .map(|(n, a)| (n, a.version))
+                    .filter_map(|r| Some((r.spec.node_id.clone(), distributor.ack(&r.spec.node_id)?.version)))
                     .collect();
                 if now != last {
                     return Some(((), (rx, now)));

@@ -40,9 +40,15 @@ fn micro(t: SystemTime) -> MicroTime {
     MicroTime(Timestamp::from_microsecond(us).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
-fn system(t: &MicroTime) -> SystemTime {
+/// A Lease time as a `SystemTime` (before the epoch reads as the epoch).
+pub(crate) fn system(t: &MicroTime) -> SystemTime {
     let us = u64::try_from(t.0.as_microsecond()).unwrap_or(0);
     SystemTime::UNIX_EPOCH + Duration::from_micros(us)
+}
+
+/// How long a Lease's term lasts without renewal (15 s when unset).
+pub(crate) fn term(spec: &LeaseSpec) -> Duration {
+    Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15))
 }
 
 /// Decides from the current Lease (if any).
@@ -54,7 +60,7 @@ pub fn decide(lease: Option<&Lease>, me: &str, now: SystemTime) -> Decision {
         None | Some("") => Decision::TakeOver,
         Some(holder) => {
             let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()).map(system);
-            let term = Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15));
+            let term = term(&spec);
             match renewed {
                 Some(t) if t + term > now => Decision::Follow { holder: holder.to_owned() },
                 _ => Decision::TakeOver,

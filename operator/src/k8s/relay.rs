@@ -264,10 +264,10 @@ async fn apply(relay: &Relay, ctx: &Context, name: &str, namespace: &str) -> Res
                 let ready = dep.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
                 status.insert("readyReplicas".into(), ready.into());
                 status.insert("echAnonymitySet".into(), crate::plan::planned_anonymity_set(&snap).into());
-                if let Some(v) = ctx.distributor.versions().get(&node) {
-                    status.insert("configVersion".into(), (*v).into());
+                if let Some(v) = ctx.distributor.version(&node) {
+                    status.insert("configVersion".into(), v.into());
                 }
-                if let Some(ack) = ctx.distributor.acks().get(&node) {
+                if let Some(ack) = ctx.distributor.ack(&node) {
                     status.insert("acknowledgedVersion".into(), ack.version.into());
                     status.insert("acknowledgedResult".into(), serde_json::to_value(ack.result).unwrap_or_default());
                 }

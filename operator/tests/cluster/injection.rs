@@ -7,13 +7,12 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use relayfed_test_cluster::process::Proc;
 use serde_json::{Value, json};
 
-use crate::support::{Namespace, eventually, plane, render_chart_release, serial};
+use crate::support::{Namespace, eventually, plane, render_chart_release, serial, serve_webhook, write_tls};
 
 /// The webhook process and the MutatingWebhookConfiguration; both removed on drop, so no other
 /// test meets a webhook that is not there.
@@ -41,11 +40,7 @@ impl Injector {
         let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("no {k} rendered")).clone();
         let secret = kind("Secret");
         let files = plane().dir.join(format!("injector-{release}"));
-        std::fs::create_dir_all(&files).unwrap();
-        for key in ["tls.crt", "tls.key"] {
-            let pem = base64::engine::general_purpose::STANDARD.decode(secret["data"][key].as_str().unwrap()).unwrap();
-            std::fs::write(files.join(key), pem).unwrap();
-        }
+        write_tls(&secret, &files);
         let config = kind("ConfigMap")["data"]["inject.json"].as_str().unwrap().to_owned();
         std::fs::write(files.join("inject.json"), config).unwrap();
         let mwc = kind("MutatingWebhookConfiguration");
@@ -57,21 +52,7 @@ impl Injector {
     }
 
     fn start(&mut self) {
-        let args = vec![
-            "webhook".to_owned(),
-            "serve".to_owned(),
-            format!("--listen=127.0.0.1:{}", self.port),
-            format!("--tls-cert={}", self.files.join("tls.crt").display()),
-            format!("--tls-key={}", self.files.join("tls.key").display()),
-            format!("--config={}", self.files.join("inject.json").display()),
-        ];
-        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_relayfed"));
-        self.child = Some(Proc::spawn("webhook", bin, &args, &self.files).unwrap());
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "the webhook did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child = Some(serve_webhook(self.port, &self.files));
     }
 
     fn stop(&mut self) {

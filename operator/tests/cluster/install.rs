@@ -9,10 +9,12 @@
 
 use std::time::Duration;
 
-use relayfed_test_cluster::process::Proc;
 use serde_json::Value;
 
-use crate::support::{Namespace, Operator, eventually, examples_in, get_json, plane, repo, serial};
+use crate::support::{
+    Namespace, Operator, eventually, eventually_or, examples_in, get_json, plane, repo, serial, serve_webhook,
+    write_tls,
+};
 
 fn helm(args: &[&str]) -> String {
     let out = plane().helm(args).unwrap();
@@ -74,23 +76,8 @@ async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
 
     // The webhook with the installed certificate, the operator as the first operator pod.
     let dir = plane().dir.join(format!("install-{release}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let secret = get_json(n, &["secret", &format!("{release}-injector-tls")]);
-    for key in ["tls.crt", "tls.key"] {
-        use base64::Engine;
-        let pem = base64::engine::general_purpose::STANDARD.decode(secret["data"][key].as_str().unwrap()).unwrap();
-        std::fs::write(dir.join(key), pem).unwrap();
-    }
-    let args: Vec<String> = vec![
-        "webhook".into(),
-        "serve".into(),
-        format!("--listen=127.0.0.1:{port}"),
-        format!("--tls-cert={}", dir.join("tls.crt").display()),
-        format!("--tls-key={}", dir.join("tls.key").display()),
-    ];
-    let mut webhook = Some(
-        Proc::spawn("install-webhook", std::path::Path::new(env!("CARGO_BIN_EXE_relayfed")), &args, &dir).unwrap(),
-    );
+    write_tls(&get_json(n, &["secret", &format!("{release}-injector-tls")]), &dir);
+    let mut webhook = Some(serve_webhook(port, &dir));
     let pods = get_json(n, &["pods", "-l", "app.kubernetes.io/component=operator"]);
     let leader_pod = pods["items"][0]["metadata"]["name"].as_str().unwrap().to_owned();
     let sa = plane().service_account_kubeconfig(n, &format!("{release}-operator"), 3600).await.unwrap();
@@ -105,19 +92,13 @@ async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
         (pod["metadata"]["labels"]["relayfed.io/leader"] == "true").then_some(())
     })
     .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let (ok, report) = check(&admin, n, &release, &[]);
-        if ok {
-            break;
+    eventually_or("relayfed check to pass", Duration::from_secs(120), || async {
+        match check(&admin, n, &release, &[]) {
+            (true, _) => Ok(()),
+            (false, report) => Err(format!("{report:#}")),
         }
-        if std::time::Instant::now() > deadline {
-            let mut pods = plane().kubectl(&["get", "rfed,rs,deploy", "-n", n, "-o", "yaml"]).unwrap().stdout;
-            pods.push_str(&op.logged());
-            panic!("relayfed check did not pass: {report:#}\n{pods}");
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    })
+    .await;
     // The endpoint slice controller follows the label (asynchronously).
     eventually("the distribution Service to select the leader only", Duration::from_secs(60), || async {
         let slices = get_json(n, &["endpointslices", "-l", &format!("kubernetes.io/service-name={release}-operator")]);

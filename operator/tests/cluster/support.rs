@@ -92,13 +92,27 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    eventually_or(what, limit, || {
+        let next = f();
+        async move { next.await.ok_or_else(String::new) }
+    })
+    .await
+}
+
+/// [`eventually`] for `f` that says what it saw instead (`Err`): the last of those is in the
+/// timeout's message.
+pub async fn eventually_or<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(100);
     loop {
-        if let Some(v) = f().await {
-            return v;
+        match f().await {
+            Ok(v) => return v,
+            Err(seen) => assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}\n{seen}"),
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
@@ -140,6 +154,39 @@ pub fn render_chart_release(release: &str, ns: &str, args: &[&str]) -> String {
     let out = plane().helm(&all).unwrap();
     assert!(out.ok, "helm template {args:?}: {}", out.stderr);
     out.stdout
+}
+
+/// Writes a TLS Secret's `tls.crt` and `tls.key` (its `data`, base64, as the API or
+/// `helm template` shows it) into `dir`.
+pub fn write_tls(secret: &Value, dir: &Path) {
+    use base64::Engine;
+    std::fs::create_dir_all(dir).unwrap();
+    for key in ["tls.crt", "tls.key"] {
+        let pem = base64::engine::general_purpose::STANDARD.decode(secret["data"][key].as_str().unwrap()).unwrap();
+        std::fs::write(dir.join(key), pem).unwrap();
+    }
+}
+
+/// `relayfed webhook serve` on `127.0.0.1:port` with the TLS files in `dir` (and its
+/// `inject.json` when there is one), returned once it listens.
+pub fn serve_webhook(port: u16, dir: &Path) -> Proc {
+    let mut args = vec![
+        "webhook".to_owned(),
+        "serve".to_owned(),
+        format!("--listen=127.0.0.1:{port}"),
+        format!("--tls-cert={}", dir.join("tls.crt").display()),
+        format!("--tls-key={}", dir.join("tls.key").display()),
+    ];
+    if dir.join("inject.json").exists() {
+        args.push(format!("--config={}", dir.join("inject.json").display()));
+    }
+    let proc = Proc::spawn("webhook", Path::new(env!("CARGO_BIN_EXE_relayfed")), &args, dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the webhook did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proc
 }
 
 /// `relayfed operator run` as a real process (the harness's [`Proc`]: logged, killed on drop).
