@@ -56,10 +56,6 @@ impl Default for AutoRollback {
         }
     }
 }
-
-fn yes() -> bool {
-    true
-}
 fn default_min_success() -> f64 {
     0.99
 }
@@ -219,11 +215,23 @@ pub struct Timeouts {
     /// Stream setup from accept to first byte forwarded (connect, route, handshake, retries).
     #[serde(default = "default_call")]
     pub call: Duration,
+    /// A hop link (home <-> main relay, main <-> main) that hears nothing for this long is
+    /// declared dead; keep-alives go every quarter of it. This is how fast a crashed or hung
+    /// relay is noticed; too short a value drops links on lossy paths (4 lost keep-alives in
+    /// a row). At least 200ms.
+    #[serde(default = "default_link_idle")]
+    pub link_idle: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: default_connect(), handshake: default_handshake(), idle: default_idle(), call: default_call() }
+        Self {
+            connect: default_connect(),
+            handshake: default_handshake(),
+            idle: default_idle(),
+            call: default_call(),
+            link_idle: default_link_idle(),
+        }
     }
 }
 
@@ -238,6 +246,9 @@ fn default_idle() -> Duration {
 }
 fn default_call() -> Duration {
     Duration::from_secs(15)
+}
+fn default_link_idle() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Resilience settings.
@@ -304,6 +315,50 @@ pub struct RolloutPolicySpec {
     /// Rate limits, circuit breakers, retries, timeouts.
     #[serde(default)]
     pub resilience: Resilience,
+    /// How a calling home picks among a service's instances.
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+}
+
+/// An instance-selection algorithm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LbAlgorithm {
+    /// In turn.
+    RoundRobin,
+    /// Fewest streams in flight.
+    LeastConnections,
+    /// Uniformly at random.
+    Random,
+    /// Two random candidates, the one with the lower peak-EWMA latency times streams in flight.
+    #[default]
+    PeakEwma,
+}
+
+/// Load balancing at calling homes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancing {
+    /// Algorithm for services without their own.
+    #[serde(default)]
+    pub algorithm: LbAlgorithm,
+    /// Per-service algorithm, by service name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub per_service: std::collections::BTreeMap<String, LbAlgorithm>,
+    /// Prefer healthy instances behind the caller's own main relay (one relay hop fewer);
+    /// off balances over every healthy instance.
+    #[serde(default = "yes")]
+    pub prefer_local: bool,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        Self { algorithm: LbAlgorithm::default(), per_service: Default::default(), prefer_local: true }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Observed state of a rollout.

@@ -112,6 +112,8 @@ async fn main() {
             services: vec![Service { service: format!("svc-{i}"), port: 80, ech: true }],
             noise_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
             imports: Some(vec!["echo:7".into()]),
+            standby: false,
+            attached: 0,
         };
         write_frames(&mut send, &[Frame::Control(reg)]).await.unwrap();
         // Behave like a home node: acknowledge every complete view.

@@ -42,6 +42,15 @@ async fn registry_of(p: &Proc) -> Vec<String> {
     nodes_in(&p.json("/federation/registry").await)
 }
 
+/// The `attached` stamp of `node`'s `service` entry in a home's view.
+async fn attached_in_view(p: &Proc, node: &str, service: &str) -> Option<u64> {
+    p.json("/federation/registry").await["entries"]
+        .as_array()?
+        .iter()
+        .find(|e| e["node"] == node && e["service"] == service)
+        .and_then(|e| e["attached"].as_u64())
+}
+
 async fn view_of(p: &Proc) -> Vec<String> {
     let mut v: Vec<String> = p.json("/federation/registry").await["entries"]
         .as_array()
@@ -165,6 +174,8 @@ async fn three_mains_six_homes() {
 
     // A main relay crash: its home fails over to the next main, calls resume; the relay
     // comes back and its own home reconnects to it.
+    let a1_before = attached_in_view(&homes["c1"], "a1", "echo").await;
+    assert!(a1_before.is_some_and(|a| a > 0), "a1's entry carries its attach stamp");
     mains.get_mut("hub-a").unwrap().signal("KILL").await;
     eventually("a2 fails over to hub-b", WAIT, || async {
         homes["a2"].json("/federation/health").await["mainRelay"] == "hub-b"
@@ -176,17 +187,25 @@ async fn three_mains_six_homes() {
     );
     let a_path = &files.mains.iter().find(|(id, _, _)| id == "hub-a").unwrap().1;
     mains.insert("hub-a".into(), common::start("main-relay", a_path, &[]).await);
+    // Back means registered again with hub-a's new life: a newer attach stamp (the entry
+    // c1 had may survive until hub-c sees hub-a's restart).
     eventually("a1 is back in c1's view", WAIT, || async {
-        view_of(&homes["c1"]).await.iter().any(|e| e == "a1/echo")
+        attached_in_view(&homes["c1"], "a1", "echo").await > a1_before
     })
     .await;
     assert_eq!(call(&homes["c1"], "echo:7", b"resumed").await.unwrap(), ("a1".to_owned(), b"resumed".to_vec()));
     assert!(homes["a1"].metric("relayfed_reconnects_total", &[("kind", "main")]).await >= 1.0);
 
-    // A crashed relay's entries stay at its peers until their TTL runs out, then go.
+    // A crashed relay's homes are withdrawn from every view as soon as its peers see the
+    // link die; their entries stay at the peers, unroutable, until their TTL runs out.
     mains.get_mut("hub-b").unwrap().signal("KILL").await;
     let b_entries = |v: Vec<String>| v.iter().filter(|e| e.starts_with("b1/")).count();
     assert_eq!(b_entries(registry_of(&mains["hub-c"]).await), 2, "entries survive a crash until the TTL");
+    eventually("c1's view drops b1 once hub-c sees hub-b gone", WAIT, || async {
+        b_entries(view_of(&homes["c1"]).await) == 0
+    })
+    .await;
+    assert_eq!(b_entries(registry_of(&mains["hub-c"]).await), 2, "withdrawn, not forgotten");
     for id in ["hub-a", "hub-c"] {
         eventually(&format!("{id} expires hub-b's entries"), WAIT, || async {
             b_entries(registry_of(&mains[id]).await) == 0

@@ -109,6 +109,8 @@ async fn mallory_registers(
         services: vec![Service { service: "echo".into(), port: 7, ech: true }],
         noise_key: base64_encode(registered),
         imports: Some(vec![]),
+        standby: false,
+        attached: 0,
     };
     let first = async {
         let (mut send, mut recv) = conn.open_bi().await.ok()?;

@@ -245,11 +245,24 @@ impl ReconcileError {
     /// words that say what to grant.
     pub fn forbidden(&self) -> Option<String> {
         match self {
-            Self::Kube { action, source: kube::Error::Api(s) } if s.code == 403 => Some(format!(
-                "{action}: {} — grant it to the operator's ClusterRole (chart templates/operator.yaml)",
-                s.message
-            )),
+            Self::Kube { action, source: kube::Error::Api(s) } if s.code == 403 && !self.namespace_terminating() => {
+                Some(format!(
+                    "{action}: {} — grant it to the operator's ClusterRole (chart templates/operator.yaml)",
+                    s.message
+                ))
+            }
             _ => None,
+        }
+    }
+
+    /// Whether the API server refused a write because the object's namespace is being
+    /// deleted (a 403 that is not RBAC: the reconcile of an object going away with it).
+    pub fn namespace_terminating(&self) -> bool {
+        match self {
+            Self::Kube { source: kube::Error::Api(s), .. } => {
+                s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+            }
+            _ => false,
         }
     }
 
@@ -262,7 +275,12 @@ impl ReconcileError {
 /// The requeue policy after a failed reconcile: per-object exponential backoff.
 pub fn error_policy(kind: &'static str, key: &str, err: &ReconcileError, ctx: &Context) -> Action {
     let wait = ctx.backoff(key);
-    tracing::warn!(kind, object = key, error = %err, retry_in = ?wait, "reconcile failed");
+    if err.namespace_terminating() {
+        // Expected while a namespace is deleted: its objects go with it.
+        tracing::debug!(kind, object = key, retry_in = ?wait, "namespace terminating; not reconciled");
+    } else {
+        tracing::warn!(kind, object = key, error = %err, retry_in = ?wait, "reconcile failed");
+    }
     ctx.metrics.reconciles.get_or_create(&[("kind", kind), ("result", err.metric_label())]).inc();
     Action::requeue(wait)
 }
@@ -277,5 +295,43 @@ pub fn name_ns(meta: &kube::api::ObjectMeta) -> Result<(String, String), Reconci
     match (&meta.name, &meta.namespace) {
         (Some(n), Some(ns)) => Ok((n.clone(), ns.clone())),
         _ => Err(ReconcileError::Object(format!("object {} has no name or namespace", object_key(meta)))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(reason: Option<&str>) -> ReconcileError {
+        let details = reason.map(|r| kube::core::response::StatusDetails {
+            causes: vec![kube::core::response::StatusCause {
+                reason: r.into(),
+                message: "namespace x is being terminated".into(),
+                field: "metadata.namespace".into(),
+            }],
+            name: "a".into(),
+            group: String::new(),
+            kind: "services".into(),
+            uid: String::new(),
+            retry_after_seconds: 0,
+        });
+        let status = kube::core::Status {
+            code: 403,
+            message: "services \"a\" is forbidden".into(),
+            reason: "Forbidden".into(),
+            details,
+            ..Default::default()
+        };
+        ReconcileError::kube("apply Service a", kube::Error::Api(Box::new(status)))
+    }
+
+    #[test]
+    fn rbac_refusals_name_the_cluster_role_and_terminating_namespaces_do_not() {
+        let rbac = refused(None);
+        assert!(rbac.forbidden().is_some_and(|m| m.contains("ClusterRole")));
+        assert!(!rbac.namespace_terminating());
+        let terminating = refused(Some("NamespaceTerminating"));
+        assert!(terminating.namespace_terminating());
+        assert_eq!(terminating.forbidden(), None, "a namespace being deleted is not an RBAC gap");
     }
 }

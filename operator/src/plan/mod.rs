@@ -157,7 +157,7 @@ pub fn compile_with_workloads(
         peers: vec![],
         registry: RegistryConfig { ttl_seconds: fed.spec.registry_ttl.get().as_secs(), refresh_seconds: None },
         health_check_seconds: 30,
-        load_balancing: Default::default(),
+        load_balancing: load_balancing(&policy.spec.load_balancing),
         trust: trust.clone(),
         resilience: resilience.clone(),
         timeouts: timeouts.clone(),
@@ -348,6 +348,23 @@ fn rate_limit(r: &relayfed_crds::RateLimit) -> RateLimit {
 }
 
 /// ECH policy, trust defaults, resilience and timeouts from the `RolloutPolicy`.
+/// The snapshot's load balancing from the policy's.
+fn load_balancing(lb: &relayfed_crds::rollout::LoadBalancing) -> relayfed_sidecar::config::LoadBalancing {
+    use relayfed_crds::rollout::LbAlgorithm as A;
+    use relayfed_sidecar::federation::balancer::Algorithm;
+    let algorithm = |a: A| match a {
+        A::RoundRobin => Algorithm::RoundRobin,
+        A::LeastConnections => Algorithm::LeastConnections,
+        A::Random => Algorithm::Random,
+        A::PeakEwma => Algorithm::PeakEwma,
+    };
+    relayfed_sidecar::config::LoadBalancing {
+        default: algorithm(lb.algorithm),
+        per_service: lb.per_service.iter().map(|(s, a)| (s.clone(), algorithm(*a))).collect(),
+        prefer_local: lb.prefer_local,
+    }
+}
+
 fn policy_parts(policy: &RolloutPolicy, relays: &[&Relay]) -> (EchPolicy, Trust, Resilience, Timeouts) {
     let e = &policy.spec.ech;
     let ech = EchPolicy {
@@ -389,7 +406,7 @@ fn policy_parts(policy: &RolloutPolicy, relays: &[&Relay]) -> (EchPolicy, Trust,
         connect_ms: ms(r.timeouts.connect),
         handshake_ms: ms(r.timeouts.handshake),
         call_ms: ms(r.timeouts.call),
-        idle_ms: Timeouts::default().idle_ms,
+        idle_ms: ms(r.timeouts.link_idle),
         stream_idle_ms: ms(r.timeouts.idle),
     };
     (ech, trust, resilience, timeouts)

@@ -234,6 +234,13 @@ impl Operator {
         std::fs::read_to_string(&self.proc.log).unwrap_or_default()
     }
 
+    /// The lines of its log where RBAC refused its ServiceAccount something (`... is
+    /// forbidden: User "system:serviceaccount:..." cannot ...`). Other 403s, such as writes
+    /// into a namespace another test is deleting, are not RBAC.
+    pub fn rbac_refusals(&self) -> Vec<String> {
+        self.logged().lines().filter(|l| l.contains("is forbidden: User \"")).map(str::to_owned).collect()
+    }
+
     /// `GET path` on its admin port: `(status code, body)`.
     pub async fn admin(&self, path: &str) -> Option<(u16, String)> {
         relayfed_test_cluster::http::get(self.admin_port, path).await.ok()

@@ -55,6 +55,11 @@ pub struct Metrics {
     pub peer_up: Family<[(&'static str, String); 1], Gauge>,
     /// Reconnections by `kind` (peer, main).
     pub reconnects: Family<L1, Counter>,
+    /// A home's links to its main relays by `main`: 1 active, 0 warm standby (absent: down).
+    pub uplink_active: Family<[(&'static str, String); 1], Gauge>,
+    /// Changes of a home's active main relay by `reason` (lost: its link went down;
+    /// failback: the preferred relay was back and stable).
+    pub relay_switches: Family<L1, Counter>,
     /// Load-balancer picks by `service` and `node`.
     pub lb_picks: Family<[(&'static str, String); 2], Counter>,
     /// Circuit breaker state by `target` (0 closed, 1 open, 2 half-open).
@@ -103,6 +108,8 @@ impl Metrics {
         let propagation = Family::<L1, Counter>::default();
         let peer_up = Family::<[(&'static str, String); 1], Gauge>::default();
         let reconnects = Family::<L1, Counter>::default();
+        let uplink_active = Family::<[(&'static str, String); 1], Gauge>::default();
+        let relay_switches = Family::<L1, Counter>::default();
         let lb_picks = Family::<[(&'static str, String); 2], Counter>::default();
         let circuit_state = Family::<[(&'static str, String); 1], Gauge>::default();
         let retries = Family::<L1, Counter>::default();
@@ -146,6 +153,16 @@ impl Metrics {
         registry.register("relayfed_registry_propagation", "Registry propagation events", propagation.clone());
         registry.register("relayfed_peer_up", "1 when the peering is up", peer_up.clone());
         registry.register("relayfed_reconnects", "Reconnections by kind", reconnects.clone());
+        registry.register(
+            "relayfed_home_uplink_active",
+            "A home's main relay links: 1 active, 0 warm standby",
+            uplink_active.clone(),
+        );
+        registry.register(
+            "relayfed_home_relay_switches",
+            "Changes of a home's active main relay by reason",
+            relay_switches.clone(),
+        );
         registry.register("relayfed_lb_picks", "Load-balancer picks by service and instance", lb_picks.clone());
         registry.register(
             "relayfed_hop_handshakes",
@@ -200,6 +217,8 @@ impl Metrics {
             propagation,
             peer_up,
             reconnects,
+            uplink_active,
+            relay_switches,
             lb_picks,
             circuit_state,
             retries,

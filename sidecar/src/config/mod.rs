@@ -308,7 +308,8 @@ pub struct Timeouts {
     /// A caller's whole stream setup: resolve, route, handshake and retries on other instances.
     #[serde(default = "default_call_ms")]
     pub call_ms: u64,
-    /// QUIC idle timeout (keep-alives run at a third of it).
+    /// A hop link that hears nothing this long is dead (QUIC idle timeout; keep-alives every
+    /// quarter of it, and the home's control-stream liveness pings at the same pace).
     #[serde(default = "default_idle_ms")]
     pub idle_ms: u64,
     /// A proxied stream with no payload in either direction for this long is closed.
@@ -339,7 +340,7 @@ fn default_handshake_ms() -> u64 {
     5_000
 }
 fn default_idle_ms() -> u64 {
-    30_000
+    1_000
 }
 fn default_call_ms() -> u64 {
     15_000

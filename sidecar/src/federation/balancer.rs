@@ -198,6 +198,8 @@ mod tests {
             main: main.into(),
             noise_key: String::new(),
             ech: false,
+            standby: false,
+            attached: 0,
         }
     }
 

@@ -5,3 +5,4 @@ pub mod balancer;
 pub mod ech_policy;
 pub mod registration;
 pub mod registry;
+pub mod uplink;

@@ -32,6 +32,34 @@ pub struct Entry {
     /// Whether the destination accepts ECH-sealed routes (capability).
     #[serde(default)]
     pub ech: bool,
+    /// The home keeps this relay as a warm standby: reachable through it, but callers use
+    /// the home's active relay while it is registered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
+    /// When the home made this relay its active one (its own clock, Unix ms, strictly
+    /// increasing per home): of two active registrations of one home, the later is where it
+    /// is now.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attached: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The registrations callers should use: per home node and service, the active one that
+/// attached last, else a standby (a home reachable only through its standby relay, while its
+/// active relay's entry is withdrawn). Order is kept.
+pub fn current_registrations(entries: Vec<Entry>) -> Vec<Entry> {
+    let rank = |e: &Entry| (!e.standby, e.attached);
+    let mut best: std::collections::HashMap<(&str, &str, u16), (bool, u64)> = std::collections::HashMap::new();
+    for e in &entries {
+        let r = rank(e);
+        best.entry((&e.node, &e.service, e.port)).and_modify(|b| *b = (*b).max(r)).or_insert(r);
+    }
+    let keep: Vec<bool> =
+        entries.iter().map(|e| best.get(&(e.node.as_str(), e.service.as_str(), e.port)) == Some(&rank(e))).collect();
+    entries.into_iter().zip(keep).filter_map(|(e, k)| k.then_some(e)).collect()
 }
 
 /// Identity of an entry: which service instance it is.
@@ -92,6 +120,9 @@ pub enum Applied {
 struct Federated {
     entry: Entry,
     expires: Instant,
+    /// False while the origin relay is out of reach (its peering is down, or it restarted
+    /// and its home has not registered with its new life yet): kept, not routed to.
+    reachable: bool,
 }
 
 /// A main relay's registry.
@@ -197,16 +228,35 @@ impl Registry {
         let new_epoch = last.is_some_and(|(e, _)| e != d.epoch);
         self.origin_seq.insert(d.origin.clone(), at);
         let expires = now + self.ttl;
-        if d.full || new_epoch {
+        if new_epoch {
+            // A restarted origin knows none of its homes yet; they are reconnecting to it.
+            // What its previous life said is kept, unroutable, until each home registers
+            // again (re-added below or by a later delta) or the entry's TTL runs out.
+            for f in self.federated.values_mut().filter(|f| f.entry.main == d.origin) {
+                f.reachable = false;
+            }
+        } else if d.full {
             self.federated.retain(|k, _| k.main != d.origin);
         }
         for k in &d.remove {
             self.federated.remove(k);
         }
         for e in &d.add {
-            self.federated.insert(e.key(), Federated { entry: e.clone(), expires });
+            self.federated.insert(e.key(), Federated { entry: e.clone(), expires, reachable: true });
         }
         Applied::Applied
+    }
+
+    /// The peering with `origin` is down: its homes cannot be reached through it, from now.
+    /// Their entries are kept (the next full delta from `origin` replaces them) and expire by
+    /// TTL as usual. Returns how many were withdrawn.
+    pub fn origin_down(&mut self, origin: &str) -> usize {
+        let mut n = 0;
+        for f in self.federated.values_mut().filter(|f| f.entry.main == origin && f.reachable) {
+            f.reachable = false;
+            n += 1;
+        }
+        n
     }
 
     /// This relay's current sequence number (sent in refreshes).
@@ -242,16 +292,19 @@ impl Registry {
         gone
     }
 
-    /// Instances of `service:port`: local ones first, then federated, each in key order.
-    pub fn lookup(&self, service: &str, port: u16) -> Vec<Entry> {
-        let local = self.local.values().filter(|e| e.service == service && e.port == port);
-        let fed = self.federated.values().map(|f| &f.entry).filter(|e| e.service == service && e.port == port);
-        local.chain(fed).cloned().collect()
+    fn routable(&self) -> impl Iterator<Item = &Entry> {
+        self.local.values().chain(self.federated.values().filter(|f| f.reachable).map(|f| &f.entry))
     }
 
-    /// Every entry (local then federated).
+    /// Reachable instances of `service:port`: local ones first, then federated, each in key
+    /// order.
+    pub fn lookup(&self, service: &str, port: u16) -> Vec<Entry> {
+        self.routable().filter(|e| e.service == service && e.port == port).cloned().collect()
+    }
+
+    /// Every reachable entry (local then federated): what views carry.
     pub fn all(&self) -> Vec<Entry> {
-        self.local.values().cloned().chain(self.federated.values().map(|f| f.entry.clone())).collect()
+        self.routable().cloned().collect()
     }
 
     /// Local entries.
@@ -259,9 +312,9 @@ impl Registry {
         self.local.values()
     }
 
-    /// Federated entries with the time left before they expire.
-    pub fn federated(&self, now: Instant) -> impl Iterator<Item = (&Entry, Duration)> {
-        self.federated.values().map(move |f| (&f.entry, f.expires.saturating_duration_since(now)))
+    /// Federated entries with the time left before they expire and whether they are reachable.
+    pub fn federated(&self, now: Instant) -> impl Iterator<Item = (&Entry, Duration, bool)> {
+        self.federated.values().map(move |f| (&f.entry, f.expires.saturating_duration_since(now), f.reachable))
     }
 
     /// Counts: (local, federated).
@@ -282,6 +335,8 @@ mod tests {
             main: main.into(),
             noise_key: "k".into(),
             ech: true,
+            standby: false,
+            attached: 0,
         }
     }
 
@@ -325,11 +380,30 @@ mod tests {
         // The restarted relay starts counting again, but from a later epoch.
         let mut new = Registry::with_epoch("m2", ttl, 200);
         assert_eq!(r.apply("m2", &new.full_delta(), t0), Applied::Applied);
-        assert!(r.lookup("a", 80).is_empty(), "the new life's (empty) full delta replaces the old entries");
+        assert!(r.lookup("a", 80).is_empty(), "the old life's entries are not routed to");
+        assert_eq!(r.federated(t0).filter(|f| !f.2).count(), 2, "but kept while the homes reconnect");
         let d = new.register("h", vec![e("a", "", "")]).unwrap();
         assert_eq!(r.apply("m2", &d, t0), Applied::Applied);
         assert_eq!(r.lookup("a", 80).len(), 1);
+        assert!(r.lookup("b", 80).is_empty(), "an entry the new life did not register stays withdrawn");
+        assert_eq!(r.expire(t0 + ttl).len(), 2, "then expires by TTL");
         assert_eq!(r.apply("m2", &old.full_delta(), t0), Applied::Stale, "the old life cannot come back");
+    }
+
+    #[test]
+    fn a_lost_peering_withdraws_its_homes_at_once_until_the_next_full_delta() {
+        let t0 = Instant::now();
+        let mut origin = Registry::new("m2", Duration::from_secs(600));
+        origin.register("h", vec![e("a", "", "")]);
+        let mut r = Registry::new("m1", Duration::from_secs(600));
+        r.apply("m2", &origin.full_delta(), t0);
+        assert_eq!(r.origin_down("m2"), 1);
+        assert!(r.lookup("a", 80).is_empty() && r.all().is_empty());
+        assert_eq!(r.sizes(), (0, 1), "kept for a quick return");
+        assert_eq!(r.origin_down("m2"), 0);
+        // The peering is back: the same life's full delta (same sequence number) restores it.
+        assert_eq!(r.apply("m2", &origin.full_delta(), t0), Applied::Applied);
+        assert_eq!(r.lookup("a", 80).len(), 1);
     }
 
     #[test]

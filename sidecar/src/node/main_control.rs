@@ -1,5 +1,5 @@
-//! A main relay's control plane: home registrations, views pushed to home nodes, peering with
-//! other main relays (dialing, registry deltas, refreshes, health checks) and TTL expiry.
+//! A main relay's peering with other main relays: dialing, registry deltas, refreshes,
+//! health checks, TTL expiry, and withdrawal of a lost peer's homes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,51 +11,11 @@ use tracing::{info, warn};
 
 use super::main_relay::{MainRelay, Sender};
 use crate::config::base64_encode;
-use crate::federation::registration;
-use crate::federation::registry::{Applied, Delta, Entry};
-use crate::protocol::control::{Control, MainInfo};
-use crate::protocol::{ErrorCode, Frame};
+use crate::federation::registry::{Applied, Delta};
+use crate::protocol::Frame;
+use crate::protocol::control::Control;
 use crate::transport::io::{read_frame, write_frames};
 use crate::transport::tls::failure_reason;
-
-/// The `(service, port)` pairs a home imports.
-type Interest = std::collections::HashSet<(String, u16)>;
-
-/// What every home's view is cut from.
-#[derive(Debug, Default)]
-pub(crate) struct ViewData {
-    mains: BTreeMap<String, MainInfo>,
-    entries: Vec<Entry>,
-}
-
-impl ViewData {
-    /// The view for a home interested in `imports` (all when `None`), as CONTROL frames of at
-    /// most 200 entries each.
-    fn encode_for(&self, imports: Option<&Interest>) -> Vec<u8> {
-        let entries: Vec<&Entry> =
-            self.entries.iter().filter(|e| imports.is_none_or(|i| i.contains(&(e.service.clone(), e.port)))).collect();
-        let chunks: Vec<&[&Entry]> = if entries.is_empty() { vec![&[]] } else { entries.chunks(200).collect() };
-        let mut bytes = Vec::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let part = Control::View {
-                mains: if i == 0 { self.mains.clone() } else { BTreeMap::new() },
-                entries: chunk.iter().map(|e| (*e).clone()).collect(),
-                more: i + 1 < chunks.len(),
-            };
-            match Frame::Control(part).encode() {
-                Ok(b) => bytes.extend_from_slice(&b),
-                Err(e) => warn!(error = %e, "view part too large to encode"),
-            }
-        }
-        bytes
-    }
-}
-
-/// How many distinct services (`service:port`) this relay's homes export: what a stream
-/// sealed to this relay could be for, as seen by the relays on its path.
-pub(crate) fn anonymity_set<'a>(local: impl Iterator<Item = &'a Entry>) -> usize {
-    local.map(|e| (&e.service, e.port)).collect::<std::collections::HashSet<_>>().len()
-}
 
 impl MainRelay {
     /// Starts dialing peers (those with a larger node id) and the periodic tasks.
@@ -282,133 +242,6 @@ impl MainRelay {
         }
     }
 
-    /// The Noise key the home's certificate binds (`Ok(None)`: no binding; `Err`: malformed).
-    fn bound_noise_key(&self, node: &str) -> Result<Option<[u8; 32]>, ()> {
-        let conn = self.homes.read().ok().and_then(|h| h.get(node).map(|l| l.conn.clone())).ok_or(())?;
-        let chain = conn
-            .peer_identity()
-            .and_then(|i| i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
-            .ok_or(())?;
-        let leaf = chain.first().ok_or(())?;
-        crate::crypto::ca::noise_key_from_cert(leaf.as_ref()).map_err(|_| ())
-    }
-
-    /// Refuses a home's registration: counted, logged, and the connection closed with the
-    /// rule as its reason (the home logs it).
-    fn refuse_home(&self, node: &str, refusal: registration::Refusal) {
-        let rule = refusal.rule();
-        self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
-        warn!(home = %node, rule, code = ErrorCode::PermissionDenied.label(), "registration refused");
-        if let Some(link) = self.homes.read().ok().and_then(|h| h.get(node).map(|l| l.conn.clone())) {
-            link.close(ErrorCode::PermissionDenied.to_u16().into(), rule.as_bytes());
-        }
-    }
-
-    async fn home_control(
-        self: Arc<Self>,
-        node: String,
-        first: Control,
-        send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-    ) {
-        let mut next = Some(first);
-        let mut send = Some(send);
-        let mut writer = None;
-        let acked = Arc::new(tokio::sync::Notify::new());
-        let interest: Arc<std::sync::RwLock<Option<Interest>>> = Default::default();
-        while let Some(m) = next.take() {
-            match m {
-                Control::Register { services, noise_key, imports } => {
-                    let live = self.live();
-                    let planned = live.trust.homes.as_ref();
-                    let registered = crate::config::base64_decode(&noise_key).unwrap_or_default();
-                    let bound = self.bound_noise_key(&node);
-                    if let Err(refusal) = registration::check_noise_key(planned.is_some(), bound, &registered) {
-                        self.refuse_home(&node, refusal);
-                        break;
-                    }
-                    let (services, refused) = registration::granted(planned, &node, services);
-                    for s in &refused {
-                        self.metrics.trust_denials.get_or_create(&[("rule", "export_not_planned")]).inc();
-                        warn!(home = %node, service = %s.service, port = s.port, rule = "export_not_planned", "export not granted to this home by the plan: not registered");
-                    }
-                    if let Ok(mut i) = interest.write() {
-                        *i = imports.map(|list| {
-                            list.iter()
-                                .filter_map(|s| {
-                                    s.rsplit_once(':').and_then(|(n, p)| Some((n.to_owned(), p.parse().ok()?)))
-                                })
-                                .collect()
-                        });
-                    }
-                    let entries = services
-                        .into_iter()
-                        .map(|s| Entry {
-                            service: s.service,
-                            port: s.port,
-                            node: node.clone(),
-                            main: String::new(),
-                            noise_key: noise_key.clone(),
-                            ech: s.ech,
-                        })
-                        .collect();
-                    let delta = self.registry.lock().ok().and_then(|mut r| r.register(&node, entries));
-                    info!(home = %node, "home node registered");
-                    if let Some(d) = delta {
-                        self.broadcast(d);
-                    }
-                    self.push_views();
-                }
-                Control::ViewAck => acked.notify_one(),
-                other => warn!(home = %node, message = ?other, "unexpected control message from a home node"),
-            }
-            if let Some(mut send) = send.take() {
-                let acked = acked.clone();
-                let interest = interest.clone();
-                // After the first registration: send the newest view whenever it changes
-                // (coalesced: a slow home never makes views pile up).
-                let mut views = self.views.subscribe();
-                let metrics = self.metrics.clone();
-                writer = Some(tokio::spawn(async move {
-                    loop {
-                        let data = views.borrow_and_update().clone();
-                        let bytes = match interest.read() {
-                            Ok(i) => data.encode_for(i.as_ref()),
-                            Err(_) => data.encode_for(None),
-                        };
-                        if tokio::io::AsyncWriteExt::write_all(&mut send, &bytes).await.is_err() {
-                            break;
-                        }
-                        metrics.propagation.get_or_create(&[("event", "view_sent")]).inc();
-                        // One view in flight per home: wait until it is applied, then send
-                        // the newest (intermediate views are skipped, not queued).
-                        acked.notified().await;
-                        if views.changed().await.is_err() {
-                            break;
-                        }
-                    }
-                }));
-            }
-            next = match read_frame(&mut recv).await {
-                Ok(Some(Frame::Control(m))) => Some(m),
-                _ => None,
-            };
-        }
-        if let Some(w) = writer {
-            w.abort();
-        }
-    }
-
-    /// A home node's connection ended: its entries go, everywhere, now.
-    pub(crate) fn home_gone(&self, node: &str) {
-        let delta = self.registry.lock().ok().and_then(|mut r| r.deregister(node));
-        if let Some(d) = delta {
-            info!(home = %node, removed = d.remove.len(), "home node gone: deregistered");
-            self.broadcast(d);
-        }
-        self.push_views();
-    }
-
     pub(crate) fn peer_up(&self, peer: &str, up: bool) {
         if let Ok(mut h) = self.peer_health.write() {
             let e = h.entry(peer.to_owned()).or_default();
@@ -419,9 +252,19 @@ impl MainRelay {
             }
         }
         self.metrics.peer_up.get_or_create(&[("peer", peer.to_owned())]).set(i64::from(up));
+        if !up {
+            // Its homes cannot be reached through it from now: withdraw them from every view
+            // at once (not after the TTL), so callers use their standby registrations.
+            let withdrawn = self.registry.lock().map(|mut r| r.origin_down(peer)).unwrap_or(0);
+            if withdrawn > 0 {
+                info!(%peer, withdrawn, "peering lost: its homes withdrawn until it is back");
+                self.metrics.propagation.get_or_create(&[("event", "withdrawn")]).inc_by(withdrawn as u64);
+                self.push_views();
+            }
+        }
     }
 
-    fn broadcast(&self, d: Delta) {
+    pub(crate) fn broadcast(&self, d: Delta) {
         self.to_peers(Control::Delta { delta: d }, "delta_sent");
     }
 
@@ -436,29 +279,6 @@ impl MainRelay {
                 self.metrics.propagation.get_or_create(&[("event", event)]).inc();
             }
         }
-    }
-
-    /// Publishes the current view (all instances, the mains' ECH configs) to every home
-    /// node's writer.
-    pub(crate) fn push_views(&self) {
-        let (entries, sizes, anonymity) = match self.registry.lock() {
-            Ok(r) => (r.all(), r.sizes(), anonymity_set(r.local())),
-            Err(_) => return,
-        };
-        self.metrics.ech_anonymity_set.set(anonymity as i64);
-        self.metrics.registry_entries.get_or_create(&[("kind", "local")]).set(sizes.0 as i64);
-        self.metrics.registry_entries.get_or_create(&[("kind", "federated")]).set(sizes.1 as i64);
-        let mut mains = BTreeMap::new();
-        mains.insert(
-            self.identity.node_id.clone(),
-            MainInfo { ech_config_list: self.ech_config_list().map(|l| base64_encode(&l)) },
-        );
-        if let Ok(h) = self.peer_health.read() {
-            for (p, health) in h.iter() {
-                mains.insert(p.clone(), MainInfo { ech_config_list: health.ech_config_list.clone() });
-            }
-        }
-        self.views.send_replace(Arc::new(ViewData { mains, entries }));
     }
 
     /// JSON for the admin API (`/federation/health|peers|registry`).
@@ -496,7 +316,7 @@ impl MainRelay {
                     "node": self.identity.node_id,
                     "seq": r.seq(),
                     "local": r.local().collect::<Vec<_>>(),
-                    "federated": r.federated(now).map(|(e, ttl)| json!({"entry": e, "ttlSeconds": ttl.as_secs_f64()})).collect::<Vec<_>>(),
+                    "federated": r.federated(now).map(|(e, ttl, reachable)| json!({"entry": e, "ttlSeconds": ttl.as_secs_f64(), "reachable": reachable})).collect::<Vec<_>>(),
                 }))
             }
             "/federation/health" => {
@@ -509,7 +329,7 @@ impl MainRelay {
                     r.all().into_iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
                 services.sort();
                 services.dedup();
-                let anonymity = anonymity_set(r.local());
+                let anonymity = super::main_homes::anonymity_set(r.local());
                 Some(json!({
                     "status": if up.len() == peers.len() { "ok" } else { "degraded" },
                     "node": self.identity.node_id,

@@ -71,7 +71,7 @@ pub struct MainRelay {
     pub(crate) endpoint: std::sync::OnceLock<quinn::Endpoint>,
     /// The latest view (main relays' ECH configs and every instance); each home writer sends
     /// the newest, filtered to what that home imports.
-    pub(crate) views: tokio::sync::watch::Sender<Arc<super::main_control::ViewData>>,
+    pub(crate) views: tokio::sync::watch::Sender<Arc<super::main_homes::ViewData>>,
     /// Settings a new config version replaces in place: peers (endpoint, trust level,
     /// permissions, rate limit), trust defaults, the default rate limit, breaker settings.
     pub(crate) live: RwLock<Arc<MainLive>>,
@@ -117,7 +117,8 @@ impl MainRelay {
             None => None,
         };
         let listen = snap.listen.ok_or_else(|| anyhow::anyhow!("listen: required for a main relay"))?;
-        let mut endpoint = quinn::Endpoint::server(identity.server_config(&snap.timeouts)?, listen)
+        let mut endpoint = identity
+            .server_endpoint(identity.server_config(&snap.timeouts)?, listen)
             .map_err(|e| anyhow::anyhow!("cannot bind QUIC on {listen}: {e} (is the port in use?)"))?;
         endpoint.set_default_client_config(identity.client_config(&snap.timeouts)?);
         let bound = Bound { quic: endpoint.local_addr()? };
@@ -236,8 +237,19 @@ impl MainRelay {
         async {
             info!("connected");
             let links = if kind == "home" { &self.homes } else { &self.peers };
-            if let Ok(mut l) = links.write() {
-                l.insert(node.clone(), Link { conn: conn.clone(), control: None });
+            let replaced =
+                links.write().ok().and_then(|mut l| l.insert(node.clone(), Link { conn: conn.clone(), control: None }));
+            if let Some(old) = replaced.filter(|old| old.conn.stable_id() != conn.stable_id()) {
+                // The same node connected again (it restarted, or its side saw the old link
+                // die first): the old link is dead weight, and streams sent into it would
+                // wait for its idle timeout.
+                info!("a newer connection of this node supersedes the previous one");
+                old.conn.close(0u32.into(), b"superseded");
+                if kind == "peer" {
+                    // The old peering session is over: its homes are unreachable until the
+                    // new session's full delta says which are back.
+                    self.peer_up(&node, false);
+                }
             }
             if kind == "peer" {
                 self.peer_up(&node, true);

@@ -3,6 +3,7 @@
 
 pub mod home;
 pub mod main_control;
+pub mod main_homes;
 pub mod main_live;
 pub mod main_relay;
 pub mod runner;

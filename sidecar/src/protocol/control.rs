@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 use super::wire::DecodeError;
 use crate::federation::registry::{Delta, Entry};
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A service a home node serves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -58,6 +62,12 @@ pub enum Control {
         /// `service:port` the home calls; its views carry only these (absent: everything).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         imports: Option<Vec<String>>,
+        /// This relay is the home's warm standby, not its active relay (absent: active).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        standby: bool,
+        /// When the home made this relay active (see `Entry::attached`; absent: 0).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        attached: u64,
     },
     /// Main -> home: every instance the home may call, and the main relays' ECH configs.
     /// Large views are split across several messages; all but the last set `more`.
@@ -141,6 +151,8 @@ mod tests {
             services: vec![Service { service: "echo".into(), port: 7, ech: true }],
             noise_key: "k".into(),
             imports: None,
+            standby: false,
+            attached: 0,
         };
         let bytes = m.encode();
         assert_eq!(

@@ -19,6 +19,9 @@ pub mod procs;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// The link idle timeout of test snapshots (see [`Testbed`]'s base snapshot).
+pub const TEST_LINK_IDLE_MS: u64 = 5_000;
+
 /// A directory with a federation CA and per-node key material.
 pub struct Testbed {
     /// The directory (removed on drop).
@@ -90,7 +93,10 @@ impl Testbed {
             trust: Default::default(),
             resilience: Default::default(),
             key_passphrase_file: None,
-            timeouts: Timeouts::default(),
+            // Debug builds doing hundreds of Noise and HPKE handshakes at once on two cores
+            // can starve a process's QUIC driver for over a second: links in these tests get
+            // 5 s before they are declared dead (failover tests set their own).
+            timeouts: Timeouts { idle_ms: TEST_LINK_IDLE_MS, ..Timeouts::default() },
         })
     }
 

@@ -189,6 +189,30 @@ impl HopIdentity {
         Ok(cfg)
     }
 
+    /// A QUIC endpoint bound to `listen` serving `server`. Its stateless-reset key is
+    /// derived from this node's private key, so a restarted process (same key, same address)
+    /// answers packets of its previous life's connections with resets the peers accept: they
+    /// learn of the restart at their next packet instead of at their idle timeout.
+    pub fn server_endpoint(
+        &self,
+        server: quinn::ServerConfig,
+        listen: std::net::SocketAddr,
+    ) -> std::io::Result<quinn::Endpoint> {
+        let socket = std::net::UdpSocket::bind(listen)?;
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+        quinn::Endpoint::new(self.endpoint_config(), Some(server), socket, runtime)
+    }
+
+    fn endpoint_config(&self) -> quinn::EndpointConfig {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"relayfed stateless reset key v1\0");
+        h.update(self.key.secret_der());
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &h.finalize());
+        quinn::EndpointConfig::new(Arc::new(key))
+    }
+
     /// QUIC client configuration presenting this node's certificate.
     pub fn client_config(&self, timeouts: &Timeouts) -> Result<quinn::ClientConfig, TlsError> {
         self.client_config_with_alpn(timeouts, ALPN)
@@ -245,9 +269,9 @@ impl HopIdentity {
 /// Transport parameters: keep-alives, idle timeout, windows sized for bulk streams.
 fn transport(timeouts: &Timeouts) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    let idle = Duration::from_millis(timeouts.idle_ms.max(1_000));
+    let idle = link_idle(timeouts);
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
-    t.keep_alive_interval(Some(idle / 3));
+    t.keep_alive_interval(Some(idle / 4));
     // quinn preallocates state for every stream a peer may open, so the default stays small
     // (a relay holds thousands of home connections); links that carry many streams (peer
     // relays, and a home's single link to its relay) raise it with `raise_stream_limit`.
@@ -257,6 +281,15 @@ fn transport(timeouts: &Timeouts) -> Arc<quinn::TransportConfig> {
     t.receive_window((32u32 << 20).into());
     t.send_window(32 << 20);
     Arc::new(t)
+}
+
+/// Shortest link idle timeout honoured (keep-alives every 50 ms).
+pub const MIN_LINK_IDLE: Duration = Duration::from_millis(200);
+
+/// How long a hop link may hear nothing before it is dead (`timeouts.idleMs`, at least
+/// [`MIN_LINK_IDLE`]).
+pub fn link_idle(timeouts: &Timeouts) -> Duration {
+    Duration::from_millis(timeouts.idle_ms).max(MIN_LINK_IDLE)
 }
 
 /// Concurrent streams a home node may open to its main relay at first (the relay doubles it,

@@ -10,6 +10,7 @@
 mod inbound;
 mod outbound;
 mod pump;
+mod uplinks;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,7 +50,15 @@ pub struct HomeNode {
     /// ECH configs by main relay, from the authenticated snapshot only (never from views or
     /// retry configs, which arrive through relays that must not choose the key).
     ech_configs: RwLock<HashMap<String, EchConfigList>>,
+    /// The active main relay link (outbound calls use it; `None` between losing one and
+    /// electing the next).
     conn: watch::Sender<Option<(String, quinn::Connection)>>,
+    /// Every registered main relay link, active and standby, by main relay.
+    uplinks: std::sync::Mutex<std::collections::BTreeMap<String, uplinks::Uplink>>,
+    /// The last `attached` stamp sent (they strictly increase).
+    attach_stamp: std::sync::atomic::AtomicU64,
+    /// Whether an active relay was ever elected (a later election follows a loss).
+    switched: std::sync::atomic::AtomicBool,
     endpoint: std::sync::OnceLock<quinn::Endpoint>,
     view: RwLock<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>,
     balancers: std::sync::Mutex<HashMap<(String, u16), Balancer>>,
@@ -78,6 +87,8 @@ pub(crate) struct HomeLive {
     pub(crate) call_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) stream_idle: Duration,
+    /// A main relay link silent this long is dead (liveness pings every quarter of it).
+    pub(crate) link_idle: Duration,
 }
 
 impl HomeLive {
@@ -91,6 +102,7 @@ impl HomeLive {
             call_timeout: Duration::from_millis(snap.timeouts.call_ms),
             connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
             stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
+            link_idle: crate::transport::tls::link_idle(&snap.timeouts),
         }
     }
 }
@@ -127,6 +139,9 @@ impl HomeNode {
             imports: snap.imports.iter().map(|i| (i.service.clone(), i.port)).collect(),
             ech_configs: RwLock::new(snap.ech_config_lists()),
             conn,
+            uplinks: Default::default(),
+            attach_stamp: Default::default(),
+            switched: Default::default(),
             endpoint: std::sync::OnceLock::new(),
             view: RwLock::new(Default::default()),
             balancers: std::sync::Mutex::new(HashMap::new()),
@@ -170,8 +185,7 @@ impl HomeNode {
         let endpoint = quinn::Endpoint::client(bind)?;
         let _ = node.endpoint.set(endpoint.clone());
         let mut ready = node.conn.subscribe();
-        let n = node.clone();
-        tokio::spawn(async move { n.dial_loop(endpoint).await });
+        node.start_uplinks(endpoint);
         ready.wait_for(Option::is_some).await?;
         Ok((node, bound))
     }
@@ -243,165 +257,12 @@ impl HomeNode {
         Ok(())
     }
 
-    /// Keeps a connection to the best reachable main relay, serving its inbound streams.
-    async fn dial_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
-        let mut backoff = Duration::from_millis(100);
-        let mut first = true;
-        loop {
-            for main in &self.mains {
-                let Some(conn) = self.dial(&endpoint, main).await else { continue };
-                if !first {
-                    self.metrics.reconnects.get_or_create(&[("kind", "main")]).inc();
-                }
-                first = false;
-                // Register before announcing the connection, so no call races the view.
-                let control = match self.register(&conn).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // A relay that refuses this node (unknown, blocked, not planned here)
-                        // closes the connection saying why: log its words, and keep backing off.
-                        let relay_said = conn.close_reason().map(|r| r.to_string());
-                        warn!(
-                            main = %main.node_id,
-                            error = %e,
-                            relay_said = relay_said.as_deref().unwrap_or("nothing"),
-                            retry_within = ?backoff,
-                            "registration refused or failed; is this node in the relay's plan (trust.knownNodes)?"
-                        );
-                        conn.close(0u32.into(), b"registration failed");
-                        continue;
-                    }
-                };
-                // Only a registered connection resets the backoff: a relay that accepts the
-                // handshake and then refuses the node must not be redialed at full speed.
-                backoff = Duration::from_millis(100);
-                self.metrics.open_connections.inc();
-                self.conn.send_replace(Some((main.node_id.clone(), conn.clone())));
-                info!(main = %main.node_id, "connected to main relay");
-                self.clone().serve_inbound(conn).await;
-                control.abort();
-                self.conn.send_replace(None);
-                // Streams that failed while this link was dying (timeouts before the loss was
-                // noticed) were blamed on remote instances; they were our own link's fault.
-                // Forget every breaker, so the instances are called again once reconnected.
-                self.forget_breakers();
-                self.metrics.open_connections.dec();
-                warn!(main = %main.node_id, "main relay connection lost; reconnecting");
-                break;
-            }
-            // Exponential backoff with full jitter between rounds of dialing.
-            let jitter = rand::random_range(0..=backoff.as_millis() as u64);
-            tokio::time::sleep(Duration::from_millis(jitter)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-        }
-    }
-
-    async fn dial(&self, endpoint: &quinn::Endpoint, main: &MainRelay) -> Option<quinn::Connection> {
-        let name = self.identity.server_name(&main.node_id);
-        let tls = match self.client_tls.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
-        let connecting = match endpoint.connect_with(tls, main.endpoint, &name) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(main = %main.node_id, error = %e, "cannot dial main relay");
-                return None;
-            }
-        };
-        let started = Instant::now();
-        match tokio::time::timeout(self.live().connect_timeout, connecting).await {
-            Ok(Ok(conn)) => {
-                crate::transport::tls::raise_stream_limit(&conn);
-                self.metrics.hop_handshake_seconds.observe(started.elapsed().as_secs_f64());
-                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
-                Some(conn)
-            }
-            Ok(Err(e)) => {
-                let reason = failure_reason(&e);
-                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", reason)]).inc();
-                warn!(main = %main.node_id, reason, error = %e, "hop handshake failed");
-                None
-            }
-            Err(_) => {
-                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "timeout")]).inc();
-                warn!(main = %main.node_id, "hop handshake timed out");
-                None
-            }
-        }
-    }
-
     /// Clean shutdown: closes the main relay connection, so the relay deregisters this node's
     /// services at once (everywhere), and waits for the close to be sent.
     pub async fn shutdown(&self) {
         if let Some(ep) = self.endpoint.get() {
             ep.close(0u32.into(), b"shutdown");
             let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
-        }
-    }
-
-    /// Opens the control stream, registers the exported services and waits for the first
-    /// view; returns the task that keeps applying views.
-    async fn register(self: &Arc<Self>, conn: &quinn::Connection) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let services =
-            self.exports.iter().map(|e| Service { service: e.service.clone(), port: e.port, ech: true }).collect();
-        let imports = self.imports.iter().map(|(s, p)| format!("{s}:{p}")).collect();
-        let register =
-            Control::Register { services, noise_key: base64_encode(&self.noise.public), imports: Some(imports) };
-        write_frames(&mut send, &[Frame::Control(register)]).await?;
-        let first = tokio::time::timeout(self.live().handshake_timeout, read_frame(&mut recv))
-            .await
-            .map_err(|_| anyhow::anyhow!("no view from the main relay in time"))??;
-        let mut parts = Vec::new();
-        let mut next = first;
-        loop {
-            match next {
-                Some(Frame::Control(Control::View { mains, entries, more })) => {
-                    parts.push((mains, entries));
-                    if !more {
-                        break;
-                    }
-                }
-                other => anyhow::bail!("expected a view, got {other:?}"),
-            }
-            next = read_frame(&mut recv).await?;
-        }
-        self.apply_view(std::mem::take(&mut parts));
-        write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await?;
-        let node = self.clone();
-        Ok(tokio::spawn(async move {
-            while let Ok(Some(Frame::Control(Control::View { mains, entries, more }))) = read_frame(&mut recv).await {
-                parts.push((mains, entries));
-                if !more {
-                    node.apply_view(std::mem::take(&mut parts));
-                    if write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }))
-    }
-
-    /// Installs a complete view assembled from its parts.
-    fn apply_view(&self, parts: Vec<(std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)>) {
-        let mut mains = std::collections::BTreeMap::new();
-        let mut entries = Vec::new();
-        for (m, e) in parts {
-            mains.extend(m);
-            entries.extend(e);
-        }
-        self.metrics.propagation.get_or_create(&[("event", "view_received")]).inc();
-        self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
-        // The view's ECH configs are not used: the relay that sends the view could choose
-        // them. ECH configs come from the authenticated snapshot alone.
-        if let Ok(mut b) = self.balancers.lock() {
-            for bal in b.values_mut() {
-                bal.retain(&entries);
-            }
-        }
-        if let Ok(mut v) = self.view.write() {
-            *v = (mains, entries);
         }
     }
 
@@ -461,16 +322,22 @@ impl HomeNode {
                     "errors": self.metrics.error_counts(),
                 }))
             }
-            "/federation/peers" => Some(json!(
-                self.mains
-                    .iter()
-                    .map(|m| json!({
-                        "node": m.node_id, "endpoint": m.endpoint.to_string(), "priority": m.priority,
-                        "state": if main.as_ref().is_some_and(|c| c.0 == m.node_id) { "up" } else { "standby" },
-                        "rttMillis": main.as_ref().filter(|c| c.0 == m.node_id).map(|c| c.1.as_secs_f64() * 1e3),
-                    }))
-                    .collect::<Vec<_>>()
-            )),
+            "/federation/peers" => {
+                let links = self.uplink_states();
+                Some(json!(
+                    self.mains
+                        .iter()
+                        .map(|m| {
+                            let link = links.get(&m.node_id);
+                            json!({
+                                "node": m.node_id, "endpoint": m.endpoint.to_string(), "priority": m.priority,
+                                "state": link.map_or("down", |l| l.0),
+                                "rttMillis": link.map(|l| l.1.as_secs_f64() * 1e3),
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                ))
+            }
             "/federation/registry" => Some(json!({"node": self.identity.node_id, "mains": mains, "entries": entries})),
             _ => None,
         }

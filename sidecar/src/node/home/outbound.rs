@@ -125,6 +125,8 @@ impl HomeNode {
                 main: main.clone(),
                 noise_key: key.clone(),
                 ech: true,
+                standby: false,
+                attached: 0,
             };
             return Ok((e, false));
         }
@@ -138,6 +140,9 @@ impl HomeNode {
                     .collect()
             })
             .unwrap_or_default();
+        // One registration per home: where it is active now (or its standby, while the
+        // active one's relay is out of reach or the instance there failed this call).
+        let candidates = crate::federation::registry::current_registrations(candidates);
         if candidates.is_empty() && !exclude.is_empty() {
             return Err((
                 ErrorCode::NoRoute,
@@ -204,13 +209,12 @@ impl HomeNode {
             max: Duration::from_millis(retry.max_backoff_ms),
         };
         let mut tried: Vec<Key> = Vec::new();
+        // Links that died under an attempt: the next attempt takes another path.
+        let mut lost_paths: Vec<usize> = Vec::new();
         let mut attempt = 0u32;
         loop {
-            let (main_id, conn) = self
-                .conn
-                .borrow()
-                .clone()
-                .ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
+            let (main_id, conn) =
+                self.path(&lost_paths).ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
             let (dest, balanced) = self.resolve(import, &main_id, &tried, live)?;
             let started = Instant::now();
             // One attempt gets the handshake timeout; the call timeout bounds them all.
@@ -236,6 +240,14 @@ impl HomeNode {
                     // nothing about the instance's health.
                     Err(_) => self.release(import, &dest.key()),
                 }
+            }
+            if own_link_lost && result.is_err() {
+                // Nothing reached the instance's app: the same call goes out on another link
+                // at once, without using up an attempt.
+                self.metrics.retries.get_or_create(&[("code", "link_lost")]).inc();
+                info!(main = %main_id, instance = %dest.node, "our main relay link died under the stream setup: retrying on another link");
+                lost_paths.push(conn.stable_id());
+                continue;
             }
             attempt += 1;
             match result {
@@ -385,7 +397,7 @@ impl HomeNode {
     /// each relay forwarded it and the destination received it.
     pub async fn trace(&self, service: &str, port: u16) -> serde_json::Value {
         use serde_json::json;
-        let Some((main_id, conn)) = self.conn.borrow().clone() else {
+        let Some((main_id, conn)) = self.path(&[]) else {
             return json!({"error": "PEER_UNREACHABLE", "message": "no main relay connection"});
         };
         let import = Import::resolved(service, port, SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -488,7 +500,11 @@ fn against_instance(code: ErrorCode) -> bool {
 fn retryable(code: ErrorCode) -> bool {
     matches!(
         code,
-        ErrorCode::PeerUnreachable | ErrorCode::NoRoute | ErrorCode::TargetUnreachable | ErrorCode::CircuitOpen
+        ErrorCode::PeerUnreachable
+            | ErrorCode::NoRoute
+            | ErrorCode::TargetUnreachable
+            | ErrorCode::CircuitOpen
+            | ErrorCode::Timeout
     )
 }
 
