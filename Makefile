@@ -12,7 +12,10 @@ FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:fram
 BENCH_OUT ?= docs/benchmarks.md
 
 
-.PHONY: chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+DURATION ?= 10m
+FAILURE_RATE ?= 10%
+
+.PHONY: chaos chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -22,8 +25,11 @@ build: ## Build every crate and binary.
 
 test: test-rust test-python ## Run every test suite (Rust and Python).
 
-test-rust: cluster ## Rust unit, property and integration tests (incl. the operator on a real control plane).
-	RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh) $(CARGO) test --workspace
+RELEASE_BINS = $(CARGO) build -q --release -p relayfed-operator --bin relayfed -p relayfed-sidecar --bin relayfed-proxy
+
+test-rust: cluster ## Rust unit, property and integration tests (incl. the operator on a real control plane and the chaos suite on release binaries).
+	$(RELEASE_BINS)
+	RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh) RELAYFED_CHAOS_BIN=$(TARGET_DIR)/release/relayfed $(CARGO) test --workspace
 
 cluster: ## Build the test control plane (etcd, apiserver, controller-manager, scheduler, kubectl, kwok, helm) from Go modules; cached.
 	@tests/cluster/build.sh >/dev/null
@@ -58,6 +64,11 @@ python-deps: ## Install the Python test dependencies (and checkov's venv) if any
 	@test -x $(CHECKOV_VENV)/bin/checkov \
 	  || { $(PYTHON) -m venv $(CHECKOV_VENV) && $(CHECKOV_VENV)/bin/pip install -q --disable-pip-version-check checkov==$(CHECKOV_VERSION); }
 
+chaos: ## Long chaos run (DURATION=1h FAILURE_RATE=10%): random faults under load; failed calls per fault, RSS and fds over time.
+	$(RELEASE_BINS)
+	CHAOS_DURATION=$(DURATION) CHAOS_FAILURE_RATE=$(FAILURE_RATE) RELAYFED_CHAOS_BIN=$(TARGET_DIR)/release/relayfed \
+	  $(CARGO) test -p relayfed-operator --test chaos -- --ignored --nocapture long_run
+
 lint: ## rustfmt and clippy (warnings are errors).
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -82,7 +93,7 @@ fuzz: ## Run every fuzz harness for FUZZ_SECONDS each (stable Rust, cargo-fuzz -
 VERSION = $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/relayfed/Chart.yaml)
 
 images: ## Build the relayfed and relayfed-proxy images as OCI archives into <target>/images (no container engine needed).
-	$(CARGO) build -q --release -p relayfed-operator --bin relayfed -p relayfed-sidecar --bin relayfed-proxy
+	$(RELEASE_BINS)
 	$(PYTHON) images/build.py --bin-dir $(TARGET_DIR)/release --out $(TARGET_DIR)/images --version $(VERSION)
 
 chart-docs: cluster ## Regenerate charts/relayfed/README.md from values.yaml (helm-docs, built with the test control plane).

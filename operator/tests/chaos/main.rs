@@ -1,0 +1,362 @@
+//! The chaos suite: a federation from CR YAML runs in local mode under steady load while a
+//! fault schedule kills (-9) and hangs (SIGSTOP) main relays, kills serving homes and edits
+//! the RolloutPolicy; the report gives failed calls per fault and how long after each fault
+//! calls kept failing. No call may ever return wrong data.
+//!
+//! - `failover_scenario_under_load` (in `make test`): `tests/chaos/failover/`, ~50 s.
+//! - `long_run` (`make chaos DURATION=1h FAILURE_RATE=10%`, ignored otherwise): a random
+//!   schedule, with RSS and open file descriptors of every process sampled over time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod load;
+mod scenario;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use load::{Call, Outcome};
+use scenario::{Fault, Scenario};
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+
+/// The `relayfed` binary that runs the federation: `RELAYFED_CHAOS_BIN` (`make test` passes
+/// the release build: a debug build of nine processes saturates two cores at this load, and
+/// starved processes miss their 1 s link deadlines), else this build's.
+fn bin() -> PathBuf {
+    std::env::var_os("RELAYFED_CHAOS_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_relayfed").into())
+}
+
+/// A free loopback port below Linux's ephemeral range (so no outgoing connection takes it
+/// between the pick and the bind).
+fn free_port(proto: &str) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 23_000 + (std::process::id() % 200) as u16 * 20;
+    loop {
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2_000;
+        let free = match proto {
+            "udp" => std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok(),
+            _ => std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        };
+        if free {
+            return port;
+        }
+    }
+}
+
+/// `relayfed local up` on a scenario, and the CLI around it.
+struct Federation {
+    child: tokio::process::Child,
+    dir: PathBuf,
+}
+
+impl Federation {
+    async fn up(dir: &Path, scenario: &Scenario) -> Self {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        std::fs::write(dir.join("manifests/00-federation.yaml"), &scenario.federation).unwrap();
+        std::fs::write(dir.join("manifests/50-policy.yaml"), scenario::policy_yaml(scenario.schedule.ech)).unwrap();
+        let mut child = tokio::process::Command::new(bin())
+            .args(["local", "up", "-f"])
+            .arg(dir.join("manifests"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("RELAYFED_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.unwrap().unwrap();
+        let ready: Value = serde_json::from_str(&line.expect("local up exited before it was ready")).unwrap();
+        assert_eq!(ready["event"], "ready");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { child, dir: dir.to_owned() }
+    }
+
+    fn status(&self) -> Value {
+        let out = std::process::Command::new(bin())
+            .args(["local", "status", "--json", "--state-dir"])
+            .arg(self.dir.join("state"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn node(status: &Value, node: &str) -> Value {
+        status["nodes"].as_array().unwrap().iter().find(|n| n["node"] == node).cloned().unwrap_or(Value::Null)
+    }
+
+    fn pid(&self, node: &str) -> u32 {
+        Self::node(&self.status(), node)["pid"].as_u64().unwrap() as u32
+    }
+
+    fn import_of(&self, caller: &str, service: &str) -> std::net::SocketAddr {
+        let n = Self::node(&self.status(), caller);
+        let i = n["imports"].as_array().unwrap().iter().find(|i| i["service"] == service).unwrap();
+        i["listen"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn down(mut self) {
+        let out = std::process::Command::new(bin())
+            .args(["local", "down", "--state-dir"])
+            .arg(self.dir.join("state"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+    assert!(ok.success(), "kill -{sig} {pid}");
+}
+
+/// `(RSS kB, open fds)` of a process.
+fn resources(pid: u32) -> Option<(u64, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches(" kB").parse().ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    Some((rss, fds))
+}
+
+/// What one fault cost.
+#[derive(Debug)]
+struct FaultReport {
+    fault: String,
+    at: Duration,
+    calls: usize,
+    failed: usize,
+    /// From the fault to the start of the last failed call before the next fault.
+    failing_for: Duration,
+    /// The slowest call started in the window (how long the fault held calls up).
+    slowest: Duration,
+}
+
+/// A whole run.
+#[derive(Debug)]
+struct Report {
+    calls: usize,
+    failed: usize,
+    wrong: usize,
+    p99: Duration,
+    faults: Vec<FaultReport>,
+    /// Failed calls before the first fault (the steady state).
+    failed_before_faults: usize,
+    /// Failed calls by caller index.
+    failed_by_caller: std::collections::BTreeMap<usize, usize>,
+    /// `(time, node, RSS kB, fds)` samples.
+    resources: Vec<(Duration, String, u64, usize)>,
+}
+
+impl Report {
+    fn new(calls: &[Call], faults: &[Fault], end: Duration) -> Self {
+        let failed = calls.iter().filter(|c| c.outcome != Outcome::Ok).count();
+        let wrong = calls.iter().filter(|c| c.outcome == Outcome::WrongData).count();
+        let mut took: Vec<Duration> = calls.iter().map(|c| c.took).collect();
+        took.sort();
+        let p99 = took.get(took.len().saturating_sub(1) * 99 / 100).copied().unwrap_or_default();
+        let first = faults.first().map(|f| f.at.get()).unwrap_or(end);
+        let failed_before_faults = calls.iter().filter(|c| c.at < first && c.outcome != Outcome::Ok).count();
+        let faults = faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let from = f.at.get();
+                let to = faults.get(i + 1).map(|n| n.at.get()).unwrap_or(end + Duration::from_secs(60));
+                let window: Vec<&Call> = calls.iter().filter(|c| c.at >= from && c.at < to).collect();
+                let failing: Vec<&&Call> = window.iter().filter(|c| c.outcome != Outcome::Ok).collect();
+                FaultReport {
+                    fault: f.describe(),
+                    at: from,
+                    calls: window.len(),
+                    failed: failing.len(),
+                    failing_for: failing.iter().map(|c| c.at - from).max().unwrap_or_default(),
+                    slowest: window.iter().map(|c| c.took).max().unwrap_or_default(),
+                }
+            })
+            .collect();
+        let mut failed_by_caller = std::collections::BTreeMap::new();
+        for c in calls.iter().filter(|c| c.outcome != Outcome::Ok) {
+            *failed_by_caller.entry(c.caller).or_insert(0) += 1;
+        }
+        Self {
+            calls: calls.len(),
+            failed,
+            wrong,
+            p99,
+            faults,
+            failed_before_faults,
+            failed_by_caller,
+            resources: vec![],
+        }
+    }
+
+    fn print(&self) {
+        eprintln!(
+            "chaos: {} calls, {} failed ({:.2}%), {} wrong data, p99 {:.0} ms, {} failed before the first fault",
+            self.calls,
+            self.failed,
+            100.0 * self.failed as f64 / self.calls.max(1) as f64,
+            self.wrong,
+            self.p99.as_secs_f64() * 1e3,
+            self.failed_before_faults
+        );
+        eprintln!("chaos: failed calls by caller (index in load.callers): {:?}", self.failed_by_caller);
+        eprintln!("chaos: | at | fault | calls | failed | calls failing for | slowest call |");
+        for f in &self.faults {
+            eprintln!(
+                "chaos: | {:.0} s | {} | {} | {} | {:.2} s | {:.0} ms |",
+                f.at.as_secs_f64(),
+                f.fault,
+                f.calls,
+                f.failed,
+                f.failing_for.as_secs_f64(),
+                f.slowest.as_secs_f64() * 1e3
+            );
+        }
+        let mut nodes: Vec<&String> = self.resources.iter().map(|r| &r.1).collect();
+        nodes.sort();
+        nodes.dedup();
+        for n in nodes {
+            let s: Vec<&(Duration, String, u64, usize)> = self.resources.iter().filter(|r| &r.1 == n).collect();
+            let (first, last) = (s[0], s[s.len() - 1]);
+            let max_rss = s.iter().map(|r| r.2).max().unwrap_or(0);
+            eprintln!(
+                "chaos: resources {n}: RSS {} -> {} kB (max {max_rss}), fds {} -> {}",
+                first.2, last.2, first.3, last.3
+            );
+        }
+    }
+}
+
+/// Runs `faults` against a federation from `scenario` under its load for `end`.
+async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, sample_every: Duration) -> Report {
+    let dir = std::env::temp_dir().join(format!("relayfed-chaos-{name}-{}", std::process::id()));
+    let fed = Federation::up(&dir, scenario).await;
+    let load = &scenario.schedule.load;
+    let callers: Vec<std::net::SocketAddr> = load.callers.iter().map(|c| fed.import_of(c, &load.service)).collect();
+    // Steady state first: every caller is served.
+    for (c, addr) in load.callers.iter().zip(&callers) {
+        relayfed_sidecar::testbed::procs::eventually(
+            &format!("{c} reaches {}", load.service),
+            Duration::from_secs(60),
+            || async { relayfed_sidecar::testbed::procs::round_trip(*addr, b"warm").await.is_ok_and(|b| b == b"warm") },
+        )
+        .await;
+    }
+    let started = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (calls, load_task) = load::start(callers, load.calls_per_second, load.payload_bytes, started, stop.clone());
+    let nodes: Vec<String> = fed.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node"].as_str().map(str::to_owned))
+        .collect();
+    let mut samples = Vec::new();
+    let mut next_sample = Duration::ZERO;
+    let mut pending = faults.iter().peekable();
+    let mut resume: Vec<(Duration, u32)> = Vec::new();
+    while started.elapsed() < end {
+        let now = started.elapsed();
+        if now >= next_sample {
+            let status = fed.status();
+            for n in &nodes {
+                if let Some(pid) = Federation::node(&status, n)["pid"].as_u64()
+                    && let Some((rss, fds)) = resources(pid as u32)
+                {
+                    samples.push((now, n.clone(), rss, fds));
+                }
+            }
+            next_sample = now + sample_every;
+        }
+        resume.retain(|(at, pid)| {
+            if now >= *at {
+                signal(*pid, "CONT");
+                false
+            } else {
+                true
+            }
+        });
+        if let Some(f) = pending.next_if(|f| now >= f.at.get()) {
+            eprintln!("chaos: {:.1} s: {}", now.as_secs_f64(), f.describe());
+            if let Some(n) = &f.kill {
+                signal(fed.pid(n), "KILL");
+            } else if let Some(n) = &f.hang {
+                let pid = fed.pid(n);
+                signal(pid, "STOP");
+                resume.push((now + f.duration.map(|d| d.get()).unwrap_or(Duration::from_secs(5)), pid));
+            } else if let Some(p) = f.ech {
+                std::fs::write(dir.join("manifests/50-policy.yaml"), scenario::policy_yaml(p)).unwrap();
+            }
+        }
+        // Pacing of the schedule (faults are due at given times); not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (_, pid) in resume {
+        signal(pid, "CONT");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load_task.await.unwrap();
+    let calls = calls.lock().unwrap().clone();
+    let mut report = Report::new(&calls, faults, end);
+    report.resources = samples;
+    fed.down().await;
+    if report.failed == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("chaos: logs kept in {}", dir.join("state/logs").display());
+    }
+    report
+}
+
+fn scenario_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/chaos").join(name)
+}
+
+/// Issue 24's acceptance, short form: kill -9 of a main relay, a hung main relay, a killed
+/// serving home, ECH 0 -> 100% under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_scenario_under_load() {
+    let mut scenario = Scenario::load(&scenario_dir("failover"), free_port).unwrap();
+    if std::env::var_os("RELAYFED_CHAOS_BIN").is_none() && cfg!(debug_assertions) {
+        // This build's (debug) binaries: a fifth of the load keeps two cores unsaturated.
+        scenario.schedule.load.calls_per_second /= 5;
+        eprintln!("chaos: debug binaries: {} calls/s", scenario.schedule.load.calls_per_second);
+    }
+    let s = &scenario.schedule;
+    let report = run("failover", &scenario, &s.faults, s.end.get(), Duration::from_secs(5)).await;
+    report.print();
+    assert_eq!(report.wrong, 0, "a call returned wrong data");
+    assert!(report.calls as f64 >= 0.8 * f64::from(s.load.calls_per_second) * s.end.get().as_secs_f64());
+    assert_eq!(report.failed_before_faults, 0, "calls failed before any fault: {report:?}");
+    let rate = report.failed as f64 / report.calls as f64;
+    assert!(rate <= 0.005, "{} of {} calls failed (> 0.5%): {report:#?}", report.failed, report.calls);
+}
+
+/// `make chaos DURATION=1h FAILURE_RATE=10%`: a random fault schedule over the failover
+/// scenario's federation, with resources sampled every 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long; run by make chaos"]
+async fn long_run() {
+    let scenario = Scenario::load(&scenario_dir("failover"), free_port).unwrap();
+    let length: relayfed_crds::Duration =
+        std::env::var("CHAOS_DURATION").unwrap_or_else(|_| "10m".into()).parse().unwrap();
+    let rate: f64 = std::env::var("CHAOS_FAILURE_RATE")
+        .unwrap_or_else(|_| "10%".into())
+        .trim_end_matches('%')
+        .parse::<f64>()
+        .unwrap()
+        / 100.0;
+    let seed: u64 = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let mains = vec!["m1".to_owned(), "m2".to_owned(), "m3".to_owned()];
+    let homes = vec!["e1".to_owned(), "e2".to_owned()];
+    let faults = scenario::random_faults(&mains, &homes, length.get(), rate, seed);
+    eprintln!("chaos: {} faults over {length} (rate {rate}, seed {seed})", faults.len());
+    let report = run("long", &scenario, &faults, length.get(), Duration::from_secs(30)).await;
+    report.print();
+    assert_eq!(report.wrong, 0, "a call returned wrong data");
+}

@@ -1,0 +1,174 @@
+//! A chaos scenario as data: a federation as CR YAML (with `${udp:NAME}` / `${tcp:NAME}` port
+//! placeholders) and a fault schedule (`faults.yaml`) with the load to keep up meanwhile.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The load kept up during a run.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Load {
+    /// New calls per second, spread over the callers in turn.
+    pub calls_per_second: u32,
+    /// Homes whose import of `service` is called.
+    pub callers: Vec<String>,
+    /// The imported service.
+    pub service: String,
+    /// Bytes each call writes and expects back.
+    pub payload_bytes: usize,
+}
+
+/// One fault, `at` a time from the start of the load.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fault {
+    /// When it is injected.
+    pub at: relayfed_crds::Duration,
+    /// kill -9 of this node's process (local mode restarts it).
+    #[serde(default)]
+    pub kill: Option<String>,
+    /// SIGSTOP of this node's process, SIGCONT after `for`.
+    #[serde(default)]
+    pub hang: Option<String>,
+    /// How long a hang lasts.
+    #[serde(default, rename = "for")]
+    pub duration: Option<relayfed_crds::Duration>,
+    /// A RolloutPolicy edit to this ECH percentage.
+    #[serde(default)]
+    pub ech: Option<u8>,
+}
+
+impl Fault {
+    /// What it does, in a few words (report rows).
+    pub fn describe(&self) -> String {
+        match (&self.kill, &self.hang, self.ech) {
+            (Some(n), _, _) => format!("kill -9 {n}"),
+            (_, Some(n), _) => format!("SIGSTOP {n} for {}", self.duration.map(|d| d.to_string()).unwrap_or_default()),
+            (_, _, Some(p)) => format!("ECH -> {p}%"),
+            _ => "nothing".into(),
+        }
+    }
+}
+
+/// `faults.yaml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Schedule {
+    /// The load.
+    pub load: Load,
+    /// The ECH percentage of the RolloutPolicy at the start.
+    pub ech: u8,
+    /// The faults, in time order.
+    pub faults: Vec<Fault>,
+    /// When the load stops.
+    pub end: relayfed_crds::Duration,
+}
+
+/// A scenario read from its directory, ports filled in.
+pub struct Scenario {
+    /// The federation's CR YAML.
+    pub federation: String,
+    /// The schedule.
+    pub schedule: Schedule,
+}
+
+impl Scenario {
+    /// Reads `dir/federation.yaml` and `dir/faults.yaml`; `port` gives each placeholder a free
+    /// port (`"udp"`/`"tcp"`, name).
+    pub fn load(dir: &Path, mut port: impl FnMut(&str) -> u16) -> Result<Self, String> {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("{}/{f}: {e}", dir.display()));
+        let schedule: Schedule =
+            serde_saphyr::from_str(&read("faults.yaml")?).map_err(|e| format!("faults.yaml: {e}"))?;
+        let federation = fill(&read("federation.yaml")?, &mut port)?;
+        Ok(Self { federation, schedule })
+    }
+}
+
+/// Replaces every `${udp:NAME}` / `${tcp:NAME}` with a port, the same port for the same
+/// placeholder.
+pub fn fill(text: &str, port: &mut impl FnMut(&str) -> u16) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut ports: BTreeMap<String, u16> = BTreeMap::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find('}').ok_or_else(|| format!("unclosed placeholder at {:?}", &rest[i..]))?;
+        let key = &rest[i + 2..i + end];
+        let (proto, _) = key.split_once(':').ok_or_else(|| format!("placeholder {key:?} is not proto:name"))?;
+        if proto != "udp" && proto != "tcp" {
+            return Err(format!("placeholder {key:?}: expected udp or tcp"));
+        }
+        let p = *ports.entry(key.to_owned()).or_insert_with(|| port(proto));
+        out.push_str(&p.to_string());
+        rest = &rest[i + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A RolloutPolicy manifest with ECH at `percentage`.
+pub fn policy_yaml(percentage: u8) -> String {
+    format!(
+        "apiVersion: relayfed.io/v1alpha1
+kind: RolloutPolicy
+metadata: {{name: default, namespace: relayfed-system}}
+spec:
+  ech: {{enabled: true, mode: opportunistic, percentage: {percentage}}}
+"
+    )
+}
+
+/// A random schedule for a long run: in every 10 s slot after the first, a fault with
+/// probability `rate` (kill -9 or a 5 s hang of a main relay, kill -9 of a home, or an ECH
+/// flip between 0 and 100%).
+pub fn random_faults(mains: &[String], homes: &[String], length: Duration, rate: f64, seed: u64) -> Vec<Fault> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut faults = Vec::new();
+    let mut ech = 0u8;
+    let mut t = Duration::from_secs(10);
+    while t + Duration::from_secs(10) <= length {
+        if rng.random_bool(rate.clamp(0.0, 1.0)) {
+            let at = relayfed_crds::Duration::from_millis(t.as_millis() as u64);
+            let none = Fault { at, kill: None, hang: None, duration: None, ech: None };
+            let pick = |rng: &mut rand::rngs::StdRng, v: &[String]| v[rng.random_range(0..v.len())].clone();
+            faults.push(match rng.random_range(0..4) {
+                0 => Fault { kill: Some(pick(&mut rng, mains)), ..none },
+                1 => Fault {
+                    hang: Some(pick(&mut rng, mains)),
+                    duration: Some(relayfed_crds::Duration::from_millis(5_000)),
+                    ..none
+                },
+                2 => Fault { kill: Some(pick(&mut rng, homes)), ..none },
+                _ => {
+                    ech = 100 - ech;
+                    Fault { ech: Some(ech), ..none }
+                }
+            });
+        }
+        t += Duration::from_secs(10);
+    }
+    faults
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_get_one_port_each() {
+        let mut n = 30_000;
+        let out = fill("a ${udp:m1} b ${tcp:x} c ${udp:m1}", &mut |_| {
+            n += 1;
+            n
+        })
+        .unwrap();
+        assert_eq!(out, "a 30001 b 30002 c 30001");
+        assert!(fill("${bad}", &mut |_| 1).is_err());
+        assert!(fill("${sctp:a}", &mut |_| 1).is_err());
+        assert!(fill("${udp:a", &mut |_| 1).is_err());
+    }
+}
