@@ -109,6 +109,96 @@ impl Federation {
     }
 }
 
+/// Whether faults may install iptables rules: this process runs in its own network
+/// namespace (see [`isolated`]).
+fn in_netns() -> bool {
+    std::env::var_os("CHAOS_IN_NETNS").is_some()
+}
+
+/// Runs test `name` again inside a fresh network namespace (as root, with `unshare`), so
+/// partitions and packet loss can be injected with iptables without touching the host.
+/// Returns `false` when this process is already the isolated one, or when isolation is not
+/// possible (then those faults are skipped, and said so).
+fn isolated(name: &str) -> bool {
+    if in_netns() {
+        return false;
+    }
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let tools = ["unshare", "ip", "iptables"].iter().all(|t| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !root || !tools {
+        eprintln!("chaos: not root or no unshare/ip/iptables: partitions and packet loss are skipped");
+        return false;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let status = std::process::Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--include-ignored"])
+        .env("CHAOS_IN_NETNS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the chaos run in its own network namespace failed: {status}");
+    true
+}
+
+fn iptables(args: &[String]) {
+    let out = std::process::Command::new("iptables").args(args).output().unwrap();
+    assert!(out.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The iptables rules (without `-I`/`-D`) that make a partition or loss fault.
+fn drop_rules(f: &Fault, ports: &std::collections::BTreeMap<String, u16>) -> Vec<Vec<String>> {
+    let v = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+    if let Some([a, b]) = &f.partition {
+        let (pa, pb) = (ports[&format!("udp:{a}")].to_string(), ports[&format!("udp:{b}")].to_string());
+        return vec![
+            v(&["INPUT", "-p", "udp", "--sport", &pa, "--dport", &pb, "-j", "DROP"]),
+            v(&["INPUT", "-p", "udp", "--sport", &pb, "--dport", &pa, "-j", "DROP"]),
+        ];
+    }
+    if let Some(share) = &f.loss {
+        let p = share.trim_end_matches('%').parse::<f64>().unwrap() / 100.0;
+        return vec![v(&[
+            "INPUT",
+            "-p",
+            "udp",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            &p.to_string(),
+            "-j",
+            "DROP",
+        ])];
+    }
+    vec![]
+}
+
+/// Undoing a lasting fault.
+enum Undo {
+    Resume(u32),
+    Rules(Vec<Vec<String>>),
+}
+
+impl Undo {
+    fn apply(self) {
+        match self {
+            Self::Resume(pid) => signal(pid, "CONT"),
+            Self::Rules(rules) => {
+                for r in rules {
+                    iptables(&[&["-D".to_owned()][..], &r].concat());
+                }
+            }
+        }
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     let ok = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
     assert!(ok.success(), "kill -{sig} {pid}");
@@ -145,6 +235,8 @@ struct Report {
     faults: Vec<FaultReport>,
     /// Failed calls before the first fault (the steady state).
     failed_before_faults: usize,
+    /// Partitions whose effect was confirmed at a relay.
+    partitions_seen: usize,
     /// Failed calls by caller index.
     failed_by_caller: std::collections::BTreeMap<usize, usize>,
     /// `(time, node, RSS kB, fds)` samples.
@@ -191,6 +283,7 @@ impl Report {
             failed_before_faults,
             failed_by_caller,
             resources: vec![],
+            partitions_seen: 0,
         }
     }
 
@@ -259,7 +352,10 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
     let mut samples = Vec::new();
     let mut next_sample = Duration::ZERO;
     let mut pending = faults.iter().peekable();
-    let mut resume: Vec<(Duration, u32)> = Vec::new();
+    let mut undo: Vec<(Duration, Undo)> = Vec::new();
+    // Partitions that must show: `(when, relay, peer it cannot reach)`.
+    let mut checks: Vec<(Duration, String, String)> = Vec::new();
+    let mut partitions_seen = 0;
     while started.elapsed() < end {
         let now = started.elapsed();
         if now >= next_sample {
@@ -273,37 +369,64 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
             }
             next_sample = now + sample_every;
         }
-        resume.retain(|(at, pid)| {
-            if now >= *at {
-                signal(*pid, "CONT");
-                false
-            } else {
-                true
-            }
-        });
+        let (check_now, check_later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut checks).into_iter().partition(|(at, _, _)| now >= *at);
+        checks = check_later;
+        for (_, a, b) in check_now {
+            // The fault took: the relay reports the peer it is cut off from as failed.
+            let admin = Federation::node(&fed.status(), &a)["admin"].as_str().unwrap_or_default().to_owned();
+            let health = relayfed_operator::local::http::get_json(&admin, "/federation/health").await;
+            let failed = health.as_ref().and_then(|h| h["failedPeers"].as_array().cloned()).unwrap_or_default();
+            assert!(failed.iter().any(|p| p == b.as_str()), "{a} does not see the partition from {b}: {health:?}");
+            partitions_seen += 1;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut undo).into_iter().partition(|(at, _)| now >= *at);
+        undo = later;
+        for (_, u) in due {
+            u.apply();
+        }
         if let Some(f) = pending.next_if(|f| now >= f.at.get()) {
-            eprintln!("chaos: {:.1} s: {}", now.as_secs_f64(), f.describe());
+            let until = now + f.duration.map(|d| d.get()).unwrap_or(Duration::from_secs(5));
+            let rules = drop_rules(f, &scenario.ports);
+            if !rules.is_empty() && !in_netns() {
+                eprintln!(
+                    "chaos: {:.1} s: skipped (needs its own network namespace): {}",
+                    now.as_secs_f64(),
+                    f.describe()
+                );
+            } else {
+                eprintln!("chaos: {:.1} s: {}", now.as_secs_f64(), f.describe());
+            }
             if let Some(n) = &f.kill {
                 signal(fed.pid(n), "KILL");
             } else if let Some(n) = &f.hang {
                 let pid = fed.pid(n);
                 signal(pid, "STOP");
-                resume.push((now + f.duration.map(|d| d.get()).unwrap_or(Duration::from_secs(5)), pid));
+                undo.push((until, Undo::Resume(pid)));
             } else if let Some(p) = f.ech {
                 std::fs::write(dir.join("manifests/50-policy.yaml"), scenario::policy_yaml(p)).unwrap();
+            } else if !rules.is_empty() && in_netns() {
+                for r in &rules {
+                    iptables(&[&["-I".to_owned()][..], r].concat());
+                }
+                undo.push((until, Undo::Rules(rules)));
+                if let Some([a, b]) = &f.partition {
+                    checks.push((now + Duration::from_secs(2), a.clone(), b.clone()));
+                }
             }
         }
         // Pacing of the schedule (faults are due at given times); not a synchronisation.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for (_, pid) in resume {
-        signal(pid, "CONT");
+    for (_, u) in undo {
+        u.apply();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load_task.await.unwrap();
     let calls = calls.lock().unwrap().clone();
     let mut report = Report::new(&calls, faults, end);
     report.resources = samples;
+    report.partitions_seen = partitions_seen;
     fed.down().await;
     if report.failed == 0 {
         let _ = std::fs::remove_dir_all(&dir);
@@ -321,6 +444,9 @@ fn scenario_dir(name: &str) -> PathBuf {
 /// serving home, ECH 0 -> 100% under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_scenario_under_load() {
+    if isolated("failover_scenario_under_load") {
+        return;
+    }
     let mut scenario = Scenario::load(&scenario_dir("failover"), free_port).unwrap();
     if std::env::var_os("RELAYFED_CHAOS_BIN").is_none() && cfg!(debug_assertions) {
         // This build's (debug) binaries: a fifth of the load keeps two cores unsaturated.
@@ -333,6 +459,10 @@ async fn failover_scenario_under_load() {
     assert_eq!(report.wrong, 0, "a call returned wrong data");
     assert!(report.calls as f64 >= 0.8 * f64::from(s.load.calls_per_second) * s.end.get().as_secs_f64());
     assert_eq!(report.failed_before_faults, 0, "calls failed before any fault: {report:?}");
+    if in_netns() {
+        let planned = s.faults.iter().filter(|f| f.partition.is_some()).count();
+        assert_eq!(report.partitions_seen, planned, "every partition showed at its relay");
+    }
     let rate = report.failed as f64 / report.calls as f64;
     assert!(rate <= 0.005, "{} of {} calls failed (> 0.5%): {report:#?}", report.failed, report.calls);
 }
@@ -342,6 +472,9 @@ async fn failover_scenario_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long; run by make chaos"]
 async fn long_run() {
+    if isolated("long_run") {
+        return;
+    }
     let scenario = Scenario::load(&scenario_dir("failover"), free_port).unwrap();
     let length: relayfed_crds::Duration =
         std::env::var("CHAOS_DURATION").unwrap_or_else(|_| "10m".into()).parse().unwrap();
@@ -354,7 +487,7 @@ async fn long_run() {
     let seed: u64 = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let mains = vec!["m1".to_owned(), "m2".to_owned(), "m3".to_owned()];
     let homes = vec!["e1".to_owned(), "e2".to_owned()];
-    let faults = scenario::random_faults(&mains, &homes, length.get(), rate, seed);
+    let faults = scenario::random_faults(&mains, &homes, length.get(), rate, seed, in_netns());
     eprintln!("chaos: {} faults over {length} (rate {rate}, seed {seed})", faults.len());
     let report = run("long", &scenario, &faults, length.get(), Duration::from_secs(30)).await;
     report.print();

@@ -39,16 +39,32 @@ pub struct Fault {
     /// A RolloutPolicy edit to this ECH percentage.
     #[serde(default)]
     pub ech: Option<u8>,
+    /// Drop every packet between these two main relays for `for` (iptables in the run's own
+    /// network namespace).
+    #[serde(default)]
+    pub partition: Option<[String; 2]>,
+    /// Drop this share of all packets (e.g. `2%`) for `for` (iptables `statistic`; the
+    /// kernel here has no netem, so latency is not injected).
+    #[serde(default)]
+    pub loss: Option<String>,
 }
 
 impl Fault {
     /// What it does, in a few words (report rows).
     pub fn describe(&self) -> String {
-        match (&self.kill, &self.hang, self.ech) {
-            (Some(n), _, _) => format!("kill -9 {n}"),
-            (_, Some(n), _) => format!("SIGSTOP {n} for {}", self.duration.map(|d| d.to_string()).unwrap_or_default()),
-            (_, _, Some(p)) => format!("ECH -> {p}%"),
-            _ => "nothing".into(),
+        let lasting = self.duration.map(|d| d.to_string()).unwrap_or_default();
+        if let Some(n) = &self.kill {
+            format!("kill -9 {n}")
+        } else if let Some(n) = &self.hang {
+            format!("SIGSTOP {n} for {lasting}")
+        } else if let Some(p) = self.ech {
+            format!("ECH -> {p}%")
+        } else if let Some([a, b]) = &self.partition {
+            format!("partition {a} | {b} for {lasting}")
+        } else if let Some(l) = &self.loss {
+            format!("{l} packet loss for {lasting}")
+        } else {
+            "nothing".into()
         }
     }
 }
@@ -71,6 +87,8 @@ pub struct Schedule {
 pub struct Scenario {
     /// The federation's CR YAML.
     pub federation: String,
+    /// The port given to each placeholder (`udp:m1` -> 23001).
+    pub ports: BTreeMap<String, u16>,
     /// The schedule.
     pub schedule: Schedule,
 }
@@ -82,14 +100,14 @@ impl Scenario {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("{}/{f}: {e}", dir.display()));
         let schedule: Schedule =
             serde_saphyr::from_str(&read("faults.yaml")?).map_err(|e| format!("faults.yaml: {e}"))?;
-        let federation = fill(&read("federation.yaml")?, &mut port)?;
-        Ok(Self { federation, schedule })
+        let (federation, ports) = fill(&read("federation.yaml")?, &mut port)?;
+        Ok(Self { federation, ports, schedule })
     }
 }
 
 /// Replaces every `${udp:NAME}` / `${tcp:NAME}` with a port, the same port for the same
-/// placeholder.
-pub fn fill(text: &str, port: &mut impl FnMut(&str) -> u16) -> Result<String, String> {
+/// placeholder; returns the text and the ports.
+pub fn fill(text: &str, port: &mut impl FnMut(&str) -> u16) -> Result<(String, BTreeMap<String, u16>), String> {
     let mut out = String::with_capacity(text.len());
     let mut ports: BTreeMap<String, u16> = BTreeMap::new();
     let mut rest = text;
@@ -106,7 +124,7 @@ pub fn fill(text: &str, port: &mut impl FnMut(&str) -> u16) -> Result<String, St
         rest = &rest[i + end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, ports))
 }
 
 /// A RolloutPolicy manifest with ECH at `percentage`.
@@ -122,9 +140,17 @@ spec:
 }
 
 /// A random schedule for a long run: in every 10 s slot after the first, a fault with
-/// probability `rate` (kill -9 or a 5 s hang of a main relay, kill -9 of a home, or an ECH
-/// flip between 0 and 100%).
-pub fn random_faults(mains: &[String], homes: &[String], length: Duration, rate: f64, seed: u64) -> Vec<Fault> {
+/// probability `rate` (kill -9 or a 5 s hang of a main relay, kill -9 of a home, an ECH flip
+/// between 0 and 100%, and with `netns` a 5 s partition between two relays or 5 s of 2%
+/// packet loss).
+pub fn random_faults(
+    mains: &[String],
+    homes: &[String],
+    length: Duration,
+    rate: f64,
+    seed: u64,
+    netns: bool,
+) -> Vec<Fault> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut faults = Vec::new();
@@ -133,9 +159,10 @@ pub fn random_faults(mains: &[String], homes: &[String], length: Duration, rate:
     while t + Duration::from_secs(10) <= length {
         if rng.random_bool(rate.clamp(0.0, 1.0)) {
             let at = relayfed_crds::Duration::from_millis(t.as_millis() as u64);
-            let none = Fault { at, kill: None, hang: None, duration: None, ech: None };
+            let none = Fault { at, kill: None, hang: None, duration: None, ech: None, partition: None, loss: None };
             let pick = |rng: &mut rand::rngs::StdRng, v: &[String]| v[rng.random_range(0..v.len())].clone();
-            faults.push(match rng.random_range(0..4) {
+            let five = Some(relayfed_crds::Duration::from_millis(5_000));
+            faults.push(match rng.random_range(0..if netns { 6 } else { 4 }) {
                 0 => Fault { kill: Some(pick(&mut rng, mains)), ..none },
                 1 => Fault {
                     hang: Some(pick(&mut rng, mains)),
@@ -143,10 +170,16 @@ pub fn random_faults(mains: &[String], homes: &[String], length: Duration, rate:
                     ..none
                 },
                 2 => Fault { kill: Some(pick(&mut rng, homes)), ..none },
-                _ => {
+                3 => {
                     ech = 100 - ech;
                     Fault { ech: Some(ech), ..none }
                 }
+                4 => {
+                    let a = rng.random_range(0..mains.len());
+                    let b = (a + rng.random_range(1..mains.len().max(2))) % mains.len();
+                    Fault { partition: Some([mains[a].clone(), mains[b].clone()]), duration: five, ..none }
+                }
+                _ => Fault { loss: Some("2%".into()), duration: five, ..none },
             });
         }
         t += Duration::from_secs(10);
@@ -166,7 +199,8 @@ mod tests {
             n
         })
         .unwrap();
-        assert_eq!(out, "a 30001 b 30002 c 30001");
+        assert_eq!(out.0, "a 30001 b 30002 c 30001");
+        assert_eq!(out.1["udp:m1"], 30001);
         assert!(fill("${bad}", &mut |_| 1).is_err());
         assert!(fill("${sctp:a}", &mut |_| 1).is_err());
         assert!(fill("${udp:a", &mut |_| 1).is_err());
