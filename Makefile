@@ -103,11 +103,15 @@ demo: ## The main job: the example federation in local mode, traffic flowing, EC
 	$(CARGO) build -q --release -p relayfed-operator --bin relayfed --example demo
 	$(TARGET_DIR)/release/examples/demo
 
-bench: ## Transport micro-benchmarks (release build); writes $(BENCH_OUT).
+bench: ## Benchmarks (release build) and the failover scenario's figures; writes $(BENCH_OUT).
+	mkdir -p target
 	$(CARGO) bench -q -p relayfed-sidecar --bench transport > target/bench-transport.md
 	$(CARGO) bench -q -p relayfed-sidecar --bench federation > target/bench-federation.md
 	$(CARGO) bench -q -p relayfed-sidecar --bench resilience > target/bench-resilience.md
 	$(CARGO) bench -q -p relayfed-operator --bench distribution > target/bench-distribution.md
+	$(RELEASE_BINS)
+	RELAYFED_CHAOS_BIN=$(TARGET_DIR)/release/relayfed $(CARGO) test -q -p relayfed-operator --test chaos \
+	  failover_scenario_under_load -- --nocapture 2>&1 | sed -n 's/^chaos: \([-|]\)/\1/p' > target/bench-failover.md
 	@{ echo "# Benchmarks"; echo; \
 	   echo "Produced by \`make bench\` (\`cargo bench -p relayfed-sidecar --bench transport\`) on $$(date -u +%Y-%m-%d),"; \
 	   echo "$$(nproc) cores, $$(uname -sr), $$(rustc --version). Relay and home nodes are separate release-build"; \
@@ -116,10 +120,12 @@ bench: ## Transport micro-benchmarks (release build); writes $(BENCH_OUT).
 	   echo "Targets (issue 4): 1,000 concurrent cross-federation calls < 1 s; main relay memory per home < 50 KiB."; \
 	   echo "Target (issue 5): a well-behaved sender's p99 within 2x its unloaded value while another floods at 10x its quota."; \
 	   echo "Target (issue 7): a config change reaches 1,000 subscribers (last acknowledgement) with p99 < 2 s."; \
+	   echo "Target (issue 24): under kill -9 and SIGSTOP of main relays, a killed serving home, a partition, packet loss and ECH 0 -> 100%, <= 0.5% of calls fail."; \
 	   echo; echo "## Transport"; echo; echo "\`cargo bench -p relayfed-sidecar --bench transport\`"; echo; cat target/bench-transport.md; \
 	   echo; echo "## Federation"; echo; echo "\`cargo bench -p relayfed-sidecar --bench federation\`"; echo; cat target/bench-federation.md; \
 	   echo; echo "## Resilience"; echo; echo "\`cargo bench -p relayfed-sidecar --bench resilience\`"; echo; cat target/bench-resilience.md; \
-	   echo; echo "## Config distribution"; echo; echo "\`cargo bench -p relayfed-operator --bench distribution\`"; echo; cat target/bench-distribution.md; } > $(BENCH_OUT)
+	   echo; echo "## Config distribution"; echo; echo "\`cargo bench -p relayfed-operator --bench distribution\`"; echo; cat target/bench-distribution.md; \
+	   echo; echo "## Failover"; echo; echo "\`RELAYFED_CHAOS_BIN=<release relayfed> cargo test -p relayfed-operator --test chaos failover_scenario_under_load -- --nocapture\` (tests/chaos/failover: 3 mains, 6 homes, 50 calls/s, release processes in local mode)"; echo; cat target/bench-failover.md; } > $(BENCH_OUT)
 	@cat $(BENCH_OUT)
 
 clean: ## Remove build output.

@@ -60,7 +60,7 @@ impl Fault {
         } else if let Some(p) = self.ech {
             format!("ECH -> {p}%")
         } else if let Some([a, b]) = &self.partition {
-            format!("partition {a} | {b} for {lasting}")
+            format!("partition {a} / {b} for {lasting}")
         } else if let Some(l) = &self.loss {
             format!("{l} packet loss for {lasting}")
         } else {
