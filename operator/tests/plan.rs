@@ -48,6 +48,11 @@ fn the_example_federation_compiles_into_one_valid_snapshot_per_relay() {
         plan.warnings
     );
     assert!(plan.warnings.iter().any(|w| w.contains("Peer/legacy-hub")), "{:?}", plan.warnings);
+    assert!(
+        plan.warnings.iter().any(|w| w.contains("Relay/hub-eu") && w.contains("2 replicas")),
+        "a main relay with replicas is flagged: {:?}",
+        plan.warnings
+    );
     // Policy: ECH on, opportunistic, 0%; trust defaults with every relay known.
     assert!(hub.ech_policy.enabled && hub.ech_policy.percentage == 0);
     assert!(hub.trust.reject_unknown);

@@ -135,6 +135,14 @@ pub fn compile_with_workloads(
         if let Some(other) = seen.insert(r.spec.node_id.clone(), obj.clone()) {
             errors.push(err(&obj, "spec.nodeId", format!("{:?} is also the node id of {other}", r.spec.node_id)));
         }
+        if r.spec.relay_type == RelayType::Main && r.spec.replicas > 1 {
+            warnings.push(format!(
+                "{obj}: {} replicas of one main relay share its identity but not its registry or peerings \
+                 (horizontal scaling is designed, not built: docs/architecture.md); for failover, run several \
+                 main relays and list two or more in each home's mainRelays",
+                r.spec.replicas
+            ));
+        }
     }
     let (ech, mut trust, resilience, timeouts) = policy_parts(policy, &relays);
     // Injected pods hold CA-issued certificates naming them: relays know them.

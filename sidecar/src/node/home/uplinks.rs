@@ -173,12 +173,17 @@ impl HomeNode {
         if current.as_deref() == Some(chosen.as_str()) {
             return;
         }
+        // The active link may be closed while its task has not noticed yet (then this is
+        // the loss, seen first by the periodic election).
+        let current_lost =
+            current.as_ref().is_some_and(|m| links.get(m).is_none_or(|l| l.conn.close_reason().is_some()));
         let reason = match &current {
+            Some(_) if current_lost => Switch::Lost,
+            Some(_) => Switch::Failback,
             None if self.conn.borrow().is_none() && self.switched.load(std::sync::atomic::Ordering::Relaxed) => {
                 Switch::Lost
             }
             None => Switch::First,
-            Some(_) => Switch::Failback,
         };
         if let Some(old) = current.as_ref().and_then(|m| links.get_mut(m)) {
             old.active = false;
@@ -191,6 +196,10 @@ impl HomeNode {
         let view = new.view.clone();
         let conn = new.conn.clone();
         drop(links);
+        if current_lost {
+            // As in `link_down`: failures while our own link was dying are not the instances'.
+            self.forget_breakers();
+        }
         if let Some(v) = view {
             self.apply_view(v);
         }
