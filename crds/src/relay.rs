@@ -141,6 +141,8 @@ pub struct ServiceImport {
 #[x_kube(validation = Rule::new("self.type == 'home' || !has(self.mainRelays) || size(self.mainRelays) == 0").message("a main relay does not dial other main relays: peer them with Peer resources instead").field_path(".mainRelays"))]
 #[x_kube(validation = Rule::new("self.type == 'home' || ((!has(self.exports) || size(self.exports) == 0) && (!has(self.imports) || size(self.imports) == 0))").message("exports and imports belong to home relays; main relays only route").field_path(".exports"))]
 #[x_kube(validation = Rule::new("self.type == 'main' || !has(self.replicas) || self.replicas == 1").message("a home relay runs as one process: replicas must be 1").field_path(".replicas"))]
+#[x_kube(validation = Rule::new("self.type == 'main' || !has(self.replicaEndpoints) || size(self.replicaEndpoints) == 0").message("replicaEndpoints belong to main relays").field_path(".replicaEndpoints"))]
+#[x_kube(validation = Rule::new("!has(self.replicaEndpoints) || size(self.replicaEndpoints) == 0 || size(self.replicaEndpoints) == self.replicas").message("replicaEndpoints needs one address per replica").field_path(".replicaEndpoints"))]
 #[x_kube(validation = Rule::new("self.type == 'main' || !has(self.serviceType)").message("serviceType applies to main relays only").field_path(".serviceType"))]
 #[serde(rename_all = "camelCase")]
 pub struct RelaySpec {
@@ -170,6 +172,12 @@ pub struct RelaySpec {
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 16))]
     pub replicas: i32,
+    /// One `host:port` per replica of a main relay, replica 0 first: each replica then runs
+    /// as its own mesh member `<nodeId>-<i>` listening there, sharing the relay's ECH keys
+    /// (local mode; see docs/architecture.md "Main relays with several replicas").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(regex(pattern = ENDPOINT_PATTERN), length(max = 261)))]
+    pub replica_endpoints: Vec<String>,
     /// ECH key rotation (main relays).
     #[serde(default)]
     pub ech_keys: EchKeys,
@@ -253,6 +261,31 @@ impl Relay {
                 "spec.echKeys.rotationPeriod",
                 format!("{} is too short: at least 1m", spec.ech_keys.rotation_period),
             );
+        }
+        if !spec.replica_endpoints.is_empty() {
+            if spec.relay_type == RelayType::Home {
+                errs.push("spec.replicaEndpoints", "replicaEndpoints belong to main relays");
+            } else if spec.replica_endpoints.len() != usize::try_from(spec.replicas).unwrap_or(0) {
+                errs.push(
+                    "spec.replicaEndpoints",
+                    format!(
+                        "{} addresses for {} replicas: give one per replica",
+                        spec.replica_endpoints.len(),
+                        spec.replicas
+                    ),
+                );
+            }
+            if spec.node_id.len() + 1 + (spec.replicas.max(1) - 1).to_string().len() > 63 {
+                errs.push("spec.nodeId", "too long for replica node ids (<nodeId>-<i> must fit 63 characters)");
+            }
+            let mut addrs = BTreeSet::new();
+            for (i, ep) in spec.replica_endpoints.iter().enumerate() {
+                if let Err(reason) = parse_endpoint(ep) {
+                    errs.push(format!("spec.replicaEndpoints[{i}]"), format!("{ep:?}: {reason}"));
+                } else if !addrs.insert(ep.as_str()) {
+                    errs.push(format!("spec.replicaEndpoints[{i}]"), format!("{ep:?} is listed twice"));
+                }
+            }
         }
         let mut seen = BTreeSet::new();
         for (i, m) in spec.main_relays.iter().enumerate() {

@@ -170,3 +170,94 @@ fn a_main_relays_planned_anonymity_set_counts_the_distinct_services_of_its_homes
     // A home snapshot has no homes of its own.
     assert_eq!(set("shop-eu"), 0);
 }
+
+/// The example federation with hub-eu's two replicas given addresses.
+fn with_replicated_hub(extra: &str) -> Vec<AnyResource> {
+    let mut all = examples();
+    for r in &mut all {
+        if let AnyResource::Relay(r) = r
+            && r.spec.node_id == "hub-eu"
+        {
+            r.spec.replica_endpoints = vec!["127.0.0.1:7401".into(), "127.0.0.1:7411".into()];
+        }
+    }
+    all.extend(yaml(extra));
+    all
+}
+
+#[test]
+fn replicas_of_a_main_relay_become_mesh_members_sharing_its_ech_keys() {
+    let plan = compile(&with_replicated_hub(""), &keys(), 1).unwrap();
+    assert_eq!(
+        plan.snapshots.keys().collect::<Vec<_>>(),
+        ["hub-eu-0", "hub-eu-1", "hub-us", "pay-us", "shop-eu", "web-eu"]
+    );
+    assert!(!plan.warnings.iter().any(|w| w.contains("2 replicas")), "{:?}", plan.warnings);
+    let (r0, r1) = (&plan.snapshots["hub-eu-0"], &plan.snapshots["hub-eu-1"]);
+    assert_eq!(r0.listen, Some("127.0.0.1:7401".parse().unwrap()));
+    assert_eq!(r1.listen, Some("127.0.0.1:7411".parse().unwrap()));
+    // One ECH key set for the relay; a certificate per replica.
+    assert_eq!(r0.ech.as_ref().unwrap().key_file, r1.ech.as_ref().unwrap().key_file);
+    assert!(r0.ech.as_ref().unwrap().key_file.ends_with("hub-eu-ech.json"));
+    assert_ne!(r0.tls.cert_file, r1.tls.cert_file);
+    // Every member peers with every other, siblings included; every member is known.
+    let peers = |s: &relayfed_sidecar::config::Snapshot| s.peers.iter().map(|p| p.node_id.clone()).collect::<Vec<_>>();
+    assert!(peers(r0).contains(&"hub-eu-1".to_owned()) && peers(r0).contains(&"hub-us".to_owned()));
+    assert!(peers(&plan.snapshots["hub-us"]).starts_with(&["hub-eu-0".to_owned(), "hub-eu-1".to_owned()]));
+    for s in plan.snapshots.values() {
+        assert!(s.trust.known_nodes.contains(&"hub-eu-1".to_owned()), "{}", s.node.id);
+    }
+    // Homes that list hub-eu list both replicas at its priority (the other one is the
+    // standby), then hub-us; the replicas' trust.homes name them.
+    let shop = &plan.snapshots["shop-eu"];
+    let listed: Vec<(&str, u16)> = shop.main_relays.iter().map(|m| (m.node_id.as_str(), m.priority)).collect();
+    assert_eq!(listed.len(), 3);
+    assert!(listed[..2].iter().all(|(n, p)| n.starts_with("hub-eu-") && *p == 0), "{listed:?}");
+    assert_eq!(listed[2], ("hub-us", 10));
+    for r in [r0, r1] {
+        assert!(r.trust.homes.as_ref().unwrap().contains_key("shop-eu"));
+    }
+    // Both replicas have their ECH config in every home's snapshot (from Relay.status here).
+    let list = relayfed_sidecar::config::base64_encode(
+        &relayfed_sidecar::crypto::ech::EchKeySet::new(
+            relayfed_sidecar::crypto::ech::EchKeyPair::generate(1, "relay.acme.example").unwrap(),
+        )
+        .config_list()
+        .unwrap(),
+    );
+    let mut published = with_replicated_hub("");
+    for r in &mut published {
+        if let AnyResource::Relay(r) = r
+            && r.spec.node_id == "hub-eu"
+        {
+            r.status.get_or_insert_with(Default::default).ech_config_list = Some(list.clone());
+        }
+    }
+    let plan = compile(&published, &keys(), 1).unwrap();
+    let configs = &plan.snapshots["web-eu"].ech_configs;
+    assert_eq!((configs.get("hub-eu-0"), configs.get("hub-eu-1")), (Some(&list), Some(&list)));
+}
+
+#[test]
+fn homes_spread_over_the_replicas_of_their_relay() {
+    let homes: String = (0..40)
+        .map(|i| {
+            format!(
+                "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: h{i}, namespace: relayfed-system}}\n\
+                 spec: {{type: home, nodeId: h{i}, federation: acme, mainRelays: [{{nodeId: hub-eu}}]}}\n"
+            )
+        })
+        .collect();
+    let plan = compile(&with_replicated_hub(&homes), &keys(), 1).unwrap();
+    let first: Vec<&str> = (0..40).map(|i| plan.snapshots[&format!("h{i}")].main_relays[0].node_id.as_str()).collect();
+    let on_0 = first.iter().filter(|n| **n == "hub-eu-0").count();
+    assert!((10..=30).contains(&on_0), "{on_0} of 40 homes prefer hub-eu-0");
+}
+
+#[test]
+fn a_replica_node_id_taken_by_another_relay_is_refused() {
+    let clash = "apiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: squatter, namespace: relayfed-system}\n\
+                 spec: {type: home, nodeId: hub-eu-1, federation: acme, mainRelays: [{nodeId: hub-us}]}\n";
+    let errs = compile(&with_replicated_hub(clash), &keys(), 1).unwrap_err();
+    assert!(errs.iter().any(|e| e.field == "spec.replicaEndpoints" && e.reason.contains("hub-eu-1")), "{errs:?}");
+}

@@ -49,7 +49,13 @@ pub fn replan(ctx: &Context, namespace: &str, name: &str) -> Result<Plan, Vec<Pl
     let key = format!("{namespace}/{name}");
     let keys = KeyLayout { dir: ctx.settings.key_dir.clone() };
     let workloads = super::workloads::facts_for(ctx, namespace, name);
-    let compiled = plan::compile_with_workloads(&resources(ctx, namespace, name), &keys, 0, workloads.as_ref());
+    let members = resources(ctx, namespace, name);
+    let refused = plan::replicas::cluster_refusals(&members);
+    let compiled = if refused.is_empty() {
+        plan::compile_with_workloads(&members, &keys, 0, workloads.as_ref())
+    } else {
+        Err(refused)
+    };
     let mut plans = match ctx.plans.lock() {
         Ok(p) => p,
         Err(p) => p.into_inner(),

@@ -78,6 +78,17 @@ pub struct KeyStore {
     passphrase: Vec<u8>,
 }
 
+/// A node whose key material local mode keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeKeys {
+    /// Its node id.
+    pub node: String,
+    /// Its role (homes get a Noise key bound into their certificate).
+    pub role: Role,
+    /// A main relay's ECH key file (replicas of one relay share it).
+    pub ech_key: Option<PathBuf>,
+}
+
 impl KeyStore {
     /// A key store for one federation.
     pub fn new(dir: PathBuf, trust_domain: &str, public_name: &str, passphrase: Vec<u8>) -> Self {
@@ -113,13 +124,17 @@ impl KeyStore {
     }
 
     /// Makes sure every node (and the distribution server, `server_node`) has its material.
-    pub fn ensure(&self, nodes: &[(String, Role)], server_node: &str) -> Result<KeyReport, KeyError> {
+    pub fn ensure(&self, nodes: &[NodeKeys], server_node: &str) -> Result<KeyReport, KeyError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| file_err(&self.dir, e))?;
         let mut report = KeyReport::default();
         let ca = self.ca(&mut report)?;
         let pass = Some(self.passphrase.as_slice());
-        let all = nodes.iter().map(|(n, r)| (n.as_str(), Some(*r))).chain([(server_node, None)]);
-        for (node, role) in all {
+        let all = nodes.iter().map(|n| (n.node.as_str(), Some(n.role), n.ech_key.as_ref())).chain([(
+            server_node,
+            None,
+            None,
+        )]);
+        for (node, role, ech_key) in all {
             // A home's certificate binds its Noise key (relays refuse other keys), so the
             // Noise key comes first.
             let noise_public = match role {
@@ -149,37 +164,34 @@ impl KeyStore {
                 std::fs::write(&cert, &issued.cert_pem).map_err(|e| file_err(&cert, e))?;
                 report.generated.push(format!("{node} certificate"));
             }
-            match role {
-                Some(Role::Home) => {}
-                Some(Role::Main) => {
-                    let ech = self.path(&format!("{node}-ech.json"));
-                    if ech.exists() {
-                        report.reused.push(format!("{node} ECH key"));
-                    } else {
-                        let k =
-                            EchKeyPair::generate(rand::random(), &self.public_name).map_err(|e| file_err(&ech, e))?;
-                        EchKeyFile::from_key(&k).save(&ech, pass).map_err(|e| file_err(&ech, e))?;
-                        report.generated.push(format!("{node} ECH key"));
-                    }
+            if let Some(ech) = ech_key {
+                if ech.exists() {
+                    report.reused.push(format!("{node} ECH key"));
+                } else {
+                    let k = EchKeyPair::generate(rand::random(), &self.public_name).map_err(|e| file_err(ech, e))?;
+                    EchKeyFile::from_key(&k).save(ech, pass).map_err(|e| file_err(ech, e))?;
+                    report.generated.push(format!("{node} ECH key"));
                 }
-                None => {}
             }
         }
         Ok(report)
     }
 
-    /// The ECHConfigList (base64) each main relay in `mains` publishes, read from its key
-    /// file: what home snapshots carry as `echConfigs`.
-    pub fn ech_configs(&self, mains: &[&str]) -> Result<std::collections::BTreeMap<String, String>, KeyError> {
+    /// The ECHConfigList (base64) each main relay in `nodes` publishes, read from its key
+    /// file (once per file: replicas share one): what home snapshots carry as `echConfigs`.
+    pub fn ech_configs(&self, nodes: &[NodeKeys]) -> Result<std::collections::BTreeMap<String, String>, KeyError> {
+        let mut lists: std::collections::BTreeMap<&Path, String> = std::collections::BTreeMap::new();
         let mut out = std::collections::BTreeMap::new();
-        for node in mains {
-            let path = self.path(&format!("{node}-ech.json"));
-            let list = EchKeyFile::load(&path, Some(&self.passphrase))
-                .and_then(|f| f.key_set(&path, Duration::ZERO))
-                .map_err(|e| KeyError::Passphrase { path: path.clone(), reason: e.to_string() })?
-                .config_list()
-                .map_err(|e| file_err(&path, e))?;
-            out.insert((*node).to_owned(), relayfed_sidecar::config::base64_encode(&list));
+        for (node, path) in nodes.iter().filter_map(|n| Some((&n.node, n.ech_key.as_deref()?))) {
+            if !lists.contains_key(path) {
+                let list = EchKeyFile::load(path, Some(&self.passphrase))
+                    .and_then(|f| f.key_set(path, Duration::ZERO))
+                    .map_err(|e| KeyError::Passphrase { path: path.to_owned(), reason: e.to_string() })?
+                    .config_list()
+                    .map_err(|e| file_err(path, e))?;
+                lists.insert(path, relayfed_sidecar::config::base64_encode(&list));
+            }
+            out.insert(node.clone(), lists[path].clone());
         }
         Ok(out)
     }

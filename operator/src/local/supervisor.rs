@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::keys::KeyStore;
+use super::keys::{KeyStore, NodeKeys};
 use super::sources::{Loaded, Sources};
 use super::workloads;
 use super::{StateDir, SupervisorFile};
@@ -166,12 +166,23 @@ fn compile(keys: &KeyStore, passphrase_file: &std::path::Path, loaded: &Loaded) 
 /// supervisor; homes seal only to configs from their snapshot).
 fn with_ech_configs(
     keys: &KeyStore,
-    nodes: &[(String, Role)],
+    nodes: &[NodeKeys],
     snapshots: &mut BTreeMap<String, Snapshot>,
 ) -> Result<(), super::keys::KeyError> {
-    let mains: Vec<&str> = nodes.iter().filter(|(_, r)| *r == Role::Main).map(|(n, _)| n.as_str()).collect();
-    plan::set_ech_configs(snapshots, &keys.ech_configs(&mains)?);
+    plan::set_ech_configs(snapshots, &keys.ech_configs(nodes)?);
     Ok(())
+}
+
+/// The key material the snapshots' nodes need.
+fn node_keys(snapshots: &BTreeMap<String, Snapshot>) -> Vec<NodeKeys> {
+    snapshots
+        .iter()
+        .map(|(n, s)| NodeKeys {
+            node: n.clone(),
+            role: s.node.role,
+            ech_key: s.ech.as_ref().map(|e| e.key_file.clone()),
+        })
+        .collect()
 }
 
 impl Supervisor {
@@ -193,7 +204,7 @@ impl Supervisor {
         let distributor = Distributor::new(metrics.clone(), 0);
         let (mut snapshots, warnings) = compile(&keys, &passphrase_file, &loaded)
             .map_err(|errs| anyhow::anyhow!("the manifests cannot run:\n  {}", errs.join("\n  ")))?;
-        let nodes: Vec<(String, Role)> = snapshots.iter().map(|(n, s)| (n.clone(), s.node.role)).collect();
+        let nodes = node_keys(&snapshots);
         let report = keys.ensure(&nodes, SERVER_NODE)?;
         with_ech_configs(&keys, &nodes, &mut snapshots)?;
         info!(generated = ?report.generated, reused = ?report.reused, "key material ready");
@@ -481,7 +492,7 @@ impl Supervisor {
                 return false;
             }
         };
-        let nodes: Vec<(String, Role)> = snapshots.iter().map(|(n, s)| (n.clone(), s.node.role)).collect();
+        let nodes = node_keys(&snapshots);
         if let Err(e) = self.keys.ensure(&nodes, SERVER_NODE) {
             error!(error = %e, "cannot prepare keys for the edited federation; not applied");
             return false;

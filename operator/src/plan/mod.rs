@@ -10,6 +10,9 @@
 //!   `ip:port` (local mode), else on `0.0.0.0:listenPort`; peers = every other main relay of
 //!   the federation (trusted) plus `Peer` resources for it (or for all mains when
 //!   `localRelay` is unset), a `Peer` for one of our own mains overriding its trust settings.
+//! - `Relay` type main with `replicaEndpoints` -> one main snapshot per replica, each a mesh
+//!   member `<nodeId>-<i>` sharing the relay's ECH keys; homes listing the relay list every
+//!   replica ([`replicas`]).
 //! - `Relay` type home -> a home snapshot: its main relays with priorities, exports, imports
 //!   (resolved through the registry at run time), and the ECH configs of every main relay
 //!   (`Relay.status.echConfigList`; local mode fills them from its key files).
@@ -22,6 +25,7 @@
 //!
 //! Key material is referenced by path in a `KeyLayout`; generating it is the applier's job.
 
+pub mod replicas;
 pub mod workloads;
 
 use std::collections::BTreeMap;
@@ -135,16 +139,33 @@ pub fn compile_with_workloads(
         if let Some(other) = seen.insert(r.spec.node_id.clone(), obj.clone()) {
             errors.push(err(&obj, "spec.nodeId", format!("{:?} is also the node id of {other}", r.spec.node_id)));
         }
-        if r.spec.relay_type == RelayType::Main && r.spec.replicas > 1 {
+        if r.spec.relay_type == RelayType::Main && r.spec.replicas > 1 && !replicas::is_replicated(r) {
             warnings.push(format!(
-                "{obj}: {} replicas of one main relay share its identity but not its registry or peerings \
-                 (horizontal scaling is designed, not built: docs/architecture.md); for failover, run several \
-                 main relays and list two or more in each home's mainRelays",
+                "{obj}: {} replicas of one main relay share its identity but not its registry or peerings; \
+                 give spec.replicaEndpoints (one address per replica) to run them as mesh members \
+                 (docs/architecture.md \"Main relays with several replicas\")",
                 r.spec.replicas
             ));
         }
     }
+    // The mesh: every main relay, or each of its replicas, as a member (by relay node id).
+    let members: BTreeMap<&str, Vec<replicas::Member>> =
+        mains.iter().map(|m| (m.spec.node_id.as_str(), replicas::members(m, endpoint_of(&m.spec.node_id)))).collect();
+    for (relay, ms) in &members {
+        for m in ms.iter().filter(|m| m.node_id != *relay) {
+            if let Some(other) = seen.insert(m.node_id.clone(), format!("a replica of Relay {relay}")) {
+                errors.push(err(
+                    format!("Relay/{}", relay_name(&mains, relay)),
+                    "spec.replicaEndpoints",
+                    format!("replica node id {:?} is also the node id of {other}", m.node_id),
+                ));
+            }
+        }
+    }
     let (ech, mut trust, resilience, timeouts) = policy_parts(policy, &relays);
+    trust.known_nodes.extend(members.values().flatten().map(|m| m.node_id.clone()));
+    trust.known_nodes.sort();
+    trust.known_nodes.dedup();
     // Injected pods hold CA-issued certificates naming them: relays know them.
     trust.known_nodes.extend(workloads.iter().flat_map(|f| f.workloads.iter().map(|w| w.node_id.clone())));
     let base = |node: &str, role: Role| Snapshot {
@@ -172,26 +193,33 @@ pub fn compile_with_workloads(
         key_passphrase_file: None,
     };
     let mut snapshots = BTreeMap::new();
-    for m in &mains {
+    for (m, member) in mains.iter().flat_map(|m| members[m.spec.node_id.as_str()].iter().map(move |x| (m, x))) {
         let obj = format!("Relay/{}", m.metadata.name.clone().unwrap_or_default());
-        let node = &m.spec.node_id;
-        let Some(endpoint) = endpoint_of(node) else {
-            errors.push(err(&obj, "spec.nodeId", format!("{node:?} is not listed in {fed_obj} spec.mainRelays")));
+        let (relay, node) = (&m.spec.node_id, &member.node_id);
+        if endpoint_of(relay).is_none() {
+            errors.push(err(&obj, "spec.nodeId", format!("{relay:?} is not listed in {fed_obj} spec.mainRelays")));
             continue;
-        };
+        }
         let mut s = base(node, Role::Main);
-        s.listen = Some(endpoint.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], m.spec.listen_port))));
+        s.listen = Some(
+            member
+                .endpoint
+                .as_deref()
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], m.spec.listen_port))),
+        );
+        // Replicas share their relay's ECH key set.
         s.ech = Some(EchServerConfig {
-            key_file: keys.dir.join(format!("{node}-ech.json")),
+            key_file: keys.dir.join(format!("{relay}-ech.json")),
             grace_seconds: m.spec.ech_keys.grace_period.get().as_secs(),
         });
         let mut node_peers: BTreeMap<String, PeerRelay> = BTreeMap::new();
-        for other in mains.iter().filter(|o| o.spec.node_id != *node) {
-            if let Some(addr) = endpoint_of(&other.spec.node_id).and_then(|e| e.parse().ok()) {
+        for other in members.values().flatten().filter(|o| o.node_id != *node) {
+            if let Some(addr) = other.endpoint.as_deref().and_then(|e| e.parse().ok()) {
                 node_peers.insert(
-                    other.spec.node_id.clone(),
+                    other.node_id.clone(),
                     PeerRelay {
-                        node_id: other.spec.node_id.clone(),
+                        node_id: other.node_id.clone(),
                         endpoint: addr,
                         trust_level: relayfed_sidecar::config::TrustLevel::Trusted,
                         permissions: None,
@@ -199,12 +227,12 @@ pub fn compile_with_workloads(
                     },
                 );
             } else {
-                warnings.push(format!("{obj}: main relay {} has no ip:port endpoint; not peered", other.spec.node_id));
+                warnings.push(format!("{obj}: main relay {} has no ip:port endpoint; not peered", other.node_id));
             }
         }
-        for p in peers.iter().filter(|p| p.spec.local_relay.as_deref().is_none_or(|l| l == node)) {
+        for p in peers.iter().filter(|p| p.spec.local_relay.as_deref().is_none_or(|l| l == relay)) {
             let pobj = format!("Peer/{}", p.metadata.name.clone().unwrap_or_default());
-            if p.spec.node_id == *node {
+            if p.spec.node_id == *relay || p.spec.node_id == *node {
                 continue;
             }
             if p.spec.trust_domain.as_deref().is_some_and(|td| td != fed.spec.trust_domain) {
@@ -213,22 +241,34 @@ pub fn compile_with_workloads(
                 ));
                 continue;
             }
-            let Some(addr) = p.spec.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok()) else {
-                warnings.push(format!(
-                    "{pobj}: no ip:port endpoint (names are resolved by the operator in a cluster); skipped"
-                ));
-                continue;
+            // A Peer naming one of our own replicated relays sets the terms for each replica,
+            // dialed at its own address.
+            let targets: Vec<(String, Option<SocketAddr>)> = match members.get(p.spec.node_id.as_str()) {
+                Some(ms) if ms.iter().all(|m| m.node_id != p.spec.node_id) => ms
+                    .iter()
+                    .filter(|m| m.node_id != *node)
+                    .map(|m| (m.node_id.clone(), m.endpoint.as_deref().and_then(|e| e.parse().ok())))
+                    .collect(),
+                _ => vec![(p.spec.node_id.clone(), p.spec.endpoints.iter().find_map(|e| e.parse().ok()))],
             };
-            node_peers.insert(
-                p.spec.node_id.clone(),
-                PeerRelay {
-                    node_id: p.spec.node_id.clone(),
-                    endpoint: addr,
-                    trust_level: trust_level(p.spec.trust_level),
-                    permissions: p.spec.permissions.as_ref().map(permissions),
-                    rate_limit: p.spec.rate_limit.as_ref().map(rate_limit),
-                },
-            );
+            for (peer, addr) in targets {
+                let Some(addr) = addr else {
+                    warnings.push(format!(
+                        "{pobj}: no ip:port endpoint (names are resolved by the operator in a cluster); skipped"
+                    ));
+                    continue;
+                };
+                node_peers.insert(
+                    peer.clone(),
+                    PeerRelay {
+                        node_id: peer,
+                        endpoint: addr,
+                        trust_level: trust_level(p.spec.trust_level),
+                        permissions: p.spec.permissions.as_ref().map(permissions),
+                        rate_limit: p.spec.rate_limit.as_ref().map(rate_limit),
+                    },
+                );
+            }
         }
         s.peers = node_peers.into_values().collect();
         snapshots.insert(node.clone(), s);
@@ -239,6 +279,24 @@ pub fn compile_with_workloads(
         let mut s = base(node, Role::Home);
         s.noise_key_file = Some(keys.dir.join(format!("{node}-noise.key")));
         for (i, m) in h.spec.main_relays.iter().enumerate() {
+            if let Some(ms) = members.get(m.node_id.as_str()).filter(|ms| ms.len() > 1 || ms[0].node_id != m.node_id) {
+                if m.endpoint.is_some() {
+                    warnings.push(format!(
+                        "{obj}: spec.mainRelays[{i}].endpoint is ignored: {} has replicas, each at its own address",
+                        m.node_id
+                    ));
+                }
+                for k in replicas::rotation(node, ms.len()) {
+                    if let Some(addr) = ms[k].endpoint.as_deref().and_then(|e| e.parse().ok()) {
+                        s.main_relays.push(MainRelay {
+                            node_id: ms[k].node_id.clone(),
+                            endpoint: addr,
+                            priority: m.priority,
+                        });
+                    }
+                }
+                continue;
+            }
             let endpoint = m.endpoint.clone().or_else(|| endpoint_of(&m.node_id));
             match endpoint.as_deref().map(str::parse::<SocketAddr>) {
                 Some(Ok(addr)) => {
@@ -281,7 +339,7 @@ pub fn compile_with_workloads(
             }
         }
     }
-    set_ech_configs(&mut snapshots, &published_ech_configs(&mains));
+    set_ech_configs(&mut snapshots, &published_ech_configs(&mains, &members));
     assign_homes(&mut snapshots);
     for (node, s) in &snapshots {
         if let Err(e) = s.validate() {
@@ -296,8 +354,23 @@ pub fn compile_with_workloads(
 
 /// The ECHConfigList each main relay published in its status (in a cluster: the operator
 /// wrote it there from the relay's ECH key Secret), by node id.
-fn published_ech_configs(mains: &[&Relay]) -> BTreeMap<String, String> {
-    mains.iter().filter_map(|m| Some((m.spec.node_id.clone(), m.status.as_ref()?.ech_config_list.clone()?))).collect()
+fn published_ech_configs(
+    mains: &[&Relay],
+    members: &BTreeMap<&str, Vec<replicas::Member>>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for m in mains {
+        if let Some(list) = m.status.as_ref().and_then(|s| s.ech_config_list.clone()) {
+            for member in members.get(m.spec.node_id.as_str()).into_iter().flatten() {
+                out.insert(member.node_id.clone(), list.clone());
+            }
+        }
+    }
+    out
+}
+
+fn relay_name(mains: &[&Relay], node: &str) -> String {
+    mains.iter().find(|m| m.spec.node_id == node).and_then(|m| m.metadata.name.clone()).unwrap_or_default()
 }
 
 /// Tells every main relay which homes the plan assigns to it (the homes whose snapshot lists

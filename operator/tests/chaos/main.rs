@@ -4,6 +4,8 @@
 //! calls kept failing. No call may ever return wrong data.
 //!
 //! - `failover_scenario_under_load` (in `make test`): `tests/chaos/failover/`, ~50 s.
+//! - `a_replicated_main_relay_survives_the_loss_of_either_replica` (in `make test`):
+//!   `tests/chaos/replicas/`, ~55 s: a main relay's two replicas killed and hung in turn.
 //! - `long_run` (`make chaos DURATION=1h FAILURE_RATE=10%`, ignored otherwise): a random
 //!   schedule, with RSS and open file descriptors of every process sampled over time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -444,21 +446,17 @@ fn scenario_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/chaos").join(name)
 }
 
-/// Issue 24's acceptance, short form: kill -9 of a main relay, a hung main relay, a killed
-/// serving home, ECH 0 -> 100% under load.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_scenario_under_load() {
-    if isolated("failover_scenario_under_load") {
-        return;
-    }
-    let mut scenario = Scenario::load(&scenario_dir("failover"), free_port).unwrap();
+/// Runs scenario `name` under its schedule and asserts issue 24's acceptance: no wrong data,
+/// no failure before the first fault, at most 0.5% of calls failed, every partition seen.
+async fn short_form(name: &str) {
+    let mut scenario = Scenario::load(&scenario_dir(name), free_port).unwrap();
     if std::env::var_os("RELAYFED_CHAOS_BIN").is_none() && cfg!(debug_assertions) {
         // This build's (debug) binaries: a fifth of the load keeps two cores unsaturated.
         scenario.schedule.load.calls_per_second /= 5;
         eprintln!("chaos: debug binaries: {} calls/s", scenario.schedule.load.calls_per_second);
     }
     let s = &scenario.schedule;
-    let report = run("failover", &scenario, &s.faults, s.end.get(), Duration::from_secs(5)).await;
+    let report = run(name, &scenario, &s.faults, s.end.get(), Duration::from_secs(5)).await;
     report.print();
     assert_eq!(report.wrong, 0, "a call returned wrong data");
     assert!(report.calls as f64 >= 0.8 * f64::from(s.load.calls_per_second) * s.end.get().as_secs_f64());
@@ -469,6 +467,26 @@ async fn failover_scenario_under_load() {
     }
     let rate = report.failed as f64 / report.calls as f64;
     assert!(rate <= 0.005, "{} of {} calls failed (> 0.5%): {report:#?}", report.failed, report.calls);
+}
+
+/// Issue 24's acceptance, short form: kill -9 of a main relay, a hung main relay, a killed
+/// serving home, ECH 0 -> 100% under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_scenario_under_load() {
+    if isolated("failover_scenario_under_load") {
+        return;
+    }
+    short_form("failover").await;
+}
+
+/// Issue 24 item 8: a main relay with two replicas keeps serving through the loss (kill -9,
+/// hang) of either, its homes listing no other relay; ECH at 100% throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_main_relay_survives_the_loss_of_either_replica() {
+    if isolated("a_replicated_main_relay_survives_the_loss_of_either_replica") {
+        return;
+    }
+    short_form("replicas").await;
 }
 
 /// `make chaos DURATION=1h FAILURE_RATE=10%`: a random fault schedule over the failover
