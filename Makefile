@@ -15,7 +15,7 @@ BENCH_OUT ?= docs/benchmarks.md
 DURATION ?= 10m
 FAILURE_RATE ?= 10%
 
-.PHONY: chaos chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+.PHONY: dashboards chaos chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ lint: ## rustfmt and clippy (warnings are errors).
 fmt: ## Format the code.
 	$(CARGO) fmt --all
 
+dashboards: ## Regenerate the Grafana dashboards and alert rules (charts/relayfed/dashboards, charts/relayfed/alerts) from dashboards/src.
+	$(CARGO) run -q -p relayfed-dashboards -- .
+
 crds: ## Regenerate the CRD chart (charts/relayfed-crds/templates) from the Rust types.
 	$(CARGO) run -q -p relayfed-crds --bin crdgen -- charts/relayfed-crds/templates
 
@@ -112,6 +115,10 @@ bench: ## Benchmarks (release build) and the failover scenario's figures; writes
 	$(RELEASE_BINS)
 	RELAYFED_CHAOS_BIN=$(TARGET_DIR)/release/relayfed $(CARGO) test -q -p relayfed-operator --test chaos \
 	  failover_scenario_under_load -- --nocapture 2>&1 | sed -n 's/^chaos: \([-|]\)/\1/p' > target/bench-failover.md
+	RELAYFED_CHAOS_BIN=$(TARGET_DIR)/release/relayfed $(CARGO) test -q -p relayfed-operator --test chaos \
+	  a_replicated_main_relay_survives_the_loss_of_either_replica -- --nocapture 2>&1 \
+	  | sed -n 's/^chaos: \([-|]\)/\1/p' > target/bench-replicas.md
+	@sed -n '/^<!-- kept by make bench/,$$p' $(BENCH_OUT) > target/bench-kept.md
 	@{ echo "# Benchmarks"; echo; \
 	   echo "Produced by \`make bench\` (\`cargo bench -p relayfed-sidecar --bench transport\`) on $$(date -u +%Y-%m-%d),"; \
 	   echo "$$(nproc) cores, $$(uname -sr), $$(rustc --version). Relay and home nodes are separate release-build"; \
@@ -125,7 +132,9 @@ bench: ## Benchmarks (release build) and the failover scenario's figures; writes
 	   echo; echo "## Federation"; echo; echo "\`cargo bench -p relayfed-sidecar --bench federation\`"; echo; cat target/bench-federation.md; \
 	   echo; echo "## Resilience"; echo; echo "\`cargo bench -p relayfed-sidecar --bench resilience\`"; echo; cat target/bench-resilience.md; \
 	   echo; echo "## Config distribution"; echo; echo "\`cargo bench -p relayfed-operator --bench distribution\`"; echo; cat target/bench-distribution.md; \
-	   echo; echo "## Failover"; echo; echo "\`RELAYFED_CHAOS_BIN=<release relayfed> cargo test -p relayfed-operator --test chaos failover_scenario_under_load -- --nocapture\` (tests/chaos/failover: 3 mains, 6 homes, 50 calls/s, release processes in local mode)"; echo; cat target/bench-failover.md; } > $(BENCH_OUT)
+	   echo; echo "## Failover"; echo; echo "\`RELAYFED_CHAOS_BIN=<release relayfed> cargo test -p relayfed-operator --test chaos failover_scenario_under_load -- --nocapture\` (tests/chaos/failover: 3 mains, 6 homes, 50 calls/s, release processes in local mode)"; echo; cat target/bench-failover.md; \
+	   echo; echo "### A main relay with two replicas"; echo; echo "\`RELAYFED_CHAOS_BIN=<release relayfed> cargo test -p relayfed-operator --test chaos a_replicated_main_relay_survives_the_loss_of_either_replica -- --nocapture\` (tests/chaos/replicas: hub as hub-0 and hub-1, far, 6 homes, the homes on hub listing no other relay, ECH 100%, 50 calls/s)"; echo; cat target/bench-replicas.md; \
+	   echo; cat target/bench-kept.md; } > $(BENCH_OUT)
 	@cat $(BENCH_OUT)
 
 clean: ## Remove build output.

@@ -141,6 +141,12 @@ async fn one_mebibyte_and_many_small_messages_with_ech_on_and_off() {
     assert_eq!(sealed.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 2.0);
     assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "opened")]).await, 2.0);
     assert!(fed.relay.metric("relayfed_hop_handshakes_total", &[("role", "server"), ("result", "ok")]).await >= 3.0);
+    // Every node says when its certificate expires (the testbed issues them for a year or less).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    for node in [&plain, &sealed, &fed.relay] {
+        let expiry = node.metric("relayfed_certificate_expiry_timestamp_seconds", &[]).await;
+        assert!(expiry > now && expiry < now + 400.0 * 86_400.0, "expiry {expiry}, now {now}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

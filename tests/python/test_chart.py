@@ -142,7 +142,8 @@ CHECKOV = os.environ.get("CHECKOV", "checkov")
 @pytest.mark.parametrize("values", [
     {},
     {"injection": {"webhook": {"certManager": {"enabled": True, "issuerRef": {"kind": "ClusterIssuer", "name": "ca"}}}},
-     "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+     "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+                    "dashboards": {"enabled": True}, "prometheusRule": {"enabled": True}}},
 ])
 def test_checkov_finds_nothing_without_a_written_reason(values, tmp_path):
     import shutil
@@ -204,3 +205,26 @@ def test_the_chart_readme_is_generated_from_the_current_values():
                           "--chart-to-generate", str(CHART), "--dry-run"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (CHART / "README.md").read_text().strip(), \
         "charts/relayfed/README.md is stale: run `make chart-docs` and commit it"
+
+
+def test_the_chart_ships_the_generated_dashboards_and_alerts_when_asked():
+    assert not [d for d in render() if d["kind"] == "PrometheusRule"], "off by default"
+    docs = render({"monitoring": {"dashboards": {"enabled": True, "annotations": {"grafana_folder": "relayfed"}},
+                                  "prometheusRule": {"enabled": True, "labels": {"release": "kps"}}}})
+    chart = CHART
+    boards = {d["metadata"]["name"]: d for d in docs
+              if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"}
+    files = sorted((chart / "dashboards").glob("*.json"))
+    assert len(files) == 5 and len(boards) == 5
+    for f in files:
+        (cm,) = [b for b in boards.values() if f.name in b["data"]]
+        assert json.loads(cm["data"][f.name]) == json.loads(f.read_text())
+        assert cm["metadata"]["annotations"] == {"grafana_folder": "relayfed"}
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    assert rule["spec"] == yaml.safe_load((chart / "alerts" / "relayfed.rules.yaml").read_text())
+    # The PodMonitors give every target the labels the dashboards filter on.
+    monitors = render({"monitoring": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}})
+    for pm in [d for d in monitors if d["kind"] == "PodMonitor"]:
+        targets = {r["targetLabel"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+        assert targets == {"federation", "node", "role"}, pm["metadata"]["name"]

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub trust_denials: Family<L1, Counter>,
     /// Version of the config snapshot in force.
     pub config_version: Gauge,
+    /// When the hop certificate in use expires (Unix seconds).
+    pub certificate_expiry: Gauge,
     /// Config updates received from the distribution server by `result` (applied, restart_required, invalid, error).
     pub config_updates: Family<L1, Counter>,
     /// Stream failures by code, readable back for the admin API.
@@ -116,8 +118,14 @@ impl Metrics {
         let rate_limited = Family::<[(&'static str, String); 1], Counter>::default();
         let trust_denials = Family::<L1, Counter>::default();
         let config_version = Gauge::default();
+        let certificate_expiry = Gauge::default();
         let config_updates = Family::<L1, Counter>::default();
         registry.register("relayfed_config_version", "Version of the config snapshot in force", config_version.clone());
+        registry.register(
+            "relayfed_certificate_expiry_timestamp_seconds",
+            "When the hop certificate in use expires, Unix time",
+            certificate_expiry.clone(),
+        );
         registry.register(
             "relayfed_config_updates",
             "Config updates received from the distribution server, by result",
@@ -225,6 +233,7 @@ impl Metrics {
             rate_limited,
             trust_denials,
             config_version,
+            certificate_expiry,
             config_updates,
             error_counts: Default::default(),
             intercepted,

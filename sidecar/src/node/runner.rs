@@ -123,9 +123,12 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
             (Running::Home(node), ready)
         }
     };
-    let identity = SharedIdentity::from(HopIdentity::load(&snap)?);
+    let loaded = HopIdentity::load(&snap)?;
+    metrics.certificate_expiry.set(loaded.not_after_unix().unwrap_or(0));
+    let identity = SharedIdentity::from(loaded);
     if let Some(mut updates) = opts.identity_updates.clone() {
         let (identity, running, timeouts) = (identity.clone(), running.clone(), snap.timeouts.clone());
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             while updates.changed().await.is_ok() {
                 let next = updates.borrow_and_update().clone();
@@ -135,6 +138,7 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
                     warn!(error = %e, "renewed certificate not installed");
                     continue;
                 }
+                metrics.certificate_expiry.set(next.not_after_unix().unwrap_or(0));
                 identity.replace(next);
             }
         });

@@ -259,6 +259,13 @@ impl HopIdentity {
         Ok((node, crate::crypto::ca::noise_key_from_cert(der)?))
     }
 
+    /// When this node's certificate expires (Unix seconds), for the expiry metric.
+    pub fn not_after_unix(&self) -> Option<i64> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(self.leaf_der()).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
     /// The node id named by a verified peer certificate chain (leaf first).
     pub fn node_id_of_chain(&self, chain: &[CertificateDer<'_>]) -> Result<String, TlsError> {
         let leaf = chain.first().ok_or_else(|| TlsError::Identity("empty chain".into()))?;

@@ -1,0 +1,389 @@
+//! The five dashboards. Every query filters on the `federation` and `node` variables; the
+//! scrape configuration attaches `federation`, `node` and `role` (main, home, operator) to
+//! every target (docs/operations.md "Dashboards and alerts").
+
+use crate::model::{Dashboard, Kind, Panel, Row, panel, quantiles, rate, sel};
+
+fn row(title: &str, panels: Vec<Panel>) -> Row {
+    Row { title: title.to_owned(), panels }
+}
+
+fn owned(q: &[(String, String)]) -> Vec<(&str, &str)> {
+    q.iter().map(|(e, l)| (e.as_str(), l.as_str())).collect()
+}
+
+/// Calls, success, latency and errors across the federation.
+pub fn overview() -> Dashboard {
+    let outbound = r#"direction="outbound""#;
+    let success = format!(
+        "sum({}) / sum({})",
+        rate("relayfed_streams_total", r#"direction="outbound",result="ok""#),
+        rate("relayfed_streams_total", outbound)
+    );
+    let calls = format!("sum by (node) ({})", rate("relayfed_streams_total", outbound));
+    let errors = format!("sum by (code) ({})", rate("relayfed_stream_errors_total", ""));
+    let relays_up = format!("sum(up{})", sel(r#"role="main""#));
+    let homes = format!("count(relayfed_home_uplink_active{} == 1)", sel(""));
+    let versions = format!("max by (node) (relayfed_config_version{})", sel(""));
+    let per_service = format!("sum by (service) ({})", rate("relayfed_lb_picks_total", ""));
+    Dashboard {
+        uid: "relayfed-overview",
+        title: "relayfed / Overview",
+        description: "Calls between homes of the federation: success, rate, setup latency, errors; relays and homes up.",
+        node_metric: "relayfed_config_version",
+        rows: vec![
+            row(
+                "Calls",
+                vec![
+                    panel(
+                        Kind::Stat,
+                        "Success rate",
+                        "percentunit",
+                        "Outbound streams that ended cleanly, over all outbound streams of the selected homes.",
+                        &[(&success, "success")],
+                    ),
+                    panel(
+                        Kind::Stat,
+                        "Main relays up",
+                        "short",
+                        "Main relays whose admin port answers scrapes.",
+                        &[(&relays_up, "up")],
+                    ),
+                    panel(
+                        Kind::Stat,
+                        "Homes connected",
+                        "short",
+                        "Homes with an active main relay link.",
+                        &[(&homes, "homes")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Calls per second by caller",
+                        "reqps",
+                        "Outbound streams per second, by calling home.",
+                        &[(&calls, "{{node}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Calls per second by service",
+                        "reqps",
+                        "Load-balancer picks per second, by service called.",
+                        &[(&per_service, "{{service}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Stream setup latency",
+                        "s",
+                        "From accepting the app's connection to an established end-to-end session, at the caller.",
+                        &owned(&quantiles("relayfed_stream_setup_duration_seconds", "", "")),
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Errors by code",
+                        "reqps",
+                        "Stream failures per second by structured error code (docs/operations.md \"Error codes\").",
+                        &[(&errors, "{{code}}")],
+                    ),
+                ],
+            ),
+            row(
+                "Configuration",
+                vec![panel(
+                    Kind::TimeSeries,
+                    "Config version in force",
+                    "short",
+                    "The snapshot version each node applied; a node behind the others has not received or accepted the latest.",
+                    &[(&versions, "{{node}}")],
+                )],
+            ),
+        ],
+    }
+}
+
+/// One main relay at a time: peers, homes, streams, registry.
+pub fn relay() -> Dashboard {
+    let m = r#"role="main""#;
+    let q = |metric: &str, by: &str| format!("sum by ({by}) ({})", rate(metric, m));
+    Dashboard {
+        uid: "relayfed-relay",
+        title: "relayfed / Relay",
+        description: "Per main relay: peerings, homes, relayed streams and bytes, handshakes, registry and propagation.",
+        node_metric: "relayfed_registry_entries",
+        rows: vec![
+            row(
+                "Peerings and homes",
+                vec![
+                    panel(
+                        Kind::TimeSeries,
+                        "Peers up",
+                        "short",
+                        "1 while the peering with each other main relay is up.",
+                        &[(&format!("max by (node, peer) (relayfed_peer_up{})", sel(m)), "{{node}} -> {{peer}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Open hop connections",
+                        "short",
+                        "QUIC connections from homes and peers.",
+                        &[(&format!("sum by (node) (relayfed_hop_connections_open{})", sel(m)), "{{node}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Hop handshakes by result",
+                        "reqps",
+                        "QUIC/TLS handshakes per second, by role and result.",
+                        &[(&q("relayfed_hop_handshakes_total", "role, result"), "{{role}} {{result}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Reconnects",
+                        "reqps",
+                        "Re-established links per second, by kind.",
+                        &[(&q("relayfed_reconnects_total", "node, kind"), "{{node}} {{kind}}")],
+                    ),
+                ],
+            ),
+            row(
+                "Traffic",
+                vec![
+                    panel(
+                        Kind::TimeSeries,
+                        "Streams by direction and result",
+                        "reqps",
+                        "Streams per second through the relay.",
+                        &[(&q("relayfed_streams_total", "direction, result"), "{{direction}} {{result}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Relayed bytes",
+                        "Bps",
+                        "Payload bytes per second, by direction.",
+                        &[(&q("relayfed_payload_bytes_total", "direction"), "{{direction}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Routing decisions",
+                        "reqps",
+                        "Routes per second by result (local, forwarded, no_route, ...).",
+                        &[(&q("relayfed_routes_total", "result"), "{{result}}")],
+                    ),
+                ],
+            ),
+            row(
+                "Registry",
+                vec![
+                    panel(
+                        Kind::TimeSeries,
+                        "Registry entries by kind",
+                        "short",
+                        "Local (own homes) and federated (learned from peers) entries.",
+                        &[(&format!("sum by (node, kind) (relayfed_registry_entries{})", sel(m)), "{{node}} {{kind}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Propagation events",
+                        "reqps",
+                        "Deltas, refreshes, withdrawals and expiries per second.",
+                        &[(&q("relayfed_registry_propagation_total", "event"), "{{event}}")],
+                    ),
+                ],
+            ),
+        ],
+    }
+}
+
+/// The ECH rollout: how much is sealed, and what goes wrong.
+pub fn ech() -> Dashboard {
+    let outcome = |o: &str| rate("relayfed_ech_streams_total", &format!(r#"outcome="{o}""#));
+    let sealed =
+        format!("sum({}) / sum({})", outcome("accepted"), rate("relayfed_streams_total", r#"direction="outbound""#));
+    let outcomes = format!("sum by (outcome) ({})", rate("relayfed_ech_streams_total", ""));
+    let anonymity = format!("min by (node) (relayfed_ech_anonymity_set_services{})", sel(r#"role="main""#));
+    Dashboard {
+        uid: "relayfed-ech",
+        title: "relayfed / ECH rollout",
+        description: "Sealed share of streams, ECH outcomes, setup latency with and without ECH, anonymity sets.",
+        node_metric: "relayfed_config_version",
+        rows: vec![row(
+            "ECH",
+            vec![
+                panel(
+                    Kind::Stat,
+                    "Sealed share",
+                    "percentunit",
+                    "Outbound streams whose route was sealed and accepted, over all outbound streams: the effective rollout percentage.",
+                    &[(&sealed, "sealed")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "ECH outcomes",
+                    "reqps",
+                    "Attempted, accepted, retried, fallback, failed, downgrade, retry_refused per second.",
+                    &[(&outcomes, "{{outcome}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Setup latency, ECH vs plain",
+                    "s",
+                    "Stream setup quantiles with (ech=true) and without ECH.",
+                    &owned(&quantiles("relayfed_stream_setup_duration_seconds", "", "ech")),
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Anonymity set per main relay",
+                    "short",
+                    "Distinct services hosted behind each main relay: what a sealed stream to it could be for (warn below 3).",
+                    &[(&anonymity, "{{node}}")],
+                ),
+            ],
+        )],
+    }
+}
+
+/// Rate limits, breakers, retries, trust.
+pub fn resilience() -> Dashboard {
+    let by = |metric: &str, labels: &str| format!("sum by ({labels}) ({})", rate(metric, ""));
+    let open = format!("count by (node) (relayfed_circuit_state{} == 1)", sel(""));
+    let timeouts = format!("sum by (node) ({})", rate("relayfed_stream_errors_total", r#"code="TIMEOUT""#));
+    Dashboard {
+        uid: "relayfed-resilience",
+        title: "relayfed / Resilience",
+        description: "Rate-limited streams, circuit breakers, retries, timeouts, relay switches and trust denials.",
+        node_metric: "relayfed_config_version",
+        rows: vec![row(
+            "Resilience",
+            vec![
+                panel(
+                    Kind::TimeSeries,
+                    "Rate-limited streams",
+                    "reqps",
+                    "Streams refused with RATE_LIMITED per second, by relay.",
+                    &[(&by("relayfed_rate_limited_streams_total", "node"), "{{node}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Open circuit breakers",
+                    "short",
+                    "Instances whose breaker is open, by calling home.",
+                    &[(&open, "{{node}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Retries by cause",
+                    "reqps",
+                    "Stream setups retried on another instance or link, by the code that caused it.",
+                    &[(&by("relayfed_stream_retries_total", "code"), "{{code}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Timeouts",
+                    "reqps",
+                    "Streams failed with TIMEOUT per second.",
+                    &[(&timeouts, "{{node}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Relay switches",
+                    "reqps",
+                    "Changes of a home's active main relay, by reason (lost, failback).",
+                    &[(&by("relayfed_home_relay_switches_total", "reason"), "{{reason}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Trust denials by rule",
+                    "reqps",
+                    "Peers, homes, calls or exports refused, by rule.",
+                    &[(&by("relayfed_trust_denials_total", "rule"), "{{rule}}")],
+                ),
+            ],
+        )],
+    }
+}
+
+/// The operator (or the local-mode supervisor).
+pub fn control_plane() -> Dashboard {
+    let o = r#"role="operator""#;
+    let by = |metric: &str, labels: &str| format!("sum by ({labels}) ({})", rate(metric, o));
+    let behind = format!(
+        "max by (node) (relayfed_config_published_version{s}) - max by (node) (relayfed_config_acknowledged_version{s})",
+        s = sel(o)
+    );
+    Dashboard {
+        uid: "relayfed-control-plane",
+        title: "relayfed / Control plane",
+        description: "Reconciles, admissions, certificates, config distribution and acknowledgements.",
+        node_metric: "relayfed_config_published_version",
+        rows: vec![row(
+            "Operator",
+            vec![
+                panel(
+                    Kind::TimeSeries,
+                    "Reconciles by kind and result",
+                    "reqps",
+                    "Reconciles per second.",
+                    &[(&by("relayfed_operator_reconciles_total", "kind, result"), "{{kind}} {{result}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Reconcile latency",
+                    "s",
+                    "Reconcile duration quantiles.",
+                    &owned(&quantiles("relayfed_operator_reconcile_duration_seconds", o, "")),
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Webhook admissions",
+                    "reqps",
+                    "Pod admissions by result (injected, skipped, error).",
+                    &[(&by("relayfed_operator_webhook_admissions_total", "result"), "{{result}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Certificates issued",
+                    "reqps",
+                    "Certificates issued per second, by kind.",
+                    &[(&by("relayfed_operator_certificates_issued_total", "kind"), "{{kind}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Distribution subscribers",
+                    "short",
+                    "Nodes connected to the config distribution server.",
+                    &[(&format!("sum(relayfed_config_subscribers{})", sel(o)), "subscribers")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Publish-to-acknowledge latency",
+                    "s",
+                    "From publishing a version to a node acknowledging it.",
+                    &owned(&quantiles("relayfed_config_ack_latency_seconds", o, "")),
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Versions not yet acknowledged",
+                    "short",
+                    "Published minus acknowledged config version, per node.",
+                    &[(&behind, "{{node}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Config changes",
+                    "reqps",
+                    "Config sources (CR updates, files) by result.",
+                    &[(&by("relayfed_config_changes_total", "result"), "{{result}}")],
+                ),
+            ],
+        )],
+    }
+}
+
+/// Every dashboard, with its file name.
+pub fn all() -> Vec<(&'static str, Dashboard)> {
+    vec![
+        ("relayfed-overview.json", overview()),
+        ("relayfed-relay.json", relay()),
+        ("relayfed-ech.json", ech()),
+        ("relayfed-resilience.json", resilience()),
+        ("relayfed-control-plane.json", control_plane()),
+    ]
+}
