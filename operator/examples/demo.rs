@@ -152,8 +152,10 @@ async fn main() {
     println!("   manifests: {} (a copy of examples/federation)", manifests.display());
     println!("   $ relayfed local up -f {} --state-dir {}", manifests.display(), state.display());
     let _ = cli(&state, &["local", "down"]);
+    // With Prometheus installed, the federation is scraped while the demo runs.
+    let prometheus = std::process::Command::new("prometheus").arg("--version").output().is_ok();
     let mut up = tokio::process::Command::new(relayfed())
-        .args(["local", "up", "-f"])
+        .args(if prometheus { &["local", "up", "--prometheus", "-f"][..] } else { &["local", "up", "-f"][..] })
         .arg(&manifests)
         .arg("--state-dir")
         .arg(&state)
@@ -166,7 +168,17 @@ async fn main() {
     let mut lines = tokio::io::BufReader::new(up.stdout.take().unwrap()).lines();
     let started = Instant::now();
     match tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await {
-        Ok(Ok(Some(_))) => {}
+        Ok(Ok(Some(line))) => {
+            let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            match ready["prometheus"].as_str() {
+                Some(url) => println!(
+                    "   Prometheus scraping every node: {url} (dashboards to import: charts/relayfed/dashboards/)"
+                ),
+                None => println!(
+                    "   dashboards: charts/relayfed/dashboards/ (install prometheus and run `relayfed local up --prometheus` to scrape)"
+                ),
+            }
+        }
         _ => {
             eprintln!("local up failed; {}:", work.join("supervisor.log").display());
             eprintln!("{}", std::fs::read_to_string(work.join("supervisor.log")).unwrap_or_default());

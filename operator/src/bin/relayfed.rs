@@ -241,6 +241,10 @@ enum LocalCommand {
         /// directory); stop it with `relayfed local down`.
         #[arg(short, long)]
         detach: bool,
+        /// Also start a Prometheus (the `prometheus` binary on PATH) scraping every node with
+        /// the labels the dashboards use; its URL is printed.
+        #[arg(long)]
+        prometheus: bool,
     },
     /// Show relays, peers, services, ECH rollout state and health.
     Status {
@@ -338,8 +342,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Local { command } => match command {
-            LocalCommand::Up { inputs, state, passphrase_file, detach } => {
-                up(inputs, state.state(), passphrase_file, detach)
+            LocalCommand::Up { inputs, state, passphrase_file, detach, prometheus } => {
+                up(inputs, state.state(), passphrase_file, detach, prometheus)
             }
             LocalCommand::Status { state, json } => runtime()?.block_on(show_status(state.state(), json)),
             LocalCommand::Down { state } => runtime()?.block_on(down(state.state())),
@@ -406,7 +410,13 @@ fn validate(inputs: Vec<PathBuf>) -> anyhow::Result<()> {
     }
 }
 
-fn up(inputs: Vec<PathBuf>, state: StateDir, passphrase_file: Option<PathBuf>, detach: bool) -> anyhow::Result<()> {
+fn up(
+    inputs: Vec<PathBuf>,
+    state: StateDir,
+    passphrase_file: Option<PathBuf>,
+    detach: bool,
+    prometheus: bool,
+) -> anyhow::Result<()> {
     if let Some(f) = running(&state) {
         anyhow::bail!(
             "a local federation already runs from {} (pid {}); `relayfed local down --state-dir {0}` first",
@@ -417,9 +427,9 @@ fn up(inputs: Vec<PathBuf>, state: StateDir, passphrase_file: Option<PathBuf>, d
     let _ = std::fs::remove_file(state.supervisor_file());
     let exe = std::env::current_exe().context("cannot locate the relayfed executable")?;
     if detach {
-        return detach_up(&exe, &inputs, &state, passphrase_file.as_ref());
+        return detach_up(&exe, &inputs, &state, passphrase_file.as_ref(), prometheus);
     }
-    let opts = UpOptions { inputs, state, passphrase_file, node_exe: exe };
+    let opts = UpOptions { inputs, state, passphrase_file, node_exe: exe, prometheus };
     runtime()?.block_on(async move {
         let sup = Supervisor::start(opts).await?;
         eprintln!(
@@ -429,7 +439,13 @@ fn up(inputs: Vec<PathBuf>, state: StateDir, passphrase_file: Option<PathBuf>, d
     })
 }
 
-fn detach_up(exe: &PathBuf, inputs: &[PathBuf], state: &StateDir, pass: Option<&PathBuf>) -> anyhow::Result<()> {
+fn detach_up(
+    exe: &PathBuf,
+    inputs: &[PathBuf],
+    state: &StateDir,
+    pass: Option<&PathBuf>,
+    prometheus: bool,
+) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     std::fs::create_dir_all(state.logs())?;
     let log_path = state.logs().join("supervisor.log");
@@ -441,6 +457,9 @@ fn detach_up(exe: &PathBuf, inputs: &[PathBuf], state: &StateDir, pass: Option<&
     }
     if let Some(p) = pass {
         cmd.arg("--passphrase-file").arg(std::fs::canonicalize(p)?);
+    }
+    if prometheus {
+        cmd.arg("--prometheus");
     }
     let mut child =
         cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0).spawn()?;

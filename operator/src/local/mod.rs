@@ -11,6 +11,7 @@
 
 pub mod http;
 pub mod keys;
+pub mod prometheus;
 pub mod sources;
 pub mod status;
 pub mod supervisor;

@@ -45,6 +45,8 @@ pub struct UpOptions {
     pub passphrase_file: Option<PathBuf>,
     /// The executable that runs nodes (`<exe> node --config F --config-server A`).
     pub node_exe: PathBuf,
+    /// Start a Prometheus scraping every node (`--prometheus`).
+    pub prometheus: bool,
 }
 
 /// Lifecycle of a node process.
@@ -130,6 +132,8 @@ pub struct Supervisor {
     events_rx: Option<mpsc::UnboundedReceiver<Event>>,
     workloads: workloads::Running,
     shutting_down: bool,
+    prometheus: Option<super::prometheus::Prometheus>,
+    control: Option<SocketAddr>,
 }
 
 fn now_unix() -> u64 {
@@ -227,6 +231,8 @@ impl Supervisor {
             events_rx: Some(rx),
             workloads: Default::default(),
             shutting_down: false,
+            prometheus: None,
+            control: None,
         };
         if let Ok(mut s) = sup.shared.lock() {
             s.warnings = warnings;
@@ -385,6 +391,7 @@ impl Supervisor {
                     self.metrics.process_up.get_or_create(&[("node", node.clone())]).set(1);
                     info!(%node, "node ready");
                 }
+                self.refresh_scrape_targets();
             }
             Event::Exited { node, generation, status } => {
                 let mut respawn_now = false;
@@ -543,6 +550,31 @@ impl Supervisor {
         true
     }
 
+    /// Points the local Prometheus (if any) at every running node's admin port and at the
+    /// supervisor's `/metrics`.
+    fn refresh_scrape_targets(&self) {
+        let Some(p) = &self.prometheus else { return };
+        let mut targets: Vec<super::prometheus::Target> = self
+            .shared
+            .lock()
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .filter_map(|(n, p)| {
+                        let admin = p.ready.as_ref()?["admin"].as_str()?.to_owned();
+                        Some((n.clone(), super::prometheus::role_label(p.role), admin))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(c) = self.control {
+            targets.push(("supervisor".into(), "operator", c.to_string()));
+        }
+        if let Err(e) = p.set_targets(&targets) {
+            warn!(error = %e, "cannot write the Prometheus targets");
+        }
+    }
+
     /// Serves the control API and runs until `down`, SIGTERM or Ctrl-C; then stops every
     /// node (home nodes first) and removes the runtime files.
     pub async fn run(mut self) -> anyhow::Result<()> {
@@ -553,6 +585,22 @@ impl Supervisor {
             self.events_down(),
         )
         .await?;
+        self.control = Some(control);
+        if self.opts.prometheus {
+            let federation = self
+                .loaded
+                .resources
+                .iter()
+                .find_map(|r| match r {
+                    AnyResource::Federation(f) => f.metadata.name.clone(),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let p = super::prometheus::Prometheus::start(&self.opts.state.run().join("prometheus"), &federation)?;
+            info!(url = %p.url, "Prometheus scraping every node");
+            self.prometheus = Some(p);
+            self.refresh_scrape_targets();
+        }
         let file = SupervisorFile {
             pid: std::process::id(),
             control: control.to_string(),
@@ -561,7 +609,8 @@ impl Supervisor {
         std::fs::write(self.opts.state.supervisor_file(), serde_json::to_vec_pretty(&file)?)?;
         println!(
             "{}",
-            serde_json::json!({"event": "ready", "control": file.control, "distribution": file.distribution, "state": self.opts.state.root})
+            serde_json::json!({"event": "ready", "control": file.control, "distribution": file.distribution,
+                "state": self.opts.state.root, "prometheus": self.prometheus.as_ref().map(|p| p.url.clone())})
         );
         let mut rx = self.events_rx.take().context("event loop already running")?;
         let mut tick = tokio::time::interval(WATCH_INTERVAL);

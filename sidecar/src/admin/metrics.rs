@@ -207,6 +207,48 @@ impl Metrics {
             "Connections redirected by iptables, by original destination, service and result",
             intercepted.clone(),
         );
+        // Families whose label values are known are exported from the start with zeros, so
+        // a panel or alert over them reads 0, not "no data".
+        for o in [
+            "attempted",
+            "accepted",
+            "retried",
+            "fallback",
+            "failed",
+            "retry_refused",
+            "downgrade",
+            "opened",
+            "retry_sent",
+            "decrypt_failed",
+        ] {
+            let _ = ech.get_or_create(&[("outcome", o)]);
+        }
+        for r in ["ok", "failed", "key_unverified"] {
+            let _ = e2e_handshakes.get_or_create(&[("result", r)]);
+        }
+        for d in ["outbound", "inbound", "relayed"] {
+            for r in ["ok", "error"] {
+                let _ = streams.get_or_create(&[("direction", d), ("result", r)]);
+            }
+        }
+        for d in ["tx", "rx", "relayed"] {
+            let _ = bytes.get_or_create(&[("direction", d)]);
+        }
+        for code in crate::protocol::ErrorCode::ALL {
+            let _ = stream_errors.get_or_create(&[("code", code.label())]);
+        }
+        for k in ["peer", "main"] {
+            let _ = reconnects.get_or_create(&[("kind", k)]);
+        }
+        for r in ["lost", "failback"] {
+            let _ = relay_switches.get_or_create(&[("reason", r)]);
+        }
+        for r in ["reject_unknown", "blocked", "call_permission", "export_permission", "export_not_planned"] {
+            let _ = trust_denials.get_or_create(&[("rule", r)]);
+        }
+        for r in ["link_lost", "TARGET_UNREACHABLE", "NO_ROUTE", "PEER_UNREACHABLE", "CIRCUIT_OPEN", "TIMEOUT"] {
+            let _ = retries.get_or_create(&[("code", r)]);
+        }
         Self {
             registry,
             hop_handshakes,
