@@ -25,6 +25,20 @@ pub fn role_label(role: Role) -> &'static str {
     }
 }
 
+/// The targets: every node whose process reported its admin address, and the supervisor's
+/// control API (`control`).
+pub fn targets(
+    nodes: &std::collections::BTreeMap<String, super::supervisor::NodeProc>,
+    control: Option<std::net::SocketAddr>,
+) -> Vec<Target> {
+    let mut out: Vec<Target> = nodes
+        .iter()
+        .filter_map(|(n, p)| Some((n.clone(), role_label(p.role), p.ready.as_ref()?["admin"].as_str()?.to_owned())))
+        .collect();
+    out.extend(control.map(|c| ("supervisor".to_owned(), "operator", c.to_string())));
+    out
+}
+
 /// The file-based service discovery document for `targets`.
 pub fn targets_document(federation: &str, targets: &[Target]) -> Value {
     Value::Array(

@@ -554,22 +554,8 @@ impl Supervisor {
     /// supervisor's `/metrics`.
     fn refresh_scrape_targets(&self) {
         let Some(p) = &self.prometheus else { return };
-        let mut targets: Vec<super::prometheus::Target> = self
-            .shared
-            .lock()
-            .map(|s| {
-                s.nodes
-                    .iter()
-                    .filter_map(|(n, p)| {
-                        let admin = p.ready.as_ref()?["admin"].as_str()?.to_owned();
-                        Some((n.clone(), super::prometheus::role_label(p.role), admin))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(c) = self.control {
-            targets.push(("supervisor".into(), "operator", c.to_string()));
-        }
+        let targets =
+            self.shared.lock().map(|s| super::prometheus::targets(&s.nodes, self.control)).unwrap_or_default();
         if let Err(e) = p.set_targets(&targets) {
             warn!(error = %e, "cannot write the Prometheus targets");
         }
