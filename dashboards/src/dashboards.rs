@@ -188,6 +188,35 @@ pub fn relay() -> Dashboard {
                     ),
                 ],
             ),
+            row(
+                "Process",
+                vec![
+                    panel(
+                        Kind::TimeSeries,
+                        "CPU",
+                        "short",
+                        "CPU cores used by each main relay process.",
+                        &[(&q("process_cpu_seconds_total", "node"), "{{node}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Memory",
+                        "bytes",
+                        "Resident memory of each main relay process.",
+                        &[(&format!("max by (node) (process_resident_memory_bytes{})", sel(m)), "{{node}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Open file descriptors",
+                        "short",
+                        "Open file descriptors of each main relay process, against its limit.",
+                        &[
+                            (&format!("max by (node) (process_open_fds{})", sel(m)), "{{node}}"),
+                            (&format!("max by (node) (process_max_fds{})", sel(m)), "{{node}} limit"),
+                        ],
+                    ),
+                ],
+            ),
         ],
     }
 }

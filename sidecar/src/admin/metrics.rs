@@ -14,8 +14,8 @@ pub type L1 = [(&'static str, &'static str); 1];
 pub type L2 = [(&'static str, &'static str); 2];
 
 fn latency_histogram() -> Histogram {
-    // 50 µs .. ~0.56 s, 1.5x apart
-    Histogram::new(exponential_buckets(0.000_05, 1.5, 24))
+    // 50 µs .. ~73 s, 1.5x apart: cross-region setups and slow handshakes land in a bucket.
+    Histogram::new(exponential_buckets(0.000_05, 1.5, 36))
 }
 
 /// The data-plane metrics of one process.
@@ -93,6 +93,7 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        super::process::register(&mut registry);
         let hop_handshakes = Family::<L2, Counter>::default();
         let ech = Family::<L1, Counter>::default();
         let hop_handshake_seconds = latency_histogram();

@@ -1,4 +1,5 @@
 //! Observability: the metrics registry and the admin HTTP server.
 
 pub mod metrics;
+pub mod process;
 pub mod server;
