@@ -286,8 +286,8 @@ pub fn resilience() -> Dashboard {
                     Kind::TimeSeries,
                     "Rate-limited streams",
                     "reqps",
-                    "Streams refused with RATE_LIMITED per second, by relay.",
-                    &[(&by("relayfed_rate_limited_streams_total", "node"), "{{node}}")],
+                    "Streams refused with RATE_LIMITED per second, by relay and kind of sender (the senders: the relay's /federation/health).",
+                    &[(&by("relayfed_rate_limited_streams_total", "node, sender_kind"), "{{node}} {{sender_kind}}")],
                 ),
                 panel(
                     Kind::TimeSeries,

@@ -119,14 +119,26 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
     );
     // Both sides agree on how many streams were refused for the rate, and that is most of
     // the flood (the rest succeeded within the quota; a loaded machine may time a few out).
-    let limited = relay.metric("relayfed_rate_limited_streams_total", &[("sender", "flood")]).await as usize;
+    let limited = limited_for(&relay, "flood").await as usize;
+    assert_eq!(
+        relay.metric("relayfed_rate_limited_streams_total", &[("sender_kind", "home")]).await as usize,
+        limited,
+        "only the flood was limited"
+    );
     let seen_by_flood = flood.metric("relayfed_stream_errors_total", &[("code", "RATE_LIMITED")]).await as usize;
     assert!(seen_by_flood <= limited && seen_by_flood + 10 >= limited, "relay {limited}, origin {seen_by_flood}");
     assert!(
         limited + flood_ok <= 300 && limited >= 300usize.saturating_sub(quota as usize + 30),
         "{limited} limited, {flood_ok} ok"
     );
-    assert_eq!(relay.metric("relayfed_rate_limited_streams_total", &[("sender", "good")]).await, 0.0);
+    assert_eq!(limited_for(&relay, "good").await, 0);
+}
+
+/// Streams the relay refused by rate limiting from `sender` (its `/federation/health`).
+async fn limited_for(relay: &relayfed_sidecar::testbed::procs::Proc, sender: &str) -> u64 {
+    let health = relay.json("/federation/health").await;
+    let list = health["rateLimited"].as_array().cloned().unwrap_or_default();
+    list.iter().find(|e| e["sender"] == sender).and_then(|e| e["streams"].as_u64()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,12 +161,12 @@ async fn a_trace_probe_flood_does_not_use_up_the_senders_real_quota() {
             assert!(answer.contains(" 200 "), "a probe was not answered: {answer}");
         }
     }
-    let limited_probes = relay.metric("relayfed_rate_limited_streams_total", &[("sender", "probe:shop")]).await;
-    assert!(limited_probes >= 150.0, "the probes were held to their own quota: {limited_probes} limited");
+    let limited_probes = limited_for(&relay, "probe:shop").await;
+    assert!(limited_probes >= 150, "the probes were held to their own quota: {limited_probes} limited");
     for i in 0..8u32 {
         assert_eq!(round_trip(shop.import("echo:7"), &i.to_be_bytes()).await.unwrap(), i.to_be_bytes(), "call {i}");
     }
-    assert_eq!(relay.metric("relayfed_rate_limited_streams_total", &[("sender", "shop")]).await, 0.0);
+    assert_eq!(limited_for(&relay, "shop").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

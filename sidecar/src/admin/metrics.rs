@@ -8,6 +8,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// How many senders [`Metrics::rate_limited`] keeps counts for.
+pub const MAX_TRACKED_SENDERS: usize = 1000;
+
 /// One label.
 pub type L1 = [(&'static str, &'static str); 1];
 /// Two labels.
@@ -66,8 +69,12 @@ pub struct Metrics {
     pub circuit_state: Family<[(&'static str, String); 1], Gauge>,
     /// Stream-setup retries by the `code` that caused them.
     pub retries: Family<L1, Counter>,
-    /// Streams refused by rate limiting, by `sender`.
-    pub rate_limited: Family<[(&'static str, String); 1], Counter>,
+    /// Streams refused by rate limiting, by `sender_kind` (home, peer, probe); the senders
+    /// themselves are in [`Metrics::top_rate_limited`] (bounded cardinality).
+    pub rate_limited: Family<L1, Counter>,
+    /// Refused streams per sender, at most [`MAX_TRACKED_SENDERS`] (the least limited is
+    /// dropped for a new one).
+    rate_limited_by_sender: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Trust denials by `rule` (reject_unknown, blocked, call_permission, export_permission).
     pub trust_denials: Family<L1, Counter>,
     /// Version of the config snapshot in force.
@@ -116,7 +123,7 @@ impl Metrics {
         let lb_picks = Family::<[(&'static str, String); 2], Counter>::default();
         let circuit_state = Family::<[(&'static str, String); 1], Gauge>::default();
         let retries = Family::<L1, Counter>::default();
-        let rate_limited = Family::<[(&'static str, String); 1], Counter>::default();
+        let rate_limited = Family::<L1, Counter>::default();
         let trust_denials = Family::<L1, Counter>::default();
         let config_version = Gauge::default();
         let certificate_expiry = Gauge::default();
@@ -144,7 +151,7 @@ impl Metrics {
         );
         registry.register(
             "relayfed_rate_limited_streams",
-            "Streams refused by rate limiting, by sender",
+            "Streams refused by rate limiting, by kind of sender (home, peer, probe)",
             rate_limited.clone(),
         );
         registry.register(
@@ -241,6 +248,9 @@ impl Metrics {
         for k in ["peer", "main"] {
             let _ = reconnects.get_or_create(&[("kind", k)]);
         }
+        for k in ["home", "peer", "probe"] {
+            let _ = rate_limited.get_or_create(&[("sender_kind", k)]);
+        }
         for r in ["lost", "failback"] {
             let _ = relay_switches.get_or_create(&[("reason", r)]);
         }
@@ -274,6 +284,7 @@ impl Metrics {
             circuit_state,
             retries,
             rate_limited,
+            rate_limited_by_sender: Default::default(),
             trust_denials,
             config_version,
             certificate_expiry,
@@ -289,6 +300,33 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts a stream refused by rate limiting from `sender` (a `kind`: home, peer, probe).
+    pub fn rate_limited(&self, kind: &'static str, sender: &str) {
+        self.rate_limited.get_or_create(&[("sender_kind", kind)]).inc();
+        if let Ok(mut m) = self.rate_limited_by_sender.lock() {
+            if !m.contains_key(sender)
+                && m.len() >= MAX_TRACKED_SENDERS
+                && let Some(least) = m.iter().min_by_key(|(_, n)| **n).map(|(s, _)| s.clone())
+            {
+                m.remove(&least);
+            }
+            *m.entry(sender.to_owned()).or_insert(0) += 1;
+        }
+    }
+
+    /// The `n` senders refused most often by rate limiting, most first (for
+    /// `/federation/health`).
+    pub fn top_rate_limited(&self, n: usize) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = self
+            .rate_limited_by_sender
+            .lock()
+            .map(|m| m.iter().map(|(s, c)| (s.clone(), *c)).collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
     }
 
     /// Stream failures so far, by code (for `/federation/health`).
@@ -314,5 +352,34 @@ impl Metrics {
             *c.entry(code.label()).or_insert(0) += 1;
         }
         self.streams.get_or_create(&[("direction", direction), ("result", "error")]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limited_senders_are_counted_by_kind_and_kept_bounded() {
+        let m = Metrics::new();
+        for i in 0..(MAX_TRACKED_SENDERS + 50) {
+            m.rate_limited("home", &format!("h{i}"));
+        }
+        for _ in 0..5 {
+            m.rate_limited("peer", "peer:far");
+        }
+        let top = m.top_rate_limited(3);
+        assert_eq!(top[0], ("peer:far".to_owned(), 5));
+        assert_eq!(m.rate_limited_by_sender.lock().unwrap().len(), MAX_TRACKED_SENDERS);
+        let text = m.encode();
+        assert!(
+            text.contains(&format!(
+                "relayfed_rate_limited_streams_total{{sender_kind=\"home\"}} {}",
+                MAX_TRACKED_SENDERS + 50
+            )),
+            "{text}"
+        );
+        assert!(text.contains("relayfed_rate_limited_streams_total{sender_kind=\"probe\"} 0"), "{text}");
+        assert!(!text.contains("h17"), "no per-sender series");
     }
 }

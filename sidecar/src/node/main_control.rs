@@ -342,6 +342,9 @@ impl MainRelay {
                     "failedPeers": peers.iter().filter(|p| p["state"] != "up").map(|p| p["node"].clone()).collect::<Vec<_>>(),
                     "averagePeerRttMillis": if rtts.is_empty() { None } else { Some(rtts.iter().sum::<f64>() / rtts.len() as f64) },
                     "errors": self.metrics.error_counts(),
+                    "rateLimited": self.metrics.top_rate_limited(20).into_iter()
+                        .map(|(sender, streams)| json!({"sender": sender, "streams": streams}))
+                        .collect::<Vec<_>>(),
                 }))
             }
             _ => None,

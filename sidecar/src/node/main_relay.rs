@@ -361,12 +361,13 @@ impl MainRelay {
     /// their own ([`PROBE_LIMIT`]), so a probe flood never uses up a sender's real quota.
     fn rate_limited(&self, sender: &Sender, probe: bool) -> Option<Duration> {
         let live = self.live();
-        let (key, lim) = match sender {
-            Sender::Home(h) if probe => (format!("probe:{h}"), Some(PROBE_LIMIT)),
-            Sender::Peer(p) if probe => (format!("probe:peer:{p}"), Some(PROBE_LIMIT)),
-            Sender::Home(h) => (h.clone(), live.default_rate),
+        let (key, kind, lim) = match sender {
+            Sender::Home(h) if probe => (format!("probe:{h}"), "probe", Some(PROBE_LIMIT)),
+            Sender::Peer(p) if probe => (format!("probe:peer:{p}"), "probe", Some(PROBE_LIMIT)),
+            Sender::Home(h) => (h.clone(), "home", live.default_rate),
             Sender::Peer(p) => (
                 format!("peer:{p}"),
+                "peer",
                 live.peers.get(p).and_then(|c| c.rate_limit.as_ref()).map(limit).or(live.default_rate),
             ),
         };
@@ -375,7 +376,7 @@ impl MainRelay {
         match decision {
             crate::resilience::rate_limit::Decision::Admit => None,
             crate::resilience::rate_limit::Decision::Limited { retry_after } => {
-                self.metrics.rate_limited.get_or_create(&[("sender", key)]).inc();
+                self.metrics.rate_limited(kind, &key);
                 Some(retry_after)
             }
         }
