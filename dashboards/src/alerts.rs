@@ -96,10 +96,10 @@ pub fn rules() -> RuleFile {
                 ),
                 alert(
                     "RelayfedCircuitOpen",
-                    "max by (federation, node, target) (relayfed_circuit_state) == 1",
+                    "max by (federation, node, service, destination) (relayfed_circuit_state) == 1",
                     "5m",
                     "warning",
-                    "{{ $labels.node }} has kept its breaker for {{ $labels.target }} open for 5 minutes",
+                    "{{ $labels.node }} has kept its breaker for {{ $labels.service }} on {{ $labels.destination }} open for 5 minutes",
                     "relayfedcircuitopen",
                 ),
                 alert(

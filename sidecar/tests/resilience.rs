@@ -262,14 +262,14 @@ async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_ha
     })
     .await;
     eventually("view", WAIT, || async { view_has(&caller, 2).await }).await;
-    let target = "svc/broken@hub";
+    let target = [("service", "svc"), ("destination", "broken"), ("destination_main", "hub")];
     // Every call succeeds (a failed setup is retried on the other instance) ...
     for i in 0..6u32 {
         let r = round_trip(caller.import("svc:1"), &i.to_be_bytes()).await.unwrap();
         assert!(r.starts_with(b"good|"), "{r:?}");
     }
     // ... and after two failures the broken instance's circuit is open and it is skipped.
-    assert_eq!(caller.metric("relayfed_circuit_state", &[("target", target)]).await, 1.0);
+    assert_eq!(caller.metric("relayfed_circuit_state", &target).await, 1.0);
     let retries = caller.metric("relayfed_stream_retries_total", &[("code", "TARGET_UNREACHABLE")]).await;
     assert_eq!(retries, 2.0, "only the two calls that tripped the breaker needed a retry");
     // The instance comes back; after the open period one probe closes the circuit again.
@@ -287,7 +287,7 @@ async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_ha
     });
     eventually("the circuit closes after a successful half-open probe", WAIT, || async {
         let _ = round_trip(caller.import("svc:1"), b"x").await;
-        caller.metric("relayfed_circuit_state", &[("target", target)]).await == 0.0
+        caller.metric("relayfed_circuit_state", &target).await == 0.0
     })
     .await;
     let mut seen = std::collections::HashSet::new();

@@ -11,6 +11,16 @@ use prometheus_client::registry::Registry;
 /// How many senders [`Metrics::rate_limited`] keeps counts for.
 pub const MAX_TRACKED_SENDERS: usize = 1000;
 
+/// The labels of a circuit breaker: at homes a service instance (`service`, its home
+/// `destination` and that home's `destination_main`), at relays a peer (`service` empty,
+/// `destination` and `destination_main` the peer).
+pub type Breaker = [(&'static str, String); 3];
+
+/// The labels of an instance's breaker.
+pub fn instance_breaker(service: &str, node: &str, main: &str) -> Breaker {
+    [("service", service.to_owned()), ("destination", node.to_owned()), ("destination_main", main.to_owned())]
+}
+
 /// One label.
 pub type L1 = [(&'static str, &'static str); 1];
 /// Two labels.
@@ -65,8 +75,8 @@ pub struct Metrics {
     pub relay_switches: Family<L1, Counter>,
     /// Load-balancer picks by `service` and `node`.
     pub lb_picks: Family<[(&'static str, String); 2], Counter>,
-    /// Circuit breaker state by `target` (0 closed, 1 open, 2 half-open).
-    pub circuit_state: Family<[(&'static str, String); 1], Gauge>,
+    /// Circuit breaker state by [`Breaker`] labels (0 closed, 1 open, 2 half-open).
+    pub circuit_state: Family<Breaker, Gauge>,
     /// Stream-setup retries by the `code` that caused them.
     pub retries: Family<L1, Counter>,
     /// Streams refused by rate limiting, by `sender_kind` (home, peer, probe); the senders
@@ -121,7 +131,7 @@ impl Metrics {
         let uplink_active = Family::<[(&'static str, String); 1], Gauge>::default();
         let relay_switches = Family::<L1, Counter>::default();
         let lb_picks = Family::<[(&'static str, String); 2], Counter>::default();
-        let circuit_state = Family::<[(&'static str, String); 1], Gauge>::default();
+        let circuit_state = Family::<Breaker, Gauge>::default();
         let retries = Family::<L1, Counter>::default();
         let rate_limited = Family::<L1, Counter>::default();
         let trust_denials = Family::<L1, Counter>::default();

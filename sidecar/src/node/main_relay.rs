@@ -560,7 +560,10 @@ impl MainRelay {
         let Ok(mut all) = self.peer_breakers.lock() else { return true };
         let b = all.entry(peer.to_owned()).or_insert_with(|| crate::resilience::breaker::Breaker::new(config));
         let r = f(b, now);
-        self.metrics.circuit_state.get_or_create(&[("target", format!("peer:{peer}"))]).set(b.state(now).as_i64());
+        self.metrics
+            .circuit_state
+            .get_or_create(&crate::admin::metrics::instance_breaker("", peer, peer))
+            .set(b.state(now).as_i64());
         r
     }
 

@@ -272,10 +272,9 @@ impl HomeNode {
         let now = Instant::now();
         for bal in b.values_mut() {
             for (k, _) in bal.states(now) {
-                let target = format!("{}/{}@{}", k.service, k.node, k.main);
                 self.metrics
                     .circuit_state
-                    .get_or_create(&[("target", target)])
+                    .get_or_create(&crate::admin::metrics::instance_breaker(&k.service, &k.node, &k.main))
                     .set(crate::resilience::breaker::State::Closed.as_i64());
             }
         }

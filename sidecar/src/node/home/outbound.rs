@@ -184,7 +184,7 @@ impl HomeNode {
             for (k, state) in bal.states(now) {
                 self.metrics
                     .circuit_state
-                    .get_or_create(&[("target", format!("{}/{}@{}", k.service, k.node, k.main))])
+                    .get_or_create(&crate::admin::metrics::instance_breaker(&k.service, &k.node, &k.main))
                     .set(state.as_i64());
             }
         }
