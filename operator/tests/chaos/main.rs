@@ -320,9 +320,16 @@ impl Report {
             let s: Vec<&(Duration, String, u64, usize)> = self.resources.iter().filter(|r| &r.1 == n).collect();
             let (first, last) = (s[0], s[s.len() - 1]);
             let max_rss = s.iter().map(|r| r.2).max().unwrap_or(0);
+            // Over time: the samples at 0, 25, 50, 75 and 100% of the run (growth shows here).
+            let at = |q: usize| s[(s.len() - 1) * q / 4];
+            let curve: Vec<String> = (0..=4).map(|q| format!("{}/{}", at(q).2, at(q).3)).collect();
             eprintln!(
-                "chaos: - resources {n}: RSS {} -> {} kB (max {max_rss}), fds {} -> {}",
-                first.2, last.2, first.3, last.3
+                "chaos: - resources {n}: RSS {} -> {} kB (max {max_rss}), fds {} -> {}; RSS kB/fds at 0-25-50-75-100%: {}",
+                first.2,
+                last.2,
+                first.3,
+                last.3,
+                curve.join(" ")
             );
         }
     }
