@@ -177,6 +177,7 @@ pub struct RelaySpec {
     /// (local mode; see docs/architecture.md "Main relays with several replicas").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(regex(pattern = ENDPOINT_PATTERN), length(max = 261)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub replica_endpoints: Vec<String>,
     /// ECH key rotation (main relays).
     #[serde(default)]
