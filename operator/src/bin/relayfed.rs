@@ -425,6 +425,9 @@ fn up(
         );
     }
     let _ = std::fs::remove_file(state.supervisor_file());
+    if prometheus && std::process::Command::new("prometheus").arg("--version").output().is_err() {
+        anyhow::bail!("--prometheus needs the prometheus binary on PATH (Debian: apt-get install prometheus)");
+    }
     let exe = std::env::current_exe().context("cannot locate the relayfed executable")?;
     if detach {
         return detach_up(&exe, &inputs, &state, passphrase_file.as_ref(), prometheus);

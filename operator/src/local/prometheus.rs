@@ -68,6 +68,10 @@ pub fn config(targets_file: &Path) -> String {
     )
 }
 
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+}
+
 /// A Prometheus child process and its files.
 pub struct Prometheus {
     child: std::process::Child,
@@ -88,7 +92,16 @@ impl Prometheus {
         std::fs::write(&config_file, config(&targets_file))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = std::fs::File::create(dir.join("prometheus.log"))?;
-        let child = std::process::Command::new("prometheus")
+        // It dies with the supervisor even when that is killed (-9): through util-linux's
+        // setpriv where it exists (the nodes set their parent-death signal themselves).
+        let mut cmd = if which("setpriv") {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--pdeathsig", "TERM", "--", "prometheus"]);
+            c
+        } else {
+            std::process::Command::new("prometheus")
+        };
+        let child = cmd
             .arg(format!("--config.file={}", config_file.display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))

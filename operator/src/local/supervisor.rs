@@ -582,10 +582,15 @@ impl Supervisor {
                     _ => None,
                 })
                 .unwrap_or_default();
-            let p = super::prometheus::Prometheus::start(&self.opts.state.run().join("prometheus"), &federation)?;
-            info!(url = %p.url, "Prometheus scraping every node");
-            self.prometheus = Some(p);
-            self.refresh_scrape_targets();
+            // The nodes already run: a Prometheus that cannot start is reported, not fatal.
+            match super::prometheus::Prometheus::start(&self.opts.state.run().join("prometheus"), &federation) {
+                Ok(p) => {
+                    info!(url = %p.url, "Prometheus scraping every node");
+                    self.prometheus = Some(p);
+                    self.refresh_scrape_targets();
+                }
+                Err(e) => error!(error = %e, "cannot start Prometheus; the federation runs without it"),
+            }
         }
         let file = SupervisorFile {
             pid: std::process::id(),

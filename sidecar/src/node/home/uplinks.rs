@@ -388,9 +388,14 @@ impl HomeNode {
         self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
         // The view's ECH configs are not used: the relay that sends the view could choose
         // them. ECH configs come from the authenticated snapshot alone.
+        // Breakers and balancing state are kept for the registrations callers use. One that
+        // stops being current (its home moved to another relay, or the relay was withdrawn)
+        // starts afresh when it is current again: its failures were the old path's (a hung
+        // relay's), not the instance's.
+        let current = crate::federation::registry::current_registrations(entries.clone());
         if let Ok(mut b) = self.balancers.lock() {
             for bal in b.values_mut() {
-                bal.retain(&entries);
+                bal.retain(&current);
             }
         }
         if let Ok(mut v) = self.view.write() {
