@@ -36,30 +36,21 @@ fn every_alert_has_a_runbook_section_in_operations_md() {
     }
 }
 
-fn promtool(args: &[&str]) -> std::process::Output {
-    std::process::Command::new("promtool")
+/// Runs promtool with `args` and asserts that it succeeds.
+fn promtool(args: &[&str]) {
+    let out = std::process::Command::new("promtool")
         .args(args)
         .current_dir(root())
         .output()
-        .unwrap_or_else(|e| panic!("promtool ({e}): install Debian's prometheus package (.ci/run does)"))
+        .unwrap_or_else(|e| panic!("promtool ({e}): install Debian's prometheus package (.ci/run does)"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool {args:?}: {text}");
 }
 
 #[test]
 fn the_alert_rules_are_valid_and_each_alert_fires_and_stays_quiet_in_promtool() {
-    let check = promtool(&["check", "rules", "charts/relayfed/alerts/relayfed.rules.yaml"]);
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let test = promtool(&["test", "rules", "tests/prometheus/alerts.test.yaml"]);
-    assert!(
-        test.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&test.stdout),
-        String::from_utf8_lossy(&test.stderr)
-    );
+    promtool(&["check", "rules", "charts/relayfed/alerts/relayfed.rules.yaml"]);
+    promtool(&["test", "rules", "tests/prometheus/alerts.test.yaml"]);
     // Every alert has a case in the test file.
     let cases = std::fs::read_to_string(root().join("tests/prometheus/alerts.test.yaml")).unwrap();
     for a in relayfed_dashboards::alerts::rules().groups.into_iter().flat_map(|g| g.rules) {

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use relayfed_sidecar::testbed::procs::{eventually, get, round_trip};
 use serde_json::Value;
-use tokio::io::AsyncBufReadExt;
 
 /// Panels over series only the operator in a cluster exports.
 const CLUSTER_ONLY: &[&str] =
@@ -31,17 +30,13 @@ fn bin() -> PathBuf {
 }
 
 fn policy(ech: u8) -> String {
-    format!(
-        "apiVersion: relayfed.io/v1alpha1
-kind: RolloutPolicy
-metadata: {{name: default, namespace: relayfed-system}}
-spec:
-  ech: {{enabled: true, mode: opportunistic, percentage: {ech}}}
-  resilience:
-    rateLimit: {{streamsPerSecond: 10, burst: 10}}
-    circuitBreaker: {{consecutiveFailures: 3, failureRate: 0.5, window: 30s, openDuration: 20s, halfOpenProbes: 1}}
-  loadBalancing: {{algorithm: roundRobin, preferLocal: false}}
-"
+    scenario::policy_yaml(
+        ech,
+        "  resilience:
+    rateLimit: {streamsPerSecond: 10, burst: 10}
+    circuitBreaker: {consecutiveFailures: 3, failureRate: 0.5, window: 30s, openDuration: 20s, halfOpenProbes: 1}
+  loadBalancing: {algorithm: roundRobin, preferLocal: false}
+",
     )
 }
 
@@ -124,37 +119,17 @@ async fn every_panel_and_alert_query_returns_samples_from_a_live_federation() {
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
     let scenario_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/observability");
     let text = std::fs::read_to_string(scenario_dir.join("federation.yaml")).unwrap();
-    let (federation, _) = scenario::fill(&text, &mut |proto| {
-        if proto == "udp" {
-            std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-        } else {
-            std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-        }
-    })
-    .unwrap();
+    let (federation, _) = scenario::fill(&text, &mut scenario::free_port).unwrap();
     std::fs::write(dir.join("manifests/00-federation.yaml"), federation).unwrap();
     std::fs::write(dir.join("manifests/50-policy.yaml"), policy(50)).unwrap();
     let state = dir.join("state");
-    let mut child = tokio::process::Command::new(bin())
-        .args(["local", "up", "--prometheus", "-f"])
-        .arg(dir.join("manifests"))
-        .arg("--state-dir")
-        .arg(&state)
-        .env("RELAYFED_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.unwrap().unwrap().unwrap();
-    let ready: Value = serde_json::from_str(&line).unwrap();
+    let (mut child, ready) = scenario::local_up(&bin(), &dir, &["--prometheus"]).await;
     let prometheus: std::net::SocketAddr = ready["prometheus"]
         .as_str()
         .expect("the ready line names Prometheus")
         .trim_start_matches("http://")
         .parse()
         .unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let status = local(&["status", "--json"], &state);
     let import = |caller: &str| -> std::net::SocketAddr {
         let n = node(&status, caller);

@@ -20,30 +20,12 @@ use std::time::{Duration, Instant};
 use load::{Call, Outcome};
 use scenario::{Fault, Scenario};
 use serde_json::Value;
-use tokio::io::AsyncBufReadExt;
 
 /// The `relayfed` binary that runs the federation: `RELAYFED_CHAOS_BIN` (`make test` passes
 /// the release build: a debug build of nine processes saturates two cores at this load, and
 /// starved processes miss their 1 s link deadlines), else this build's.
 fn bin() -> PathBuf {
     std::env::var_os("RELAYFED_CHAOS_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_relayfed").into())
-}
-
-/// A free loopback port below Linux's ephemeral range (so no outgoing connection takes it
-/// between the pick and the bind).
-fn free_port(proto: &str) -> u16 {
-    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let base = 23_000 + (std::process::id() % 200) as u16 * 20;
-    loop {
-        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2_000;
-        let free = match proto {
-            "udp" => std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok(),
-            _ => std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
-        };
-        if free {
-            return port;
-        }
-    }
 }
 
 /// `relayfed local up` on a scenario, and the CLI around it.
@@ -57,22 +39,8 @@ impl Federation {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.join("manifests")).unwrap();
         std::fs::write(dir.join("manifests/00-federation.yaml"), &scenario.federation).unwrap();
-        std::fs::write(dir.join("manifests/50-policy.yaml"), scenario::policy_yaml(scenario.schedule.ech)).unwrap();
-        let mut child = tokio::process::Command::new(bin())
-            .args(["local", "up", "-f"])
-            .arg(dir.join("manifests"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .env("RELAYFED_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.unwrap().unwrap();
-        let ready: Value = serde_json::from_str(&line.expect("local up exited before it was ready")).unwrap();
-        assert_eq!(ready["event"], "ready");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        std::fs::write(dir.join("manifests/50-policy.yaml"), scenario::policy_yaml(scenario.schedule.ech, "")).unwrap();
+        let (child, _) = scenario::local_up(&bin(), dir, &[]).await;
         Self { child, dir: dir.to_owned() }
     }
 
@@ -417,7 +385,7 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
                 signal(pid, "STOP");
                 undo.push((until, Undo::Resume(pid)));
             } else if let Some(p) = f.ech {
-                std::fs::write(dir.join("manifests/50-policy.yaml"), scenario::policy_yaml(p)).unwrap();
+                std::fs::write(dir.join("manifests/50-policy.yaml"), scenario::policy_yaml(p, "")).unwrap();
             } else if !rules.is_empty() && in_netns() {
                 for r in &rules {
                     iptables(&[&["-I".to_owned()][..], r].concat());
@@ -456,7 +424,7 @@ fn scenario_dir(name: &str) -> PathBuf {
 /// Runs scenario `name` under its schedule and asserts issue 24's acceptance: no wrong data,
 /// no failure before the first fault, at most 0.5% of calls failed, every partition seen.
 async fn short_form(name: &str) {
-    let mut scenario = Scenario::load(&scenario_dir(name), free_port).unwrap();
+    let mut scenario = Scenario::load(&scenario_dir(name), scenario::free_port).unwrap();
     if std::env::var_os("RELAYFED_CHAOS_BIN").is_none() && cfg!(debug_assertions) {
         // This build's (debug) binaries: a fifth of the load keeps two cores unsaturated.
         scenario.schedule.load.calls_per_second /= 5;
@@ -504,7 +472,7 @@ async fn long_run() {
     if isolated("long_run") {
         return;
     }
-    let scenario = Scenario::load(&scenario_dir("failover"), free_port).unwrap();
+    let scenario = Scenario::load(&scenario_dir("failover"), scenario::free_port).unwrap();
     let length: relayfed_crds::Duration =
         std::env::var("CHAOS_DURATION").unwrap_or_else(|_| "10m".into()).parse().unwrap();
     let rate: f64 = std::env::var("CHAOS_FAILURE_RATE")

@@ -127,16 +127,58 @@ pub fn fill(text: &str, port: &mut impl FnMut(&str) -> u16) -> Result<(String, B
     Ok((out, ports))
 }
 
-/// A RolloutPolicy manifest with ECH at `percentage`.
-pub fn policy_yaml(percentage: u8) -> String {
+/// A RolloutPolicy manifest with ECH at `percentage`, and `extra` (further `spec` fields,
+/// indented by two spaces, may be empty).
+pub fn policy_yaml(percentage: u8, extra: &str) -> String {
     format!(
         "apiVersion: relayfed.io/v1alpha1
 kind: RolloutPolicy
 metadata: {{name: default, namespace: relayfed-system}}
 spec:
   ech: {{enabled: true, mode: opportunistic, percentage: {percentage}}}
-"
+{extra}"
     )
+}
+
+/// A free loopback port below Linux's ephemeral range (so no outgoing connection takes it
+/// between the pick and the bind).
+pub fn free_port(proto: &str) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 23_000 + (std::process::id() % 200) as u16 * 20;
+    loop {
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2_000;
+        let free = match proto {
+            "udp" => std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok(),
+            _ => std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        };
+        if free {
+            return port;
+        }
+    }
+}
+
+/// Starts `bin local up -f <dir>/manifests --state-dir <dir>/state` with `extra` flags and
+/// waits for its ready line (which it returns); the rest of its output is drained.
+pub async fn local_up(bin: &Path, dir: &Path, extra: &[&str]) -> (tokio::process::Child, serde_json::Value) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(bin)
+        .args(["local", "up"])
+        .args(extra)
+        .arg("-f")
+        .arg(dir.join("manifests"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("RELAYFED_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.unwrap().unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line.expect("local up exited before it was ready")).unwrap();
+    assert_eq!(ready["event"], "ready");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, ready)
 }
 
 /// A random schedule for a long run: in every 10 s slot after the first, a fault with
