@@ -38,6 +38,7 @@ pub enum ServiceType {
 /// ECH key management for a main relay.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[x_kube(validation = Rule::new("!has(self.gracePeriod) || !has(self.rotationPeriod) || duration(self.gracePeriod) < duration(self.rotationPeriod)").message("gracePeriod must be shorter than rotationPeriod").field_path(".gracePeriod"))]
+#[x_kube(validation = Rule::new("!has(self.stagingPeriod) || duration(self.stagingPeriod) < duration(has(self.rotationPeriod) ? self.rotationPeriod : '24h')").message("stagingPeriod must be shorter than rotationPeriod").field_path(".stagingPeriod"))]
 #[serde(rename_all = "camelCase")]
 pub struct EchKeys {
     /// How often a new ECH key is generated.
@@ -46,12 +47,20 @@ pub struct EchKeys {
     /// How long the previous key is still accepted after a rotation.
     #[serde(default = "default_grace")]
     pub grace_period: Duration,
+    /// How long relays hold a new key before homes are given its config: longer than the key
+    /// Secret takes to reach every relay pod (kubelet sync period plus its cache TTL).
+    #[serde(default = "default_staging")]
+    pub staging_period: Duration,
 }
 
 impl Default for EchKeys {
     fn default() -> Self {
-        Self { rotation_period: default_rotation(), grace_period: default_grace() }
+        Self { rotation_period: default_rotation(), grace_period: default_grace(), staging_period: default_staging() }
     }
+}
+
+fn default_staging() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_rotation() -> Duration {

@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod distribution;
+pub mod ech_rotation;
 pub mod https;
 pub mod identity;
 pub mod k8s;

@@ -259,6 +259,15 @@ enum LocalCommand {
         #[command(flatten)]
         state: StateArg,
     },
+    /// Rotate main relays' ECH keys now: the new key is staged (relays accept it), then homes
+    /// get its config after the Relay's `echKeys.stagingPeriod`; the old key stays accepted
+    /// for `gracePeriod`.
+    RotateKeys {
+        /// Main relays (Relay name or node id); none: every main relay.
+        relays: Vec<String>,
+        #[command(flatten)]
+        state: StateArg,
+    },
 }
 
 fn init_logging() {
@@ -347,6 +356,7 @@ fn main() -> anyhow::Result<()> {
             }
             LocalCommand::Status { state, json } => runtime()?.block_on(show_status(state.state(), json)),
             LocalCommand::Down { state } => runtime()?.block_on(down(state.state())),
+            LocalCommand::RotateKeys { relays, state } => runtime()?.block_on(rotate_keys(state.state(), &relays)),
         },
     }
 }
@@ -502,6 +512,22 @@ async fn show_status(state: StateDir, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", status::render(&v));
+    }
+    Ok(())
+}
+
+async fn rotate_keys(state: StateDir, relays: &[String]) -> anyhow::Result<()> {
+    let f = running(&state).with_context(|| format!("no local federation runs from {}", state.root.display()))?;
+    let paths: Vec<String> = if relays.is_empty() {
+        vec!["/local/rotate-keys".into()]
+    } else {
+        relays.iter().map(|r| format!("/local/rotate-keys/{r}")).collect()
+    };
+    for path in paths {
+        let (status, body) = http::request(&f.control, hyper::Method::POST, &path, Duration::from_secs(5)).await?;
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        anyhow::ensure!(status == 202, "{}", answer["error"].as_str().unwrap_or(&body));
+        eprintln!("ECH key staged for {}; homes seal to it after the relay's echKeys.stagingPeriod", answer["staging"]);
     }
     Ok(())
 }

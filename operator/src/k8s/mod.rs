@@ -9,7 +9,6 @@
 
 pub mod context;
 pub mod controllers;
-pub mod ech_rotation;
 pub mod federation;
 pub mod leader;
 pub mod policy;

@@ -22,14 +22,17 @@ use relayfed_sidecar::crypto::ca::parse_cert_pem;
 use tracing::{Instrument, info, info_span};
 
 use super::context::{name_ns, object_key};
-use super::ech_rotation::{self, Change, EchState};
 use super::federation::load_ca;
 use super::relay_objects as objects;
 use super::status::{Cond, apply_status, event, parse_rfc3339, rfc3339, set_condition};
 use super::{Context, FIELD_MANAGER, FINALIZER, ReconcileError, replan};
+use crate::ech_rotation::{self, Change, EchState};
 
 /// Annotation on the ECH Secret: when its current key was created (RFC 3339).
 pub const ECH_SINCE_ANNOTATION: &str = "relayfed.io/ech-current-since";
+/// Relay annotation: a new value asks for an ECH key rotation now (staged, then promoted after
+/// `echKeys.stagingPeriod`); the key Secret records the value it acted on.
+pub const ECH_ROTATE_ANNOTATION: &str = "relayfed.io/rotate-ech-key";
 
 /// Reconciles one `Relay` (through the finalizer).
 pub async fn reconcile(relay: Arc<Relay>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
@@ -196,30 +199,57 @@ async fn apply(relay: &Relay, ctx: &Context, name: &str, namespace: &str) -> Res
             secrets.get_opt(&ech_name).await.map_err(|e| ReconcileError::kube(format!("get Secret {ech_name}"), e))?;
         let existing = stored.as_ref().and_then(|s| {
             let file: EchKeyFile = serde_json::from_slice(&s.data.as_ref()?.get(&key_name)?.0).ok()?;
-            let since = parse_rfc3339(s.metadata.annotations.as_ref()?.get(ECH_SINCE_ANNOTATION)?)?;
+            let since = file
+                .current
+                .since
+                .map(|t| std::time::UNIX_EPOCH + Duration::from_secs(t))
+                .or_else(|| parse_rfc3339(s.metadata.annotations.as_ref()?.get(ECH_SINCE_ANNOTATION)?))?;
             Some(EchState { file, current_since: since })
         });
+        // `relayfed.io/rotate-ech-key` on the Relay: a new value asks for a rotation now.
+        let asked = relay.metadata.annotations.as_ref().and_then(|a| a.get(ECH_ROTATE_ANNOTATION)).cloned();
+        let done = stored.as_ref().and_then(|s| s.metadata.annotations.as_ref()?.get(ECH_ROTATE_ANNOTATION).cloned());
+        let force = asked.is_some() && asked != done;
         let keys = &relay.spec.ech_keys;
         let outcome = ech_rotation::decide(
             existing.as_ref(),
             &fed.spec.public_name,
-            keys.rotation_period.get(),
-            keys.grace_period.get(),
+            ech_rotation::Periods::from(keys),
+            force,
             now,
         )
         .map_err(|e| ReconcileError::Keys(e.to_string()))?;
-        if outcome.change != Change::Unchanged {
+        if outcome.change != Change::Unchanged || force {
             let json =
                 serde_json::to_vec_pretty(&outcome.state.file).map_err(|e| ReconcileError::Keys(e.to_string()))?;
             let mut s = objects::secret(relay, ech_name.clone(), &owner, BTreeMap::from([(key_name.clone(), json)]));
-            s.metadata.annotations =
-                Some(BTreeMap::from([(ECH_SINCE_ANNOTATION.to_owned(), rfc3339(outcome.state.current_since))]));
+            let mut notes = BTreeMap::from([(ECH_SINCE_ANNOTATION.to_owned(), rfc3339(outcome.state.current_since))]);
+            if let Some(v) = asked.clone().or(done) {
+                notes.insert(ECH_ROTATE_ANNOTATION.to_owned(), v);
+            }
+            s.metadata.annotations = Some(notes);
             apply_obj(ctx, namespace, &s).await?;
             let id = outcome.state.file.current.config_id;
             match outcome.change {
                 Change::Created => {
                     event(ctx, relay, false, "EchKeyCreated", "CreateEchKey", format!("ECH config id {id} created"))
                         .await
+                }
+                Change::Staged => {
+                    let next = outcome.state.file.next.as_ref().map(|k| k.config_id).unwrap_or_default();
+                    let why = if force { "rotation requested" } else { "rotation due" };
+                    event(
+                        ctx,
+                        relay,
+                        false,
+                        "EchKeyStaged",
+                        "RotateEchKey",
+                        format!(
+                            "{why}: ECH config id {next} staged; relays accept it now, homes seal to it after {}",
+                            keys.staging_period
+                        ),
+                    )
+                    .await
                 }
                 Change::Rotated => {
                     let grace = keys.grace_period;
@@ -233,7 +263,8 @@ async fn apply(relay: &Relay, ctx: &Context, name: &str, namespace: &str) -> Res
                     )
                     .await
                 }
-                _ => info!("previous ECH key dropped after the grace period"),
+                Change::PrunedPrevious => info!("previous ECH key dropped after the grace period"),
+                Change::Unchanged => {}
             }
         }
         requeue = requeue.min(outcome.next_due);

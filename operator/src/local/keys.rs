@@ -196,6 +196,33 @@ impl KeyStore {
         Ok(out)
     }
 
+    /// One step of a main relay's ECH key schedule (as the Relay reconciler does in a
+    /// cluster): stages, promotes or prunes keys in `path` when due, or stages now when
+    /// `force`. The file is rewritten only when something changed.
+    pub fn rotate_ech(
+        &self,
+        path: &Path,
+        periods: crate::ech_rotation::Periods,
+        force: bool,
+        now: SystemTime,
+    ) -> Result<crate::ech_rotation::Outcome, KeyError> {
+        let pass = Some(self.passphrase.as_slice());
+        let file = EchKeyFile::load(path, pass)
+            .map_err(|e| KeyError::Passphrase { path: path.to_owned(), reason: e.to_string() })?;
+        // Files written before keys recorded `since`: the file's age stands in.
+        let since = match file.current.since {
+            Some(t) => SystemTime::UNIX_EPOCH + Duration::from_secs(t),
+            None => std::fs::metadata(path).and_then(|m| m.modified()).map_err(|e| file_err(path, e))?,
+        };
+        let state = crate::ech_rotation::EchState { file, current_since: since };
+        let out = crate::ech_rotation::decide(Some(&state), &self.public_name, periods, force, now)
+            .map_err(|e| file_err(path, e))?;
+        if out.change != crate::ech_rotation::Change::Unchanged {
+            out.state.file.save(path, pass).map_err(|e| file_err(path, e))?;
+        }
+        Ok(out)
+    }
+
     /// The TLS identity of `node` (e.g. the distribution server's).
     pub fn identity(&self, node: &str) -> Result<HopIdentity, KeyError> {
         let read = |p: PathBuf| std::fs::read_to_string(&p).map_err(|e| file_err(&p, e));

@@ -1,5 +1,5 @@
 //! The supervisor's control API (loopback HTTP: `GET /local/status`, `POST /local/down`,
-//! `GET /metrics`) and the `relayfed local status` table.
+//! `POST /local/rotate-keys[/<relay>]`, `GET /metrics`) and the `relayfed local status` table.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,31 +17,53 @@ use super::supervisor::Shared;
 use crate::distribution::Distributor;
 use crate::metrics::OperatorMetrics;
 
+/// What the control API asks of the supervisor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlRequest {
+    /// Stop the federation.
+    Down,
+    /// Rotate the ECH keys of these main relays (node ids) now.
+    RotateKeys(std::collections::BTreeSet<String>),
+}
+
+/// Answers `POST /local/rotate-keys[/<relay>]`: which relays, or why not.
+fn rotate_keys(shared: &Mutex<Shared>, path: &str) -> Result<ControlRequest, String> {
+    let names: Vec<String> = path
+        .strip_prefix("/local/rotate-keys")
+        .map(|rest| rest.trim_start_matches('/'))
+        .filter(|r| !r.is_empty())
+        .map(|r| vec![r.to_owned()])
+        .unwrap_or_default();
+    let resources = shared.lock().map(|s| s.resources.clone()).unwrap_or_default();
+    let schedules = super::rotation::schedules(&resources, std::path::Path::new(""));
+    super::rotation::resolve(&schedules, &names).map(ControlRequest::RotateKeys)
+}
+
 /// Serves the control API on an ephemeral loopback port; returns its address.
 pub async fn serve(
     shared: Arc<Mutex<Shared>>,
     distributor: Arc<Distributor>,
     metrics: Arc<OperatorMetrics>,
-    down: Box<dyn Fn() + Send + Sync>,
+    control: Box<dyn Fn(ControlRequest) + Send + Sync>,
 ) -> std::io::Result<SocketAddr> {
     let listener =
         BoundedListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)), ServerLimits::ADMIN, "local-control").await?;
     let local = listener.local_addr()?;
-    let down: Arc<dyn Fn() + Send + Sync> = Arc::from(down);
+    let control: Arc<dyn Fn(ControlRequest) + Send + Sync> = Arc::from(control);
     tokio::spawn(async move {
         loop {
             let Admitted { tcp, permit, .. } = listener.accept().await;
-            let (shared, distributor, metrics, down) =
-                (shared.clone(), distributor.clone(), metrics.clone(), down.clone());
+            let (shared, distributor, metrics, control) =
+                (shared.clone(), distributor.clone(), metrics.clone(), control.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (shared, distributor, metrics, down) =
-                        (shared.clone(), distributor.clone(), metrics.clone(), down.clone());
+                    let (shared, distributor, metrics, control) =
+                        (shared.clone(), distributor.clone(), metrics.clone(), control.clone());
                     async move {
                         let ctype = match req.uri().path() {
                             "/metrics" => relayfed_sidecar::admin::server::OPENMETRICS,
-                            "/local/status" | "/local/down" => "application/json",
+                            p if p.starts_with("/local/") => "application/json",
                             _ => "text/plain; charset=utf-8",
                         };
                         let (status, body) = match (req.method(), req.uri().path()) {
@@ -49,11 +71,26 @@ pub async fn serve(
                                 (StatusCode::OK, status_json(&shared, &distributor).await.to_string())
                             }
                             (&Method::POST, "/local/down") => {
-                                down();
+                                control(ControlRequest::Down);
                                 (StatusCode::ACCEPTED, "{\"stopping\":true}".to_owned())
                             }
+                            (&Method::POST, p) if p.starts_with("/local/rotate-keys") => {
+                                match rotate_keys(&shared, p) {
+                                    Ok(ControlRequest::RotateKeys(nodes)) => {
+                                        let body = json!({ "staging": nodes }).to_string();
+                                        control(ControlRequest::RotateKeys(nodes));
+                                        (StatusCode::ACCEPTED, body)
+                                    }
+                                    Ok(_) => (StatusCode::INTERNAL_SERVER_ERROR, "{}".to_owned()),
+                                    Err(e) => (StatusCode::NOT_FOUND, json!({ "error": e }).to_string()),
+                                }
+                            }
                             (&Method::GET, "/metrics") => (StatusCode::OK, metrics.encode()),
-                            _ => (StatusCode::NOT_FOUND, "GET /local/status, POST /local/down, GET /metrics\n".into()),
+                            _ => (
+                                StatusCode::NOT_FOUND,
+                                "GET /local/status, POST /local/down, POST /local/rotate-keys[/<relay>], GET /metrics\n"
+                                    .into(),
+                            ),
                         };
                         let mut r = Response::new(Full::new(Bytes::from(body)));
                         *r.status_mut() = status;

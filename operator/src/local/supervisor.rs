@@ -110,6 +110,7 @@ enum Event {
     Ready { node: String, generation: u64, line: Value },
     Exited { node: String, generation: u64, status: String },
     Restart { node: String },
+    RotateKeys(BTreeSet<String>),
     Down,
 }
 
@@ -134,6 +135,9 @@ pub struct Supervisor {
     shutting_down: bool,
     prometheus: Option<super::prometheus::Prometheus>,
     control: Option<SocketAddr>,
+    /// When the ECH key schedules run next, and the relays asked to rotate now.
+    keys_due: tokio::time::Instant,
+    rotate_now: BTreeSet<String>,
 }
 
 fn now_unix() -> u64 {
@@ -233,6 +237,8 @@ impl Supervisor {
             shutting_down: false,
             prometheus: None,
             control: None,
+            keys_due: tokio::time::Instant::now(),
+            rotate_now: BTreeSet::new(),
         };
         if let Ok(mut s) = sup.shared.lock() {
             s.warnings = warnings;
@@ -381,6 +387,11 @@ impl Supervisor {
     /// Handles one event (except `Down`, which the loop handles).
     fn handle(&mut self, ev: Event) {
         match ev {
+            Event::RotateKeys(nodes) => {
+                info!(relays = ?nodes, "ECH key rotation requested");
+                self.rotate_now.extend(nodes);
+                self.keys_due = tokio::time::Instant::now();
+            }
             Event::Ready { node, generation, line } => {
                 if let Ok(mut s) = self.shared.lock()
                     && let Some(p) = s.nodes.get_mut(&node)
@@ -568,7 +579,7 @@ impl Supervisor {
             self.shared.clone(),
             self.distributor.clone(),
             self.metrics.clone(),
-            self.events_down(),
+            self.control_events(),
         )
         .await?;
         self.control = Some(control);
@@ -617,6 +628,7 @@ impl Supervisor {
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "cannot read the manifests"),
                     }
+                    self.run_key_schedules();
                 }
                 ev = rx.recv() => match ev {
                     Some(Event::Down) | None => break,
@@ -630,11 +642,46 @@ impl Supervisor {
         Ok(())
     }
 
-    fn events_down(&self) -> Box<dyn Fn() + Send + Sync> {
+    fn control_events(&self) -> Box<dyn Fn(super::status::ControlRequest) + Send + Sync> {
         let tx = self.events.clone();
-        Box::new(move || {
-            let _ = tx.send(Event::Down);
+        Box::new(move |req| {
+            let _ = tx.send(match req {
+                super::status::ControlRequest::Down => Event::Down,
+                super::status::ControlRequest::RotateKeys(nodes) => Event::RotateKeys(nodes),
+            });
         })
+    }
+
+    /// Runs the main relays' ECH key schedules when due; after a promotion, homes get the new
+    /// configs in a new snapshot version (relays already hold the key: it was staged).
+    fn run_key_schedules(&mut self) {
+        if tokio::time::Instant::now() < self.keys_due {
+            return;
+        }
+        let schedules = super::rotation::schedules(&self.loaded.resources, &self.keys.dir);
+        let force = std::mem::take(&mut self.rotate_now);
+        let pass = super::rotation::run(&self.keys, &schedules, &force, std::time::SystemTime::now());
+        // Whole seconds in the key files: look again just after the due second.
+        self.keys_due = tokio::time::Instant::now() + pass.next_due + Duration::from_millis(500);
+        if pass.promoted {
+            self.republish();
+        }
+    }
+
+    /// Publishes the running configuration again with the key files' current ECH configs.
+    fn republish(&mut self) {
+        let result = self.compile(&self.loaded).map_err(|errs| errs.join("; ")).and_then(|mut snapshots| {
+            let nodes = node_keys(&snapshots);
+            with_ech_configs(&self.keys, &nodes, &mut snapshots).map_err(|e| e.to_string())?;
+            Ok(snapshots)
+        });
+        match result {
+            Ok(snapshots) => {
+                let changed = self.distributor.publish(&snapshots);
+                info!(changed = ?changed, "new ECH configs published");
+            }
+            Err(e) => error!(error = %e, "cannot publish the new ECH configs; homes keep sealing to the previous key"),
+        }
     }
 
     async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Event>) {

@@ -68,6 +68,36 @@ impl Federation {
         i["listen"].as_str().unwrap().parse().unwrap()
     }
 
+    /// `relayfed local rotate-keys <relay>`.
+    fn rotate_keys(&self, relay: &str) {
+        let out = std::process::Command::new(bin())
+            .args(["local", "rotate-keys", relay, "--state-dir"])
+            .arg(self.dir.join("state"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "rotate-keys {relay}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The current ECH config id of every node of main relay `relay` (its replicas too), as
+    /// the nodes report it.
+    fn ech_ids(status: &Value, relay: &str) -> Vec<(String, Option<u64>)> {
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| {
+                n["node"].as_str().is_some_and(|id| {
+                    id == relay
+                        || id
+                            .strip_prefix(relay)
+                            .and_then(|r| r.strip_prefix('-'))
+                            .is_some_and(|i| i.parse::<u32>().is_ok())
+                })
+            })
+            .map(|n| (n["node"].as_str().unwrap_or_default().to_owned(), n["health"]["echKeys"]["current"].as_u64()))
+            .collect()
+    }
+
     async fn down(mut self) {
         let out = std::process::Command::new(bin())
             .args(["local", "down", "--state-dir"])
@@ -207,6 +237,8 @@ struct Report {
     failed_before_faults: usize,
     /// Partitions whose effect was confirmed at a relay.
     partitions_seen: usize,
+    /// Key rotations whose new key every node of the relay had made current by the end.
+    rotations_seen: usize,
     /// Failed calls by caller index.
     failed_by_caller: std::collections::BTreeMap<usize, usize>,
     /// `(time, node, RSS kB, fds)` samples.
@@ -254,6 +286,7 @@ impl Report {
             failed_by_caller,
             resources: vec![],
             partitions_seen: 0,
+            rotations_seen: 0,
         }
     }
 
@@ -268,6 +301,10 @@ impl Report {
             self.failed_before_faults
         );
         eprintln!("chaos: - failed calls by caller (index in load.callers): {:?}", self.failed_by_caller);
+        eprintln!(
+            "chaos: - partitions seen at their relay: {}; key rotations completed on every replica: {}",
+            self.partitions_seen, self.rotations_seen
+        );
         eprintln!("chaos: | at | fault | calls | failed | calls failing for | slowest call |");
         eprintln!("chaos: |---|---|---|---|---|---|");
         for f in &self.faults {
@@ -334,6 +371,8 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
     // Partitions that must show: `(when, relay, peer it cannot reach)`.
     let mut checks: Vec<(Duration, String, String)> = Vec::new();
     let mut partitions_seen = 0;
+    // Rotations asked for: `(relay, node ids and their config id before)`.
+    let mut rotations: Vec<(String, Vec<(String, Option<u64>)>)> = Vec::new();
     while started.elapsed() < end {
         let now = started.elapsed();
         if now >= next_sample {
@@ -386,6 +425,9 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
                 undo.push((until, Undo::Resume(pid)));
             } else if let Some(p) = f.ech {
                 std::fs::write(dir.join("manifests/50-policy.yaml"), scenario::policy_yaml(p, "")).unwrap();
+            } else if let Some(r) = &f.rotate {
+                rotations.push((r.clone(), Federation::ech_ids(&fed.status(), r)));
+                fed.rotate_keys(r);
             } else if !rules.is_empty() && in_netns() {
                 for r in &rules {
                     iptables(&[&["-I".to_owned()][..], r].concat());
@@ -408,6 +450,19 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
     let mut report = Report::new(&calls, faults, end);
     report.resources = samples;
     report.partitions_seen = partitions_seen;
+    let status = fed.status();
+    for (relay, before) in &rotations {
+        let after = Federation::ech_ids(&status, relay);
+        let moved = !before.is_empty()
+            && before
+                .iter()
+                .all(|(node, id)| id.is_some() && after.iter().any(|(n, now)| n == node && now.is_some() && now != id));
+        if moved {
+            report.rotations_seen += 1;
+        } else {
+            eprintln!("chaos: the rotation of {relay} did not complete: before {before:?}, after {after:?}");
+        }
+    }
     fed.down().await;
     if report.failed == 0 {
         let _ = std::fs::remove_dir_all(&dir);
@@ -440,6 +495,8 @@ async fn short_form(name: &str) {
         let planned = s.faults.iter().filter(|f| f.partition.is_some()).count();
         assert_eq!(report.partitions_seen, planned, "every partition showed at its relay");
     }
+    let rotations = s.faults.iter().filter(|f| f.rotate.is_some()).count();
+    assert_eq!(report.rotations_seen, rotations, "every rotation made a new key current on every replica");
     let rate = report.failed as f64 / report.calls as f64;
     assert!(rate <= 0.005, "{} of {} calls failed (> 0.5%): {report:#?}", report.failed, report.calls);
 }

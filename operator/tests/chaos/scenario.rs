@@ -47,6 +47,10 @@ pub struct Fault {
     /// kernel here has no netem, so latency is not injected).
     #[serde(default)]
     pub loss: Option<String>,
+    /// `relayfed local rotate-keys` of this main relay (a Relay name): its new ECH key is
+    /// staged, then published to homes after the Relay's `echKeys.stagingPeriod`.
+    #[serde(default)]
+    pub rotate: Option<String>,
 }
 
 impl Fault {
@@ -63,6 +67,8 @@ impl Fault {
             format!("partition {a} / {b} for {lasting}")
         } else if let Some(l) = &self.loss {
             format!("{l} packet loss for {lasting}")
+        } else if let Some(r) = &self.rotate {
+            format!("ECH key rotation of {r}")
         } else {
             "nothing".into()
         }
@@ -183,8 +189,8 @@ pub async fn local_up(bin: &Path, dir: &Path, extra: &[&str]) -> (tokio::process
 
 /// A random schedule for a long run: in every 10 s slot after the first, a fault with
 /// probability `rate` (kill -9 or a 5 s hang of a main relay, kill -9 of a home, an ECH flip
-/// between 0 and 100%, and with `netns` a 5 s partition between two relays or 5 s of 2%
-/// packet loss).
+/// between 0 and 100%, an ECH key rotation of a main relay, and with `netns` a 5 s partition
+/// between two relays or 5 s of 2% packet loss).
 pub fn random_faults(
     mains: &[String],
     homes: &[String],
@@ -201,10 +207,19 @@ pub fn random_faults(
     while t + Duration::from_secs(10) <= length {
         if rng.random_bool(rate.clamp(0.0, 1.0)) {
             let at = relayfed_crds::Duration::from_millis(t.as_millis() as u64);
-            let none = Fault { at, kill: None, hang: None, duration: None, ech: None, partition: None, loss: None };
+            let none = Fault {
+                at,
+                kill: None,
+                hang: None,
+                duration: None,
+                ech: None,
+                partition: None,
+                loss: None,
+                rotate: None,
+            };
             let pick = |rng: &mut rand::rngs::StdRng, v: &[String]| v[rng.random_range(0..v.len())].clone();
             let five = Some(relayfed_crds::Duration::from_millis(5_000));
-            faults.push(match rng.random_range(0..if netns { 6 } else { 4 }) {
+            faults.push(match rng.random_range(0..if netns { 7 } else { 5 }) {
                 0 => Fault { kill: Some(pick(&mut rng, mains)), ..none },
                 1 => Fault {
                     hang: Some(pick(&mut rng, mains)),
@@ -216,7 +231,8 @@ pub fn random_faults(
                     ech = 100 - ech;
                     Fault { ech: Some(ech), ..none }
                 }
-                4 => {
+                4 => Fault { rotate: Some(pick(&mut rng, mains)), ..none },
+                5 => {
                     let a = rng.random_range(0..mains.len());
                     let b = (a + rng.random_range(1..mains.len().max(2))) % mains.len();
                     Fault { partition: Some([mains[a].clone(), mains[b].clone()]), duration: five, ..none }

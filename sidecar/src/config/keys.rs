@@ -22,6 +22,10 @@ pub struct StoredEchKey {
     /// For a previous key: Unix seconds when it was rotated out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotated_at: Option<u64>,
+    /// Unix seconds since the key holds its place: for the current key, since it became
+    /// current (its age decides the next rotation); for a staged key, since it was staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 /// The ECH key file of a main relay.
@@ -35,6 +39,9 @@ pub struct EchKeyFile {
     /// The previous key, valid for the grace period after `rotatedAt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<StoredEchKey>,
+    /// The staged next key: relays accept it, homes are not yet given its config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<StoredEchKey>,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> ConfigError {
@@ -57,8 +64,10 @@ impl EchKeyFile {
                 config_id: key.config().config_id,
                 secret: base64_encode(key.secret()),
                 rotated_at: None,
+                since: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs()),
             },
             previous: None,
+            next: None,
         }
     }
 
@@ -74,7 +83,8 @@ impl EchKeyFile {
         write_secret(path, text.as_bytes(), passphrase)
     }
 
-    /// The key set, with the previous key honoured for `grace` after its rotation.
+    /// The key set, with the previous key honoured for `grace` after its rotation and the
+    /// staged key (if any) accepted.
     pub fn key_set(&self, path: &Path, grace: Duration) -> Result<EchKeySet, ConfigError> {
         let mut set = EchKeySet::new(key_pair(path, &self.public_name, &self.current)?);
         if let Some(prev) = &self.previous {
@@ -83,6 +93,9 @@ impl EchKeyFile {
             let mut s = EchKeySet::new(key_pair(path, &self.public_name, prev)?);
             s.rotate(current, grace, rotated);
             set = s;
+        }
+        if let Some(next) = &self.next {
+            set.stage(key_pair(path, &self.public_name, next)?);
         }
         Ok(set)
     }
@@ -143,7 +156,14 @@ mod tests {
         let new = EchKeyPair::generate(2, "relay.acme.example").unwrap();
         let mut file = EchKeyFile::from_key(&new);
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
-        file.previous = Some(StoredEchKey { config_id: 1, secret: base64_encode(old.secret()), rotated_at: Some(now) });
+        file.previous = Some(StoredEchKey {
+            config_id: 1,
+            secret: base64_encode(old.secret()),
+            rotated_at: Some(now),
+            since: None,
+        });
+        let staged = EchKeyPair::generate(3, "relay.acme.example").unwrap();
+        file.next = Some(EchKeyFile::from_key(&staged).current);
         file.save(&path, None).unwrap();
         #[cfg(unix)]
         {
@@ -159,6 +179,8 @@ mod tests {
         assert_eq!(set.current().config().config_id, 2);
         assert!(set.find(1, SystemTime::now()).is_some());
         assert!(set.find(1, SystemTime::now() + Duration::from_secs(120)).is_none());
+        assert_eq!(set.staged().map(|k| k.config().config_id), Some(3), "the staged key survives the round trip");
+        assert!(set.find(3, SystemTime::now() + Duration::from_secs(120)).is_some());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -219,17 +219,35 @@ pub fn seal(config: &EchConfig, suite: CipherSuite, main: &str, route: &InnerRou
     Ok(sealed)
 }
 
-/// The keys a main relay accepts: the current one, and the previous one until its grace ends.
+/// The keys a main relay accepts: the current one, the previous one until its grace ends,
+/// and a staged next one (held before homes are told to seal to it, so a home that learns
+/// the new config before this relay reloads its keys is never refused).
 #[derive(Clone, Debug)]
 pub struct EchKeySet {
     current: EchKeyPair,
     previous: Option<(EchKeyPair, SystemTime)>,
+    next: Option<EchKeyPair>,
 }
 
 impl EchKeySet {
     /// A set with one key.
     pub fn new(current: EchKeyPair) -> Self {
-        Self { current, previous: None }
+        Self { current, previous: None, next: None }
+    }
+
+    /// Holds `next` as the staged key: accepted, but not published.
+    pub fn stage(&mut self, next: EchKeyPair) {
+        self.next = Some(next);
+    }
+
+    /// The staged key, if any.
+    pub fn staged(&self) -> Option<&EchKeyPair> {
+        self.next.as_ref()
+    }
+
+    /// The previous key, while its grace period lasts at `now`.
+    pub fn previous(&self, now: SystemTime) -> Option<&EchKeyPair> {
+        self.previous.as_ref().filter(|(_, until)| now < *until).map(|(k, _)| k)
     }
 
     /// Installs `next` as current; the old current stays valid until `now + grace`.
@@ -247,6 +265,9 @@ impl EchKeySet {
     pub fn find(&self, config_id: u8, now: SystemTime) -> Option<&EchKeyPair> {
         if self.current.config.config_id == config_id {
             return Some(&self.current);
+        }
+        if let Some(k) = self.next.as_ref().filter(|k| k.config.config_id == config_id) {
+            return Some(k);
         }
         match &self.previous {
             Some((k, until)) if k.config.config_id == config_id && now < *until => Some(k),
@@ -273,7 +294,9 @@ impl EchKeySet {
     /// A config id different from every key in the set (for the next rotation).
     pub fn next_config_id(&self) -> u8 {
         let mut id = self.current.config.config_id.wrapping_add(1);
-        while self.previous.as_ref().is_some_and(|(k, _)| k.config.config_id == id) {
+        while self.previous.as_ref().is_some_and(|(k, _)| k.config.config_id == id)
+            || self.next.as_ref().is_some_and(|k| k.config.config_id == id)
+        {
             id = id.wrapping_add(1);
         }
         id
@@ -415,5 +438,19 @@ mod tests {
         assert!(matches!(set.open(&sealed_old, t0 + Duration::from_secs(3600)), Err(EchError::UnknownConfig(1))));
         let list = EchConfigList::decode(&set.config_list().unwrap()).unwrap();
         assert_eq!(list.configs().map(|c| c.config_id).collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    fn a_staged_key_opens_routes_but_is_not_published() {
+        let now = SystemTime::now();
+        let mut set = EchKeySet::new(EchKeyPair::generate(1, "relay.acme.example").unwrap());
+        let staged = EchKeyPair::generate(set.next_config_id(), "relay.acme.example").unwrap();
+        let sealed = seal(staged.config(), suites()[0], "hub-us", &inner()).unwrap();
+        assert!(matches!(set.open(&sealed, now), Err(EchError::UnknownConfig(2))));
+        set.stage(staged);
+        assert_eq!(set.open(&sealed, now).unwrap(), inner(), "a home that already seals to the staged key is served");
+        let list = EchConfigList::decode(&set.config_list().unwrap()).unwrap();
+        assert_eq!(list.configs().map(|c| c.config_id).collect::<Vec<_>>(), [1], "only the current key is published");
+        assert_eq!(set.next_config_id(), 3, "a new id avoids the staged key's");
     }
 }

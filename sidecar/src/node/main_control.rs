@@ -330,11 +330,20 @@ impl MainRelay {
                 services.sort();
                 services.dedup();
                 let anonymity = super::main_homes::anonymity_set(r.local());
+                let keys = self.ech_keys().map(|k| {
+                    let id = |k: Option<&crate::crypto::ech::EchKeyPair>| k.map(|k| k.config().config_id);
+                    json!({
+                        "current": k.current().config().config_id,
+                        "staged": id(k.staged()),
+                        "previous": id(k.previous(std::time::SystemTime::now())),
+                    })
+                });
                 Some(json!({
                     "status": if up.len() == peers.len() { "ok" } else { "degraded" },
                     "node": self.identity.node_id,
                     "role": "main",
                     "echAnonymitySet": anonymity,
+                    "echKeys": keys,
                     "connectedHomes": homes.len(),
                     "connectedPeers": up.len(),
                     "configuredPeers": peers.len(),

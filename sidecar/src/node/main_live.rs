@@ -101,8 +101,9 @@ impl MainRelay {
     }
 }
 
-/// How often a main relay looks at its ECH key file for a rotation.
-const ECH_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a main relay looks at its ECH key file for a staged or promoted key (a read and
+/// a byte comparison; the file is decrypted only when it changed).
+const ECH_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 impl MainRelay {
     /// The ECH keys in force.
@@ -110,10 +111,10 @@ impl MainRelay {
         self.keys.read().ok().and_then(|k| k.clone())
     }
 
-    /// Re-reads the ECH key file when its contents change (the operator rotated the key and
-    /// the kubelet updated the mounted Secret) and swaps the key set: new routes see the new
-    /// config, routes sealed to the previous key still open during the grace period, and the
-    /// new ECHConfigList goes out to homes with the next view.
+    /// Re-reads the ECH key file when its contents change (the operator staged or promoted a
+    /// key and the kubelet updated the mounted Secret) and swaps the key set: a staged key opens
+    /// routes from then on, routes sealed to the previous key still open during the grace
+    /// period. (Homes seal only to configs from their snapshot, published after staging.)
     pub(crate) fn watch_ech_keys(
         self: Arc<Self>,
         path: std::path::PathBuf,
@@ -136,10 +137,11 @@ impl MainRelay {
                 match loaded {
                     Ok(set) => {
                         let id = set.current().config().config_id;
+                        let staged = set.staged().map(|k| k.config().config_id);
                         if let Ok(mut k) = self.keys.write() {
                             *k = Some(Arc::new(set));
                         }
-                        tracing::info!(config_id = id, "ECH keys reloaded from their file");
+                        tracing::info!(config_id = id, staged, "ECH keys reloaded from their file");
                         self.push_views();
                     }
                     Err(e) => {
