@@ -28,6 +28,9 @@ fn bin() -> PathBuf {
     std::env::var_os("RELAYFED_CHAOS_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_relayfed").into())
 }
 
+/// A node and the ECH config id it reports as current.
+type NodeKey = (String, Option<u64>);
+
 /// `relayfed local up` on a scenario, and the CLI around it.
 struct Federation {
     child: tokio::process::Child,
@@ -80,7 +83,7 @@ impl Federation {
 
     /// The current ECH config id of every node of main relay `relay` (its replicas too), as
     /// the nodes report it.
-    fn ech_ids(status: &Value, relay: &str) -> Vec<(String, Option<u64>)> {
+    fn ech_ids(status: &Value, relay: &str) -> Vec<NodeKey> {
         status["nodes"]
             .as_array()
             .unwrap()
@@ -372,7 +375,7 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
     let mut checks: Vec<(Duration, String, String)> = Vec::new();
     let mut partitions_seen = 0;
     // Rotations asked for: `(relay, node ids and their config id before)`.
-    let mut rotations: Vec<(String, Vec<(String, Option<u64>)>)> = Vec::new();
+    let mut rotations: Vec<(String, Vec<NodeKey>)> = Vec::new();
     while started.elapsed() < end {
         let now = started.elapsed();
         if now >= next_sample {

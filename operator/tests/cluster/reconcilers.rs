@@ -139,16 +139,27 @@ async fn dep_managed_by_operator(deps: &Api<Deployment>, name: &str) -> bool {
         .is_ok_and(|d| d.managed_fields().iter().any(|m| m.manager.as_deref() == Some("relayfed-operator")))
 }
 
-/// `(config id, has a previous key)` of a relay's ECH Secret.
-async fn ech_state(secrets: &Api<Secret>, relay: &str, node: &str) -> Option<(u64, bool)> {
+/// A relay's ECH Secret: its keys' config ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EchIds {
+    current: u64,
+    previous: Option<u64>,
+    next: Option<u64>,
+}
+
+async fn ech_state(secrets: &Api<Secret>, relay: &str, node: &str) -> Option<EchIds> {
     let s = secrets.get_opt(&format!("{relay}-ech")).await.ok()??;
     let bytes = s.data?.get(&format!("{node}-ech.json"))?.0.clone();
     let file: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some((file["current"]["configId"].as_u64()?, !file["previous"].is_null()))
+    Some(EchIds {
+        current: file["current"]["configId"].as_u64()?,
+        previous: file["previous"]["configId"].as_u64(),
+        next: file["next"]["configId"].as_u64(),
+    })
 }
 
 #[tokio::test]
-async fn ech_keys_rotate_and_the_previous_key_is_dropped_after_the_grace_period() {
+async fn ech_keys_are_staged_rotated_pruned_and_rotated_on_request() {
     let setup = operated("rec-rotation").await;
     let (ns, _op) = (&setup.ns, &setup.op);
     let dir = examples_in("federation", &ns.name);
@@ -157,7 +168,7 @@ async fn ech_keys_rotate_and_the_previous_key_is_dropped_after_the_grace_period(
     let relay = format!(
         "apiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: hub-eu, namespace: {}}}\n\
          spec: {{type: main, nodeId: hub-eu, federation: acme, listenPort: 7401, \
-         echKeys: {{rotationPeriod: 1m, gracePeriod: 20s}}}}\n",
+         echKeys: {{rotationPeriod: 1m, gracePeriod: 20s, stagingPeriod: 10s}}}}\n",
         ns.name
     );
     let out = plane().kubectl_stdin(&["apply", "-f", "-"], &relay).unwrap();
@@ -165,27 +176,46 @@ async fn ech_keys_rotate_and_the_previous_key_is_dropped_after_the_grace_period(
     let client = plane().client().await.unwrap();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let relays: Api<Relay> = Api::namespaced(client, &ns.name);
-    let (first, had_previous) =
-        eventually("the first ECH key", WAIT, || async { ech_state(&secrets, "hub-eu", "hub-eu").await }).await;
-    assert!(!had_previous);
-    // After the rotation period: a new config id, the old key kept as previous, status updated.
-    let (second, kept) = eventually("a rotated ECH key", Duration::from_secs(120), || async {
-        ech_state(&secrets, "hub-eu", "hub-eu").await.filter(|(id, _)| *id != first)
+    let keys = || async { ech_state(&secrets, "hub-eu", "hub-eu").await };
+    let first = eventually("the first ECH key", WAIT, || async { keys().await }).await;
+    assert_eq!((first.previous, first.next), (None, None));
+    // 10 s before the rotation period ends: a next key is staged, the current one stays.
+    let staged = eventually("a staged ECH key", Duration::from_secs(120), || async {
+        keys().await.filter(|k| k.next.is_some() || k.current != first.current)
     })
     .await;
-    assert!(kept, "the previous key was not kept for the grace period");
+    assert_eq!(staged.current, first.current, "the key was replaced without being staged first: {staged:?}");
+    let next = staged.next.unwrap();
+    let status = relays.get("hub-eu").await.unwrap().status.unwrap();
+    assert_eq!(status.ech_config_id, Some(first.current as u8), "homes must not be given the staged key yet");
+    // After the staging period: the staged key is current, the old one kept as previous.
+    let rotated = eventually("the staged ECH key promoted", Duration::from_secs(60), || async {
+        keys().await.filter(|k| k.current != first.current)
+    })
+    .await;
+    assert_eq!(rotated, EchIds { current: next, previous: Some(first.current), next: None });
     eventually("status naming the new config id", WAIT, || async {
         let s = relays.get("hub-eu").await.ok()?.status?;
-        (s.ech_config_id == Some(second as u8) && s.last_key_rotation.is_some()).then_some(())
+        (s.ech_config_id == Some(next as u8) && s.last_key_rotation.is_some()).then_some(())
     })
     .await;
     // After the grace period, the previous key is dropped (before the next rotation).
-    let (id, previous) = eventually("the previous key dropped", Duration::from_secs(50), || async {
-        ech_state(&secrets, "hub-eu", "hub-eu").await.filter(|(_, p)| !p)
+    let pruned = eventually("the previous key dropped", Duration::from_secs(50), || async {
+        keys().await.filter(|k| k.previous.is_none())
     })
     .await;
-    assert!(!previous);
-    assert_eq!(id, second, "pruning the previous key must not rotate the current one");
+    assert_eq!((pruned.current, pruned.next), (next, None), "pruning must not stage or rotate");
+    // A rotation on request: a new annotation value stages a key at once (the schedule's own
+    // staging is ~30 s away).
+    let out = plane()
+        .kubectl(&["-n", &ns.name, "annotate", "relay", "hub-eu", "relayfed.io/rotate-ech-key=now"])
+        .unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let asked = eventually("a key staged on request", Duration::from_secs(20), || async {
+        keys().await.filter(|k| k.next.is_some())
+    })
+    .await;
+    assert_eq!(asked.current, next);
 }
 
 #[tokio::test]

@@ -151,34 +151,48 @@ async fn a_main_relay_gets_secrets_config_deployment_service_pdb_and_status() {
 }
 
 #[tokio::test]
-async fn an_expiring_ech_key_is_rotated_and_the_old_one_kept_for_the_grace_period() {
-    // hub-eu: rotationPeriod 24h, gracePeriod 1h.
+async fn an_expiring_ech_key_is_staged_then_rotated_and_the_old_one_kept_for_the_grace_period() {
+    // hub-eu: rotationPeriod 24h, gracePeriod 1h, stagingPeriod 5m (the default).
     let (s, hub) = ready_scenario(t0());
     reconcile(Arc::new(hub.clone()), s.ctx.clone()).await.unwrap();
     let (first, _) = ech_file(&s);
+    let at = |secs: u64| {
+        let ctx = with_clock(&s, t0() + Duration::from_secs(secs));
+        s.api.clear_calls();
+        Scenario { api: s.api.clone(), ctx }
+    };
 
-    // 23h59m later: not due, the Secret is not written.
-    let later = t0() + Duration::from_secs(24 * 3600 - 60);
-    let s2 = Scenario { api: s.api.clone(), ctx: with_clock(&s, later) };
-    s2.api.clear_calls();
+    // 23h54m later: not due, the Secret is not written.
+    let s2 = at(24 * 3600 - 360);
     reconcile(Arc::new(hub.clone()), s2.ctx.clone()).await.unwrap();
     assert!(!s2.api.lines().contains(&format!("PATCH {BASE}/secrets/hub-eu-ech")), "{:?}", s2.api.lines());
 
-    // 24h later: rotated. The old key becomes `previous`, stamped with the rotation time.
-    let due = t0() + Duration::from_secs(24 * 3600);
-    let s3 = Scenario { api: s.api.clone(), ctx: with_clock(&s, due) };
-    s3.api.clear_calls();
+    // 23h55m: a next key is staged; relays get it, homes keep the current config.
+    let s3 = at(24 * 3600 - 300);
     reconcile(Arc::new(hub.clone()), s3.ctx.clone()).await.unwrap();
-    assert!(s3.api.lines().contains(&format!("PATCH {BASE}/secrets/hub-eu-ech")));
-    assert_eq!(s3.api.events(), vec![("Normal".into(), "EchKeyRotated".into())]);
-    let (rotated, since) = ech_file(&s3);
+    assert_eq!(s3.api.events(), vec![("Normal".into(), "EchKeyStaged".into())]);
+    let (staged, _) = ech_file(&s3);
+    assert_eq!(staged.current.secret, first.current.secret);
+    let next = staged.next.clone().expect("a staged key");
+    assert_ne!(next.config_id, first.current.config_id);
+    let status = s3.api.calls().last().unwrap().body["status"].clone();
+    assert_eq!(status["echConfigId"], first.current.config_id, "homes are not given the staged key");
+    let set = staged.key_set(std::path::Path::new("x"), Duration::from_secs(3600)).unwrap();
+    assert!(set.find(next.config_id, t0()).is_some(), "relays accept the staged key");
+
+    // 24h: the staged key is promoted; the old key becomes `previous`, stamped with the time.
+    let due = t0() + Duration::from_secs(24 * 3600);
+    let s4 = at(24 * 3600);
+    reconcile(Arc::new(hub.clone()), s4.ctx.clone()).await.unwrap();
+    assert_eq!(s4.api.events(), vec![("Normal".into(), "EchKeyRotated".into())]);
+    let (rotated, since) = ech_file(&s4);
     assert_eq!(since, "2026-11-23T00:00:00Z");
+    assert_eq!(rotated.current.secret, next.secret, "the key relays already hold becomes current");
+    assert!(rotated.next.is_none());
     let prev = rotated.previous.clone().unwrap();
     assert_eq!(prev.secret, first.current.secret);
     assert_eq!(prev.rotated_at, Some(1_795_305_600 + 24 * 3600));
-    assert_ne!(rotated.current.config_id, first.current.config_id);
-    assert_ne!(rotated.current.secret, first.current.secret);
-    let status = s3.api.calls().last().unwrap().body["status"].clone();
+    let status = s4.api.calls().last().unwrap().body["status"].clone();
     assert_eq!(status["echConfigId"], rotated.current.config_id);
     assert_eq!(status["lastKeyRotation"], "2026-11-23T00:00:00Z");
     // Within the grace period the previous key still opens routes sealed to it.
@@ -186,14 +200,32 @@ async fn an_expiring_ech_key_is_rotated_and_the_old_one_kept_for_the_grace_perio
     assert!(set.find(first.current.config_id, due + Duration::from_secs(3599)).is_some());
 
     // 1h later: the grace period is over, the previous key is dropped.
-    let after = due + Duration::from_secs(3600);
-    let s4 = Scenario { api: s.api.clone(), ctx: with_clock(&s, after) };
-    s4.api.clear_calls();
-    reconcile(Arc::new(hub), s4.ctx.clone()).await.unwrap();
-    let (pruned, _) = ech_file(&s4);
+    let s5 = at(25 * 3600);
+    reconcile(Arc::new(hub), s5.ctx.clone()).await.unwrap();
+    let (pruned, _) = ech_file(&s5);
     assert!(pruned.previous.is_none());
     assert_eq!(pruned.current.secret, rotated.current.secret);
-    assert!(s4.api.events().is_empty());
+    assert!(s5.api.events().is_empty());
+}
+
+#[tokio::test]
+async fn a_new_rotate_annotation_stages_a_key_once() {
+    let (s, mut hub) = ready_scenario(t0());
+    reconcile(Arc::new(hub.clone()), s.ctx.clone()).await.unwrap();
+    let (first, _) = ech_file(&s);
+    hub.metadata.annotations =
+        Some([(relayfed_operator::k8s::relay::ECH_ROTATE_ANNOTATION.to_owned(), "2026-11-22".to_owned())].into());
+    s.api.clear_calls();
+    reconcile(Arc::new(hub.clone()), s.ctx.clone()).await.unwrap();
+    assert_eq!(s.api.events(), vec![("Normal".into(), "EchKeyStaged".into())]);
+    let (staged, _) = ech_file(&s);
+    assert_eq!(staged.current.secret, first.current.secret);
+    let next = staged.next.clone().expect("a staged key");
+    // The same value again: nothing new is staged.
+    s.api.clear_calls();
+    reconcile(Arc::new(hub), s.ctx.clone()).await.unwrap();
+    assert!(s.api.events().is_empty(), "{:?}", s.api.events());
+    assert_eq!(ech_file(&s).0.next.unwrap().secret, next.secret);
 }
 
 /// The same stores and API with another clock.
