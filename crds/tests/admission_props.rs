@@ -10,7 +10,7 @@ use relayfed_crds::{AnyResource, CrdError, parse_documents};
 use serde_json::Value;
 
 fn example_docs() -> Vec<Value> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/federation");
+    let dir = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../examples/federation");
     let mut docs = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();

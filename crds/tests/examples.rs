@@ -11,7 +11,7 @@ use relayfed_crds::{AnyResource, CrdError, Peer, Relay, RelayFederation, Rollout
 use serde_json::Value;
 
 fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../examples")
 }
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {

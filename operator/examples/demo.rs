@@ -137,7 +137,9 @@ async fn wait_acked(state: &Path, after_generation: u64) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let repo = std::fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR")).join("..")).unwrap();
+    let repo =
+        std::fs::canonicalize(Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join(".."))
+            .unwrap();
     let work = repo.join("target/demo");
     let manifests = work.join("manifests");
     let state = work.join("state");

@@ -13,4 +13,5 @@ pub mod k8s;
 pub mod local;
 pub mod metrics;
 pub mod plan;
+pub mod rollout;
 pub mod webhook;

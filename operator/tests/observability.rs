@@ -117,7 +117,8 @@ async fn every_panel_and_alert_query_returns_samples_from_a_live_federation() {
     let dir = std::env::temp_dir().join(format!("relayfed-observability-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
-    let scenario_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/observability");
+    let scenario_dir =
+        Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../tests/observability");
     let text = std::fs::read_to_string(scenario_dir.join("federation.yaml")).unwrap();
     let (federation, _) = scenario::fill(&text, &mut scenario::free_port).unwrap();
     std::fs::write(dir.join("manifests/00-federation.yaml"), federation).unwrap();

@@ -9,7 +9,7 @@ use relayfed_operator::plan::{KeyLayout, compile};
 use relayfed_sidecar::config::{Role, TrustLevel};
 
 fn examples() -> Vec<AnyResource> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/federation");
+    let dir = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../examples/federation");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     files

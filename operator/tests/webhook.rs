@@ -15,7 +15,12 @@ use relayfed_sidecar::intercept::rules::Backend;
 use serde_json::Value;
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/admission").join(name)).unwrap()
+    std::fs::read(
+        Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+            .join("tests/fixtures/admission")
+            .join(name),
+    )
+    .unwrap()
 }
 
 /// Runs the review and applies its patch (if any) to the request's pod.

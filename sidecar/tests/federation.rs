@@ -64,8 +64,11 @@ async fn view_of(p: &Proc) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_mains_six_homes() {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scenarios/federation.yaml")).unwrap();
+    let text = std::fs::read_to_string(
+        std::path::Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+            .join("../tests/scenarios/federation.yaml"),
+    )
+    .unwrap();
     let spec: ScenarioSpec = serde_saphyr::from_str(&text).unwrap();
     let tb = Testbed::new(&spec.trust_domain).unwrap();
     let mut targets = HashMap::new();

@@ -476,7 +476,7 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
 }
 
 fn scenario_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/chaos").join(name)
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../tests/chaos").join(name)
 }
 
 /// Runs scenario `name` under its schedule and asserts issue 24's acceptance: no wrong data,

@@ -207,9 +207,8 @@ async fn ech_keys_are_staged_rotated_pruned_and_rotated_on_request() {
     assert_eq!((pruned.current, pruned.next), (next, None), "pruning must not stage or rotate");
     // A rotation on request: a new annotation value stages a key at once (the schedule's own
     // staging is ~30 s away).
-    let out = plane()
-        .kubectl(&["-n", &ns.name, "annotate", "relay", "hub-eu", "relayfed.io/rotate-ech-key=now"])
-        .unwrap();
+    let out =
+        plane().kubectl(&["-n", &ns.name, "annotate", "relay", "hub-eu", "relayfed.io/rotate-ech-key=now"]).unwrap();
     assert!(out.ok, "{}", out.stderr);
     let asked = eventually("a key staged on request", Duration::from_secs(20), || async {
         keys().await.filter(|k| k.next.is_some())

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("..")
 }
 
 /// The shared plane with the CRD chart (with the optional MCS CRDs) applied and established.

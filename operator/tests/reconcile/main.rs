@@ -45,7 +45,8 @@ where
 /// The example federation's CRs (examples/federation), with uids and generations as the API
 /// server would have set them.
 pub fn example() -> Vec<AnyResource> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/federation");
+    let dir = std::path::Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+        .join("../examples/federation");
     let mut out = Vec::new();
     let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();

@@ -17,7 +17,14 @@ fn find() -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("RELAYFED_CLUSTER_BIN") {
         return Ok(PathBuf::from(d));
     }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cluster/build.sh");
+    // From the running test's package up to the repository (not the path this crate was
+    // compiled at: a shared target directory serves checkouts at other paths).
+    let start = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let script = start
+        .ancestors()
+        .map(|d| d.join("tests/cluster/build.sh"))
+        .find(|p| p.exists())
+        .with_context(|| format!("no tests/cluster/build.sh above {}", start.display()))?;
     let out = std::process::Command::new("bash")
         .arg(&script)
         .stderr(std::process::Stdio::inherit())

@@ -1,0 +1,314 @@
+//! ECH rollout analysis: from the setup counters nodes report (cumulative, per destination
+//! main relay, for the ECH cohort and the plain cohort), the verdict per main relay over the
+//! policy's evaluation window. Pure: callers feed reports and time.
+//!
+//! A main relay is the unit ECH is sealed to, so one broken relay fails only its own verdict.
+//! The ECH cohort fails when its success rate is below `minSuccessRate` while the plain cohort
+//! to the same relay is healthy (or too small to judge); when both cohorts fail, the path is
+//! broken, not ECH, and the verdict is inconclusive. Fewer than `minStreams` ECH setups in the
+//! window is inconclusive too.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, SystemTime};
+
+/// Cumulative setup counters of one cohort toward one destination main relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counters {
+    /// Setups attempted.
+    pub attempts: u64,
+    /// Setups that completed (end-to-end handshake done).
+    pub successes: u64,
+    /// ECH setups that fell back to a plain route header (opportunistic mode).
+    pub fallbacks: u64,
+    /// Sum of setup times of successful setups, in seconds.
+    pub setup_seconds: f64,
+}
+
+impl Counters {
+    /// The increase from `earlier` to `self`; a counter that went down was reset (the node
+    /// restarted), and its whole value is the increase (as Prometheus' `increase`).
+    fn since(&self, earlier: &Counters) -> Counters {
+        if self.attempts < earlier.attempts || self.successes < earlier.successes {
+            return *self;
+        }
+        Counters {
+            attempts: self.attempts - earlier.attempts,
+            successes: self.successes - earlier.successes,
+            fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
+            setup_seconds: (self.setup_seconds - earlier.setup_seconds).max(0.0),
+        }
+    }
+
+    fn add(&mut self, o: &Counters) {
+        self.attempts += o.attempts;
+        self.successes += o.successes;
+        self.fallbacks += o.fallbacks;
+        self.setup_seconds += o.setup_seconds;
+    }
+
+    /// Successes per attempt, if any attempt.
+    pub fn success_rate(&self) -> Option<f64> {
+        (self.attempts > 0).then(|| self.successes.min(self.attempts) as f64 / self.attempts as f64)
+    }
+
+    /// Mean setup time of successful setups.
+    pub fn mean_setup(&self) -> Option<Duration> {
+        (self.successes > 0).then(|| Duration::from_secs_f64(self.setup_seconds.max(0.0) / self.successes as f64))
+    }
+}
+
+/// Both cohorts toward one main relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cohorts {
+    /// Streams sealed with ECH.
+    pub ech: Counters,
+    /// Streams with a plain route header.
+    pub plain: Counters,
+}
+
+/// One node's counters at one time, by destination main relay.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// The reporting node.
+    pub node: String,
+    /// When the counters were read.
+    pub at: SystemTime,
+    /// Counters by destination main relay.
+    pub by_main: BTreeMap<String, Cohorts>,
+}
+
+/// The reports of the last window, per node (bounded: older reports are dropped, and at most
+/// `MAX_REPORTS_PER_NODE` are kept per node).
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    by_node: BTreeMap<String, VecDeque<Report>>,
+}
+
+/// Reports kept per node (one every few seconds over a window of minutes fits).
+pub const MAX_REPORTS_PER_NODE: usize = 512;
+
+impl History {
+    /// Adds a report; reports older than `keep` before it are dropped (one older report is
+    /// kept as the window's baseline).
+    pub fn record(&mut self, report: Report, keep: Duration) {
+        let q = self.by_node.entry(report.node.clone()).or_default();
+        if q.back().is_some_and(|last| last.at > report.at) {
+            return; // out of order: ignored
+        }
+        let horizon = report.at.checked_sub(keep).unwrap_or(SystemTime::UNIX_EPOCH);
+        q.push_back(report);
+        while q.len() > MAX_REPORTS_PER_NODE || (q.len() > 1 && q.get(1).is_some_and(|r| r.at <= horizon)) {
+            q.pop_front();
+        }
+    }
+
+    /// Forgets a node (it left the federation).
+    pub fn forget(&mut self, node: &str) {
+        self.by_node.remove(node);
+    }
+
+    /// The increase of every node's counters over the `window` ending at `now`, summed by
+    /// destination main relay. Each node's baseline is its newest report at or before the
+    /// window's start (else its oldest); a node's counter reset inside the window counts what
+    /// it reported since.
+    pub fn increase(&self, window: Duration, now: SystemTime) -> BTreeMap<String, Cohorts> {
+        let start = now.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut out: BTreeMap<String, Cohorts> = BTreeMap::new();
+        for q in self.by_node.values() {
+            let in_window: Vec<&Report> = q.iter().filter(|r| r.at <= now).collect();
+            let Some(base_i) = in_window.iter().rposition(|r| r.at <= start).or((!in_window.is_empty()).then_some(0))
+            else {
+                continue;
+            };
+            for pair in in_window[base_i..].windows(2) {
+                let (a, b) = (pair[0], pair[1]);
+                for (main, now_c) in &b.by_main {
+                    let before = a.by_main.get(main).copied().unwrap_or_default();
+                    let e = out.entry(main.clone()).or_default();
+                    e.ech.add(&now_c.ech.since(&before.ech));
+                    e.plain.add(&now_c.plain.since(&before.plain));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What the analysis needs of the policy (`spec.ech.autoRollback`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Criteria {
+    /// Lowest acceptable ECH setup success rate.
+    pub min_success_rate: f64,
+    /// Fewest ECH setups in the window for a verdict.
+    pub min_streams: u64,
+}
+
+/// The verdict for one main relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The ECH cohort is healthy.
+    Pass,
+    /// The ECH cohort fails where the plain cohort does not.
+    Fail,
+    /// Too few ECH streams, or both cohorts fail (the path, not ECH).
+    Inconclusive,
+}
+
+/// The analysis of one main relay over the window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Analysis {
+    /// The destination main relay.
+    pub main: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Why, in a sentence with the figures (for conditions and Events).
+    pub reason: String,
+    /// The window's increases.
+    pub counts: Cohorts,
+}
+
+/// Judges every main relay in `increase`.
+pub fn analyse(increase: &BTreeMap<String, Cohorts>, c: Criteria) -> Vec<Analysis> {
+    increase
+        .iter()
+        .map(|(main, counts)| {
+            let (verdict, reason) = judge(counts, c);
+            Analysis { main: main.clone(), verdict, reason, counts: *counts }
+        })
+        .collect()
+}
+
+fn pct(r: f64) -> String {
+    format!("{:.1}%", r * 100.0)
+}
+
+fn judge(counts: &Cohorts, c: Criteria) -> (Verdict, String) {
+    let (ech, plain) = (&counts.ech, &counts.plain);
+    if ech.attempts < c.min_streams {
+        return (
+            Verdict::Inconclusive,
+            format!("{} ECH setups in the window, fewer than minStreams {}", ech.attempts, c.min_streams),
+        );
+    }
+    let rate = ech.success_rate().unwrap_or(0.0);
+    if rate >= c.min_success_rate {
+        return (
+            Verdict::Pass,
+            format!("ECH setups {} successful of {} (minimum {})", pct(rate), ech.attempts, pct(c.min_success_rate)),
+        );
+    }
+    match plain.success_rate() {
+        Some(p) if plain.attempts >= c.min_streams && p < c.min_success_rate => (
+            Verdict::Inconclusive,
+            format!("ECH setups {} and plain setups {} successful: the path fails, not ECH", pct(rate), pct(p)),
+        ),
+        p => (
+            Verdict::Fail,
+            format!(
+                "ECH setups {} successful of {} (minimum {}); plain setups {}",
+                pct(rate),
+                ech.attempts,
+                pct(c.min_success_rate),
+                p.map(pct).unwrap_or_else(|| "none".into())
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s)
+    }
+
+    fn c(attempts: u64, successes: u64) -> Counters {
+        Counters { attempts, successes, fallbacks: 0, setup_seconds: successes as f64 * 0.01 }
+    }
+
+    fn report(node: &str, s: u64, main: &str, ech: Counters, plain: Counters) -> Report {
+        Report { node: node.into(), at: t(s), by_main: BTreeMap::from([(main.to_owned(), Cohorts { ech, plain })]) }
+    }
+
+    const C: Criteria = Criteria { min_success_rate: 0.95, min_streams: 100 };
+    const W: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn increases_are_summed_over_nodes_within_the_window() {
+        let mut h = History::default();
+        h.record(report("a", 0, "m1", c(1000, 1000), c(0, 0)), W);
+        h.record(report("a", 30, "m1", c(1100, 1090), c(10, 10)), W);
+        h.record(report("a", 60, "m1", c(1200, 1180), c(20, 20)), W);
+        h.record(report("b", 10, "m1", c(5, 5), c(0, 0)), W);
+        h.record(report("b", 60, "m1", c(105, 105), c(0, 0)), W);
+        let inc = h.increase(W, t(60));
+        assert_eq!(inc["m1"].ech.attempts, 200 + 100);
+        assert_eq!(inc["m1"].ech.successes, 180 + 100);
+        assert_eq!(inc["m1"].plain.attempts, 20);
+        // A shorter window starts at a later baseline.
+        assert_eq!(h.increase(Duration::from_secs(30), t(60))["m1"].ech.attempts, 100 + 100);
+    }
+
+    #[test]
+    fn a_counter_reset_counts_what_was_reported_since() {
+        let mut h = History::default();
+        h.record(report("a", 0, "m1", c(500, 500), c(0, 0)), W);
+        h.record(report("a", 30, "m1", c(40, 30), c(0, 0)), W); // restarted
+        h.record(report("a", 60, "m1", c(90, 70), c(0, 0)), W);
+        let inc = h.increase(W, t(60));
+        assert_eq!((inc["m1"].ech.attempts, inc["m1"].ech.successes), (90, 70));
+    }
+
+    #[test]
+    fn old_reports_are_dropped_and_out_of_order_ones_ignored() {
+        let mut h = History::default();
+        for s in 0..2000 {
+            h.record(report("a", s, "m1", c(s, s), c(0, 0)), W);
+        }
+        assert!(h.by_node["a"].len() <= 62, "{}", h.by_node["a"].len());
+        h.record(report("a", 10, "m1", c(0, 0), c(0, 0)), W);
+        assert_eq!(h.by_node["a"].back().unwrap().at, t(1999));
+        assert_eq!(h.increase(W, t(1999))["m1"].ech.attempts, 60);
+    }
+
+    #[test]
+    fn verdicts() {
+        let one = |ech: Counters, plain: Counters| {
+            analyse(&BTreeMap::from([("m1".to_owned(), Cohorts { ech, plain })]), C).remove(0).verdict
+        };
+        assert_eq!(one(c(99, 0), c(0, 0)), Verdict::Inconclusive, "below minStreams");
+        assert_eq!(one(c(100, 95), c(0, 0)), Verdict::Pass);
+        assert_eq!(one(c(100, 94), c(0, 0)), Verdict::Fail, "no plain cohort to blame the path on");
+        assert_eq!(one(c(100, 50), c(200, 199)), Verdict::Fail);
+        assert_eq!(one(c(100, 50), c(200, 100)), Verdict::Inconclusive, "both cohorts fail: the path");
+        assert_eq!(one(c(100, 50), c(20, 5)), Verdict::Fail, "too few plain setups to clear ECH");
+    }
+
+    #[test]
+    fn reasons_carry_the_figures() {
+        let a = analyse(&BTreeMap::from([("m1".to_owned(), Cohorts { ech: c(200, 150), plain: c(100, 100) })]), C);
+        assert_eq!(a[0].reason, "ECH setups 75.0% successful of 200 (minimum 95.0%); plain setups 100.0%");
+        assert_eq!(a[0].counts.ech.mean_setup(), Some(Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn any_report_sequence_yields_bounded_sane_figures() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let mut h = History::default();
+            let mut s = 0;
+            for _ in 0..rng.random_range(0..40) {
+                s += rng.random_range(0..20);
+                let a = rng.random_range(0..1000);
+                let node = ["a", "b"][rng.random_range(0..2)];
+                h.record(report(node, s, "m1", c(a, rng.random_range(0..=a)), c(a, a)), W);
+            }
+            for (_, k) in h.increase(W, t(s)) {
+                let r = k.ech.success_rate().unwrap_or(0.0);
+                assert!((0.0..=1.0).contains(&r));
+            }
+        }
+    }
+}
