@@ -3,7 +3,7 @@
 //! leads to ([`progress`]). Both are pure, shared by the operator and local mode.
 //!
 //! Not wired yet: nodes do not report per-main cohort counters to the operator, and snapshots
-//! carry one percentage for every relay; see docs/operations.md "ECH rollout".
+//! carry one percentage for every relay (docs/operations.md "ECH rollout" says so).
 
 pub mod analysis;
 pub mod progress;
