@@ -24,7 +24,7 @@ pub use error::{CrdError, FieldError};
 pub use federation::{ClusterRole, RelayFederation, RelayFederationSpec, RelayFederationStatus};
 pub use peer::{Peer, PeerSpec, PeerStatus, TrustLevel};
 pub use relay::{Relay, RelaySpec, RelayStatus, RelayType};
-pub use rollout::{EchMode, RolloutPolicy, RolloutPolicySpec, RolloutPolicyStatus};
+pub use rollout::{EchMode, MainAnalysis, RolloutPolicy, RolloutPolicySpec, RolloutPolicyStatus};
 
 /// API group of every relayfed kind.
 pub const GROUP: &str = "relayfed.io";

@@ -43,6 +43,9 @@ pub struct AutoRollback {
     #[serde(default = "default_min_streams")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub min_streams: u32,
+    /// Report what a rollback would do (status, Events, metrics) without lowering anything.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 impl Default for AutoRollback {
@@ -53,6 +56,7 @@ impl Default for AutoRollback {
             evaluation_window: default_window(),
             step: default_step(),
             min_streams: default_min_streams(),
+            dry_run: false,
         }
     }
 }
@@ -70,7 +74,7 @@ fn default_min_streams() -> u32 {
 }
 
 /// ECH rollout settings.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[x_kube(validation = Rule::new("!has(self.whitelist) || !has(self.blacklist) || self.whitelist.all(p, !(p in self.blacklist))").message("a peer id may not be in both whitelist and blacklist").field_path(".whitelist"))]
 #[x_kube(validation = Rule::new("!has(self.mode) || self.mode != 'required' || (has(self.enabled) && self.enabled)").message("mode required needs enabled: true").field_path(".mode"))]
 #[serde(rename_all = "camelCase")]
@@ -96,6 +100,34 @@ pub struct EchRollout {
     /// Automatic rollback.
     #[serde(default)]
     pub auto_rollback: AutoRollback,
+    /// Percentages to pass through on the way to `percentage` (ascending; those not below it
+    /// are ignored): each is held for `stepInterval` while the analysis passes. Empty: straight
+    /// to `percentage`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20), inner(range(min = 0, max = 100)))]
+    pub steps: Vec<u8>,
+    /// How long each step is held (and analysed) before the next.
+    #[serde(default = "default_step_interval")]
+    pub step_interval: Duration,
+}
+
+impl Default for EchRollout {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            mode: EchMode::default(),
+            percentage: 0,
+            whitelist: vec![],
+            blacklist: vec![],
+            auto_rollback: AutoRollback::default(),
+            steps: vec![],
+            step_interval: default_step_interval(),
+        }
+    }
+}
+
+fn default_step_interval() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// Trust defaults.
@@ -299,6 +331,7 @@ pub struct PolicySelector {
     printcolumn(name = "Percent", type_ = "integer", json_path = ".spec.ech.percentage"),
     printcolumn(name = "Effective", type_ = "integer", json_path = ".status.effectivePercentage"),
     printcolumn(name = "SuccessRate", type_ = "number", json_path = ".status.observedSuccessRate"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -377,6 +410,47 @@ pub struct RolloutPolicyStatus {
     /// RFC 3339 time of the last automatic rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rollback: Option<String>,
+    /// Where the rollout stands: Progressing, Paused, Succeeded or RolledBack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The percentage in force per destination main relay (where rollback lowered one, it
+    /// differs from `effectivePercentage`, the current step).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub effective_by_main: BTreeMap<String, u8>,
+    /// The last analysis per destination main relay: verdict and why, with the figures.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<MainAnalysis>,
+}
+
+/// The rollout analysis of one destination main relay over the evaluation window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MainAnalysis {
+    /// The destination main relay's node id.
+    pub main: String,
+    /// Pass, Fail or Inconclusive.
+    pub verdict: String,
+    /// The reason, with the figures.
+    pub reason: String,
+    /// ECH setups in the window.
+    pub ech_attempts: u64,
+    /// ECH setup success rate (0–1), if any ECH setup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech_success_rate: Option<f64>,
+    /// Plain setups in the window.
+    pub plain_attempts: u64,
+    /// Plain setup success rate (0–1), if any plain setup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_success_rate: Option<f64>,
+    /// ECH setups that fell back to a plain route header.
+    #[serde(default)]
+    pub fallbacks: u64,
+    /// Mean ECH setup time, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech_setup_millis: Option<f64>,
+    /// Mean plain setup time, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_setup_millis: Option<f64>,
 }
 
 impl RolloutPolicy {
@@ -410,6 +484,14 @@ impl RolloutPolicy {
         let rb = &ech.auto_rollback;
         if !(0.0..=1.0).contains(&rb.min_success_rate) {
             errs.push("spec.ech.autoRollback.minSuccessRate", format!("{} is outside 0..1", rb.min_success_rate));
+        }
+        for (i, step) in ech.steps.iter().enumerate() {
+            if i > 0 && ech.steps[i - 1] >= *step {
+                errs.push(format!("spec.ech.steps[{i}]"), format!("{step} does not rise above the step before it"));
+            }
+        }
+        if !ech.steps.is_empty() && ech.step_interval.get() < std::time::Duration::from_secs(10) {
+            errs.push("spec.ech.stepInterval", format!("{} is too short: at least 10s", ech.step_interval));
         }
         if rb.evaluation_window.get() < std::time::Duration::from_secs(10) {
             errs.push(

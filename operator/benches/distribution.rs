@@ -43,6 +43,7 @@ fn main() {
                 server_node: "relayfed-operator".into(),
                 identity: pki.identity(n).into(),
                 wait_seconds: 60,
+                reports: None,
             };
             tokio::spawn(sub.run(0, Arc::new(Metrics::new()), |snap| Ack {
                 version: snap.version,

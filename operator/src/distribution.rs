@@ -13,8 +13,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use relayfed_sidecar::config::Role;
 use relayfed_sidecar::config::Snapshot;
-use relayfed_sidecar::distribution::{ALPN, Ack, AckResult, MAX_WAIT_SECONDS, parse_path};
+use relayfed_sidecar::distribution::{ALPN, Ack, AckResult, MAX_REPORT_BYTES, MAX_WAIT_SECONDS, Report, parse_path};
 use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
 use relayfed_sidecar::transport::tls::HopIdentity;
 use serde::Serialize;
@@ -22,6 +23,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::OperatorMetrics;
+use crate::rollout::analysis::{self, Cohorts, History};
 
 /// Largest ack body accepted.
 const MAX_ACK_BYTES: usize = 16 * 1024;
@@ -61,7 +63,12 @@ pub struct Distributor {
     acked: watch::Sender<u64>,
     generation: Mutex<u64>,
     metrics: Arc<OperatorMetrics>,
+    /// ECH cohort reports over the rollout's evaluation window (its analysis reads them).
+    reports: Mutex<(History, Duration)>,
 }
+
+/// Reports are kept this long until a rollout says its window.
+const DEFAULT_REPORT_WINDOW: Duration = Duration::from_secs(300);
 
 impl Distributor {
     /// An empty store; versions continue after `generation` (e.g. the last version served
@@ -73,6 +80,7 @@ impl Distributor {
             acked: watch::channel(0).0,
             generation: Mutex::new(generation),
             metrics,
+            reports: Mutex::new((History::default(), DEFAULT_REPORT_WINDOW)),
         })
     }
 
@@ -112,6 +120,9 @@ impl Distributor {
                 changed.push(node.clone());
             }
         });
+        if let Ok(mut r) = self.reports.lock() {
+            r.0.retain(|node| snapshots.contains_key(node));
+        }
         if !changed.is_empty() {
             *generation = next_gen;
             info!(version = next_gen, nodes = ?changed, "published config snapshots");
@@ -227,6 +238,43 @@ impl Distributor {
         Ok(())
     }
 
+    /// Records `node`'s ECH cohort counters, stamped with this server's clock. Only nodes in
+    /// the plan report, and only counters toward main relays in the plan are kept.
+    pub fn record_report(&self, node: &str, report: Report) -> Result<(), String> {
+        let mains: Vec<String> = {
+            let published = self.published.borrow();
+            if !published.contains_key(node) {
+                return Err(format!("node {node:?} is not in the plan"));
+            }
+            published.iter().filter(|(_, p)| p.snapshot.node.role == Role::Main).map(|(n, _)| n.clone()).collect()
+        };
+        let by_main: BTreeMap<String, Cohorts> = report
+            .by_main
+            .into_iter()
+            .filter(|(m, _)| mains.contains(m))
+            .map(|(m, c)| (m, Cohorts::from(&c)))
+            .collect();
+        if let Ok(mut r) = self.reports.lock() {
+            let keep = r.1;
+            r.0.record(analysis::Report { node: node.to_owned(), at: SystemTime::now(), by_main }, keep);
+        }
+        self.metrics.rollout_reports.get_or_create(&[("result", "accepted")]).inc();
+        debug!(%node, "ECH cohort report recorded");
+        Ok(())
+    }
+
+    /// How long reports are kept: the rollout's evaluation window.
+    pub fn set_report_window(&self, window: Duration) {
+        if let Ok(mut r) = self.reports.lock() {
+            r.1 = window;
+        }
+    }
+
+    /// Every node's counter increase over `window` ending at `now`, by destination main relay.
+    pub fn cohort_increase(&self, window: Duration, now: SystemTime) -> BTreeMap<String, Cohorts> {
+        self.reports.lock().map(|r| r.0.increase(window, now)).unwrap_or_default()
+    }
+
     /// Binds `addr` and serves the distribution endpoint with `identity` (a certificate from
     /// the federation CA); returns the bound address.
     pub async fn serve(self: Arc<Self>, addr: SocketAddr, identity: &HopIdentity) -> anyhow::Result<SocketAddr> {
@@ -317,7 +365,28 @@ impl Distributor {
                     Err(e) => text(StatusCode::BAD_REQUEST, &format!("ack: {e}\n")),
                 }
             }
-            _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET /v1/snapshot/{node} or POST /v1/ack/{node}\n"),
+            ("report", &Method::POST) => {
+                let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, &format!("report body: {e}\n")),
+                };
+                let recorded = Report::parse(&body).and_then(|r| self.record_report(&node, r));
+                match recorded {
+                    Ok(()) => {
+                        let mut r = Response::new(Full::new(Bytes::new()));
+                        *r.status_mut() = StatusCode::NO_CONTENT;
+                        r
+                    }
+                    Err(e) => {
+                        self.metrics.rollout_reports.get_or_create(&[("result", "refused")]).inc();
+                        text(StatusCode::BAD_REQUEST, &format!("report: {e}\n"))
+                    }
+                }
+            }
+            _ => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "GET /v1/snapshot/{node}, POST /v1/ack/{node} or POST /v1/report/{node}\n",
+            ),
         }
     }
 

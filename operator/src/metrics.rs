@@ -45,7 +45,18 @@ pub struct OperatorMetrics {
     pub admissions: Family<L1, Counter>,
     /// 1 while this replica holds the leader Lease, else 0.
     pub leader: Gauge,
+    /// ECH percentage in force for destinations behind each `main` relay (after steps and
+    /// automatic rollback).
+    pub rollout_effective_percent: Family<Main, Gauge>,
+    /// Rollout analyses by `result` (pass, fail, inconclusive), one per main relay per evaluation.
+    pub rollout_analyses: Family<L1, Counter>,
+    /// Rollout transitions by `kind` (rearmed, advanced, rolled_back, would_roll_back).
+    pub rollout_transitions: Family<L1, Counter>,
+    /// ECH cohort reports from nodes by `result` (accepted, refused).
+    pub rollout_reports: Family<L1, Counter>,
 }
+
+type Main = [(&'static str, String); 1];
 
 fn seconds_histogram() -> Histogram {
     Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
@@ -78,6 +89,10 @@ impl OperatorMetrics {
             certificates_issued: Default::default(),
             admissions: Default::default(),
             leader: Default::default(),
+            rollout_effective_percent: Default::default(),
+            rollout_analyses: Default::default(),
+            rollout_transitions: Default::default(),
+            rollout_reports: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -133,6 +148,35 @@ impl OperatorMetrics {
             "1 while this replica holds the leader Lease (it reconciles and serves distribution)",
             m.leader.clone(),
         );
+        registry.register(
+            "relayfed_rollout_effective_percent",
+            "ECH percentage in force for destinations behind each main relay (after steps and automatic rollback)",
+            m.rollout_effective_percent.clone(),
+        );
+        registry.register(
+            "relayfed_rollout_analysis",
+            "ECH rollout analyses by result, one per main relay per evaluation",
+            m.rollout_analyses.clone(),
+        );
+        registry.register(
+            "relayfed_rollout_transitions",
+            "ECH rollout transitions by kind",
+            m.rollout_transitions.clone(),
+        );
+        registry.register(
+            "relayfed_rollout_reports",
+            "ECH cohort reports from nodes by result",
+            m.rollout_reports.clone(),
+        );
+        for result in ["pass", "fail", "inconclusive"] {
+            let _ = m.rollout_analyses.get_or_create(&[("result", result)]);
+        }
+        for kind in ["rearmed", "advanced", "rolled_back", "would_roll_back"] {
+            let _ = m.rollout_transitions.get_or_create(&[("kind", kind)]);
+        }
+        for result in ["accepted", "refused"] {
+            let _ = m.rollout_reports.get_or_create(&[("result", result)]);
+        }
         Self { registry, ..m }
     }
 

@@ -37,6 +37,7 @@ async fn subscribers_follow_published_versions_and_ack_them() {
         server_node: "relayfed-operator".into(),
         identity: pki.identity("a").into(),
         wait_seconds: 5,
+        reports: None,
     };
     let task = tokio::spawn(sub.run(0, Arc::new(Metrics::new()), move |snap| {
         s.lock().unwrap().push((snap.version, snap.ech_policy.percentage));
@@ -91,6 +92,7 @@ async fn a_node_cannot_read_another_nodes_snapshot() {
         server_node: "relayfed-operator".into(),
         identity: impostor.into(),
         wait_seconds: 1,
+        reports: None,
     };
     let task = tokio::spawn(sub.run(0, Arc::new(Metrics::new()), move |snap| {
         *g.lock().unwrap() += 1;

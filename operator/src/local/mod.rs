@@ -12,6 +12,7 @@
 pub mod http;
 pub mod keys;
 pub mod prometheus;
+pub mod rollout;
 pub mod rotation;
 pub mod sources;
 pub mod status;

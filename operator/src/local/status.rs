@@ -175,7 +175,11 @@ pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> V
         AnyResource::Federation(f) => Some((r.name(), f.spec.trust_domain.clone())),
         _ => None,
     });
-    let rollout = rollout(&s.resources);
+    let mut rollout = rollout(&s.resources);
+    if let Some(r) = rollout.as_object_mut() {
+        r.insert("evaluation".into(), s.rollout["evaluation"].clone());
+        r.insert("events".into(), s.rollout["events"].clone());
+    }
     let mut warnings = s.warnings.clone();
     if rollout["enabled"].as_bool() == Some(true) {
         warnings.extend(anonymity_warnings(&nodes));
@@ -224,6 +228,36 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// The rollout's evaluation: phase, success rate, and per main relay its percentage and
+/// verdict; then the recent transitions.
+fn render_rollout(r: &Value) -> String {
+    let e = &r["evaluation"];
+    if e.is_null() {
+        return String::new();
+    }
+    let mut out = format!(
+        "           phase {}, step {}%, ECH setup success {} over the window\n",
+        cell(&e["phase"]),
+        cell(&e["stepPercentage"]),
+        e["successRate"].as_f64().map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+    );
+    let analyses = e["analyses"].as_array().cloned().unwrap_or_default();
+    for (main, pct) in e["effectiveByMain"].as_object().into_iter().flatten() {
+        let a = analyses.iter().find(|a| a["main"] == main.as_str());
+        let lowered = pct.as_u64() < e["stepPercentage"].as_u64();
+        out.push_str(&format!(
+            "           {main}: {}%{}  {}\n",
+            cell(pct),
+            if lowered { " (rolled back)" } else { "" },
+            a.map_or("no setups in the window".into(), |a| format!("{}: {}", cell(&a["verdict"]), cell(&a["reason"])))
+        ));
+    }
+    for ev in r["events"].as_array().into_iter().flatten().rev().take(3) {
+        out.push_str(&format!("           event: {}\n", cell(&ev["message"])));
+    }
+    out
+}
+
 /// Renders the status document as the table `relayfed local status` prints.
 pub fn render(status: &Value) -> String {
     let mut out = String::new();
@@ -243,6 +277,7 @@ pub fn render(status: &Value) -> String {
         cell(&r["whitelist"]),
         cell(&r["blacklist"])
     ));
+    out.push_str(&render_rollout(r));
     out.push_str(&format!(
         "config     generation {}, {} edit(s) applied",
         cell(&status["generation"]),

@@ -98,6 +98,8 @@ pub struct Shared {
     pub warnings: Vec<String>,
     /// The last rejected edit: when (unix seconds) and every message.
     pub last_rejected: Option<(u64, Vec<String>)>,
+    /// The ECH rollout's last evaluation and recent transitions (null before the first).
+    pub rollout: Value,
     /// Accepted edits since start.
     pub accepted_edits: u64,
     /// Built-in workloads: (node, service, address, kind).
@@ -138,6 +140,8 @@ pub struct Supervisor {
     /// When the ECH key schedules run next, and the relays asked to rotate now.
     keys_due: tokio::time::Instant,
     rotate_now: BTreeSet<String>,
+    /// The ECH rollout (analysis of the homes' reports, steps, automatic rollback).
+    rollout: super::rollout::LocalRollout,
 }
 
 fn now_unix() -> u64 {
@@ -239,6 +243,7 @@ impl Supervisor {
             control: None,
             keys_due: tokio::time::Instant::now(),
             rotate_now: BTreeSet::new(),
+            rollout: Default::default(),
         };
         if let Ok(mut s) = sup.shared.lock() {
             s.warnings = warnings;
@@ -268,7 +273,8 @@ impl Supervisor {
 
     /// Compiles admitted resources into the snapshots local nodes run with.
     fn compile(&self, loaded: &Loaded) -> Result<BTreeMap<String, Snapshot>, Vec<String>> {
-        let (out, warnings) = compile(&self.keys, &self.passphrase_file, loaded)?;
+        let (mut out, warnings) = compile(&self.keys, &self.passphrase_file, loaded)?;
+        self.rollout.apply(&loaded.resources, &mut out);
         for w in &warnings {
             warn!("{w}");
         }
@@ -558,6 +564,7 @@ impl Supervisor {
             s.accepted_edits += 1;
         }
         self.loaded = loaded;
+        self.rollout.soon();
         true
     }
 
@@ -629,6 +636,7 @@ impl Supervisor {
                         Err(e) => warn!(error = %e, "cannot read the manifests"),
                     }
                     self.run_key_schedules();
+                    self.run_rollout();
                 }
                 ev = rx.recv() => match ev {
                     Some(Event::Down) | None => break,
@@ -668,6 +676,16 @@ impl Supervisor {
         }
     }
 
+    /// Evaluates the ECH rollout when due; publishes new effective percentages.
+    fn run_rollout(&mut self) {
+        if self.rollout.tick(&self.loaded.resources, &self.distributor, &self.metrics) {
+            self.republish();
+        }
+        if let Ok(mut s) = self.shared.lock() {
+            s.rollout = self.rollout.status();
+        }
+    }
+
     /// Publishes the running configuration again with the key files' current ECH configs.
     fn republish(&mut self) {
         let result = self.compile(&self.loaded).map_err(|errs| errs.join("; ")).and_then(|mut snapshots| {
@@ -678,9 +696,9 @@ impl Supervisor {
         match result {
             Ok(snapshots) => {
                 let changed = self.distributor.publish(&snapshots);
-                info!(changed = ?changed, "new ECH configs published");
+                info!(changed = ?changed, "configuration published again (ECH configs, rollout percentages)");
             }
-            Err(e) => error!(error = %e, "cannot publish the new ECH configs; homes keep sealing to the previous key"),
+            Err(e) => error!(error = %e, "cannot publish the configuration again; nodes keep the previous one"),
         }
     }
 

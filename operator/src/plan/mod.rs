@@ -81,6 +81,25 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// The RolloutPolicy a federation names as its default, if it exists.
+fn policy_of<'a>(resources: &'a [AnyResource], fed: &RelayFederation) -> Option<&'a RolloutPolicy> {
+    resources.iter().find_map(|r| match r {
+        AnyResource::RolloutPolicy(p)
+            if p.metadata.name.as_deref() == Some(fed.spec.default_rollout_policy.as_str()) =>
+        {
+            Some(p.as_ref())
+        }
+        _ => None,
+    })
+}
+
+/// The RolloutPolicy in force: the default policy of the (one) federation among `resources`.
+pub fn rollout_policy(resources: &[AnyResource]) -> Option<&RolloutPolicy> {
+    let fed =
+        resources.iter().find_map(|r| if let AnyResource::Federation(f) = r { Some(f.as_ref()) } else { None })?;
+    policy_of(resources, fed)
+}
+
 /// Compiles the CRs of one federation into per-node snapshots.
 pub fn compile(resources: &[AnyResource], keys: &KeyLayout, version: u64) -> Result<Plan, Vec<PlanError>> {
     compile_with_workloads(resources, keys, version, None)
@@ -114,15 +133,7 @@ pub fn compile_with_workloads(
         .collect();
     let peers: Vec<&Peer> =
         resources.iter().filter_map(|r| if let AnyResource::Peer(x) = r { Some(x.as_ref()) } else { None }).collect();
-    let policy = resources.iter().find_map(|r| match r {
-        AnyResource::RolloutPolicy(p)
-            if p.metadata.name.clone().unwrap_or_default() == fed.spec.default_rollout_policy =>
-        {
-            Some(p.as_ref())
-        }
-        _ => None,
-    });
-    let Some(policy) = policy else {
+    let Some(policy) = policy_of(resources, fed) else {
         return Err(vec![err(
             &fed_obj,
             "spec.defaultRolloutPolicy",
@@ -455,9 +466,11 @@ fn policy_parts(policy: &RolloutPolicy, relays: &[&Relay]) -> (EchPolicy, Trust,
             EchMode::Opportunistic => ech_policy::EchMode::Opportunistic,
             EchMode::Required => ech_policy::EchMode::Required,
         },
-        percentage: e.percentage,
+        // With steps, the rollout starts at the first; the rollout driver moves it on.
+        percentage: e.steps.iter().copied().filter(|s| *s < e.percentage).min().unwrap_or(e.percentage),
         whitelist: e.whitelist.clone(),
         blacklist: e.blacklist.clone(),
+        percentage_by_main: BTreeMap::new(),
     };
     let t = &policy.spec.trust;
     let trust = Trust {

@@ -11,6 +11,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
+use relayfed_sidecar::federation::ech_cohorts;
+
 /// Cumulative setup counters of one cohort toward one destination main relay.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Counters {
@@ -57,6 +59,23 @@ impl Counters {
     }
 }
 
+impl From<&ech_cohorts::CohortCounters> for Counters {
+    fn from(c: &ech_cohorts::CohortCounters) -> Self {
+        Counters {
+            attempts: c.attempts,
+            successes: c.successes,
+            fallbacks: c.fallbacks,
+            setup_seconds: c.setup_seconds,
+        }
+    }
+}
+
+impl From<&ech_cohorts::Cohorts> for Cohorts {
+    fn from(c: &ech_cohorts::Cohorts) -> Self {
+        Cohorts { ech: (&c.ech).into(), plain: (&c.plain).into() }
+    }
+}
+
 /// Both cohorts toward one main relay.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Cohorts {
@@ -100,6 +119,11 @@ impl History {
         while q.len() > MAX_REPORTS_PER_NODE || (q.len() > 1 && q.get(1).is_some_and(|r| r.at <= horizon)) {
             q.pop_front();
         }
+    }
+
+    /// Keeps only the nodes `keep` says yes to (the others left the plan).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.by_node.retain(|n, _| keep(n));
     }
 
     /// Forgets a node (it left the federation).

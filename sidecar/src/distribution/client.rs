@@ -10,9 +10,10 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{ALPN, Ack, AckResult};
+use super::{ALPN, Ack, AckResult, REPORT_SECONDS, Report};
 use crate::admin::metrics::Metrics;
 use crate::config::Snapshot;
+use crate::federation::ech_cohorts::EchCohorts;
 use crate::transport::tls::SharedIdentity;
 
 /// Where and as whom a node subscribes.
@@ -27,6 +28,9 @@ pub struct Subscription {
     pub identity: SharedIdentity,
     /// Seconds each long-poll may wait.
     pub wait_seconds: u64,
+    /// ECH cohort counters to report (calling homes): sent every [`REPORT_SECONDS`] while
+    /// they change, between long-polls (which then wait at most that long).
+    pub reports: Option<Arc<EchCohorts>>,
 }
 
 /// Why one round with the server failed (the subscription retries with backoff).
@@ -119,8 +123,26 @@ impl Subscription {
         if !status.is_success() {
             return Err(ClientError::Status { status: status.as_u16(), body: String::from_utf8_lossy(&text).into() });
         }
+        let mut reported = None;
         loop {
-            let path = format!("/v1/snapshot/{node}?after={}&waitSeconds={}", *version, self.wait_seconds);
+            let mut wait = self.wait_seconds;
+            if let Some(counters) = &self.reports {
+                wait = wait.min(REPORT_SECONDS);
+                let totals = counters.totals();
+                if !totals.is_empty() && reported.as_ref() != Some(&totals) {
+                    let body =
+                        serde_json::to_vec(&Report { by_main: totals.clone() }).map_err(|e| self.transport(e))?;
+                    let (status, _, text) =
+                        self.request(&mut sender, Method::POST, format!("/v1/report/{node}"), body).await?;
+                    if status.is_success() {
+                        reported = Some(totals);
+                    } else {
+                        // The rollout analysis misses this node; config distribution goes on.
+                        warn!(status = status.as_u16(), answer = %String::from_utf8_lossy(&text).trim(), "ECH cohort report refused");
+                    }
+                }
+            }
+            let path = format!("/v1/snapshot/{node}?after={}&waitSeconds={wait}", *version);
             let (status, header_version, body) = self.request(&mut sender, Method::GET, path, Vec::new()).await?;
             let ack = match status {
                 StatusCode::NOT_MODIFIED => continue,

@@ -5,6 +5,12 @@
 //! `bucket < percentage * 100`. Raising the percentage therefore only adds destinations,
 //! never removes one. The peer id is the destination home node id; the whitelist and
 //! blacklist match either the destination node id or its main relay id.
+//!
+//! `percentageByMain` holds the percentage in force for destinations behind one main relay
+//! where it differs from `percentage`: the operator's rollout analysis lowers it for a relay
+//! whose ECH streams fail (docs/operations.md "ECH rollout").
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -41,6 +47,10 @@ pub struct EchPolicy {
     /// Never ECH.
     #[serde(default)]
     pub blacklist: Vec<String>,
+    /// The share for destinations behind one main relay, where it differs from `percentage`
+    /// (lowered by automatic rollback).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub percentage_by_main: BTreeMap<String, u8>,
 }
 
 /// What to do for one destination.
@@ -66,6 +76,11 @@ pub fn bucket(peer_id: &str) -> u16 {
 }
 
 impl EchPolicy {
+    /// The percentage in force for destinations behind `main` (0–100).
+    pub fn percentage_for(&self, main: &str) -> u8 {
+        self.percentage_by_main.get(main).copied().unwrap_or(self.percentage).min(100)
+    }
+
     /// Decides for the destination `dest_node` attached to `dest_main`.
     pub fn decide(&self, dest_node: &str, dest_main: &str) -> EchDecision {
         if !self.enabled || self.mode == EchMode::Disabled {
@@ -77,7 +92,7 @@ impl EchPolicy {
         } else if listed(&self.whitelist) {
             true
         } else {
-            bucket(dest_node) < u16::from(self.percentage.min(100)) * 100
+            bucket(dest_node) < u16::from(self.percentage_for(dest_main)) * 100
         };
         match (selected, self.mode) {
             (false, _) => EchDecision::Plain,
@@ -121,6 +136,18 @@ mod tests {
             let expected = usize::from(pct) * 100;
             assert!(on.abs_diff(expected) < 250, "{pct}%: {on} of 10000");
         }
+    }
+
+    #[test]
+    fn a_relay_of_its_own_keeps_only_its_share() {
+        let mut p = policy(100);
+        p.percentage_by_main.insert("broken".into(), 0);
+        assert_eq!(p.decide("a", "m"), EchDecision::Opportunistic);
+        assert_eq!(p.decide("a", "broken"), EchDecision::Plain, "rolled back to 0 for its relay");
+        p.whitelist = vec!["a".into()];
+        assert_eq!(p.decide("a", "broken"), EchDecision::Opportunistic, "the whitelist still forces a peer on");
+        assert_eq!(p.percentage_for("broken"), 0);
+        assert_eq!(p.percentage_for("m"), 100);
     }
 
     proptest! {

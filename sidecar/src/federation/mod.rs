@@ -2,6 +2,7 @@
 //! the ECH rollout policy.
 
 pub mod balancer;
+pub mod ech_cohorts;
 pub mod ech_policy;
 pub mod registration;
 pub mod registry;

@@ -144,7 +144,12 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
         });
     }
     if let Some(server) = opts.config_server.clone() {
-        let sub = Subscription { server, server_node: opts.config_server_node.clone(), identity, wait_seconds: 30 };
+        let reports = match &running {
+            Running::Home(h) => Some(h.ech_cohorts()),
+            Running::Main(_) => None,
+        };
+        let sub =
+            Subscription { server, server_node: opts.config_server_node.clone(), identity, wait_seconds: 30, reports };
         let in_force = snap.clone();
         let node = running.clone();
         let base_dir = opts.base_dir.clone();

@@ -144,6 +144,7 @@ pub async fn run(opts: WorkloadOptions) -> anyhow::Result<()> {
         server_node: opts.server_node.clone(),
         identity: identity.clone().into(),
         wait_seconds: 30,
+        reports: None,
     };
     let mut backoff = Duration::from_millis(200);
     let mut snap = loop {

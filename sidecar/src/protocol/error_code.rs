@@ -80,6 +80,13 @@ codes! {
     Internal = 18, "INTERNAL", "a bug: please report it with the logs";
 }
 
+impl ErrorCode {
+    /// Whether the code is about ECH itself (the rollout analysis counts it against ECH).
+    pub fn is_ech(self) -> bool {
+        matches!(self, Self::EchRequired | Self::EchDecryptFailed | Self::EchUnknownConfig)
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -28,6 +28,7 @@ use crate::config::{Export, Import, LoadBalancing, MainRelay, Snapshot, Unmatche
 use crate::crypto::ech::seal;
 use crate::crypto::noise::{Initiator, MAX_PLAINTEXT, RecvHalf, Responder, SendHalf, StaticKeypair, prologue};
 use crate::federation::balancer::Balancer;
+use crate::federation::ech_cohorts::EchCohorts;
 use crate::federation::ech_policy::{EchDecision, EchPolicy};
 use crate::federation::registry::{Entry, Key};
 use crate::intercept::original_dst::original_dst;
@@ -71,6 +72,9 @@ pub struct HomeNode {
     /// in Noise message 2, its CA bundle verifies destinations' certificates.
     current: RwLock<Arc<HopIdentity>>,
     metrics: Arc<Metrics>,
+    /// Setups per destination main relay and ECH cohort, reported to the operator's rollout
+    /// analysis.
+    ech_cohorts: Arc<EchCohorts>,
 }
 
 /// The part of a home node's configuration that changes without a restart. A stream takes
@@ -147,6 +151,7 @@ impl HomeNode {
             balancers: std::sync::Mutex::new(HashMap::new()),
             live: RwLock::new(Arc::new(HomeLive::from_snapshot(snap))),
             metrics,
+            ech_cohorts: Arc::default(),
         });
         node.metrics.config_version.set(snap.version as i64);
         let mut bound = Bound { imports: Vec::new(), outbound: Vec::new() };
@@ -196,6 +201,11 @@ impl HomeNode {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// The ECH cohort counters this home keeps (reported to the operator).
+    pub fn ech_cohorts(&self) -> Arc<EchCohorts> {
+        self.ech_cohorts.clone()
     }
 
     /// The live settings in force now.

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::crypto::ech::config_digest;
+use crate::federation::ech_cohorts::{Cohort, Setup};
 use crate::serving::{Admitted, BoundedListener, ServerLimits};
 
 impl HomeNode {
@@ -217,10 +218,11 @@ impl HomeNode {
                 self.path(&lost_paths).ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
             let (dest, balanced) = self.resolve(import, &main_id, &tried, live)?;
             let started = Instant::now();
+            let mut cohort = CohortNote::default();
             // One attempt gets the handshake timeout; the call timeout bounds them all.
             let result = match tokio::time::timeout(
                 live.handshake_timeout,
-                self.establish_to(&conn, &main_id, &dest, balanced, live),
+                self.establish_to(&conn, &main_id, &dest, balanced, live, &mut cohort),
             )
             .await
             {
@@ -230,6 +232,9 @@ impl HomeNode {
             // A failure on our own link (the main relay connection closed meanwhile) says
             // nothing about the instance: it is released unjudged, like a refusal.
             let own_link_lost = conn.close_reason().is_some();
+            if let Some(setup) = cohort.setup(&result, own_link_lost, started.elapsed()) {
+                self.ech_cohorts.record(&dest.main, setup);
+            }
             if balanced {
                 match &result {
                     Ok(_) => self.balanced_done(import, &dest.key(), Some(started.elapsed())),
@@ -270,6 +275,7 @@ impl HomeNode {
         dest: &Entry,
         from_registry: bool,
         live: &HomeLive,
+        cohort: &mut CohortNote,
     ) -> Result<Established, StreamError> {
         let remote =
             decode_key32(&dest.noise_key).ok_or((ErrorCode::Internal, format!("bad Noise key for {}", dest.node)))?;
@@ -281,6 +287,7 @@ impl HomeNode {
             origin: format!("{}@{}", self.identity.node_id, main_id),
         };
         let decision = if dest.ech { live.policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
+        cohort.cohort = Some(if decision == EchDecision::Plain { Cohort::Plain } else { Cohort::Ech });
         let mut retried = false;
         loop {
             let sealed = match decision {
@@ -301,6 +308,7 @@ impl HomeNode {
                         // The authenticated snapshot says this relay has no ECH keys: ECH is
                         // securely off for it, not stripped by a relay.
                         self.metrics.ech.get_or_create(&[("outcome", "fallback")]).inc();
+                        cohort.fallback = true;
                         None
                     }
                 },
@@ -506,6 +514,30 @@ fn retryable(code: ErrorCode) -> bool {
             | ErrorCode::CircuitOpen
             | ErrorCode::Timeout
     )
+}
+
+/// The ECH cohort of one setup attempt, noted while it runs (the decision is taken inside).
+#[derive(Debug, Default)]
+struct CohortNote {
+    /// Set once the ECH decision is taken; `None`: the attempt ended before it.
+    cohort: Option<Cohort>,
+    fallback: bool,
+}
+
+impl CohortNote {
+    /// The setup to count for the rollout analysis, if the attempt says anything about its
+    /// cohort: not when the caller's own link died under it, nor for refusals about the
+    /// caller (rate limits, permissions), which are the same whatever the cohort.
+    fn setup<T>(&self, result: &Result<T, StreamError>, own_link_lost: bool, took: Duration) -> Option<Setup> {
+        let cohort = self.cohort?;
+        let ok = match result {
+            Ok(_) => true,
+            Err(_) if own_link_lost => return None,
+            Err((code, _)) if against_instance(*code) || code.is_ech() => false,
+            Err(_) => return None,
+        };
+        Some(Setup { cohort, ok, fallback: self.fallback, seconds: took.as_secs_f64() })
+    }
 }
 
 fn io_err(e: FrameIoError) -> StreamError {

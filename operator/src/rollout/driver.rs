@@ -1,0 +1,277 @@
+//! One rollout, evaluated again and again: turns a `RolloutPolicy` into the analysis criteria
+//! and the progression policy, judges the window's cohort counters, keeps the progression
+//! state between evaluations, and writes the effective percentages into snapshots. Pure: the
+//! operator and local mode feed it counters and time and apply what it returns.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, SystemTime};
+
+use relayfed_crds::{MainAnalysis, RolloutPolicy};
+use relayfed_sidecar::config::{Role, Snapshot};
+use serde::Serialize;
+
+use super::analysis::{Analysis, Cohorts, Criteria, Verdict, analyse};
+use super::progress::{self, Phase, State, Transition};
+
+/// The progression policy of a `RolloutPolicy`. The generation is the object's
+/// `metadata.generation` mixed with a hash of its `spec.ech`, so an edit re-arms also where
+/// no API server counts generations (local mode).
+pub fn progression(rp: &RolloutPolicy) -> progress::Policy {
+    let ech = &rp.spec.ech;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(ech).unwrap_or_default().hash(&mut h);
+    rp.metadata.generation.hash(&mut h);
+    progress::Policy {
+        generation: (h.finish() >> 1) as i64,
+        configured: ech.percentage.min(100),
+        steps: ech.steps.clone(),
+        step_interval: ech.step_interval.get(),
+        auto_rollback: ech.auto_rollback.enabled,
+        rollback_step: ech.auto_rollback.step,
+        window: ech.auto_rollback.evaluation_window.get(),
+        dry_run: ech.auto_rollback.dry_run,
+    }
+}
+
+/// The analysis criteria of a `RolloutPolicy`.
+pub fn criteria(rp: &RolloutPolicy) -> Criteria {
+    let rb = &rp.spec.ech.auto_rollback;
+    Criteria { min_success_rate: rb.min_success_rate, min_streams: u64::from(rb.min_streams) }
+}
+
+/// The outcome of one evaluation, as status, `local status` and logs show it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evaluation {
+    /// Where the rollout stands.
+    pub phase: Phase,
+    /// The configured percentage (`spec.ech.percentage`).
+    pub configured: u8,
+    /// The percentage of the current step (before per-relay rollbacks).
+    pub step_percentage: u8,
+    /// The percentage in force per destination main relay.
+    pub effective_by_main: BTreeMap<String, u8>,
+    /// ECH setup success rate over the window, every relay together.
+    pub success_rate: Option<f64>,
+    /// The verdict per destination main relay that had setups in the window.
+    pub analyses: Vec<MainAnalysis>,
+}
+
+impl Evaluation {
+    /// The relays whose percentage is below the step's.
+    pub fn rolled_back(&self) -> BTreeMap<String, u8> {
+        self.effective_by_main
+            .iter()
+            .filter(|(_, p)| **p < self.step_percentage)
+            .map(|(m, p)| (m.clone(), *p))
+            .collect()
+    }
+}
+
+/// A rollout's state between evaluations.
+#[derive(Clone, Debug, Default)]
+pub struct Rollout {
+    state: Option<State>,
+    last: Option<Evaluation>,
+    /// When the current generation was armed: streams before it are not judged (they ran
+    /// under the policy the edit replaced).
+    armed_at: Option<SystemTime>,
+}
+
+impl Rollout {
+    /// Evaluates at `now` for the main relays in `mains`. `increase(window)` gives the counter
+    /// increases over the `window` ending at `now`, by destination main relay; the window is
+    /// the policy's, shortened to the time since the policy was last edited. Returns the
+    /// evaluation and what changed.
+    pub fn evaluate(
+        &mut self,
+        rp: &RolloutPolicy,
+        increase: impl Fn(Duration) -> BTreeMap<String, Cohorts>,
+        mains: &[String],
+        now: SystemTime,
+    ) -> (Evaluation, Vec<Transition>) {
+        let policy = progression(rp);
+        let armed_at = match (&self.state, self.armed_at) {
+            (Some(s), Some(at)) if s.generation == policy.generation => at,
+            _ => now,
+        };
+        self.armed_at = Some(armed_at);
+        let window = policy.window.min(now.duration_since(armed_at).unwrap_or_default());
+        let increase = if window.is_zero() { BTreeMap::new() } else { increase(window) };
+        let analyses: Vec<Analysis> =
+            analyse(&increase, criteria(rp)).into_iter().filter(|a| mains.contains(&a.main)).collect();
+        let (state, transitions) = progress::evaluate(self.state.as_ref(), &policy, &analyses, now);
+        let ech =
+            analyses.iter().fold((0u64, 0u64), |(a, s), x| (a + x.counts.ech.attempts, s + x.counts.ech.successes));
+        let eval = Evaluation {
+            phase: state.phase,
+            configured: policy.configured,
+            step_percentage: state.base(&policy),
+            effective_by_main: mains.iter().map(|m| (m.clone(), state.effective(&policy, m))).collect(),
+            success_rate: (ech.0 > 0).then(|| ech.1.min(ech.0) as f64 / ech.0 as f64),
+            analyses: analyses.iter().map(view).collect(),
+        };
+        self.state = Some(state);
+        self.last = Some(eval.clone());
+        (eval, transitions)
+    }
+
+    /// The last evaluation, if any.
+    pub fn last(&self) -> Option<&Evaluation> {
+        self.last.as_ref()
+    }
+
+    /// Puts the last evaluation's percentages into `snapshots`, if it was made for `rp` as it
+    /// is now (after an edit, the plan's values hold until the next evaluation re-arms).
+    pub fn apply(&self, rp: &RolloutPolicy, snapshots: &mut BTreeMap<String, Snapshot>) {
+        if let (Some(state), Some(eval)) = (&self.state, &self.last)
+            && state.generation == progression(rp).generation
+        {
+            apply(eval, snapshots);
+        }
+    }
+
+    /// The evaluation window of `rp` (how long node reports must be kept).
+    pub fn window(rp: &RolloutPolicy) -> Duration {
+        rp.spec.ech.auto_rollback.evaluation_window.get()
+    }
+}
+
+fn view(a: &Analysis) -> MainAnalysis {
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    MainAnalysis {
+        main: a.main.clone(),
+        verdict: match a.verdict {
+            Verdict::Pass => "Pass",
+            Verdict::Fail => "Fail",
+            Verdict::Inconclusive => "Inconclusive",
+        }
+        .to_owned(),
+        reason: a.reason.clone(),
+        ech_attempts: a.counts.ech.attempts,
+        ech_success_rate: a.counts.ech.success_rate(),
+        plain_attempts: a.counts.plain.attempts,
+        plain_success_rate: a.counts.plain.success_rate(),
+        fallbacks: a.counts.ech.fallbacks,
+        ech_setup_millis: ms(a.counts.ech.mean_setup()),
+        plain_setup_millis: ms(a.counts.plain.mean_setup()),
+    }
+}
+
+/// The main relays among `snapshots` (the destinations ECH is sealed to).
+pub fn mains_of(snapshots: &BTreeMap<String, Snapshot>) -> Vec<String> {
+    snapshots.iter().filter(|(_, s)| s.node.role == Role::Main).map(|(n, _)| n.clone()).collect()
+}
+
+/// Puts an evaluation's percentages into every snapshot's ECH policy: the step's percentage,
+/// and the relays below it in `percentageByMain`.
+pub fn apply(eval: &Evaluation, snapshots: &mut BTreeMap<String, Snapshot>) {
+    let below = eval.rolled_back();
+    for s in snapshots.values_mut() {
+        s.ech_policy.percentage = eval.step_percentage;
+        s.ech_policy.percentage_by_main = below.clone();
+    }
+}
+
+/// One line per transition, for logs and Events.
+pub fn describe(t: &Transition) -> (&'static str, String) {
+    match t {
+        Transition::Rearmed { to } => ("rearmed", format!("policy edited: the rollout starts again at {to}%")),
+        Transition::Advanced { to } => ("advanced", format!("analysis passed: advanced to {to}%")),
+        Transition::RolledBack { main, from, to, reason } => {
+            ("rolled_back", format!("ECH for destinations behind {main} rolled back from {from}% to {to}%: {reason}"))
+        }
+        Transition::WouldRollBack { main, at, reason } => (
+            "would_roll_back",
+            format!("dry run: ECH for destinations behind {main} would be rolled back from {at}%: {reason}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::analysis::Counters;
+
+    fn policy(yaml: &str) -> RolloutPolicy {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    const BASE: &str = "apiVersion: relayfed.io/v1alpha1\nkind: RolloutPolicy\nmetadata: {name: default}\nspec:\n  ech:\n    enabled: true\n    percentage: 100\n    autoRollback: {minSuccessRate: 0.9, evaluationWindow: 10s, step: 50, minStreams: 5}\n";
+
+    fn counts(ech: (u64, u64), plain: (u64, u64)) -> Cohorts {
+        let c =
+            |(a, s): (u64, u64)| Counters { attempts: a, successes: s, fallbacks: 0, setup_seconds: s as f64 * 0.002 };
+        Cohorts { ech: c(ech), plain: c(plain) }
+    }
+
+    fn t(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000 + s)
+    }
+
+    #[test]
+    fn a_failing_relay_is_lowered_in_every_snapshot_and_only_it() {
+        let rp = policy(BASE);
+        let mains = vec!["m1".to_owned(), "m2".to_owned()];
+        let mut r = Rollout::default();
+        let inc = BTreeMap::from([
+            ("m1".to_owned(), counts((20, 20), (10, 10))),
+            ("m2".to_owned(), counts((20, 2), (10, 10))),
+        ]);
+        r.evaluate(&rp, |_| BTreeMap::new(), &mains, t(0));
+        let (eval, tr) = r.evaluate(
+            &rp,
+            |w| {
+                assert_eq!(w, Duration::from_secs(5), "the window starts at the edit");
+                inc.clone()
+            },
+            &mains,
+            t(5),
+        );
+        assert!(
+            tr.iter().any(|x| matches!(x, Transition::RolledBack { main, from: 100, to: 50, .. } if main == "m2")),
+            "{tr:?}"
+        );
+        assert_eq!(eval.effective_by_main, BTreeMap::from([("m1".into(), 100), ("m2".into(), 50)]));
+        assert_eq!(eval.phase, Phase::RolledBack);
+        assert_eq!(eval.success_rate, Some(22.0 / 40.0));
+        assert_eq!(eval.analyses.iter().map(|a| a.verdict.as_str()).collect::<Vec<_>>(), ["Pass", "Fail"]);
+        let mut snaps = BTreeMap::new();
+        let snap = Snapshot::parse(include_str!("../../../sidecar/fuzz/seeds/snapshot/home.yaml")).unwrap();
+        snaps.insert("h".to_owned(), snap);
+        apply(&eval, &mut snaps);
+        assert_eq!(snaps["h"].ech_policy.percentage, 100);
+        assert_eq!(snaps["h"].ech_policy.percentage_by_main, BTreeMap::from([("m2".into(), 50)]));
+        assert_eq!(snaps["h"].ech_policy.percentage_for("m1"), 100);
+        assert!(describe(&tr[0]).1.contains("m2"), "{}", describe(&tr[0]).1);
+    }
+
+    #[test]
+    fn counters_of_relays_outside_the_plan_are_ignored_and_an_edit_rearms() {
+        let rp = policy(BASE);
+        let mut r = Rollout::default();
+        let inc = BTreeMap::from([("gone".to_owned(), counts((20, 0), (10, 10)))]);
+        let (_, tr) = r.evaluate(&rp, |_| unreachable!("nothing to judge at the edit"), &["m1".to_owned()], t(0));
+        assert!(matches!(tr[..], [Transition::Rearmed { to: 100 }]), "{tr:?}");
+        let (eval, _) = r.evaluate(&rp, |_| inc.clone(), &["m1".to_owned()], t(1));
+        assert!(eval.analyses.is_empty());
+        assert_eq!(eval.rolled_back(), BTreeMap::new());
+        let (_, again) = r.evaluate(
+            &rp,
+            |w| {
+                assert_eq!(w, Duration::from_secs(5));
+                inc.clone()
+            },
+            &["m1".to_owned()],
+            t(5),
+        );
+        assert!(again.is_empty(), "the same policy is not re-armed: {again:?}");
+        let edited = policy(&BASE.replace("percentage: 100", "percentage: 50"));
+        let (eval, tr) =
+            r.evaluate(&edited, |_| unreachable!("streams before the edit are not judged"), &["m1".to_owned()], t(60));
+        assert!(matches!(tr[..], [Transition::Rearmed { to: 50 }]), "{tr:?}");
+        assert_eq!(eval.step_percentage, 50);
+        assert_eq!(progression(&edited).window, Duration::from_secs(10));
+    }
+}
