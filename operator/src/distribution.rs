@@ -130,6 +130,11 @@ impl Distributor {
         changed
     }
 
+    /// Every published snapshot, by node.
+    pub fn published(&self) -> BTreeMap<String, Snapshot> {
+        self.published.borrow().iter().map(|(n, p)| (n.clone(), (*p.snapshot).clone())).collect()
+    }
+
     /// The snapshot currently published for `node`.
     pub fn snapshot(&self, node: &str) -> Option<Arc<Snapshot>> {
         self.published.borrow().get(node).map(|p| p.snapshot.clone())
@@ -270,9 +275,15 @@ impl Distributor {
         }
     }
 
-    /// Every node's counter increase over `window` ending at `now`, by destination main relay.
-    pub fn cohort_increase(&self, window: Duration, now: SystemTime) -> BTreeMap<String, Cohorts> {
-        self.reports.lock().map(|r| r.0.increase(window, now)).unwrap_or_default()
+    /// Every node's counter increase over `window` ending at `now`, by destination main relay,
+    /// from reports received after `not_before`.
+    pub fn cohort_increase(
+        &self,
+        window: Duration,
+        now: SystemTime,
+        not_before: SystemTime,
+    ) -> BTreeMap<String, Cohorts> {
+        self.reports.lock().map(|r| r.0.increase_since(window, now, not_before)).unwrap_or_default()
     }
 
     /// Binds `addr` and serves the distribution endpoint with `identity` (a certificate from

@@ -51,7 +51,8 @@ impl LocalRollout {
             .cloned()
             .collect();
         let at = SystemTime::now();
-        let (eval, transitions) = self.driver.evaluate(rp, |w| distributor.cohort_increase(w, at), &mains, at);
+        let (eval, transitions) =
+            self.driver.evaluate(rp, |w, since| distributor.cohort_increase(w, at, since), &mains, at);
         for a in &eval.analyses {
             metrics.rollout_analyses.get_or_create(&[("result", verdict_label(&a.verdict))]).inc();
         }

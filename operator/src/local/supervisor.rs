@@ -679,7 +679,14 @@ impl Supervisor {
     /// Evaluates the ECH rollout when due; publishes new effective percentages.
     fn run_rollout(&mut self) {
         if self.rollout.tick(&self.loaded.resources, &self.distributor, &self.metrics) {
-            self.republish();
+            // Only the ECH policy changes: the published snapshots, with the new percentages
+            // (the ECH configs homes seal to stay what the key schedule last published).
+            let mut snapshots = self.distributor.published();
+            self.rollout.apply(&self.loaded.resources, &mut snapshots);
+            let changed = self.distributor.publish(&snapshots);
+            if !changed.is_empty() {
+                info!(changed = ?changed, "rollout percentages published");
+            }
         }
         if let Ok(mut s) = self.shared.lock() {
             s.rollout = self.rollout.status();
@@ -696,9 +703,9 @@ impl Supervisor {
         match result {
             Ok(snapshots) => {
                 let changed = self.distributor.publish(&snapshots);
-                info!(changed = ?changed, "configuration published again (ECH configs, rollout percentages)");
+                info!(changed = ?changed, "new ECH configs published");
             }
-            Err(e) => error!(error = %e, "cannot publish the configuration again; nodes keep the previous one"),
+            Err(e) => error!(error = %e, "cannot publish the new ECH configs; homes keep sealing to the previous key"),
         }
     }
 

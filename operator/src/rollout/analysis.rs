@@ -136,10 +136,22 @@ impl History {
     /// window's start (else its oldest); a node's counter reset inside the window counts what
     /// it reported since.
     pub fn increase(&self, window: Duration, now: SystemTime) -> BTreeMap<String, Cohorts> {
+        self.increase_since(window, now, SystemTime::UNIX_EPOCH)
+    }
+
+    /// [`History::increase`], counting only what happened after `not_before` (no report from
+    /// before it is a baseline): after a policy edit, setups made under the old policy are
+    /// not judged.
+    pub fn increase_since(
+        &self,
+        window: Duration,
+        now: SystemTime,
+        not_before: SystemTime,
+    ) -> BTreeMap<String, Cohorts> {
         let start = now.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
         let mut out: BTreeMap<String, Cohorts> = BTreeMap::new();
         for q in self.by_node.values() {
-            let in_window: Vec<&Report> = q.iter().filter(|r| r.at <= now).collect();
+            let in_window: Vec<&Report> = q.iter().filter(|r| r.at <= now && r.at >= not_before).collect();
             let Some(base_i) = in_window.iter().rposition(|r| r.at <= start).or((!in_window.is_empty()).then_some(0))
             else {
                 continue;
@@ -272,6 +284,24 @@ mod tests {
         assert_eq!(inc["m1"].plain.attempts, 20);
         // A shorter window starts at a later baseline.
         assert_eq!(h.increase(Duration::from_secs(30), t(60))["m1"].ech.attempts, 100 + 100);
+    }
+
+    #[test]
+    fn setups_before_an_edit_are_not_counted() {
+        let mut h = History::default();
+        h.record(report("a", 0, "m1", c(100, 100), c(0, 0)), W);
+        h.record(report("a", 20, "m1", c(200, 120), c(0, 0)), W); // failures before the edit at 25
+        h.record(report("a", 30, "m1", c(250, 170), c(0, 0)), W);
+        h.record(report("a", 40, "m1", c(300, 220), c(0, 0)), W);
+        let all = h.increase(W, t(40));
+        assert_eq!((all["m1"].ech.attempts, all["m1"].ech.successes), (200, 120));
+        let since = h.increase_since(W, t(40), t(25));
+        assert_eq!(
+            (since["m1"].ech.attempts, since["m1"].ech.successes),
+            (50, 50),
+            "from the first report after the edit"
+        );
+        assert!(h.increase_since(W, t(40), t(41)).is_empty());
     }
 
     #[test]

@@ -80,14 +80,14 @@ pub struct Rollout {
 }
 
 impl Rollout {
-    /// Evaluates at `now` for the main relays in `mains`. `increase(window)` gives the counter
-    /// increases over the `window` ending at `now`, by destination main relay; the window is
-    /// the policy's, shortened to the time since the policy was last edited. Returns the
-    /// evaluation and what changed.
+    /// Evaluates at `now` for the main relays in `mains`. `increase(window, not_before)` gives
+    /// the counter increases over the `window` ending at `now`, by destination main relay,
+    /// from reports received after `not_before` (when the policy was last edited). Returns
+    /// the evaluation and what changed.
     pub fn evaluate(
         &mut self,
         rp: &RolloutPolicy,
-        increase: impl Fn(Duration) -> BTreeMap<String, Cohorts>,
+        increase: impl Fn(Duration, SystemTime) -> BTreeMap<String, Cohorts>,
         mains: &[String],
         now: SystemTime,
     ) -> (Evaluation, Vec<Transition>) {
@@ -97,8 +97,7 @@ impl Rollout {
             _ => now,
         };
         self.armed_at = Some(armed_at);
-        let window = policy.window.min(now.duration_since(armed_at).unwrap_or_default());
-        let increase = if window.is_zero() { BTreeMap::new() } else { increase(window) };
+        let increase = if now > armed_at { increase(policy.window, armed_at) } else { BTreeMap::new() };
         let analyses: Vec<Analysis> =
             analyse(&increase, criteria(rp)).into_iter().filter(|a| mains.contains(&a.main)).collect();
         let (state, transitions) = progress::evaluate(self.state.as_ref(), &policy, &analyses, now);
@@ -219,11 +218,11 @@ mod tests {
             ("m1".to_owned(), counts((20, 20), (10, 10))),
             ("m2".to_owned(), counts((20, 2), (10, 10))),
         ]);
-        r.evaluate(&rp, |_| BTreeMap::new(), &mains, t(0));
+        r.evaluate(&rp, |_, _| BTreeMap::new(), &mains, t(0));
         let (eval, tr) = r.evaluate(
             &rp,
-            |w| {
-                assert_eq!(w, Duration::from_secs(5), "the window starts at the edit");
+            |w, since| {
+                assert_eq!((w, since), (Duration::from_secs(10), t(0)), "setups before the edit are not judged");
                 inc.clone()
             },
             &mains,
@@ -252,15 +251,15 @@ mod tests {
         let rp = policy(BASE);
         let mut r = Rollout::default();
         let inc = BTreeMap::from([("gone".to_owned(), counts((20, 0), (10, 10)))]);
-        let (_, tr) = r.evaluate(&rp, |_| unreachable!("nothing to judge at the edit"), &["m1".to_owned()], t(0));
+        let (_, tr) = r.evaluate(&rp, |_, _| unreachable!("nothing to judge at the edit"), &["m1".to_owned()], t(0));
         assert!(matches!(tr[..], [Transition::Rearmed { to: 100 }]), "{tr:?}");
-        let (eval, _) = r.evaluate(&rp, |_| inc.clone(), &["m1".to_owned()], t(1));
+        let (eval, _) = r.evaluate(&rp, |_, _| inc.clone(), &["m1".to_owned()], t(1));
         assert!(eval.analyses.is_empty());
         assert_eq!(eval.rolled_back(), BTreeMap::new());
         let (_, again) = r.evaluate(
             &rp,
-            |w| {
-                assert_eq!(w, Duration::from_secs(5));
+            |_, since| {
+                assert_eq!(since, t(0));
                 inc.clone()
             },
             &["m1".to_owned()],
@@ -268,8 +267,12 @@ mod tests {
         );
         assert!(again.is_empty(), "the same policy is not re-armed: {again:?}");
         let edited = policy(&BASE.replace("percentage: 100", "percentage: 50"));
-        let (eval, tr) =
-            r.evaluate(&edited, |_| unreachable!("streams before the edit are not judged"), &["m1".to_owned()], t(60));
+        let (eval, tr) = r.evaluate(
+            &edited,
+            |_, _| unreachable!("streams before the edit are not judged"),
+            &["m1".to_owned()],
+            t(60),
+        );
         assert!(matches!(tr[..], [Transition::Rearmed { to: 50 }]), "{tr:?}");
         assert_eq!(eval.step_percentage, 50);
         assert_eq!(progression(&edited).window, Duration::from_secs(10));

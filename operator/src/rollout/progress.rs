@@ -7,9 +7,11 @@
 //! - A relay whose ECH cohort fails loses `step` points (to 0 at worst) and is not judged again
 //!   until a whole window has passed since (the window still holds the failures that caused
 //!   the rollback). It stays rolled back until the next edit.
-//! - Steps advance every `stepInterval` while no relay fails and at least one passes; when
-//!   every verdict is inconclusive, advancement pauses.
-//! - `dryRun`: the transitions are reported, nothing changes.
+//! - Steps advance every `stepInterval` while no relay fails and at least one passes, or while
+//!   there is traffic but the step selects no destination that has any; when every verdict is
+//!   inconclusive otherwise (no traffic, or too few ECH setups), advancement pauses.
+//! - `dryRun`: the rollbacks that would happen are reported (once per window and relay),
+//!   nothing changes.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -74,6 +76,8 @@ pub struct State {
     pub rolled_back: BTreeMap<String, (u8, SystemTime)>,
     /// The phase.
     pub phase: Phase,
+    /// Dry run: when each relay's last would-be rollback was reported (once per window).
+    pub dry_runs: BTreeMap<String, SystemTime>,
 }
 
 /// What changed in one evaluation (for Events, conditions and logs).
@@ -127,7 +131,14 @@ impl State {
 
 fn armed(p: &Policy, now: SystemTime) -> State {
     let phase = if p.ladder().len() == 1 { Phase::Succeeded } else { Phase::Progressing };
-    State { generation: p.generation, step: 0, step_since: now, rolled_back: BTreeMap::new(), phase }
+    State {
+        generation: p.generation,
+        step: 0,
+        step_since: now,
+        rolled_back: BTreeMap::new(),
+        phase,
+        dry_runs: BTreeMap::new(),
+    }
 }
 
 /// One evaluation at `now`.
@@ -152,7 +163,12 @@ pub fn evaluate(prev: Option<&State>, p: &Policy, analyses: &[Analysis], now: Sy
             continue;
         }
         if p.dry_run {
-            out.push(Transition::WouldRollBack { main: a.main.clone(), at, reason: a.reason.clone() });
+            let reported =
+                s.dry_runs.get(&a.main).is_some_and(|at| now.duration_since(*at).unwrap_or_default() < p.window);
+            if !reported {
+                s.dry_runs.insert(a.main.clone(), now);
+                out.push(Transition::WouldRollBack { main: a.main.clone(), at, reason: a.reason.clone() });
+            }
             continue;
         }
         let to = at.saturating_sub(p.rollback_step);
@@ -163,8 +179,13 @@ pub fn evaluate(prev: Option<&State>, p: &Policy, analyses: &[Analysis], now: Sy
     }
     let last = p.ladder().len() - 1;
     if s.step < last && !failed && s.phase != Phase::RolledBack {
+        // A step that selects no destination with traffic has nothing to judge: it is not
+        // held (at 5% of three homes, ECH may reach none of them).
         let passed = analyses.iter().any(|a| a.verdict == Verdict::Pass);
-        if !passed {
+        let traffic = analyses.iter().any(|a| a.counts.ech.attempts + a.counts.plain.attempts > 0);
+        let ech_traffic = analyses.iter().any(|a| a.counts.ech.attempts > 0);
+        let nothing_selected = traffic && !ech_traffic;
+        if !passed && !nothing_selected {
             s.phase = Phase::Paused;
         } else {
             s.phase = Phase::Progressing;
@@ -184,7 +205,7 @@ pub fn evaluate(prev: Option<&State>, p: &Policy, analyses: &[Analysis], now: Sy
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::analysis::Cohorts;
+    use crate::rollout::analysis::{Cohorts, Counters};
 
     fn t(s: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s)
@@ -226,6 +247,28 @@ mod tests {
         let (s2, tr) = evaluate(Some(&s), &p, &[a("m1", Verdict::Pass)], t(900));
         assert!(tr.is_empty());
         assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn a_step_that_selects_no_destination_with_traffic_is_not_held() {
+        let p = policy();
+        let (s, _) = evaluate(None, &p, &[], t(0));
+        let plain_only = Analysis {
+            counts: Cohorts {
+                plain: Counters { attempts: 50, successes: 50, ..Counters::default() },
+                ..Cohorts::default()
+            },
+            ..a("m1", Verdict::Inconclusive)
+        };
+        let (s, tr) = evaluate(Some(&s), &p, std::slice::from_ref(&plain_only), t(60));
+        assert_eq!(tr, [Transition::Advanced { to: 25 }]);
+        let few_ech = Analysis {
+            counts: Cohorts { ech: Counters { attempts: 2, successes: 2, ..Counters::default() }, ..plain_only.counts },
+            ..plain_only
+        };
+        let (s, tr) = evaluate(Some(&s), &p, &[few_ech], t(200));
+        assert!(tr.is_empty(), "ECH setups below minStreams: held");
+        assert_eq!(s.phase, Phase::Paused);
     }
 
     #[test]
@@ -273,6 +316,10 @@ mod tests {
         let (s, tr) = evaluate(Some(&s), &p, &[a("m1", Verdict::Fail)], t(10));
         assert_eq!(tr, [Transition::WouldRollBack { main: "m1".into(), at: 100, reason: "Fail".into() }]);
         assert_eq!(s.effective(&p, "m1"), 100);
+        let (s, tr) = evaluate(Some(&s), &p, &[a("m1", Verdict::Fail)], t(12));
+        assert!(tr.is_empty(), "reported once per window: {tr:?}");
+        let (s, tr) = evaluate(Some(&s), &p, &[a("m1", Verdict::Fail)], t(130));
+        assert_eq!(tr.len(), 1, "and again after a window");
         let off = Policy { auto_rollback: false, ..p };
         let (s, tr) = evaluate(Some(&s), &off, &[a("m1", Verdict::Fail)], t(20));
         assert!(tr.is_empty());

@@ -1,0 +1,230 @@
+//! The ECH rollout watching itself, in local mode on real processes (`tests/rollout/`):
+//! steps that pause without traffic and advance 5 -> 25 -> 50 -> 100 under healthy traffic;
+//! then one main relay's ECH key broken under load, and only that relay's percentage rolled
+//! back (status, event, metric); then the key fixed and the policy edited, and every relay at
+//! 100% again with ECH working. The analysis reads the cohort counters the calling home
+//! reports to the supervisor's config distribution: no Prometheus involved.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "chaos/scenario.rs"]
+#[allow(dead_code)]
+mod scenario;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use relayfed_sidecar::config::keys::EchKeyFile;
+use relayfed_sidecar::testbed::procs::{eventually, get, round_trip};
+use serde_json::Value;
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_relayfed"))
+}
+
+/// The policy: ECH to 100% through `steps`, judged over 10 s windows.
+fn policy(steps: &str) -> String {
+    format!(
+        "apiVersion: relayfed.io/v1alpha1
+kind: RolloutPolicy
+metadata: {{name: default, namespace: relayfed-system}}
+spec:
+  ech:
+    enabled: true
+    mode: opportunistic
+    percentage: 100
+    steps: {steps}
+    stepInterval: 10s
+    autoRollback: {{enabled: true, minSuccessRate: 0.9, evaluationWindow: 10s, step: 50, minStreams: 5}}
+  loadBalancing: {{algorithm: roundRobin, preferLocal: false}}
+"
+    )
+}
+
+fn status(state: &Path) -> Value {
+    let out = std::process::Command::new(bin())
+        .args(["local", "status", "--json", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn evaluation(s: &Value) -> &Value {
+    &s["rollout"]["evaluation"]
+}
+
+fn effective(s: &Value, main: &str) -> Option<u64> {
+    evaluation(s)["effectiveByMain"][main].as_u64()
+}
+
+fn verdict<'a>(s: &'a Value, main: &str) -> Option<&'a str> {
+    evaluation(s)["analyses"].as_array()?.iter().find(|a| a["main"] == main)?["verdict"].as_str()
+}
+
+fn events(s: &Value) -> Vec<String> {
+    s["rollout"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn node(s: &Value, id: &str) -> Value {
+    s["nodes"].as_array().unwrap().iter().find(|n| n["node"] == id).cloned().unwrap_or(Value::Null)
+}
+
+/// Calls `addr` in a loop (three at a time) until `stop`; counts successes and failures.
+fn load(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    for _ in 0..3 {
+        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = tokio::time::timeout(Duration::from_secs(5), round_trip(addr, b"rollout")).await;
+                if matches!(r, Ok(Ok(b)) if b == b"rollout") {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                // Pacing of the load (about 30 calls a second), not a synchronisation.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    (ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_advance_and_a_broken_relay_is_rolled_back_alone() {
+    let dir = std::env::temp_dir().join(format!("relayfed-rollout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    let scenario_dir =
+        Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../tests/rollout");
+    let text = std::fs::read_to_string(scenario_dir.join("federation.yaml")).unwrap();
+    let (federation, _) = scenario::fill(&text, &mut scenario::free_port).unwrap();
+    std::fs::write(dir.join("manifests/00-federation.yaml"), federation).unwrap();
+    let policy_file = dir.join("manifests/50-policy.yaml");
+    std::fs::write(&policy_file, policy("[5, 25, 50]")).unwrap();
+    let state = dir.join("state");
+    let (mut child, ready) = scenario::local_up(&bin(), &dir, &[]).await;
+    let control: std::net::SocketAddr = ready["control"].as_str().unwrap().parse().unwrap();
+    let s = status(&state);
+    let c1: std::net::SocketAddr =
+        node(&s, "c1")["imports"].as_array().unwrap()[0]["listen"].as_str().unwrap().parse().unwrap();
+
+    // Without traffic the first step is held.
+    eventually("the rollout is evaluated and paused at 5%", Duration::from_secs(30), || async {
+        let s = status(&state);
+        evaluation(&s)["phase"] == "Paused" && evaluation(&s)["stepPercentage"] == 5
+    })
+    .await;
+    // The measurement period: longer than stepInterval, nothing may advance.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let s = status(&state);
+    assert_eq!(evaluation(&s)["stepPercentage"], 5, "no traffic, no step: {}", evaluation(&s));
+    assert_eq!(evaluation(&s)["phase"], "Paused");
+
+    // Healthy traffic: the steps advance to 100%.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = load(c1, stop.clone());
+    eventually("the steps reach 100% under healthy traffic", Duration::from_secs(90), || async {
+        let s = status(&state);
+        evaluation(&s)["phase"] == "Succeeded" && evaluation(&s)["stepPercentage"] == 100
+    })
+    .await;
+    let advanced: Vec<String> = events(&status(&state)).into_iter().filter(|e| e.contains("advanced to")).collect();
+    assert_eq!(
+        advanced.iter().map(|e| e.rsplit(' ').next().unwrap().to_owned()).collect::<Vec<_>>(),
+        ["25%", "50%", "100%"],
+        "{advanced:?}"
+    );
+    eventually("every relay passes with ECH at 100%", Duration::from_secs(30), || async {
+        let s = status(&state);
+        ["m1", "m2", "m3"].iter().all(|m| verdict(&s, m) == Some("Pass"))
+    })
+    .await;
+    let healthy_failed = failed.load(Ordering::Relaxed);
+
+    // m2's ECH key is replaced behind the supervisor's back: homes seal to a config it no
+    // longer holds, and its ECH setups fail.
+    let key_file = state.join("keys/m2-ech.json");
+    let pass = std::fs::read_to_string(state.join("passphrase")).unwrap();
+    let pass = pass.trim_end().as_bytes();
+    let original = std::fs::read(&key_file).unwrap();
+    let mut broken = EchKeyFile::load(&key_file, Some(pass)).unwrap();
+    let good_id = broken.current.config_id;
+    broken.current.config_id = good_id.wrapping_add(7);
+    broken.current.secret = relayfed_sidecar::config::base64_encode(&rand::random::<[u8; 32]>());
+    broken.previous = None;
+    broken.next = None;
+    broken.save(&key_file, Some(pass)).unwrap();
+    let m2_admin = node(&s, "m2")["admin"].as_str().unwrap().to_owned();
+    eventually("m2 runs the broken key", Duration::from_secs(20), || async {
+        let h = relayfed_operator::local::http::get_json(&m2_admin, "/federation/health").await;
+        h.is_some_and(|h| h["echKeys"]["current"] == u64::from(good_id.wrapping_add(7)))
+    })
+    .await;
+    let mut others_held = true;
+    eventually("m2's percentage is rolled back", Duration::from_secs(30), || {
+        let s = status(&state);
+        others_held &= effective(&s, "m1") == Some(100) && effective(&s, "m3") == Some(100);
+        async move { effective(&s, "m2").is_some_and(|p| p < 100) }
+    })
+    .await;
+    assert!(others_held, "m1 and m3 kept 100% while m2 failed");
+    let s = status(&state);
+    assert_eq!(evaluation(&s)["phase"], "RolledBack");
+    assert_eq!((effective(&s, "m1"), effective(&s, "m3")), (Some(100), Some(100)));
+    let event = events(&s).into_iter().find(|e| e.contains("rolled back")).expect("a rollback event");
+    assert!(event.contains("m2") && event.contains("from 100% to 50%"), "{event}");
+    let m2 = evaluation(&s)["analyses"].as_array().unwrap().iter().find(|a| a["main"] == "m2").cloned();
+    eprintln!("rollback: {event}; m2 analysis {m2:?}");
+    let metrics = get(control, "/metrics").await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("relayfed_rollout_effective_percent{main=\"m2\"} 50")),
+        "the supervisor exports m2's effective percentage"
+    );
+    assert!(metrics.lines().any(|l| l.starts_with("relayfed_rollout_effective_percent{main=\"m1\"} 100")));
+    assert!(failed.load(Ordering::Relaxed) > healthy_failed, "the broken key failed calls");
+
+    // The key is fixed, then the policy edited (without steps): every relay at 100% again.
+    std::fs::write(&key_file, &original).unwrap();
+    eventually("m2 runs its own key again", Duration::from_secs(20), || async {
+        let h = relayfed_operator::local::http::get_json(&m2_admin, "/federation/health").await;
+        h.is_some_and(|h| h["echKeys"]["current"] == u64::from(good_id))
+    })
+    .await;
+    std::fs::write(&policy_file, policy("[]")).unwrap();
+    eventually("the edit re-arms the rollout at 100% everywhere", Duration::from_secs(30), || async {
+        let s = status(&state);
+        evaluation(&s)["phase"] == "Succeeded"
+            && ["m1", "m2", "m3"].iter().all(|m| effective(&s, m) == Some(100))
+            && events(&s).iter().any(|e| e.contains("starts again at 100%"))
+    })
+    .await;
+    eventually("ECH toward m2 works again", Duration::from_secs(40), || async {
+        verdict(&status(&state), "m2") == Some("Pass")
+    })
+    .await;
+    let s = status(&state);
+    let all = events(&s);
+    let rearmed = all.iter().rposition(|e| e.contains("starts again at 100%")).unwrap();
+    assert!(
+        !all[rearmed..].iter().any(|e| e.contains("rolled back")),
+        "setups from before the edit are not judged again: {all:?}"
+    );
+    assert_eq!(effective(&s, "m2"), Some(100));
+    let before = ok.load(Ordering::Relaxed);
+    eventually("calls keep succeeding", Duration::from_secs(20), || async { ok.load(Ordering::Relaxed) > before + 20 })
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    eprintln!("rollout: {} calls ok, {} failed", ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let _ = std::process::Command::new(bin()).args(["local", "down", "--state-dir"]).arg(&state).status();
+    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
