@@ -137,6 +137,8 @@ pub struct Context {
     pub clock: Clock,
     /// The last compiled snapshots of each federation (`namespace/name`), published as one union.
     pub(crate) plans: Mutex<BTreeMap<String, BTreeMap<String, Snapshot>>>,
+    /// The ECH rollout of each federation (`namespace/name`).
+    pub(crate) rollouts: Mutex<BTreeMap<String, super::rollout::FederationRollout>>,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -160,6 +162,7 @@ impl Context {
             distributor,
             clock,
             plans: Mutex::new(BTreeMap::new()),
+            rollouts: Mutex::new(BTreeMap::new()),
             failures: Mutex::new(HashMap::new()),
         })
     }

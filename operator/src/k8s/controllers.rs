@@ -219,7 +219,8 @@ pub fn controllers(
             }
             std::future::ready(())
         });
-        futures::join!(f, r, p, q, x, i, w, s);
+        let rollouts = super::rollout::run(c.clone());
+        futures::join!(f, r, p, q, x, i, w, s, rollouts);
     };
     (ctx, run)
 }

@@ -16,6 +16,7 @@ pub mod probes;
 pub mod relay;
 pub mod relay_objects;
 pub mod replan;
+pub mod rollout;
 pub mod services;
 pub mod status;
 pub mod workloads;

@@ -84,6 +84,7 @@ async fn report<K>(
     obj: &K,
     v: Verdict,
     extra: serde_json::Map<String, serde_json::Value>,
+    extra_conds: Vec<relayfed_crds::Condition>,
 ) -> Result<(), ReconcileError>
 where
     K: StatusObject,
@@ -104,6 +105,12 @@ where
         generation,
         ctx.now(),
     );
+    for c in extra_conds {
+        match conds.iter_mut().find(|x| x.type_ == c.type_) {
+            Some(slot) => *slot = c,
+            None => conds.push(c),
+        }
+    }
     let mut status = extra;
     status.insert("observedGeneration".into(), generation.into());
     status.insert("conditions".into(), serde_json::to_value(&conds).unwrap_or_default());
@@ -116,7 +123,7 @@ pub async fn reconcile_peer(peer: Arc<Peer>, ctx: Arc<Context>) -> Result<Action
     let started = std::time::Instant::now();
     let result = async {
         let v = judge(&ctx, &namespace, &format!("Peer/{name}"), peer.validate(), true);
-        report(&ctx, peer.as_ref(), v, serde_json::Map::new()).await?;
+        report(&ctx, peer.as_ref(), v, serde_json::Map::new(), vec![]).await?;
         Ok(Action::requeue(Duration::from_secs(300)))
     }
     .instrument(info_span!("reconcile", kind = "Peer", %namespace, %name))
@@ -134,11 +141,18 @@ pub async fn reconcile_policy(policy: Arc<RolloutPolicy>, ctx: Arc<Context>) -> 
             f.metadata.namespace.as_deref() == Some(namespace.as_str()) && f.spec.default_rollout_policy == name
         });
         let v = judge(&ctx, &namespace, &format!("RolloutPolicy/{name}"), policy.validate(), in_use);
-        let mut extra = serde_json::Map::new();
-        if v.ok {
-            extra.insert("effectivePercentage".into(), policy.spec.ech.percentage.into());
-        }
-        report(&ctx, policy.as_ref(), v, extra).await?;
+        // The rollout's own fields (and its RolledBack condition), so this write keeps them.
+        let mut rollout_conds = policy.status.as_ref().map(|s| s.common.conditions.clone()).unwrap_or_default();
+        let extra = match super::rollout::last_fields(&ctx, &policy, &mut rollout_conds) {
+            Some(fields) => fields,
+            None if v.ok => serde_json::Map::from_iter([(
+                "effectivePercentage".to_owned(),
+                serde_json::Value::from(policy.spec.ech.percentage),
+            )]),
+            None => serde_json::Map::new(),
+        };
+        rollout_conds.retain(|c| c.type_ == "RolledBack");
+        report(&ctx, policy.as_ref(), v, extra, rollout_conds).await?;
         Ok(Action::requeue(Duration::from_secs(300)))
     }
     .instrument(info_span!("reconcile", kind = "RolloutPolicy", %namespace, %name))

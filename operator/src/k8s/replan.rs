@@ -56,21 +56,26 @@ pub fn replan(ctx: &Context, namespace: &str, name: &str) -> Result<Plan, Vec<Pl
     } else {
         Err(refused)
     };
+    let snapshots = compiled.as_ref().ok().map(|p| {
+        let mut snaps = in_cluster(ctx, namespace, p.snapshots.clone());
+        if let Some(policy) = plan::rollout_policy(&members) {
+            super::rollout::apply(ctx, &key, policy, &mut snaps);
+        }
+        snaps
+    });
     let mut plans = match ctx.plans.lock() {
         Ok(p) => p,
         Err(p) => p.into_inner(),
     };
-    match &compiled {
-        Ok(p) => {
-            plans.insert(key, in_cluster(ctx, namespace, p.snapshots.clone()));
+    match (&compiled, snapshots) {
+        (Ok(_), Some(snaps)) => {
+            plans.insert(key, snaps);
         }
-        Err(_)
-            if ctx.stores.federations.state().iter().all(|f| crate::k8s::context::object_key(&f.metadata) != key) =>
-        {
+        _ if ctx.stores.federations.state().iter().all(|f| crate::k8s::context::object_key(&f.metadata) != key) => {
             // The federation itself is gone: withdraw its nodes.
             plans.remove(&key);
         }
-        Err(_) => return compiled,
+        _ => return compiled,
     }
     let mut union: BTreeMap<String, Snapshot> = BTreeMap::new();
     for (fed, snaps) in plans.iter() {

@@ -27,8 +27,6 @@ const EVENTS_KEPT: usize = 20;
 pub struct LocalRollout {
     driver: Rollout,
     due: Option<tokio::time::Instant>,
-    /// What the published snapshots carry: the step and the relays below it.
-    applied: Option<(u8, BTreeMap<String, u8>)>,
     events: VecDeque<Value>,
 }
 
@@ -51,8 +49,8 @@ impl LocalRollout {
             .cloned()
             .collect();
         let at = SystemTime::now();
-        let (eval, transitions) =
-            self.driver.evaluate(rp, |w, since| distributor.cohort_increase(w, at, since), &mains, at);
+        let out = self.driver.evaluate(rp, |w, since| distributor.cohort_increase(w, at, since), &mains, at);
+        let (eval, transitions) = (&out.evaluation, &out.transitions);
         for a in &eval.analyses {
             metrics.rollout_analyses.get_or_create(&[("result", verdict_label(&a.verdict))]).inc();
         }
@@ -60,7 +58,7 @@ impl LocalRollout {
             metrics.rollout_effective_percent.get_or_create(&[("main", main.clone())]).set(i64::from(*pct));
         }
         let unix = at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        for t in &transitions {
+        for t in transitions {
             let (kind, message) = driver::describe(t);
             metrics.rollout_transitions.get_or_create(&[("kind", kind)]).inc();
             if matches!(kind, "rolled_back" | "would_roll_back") {
@@ -73,10 +71,7 @@ impl LocalRollout {
             }
             self.events.push_back(json!({"atUnix": unix, "kind": kind, "message": message}));
         }
-        let applied = (eval.step_percentage, eval.rolled_back());
-        let changed = self.applied.as_ref() != Some(&applied);
-        self.applied = Some(applied);
-        changed
+        out.changed
     }
 
     /// Puts the last evaluation's percentages into `snapshots` (none before the first, nor

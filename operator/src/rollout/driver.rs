@@ -56,6 +56,8 @@ pub struct Evaluation {
     pub success_rate: Option<f64>,
     /// The verdict per destination main relay that had setups in the window.
     pub analyses: Vec<MainAnalysis>,
+    /// Unix seconds of the last automatic rollback since the last edit.
+    pub last_rollback_unix: Option<u64>,
 }
 
 impl Evaluation {
@@ -67,6 +69,23 @@ impl Evaluation {
             .map(|(m, p)| (m.clone(), *p))
             .collect()
     }
+
+    /// What snapshots carry of it: the step's percentage and the relays below it.
+    pub fn applied(&self) -> (u8, BTreeMap<String, u8>) {
+        (self.step_percentage, self.rolled_back())
+    }
+}
+
+/// One evaluation's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// The evaluation.
+    pub evaluation: Evaluation,
+    /// What changed (for Events and logs).
+    pub transitions: Vec<Transition>,
+    /// Whether the percentages snapshots carry changed (the first evaluation counts as a
+    /// change): the caller publishes again.
+    pub changed: bool,
 }
 
 /// A rollout's state between evaluations.
@@ -82,15 +101,14 @@ pub struct Rollout {
 impl Rollout {
     /// Evaluates at `now` for the main relays in `mains`. `increase(window, not_before)` gives
     /// the counter increases over the `window` ending at `now`, by destination main relay,
-    /// from reports received after `not_before` (when the policy was last edited). Returns
-    /// the evaluation and what changed.
+    /// from reports received after `not_before` (when the policy was last edited).
     pub fn evaluate(
         &mut self,
         rp: &RolloutPolicy,
         increase: impl Fn(Duration, SystemTime) -> BTreeMap<String, Cohorts>,
         mains: &[String],
         now: SystemTime,
-    ) -> (Evaluation, Vec<Transition>) {
+    ) -> Outcome {
         let policy = progression(rp);
         let armed_at = match (&self.state, self.armed_at) {
             (Some(s), Some(at)) if s.generation == policy.generation => at,
@@ -110,10 +128,17 @@ impl Rollout {
             effective_by_main: mains.iter().map(|m| (m.clone(), state.effective(&policy, m))).collect(),
             success_rate: (ech.0 > 0).then(|| ech.1.min(ech.0) as f64 / ech.0 as f64),
             analyses: analyses.iter().map(view).collect(),
+            last_rollback_unix: state
+                .rolled_back
+                .values()
+                .filter_map(|(_, at)| at.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .max(),
         };
+        let changed = self.last.as_ref().is_none_or(|l| l.applied() != eval.applied());
         self.state = Some(state);
         self.last = Some(eval.clone());
-        (eval, transitions)
+        Outcome { evaluation: eval, transitions, changed }
     }
 
     /// The last evaluation, if any.
@@ -219,7 +244,7 @@ mod tests {
             ("m2".to_owned(), counts((20, 2), (10, 10))),
         ]);
         r.evaluate(&rp, |_, _| BTreeMap::new(), &mains, t(0));
-        let (eval, tr) = r.evaluate(
+        let Outcome { evaluation: eval, transitions: tr, .. } = r.evaluate(
             &rp,
             |w, since| {
                 assert_eq!((w, since), (Duration::from_secs(10), t(0)), "setups before the edit are not judged");
@@ -251,12 +276,13 @@ mod tests {
         let rp = policy(BASE);
         let mut r = Rollout::default();
         let inc = BTreeMap::from([("gone".to_owned(), counts((20, 0), (10, 10)))]);
-        let (_, tr) = r.evaluate(&rp, |_, _| unreachable!("nothing to judge at the edit"), &["m1".to_owned()], t(0));
+        let Outcome { transitions: tr, .. } =
+            r.evaluate(&rp, |_, _| unreachable!("nothing to judge at the edit"), &["m1".to_owned()], t(0));
         assert!(matches!(tr[..], [Transition::Rearmed { to: 100 }]), "{tr:?}");
-        let (eval, _) = r.evaluate(&rp, |_, _| inc.clone(), &["m1".to_owned()], t(1));
+        let Outcome { evaluation: eval, .. } = r.evaluate(&rp, |_, _| inc.clone(), &["m1".to_owned()], t(1));
         assert!(eval.analyses.is_empty());
         assert_eq!(eval.rolled_back(), BTreeMap::new());
-        let (_, again) = r.evaluate(
+        let Outcome { transitions: again, changed, .. } = r.evaluate(
             &rp,
             |_, since| {
                 assert_eq!(since, t(0));
@@ -266,8 +292,9 @@ mod tests {
             t(5),
         );
         assert!(again.is_empty(), "the same policy is not re-armed: {again:?}");
+        assert!(!changed, "nothing new to publish");
         let edited = policy(&BASE.replace("percentage: 100", "percentage: 50"));
-        let (eval, tr) = r.evaluate(
+        let Outcome { evaluation: eval, transitions: tr, .. } = r.evaluate(
             &edited,
             |_, _| unreachable!("streams before the edit are not judged"),
             &["m1".to_owned()],

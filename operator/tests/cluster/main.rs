@@ -3,7 +3,8 @@
 //! relayfed-test-cluster harness once for this binary). Each test takes its own namespace;
 //! tests that run an operator hold [`support::serial`]. What the harness does not emulate: a
 //! kubelet (kwok marks pods Running; no container runs), image pulls, cgroups, kube-proxy and
-//! cluster DNS.
+//! cluster DNS. Node processes do not run either: where a test needs a node's side of config
+//! distribution (the rollout's cohort reports), it subscribes as that node itself.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod api;
@@ -13,5 +14,6 @@ mod injection;
 mod install;
 mod leader;
 mod reconcilers;
+mod rollout;
 mod services;
 mod support;

@@ -194,6 +194,8 @@ pub struct Operator {
     proc: Proc,
     /// Its admin port (/metrics, /healthz, /readyz).
     pub admin_port: u16,
+    /// Its config distribution port (nodes subscribe and report there).
+    pub distribution_port: u16,
 }
 
 impl Operator {
@@ -226,7 +228,7 @@ impl Operator {
         let name = format!("operator-{lease_ns}-{identity}");
         let proc =
             Proc::spawn_with_env(&name, Path::new(env!("CARGO_BIN_EXE_relayfed")), &args, &env, &plane().dir).unwrap();
-        Self { proc, admin_port: admin }
+        Self { proc, admin_port: admin, distribution_port: dist }
     }
 
     /// What it logged so far.

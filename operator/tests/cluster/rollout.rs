@@ -1,0 +1,158 @@
+//! The ECH rollout on a real API server: a node of the example federation (the test,
+//! subscribing as home `shop-eu` with a certificate from the federation's CA) reports ECH
+//! setups that fail toward `hub-us` and succeed toward `hub-eu`; the operator rolls back
+//! `hub-us` alone: the RolloutPolicy's status (phase, effective percentages, success rate,
+//! the `RolledBack` condition with the figures, the printer columns), a Warning Event, the
+//! metric, and the snapshot the node receives. An edit of the policy re-arms it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use relayfed_crds::RolloutPolicy;
+use relayfed_sidecar::admin::metrics::Metrics;
+use relayfed_sidecar::config::Snapshot;
+use relayfed_sidecar::crypto::ca::FederationCa;
+use relayfed_sidecar::distribution::client::Subscription;
+use relayfed_sidecar::distribution::{Ack, AckResult};
+use relayfed_sidecar::federation::ech_cohorts::{Cohort, EchCohorts, Setup};
+use relayfed_sidecar::transport::tls::HopIdentity;
+
+use crate::support::{eventually, examples_in, operated, plane};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn setups(c: &EchCohorts, main: &str, cohort: Cohort, ok: u32, failed: u32) {
+    for i in 0..ok + failed {
+        c.record(main, Setup { cohort, ok: i < ok, fallback: false, seconds: 0.01 });
+    }
+}
+
+#[tokio::test]
+async fn a_failing_relay_is_rolled_back_alone_and_an_edit_rearms() {
+    let setup = operated("rec-rollout").await;
+    let (ns, op) = (&setup.ns, &setup.op);
+    let dir = examples_in("federation", &ns.name);
+    let out = plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let client = plane().client().await.unwrap();
+    let policies: Api<RolloutPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let patch = serde_json::json!({"spec": {"ech": {"enabled": true, "percentage": 100, "autoRollback":
+        {"enabled": true, "minSuccessRate": 0.9, "evaluationWindow": "10s", "step": 50, "minStreams": 5}}}});
+    policies.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+
+    // Home shop-eu's identity, issued by the federation's CA as the operator would.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let ca = eventually("the CA Secret", WAIT, || async { secrets.get_opt("acme-ca").await.ok().flatten() }).await;
+    let text = |k: &str| String::from_utf8(ca.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    let ca = FederationCa::from_pem("acme.example", &text("ca.crt"), &text("ca.key")).unwrap();
+    let issued = ca.issue("shop-eu", Duration::from_secs(3600)).unwrap();
+    let identity = HopIdentity::from_pem(
+        "acme.example",
+        "shop-eu",
+        &ca.certified_key().cert_pem,
+        &issued.cert_pem,
+        &issued.key_pem,
+    )
+    .unwrap();
+    let cohorts = Arc::new(EchCohorts::default());
+    let sub = Subscription {
+        server: format!("127.0.0.1:{}", op.distribution_port),
+        server_node: relayfed_sidecar::distribution::DEFAULT_SERVER_NODE.into(),
+        identity: identity.into(),
+        wait_seconds: 5,
+        reports: Some(cohorts.clone()),
+    };
+    let received: Arc<Mutex<Option<Snapshot>>> = Arc::default();
+    let seen = received.clone();
+    let node = tokio::spawn(sub.run(0, Arc::new(Metrics::new()), move |snap| {
+        let version = snap.version;
+        *seen.lock().unwrap() = Some(snap);
+        Ack { version, result: AckResult::Applied, restart_required: vec![], detail: None }
+    }));
+    eventually("the node receives ECH at 100%", WAIT, || async {
+        received
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|s| s.ech_policy.enabled && s.ech_policy.percentage == 100)
+            .then_some(())
+    })
+    .await;
+
+    // Traffic: ECH toward hub-us fails 3 times in 4, toward hub-eu it succeeds.
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let traffic = {
+        let (cohorts, failing) = (cohorts.clone(), failing.clone());
+        tokio::spawn(async move {
+            loop {
+                let bad = if failing.load(std::sync::atomic::Ordering::Relaxed) { 6 } else { 0 };
+                setups(&cohorts, "hub-us", Cohort::Ech, 8 - bad, bad);
+                setups(&cohorts, "hub-eu", Cohort::Ech, 8, 0);
+                setups(&cohorts, "hub-eu", Cohort::Plain, 4, 0);
+                // The pace of the simulated traffic, not a synchronisation.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let rolled_back = eventually("hub-us rolled back", WAIT, || async {
+        let s = policies.get("default").await.ok()?.status?;
+        (s.effective_by_main.get("hub-us") == Some(&50)).then_some(s)
+    })
+    .await;
+    assert_eq!(rolled_back.effective_by_main.get("hub-eu"), Some(&100), "{rolled_back:?}");
+    assert_eq!(rolled_back.phase.as_deref(), Some("RolledBack"));
+    assert_eq!(rolled_back.effective_percentage, Some(100));
+    assert!(rolled_back.observed_success_rate.is_some_and(|r| r < 0.9), "{rolled_back:?}");
+    assert!(rolled_back.last_rollback.is_some());
+    let cond = rolled_back.common.conditions.iter().find(|c| c.type_ == "RolledBack").expect("RolledBack condition");
+    assert_eq!(cond.status, "True");
+    assert!(cond.message.contains("hub-us at 50%") && cond.message.contains("successful of"), "{}", cond.message);
+    let fail = rolled_back.analysis.iter().find(|a| a.main == "hub-us").expect("hub-us analysed");
+    assert_eq!(fail.verdict, "Fail");
+    // The Applied condition the policy reconciler writes is kept beside it.
+    assert!(rolled_back.common.conditions.iter().any(|c| c.type_ == "Applied" && c.status == "True"));
+    let events = crate::support::get_json(&ns.name, &["events.events.k8s.io"]);
+    let warning = events["items"].as_array().unwrap().iter().find(|e| e["reason"] == "RolledBack");
+    let warning = warning.unwrap_or_else(|| panic!("no RolledBack Event: {events}"));
+    assert_eq!(warning["type"], "Warning");
+    assert!(warning["note"].as_str().unwrap().contains("hub-us"), "{warning}");
+    eventually("the node receives hub-us's lowered percentage", WAIT, || async {
+        received
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|s| s.ech_policy.percentage_by_main.get("hub-us") == Some(&50))
+            .then_some(())
+    })
+    .await;
+    let (_, metrics) = op.admin("/metrics").await.unwrap();
+    assert!(metrics.contains("relayfed_rollout_effective_percent{main=\"hub-us\"} 50"), "metric missing");
+    let columns = plane().kubectl(&["get", "rolloutpolicy", "default", "-n", &ns.name]).unwrap();
+    assert!(columns.ok, "{}", columns.stderr);
+    let header: Vec<&str> = columns.stdout.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = columns.stdout.lines().nth(1).unwrap().split_whitespace().collect();
+    let col = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!((col("EFFECTIVE"), col("PHASE")), ("100", "RolledBack"), "{}", columns.stdout);
+    assert_ne!(col("SUCCESSRATE"), "<none>", "{}", columns.stdout);
+
+    // Fixed, then re-armed by an edit: every relay back at 100%.
+    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let patch = serde_json::json!({"spec": {"ech": {"autoRollback": {"minSuccessRate": 0.95}}}});
+    policies.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually("the edit re-arms every relay at 100%", WAIT, || async {
+        let s = policies.get("default").await.ok()?.status?;
+        let cond = s.common.conditions.iter().find(|c| c.type_ == "RolledBack")?;
+        (s.effective_by_main.get("hub-us") == Some(&100) && cond.status == "False").then_some(())
+    })
+    .await;
+    eventually("the node receives it", WAIT, || async {
+        received.lock().unwrap().as_ref().is_some_and(|s| s.ech_policy.percentage_by_main.is_empty()).then_some(())
+    })
+    .await;
+    traffic.abort();
+    node.abort();
+    let refused = op.rbac_refusals();
+    assert!(refused.is_empty(), "the chart's RBAC refused requests:\n{}", refused.join("\n"));
+}
