@@ -73,6 +73,22 @@ fn events(s: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Polls `f` until it yields a value (every 200 ms, at most `limit`).
+async fn eventually_value<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn node(s: &Value, id: &str) -> Value {
     s["nodes"].as_array().unwrap().iter().find(|n| n["node"] == id).cloned().unwrap_or(Value::Null)
 }
@@ -191,6 +207,20 @@ async fn steps_advance_and_a_broken_relay_is_rolled_back_alone() {
     );
     assert!(metrics.lines().any(|l| l.starts_with("relayfed_rollout_effective_percent{main=\"m1\"} 100")));
     assert!(failed.load(Ordering::Relaxed) > healthy_failed, "the broken key failed calls");
+    // The calling home applies it, and its admin API shows its ECH health.
+    let c1_admin = node(&s, "c1")["admin"].as_str().unwrap().to_owned();
+    let ech = eventually_value("c1 applies m2's lowered percentage", Duration::from_secs(20), || async {
+        let h = relayfed_operator::local::http::get_json(&c1_admin, "/federation/health").await?;
+        (h["ech"]["percentageByMain"]["m2"] == 50).then(|| h["ech"].clone())
+    })
+    .await;
+    assert_eq!(ech["configsKnown"], serde_json::json!(["m1", "m2", "m3"]), "{ech}");
+    assert!(ech["setups"].as_u64().unwrap() > 0 && ech["successRate"].as_f64().unwrap() < 1.0, "{ech}");
+    assert!(matches!(ech["status"].as_str(), Some("healthy" | "degraded")), "{ech}");
+    let table =
+        std::process::Command::new(bin()).args(["local", "status", "--state-dir"]).arg(&state).output().unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("m2: 50% (rolled back)"), "{table}");
 
     // The key is fixed, then the policy edited (without steps): every relay at 100% again.
     std::fs::write(&key_file, &original).unwrap();

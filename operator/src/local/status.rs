@@ -258,6 +258,25 @@ fn render_rollout(r: &Value) -> String {
     out
 }
 
+/// The ECH column: a home's health over the last minute (and its success rate), a main
+/// relay's current key config id.
+fn ech_cell(h: &Value) -> String {
+    let e = &h["ech"];
+    if let Some(id) = h["echKeys"]["current"].as_u64() {
+        return format!("key {id}");
+    }
+    if e.is_null() {
+        return "-".into();
+    }
+    if e["enabled"].as_bool() != Some(true) {
+        return "off".into();
+    }
+    match e["successRate"].as_f64() {
+        Some(r) => format!("{} {:.0}%", cell(&e["status"]), r * 100.0),
+        None => cell(&e["status"]),
+    }
+}
+
 /// Renders the status document as the table `relayfed local status` prints.
 pub fn render(status: &Value) -> String {
     let mut out = String::new();
@@ -293,7 +312,8 @@ pub fn render(status: &Value) -> String {
         _ => out.push('\n'),
     }
     out.push('\n');
-    let header = ["NODE", "ROLE", "PROCESS", "PID", "RESTARTS", "CONFIG", "HEALTH", "PEERS", "SERVICES", "LISTENERS"];
+    let header =
+        ["NODE", "ROLE", "PROCESS", "PID", "RESTARTS", "CONFIG", "HEALTH", "ECH", "PEERS", "SERVICES", "LISTENERS"];
     let mut rows = vec![header.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()];
     for n in status["nodes"].as_array().into_iter().flatten() {
         let h = &n["health"];
@@ -327,6 +347,7 @@ pub fn render(status: &Value) -> String {
             cell(&n["restarts"]),
             config,
             if h.is_null() { "unreachable".into() } else { cell(&h["status"]) },
+            ech_cell(h),
             if h.is_null() { "-".into() } else { peers },
             cell(&h["services"]),
             if listeners.is_empty() { "-".into() } else { listeners.join(" ") },

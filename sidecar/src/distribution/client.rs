@@ -128,6 +128,8 @@ impl Subscription {
             let mut wait = self.wait_seconds;
             if let Some(counters) = &self.reports {
                 wait = wait.min(REPORT_SECONDS);
+                // Keeps the admin API's ECH health window sampled.
+                let _ = counters.recent(std::time::Instant::now());
                 let totals = counters.totals();
                 if !totals.is_empty() && reported.as_ref() != Some(&totals) {
                     let body =

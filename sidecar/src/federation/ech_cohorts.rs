@@ -4,8 +4,9 @@
 //! `POST /v1/report/{node}`, docs/protocol.md §10), whose rollout analysis compares the two
 //! cohorts per relay. Cumulative since the process started; no I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -81,10 +82,60 @@ pub struct Setup {
     pub seconds: f64,
 }
 
+/// How far back a node's ECH health (admin API) looks.
+pub const HEALTH_WINDOW: Duration = Duration::from_secs(60);
+/// Below this ECH setup success rate a node's ECH health is degraded.
+pub const HEALTHY_SUCCESS_RATE: f64 = 0.95;
+/// Fewest ECH setups in the window for a judgement (fewer: idle).
+pub const HEALTH_MIN_SETUPS: u64 = 10;
+/// Samples of the totals are taken at most this often.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
 /// The counters of one node, by destination main relay.
 #[derive(Debug, Default)]
 pub struct EchCohorts {
     by_main: Mutex<BTreeMap<String, Cohorts>>,
+    /// Totals over every relay, sampled (for the health window).
+    samples: Mutex<VecDeque<(Instant, Cohorts)>>,
+}
+
+/// A node's ECH health over [`HEALTH_WINDOW`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EchHealth {
+    /// ECH setups succeed at [`HEALTHY_SUCCESS_RATE`] or better.
+    Healthy,
+    /// They succeed less often.
+    Degraded,
+    /// Too few ECH setups to say.
+    Idle,
+}
+
+/// The health of the setups in `recent`.
+pub fn health(recent: &Cohorts) -> EchHealth {
+    match recent.ech.success_rate() {
+        _ if recent.ech.attempts < HEALTH_MIN_SETUPS => EchHealth::Idle,
+        Some(r) if r >= HEALTHY_SUCCESS_RATE => EchHealth::Healthy,
+        _ => EchHealth::Degraded,
+    }
+}
+
+impl CohortCounters {
+    fn minus(&self, earlier: &CohortCounters) -> CohortCounters {
+        CohortCounters {
+            attempts: self.attempts.saturating_sub(earlier.attempts),
+            successes: self.successes.saturating_sub(earlier.successes),
+            fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
+            setup_seconds: (self.setup_seconds - earlier.setup_seconds).max(0.0),
+        }
+    }
+
+    fn plus(&mut self, o: &CohortCounters) {
+        self.attempts += o.attempts;
+        self.successes += o.successes;
+        self.fallbacks += o.fallbacks;
+        self.setup_seconds += o.setup_seconds;
+    }
 }
 
 impl EchCohorts {
@@ -112,6 +163,27 @@ impl EchCohorts {
     /// The counters so far.
     pub fn totals(&self) -> BTreeMap<String, Cohorts> {
         self.by_main.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The setups of the last [`HEALTH_WINDOW`] (or since the oldest sample), every relay
+    /// together. Each call may take a sample; the report loop calls it every few seconds.
+    pub fn recent(&self, now: Instant) -> Cohorts {
+        let mut total = Cohorts::default();
+        for c in self.totals().values() {
+            total.ech.plus(&c.ech);
+            total.plain.plus(&c.plain);
+        }
+        let Ok(mut samples) = self.samples.lock() else { return total };
+        if samples.back().is_none_or(|(at, _)| now.saturating_duration_since(*at) >= SAMPLE_EVERY) {
+            samples.push_back((now, total));
+        }
+        while samples.len() > 1
+            && samples.get(1).is_some_and(|(at, _)| now.saturating_duration_since(*at) >= HEALTH_WINDOW)
+        {
+            samples.pop_front();
+        }
+        let base = samples.front().map(|(_, c)| *c).unwrap_or_default();
+        Cohorts { ech: total.ech.minus(&base.ech), plain: total.plain.minus(&base.plain) }
     }
 }
 
@@ -148,6 +220,32 @@ mod tests {
         let t = c.totals();
         assert_eq!(t.len(), MAX_MAINS);
         assert_eq!(t["m0"].plain.attempts, 2, "known relays keep counting");
+    }
+
+    #[test]
+    fn health_looks_at_the_last_minute() {
+        let c = EchCohorts::default();
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            c.record("a", setup(Cohort::Ech, false, false));
+        }
+        assert_eq!(health(&c.recent(t0)), EchHealth::Idle, "the first sample is the baseline");
+        for _ in 0..20 {
+            c.record("a", setup(Cohort::Ech, true, false));
+        }
+        let r = c.recent(t0 + Duration::from_secs(10));
+        assert_eq!((r.ech.attempts, r.ech.successes), (20, 20));
+        assert_eq!(health(&r), EchHealth::Healthy);
+        c.record("b", setup(Cohort::Ech, false, false));
+        c.record("b", setup(Cohort::Ech, false, false));
+        assert_eq!(health(&c.recent(t0 + Duration::from_secs(20))), EchHealth::Degraded, "20 of 22");
+        // A minute later only what happened since the later samples counts.
+        for _ in 0..10 {
+            c.record("a", setup(Cohort::Ech, true, false));
+        }
+        let r = c.recent(t0 + Duration::from_secs(75));
+        assert_eq!((r.ech.attempts, r.ech.successes), (12, 10), "{r:?}");
+        assert_eq!(health(&Cohorts::default()), EchHealth::Idle);
     }
 
     #[test]

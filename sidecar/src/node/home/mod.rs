@@ -291,6 +291,36 @@ impl HomeNode {
         b.clear();
     }
 
+    /// ECH as this home applies and sees it (admin API, `relayfed local status`): the policy in
+    /// force, the relays it holds configs for, and its setups over the last minute.
+    fn ech_health(&self) -> serde_json::Value {
+        use crate::federation::ech_cohorts::{HEALTH_WINDOW, health};
+        let live = self.live();
+        let p = &live.policy;
+        let mut configs: Vec<String> = self.ech_configs.read().map(|c| c.keys().cloned().collect()).unwrap_or_default();
+        configs.sort();
+        let r = self.ech_cohorts.recent(Instant::now());
+        let ms = |c: &crate::federation::ech_cohorts::CohortCounters| {
+            (c.successes > 0).then(|| c.setup_seconds / c.successes as f64 * 1e3)
+        };
+        serde_json::json!({
+            "enabled": p.enabled,
+            "mode": p.mode,
+            "percentage": p.percentage,
+            "percentageByMain": p.percentage_by_main,
+            "configsKnown": configs,
+            "windowSeconds": HEALTH_WINDOW.as_secs(),
+            "setups": r.ech.attempts,
+            "successRate": r.ech.success_rate(),
+            "fallbackRate": (r.ech.attempts > 0).then(|| r.ech.fallbacks as f64 / r.ech.attempts as f64),
+            "meanSetupMillis": ms(&r.ech),
+            "plainSetups": r.plain.attempts,
+            "plainSuccessRate": r.plain.success_rate(),
+            "plainMeanSetupMillis": ms(&r.plain),
+            "status": health(&r),
+        })
+    }
+
     /// Circuit breaker states of every instance this home has called, for the admin API.
     fn breaker_states(&self) -> Vec<serde_json::Value> {
         let now = Instant::now();
@@ -328,6 +358,7 @@ impl HomeNode {
                     "services": services.len(),
                     "averageLatencyMillis": main.as_ref().map(|m| m.1.as_secs_f64() * 1e3),
                     "circuits": self.breaker_states(),
+                    "ech": self.ech_health(),
                     "errors": self.metrics.error_counts(),
                 }))
             }
