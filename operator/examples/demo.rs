@@ -8,7 +8,15 @@
 //! catalog on shop-eu and payments on pay-us; shop-eu calls payments), and prints what the
 //! origins' own `/metrics` say: the share of new streams sealed with ECH (and the share the
 //! consistent hash predicts), success rate, fallbacks and setup latency. An invalid edit is
-//! shown being refused. Everything is stopped at the end.
+//! shown being refused.
+//!
+//! Besides the example's homes, the demo adds eight instances of an `inventory` service behind
+//! hub-us and a caller behind hub-eu (`demo-inventory.yaml`), so 5, 25 and 50% visibly seal a
+//! part of the streams (ECH is chosen per destination home). It ends with an automatic
+//! rollback: hub-us's ECH key is replaced behind the supervisor's back, its sealed streams
+//! fail, and the rollout analysis lowers the percentage for hub-us alone while hub-eu keeps
+//! 100%; the demo prints the analysis and the figures, then restores the key and re-arms the
+//! rollout with an edit. Everything is stopped at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::BTreeMap;
@@ -21,12 +29,36 @@ use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 
 const REQUESTS_PER_ROUTE: usize = 200;
-/// (origin home, service, port, destination home)
-const ROUTES: [(&str, &str, u16, &str); 3] = [
+/// (origin home, service, port, destination home: `inv-` is any of the inventory instances)
+const ROUTES: [(&str, &str, u16, &str); 4] = [
     ("web-eu", "catalog", 8080, "shop-eu"),
     ("web-eu", "payments", 9090, "pay-us"),
     ("shop-eu", "payments", 9090, "pay-us"),
+    ("buyer-eu", "inventory", 7070, "inv-"),
 ];
+/// Instances of `inventory` the demo adds behind hub-us.
+const INVENTORY: usize = 8;
+
+/// The demo's extra homes: `inventory` served by [`INVENTORY`] homes behind hub-us, called
+/// from `buyer-eu` behind hub-eu.
+fn inventory_manifest() -> String {
+    let mut out = String::from("# Added by `make demo`: destinations enough for partial ECH percentages.\n");
+    for i in 0..INVENTORY {
+        out.push_str(&format!(
+            "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata:\n  name: inv-{i}\n  namespace: relayfed-system\n  annotations: {{relayfed.io/local-workload: http}}\nspec:\n  type: home\n  nodeId: inv-{i}\n  federation: acme\n  mainRelays: [{{nodeId: hub-us}}]\n  exports: [{{name: inventory, port: 7070, target: \"127.0.0.1:{}\"}}]\n",
+            17071 + i
+        ));
+    }
+    out.push_str("---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: buyer-eu, namespace: relayfed-system}\nspec:\n  type: home\n  nodeId: buyer-eu\n  federation: acme\n  mainRelays: [{nodeId: hub-eu}]\n  imports: [{name: inventory, port: 7070, listen: \"127.0.0.1:17170\"}]\n");
+    out
+}
+
+/// The share (0–1) of `dest`'s homes ECH selects at `pct`.
+fn selected(dest: &str, pct: u16) -> f64 {
+    let homes: Vec<String> =
+        if dest == "inv-" { (0..INVENTORY).map(|i| format!("inv-{i}")).collect() } else { vec![dest.to_owned()] };
+    homes.iter().filter(|h| bucket(h) < pct * 100).count() as f64 / homes.len() as f64
+}
 
 fn relayfed() -> PathBuf {
     // target/<profile>/examples/demo -> target/<profile>/relayfed
@@ -137,9 +169,16 @@ async fn wait_acked(state: &Path, after_generation: u64) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let repo =
-        std::fs::canonicalize(Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join(".."))
-            .unwrap();
+    // `cargo run` names the package; `make demo` runs the binary from the repository root.
+    let repo = match std::env::var_os("CARGO_MANIFEST_DIR") {
+        Some(dir) => Path::new(&dir).join(".."),
+        None => std::env::current_dir().unwrap(),
+    };
+    let repo = std::fs::canonicalize(repo).unwrap();
+    if !repo.join("examples/federation").is_dir() {
+        eprintln!("run the demo from the repository root (make demo): no examples/federation in {}", repo.display());
+        std::process::exit(2);
+    }
     let work = repo.join("target/demo");
     let manifests = work.join("manifests");
     let state = work.join("state");
@@ -149,6 +188,7 @@ async fn main() {
         let p = e.unwrap().path();
         std::fs::copy(&p, manifests.join(p.file_name().unwrap())).unwrap();
     }
+    std::fs::write(manifests.join("25-demo-inventory.yaml"), inventory_manifest()).unwrap();
     let policy = manifests.join("40-rollout-policy.yaml");
     println!("== relayfed demo: the example federation in local mode");
     println!("   manifests: {} (a copy of examples/federation)", manifests.display());
@@ -188,12 +228,16 @@ async fn main() {
         }
     }
     println!(
-        "   up in {:.1} s (2 main relays, 3 home relays, built-in HTTP services on the exports)\n",
-        started.elapsed().as_secs_f64()
+        "   up in {:.1} s (2 main relays, {} home relays, built-in HTTP services on the exports)\n",
+        started.elapsed().as_secs_f64(),
+        4 + INVENTORY
     );
     // Registration propagates between the hubs; wait until both origins see their services.
     let t = Instant::now();
-    while !["web-eu", "shop-eu"].iter().all(|n| node(&status(&state), n)["health"]["services"].as_u64() >= Some(1)) {
+    while !["web-eu", "shop-eu", "buyer-eu"]
+        .iter()
+        .all(|n| node(&status(&state), n)["health"]["services"].as_u64() >= Some(1))
+    {
         assert!(t.elapsed() < Duration::from_secs(30), "services did not propagate");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -203,26 +247,34 @@ async fn main() {
     println!("\nEach step edits spec.ech.percentage in {}, waits for every relay to", policy.display());
     println!("acknowledge the new config version, then sends {REQUESTS_PER_ROUTE} HTTP requests on each route:");
     for (o, s, p, d) in ROUTES {
-        println!("  {o} -> {s}:{p} (served by {d}, bucket {:.2}%)", f64::from(bucket(d)) / 100.0);
+        if d == "inv-" {
+            let b: Vec<String> =
+                (0..INVENTORY).map(|i| format!("{:.0}%", f64::from(bucket(&format!("inv-{i}"))) / 100.0)).collect();
+            println!("  {o} -> {s}:{p} (served by inv-0..inv-{}, buckets {})", INVENTORY - 1, b.join(" "));
+        } else {
+            println!("  {o} -> {s}:{p} (served by {d}, bucket {:.2}%)", f64::from(bucket(d)) / 100.0);
+        }
     }
     println!();
     println!(
         "{:>5}  {:>9}  {:>8}  {:>16}  {:>9}  {:>9}  {:>10}  {:>10}",
         "ECH%", "acked in", "requests", "sealed (share)", "expected", "fallbacks", "setup p50", "setup p99"
     );
-    for pct in ["0", "50", "100"] {
+    for pct in ["0", "5", "25", "50", "100"] {
         let generation = status(&state)["generation"].as_u64().unwrap();
         set_percentage(&policy, pct);
         let acked = if pct == "0" { Duration::ZERO } else { wait_acked(&state, generation).await };
         let s = status(&state);
-        let admins: Vec<String> =
-            ["web-eu", "shop-eu"].iter().map(|n| node(&s, n)["admin"].as_str().unwrap().to_owned()).collect();
+        let admins: Vec<String> = ["web-eu", "shop-eu", "buyer-eu"]
+            .iter()
+            .map(|n| node(&s, n)["admin"].as_str().unwrap().to_owned())
+            .collect();
         let mut before = Vec::new();
         for a in &admins {
             before.extend(scrape(a).await);
         }
         let mut ok = 0usize;
-        let mut expected_sealed = 0usize;
+        let mut expected_sealed = 0.0;
         for (origin, service, port, dest) in ROUTES {
             let listen = node(&s, origin)["imports"]
                 .as_array()
@@ -242,9 +294,7 @@ async fn main() {
                     ok += 1;
                 }
             }
-            if bucket(dest) < pct.parse::<u16>().unwrap() * 100 {
-                expected_sealed += REQUESTS_PER_ROUTE;
-            }
+            expected_sealed += REQUESTS_PER_ROUTE as f64 * selected(dest, pct.parse().unwrap());
         }
         let mut after = Vec::new();
         for a in &admins {
@@ -261,7 +311,7 @@ async fn main() {
             if pct == "0" { "(start)".to_owned() } else { format!("{:.0} ms", acked.as_secs_f64() * 1e3) },
             format!("{ok}/{requests}"),
             format!("{sealed:.0} ({:.0}%)", 100.0 * sealed / total),
-            format!("{:.0}%", 100.0 * expected_sealed as f64 / requests as f64),
+            format!("{:.0}%", 100.0 * expected_sealed / requests as f64),
             d("relayfed_ech_streams_total", &[("outcome", "fallback")]),
             quantile_ms(&buckets(&before), &buckets(&after), 0.5),
             quantile_ms(&buckets(&before), &buckets(&after), 0.99),
@@ -282,6 +332,8 @@ async fn main() {
     println!("  {}\n  percentage in force: {}", rejected.0, rejected.1);
     set_percentage(&policy, "100");
 
+    rollback(&state, &policy).await;
+
     println!("\n$ relayfed local down");
     let out = cli(&state, &["local", "down"]);
     print!("{}", String::from_utf8_lossy(&out.stderr));
@@ -297,4 +349,114 @@ async fn main() {
         .count();
     println!("supervisor exited ({code}); node processes left running: {left}");
     println!("logs: {}/logs, state (sealed keys, reused next time): {}", state.display(), state.join("keys").display());
+}
+
+/// Sends `n` requests on every route; returns how many succeeded.
+async fn traffic(state: &Path, n: usize) -> usize {
+    let s = status(state);
+    let mut ok = 0;
+    for (origin, service, port, _) in ROUTES {
+        let listen = node(&s, origin)["imports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["service"] == service && i["port"] == port)
+            .map(|i| i["listen"].as_str().unwrap().to_owned())
+            .unwrap();
+        for k in 0..n {
+            let r = http::request(&listen, hyper::Method::GET, &format!("/rollback/{k}"), Duration::from_secs(5)).await;
+            ok += usize::from(r.is_ok_and(|(code, _)| code == 200));
+            // Under the example's rate limit (200 new streams/s per sender).
+            tokio::time::sleep(Duration::from_millis(6)).await;
+        }
+    }
+    ok
+}
+
+/// The rollout lines of `relayfed local status` (phase, per relay, events).
+fn rollout_lines(state: &Path) -> String {
+    let table = String::from_utf8_lossy(&cli(state, &["local", "status"]).stdout).into_owned();
+    table.lines().skip(1).take_while(|l| !l.starts_with("config")).map(|l| format!("  {l}\n")).collect()
+}
+
+/// Breaks hub-us's ECH key under traffic and shows the analysis roll back hub-us alone; then
+/// restores the key and re-arms the rollout with an edit.
+async fn rollback(state: &Path, policy: &Path) {
+    println!("\nAutomatic rollback. The policy is edited to judge 10 s windows (minStreams 20), then");
+    println!("hub-us's ECH key file is replaced behind the supervisor's back: homes keep sealing to the");
+    println!("published key, hub-us cannot open what they seal, and its ECH streams fail.");
+    let text = std::fs::read_to_string(policy).unwrap();
+    let short =
+        text.replace("evaluationWindow: 5m", "evaluationWindow: 10s").replace("minStreams: 100", "minStreams: 20");
+    let edits = status(state)["acceptedEdits"].as_u64().unwrap_or(0);
+    std::fs::write(policy, &short).unwrap();
+    let started = Instant::now();
+    loop {
+        let s = status(state);
+        if s["acceptedEdits"].as_u64() > Some(edits) && s["rollout"]["evaluation"]["phase"] == "Succeeded" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the edit was not applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let key_file = state.join("keys/hub-us-ech.json");
+    let pass = std::fs::read_to_string(state.join("passphrase")).unwrap();
+    let pass = pass.trim_end().as_bytes().to_vec();
+    let original = std::fs::read(&key_file).unwrap();
+    let mut broken = relayfed_sidecar::config::keys::EchKeyFile::load(&key_file, Some(&pass)).unwrap();
+    broken.current.config_id = broken.current.config_id.wrapping_add(7);
+    broken.current.secret = relayfed_sidecar::config::base64_encode(&rand::random::<[u8; 32]>());
+    broken.previous = None;
+    broken.next = None;
+    broken.save(&key_file, Some(&pass)).unwrap();
+    let admin = node(&status(state), "hub-us")["admin"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    loop {
+        let h = http::get_json(&admin, "/federation/health").await.unwrap_or_default();
+        if h["echKeys"]["current"] == u64::from(broken.current.config_id) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "hub-us did not load the replaced key: {}", h["echKeys"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("  hub-us runs the replaced key; traffic on every route until the analysis acts...");
+    let started = Instant::now();
+    let (mut sent, mut ok) = (0, 0);
+    let rolled_back = loop {
+        ok += traffic(state, 10).await;
+        sent += 10 * ROUTES.len();
+        let s = status(state);
+        let e = &s["rollout"]["evaluation"];
+        if e["effectiveByMain"]["hub-us"].as_u64().is_some_and(|p| p < 100) {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no rollback within 60 s: {e}");
+    };
+    let e = &rolled_back["rollout"]["evaluation"];
+    println!(
+        "  rolled back after {:.1} s ({ok} of {sent} requests succeeded meanwhile): hub-us at {}%, hub-eu at {}%",
+        started.elapsed().as_secs_f64(),
+        e["effectiveByMain"]["hub-us"],
+        e["effectiveByMain"]["hub-eu"]
+    );
+    println!("$ relayfed local status   (rollout lines)");
+    print!("{}", rollout_lines(state));
+    println!("  (in a cluster: `kubectl get rp` shows PHASE RolledBack, `kubectl describe rp default` the");
+    println!("   RolledBack condition with these figures and a Warning Event; the configured percentage stays 100)");
+
+    std::fs::write(&key_file, &original).unwrap();
+    std::fs::write(policy, short.replace("minStreams: 20", "minStreams: 21")).unwrap();
+    println!("\nThe key is restored and the policy edited (any edit re-arms the rollout):");
+    let started = Instant::now();
+    loop {
+        let s = status(state);
+        let e = &s["rollout"]["evaluation"];
+        if e["phase"] == "Succeeded" && e["effectiveByMain"]["hub-us"] == 100 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the edit did not re-arm: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ok = traffic(state, 20).await;
+    println!("  every relay at 100% again; {ok} of {} requests succeeded", 20 * ROUTES.len());
 }
