@@ -15,12 +15,12 @@ use super::analysis::{Analysis, Cohorts, Criteria, Verdict, analyse};
 use super::progress::{self, Phase, State, Transition};
 
 /// The progression policy of a `RolloutPolicy`. The generation is the object's
-/// `metadata.generation` mixed with a hash of its `spec.ech`, so an edit re-arms also where
-/// no API server counts generations (local mode).
+/// `metadata.generation` mixed with a hash of its `spec`, so any edit of the spec re-arms,
+/// also where no API server counts generations (local mode).
 pub fn progression(rp: &RolloutPolicy) -> progress::Policy {
     let ech = &rp.spec.ech;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(ech).unwrap_or_default().hash(&mut h);
+    serde_json::to_string(&rp.spec).unwrap_or_default().hash(&mut h);
     rp.metadata.generation.hash(&mut h);
     progress::Policy {
         generation: (h.finish() >> 1) as i64,
