@@ -72,7 +72,7 @@ impl From<&ech_cohorts::CohortCounters> for Counters {
 
 impl From<&ech_cohorts::Cohorts> for Cohorts {
     fn from(c: &ech_cohorts::Cohorts) -> Self {
-        Cohorts { ech: (&c.ech).into(), plain: (&c.plain).into() }
+        Cohorts { ech: (&c.ech).into(), plain: (&c.plain).into(), ..Cohorts::default() }
     }
 }
 
@@ -83,6 +83,10 @@ pub struct Cohorts {
     pub ech: Counters,
     /// Streams with a plain route header.
     pub plain: Counters,
+    /// Nodes with ECH setups toward the relay in the window (counted by [`History`]).
+    pub ech_reporters: u32,
+    /// Of those, the nodes whose ECH setups include failures.
+    pub failing_reporters: u32,
 }
 
 /// One node's counters at one time, by destination main relay.
@@ -156,14 +160,22 @@ impl History {
             else {
                 continue;
             };
+            let mut node: BTreeMap<&str, Cohorts> = BTreeMap::new();
             for pair in in_window[base_i..].windows(2) {
                 let (a, b) = (pair[0], pair[1]);
                 for (main, now_c) in &b.by_main {
                     let before = a.by_main.get(main).copied().unwrap_or_default();
-                    let e = out.entry(main.clone()).or_default();
+                    let e = node.entry(main.as_str()).or_default();
                     e.ech.add(&now_c.ech.since(&before.ech));
                     e.plain.add(&now_c.plain.since(&before.plain));
                 }
+            }
+            for (main, c) in node {
+                let e = out.entry(main.to_owned()).or_default();
+                e.ech.add(&c.ech);
+                e.plain.add(&c.plain);
+                e.ech_reporters += u32::from(c.ech.attempts > 0);
+                e.failing_reporters += u32::from(c.ech.attempts > c.ech.successes);
             }
         }
         out
@@ -227,6 +239,20 @@ fn judge(counts: &Cohorts, c: Criteria) -> (Verdict, String) {
         );
     }
     let rate = ech.success_rate().unwrap_or(0.0);
+    if rate < c.min_success_rate && counts.ech_reporters >= 2 && counts.failing_reporters < 2 {
+        // One home's word is not enough to lower ECH for everyone calling this relay (a
+        // compromised home could report failures it never had; an honest one may hold a
+        // stale config of its own).
+        return (
+            Verdict::Inconclusive,
+            format!(
+                "ECH setups {} successful of {}, but only 1 of {} calling nodes saw failures",
+                pct(rate),
+                ech.attempts,
+                counts.ech_reporters
+            ),
+        );
+    }
     if rate >= c.min_success_rate {
         return (
             Verdict::Pass,
@@ -264,7 +290,11 @@ mod tests {
     }
 
     fn report(node: &str, s: u64, main: &str, ech: Counters, plain: Counters) -> Report {
-        Report { node: node.into(), at: t(s), by_main: BTreeMap::from([(main.to_owned(), Cohorts { ech, plain })]) }
+        Report {
+            node: node.into(),
+            at: t(s),
+            by_main: BTreeMap::from([(main.to_owned(), Cohorts { ech, plain, ..Cohorts::default() })]),
+        }
     }
 
     const C: Criteria = Criteria { min_success_rate: 0.95, min_streams: 100 };
@@ -284,6 +314,30 @@ mod tests {
         assert_eq!(inc["m1"].plain.attempts, 20);
         // A shorter window starts at a later baseline.
         assert_eq!(h.increase(Duration::from_secs(30), t(60))["m1"].ech.attempts, 100 + 100);
+    }
+
+    #[test]
+    fn one_node_alone_cannot_fail_a_relay_that_others_call() {
+        let mut h = History::default();
+        // b and c call m1 without trouble; a claims a million failures.
+        h.record(report("a", 0, "m1", c(0, 0), c(0, 0)), W);
+        h.record(report("a", 30, "m1", c(1_000_000, 0), c(0, 0)), W);
+        for n in ["b", "c"] {
+            h.record(report(n, 0, "m1", c(0, 0), c(0, 0)), W);
+            h.record(report(n, 30, "m1", c(200, 200), c(0, 0)), W);
+        }
+        let inc = h.increase(W, t(30));
+        assert_eq!((inc["m1"].ech_reporters, inc["m1"].failing_reporters), (3, 1));
+        let a = analyse(&inc, C).remove(0);
+        assert_eq!(a.verdict, Verdict::Inconclusive, "{}", a.reason);
+        assert!(a.reason.contains("only 1 of 3 calling nodes"), "{}", a.reason);
+        // Two nodes failing is a verdict; so is the only caller failing.
+        h.record(report("b", 40, "m1", c(300, 250), c(0, 0)), W);
+        assert_eq!(analyse(&h.increase(W, t(40)), C).remove(0).verdict, Verdict::Fail);
+        let mut lone = History::default();
+        lone.record(report("a", 0, "m1", c(0, 0), c(0, 0)), W);
+        lone.record(report("a", 30, "m1", c(200, 100), c(0, 0)), W);
+        assert_eq!(analyse(&lone.increase(W, t(30)), C).remove(0).verdict, Verdict::Fail);
     }
 
     #[test]
@@ -329,7 +383,9 @@ mod tests {
     #[test]
     fn verdicts() {
         let one = |ech: Counters, plain: Counters| {
-            analyse(&BTreeMap::from([("m1".to_owned(), Cohorts { ech, plain })]), C).remove(0).verdict
+            analyse(&BTreeMap::from([("m1".to_owned(), Cohorts { ech, plain, ..Cohorts::default() })]), C)
+                .remove(0)
+                .verdict
         };
         assert_eq!(one(c(99, 0), c(0, 0)), Verdict::Inconclusive, "below minStreams");
         assert_eq!(one(c(100, 95), c(0, 0)), Verdict::Pass);
@@ -341,7 +397,13 @@ mod tests {
 
     #[test]
     fn reasons_carry_the_figures() {
-        let a = analyse(&BTreeMap::from([("m1".to_owned(), Cohorts { ech: c(200, 150), plain: c(100, 100) })]), C);
+        let a = analyse(
+            &BTreeMap::from([(
+                "m1".to_owned(),
+                Cohorts { ech: c(200, 150), plain: c(100, 100), ..Cohorts::default() },
+            )]),
+            C,
+        );
         assert_eq!(a[0].reason, "ECH setups 75.0% successful of 200 (minimum 95.0%); plain setups 100.0%");
         assert_eq!(a[0].counts.ech.mean_setup(), Some(Duration::from_millis(10)));
     }

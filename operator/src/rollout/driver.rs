@@ -227,7 +227,7 @@ mod tests {
     fn counts(ech: (u64, u64), plain: (u64, u64)) -> Cohorts {
         let c =
             |(a, s): (u64, u64)| Counters { attempts: a, successes: s, fallbacks: 0, setup_seconds: s as f64 * 0.002 };
-        Cohorts { ech: c(ech), plain: c(plain) }
+        Cohorts { ech: c(ech), plain: c(plain), ..Cohorts::default() }
     }
 
     fn t(s: u64) -> SystemTime {

@@ -525,19 +525,28 @@ struct CohortNote {
 }
 
 impl CohortNote {
-    /// The setup to count for the rollout analysis, if the attempt says anything about its
-    /// cohort: not when the caller's own link died under it, nor for refusals about the
-    /// caller (rate limits, permissions), which are the same whatever the cohort.
+    /// The setup to count for the rollout analysis, if the attempt says anything about ECH:
+    /// a completed handshake, or a failure the route header's sealing could cause (`ECH_*`, a
+    /// failed end-to-end handshake, a malformed answer). Failures of the path or the
+    /// destination (a relay or home down or hung, a missing service) and refusals of the
+    /// caller (rate limits, permissions) happen alike in both cohorts and are left out: with
+    /// ECH at 100% there is no plain cohort to tell them apart, and a crashed relay must not
+    /// roll ECH back.
     fn setup<T>(&self, result: &Result<T, StreamError>, own_link_lost: bool, took: Duration) -> Option<Setup> {
         let cohort = self.cohort?;
         let ok = match result {
             Ok(_) => true,
             Err(_) if own_link_lost => return None,
-            Err((code, _)) if against_instance(*code) || code.is_ech() => false,
+            Err((code, _)) if counts_against_ech(*code) => false,
             Err(_) => return None,
         };
         Some(Setup { cohort, ok, fallback: self.fallback, seconds: took.as_secs_f64() })
     }
+}
+
+/// Failures the route header's sealing can cause (what the rollout analysis counts).
+fn counts_against_ech(code: ErrorCode) -> bool {
+    code.is_ech() || matches!(code, ErrorCode::HandshakeFailed | ErrorCode::MalformedFrame)
 }
 
 fn io_err(e: FrameIoError) -> StreamError {
