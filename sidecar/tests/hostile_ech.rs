@@ -38,6 +38,10 @@ fn shop_route() -> InnerRoute {
 }
 
 async fn net(attack: Attack, mode: EchMode) -> Net {
+    net_at(attack, mode, 100).await
+}
+
+async fn net_at(attack: Attack, mode: EchMode, percentage: u8) -> Net {
     let spec = ScenarioSpec {
         trust_domain: "hostile.test".into(),
         registry_ttl_seconds: 30,
@@ -70,7 +74,7 @@ async fn net(attack: Attack, mode: EchMode) -> Net {
     let mitm =
         Mitm::start(&Snapshot::load(&hub_a.1).unwrap(), &shop_snap, hub_a.2, "hub-b", Some(&hub_b_list), attack).await;
     shop_snap.main_relays[0].endpoint = mitm.addr;
-    shop_snap.ech_policy = EchPolicy { enabled: true, mode, percentage: 100, ..EchPolicy::default() };
+    shop_snap.ech_policy = EchPolicy { enabled: true, mode, percentage, ..EchPolicy::default() };
     assert!(shop_snap.ech_configs.contains_key("hub-b"), "the plan gives homes every main relay's config");
     let shop = common::start("home", &tb.save("shop", &shop_snap).unwrap(), &[]).await;
     eventually("shop's view lists pay's echo", Duration::from_secs(15), || async {
@@ -160,4 +164,22 @@ async fn a_first_relay_that_substitutes_the_destinations_noise_key_reads_no_payl
     assert_eq!(Seen::get(&net.mitm.seen.handshakes), 0, "shop finished a handshake with the relay");
     assert_eq!(net.shop.metric("relayfed_e2e_handshakes_total", &[("result", "key_unverified")]).await, 3.0);
     assert_eq!(net.shop.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_stream_carries_grease_as_long_as_a_sealed_header_and_is_delivered() {
+    // The same call, once outside the ECH cohort (0%) and once in it (100%): what the first
+    // relay receives is as long either way, and the greased stream is delivered.
+    let mut lengths = Vec::new();
+    for (percentage, kind) in [(0, "grease"), (100, "sealed")] {
+        let net = net_at(Attack::Observe, EchMode::Opportunistic, percentage).await;
+        assert_eq!(calls(&net, 5).await, 5, "{kind}: every call is served");
+        let routes = net.mitm.seen.routes.lock().unwrap().clone();
+        assert_eq!(routes.len(), 5, "{routes:?}");
+        assert!(routes.iter().all(|(k, _)| *k == kind), "{routes:?}");
+        lengths.extend(routes.iter().map(|(_, l)| *l));
+        let grease = net.shop.metric("relayfed_ech_streams_total", &[("outcome", "grease")]).await;
+        assert_eq!(grease, if kind == "grease" { 5.0 } else { 0.0 });
+    }
+    assert!(lengths.windows(2).all(|w| w[0] == w[1]), "first frames differ in length: {lengths:?}");
 }

@@ -437,6 +437,7 @@ async fn hostile_input_gets_documented_errors_and_the_relay_keeps_serving() {
             port: 7,
             origin: "raw@hub".into(),
         }),
+        grease: None,
     };
     let mut v2 = Frame::Route(route.clone()).encode().unwrap();
     v2[3] = 2;
@@ -608,6 +609,7 @@ async fn a_stream_that_stalls_after_noise_message_1_releases_the_target_within_t
         trace_context: String::new(),
         path: vec![],
         body: RouteBody::Plain(inner.clone()),
+        grease: None,
     };
     let remote: [u8; 32] =
         relayfed_sidecar::config::base64_decode(&tb.noise_key("dest").unwrap()).unwrap().try_into().unwrap();

@@ -36,7 +36,8 @@ pub struct Metrics {
     registry: Registry,
     /// Hop (QUIC/TLS) handshakes by `role` (server/client) and `result`.
     pub hop_handshakes: Family<L2, Counter>,
-    /// ECH outcomes by `outcome`: attempted, accepted, retried, fallback, failed, opened, retry_sent.
+    /// ECH outcomes by `outcome`: attempted, accepted, retried, fallback, failed,
+    /// retry_refused, downgrade, grease (origins); opened, retry_sent, decrypt_failed (relays).
     pub ech: Family<L1, Counter>,
     /// Hop handshake latency at the dialing side.
     pub hop_handshake_seconds: Histogram,
@@ -235,6 +236,7 @@ impl Metrics {
             "failed",
             "retry_refused",
             "downgrade",
+            "grease",
             "opened",
             "retry_sent",
             "decrypt_failed",

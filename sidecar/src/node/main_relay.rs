@@ -429,6 +429,7 @@ impl MainRelay {
                     trace_context: header.trace_context,
                     path,
                     body: RouteBody::Sealed(sealed),
+                    grease: None,
                 };
                 return self.forward_to_peer(&next, fwd, send, recv).await;
             }
@@ -487,6 +488,8 @@ impl MainRelay {
                     trace_context: header.trace_context,
                     path,
                     body: RouteBody::Plain(route),
+                    // Passed on unchanged: the header stays as long as a sealed one.
+                    grease: header.grease,
                 };
                 return self.forward_to_peer(&next, fwd, send, recv).await;
             }
@@ -499,8 +502,14 @@ impl MainRelay {
                 None => RouteBody::Plain(route),
                 Some(binding) => RouteBody::Opened { binding, route },
             };
-            let forward =
-                RouteHeader { hop_limit, probe: header.probe, trace_context: header.trace_context, path, body };
+            let forward = RouteHeader {
+                hop_limit,
+                probe: header.probe,
+                trace_context: header.trace_context,
+                path,
+                body,
+                grease: header.grease,
+            };
             self.metrics.routes.get_or_create(&[("result", "local")]).inc();
             self.pipe(dest, forward, send, recv).await;
         }

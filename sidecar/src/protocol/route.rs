@@ -7,6 +7,10 @@
 //! (config id, digest of the config that opened it, encapsulated key), so the destination
 //! binds exactly that key and that encapsulation into the Noise prologue: a route sealed to
 //! any other key, or re-sealed on the way, fails the end-to-end handshake.
+//!
+//! A plain header may carry a [`Grease`] envelope (RFC 9849 §6.2 in spirit): random bytes in
+//! the shape of a sealing, sized so the header is exactly as long as a sealed one would be,
+//! so the size of a stream's first frame does not tell an observer whether it is sealed.
 
 use super::wire::{DecodeError, Reader, Writer};
 
@@ -30,6 +34,9 @@ pub const PAD_TO: usize = 64;
 const FLAG_SEALED: u8 = 0x01;
 const FLAG_OPENED: u8 = 0x02;
 const FLAG_PROBE: u8 = 0x04;
+const FLAG_GREASE: u8 = 0x08;
+/// Bytes HPKE's AEAD adds to a sealed payload (AES-128-GCM and ChaCha20-Poly1305 alike).
+const AEAD_TAG: usize = 16;
 
 /// The sensitive part of a route: who is called, and by whom.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -61,6 +68,49 @@ pub struct SealedRoute {
     pub enc: Vec<u8>,
     /// HPKE ciphertext of the padded inner route.
     pub payload: Vec<u8>,
+}
+
+/// A GREASE envelope after a plain route: the fields of a sealing with random content. Nobody
+/// opens it; relays pass it on unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grease {
+    /// A random config id.
+    pub config_id: u8,
+    /// The KDF a real sealing to the destination relay would use.
+    pub kdf_id: u16,
+    /// The AEAD a real sealing would use.
+    pub aead_id: u16,
+    /// An encapsulated key (1..255 bytes; a real encapsulation to no purpose).
+    pub enc: Vec<u8>,
+    /// Random bytes (1..[`MAX_SEALED`]).
+    pub payload: Vec<u8>,
+}
+
+impl Grease {
+    /// An envelope for `route` in the shape of `sealed` (a sealing of the same route, which
+    /// is then thrown away): the plain header with it is exactly as long as the sealed one.
+    pub fn imitating(
+        sealed: &SealedRoute,
+        route: &InnerRoute,
+        config_id: u8,
+        mut random: impl FnMut(&mut [u8]),
+    ) -> Result<Self, DecodeError> {
+        let plain = route.encode()?.len();
+        // sealed body: vec8(main) + 5 + vec16(enc) + vec16(payload); greased: route + 5 +
+        // vec16(enc) + vec16(grease payload): equal when the grease payload makes up the rest.
+        let len = (1 + sealed.main.len() + sealed.payload.len())
+            .checked_sub(plain)
+            .filter(|l| (1..=MAX_SEALED).contains(l))
+            .ok_or_else(|| DecodeError::invalid("grease payload", "the sealed route is shorter than the plain one"))?;
+        let mut payload = vec![0u8; len];
+        random(&mut payload);
+        Ok(Self { config_id, kdf_id: sealed.kdf_id, aead_id: sealed.aead_id, enc: sealed.enc.clone(), payload })
+    }
+
+    /// The length of the sealed payload of `route` (padded, plus the AEAD tag).
+    pub fn sealed_payload_len(route: &InnerRoute) -> Result<usize, DecodeError> {
+        Ok(route.padded()?.len() + AEAD_TAG)
+    }
 }
 
 /// Length of an ECH config digest (SHA-256).
@@ -147,6 +197,8 @@ pub struct RouteHeader {
     pub path: Vec<PathEntry>,
     /// The route itself.
     pub body: RouteBody,
+    /// A GREASE envelope (plain bodies only).
+    pub grease: Option<Grease>,
 }
 
 fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), DecodeError> {
@@ -240,7 +292,11 @@ impl RouteHeader {
             RouteBody::Plain(_) => 0,
             RouteBody::Sealed(_) => FLAG_SEALED,
             RouteBody::Opened { .. } => FLAG_OPENED,
-        } | if self.probe { FLAG_PROBE } else { 0 };
+        } | if self.probe { FLAG_PROBE } else { 0 }
+            | if self.grease.is_some() { FLAG_GREASE } else { 0 };
+        if self.grease.is_some() && !matches!(self.body, RouteBody::Plain(_)) {
+            return Err(DecodeError::invalid("grease", "only a plain route carries a GREASE envelope"));
+        }
         let mut w = Writer::new();
         w.u8(ROUTE_VERSION).u8(self.hop_limit).u8(flags).vec8(self.trace_context.as_bytes());
         w.u8(self.path.len() as u8); // bounded by MAX_PATH above
@@ -252,6 +308,15 @@ impl RouteHeader {
             RouteBody::Plain(route) => {
                 route.check()?;
                 route.write(&mut w);
+                if let Some(g) = &self.grease {
+                    if g.enc.is_empty() || g.enc.len() > 255 {
+                        return Err(DecodeError::invalid("grease enc", "must be 1..255 bytes"));
+                    }
+                    if g.payload.is_empty() || g.payload.len() > MAX_SEALED {
+                        return Err(DecodeError::invalid("grease payload", format!("must be 1..{MAX_SEALED} bytes")));
+                    }
+                    w.u8(g.config_id).u16(g.kdf_id).u16(g.aead_id).vec16(&g.enc).vec16(&g.payload);
+                }
             }
             RouteBody::Opened { binding, route } => {
                 route.check()?;
@@ -282,8 +347,9 @@ impl RouteHeader {
         }
         let hop_limit = r.u8("hop_limit")?;
         let flags = r.u8("flags")?;
-        if flags & !(FLAG_SEALED | FLAG_OPENED | FLAG_PROBE) != 0
+        if flags & !(FLAG_SEALED | FLAG_OPENED | FLAG_PROBE | FLAG_GREASE) != 0
             || flags & (FLAG_SEALED | FLAG_OPENED) == FLAG_SEALED | FLAG_OPENED
+            || (flags & FLAG_GREASE != 0 && flags & (FLAG_SEALED | FLAG_OPENED) != 0)
         {
             return Err(DecodeError::invalid("flags", format!("0x{flags:02x} is not a valid combination")));
         }
@@ -313,8 +379,19 @@ impl RouteHeader {
         } else {
             RouteBody::Plain(InnerRoute::read(&mut r)?)
         };
+        let grease = if flags & FLAG_GREASE != 0 {
+            Some(Grease {
+                config_id: r.u8("grease config_id")?,
+                kdf_id: r.u16("grease kdf_id")?,
+                aead_id: r.u16("grease aead_id")?,
+                enc: r.vec16("grease enc", 1, 255)?.to_vec(),
+                payload: r.vec16("grease payload", 1, MAX_SEALED)?.to_vec(),
+            })
+        } else {
+            None
+        };
         r.finish("route header")?;
-        Ok(Self { hop_limit, probe: flags & FLAG_PROBE != 0, trace_context, path, body })
+        Ok(Self { hop_limit, probe: flags & FLAG_PROBE != 0, trace_context, path, body, grease })
     }
 }
 
@@ -370,13 +447,24 @@ pub(crate) mod tests {
             "[ -~]{0,80}",
             prop::collection::vec((arb_name(63), any::<u64>()), 0..=MAX_PATH),
             body,
+            proptest::option::of((
+                any::<u8>(),
+                prop::collection::vec(any::<u8>(), 1..255),
+                prop::collection::vec(any::<u8>(), 1..300),
+            )),
         )
-            .prop_map(|(hop_limit, probe, trace_context, path, body)| RouteHeader {
-                hop_limit,
-                probe,
-                trace_context,
-                path: path.into_iter().map(|(node, at_ms)| PathEntry { node, at_ms }).collect(),
-                body,
+            .prop_map(|(hop_limit, probe, trace_context, path, body, grease)| {
+                let grease = grease
+                    .filter(|_| matches!(body, RouteBody::Plain(_)))
+                    .map(|(config_id, enc, payload)| Grease { config_id, kdf_id: 1, aead_id: 3, enc, payload });
+                RouteHeader {
+                    hop_limit,
+                    probe,
+                    trace_context,
+                    path: path.into_iter().map(|(node, at_ms)| PathEntry { node, at_ms }).collect(),
+                    body,
+                    grease,
+                }
             })
     }
 
@@ -401,6 +489,7 @@ pub(crate) mod tests {
             trace_context: String::new(),
             path: vec![],
             body: RouteBody::Plain(inner()),
+            grease: None,
         };
         let mut bytes = h.encode().unwrap();
         bytes[0] = 2;
@@ -411,6 +500,58 @@ pub(crate) mod tests {
         bytes[0] = 1;
         bytes[2] = 0x03;
         assert!(matches!(RouteHeader::decode(&bytes), Err(DecodeError::Invalid { field: "flags", .. })));
+        bytes[2] = 0x09;
+        assert!(
+            matches!(RouteHeader::decode(&bytes), Err(DecodeError::Invalid { field: "flags", .. })),
+            "GREASE with a sealed body"
+        );
+        let sealed = SealedRoute {
+            main: "m".into(),
+            config_id: 1,
+            kdf_id: 1,
+            aead_id: 1,
+            enc: vec![1; 32],
+            payload: vec![2; 80],
+        };
+        let g = Grease::imitating(&sealed, &inner(), 9, |b| b.fill(7)).unwrap();
+        let bad = RouteHeader { body: RouteBody::Sealed(sealed), grease: Some(g), ..h };
+        assert!(bad.encode().is_err(), "only a plain route carries GREASE");
+    }
+
+    /// A sealed header to `route`'s relay, in the exact shape sealing gives (32-byte enc,
+    /// padded route plus the AEAD tag), and the greased plain header imitating it.
+    fn pair(route: &InnerRoute, trace: &str, path: Vec<PathEntry>) -> (RouteHeader, RouteHeader) {
+        let sealed = SealedRoute {
+            main: route.dest_main.clone(),
+            config_id: 7,
+            kdf_id: 1,
+            aead_id: 1,
+            enc: vec![0x55; 32],
+            payload: vec![0xaa; Grease::sealed_payload_len(route).unwrap()],
+        };
+        let grease = Grease::imitating(&sealed, route, 201, |b| b.fill(0x33)).unwrap();
+        let common = RouteHeader {
+            hop_limit: 3,
+            probe: false,
+            trace_context: trace.to_owned(),
+            path,
+            body: RouteBody::Sealed(sealed),
+            grease: None,
+        };
+        let greased = RouteHeader { body: RouteBody::Plain(route.clone()), grease: Some(grease), ..common.clone() };
+        (common, greased)
+    }
+
+    #[test]
+    fn a_greased_header_is_as_long_as_a_sealed_one_on_every_hop() {
+        let (sealed, greased) = pair(&inner(), "", vec![]);
+        assert_eq!(sealed.encode().unwrap().len(), greased.encode().unwrap().len());
+        // Relays append to the path and pass the envelope on: still equal after a hop.
+        let hop = vec![PathEntry { node: "hub-eu".into(), at_ms: 1 }];
+        let (sealed, greased) = pair(&inner(), "", hop);
+        assert_eq!(sealed.encode().unwrap().len(), greased.encode().unwrap().len());
+        let decoded = RouteHeader::decode(&greased.encode().unwrap()).unwrap();
+        assert_eq!(decoded, greased);
     }
 
     proptest! {
@@ -418,6 +559,12 @@ pub(crate) mod tests {
         fn headers_round_trip(h in arb_header()) {
             let bytes = h.encode().unwrap();
             prop_assert_eq!(RouteHeader::decode(&bytes).unwrap(), h);
+        }
+
+        #[test]
+        fn greased_and_sealed_headers_have_equal_lengths(route in arb_inner(), trace in "[ -~]{0,60}") {
+            let (sealed, greased) = pair(&route, &trace, vec![]);
+            prop_assert_eq!(sealed.encode().unwrap().len(), greased.encode().unwrap().len());
         }
 
         #[test]

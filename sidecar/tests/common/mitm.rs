@@ -22,6 +22,8 @@ use relayfed_sidecar::transport::tls::HopIdentity;
 /// What the dishonest relay does to the home's streams.
 #[derive(Clone, Debug)]
 pub enum Attack {
+    /// Nothing: passes every stream on and records what it sees (route kinds and lengths).
+    Observe,
     /// Answers the first sealed stream with RETRY_CONFIGS naming a key of its own under the
     /// destination relay's config id; opens every later route sealed to that key, reads it,
     /// re-seals it to the real key and forwards it (the attack of issue 17).
@@ -65,6 +67,9 @@ pub struct Seen {
     pub handshakes: AtomicU32,
     /// Payload messages it decrypted.
     pub payload_read: AtomicU32,
+    /// Each route header it passed: its kind (`plain`, `grease`, `sealed`, `opened`) and
+    /// encoded length.
+    pub routes: std::sync::Mutex<Vec<(&'static str, usize)>>,
 }
 
 impl Seen {
@@ -261,6 +266,15 @@ async fn outbound(
             false
         }
         Frame::Route(mut header) => {
+            let kind = match (&header.body, header.grease.is_some()) {
+                (RouteBody::Plain(_), true) => "grease",
+                (RouteBody::Plain(_), false) => "plain",
+                (RouteBody::Sealed(_), _) => "sealed",
+                (RouteBody::Opened { .. }, _) => "opened",
+            };
+            if let Ok(bytes) = header.encode() {
+                ctx.seen.routes.lock().unwrap().push((kind, bytes.len()));
+            }
             let mut forged = false;
             match &mut header.body {
                 RouteBody::Plain(_) | RouteBody::Opened { .. } => {

@@ -314,12 +314,21 @@ impl HomeNode {
                 },
             };
             let binding = sealed.as_ref().map(|(_, b)| b.clone());
-            let body = match sealed {
-                Some((s, _)) => RouteBody::Sealed(s),
-                None => RouteBody::Plain(inner.clone()),
+            let (body, grease) = match sealed {
+                Some((s, _)) => (RouteBody::Sealed(s), None),
+                None if decision == EchDecision::Plain => {
+                    (RouteBody::Plain(inner.clone()), self.grease(live, dest, &inner))
+                }
+                None => (RouteBody::Plain(inner.clone()), None),
             };
-            let header =
-                RouteHeader { hop_limit: MAX_HOPS, probe: false, trace_context: String::new(), path: vec![], body };
+            let header = RouteHeader {
+                hop_limit: MAX_HOPS,
+                probe: false,
+                trace_context: String::new(),
+                path: vec![],
+                body,
+                grease,
+            };
             let prologue = prologue(binding.as_ref(), &inner).map_err(|e| (e.code(), e.to_string()))?;
             let hs_started = Instant::now();
             let (init, msg1) =
@@ -392,6 +401,21 @@ impl HomeNode {
         }
     }
 
+    /// A GREASE envelope for a plain stream in opportunistic mode, toward a relay that has
+    /// ECH keys: a real sealing of the route (the same work as an ECH stream) gives the shape,
+    /// random bytes the content, so the first frame is exactly as long as a sealed one.
+    fn grease(&self, live: &HomeLive, dest: &Entry, inner: &InnerRoute) -> Option<crate::protocol::route::Grease> {
+        let p = &live.policy;
+        if !p.enabled || p.mode != crate::federation::ech_policy::EchMode::Opportunistic || !dest.ech {
+            return None;
+        }
+        let (config, suite) = self.ech_config_for(&dest.main)?;
+        let shape = seal(&config, suite, &dest.main, inner).ok()?;
+        let g = crate::protocol::route::Grease::imitating(&shape, inner, rand::random(), |b| rand::fill(b)).ok()?;
+        self.metrics.ech.get_or_create(&[("outcome", "grease")]).inc();
+        Some(g)
+    }
+
     /// Counts a failed end-to-end handshake; for an ECH stream that is a downgrade or
     /// substitution on the path (the prologue binds the ECH key and sealing), or a wrong key.
     fn handshake_failed(&self, ech: bool) {
@@ -435,6 +459,7 @@ impl HomeNode {
             trace_context: String::new(),
             path: vec![],
             body: RouteBody::Plain(inner),
+            grease: None,
         };
         let result = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| (ErrorCode::PeerUnreachable, e.to_string()))?;
