@@ -445,6 +445,9 @@ pub struct MainAnalysis {
     /// ECH setups that fell back to a plain route header.
     #[serde(default)]
     pub fallbacks: u64,
+    /// ECH setups sent again with a newer config after the relay said the one used was stale.
+    #[serde(default)]
+    pub retries: u64,
     /// Mean ECH setup time, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_setup_millis: Option<f64>,

@@ -207,6 +207,8 @@ async fn steps_advance_and_a_broken_relay_is_rolled_back_alone() {
     );
     assert!(metrics.lines().any(|l| l.starts_with("relayfed_rollout_effective_percent{main=\"m1\"} 100")));
     assert!(failed.load(Ordering::Relaxed) > healthy_failed, "the broken key failed calls");
+    let m2_health = relayfed_operator::local::http::get_json(&m2_admin, "/federation/health").await.unwrap();
+    assert!(m2_health["ech"]["retrySent"].as_u64() > Some(0), "m2 answered the stale config id: {}", m2_health["ech"]);
     // The calling home applies it, and its admin API shows its ECH health.
     let c1_admin = node(&s, "c1")["admin"].as_str().unwrap().to_owned();
     let ech = eventually_value("c1 applies m2's lowered percentage", Duration::from_secs(20), || async {

@@ -22,6 +22,8 @@ pub struct Counters {
     pub successes: u64,
     /// ECH setups that fell back to a plain route header (opportunistic mode).
     pub fallbacks: u64,
+    /// ECH setups sent again with a newer config after a stale-config answer.
+    pub retries: u64,
     /// Sum of setup times of successful setups, in seconds.
     pub setup_seconds: f64,
 }
@@ -37,6 +39,7 @@ impl Counters {
             attempts: self.attempts - earlier.attempts,
             successes: self.successes - earlier.successes,
             fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
+            retries: self.retries.saturating_sub(earlier.retries),
             setup_seconds: (self.setup_seconds - earlier.setup_seconds).max(0.0),
         }
     }
@@ -45,6 +48,7 @@ impl Counters {
         self.attempts += o.attempts;
         self.successes += o.successes;
         self.fallbacks += o.fallbacks;
+        self.retries += o.retries;
         self.setup_seconds += o.setup_seconds;
     }
 
@@ -65,6 +69,7 @@ impl From<&ech_cohorts::CohortCounters> for Counters {
             attempts: c.attempts,
             successes: c.successes,
             fallbacks: c.fallbacks,
+            retries: c.retries,
             setup_seconds: c.setup_seconds,
         }
     }
@@ -286,7 +291,7 @@ mod tests {
     }
 
     fn c(attempts: u64, successes: u64) -> Counters {
-        Counters { attempts, successes, fallbacks: 0, setup_seconds: successes as f64 * 0.01 }
+        Counters { attempts, successes, fallbacks: 0, retries: 0, setup_seconds: successes as f64 * 0.01 }
     }
 
     fn report(node: &str, s: u64, main: &str, ech: Counters, plain: Counters) -> Report {

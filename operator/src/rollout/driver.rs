@@ -178,6 +178,7 @@ fn view(a: &Analysis) -> MainAnalysis {
         plain_attempts: a.counts.plain.attempts,
         plain_success_rate: a.counts.plain.success_rate(),
         fallbacks: a.counts.ech.fallbacks,
+        retries: a.counts.ech.retries,
         ech_setup_millis: ms(a.counts.ech.mean_setup()),
         plain_setup_millis: ms(a.counts.plain.mean_setup()),
     }
@@ -225,8 +226,13 @@ mod tests {
     const BASE: &str = "apiVersion: relayfed.io/v1alpha1\nkind: RolloutPolicy\nmetadata: {name: default}\nspec:\n  ech:\n    enabled: true\n    percentage: 100\n    autoRollback: {minSuccessRate: 0.9, evaluationWindow: 10s, step: 50, minStreams: 5}\n";
 
     fn counts(ech: (u64, u64), plain: (u64, u64)) -> Cohorts {
-        let c =
-            |(a, s): (u64, u64)| Counters { attempts: a, successes: s, fallbacks: 0, setup_seconds: s as f64 * 0.002 };
+        let c = |(a, s): (u64, u64)| Counters {
+            attempts: a,
+            successes: s,
+            fallbacks: 0,
+            retries: 0,
+            setup_seconds: s as f64 * 0.002,
+        };
         Cohorts { ech: c(ech), plain: c(plain), ..Cohorts::default() }
     }
 

@@ -25,7 +25,7 @@ const WAIT: Duration = Duration::from_secs(90);
 
 fn setups(c: &EchCohorts, main: &str, cohort: Cohort, ok: u32, failed: u32) {
     for i in 0..ok + failed {
-        c.record(main, Setup { cohort, ok: i < ok, fallback: false, seconds: 0.01 });
+        c.record(main, Setup { cohort, ok: i < ok, fallback: false, retried: false, seconds: 0.01 });
     }
 }
 

@@ -174,7 +174,7 @@ mod tests {
         fn reports_round_trip(attempts in 0u64..1_000_000, ok in 0u64..1_000_000, secs in 0u32..1_000_000) {
             // Binary fractions with short decimals: exact through JSON.
             let secs = f64::from(secs) / 1024.0;
-            let counters = crate::federation::ech_cohorts::CohortCounters { attempts: attempts.max(ok), successes: ok, fallbacks: 0, setup_seconds: secs };
+            let counters = crate::federation::ech_cohorts::CohortCounters { attempts: attempts.max(ok), successes: ok, fallbacks: 0, retries: 0, setup_seconds: secs };
             let r = Report { by_main: BTreeMap::from([("m".to_owned(), Cohorts { ech: counters, plain: counters })]) };
             proptest::prop_assert_eq!(Report::parse(&serde_json::to_vec(&r).unwrap()).unwrap(), r);
         }

@@ -25,6 +25,10 @@ pub struct CohortCounters {
     /// ECH cohort only: setups that went out plain because no usable ECH config existed.
     #[serde(default)]
     pub fallbacks: u64,
+    /// ECH cohort only: setups sent again with a newer config after the relay answered that
+    /// the one used was stale (retry configs, §5.4 of docs/protocol.md).
+    #[serde(default)]
+    pub retries: u64,
     /// Sum of the setup times of successful setups, in seconds.
     #[serde(default)]
     pub setup_seconds: f64,
@@ -42,6 +46,8 @@ impl CohortCounters {
             Some("successes exceed attempts")
         } else if self.fallbacks > self.attempts {
             Some("fallbacks exceed attempts")
+        } else if self.retries > self.attempts {
+            Some("retries exceed attempts")
         } else if !self.setup_seconds.is_finite() || self.setup_seconds < 0.0 {
             Some("setupSeconds is not a non-negative number")
         } else {
@@ -78,6 +84,8 @@ pub struct Setup {
     pub ok: bool,
     /// Selected for ECH but sent plain (no usable config).
     pub fallback: bool,
+    /// Sent again with a newer config after a stale-config answer.
+    pub retried: bool,
     /// Time from opening the stream to the handshake's end (successes only).
     pub seconds: f64,
 }
@@ -126,6 +134,7 @@ impl CohortCounters {
             attempts: self.attempts.saturating_sub(earlier.attempts),
             successes: self.successes.saturating_sub(earlier.successes),
             fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
+            retries: self.retries.saturating_sub(earlier.retries),
             setup_seconds: (self.setup_seconds - earlier.setup_seconds).max(0.0),
         }
     }
@@ -134,6 +143,7 @@ impl CohortCounters {
         self.attempts += o.attempts;
         self.successes += o.successes;
         self.fallbacks += o.fallbacks;
+        self.retries += o.retries;
         self.setup_seconds += o.setup_seconds;
     }
 }
@@ -153,6 +163,9 @@ impl EchCohorts {
         c.attempts += 1;
         if s.fallback {
             c.fallbacks += 1;
+        }
+        if s.retried {
+            c.retries += 1;
         }
         if s.ok {
             c.successes += 1;
@@ -192,7 +205,7 @@ mod tests {
     use super::*;
 
     fn setup(cohort: Cohort, ok: bool, fallback: bool) -> Setup {
-        Setup { cohort, ok, fallback, seconds: 0.5 }
+        Setup { cohort, ok, fallback, retried: false, seconds: 0.5 }
     }
 
     #[test]
@@ -204,8 +217,14 @@ mod tests {
         c.record("a", setup(Cohort::Plain, true, false));
         c.record("b", setup(Cohort::Plain, false, false));
         let t = c.totals();
-        assert_eq!(t["a"].ech, CohortCounters { attempts: 3, successes: 2, fallbacks: 1, setup_seconds: 1.0 });
-        assert_eq!(t["a"].plain, CohortCounters { attempts: 1, successes: 1, fallbacks: 0, setup_seconds: 0.5 });
+        assert_eq!(
+            t["a"].ech,
+            CohortCounters { attempts: 3, successes: 2, fallbacks: 1, retries: 0, setup_seconds: 1.0 }
+        );
+        assert_eq!(
+            t["a"].plain,
+            CohortCounters { attempts: 1, successes: 1, fallbacks: 0, retries: 0, setup_seconds: 0.5 }
+        );
         assert_eq!(t["b"].plain.success_rate(), Some(0.0));
         assert_eq!(t["b"].ech.success_rate(), None);
     }
@@ -250,10 +269,11 @@ mod tests {
 
     #[test]
     fn implausible_counters_are_named() {
-        let ok = CohortCounters { attempts: 2, successes: 2, fallbacks: 1, setup_seconds: 0.1 };
+        let ok = CohortCounters { attempts: 2, successes: 2, fallbacks: 1, retries: 1, setup_seconds: 0.1 };
         assert_eq!(ok.implausible(), None);
         assert!(CohortCounters { successes: 3, ..ok }.implausible().is_some());
         assert!(CohortCounters { fallbacks: 3, ..ok }.implausible().is_some());
+        assert!(CohortCounters { retries: 3, ..ok }.implausible().is_some());
         assert!(CohortCounters { setup_seconds: f64::NAN, ..ok }.implausible().is_some());
         assert!(CohortCounters { setup_seconds: -1.0, ..ok }.implausible().is_some());
     }

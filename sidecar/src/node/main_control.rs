@@ -344,6 +344,13 @@ impl MainRelay {
                     "role": "main",
                     "echAnonymitySet": anonymity,
                     "echKeys": keys,
+                    // ECH as this relay sees it: routes sealed to it it opened, and those it
+                    // could not (stale config id: retry configs sent; failed to open).
+                    "ech": {
+                        "opened": self.metrics.ech.get_or_create(&[("outcome", "opened")]).get(),
+                        "retrySent": self.metrics.ech.get_or_create(&[("outcome", "retry_sent")]).get(),
+                        "decryptFailed": self.metrics.ech.get_or_create(&[("outcome", "decrypt_failed")]).get(),
+                    },
                     "connectedHomes": homes.len(),
                     "connectedPeers": up.len(),
                     "configuredPeers": peers.len(),

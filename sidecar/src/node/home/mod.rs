@@ -313,6 +313,7 @@ impl HomeNode {
             "setups": r.ech.attempts,
             "successRate": r.ech.success_rate(),
             "fallbackRate": (r.ech.attempts > 0).then(|| r.ech.fallbacks as f64 / r.ech.attempts as f64),
+            "retryRate": (r.ech.attempts > 0).then(|| r.ech.retries as f64 / r.ech.attempts as f64),
             "meanSetupMillis": ms(&r.ech),
             "plainSetups": r.plain.attempts,
             "plainSuccessRate": r.plain.success_rate(),

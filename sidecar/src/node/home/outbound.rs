@@ -374,6 +374,7 @@ impl HomeNode {
                         info!(main = %dest.main, "ECH config was stale: retrying with the config snapshot's newer config");
                         self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
                         retried = true;
+                        cohort.retried = true;
                         continue;
                     }
                     self.metrics.ech.get_or_create(&[("outcome", "retry_refused")]).inc();
@@ -547,6 +548,7 @@ struct CohortNote {
     /// Set once the ECH decision is taken; `None`: the attempt ended before it.
     cohort: Option<Cohort>,
     fallback: bool,
+    retried: bool,
 }
 
 impl CohortNote {
@@ -565,7 +567,7 @@ impl CohortNote {
             Err((code, _)) if counts_against_ech(*code) => false,
             Err(_) => return None,
         };
-        Some(Setup { cohort, ok, fallback: self.fallback, seconds: took.as_secs_f64() })
+        Some(Setup { cohort, ok, fallback: self.fallback, retried: self.retried, seconds: took.as_secs_f64() })
     }
 }
 
