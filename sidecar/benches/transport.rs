@@ -1,5 +1,6 @@
-//! `make bench`: Noise XK handshake, HPKE seal+open, stream setup through a relay with and
-//! without ECH over warm hop connections, and single-stream throughput home -> main -> home.
+//! `make bench`: Noise XK handshake, HPKE seal+open, the first frame sealed and greased (time
+//! to build and length), stream setup through a relay with ECH off, plain with GREASE and
+//! sealed over warm hop connections, and single-stream throughput home -> main -> home.
 //! Relay and home nodes are real release-build processes on loopback. Prints a Markdown
 //! table (the Makefile writes it to docs/benchmarks.md).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -65,6 +66,36 @@ fn bench_hpke(n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Time to build an origin's first frame (route header) sealed, and plain with a GREASE
+/// envelope imitating that sealing (what an origin does for a stream outside the ECH cohort);
+/// with the encoded lengths.
+fn bench_first_frame(n: usize) -> (Vec<f64>, Vec<f64>, usize, usize) {
+    use relayfed_sidecar::protocol::route::{Grease, RouteBody, RouteHeader};
+    let key = EchKeyPair::generate(1, "relay.bench.example").unwrap();
+    let (config, suite) = (key.config().clone(), key.config().usable_suite().unwrap());
+    let header = |body, grease| RouteHeader {
+        hop_limit: 3,
+        probe: false,
+        trace_context: String::new(),
+        path: vec![],
+        body,
+        grease,
+    };
+    let (mut sealed, mut greased, mut ls, mut lg) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = seal(&config, suite, "hub", &route()).unwrap();
+        ls = header(RouteBody::Sealed(s), None).encode().unwrap().len();
+        sealed.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let shape = seal(&config, suite, "hub", &route()).unwrap();
+        let g = Grease::imitating(&shape, &route(), rand::random(), |b| rand::fill(b)).unwrap();
+        lg = header(RouteBody::Plain(route()), Some(g)).encode().unwrap().len();
+        greased.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    (sealed, greased, ls, lg)
+}
+
 /// Time from TCP connect to the first echoed byte: route, ECH, Noise XK, one round trip.
 async fn bench_setup(addr: SocketAddr, n: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(n);
@@ -126,6 +157,8 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let noise = stats(bench_noise(2000));
     let hpke = stats(bench_hpke(5000));
+    let (sealed_frame, greased_frame, sealed_len, greased_len) = bench_first_frame(5000);
+    let (sealed_frame, greased_frame) = (stats(sealed_frame), stats(greased_frame));
 
     let tb = Testbed::new("bench.example").unwrap();
     let relay = start("main-relay", &tb.main_relay("hub", 1).unwrap()).await;
@@ -142,8 +175,9 @@ async fn main() {
     let import = Import::fixed("echo", 7, "127.0.0.1:0".parse().unwrap(), "pay", "hub", tb.noise_key("pay").unwrap());
     let sink_import = Import { service: "sink".into(), port: 9, ..import.clone() };
     let mut addrs = Vec::new();
-    for (name, pct) in [("shop-plain", 0u8), ("shop-ech", 100)] {
-        let policy = EchPolicy { enabled: true, mode: EchMode::Opportunistic, percentage: pct, ..EchPolicy::default() };
+    // ECH off (no GREASE), outside the ECH cohort (plain with GREASE), in it (sealed).
+    for (name, enabled, pct) in [("shop-plain", true, 0u8), ("shop-ech", true, 100), ("shop-off", false, 0)] {
+        let policy = EchPolicy { enabled, mode: EchMode::Opportunistic, percentage: pct, ..EchPolicy::default() };
         let cfg = tb.home(name, main(), vec![], vec![import.clone(), sink_import.clone()], policy).unwrap();
         let p = start("home", &cfg).await;
         let echo_addr = p.ready["imports"]["echo:7"].as_str().unwrap().parse::<SocketAddr>().unwrap();
@@ -153,8 +187,10 @@ async fn main() {
     // Warm up the hop connections and code paths.
     bench_setup(addrs[0].0, 50).await;
     bench_setup(addrs[1].0, 50).await;
+    bench_setup(addrs[2].0, 50).await;
     let plain = stats(bench_setup(addrs[0].0, 1000).await);
     let ech = stats(bench_setup(addrs[1].0, 1000).await);
+    let off = stats(bench_setup(addrs[2].0, 1000).await);
     let mut tput_plain = Vec::new();
     let mut tput_ech = Vec::new();
     for _ in 0..3 {
@@ -175,16 +211,28 @@ async fn main() {
         hpke.0, hpke.1, hpke.2
     );
     println!(
-        "| stream setup home -> main -> home, plain, warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        "| first frame built, sealed (HPKE seal + encode; 5,000 runs; {sealed_len} bytes) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        sealed_frame.0, sealed_frame.1, sealed_frame.2
+    );
+    println!(
+        "| first frame built, plain with GREASE (the same sealing for its shape + envelope + encode; {greased_len} bytes) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        greased_frame.0, greased_frame.1, greased_frame.2
+    );
+    println!(
+        "| stream setup home -> main -> home, ECH disabled (no GREASE), warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
+        off.0, off.1, off.2
+    );
+    println!(
+        "| stream setup home -> main -> home, plain with GREASE (outside the ECH cohort), warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
         plain.0, plain.1, plain.2
     );
     println!(
         "| stream setup home -> main -> home, ECH, warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
         ech.0, ech.1, ech.2
     );
-    println!("| ECH cost on stream setup (p50 difference) | {:.3} ms | | |", ech.0 - plain.0);
+    println!("| ECH cost on stream setup over plain with GREASE (p50 difference) | {:.3} ms | | |", ech.0 - plain.0);
     println!(
-        "| single-stream throughput home -> main -> home (512 MiB one way into a sink, median of 3), plain | {tp:.0} MB/s | | |"
+        "| single-stream throughput home -> main -> home (512 MiB one way into a sink, median of 3), plain with GREASE | {tp:.0} MB/s | | |"
     );
     println!("| single-stream throughput, ECH | {te:.0} MB/s | | |");
 }
