@@ -457,6 +457,15 @@ impl MainRelay {
                 }
             }
         };
+        if binding.is_none()
+            && route.dest_main == me
+            && let Some(g) = &header.grease
+            && let Some(keys) = self.ech_keys()
+        {
+            // The work of an open, so the answer to a greased stream is not faster than to a
+            // sealed one (protocol §5.6).
+            keys.current().open_grease(&me, g);
+        }
         let span = info_span!("stream", service = %route.service, dest = %route.dest_node, ech = binding.is_some());
         async {
             let (origin_node, origin_main) = route.origin.split_once('@').unwrap_or((route.origin.as_str(), ""));
