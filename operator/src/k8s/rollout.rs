@@ -109,6 +109,21 @@ pub async fn run(ctx: Arc<Context>) {
     let mut tick = tokio::time::interval(INTERVAL);
     loop {
         tick.tick().await;
+        // Reports are kept for the longest window any federation's policy asks for.
+        let longest = ctx
+            .stores
+            .federations
+            .state()
+            .iter()
+            .filter_map(|f| {
+                let ns = f.namespace()?;
+                let p = ctx.stores.policies.get(&ObjectRef::new(&f.spec.default_rollout_policy).within(&ns))?;
+                Some(Rollout::window(&p))
+            })
+            .max();
+        if let Some(w) = longest {
+            ctx.distributor.set_report_window(w);
+        }
         for fed in ctx.stores.federations.state() {
             let (Some(ns), name) = (fed.namespace(), fed.name_any()) else { continue };
             let Some(policy) = ctx.stores.policies.get(&ObjectRef::new(&fed.spec.default_rollout_policy).within(&ns))
@@ -130,8 +145,6 @@ async fn evaluate(ctx: &Context, ns: &str, name: &str, policy: &RolloutPolicy) {
     if mains.is_empty() {
         return; // no plan in force yet
     }
-    let window = Rollout::window(policy);
-    ctx.distributor.set_report_window(window);
     let now = ctx.now();
     let out = {
         let Ok(mut r) = ctx.rollouts.lock() else { return };
