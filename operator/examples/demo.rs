@@ -80,6 +80,17 @@ fn node<'a>(s: &'a Value, n: &str) -> &'a Value {
     s["nodes"].as_array().unwrap().iter().find(|x| x["node"] == n).unwrap()
 }
 
+/// Where `origin` listens for its import of `service:port` (from `local status`).
+fn import_listen(s: &Value, origin: &str, service: &str, port: u16) -> String {
+    node(s, origin)["imports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["service"] == service && i["port"] == port)
+        .map(|i| i["listen"].as_str().unwrap().to_owned())
+        .unwrap()
+}
+
 /// Metric samples as (name, labels) -> value, summed over labels not asked for.
 fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
     let mut out = Vec::new();
@@ -276,13 +287,7 @@ async fn main() {
         let mut ok = 0usize;
         let mut expected_sealed = 0.0;
         for (origin, service, port, dest) in ROUTES {
-            let listen = node(&s, origin)["imports"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|i| i["service"] == service && i["port"] == port)
-                .map(|i| i["listen"].as_str().unwrap().to_owned())
-                .unwrap();
+            let listen = import_listen(&s, origin, service, port);
             // The example policy rate-limits each sender to 200 new streams/s (burst 400):
             // stay under it, like a well-behaved client.
             let mut pace = tokio::time::interval(Duration::from_millis(6));
@@ -356,13 +361,7 @@ async fn traffic(state: &Path, n: usize) -> usize {
     let s = status(state);
     let mut ok = 0;
     for (origin, service, port, _) in ROUTES {
-        let listen = node(&s, origin)["imports"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["service"] == service && i["port"] == port)
-            .map(|i| i["listen"].as_str().unwrap().to_owned())
-            .unwrap();
+        let listen = import_listen(&s, origin, service, port);
         for k in 0..n {
             let r = http::request(&listen, hyper::Method::GET, &format!("/rollback/{k}"), Duration::from_secs(5)).await;
             ok += usize::from(r.is_ok_and(|(code, _)| code == 200));

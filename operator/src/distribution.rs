@@ -65,6 +65,8 @@ pub struct Distributor {
     metrics: Arc<OperatorMetrics>,
     /// ECH cohort reports over the rollout's evaluation window (its analysis reads them).
     reports: Mutex<(History, Duration)>,
+    /// The main relays among the published nodes (kept at publish; reports name them).
+    mains: Mutex<Vec<String>>,
 }
 
 /// Reports are kept this long until a rollout says its window.
@@ -81,6 +83,7 @@ impl Distributor {
             generation: Mutex::new(generation),
             metrics,
             reports: Mutex::new((History::default(), DEFAULT_REPORT_WINDOW)),
+            mains: Mutex::new(Vec::new()),
         })
     }
 
@@ -122,6 +125,9 @@ impl Distributor {
         });
         if let Ok(mut r) = self.reports.lock() {
             r.0.retain(|node| snapshots.contains_key(node));
+        }
+        if let Ok(mut m) = self.mains.lock() {
+            *m = snapshots.iter().filter(|(_, s)| s.node.role == Role::Main).map(|(n, _)| n.clone()).collect();
         }
         if !changed.is_empty() {
             *generation = next_gen;
@@ -246,13 +252,10 @@ impl Distributor {
     /// Records `node`'s ECH cohort counters, stamped with this server's clock. Only nodes in
     /// the plan report, and only counters toward main relays in the plan are kept.
     pub fn record_report(&self, node: &str, report: Report) -> Result<(), String> {
-        let mains: Vec<String> = {
-            let published = self.published.borrow();
-            if !published.contains_key(node) {
-                return Err(format!("node {node:?} is not in the plan"));
-            }
-            published.iter().filter(|(_, p)| p.snapshot.node.role == Role::Main).map(|(n, _)| n.clone()).collect()
-        };
+        if !self.published.borrow().contains_key(node) {
+            return Err(format!("node {node:?} is not in the plan"));
+        }
+        let mains = self.main_relays();
         let by_main: BTreeMap<String, Cohorts> = report
             .by_main
             .into_iter()
@@ -266,6 +269,11 @@ impl Distributor {
         self.metrics.rollout_reports.get_or_create(&[("result", "accepted")]).inc();
         debug!(%node, "ECH cohort report recorded");
         Ok(())
+    }
+
+    /// The main relays of the published plan (sorted).
+    pub fn main_relays(&self) -> Vec<String> {
+        self.mains.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// How long reports are kept: the rollout's evaluation window.

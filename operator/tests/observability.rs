@@ -114,14 +114,7 @@ async fn every_panel_and_alert_query_returns_samples_from_a_live_federation() {
         std::process::Command::new("prometheus").arg("--version").output().is_ok(),
         "the prometheus binary is missing: install Debian's prometheus package (.ci/run does)"
     );
-    let dir = std::env::temp_dir().join(format!("relayfed-observability-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("manifests")).unwrap();
-    let scenario_dir =
-        Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../tests/observability");
-    let text = std::fs::read_to_string(scenario_dir.join("federation.yaml")).unwrap();
-    let (federation, _) = scenario::fill(&text, &mut scenario::free_port).unwrap();
-    std::fs::write(dir.join("manifests/00-federation.yaml"), federation).unwrap();
+    let dir = scenario::work_dir("observability");
     std::fs::write(dir.join("manifests/50-policy.yaml"), policy(50)).unwrap();
     let state = dir.join("state");
     let (mut child, ready) = scenario::local_up(&bin(), &dir, &["--prometheus"]).await;

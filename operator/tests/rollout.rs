@@ -116,14 +116,7 @@ fn load(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> (Arc<AtomicU64>, A
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_advance_and_a_broken_relay_is_rolled_back_alone() {
-    let dir = std::env::temp_dir().join(format!("relayfed-rollout-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("manifests")).unwrap();
-    let scenario_dir =
-        Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../tests/rollout");
-    let text = std::fs::read_to_string(scenario_dir.join("federation.yaml")).unwrap();
-    let (federation, _) = scenario::fill(&text, &mut scenario::free_port).unwrap();
-    std::fs::write(dir.join("manifests/00-federation.yaml"), federation).unwrap();
+    let dir = scenario::work_dir("rollout");
     let policy_file = dir.join("manifests/50-policy.yaml");
     std::fs::write(&policy_file, policy("[5, 25, 50]")).unwrap();
     let state = dir.join("state");

@@ -145,9 +145,10 @@ pub async fn reconcile_policy(policy: Arc<RolloutPolicy>, ctx: Arc<Context>) -> 
         let mut rollout_conds = policy.status.as_ref().map(|s| s.common.conditions.clone()).unwrap_or_default();
         let extra = match super::rollout::last_fields(&ctx, &policy, &mut rollout_conds) {
             Some(fields) => fields,
+            // Before the first evaluation: where the rollout starts (the plan's percentage).
             None if v.ok => serde_json::Map::from_iter([(
                 "effectivePercentage".to_owned(),
-                serde_json::Value::from(policy.spec.ech.percentage),
+                serde_json::Value::from(crate::rollout::driver::progression(&policy).start()),
             )]),
             None => serde_json::Map::new(),
         };

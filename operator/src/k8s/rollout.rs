@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 use relayfed_crds::RolloutPolicy;
 use relayfed_crds::common::Condition;
 use serde_json::{Map, Value, json};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 use super::Context;
 use super::status::{Cond, HasConditions, apply_status, event, rfc3339, set_condition};
@@ -152,32 +152,8 @@ async fn evaluate(ctx: &Context, ns: &str, name: &str, policy: &RolloutPolicy) {
         f.driver.evaluate(policy, |w, since| ctx.distributor.cohort_increase(w, now, since), &mains, now)
     };
     let eval = &out.evaluation;
-    for a in &eval.analyses {
-        let label = match a.verdict.as_str() {
-            "Pass" => "pass",
-            "Fail" => "fail",
-            _ => "inconclusive",
-        };
-        ctx.metrics.rollout_analyses.get_or_create(&[("result", label)]).inc();
-    }
-    for (main, pct) in &eval.effective_by_main {
-        ctx.metrics.rollout_effective_percent.get_or_create(&[("main", main.clone())]).set(i64::from(*pct));
-    }
-    for t in &out.transitions {
-        let (kind, message) = driver::describe(t);
-        ctx.metrics.rollout_transitions.get_or_create(&[("kind", kind)]).inc();
-        let (warning, reason) = match kind {
-            "rolled_back" => (true, "RolledBack"),
-            "would_roll_back" => (true, "WouldRollBack"),
-            "advanced" => (false, "Advanced"),
-            _ => (false, "Rearmed"),
-        };
-        if warning {
-            warn!(kind, "{message}");
-        } else {
-            info!(kind, "{message}");
-        }
-        event(ctx, policy, warning, reason, "Rollout", message).await;
+    for n in out.record(&ctx.metrics) {
+        event(ctx, policy, n.warning, n.reason, "Rollout", n.message).await;
     }
     if out.changed
         && let Err(errors) = super::replan::replan(ctx, ns, name)

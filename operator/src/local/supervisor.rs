@@ -678,14 +678,17 @@ impl Supervisor {
 
     /// Evaluates the ECH rollout when due; publishes new effective percentages.
     fn run_rollout(&mut self) {
-        if self.rollout.tick(&self.loaded.resources, &self.distributor, &self.metrics) {
+        let Some(changed) = self.rollout.tick(&self.loaded.resources, &self.distributor, &self.metrics) else {
+            return;
+        };
+        if changed {
             // Only the ECH policy changes: the published snapshots, with the new percentages
             // (the ECH configs homes seal to stay what the key schedule last published).
             let mut snapshots = self.distributor.published();
             self.rollout.apply(&self.loaded.resources, &mut snapshots);
-            let changed = self.distributor.publish(&snapshots);
-            if !changed.is_empty() {
-                info!(changed = ?changed, "rollout percentages published");
+            let nodes = self.distributor.publish(&snapshots);
+            if !nodes.is_empty() {
+                info!(changed = ?nodes, "rollout percentages published");
             }
         }
         if let Ok(mut s) = self.shared.lock() {

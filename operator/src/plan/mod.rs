@@ -467,7 +467,7 @@ fn policy_parts(policy: &RolloutPolicy, relays: &[&Relay]) -> (EchPolicy, Trust,
             EchMode::Required => ech_policy::EchMode::Required,
         },
         // With steps, the rollout starts at the first; the rollout driver moves it on.
-        percentage: e.steps.iter().copied().filter(|s| *s < e.percentage).min().unwrap_or(e.percentage),
+        percentage: crate::rollout::driver::progression(policy).start(),
         whitelist: e.whitelist.clone(),
         blacklist: e.blacklist.clone(),
         percentage_by_main: BTreeMap::new(),

@@ -13,71 +13,13 @@ use std::time::{Duration, SystemTime};
 
 use relayfed_sidecar::federation::ech_cohorts;
 
-/// Cumulative setup counters of one cohort toward one destination main relay.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Counters {
-    /// Setups attempted.
-    pub attempts: u64,
-    /// Setups that completed (end-to-end handshake done).
-    pub successes: u64,
-    /// ECH setups that fell back to a plain route header (opportunistic mode).
-    pub fallbacks: u64,
-    /// ECH setups sent again with a newer config after a stale-config answer.
-    pub retries: u64,
-    /// Sum of setup times of successful setups, in seconds.
-    pub setup_seconds: f64,
-}
-
-impl Counters {
-    /// The increase from `earlier` to `self`; a counter that went down was reset (the node
-    /// restarted), and its whole value is the increase (as Prometheus' `increase`).
-    fn since(&self, earlier: &Counters) -> Counters {
-        if self.attempts < earlier.attempts || self.successes < earlier.successes {
-            return *self;
-        }
-        Counters {
-            attempts: self.attempts - earlier.attempts,
-            successes: self.successes - earlier.successes,
-            fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
-            retries: self.retries.saturating_sub(earlier.retries),
-            setup_seconds: (self.setup_seconds - earlier.setup_seconds).max(0.0),
-        }
-    }
-
-    fn add(&mut self, o: &Counters) {
-        self.attempts += o.attempts;
-        self.successes += o.successes;
-        self.fallbacks += o.fallbacks;
-        self.retries += o.retries;
-        self.setup_seconds += o.setup_seconds;
-    }
-
-    /// Successes per attempt, if any attempt.
-    pub fn success_rate(&self) -> Option<f64> {
-        (self.attempts > 0).then(|| self.successes.min(self.attempts) as f64 / self.attempts as f64)
-    }
-
-    /// Mean setup time of successful setups.
-    pub fn mean_setup(&self) -> Option<Duration> {
-        (self.successes > 0).then(|| Duration::from_secs_f64(self.setup_seconds.max(0.0) / self.successes as f64))
-    }
-}
-
-impl From<&ech_cohorts::CohortCounters> for Counters {
-    fn from(c: &ech_cohorts::CohortCounters) -> Self {
-        Counters {
-            attempts: c.attempts,
-            successes: c.successes,
-            fallbacks: c.fallbacks,
-            retries: c.retries,
-            setup_seconds: c.setup_seconds,
-        }
-    }
-}
+/// Cumulative setup counters of one cohort toward one destination main relay: the type nodes
+/// report, with its `since` (reset-aware increase) and `add`.
+pub use ech_cohorts::CohortCounters as Counters;
 
 impl From<&ech_cohorts::Cohorts> for Cohorts {
     fn from(c: &ech_cohorts::Cohorts) -> Self {
-        Cohorts { ech: (&c.ech).into(), plain: (&c.plain).into(), ..Cohorts::default() }
+        Cohorts { ech: c.ech, plain: c.plain, ..Cohorts::default() }
     }
 }
 

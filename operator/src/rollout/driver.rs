@@ -199,18 +199,71 @@ pub fn apply(eval: &Evaluation, snapshots: &mut BTreeMap<String, Snapshot>) {
     }
 }
 
-/// One line per transition, for logs and Events.
-pub fn describe(t: &Transition) -> (&'static str, String) {
-    match t {
-        Transition::Rearmed { to } => ("rearmed", format!("policy edited: the rollout starts again at {to}%")),
-        Transition::Advanced { to } => ("advanced", format!("analysis passed: advanced to {to}%")),
-        Transition::RolledBack { main, from, to, reason } => {
-            ("rolled_back", format!("ECH for destinations behind {main} rolled back from {from}% to {to}%: {reason}"))
+/// A transition as logs, metrics, Events and `local status` name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Noted {
+    /// Metric label (`rearmed`, `advanced`, `rolled_back`, `would_roll_back`).
+    pub kind: &'static str,
+    /// Event reason (`Rearmed`, `Advanced`, `RolledBack`, `WouldRollBack`).
+    pub reason: &'static str,
+    /// Whether it is a warning (a rollback, done or in a dry run).
+    pub warning: bool,
+    /// One line with the figures.
+    pub message: String,
+}
+
+/// Names a transition.
+pub fn describe(t: &Transition) -> Noted {
+    let (kind, reason, warning, message) = match t {
+        Transition::Rearmed { to } => {
+            ("rearmed", "Rearmed", false, format!("policy edited: the rollout starts again at {to}%"))
         }
+        Transition::Advanced { to } => ("advanced", "Advanced", false, format!("analysis passed: advanced to {to}%")),
+        Transition::RolledBack { main, from, to, reason } => (
+            "rolled_back",
+            "RolledBack",
+            true,
+            format!("ECH for destinations behind {main} rolled back from {from}% to {to}%: {reason}"),
+        ),
         Transition::WouldRollBack { main, at, reason } => (
             "would_roll_back",
+            "WouldRollBack",
+            true,
             format!("dry run: ECH for destinations behind {main} would be rolled back from {at}%: {reason}"),
         ),
+    };
+    Noted { kind, reason, warning, message }
+}
+
+impl Outcome {
+    /// What both appliers do with an evaluation besides applying it: counts the verdicts, the
+    /// effective percentages and the transitions in `metrics`, logs each transition, and
+    /// returns them named (for Events in a cluster, `local status` in local mode).
+    pub fn record(&self, metrics: &crate::metrics::OperatorMetrics) -> Vec<Noted> {
+        for a in &self.evaluation.analyses {
+            let label = match a.verdict.as_str() {
+                "Pass" => "pass",
+                "Fail" => "fail",
+                _ => "inconclusive",
+            };
+            metrics.rollout_analyses.get_or_create(&[("result", label)]).inc();
+        }
+        for (main, pct) in &self.evaluation.effective_by_main {
+            metrics.rollout_effective_percent.get_or_create(&[("main", main.clone())]).set(i64::from(*pct));
+        }
+        self.transitions
+            .iter()
+            .map(|t| {
+                let n = describe(t);
+                metrics.rollout_transitions.get_or_create(&[("kind", n.kind)]).inc();
+                if n.warning {
+                    tracing::warn!(kind = n.kind, "{}", n.message);
+                } else {
+                    tracing::info!(kind = n.kind, "{}", n.message);
+                }
+                n
+            })
+            .collect()
     }
 }
 
@@ -274,7 +327,8 @@ mod tests {
         assert_eq!(snaps["h"].ech_policy.percentage, 100);
         assert_eq!(snaps["h"].ech_policy.percentage_by_main, BTreeMap::from([("m2".into(), 50)]));
         assert_eq!(snaps["h"].ech_policy.percentage_for("m1"), 100);
-        assert!(describe(&tr[0]).1.contains("m2"), "{}", describe(&tr[0]).1);
+        let noted = describe(&tr[0]);
+        assert!(noted.message.contains("m2") && noted.warning && noted.reason == "RolledBack", "{noted:?}");
     }
 
     #[test]

@@ -40,6 +40,11 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The percentage a rollout starts at: the first step, or `configured` without steps.
+    pub fn start(&self) -> u8 {
+        self.ladder()[0]
+    }
+
     /// The percentages the rollout passes through, ending at `configured`.
     fn ladder(&self) -> Vec<u8> {
         let mut l: Vec<u8> = self.steps.iter().copied().filter(|s| *s < self.configured).collect();
@@ -330,6 +335,8 @@ mod tests {
     fn steps_above_the_configured_percentage_are_ignored() {
         let p = Policy { configured: 30, steps: vec![50, 10, 10, 25], ..policy() };
         assert_eq!(p.ladder(), [10, 25, 30]);
+        assert_eq!(p.start(), 10);
+        assert_eq!(Policy { steps: vec![], ..p.clone() }.start(), 30);
         let p0 = Policy { configured: 0, ..policy() };
         let (s, tr) = evaluate(None, &p0, &[a("m1", Verdict::Fail)], t(0));
         assert_eq!(tr, [Transition::Rearmed { to: 0 }], "nothing to roll back at 0%");

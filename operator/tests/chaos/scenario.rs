@@ -133,6 +133,20 @@ pub fn fill(text: &str, port: &mut impl FnMut(&str) -> u16) -> Result<(String, B
     Ok((out, ports))
 }
 
+/// A fresh work directory for a local-mode test (`<tmp>/relayfed-<name>-<pid>`) whose
+/// `manifests/00-federation.yaml` is `tests/<name>/federation.yaml` with free ports filled in.
+#[allow(dead_code, reason = "used by the observability and rollout tests, which include this file")]
+pub fn work_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("relayfed-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    let repo = Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo")).join("..");
+    let text = std::fs::read_to_string(repo.join("tests").join(name).join("federation.yaml")).unwrap();
+    let (federation, _) = fill(&text, &mut free_port).unwrap();
+    std::fs::write(dir.join("manifests/00-federation.yaml"), federation).unwrap();
+    dir
+}
+
 /// A RolloutPolicy manifest with ECH at `percentage`, and `extra` (further `spec` fields,
 /// indented by two spaces, may be empty).
 pub fn policy_yaml(percentage: u8, extra: &str) -> String {

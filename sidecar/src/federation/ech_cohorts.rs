@@ -40,6 +40,11 @@ impl CohortCounters {
         (self.attempts > 0).then(|| self.successes.min(self.attempts) as f64 / self.attempts as f64)
     }
 
+    /// Mean setup time of successful setups.
+    pub fn mean_setup(&self) -> Option<Duration> {
+        (self.successes > 0).then(|| Duration::from_secs_f64(self.setup_seconds.max(0.0) / self.successes as f64))
+    }
+
     /// Why these counters cannot be real (a decoder check), if they cannot.
     pub fn implausible(&self) -> Option<&'static str> {
         if self.successes > self.attempts {
@@ -129,17 +134,23 @@ pub fn health(recent: &Cohorts) -> EchHealth {
 }
 
 impl CohortCounters {
-    fn minus(&self, earlier: &CohortCounters) -> CohortCounters {
+    /// The increase from `earlier` to `self`; a counter that went down was reset (the node
+    /// restarted), and its whole value is the increase (as Prometheus' `increase`).
+    pub fn since(&self, earlier: &CohortCounters) -> CohortCounters {
+        if self.attempts < earlier.attempts || self.successes < earlier.successes {
+            return *self;
+        }
         CohortCounters {
-            attempts: self.attempts.saturating_sub(earlier.attempts),
-            successes: self.successes.saturating_sub(earlier.successes),
+            attempts: self.attempts - earlier.attempts,
+            successes: self.successes - earlier.successes,
             fallbacks: self.fallbacks.saturating_sub(earlier.fallbacks),
             retries: self.retries.saturating_sub(earlier.retries),
             setup_seconds: (self.setup_seconds - earlier.setup_seconds).max(0.0),
         }
     }
 
-    fn plus(&mut self, o: &CohortCounters) {
+    /// Adds `o` (another node's, or another window's, counters).
+    pub fn add(&mut self, o: &CohortCounters) {
         self.attempts += o.attempts;
         self.successes += o.successes;
         self.fallbacks += o.fallbacks;
@@ -152,10 +163,14 @@ impl EchCohorts {
     /// Counts one setup toward `main`.
     pub fn record(&self, main: &str, s: Setup) {
         let Ok(mut m) = self.by_main.lock() else { return };
-        if !m.contains_key(main) && m.len() >= MAX_MAINS {
-            return;
+        if !m.contains_key(main) {
+            if m.len() >= MAX_MAINS {
+                return;
+            }
+            m.insert(main.to_owned(), Cohorts::default());
         }
-        let c = m.entry(main.to_owned()).or_default();
+        // The relay's name is allocated once, not per setup.
+        let Some(c) = m.get_mut(main) else { return };
         let c = match s.cohort {
             Cohort::Ech => &mut c.ech,
             Cohort::Plain => &mut c.plain,
@@ -183,8 +198,8 @@ impl EchCohorts {
     pub fn recent(&self, now: Instant) -> Cohorts {
         let mut total = Cohorts::default();
         for c in self.totals().values() {
-            total.ech.plus(&c.ech);
-            total.plain.plus(&c.plain);
+            total.ech.add(&c.ech);
+            total.plain.add(&c.plain);
         }
         let Ok(mut samples) = self.samples.lock() else { return total };
         if samples.back().is_none_or(|(at, _)| now.saturating_duration_since(*at) >= SAMPLE_EVERY) {
@@ -196,7 +211,7 @@ impl EchCohorts {
             samples.pop_front();
         }
         let base = samples.front().map(|(_, c)| *c).unwrap_or_default();
-        Cohorts { ech: total.ech.minus(&base.ech), plain: total.plain.minus(&base.plain) }
+        Cohorts { ech: total.ech.since(&base.ech), plain: total.plain.since(&base.plain) }
     }
 }
 

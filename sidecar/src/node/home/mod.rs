@@ -300,9 +300,7 @@ impl HomeNode {
         let mut configs: Vec<String> = self.ech_configs.read().map(|c| c.keys().cloned().collect()).unwrap_or_default();
         configs.sort();
         let r = self.ech_cohorts.recent(Instant::now());
-        let ms = |c: &crate::federation::ech_cohorts::CohortCounters| {
-            (c.successes > 0).then(|| c.setup_seconds / c.successes as f64 * 1e3)
-        };
+        let ms = |c: &crate::federation::ech_cohorts::CohortCounters| c.mean_setup().map(|d| d.as_secs_f64() * 1e3);
         serde_json::json!({
             "enabled": p.enabled,
             "mode": p.mode,
