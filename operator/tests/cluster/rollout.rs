@@ -19,7 +19,7 @@ use relayfed_sidecar::distribution::{Ack, AckResult};
 use relayfed_sidecar::federation::ech_cohorts::{Cohort, EchCohorts, Setup};
 use relayfed_sidecar::transport::tls::HopIdentity;
 
-use crate::support::{eventually, examples_in, operated, plane};
+use crate::support::{eventually, eventually_or, examples_in, operated, plane};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -71,13 +71,19 @@ async fn a_failing_relay_is_rolled_back_alone_and_an_edit_rearms() {
         *seen.lock().unwrap() = Some(snap);
         Ack { version, result: AckResult::Applied, restart_required: vec![], detail: None }
     }));
-    eventually("the node receives ECH at 100%", WAIT, || async {
-        received
-            .lock()
-            .unwrap()
-            .as_ref()
-            .is_some_and(|s| s.ech_policy.enabled && s.ech_policy.percentage == 100)
-            .then_some(())
+    eventually_or("the node receives ECH at 100%", WAIT, || async {
+        match received.lock().unwrap().as_ref() {
+            Some(s) if s.ech_policy.enabled && s.ech_policy.percentage == 100 => Ok(()),
+            seen => {
+                let log = op.logged();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                Err(format!(
+                    "node has ECH policy {:?}; operator log ends:\n{}",
+                    seen.map(|s| &s.ech_policy),
+                    tail.join("\n")
+                ))
+            }
+        }
     })
     .await;
 
