@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use relayfed_operator::distribution::Distributor;
 use relayfed_operator::metrics::OperatorMetrics;
+use relayfed_proto::distribution::{Ack, AckResult};
 use relayfed_sidecar::admin::metrics::Metrics;
 use relayfed_sidecar::distribution::client::Subscription;
-use relayfed_sidecar::distribution::{Ack, AckResult};
 
 const SUBSCRIBERS: usize = 1_000;
 const ROUNDS: usize = 30;

@@ -1,7 +1,7 @@
 //! The config distribution server: holds the latest snapshot of every node, answers
 //! long-polls from relays and sidecars (mTLS, the client certificate names the node), and
 //! tracks the version each node acknowledged. Wire protocol: docs/protocol.md §10 and
-//! `relayfed_sidecar::distribution`.
+//! `relayfed_proto::distribution`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -13,11 +13,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use relayfed_sidecar::config::Role;
-use relayfed_sidecar::config::Snapshot;
-use relayfed_sidecar::distribution::{ALPN, Ack, AckResult, MAX_REPORT_BYTES, MAX_WAIT_SECONDS, Report, parse_path};
-use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
-use relayfed_sidecar::transport::tls::HopIdentity;
+use relayfed_proto::config::Role;
+use relayfed_proto::config::Snapshot;
+use relayfed_proto::distribution::{ALPN, Ack, AckResult, MAX_REPORT_BYTES, MAX_WAIT_SECONDS, Report, parse_path};
+use relayfed_serving::identity::HopIdentity;
+use relayfed_serving::{Admitted, BoundedListener, ServerLimits, http1};
 use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};

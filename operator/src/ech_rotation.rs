@@ -15,8 +15,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use relayfed_sidecar::config::keys::{EchKeyFile, StoredEchKey};
-use relayfed_sidecar::crypto::ech::{EchError, EchKeyPair};
+use relayfed_proto::config::keys::{EchKeyFile, StoredEchKey};
+use relayfed_proto::crypto::ech::{EchError, EchKeyPair};
 
 /// The stored key file and when its current key became current.
 #[derive(Clone, Debug)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1, tls_accept};
+use relayfed_serving::{Admitted, BoundedListener, ServerLimits, http1, tls_accept};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 

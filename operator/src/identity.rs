@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
-use relayfed_sidecar::crypto::ca::FederationCa;
+use relayfed_proto::crypto::ca::FederationCa;
 use serde_json::{Value, json};
 use sha2::Digest;
 
@@ -21,7 +21,7 @@ pub const CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
 
-pub use relayfed_sidecar::distribution::certificate::{CertificateRequest, CertificateResponse};
+pub use relayfed_proto::distribution::certificate::{CertificateRequest, CertificateResponse};
 
 /// The pod a verified token belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,7 +122,7 @@ pub fn issue(
     let noise = match &req.noise_public_key {
         None => None,
         Some(k) => Some(
-            relayfed_sidecar::config::base64_decode(k)
+            relayfed_proto::config::base64_decode(k)
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .ok_or_else(|| IdentityError::BadRequest("noisePublicKey must be 32 bytes, base64".into()))?,
         ),

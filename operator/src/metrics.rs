@@ -72,7 +72,7 @@ impl OperatorMetrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        relayfed_sidecar::admin::process::register(&mut registry);
+        relayfed_serving::process::register(&mut registry);
         let m = Self {
             config_published_version: Default::default(),
             config_acked_version: Default::default(),

@@ -16,7 +16,7 @@
 //! (audience `relayfed`) for identity, a runtime volume, and the annotation
 //! `relayfed.io/status: injected`.
 
-use relayfed_sidecar::intercept::rules::Backend;
+use relayfed_proto::intercept::Backend;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 

@@ -133,6 +133,7 @@ struct Local {
 
 impl Local {
     async fn up(dir: &Path) -> Self {
+        relayfed_sidecar::testbed::procs::proxy_next_to(Path::new(BIN));
         let mut child = tokio::process::Command::new(BIN)
             .args(["local", "up", "-f"])
             .arg(dir.join("manifests"))

@@ -26,7 +26,9 @@ const CLUSTER_ONLY: &[&str] =
     &["Reconciles by kind and result", "Reconcile latency", "Webhook admissions", "Certificates issued"];
 
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_relayfed"))
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_relayfed"));
+    relayfed_sidecar::testbed::procs::proxy_next_to(&bin);
+    bin
 }
 
 fn policy(ech: u8) -> String {

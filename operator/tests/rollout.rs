@@ -20,7 +20,9 @@ use relayfed_sidecar::testbed::procs::{eventually, get, round_trip};
 use serde_json::Value;
 
 fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_relayfed"))
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_relayfed"));
+    relayfed_sidecar::testbed::procs::proxy_next_to(&bin);
+    bin
 }
 
 /// The policy: ECH to 100% through `steps`, judged over 10 s windows.

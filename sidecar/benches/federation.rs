@@ -16,6 +16,7 @@ use relayfed_sidecar::testbed::procs::{Proc, echo_server};
 use relayfed_sidecar::testbed::{HomeSpec, ScenarioSpec, Testbed};
 use relayfed_sidecar::transport::io::{read_frame, write_frames};
 use relayfed_sidecar::transport::tls::HopIdentity;
+use relayfed_sidecar::transport::tls::QuicIdentity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

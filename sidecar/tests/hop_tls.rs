@@ -12,6 +12,7 @@ use relayfed_sidecar::admin::metrics::Metrics;
 use relayfed_sidecar::config::{Snapshot, Timeouts};
 use relayfed_sidecar::node::main_relay::MainRelay;
 use relayfed_sidecar::testbed::Testbed;
+use relayfed_sidecar::transport::tls::QuicIdentity;
 use relayfed_sidecar::transport::tls::{HopIdentity, failure_reason};
 
 async fn relay(tb: &Testbed) -> (SocketAddr, Arc<Metrics>, Arc<MainRelay>) {

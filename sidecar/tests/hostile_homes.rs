@@ -18,6 +18,7 @@ use relayfed_sidecar::protocol::control::{Control, Service};
 use relayfed_sidecar::testbed::{HomeSpec, ScenarioSpec, Testbed};
 use relayfed_sidecar::transport::io::{read_frame, write_frames};
 use relayfed_sidecar::transport::tls::HopIdentity;
+use relayfed_sidecar::transport::tls::QuicIdentity;
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -20,6 +20,7 @@ use relayfed_sidecar::protocol::{ErrorCode, Frame};
 use relayfed_sidecar::testbed::Testbed;
 use relayfed_sidecar::transport::io::read_frame;
 use relayfed_sidecar::transport::tls::HopIdentity;
+use relayfed_sidecar::transport::tls::QuicIdentity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(15);

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use libfuzzer_sys::fuzz_target;
 use relayfed_operator::identity::{Workload, issue, parse_request};
-use relayfed_sidecar::crypto::ca::FederationCa;
+use relayfed_proto::crypto::ca::FederationCa;
 
 static CA: OnceLock<FederationCa> = OnceLock::new();
 

@@ -8,8 +8,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use relayfed_operator::local::supervisor::{Supervisor, UpOptions};
 use relayfed_operator::local::{StateDir, SupervisorFile, alive, http, status};
-use relayfed_sidecar::config::Snapshot;
-use relayfed_sidecar::node::runner::{self, RunOptions};
 
 #[derive(Parser)]
 #[command(name = "relayfed", version, about = "relayfed control plane: local mode (and, in a cluster, the operator)")]
@@ -50,19 +48,6 @@ enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
-    },
-    /// Run as an injected pod's sidecar (what `relayfed-proxy workload` does; for tests).
-    #[command(hide = true)]
-    Workload(relayfed_sidecar::node::workload::WorkloadOptions),
-    /// Run one node from a snapshot file (what local mode starts per relay).
-    #[command(hide = true)]
-    Node {
-        /// Config snapshot.
-        #[arg(long)]
-        config: PathBuf,
-        /// Config distribution server to subscribe to.
-        #[arg(long)]
-        config_server: Option<String>,
     },
 }
 
@@ -245,6 +230,10 @@ enum LocalCommand {
         /// the labels the dashboards use; its URL is printed.
         #[arg(long)]
         prometheus: bool,
+        /// The `relayfed-proxy` binary that runs each relay (default: next to this `relayfed`,
+        /// else on PATH).
+        #[arg(long, env = "RELAYFED_PROXY")]
+        proxy: Option<PathBuf>,
     },
     /// Show relays, peers, services, ECH rollout state and health.
     Status {
@@ -290,17 +279,6 @@ fn main() -> anyhow::Result<()> {
     init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
-        Command::Node { config, config_server } => {
-            // Die with the supervisor: a killed supervisor leaves no relays behind.
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
-            if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
-                anyhow::bail!("the supervisor is gone");
-            }
-            let snap = Snapshot::load(&config)?;
-            let opts = RunOptions { config_server, ..Default::default() };
-            runtime()?.block_on(runner::run(snap, opts))
-        }
-        Command::Workload(opts) => runtime()?.block_on(relayfed_sidecar::node::workload::run(opts)),
         Command::Webhook { command } => webhook(command),
         Command::Operator {
             command:
@@ -351,8 +329,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Local { command } => match command {
-            LocalCommand::Up { inputs, state, passphrase_file, detach, prometheus } => {
-                up(inputs, state.state(), passphrase_file, detach, prometheus)
+            LocalCommand::Up { inputs, state, passphrase_file, detach, prometheus, proxy } => {
+                up(inputs, state.state(), passphrase_file, detach, prometheus, proxy)
             }
             LocalCommand::Status { state, json } => runtime()?.block_on(show_status(state.state(), json)),
             LocalCommand::Down { state } => runtime()?.block_on(down(state.state())),
@@ -426,6 +404,7 @@ fn up(
     passphrase_file: Option<PathBuf>,
     detach: bool,
     prometheus: bool,
+    proxy: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     if let Some(f) = running(&state) {
         anyhow::bail!(
@@ -439,10 +418,11 @@ fn up(
         anyhow::bail!("--prometheus needs the prometheus binary on PATH (Debian: apt-get install prometheus)");
     }
     let exe = std::env::current_exe().context("cannot locate the relayfed executable")?;
+    let proxy = relayfed_operator::local::find_proxy(proxy, &exe)?;
     if detach {
-        return detach_up(&exe, &inputs, &state, passphrase_file.as_ref(), prometheus);
+        return detach_up(&exe, &inputs, &state, passphrase_file.as_ref(), prometheus, &proxy);
     }
-    let opts = UpOptions { inputs, state, passphrase_file, node_exe: exe, prometheus };
+    let opts = UpOptions { inputs, state, passphrase_file, proxy_exe: proxy, prometheus };
     runtime()?.block_on(async move {
         let sup = Supervisor::start(opts).await?;
         eprintln!(
@@ -458,13 +438,14 @@ fn detach_up(
     state: &StateDir,
     pass: Option<&PathBuf>,
     prometheus: bool,
+    proxy: &std::path::Path,
 ) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     std::fs::create_dir_all(state.logs())?;
     let log_path = state.logs().join("supervisor.log");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("local").arg("up").arg("--state-dir").arg(&state.root);
+    cmd.arg("local").arg("up").arg("--state-dir").arg(&state.root).arg("--proxy").arg(proxy);
     for i in inputs {
         cmd.arg("-f").arg(std::fs::canonicalize(i).with_context(|| i.display().to_string())?);
     }

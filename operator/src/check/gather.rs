@@ -111,7 +111,7 @@ async fn webhook(client: &Client, t: &Target) -> WebhookFact {
             fact.ca_problem = Some("empty (cert-manager's CA injector has not filled it yet?)".into());
             return fact;
         }
-        Some(ca) if relayfed_sidecar::crypto::ca::parse_cert_pem(&ca).is_err() => {
+        Some(ca) if relayfed_proto::crypto::ca::parse_cert_pem(&ca).is_err() => {
             fact.ca_problem = Some("not a PEM certificate".into());
             return fact;
         }

@@ -14,7 +14,7 @@ use kube::runtime::reflector::Store;
 use relayfed_crds::{Peer, Relay, RelayFederation, RolloutPolicy};
 
 use super::services::{ServiceExport, ServiceImport};
-use relayfed_sidecar::config::Snapshot;
+use relayfed_proto::config::Snapshot;
 
 use crate::distribution::Distributor;
 use crate::metrics::OperatorMetrics;

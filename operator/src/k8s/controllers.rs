@@ -320,7 +320,7 @@ pub async fn run(
 }
 
 /// Once the federation's CA exists, serves config distribution and workload certificates with a server certificate
-/// issued from it (node id [`relayfed_sidecar::distribution::DEFAULT_SERVER_NODE`]).
+/// issued from it (node id [`relayfed_proto::distribution::DEFAULT_SERVER_NODE`]).
 async fn serve_distribution(ctx: Arc<Context>, opts: RunOptions) -> Result<(), ReconcileError> {
     let (namespace, name) = opts.federation.split_once('/').ok_or_else(|| {
         ReconcileError::Object(format!("--federation {:?}: expected namespace/name", opts.federation))
@@ -335,10 +335,10 @@ async fn serve_distribution(ctx: Arc<Context>, opts: RunOptions) -> Result<(), R
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     };
-    let node = relayfed_sidecar::distribution::DEFAULT_SERVER_NODE;
+    let node = relayfed_proto::distribution::DEFAULT_SERVER_NODE;
     let issued =
         ca.ca.issue(node, Duration::from_secs(365 * 86_400)).map_err(|e| ReconcileError::Keys(e.to_string()))?;
-    let identity = relayfed_sidecar::transport::tls::HopIdentity::from_pem(
+    let identity = relayfed_serving::identity::HopIdentity::from_pem(
         &trust_domain,
         node,
         &ca.ca.certified_key().cert_pem,

@@ -15,7 +15,7 @@ use kube::Resource;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use relayfed_crds::{RelayFederation, RelayType};
-use relayfed_sidecar::crypto::ca::FederationCa;
+use relayfed_proto::crypto::ca::FederationCa;
 use tracing::{Instrument, info, info_span};
 
 use super::context::name_ns;
@@ -115,7 +115,7 @@ pub async fn load_ca(
             "Secret {namespace}/{name} lacks {CA_CERT_KEY} or {CA_KEY_KEY}; it is left untouched (delete it to let the operator create a new CA)"
         )));
     };
-    let der = relayfed_sidecar::crypto::ca::parse_cert_pem(&cert)
+    let der = relayfed_proto::crypto::ca::parse_cert_pem(&cert)
         .map_err(|e| ReconcileError::Dependency(format!("Secret {namespace}/{name}: {e}")))?;
     let found = crate::local::keys::ca_trust_domain(&der).unwrap_or_default();
     if found != trust_domain {
@@ -125,7 +125,7 @@ pub async fn load_ca(
     }
     let ca = FederationCa::from_pem(trust_domain, &cert, &key)
         .map_err(|e| ReconcileError::Dependency(format!("Secret {namespace}/{name}: {e}")))?;
-    let fingerprint = relayfed_sidecar::crypto::ca::cert_fingerprint(&cert)
+    let fingerprint = relayfed_proto::crypto::ca::cert_fingerprint(&cert)
         .map_err(|e| ReconcileError::Dependency(format!("Secret {namespace}/{name}: {e}")))?;
     Ok(Some(LoadedCa { fingerprint, ca, created }))
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use relayfed_sidecar::admin::server::OPENMETRICS;
-use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
+use relayfed_serving::OPENMETRICS;
+use relayfed_serving::{Admitted, BoundedListener, ServerLimits, http1};
 
 use crate::metrics::OperatorMetrics;
 

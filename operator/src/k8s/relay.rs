@@ -16,9 +16,9 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use relayfed_crds::{Relay, RelayFederation, RelayType};
-use relayfed_sidecar::config::base64_encode;
-use relayfed_sidecar::config::keys::EchKeyFile;
-use relayfed_sidecar::crypto::ca::parse_cert_pem;
+use relayfed_proto::config::base64_encode;
+use relayfed_proto::config::keys::EchKeyFile;
+use relayfed_proto::crypto::ca::parse_cert_pem;
 use tracing::{Instrument, info, info_span};
 
 use super::context::{name_ns, object_key};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use kube::ResourceExt;
 use relayfed_crds::AnyResource;
-use relayfed_sidecar::config::Snapshot;
+use relayfed_proto::config::Snapshot;
 
 use super::Context;
 use crate::plan::{self, KeyLayout, Plan, PlanError};

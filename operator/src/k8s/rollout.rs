@@ -95,7 +95,7 @@ pub fn apply(
     ctx: &Context,
     key: &str,
     policy: &RolloutPolicy,
-    snapshots: &mut BTreeMap<String, relayfed_sidecar::config::Snapshot>,
+    snapshots: &mut BTreeMap<String, relayfed_proto::config::Snapshot>,
 ) {
     if let Ok(r) = ctx.rollouts.lock()
         && let Some(f) = r.get(key)

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use relayfed_sidecar::config::Intercept;
+use relayfed_proto::config::Intercept;
 
 use super::Context;
 use super::services::{ServiceExport, ServiceImport};
@@ -34,10 +34,10 @@ impl Default for WorkloadSettings {
             intercept: Intercept {
                 outbound_port: 15001,
                 proxy_uid: 1337,
-                scope: relayfed_sidecar::config::InterceptScope::All,
+                scope: relayfed_proto::config::InterceptScope::All,
                 exclude_cidrs: vec![],
                 exclude_ports: vec![],
-                unmatched: relayfed_sidecar::config::Unmatched::Passthrough,
+                unmatched: relayfed_proto::config::Unmatched::Passthrough,
                 ipv6: true,
             },
             admin_port: 15090,

@@ -1,17 +1,17 @@
 //! Key material of a local federation, generated on first start and reused afterwards: the
 //! federation CA, a certificate per node (and one for the distribution server), Noise static
 //! keys for home nodes, ECH keys for main relays. Private keys are sealed with the passphrase
-//! (Argon2id + ChaCha20-Poly1305, `relayfed_sidecar::config::keystore`).
+//! (Argon2id + ChaCha20-Poly1305, `relayfed_proto::config::keystore`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use relayfed_sidecar::config::Role;
-use relayfed_sidecar::config::keys::{EchKeyFile, load_noise_key, read_secret, save_noise_key, write_secret};
-use relayfed_sidecar::crypto::ca::FederationCa;
-use relayfed_sidecar::crypto::ech::EchKeyPair;
-use relayfed_sidecar::crypto::noise::StaticKeypair;
-use relayfed_sidecar::transport::tls::HopIdentity;
+use relayfed_proto::config::Role;
+use relayfed_proto::config::keys::{EchKeyFile, load_noise_key, read_secret, save_noise_key, write_secret};
+use relayfed_proto::crypto::ca::FederationCa;
+use relayfed_proto::crypto::ech::EchKeyPair;
+use relayfed_proto::crypto::noise::StaticKeypair;
+use relayfed_serving::identity::HopIdentity;
 
 use anyhow::Context;
 use tracing::warn;
@@ -104,7 +104,7 @@ impl KeyStore {
         let (cert, key) = (self.path("ca.pem"), self.path("ca.key"));
         if cert.exists() {
             let pem = std::fs::read_to_string(&cert).map_err(|e| file_err(&cert, e))?;
-            let der = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem).map_err(|e| file_err(&cert, e))?;
+            let der = relayfed_proto::crypto::ca::parse_cert_pem(&pem).map_err(|e| file_err(&cert, e))?;
             let found = ca_trust_domain(&der).unwrap_or_default();
             if found != self.trust_domain {
                 return Err(KeyError::TrustDomain { path: cert, found, wanted: self.trust_domain.clone() });
@@ -189,7 +189,7 @@ impl KeyStore {
                     .map_err(|e| KeyError::Passphrase { path: path.to_owned(), reason: e.to_string() })?
                     .config_list()
                     .map_err(|e| file_err(path, e))?;
-                lists.insert(path, relayfed_sidecar::config::base64_encode(&list));
+                lists.insert(path, relayfed_proto::config::base64_encode(&list));
             }
             out.insert(node.clone(), lists[path].clone());
         }
@@ -242,7 +242,7 @@ impl KeyStore {
     /// SHA-256 fingerprint of the CA certificate (`sha256:<hex>`), shown by `status`.
     pub fn ca_fingerprint(&self) -> Option<String> {
         let pem = std::fs::read_to_string(self.path("ca.pem")).ok()?;
-        relayfed_sidecar::crypto::ca::cert_fingerprint(&pem).ok()
+        relayfed_proto::crypto::ca::cert_fingerprint(&pem).ok()
     }
 }
 
@@ -256,14 +256,14 @@ pub fn ca_trust_domain(der: &[u8]) -> Option<String> {
 /// Whether the certificate in `path` binds exactly `noise_key` (none: binds nothing).
 fn binds(path: &Path, noise_key: Option<&[u8; 32]>) -> bool {
     let Ok(pem) = std::fs::read_to_string(path) else { return false };
-    let Ok(der) = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem) else { return false };
-    relayfed_sidecar::crypto::ca::noise_key_from_cert(der.as_ref()).ok().flatten().as_ref() == noise_key
+    let Ok(der) = relayfed_proto::crypto::ca::parse_cert_pem(&pem) else { return false };
+    relayfed_proto::crypto::ca::noise_key_from_cert(der.as_ref()).ok().flatten().as_ref() == noise_key
 }
 
 /// Whether the certificate in `path` expires within [`RENEW_BEFORE`] (or cannot be read).
 fn expiring(path: &Path) -> bool {
     let Ok(pem) = std::fs::read_to_string(path) else { return true };
-    let Ok(der) = relayfed_sidecar::crypto::ca::parse_cert_pem(&pem) else { return true };
+    let Ok(der) = relayfed_proto::crypto::ca::parse_cert_pem(&pem) else { return true };
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else { return true };
     let not_after = cert.validity().not_after.timestamp();
     let renew_at = SystemTime::now() + RENEW_BEFORE;
@@ -285,14 +285,14 @@ pub fn passphrase(state: &StateDir, given: Option<&Path>) -> anyhow::Result<(Pat
     if let Some(v) = std::env::var_os("RELAYFED_PASSPHRASE") {
         let path = state.run().join("passphrase");
         std::fs::create_dir_all(state.run())?;
-        relayfed_sidecar::config::keys::write_private(&path, v.as_encoded_bytes())?;
+        relayfed_proto::config::keys::write_private(&path, v.as_encoded_bytes())?;
         return Ok((path, v.as_encoded_bytes().to_vec(), true));
     }
     let path = state.generated_passphrase();
     if !path.exists() {
         std::fs::create_dir_all(&state.root)?;
         let pass: String = (0..32).map(|_| char::from(b'a' + rand::random_range(0..26u8))).collect();
-        relayfed_sidecar::config::keys::write_private(&path, pass.as_bytes())?;
+        relayfed_proto::config::keys::write_private(&path, pass.as_bytes())?;
         warn!(
             path = %path.display(),
             "generated a passphrase for the key material and stored it next to it (fine for a demo; pass --passphrase-file or RELAYFED_PASSPHRASE to keep it elsewhere)"

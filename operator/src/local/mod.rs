@@ -3,9 +3,9 @@
 //!
 //! One supervisor process admits the CRs (schema, CEL, `validate()`), compiles them with the
 //! operator's [`plan`](crate::plan), keeps key material under a state directory, serves the
-//! config distribution endpoint, and runs every relay as a child process of its own binary
-//! (`relayfed node`), so a relay can crash, be killed and come back independently, exactly
-//! like a pod. The CR files are watched: an admitted edit is published to the running nodes
+//! config distribution endpoint, and runs every relay as a child process of `relayfed-proxy`
+//! (the binary a cluster runs), so a relay can crash, be killed and come back independently,
+//! exactly like a pod. The CR files are watched: an admitted edit is published to the running nodes
 //! (live where possible, a restart of that node where not); a rejected edit leaves the
 //! running configuration in force. docs/architecture.md ("Local mode") has the picture.
 
@@ -20,6 +20,32 @@ pub mod supervisor;
 pub mod workloads;
 
 use std::path::{Path, PathBuf};
+
+/// Where `relayfed-proxy` is: `explicit` (`--proxy` or `$RELAYFED_PROXY`), else next to the
+/// running `relayfed` (`relayfed_exe`), else on `PATH`.
+pub fn find_proxy(explicit: Option<PathBuf>, relayfed_exe: &Path) -> anyhow::Result<PathBuf> {
+    const NAME: &str = "relayfed-proxy";
+    if let Some(p) = explicit {
+        anyhow::ensure!(p.is_file(), "--proxy {}: no such file", p.display());
+        return Ok(p);
+    }
+    let sibling = relayfed_exe.with_file_name(NAME);
+    if sibling.is_file() {
+        return Ok(sibling);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(NAME))
+        .find(|p| p.is_file());
+    on_path.ok_or_else(|| {
+        anyhow::anyhow!(
+            "local mode runs every relay with {NAME}, found neither next to {} nor on PATH; install it \
+             (`cargo install --path sidecar`, or `cargo build --release -p relayfed-sidecar`) or give --proxy",
+            relayfed_exe.display()
+        )
+    })
+}
 
 /// Files and directories under a state directory.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use relayfed_sidecar::config::Role;
+use relayfed_proto::config::Role;
 use serde_json::{Value, json};
 
 /// How often Prometheus scrapes in local mode.

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use relayfed_crds::AnyResource;
-use relayfed_sidecar::config::Snapshot;
+use relayfed_proto::config::Snapshot;
 use serde_json::{Value, json};
 
 use crate::distribution::Distributor;

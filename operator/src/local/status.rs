@@ -10,7 +10,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use relayfed_crds::AnyResource;
-use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
+use relayfed_serving::{Admitted, BoundedListener, ServerLimits, http1};
 use serde_json::{Value, json};
 
 use super::supervisor::Shared;
@@ -62,7 +62,7 @@ pub async fn serve(
                         (shared.clone(), distributor.clone(), metrics.clone(), control.clone());
                     async move {
                         let ctype = match req.uri().path() {
-                            "/metrics" => relayfed_sidecar::admin::server::OPENMETRICS,
+                            "/metrics" => relayfed_serving::OPENMETRICS,
                             p if p.starts_with("/local/") => "application/json",
                             _ => "text/plain; charset=utf-8",
                         };

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use relayfed_crds::AnyResource;
-use relayfed_sidecar::config::{Role, Snapshot};
+use relayfed_proto::config::{Role, Snapshot};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
@@ -26,7 +26,7 @@ use crate::metrics::OperatorMetrics;
 use crate::plan::{self, KeyLayout};
 
 /// Node id in the distribution server's certificate.
-pub const SERVER_NODE: &str = relayfed_sidecar::distribution::DEFAULT_SERVER_NODE;
+pub const SERVER_NODE: &str = relayfed_proto::distribution::DEFAULT_SERVER_NODE;
 /// How often the CR files are checked for edits.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a node may take to print its ready line.
@@ -43,8 +43,9 @@ pub struct UpOptions {
     pub state: StateDir,
     /// Passphrase file for the key material (else `$RELAYFED_PASSPHRASE`, else generated).
     pub passphrase_file: Option<PathBuf>,
-    /// The executable that runs nodes (`<exe> node --config F --config-server A`).
-    pub node_exe: PathBuf,
+    /// The `relayfed-proxy` that runs each node (`main-relay|home --config F --config-server A
+    /// --exit-with-parent`), the binary clusters run.
+    pub proxy_exe: PathBuf,
     /// Start a Prometheus scraping every node (`--prometheus`).
     pub prometheus: bool,
 }
@@ -289,8 +290,13 @@ impl Supervisor {
         let file = self.opts.state.node_file(node);
         std::fs::write(&file, serde_json::to_vec_pretty(snap.as_ref())?)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.opts.state.log_file(node))?;
-        let mut child = tokio::process::Command::new(&self.opts.node_exe)
-            .arg("node")
+        let mode = match snap.node.role {
+            Role::Main => "main-relay",
+            Role::Home => "home",
+        };
+        let mut child = tokio::process::Command::new(&self.opts.proxy_exe)
+            .arg(mode)
+            .arg("--exit-with-parent")
             .arg("--config")
             .arg(&file)
             .arg("--config-server")
@@ -300,7 +306,7 @@ impl Supervisor {
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start {} for node {node}", self.opts.node_exe.display()))?;
+            .with_context(|| format!("cannot start {} for node {node}", self.opts.proxy_exe.display()))?;
         let pid = child.id();
         let generation = {
             let mut shared = self.shared.lock().map_err(|_| anyhow::anyhow!("state lock poisoned"))?;

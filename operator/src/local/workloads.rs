@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use relayfed_sidecar::serving::{Admitted, BoundedListener, ServerLimits, http1};
+use relayfed_serving::{Admitted, BoundedListener, ServerLimits, http1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tracing::warn;

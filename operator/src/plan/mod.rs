@@ -33,11 +33,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use relayfed_crds::{AnyResource, EchMode, Peer, Relay, RelayFederation, RelayType, RolloutPolicy, TrustLevel};
-use relayfed_sidecar::config::{
+use relayfed_proto::config::{
     CircuitBreakerConfig, EchServerConfig, Export, Import, MainRelay, NodeConfig, PeerRelay, Permissions, RateLimit,
     RegistryConfig, Resilience, RetryConfig, Role, Snapshot, Timeouts, TlsFiles, Trust,
 };
-use relayfed_sidecar::federation::ech_policy::{self, EchPolicy};
+use relayfed_proto::federation::ech_policy::{self, EchPolicy};
 
 /// A problem that keeps the plan from being compiled, naming the object and field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -180,7 +180,7 @@ pub fn compile_with_workloads(
     // Injected pods hold CA-issued certificates naming them: relays know them.
     trust.known_nodes.extend(workloads.iter().flat_map(|f| f.workloads.iter().map(|w| w.node_id.clone())));
     let base = |node: &str, role: Role| Snapshot {
-        schema: relayfed_sidecar::config::SNAPSHOT_SCHEMA,
+        schema: relayfed_proto::config::SNAPSHOT_SCHEMA,
         version,
         node: NodeConfig { id: node.to_owned(), role, trust_domain: fed.spec.trust_domain.clone() },
         tls: keys.tls(node),
@@ -232,7 +232,7 @@ pub fn compile_with_workloads(
                     PeerRelay {
                         node_id: other.node_id.clone(),
                         endpoint: addr,
-                        trust_level: relayfed_sidecar::config::TrustLevel::Trusted,
+                        trust_level: relayfed_proto::config::TrustLevel::Trusted,
                         permissions: None,
                         rate_limit: None,
                     },
@@ -421,8 +421,8 @@ pub fn set_ech_configs(snapshots: &mut BTreeMap<String, Snapshot>, configs: &BTr
     }
 }
 
-fn trust_level(t: TrustLevel) -> relayfed_sidecar::config::TrustLevel {
-    use relayfed_sidecar::config::TrustLevel as T;
+fn trust_level(t: TrustLevel) -> relayfed_proto::config::TrustLevel {
+    use relayfed_proto::config::TrustLevel as T;
     match t {
         TrustLevel::Trusted => T::Trusted,
         TrustLevel::Verified => T::Verified,
@@ -441,16 +441,16 @@ fn rate_limit(r: &relayfed_crds::RateLimit) -> RateLimit {
 
 /// ECH policy, trust defaults, resilience and timeouts from the `RolloutPolicy`.
 /// The snapshot's load balancing from the policy's.
-fn load_balancing(lb: &relayfed_crds::rollout::LoadBalancing) -> relayfed_sidecar::config::LoadBalancing {
+fn load_balancing(lb: &relayfed_crds::rollout::LoadBalancing) -> relayfed_proto::config::LoadBalancing {
     use relayfed_crds::rollout::LbAlgorithm as A;
-    use relayfed_sidecar::federation::balancer::Algorithm;
+    use relayfed_proto::config::Algorithm;
     let algorithm = |a: A| match a {
         A::RoundRobin => Algorithm::RoundRobin,
         A::LeastConnections => Algorithm::LeastConnections,
         A::Random => Algorithm::Random,
         A::PeakEwma => Algorithm::PeakEwma,
     };
-    relayfed_sidecar::config::LoadBalancing {
+    relayfed_proto::config::LoadBalancing {
         default: algorithm(lb.algorithm),
         per_service: lb.per_service.iter().map(|(s, a)| (s.clone(), algorithm(*a))).collect(),
         prefer_local: lb.prefer_local,

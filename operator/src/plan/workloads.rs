@@ -10,8 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use relayfed_crds::Relay;
-use relayfed_sidecar::config::{Export, Import, Intercept, InterceptScope, MainRelay, Role, Snapshot, TlsFiles};
-use relayfed_sidecar::node::workload::{CA_FILE, CERT_FILE, KEY_FILE, NOISE_FILE};
+use relayfed_proto::config::{Export, Import, Intercept, InterceptScope, MainRelay, Role, Snapshot, TlsFiles};
+use relayfed_proto::layout::{CA_FILE, CERT_FILE, KEY_FILE, NOISE_FILE};
 
 /// A pod with the injected sidecar, as the plan needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]

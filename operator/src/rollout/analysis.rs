@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
-use relayfed_sidecar::federation::ech_cohorts;
+use relayfed_proto::federation::ech_cohorts;
 
 /// Cumulative setup counters of one cohort toward one destination main relay: the type nodes
 /// report, with its `since` (reset-aware increase) and `add`.

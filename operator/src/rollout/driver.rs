@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::time::{Duration, SystemTime};
 
 use relayfed_crds::{MainAnalysis, RolloutPolicy};
-use relayfed_sidecar::config::{Role, Snapshot};
+use relayfed_proto::config::{Role, Snapshot};
 use serde::Serialize;
 
 use super::analysis::{Analysis, Cohorts, Criteria, Verdict, analyse};

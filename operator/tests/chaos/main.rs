@@ -25,7 +25,11 @@ use serde_json::Value;
 /// the release build: a debug build of nine processes saturates two cores at this load, and
 /// starved processes miss their 1 s link deadlines), else this build's.
 fn bin() -> PathBuf {
-    std::env::var_os("RELAYFED_CHAOS_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_relayfed").into())
+    let bin = std::env::var_os("RELAYFED_CHAOS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_relayfed").into());
+    relayfed_sidecar::testbed::procs::proxy_next_to(&bin);
+    bin
 }
 
 /// A node and the ECH config id it reports as current.

@@ -1,7 +1,6 @@
 //! Injected pods end to end, with real sidecar processes: the operator's informer caches hold
 //! two injected pods, an exported Service and a ServiceImport; the plan gives each pod a home
-//! snapshot; each sidecar (`relayfed workload`, what the webhook injects as `relayfed-proxy
-//! workload`) obtains its certificate from the certificate server (TokenReview over the mock
+//! snapshot; each sidecar (`relayfed-proxy workload`, what the webhook injects) obtains its certificate from the certificate server (TokenReview over the mock
 //! API), fetches its snapshot, connects to a real main relay and registers the exported
 //! service; a RolloutPolicy edit in the operator's store is acknowledged by every sidecar; a
 //! short-lived certificate is renewed.
@@ -85,7 +84,7 @@ async fn sidecar(
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("token"), "a-projected-token\n").unwrap();
     std::fs::write(dir.join("trust-domain"), TD).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
+    let mut child = tokio::process::Command::new(relayfed_sidecar::testbed::procs::proxy_next_to(Path::new(BIN)))
         .args(["workload", "--identity-server", identity, "--config-server", config, "--dir"])
         .arg(dir.join("run"))
         .arg("--token-file")
@@ -119,7 +118,13 @@ async fn injected_sidecars_get_certificates_and_snapshots_follow_policy_edits_an
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tb = Testbed::new(TD).unwrap();
     // A real main relay under hub-eu's node id, the first main relay of the example federation.
-    let hub = Proc::start_bin(Path::new(BIN), "node", &tb.main_relay("hub-eu", 1).unwrap(), &[]).await;
+    let hub = Proc::start_bin(
+        &relayfed_sidecar::testbed::procs::proxy_next_to(Path::new(BIN)),
+        "main-relay",
+        &tb.main_relay("hub-eu", 1).unwrap(),
+        &[],
+    )
+    .await;
 
     // The informer caches: the example CRs (hub-eu's status naming the real relay), two
     // injected pods, an exported Service backed by one of them, an imported service.

@@ -1,5 +1,6 @@
 //! Observability: the metrics registry and the admin HTTP server.
 
+pub use relayfed_serving::process;
+
 pub mod metrics;
-pub mod process;
 pub mod server;

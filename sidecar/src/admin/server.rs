@@ -67,7 +67,7 @@ fn allowed(path: &str, local_client: bool) -> bool {
 
 /// The Content-Type of `/metrics` everywhere (prometheus-client writes OpenMetrics text;
 /// Prometheus 3 refuses scrapes without a Content-Type).
-pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use relayfed_serving::OPENMETRICS;
 
 /// The value of `key` in a URL query string (`a=1&b=2`), undecoded; the first one wins.
 pub fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {

@@ -83,7 +83,7 @@ enum Command {
         cleanup: bool,
         /// Which iptables installs the rules: `nft` (iptables-nft), `legacy` (iptables-legacy)
         /// or `auto` (`iptables` as the image resolves it). Use the one the node's kube-proxy uses.
-        #[arg(long, value_enum, default_value_t = relayfed_sidecar::intercept::rules::Backend::Auto)]
+        #[arg(long, default_value_t = relayfed_sidecar::intercept::rules::Backend::Auto)]
         iptables: relayfed_sidecar::intercept::rules::Backend,
     },
     /// Federation CA tooling (local mode and hosts outside Kubernetes).
@@ -108,6 +108,10 @@ struct ConfigServerArgs {
     /// Node id in the distribution server's certificate.
     #[arg(long, default_value = relayfed_sidecar::distribution::DEFAULT_SERVER_NODE)]
     config_server_node: String,
+    /// Exit when the parent process dies (a supervisor such as `relayfed local up` runs this
+    /// node; a killed supervisor must leave no relays behind).
+    #[arg(long)]
+    exit_with_parent: bool,
 }
 
 #[derive(Subcommand)]
@@ -354,6 +358,12 @@ fn run(config: PathBuf, role: Role, sub: ConfigServerArgs) -> anyhow::Result<()>
             snap.node.role,
             role
         );
+    }
+    if sub.exit_with_parent {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+        if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+            anyhow::bail!("--exit-with-parent: the parent is already gone");
+        }
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -10,25 +10,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 
 use super::registry::{Entry, Key};
 use crate::resilience::breaker::{Breaker, BreakerConfig, State};
 
-/// How an instance is chosen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum Algorithm {
-    /// In turn.
-    RoundRobin,
-    /// Fewest streams in flight.
-    LeastConnections,
-    /// Uniformly at random.
-    Random,
-    /// Two random candidates, the one with the lower peak-EWMA latency × (in-flight + 1).
-    #[default]
-    PeakEwma,
-}
+pub use relayfed_proto::config::Algorithm;
 
 /// Decay time of the latency EWMA.
 pub const EWMA_DECAY: Duration = Duration::from_secs(10);

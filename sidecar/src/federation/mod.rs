@@ -1,9 +1,9 @@
-//! Federation logic without I/O: the registry, who may register what, load balancing and
-//! the ECH rollout policy.
+//! Federation logic of the proxy: who may register what, load balancing and uplink choice.
+//! The registry, the ECH policy and the cohort counters are plain data in
+//! [`relayfed_proto::federation`], re-exported here.
+
+pub use relayfed_proto::federation::{ech_cohorts, ech_policy, registry};
 
 pub mod balancer;
-pub mod ech_cohorts;
-pub mod ech_policy;
 pub mod registration;
-pub mod registry;
 pub mod uplink;

@@ -16,6 +16,7 @@ use std::process::Command;
 use thiserror::Error;
 
 use crate::config::{Import, Intercept, InterceptScope};
+pub use relayfed_proto::intercept::{Backend, parse_cidr};
 
 /// The dedicated chain.
 pub const CHAIN: &str = "RELAYFED_OUTPUT";
@@ -27,41 +28,6 @@ pub enum Family {
     V4,
     /// ip6tables.
     V6,
-}
-
-/// Which iptables implementation installs the rules: the kernel's nf_tables (`iptables-nft`),
-/// the legacy x_tables (`iptables-legacy`), or whatever `iptables` resolves to in the image.
-/// The node's other rules (kube-proxy, the CNI) use one of them; mixing both in one network
-/// namespace works but hides each set from the other's listing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// `iptables` / `ip6tables` as installed (Debian: the nft variant unless switched).
-    #[default]
-    Auto,
-    /// `iptables-nft` / `ip6tables-nft` (netlink; needs CAP_NET_ADMIN only).
-    Nft,
-    /// `iptables-legacy` / `ip6tables-legacy` (raw socket; needs CAP_NET_ADMIN and CAP_NET_RAW).
-    Legacy,
-}
-
-impl Backend {
-    /// The `--iptables` argument of `relayfed-proxy init` that selects this backend.
-    pub fn arg(self) -> &'static str {
-        match self {
-            Backend::Auto => "auto",
-            Backend::Nft => "nft",
-            Backend::Legacy => "legacy",
-        }
-    }
-
-    /// The Linux capabilities this backend needs, as a pod's securityContext names them.
-    pub fn capabilities(self) -> &'static [&'static str] {
-        match self {
-            Backend::Nft => &["NET_ADMIN"],
-            Backend::Auto | Backend::Legacy => &["NET_ADMIN", "NET_RAW"],
-        }
-    }
 }
 
 impl Family {
@@ -115,19 +81,6 @@ pub enum InitError {
         /// What it said.
         stderr: String,
     },
-}
-
-/// Parses `ip/prefix` (or a bare IP) into the address and prefix length.
-pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (ip, prefix) = match s.split_once('/') {
-        Some((ip, p)) => (ip.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
-        None => {
-            let ip = s.parse::<IpAddr>().ok()?;
-            (ip, if ip.is_ipv4() { 32 } else { 128 })
-        }
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (prefix <= max).then_some((ip, prefix))
 }
 
 /// The rules of the dedicated chain for one family, as iptables arguments (after `-t nat`).

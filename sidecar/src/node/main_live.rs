@@ -27,7 +27,7 @@ impl MainLive {
             peers: snap.peers.iter().map(|p| (p.node_id.clone(), p.clone())).collect(),
             trust: snap.trust.clone(),
             default_rate: snap.resilience.rate_limit.as_ref().map(limit),
-            breaker: snap.resilience.circuit_breaker.to_breaker(),
+            breaker: (&snap.resilience.circuit_breaker).into(),
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::protocol::route::{PathEntry, RouteBody, RouteHeader};
 use crate::protocol::{ErrorCode, Frame};
 use crate::transport::idle::splice_streams;
 use crate::transport::io::{read_frame, send_error, write_frames};
+use crate::transport::tls::QuicIdentity;
 use crate::transport::tls::{HopIdentity, failure_reason};
 
 /// Who sent a stream.

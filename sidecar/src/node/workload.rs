@@ -55,15 +55,7 @@ pub struct WorkloadOptions {
     pub trust_domain_file: PathBuf,
 }
 
-/// Federation CA bundle in a workload's runtime directory (relative: the plan names these
-/// files, the sidecar resolves them against `--dir`).
-pub const CA_FILE: &str = "ca.pem";
-/// Workload certificate.
-pub const CERT_FILE: &str = "tls.pem";
-/// Workload private key.
-pub const KEY_FILE: &str = "tls.key";
-/// Workload Noise static key.
-pub const NOISE_FILE: &str = "noise.key";
+pub use relayfed_proto::layout::{CA_FILE, CERT_FILE, KEY_FILE, NOISE_FILE};
 
 /// Key material a workload keeps for its whole life (renewals reuse it).
 struct Keys {

@@ -167,6 +167,19 @@ impl Breaker {
     }
 }
 
+impl From<&relayfed_proto::config::CircuitBreakerConfig> for BreakerConfig {
+    fn from(c: &relayfed_proto::config::CircuitBreakerConfig) -> Self {
+        BreakerConfig {
+            consecutive_failures: c.consecutive_failures.max(1),
+            failure_rate: c.failure_rate,
+            window: Duration::from_millis(c.window_ms),
+            min_requests: 20,
+            open_for: Duration::from_millis(c.open_ms),
+            half_open_probes: c.half_open_probes.max(1),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

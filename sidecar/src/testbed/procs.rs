@@ -11,6 +11,26 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+/// The `relayfed-proxy` next to `relayfed` (the binary local mode runs relays with), built
+/// with the same profile if `cargo test` of another package did not build it.
+pub fn proxy_next_to(relayfed: &Path) -> std::path::PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let proxy = relayfed.with_file_name("relayfed-proxy");
+    let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    if !proxy.is_file() {
+        let profile_dir = relayfed.parent().expect("binary in a directory");
+        let target = profile_dir.parent().expect("profile directory in a target directory");
+        let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-q", "-p", "relayfed-sidecar", "--bin", "relayfed-proxy", "--target-dir"]).arg(target);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success() && proxy.is_file(), "cannot build {}", proxy.display());
+    }
+    proxy
+}
+
 /// A running `relayfed-proxy` process, killed on drop.
 pub struct Proc {
     pub child: Child,

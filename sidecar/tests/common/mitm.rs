@@ -18,6 +18,7 @@ use relayfed_sidecar::protocol::route::EchBinding;
 use relayfed_sidecar::protocol::{EchConfig, EchConfigList, Frame, InnerRoute, RouteBody};
 use relayfed_sidecar::transport::io::{read_frame, write_frames};
 use relayfed_sidecar::transport::tls::HopIdentity;
+use relayfed_sidecar::transport::tls::QuicIdentity;
 
 /// What the dishonest relay does to the home's streams.
 #[derive(Clone, Debug)]

@@ -36,6 +36,7 @@ use crate::protocol::control::{Control, MainInfo, Service, TraceHop};
 use crate::protocol::route::{InnerRoute, MAX_HOPS, RouteBody, RouteHeader};
 use crate::protocol::{EchConfigList, ErrorCode, Frame};
 use crate::transport::io::{FrameIoError, read_frame, send_error, write_frames};
+use crate::transport::tls::QuicIdentity;
 use crate::transport::tls::{HopIdentity, failure_reason};
 
 /// A failed stream: the code that goes on the wire, in logs and in metrics.
@@ -100,7 +101,7 @@ impl HomeLive {
         Self {
             policy: snap.ech_policy.clone(),
             lb: snap.load_balancing.clone(),
-            breaker: snap.resilience.circuit_breaker.to_breaker(),
+            breaker: (&snap.resilience.circuit_breaker).into(),
             retry: snap.resilience.retry.clone(),
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
             call_timeout: Duration::from_millis(snap.timeouts.call_ms),

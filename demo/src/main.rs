@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use relayfed_operator::local::http;
-use relayfed_sidecar::federation::ech_policy::bucket;
+use relayfed_proto::federation::ech_policy::bucket;
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 
@@ -61,9 +61,8 @@ fn selected(dest: &str, pct: u16) -> f64 {
 }
 
 fn relayfed() -> PathBuf {
-    // target/<profile>/examples/demo -> target/<profile>/relayfed
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|p| p.parent()).unwrap().join("relayfed")
+    // target/<profile>/relayfed-demo -> target/<profile>/relayfed
+    std::env::current_exe().unwrap().with_file_name("relayfed")
 }
 
 fn cli(state: &Path, args: &[&str]) -> std::process::Output {
@@ -402,9 +401,9 @@ async fn rollback(state: &Path, policy: &Path) {
     let pass = std::fs::read_to_string(state.join("passphrase")).unwrap();
     let pass = pass.trim_end().as_bytes().to_vec();
     let original = std::fs::read(&key_file).unwrap();
-    let mut broken = relayfed_sidecar::config::keys::EchKeyFile::load(&key_file, Some(&pass)).unwrap();
+    let mut broken = relayfed_proto::config::keys::EchKeyFile::load(&key_file, Some(&pass)).unwrap();
     broken.current.config_id = broken.current.config_id.wrapping_add(7);
-    broken.current.secret = relayfed_sidecar::config::base64_encode(&rand::random::<[u8; 32]>());
+    broken.current.secret = relayfed_proto::config::base64_encode(&rand::random::<[u8; 32]>());
     broken.previous = None;
     broken.next = None;
     broken.save(&key_file, Some(&pass)).unwrap();

@@ -130,20 +130,6 @@ impl Default for CircuitBreakerConfig {
     }
 }
 
-impl CircuitBreakerConfig {
-    /// As the breaker module's type.
-    pub fn to_breaker(&self) -> crate::resilience::breaker::BreakerConfig {
-        crate::resilience::breaker::BreakerConfig {
-            consecutive_failures: self.consecutive_failures.max(1),
-            failure_rate: self.failure_rate,
-            window: std::time::Duration::from_millis(self.window_ms),
-            min_requests: 20,
-            open_for: std::time::Duration::from_millis(self.open_ms),
-            half_open_probes: self.half_open_probes.max(1),
-        }
-    }
-}
-
 fn cb_consecutive() -> u32 {
     5
 }

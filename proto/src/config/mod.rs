@@ -279,10 +279,10 @@ fn default_ttl() -> u64 {
 pub struct LoadBalancing {
     /// Algorithm for services without their own.
     #[serde(default)]
-    pub default: crate::federation::balancer::Algorithm,
+    pub default: Algorithm,
     /// Per-service algorithm.
     #[serde(default)]
-    pub per_service: std::collections::BTreeMap<String, crate::federation::balancer::Algorithm>,
+    pub per_service: std::collections::BTreeMap<String, Algorithm>,
     /// Prefer instances on the caller's own main relay while any is healthy.
     #[serde(default = "yes")]
     pub prefer_local: bool,
@@ -578,7 +578,7 @@ impl Snapshot {
                 return Err(invalid("intercept", "only home nodes intercept application traffic"));
             }
             for (i, c) in ic.exclude_cidrs.iter().enumerate() {
-                if crate::intercept::rules::parse_cidr(c).is_none() {
+                if crate::intercept::parse_cidr(c).is_none() {
                     return Err(invalid(format!("intercept.excludeCidrs[{i}]"), format!("{c:?} is not an IP/prefix")));
                 }
             }
@@ -616,6 +616,21 @@ pub fn base64_encode(b: &[u8]) -> String {
 /// Decodes a base64 32-byte key.
 pub fn decode_key32(s: &str) -> Option<[u8; 32]> {
     base64_decode(s)?.try_into().ok()
+}
+
+/// How a home chooses among a service's instances (`loadBalancing` in a snapshot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Algorithm {
+    /// In turn.
+    RoundRobin,
+    /// Fewest streams in flight.
+    LeastConnections,
+    /// Uniformly at random.
+    Random,
+    /// Two random candidates, the one with the lower peak-EWMA latency × (in-flight + 1).
+    #[default]
+    PeakEwma,
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::resilience::backoff::Backoff;
+use relayfed_proto::backoff::Backoff;
 
 /// Resource limits of one server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

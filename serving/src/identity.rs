@@ -1,0 +1,221 @@
+//! A node's TLS identity: its certificate chain and key from the federation CA, the CA it
+//! trusts, and rustls configurations built from them (mutual TLS 1.3). QUIC hops
+//! (`relayfed_sidecar::transport::tls`), config distribution and the certificate server all
+//! use it.
+
+use std::sync::Arc;
+
+use relayfed_proto::config::Snapshot;
+use relayfed_proto::crypto::ca::{CaError, node_id_from_cert, parse_key_pem};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+
+/// Why TLS material could not be loaded or used.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A certificate or key is malformed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+    /// The peer presented no usable identity.
+    #[error("peer identity: {0}")]
+    Identity(String),
+}
+
+/// A node's identity that a certificate renewal replaces in place: connections made after
+/// the swap present the new certificate, established ones keep theirs.
+#[derive(Clone, Debug)]
+pub struct SharedIdentity(Arc<std::sync::RwLock<HopIdentity>>);
+
+impl SharedIdentity {
+    /// The identity in force now.
+    pub fn get(&self) -> HopIdentity {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the identity (a renewed certificate).
+    pub fn replace(&self, next: HopIdentity) {
+        match self.0.write() {
+            Ok(mut g) => *g = next,
+            Err(p) => *p.into_inner() = next,
+        }
+    }
+}
+
+impl From<HopIdentity> for SharedIdentity {
+    fn from(id: HopIdentity) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(id)))
+    }
+}
+
+/// This node's TLS identity and the CA it trusts.
+#[derive(Clone, Debug)]
+pub struct HopIdentity {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// This node's id.
+    pub node_id: String,
+    roots: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    /// The CA verifier for client certificates, built once (hop servers, and origins checking
+    /// destinations' certificates on every stream setup).
+    verifier: Arc<std::sync::OnceLock<Arc<dyn rustls::server::danger::ClientCertVerifier>>>,
+}
+
+fn read(path: &std::path::Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
+}
+
+fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    let v: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    let v = v.map_err(|e| TlsError::Rustls(format!("certificate PEM: {e}")))?;
+    if v.is_empty() {
+        return Err(TlsError::Rustls("no certificate in PEM".into()));
+    }
+    Ok(v)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl HopIdentity {
+    /// Loads the identity named by a snapshot.
+    pub fn load(snap: &Snapshot) -> Result<Self, TlsError> {
+        let pass = snap.passphrase().map_err(|e| TlsError::Identity(e.to_string()))?;
+        let key = relayfed_proto::config::keys::read_secret(&snap.tls.key_file, pass.as_deref())
+            .map_err(|e| TlsError::Identity(e.to_string()))?;
+        Self::from_pem(
+            &snap.node.trust_domain,
+            &snap.node.id,
+            &read(&snap.tls.ca_file)?,
+            &read(&snap.tls.cert_file)?,
+            &String::from_utf8_lossy(&key),
+        )
+    }
+
+    /// Builds an identity from PEM text.
+    pub fn from_pem(trust_domain: &str, node_id: &str, ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
+        let chain = certs(cert)?;
+        let own = node_id_from_cert(&chain[0], trust_domain)?;
+        if own != node_id {
+            return Err(TlsError::Identity(format!("certificate is for node {own:?}, config says {node_id:?}")));
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            node_id: node_id.to_owned(),
+            roots: certs(ca)?,
+            chain,
+            key: Arc::new(parse_key_pem(key)?),
+            verifier: Default::default(),
+        })
+    }
+
+    fn root_store(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.roots {
+            roots.add(c.clone()).map_err(|e| TlsError::Rustls(format!("CA certificate: {e}")))?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    /// The verifier of client certificates issued by this node's CA (built on first use).
+    fn client_verifier(&self) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+        if let Some(v) = self.verifier.get() {
+            return Ok(v.clone());
+        }
+        let v = WebPkiClientVerifier::builder_with_provider(self.root_store()?, provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        Ok(self.verifier.get_or_init(|| v).clone())
+    }
+
+    /// rustls server configuration (TLS 1.3, client certificates from the CA required) with
+    /// the given ALPN protocols; QUIC hops and the config distribution server share it.
+    pub fn rustls_server(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = self.client_verifier()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Ok(tls)
+    }
+
+    /// rustls client configuration presenting this node's certificate, with one ALPN.
+    pub fn rustls_client(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_root_certificates(self.root_store()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
+    }
+
+    /// The server name to dial `node_id` by.
+    pub fn server_name(&self, node_id: &str) -> String {
+        relayfed_proto::crypto::ca::node_dns_name(node_id, &self.trust_domain)
+    }
+
+    /// This node's certificate (DER), as sent to an origin in Noise message 2.
+    pub fn leaf_der(&self) -> &[u8] {
+        self.chain.first().map(|c| c.as_ref()).unwrap_or_default()
+    }
+
+    /// Verifies `der` as a node certificate of this federation (it chains to the CA, is
+    /// valid now and allows client use) and returns the node id it names and the Noise key it
+    /// binds, if any. Used by origins to check a destination's Noise key: a relay that made
+    /// up a key cannot show a CA-issued certificate binding it.
+    pub fn verify_node_cert(&self, der: &[u8]) -> Result<(String, Option<[u8; 32]>), TlsError> {
+        let cert = CertificateDer::from(der.to_vec());
+        self.client_verifier()?
+            .verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now())
+            .map_err(|e| TlsError::Identity(format!("certificate not issued by this federation's CA: {e}")))?;
+        let node = node_id_from_cert(der, &self.trust_domain)?;
+        Ok((node, relayfed_proto::crypto::ca::noise_key_from_cert(der)?))
+    }
+
+    /// When this node's certificate expires (Unix seconds), for the expiry metric.
+    pub fn not_after_unix(&self) -> Option<i64> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(self.leaf_der()).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
+    /// The node id named by a verified peer certificate chain (leaf first).
+    pub fn node_id_of_chain(&self, chain: &[CertificateDer<'_>]) -> Result<String, TlsError> {
+        let leaf = chain.first().ok_or_else(|| TlsError::Identity("empty chain".into()))?;
+        Ok(node_id_from_cert(leaf, &self.trust_domain)?)
+    }
+
+    /// A 32-byte secret derived from this node's private key and `label` (SHA-256 over both):
+    /// stable across restarts with the same key, different per label.
+    pub fn derive_secret(&self, label: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(label);
+        h.update(self.key.secret_der());
+        h.finalize().into()
+    }
+}
