@@ -171,3 +171,35 @@ def test_hadolint_passes_on_the_dockerfile():
     out = subprocess.run(["hadolint", "--failure-threshold", "info", str(ROOT / "images/Dockerfile")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _subcommands(help_text: str) -> list[str]:
+    """The subcommand names in a clap `--help` text's `Commands:` section."""
+    names, inside = [], False
+    for line in help_text.splitlines():
+        if line.strip() == "Commands:":
+            inside = True
+        elif inside and not line.strip():
+            break
+        elif inside and line.startswith("  ") and line.split()[0] != "help":
+            names.append(line.split()[0])
+    return names
+
+
+@pytest.mark.parametrize("name", list(CONTRACT))
+def test_release_binaries_carry_no_test_code(name):
+    """No product binary can be told to tamper with traffic: no test helpers or tampering
+    attacks are linked in, and no command, visible or hidden, mentions them."""
+    binary = Path(os.environ.get("RELAYFED_RELEASE_BIN", IMAGES.parent / "release")) / name
+    data = binary.read_bytes()
+    for marker in [b"testbed", b"test-tamper", b"test_tamper", b"FlipSealed", b"StripEch", b"StripOpened"]:
+        assert marker not in data, f"{name} contains {marker!r}: test code is linked into the release binary"
+    todo, seen = [[]], 0
+    while todo:
+        path = todo.pop()
+        out = subprocess.run([str(binary), *path, "--help"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, f"{name} {' '.join(path)} --help: {out.stderr}"
+        assert "tamper" not in out.stdout.lower(), f"{name} {' '.join(path)} --help mentions tampering"
+        todo.extend(path + [sub] for sub in _subcommands(out.stdout))
+        seen += 1
+    assert seen > 3, f"{name}: only {seen} help pages walked"
