@@ -17,27 +17,21 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::main_live::MainLive;
+use super::router::{self, Decision, FirstFrame, PeerLink, Refusal, RouteContext};
 use crate::admin::metrics::Metrics;
 use crate::config::Snapshot;
 use crate::config::keys::EchKeyFile;
-use crate::crypto::ech::{EchError, EchKeySet};
+use crate::crypto::ech::EchKeySet;
 use crate::federation::registry::Registry;
 use crate::protocol::control::Control;
-use crate::protocol::route::{PathEntry, RouteBody, RouteHeader};
+use crate::protocol::route::{RouteBody, RouteHeader};
 use crate::protocol::{ErrorCode, Frame};
 use crate::transport::idle::splice_streams;
 use crate::transport::io::{read_frame, send_error, write_frames};
 use crate::transport::tls::QuicIdentity;
 use crate::transport::tls::{HopIdentity, failure_reason};
 
-/// Who sent a stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Sender {
-    /// One of our home nodes.
-    Home(String),
-    /// A peer main relay.
-    Peer(String),
-}
+pub(crate) use super::router::Sender;
 
 /// A connected neighbour and the channel to its control stream.
 pub(crate) struct Link {
@@ -81,9 +75,7 @@ pub struct MainRelay {
     pub(crate) peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
 }
 
-/// Path-trace probes a sender may start, per second and in a burst (its own bucket).
-pub const PROBE_LIMIT: crate::resilience::rate_limit::Limit =
-    crate::resilience::rate_limit::Limit { rate: 5.0, burst: 10.0 };
+pub use super::router::PROBE_LIMIT;
 
 /// Most senders whose token buckets a relay tracks (idle ones are evicted first).
 const MAX_RATE_SENDERS: usize = 100_000;
@@ -307,72 +299,28 @@ impl MainRelay {
     }
 
     async fn stream(self: Arc<Self>, sender: Sender, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        match tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await {
-            Ok(Ok(Some(Frame::Route(h)))) => self.route_stream(&sender, h, send, recv).await,
-            Ok(Ok(Some(Frame::Control(first)))) => self.control_stream(sender, first, send, recv).await,
-            Ok(Ok(Some(_))) => {
-                self.fail(&mut send, ErrorCode::MalformedFrame, "first frame must be ROUTE or CONTROL").await
-            }
-            Ok(Ok(None)) => {}
-            Ok(Err(crate::transport::io::FrameIoError::Decode(crate::protocol::DecodeError::UnsupportedVersion {
-                field,
-                version,
-            }))) => {
-                let msg = format!("{field} version {version} is not supported (this relay speaks 1)");
-                self.fail(&mut send, ErrorCode::UnsupportedVersion, &msg).await
-            }
-            Ok(Err(e)) => self.fail(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
-            Err(_) => self.fail(&mut send, ErrorCode::Timeout, "no route header in time").await,
+        let read = tokio::time::timeout(self.handshake_timeout, read_frame(&mut recv)).await.ok();
+        match router::first_frame(read) {
+            FirstFrame::Route(h) => self.route_stream(&sender, h, send, recv).await,
+            FirstFrame::Control(first) => self.control_stream(sender, first, send, recv).await,
+            FirstFrame::Closed => {}
+            FirstFrame::Refuse(r) => self.refuse(&mut send, &r).await,
         }
     }
 
     /// Trust rules for a new connection: the rule that refuses it, if any.
     pub(crate) fn refuse_connection(&self, node: &str) -> Option<&'static str> {
-        let live = self.live();
-        match live.peers.get(node) {
-            Some(p) if p.trust_level == crate::config::TrustLevel::Blocked => Some("blocked"),
-            Some(p) if p.trust_level == crate::config::TrustLevel::Unknown && live.trust.reject_unknown => {
-                Some("reject_unknown")
-            }
-            Some(_) => None,
-            None if live.trust.reject_unknown && !live.trust.known_nodes.iter().any(|k| k == node) => {
-                Some("reject_unknown")
-            }
-            None => None,
-        }
+        router::refuse_connection(&self.live(), node)
     }
 
     /// The permissions a peer has.
     pub(crate) fn permissions_of(&self, peer: &str) -> crate::config::Permissions {
-        use crate::config::{Permissions, TrustLevel};
-        let all = || Permissions { call: vec!["*".into()], export: vec!["*".into()] };
-        let live = self.live();
-        match live.peers.get(peer) {
-            Some(p) => match p.trust_level {
-                TrustLevel::Trusted => p.permissions.clone().unwrap_or_else(all),
-                TrustLevel::Verified => p.permissions.clone().unwrap_or_else(|| live.trust.default_permissions.clone()),
-                TrustLevel::Unknown => live.trust.default_permissions.clone(),
-                TrustLevel::Blocked => Permissions::default(),
-            },
-            None => Permissions::default(),
-        }
+        router::permissions_of(&self.live(), peer)
     }
 
-    /// Token bucket check for a new stream from `sender`. Path-trace probes have buckets of
-    /// their own ([`PROBE_LIMIT`]), so a probe flood never uses up a sender's real quota.
-    fn rate_limited(&self, sender: &Sender, probe: bool) -> Option<Duration> {
-        let live = self.live();
-        let (key, kind, lim) = match sender {
-            Sender::Home(h) if probe => (format!("probe:{h}"), "probe", Some(PROBE_LIMIT)),
-            Sender::Peer(p) if probe => (format!("probe:peer:{p}"), "probe", Some(PROBE_LIMIT)),
-            Sender::Home(h) => (h.clone(), "home", live.default_rate),
-            Sender::Peer(p) => (
-                format!("peer:{p}"),
-                "peer",
-                live.peers.get(p).and_then(|c| c.rate_limit.as_ref()).map(limit).or(live.default_rate),
-            ),
-        };
-        let lim = lim?;
+    /// Draws a token for a new stream from `sender`; `Some(wait)` when it has none left.
+    fn rate_limited(&self, live: &MainLive, sender: &Sender, probe: bool) -> Option<Duration> {
+        let (key, kind, lim) = router::rate_bucket(live, sender, probe)?;
         let decision = self.limiter.lock().ok()?.admit(&key, lim, Instant::now());
         match decision {
             crate::resilience::rate_limit::Decision::Admit => None,
@@ -383,6 +331,7 @@ impl MainRelay {
         }
     }
 
+    /// Routes a stream: the rate limit, then [`router::route`]'s decision, carried out.
     async fn route_stream(
         &self,
         sender: &Sender,
@@ -390,141 +339,49 @@ impl MainRelay {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        let me = self.identity.node_id.clone();
-        if let Some(retry_after) = self.rate_limited(sender, header.probe) {
-            self.metrics.stream_error("relayed", ErrorCode::RateLimited);
-            let frame = crate::protocol::ErrorFrame {
-                code: ErrorCode::RateLimited,
-                retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX).max(1),
-                message: "too many new streams from this sender".into(),
+        let live = self.live();
+        if let Some(retry_after) = self.rate_limited(&live, sender, header.probe) {
+            return self.refuse(&mut send, &router::rate_limited(retry_after)).await;
+        }
+        let (decision, ech) = {
+            let keys = self.ech_keys();
+            let homes = self.homes.read().ok();
+            let connected = |n: &str| homes.as_ref().is_some_and(|h| h.contains_key(n));
+            let ctx = RouteContext {
+                me: &self.identity.node_id,
+                live: &live,
+                keys: keys.as_deref(),
+                home_connected: &connected,
+                now: SystemTime::now(),
             };
-            let _ = write_frames(&mut send, &[Frame::Error(frame)]).await;
-            let _ = send.finish();
-            return;
-        }
-        if header.hop_limit == 0 {
-            return self.fail(&mut send, ErrorCode::HopLimitExceeded, "hop limit reached").await;
-        }
-        if header.path.iter().any(|p| p.node == me) {
-            return self.fail(&mut send, ErrorCode::LoopDetected, "stream already passed this relay").await;
-        }
-        let mut path = header.path.clone();
-        path.push(PathEntry { node: me.clone(), at_ms: now_ms() });
-        let hop_limit = header.hop_limit - 1;
-        let (binding, route) = match header.body {
-            RouteBody::Plain(r) => (None, r),
-            RouteBody::Opened { .. } => {
-                return self
-                    .fail(&mut send, ErrorCode::MalformedFrame, "only the key owner sends opened headers")
-                    .await;
-            }
-            RouteBody::Sealed(sealed) if sealed.main != me => {
-                // Not ours to open: forward by the outer header to the relay that owns the key.
-                let next = sealed.main.clone();
-                if let Sender::Home(h) = sender {
-                    debug!(home = %h, %next, "forwarding a sealed route by its outer header");
-                }
-                let fwd = RouteHeader {
-                    hop_limit,
-                    probe: header.probe,
-                    trace_context: header.trace_context,
-                    path,
-                    body: RouteBody::Sealed(sealed),
-                    grease: None,
-                };
-                return self.forward_to_peer(&next, fwd, send, recv).await;
-            }
-            RouteBody::Sealed(sealed) => {
-                let Some(keys) = self.ech_keys() else {
-                    return self.fail(&mut send, ErrorCode::EchDecryptFailed, "this relay has no ECH keys").await;
-                };
-                match keys.open_bound(&sealed, SystemTime::now()) {
-                    Ok((r, binding)) => {
-                        self.metrics.ech.get_or_create(&[("outcome", "opened")]).inc();
-                        (Some(binding), r)
-                    }
-                    Err(EchError::UnknownConfig(id)) => {
-                        self.metrics.ech.get_or_create(&[("outcome", "retry_sent")]).inc();
-                        debug!(config_id = id, "unknown ECH config id: sending retry configs");
-                        let list = keys.config_list().unwrap_or_default();
-                        let _ = write_frames(&mut send, &[Frame::RetryConfigs(list)]).await;
-                        let _ = send.finish();
-                        return;
-                    }
-                    Err(e) => {
-                        self.metrics.ech.get_or_create(&[("outcome", "decrypt_failed")]).inc();
-                        return self.fail(&mut send, e.code(), &e.to_string()).await;
-                    }
-                }
-            }
+            router::route(sender, header, &ctx)
         };
-        if binding.is_none()
-            && route.dest_main == me
-            && let Some(g) = &header.grease
-            && let Some(keys) = self.ech_keys()
-        {
-            // The work of an open, so the answer to a greased stream is not faster than to a
-            // sealed one (protocol §5.6).
-            keys.current().open_grease(&me, g);
+        if let Some(outcome) = ech {
+            self.metrics.ech.get_or_create(&[("outcome", outcome.label())]).inc();
         }
-        let span = info_span!("stream", service = %route.service, dest = %route.dest_node, ech = binding.is_some());
-        async {
-            let (origin_node, origin_main) = route.origin.split_once('@').unwrap_or((route.origin.as_str(), ""));
-            let authentic = match sender {
-                Sender::Home(h) => origin_node == h && origin_main == me,
-                Sender::Peer(p) => origin_main == p,
-            };
-            if !authentic {
-                return self
-                    .fail(&mut send, ErrorCode::PermissionDenied, "origin does not match the authenticated sender")
-                    .await;
+        match decision {
+            Decision::Refuse(r) => self.refuse(&mut send, &r).await,
+            Decision::RetryConfigs(list) => {
+                debug!("unknown ECH config id: sending retry configs");
+                let _ = write_frames(&mut send, &[Frame::RetryConfigs(list)]).await;
+                let _ = send.finish();
             }
-            if let Sender::Peer(p) = sender
-                && route.dest_main == me
-                && !crate::config::Permissions::matches(&self.permissions_of(p).call, &route.service)
-            {
-                self.metrics.trust_denials.get_or_create(&[("rule", "call_permission")]).inc();
-                warn!(peer = %p, service = %route.service, rule = "call_permission", "call denied by trust rules");
-                return self.fail(&mut send, ErrorCode::PermissionDenied, "the peer may not call this service").await;
-            }
-            if route.dest_main != me {
-                if matches!(sender, Sender::Peer(_)) {
-                    return self.fail(&mut send, ErrorCode::NoRoute, "a peer sent a stream for a third relay").await;
+            Decision::Forward { peer, header } => self.forward_to_peer(&peer, header, send, recv).await,
+            Decision::Deliver { home, header } => {
+                let span = info_span!("stream", service = %route_service(&header), dest = %home, ech = ech.is_some());
+                let dest = self.homes.read().ok().and_then(|h| h.get(&home).map(|l| l.conn.clone()));
+                async {
+                    let Some(dest) = dest else {
+                        let r = Refusal::new(ErrorCode::NoRoute, "destination home node is not connected");
+                        return self.refuse(&mut send, &r).await;
+                    };
+                    self.metrics.routes.get_or_create(&[("result", "local")]).inc();
+                    self.pipe(dest, header, send, recv).await;
                 }
-                let next = route.dest_main.clone();
-                let fwd = RouteHeader {
-                    hop_limit,
-                    probe: header.probe,
-                    trace_context: header.trace_context,
-                    path,
-                    body: RouteBody::Plain(route),
-                    // Passed on unchanged: the header stays as long as a sealed one.
-                    grease: header.grease,
-                };
-                return self.forward_to_peer(&next, fwd, send, recv).await;
+                .instrument(span)
+                .await
             }
-            let dest = self.homes.read().ok().and_then(|h| h.get(&route.dest_node).map(|l| l.conn.clone()));
-            let Some(dest) = dest else {
-                self.metrics.routes.get_or_create(&[("result", "no_route")]).inc();
-                return self.fail(&mut send, ErrorCode::NoRoute, "destination home node is not connected").await;
-            };
-            let body = match binding {
-                None => RouteBody::Plain(route),
-                Some(binding) => RouteBody::Opened { binding, route },
-            };
-            let forward = RouteHeader {
-                hop_limit,
-                probe: header.probe,
-                trace_context: header.trace_context,
-                path,
-                body,
-                grease: header.grease,
-            };
-            self.metrics.routes.get_or_create(&[("result", "local")]).inc();
-            self.pipe(dest, forward, send, recv).await;
         }
-        .instrument(span)
-        .await
     }
 
     async fn forward_to_peer(
@@ -534,38 +391,35 @@ impl MainRelay {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        if !self.peer_breaker(next, |b, now| b.allow(now)) {
-            self.metrics.routes.get_or_create(&[("result", "circuit_open")]).inc();
-            return self.fail(&mut send, ErrorCode::CircuitOpen, &format!("circuit to {next} is open")).await;
-        }
+        let allows = self.peer_breaker(next, |b, now| b.allow(now));
         let conn = self.peers.read().ok().and_then(|p| p.get(next).map(|l| l.conn.clone()));
-        match conn {
-            Some(conn) => {
-                self.metrics.routes.get_or_create(&[("result", "forwarded")]).inc();
-                let opened = self.pipe(conn, header, send, recv).await;
+        let link = match &conn {
+            Some(_) => PeerLink::Connected,
+            None if self.live().peers.contains_key(next) => PeerLink::Down,
+            None => PeerLink::NotAPeer,
+        };
+        if let Err(r) = router::forward_check(next, allows, link) {
+            if allows {
+                // Down counts against the peer's circuit; not a peer at all is not its fault.
+                let failed = link == PeerLink::Down;
                 self.peer_breaker(next, |b, now| {
-                    b.record(opened, now);
+                    if failed {
+                        b.record(false, now)
+                    } else {
+                        b.cancel()
+                    }
                     true
                 });
             }
-            None if self.live().peers.contains_key(next) => {
-                self.peer_breaker(next, |b, now| {
-                    b.record(false, now);
-                    true
-                });
-                self.metrics.routes.get_or_create(&[("result", "peer_unreachable")]).inc();
-                self.fail(&mut send, ErrorCode::PeerUnreachable, &format!("peer main relay {next} is not connected"))
-                    .await
-            }
-            None => {
-                self.peer_breaker(next, |b, _| {
-                    b.cancel();
-                    true
-                });
-                self.metrics.routes.get_or_create(&[("result", "no_route")]).inc();
-                self.fail(&mut send, ErrorCode::NoRoute, &format!("{next} is not a peer of this relay")).await
-            }
+            return self.refuse(&mut send, &r).await;
         }
+        let Some(conn) = conn else { return };
+        self.metrics.routes.get_or_create(&[("result", "forwarded")]).inc();
+        let opened = self.pipe(conn, header, send, recv).await;
+        self.peer_breaker(next, |b, now| {
+            b.record(opened, now);
+            true
+        });
     }
 
     /// Runs `f` on the breaker of peer `peer` and exports its state.
@@ -635,5 +489,39 @@ impl MainRelay {
         self.metrics.stream_error("relayed", code);
         send_error(send, code, message).await;
         let _ = send.finish();
+    }
+
+    /// Answers a stream with `r` (an ERROR frame) and counts it.
+    async fn refuse(&self, send: &mut quinn::SendStream, r: &Refusal) {
+        if let Some(rule) = r.rule {
+            self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
+        }
+        match r.code {
+            ErrorCode::NoRoute => self.metrics.routes.get_or_create(&[("result", "no_route")]).inc(),
+            ErrorCode::CircuitOpen => self.metrics.routes.get_or_create(&[("result", "circuit_open")]).inc(),
+            ErrorCode::PeerUnreachable => self.metrics.routes.get_or_create(&[("result", "peer_unreachable")]).inc(),
+            _ => 0,
+        };
+        match r.retry_after {
+            Some(wait) => {
+                self.metrics.stream_error("relayed", r.code);
+                let frame = crate::protocol::ErrorFrame {
+                    code: r.code,
+                    retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
+                    message: r.message.clone(),
+                };
+                let _ = write_frames(send, &[Frame::Error(frame)]).await;
+                let _ = send.finish();
+            }
+            None => self.fail(send, r.code, &r.message).await,
+        }
+    }
+}
+
+/// The service a route header names, when it is readable here (span field).
+fn route_service(h: &RouteHeader) -> &str {
+    match &h.body {
+        RouteBody::Plain(r) | RouteBody::Opened { route: r, .. } => &r.service,
+        RouteBody::Sealed(_) => "",
     }
 }

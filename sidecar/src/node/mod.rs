@@ -6,5 +6,6 @@ pub mod main_control;
 pub mod main_homes;
 pub mod main_live;
 pub mod main_relay;
+pub(crate) mod router;
 pub mod runner;
 pub mod workload;

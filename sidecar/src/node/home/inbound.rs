@@ -1,35 +1,22 @@
 //! Inbound streams: deliver an opened route to the exported target as the Noise responder,
 //! or answer a probe with the path it took.
 
+use super::decide::{self, Inbound};
 use super::*;
 
 impl HomeNode {
     pub(super) async fn inbound(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         // One stream uses one version of the live settings from setup to close.
         let live = self.live();
-        let first = tokio::time::timeout(live.handshake_timeout, read_frame(&mut recv)).await;
-        let (binding, route, probe_path) = match first {
-            Ok(Ok(Some(Frame::Route(RouteHeader { body: RouteBody::Plain(r), probe, path, .. })))) => {
-                (None, r, probe.then_some(path))
-            }
-            Ok(Ok(Some(Frame::Route(RouteHeader {
-                body: RouteBody::Opened { binding, route }, probe, path, ..
-            })))) => (Some(binding), route, probe.then_some(path)),
-            Ok(Ok(Some(_))) => {
-                return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected an opened ROUTE").await;
-            }
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => return self.refuse(&mut send, ErrorCode::MalformedFrame, &e.to_string()).await,
-            Err(_) => return self.refuse(&mut send, ErrorCode::Timeout, "no route header in time").await,
-        };
+        let read = tokio::time::timeout(live.handshake_timeout, read_frame(&mut recv)).await.ok();
+        let Inbound { binding, route, probe_path, export } =
+            match decide::inbound_route(read, &self.identity.node_id, &self.exports) {
+                Ok(i) => i,
+                Err(None) => return,
+                Err(Some((code, message))) => return self.refuse(&mut send, code, &message).await,
+            };
         let span = info_span!("inbound", service = %route.service, origin = %route.origin, ech = binding.is_some());
         async {
-            if route.dest_node != self.identity.node_id {
-                return self.refuse(&mut send, ErrorCode::NoRoute, "stream is for another node").await;
-            }
-            let Some(export) = self.exports.iter().find(|e| e.service == route.service && e.port == route.port) else {
-                return self.refuse(&mut send, ErrorCode::ServiceNotFound, "service not exported here").await;
-            };
             if let Some(path) = probe_path {
                 let mut hops: Vec<TraceHop> =
                     path.into_iter().map(|p| TraceHop { node: p.node, at_ms: p.at_ms }).collect();

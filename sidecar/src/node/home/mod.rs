@@ -7,6 +7,7 @@
 //! Noise responder): read the delivered ROUTE and message 1, connect to the export's target,
 //! answer message 2, read message 3, then carry bytes.
 
+mod decide;
 mod inbound;
 mod outbound;
 mod pump;

@@ -2,6 +2,7 @@
 //! resolve and balance the destination, set up the stream (ECH, Noise XK) with retries
 //! before any payload, then hand it to the pump; plus the path-trace probe.
 
+use super::decide::{self, Answer, Candidates, Sealing};
 use super::*;
 use crate::crypto::ech::config_digest;
 use crate::federation::ech_cohorts::{Cohort, Setup};
@@ -118,45 +119,20 @@ impl HomeNode {
         exclude: &[Key],
         live: &HomeLive,
     ) -> Result<(Entry, bool), StreamError> {
-        if let (Some(node), Some(main), Some(key)) = (&import.node, &import.main, &import.noise_public_key) {
-            let e = Entry {
-                service: import.service.clone(),
-                port: import.port,
-                node: node.clone(),
-                main: main.clone(),
-                noise_key: key.clone(),
-                ech: true,
-                standby: false,
-                attached: 0,
-            };
-            return Ok((e, false));
-        }
-        let candidates: Vec<Entry> = self
-            .view
-            .read()
-            .map(|v| {
-                v.1.iter()
-                    .filter(|e| e.service == import.service && e.port == import.port && !exclude.contains(&e.key()))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        // One registration per home: where it is active now (or its standby, while the
-        // active one's relay is out of reach or the instance there failed this call).
-        let candidates = crate::federation::registry::current_registrations(candidates);
-        if candidates.is_empty() && !exclude.is_empty() {
-            return Err((
-                ErrorCode::NoRoute,
-                format!("every instance of {}:{} failed for this call", import.service, import.port),
-            ));
-        }
-        if candidates.is_empty() {
-            self.metrics.routes.get_or_create(&[("result", "service_not_found")]).inc();
-            return Err((
-                ErrorCode::ServiceNotFound,
-                format!("no instance of {}:{} is registered", import.service, import.port),
-            ));
-        }
+        let planned = match self.view.read() {
+            Ok(v) => decide::plan_call(import, &v.1, exclude),
+            Err(_) => decide::plan_call(import, &[], exclude),
+        };
+        let candidates = match planned {
+            Ok(Candidates::Fixed(e)) => return Ok((e, false)),
+            Ok(Candidates::Pick(c)) => c,
+            Err(e) => {
+                if e.0 == ErrorCode::ServiceNotFound {
+                    self.metrics.routes.get_or_create(&[("result", "service_not_found")]).inc();
+                }
+                return Err(e);
+            }
+        };
         let algorithm = live.lb.per_service.get(&import.service).copied().unwrap_or(live.lb.default);
         let picked = self.balancers.lock().ok().and_then(|mut b| {
             let bal = b
@@ -169,7 +145,7 @@ impl HomeNode {
         });
         let Some(e) = picked else {
             self.metrics.routes.get_or_create(&[("result", "no_healthy_instance")]).inc();
-            return Err((ErrorCode::CircuitOpen, format!("every instance of {} failed recently", import.service)));
+            return Err(decide::no_healthy_instance(&import.service));
         };
         self.metrics.routes.get_or_create(&[("result", "resolved")]).inc();
         self.metrics.lb_picks.get_or_create(&[("service", e.service.clone()), ("node", e.node.clone())]).inc();
@@ -290,28 +266,26 @@ impl HomeNode {
         cohort.cohort = Some(if decision == EchDecision::Plain { Cohort::Plain } else { Cohort::Ech });
         let mut retried = false;
         loop {
-            let sealed = match decision {
-                EchDecision::Plain => None,
-                EchDecision::Opportunistic | EchDecision::Required => match self.ech_config_for(&dest.main) {
-                    Some((config, suite)) => {
-                        let ech_err = |e: crate::crypto::ech::EchError| (e.code(), e.to_string());
-                        let s = seal(&config, suite, &dest.main, &inner).map_err(ech_err)?;
-                        let b = crate::crypto::ech::binding(&config, &s).map_err(ech_err)?;
-                        self.metrics.ech.get_or_create(&[("outcome", "attempted")]).inc();
-                        Some((s, b))
-                    }
-                    None if decision == EchDecision::Required => {
-                        self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
-                        return Err((ErrorCode::EchRequired, format!("no usable ECH config for {}", dest.main)));
-                    }
-                    None => {
-                        // The authenticated snapshot says this relay has no ECH keys: ECH is
-                        // securely off for it, not stripped by a relay.
-                        self.metrics.ech.get_or_create(&[("outcome", "fallback")]).inc();
-                        cohort.fallback = true;
-                        None
-                    }
-                },
+            let config = self.ech_config_for(&dest.main);
+            let how = decide::sealing(decision, config.is_some(), &dest.main).inspect_err(|_| {
+                self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
+            })?;
+            let sealed = match (how, config) {
+                (Sealing::Seal, Some((config, suite))) => {
+                    let ech_err = |e: crate::crypto::ech::EchError| (e.code(), e.to_string());
+                    let s = seal(&config, suite, &dest.main, &inner).map_err(ech_err)?;
+                    let b = crate::crypto::ech::binding(&config, &s).map_err(ech_err)?;
+                    self.metrics.ech.get_or_create(&[("outcome", "attempted")]).inc();
+                    Some((s, b))
+                }
+                (Sealing::Fallback, _) => {
+                    // The authenticated snapshot says this relay has no ECH keys: ECH is
+                    // securely off for it, not stripped by a relay.
+                    self.metrics.ech.get_or_create(&[("outcome", "fallback")]).inc();
+                    cohort.fallback = true;
+                    None
+                }
+                _ => None,
             };
             let binding = sealed.as_ref().map(|(_, b)| b.clone());
             let (body, grease) = match sealed {
@@ -335,8 +309,11 @@ impl HomeNode {
                 Initiator::start(&self.noise, &remote, &prologue).map_err(|e| (e.code(), e.to_string()))?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| (ErrorCode::PeerUnreachable, e.to_string()))?;
             write_frames(&mut send, &[Frame::Route(header), Frame::Noise(msg1)]).await.map_err(io_err)?;
-            match read_frame(&mut recv).await.map_err(io_err)? {
-                Some(Frame::Noise(msg2)) => {
+            let frame = read_frame(&mut recv).await.map_err(io_err)?;
+            let snapshot_digest = || self.ech_config_for(&dest.main).and_then(|(c, _)| config_digest(&c).ok());
+            let digest = if matches!(frame, Some(Frame::RetryConfigs(_))) { snapshot_digest() } else { None };
+            match decide::answer(frame, &dest.main, binding.as_ref(), digest, retried) {
+                Answer::Noise(msg2) => {
                     let (session, msg3, cert) = match init.finish(&msg2) {
                         Ok(x) => x,
                         Err(e) => {
@@ -364,40 +341,23 @@ impl HomeNode {
                     let (tx, rx) = session.split();
                     return Ok(Established { send, recv, tx, rx, ech: binding.is_some() });
                 }
-                Some(Frame::RetryConfigs(_)) if let Some(used) = &binding => {
-                    // Retry configs come through relays, which could put a key of their own
-                    // in them: they are never used. They only say the config was stale, so
-                    // the stream is retried once if the authenticated snapshot has changed
-                    // the config since (a newer version arrived), and fails closed otherwise.
-                    let now = self.ech_config_for(&dest.main).and_then(|(c, _)| config_digest(&c).ok());
-                    if !retried && now.is_some_and(|d| d != used.config_digest) {
-                        info!(main = %dest.main, "ECH config was stale: retrying with the config snapshot's newer config");
-                        self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
-                        retried = true;
-                        cohort.retried = true;
-                        continue;
-                    }
-                    self.metrics.ech.get_or_create(&[("outcome", "retry_refused")]).inc();
-                    return Err((
-                        ErrorCode::EchUnknownConfig,
-                        format!(
-                            "{} does not accept ECH config {} and the config snapshot has no other; retry configs from the path are not trusted",
-                            dest.main, used.config_id
-                        ),
-                    ));
+                Answer::RetryWithNewerConfig => {
+                    info!(main = %dest.main, "ECH config was stale: retrying with the config snapshot's newer config");
+                    self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
+                    retried = true;
+                    cohort.retried = true;
+                    continue;
                 }
-                Some(Frame::Error(e)) => {
-                    if e.code == ErrorCode::HandshakeFailed {
+                Answer::Failed((code, message)) => {
+                    if code == ErrorCode::EchUnknownConfig {
+                        self.metrics.ech.get_or_create(&[("outcome", "retry_refused")]).inc();
+                    } else if code == ErrorCode::HandshakeFailed {
                         self.handshake_failed(binding.is_some());
                     } else if binding.is_some() {
                         self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
                     }
-                    return Err((e.code, e.message));
+                    return Err((code, message));
                 }
-                Some(other) => {
-                    return Err((ErrorCode::MalformedFrame, format!("unexpected frame {other:?}")));
-                }
-                None => return Err((ErrorCode::PeerUnreachable, "stream closed before the handshake".to_owned())),
             }
         }
     }
