@@ -438,8 +438,8 @@ impl Supervisor {
                         if p.started_at.elapsed() > Duration::from_secs(30) {
                             p.restarts = p.restarts.min(1);
                         }
-                        let wait = Duration::from_millis(500) * 2u32.pow(p.restarts.min(5) as u32 - 1);
-                        backoff = Some(wait.min(Duration::from_secs(10)));
+                        let failures = u32::try_from(p.restarts.saturating_sub(1)).unwrap_or(u32::MAX);
+                        backoff = Some(relayfed_proto::backoff::Backoff::RESTART.ceiling(failures));
                         error!(%node, %status, restart_in = ?backoff, "node process exited unexpectedly");
                     }
                 }

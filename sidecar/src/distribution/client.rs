@@ -14,6 +14,7 @@ use super::{ALPN, Ack, AckResult, REPORT_SECONDS, Report};
 use crate::admin::metrics::Metrics;
 use crate::config::Snapshot;
 use crate::federation::ech_cohorts::EchCohorts;
+use crate::resilience::backoff::{Backoff, Retry};
 use crate::transport::tls::SharedIdentity;
 
 /// Where and as whom a node subscribes.
@@ -226,7 +227,7 @@ impl Subscription {
     {
         let span = info_span!("config", server = %self.server, node = %self.identity.get().node_id);
         async move {
-            let mut backoff = Duration::from_millis(100);
+            let mut retry = Retry::new(Backoff::SUBSCRIBE);
             loop {
                 let started = std::time::Instant::now();
                 if let Err(e) = self.session(&mut version, &metrics, &mut on_snapshot).await {
@@ -234,11 +235,9 @@ impl Subscription {
                     warn!(error = %e, "config distribution unavailable; retrying");
                 }
                 if started.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(100);
+                    retry.succeeded();
                 }
-                let jitter = rand::random_range(backoff.as_millis() as u64 / 2..=backoff.as_millis() as u64);
-                tokio::time::sleep(Duration::from_millis(jitter)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(retry.next_wait()).await;
             }
         }
         .instrument(span)

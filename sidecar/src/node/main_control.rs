@@ -14,6 +14,7 @@ use crate::config::base64_encode;
 use crate::federation::registry::{Applied, Delta};
 use crate::protocol::Frame;
 use crate::protocol::control::Control;
+use crate::resilience::backoff::{Backoff, Retry};
 use crate::transport::io::{read_frame, write_frames};
 use crate::transport::tls::failure_reason;
 
@@ -70,7 +71,7 @@ impl MainRelay {
         peer: String,
         addr: std::net::SocketAddr,
     ) {
-        let mut backoff = Duration::from_millis(100);
+        let mut retry = Retry::new(Backoff::DIAL);
         let mut first = true;
         loop {
             // A config update may remove the peer or move it (a new task dials the new address).
@@ -91,7 +92,7 @@ impl MainRelay {
                         self.metrics.reconnects.get_or_create(&[("kind", "peer")]).inc();
                     }
                     first = false;
-                    backoff = Duration::from_millis(100);
+                    retry.succeeded();
                     match conn.open_bi().await {
                         Ok((send, recv)) => {
                             let hello = self.hello();
@@ -111,9 +112,7 @@ impl MainRelay {
                     warn!(%peer, %addr, %reason, "cannot reach peer main relay");
                 }
             }
-            let jitter = rand::random_range(0..=backoff.as_millis() as u64);
-            tokio::time::sleep(Duration::from_millis(jitter)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            tokio::time::sleep(retry.next_wait()).await;
         }
     }
 

@@ -23,6 +23,7 @@ use crate::config::{Role, base64_encode};
 use crate::crypto::noise::StaticKeypair;
 use crate::distribution::certificate::{CertificateClient, CertificateRequest, CertificateResponse};
 use crate::distribution::client::Subscription;
+use crate::resilience::backoff::{Backoff, Retry};
 use crate::transport::tls::HopIdentity;
 
 /// Where a workload sidecar finds its inputs and the servers it talks to (the flags of
@@ -81,17 +82,17 @@ async fn obtain(
 ) -> anyhow::Result<CertificateResponse> {
     let csr = rcgen::CertificateParams::default().serialize_request(&keys.tls)?.pem()?;
     let req = CertificateRequest { csr, noise_public_key: Some(base64_encode(&keys.noise.public)) };
-    let mut backoff = Duration::from_millis(200);
+    let mut retry = Retry::new(Backoff::BOOTSTRAP);
     loop {
         let token = read(&opts.token_file, "service-account token")?;
         match client.request(&token, &req).await {
             Ok(r) => return Ok(r),
-            Err(e) if e.is_transient() => warn!(error = %e, retry_in = ?backoff, "no workload certificate yet"),
+            Err(e) if e.is_transient() => {
+                warn!(error = %e, retry_within = ?retry.ceiling(), "no workload certificate yet")
+            }
             Err(e) => return Err(e).context("the operator refused a workload certificate"),
         }
-        let jitter = rand::random_range(backoff.as_millis() as u64 / 2..=backoff.as_millis() as u64);
-        tokio::time::sleep(Duration::from_millis(jitter)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::time::sleep(retry.next_wait()).await;
     }
 }
 
@@ -138,15 +139,14 @@ pub async fn run(opts: WorkloadOptions) -> anyhow::Result<()> {
         wait_seconds: 30,
         reports: None,
     };
-    let mut backoff = Duration::from_millis(200);
+    let mut retry = Retry::new(Backoff::BOOTSTRAP);
     let mut snap = loop {
         match sub.fetch().await {
             Ok(Some(s)) => break s,
             Ok(None) => info!(node = %issued.node_id, "not planned yet; waiting for the operator"),
             Err(e) => warn!(error = %e, "config distribution unavailable"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        tokio::time::sleep(retry.next_wait()).await;
     };
     snap.resolve_paths(&opts.dir);
     snap.validate()?;

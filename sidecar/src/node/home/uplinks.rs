@@ -9,6 +9,7 @@
 
 use super::*;
 use crate::federation::uplink::{Candidate, FAILBACK_AFTER, elect};
+use crate::resilience::backoff::{Backoff, Retry};
 use tokio::sync::mpsc;
 
 /// The parts of one view, as received (assembled when the last part arrives).
@@ -58,7 +59,7 @@ impl HomeNode {
     /// Keeps one main relay's link up: dial, register as standby, serve inbound streams until
     /// the link ends, back off, again.
     async fn uplink_loop(self: Arc<Self>, endpoint: quinn::Endpoint, main: MainRelay, order: usize) {
-        let mut backoff = Duration::from_millis(100);
+        let mut retry = Retry::new(Backoff::DIAL);
         let mut first = true;
         loop {
             if let Some(conn) = self.dial(&endpoint, &main).await {
@@ -71,7 +72,7 @@ impl HomeNode {
                         first = false;
                         // Only a registered link resets the backoff: a relay that accepts the
                         // handshake and then refuses the node must not be redialed at full speed.
-                        backoff = Duration::from_millis(100);
+                        retry.succeeded();
                         self.metrics.open_connections.inc();
                         self.link_up(&main, order, recovered, conn.clone(), control, view);
                         self.clone().serve_inbound(conn.clone()).await;
@@ -86,17 +87,14 @@ impl HomeNode {
                             main = %main.node_id,
                             error = %e,
                             relay_said = relay_said.as_deref().unwrap_or("nothing"),
-                            retry_within = ?backoff,
+                            retry_within = ?retry.ceiling(),
                             "registration refused or failed; is this node in the relay's plan (trust.knownNodes)?"
                         );
                         conn.close(0u32.into(), b"registration failed");
                     }
                 }
             }
-            // Exponential backoff with full jitter between dials.
-            let jitter = rand::random_range(0..=backoff.as_millis() as u64);
-            tokio::time::sleep(Duration::from_millis(jitter)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            tokio::time::sleep(retry.next_wait()).await;
         }
     }
 
