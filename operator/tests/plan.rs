@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use relayfed_crds::{AnyResource, parse_documents};
-use relayfed_operator::plan::{KeyLayout, compile};
+use relayfed_operator::plan::{KeyLayout, Placement, compile};
 use relayfed_sidecar::config::{Role, TrustLevel};
 
 fn examples() -> Vec<AnyResource> {
@@ -28,7 +28,7 @@ fn yaml(text: &str) -> Vec<AnyResource> {
 
 #[test]
 fn the_example_federation_compiles_into_one_valid_snapshot_per_relay() {
-    let plan = compile(&examples(), &keys(), 7).unwrap();
+    let plan = compile(&examples(), &Placement::offline(keys(), 7)).unwrap();
     assert_eq!(plan.snapshots.keys().collect::<Vec<_>>(), ["hub-eu", "hub-us", "pay-us", "shop-eu", "web-eu"]);
     let hub = &plan.snapshots["hub-eu"];
     assert_eq!(hub.node.role, Role::Main);
@@ -80,7 +80,7 @@ fn a_changed_policy_changes_every_snapshot() {
             p.spec.ech.percentage = 25;
         }
     }
-    let plan = compile(&res, &keys(), 8).unwrap();
+    let plan = compile(&res, &Placement::offline(keys(), 8)).unwrap();
     assert!(plan.snapshots.values().all(|s| s.ech_policy.percentage == 25 && s.version == 8));
 }
 
@@ -90,25 +90,25 @@ fn impossible_combinations_name_object_and_field() {
     let policy = "---\napiVersion: relayfed.io/v1alpha1\nkind: RolloutPolicy\nmetadata: {name: default}\nspec: {}\n";
     let hub = "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: hub}\nspec: {type: main, nodeId: hub, federation: f}\n";
 
-    let no_policy = compile(&yaml(&format!("{base}{hub}")), &keys(), 1).unwrap_err();
+    let no_policy = compile(&yaml(&format!("{base}{hub}")), &Placement::offline(keys(), 1)).unwrap_err();
     assert_eq!(
         (no_policy[0].object.as_str(), no_policy[0].field.as_str()),
         ("RelayFederation/f", "spec.defaultRolloutPolicy")
     );
 
     let stray_main = "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: other}\nspec: {type: main, nodeId: other, federation: f}\n";
-    let e = compile(&yaml(&format!("{base}{policy}{hub}{stray_main}")), &keys(), 1).unwrap_err();
+    let e = compile(&yaml(&format!("{base}{policy}{hub}{stray_main}")), &Placement::offline(keys(), 1)).unwrap_err();
     assert!(e.iter().any(|e| e.object == "Relay/other" && e.field == "spec.nodeId"), "{e:?}");
 
     let lost_home = "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: lost}\nspec: {type: home, nodeId: lost, federation: f, mainRelays: [{nodeId: nowhere}]}\n";
-    let e = compile(&yaml(&format!("{base}{policy}{hub}{lost_home}")), &keys(), 1).unwrap_err();
+    let e = compile(&yaml(&format!("{base}{policy}{hub}{lost_home}")), &Placement::offline(keys(), 1)).unwrap_err();
     assert!(e.iter().any(|e| e.object == "Relay/lost" && e.field == "spec.mainRelays[0].nodeId"), "{e:?}");
 
     let twin = "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: twin}\nspec: {type: home, nodeId: hub, federation: f, mainRelays: [{nodeId: hub}]}\n";
-    let e = compile(&yaml(&format!("{base}{policy}{hub}{twin}")), &keys(), 1).unwrap_err();
+    let e = compile(&yaml(&format!("{base}{policy}{hub}{twin}")), &Placement::offline(keys(), 1)).unwrap_err();
     assert!(e.iter().any(|e| e.field == "spec.nodeId" && e.reason.contains("also the node id")), "{e:?}");
 
-    let none = compile(&yaml(policy), &keys(), 1).unwrap_err();
+    let none = compile(&yaml(policy), &Placement::offline(keys(), 1)).unwrap_err();
     assert!(none[0].reason.contains("exactly one RelayFederation"));
 }
 
@@ -134,7 +134,11 @@ fn injected_pods_without_a_reachable_main_relay_are_left_out_with_a_warning() {
         intercept: relayfed_operator::k8s::workloads::WorkloadSettings::default().intercept,
         admin_port: 15090,
     };
-    let plan = relayfed_operator::plan::compile_with_workloads(&resources, &keys(), 1, Some(&facts)).unwrap();
+    let plan = relayfed_operator::plan::compile(
+        &resources,
+        &Placement { workloads: Some(&facts), ..Placement::offline(keys(), 1) },
+    )
+    .unwrap();
     assert!(!plan.snapshots.contains_key("web-1-abc123"));
     assert!(
         plan.warnings.iter().any(|w| w.contains("shop/web-1") && w.contains("no main relay")),
@@ -152,7 +156,7 @@ fn the_policy_handshake_and_call_timeouts_reach_the_snapshot_separately() {
             p.spec.resilience.timeouts.call = "9s".parse().unwrap();
         }
     }
-    let plan = compile(&resources, &keys(), 1).unwrap();
+    let plan = compile(&resources, &Placement::offline(keys(), 1)).unwrap();
     for (node, snap) in &plan.snapshots {
         assert_eq!(snap.timeouts.handshake_ms, 2_000, "{node}: one attempt's handshake");
         assert_eq!(snap.timeouts.call_ms, 9_000, "{node}: the whole call setup");
@@ -161,7 +165,7 @@ fn the_policy_handshake_and_call_timeouts_reach_the_snapshot_separately() {
 
 #[test]
 fn a_main_relays_planned_anonymity_set_counts_the_distinct_services_of_its_homes() {
-    let plan = compile(&examples(), &keys(), 7).unwrap();
+    let plan = compile(&examples(), &Placement::offline(keys(), 7)).unwrap();
     // hub-us hosts shop-eu (catalog) and pay-us (payments); hub-eu only shop-eu's catalog,
     // which web-eu imports rather than exports.
     let set = |node: &str| relayfed_operator::plan::planned_anonymity_set(&plan.snapshots[node]);
@@ -187,7 +191,7 @@ fn with_replicated_hub(extra: &str) -> Vec<AnyResource> {
 
 #[test]
 fn replicas_of_a_main_relay_become_mesh_members_sharing_its_ech_keys() {
-    let plan = compile(&with_replicated_hub(""), &keys(), 1).unwrap();
+    let plan = compile(&with_replicated_hub(""), &Placement::offline(keys(), 1)).unwrap();
     assert_eq!(
         plan.snapshots.keys().collect::<Vec<_>>(),
         ["hub-eu-0", "hub-eu-1", "hub-us", "pay-us", "shop-eu", "web-eu"]
@@ -233,7 +237,7 @@ fn replicas_of_a_main_relay_become_mesh_members_sharing_its_ech_keys() {
             r.status.get_or_insert_with(Default::default).ech_config_list = Some(list.clone());
         }
     }
-    let plan = compile(&published, &keys(), 1).unwrap();
+    let plan = compile(&published, &Placement::offline(keys(), 1)).unwrap();
     let configs = &plan.snapshots["web-eu"].ech_configs;
     assert_eq!((configs.get("hub-eu-0"), configs.get("hub-eu-1")), (Some(&list), Some(&list)));
 }
@@ -248,7 +252,7 @@ fn homes_spread_over_the_replicas_of_their_relay() {
             )
         })
         .collect();
-    let plan = compile(&with_replicated_hub(&homes), &keys(), 1).unwrap();
+    let plan = compile(&with_replicated_hub(&homes), &Placement::offline(keys(), 1)).unwrap();
     let first: Vec<&str> = (0..40).map(|i| plan.snapshots[&format!("h{i}")].main_relays[0].node_id.as_str()).collect();
     let on_0 = first.iter().filter(|n| **n == "hub-eu-0").count();
     assert!((10..=30).contains(&on_0), "{on_0} of 40 homes prefer hub-eu-0");
@@ -258,6 +262,6 @@ fn homes_spread_over_the_replicas_of_their_relay() {
 fn a_replica_node_id_taken_by_another_relay_is_refused() {
     let clash = "apiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: squatter, namespace: relayfed-system}\n\
                  spec: {type: home, nodeId: hub-eu-1, federation: acme, mainRelays: [{nodeId: hub-us}]}\n";
-    let errs = compile(&with_replicated_hub(clash), &keys(), 1).unwrap_err();
+    let errs = compile(&with_replicated_hub(clash), &Placement::offline(keys(), 1)).unwrap_err();
     assert!(errs.iter().any(|e| e.field == "spec.replicaEndpoints" && e.reason.contains("hub-eu-1")), "{errs:?}");
 }

@@ -378,7 +378,7 @@ fn validate(inputs: Vec<PathBuf>) -> anyhow::Result<()> {
     let sources = Sources::new(inputs);
     let loaded = sources.load(None).map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
     let keys = relayfed_operator::plan::KeyLayout { dir: PathBuf::from("/keys") };
-    match relayfed_operator::plan::compile(&loaded.resources, &keys, 1) {
+    match relayfed_operator::plan::compile(&loaded.resources, &relayfed_operator::plan::Placement::offline(keys, 1)) {
         Ok(plan) => {
             for w in &plan.warnings {
                 eprintln!("warning: {w}");

@@ -26,7 +26,7 @@ use relayfed_crds::relay::{ResourceAmounts, ServiceType};
 use super::{FIELD_MANAGER, LABEL_FEDERATION, LABEL_MANAGED_BY, LABEL_RELAY, Settings};
 
 /// Admin/metrics port of relay pods.
-pub const ADMIN_PORT: i32 = 9901;
+pub const ADMIN_PORT: i32 = crate::plan::placement::CLUSTER_ADMIN_PORT as i32;
 /// Where the config ConfigMap is mounted.
 pub const CONFIG_PATH: &str = "/etc/relayfed/snapshot.json";
 

@@ -8,7 +8,7 @@ use relayfed_crds::AnyResource;
 use relayfed_proto::config::Snapshot;
 
 use super::Context;
-use crate::plan::{self, KeyLayout, Plan, PlanError};
+use crate::plan::{self, KeyLayout, Placement, Plan, PlanError};
 
 /// The CRs of federation `name` in `namespace`, as the plan takes them. Objects being deleted
 /// are left out: a relay with a deletion timestamp is already withdrawn.
@@ -47,17 +47,13 @@ pub fn resources(ctx: &Context, namespace: &str, name: &str) -> Vec<AnyResource>
 /// stay in force) and the errors are returned for the status of the objects they name.
 pub fn replan(ctx: &Context, namespace: &str, name: &str) -> Result<Plan, Vec<PlanError>> {
     let key = format!("{namespace}/{name}");
-    let keys = KeyLayout { dir: ctx.settings.key_dir.clone() };
     let workloads = super::workloads::facts_for(ctx, namespace, name);
+    let placement = Placement::cluster(KeyLayout { dir: ctx.settings.key_dir.clone() }, workloads.as_ref());
     let members = resources(ctx, namespace, name);
     let refused = plan::replicas::cluster_refusals(&members);
-    let compiled = if refused.is_empty() {
-        plan::compile_with_workloads(&members, &keys, 0, workloads.as_ref())
-    } else {
-        Err(refused)
-    };
+    let compiled = if refused.is_empty() { plan::compile(&members, &placement) } else { Err(refused) };
     let snapshots = compiled.as_ref().ok().map(|p| {
-        let mut snaps = in_cluster(ctx, namespace, p.snapshots.clone());
+        let mut snaps = p.snapshots.clone();
         if let Some(policy) = plan::rollout_policy(&members) {
             super::rollout::apply(ctx, &key, policy, &mut snaps);
         }
@@ -92,24 +88,6 @@ pub fn replan(ctx: &Context, namespace: &str, name: &str) -> Result<Plan, Vec<Pl
         ctx.metrics.config_changes.get_or_create(&[("result", "accepted")]).inc();
     }
     compiled
-}
-
-/// In a cluster a main relay listens on all addresses of its pod at `spec.listenPort` (its
-/// federation endpoint is the Service's address, not the pod's) and serves its admin API on
-/// [`ADMIN_PORT`](super::relay_objects::ADMIN_PORT) for probes and scraping.
-fn in_cluster(ctx: &Context, namespace: &str, mut snaps: BTreeMap<String, Snapshot>) -> BTreeMap<String, Snapshot> {
-    use std::net::SocketAddr;
-    for r in ctx.stores.relays.state() {
-        if r.metadata.namespace.as_deref() != Some(namespace) || r.spec.relay_type != relayfed_crds::RelayType::Main {
-            continue;
-        }
-        if let Some(s) = snaps.get_mut(&r.spec.node_id) {
-            s.listen = Some(SocketAddr::from(([0, 0, 0, 0], r.spec.listen_port)));
-            let admin = u16::try_from(super::relay_objects::ADMIN_PORT).unwrap_or(9901);
-            s.admin = Some(SocketAddr::from(([0, 0, 0, 0], admin)));
-        }
-    }
-    snaps
 }
 
 /// The plan errors that name `object` (`Kind/name`), joined for a condition message.

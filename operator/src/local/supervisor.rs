@@ -23,7 +23,7 @@ use super::workloads;
 use super::{StateDir, SupervisorFile};
 use crate::distribution::Distributor;
 use crate::metrics::OperatorMetrics;
-use crate::plan::{self, KeyLayout};
+use crate::plan::{self, KeyLayout, Placement};
 
 /// Node id in the distribution server's certificate.
 pub const SERVER_NODE: &str = relayfed_proto::distribution::DEFAULT_SERVER_NODE;
@@ -161,18 +161,10 @@ type Compiled = (BTreeMap<String, Snapshot>, Vec<String>);
 
 /// Compiles admitted resources into the snapshots local nodes run with, and the plan's warnings.
 fn compile(keys: &KeyStore, passphrase_file: &std::path::Path, loaded: &Loaded) -> Result<Compiled, Vec<String>> {
-    let layout = KeyLayout { dir: keys.dir.clone() };
-    let plan = plan::compile(&loaded.resources, &layout, 0)
+    let placement = Placement::local(KeyLayout { dir: keys.dir.clone() }, passphrase_file.to_owned());
+    let plan = plan::compile(&loaded.resources, &placement)
         .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let mut out = plan.snapshots;
-    for s in out.values_mut() {
-        s.key_passphrase_file = Some(passphrase_file.to_owned());
-        s.admin = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-        // Peer health pings every 2 s on loopback (dead links are noticed by the QUIC idle
-        // timeout, `timeouts.linkIdle`, as in a cluster).
-        s.health_check_seconds = s.health_check_seconds.min(2);
-    }
-    Ok((out, plan.warnings))
+    Ok((plan.snapshots, plan.warnings))
 }
 
 /// Gives home snapshots the ECH configs of the main relays' key files (kept by this

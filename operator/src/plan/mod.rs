@@ -1,13 +1,14 @@
-//! The plan: one pure function from the admitted CRs of a federation to a config snapshot per
-//! node. The Kubernetes applier (issue 7) and the local mode (issue 8) both consume it.
+//! The plan: one pure function from the admitted CRs of a federation, and where they run
+//! ([`Placement`]), to a config snapshot per node. The Kubernetes applier and local mode both
+//! call [`compile`]; neither rewrites what it returns.
 //!
 //! Mapping (docs/protocol.md §8 for the snapshot fields):
 //! - `RelayFederation`: trust domain, registry TTL, the main relays' endpoints, the default
 //!   `RolloutPolicy`.
 //! - `Relay` type main -> a main snapshot: the homes assigned to it with the exports each may
-//!   register (`trust.homes`: every home whose snapshot lists it); listen on its federation
-//!   endpoint when that is an
-//!   `ip:port` (local mode), else on `0.0.0.0:listenPort`; peers = every other main relay of
+//!   register (`trust.homes`: every home whose snapshot lists it); listen where the
+//!   [`Placement`] says (its federation endpoint on one machine, `0.0.0.0:listenPort` in a
+//!   cluster); peers = every other main relay of
 //!   the federation (trusted) plus `Peer` resources for it (or for all mains when
 //!   `localRelay` is unset), a `Peer` for one of our own mains overriding its trust settings.
 //! - `Relay` type main with `replicaEndpoints` -> one main snapshot per replica, each a mesh
@@ -25,8 +26,11 @@
 //!
 //! Key material is referenced by path in a `KeyLayout`; generating it is the applier's job.
 
+pub mod placement;
 pub mod replicas;
 pub mod workloads;
+
+pub use placement::{Placement, Site};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -100,18 +104,11 @@ pub fn rollout_policy(resources: &[AnyResource]) -> Option<&RolloutPolicy> {
     policy_of(resources, fed)
 }
 
-/// Compiles the CRs of one federation into per-node snapshots.
-pub fn compile(resources: &[AnyResource], keys: &KeyLayout, version: u64) -> Result<Plan, Vec<PlanError>> {
-    compile_with_workloads(resources, keys, version, None)
-}
-
-/// [`compile`], plus a home snapshot for every injected pod in `workloads` (in a cluster).
-pub fn compile_with_workloads(
-    resources: &[AnyResource],
-    keys: &KeyLayout,
-    version: u64,
-    workloads: Option<&workloads::WorkloadFacts>,
-) -> Result<Plan, Vec<PlanError>> {
+/// Compiles the CRs of one federation into per-node snapshots for where they run
+/// (`placement`: one machine or a cluster, how endpoints resolve, injected pods).
+pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<Plan, Vec<PlanError>> {
+    let (keys, version, workloads) = (&placement.keys, placement.version, placement.workloads);
+    let resolve = placement.resolve;
     let mut errors = Vec::new();
     let feds: Vec<&RelayFederation> = resources
         .iter()
@@ -212,13 +209,7 @@ pub fn compile_with_workloads(
             continue;
         }
         let mut s = base(node, Role::Main);
-        s.listen = Some(
-            member
-                .endpoint
-                .as_deref()
-                .and_then(|e| e.parse().ok())
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], m.spec.listen_port))),
-        );
+        s.listen = Some(placement.main_listen(member.endpoint.as_deref(), m.spec.listen_port));
         // Replicas share their relay's ECH key set.
         s.ech = Some(EchServerConfig {
             key_file: keys.dir.join(format!("{relay}-ech.json")),
@@ -226,7 +217,7 @@ pub fn compile_with_workloads(
         });
         let mut node_peers: BTreeMap<String, PeerRelay> = BTreeMap::new();
         for other in members.values().flatten().filter(|o| o.node_id != *node) {
-            if let Some(addr) = other.endpoint.as_deref().and_then(|e| e.parse().ok()) {
+            if let Some(addr) = other.endpoint.as_deref().and_then(resolve) {
                 node_peers.insert(
                     other.node_id.clone(),
                     PeerRelay {
@@ -238,7 +229,11 @@ pub fn compile_with_workloads(
                     },
                 );
             } else {
-                warnings.push(format!("{obj}: main relay {} has no ip:port endpoint; not peered", other.node_id));
+                warnings.push(format!(
+                    "{obj}: main relay {}'s endpoint {:?} does not resolve here; not peered",
+                    other.node_id,
+                    other.endpoint.as_deref().unwrap_or("")
+                ));
             }
         }
         for p in peers.iter().filter(|p| p.spec.local_relay.as_deref().is_none_or(|l| l == relay)) {
@@ -258,15 +253,14 @@ pub fn compile_with_workloads(
                 Some(ms) if ms.iter().all(|m| m.node_id != p.spec.node_id) => ms
                     .iter()
                     .filter(|m| m.node_id != *node)
-                    .map(|m| (m.node_id.clone(), m.endpoint.as_deref().and_then(|e| e.parse().ok())))
+                    .map(|m| (m.node_id.clone(), m.endpoint.as_deref().and_then(resolve)))
                     .collect(),
-                _ => vec![(p.spec.node_id.clone(), p.spec.endpoints.iter().find_map(|e| e.parse().ok()))],
+                _ => vec![(p.spec.node_id.clone(), p.spec.endpoints.iter().find_map(|e| resolve(e)))],
             };
             for (peer, addr) in targets {
                 let Some(addr) = addr else {
-                    warnings.push(format!(
-                        "{pobj}: no ip:port endpoint (names are resolved by the operator in a cluster); skipped"
-                    ));
+                    warnings
+                        .push(format!("{pobj}: none of spec.endpoints {:?} resolves here; skipped", p.spec.endpoints));
                     continue;
                 };
                 node_peers.insert(
@@ -298,7 +292,7 @@ pub fn compile_with_workloads(
                     ));
                 }
                 for k in replicas::rotation(node, ms.len()) {
-                    if let Some(addr) = ms[k].endpoint.as_deref().and_then(|e| e.parse().ok()) {
+                    if let Some(addr) = ms[k].endpoint.as_deref().and_then(resolve) {
                         s.main_relays.push(MainRelay {
                             node_id: ms[k].node_id.clone(),
                             endpoint: addr,
@@ -309,11 +303,13 @@ pub fn compile_with_workloads(
                 continue;
             }
             let endpoint = m.endpoint.clone().or_else(|| endpoint_of(&m.node_id));
-            match endpoint.as_deref().map(str::parse::<SocketAddr>) {
-                Some(Ok(addr)) => {
+            match endpoint.as_deref().map(|e| (e, resolve(e))) {
+                Some((_, Some(addr))) => {
                     s.main_relays.push(MainRelay { node_id: m.node_id.clone(), endpoint: addr, priority: m.priority })
                 }
-                Some(Err(_)) => warnings.push(format!("{obj}: spec.mainRelays[{i}] endpoint is not ip:port; skipped")),
+                Some((e, None)) => {
+                    warnings.push(format!("{obj}: spec.mainRelays[{i}] endpoint {e:?} does not resolve here; skipped"))
+                }
                 None => errors.push(err(
                     &obj,
                     format!("spec.mainRelays[{i}].nodeId"),
@@ -338,7 +334,7 @@ pub fn compile_with_workloads(
         snapshots.insert(node.clone(), s);
     }
     if let Some(facts) = workloads {
-        let mains = workloads::main_relays_for_workloads(fed, &relays, &mut warnings);
+        let mains = workloads::main_relays_for_workloads(fed, &relays, resolve, &mut warnings);
         for w in &facts.workloads {
             if snapshots.contains_key(&w.node_id) {
                 warnings.push(format!("Pod/{}: node id {:?} is taken by a Relay; not planned", w.pod, w.node_id));
@@ -352,6 +348,9 @@ pub fn compile_with_workloads(
     }
     set_ech_configs(&mut snapshots, &published_ech_configs(&mains, &members));
     assign_homes(&mut snapshots);
+    for s in snapshots.values_mut() {
+        placement.finish(s);
+    }
     for (node, s) in &snapshots {
         if let Err(e) = s.validate() {
             errors.push(err(format!("node {node}"), "", format!("compiled snapshot is invalid: {e}")));

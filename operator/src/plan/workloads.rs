@@ -73,6 +73,7 @@ pub fn tls_files() -> TlsFiles {
 pub fn main_relays_for_workloads(
     fed: &relayfed_crds::RelayFederation,
     relays: &[&Relay],
+    resolve: &dyn Fn(&str) -> Option<SocketAddr>,
     warnings: &mut Vec<String>,
 ) -> Vec<MainRelay> {
     let mut out = Vec::new();
@@ -81,11 +82,11 @@ pub fn main_relays_for_workloads(
         let status = relay.and_then(|r| r.status.as_ref());
         let endpoint = status
             .and_then(|s| s.endpoint.as_deref())
-            .and_then(|e| e.parse::<SocketAddr>().ok())
-            .or_else(|| m.endpoint.as_deref().and_then(|e| e.parse().ok()));
+            .and_then(resolve)
+            .or_else(|| m.endpoint.as_deref().and_then(resolve));
         let Some(endpoint) = endpoint else {
             warnings.push(format!(
-                "main relay {} has no ip:port endpoint yet (Relay status.endpoint); workloads do not dial it",
+                "main relay {} has no resolvable endpoint yet (Relay status.endpoint); workloads do not dial it",
                 m.node_id
             ));
             continue;
