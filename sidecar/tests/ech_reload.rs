@@ -9,8 +9,8 @@ use relayfed_sidecar::admin::metrics::Metrics;
 use relayfed_sidecar::config::Snapshot;
 use relayfed_sidecar::config::keys::{EchKeyFile, StoredEchKey};
 use relayfed_sidecar::crypto::ech::EchKeyPair;
-use relayfed_sidecar::node::main_relay::MainRelay;
 use relayfed_sidecar::protocol::ech_config::EchConfigList;
+use relayfed_sidecar::relay::MainRelay;
 use relayfed_sidecar::testbed::Testbed;
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The structured error codes carried on the wire, in logs (`code`), metrics and the admin API.
 //!
-//! The table in docs/protocol.md lists the same codes; a test keeps the two in step.
+//! The table in docs/protocol.md §7 lists the same codes; a test keeps the two in step. A
+//! home logs each failed call with its code's [`ErrorCode::hint`] (and path traces show it).
 
 use std::fmt;
 
@@ -109,5 +110,22 @@ mod tests {
         }
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Unknown(999));
         assert_eq!(ErrorCode::Unknown(999).to_u16(), 999);
+    }
+
+    #[test]
+    fn the_protocol_document_lists_exactly_these_codes() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let documented: Vec<(u16, String)> = doc
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let code = cells.get(1)?.parse::<u16>().ok()?;
+                let label = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((code, label.to_owned()))
+            })
+            .collect();
+        let ours: Vec<(u16, String)> = ErrorCode::ALL.iter().map(|c| (c.to_u16(), c.label().to_owned())).collect();
+        assert_eq!(documented, ours, "docs/protocol.md §7 and ErrorCode differ");
+        assert!(ErrorCode::ALL.iter().all(|c| !c.hint().is_empty()));
     }
 }

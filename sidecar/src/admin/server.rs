@@ -126,7 +126,7 @@ async fn route(
     resp
 }
 
-impl FederationAdmin for crate::node::main_relay::MainRelay {
+impl FederationAdmin for crate::relay::MainRelay {
     fn json(&self, path: &str) -> Option<Value> {
         self.admin_json(path)
     }
@@ -136,7 +136,7 @@ impl FederationAdmin for crate::node::main_relay::MainRelay {
     }
 }
 
-impl FederationAdmin for crate::node::home::HomeNode {
+impl FederationAdmin for crate::proxy::HomeNode {
     fn json(&self, path: &str) -> Option<Value> {
         self.admin_json(path)
     }

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use tracing::{info, warn};
 
-use super::home::HomeNode;
-use super::main_relay::MainRelay;
 use crate::admin::{metrics::Metrics, server};
 use crate::config::{Role, Snapshot, base64_encode};
 use crate::distribution::client::Subscription;
 use crate::distribution::{Ack, AckResult};
+use crate::proxy::HomeNode;
+use crate::relay::MainRelay;
 use crate::transport::tls::{HopIdentity, SharedIdentity};
 
 /// How a node process runs besides its snapshot.

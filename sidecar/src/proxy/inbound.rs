@@ -20,7 +20,7 @@ impl HomeNode {
             if let Some(path) = probe_path {
                 let mut hops: Vec<TraceHop> =
                     path.into_iter().map(|p| TraceHop { node: p.node, at_ms: p.at_ms }).collect();
-                hops.push(TraceHop { node: self.identity.node_id.clone(), at_ms: crate::node::main_relay::now_ms() });
+                hops.push(TraceHop { node: self.identity.node_id.clone(), at_ms: crate::relay::now_ms() });
                 let _ = write_frames(&mut send, &[Frame::Control(Control::TraceResult { hops })]).await;
                 let _ = send.finish();
                 return;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-use super::main_relay::{MainRelay, limit};
+use super::{MainRelay, limit};
 use crate::config::Snapshot;
 use crate::protocol::ErrorCode;
 

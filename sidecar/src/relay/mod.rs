@@ -1,12 +1,18 @@
-//! Main relay mode: accept home nodes and peer main relays over mutual-TLS QUIC and route
-//! streams between them.
+//! A main relay: accept home nodes and peer main relays over mutual-TLS QUIC and route
+//! streams between them. This file holds the relay's state and the I/O of a stream; the
+//! decisions are pure functions in `router.rs`, the control streams of peers in
+//! `peering.rs` and of homes in `homes.rs`, the live settings in `live.rs`.
 //!
-//! Per stream: read the ROUTE frame (or CONTROL: then it is the sender's control stream, see
-//! `main_control.rs`), enforce the hop limit and loop check, open ECH when the header is
-//! sealed to our key (answering an unknown config id with retry configs), check the origin
-//! claimed in the route against the authenticated sender, then deliver to the local home node
-//! or forward to the peer main relay that owns the destination, and copy bytes both ways.
-//! Relays never see plaintext after the header: the rest is Noise ciphertext.
+//! Per stream: read the first frame (a CONTROL frame makes it the sender's control stream),
+//! draw a rate-limit token, then carry out [`router::route`]'s decision: refuse, answer with
+//! retry configs, forward to the peer main relay that owns the destination, or deliver to
+//! the local home node, copying bytes both ways. Relays never see plaintext after the
+//! header: the rest is Noise ciphertext.
+
+pub mod homes;
+pub mod live;
+pub mod peering;
+pub(crate) mod router;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,8 +22,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::main_live::MainLive;
-use super::router::{self, Decision, FirstFrame, PeerLink, Refusal, RouteContext};
 use crate::admin::metrics::Metrics;
 use crate::config::Snapshot;
 use crate::config::keys::EchKeyFile;
@@ -30,8 +34,10 @@ use crate::transport::idle::splice_streams;
 use crate::transport::io::{read_frame, send_error, write_frames};
 use crate::transport::tls::QuicIdentity;
 use crate::transport::tls::{HopIdentity, failure_reason};
+use live::MainLive;
+use router::{Decision, FirstFrame, PeerLink, Refusal, RouteContext};
 
-pub(crate) use super::router::Sender;
+pub(crate) use router::Sender;
 
 /// A connected neighbour and the channel to its control stream.
 pub(crate) struct Link {
@@ -66,7 +72,7 @@ pub struct MainRelay {
     pub(crate) endpoint: std::sync::OnceLock<quinn::Endpoint>,
     /// The latest view (main relays' ECH configs and every instance); each home writer sends
     /// the newest, filtered to what that home imports.
-    pub(crate) views: tokio::sync::watch::Sender<Arc<super::main_homes::ViewData>>,
+    pub(crate) views: tokio::sync::watch::Sender<Arc<homes::ViewData>>,
     /// Settings a new config version replaces in place: peers (endpoint, trust level,
     /// permissions, rate limit), trust defaults, the default rate limit, breaker settings.
     pub(crate) live: RwLock<Arc<MainLive>>,
@@ -75,7 +81,7 @@ pub struct MainRelay {
     pub(crate) peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
 }
 
-pub use super::router::PROBE_LIMIT;
+pub use router::PROBE_LIMIT;
 
 /// Most senders whose token buckets a relay tracks (idle ones are evicted first).
 const MAX_RATE_SENDERS: usize = 100_000;
@@ -222,14 +228,14 @@ impl MainRelay {
     /// Serves every stream of an established connection (either direction of dialing).
     pub(crate) async fn serve_streams(self: &Arc<Self>, conn: quinn::Connection, sender: Sender) {
         self.metrics.open_connections.inc();
-        let (kind, node) = match &sender {
-            Sender::Home(n) => ("home", n.clone()),
-            Sender::Peer(n) => ("peer", n.clone()),
+        let (kind, node, is_peer) = match &sender {
+            Sender::Home(n) => ("home", n.clone(), false),
+            Sender::Peer(n) => ("peer", n.clone(), true),
         };
         let span = info_span!("connection", %kind, peer = %node, remote = %conn.remote_address());
         async {
             info!("connected");
-            let links = if kind == "home" { &self.homes } else { &self.peers };
+            let links = if is_peer { &self.peers } else { &self.homes };
             let replaced =
                 links.write().ok().and_then(|mut l| l.insert(node.clone(), Link { conn: conn.clone(), control: None }));
             if let Some(old) = replaced.filter(|old| old.conn.stable_id() != conn.stable_id()) {
@@ -238,20 +244,20 @@ impl MainRelay {
                 // wait for its idle timeout.
                 info!("a newer connection of this node supersedes the previous one");
                 old.conn.close(0u32.into(), b"superseded");
-                if kind == "peer" {
+                if is_peer {
                     // The old peering session is over: its homes are unreachable until the
                     // new session's full delta says which are back.
                     self.peer_up(&node, false);
                 }
             }
-            if kind == "peer" {
+            if is_peer {
                 self.peer_up(&node, true);
             }
             // Streams in flight from this neighbour, to grow a home's stream limit on demand
             // (quinn preallocates per allowed stream, so idle homes stay small).
             let inflight = Arc::new(std::sync::atomic::AtomicU32::new(0));
             let mut limit =
-                if kind == "home" { crate::transport::tls::HOME_STREAMS } else { crate::transport::tls::TRUNK_STREAMS };
+                if is_peer { crate::transport::tls::TRUNK_STREAMS } else { crate::transport::tls::HOME_STREAMS };
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
@@ -287,9 +293,10 @@ impl MainRelay {
                 }
             });
             if current.is_some() {
-                match kind {
-                    "home" => self.home_gone(&node),
-                    _ => self.peer_up(&node, false),
+                if is_peer {
+                    self.peer_up(&node, false);
+                } else {
+                    self.home_gone(&node);
                 }
             }
         }

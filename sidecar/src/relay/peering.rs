@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::main_relay::{MainRelay, Sender};
+use super::{MainRelay, Sender};
 use crate::config::base64_encode;
 use crate::federation::registry::{Applied, Delta};
 use crate::protocol::Frame;
@@ -328,7 +328,7 @@ impl MainRelay {
                     r.all().into_iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
                 services.sort();
                 services.dedup();
-                let anonymity = super::main_homes::anonymity_set(r.local());
+                let anonymity = super::homes::anonymity_set(r.local());
                 let keys = self.ech_keys().map(|k| {
                     let id = |k: Option<&crate::crypto::ech::EchKeyPair>| k.map(|k| k.config().config_id);
                     json!({

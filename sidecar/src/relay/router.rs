@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::main_live::MainLive;
+use super::live::MainLive;
 use crate::config::{Permissions, TrustLevel};
 use crate::crypto::ech::{EchError, EchKeySet};
 use crate::protocol::control::Control;
@@ -117,7 +117,7 @@ pub(crate) fn rate_bucket(live: &MainLive, sender: &Sender, probe: bool) -> Opti
         Sender::Peer(p) => (
             format!("peer:{p}"),
             "peer",
-            live.peers.get(p).and_then(|c| c.rate_limit.as_ref()).map(super::main_relay::limit).or(live.default_rate),
+            live.peers.get(p).and_then(|c| c.rate_limit.as_ref()).map(super::limit).or(live.default_rate),
         ),
     };
     Some((key, kind, lim?))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::main_relay::MainRelay;
+use super::MainRelay;
 use crate::config::base64_encode;
 use crate::federation::registration;
 use crate::federation::registry::Entry;

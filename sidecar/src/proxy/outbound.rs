@@ -96,7 +96,7 @@ impl HomeNode {
                 self.pump(tcp, e.send, e.recv, (e.tx, e.rx), "outbound", live.stream_idle).await;
             }
             Err((code, message)) => {
-                warn!(code = code.label(), message, "outbound stream failed");
+                warn!(code = code.label(), message, hint = code.hint(), "outbound stream failed");
                 self.metrics.stream_error("outbound", code);
                 reset(tcp);
             }
@@ -403,7 +403,7 @@ impl HomeNode {
                 }
                 d
             }
-            Err((code, message)) => return json!({"error": code.label(), "message": message}),
+            Err((code, message)) => return json!({"error": code.label(), "message": message, "hint": code.hint()}),
         };
         let inner = InnerRoute {
             dest_node: dest.node.clone(),
@@ -412,7 +412,7 @@ impl HomeNode {
             port,
             origin: format!("{}@{}", self.identity.node_id, main_id),
         };
-        let sent = crate::node::main_relay::now_ms();
+        let sent = crate::relay::now_ms();
         let started = Instant::now();
         let header = RouteHeader {
             hop_limit: MAX_HOPS,

@@ -221,7 +221,7 @@ impl HomeNode {
 
     /// A strictly increasing stamp from this node's clock (Unix ms).
     fn next_attach_stamp(&self) -> u64 {
-        let now = super::super::main_relay::now_ms();
+        let now = crate::relay::now_ms();
         let prev = self.attach_stamp.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
         if prev >= now { self.attach_stamp.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 } else { now }
     }
