@@ -57,7 +57,7 @@ pub(crate) struct PeerHealth {
 /// Shared state of a running main relay.
 pub struct MainRelay {
     pub(crate) identity: HopIdentity,
-    /// ECH keys; replaced when the key file changes (a rotation), see `main_live`.
+    /// ECH keys; replaced when the key file changes (a rotation), see `live.rs`.
     pub(crate) keys: RwLock<Option<Arc<EchKeySet>>>,
     pub(crate) homes: RwLock<HashMap<String, Link>>,
     pub(crate) peers: RwLock<HashMap<String, Link>>,

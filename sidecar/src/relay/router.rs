@@ -1,7 +1,7 @@
 //! A main relay's decisions, as pure functions: who may connect, what a stream's first frame
 //! means, the ordered admission checks (rate limit, hop limit, loop), ECH opening, the origin
 //! and permission checks, and where the stream goes next. No I/O and no locks: the relay
-//! (`main_relay.rs`) reads its state, calls these, and carries out the [`Decision`] with QUIC
+//! (`relay/mod.rs`) reads its state, calls these, and carries out the [`Decision`] with QUIC
 //! writes and metrics. Every refusal code a relay answers with is decided here and tested
 //! here, without a process.
 
