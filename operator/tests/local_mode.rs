@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use relayfed_e2e::procs::{eventually, round_trip, sample};
 use relayfed_sidecar::federation::ech_policy::bucket;
-use relayfed_sidecar::testbed::procs::{eventually, round_trip, sample};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -133,7 +133,7 @@ struct Local {
 
 impl Local {
     async fn up(dir: &Path) -> Self {
-        relayfed_sidecar::testbed::procs::proxy_next_to(Path::new(BIN));
+        relayfed_e2e::procs::proxy_next_to(Path::new(BIN));
         let mut child = tokio::process::Command::new(BIN)
             .args(["local", "up", "-f"])
             .arg(dir.join("manifests"))

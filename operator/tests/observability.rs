@@ -18,7 +18,7 @@ mod scenario;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use relayfed_sidecar::testbed::procs::{eventually, get, round_trip};
+use relayfed_e2e::procs::{eventually, get, round_trip};
 use serde_json::Value;
 
 /// Panels over series only the operator in a cluster exports.
@@ -27,7 +27,7 @@ const CLUSTER_ONLY: &[&str] =
 
 fn bin() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_relayfed"));
-    relayfed_sidecar::testbed::procs::proxy_next_to(&bin);
+    relayfed_e2e::procs::proxy_next_to(&bin);
     bin
 }
 

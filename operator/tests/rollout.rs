@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use relayfed_e2e::procs::{eventually, get, round_trip};
 use relayfed_sidecar::config::keys::EchKeyFile;
-use relayfed_sidecar::testbed::procs::{eventually, get, round_trip};
 use serde_json::Value;
 
 fn bin() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_relayfed"));
-    relayfed_sidecar::testbed::procs::proxy_next_to(&bin);
+    relayfed_e2e::procs::proxy_next_to(&bin);
     bin
 }
 

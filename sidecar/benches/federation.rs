@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use relayfed_e2e::Testbed;
+use relayfed_e2e::procs::{Proc, echo_server};
 use relayfed_sidecar::config::{Snapshot, Timeouts};
 use relayfed_sidecar::protocol::Frame;
 use relayfed_sidecar::protocol::control::{Control, Service};
-use relayfed_sidecar::testbed::procs::{Proc, echo_server};
-use relayfed_sidecar::testbed::{HomeSpec, ScenarioSpec, Testbed};
 use relayfed_sidecar::transport::io::{read_frame, write_frames};
 use relayfed_sidecar::transport::tls::HopIdentity;
 use relayfed_sidecar::transport::tls::QuicIdentity;
@@ -36,32 +36,11 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let spec = ScenarioSpec {
-        trust_domain: "bench.example".into(),
-        registry_ttl_seconds: 600,
-        idle_timeout_ms: 30_000,
-        // hub-m carries no calls: it is measured for memory per home from a clean start.
-        mains: vec!["hub-a".into(), "hub-b".into(), "hub-m".into()],
-        homes: vec![
-            HomeSpec {
-                id: "client".into(),
-                mains: vec!["hub-a".into()],
-                exports: vec![],
-                imports: vec!["echo:7".into()],
-                round_robin: vec![],
-            },
-            HomeSpec {
-                id: "server".into(),
-                mains: vec!["hub-b".into()],
-                exports: vec!["echo:7".into()],
-                imports: vec![],
-                round_robin: vec![],
-            },
-        ],
-    };
-    let tb = Testbed::new(&spec.trust_domain).unwrap();
+    let crs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scenarios/bench.yaml")).unwrap();
+
+    let tb = Testbed::new("bench.example").unwrap();
     let echo = echo_server().await;
-    let files = tb.scenario(&spec, |_, _, _| echo).unwrap();
+    let files = tb.scenario(&crs, |_, _, _| echo).unwrap();
     let mut mains = Vec::new();
     for (_, path, _) in &files.mains {
         mains.push(start("main-relay", path).await);
@@ -105,7 +84,7 @@ async fn main() {
     for i in 0..n {
         let node = format!("mem-{i}");
         let cert = tb.ca.issue(&node, Duration::from_secs(3600)).unwrap();
-        let id = HopIdentity::from_pem(&spec.trust_domain, &node, &ca, &cert.cert_pem, &cert.key_pem).unwrap();
+        let id = HopIdentity::from_pem("bench.example", &node, &ca, &cert.cert_pem, &cert.key_pem).unwrap();
         endpoint.set_default_client_config(id.client_config(&Timeouts::default()).unwrap());
         let conn = endpoint.connect(hub_m, &id.server_name("hub-m")).unwrap().await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use relayfed_e2e::Testbed;
+use relayfed_e2e::procs::{Proc, echo_server};
 use relayfed_sidecar::config::{Export, Import, MainRelay, RateLimit, Snapshot};
 use relayfed_sidecar::federation::ech_policy::EchPolicy;
-use relayfed_sidecar::testbed::Testbed;
-use relayfed_sidecar::testbed::procs::{Proc, echo_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -9,14 +9,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
 
+use relayfed_e2e::Testbed;
+use relayfed_e2e::procs::{Proc, echo_server};
 use relayfed_sidecar::config::{Export, Import, MainRelay};
 use relayfed_sidecar::crypto::ech::{EchKeyPair, seal};
 use relayfed_sidecar::crypto::noise::{Initiator, Responder, StaticKeypair, prologue};
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
 use relayfed_sidecar::protocol::InnerRoute;
 use relayfed_sidecar::protocol::route::EchBinding;
-use relayfed_sidecar::testbed::Testbed;
-use relayfed_sidecar::testbed::procs::{Proc, echo_server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

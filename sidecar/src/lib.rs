@@ -17,6 +17,4 @@ pub mod node;
 pub mod proxy;
 pub mod relay;
 pub mod resilience;
-#[cfg(feature = "test-util")]
-pub mod testbed;
 pub mod transport;

@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 
 use common::mitm::{Attack, Mitm};
 use common::{Proc, echo_server, round_trip};
+use relayfed_e2e::Testbed;
 use relayfed_sidecar::config::{Export, Import, MainRelay, Snapshot, base64_encode};
 use relayfed_sidecar::crypto::ech::EchKeyPair;
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
 use relayfed_sidecar::protocol::EchConfigList;
 use relayfed_sidecar::protocol::ech_config::ListEntry;
-use relayfed_sidecar::testbed::Testbed;
 
 /// One relay, a destination home (`pay`) exporting an echo server as `echo:7`, and origin
 /// homes created on demand.

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use relayfed_e2e::Testbed;
 use relayfed_sidecar::admin::metrics::Metrics;
 use relayfed_sidecar::config::Snapshot;
 use relayfed_sidecar::config::keys::{EchKeyFile, StoredEchKey};
 use relayfed_sidecar::crypto::ech::EchKeyPair;
 use relayfed_sidecar::protocol::ech_config::EchConfigList;
 use relayfed_sidecar::relay::MainRelay;
-use relayfed_sidecar::testbed::Testbed;
 
 #[tokio::test]
 async fn a_rotated_key_file_is_picked_up_without_a_restart() {

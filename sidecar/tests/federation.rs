@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{Proc, eventually, identify_server, round_trip};
-use relayfed_sidecar::testbed::{ScenarioSpec, Testbed, service_port};
+use relayfed_e2e::Testbed;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -69,16 +69,14 @@ async fn three_mains_six_homes() {
             .join("../tests/scenarios/federation.yaml"),
     )
     .unwrap();
-    let spec: ScenarioSpec = serde_saphyr::from_str(&text).unwrap();
-    let tb = Testbed::new(&spec.trust_domain).unwrap();
+    let tb = Testbed::new("scenario.test").unwrap();
+    let scenario = tb.compile(&text).unwrap();
+    let (exports, imports) = (scenario.exports(), scenario.imports());
     let mut targets = HashMap::new();
-    for h in &spec.homes {
-        for e in &h.exports {
-            let (svc, port) = service_port(e).unwrap();
-            targets.insert((h.id.clone(), svc, port), identify_server(&h.id).await);
-        }
+    for (home, svc, port) in &exports {
+        targets.insert((home.clone(), svc.clone(), *port), identify_server(home).await);
     }
-    let files = tb.scenario(&spec, |h, s, p| targets[&(h.to_owned(), s.to_owned(), p)]).unwrap();
+    let files = scenario.write(&tb, |h, s, p| targets[&(h.to_owned(), s.to_owned(), p)]).unwrap();
     let mut mains: HashMap<String, Proc> = HashMap::new();
     for (id, path, _) in &files.mains {
         mains.insert(id.clone(), common::start("main-relay", path, &[]).await);
@@ -88,11 +86,7 @@ async fn three_mains_six_homes() {
         homes.insert(id.clone(), common::start("home", path, &[]).await);
     }
     let all: Vec<String> = {
-        let mut v: Vec<String> = spec
-            .homes
-            .iter()
-            .flat_map(|h| h.exports.iter().map(move |e| format!("{}/{}", h.id, service_port(e).unwrap().0)))
-            .collect();
+        let mut v: Vec<String> = exports.iter().map(|(home, svc, _)| format!("{home}/{svc}")).collect();
         v.sort();
         v
     };
@@ -112,14 +106,13 @@ async fn three_mains_six_homes() {
         assert_eq!(health["connectedPeers"], 2, "{id}: {health}");
     }
     // Each home's view holds exactly the instances of the services it imports.
-    for h in spec.homes.iter().filter(|h| !h.imports.is_empty()) {
-        let wanted: Vec<String> = h.imports.iter().map(|i| service_port(i).unwrap().0).collect();
+    let importers: std::collections::BTreeSet<&String> = imports.iter().map(|(home, _, _)| home).collect();
+    for home in importers {
+        let wanted: Vec<&String> = imports.iter().filter(|(h, _, _)| h == home).map(|(_, svc, _)| svc).collect();
         let expected: Vec<String> =
             all.iter().filter(|e| wanted.iter().any(|w| e.ends_with(&format!("/{w}")))).cloned().collect();
-        eventually(&format!("{}'s view is complete", h.id), WAIT, || async {
-            view_of(&homes[&h.id]).await == expected
-        })
-        .await;
+        eventually(&format!("{home}'s view is complete"), WAIT, || async { view_of(&homes[home]).await == expected })
+            .await;
     }
 
     // Local call (home -> main -> home): a2 prefers a1 on its own relay.

@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use relayfed_e2e::Testbed;
 use relayfed_sidecar::admin::metrics::Metrics;
 use relayfed_sidecar::config::{Snapshot, Timeouts};
 use relayfed_sidecar::relay::MainRelay;
-use relayfed_sidecar::testbed::Testbed;
 use relayfed_sidecar::transport::tls::QuicIdentity;
 use relayfed_sidecar::transport::tls::{HopIdentity, failure_reason};
 

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use common::mitm::{Attack, Mitm, Seen};
 use common::{Proc, echo_server, eventually, round_trip};
+use relayfed_e2e::Testbed;
 use relayfed_sidecar::config::{Snapshot, base64_decode};
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
 use relayfed_sidecar::protocol::InnerRoute;
-use relayfed_sidecar::testbed::{HomeSpec, ScenarioSpec, Testbed};
 
 struct Net {
     _tb: Testbed,
@@ -42,16 +42,11 @@ async fn net(attack: Attack, mode: EchMode) -> Net {
 }
 
 async fn net_at(attack: Attack, mode: EchMode, percentage: u8) -> Net {
-    let spec = ScenarioSpec {
-        trust_domain: "hostile.test".into(),
-        registry_ttl_seconds: 30,
-        idle_timeout_ms: 5_000,
-        mains: vec!["hub-a".into(), "hub-b".into()],
-        homes: vec![HomeSpec::on("pay", "hub-b", &["echo:7"], &[]), HomeSpec::on("shop", "hub-a", &[], &["echo:7"])],
-    };
-    let tb = Testbed::new(&spec.trust_domain).unwrap();
+    let crs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scenarios/two-hubs.yaml")).unwrap();
+    let tb = Testbed::new("hostile.test").unwrap();
     let echo = echo_server().await;
-    let files = tb.scenario(&spec, |_, _, _| echo).unwrap();
+    let files = tb.scenario(&crs, |_, _, _| echo).unwrap();
     let mut relays = Vec::new();
     for (_, path, _) in &files.mains {
         relays.push(common::start("main-relay", path, &[]).await);

@@ -11,11 +11,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Proc, eventually, identify_server, round_trip};
+use relayfed_e2e::Testbed;
 use relayfed_sidecar::config::{Timeouts, base64_encode};
 use relayfed_sidecar::crypto::noise::StaticKeypair;
 use relayfed_sidecar::protocol::Frame;
 use relayfed_sidecar::protocol::control::{Control, Service};
-use relayfed_sidecar::testbed::{HomeSpec, ScenarioSpec, Testbed};
 use relayfed_sidecar::transport::io::{read_frame, write_frames};
 use relayfed_sidecar::transport::tls::HopIdentity;
 use relayfed_sidecar::transport::tls::QuicIdentity;
@@ -33,20 +33,11 @@ impl Net {
     /// hub-a and hub-b; pay (hub-b) exports echo:7, shop (hub-a) imports it, mallory is
     /// planned at hub-b with no exports. pay and shop run; mallory is the test's own client.
     async fn start() -> Net {
-        let spec = ScenarioSpec {
-            trust_domain: "hostile.test".into(),
-            registry_ttl_seconds: 30,
-            idle_timeout_ms: 5_000,
-            mains: vec!["hub-a".into(), "hub-b".into()],
-            homes: vec![
-                HomeSpec::on("pay", "hub-b", &["echo:7"], &[]),
-                HomeSpec::on("shop", "hub-a", &[], &["echo:7"]),
-                HomeSpec::on("mallory", "hub-b", &[], &[]),
-            ],
-        };
-        let tb = Testbed::new(&spec.trust_domain).unwrap();
+        let crs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scenarios/two-hubs.yaml")).unwrap();
+        let tb = Testbed::new("hostile.test").unwrap();
         let pay_echo = identify_server("pay").await;
-        let files = tb.scenario(&spec, |_, _, _| pay_echo).unwrap();
+        let files = tb.scenario(&crs, |_, _, _| pay_echo).unwrap();
         let mut relays = Vec::new();
         for (id, path, _) in &files.mains {
             relays.push((id.clone(), common::start("main-relay", path, &[]).await));

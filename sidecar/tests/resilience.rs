@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Proc, echo_server, eventually, get, identify_server, round_trip};
+use relayfed_e2e::Testbed;
 use relayfed_sidecar::config::{
     Export, Import, MainRelay, PeerRelay, Permissions, RateLimit, Snapshot, Timeouts, TrustLevel,
 };
 use relayfed_sidecar::federation::ech_policy::EchPolicy;
 use relayfed_sidecar::protocol::route::{InnerRoute, RouteBody, RouteHeader};
 use relayfed_sidecar::protocol::{ErrorCode, Frame};
-use relayfed_sidecar::testbed::Testbed;
 use relayfed_sidecar::transport::io::read_frame;
 use relayfed_sidecar::transport::tls::HopIdentity;
 use relayfed_sidecar::transport::tls::QuicIdentity;
@@ -136,7 +136,7 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
 }
 
 /// Streams the relay refused by rate limiting from `sender` (its `/federation/health`).
-async fn limited_for(relay: &relayfed_sidecar::testbed::procs::Proc, sender: &str) -> u64 {
+async fn limited_for(relay: &relayfed_e2e::procs::Proc, sender: &str) -> u64 {
     let health = relay.json("/federation/health").await;
     let list = health["rateLimited"].as_array().cloned().unwrap_or_default();
     list.iter().find(|e| e["sender"] == sender).and_then(|e| e["streams"].as_u64()).unwrap_or(0)

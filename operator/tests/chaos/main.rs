@@ -28,7 +28,7 @@ fn bin() -> PathBuf {
     let bin = std::env::var_os("RELAYFED_CHAOS_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_relayfed").into());
-    relayfed_sidecar::testbed::procs::proxy_next_to(&bin);
+    relayfed_e2e::procs::proxy_next_to(&bin);
     bin
 }
 
@@ -355,11 +355,9 @@ async fn run(name: &str, scenario: &Scenario, faults: &[Fault], end: Duration, s
     let callers: Vec<std::net::SocketAddr> = load.callers.iter().map(|c| fed.import_of(c, &load.service)).collect();
     // Steady state first: every caller is served.
     for (c, addr) in load.callers.iter().zip(&callers) {
-        relayfed_sidecar::testbed::procs::eventually(
-            &format!("{c} reaches {}", load.service),
-            Duration::from_secs(60),
-            || async { relayfed_sidecar::testbed::procs::round_trip(*addr, b"warm").await.is_ok_and(|b| b == b"warm") },
-        )
+        relayfed_e2e::procs::eventually(&format!("{c} reaches {}", load.service), Duration::from_secs(60), || async {
+            relayfed_e2e::procs::round_trip(*addr, b"warm").await.is_ok_and(|b| b == b"warm")
+        })
         .await;
     }
     let started = Instant::now();

@@ -14,14 +14,14 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use relayfed_crds::{AnyResource, Peer, Relay, RelayFederation, RelayStatus, RolloutPolicy};
+use relayfed_e2e::Testbed;
+use relayfed_e2e::procs::{Proc, eventually};
 use relayfed_operator::distribution::Distributor;
 use relayfed_operator::identity::{self, IdentityServer};
 use relayfed_operator::k8s::services::{ImportPort, ServiceExport, ServiceImport, ServiceImportSpec};
 use relayfed_operator::k8s::{Context, Settings, Stores, replan::replan};
 use relayfed_operator::metrics::OperatorMetrics;
 use relayfed_sidecar::crypto::ca::{FederationCa, node_id_from_cert, parse_cert_pem};
-use relayfed_sidecar::testbed::Testbed;
-use relayfed_sidecar::testbed::procs::{Proc, eventually};
 use relayfed_sidecar::transport::tls::HopIdentity;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
@@ -84,7 +84,7 @@ async fn sidecar(
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("token"), "a-projected-token\n").unwrap();
     std::fs::write(dir.join("trust-domain"), TD).unwrap();
-    let mut child = tokio::process::Command::new(relayfed_sidecar::testbed::procs::proxy_next_to(Path::new(BIN)))
+    let mut child = tokio::process::Command::new(relayfed_e2e::procs::proxy_next_to(Path::new(BIN)))
         .args(["workload", "--identity-server", identity, "--config-server", config, "--dir"])
         .arg(dir.join("run"))
         .arg("--token-file")
@@ -119,7 +119,7 @@ async fn injected_sidecars_get_certificates_and_snapshots_follow_policy_edits_an
     let tb = Testbed::new(TD).unwrap();
     // A real main relay under hub-eu's node id, the first main relay of the example federation.
     let hub = Proc::start_bin(
-        &relayfed_sidecar::testbed::procs::proxy_next_to(Path::new(BIN)),
+        &relayfed_e2e::procs::proxy_next_to(Path::new(BIN)),
         "main-relay",
         &tb.main_relay("hub-eu", 1).unwrap(),
         &[],

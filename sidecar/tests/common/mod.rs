@@ -6,7 +6,7 @@ pub mod mitm;
 
 use std::path::Path;
 
-pub use relayfed_sidecar::testbed::procs::{Proc, echo_server, eventually, get, identify_server, round_trip, sample};
+pub use relayfed_e2e::procs::{Proc, echo_server, eventually, get, identify_server, round_trip, sample};
 
 /// Starts the test build of `relayfed-proxy` and waits for its ready line.
 pub async fn start(mode: &str, config: &Path, extra: &[&str]) -> Proc {

@@ -147,7 +147,7 @@ where
 
 /// A server that answers each connection with `<name>|` followed by an echo of the request.
 pub async fn identify_server(name: &str) -> SocketAddr {
-    let l = crate::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let name = name.to_owned();
     tokio::spawn(async move {
@@ -168,7 +168,7 @@ pub async fn identify_server(name: &str) -> SocketAddr {
 
 /// A TCP echo server on loopback; returns its address.
 pub async fn echo_server() -> SocketAddr {
-    let l = crate::transport::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

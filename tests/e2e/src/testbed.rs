@@ -1,21 +1,19 @@
-//! Test helpers (feature `test-util`): a fake CA and config snapshots for a topology, written
-//! to a temporary directory, so tests run the real binary from the same files local mode uses.
+//! A fake CA and config snapshots for a topology, written to a temporary directory, so tests
+//! run the real `relayfed-proxy` from the same files local mode uses.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::config::keys::{EchKeyFile, save_noise_key};
-use crate::config::{
+use relayfed_proto::config::keys::{EchKeyFile, save_noise_key};
+use relayfed_proto::config::{
     EchServerConfig, Export, Import, MainRelay, NodeConfig, Role, Snapshot, Timeouts, TlsFiles, base64_encode,
 };
-use crate::crypto::ca::FederationCa;
-use crate::crypto::ech::EchKeyPair;
-use crate::crypto::noise::StaticKeypair;
-use crate::federation::ech_policy::EchPolicy;
-
-pub mod procs;
+use relayfed_proto::crypto::ca::FederationCa;
+use relayfed_proto::crypto::ech::EchKeyPair;
+use relayfed_proto::crypto::noise::StaticKeypair;
+use relayfed_proto::federation::ech_policy::EchPolicy;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -65,14 +63,14 @@ impl Testbed {
         let cert = self.ca.issue_bound(node, Duration::from_secs(3600), noise_key)?;
         let (c, k) = (self.dir.join(format!("{node}.pem")), self.dir.join(format!("{node}.key")));
         write(&c, &cert.cert_pem)?;
-        crate::config::keys::write_private(&k, cert.key_pem.as_bytes())?;
+        relayfed_proto::config::keys::write_private(&k, cert.key_pem.as_bytes())?;
         Ok(TlsFiles { ca_file: self.dir.join("ca.pem"), cert_file: c, key_file: k })
     }
 
     /// A snapshot with a certificate for `node` (binding `noise_key`, as homes' do).
     fn base(&self, node: &str, role: Role, noise_key: Option<&[u8; 32]>) -> anyhow::Result<Snapshot> {
         Ok(Snapshot {
-            schema: crate::config::SNAPSHOT_SCHEMA,
+            schema: relayfed_proto::config::SNAPSHOT_SCHEMA,
             version: 1,
             node: NodeConfig { id: node.to_owned(), role, trust_domain: self.trust_domain.clone() },
             tls: self.tls_bound(node, noise_key)?,
@@ -122,7 +120,7 @@ impl Testbed {
     pub fn noise_key(&self, node: &str) -> anyhow::Result<String> {
         let path = self.dir.join(format!("{node}-noise.key"));
         let key = if path.exists() {
-            crate::config::keys::load_noise_key(&path, None)?
+            relayfed_proto::config::keys::load_noise_key(&path, None)?
         } else {
             let k = StaticKeypair::generate()?;
             save_noise_key(&path, &k, None)?;
@@ -156,7 +154,7 @@ impl Testbed {
         imports: Vec<Import>,
         policy: EchPolicy,
     ) -> anyhow::Result<PathBuf> {
-        let public = crate::config::decode_key32(&self.noise_key(node)?)
+        let public = relayfed_proto::config::decode_key32(&self.noise_key(node)?)
             .ok_or_else(|| anyhow::anyhow!("noise key of {node} is not 32 bytes"))?;
         let mut s = self.base(node, Role::Home, Some(&public))?;
         s.noise_key_file = Some(self.dir.join(format!("{node}-noise.key")));
@@ -174,10 +172,10 @@ impl Testbed {
         let snap_path = self.dir.join(format!("{node}.yaml"));
         let mut s = Snapshot::load(&snap_path)?;
         let pass_file = self.dir.join(format!("{node}.passphrase"));
-        crate::config::keys::write_private(&pass_file, format!("{passphrase}\n").as_bytes())?;
+        relayfed_proto::config::keys::write_private(&pass_file, format!("{passphrase}\n").as_bytes())?;
         for key in std::iter::once(s.tls.key_file.clone()).chain(s.noise_key_file.clone()) {
             let plain = std::fs::read(&key)?;
-            crate::config::keys::write_secret(&key, &plain, Some(passphrase.as_bytes()))?;
+            relayfed_proto::config::keys::write_secret(&key, &plain, Some(passphrase.as_bytes()))?;
         }
         s.key_passphrase_file = Some(pass_file.clone());
         self.save(node, &s)?;
@@ -189,149 +187,5 @@ impl Testbed {
         let path = self.dir.join(format!("{node}.yaml"));
         write(&path, &serde_saphyr::to_string(s)?)?;
         Ok(path)
-    }
-}
-
-/// A federation topology described as data (tests/scenarios/*.yaml).
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ScenarioSpec {
-    /// Trust domain.
-    pub trust_domain: String,
-    /// Registry TTL for federated entries.
-    pub registry_ttl_seconds: u64,
-    /// QUIC idle timeout.
-    pub idle_timeout_ms: u64,
-    /// Main relays; every pair peers.
-    pub mains: Vec<String>,
-    /// Home nodes.
-    pub homes: Vec<HomeSpec>,
-}
-
-/// A home node of a scenario.
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HomeSpec {
-    /// Node id.
-    pub id: String,
-    /// Main relays in priority order.
-    pub mains: Vec<String>,
-    /// Exported `service:port`.
-    #[serde(default)]
-    pub exports: Vec<String>,
-    /// Imported `service:port` (resolved through the registry).
-    #[serde(default)]
-    pub imports: Vec<String>,
-    /// Services balanced round robin (others use the default, peak EWMA).
-    #[serde(default)]
-    pub round_robin: Vec<String>,
-}
-
-impl HomeSpec {
-    /// A home on one main relay, exporting and importing the given `service:port`s.
-    pub fn on(id: &str, main: &str, exports: &[&str], imports: &[&str]) -> Self {
-        let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
-        Self {
-            id: id.into(),
-            mains: vec![main.into()],
-            exports: owned(exports),
-            imports: owned(imports),
-            round_robin: vec![],
-        }
-    }
-}
-
-/// Splits `service:port`.
-pub fn service_port(s: &str) -> anyhow::Result<(String, u16)> {
-    let (svc, port) = s.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("{s}: expected service:port"))?;
-    Ok((svc.to_owned(), port.parse()?))
-}
-
-/// Snapshot files of a scenario.
-pub struct ScenarioFiles {
-    /// Main relay id, snapshot path, QUIC address.
-    pub mains: Vec<(String, PathBuf, SocketAddr)>,
-    /// Home id and snapshot path.
-    pub homes: Vec<(String, PathBuf)>,
-}
-
-fn free_udp_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-impl Testbed {
-    /// Writes snapshots for every node of `spec`; `target(home, service, port)` gives the
-    /// address each export delivers to. Main relays get fixed ports so they can restart.
-    pub fn scenario(
-        &self,
-        spec: &ScenarioSpec,
-        target: impl Fn(&str, &str, u16) -> SocketAddr,
-    ) -> anyhow::Result<ScenarioFiles> {
-        let timeouts = Timeouts { idle_ms: spec.idle_timeout_ms, ..Timeouts::default() };
-        let addrs: Vec<(String, SocketAddr)> =
-            spec.mains.iter().map(|m| Ok((m.clone(), free_udp_port()?))).collect::<anyhow::Result<_>>()?;
-        let mut files = ScenarioFiles { mains: vec![], homes: vec![] };
-        for (id, addr) in &addrs {
-            let path = self.main_relay(id, 1)?;
-            let mut s = Snapshot::load(&path)?;
-            s.listen = Some(*addr);
-            s.timeouts = timeouts.clone();
-            s.registry.ttl_seconds = spec.registry_ttl_seconds;
-            s.registry.refresh_seconds = Some(1);
-            s.health_check_seconds = 1;
-            // The plan's assignment: the homes that list this relay, with their exports.
-            s.trust.homes = Some(
-                spec.homes.iter().filter(|h| h.mains.contains(id)).map(|h| (h.id.clone(), h.exports.clone())).collect(),
-            );
-            s.peers = addrs
-                .iter()
-                .filter(|(p, _)| p != id)
-                .map(|(p, a)| crate::config::PeerRelay {
-                    node_id: p.clone(),
-                    endpoint: *a,
-                    trust_level: crate::config::TrustLevel::Trusted,
-                    permissions: None,
-                    rate_limit: None,
-                })
-                .collect();
-            files.mains.push((id.clone(), self.save(id, &s)?, *addr));
-        }
-        for h in &spec.homes {
-            let mains = h
-                .mains
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    let addr = addrs.iter().find(|(id, _)| id == m).map(|(_, a)| *a);
-                    let endpoint = addr.ok_or_else(|| anyhow::anyhow!("home {} names unknown main {m}", h.id))?;
-                    Ok(MainRelay { node_id: m.clone(), endpoint, priority: (i * 10) as u16 })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let exports = h
-                .exports
-                .iter()
-                .map(|e| {
-                    let (service, port) = service_port(e)?;
-                    Ok(Export { target: target(&h.id, &service, port), service, port })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let imports = h
-                .imports
-                .iter()
-                .map(|i| {
-                    let (service, port) = service_port(i)?;
-                    Ok(Import::resolved(&service, port, SocketAddr::from(([127, 0, 0, 1], 0))))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let path = self.home(&h.id, mains[0].clone(), exports, imports, EchPolicy::default())?;
-            let mut s = Snapshot::load(&path)?;
-            s.main_relays = mains;
-            s.timeouts = timeouts.clone();
-            for svc in &h.round_robin {
-                s.load_balancing.per_service.insert(svc.clone(), crate::federation::balancer::Algorithm::RoundRobin);
-            }
-            files.homes.push((h.id.clone(), self.save(&h.id, &s)?));
-        }
-        Ok(files)
     }
 }
