@@ -41,44 +41,44 @@ pub(crate) use router::Sender;
 
 /// A connected neighbour and the channel to its control stream.
 pub(crate) struct Link {
-    pub(crate) conn: quinn::Connection,
-    pub(crate) control: Option<mpsc::UnboundedSender<Control>>,
+    conn: quinn::Connection,
+    control: Option<mpsc::UnboundedSender<Control>>,
 }
 
 /// Health of a peering.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct PeerHealth {
-    pub(crate) up: bool,
-    pub(crate) last_seen: Option<Instant>,
-    pub(crate) failures: u64,
-    pub(crate) ech_config_list: Option<String>,
+    up: bool,
+    last_seen: Option<Instant>,
+    failures: u64,
+    ech_config_list: Option<String>,
 }
 
 /// Shared state of a running main relay.
 pub struct MainRelay {
-    pub(crate) identity: HopIdentity,
+    identity: HopIdentity,
     /// ECH keys; replaced when the key file changes (a rotation), see `live.rs`.
-    pub(crate) keys: RwLock<Option<Arc<EchKeySet>>>,
-    pub(crate) homes: RwLock<HashMap<String, Link>>,
-    pub(crate) peers: RwLock<HashMap<String, Link>>,
-    pub(crate) peer_health: RwLock<HashMap<String, PeerHealth>>,
-    pub(crate) registry: Mutex<Registry>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) handshake_timeout: Duration,
+    keys: RwLock<Option<Arc<EchKeySet>>>,
+    homes: RwLock<HashMap<String, Link>>,
+    peers: RwLock<HashMap<String, Link>>,
+    peer_health: RwLock<HashMap<String, PeerHealth>>,
+    registry: Mutex<Registry>,
+    metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
     /// A relayed stream without payload either way this long is closed.
-    pub(crate) stream_idle: Duration,
-    pub(crate) health_interval: Duration,
-    pub(crate) refresh_interval: Duration,
-    pub(crate) endpoint: std::sync::OnceLock<quinn::Endpoint>,
+    stream_idle: Duration,
+    health_interval: Duration,
+    refresh_interval: Duration,
+    endpoint: std::sync::OnceLock<quinn::Endpoint>,
     /// The latest view (main relays' ECH configs and every instance); each home writer sends
     /// the newest, filtered to what that home imports.
-    pub(crate) views: tokio::sync::watch::Sender<Arc<homes::ViewData>>,
+    views: tokio::sync::watch::Sender<Arc<homes::ViewData>>,
     /// Settings a new config version replaces in place: peers (endpoint, trust level,
     /// permissions, rate limit), trust defaults, the default rate limit, breaker settings.
-    pub(crate) live: RwLock<Arc<MainLive>>,
+    live: RwLock<Arc<MainLive>>,
     limiter: Mutex<crate::resilience::rate_limit::RateLimiter>,
     /// A circuit breaker per peer relay, for streams forwarded to it.
-    pub(crate) peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
+    peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
 }
 
 pub use router::PROBE_LIMIT;
@@ -398,7 +398,7 @@ impl MainRelay {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        let allows = self.peer_breaker(next, |b, now| b.allow(now));
+        let allows = self.peer_breaker(next, BreakerEvent::Ask);
         let conn = self.peers.read().ok().and_then(|p| p.get(next).map(|l| l.conn.clone()));
         let link = match &conn {
             Some(_) => PeerLink::Connected,
@@ -408,38 +408,35 @@ impl MainRelay {
         if let Err(r) = router::forward_check(next, allows, link) {
             if allows {
                 // Down counts against the peer's circuit; not a peer at all is not its fault.
-                let failed = link == PeerLink::Down;
-                self.peer_breaker(next, |b, now| {
-                    if failed {
-                        b.record(false, now)
-                    } else {
-                        b.cancel()
-                    }
-                    true
-                });
+                let event = if link == PeerLink::Down { BreakerEvent::Outcome(false) } else { BreakerEvent::Cancel };
+                self.peer_breaker(next, event);
             }
             return self.refuse(&mut send, &r).await;
         }
         let Some(conn) = conn else { return };
         self.metrics.routes.get_or_create(&[("result", "forwarded")]).inc();
         let opened = self.pipe(conn, header, send, recv).await;
-        self.peer_breaker(next, |b, now| {
-            b.record(opened, now);
-            true
-        });
+        self.peer_breaker(next, BreakerEvent::Outcome(opened));
     }
 
-    /// Runs `f` on the breaker of peer `peer` and exports its state.
-    fn peer_breaker(
-        &self,
-        peer: &str,
-        f: impl FnOnce(&mut crate::resilience::breaker::Breaker, Instant) -> bool,
-    ) -> bool {
+    /// Tells peer `peer`'s circuit breaker about `event` and exports its state; for
+    /// [`BreakerEvent::Ask`], whether a stream may go through.
+    fn peer_breaker(&self, peer: &str, event: BreakerEvent) -> bool {
         let now = Instant::now();
         let config = self.live().breaker;
         let Ok(mut all) = self.peer_breakers.lock() else { return true };
         let b = all.entry(peer.to_owned()).or_insert_with(|| crate::resilience::breaker::Breaker::new(config));
-        let r = f(b, now);
+        let r = match event {
+            BreakerEvent::Ask => b.allow(now),
+            BreakerEvent::Outcome(ok) => {
+                b.record(ok, now);
+                true
+            }
+            BreakerEvent::Cancel => {
+                b.cancel();
+                true
+            }
+        };
         self.metrics
             .circuit_state
             .get_or_create(&crate::admin::metrics::instance_breaker("", peer, peer))
@@ -523,6 +520,17 @@ impl MainRelay {
             None => self.fail(send, r.code, &r.message).await,
         }
     }
+}
+
+/// What a relay tells a peer's circuit breaker.
+#[derive(Clone, Copy, Debug)]
+enum BreakerEvent {
+    /// May a stream be forwarded now? (In half-open state this takes a probe slot.)
+    Ask,
+    /// A forwarded stream was accepted by the peer (`true`) or not.
+    Outcome(bool),
+    /// An allowed stream was not sent after all (not the peer's fault): give the slot back.
+    Cancel,
 }
 
 /// The service a route header names, when it is readable here (span field).

@@ -1,0 +1,98 @@
+//! The checks a snapshot passes before a node binds any port: each failure names the field.
+
+use super::*;
+
+impl Snapshot {
+    /// Cross-field checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.schema != SNAPSHOT_SCHEMA {
+            return Err(invalid("schema", format!("{} is not supported; expected {SNAPSHOT_SCHEMA}", self.schema)));
+        }
+        let label_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if !label_ok(&self.node.id) {
+            return Err(invalid("node.id", format!("{:?} is not a DNS label", self.node.id)));
+        }
+        match self.node.role {
+            Role::Main => {
+                if self.listen.is_none() {
+                    return Err(invalid("listen", "a main relay needs a QUIC listen address"));
+                }
+                if !self.imports.is_empty() || !self.exports.is_empty() {
+                    return Err(invalid("imports/exports", "main relays only route; move them to a home node"));
+                }
+            }
+            Role::Home => {
+                if self.main_relays.is_empty() {
+                    return Err(invalid("mainRelays", "a home node needs at least one main relay"));
+                }
+                if self.noise_key_file.is_none() && (!self.imports.is_empty() || !self.exports.is_empty()) {
+                    return Err(invalid("noiseKeyFile", "required for end-to-end sessions"));
+                }
+            }
+        }
+        for (i, imp) in self.imports.iter().enumerate() {
+            match (&imp.node, &imp.main, &imp.noise_public_key) {
+                (None, None, None) => {}
+                (Some(node), Some(main), Some(key)) => {
+                    if decode_key32(key).is_none() {
+                        return Err(invalid(format!("imports[{i}].noisePublicKey"), "must be 32 bytes, base64"));
+                    }
+                    if !label_ok(node) || !label_ok(main) {
+                        return Err(invalid(format!("imports[{i}]"), "node and main must be DNS labels"));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("imports[{i}]"),
+                        "set node, main and noisePublicKey together (a fixed destination) or none (resolved through the registry)",
+                    ));
+                }
+            }
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if !label_ok(&p.node_id) || p.node_id == self.node.id {
+                return Err(invalid(format!("peers[{i}].nodeId"), "must be another main relay's node id"));
+            }
+        }
+        if self.registry.ttl_seconds < 2 {
+            return Err(invalid("registry.ttlSeconds", "must be at least 2"));
+        }
+        for (main, list) in &self.ech_configs {
+            if !label_ok(main) {
+                return Err(invalid(format!("echConfigs.{main}"), "the key must be a main relay's node id"));
+            }
+            let bytes = base64_decode(list).ok_or_else(|| invalid(format!("echConfigs.{main}"), "not base64"))?;
+            crate::protocol::EchConfigList::decode(&bytes)
+                .map_err(|e| invalid(format!("echConfigs.{main}"), e.to_string()))?;
+        }
+        if let Some(ic) = &self.intercept {
+            if self.node.role != Role::Home {
+                return Err(invalid("intercept", "only home nodes intercept application traffic"));
+            }
+            for (i, c) in ic.exclude_cidrs.iter().enumerate() {
+                if crate::intercept::parse_cidr(c).is_none() {
+                    return Err(invalid(format!("intercept.excludeCidrs[{i}]"), format!("{c:?} is not an IP/prefix")));
+                }
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (i, imp) in self.imports.iter().enumerate() {
+                if let Some(ip) = imp.cluster_ip
+                    && !seen.insert(ip)
+                {
+                    return Err(invalid(format!("imports[{i}].clusterIp"), format!("{ip} is used by two imports")));
+                }
+            }
+            if ic.scope == InterceptScope::Imports && self.imports.iter().all(|i| i.cluster_ip.is_none()) {
+                return Err(invalid("intercept.scope", "scope imports needs at least one import with a clusterIp"));
+            }
+        }
+        if self.ech_policy.percentage > 100 {
+            return Err(invalid("echPolicy.percentage", "must be 0-100"));
+        }
+        Ok(())
+    }
+}
