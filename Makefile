@@ -103,7 +103,7 @@ chart-docs: cluster ## Regenerate charts/relayfed/README.md from values.yaml (he
 	$$(tests/cluster/build.sh 2>/dev/null)/helm-docs --chart-search-root charts --chart-to-generate charts/relayfed
 
 demo: ## The main job: the example federation in local mode, traffic flowing, ECH edited 0 -> 50 -> 100%.
-	$(RELEASE_BINS) -p relayfed-demo
+	$(RELEASE_BINS) -p relayfed-demo --bin relayfed-demo
 	$(TARGET_DIR)/release/relayfed-demo
 
 bench: ## Benchmarks (release build) and the failover scenario's figures; writes $(BENCH_OUT).
