@@ -26,6 +26,22 @@ pub fn overview() -> Dashboard {
     let homes = format!("count(relayfed_home_uplink_active{} == 1)", sel(""));
     let versions = format!("max by (node) (relayfed_config_version{})", sel(""));
     let per_service = format!("sum by (service) ({})", rate("relayfed_lb_picks_total", ""));
+    let pair = "service, source_main, destination_main";
+    let pair_success = format!(
+        "sum by ({pair}) ({}) / sum by ({pair}) ({})",
+        rate("relayfed_calls_total", r#"side="origin",code="OK""#),
+        rate("relayfed_calls_total", r#"side="origin""#)
+    );
+    let pair_calls = format!("sum by ({pair}) ({})", rate("relayfed_calls_total", r#"side="origin""#));
+    let pair_errors = format!(
+        "sum by (service, destination_main, code) ({})",
+        rate("relayfed_calls_total", r#"side="origin",code!="OK""#)
+    );
+    let pair_p99 = format!(
+        "histogram_quantile(0.99, sum by (le, service, destination_main) ({}))",
+        rate("relayfed_call_setup_duration_seconds_bucket", "")
+    );
+    let pair_legend = "{{service}} {{source_main}} -> {{destination_main}}";
     Dashboard {
         uid: "relayfed-overview",
         title: "relayfed / Overview",
@@ -83,6 +99,39 @@ pub fn overview() -> Dashboard {
                         "reqps",
                         "Stream failures per second by structured error code (docs/operations.md \"Error codes\").",
                         &[(&errors, "{{code}}")],
+                    ),
+                ],
+            ),
+            row(
+                "Service level, per service and relay pair",
+                vec![
+                    panel(
+                        Kind::TimeSeries,
+                        "Success rate by service and relay pair",
+                        "percentunit",
+                        "Finished calls that ended cleanly, at the callers, by service, the caller's main relay and the serving home's main relay.",
+                        &[(&pair_success, pair_legend)],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Calls per second by service and relay pair",
+                        "reqps",
+                        "Finished calls per second at the callers, by service and relay pair.",
+                        &[(&pair_calls, pair_legend)],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Failed calls by service, destination relay and code",
+                        "reqps",
+                        "Calls that failed, at the callers, by service, the serving home's main relay (`none`: not resolved) and error code.",
+                        &[(&pair_errors, "{{service}} -> {{destination_main}} {{code}}")],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
+                        "Call setup p99 by service and destination relay",
+                        "s",
+                        "99th percentile of successful calls' setup time at the callers.",
+                        &[(&pair_p99, "{{service}} -> {{destination_main}}")],
                     ),
                 ],
             ),

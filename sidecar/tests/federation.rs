@@ -136,9 +136,23 @@ async fn three_mains_six_homes() {
         "{trace}"
     );
 
+    // The call metrics name both ends' main relays (cross-cluster SLOs), at both homes.
+    let pair = [("service", "only-b"), ("source_main", "hub-c"), ("destination_main", "hub-b"), ("ech", "false")];
+    let ok = [&pair[..], &[("code", "OK")]].concat();
+    eventually("c1 and b1 count the call", WAIT, || async {
+        homes["c1"].metric("relayfed_calls_total", &[&ok[..], &[("side", "origin")]].concat()).await == 1.0
+            && homes["b1"].metric("relayfed_calls_total", &[&ok[..], &[("side", "destination")]].concat()).await == 1.0
+    })
+    .await;
+    let setup = [("service", "only-b"), ("destination_main", "hub-b")];
+    assert_eq!(homes["c1"].metric("relayfed_call_setup_duration_seconds_count", &setup).await, 1.0);
+
     // A service nobody exports.
     assert!(call(&homes["a2"], "missing:1", b"x").await.is_err());
     assert_eq!(homes["a2"].metric("relayfed_stream_errors_total", &[("code", "SERVICE_NOT_FOUND")]).await, 1.0);
+    let missing =
+        [("service", "missing"), ("source_main", "hub-a"), ("destination_main", "none"), ("code", "SERVICE_NOT_FOUND")];
+    assert_eq!(homes["a2"].metric("relayfed_calls_total", &missing).await, 1.0);
 
     // Round robin across b1 and b2 for `spread` (configured for c1).
     let mut spread = HashMap::new();

@@ -21,6 +21,31 @@ pub fn instance_breaker(service: &str, node: &str, main: &str) -> Breaker {
     [("service", service.to_owned()), ("destination", node.to_owned()), ("destination_main", main.to_owned())]
 }
 
+/// The labels of a finished call: `side` (origin, destination), `service`, `source_main`,
+/// `destination_main` (main relay ids of the plan, `other` for an id the plan does not name,
+/// `none` when unknown), `ech` (true, false) and `code` (`OK` or an error code label).
+pub type CallLabels = [(&'static str, String); 6];
+
+/// The labels of a call's setup latency: `service`, `destination_main`, `ech`.
+pub type SetupLabels = [(&'static str, String); 3];
+
+/// A finished call, as the cross-cluster SLO metrics count it.
+#[derive(Clone, Copy, Debug)]
+pub struct Call<'a> {
+    /// `origin` (the calling home) or `destination` (the serving home).
+    pub side: &'static str,
+    /// The service called.
+    pub service: &'a str,
+    /// The caller's main relay.
+    pub source_main: &'a str,
+    /// The serving home's main relay.
+    pub destination_main: &'a str,
+    /// Whether the route was sealed with ECH.
+    pub ech: bool,
+    /// `None`: the call ended cleanly.
+    pub code: Option<crate::protocol::ErrorCode>,
+}
+
 /// One label.
 pub type L1 = [(&'static str, &'static str); 1];
 /// Two labels.
@@ -53,6 +78,10 @@ pub struct Metrics {
     pub streams: Family<L2, Counter>,
     /// Stream failures by structured error `code`.
     pub stream_errors: Family<L1, Counter>,
+    /// Finished calls by [`CallLabels`], at the calling and the serving home.
+    pub calls: Family<CallLabels, Counter>,
+    /// Setup latency of successful calls at the caller, by [`SetupLabels`].
+    pub call_setup_seconds: Family<SetupLabels, Histogram, fn() -> Histogram>,
     /// Open hop connections.
     pub open_connections: Gauge,
     /// Routing decisions at relays by `result` (local, forwarded, no_route, peer_unreachable)
@@ -121,6 +150,9 @@ impl Metrics {
         let bytes = Family::<L1, Counter>::default();
         let streams = Family::<L2, Counter>::default();
         let stream_errors = Family::<L1, Counter>::default();
+        let calls = Family::<CallLabels, Counter>::default();
+        let call_setup_seconds =
+            Family::<SetupLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let open_connections = Gauge::default();
         let intercepted = Family::<[(&'static str, String); 3], Counter>::default();
         let routes = Family::<L1, Counter>::default();
@@ -222,6 +254,16 @@ impl Metrics {
         registry.register("relayfed_stream_errors", "Stream failures by structured error code", stream_errors.clone());
         registry.register("relayfed_hop_connections_open", "Open QUIC hop connections", open_connections.clone());
         registry.register(
+            "relayfed_calls",
+            "Finished calls by side, service, source and destination main relay, ECH and code",
+            calls.clone(),
+        );
+        registry.register(
+            "relayfed_call_setup_duration_seconds",
+            "Setup latency of successful calls at the caller, by service, destination main relay and ECH",
+            call_setup_seconds.clone(),
+        );
+        registry.register(
             "relayfed_intercepted_connections",
             "Connections redirected by iptables, by original destination, service and result",
             intercepted.clone(),
@@ -283,6 +325,8 @@ impl Metrics {
             bytes,
             streams,
             stream_errors,
+            calls,
+            call_setup_seconds,
             open_connections,
             routes,
             registry_entries,
@@ -355,6 +399,32 @@ impl Metrics {
                 ("result", result.to_owned()),
             ])
             .inc();
+    }
+
+    /// Counts a finished call.
+    pub fn call(&self, c: Call<'_>) {
+        let code = c.code.map_or("OK", |c| c.label());
+        self.calls
+            .get_or_create(&[
+                ("side", c.side.to_owned()),
+                ("service", c.service.to_owned()),
+                ("source_main", c.source_main.to_owned()),
+                ("destination_main", c.destination_main.to_owned()),
+                ("ech", c.ech.to_string()),
+                ("code", code.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Observes a successful call's setup latency at the caller.
+    pub fn call_setup(&self, service: &str, destination_main: &str, ech: bool, seconds: f64) {
+        self.call_setup_seconds
+            .get_or_create(&[
+                ("service", service.to_owned()),
+                ("destination_main", destination_main.to_owned()),
+                ("ech", ech.to_string()),
+            ])
+            .observe(seconds);
     }
 
     /// Counts a stream failure with its code.

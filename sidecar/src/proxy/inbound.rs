@@ -64,7 +64,16 @@ impl HomeNode {
             };
             match session {
                 Ok((session, _initiator_static)) => {
-                    self.pump(tcp, send, recv, session.split(), "inbound", live.stream_idle).await;
+                    let ended = self.pump(tcp, send, recv, session.split(), "inbound", live.stream_idle).await;
+                    let source = route.origin.split_once('@').map(|(_, main)| main);
+                    self.metrics.call(crate::admin::metrics::Call {
+                        side: "destination",
+                        service: &route.service,
+                        source_main: live.main_label(source),
+                        destination_main: live.main_label(Some(&route.dest_main)),
+                        ech: binding.is_some(),
+                        code: ended.err(),
+                    });
                 }
                 Err(e) => {
                     self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();

@@ -95,6 +95,9 @@ pub(crate) struct HomeLive {
     pub(crate) stream_idle: Duration,
     /// A main relay link silent this long is dead (liveness pings every quarter of it).
     pub(crate) link_idle: Duration,
+    /// The main relays the plan names to this home (its own and every one with an ECH
+    /// config): the only relay ids its call metrics use as label values.
+    pub(crate) known_mains: std::collections::BTreeSet<String>,
 }
 
 impl HomeLive {
@@ -109,6 +112,22 @@ impl HomeLive {
             connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
             stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
             link_idle: crate::transport::tls::link_idle(&snap.timeouts),
+            known_mains: snap
+                .main_relays
+                .iter()
+                .map(|m| m.node_id.clone())
+                .chain(snap.ech_configs.keys().cloned())
+                .collect(),
+        }
+    }
+
+    /// A main relay id as a metric label value, bounded by the plan: `other` for an id the
+    /// plan does not name (views come through relays), `none` for no relay.
+    pub(crate) fn main_label<'a>(&self, id: Option<&'a str>) -> &'a str {
+        match id {
+            None | Some("") => "none",
+            Some(m) if self.known_mains.contains(m) => m,
+            Some(_) => "other",
         }
     }
 }

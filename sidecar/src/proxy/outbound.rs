@@ -4,6 +4,7 @@
 
 use super::decide::{self, Answer, Candidates, Sealing};
 use super::*;
+use crate::admin::metrics::Call;
 use crate::crypto::ech::config_digest;
 use crate::federation::ech_cohorts::{Cohort, Setup};
 use crate::serving::{Admitted, BoundedListener, ServerLimits};
@@ -85,19 +86,32 @@ impl HomeNode {
                 "stream setup (with retries) did not finish within the call timeout".to_owned(),
             )),
         };
+        let record = |ech, source: Option<&str>, destination: Option<&str>, code| {
+            self.metrics.call(Call {
+                side: "origin",
+                service: &import.service,
+                source_main: live.main_label(source),
+                destination_main: live.main_label(destination),
+                ech,
+                code,
+            })
+        };
         match est {
             Ok(e) => {
+                let setup = started.elapsed().as_secs_f64();
                 let ech = if e.ech { "true" } else { "false" };
-                self.metrics
-                    .stream_setup_seconds
-                    .get_or_create(&[("ech", ech)])
-                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.stream_setup_seconds.get_or_create(&[("ech", ech)]).observe(setup);
+                self.metrics.call_setup(&import.service, live.main_label(Some(&e.main)), e.ech, setup);
                 debug!(ech = e.ech, "session established");
-                self.pump(tcp, e.send, e.recv, (e.tx, e.rx), "outbound", live.stream_idle).await;
+                let (via, main, sealed) = (e.via, e.main, e.ech);
+                let ended = self.pump(tcp, e.send, e.recv, (e.tx, e.rx), "outbound", live.stream_idle).await;
+                record(sealed, Some(&via), Some(&main), ended.err());
             }
             Err((code, message)) => {
                 warn!(code = code.label(), message, hint = code.hint(), "outbound stream failed");
                 self.metrics.stream_error("outbound", code);
+                let via = self.path(&[]).map(|(m, _)| m);
+                record(false, via.as_deref(), None, Some(code));
                 reset(tcp);
             }
         }
@@ -339,7 +353,15 @@ impl HomeNode {
                         self.metrics.ech.get_or_create(&[("outcome", "accepted")]).inc();
                     }
                     let (tx, rx) = session.split();
-                    return Ok(Established { send, recv, tx, rx, ech: binding.is_some() });
+                    return Ok(Established {
+                        send,
+                        recv,
+                        tx,
+                        rx,
+                        ech: binding.is_some(),
+                        via: main_id.to_owned(),
+                        main: dest.main.clone(),
+                    });
                 }
                 Answer::RetryWithNewerConfig => {
                     info!(main = %dest.main, "ECH config was stale: retrying with the config snapshot's newer config");
@@ -460,6 +482,10 @@ struct Established {
     tx: SendHalf,
     rx: RecvHalf,
     ech: bool,
+    /// The main relay the call went out through.
+    via: String,
+    /// The destination home's main relay.
+    main: String,
 }
 
 /// Whether `cert` (from Noise message 2) is a certificate of this federation for `node` that

@@ -4,7 +4,8 @@
 use super::*;
 
 impl HomeNode {
-    /// Carries bytes between a TCP socket and a stream of Noise transport messages.
+    /// Carries bytes between a TCP socket and a stream of Noise transport messages; says how
+    /// the stream ended.
     pub(super) async fn pump(
         &self,
         tcp: TcpStream,
@@ -13,7 +14,7 @@ impl HomeNode {
         (mut tx, mut rx): (SendHalf, RecvHalf),
         direction: &'static str,
         idle: Duration,
-    ) {
+    ) -> Result<(), ErrorCode> {
         let _ = tcp.set_nodelay(true);
         let (mut tr, mut tw) = tcp.into_split();
         let watch = crate::transport::idle::IdleWatch::new();
@@ -71,7 +72,7 @@ impl HomeNode {
                 () = &mut watchdog => {
                     warn!(code = ErrorCode::Timeout.label(), idle_ms = idle.as_millis() as u64, "stream idle: closed");
                     self.metrics.stream_error(direction, ErrorCode::Timeout);
-                    return;
+                    return Err(ErrorCode::Timeout);
                 }
             }
             if matches!(d, Some(Err(_))) || (u.is_some() && d.is_some()) {
@@ -89,10 +90,12 @@ impl HomeNode {
                 self.metrics.bytes.get_or_create(&[("direction", tx_dir)]).inc_by(u);
                 self.metrics.bytes.get_or_create(&[("direction", rx_dir)]).inc_by(d);
                 self.metrics.streams.get_or_create(&[("direction", direction), ("result", "ok")]).inc();
+                Ok(())
             }
             Err(code) => {
                 warn!(code = code.label(), "stream aborted");
                 self.metrics.stream_error(direction, code);
+                Err(code)
             }
         }
     }
