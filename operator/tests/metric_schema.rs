@@ -9,17 +9,30 @@ fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// The family names registered in `file`: the first string literal after each `register(`
-/// or `register_with_unit(` (which appends the unit; every such call here uses seconds).
+/// The family names registered in `file`: the name literal of each `register(`,
+/// `register_with_unit(` (which appends the unit; every such call here uses seconds) and
+/// the data plane's per-role `reg(&mut registry, <flag>, `.
 fn registered(file: &str) -> BTreeSet<String> {
     let text = std::fs::read_to_string(repo().join(file)).unwrap();
     let mut out = BTreeSet::new();
-    for (call, suffix) in [("register(", ""), ("register_with_unit(", "_seconds")] {
+    for (call, suffix) in [("register(", ""), ("register_with_unit(", "_seconds"), ("reg(", "")] {
         for (i, _) in text.match_indices(call) {
-            let rest = &text[i + call.len()..];
+            if call == "reg(" && text[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '.') {
+                continue; // `register(`, `.reg(`, `foo_reg(`: not the helper
+            }
+            let mut rest = &text[i + call.len()..];
+            if call == "reg(" {
+                // `reg(&mut registry, <role flag>, "name", ...)`: skip the registry and the flag.
+                let Some(args) = rest.trim_start().strip_prefix("&mut registry,") else { continue };
+                let Some((flag, after)) = args.split_once(',') else { continue };
+                if !flag.trim().chars().all(|c| c.is_alphanumeric() || c == '_') {
+                    continue;
+                }
+                rest = after;
+            }
             let Some(open) = rest.find('"') else { continue };
-            if rest[..open].trim().chars().any(|c| !c.is_whitespace()) {
-                continue; // not a literal first argument
+            if !rest[..open].trim().is_empty() {
+                continue; // not a literal name argument
             }
             let name = &rest[open + 1..];
             let name = &name[..name.find('"').unwrap()];

@@ -1,5 +1,6 @@
-//! Every data-plane metric, registered in one place. Names follow
-//! `relayfed_<what>_<unit>`; counters get `_total` from the encoder.
+//! Every data-plane metric, registered in one place, each family for the roles it belongs to
+//! ([`Metrics::for_role`]). Names follow `relayfed_<what>_<unit>`; counters get `_total` from
+//! the encoder. docs/operations.md "Metrics" lists them all.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -7,6 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::config::Role;
 
 /// How many senders [`Metrics::rate_limited`] keeps counts for.
 pub const MAX_TRACKED_SENDERS: usize = 1000;
@@ -50,6 +53,13 @@ pub struct Call<'a> {
 pub type L1 = [(&'static str, &'static str); 1];
 /// Two labels.
 pub type L2 = [(&'static str, &'static str); 2];
+
+/// Registers `metric` when `on` (the family belongs to this node's role).
+fn reg(registry: &mut Registry, on: bool, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+    if on {
+        registry.register(name, help, metric);
+    }
+}
 
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~73 s, 1.5x apart: cross-region setups and slow handshakes land in a bucket.
@@ -137,8 +147,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Every metric of both roles (tests and tools that are neither).
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// The metrics of a node of `role`: the families both roles share and its own (a home
+    /// exports no relay-only family, a relay no home-only one).
+    pub fn for_role(role: Role) -> Self {
+        Self::build(Some(role))
+    }
+
+    fn build(role: Option<Role>) -> Self {
+        let (relay, proxy) = (role != Some(Role::Home), role != Some(Role::Main));
         let mut registry = Registry::default();
         super::process::register(&mut registry);
         let hop_handshakes = Family::<L2, Counter>::default();
@@ -171,135 +192,179 @@ impl Metrics {
         let config_version = Gauge::default();
         let certificate_expiry = Gauge::default();
         let config_updates = Family::<L1, Counter>::default();
-        registry.register("relayfed_config_version", "Version of the config snapshot in force", config_version.clone());
-        registry.register(
+        reg(
+            &mut registry,
+            true,
+            "relayfed_config_version",
+            "Version of the config snapshot in force",
+            config_version.clone(),
+        );
+        reg(
+            &mut registry,
+            true,
             "relayfed_certificate_expiry_timestamp_seconds",
             "When the hop certificate in use expires, Unix time",
             certificate_expiry.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            true,
             "relayfed_config_updates",
             "Config updates received from the distribution server, by result",
             config_updates.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            true,
             "relayfed_circuit_state",
             "Circuit breaker state: 0 closed, 1 open, 2 half-open",
             circuit_state.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_stream_retries",
             "Stream-setup retries on another instance, by cause",
             retries.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            relay,
             "relayfed_rate_limited_streams",
             "Streams refused by rate limiting, by kind of sender (home, peer, probe)",
             rate_limited.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            relay,
             "relayfed_trust_denials",
             "Peers, homes, calls or exports denied by trust rules",
             trust_denials.clone(),
         );
-        registry.register("relayfed_routes", "Routing decisions by result", routes.clone());
-        registry.register("relayfed_registry_entries", "Registry entries by kind", registry_entries.clone());
-        registry.register(
+        reg(&mut registry, true, "relayfed_routes", "Routing decisions by result", routes.clone());
+        reg(&mut registry, true, "relayfed_registry_entries", "Registry entries by kind", registry_entries.clone());
+        reg(
+            &mut registry,
+            relay,
             "relayfed_ech_anonymity_set_services",
             "Distinct services the main relay's homes export: what a stream sealed to it could be for",
             ech_anonymity_set.clone(),
         );
-        registry.register("relayfed_registry_propagation", "Registry propagation events", propagation.clone());
-        registry.register("relayfed_peer_up", "1 when the peering is up", peer_up.clone());
-        registry.register("relayfed_reconnects", "Reconnections by kind", reconnects.clone());
-        registry.register(
+        reg(&mut registry, true, "relayfed_registry_propagation", "Registry propagation events", propagation.clone());
+        reg(&mut registry, relay, "relayfed_peer_up", "1 when the peering is up", peer_up.clone());
+        reg(&mut registry, true, "relayfed_reconnects", "Reconnections by kind", reconnects.clone());
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_home_uplink_active",
             "A home's main relay links: 1 active, 0 warm standby",
             uplink_active.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_home_relay_switches",
             "Changes of a home's active main relay by reason",
             relay_switches.clone(),
         );
-        registry.register("relayfed_lb_picks", "Load-balancer picks by service and instance", lb_picks.clone());
-        registry.register(
+        reg(&mut registry, proxy, "relayfed_lb_picks", "Load-balancer picks by service and instance", lb_picks.clone());
+        reg(
+            &mut registry,
+            true,
             "relayfed_hop_handshakes",
             "QUIC/TLS hop handshakes by role and result",
             hop_handshakes.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            true,
             "relayfed_hop_handshake_duration_seconds",
             "QUIC/TLS hop handshake latency at the dialing side",
             hop_handshake_seconds.clone(),
         );
-        registry.register("relayfed_ech_streams", "ECH outcomes per stream", ech.clone());
-        registry.register(
+        reg(&mut registry, true, "relayfed_ech_streams", "ECH outcomes per stream", ech.clone());
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_e2e_handshakes",
             "End-to-end Noise XK handshakes by result",
             e2e_handshakes.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_e2e_handshake_duration_seconds",
             "Noise XK handshake latency at the initiator",
             e2e_handshake_seconds.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_stream_setup_duration_seconds",
             "Stream setup latency at the origin, from accept to an established session",
             stream_setup_seconds.clone(),
         );
-        registry.register("relayfed_payload_bytes", "Payload bytes by direction", bytes.clone());
-        registry.register("relayfed_streams", "Streams by direction and result", streams.clone());
-        registry.register("relayfed_stream_errors", "Stream failures by structured error code", stream_errors.clone());
-        registry.register("relayfed_hop_connections_open", "Open QUIC hop connections", open_connections.clone());
-        registry.register(
+        reg(&mut registry, true, "relayfed_payload_bytes", "Payload bytes by direction", bytes.clone());
+        reg(&mut registry, true, "relayfed_streams", "Streams by direction and result", streams.clone());
+        reg(
+            &mut registry,
+            true,
+            "relayfed_stream_errors",
+            "Stream failures by structured error code",
+            stream_errors.clone(),
+        );
+        reg(
+            &mut registry,
+            true,
+            "relayfed_hop_connections_open",
+            "Open QUIC hop connections",
+            open_connections.clone(),
+        );
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_calls",
             "Finished calls by side, service, source and destination main relay, ECH and code",
             calls.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_call_setup_duration_seconds",
             "Setup latency of successful calls at the caller, by service, destination main relay and ECH",
             call_setup_seconds.clone(),
         );
-        registry.register(
+        reg(
+            &mut registry,
+            proxy,
             "relayfed_intercepted_connections",
             "Connections redirected by iptables, by original destination, service and result",
             intercepted.clone(),
         );
         // Families whose label values are known are exported from the start with zeros, so
         // a panel or alert over them reads 0, not "no data".
-        for o in [
-            "attempted",
-            "accepted",
-            "retried",
-            "fallback",
-            "failed",
-            "retry_refused",
-            "downgrade",
-            "grease",
-            "opened",
-            "retry_sent",
-            "decrypt_failed",
-        ] {
+        let origin_outcomes =
+            ["attempted", "accepted", "retried", "fallback", "failed", "retry_refused", "downgrade", "grease"];
+        let relay_outcomes = ["opened", "retry_sent", "decrypt_failed"];
+        for o in origin_outcomes.iter().filter(|_| proxy).chain(relay_outcomes.iter().filter(|_| relay)) {
             let _ = ech.get_or_create(&[("outcome", o)]);
         }
         for r in ["ok", "failed", "key_unverified"] {
             let _ = e2e_handshakes.get_or_create(&[("result", r)]);
         }
-        for d in ["outbound", "inbound", "relayed"] {
+        let directions = [("outbound", proxy), ("inbound", proxy), ("relayed", relay)];
+        for d in directions.iter().filter(|(_, on)| *on).map(|(d, _)| *d) {
             for r in ["ok", "error"] {
                 let _ = streams.get_or_create(&[("direction", d), ("result", r)]);
             }
         }
-        for d in ["tx", "rx", "relayed"] {
+        for d in [("tx", proxy), ("rx", proxy), ("relayed", relay)].iter().filter(|(_, on)| *on).map(|(d, _)| *d) {
             let _ = bytes.get_or_create(&[("direction", d)]);
         }
         for code in crate::protocol::ErrorCode::ALL {
             let _ = stream_errors.get_or_create(&[("code", code.label())]);
         }
-        for k in ["peer", "main"] {
+        for k in [("peer", relay), ("main", proxy)].iter().filter(|(_, on)| *on).map(|(k, _)| *k) {
             let _ = reconnects.get_or_create(&[("kind", k)]);
         }
         for k in ["home", "peer", "probe"] {
@@ -440,6 +505,37 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn families(m: &Metrics) -> std::collections::BTreeSet<String> {
+        m.encode()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP "))
+            .map(|l| l.split(' ').next().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn each_role_exports_only_its_families() {
+        let (home, relay, all) = (
+            families(&Metrics::for_role(Role::Home)),
+            families(&Metrics::for_role(Role::Main)),
+            families(&Metrics::new()),
+        );
+        // (Families without series are not encoded: these have zeros from the start.)
+        for relay_only in
+            ["relayfed_rate_limited_streams", "relayfed_trust_denials", "relayfed_ech_anonymity_set_services"]
+        {
+            assert!(relay.contains(relay_only) && !home.contains(relay_only), "{relay_only}");
+        }
+        for home_only in ["relayfed_stream_retries", "relayfed_e2e_handshakes", "relayfed_home_relay_switches"] {
+            assert!(home.contains(home_only) && !relay.contains(home_only), "{home_only}");
+        }
+        assert!(home.contains("relayfed_streams") && relay.contains("relayfed_streams"));
+        assert_eq!(all, home.union(&relay).cloned().collect(), "new() is both roles");
+        let home_text = Metrics::for_role(Role::Home).encode();
+        assert!(!home_text.contains("direction=\"relayed\""), "a home has no relayed series");
+        assert!(!home_text.contains("outcome=\"opened\""), "a home opens no ECH");
+    }
 
     #[test]
     fn rate_limited_senders_are_counted_by_kind_and_kept_bounded() {

@@ -83,7 +83,7 @@ impl Running {
 /// Runs the node described by `snap` until SIGTERM or Ctrl-C. Prints one JSON ready line on
 /// stdout once it serves (bound addresses, ECH config list, imports).
 pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::for_role(snap.node.role));
     let slot: server::AdminSlot = Default::default();
     let admin = match snap.admin {
         Some(a) => {
