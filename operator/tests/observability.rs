@@ -6,9 +6,9 @@
 //! left-hand side, without the threshold) must return samples over the run; a panel whose
 //! query returns nothing fails the test with its title.
 //!
-//! Not emulated: the operator's own series (reconciles, webhook admissions, certificates
-//! issued) exist only in a cluster; the four panels over them are listed in
-//! [`CLUSTER_ONLY`] and checked to exist, not to have data.
+//! The operator's own series (reconciles, webhook admissions, certificates issued) exist only
+//! in a cluster: the four panels over them are listed in [`CLUSTER_ONLY`] and checked to
+//! exist here; `tests/cluster/observability.rs` proves they have data from a real operator.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "chaos/scenario.rs"]

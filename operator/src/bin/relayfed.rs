@@ -144,6 +144,10 @@ enum WebhookCommand {
         /// Injection settings (JSON, `InjectConfig`); defaults when absent.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Plain-HTTP admin port: `/metrics` (admissions by result, process), `/healthz`,
+        /// `/readyz`.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        admin_listen: std::net::SocketAddr,
     },
     /// Answer one AdmissionReview read from a file (or `-` for stdin) and print the response.
     Review {
@@ -181,13 +185,15 @@ fn webhook(command: WebhookCommand) -> anyhow::Result<()> {
             println!("{response}");
             Ok(())
         }
-        WebhookCommand::Serve { listen, tls_cert, tls_key, config } => {
+        WebhookCommand::Serve { listen, tls_cert, tls_key, config, admin_listen } => {
             let cfg = inject_config(config.as_ref())?;
             runtime()?.block_on(async move {
                 let metrics = std::sync::Arc::new(relayfed_operator::metrics::OperatorMetrics::new());
                 let certs = relayfed_operator::https::Certificates::Files(tls_cert, tls_key);
-                let addr = relayfed_operator::webhook::serve(listen, certs, cfg, metrics).await?;
-                eprintln!("injection webhook listening on https://{addr}");
+                let addr = relayfed_operator::webhook::serve(listen, certs, cfg, metrics.clone()).await?;
+                let standalone = std::sync::Arc::new(relayfed_operator::k8s::probes::Role::standalone());
+                let admin = relayfed_operator::k8s::probes::serve(admin_listen, metrics, standalone).await?;
+                eprintln!("injection webhook listening on https://{addr}, admin (metrics) on http://{admin}");
                 tokio::signal::ctrl_c().await?;
                 Ok(())
             })

@@ -1,5 +1,6 @@
-//! The operator's plain-HTTP admin port: `/metrics`, `/healthz` (the process runs) and
-//! `/readyz` (this replica has reached the API server and read the leader Lease). Readiness
+//! The plain-HTTP admin port of the operator and of the injection webhook: `/metrics`,
+//! `/healthz` (the process runs) and `/readyz` (the operator: this replica has reached the API
+//! server and read the leader Lease; the webhook: it serves). Readiness
 //! does not depend on leadership, so a follower is Ready and rolling updates complete; the
 //! distribution Service selects the leader by its pod label instead ([`super::leader`]).
 
@@ -22,11 +23,21 @@ pub struct Role {
     pub leading: AtomicBool,
     /// It has read the Lease at least once (the API server is reachable and RBAC allows it).
     pub ready: AtomicBool,
+    /// It takes part in no leader election (the injection webhook): ready once serving.
+    pub standalone: bool,
 }
 
 impl Role {
+    /// A process without leader election, ready from the start (the injection webhook).
+    pub fn standalone() -> Self {
+        Self { leading: AtomicBool::new(false), ready: AtomicBool::new(true), standalone: true }
+    }
+
     /// The `/readyz` answer.
     fn readiness(&self) -> (StatusCode, &'static str) {
+        if self.standalone {
+            return (StatusCode::OK, "ready\n");
+        }
         match (self.ready.load(Ordering::Relaxed), self.leading.load(Ordering::Relaxed)) {
             (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "waiting to reach the API server and the leader Lease\n"),
             (true, true) => (StatusCode::OK, "ready, leading\n"),

@@ -16,16 +16,21 @@ use crate::support::{Namespace, eventually, plane, render_chart_release, serial,
 
 /// The webhook process and the MutatingWebhookConfiguration; both removed on drop, so no other
 /// test meets a webhook that is not there.
-struct Injector {
+pub struct Injector {
     child: Option<Proc>,
     mwc: String,
     port: u16,
+    /// Its admin port (`/metrics`).
+    pub admin: u16,
     files: std::path::PathBuf,
 }
 
 impl Injector {
-    fn install(release: &str, ns: &str) -> Self {
+    /// Renders the chart's webhook for `release` in `ns`, starts it and applies its
+    /// MutatingWebhookConfiguration.
+    pub fn install(release: &str, ns: &str) -> Self {
         let port = relayfed_test_cluster::ports::free_port().unwrap();
+        let admin = relayfed_test_cluster::ports::free_port().unwrap();
         let url = format!("https://127.0.0.1:{port}");
         let rendered = render_chart_release(
             release,
@@ -44,7 +49,8 @@ impl Injector {
         let config = kind("ConfigMap")["data"]["inject.json"].as_str().unwrap().to_owned();
         std::fs::write(files.join("inject.json"), config).unwrap();
         let mwc = kind("MutatingWebhookConfiguration");
-        let mut me = Self { child: None, mwc: mwc["metadata"]["name"].as_str().unwrap().to_owned(), port, files };
+        let mut me =
+            Self { child: None, mwc: mwc["metadata"]["name"].as_str().unwrap().to_owned(), port, admin, files };
         me.start();
         let out = plane().kubectl_stdin(&["apply", "-f", "-"], &mwc.to_string()).unwrap();
         assert!(out.ok, "{}", out.stderr);
@@ -52,7 +58,7 @@ impl Injector {
     }
 
     fn start(&mut self) {
-        self.child = Some(serve_webhook(self.port, &self.files));
+        self.child = Some(serve_webhook(self.port, self.admin, &self.files));
     }
 
     fn stop(&mut self) {
@@ -67,13 +73,13 @@ impl Drop for Injector {
     }
 }
 
-fn pod(name: &str, labels: Value) -> String {
+pub fn pod(name: &str, labels: Value) -> String {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}})
     .to_string()
 }
 
-fn create_pod(ns: &str, name: &str, labels: Value) -> relayfed_test_cluster::tools::Run {
+pub fn create_pod(ns: &str, name: &str, labels: Value) -> relayfed_test_cluster::tools::Run {
     plane().kubectl_stdin(&["create", "-n", ns, "-f", "-"], &pod(name, labels)).unwrap()
 }
 

@@ -77,7 +77,7 @@ async fn a_user_installs_checks_tests_and_uninstalls_relayfed_with_helm() {
     // The webhook with the installed certificate, the operator as the first operator pod.
     let dir = plane().dir.join(format!("install-{release}"));
     write_tls(&get_json(n, &["secret", &format!("{release}-injector-tls")]), &dir);
-    let mut webhook = Some(serve_webhook(port, &dir));
+    let mut webhook = Some(serve_webhook(port, relayfed_test_cluster::ports::free_port().unwrap(), &dir));
     let pods = get_json(n, &["pods", "-l", "app.kubernetes.io/component=operator"]);
     let leader_pod = pods["items"][0]["metadata"]["name"].as_str().unwrap().to_owned();
     let sa = plane().service_account_kubeconfig(n, &format!("{release}-operator"), 3600).await.unwrap();

@@ -13,6 +13,7 @@ mod identity;
 mod injection;
 mod install;
 mod leader;
+mod observability;
 mod reconcilers;
 mod rollout;
 mod services;

@@ -167,13 +167,15 @@ pub fn write_tls(secret: &Value, dir: &Path) {
     }
 }
 
-/// `relayfed webhook serve` on `127.0.0.1:port` with the TLS files in `dir` (and its
-/// `inject.json` when there is one), returned once it listens.
-pub fn serve_webhook(port: u16, dir: &Path) -> Proc {
+/// `relayfed webhook serve` on `127.0.0.1:port` (its admin port, `/metrics`, on
+/// `127.0.0.1:admin`) with the TLS files in `dir` (and its `inject.json` when there is one),
+/// returned once it listens.
+pub fn serve_webhook(port: u16, admin: u16, dir: &Path) -> Proc {
     let mut args = vec![
         "webhook".to_owned(),
         "serve".to_owned(),
         format!("--listen=127.0.0.1:{port}"),
+        format!("--admin-listen=127.0.0.1:{admin}"),
         format!("--tls-cert={}", dir.join("tls.crt").display()),
         format!("--tls-key={}", dir.join("tls.key").display()),
     ];
