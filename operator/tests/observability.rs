@@ -53,19 +53,13 @@ fn node(status: &Value, id: &str) -> Value {
     status["nodes"].as_array().unwrap().iter().find(|n| n["node"] == id).cloned().unwrap_or(Value::Null)
 }
 
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Samples of `expr` between `from` and now (a range query, 2 s steps): how many series.
 async fn series(prometheus: std::net::SocketAddr, expr: &str, from: f64) -> Result<usize, String> {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
-    let path = format!("/api/v1/query_range?query={}&start={from:.3}&end={now:.3}&step=2", encode(expr));
+    let path = format!(
+        "/api/v1/query_range?query={}&start={from:.3}&end={now:.3}&step=2",
+        relayfed_e2e::procs::url_encode(expr)
+    );
     let out = get(prometheus, &path).await.map_err(|e| e.to_string())?;
     let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
     let v: Value = serde_json::from_str(body).map_err(|e| format!("{e}: {out}"))?;

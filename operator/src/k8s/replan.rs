@@ -42,8 +42,8 @@ pub fn resources(ctx: &Context, namespace: &str, name: &str) -> Vec<AnyResource>
     out
 }
 
-/// Compiles federation `namespace/name` and publishes the union of every federation's
-/// snapshots. On errors nothing is published for this federation (the previous snapshots
+/// Compiles federation `namespace/name` and publishes the snapshots of the federation this
+/// operator serves. On errors nothing is published for this federation (the previous snapshots
 /// stay in force) and the errors are returned for the status of the objects they name.
 pub fn replan(ctx: &Context, namespace: &str, name: &str) -> Result<Plan, Vec<PlanError>> {
     let key = format!("{namespace}/{name}");
@@ -73,8 +73,13 @@ pub fn replan(ctx: &Context, namespace: &str, name: &str) -> Result<Plan, Vec<Pl
         }
         _ => return compiled,
     }
+    // The distribution server serves one federation (`--federation`): other federations'
+    // plans (another team's, or one whose namespace is being deleted) never reach its nodes,
+    // even when they reuse a node id. Without a served federation (tests of the reconcilers
+    // alone), every plan is published, the first federation winning a shared node id.
+    let served = &ctx.settings.workloads.federation;
     let mut union: BTreeMap<String, Snapshot> = BTreeMap::new();
-    for (fed, snaps) in plans.iter() {
+    for (fed, snaps) in plans.iter().filter(|(fed, _)| served.is_empty() || *fed == served) {
         for (node, snap) in snaps {
             if union.contains_key(node) {
                 tracing::warn!(federation = %fed, %node, "node id used by two federations; the first one wins");

@@ -16,21 +16,16 @@ use crate::support::{Namespace, eventually, examples_in, operated, plane};
 const OPERATOR_PANELS: &[&str] =
     &["Reconciles by kind and result", "Reconcile latency", "Webhook admissions", "Certificates issued"];
 
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// How many series `expr` (variables at "All") returns over the last two minutes.
 async fn series(url: &str, expr: &str) -> Option<usize> {
     let expr = expr.replace("$federation", ".*").replace("$node", ".*").replace("$__rate_interval", "20s");
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs_f64();
     let port: u16 = url.rsplit(':').next()?.parse().ok()?;
-    let path = format!("/api/v1/query_range?query={}&start={:.3}&end={now:.3}&step=2", encode(&expr), now - 120.0);
+    let path = format!(
+        "/api/v1/query_range?query={}&start={:.3}&end={now:.3}&step=2",
+        relayfed_e2e::procs::url_encode(&expr),
+        now - 120.0
+    );
     let (_, body) = relayfed_test_cluster::http::get(port, &path).await.ok()?;
     let v: Value = serde_json::from_str(&body).ok()?;
     (v["status"] == "success").then(|| v["data"]["result"].as_array().map_or(0, Vec::len))

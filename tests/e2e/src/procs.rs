@@ -132,6 +132,16 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     0.0
 }
 
+/// Percent-encodes `q` for a URL query value (a PromQL expression, say).
+pub fn url_encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Waits until `check` holds, polling observable state every 20 ms; panics after `limit`.
 pub async fn eventually<F, Fut>(what: &str, limit: std::time::Duration, mut check: F)
 where
