@@ -122,7 +122,10 @@ impl Scenario {
         };
         let metrics = Arc::new(OperatorMetrics::new());
         let distributor = Distributor::new(metrics.clone(), 0);
-        let ctx = Context::new(client, Settings::default(), metrics, stores, distributor, Arc::new(move || now));
+        // The operator serves the example federation (`--federation relayfed-system/acme`).
+        let mut settings = Settings::default();
+        settings.workloads.federation = "relayfed-system/acme".into();
+        let ctx = Context::new(client, settings, metrics, stores, distributor, Arc::new(move || now));
         // The API server holds the same CRs the informers saw.
         for r in resources {
             let (plural, value) = match r {

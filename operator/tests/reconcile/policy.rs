@@ -89,3 +89,28 @@ async fn a_peer_is_folded_into_its_main_relays_peers() {
     let st = s.api.calls().into_iter().find(|c| c.path == format!("{path}/status")).unwrap().body;
     assert_eq!(st["status"]["conditions"][0]["status"], "True", "{st}");
 }
+
+#[tokio::test]
+async fn another_federation_reusing_node_ids_never_reaches_the_served_one() {
+    // The example federation (served) at 40%, and a copy of it in another namespace at 42%:
+    // the same node ids, a key ("aaa/acme") that sorts first.
+    let (mut crs, _) = with_percentage(40);
+    let (other, _) = with_percentage(42);
+    for mut r in other {
+        let meta = match &mut r {
+            AnyResource::Federation(x) => &mut x.metadata,
+            AnyResource::Relay(x) => &mut x.metadata,
+            AnyResource::Peer(x) => &mut x.metadata,
+            AnyResource::RolloutPolicy(x) => &mut x.metadata,
+        };
+        meta.namespace = Some("aaa".into());
+        meta.uid = meta.uid.as_ref().map(|u| format!("other-{u}"));
+        crs.push(r);
+    }
+    let s = Scenario::new(&crs, t0());
+    relayfed_operator::k8s::replan::replan(&s.ctx, "aaa", "acme").unwrap();
+    relayfed_operator::k8s::replan::replan(&s.ctx, "relayfed-system", "acme").unwrap();
+    for node in ["hub-eu", "shop-eu"] {
+        assert_eq!(s.ctx.distributor.snapshot(node).unwrap().ech_policy.percentage, 40, "{node}");
+    }
+}
