@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 use relayfed_sidecar::config::keys::EchKeyFile;
 use relayfed_sidecar::config::{Role, Snapshot, base64_decode, base64_encode};
@@ -83,7 +84,12 @@ enum Command {
         cleanup: bool,
         /// Which iptables installs the rules: `nft` (iptables-nft), `legacy` (iptables-legacy)
         /// or `auto` (`iptables` as the image resolves it). Use the one the node's kube-proxy uses.
-        #[arg(long, default_value_t = relayfed_sidecar::intercept::rules::Backend::Auto)]
+        #[arg(
+            long,
+            default_value_t = relayfed_sidecar::intercept::rules::Backend::Auto,
+            value_parser = clap::builder::PossibleValuesParser::new(["auto", "nft", "legacy"])
+                .try_map(|s| s.parse::<relayfed_sidecar::intercept::rules::Backend>()),
+        )]
         iptables: relayfed_sidecar::intercept::rules::Backend,
     },
     /// Federation CA tooling (local mode and hosts outside Kubernetes).
@@ -298,8 +304,13 @@ fn init(
         anyhow::ensure!(rules::parse_cidr(c).is_some(), "{source}: exclude CIDR #{i} {c:?} is not an IP/prefix");
     }
     if dry_run {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
         for line in rules::dry_run(ic, imports, backend) {
-            println!("{line}");
+            // A reader that stops early (`| head`) is not an error.
+            if writeln!(out, "{line}").is_err() {
+                break;
+            }
         }
         return Ok(());
     }
