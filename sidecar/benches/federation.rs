@@ -36,7 +36,18 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let crs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scenarios/bench.yaml")).unwrap();
+    let mut crs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scenarios/bench.yaml")).unwrap();
+    // The homes measured at hub-m are in the plan like any other (a relay refuses homes the
+    // plan does not assign to it), each exporting a service of its own.
+    let n = 500;
+    for i in 0..n {
+        crs.push_str(&format!(
+            "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: mem-{i}, namespace: test}}\n\
+             spec: {{type: home, nodeId: mem-{i}, federation: bench, mainRelays: [{{nodeId: hub-m}}], \
+             exports: [{{name: svc-{i}, port: 80, target: 127.0.0.1:1}}]}}\n"
+        ));
+    }
 
     let tb = Testbed::new("bench.example").unwrap();
     let echo = echo_server().await;
@@ -45,8 +56,9 @@ async fn main() {
     for (_, path, _) in &files.mains {
         mains.push(start("main-relay", path).await);
     }
-    let server = start("home", &files.homes[1].1).await;
-    let client = start("home", &files.homes[0].1).await;
+    let home_file = |id: &str| files.homes.iter().find(|(h, _)| h == id).unwrap().1.clone();
+    let server = start("home", &home_file("server")).await;
+    let client = start("home", &home_file("client")).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while client.json("/federation/health").await["services"].as_u64().unwrap() < 1 {
         assert!(Instant::now() < deadline, "the client never saw the echo service");
@@ -74,23 +86,25 @@ async fn main() {
     // Memory per connected home at hub-m: RSS before and after 500 registered homes.
     let hub_m_pid = mains[2].child.id().unwrap();
     let hub_m: SocketAddr = files.mains[2].2;
-    let snap = Snapshot::load(&files.homes[0].1).unwrap();
+    let snap = Snapshot::load(&home_file("client")).unwrap();
     let ca = std::fs::read_to_string(&snap.tls.ca_file).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_kib(hub_m_pid);
-    let n = 500;
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut conns = Vec::new();
     for i in 0..n {
         let node = format!("mem-{i}");
-        let cert = tb.ca.issue(&node, Duration::from_secs(3600)).unwrap();
+        // Its certificate binds the Noise key it registers, as the plan's relays require.
+        let noise_key = tb.noise_key(&node).unwrap();
+        let public = relayfed_sidecar::config::decode_key32(&noise_key).unwrap();
+        let cert = tb.ca.issue_bound(&node, Duration::from_secs(3600), Some(&public)).unwrap();
         let id = HopIdentity::from_pem("bench.example", &node, &ca, &cert.cert_pem, &cert.key_pem).unwrap();
         endpoint.set_default_client_config(id.client_config(&Timeouts::default()).unwrap());
         let conn = endpoint.connect(hub_m, &id.server_name("hub-m")).unwrap().await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let reg = Control::Register {
             services: vec![Service { service: format!("svc-{i}"), port: 80, ech: true }],
-            noise_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+            noise_key,
             imports: Some(vec!["echo:7".into()]),
             standby: false,
             attached: 0,
