@@ -18,7 +18,7 @@ mod scenario;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use relayfed_e2e::procs::{eventually, get, round_trip};
+use relayfed_e2e::procs::{eventually, round_trip};
 use serde_json::Value;
 
 /// Panels over series only the operator in a cluster exports.
@@ -53,20 +53,9 @@ fn node(status: &Value, id: &str) -> Value {
     status["nodes"].as_array().unwrap().iter().find(|n| n["node"] == id).cloned().unwrap_or(Value::Null)
 }
 
-/// Samples of `expr` between `from` and now (a range query, 2 s steps): how many series.
+/// Samples of `expr` between `from` and now: how many series.
 async fn series(prometheus: std::net::SocketAddr, expr: &str, from: f64) -> Result<usize, String> {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64();
-    let path = format!(
-        "/api/v1/query_range?query={}&start={from:.3}&end={now:.3}&step=2",
-        relayfed_e2e::procs::url_encode(expr)
-    );
-    let out = get(prometheus, &path).await.map_err(|e| e.to_string())?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    let v: Value = serde_json::from_str(body).map_err(|e| format!("{e}: {out}"))?;
-    if v["status"] != "success" {
-        return Err(format!("{expr}: {body}"));
-    }
-    Ok(v["data"]["result"].as_array().map_or(0, Vec::len))
+    relayfed_e2e::procs::prometheus_series(prometheus, expr, from).await
 }
 
 /// A panel query as Grafana would send it with every variable at "All".

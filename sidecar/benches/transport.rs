@@ -200,36 +200,23 @@ async fn main() {
     let (tp, _, _) = stats(tput_plain);
     let (te, _, _) = stats(tput_ech);
 
+    let row = |what: &str, (p50, p99, mean): (f64, f64, f64)| {
+        println!("| {what} | {p50:.3} ms | {p99:.3} ms | {mean:.3} ms |");
+    };
     println!("| measurement | p50 | p99 | mean |");
     println!("|---|---|---|---|");
-    println!(
-        "| Noise XK handshake, both sides, in memory (2,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
-        noise.0, noise.1, noise.2
+    row("Noise XK handshake, both sides, in memory (2,000 runs)", noise);
+    row("HPKE seal + open of a route header (5,000 runs)", hpke);
+    row(&format!("first frame built, sealed (HPKE seal + encode; 5,000 runs; {sealed_len} bytes)"), sealed_frame);
+    row(
+        &format!(
+            "first frame built, plain with GREASE (the same sealing for its shape + envelope + encode; {greased_len} bytes)"
+        ),
+        greased_frame,
     );
-    println!(
-        "| HPKE seal + open of a route header (5,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
-        hpke.0, hpke.1, hpke.2
-    );
-    println!(
-        "| first frame built, sealed (HPKE seal + encode; 5,000 runs; {sealed_len} bytes) | {:.3} ms | {:.3} ms | {:.3} ms |",
-        sealed_frame.0, sealed_frame.1, sealed_frame.2
-    );
-    println!(
-        "| first frame built, plain with GREASE (the same sealing for its shape + envelope + encode; {greased_len} bytes) | {:.3} ms | {:.3} ms | {:.3} ms |",
-        greased_frame.0, greased_frame.1, greased_frame.2
-    );
-    println!(
-        "| stream setup home -> main -> home, ECH disabled (no GREASE), warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
-        off.0, off.1, off.2
-    );
-    println!(
-        "| stream setup home -> main -> home, plain with GREASE (outside the ECH cohort), warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
-        plain.0, plain.1, plain.2
-    );
-    println!(
-        "| stream setup home -> main -> home, ECH, warm hops (1,000 runs) | {:.3} ms | {:.3} ms | {:.3} ms |",
-        ech.0, ech.1, ech.2
-    );
+    row("stream setup home -> main -> home, ECH disabled (no GREASE), warm hops (1,000 runs)", off);
+    row("stream setup home -> main -> home, plain with GREASE (outside the ECH cohort), warm hops (1,000 runs)", plain);
+    row("stream setup home -> main -> home, ECH, warm hops (1,000 runs)", ech);
     println!("| ECH cost on stream setup over plain with GREASE (p50 difference) | {:.3} ms | | |", ech.0 - plain.0);
     println!(
         "| single-stream throughput home -> main -> home (512 MiB one way into a sink, median of 3), plain with GREASE | {tp:.0} MB/s | | |"

@@ -7,7 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use relayfed_operator::local::prometheus::Prometheus;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::injection::{Injector, create_pod};
 use crate::support::{Namespace, eventually, examples_in, operated, plane};
@@ -17,18 +17,10 @@ const OPERATOR_PANELS: &[&str] =
     &["Reconciles by kind and result", "Reconcile latency", "Webhook admissions", "Certificates issued"];
 
 /// How many series `expr` (variables at "All") returns over the last two minutes.
-async fn series(url: &str, expr: &str) -> Option<usize> {
+async fn series(prometheus: std::net::SocketAddr, expr: &str) -> Option<usize> {
     let expr = expr.replace("$federation", ".*").replace("$node", ".*").replace("$__rate_interval", "20s");
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs_f64();
-    let port: u16 = url.rsplit(':').next()?.parse().ok()?;
-    let path = format!(
-        "/api/v1/query_range?query={}&start={:.3}&end={now:.3}&step=2",
-        relayfed_e2e::procs::url_encode(&expr),
-        now - 120.0
-    );
-    let (_, body) = relayfed_test_cluster::http::get(port, &path).await.ok()?;
-    let v: Value = serde_json::from_str(&body).ok()?;
-    (v["status"] == "success").then(|| v["data"]["result"].as_array().map_or(0, Vec::len))
+    relayfed_e2e::procs::prometheus_series(prometheus, &expr, now - 120.0).await.ok()
 }
 
 #[tokio::test]
@@ -53,6 +45,7 @@ async fn the_operator_panels_have_data_from_a_real_operator_and_webhook() {
     let out = create_pod(&injected.name, "opted-in", json!({"relayfed.io/inject": "enabled"}));
     assert!(out.ok, "{}", out.stderr);
 
+    let address: std::net::SocketAddr = prometheus.url.trim_start_matches("http://").parse().unwrap();
     let dashboard = relayfed_dashboards::dashboards::control_plane();
     let queries: Vec<(String, String)> =
         dashboard.queries().into_iter().filter(|(title, _)| OPERATOR_PANELS.contains(&title.as_str())).collect();
@@ -63,10 +56,10 @@ async fn the_operator_panels_have_data_from_a_real_operator_and_webhook() {
     );
     for (title, expr) in &queries {
         eventually(&format!("samples for panel {title:?}: {expr}"), Duration::from_secs(90), || async {
-            series(&prometheus.url, expr).await.filter(|n| *n > 0)
+            series(address, expr).await.filter(|n| *n > 0)
         })
         .await;
     }
     // A misspelt metric returns nothing: the check above is not vacuous.
-    assert_eq!(series(&prometheus.url, "rate(relayfed_operator_reconcile_totals[20s])").await, Some(0));
+    assert_eq!(series(address, "rate(relayfed_operator_reconcile_totals[20s])").await, Some(0));
 }

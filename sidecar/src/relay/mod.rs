@@ -352,8 +352,8 @@ impl MainRelay {
         }
         let (decision, ech) = {
             let keys = self.ech_keys();
-            let homes = self.homes.read().ok();
-            let connected = |n: &str| homes.as_ref().is_some_and(|h| h.contains_key(n));
+            // Locked only for the lookup, not across the ECH open before it.
+            let connected = |n: &str| self.homes.read().is_ok_and(|h| h.contains_key(n));
             let ctx = RouteContext {
                 me: &self.identity.node_id,
                 live: &live,

@@ -201,13 +201,13 @@ pub(crate) fn route(sender: &Sender, header: RouteHeader, ctx: &RouteContext<'_>
     let at_ms = ctx.now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let mut path = header.path;
     path.push(PathEntry { node: me.to_owned(), at_ms });
-    let next = |body: RouteBody, grease| RouteHeader {
-        hop_limit: header.hop_limit - 1,
-        probe: header.probe,
-        trace_context: header.trace_context.clone(),
-        path: path.clone(),
-        body,
-        grease,
+    let (hop_limit, probe) = (header.hop_limit - 1, header.probe);
+    // The next hop's header takes this one's path and trace context (one decision per stream:
+    // built at most once).
+    let mut carried = Some((header.trace_context, path));
+    let mut next = |body: RouteBody, grease| {
+        let (trace_context, path) = carried.take().unwrap_or_default();
+        RouteHeader { hop_limit, probe, trace_context, path, body, grease }
     };
     let refuse = |code, msg: &str| Decision::Refuse(Refusal::new(code, msg));
     let (binding, route, ech) = match header.body {

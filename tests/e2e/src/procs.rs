@@ -132,8 +132,22 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     0.0
 }
 
-/// Percent-encodes `q` for a URL query value (a PromQL expression, say).
-pub fn url_encode(q: &str) -> String {
+/// How many series a Prometheus at `prometheus` returns for `expr` between `from` (Unix
+/// seconds) and now (a range query, 2 s steps); the error carries Prometheus' answer.
+pub async fn prometheus_series(prometheus: SocketAddr, expr: &str, from: f64) -> Result<usize, String> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let path = format!("/api/v1/query_range?query={}&start={from:.3}&end={now:.3}&step=2", url_encode(expr));
+    let out = get(prometheus, &path).await.map_err(|e| e.to_string())?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let v: Value = serde_json::from_str(body).map_err(|e| format!("{e}: {out}"))?;
+    if v["status"] != "success" {
+        return Err(format!("{expr}: {body}"));
+    }
+    Ok(v["data"]["result"].as_array().map_or(0, Vec::len))
+}
+
+/// Percent-encodes `q` for a URL query value.
+fn url_encode(q: &str) -> String {
     q.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
