@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kubectl, kwok, helm) from Go modules into a cache directory outside the work tree, keyed by
+# kube-proxy, kubectl, kwok, helm, CoreDNS) from Go modules into a cache directory outside the work tree, keyed by
 # the hash of the three go.mod/go.sum pairs and the Go version: a warm machine rebuilds nothing.
 # Prints the binary directory as its last line.
 set -euo pipefail
@@ -10,9 +10,10 @@ k8s_version="v1.36.3"
 
 key="$( (cat "$here"/go.mod "$here"/go.sum "$here"/kwok/go.mod "$here"/kwok/go.sum \
           "$here"/helm/go.mod "$here"/helm/go.sum "$here"/helm-docs/go.mod "$here"/helm-docs/go.sum \
+          "$here"/coredns/go.mod "$here"/coredns/go.sum "$here"/coredns/main.go \
           "$here"/build.sh; go version) | sha256sum | cut -c1-16)"
 bin="$cache_root/$key/bin"
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm helm-docs)
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl kwok helm helm-docs coredns)
 
 complete=1
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || complete=0; done
@@ -38,7 +39,7 @@ ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$k8s_version \
 echo "cluster: building the control plane $k8s_version into $bin (cold: ~15 min on 2 cores)" >&2
 (cd "$here" && go build -trimpath -ldflags "$ldflags" -o "$tmp/" \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+  k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kubectl)
 # etcd's main package is the module root: the binary comes out named `server`.
 (cd "$here" && go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
 (cd "$here/kwok" && go build -trimpath -ldflags "-s -w" -o "$tmp/kwok" sigs.k8s.io/kwok/cmd/kwok)
@@ -49,6 +50,8 @@ helm_k8s_minor="$(cd "$here/helm" && go list -m -f '{{.Version}}' k8s.io/client-
   -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$helm_k8s_minor \
   -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$helm_k8s_minor" \
   -o "$tmp/helm" helm.sh/helm/v3/cmd/helm)
+# CoreDNS with the kubernetes plugin: the two-cluster test's cluster DNS (tests/cluster/coredns).
+(cd "$here/coredns" && go build -trimpath -ldflags "-s -w" -o "$tmp/coredns" .)
 # helm-docs generates (and the chart test re-checks) the chart README's values table.
 (cd "$here/helm-docs" && go build -trimpath -ldflags "-s -w" -o "$tmp/helm-docs" github.com/norwoodj/helm-docs/cmd/helm-docs)
 # kwok's stage configuration ships in its module: fast node initialisation, heartbeats with

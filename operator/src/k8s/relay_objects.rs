@@ -189,6 +189,9 @@ pub fn deployment(r: &Relay, owner: &OwnerReference, settings: &Settings) -> Dep
             run_as_user: Some(65532),
             run_as_group: Some(65532),
             run_as_non_root: Some(true),
+            // The key files are 0400 and the kubelet writes them as root: the group it gives them
+            // (and group read) is the only way the relay's uid can open them.
+            fs_group: Some(65532),
             ..Default::default()
         }),
         automount_service_account_token: Some(false),
@@ -322,6 +325,10 @@ mod tests {
         // Arguments only: the image's ENTRYPOINT is relayfed-proxy.
         assert!(pod.containers[0].command.is_none());
         assert_eq!(pod.containers[0].args.as_ref().unwrap()[0], "main-relay");
+        // The key files are 0400: without the group the kubelet gives them, uid 65532 cannot
+        // read them (the two-cluster test found relays crash-looping on exactly that).
+        let sc = pod.security_context.unwrap();
+        assert_eq!((sc.run_as_user, sc.fs_group), (Some(65532), Some(65532)));
     }
 
     #[test]

@@ -4,8 +4,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `GET path` on 127.0.0.1:`port`: the status code and the body.
 pub async fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await?;
+    get_at("127.0.0.1", port, path).await
+}
+
+/// `GET path` on `host:port`: the status code and the body.
+pub async fn get_at(host: &str, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect((host, port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -20,7 +25,12 @@ pub async fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
 
 /// `GET path`; the body of a `200`, an error otherwise.
 pub async fn get_plain(port: u16, path: &str) -> anyhow::Result<String> {
-    match get(port, path).await? {
+    get_plain_at("127.0.0.1", port, path).await
+}
+
+/// `GET path` on `host:port`; the body of a `200`, an error otherwise.
+pub async fn get_plain_at(host: &str, port: u16, path: &str) -> anyhow::Result<String> {
+    match get_at(host, port, path).await? {
         (200, body) => Ok(body),
         (code, body) => anyhow::bail!("{path}: {code} {body}"),
     }

@@ -6,6 +6,7 @@
 pub mod build;
 pub mod http;
 pub mod kubeconfig;
+pub mod netns;
 pub mod pki;
 pub mod plane;
 pub mod ports;

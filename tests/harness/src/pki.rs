@@ -36,7 +36,8 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
 
 impl Pki {
     /// Generates every certificate and key into `dir`.
-    pub fn generate(dir: &Path, service_ip: &str) -> anyhow::Result<Self> {
+    /// `address` is where the components listen (named in the serving certificate).
+    pub fn generate(dir: &Path, service_ip: &str, address: &str) -> anyhow::Result<Self> {
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::default();
         ca.distinguished_name.push(DnType::CommonName, "relayfed-test-cluster-ca");
@@ -55,6 +56,9 @@ impl Pki {
         ])?;
         serving.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse()?));
         serving.subject_alt_names.push(SanType::IpAddress(service_ip.parse()?));
+        if address != "127.0.0.1" {
+            serving.subject_alt_names.push(SanType::IpAddress(address.parse()?));
+        }
         serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
         let serving_cert = serving.signed_by(&serving_key, &issuer)?;
 

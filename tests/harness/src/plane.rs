@@ -32,6 +32,14 @@ pub struct Options {
     pub service_cidr: String,
     /// Pod CIDR kwok hands out pod IPs from.
     pub pod_cidr: String,
+    /// Run every component inside this network namespace (a node of [`crate::netns`]) instead
+    /// of the test's own.
+    pub netns: Option<String>,
+    /// The address every component listens on (and the API server advertises: the
+    /// `kubernetes` Service's endpoint).
+    pub address: String,
+    /// Start kwok for `nodes`; without it the caller brings its own nodes (a pod runner).
+    pub kwok: bool,
 }
 
 impl Default for Options {
@@ -42,6 +50,9 @@ impl Default for Options {
             dir: None,
             service_cidr: "10.96.0.0/16".to_owned(),
             pod_cidr: "10.244.0.0/16".to_owned(),
+            netns: None,
+            address: "127.0.0.1".to_owned(),
+            kwok: true,
         }
     }
 }
@@ -53,7 +64,7 @@ pub struct Endpoints {
     pub dir: PathBuf,
     /// Admin kubeconfig (`system:masters`).
     pub kubeconfig: PathBuf,
-    /// `https://127.0.0.1:<port>` of the API server.
+    /// `https://<address>:<port>` of the API server.
     pub server: String,
     /// The CA of every serving certificate (PEM path).
     pub ca_cert: PathBuf,
@@ -156,10 +167,12 @@ fn s(v: impl std::fmt::Display) -> String {
 async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> anyhow::Result<Endpoints> {
     let t0 = Instant::now();
     let service_ip = first_service_ip(&opts.service_cidr)?;
-    let pki = Pki::generate(dir, &service_ip)?;
+    let addr = opts.address.as_str();
+    let pki = Pki::generate(dir, &service_ip, addr)?;
     let (etcd_port, etcd_peer, api_port, cm_port, sched_port) =
         (free_port()?, free_port()?, free_port()?, free_port()?, free_port()?);
-    let server = format!("https://127.0.0.1:{api_port}");
+    let server = format!("https://{addr}:{api_port}");
+    let ns = opts.netns.as_deref();
     let kubeconfig = crate::kubeconfig::write_admin(dir, &opts.name, &server, &pki)?;
     let p = |x: &Path| x.display().to_string();
 
@@ -173,9 +186,10 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
          - level: Metadata\n",
     )?;
     let audit_log = dir.join("audit.log");
-    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let etcd_url = format!("http://{addr}:{etcd_port}");
     let peer_url = format!("http://127.0.0.1:{etcd_peer}");
-    procs.push(Proc::spawn(
+    procs.push(Proc::spawn_in(
+        ns,
         "etcd",
         &bin.join("etcd"),
         &[
@@ -192,17 +206,21 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
         dir,
     )?);
     wait(procs, "etcd /health", Duration::from_secs(30), || async {
-        crate::http::get_plain(etcd_port, "/health").await.is_ok_and(|b| b.contains("\"health\":\"true\""))
+        crate::http::get_plain_at(addr, etcd_port, "/health").await.is_ok_and(|b| b.contains("\"health\":\"true\""))
     })
     .await?;
 
-    procs.push(Proc::spawn(
+    // With nodes of its own (no kwok), the `kubernetes` Service gets the advertised address as
+    // its endpoint, as in a real cluster; kwok's fake pods never call it.
+    let reconciler = if opts.kwok { "none" } else { "lease" };
+    procs.push(Proc::spawn_in(
+        ns,
         "kube-apiserver",
         &bin.join("kube-apiserver"),
         &[
             s(format_args!("--etcd-servers={etcd_url}")),
-            s("--bind-address=127.0.0.1"),
-            s("--advertise-address=127.0.0.1"),
+            s(format_args!("--bind-address={addr}")),
+            s(format_args!("--advertise-address={addr}")),
             s(format_args!("--secure-port={api_port}")),
             s(format_args!("--tls-cert-file={}", p(&pki.serving_cert))),
             s(format_args!("--tls-private-key-file={}", p(&pki.serving_key))),
@@ -213,7 +231,7 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
             s("--authorization-mode=Node,RBAC"),
             s(format_args!("--service-cluster-ip-range={}", opts.service_cidr)),
             s("--allow-privileged=true"),
-            s("--endpoint-reconciler-type=none"),
+            s(format_args!("--endpoint-reconciler-type={reconciler}")),
             s("--profiling=false"),
             s(format_args!("--cert-dir={}", p(&dir.join("apiserver-certs")))),
             s(format_args!("--audit-policy-file={}", p(&audit_policy))),
@@ -241,7 +259,7 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
             s(format_args!("--authentication-kubeconfig={}", p(&kubeconfig))),
             s(format_args!("--authorization-kubeconfig={}", p(&kubeconfig))),
             s("--leader-elect=false"),
-            s("--bind-address=127.0.0.1"),
+            s(format_args!("--bind-address={addr}")),
             s(format_args!("--secure-port={port}")),
             s(format_args!("--tls-cert-file={}", p(&pki.serving_cert))),
             s(format_args!("--tls-private-key-file={}", p(&pki.serving_key))),
@@ -261,10 +279,10 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
         // NotReady every cycle, which marks every pod NotReady for good (kwok does not make
         // them Ready again) — Deployments lost their ready replicas mid-test.
     ]);
-    procs.push(Proc::spawn("kube-controller-manager", &bin.join("kube-controller-manager"), &cm_args, dir)?);
-    procs.push(Proc::spawn("kube-scheduler", &bin.join("kube-scheduler"), &common(sched_port), dir)?);
+    procs.push(Proc::spawn_in(ns, "kube-controller-manager", &bin.join("kube-controller-manager"), &cm_args, dir)?);
+    procs.push(Proc::spawn_in(ns, "kube-scheduler", &bin.join("kube-scheduler"), &common(sched_port), dir)?);
     for (what, port) in [("kube-controller-manager /healthz", cm_port), ("kube-scheduler /healthz", sched_port)] {
-        let c = crate::kubeconfig::client_at(&kubeconfig, &format!("https://127.0.0.1:{port}")).await?;
+        let c = crate::kubeconfig::client_at(&kubeconfig, &format!("https://{addr}:{port}")).await?;
         wait(procs, what, Duration::from_secs(60), || {
             let c = c.clone();
             async move {
@@ -283,6 +301,19 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
     })
     .await?;
 
+    if !opts.kwok {
+        return Ok(Endpoints {
+            dir: dir.to_owned(),
+            kubeconfig,
+            server,
+            ca_cert: pki.ca_cert.clone(),
+            sa_key: pki.sa_key.clone(),
+            audit_log,
+            bin: bin.to_owned(),
+            pids: procs.iter().map(|p| (p.name.clone(), p.pid())).collect(),
+            ready_after: t0.elapsed(),
+        });
+    }
     procs.push(Proc::spawn(
         "kwok",
         &bin.join("kwok"),

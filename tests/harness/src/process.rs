@@ -23,6 +23,18 @@ impl Proc {
         Self::spawn_with_env(name, bin, args, &[], dir)
     }
 
+    /// [`Proc::spawn`] inside network namespace `netns` (`ip netns exec`) when given.
+    pub fn spawn_in(netns: Option<&str>, name: &str, bin: &Path, args: &[String], dir: &Path) -> anyhow::Result<Self> {
+        match netns {
+            None => Self::spawn(name, bin, args, dir),
+            Some(ns) => {
+                let mut all = vec!["netns".to_owned(), "exec".to_owned(), ns.to_owned(), bin.display().to_string()];
+                all.extend(args.iter().cloned());
+                Self::spawn(name, Path::new("ip"), &all, dir)
+            }
+        }
+    }
+
     /// [`Proc::spawn`] with extra environment variables.
     pub fn spawn_with_env(
         name: &str,

@@ -1,0 +1,401 @@
+//! The two-cluster bed: node namespaces, control planes, kube-proxy, the pod runner, the image
+//! map, and the user's steps (helm, kubectl) against each cluster.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use relayfed_test_cluster::netns::NodeNs;
+use relayfed_test_cluster::process::Proc;
+use relayfed_test_cluster::{ControlPlane, Options};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Unpacks the relayfed images (`make images`) and writes the image map: the two relayfed
+/// images run from their unpacked root filesystems; CoreDNS and the test app are programs of
+/// this machine.
+pub fn image_map() -> PathBuf {
+    let images =
+        PathBuf::from(std::env::var("RELAYFED_IMAGES").expect("RELAYFED_IMAGES: the directory `make images` writes"));
+    let out = relayfed_test_cluster::run_dir("e2e-images").unwrap();
+    let runner = env!("CARGO_BIN_EXE_relayfed-pod-runner");
+    let mut map = Vec::new();
+    for (image, repository) in
+        [("relayfed", "ghcr.io/relayfed/relayfed"), ("relayfed-proxy", "ghcr.io/relayfed/relayfed-proxy")]
+    {
+        let archive = std::fs::read_dir(&images)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with(&format!("{image}-"))
+                    && name.ends_with(".oci.tar")
+                    && name[image.len() + 1..].chars().next().is_some_and(|c| c.is_ascii_digit())
+            })
+            .unwrap_or_else(|| panic!("no {image}-<version>.oci.tar in {}: run `make images`", images.display()));
+        let got = std::process::Command::new(runner)
+            .args(["unpack", &archive.display().to_string(), "--repository", repository, "--out"])
+            .arg(out.join(image))
+            .output()
+            .unwrap();
+        assert!(got.status.success(), "unpacking {}: {}", archive.display(), String::from_utf8_lossy(&got.stderr));
+        map.push(serde_json::from_slice::<Value>(&got.stdout).unwrap());
+    }
+    let bin = relayfed_test_cluster::build::bin_dir().unwrap();
+    map.push(json!({"repository": "registry.k8s.io/coredns/coredns", "entrypoint": [bin.join("coredns")]}));
+    map.push(json!({"repository": "relayfed.test/app", "entrypoint": [env!("CARGO_BIN_EXE_relayfed-test-app")]}));
+    let path = out.join("images.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&map).unwrap()).unwrap();
+    path
+}
+
+/// One cluster: a node namespace holding its control plane, kube-proxy and pod runner.
+pub struct Cluster {
+    /// `a` or `b`.
+    pub name: &'static str,
+    /// Processes of the node (dropped first: they use the plane and the namespace).
+    procs: Vec<Proc>,
+    /// The control plane.
+    pub plane: ControlPlane,
+    /// The node's namespace (dropped last).
+    pub node: NodeNs,
+    /// The pod runner's directory (pods, volumes, container logs).
+    pub runner_dir: PathBuf,
+}
+
+impl Cluster {
+    /// Starts clusters `a` and `b` and links their nodes.
+    pub fn pair(images: &Path) -> (Self, Self) {
+        let (na, nb) = (NodeNs::create("rf2c-a", 1).unwrap(), NodeNs::create("rf2c-b", 2).unwrap());
+        NodeNs::link(&na, &nb).unwrap();
+        (Self::start("a", na, images), Self::start("b", nb, images))
+    }
+
+    fn start(name: &'static str, node: NodeNs, images: &Path) -> Self {
+        let plane = ControlPlane::start(Options {
+            name: format!("e2e-{name}"),
+            nodes: vec![],
+            netns: Some(node.name.clone()),
+            address: node.address.clone(),
+            kwok: false,
+            pod_cidr: node.pod_cidr.clone(),
+            ..Options::default()
+        })
+        .unwrap_or_else(|e| panic!("cluster {name}: the control plane did not start: {e:#}"));
+        let s = |v: &str| v.to_owned();
+        let kubeconfig = plane.kubeconfig.display().to_string();
+        let node_name = format!("node-{name}");
+        let kube_proxy = Proc::spawn_in(
+            Some(&node.name),
+            "kube-proxy",
+            &plane.bin.join("kube-proxy"),
+            &[
+                format!("--kubeconfig={kubeconfig}"),
+                format!("--hostname-override={node_name}"),
+                s("--proxy-mode=iptables"),
+                format!("--cluster-cidr={}", node.pod_cidr),
+                // Leave the machine's conntrack table size alone (it is not per namespace).
+                s("--conntrack-max-per-core=0"),
+                format!("--metrics-bind-address={}:10249", node.address),
+                format!("--healthz-bind-address={}:10256", node.address),
+            ],
+            &plane.dir,
+        )
+        .unwrap();
+        let runner_dir = plane.dir.join("pod-runner");
+        let runner = Proc::spawn_in(
+            Some(&node.name),
+            "pod-runner",
+            Path::new(env!("CARGO_BIN_EXE_relayfed-pod-runner")),
+            &[
+                s("run"),
+                format!("--kubeconfig={kubeconfig}"),
+                format!("--node={node_name}"),
+                format!("--node-ip={}", node.address),
+                format!("--pod-cidr={}", node.pod_cidr),
+                format!("--images={}", images.display()),
+                format!("--dir={}", runner_dir.display()),
+                format!("--netns-prefix=rf2c-{name}-pod"),
+            ],
+            &plane.dir,
+        )
+        .unwrap();
+        Self { name, procs: vec![kube_proxy, runner], plane, node, runner_dir }
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> kube::Client {
+        self.plane.client().await.unwrap()
+    }
+
+    fn state(&self) -> String {
+        let pods = self.plane.kubectl(&["get", "pods", "-A", "-o", "wide"]).map(|r| r.stdout).unwrap_or_default();
+        let logs: String =
+            self.procs.iter().map(|p| format!("--- {} log ends:\n{}\n", p.name, p.log_tail(15))).collect();
+        format!("cluster {}:\n{pods}{logs}", self.name)
+    }
+
+    /// `kubectl apply -f path`.
+    pub fn apply(&self, path: &Path) {
+        let out = self.plane.kubectl(&["apply", "-f", &path.display().to_string()]).unwrap();
+        assert!(out.ok, "cluster {}: kubectl apply -f {}: {}{}", self.name, path.display(), out.stdout, out.stderr);
+    }
+
+    /// `kubectl args...`, which must succeed.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.plane.kubectl(args).unwrap();
+        assert!(out.ok, "cluster {}: kubectl {args:?}: {}{}", self.name, out.stdout, out.stderr);
+        out.stdout
+    }
+
+    /// CoreDNS behind kube-dns (10.96.0.10), Ready.
+    pub async fn install_dns(&self) {
+        self.wait_node().await;
+        self.apply(&repo().join("tests/podrunner/manifests/coredns.yaml"));
+        self.wait_ready("kube-system", "k8s-app=kube-dns").await;
+    }
+
+    async fn wait_node(&self) {
+        let nodes: Api<Node> = Api::all(self.client().await);
+        self.eventually("the pod runner's node Ready", || {
+            let nodes = nodes.clone();
+            async move {
+                let n = nodes.get_opt(&format!("node-{}", self.name)).await.ok()??;
+                n.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// The user's install: the CRD chart (with the MCS CRDs), then the chart, with helm.
+    pub async fn install_relayfed(&self) {
+        let helm = |args: &[&str]| {
+            let out = self.plane.helm(args).unwrap();
+            assert!(out.ok, "cluster {}: helm {args:?}: {}{}\n{}", self.name, out.stdout, out.stderr, self.state());
+        };
+        let charts = repo().join("charts");
+        helm(&[
+            "install",
+            "relayfed-crds",
+            &charts.join("relayfed-crds").display().to_string(),
+            "--set",
+            "multicluster.installCRDs=true",
+            "--wait",
+        ]);
+        helm(&[
+            "install",
+            "relayfed",
+            &charts.join("relayfed").display().to_string(),
+            "--namespace",
+            "relayfed-system",
+            "--create-namespace",
+            "--set",
+            "operator.replicas=1",
+            "--set",
+            "injection.webhook.replicas=1",
+            "--set",
+            "operator.federation=relayfed-system/shop",
+            "--wait",
+            "--timeout",
+            "4m",
+        ]);
+    }
+
+    /// Polls `check` (every 250 ms) until it yields, for up to 3 minutes; panics with the
+    /// cluster's pods and node logs otherwise.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + super::WAIT;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "cluster {}: timed out waiting for {what}\n{}", self.name, self.state());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits for Secret `ns/name` and returns it as JSON.
+    pub async fn wait_for_secret(&self, ns: &str, name: &str) -> Secret {
+        let api: Api<Secret> = Api::namespaced(self.client().await, ns);
+        self.eventually(&format!("Secret {ns}/{name}"), || {
+            let api = api.clone();
+            async move { api.get_opt(name).await.ok().flatten() }
+        })
+        .await
+    }
+
+    /// Creates a copy of `secret` (data, labels, annotations) here.
+    pub fn copy_secret_from(&self, secret: &Secret) {
+        let m = &secret.metadata;
+        let copy = json!({
+            "apiVersion": "v1", "kind": "Secret", "type": secret.type_,
+            "metadata": {"name": m.name, "namespace": m.namespace, "labels": m.labels, "annotations": m.annotations},
+            "data": secret.data, "immutable": secret.immutable,
+        });
+        let out = self.plane.kubectl_stdin(&["apply", "-f", "-"], &copy.to_string()).unwrap();
+        assert!(out.ok, "cluster {}: copying Secret {:?}: {}", self.name, m.name, out.stderr);
+    }
+
+    /// The LoadBalancer controller's part: once the relay's Service exists, gives it `ip`
+    /// (kube-proxy then forwards that address; the other node routes it over the WAN link).
+    pub async fn assign_load_balancer(&self, service: &str, ip: &str) {
+        let api: Api<Service> = Api::namespaced(self.client().await, "relayfed-system");
+        self.eventually(&format!("Service {service}"), || {
+            let api = api.clone();
+            async move { api.get_opt(service).await.ok().flatten() }
+        })
+        .await;
+        let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
+        api.patch_status(service, &PatchParams::default(), &Patch::Merge(status)).await.unwrap();
+    }
+
+    /// Waits until at least one pod matches `selector` in `ns` and all that do are Ready.
+    pub async fn wait_ready(&self, ns: &str, selector: &str) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client().await, ns);
+        self.eventually(&format!("pods {selector} in {ns} Ready"), || {
+            let api = api.clone();
+            async move {
+                let pods = api.list(&ListParams::default().labels(selector)).await.ok()?.items;
+                let live: Vec<Pod> = pods.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+                let ready = |p: &Pod| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                };
+                (!live.is_empty() && live.iter().all(ready)).then_some(live)
+            }
+        })
+        .await
+    }
+
+    /// The log of container `container` of pod `ns/name` (every restart), as the runner keeps it.
+    pub fn pod_log(&self, ns: &str, name: &str, container: &str) -> PodLog<'_> {
+        PodLog { cluster: self, prefix: format!("{ns}_{name}_"), container: container.to_owned() }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The runner first (it removes the pods' namespaces on SIGTERM), then kube-proxy.
+        for p in self.procs.iter_mut() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &p.pid().to_string()]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && self.procs.iter_mut().any(|p| p.exited().is_none()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.procs.clear();
+    }
+}
+
+/// One call of the test app's client (a JSON line).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Call {
+    /// Unix ms.
+    pub t: u64,
+    /// Answered with 200.
+    pub ok: bool,
+    /// Duration, µs.
+    pub us: u64,
+    /// The answering pod.
+    pub pod: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A container's log in the pod runner's directory.
+pub struct PodLog<'a> {
+    cluster: &'a Cluster,
+    prefix: String,
+    container: String,
+}
+
+impl PodLog<'_> {
+    /// Every call logged so far, oldest first.
+    pub fn calls(&self) -> Vec<Call> {
+        let mut calls = Vec::new();
+        let pods = self.cluster.runner_dir.join("pods");
+        for e in std::fs::read_dir(&pods).into_iter().flatten().flatten() {
+            if !e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                continue;
+            }
+            let dir = e.path().join("logs").join(&self.container);
+            let mut files: Vec<PathBuf> =
+                std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|f| f.path()).collect();
+            files.sort();
+            for f in files {
+                let text = std::fs::read_to_string(&f).unwrap_or_default();
+                calls.extend(text.lines().filter_map(|l| serde_json::from_str::<Call>(l).ok()));
+            }
+        }
+        calls.sort_by_key(|c| c.t);
+        calls
+    }
+
+    /// Waits until `done` holds for the calls logged so far; panics with the last errors and
+    /// the cluster's state otherwise.
+    pub async fn wait_for(&self, limit: Duration, done: impl Fn(&[Call]) -> bool) -> Vec<Call> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let calls = self.calls();
+            if done(&calls) {
+                return calls;
+            }
+            if Instant::now() > deadline {
+                let errors: Vec<String> = calls.iter().rev().take(5).filter_map(|c| c.error.clone()).collect();
+                panic!(
+                    "the client's calls did not get there in {limit:?} ({} calls, last errors: {errors:#?})\n{}",
+                    calls.len(),
+                    self.cluster.state()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// Prints the resident memory of every relayfed process of the clusters.
+pub fn report_rss(clusters: &[&Cluster]) {
+    for c in clusters {
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let argv: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let Some(exe) = argv.first() else { continue };
+            if !exe.ends_with("/relayfed") && !exe.ends_with("/relayfed-proxy") {
+                continue;
+            }
+            // Only this cluster's: its pods' namespaces carry its prefix.
+            let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+            let ours = std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten().any(|n| {
+                n.file_name().to_string_lossy().starts_with(&format!("rf2c-{}-pod", c.name))
+                    && std::fs::metadata(n.path()).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                        == ns.as_ref().and_then(|l| {
+                            l.to_string_lossy().trim_start_matches("net:[").trim_end_matches(']').parse::<u64>().ok()
+                        })
+            });
+            if ours {
+                let rss = relayfed_test_cluster::process::rss_bytes(pid);
+                eprintln!(
+                    "cluster {}: {} {:.1} MiB",
+                    c.name,
+                    argv[..argv.len().min(3)].join(" "),
+                    rss as f64 / 1048576.0
+                );
+            }
+        }
+    }
+}
