@@ -231,6 +231,10 @@ pub struct RelayStatus {
     /// Config id of the current ECH key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_config_id: Option<u8>,
+    /// The federation CA's signature over `echConfigList` (base64, docs/protocol.md §5.6): lets
+    /// homes of other clusters of the federation seal to this relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech_config_signature: Option<String>,
     /// RFC 3339 time of the last ECH key rotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_key_rotation: Option<String>,

@@ -97,6 +97,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl HopIdentity {
+    /// The federation CA certificates this identity trusts (DER).
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
     /// Loads the identity named by a snapshot.
     pub fn load(snap: &Snapshot) -> Result<Self, TlsError> {
         let pass = snap.passphrase().map_err(|e| TlsError::Identity(e.to_string()))?;

@@ -275,6 +275,10 @@ async fn apply(relay: &Relay, ctx: &Context, name: &str, namespace: &str) -> Res
             .map_err(|e| ReconcileError::Keys(e.to_string()))?;
         let list = set.config_list().map_err(|e| ReconcileError::Keys(e.to_string()))?;
         status.insert("echConfigList".into(), base64_encode(&list).into());
+        // Signed with the federation CA: homes of the federation's other clusters, which get
+        // this config through relays, seal to it only because of this signature (§5.6).
+        let signature = ca.ca.sign_ech_config(&node, &list).map_err(|e| ReconcileError::Keys(e.to_string()))?;
+        status.insert("echConfigSignature".into(), base64_encode(&signature).into());
         status.insert("echConfigId".into(), outcome.state.file.current.config_id.into());
         status.insert("lastKeyRotation".into(), rfc3339(outcome.state.current_since).into());
 

@@ -190,6 +190,7 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
         imports: vec![],
         ech_policy: ech.clone(),
         ech_configs: BTreeMap::new(),
+        ech_announcement: None,
         intercept: None,
         peers: vec![],
         registry: RegistryConfig { ttl_seconds: fed.spec.registry_ttl.get().as_secs(), refresh_seconds: None },
@@ -347,6 +348,7 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
         }
     }
     set_ech_configs(&mut snapshots, &published_ech_configs(&mains, &members));
+    set_ech_announcements(&mut snapshots, &mains);
     assign_homes(&mut snapshots);
     for s in snapshots.values_mut() {
         placement.finish(s);
@@ -377,6 +379,21 @@ fn published_ech_configs(
         }
     }
     out
+}
+
+/// Gives each main relay its CA-signed ECH config from its status (the operator signs what it
+/// publishes), which it announces to its peers (§5.6). Replicas running as their own mesh
+/// members (`<nodeId>-<i>`) announce none: the signature names the relay's node id.
+fn set_ech_announcements(snapshots: &mut BTreeMap<String, Snapshot>, mains: &[&Relay]) {
+    for m in mains {
+        let status = m.status.as_ref();
+        let list = status.and_then(|s| s.ech_config_list.clone());
+        let signature = status.and_then(|s| s.ech_config_signature.clone());
+        if let (Some(ech_config_list), Some(signature), Some(s)) = (list, signature, snapshots.get_mut(&m.spec.node_id))
+        {
+            s.ech_announcement = Some(relayfed_proto::config::SignedEchConfig { ech_config_list, signature });
+        }
+    }
 }
 
 fn relay_name(mains: &[&Relay], node: &str) -> String {

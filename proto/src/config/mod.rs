@@ -385,6 +385,11 @@ pub struct Snapshot {
     /// ECH rollout (home nodes, as origin).
     #[serde(default)]
     pub ech_policy: EchPolicy,
+    /// This main relay's published ECHConfigList with the federation CA's signature
+    /// (docs/protocol.md §5.6), announced to peers in `peerHello` and passed on by them to
+    /// their homes, which seal to it once the signature verifies (main relays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech_announcement: Option<SignedEchConfig>,
     /// The ECHConfigList (base64) of every main relay of the federation that has ECH keys, by
     /// node id (home nodes). The only ECH configs a home seals to: this snapshot comes from
     /// the CA-authenticated config distribution, so no relay on the path can substitute,
@@ -508,6 +513,16 @@ impl Snapshot {
             })
             .collect()
     }
+}
+
+/// An ECHConfigList and the federation CA's signature over it (docs/protocol.md §5.6).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignedEchConfig {
+    /// The ECHConfigList, base64.
+    pub ech_config_list: String,
+    /// ECDSA P-256 / SHA-256 signature (ASN.1 DER), base64.
+    pub signature: String,
 }
 
 /// Standard base64 decode.

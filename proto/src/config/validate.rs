@@ -69,6 +69,16 @@ impl Snapshot {
             crate::protocol::EchConfigList::decode(&bytes)
                 .map_err(|e| invalid(format!("echConfigs.{main}"), e.to_string()))?;
         }
+        if let Some(a) = &self.ech_announcement {
+            if self.node.role != Role::Main {
+                return Err(invalid("echAnnouncement", "only main relays announce an ECH config"));
+            }
+            let bytes = base64_decode(&a.ech_config_list)
+                .ok_or_else(|| invalid("echAnnouncement.echConfigList", "not base64"))?;
+            crate::protocol::EchConfigList::decode(&bytes)
+                .map_err(|e| invalid("echAnnouncement.echConfigList", e.to_string()))?;
+            base64_decode(&a.signature).ok_or_else(|| invalid("echAnnouncement.signature", "not base64"))?;
+        }
         if let Some(ic) = &self.intercept {
             if self.node.role != Role::Home {
                 return Err(invalid("intercept", "only home nodes intercept application traffic"));

@@ -150,6 +150,11 @@ impl FederationCa {
         })
     }
 
+    /// The CA's own key (signatures other than certificates: ECH configs).
+    pub(crate) fn signing_key(&self) -> &KeyPair {
+        self.issuer.key()
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain

@@ -2,4 +2,5 @@
 
 pub mod ca;
 pub mod ech;
+pub mod ech_signature;
 pub mod noise;

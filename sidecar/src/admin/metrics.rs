@@ -74,6 +74,12 @@ pub struct Metrics {
     /// ECH outcomes by `outcome`: attempted, accepted, retried, fallback, failed,
     /// retry_refused, downgrade, grease (origins); opened, retry_sent, decrypt_failed (relays).
     pub ech: Family<L1, Counter>,
+    /// Route headers a relay received, by `envelope` (plain, sealed, grease): after an ECH
+    /// rollout reaches 100%, plain stops growing.
+    pub route_headers: Family<L1, Counter>,
+    /// CA-signed ECH configs of other clusters' relays a home checked, by `result`
+    /// (accepted, invalid; docs/protocol.md §5.6).
+    pub ech_signed_configs: Family<L1, Counter>,
     /// Hop handshake latency at the dialing side.
     pub hop_handshake_seconds: Histogram,
     /// End-to-end Noise handshakes by `result` (ok, failed).
@@ -283,6 +289,22 @@ impl Metrics {
             hop_handshake_seconds.clone(),
         );
         reg(&mut registry, true, "relayfed_ech_streams", "ECH outcomes per stream", ech.clone());
+        let route_headers = Family::<L1, Counter>::default();
+        reg(
+            &mut registry,
+            relay,
+            "relayfed_route_headers",
+            "Route headers received by envelope (plain, sealed, grease)",
+            route_headers.clone(),
+        );
+        let ech_signed_configs = Family::<L1, Counter>::default();
+        reg(
+            &mut registry,
+            proxy,
+            "relayfed_ech_signed_configs",
+            "CA-signed ECH configs of other clusters' main relays checked, by result",
+            ech_signed_configs.clone(),
+        );
         reg(
             &mut registry,
             proxy,
@@ -349,6 +371,12 @@ impl Metrics {
         for o in origin_outcomes.iter().filter(|_| proxy).chain(relay_outcomes.iter().filter(|_| relay)) {
             let _ = ech.get_or_create(&[("outcome", o)]);
         }
+        for e in ["plain", "sealed", "grease"].iter().filter(|_| relay) {
+            let _ = route_headers.get_or_create(&[("envelope", e)]);
+        }
+        for r in ["accepted", "invalid"].iter().filter(|_| proxy) {
+            let _ = ech_signed_configs.get_or_create(&[("result", r)]);
+        }
         for r in ["ok", "failed", "key_unverified"] {
             let _ = e2e_handshakes.get_or_create(&[("result", r)]);
         }
@@ -384,6 +412,8 @@ impl Metrics {
             hop_handshakes,
             hop_handshake_seconds,
             ech,
+            route_headers,
+            ech_signed_configs,
             e2e_handshakes,
             e2e_handshake_seconds,
             stream_setup_seconds,

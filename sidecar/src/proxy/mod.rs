@@ -53,6 +53,10 @@ pub struct HomeNode {
     /// ECH configs by main relay, from the authenticated snapshot only (never from views or
     /// retry configs, which arrive through relays that must not choose the key).
     ech_configs: RwLock<HashMap<String, EchConfigList>>,
+    /// ECH configs of main relays the snapshot does not list (another cluster's), learned from
+    /// views and used only because the federation CA signed them (§5.6): by main relay,
+    /// (list, signature) as received and the decoded list.
+    signed_ech: RwLock<HashMap<String, ((String, String), EchConfigList)>>,
     /// The active main relay link (outbound calls use it; `None` between losing one and
     /// electing the next).
     conn: watch::Sender<Option<(String, quinn::Connection)>>,
@@ -163,6 +167,7 @@ impl HomeNode {
             exports: snap.exports.clone(),
             imports: snap.imports.iter().map(|i| (i.service.clone(), i.port)).collect(),
             ech_configs: RwLock::new(snap.ech_config_lists()),
+            signed_ech: RwLock::new(HashMap::new()),
             conn,
             uplinks: Default::default(),
             attach_stamp: Default::default(),

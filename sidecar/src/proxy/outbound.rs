@@ -121,8 +121,12 @@ impl HomeNode {
         &self,
         main: &str,
     ) -> Option<(crate::protocol::EchConfig, crate::protocol::ech_config::CipherSuite)> {
-        let configs = self.ech_configs.read().ok()?;
-        configs.get(main)?.first_usable().map(|(c, s)| (c.clone(), s))
+        // The snapshot's config first; another cluster's relay only by its CA-signed config.
+        if let Some(found) = self.ech_configs.read().ok()?.get(main) {
+            return found.first_usable().map(|(c, s)| (c.clone(), s));
+        }
+        let signed = self.signed_ech.read().ok()?;
+        signed.get(main)?.1.first_usable().map(|(c, s)| (c.clone(), s))
     }
 
     /// The destination of a stream for `import`: fixed in config, or picked from the view.

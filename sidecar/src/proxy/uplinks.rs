@@ -384,8 +384,10 @@ impl HomeNode {
     fn apply_view(&self, (mains, entries): (std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)) {
         self.metrics.propagation.get_or_create(&[("event", "view_received")]).inc();
         self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
-        // The view's ECH configs are not used: the relay that sends the view could choose
-        // them. ECH configs come from the authenticated snapshot alone.
+        // A view's ECH config is used only for a main relay the snapshot does not list and only
+        // when the federation CA signed it (§5.6): the relay that sends the view could choose
+        // anything else.
+        self.learn_signed_ech(&mains);
         // Breakers and balancing state are kept for the registrations callers use. One that
         // stops being current (its home moved to another relay, or the relay was withdrawn)
         // starts afresh when it is current again: its failures were the old path's (a hung
@@ -399,6 +401,53 @@ impl HomeNode {
         if let Ok(mut v) = self.view.write() {
             *v = (mains, entries);
         }
+    }
+
+    /// Verifies the CA-signed ECH configs of a view (once per config) and keeps those that
+    /// verify for main relays the snapshot has no config of.
+    fn learn_signed_ech(&self, mains: &std::collections::BTreeMap<String, MainInfo>) {
+        let known: Vec<String> = self.ech_configs.read().map(|c| c.keys().cloned().collect()).unwrap_or_default();
+        let previous = self.signed_ech.read().map(|s| s.clone()).unwrap_or_default();
+        let mut next = HashMap::new();
+        for (main, info) in mains {
+            let (Some(list), Some(sig)) = (&info.ech_config_list, &info.ech_signature) else { continue };
+            if known.contains(main) {
+                continue;
+            }
+            let pair = (list.clone(), sig.clone());
+            if let Some(p) = previous.get(main).filter(|p| p.0 == pair) {
+                next.insert(main.clone(), p.clone());
+                continue;
+            }
+            match self.verify_signed_ech(main, list, sig) {
+                Ok(parsed) => {
+                    self.metrics.ech_signed_configs.get_or_create(&[("result", "accepted")]).inc();
+                    info!(%main, "CA-signed ECH config accepted: streams to it can be sealed");
+                    next.insert(main.clone(), (pair, parsed));
+                }
+                Err(why) => {
+                    self.metrics.ech_signed_configs.get_or_create(&[("result", "invalid")]).inc();
+                    warn!(%main, why, "ECH config in a view refused: its signature does not verify");
+                }
+            }
+        }
+        if let Ok(mut s) = self.signed_ech.write() {
+            *s = next;
+        }
+    }
+
+    fn verify_signed_ech(&self, main: &str, list: &str, sig: &str) -> Result<EchConfigList, String> {
+        let bytes = crate::config::base64_decode(list).ok_or("list is not base64")?;
+        let sig = crate::config::base64_decode(sig).ok_or("signature is not base64")?;
+        let verified = self
+            .identity
+            .roots()
+            .iter()
+            .any(|ca| crate::crypto::ech_signature::verify_ech_config(ca.as_ref(), main, &bytes, &sig).is_ok());
+        if !verified {
+            return Err("not signed by the federation CA for this relay".into());
+        }
+        EchConfigList::decode(&bytes).map_err(|e| e.to_string())
     }
 
     pub(super) async fn dial(&self, endpoint: &quinn::Endpoint, main: &MainRelay) -> Option<quinn::Connection> {

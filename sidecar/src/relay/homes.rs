@@ -9,7 +9,6 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::MainRelay;
-use crate::config::base64_encode;
 use crate::federation::registration;
 use crate::federation::registry::Entry;
 use crate::protocol::control::{Control, MainInfo};
@@ -190,13 +189,16 @@ impl MainRelay {
         self.metrics.registry_entries.get_or_create(&[("kind", "local")]).set(sizes.0 as i64);
         self.metrics.registry_entries.get_or_create(&[("kind", "federated")]).set(sizes.1 as i64);
         let mut mains = BTreeMap::new();
-        mains.insert(
-            self.identity.node_id.clone(),
-            MainInfo { ech_config_list: self.ech_config_list().map(|l| base64_encode(&l)) },
-        );
+        mains.insert(self.identity.node_id.clone(), self.ech_info());
         if let Ok(h) = self.peer_health.read() {
             for (p, health) in h.iter() {
-                mains.insert(p.clone(), MainInfo { ech_config_list: health.ech_config_list.clone() });
+                mains.insert(
+                    p.clone(),
+                    MainInfo {
+                        ech_config_list: health.ech_config_list.clone(),
+                        ech_signature: health.ech_signature.clone(),
+                    },
+                );
             }
         }
         self.views.send_replace(Arc::new(ViewData { mains, entries }));

@@ -19,6 +19,8 @@ pub(crate) struct MainLive {
     pub(crate) trust: crate::config::Trust,
     pub(crate) default_rate: Option<crate::resilience::rate_limit::Limit>,
     pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
+    /// This relay's CA-signed ECH config, announced to peers (docs/protocol.md §5.6).
+    pub(crate) announcement: Option<crate::config::SignedEchConfig>,
 }
 
 impl MainLive {
@@ -28,6 +30,7 @@ impl MainLive {
             trust: snap.trust.clone(),
             default_rate: snap.resilience.rate_limit.as_ref().map(limit),
             breaker: (&snap.resilience.circuit_breaker).into(),
+            announcement: snap.ech_announcement.clone(),
         }
     }
 }
@@ -84,6 +87,20 @@ impl MainRelay {
                     conn.close(ErrorCode::PermissionDenied.to_u16().into(), refusal.rule().as_bytes());
                 }
             }
+        }
+        // A new signed ECH config (a key rotation) goes to every peer at once: their homes
+        // seal to it.
+        if next.announcement != old.announcement {
+            let hello = self.hello();
+            if let Ok(peers) = self.peers.read() {
+                for (peer, link) in peers.iter() {
+                    if let Some(tx) = &link.control {
+                        info!(%peer, "announcing the new signed ECH config");
+                        let _ = tx.send(hello.clone());
+                    }
+                }
+            }
+            self.push_views();
         }
         if let Some(endpoint) = self.endpoint.get() {
             let me = self.identity.node_id.clone();

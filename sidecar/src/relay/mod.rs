@@ -23,11 +23,12 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin::metrics::Metrics;
-use crate::config::Snapshot;
 use crate::config::keys::EchKeyFile;
+use crate::config::{Snapshot, base64_encode};
 use crate::crypto::ech::EchKeySet;
 use crate::federation::registry::Registry;
 use crate::protocol::control::Control;
+use crate::protocol::control::MainInfo;
 use crate::protocol::route::{RouteBody, RouteHeader};
 use crate::protocol::{ErrorCode, Frame};
 use crate::transport::idle::splice_streams;
@@ -52,6 +53,8 @@ pub(crate) struct PeerHealth {
     last_seen: Option<Instant>,
     failures: u64,
     ech_config_list: Option<String>,
+    /// The CA's signature over `ech_config_list`, as the peer announced it (§5.6).
+    ech_signature: Option<String>,
 }
 
 /// Shared state of a running main relay.
@@ -167,6 +170,17 @@ impl MainRelay {
     /// This relay's node id.
     pub fn node_id(&self) -> &str {
         &self.identity.node_id
+    }
+
+    /// What this relay tells homes and peers about its ECH config: the CA-signed
+    /// announcement of its snapshot when there is one, else the list of its own keys.
+    pub(crate) fn ech_info(&self) -> MainInfo {
+        match self.live().announcement.clone() {
+            Some(a) => MainInfo { ech_config_list: Some(a.ech_config_list), ech_signature: Some(a.signature) },
+            None => {
+                MainInfo { ech_config_list: self.ech_config_list().map(|l| base64_encode(&l)), ech_signature: None }
+            }
+        }
     }
 
     /// The ECHConfigList this relay publishes, if it has ECH keys.
@@ -350,6 +364,12 @@ impl MainRelay {
         if let Some(retry_after) = self.rate_limited(&live, sender, header.probe) {
             return self.refuse(&mut send, &router::rate_limited(retry_after)).await;
         }
+        let envelope = match (&header.body, header.grease.is_some()) {
+            (crate::protocol::route::RouteBody::Sealed(_), _) => "sealed",
+            (_, true) => "grease",
+            _ => "plain",
+        };
+        self.metrics.route_headers.get_or_create(&[("envelope", envelope)]).inc();
         let (decision, ech) = {
             let keys = self.ech_keys();
             // Locked only for the lookup, not across the ECH open before it.

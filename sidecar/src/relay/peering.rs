@@ -10,7 +10,6 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{MainRelay, Sender};
-use crate::config::base64_encode;
 use crate::federation::registry::{Applied, Delta};
 use crate::protocol::Frame;
 use crate::protocol::control::Control;
@@ -116,10 +115,12 @@ impl MainRelay {
         }
     }
 
-    fn hello(&self) -> Control {
+    pub(crate) fn hello(&self) -> Control {
+        let info = self.ech_info();
         Control::PeerHello {
             node: self.identity.node_id.clone(),
-            ech_config_list: self.ech_config_list().map(|l| base64_encode(&l)),
+            ech_config_list: info.ech_config_list,
+            ech_signature: info.ech_signature,
         }
     }
 
@@ -190,13 +191,15 @@ impl MainRelay {
             e.last_seen = Some(now);
         }
         match m {
-            Control::PeerHello { node, ech_config_list } => {
+            Control::PeerHello { node, ech_config_list, ech_signature } => {
                 if node != peer {
                     warn!(%peer, claimed = %node, "peer hello names another node");
                     return;
                 }
                 if let Ok(mut h) = self.peer_health.write() {
-                    h.entry(peer.to_owned()).or_default().ech_config_list = ech_config_list;
+                    let e = h.entry(peer.to_owned()).or_default();
+                    e.ech_config_list = ech_config_list;
+                    e.ech_signature = ech_signature;
                 }
                 self.push_views();
             }

@@ -25,6 +25,7 @@ fn live(peers: Vec<PeerRelay>, trust: Trust) -> MainLive {
         trust,
         default_rate: Some(Limit { rate: 100.0, burst: 10.0 }),
         breaker: crate::resilience::breaker::BreakerConfig::default(),
+        announcement: None,
     }
 }
 

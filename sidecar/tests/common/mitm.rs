@@ -31,6 +31,16 @@ pub enum Attack {
     ForgeRetryConfigs,
     /// Removes every ECHConfigList from the views it passes to the home.
     OmitConfigs,
+    /// Replaces the ECH config of main relay `main` in every view with `list` and `signature`
+    /// (base64): a key of its own with whatever signature it can find (§5.6).
+    SubstituteSignedConfig {
+        /// The main relay whose config it replaces.
+        main: String,
+        /// Its own ECHConfigList.
+        list: String,
+        /// The signature it shows.
+        signature: String,
+    },
     /// Rewrites the config id of every sealed route.
     ReplaceConfigId,
     /// Replaces every sealed route with `route` sealed afresh to the destination relay's key
@@ -228,6 +238,12 @@ async fn outbound(
         Frame::Control(c) => {
             write_frames(&mut usend, &[Frame::Control(c)]).await.unwrap();
             let omit = matches!(ctx.attack, Attack::OmitConfigs);
+            let substitute = match &ctx.attack {
+                Attack::SubstituteSignedConfig { main, list, signature } => {
+                    Some((main.clone(), list.clone(), signature.clone()))
+                }
+                _ => None,
+            };
             let fake_key = matches!(ctx.attack, Attack::SubstituteNoiseKey { .. })
                 .then(|| relayfed_sidecar::config::base64_encode(&ctx.noise.public));
             tokio::spawn(async move {
@@ -240,6 +256,12 @@ async fn outbound(
                                     for info in mains.values_mut() {
                                         info.ech_config_list = None;
                                     }
+                                }
+                                if let Some((main, list, signature)) = &substitute
+                                    && let Some(info) = mains.get_mut(main)
+                                {
+                                    info.ech_config_list = Some(list.clone());
+                                    info.ech_signature = Some(signature.clone());
                                 }
                                 if let Some(key) = &fake_key {
                                     for e in &mut entries {

@@ -83,6 +83,7 @@ impl Testbed {
             imports: vec![],
             ech_policy: EchPolicy::default(),
             ech_configs: Default::default(),
+            ech_announcement: None,
             intercept: None,
             peers: vec![],
             registry: Default::default(),

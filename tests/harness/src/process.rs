@@ -23,14 +23,17 @@ impl Proc {
         Self::spawn_with_env(name, bin, args, &[], dir)
     }
 
-    /// [`Proc::spawn`] inside network namespace `netns` (`ip netns exec`) when given.
+    /// [`Proc::spawn`] inside network namespace `netns` when given: `nsenter --net` switches
+    /// the network namespace only, so namespaces the process creates with `ip netns add` (the
+    /// pod runner's pods) are mounted where every other process sees them (`ip netns exec`
+    /// would give it a mount namespace of its own).
     pub fn spawn_in(netns: Option<&str>, name: &str, bin: &Path, args: &[String], dir: &Path) -> anyhow::Result<Self> {
         match netns {
             None => Self::spawn(name, bin, args, dir),
             Some(ns) => {
-                let mut all = vec!["netns".to_owned(), "exec".to_owned(), ns.to_owned(), bin.display().to_string()];
+                let mut all = vec![format!("--net=/var/run/netns/{ns}"), "--".to_owned(), bin.display().to_string()];
                 all.extend(args.iter().cloned());
-                Self::spawn(name, Path::new("ip"), &all, dir)
+                Self::spawn(name, Path::new("nsenter"), &all, dir)
             }
         }
     }

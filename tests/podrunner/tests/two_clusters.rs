@@ -46,13 +46,133 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
     let client = a.pod_log("shop", "client", "app");
     let first = client.wait_for(WAIT, |calls| calls.iter().any(|c| c.ok)).await;
     let ok = first.iter().find(|c| c.ok).unwrap();
+    let to_first_call = helm_start.elapsed();
     eprintln!(
         "first cross-cluster call {:.1} s after helm install ({:.1} s after the test began), answered by {}",
-        helm_start.elapsed().as_secs_f64(),
+        to_first_call.as_secs_f64(),
         t0.elapsed().as_secs_f64(),
         ok.pod.as_deref().unwrap_or("?")
     );
     assert!(ok.pod.as_deref().unwrap_or_default().starts_with("catalog-"), "{ok:?}");
+    a.assert_injected("shop", "client");
+
+    // The path, as the client's sidecar traces it, and every hop's metrics.
+    let trace = a.pod_get("shop", "client", 15090, "/federation/trace?service=catalog.shop&port=8080");
+    for hop in ["main-a", "main-b"] {
+        assert!(trace.contains(&format!("\"{hop}\"")), "the trace names {hop}: {trace}");
+    }
+    eprintln!("trace: {trace}");
+    let hops = support::Hops::read(&a, &b);
+    hops.assert_all_counted();
+
+    // ECH to 100% in both clusters (what `kubectl edit rolloutpolicy default` does): every
+    // node acknowledges the new config, then the relays see sealed route headers only.
+    let versions = [a.config_versions().0, b.config_versions().0];
+    assert!(
+        versions.iter().all(|v| v.len() >= 2),
+        "each operator publishes for its relay and its injected pod: {versions:?}"
+    );
+    for c in [&a, &b] {
+        c.kubectl(&[
+            "-n",
+            "relayfed-system",
+            "patch",
+            "rolloutpolicy",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"ech":{"percentage":100}}}"#,
+        ]);
+    }
+    let edited_at = Instant::now();
+    for (c, before) in [(&a, &versions[0]), (&b, &versions[1])] {
+        c.wait_acknowledged(before).await;
+    }
+    eprintln!(
+        "ECH 100% acknowledged by every node of both clusters {:.1} s after the edit",
+        edited_at.elapsed().as_secs_f64()
+    );
+    let before = support::Hops::read(&a, &b);
+    let ok_before = client.calls().iter().filter(|c| c.ok).count();
+    client.wait_for(WAIT, |calls| calls.iter().filter(|c| c.ok).count() >= ok_before + 50).await;
+    let after = support::Hops::read(&a, &b);
+    for relay in ["main-a", "main-b"] {
+        let plain = |h: &support::Hops| {
+            support::metric(h.text(relay), "relayfed_route_headers_total", &["envelope=\"plain\""])
+                + support::metric(h.text(relay), "relayfed_route_headers_total", &["envelope=\"grease\""])
+        };
+        let sealed = |h: &support::Hops| {
+            support::metric(h.text(relay), "relayfed_route_headers_total", &["envelope=\"sealed\""])
+        };
+        assert_eq!(plain(&after), plain(&before), "{relay} saw readable route headers after ECH went to 100%");
+        assert!(
+            sealed(&after) >= sealed(&before) + 50.0,
+            "{relay}: sealed headers {} -> {}",
+            sealed(&before),
+            sealed(&after)
+        );
+    }
+    let signed = support::metric(
+        after.text("client sidecar (A)"),
+        "relayfed_ech_signed_configs_total",
+        &["result=\"accepted\""],
+    );
+    assert!(signed >= 1.0, "the client's sidecar sealed to main-b by its CA-signed config");
+
+    // Latency across the clusters, from the client's own records.
+    let calls = client.wait_for(WAIT, |calls| calls.iter().filter(|c| c.ok).count() >= 200).await;
+    let (p50, p99) = support::percentiles(&calls);
+    eprintln!("call latency across clusters: p50 {p50:.2} ms, p99 {p99:.2} ms ({} calls)", calls.len());
+
+    // A's main relay pod deleted: its Deployment recreates it, the runner starts it, and the
+    // client recovers.
+    let killed_at = support::unix_ms();
+    a.kubectl(&["-n", "relayfed-system", "delete", "pod", "-l", "relayfed.io/relay=main-a", "--wait=false"]);
+    let recovered = client
+        .wait_for(WAIT, |calls| {
+            let after: Vec<&Call> = calls.iter().filter(|c| c.t > killed_at).collect();
+            after.len() >= 20 && after.iter().rev().take(20).all(|c| c.ok)
+        })
+        .await;
+    let after: Vec<&Call> = recovered.iter().filter(|c| c.t > killed_at).collect();
+    let failed = after.iter().filter(|c| !c.ok).count();
+    let last_failure = after.iter().filter(|c| !c.ok).map(|c| c.t).max();
+    let recovery_ms = last_failure.map_or(0, |t| t.saturating_sub(killed_at));
+    eprintln!(
+        "main-a pod deleted: {failed} failed calls of {}, recovered {:.1} s after the delete; errors: {:?}",
+        after.len(),
+        recovery_ms as f64 / 1000.0,
+        after.iter().filter_map(|c| c.error.as_deref()).take(3).collect::<Vec<_>>()
+    );
+
+    // Two catalog replicas: calls spread over both.
+    b.kubectl(&["-n", "shop", "scale", "deployment", "catalog", "--replicas=2"]);
+    let pods = b.wait_ready_count("shop", "app=catalog", 2).await;
+    let scaled_at = support::unix_ms();
+    // Once the client's sidecar has seen the second replica (its first answer), the next 100
+    // calls must spread over both.
+    let seen_both = |calls: &[Call]| {
+        let mut names = std::collections::BTreeSet::new();
+        calls.iter().filter(|c| c.t > scaled_at && c.ok).find_map(|c| {
+            names.insert(c.pod.clone().unwrap_or_default());
+            (names.len() >= 2).then_some(c.t)
+        })
+    };
+    let spread = client
+        .wait_for(WAIT, |calls| seen_both(calls).is_some_and(|t| calls.iter().filter(|c| c.t > t).count() >= 100))
+        .await;
+    let since = seen_both(&spread).unwrap();
+    let mut per_pod = std::collections::BTreeMap::<String, usize>::new();
+    for c in spread.iter().filter(|c| c.t > since).take(100) {
+        *per_pod.entry(c.pod.clone().unwrap_or_else(|| "failed".into())).or_default() += 1;
+    }
+    for p in &pods {
+        let name = p.metadata.name.clone().unwrap();
+        let n = per_pod.get(&name).copied().unwrap_or(0);
+        assert!(n >= 15, "replica {name} answered {n} of 100 calls: {per_pod:?}");
+    }
+    eprintln!("after scaling catalog to {} replicas, calls per pod: {per_pod:?}", pods.len());
     support::report_rss(&[&a, &b]);
-    let _: Vec<Call> = first;
+    support::hold(&[&a, &b]);
 }

@@ -1,6 +1,7 @@
 //! The two-cluster bed: node namespaces, control planes, kube-proxy, the pod runner, the image
 //! map, and the user's steps (helm, kubectl) against each cluster.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -281,10 +282,108 @@ impl Cluster {
         .await
     }
 
+    /// Waits until exactly `n` pods match `selector` in `ns`, all Ready.
+    pub async fn wait_ready_count(&self, ns: &str, selector: &str, n: usize) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client().await, ns);
+        self.eventually(&format!("{n} pods {selector} in {ns} Ready"), || {
+            let api = api.clone();
+            async move {
+                let pods = api.list(&ListParams::default().labels(selector)).await.ok()?.items;
+                let live: Vec<Pod> = pods.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+                (live.len() == n && live.iter().all(is_ready)).then_some(live)
+            }
+        })
+        .await
+    }
+
+    /// Fails with "sidecar missing" unless pod `ns/name` carries the injected proxy and its init
+    /// step.
+    pub fn assert_injected(&self, ns: &str, name: &str) {
+        let inits = self.kubectl(&["-n", ns, "get", "pod", name, "-o", "jsonpath={.spec.initContainers[*].name}"]);
+        for c in ["relayfed-init", "relayfed-proxy"] {
+            assert!(
+                inits.split_whitespace().any(|n| n == c),
+                "sidecar missing: pod {ns}/{name} in cluster {} has no {c} init container (init containers: {inits:?}); \
+                 is the namespace labelled relayfed.io/inject=enabled and the injector Ready?",
+                self.name
+            );
+        }
+    }
+
+    /// The network namespace of the newest live pod in `ns` whose name starts with `prefix`.
+    pub fn pod_netns(&self, ns: &str, prefix: &str) -> String {
+        let out = self.kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "pods",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.uid} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        ]);
+        let uid = out
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 2 && f[0].starts_with(prefix)).then(|| f[1].to_owned())
+            })
+            .next_back()
+            .unwrap_or_else(|| panic!("cluster {}: no live pod {ns}/{prefix}*:\n{out}", self.name));
+        let short: String = uid.chars().filter(char::is_ascii_hexdigit).take(8).collect();
+        format!("rf2c-{}-pod-{short}", self.name)
+    }
+
+    /// `GET path` on `127.0.0.1:port` inside a pod (what `kubectl port-forward` gives a user).
+    pub fn pod_get(&self, ns: &str, prefix: &str, port: u16, path: &str) -> String {
+        let netns = self.pod_netns(ns, prefix);
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "curl", "-sS", "-m", "5", &url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cluster {}: GET {url} in {ns}/{prefix}*: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The config versions the operator published and those nodes acknowledged, by node.
+    pub fn config_versions(&self) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
+        let text = self.pod_get("relayfed-system", "relayfed-operator-", 9090, "/metrics");
+        let versions = |family: &str| -> BTreeMap<String, f64> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{family}{{")))
+                .filter_map(|l| {
+                    let node = l.split("node=\"").nth(1)?.split('"').next()?.to_owned();
+                    Some((node, l.rsplit(' ').next()?.parse().ok()?))
+                })
+                .collect()
+        };
+        (versions("relayfed_config_published_version"), versions("relayfed_config_acknowledged_version"))
+    }
+
+    /// Waits until every node of `before` has a newer published version and acknowledged it.
+    pub async fn wait_acknowledged(&self, before: &BTreeMap<String, f64>) {
+        self.eventually("every node acknowledging a new config version", || async {
+            let (published, acked) = self.config_versions();
+            before.iter().all(|(n, v)| published.get(n).is_some_and(|p| p > v && acked.get(n) == Some(p))).then_some(())
+        })
+        .await
+    }
+
     /// The log of container `container` of pod `ns/name` (every restart), as the runner keeps it.
     pub fn pod_log(&self, ns: &str, name: &str, container: &str) -> PodLog<'_> {
         PodLog { cluster: self, prefix: format!("{ns}_{name}_"), container: container.to_owned() }
     }
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 impl Drop for Cluster {
@@ -367,35 +466,104 @@ impl PodLog<'_> {
     }
 }
 
-/// Prints the resident memory of every relayfed process of the clusters.
+/// Prints the resident memory of every relayfed process in the clusters' pods.
 pub fn report_rss(clusters: &[&Cluster]) {
     for c in clusters {
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let argv: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            let Some(exe) = argv.first() else { continue };
-            if !exe.ends_with("/relayfed") && !exe.ends_with("/relayfed-proxy") {
+        let prefix = format!("rf2c-{}-pod-", c.name);
+        for e in std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(&prefix) {
                 continue;
             }
-            // Only this cluster's: its pods' namespaces carry its prefix.
-            let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-            let ours = std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten().any(|n| {
-                n.file_name().to_string_lossy().starts_with(&format!("rf2c-{}-pod", c.name))
-                    && std::fs::metadata(n.path()).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                        == ns.as_ref().and_then(|l| {
-                            l.to_string_lossy().trim_start_matches("net:[").trim_end_matches(']').parse::<u64>().ok()
-                        })
-            });
-            if ours {
-                let rss = relayfed_test_cluster::process::rss_bytes(pid);
-                eprintln!(
-                    "cluster {}: {} {:.1} MiB",
-                    c.name,
-                    argv[..argv.len().min(3)].join(" "),
-                    rss as f64 / 1048576.0
-                );
+            let out = std::process::Command::new("ip").args(["netns", "pids", &name]).output().unwrap();
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let argv: Vec<String> =
+                    cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                if argv.first().is_some_and(|a| a.ends_with("/relayfed") || a.ends_with("/relayfed-proxy")) {
+                    let rss = relayfed_test_cluster::process::rss_bytes(pid);
+                    let what = argv.iter().skip(1).take(2).cloned().collect::<Vec<_>>().join(" ");
+                    eprintln!("cluster {}: {} {what}: {:.1} MiB", c.name, argv[0], rss as f64 / 1048576.0);
+                }
             }
         }
     }
+}
+
+/// Now, in Unix ms (the clock the client's records use).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// p50 and p99 of the successful calls' durations, in ms.
+pub fn percentiles(calls: &[Call]) -> (f64, f64) {
+    let mut us: Vec<u64> = calls.iter().filter(|c| c.ok).map(|c| c.us).collect();
+    us.sort_unstable();
+    let at = |q: f64| us.get(((us.len() as f64 - 1.0) * q).round() as usize).map_or(0.0, |v| *v as f64 / 1000.0);
+    (at(0.5), at(0.99))
+}
+
+/// The sum of the samples of `family` whose labels include every `label="value"` of `labels`.
+pub fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The metrics of every hop of the path: the client's sidecar, both main relays and the
+/// catalog's sidecar.
+pub struct Hops {
+    /// (hop, its /metrics text).
+    pub texts: Vec<(&'static str, String)>,
+}
+
+impl Hops {
+    /// Scrapes every hop (inside each pod, as a port-forward would).
+    pub fn read(a: &Cluster, b: &Cluster) -> Self {
+        Self {
+            texts: vec![
+                ("client sidecar (A)", a.pod_get("shop", "client", 15090, "/metrics")),
+                ("main-a", a.pod_get("relayfed-system", "main-a-", 9901, "/metrics")),
+                ("main-b", b.pod_get("relayfed-system", "main-b-", 9901, "/metrics")),
+                ("catalog sidecar (B)", b.pod_get("shop", "catalog-", 15090, "/metrics")),
+            ],
+        }
+    }
+
+    /// The metrics text of `hop`.
+    pub fn text(&self, hop: &str) -> &str {
+        self.texts.iter().find(|(h, _)| *h == hop).map(|(_, t)| t.as_str()).unwrap_or_default()
+    }
+
+    /// Every hop counted the calls: the origin's calls, each relay's routing, the destination's
+    /// inbound streams.
+    pub fn assert_all_counted(&self) {
+        let checks: [(&str, &str, &[&str]); 4] = [
+            (
+                "client sidecar (A)",
+                "relayfed_calls_total",
+                &["side=\"origin\"", "service=\"catalog.shop\"", "code=\"OK\""],
+            ),
+            ("main-a", "relayfed_routes_total", &["result=\"forwarded\""]),
+            ("main-b", "relayfed_routes_total", &["result=\"local\""]),
+            ("catalog sidecar (B)", "relayfed_streams_total", &["direction=\"inbound\"", "result=\"ok\""]),
+        ];
+        for (hop, family, labels) in checks {
+            let v = metric(self.text(hop), family, labels);
+            assert!(v > 0.0, "{hop}: {family}{labels:?} is {v}; its metrics:\n{}", self.text(hop));
+            eprintln!("{hop}: {family}{labels:?} = {v}");
+        }
+    }
+}
+
+/// `RELAYFED_E2E_HOLD=<seconds>`: keeps the clusters up that long at the end, printing their
+/// kubeconfigs, for a person to look around (not a synchronisation: nothing waits on it).
+pub fn hold(clusters: &[&Cluster]) {
+    let Some(secs) = std::env::var("RELAYFED_E2E_HOLD").ok().and_then(|s| s.parse::<u64>().ok()) else { return };
+    for c in clusters {
+        eprintln!("cluster {}: KUBECONFIG={} (node namespace {})", c.name, c.plane.kubeconfig.display(), c.node.name);
+    }
+    std::thread::sleep(Duration::from_secs(secs));
 }
