@@ -15,7 +15,7 @@ BENCH_OUT ?= docs/benchmarks.md
 DURATION ?= 10m
 FAILURE_RATE ?= 10%
 
-.PHONY: dashboards chaos chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+.PHONY: e2e dashboards chaos chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,13 +23,18 @@ help: ## List targets.
 build: ## Build every crate and binary.
 	$(CARGO) build --workspace --all-targets
 
-test: test-rust test-python ## Run every test suite (Rust and Python).
+test: test-rust test-python e2e ## Run every test suite (Rust, Python, and the two-cluster end-to-end test).
 
 RELEASE_BINS = $(CARGO) build -q --release -p relayfed-operator --bin relayfed -p relayfed-sidecar --bin relayfed-proxy
 
 test-rust: cluster ## Rust unit, property and integration tests (incl. the operator on a real control plane and the chaos suite on release binaries).
 	$(RELEASE_BINS)
 	RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh) RELAYFED_CHAOS_BIN=$(TARGET_DIR)/release/relayfed $(CARGO) test --workspace
+
+e2e: images cluster ## Two clusters on one machine (root): pods run by relayfed-pod-runner, kube-proxy, CoreDNS, relayfed installed with helm; an unmodified pod in cluster A calls catalog in cluster B.
+	$(CARGO) build -q -p relayfed-pod-runner --features e2e --tests
+	RELAYFED_IMAGES=$(TARGET_DIR)/images RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh) \
+	  $(CARGO) test -q -p relayfed-pod-runner --features e2e --test two_clusters -- --nocapture
 
 cluster: ## Build the test control plane (etcd, apiserver, controller-manager, scheduler, kubectl, kwok, helm) from Go modules; cached.
 	@tests/cluster/build.sh >/dev/null
@@ -72,6 +77,7 @@ chaos: ## Long chaos run (DURATION=1h FAILURE_RATE=10%): random faults under loa
 lint: ## rustfmt and clippy (warnings are errors).
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p relayfed-pod-runner --features e2e --all-targets -- -D warnings
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all

@@ -111,6 +111,19 @@ impl NodeNs {
         Ok(())
     }
 
+    /// Brings this node's end of the WAN link down (`false`) or up: the other cluster becomes
+    /// unreachable, as in a network partition.
+    pub fn set_wan(&self, up: bool) -> anyhow::Result<()> {
+        run("ip", &["-n", &self.name, "link", "set", "wan", if up { "up" } else { "down" }])?;
+        if up {
+            // Bringing a link up again drops its routes: restore the route to the other pool.
+            let other = if self.lb_pool.starts_with("192.168.241.") { "192.168.242.0/24" } else { "192.168.241.0/24" };
+            let via = if self.lb_pool.starts_with("192.168.241.") { "192.168.239.2" } else { "192.168.239.1" };
+            run("ip", &["-n", &self.name, "route", "replace", other, "via", via])?;
+        }
+        Ok(())
+    }
+
     /// The `n`th address of the load-balancer pool.
     pub fn lb_address(&self, n: u8) -> String {
         let base = self.lb_pool.trim_end_matches(".0/24");

@@ -173,6 +173,53 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
         assert!(n >= 15, "replica {name} answered {n} of 100 calls: {per_pod:?}");
     }
     eprintln!("after scaling catalog to {} replicas, calls per pod: {per_pod:?}", pods.len());
+
+    // Each layer broken on purpose: the calls fail, and the diagnosis names the layer.
+    const CATALOG: &str = "http://catalog.shop.svc.cluster.local:8080/";
+    a.kubectl(&["create", "namespace", "plain"]);
+    a.run_client("plain", "bare", CATALOG);
+    let bare = a.pod_log("plain", "bare", "app");
+    let calls = bare.wait_for(WAIT, |calls| calls.len() >= 3).await;
+    assert!(calls.iter().all(|c| !c.ok), "a pod without the sidecar reached catalog: {calls:?}");
+    let why = a.diagnose("plain", "bare", CATALOG, None);
+    assert!(why.starts_with("sidecar missing"), "{why}");
+    eprintln!("no injection: {why}");
+
+    let inventory = "http://inventory.shop.svc.cluster.local:8080/";
+    a.run_client("shop", "lost", inventory);
+    let lost = a.pod_log("shop", "lost", "app");
+    let calls = lost.wait_for(WAIT, |calls| calls.len() >= 3).await;
+    assert!(calls.iter().all(|c| c.error.as_deref().is_some_and(|e| e.starts_with("resolving"))), "{calls:?}");
+    let why = a.diagnose("shop", "lost", inventory, None);
+    assert!(why.starts_with("DNS name inventory.shop.svc.cluster.local does not resolve"), "{why}");
+    eprintln!("no ServiceImport: {why}");
+
+    // The link between the clusters cut: main-b is down as far as cluster A can tell.
+    let baseline = a.pod_get("shop", "client", 15090, "/metrics");
+    let cut_at = support::unix_ms();
+    a.node.set_wan(false).unwrap();
+    client.wait_for(WAIT, |calls| calls.iter().filter(|c| c.t > cut_at && !c.ok).count() >= 10).await;
+    let why = a.diagnose("shop", "client", CATALOG, Some(&baseline));
+    // The peer relay's entries are withdrawn once its link is declared dead: SERVICE_NOT_FOUND
+    // (PEER_UNREACHABLE for streams in the second before), and main-a reports main-b down.
+    assert!(why.starts_with("the relay path fails"), "{why}");
+    assert!(why.contains("SERVICE_NOT_FOUND") || why.contains("PEER_UNREACHABLE"), "{why}");
+    assert!(why.contains("peer main-b DOWN"), "{why}");
+    eprintln!("relays cut off: {why}");
+    let restored_at = support::unix_ms();
+    a.node.set_wan(true).unwrap();
+    let back = client
+        .wait_for(WAIT, |calls| {
+            let after: Vec<&Call> = calls.iter().filter(|c| c.t > restored_at).collect();
+            after.len() >= 20 && after.iter().rev().take(20).all(|c| c.ok)
+        })
+        .await;
+    let last_failure = back.iter().filter(|c| c.t > restored_at && !c.ok).map(|c| c.t).max();
+    eprintln!(
+        "link restored: calls succeed again {:.1} s later",
+        last_failure.map_or(0, |t| t.saturating_sub(restored_at)) as f64 / 1000.0
+    );
+
     support::report_rss(&[&a, &b]);
     support::hold(&[&a, &b]);
 }

@@ -375,7 +375,91 @@ impl Cluster {
 
     /// The log of container `container` of pod `ns/name` (every restart), as the runner keeps it.
     pub fn pod_log(&self, ns: &str, name: &str, container: &str) -> PodLog<'_> {
-        PodLog { cluster: self, prefix: format!("{ns}_{name}_"), container: container.to_owned() }
+        PodLog {
+            cluster: self,
+            ns: ns.to_owned(),
+            pod: name.to_owned(),
+            prefix: format!("{ns}_{name}_"),
+            container: container.to_owned(),
+        }
+    }
+
+    /// Starts an unmodified client pod `ns/name` calling `url` every 100 ms.
+    pub fn run_client(&self, ns: &str, name: &str, url: &str) {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+            "spec": {"containers": [{"name": "app", "image": "relayfed.test/app:1",
+                "args": ["call", url, "--interval-ms", "100"]}]},
+        });
+        let out = self.plane.kubectl_stdin(&["apply", "-f", "-"], &pod.to_string()).unwrap();
+        assert!(out.ok, "cluster {}: creating pod {ns}/{name}: {}", self.name, out.stderr);
+    }
+
+    /// Which layer fails the calls of client pod `ns/pod` to `url`, as a person would find out:
+    /// is the sidecar there, does the name resolve in the pod, and which error codes the
+    /// sidecar counted (since `baseline`, its earlier /metrics text, when given).
+    pub fn diagnose(&self, ns: &str, pod: &str, url: &str, baseline: Option<&str>) -> String {
+        let inits = self.plane.kubectl(&["-n", ns, "get", "pod", pod, "-o", "jsonpath={.spec.initContainers[*].name}"]);
+        let inits = inits.map(|r| r.stdout).unwrap_or_default();
+        if !inits.split_whitespace().any(|c| c == "relayfed-proxy") {
+            return format!(
+                "sidecar missing: pod {ns}/{pod} in cluster {} has no relayfed-proxy (init containers: {inits:?}): \
+                 label its namespace relayfed.io/inject=enabled and check the injector is Ready",
+                self.name
+            );
+        }
+        let host = url.trim_start_matches("http://").split(['/', ':']).next().unwrap_or_default().to_owned();
+        let netns = self.pod_netns(ns, pod);
+        let resolved =
+            std::process::Command::new("ip").args(["netns", "exec", &netns, "getent", "hosts", &host]).output();
+        if !resolved.is_ok_and(|o| o.status.success()) {
+            return format!(
+                "DNS name {host} does not resolve in pod {ns}/{pod} of cluster {}: no Service of that name \
+                 (a service of another cluster needs its ServiceImport here)",
+                self.name
+            );
+        }
+        let now = self.pod_get(ns, pod, 15090, "/metrics");
+        let count =
+            |text: &str, code: &str| metric(text, "relayfed_stream_errors_total", &[&format!("code=\"{code}\"")]);
+        let mut codes: Vec<(f64, String)> = now
+            .lines()
+            .filter_map(|l| l.strip_prefix("relayfed_stream_errors_total{code=\""))
+            .filter_map(|l| l.split('"').next().map(str::to_owned))
+            .map(|code| (count(&now, &code) - baseline.map_or(0.0, |b| count(b, &code)), code))
+            .filter(|(n, _)| *n > 0.0)
+            .collect();
+        codes.sort_by(|a, b| b.0.total_cmp(&a.0));
+        if codes.is_empty() {
+            return format!("no layer reports a failure for {ns}/{pod} in cluster {}", self.name);
+        }
+        let list: Vec<String> = codes.iter().map(|(n, c)| format!("{c} x{n}")).collect();
+        // And what the cluster's main relays say of their peers.
+        let relays = self.kubectl(&[
+            "-n",
+            "relayfed-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=relayfed-relay",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ]);
+        let mut peers = Vec::new();
+        for r in relays.split_whitespace() {
+            let text = self.pod_get("relayfed-system", r, 9901, "/metrics");
+            for l in text.lines().filter(|l| l.starts_with("relayfed_peer_up{")) {
+                let peer = l.split("peer=\"").nth(1).and_then(|p| p.split('"').next()).unwrap_or_default();
+                let up = l.rsplit(' ').next().unwrap_or_default();
+                peers.push(format!("{r}: peer {peer} {}", if up == "1" { "up" } else { "DOWN" }));
+            }
+        }
+        format!(
+            "the relay path fails for {ns}/{pod} in cluster {}: its sidecar counted {} (docs/operations.md, \"Errors\"); {}",
+            self.name,
+            list.join(", "),
+            peers.join(", ")
+        )
     }
 }
 
@@ -418,11 +502,22 @@ pub struct Call {
 /// A container's log in the pod runner's directory.
 pub struct PodLog<'a> {
     cluster: &'a Cluster,
+    ns: String,
+    pod: String,
     prefix: String,
     container: String,
 }
 
 impl PodLog<'_> {
+    /// The URL the pod calls (its `call` argument).
+    pub fn url(&self) -> String {
+        self.cluster
+            .plane
+            .kubectl(&["-n", &self.ns, "get", "pod", &self.pod, "-o", "jsonpath={.spec.containers[0].args[1]}"])
+            .map(|r| r.stdout)
+            .unwrap_or_default()
+    }
+
     /// Every call logged so far, oldest first.
     pub fn calls(&self) -> Vec<Call> {
         let mut calls = Vec::new();
@@ -456,7 +551,10 @@ impl PodLog<'_> {
             if Instant::now() > deadline {
                 let errors: Vec<String> = calls.iter().rev().take(5).filter_map(|c| c.error.clone()).collect();
                 panic!(
-                    "the client's calls did not get there in {limit:?} ({} calls, last errors: {errors:#?})\n{}",
+                    "{}\nthe calls of {}/{} did not get there in {limit:?} ({} calls, last errors: {errors:#?})\n{}",
+                    self.cluster.diagnose(&self.ns, &self.pod, &self.url(), None),
+                    self.ns,
+                    self.pod,
                     calls.len(),
                     self.cluster.state()
                 );
@@ -466,24 +564,30 @@ impl PodLog<'_> {
     }
 }
 
-/// Prints the resident memory of every relayfed process in the clusters' pods.
+/// Prints the resident memory of every relayfed process in the clusters' pods, by pod.
 pub fn report_rss(clusters: &[&Cluster]) {
     for c in clusters {
-        let prefix = format!("rf2c-{}-pod-", c.name);
-        for e in std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(&prefix) {
-                continue;
-            }
-            let out = std::process::Command::new("ip").args(["netns", "pids", &name]).output().unwrap();
+        for e in std::fs::read_dir(c.runner_dir.join("pods")).into_iter().flatten().flatten() {
+            // `<namespace>_<pod>_<uid>`, whose network namespace is `rf2c-<cluster>-pod-<uid prefix>`.
+            let dir = e.file_name().to_string_lossy().into_owned();
+            let Some((pod, uid)) = dir.rsplit_once('_') else { continue };
+            let short: String = uid.chars().filter(char::is_ascii_hexdigit).take(8).collect();
+            let netns = format!("rf2c-{}-pod-{short}", c.name);
+            let Ok(out) = std::process::Command::new("ip").args(["netns", "pids", &netns]).output() else { continue };
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<u32>().ok()) {
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let argv: Vec<String> =
                     cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
                 if argv.first().is_some_and(|a| a.ends_with("/relayfed") || a.ends_with("/relayfed-proxy")) {
                     let rss = relayfed_test_cluster::process::rss_bytes(pid);
-                    let what = argv.iter().skip(1).take(2).cloned().collect::<Vec<_>>().join(" ");
-                    eprintln!("cluster {}: {} {what}: {:.1} MiB", c.name, argv[0], rss as f64 / 1048576.0);
+                    let sub = argv.get(1).cloned().unwrap_or_default();
+                    eprintln!(
+                        "cluster {}: pod {}: {} {sub}: {:.1} MiB",
+                        c.name,
+                        pod.replacen('_', "/", 1),
+                        argv[0].rsplit('/').next().unwrap_or_default(),
+                        rss as f64 / 1048576.0
+                    );
                 }
             }
         }
