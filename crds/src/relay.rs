@@ -231,7 +231,7 @@ pub struct RelayStatus {
     /// Config id of the current ECH key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_config_id: Option<u8>,
-    /// The federation CA's signature over `echConfigList` (base64, docs/protocol.md §5.6): lets
+    /// The federation CA's signature over `echConfigList` (base64, docs/protocol.md §5.7): lets
     /// homes of other clusters of the federation seal to this relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_config_signature: Option<String>,

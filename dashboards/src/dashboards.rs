@@ -277,6 +277,8 @@ pub fn ech() -> Dashboard {
         format!("sum({}) / sum({})", outcome("accepted"), rate("relayfed_streams_total", r#"direction="outbound""#));
     let outcomes = format!("sum by (outcome) ({})", rate("relayfed_ech_streams_total", ""));
     let anonymity = format!("min by (node) (relayfed_ech_anonymity_set_services{})", sel(r#"role="main""#));
+    let headers = format!("sum by (node, envelope) ({})", rate("relayfed_route_headers_total", ""));
+    let signed = format!("sum by (result) ({})", rate("relayfed_ech_signed_configs_total", ""));
     Dashboard {
         uid: "relayfed-ech",
         title: "relayfed / ECH rollout",
@@ -305,6 +307,20 @@ pub fn ech() -> Dashboard {
                     "s",
                     "Stream setup quantiles with (ech=true) and without ECH.",
                     &owned(&quantiles("relayfed_stream_setup_duration_seconds", "", "ech")),
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Route headers seen by relays",
+                    "reqps",
+                    "Route headers each main relay received per second by envelope: plain and grease ones it can read, sealed ones it cannot (only the key owner opens them). At 100% ECH only sealed grows.",
+                    &[(&headers, "{{node}} {{envelope}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Other clusters' signed ECH configs",
+                    "reqps",
+                    "CA-signed ECH configs of another cluster's main relays checked by homes, by result; any invalid means a relay offered a config the federation CA did not sign.",
+                    &[(&signed, "{{result}}")],
                 ),
                 panel(
                     Kind::TimeSeries,

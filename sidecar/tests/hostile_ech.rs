@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::mitm::{Attack, Mitm, Seen};
-use common::{Proc, echo_server, eventually, round_trip};
+use common::{Proc, echo_server, eventually};
 use relayfed_e2e::Testbed;
 use relayfed_sidecar::config::{Snapshot, base64_decode};
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
@@ -79,16 +79,9 @@ async fn net_at(attack: Attack, mode: EchMode, percentage: u8) -> Net {
     Net { _tb: tb, relays, pay, shop, mitm }
 }
 
-/// Makes `n` calls; returns how many echoed their payload.
+/// Makes `n` calls from shop to pay's echo; returns how many echoed their payload.
 async fn calls(net: &Net, n: usize) -> usize {
-    let mut ok = 0;
-    for i in 0..n {
-        let msg = format!("private request {i}");
-        if round_trip(net.shop.import("echo:7"), msg.as_bytes()).await.is_ok_and(|r| r == msg.as_bytes()) {
-            ok += 1;
-        }
-    }
-    ok
+    common::echo_calls(net.shop.import("echo:7"), n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! ECH to a main relay of another cluster (docs/protocol.md §5.6), as real processes on
+//! ECH to a main relay of another cluster (docs/protocol.md §5.7), as real processes on
 //! loopback: shop -> hub-a -> hub-b -> pay, where shop's snapshot holds no config for hub-b
 //! (another cluster's operator publishes it) and hub-b announces its CA-signed config to hub-a,
 //! which passes it on in views. Between shop and hub-a sits a relay with hub-a's certificate
@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use common::mitm::{Attack, Mitm, Seen};
-use common::{Proc, echo_server, eventually, round_trip};
+use common::{Proc, echo_server, eventually};
 use relayfed_e2e::Testbed;
 use relayfed_sidecar::config::{SignedEchConfig, Snapshot, base64_decode, base64_encode};
 use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
@@ -71,15 +71,9 @@ async fn net(attack: impl FnOnce(&Testbed, &Snapshot) -> Attack) -> Net {
     Net { _tb: tb, _relays: relays, _pay: pay, shop, mitm }
 }
 
+/// Makes `n` calls from shop to pay's echo; returns how many echoed their payload.
 async fn calls(net: &Net, n: usize) -> usize {
-    let mut ok = 0;
-    for i in 0..n {
-        let msg = format!("private request {i}");
-        if round_trip(net.shop.import("echo:7"), msg.as_bytes()).await.is_ok_and(|r| r == msg.as_bytes()) {
-            ok += 1;
-        }
-    }
-    ok
+    common::echo_calls(net.shop.import("echo:7"), n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -386,7 +386,7 @@ pub struct Snapshot {
     #[serde(default)]
     pub ech_policy: EchPolicy,
     /// This main relay's published ECHConfigList with the federation CA's signature
-    /// (docs/protocol.md §5.6), announced to peers in `peerHello` and passed on by them to
+    /// (docs/protocol.md §5.7), announced to peers in `peerHello` and passed on by them to
     /// their homes, which seal to it once the signature verifies (main relays).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_announcement: Option<SignedEchConfig>,
@@ -515,7 +515,7 @@ impl Snapshot {
     }
 }
 
-/// An ECHConfigList and the federation CA's signature over it (docs/protocol.md §5.6).
+/// An ECHConfigList and the federation CA's signature over it (docs/protocol.md §5.7).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SignedEchConfig {

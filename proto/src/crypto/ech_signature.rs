@@ -1,4 +1,4 @@
-//! Federation-signed ECH configs (docs/protocol.md §5.6). A main relay's ECHConfigList signed
+//! Federation-signed ECH configs (docs/protocol.md §5.7). A main relay's ECHConfigList signed
 //! with the federation CA's key can reach homes of *another cluster* of the same federation
 //! through relays — main relays announce it in `peerHello`, and pass peers' signed configs on
 //! in their views — and still be trusted by those homes as if their own config snapshot had

@@ -36,7 +36,7 @@ pub struct MainInfo {
     /// Its ECHConfigList, base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_config_list: Option<String>,
-    /// The federation CA's signature over that list (§5.6), base64: homes seal to a list
+    /// The federation CA's signature over that list (§5.7), base64: homes seal to a list
     /// their snapshot lacks only when it verifies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_signature: Option<String>,
@@ -96,7 +96,7 @@ pub enum Control {
         /// The sender's ECHConfigList, base64.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ech_config_list: Option<String>,
-        /// The federation CA's signature over that list (§5.6), base64.
+        /// The federation CA's signature over that list (§5.7), base64.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ech_signature: Option<String>,
     },

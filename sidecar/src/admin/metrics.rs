@@ -78,7 +78,7 @@ pub struct Metrics {
     /// rollout reaches 100%, plain stops growing.
     pub route_headers: Family<L1, Counter>,
     /// CA-signed ECH configs of other clusters' relays a home checked, by `result`
-    /// (accepted, invalid; docs/protocol.md §5.6).
+    /// (accepted, invalid; docs/protocol.md §5.7).
     pub ech_signed_configs: Family<L1, Counter>,
     /// Hop handshake latency at the dialing side.
     pub hop_handshake_seconds: Histogram,

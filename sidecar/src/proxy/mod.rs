@@ -43,6 +43,9 @@ use crate::transport::tls::{HopIdentity, failure_reason};
 /// A failed stream: the code that goes on the wire, in logs and in metrics.
 type StreamError = (ErrorCode, String);
 
+/// A CA-signed ECH config learned from a view: (list, signature) as received, and the list.
+type SignedEch = ((String, String), EchConfigList);
+
 /// Shared state of a running home node.
 pub struct HomeNode {
     identity: HopIdentity,
@@ -54,9 +57,9 @@ pub struct HomeNode {
     /// retry configs, which arrive through relays that must not choose the key).
     ech_configs: RwLock<HashMap<String, EchConfigList>>,
     /// ECH configs of main relays the snapshot does not list (another cluster's), learned from
-    /// views and used only because the federation CA signed them (§5.6): by main relay,
+    /// views and used only because the federation CA signed them (§5.7): by main relay,
     /// (list, signature) as received and the decoded list.
-    signed_ech: RwLock<HashMap<String, ((String, String), EchConfigList)>>,
+    signed_ech: RwLock<HashMap<String, SignedEch>>,
     /// The active main relay link (outbound calls use it; `None` between losing one and
     /// electing the next).
     conn: watch::Sender<Option<(String, quinn::Connection)>>,

@@ -385,7 +385,7 @@ impl HomeNode {
         self.metrics.propagation.get_or_create(&[("event", "view_received")]).inc();
         self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
         // A view's ECH config is used only for a main relay the snapshot does not list and only
-        // when the federation CA signed it (§5.6): the relay that sends the view could choose
+        // when the federation CA signed it (§5.7): the relay that sends the view could choose
         // anything else.
         self.learn_signed_ech(&mains);
         // Breakers and balancing state are kept for the registrations callers use. One that

@@ -19,7 +19,7 @@ pub(crate) struct MainLive {
     pub(crate) trust: crate::config::Trust,
     pub(crate) default_rate: Option<crate::resilience::rate_limit::Limit>,
     pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
-    /// This relay's CA-signed ECH config, announced to peers (docs/protocol.md §5.6).
+    /// This relay's CA-signed ECH config, announced to peers (docs/protocol.md §5.7).
     pub(crate) announcement: Option<crate::config::SignedEchConfig>,
 }
 

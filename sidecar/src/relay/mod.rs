@@ -53,7 +53,7 @@ pub(crate) struct PeerHealth {
     last_seen: Option<Instant>,
     failures: u64,
     ech_config_list: Option<String>,
-    /// The CA's signature over `ech_config_list`, as the peer announced it (§5.6).
+    /// The CA's signature over `ech_config_list`, as the peer announced it (§5.7).
     ech_signature: Option<String>,
 }
 

@@ -32,7 +32,7 @@ pub enum Attack {
     /// Removes every ECHConfigList from the views it passes to the home.
     OmitConfigs,
     /// Replaces the ECH config of main relay `main` in every view with `list` and `signature`
-    /// (base64): a key of its own with whatever signature it can find (§5.6).
+    /// (base64): a key of its own with whatever signature it can find (§5.7).
     SubstituteSignedConfig {
         /// The main relay whose config it replaces.
         main: String,

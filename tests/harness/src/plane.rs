@@ -301,18 +301,19 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
     })
     .await?;
 
+    let endpoints = |procs: &[Proc]| Endpoints {
+        dir: dir.to_owned(),
+        kubeconfig: kubeconfig.clone(),
+        server: server.clone(),
+        ca_cert: pki.ca_cert.clone(),
+        sa_key: pki.sa_key.clone(),
+        audit_log: audit_log.clone(),
+        bin: bin.to_owned(),
+        pids: procs.iter().map(|p| (p.name.clone(), p.pid())).collect(),
+        ready_after: t0.elapsed(),
+    };
     if !opts.kwok {
-        return Ok(Endpoints {
-            dir: dir.to_owned(),
-            kubeconfig,
-            server,
-            ca_cert: pki.ca_cert.clone(),
-            sa_key: pki.sa_key.clone(),
-            audit_log,
-            bin: bin.to_owned(),
-            pids: procs.iter().map(|p| (p.name.clone(), p.pid())).collect(),
-            ready_after: t0.elapsed(),
-        });
+        return Ok(endpoints(procs));
     }
     procs.push(Proc::spawn(
         "kwok",
@@ -353,17 +354,7 @@ async fn boot(opts: &Options, bin: &Path, dir: &Path, procs: &mut Vec<Proc>) -> 
         })
         .await?;
     }
-    Ok(Endpoints {
-        dir: dir.to_owned(),
-        kubeconfig,
-        server,
-        ca_cert: pki.ca_cert.clone(),
-        sa_key: pki.sa_key.clone(),
-        audit_log,
-        bin: bin.to_owned(),
-        pids: procs.iter().map(|p| (p.name.clone(), p.pid())).collect(),
-        ready_after: t0.elapsed(),
-    })
+    Ok(endpoints(procs))
 }
 
 /// Polls `check` (every 100 ms, then up to 1 s) until it holds; fails early, with the

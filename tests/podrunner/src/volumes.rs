@@ -107,6 +107,28 @@ where
     }
 }
 
+/// The data of Secret `ns/name` (empty when it is optional and absent).
+async fn secret_of(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    optional: Option<bool>,
+) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let api = Api::<Secret>::namespaced(client.clone(), ns);
+    Ok(get_opt(api, name, optional == Some(true), "Secret").await?.map(secret_data).unwrap_or_default())
+}
+
+/// The data of ConfigMap `ns/name` (empty when it is optional and absent).
+async fn config_map_of(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    optional: Option<bool>,
+) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let api = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    Ok(get_opt(api, name, optional == Some(true), "ConfigMap").await?.map(config_map_data).unwrap_or_default())
+}
+
 fn downward(pod: &Pod, items: &[DownwardAPIVolumeFile], mode: u32) -> anyhow::Result<Files> {
     items
         .iter()
@@ -195,20 +217,11 @@ impl PodVolumes {
         if let Some(s) = &v.secret {
             let name = s.secret_name.clone().unwrap_or_default();
             let mode = s.default_mode.unwrap_or(0o644) as u32;
-            let got = get_opt(Api::<Secret>::namespaced(client.clone(), ns), &name, s.optional == Some(true), "Secret")
-                .await?;
-            return Ok(Some(select(got.map(secret_data).unwrap_or_default(), &s.items, mode)?));
+            return Ok(Some(select(secret_of(client, ns, &name, s.optional).await?, &s.items, mode)?));
         }
         if let Some(c) = &v.config_map {
             let mode = c.default_mode.unwrap_or(0o644) as u32;
-            let got = get_opt(
-                Api::<ConfigMap>::namespaced(client.clone(), ns),
-                &c.name,
-                c.optional == Some(true),
-                "ConfigMap",
-            )
-            .await?;
-            return Ok(Some(select(got.map(config_map_data).unwrap_or_default(), &c.items, mode)?));
+            return Ok(Some(select(config_map_of(client, ns, &c.name, c.optional).await?, &c.items, mode)?));
         }
         if let Some(d) = &v.downward_api {
             let mode = d.default_mode.unwrap_or(0o644) as u32;
@@ -219,23 +232,9 @@ impl PodVolumes {
             let mut files = Files::new();
             for (i, src) in p.sources.clone().unwrap_or_default().into_iter().enumerate() {
                 if let Some(s) = src.secret {
-                    let got = get_opt(
-                        Api::<Secret>::namespaced(client.clone(), ns),
-                        &s.name,
-                        s.optional == Some(true),
-                        "Secret",
-                    )
-                    .await?;
-                    files.extend(select(got.map(secret_data).unwrap_or_default(), &s.items, mode)?);
+                    files.extend(select(secret_of(client, ns, &s.name, s.optional).await?, &s.items, mode)?);
                 } else if let Some(c) = src.config_map {
-                    let got = get_opt(
-                        Api::<ConfigMap>::namespaced(client.clone(), ns),
-                        &c.name,
-                        c.optional == Some(true),
-                        "ConfigMap",
-                    )
-                    .await?;
-                    files.extend(select(got.map(config_map_data).unwrap_or_default(), &c.items, mode)?);
+                    files.extend(select(config_map_of(client, ns, &c.name, c.optional).await?, &c.items, mode)?);
                 } else if let Some(d) = src.downward_api {
                     files.extend(downward(pod, d.items.as_deref().unwrap_or_default(), mode)?);
                 } else if let Some(t) = src.service_account_token {
@@ -377,18 +376,16 @@ pub async fn environment(
     env.insert("KUBERNETES_SERVICE_PORT".into(), api.1.to_string());
     env.insert("KUBERNETES_SERVICE_PORT_HTTPS".into(), api.1.to_string());
     env.insert("KUBERNETES_PORT".into(), format!("tcp://{}:{}", api.0, api.1));
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     for from in c.env_from.clone().unwrap_or_default() {
         let prefix = from.prefix.unwrap_or_default();
-        let data = if let Some(s) = from.secret_ref {
-            get_opt(secrets.clone(), &s.name, s.optional == Some(true), "Secret").await?.map(secret_data)
-        } else if let Some(m) = from.config_map_ref {
-            get_opt(maps.clone(), &m.name, m.optional == Some(true), "ConfigMap").await?.map(config_map_data)
+        let data = if let Some(r) = from.secret_ref {
+            secret_of(client, &ns, &r.name, r.optional).await?
+        } else if let Some(r) = from.config_map_ref {
+            config_map_of(client, &ns, &r.name, r.optional).await?
         } else {
-            None
+            BTreeMap::new()
         };
-        for (k, v) in data.unwrap_or_default() {
+        for (k, v) in data {
             env.insert(format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
         }
     }
@@ -396,24 +393,20 @@ pub async fn environment(
         let value = match e.value_from {
             None => expand(&e.value.unwrap_or_default(), &env),
             Some(from) => {
-                if let Some(f) = from.field_ref {
-                    field(pod, &f)?
+                let (data, key, optional, kind, name) = if let Some(f) = from.field_ref {
+                    env.insert(e.name, field(pod, &f)?);
+                    continue;
                 } else if let Some(k) = from.secret_key_ref {
-                    let got = get_opt(secrets.clone(), &k.name, k.optional == Some(true), "Secret").await?;
-                    match got.map(secret_data).and_then(|d| d.get(&k.key).cloned()) {
-                        Some(v) => String::from_utf8_lossy(&v).into_owned(),
-                        None if k.optional == Some(true) => continue,
-                        None => bail!("env {}: key {} not in Secret {}", e.name, k.key, k.name),
-                    }
+                    (secret_of(client, &ns, &k.name, k.optional).await?, k.key, k.optional, "Secret", k.name)
                 } else if let Some(k) = from.config_map_key_ref {
-                    let got = get_opt(maps.clone(), &k.name, k.optional == Some(true), "ConfigMap").await?;
-                    match got.map(config_map_data).and_then(|d| d.get(&k.key).cloned()) {
-                        Some(v) => String::from_utf8_lossy(&v).into_owned(),
-                        None if k.optional == Some(true) => continue,
-                        None => bail!("env {}: key {} not in ConfigMap {}", e.name, k.key, k.name),
-                    }
+                    (config_map_of(client, &ns, &k.name, k.optional).await?, k.key, k.optional, "ConfigMap", k.name)
                 } else {
                     bail!("env {}: only fieldRef, secretKeyRef and configMapKeyRef are supported", e.name)
+                };
+                match data.get(&key) {
+                    Some(v) => String::from_utf8_lossy(v).into_owned(),
+                    None if optional == Some(true) => continue,
+                    None => bail!("env {}: key {key} not in {kind} {name}", e.name),
                 }
             }
         };

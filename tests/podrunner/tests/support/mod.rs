@@ -237,16 +237,19 @@ impl Cluster {
         .await
     }
 
-    /// Creates a copy of `secret` (data, labels, annotations) here.
-    pub fn copy_secret_from(&self, secret: &Secret) {
-        let m = &secret.metadata;
-        let copy = json!({
-            "apiVersion": "v1", "kind": "Secret", "type": secret.type_,
-            "metadata": {"name": m.name, "namespace": m.namespace, "labels": m.labels, "annotations": m.annotations},
-            "data": secret.data, "immutable": secret.immutable,
-        });
-        let out = self.plane.kubectl_stdin(&["apply", "-f", "-"], &copy.to_string()).unwrap();
-        assert!(out.ok, "cluster {}: copying Secret {:?}: {}", self.name, m.name, out.stderr);
+    /// Copies the federation CA Secret `relayfed-system/<name>` from `from` with the kubectl
+    /// commands the README gives (the CA files pass through a directory of the test's).
+    pub fn copy_ca_from(&self, from: &Cluster, name: &str) {
+        let dir = self.plane.dir.join("ca-copy");
+        std::fs::create_dir_all(&dir).unwrap();
+        for key in ["ca.crt", "ca.key"] {
+            let template = format!("--template={{{{index .data \"{key}\" | base64decode}}}}");
+            let pem = from.kubectl(&["-n", "relayfed-system", "get", "secret", name, "-o", "go-template", &template]);
+            std::fs::write(dir.join(key), pem).unwrap();
+        }
+        let file = |k: &str| format!("--from-file={}", dir.join(k).display());
+        self.kubectl(&["-n", "relayfed-system", "create", "secret", "generic", name, &file("ca.crt"), &file("ca.key")]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The LoadBalancer controller's part: once the relay's Service exists, gives it `ip`
