@@ -15,7 +15,7 @@ BENCH_OUT ?= docs/benchmarks.md
 DURATION ?= 10m
 FAILURE_RATE ?= 10%
 
-.PHONY: e2e dashboards chaos chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+.PHONY: prometheus e2e dashboards chaos chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,9 +27,10 @@ test: test-rust test-python e2e ## Run every test suite (Rust, Python, and the t
 
 RELEASE_BINS = $(CARGO) build -q --release -p relayfed-operator --bin relayfed -p relayfed-sidecar --bin relayfed-proxy
 
-test-rust: cluster ## Rust unit, property and integration tests (incl. the operator on a real control plane and the chaos suite on release binaries).
+test-rust: cluster prometheus ## Rust unit, property and integration tests (incl. the operator on a real control plane, Prometheus 3 scraping a federation, and the chaos suite on release binaries).
 	$(RELEASE_BINS)
-	RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh) RELAYFED_CHAOS_BIN=$(TARGET_DIR)/release/relayfed $(CARGO) test --workspace
+	PATH=$$(tests/prometheus/build.sh):$$PATH RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh) \
+	  RELAYFED_CHAOS_BIN=$(TARGET_DIR)/release/relayfed $(CARGO) test --workspace
 
 e2e: images cluster ## Two clusters on one machine (root): pods run by relayfed-pod-runner, kube-proxy, CoreDNS, relayfed installed with helm; an unmodified pod in cluster A calls catalog in cluster B.
 	$(CARGO) build -q -p relayfed-pod-runner --features e2e --tests
@@ -38,6 +39,9 @@ e2e: images cluster ## Two clusters on one machine (root): pods run by relayfed-
 
 cluster: ## Build the test control plane (etcd, apiserver, controller-manager, scheduler, kubectl, kwok, helm) from Go modules; cached.
 	@tests/cluster/build.sh >/dev/null
+
+prometheus: ## Build Prometheus 3 and promtool from their Go module (tests/prometheus); cached. The tests put them first on PATH.
+	@tests/prometheus/build.sh >/dev/null
 
 cluster-up: cluster ## Start a test control plane in the background; prints its kubeconfig and bin directory.
 	$(CARGO) build -q -p relayfed-test-cluster

@@ -72,7 +72,7 @@ pub fn rules() -> RuleFile {
                 ),
                 alert(
                     "RelayfedPeerDown",
-                    "max by (federation, node, peer) (relayfed_peer_up) == 0",
+                    "max by (federation, node, peer) (relayfed_relay_peer_up) == 0",
                     "2m",
                     "warning",
                     "Main relay {{ $labels.node }} cannot reach its peer {{ $labels.peer }}",
@@ -80,7 +80,7 @@ pub fn rules() -> RuleFile {
                 ),
                 alert(
                     "RelayfedCallErrorRatioHigh",
-                    r#"sum by (federation, node) (rate(relayfed_streams_total{direction="outbound",result="error"}[5m])) / sum by (federation, node) (rate(relayfed_streams_total{direction="outbound"}[5m])) > 0.05"#,
+                    r#"sum by (federation, node) (rate(relayfed_proxy_calls_total{side="origin",code!="OK"}[5m])) / sum by (federation, node) (rate(relayfed_proxy_calls_total{side="origin"}[5m])) > 0.05"#,
                     "5m",
                     "warning",
                     "More than 5% of calls from {{ $labels.node }} fail",
@@ -88,7 +88,7 @@ pub fn rules() -> RuleFile {
                 ),
                 alert(
                     "RelayfedEchFailureRatioHigh",
-                    r#"sum by (federation, node) (rate(relayfed_ech_streams_total{outcome=~"failed|downgrade|retry_refused"}[5m])) / sum by (federation, node) (rate(relayfed_ech_streams_total{outcome="attempted"}[5m])) > 0.01"#,
+                    r#"sum by (federation, node) (rate(relayfed_proxy_ech_streams_total{outcome=~"failed|downgrade|retry_refused"}[5m])) / sum by (federation, node) (rate(relayfed_proxy_ech_streams_total{outcome="attempted"}[5m])) > 0.01"#,
                     "5m",
                     "warning",
                     "More than 1% of ECH attempts from {{ $labels.node }} fail",
@@ -96,7 +96,7 @@ pub fn rules() -> RuleFile {
                 ),
                 alert(
                     "RelayfedCircuitOpen",
-                    "max by (federation, node, service, destination) (relayfed_circuit_state) == 1",
+                    "max by (federation, node, service, destination) (relayfed_proxy_circuit_state) == 1",
                     "5m",
                     "warning",
                     "{{ $labels.node }} has kept its breaker for {{ $labels.service }} on {{ $labels.destination }} open for 5 minutes",
@@ -104,7 +104,7 @@ pub fn rules() -> RuleFile {
                 ),
                 alert(
                     "RelayfedConfigNotAcknowledged",
-                    "max by (node) (relayfed_config_published_version) > max by (node) (relayfed_config_acknowledged_version)",
+                    "max by (node) (relayfed_operator_config_published_version) > max by (node) (relayfed_operator_config_acknowledged_version)",
                     "5m",
                     "warning",
                     "Node {{ $labels.node }} has not acknowledged the published config for 5 minutes",
@@ -112,7 +112,7 @@ pub fn rules() -> RuleFile {
                 ),
                 alert(
                     "RelayfedCertificateExpiringSoon",
-                    "min by (federation, node) (relayfed_certificate_expiry_timestamp_seconds) - time() < 3 * 86400",
+                    "min by (federation, node) (relayfed_transport_certificate_expiry_timestamp_seconds) - time() < 3 * 86400",
                     "1h",
                     "warning",
                     "The certificate of {{ $labels.node }} expires in less than 3 days",

@@ -14,39 +14,39 @@ fn owned(q: &[(String, String)]) -> Vec<(&str, &str)> {
 
 /// Calls, success, latency and errors across the federation.
 pub fn overview() -> Dashboard {
-    let outbound = r#"direction="outbound""#;
+    let origin = r#"side="origin""#;
     let success = format!(
         "sum({}) / sum({})",
-        rate("relayfed_streams_total", r#"direction="outbound",result="ok""#),
-        rate("relayfed_streams_total", outbound)
+        rate("relayfed_proxy_calls_total", r#"side="origin",code="OK""#),
+        rate("relayfed_proxy_calls_total", origin)
     );
-    let calls = format!("sum by (node) ({})", rate("relayfed_streams_total", outbound));
-    let errors = format!("sum by (code) ({})", rate("relayfed_stream_errors_total", ""));
+    let calls = format!("sum by (node) ({})", rate("relayfed_proxy_calls_total", origin));
+    let errors = format!("sum by (code) ({})", rate("relayfed_proxy_stream_errors_total", ""));
     let relays_up = format!("sum(up{})", sel(r#"role="main""#));
-    let homes = format!("count(relayfed_home_uplink_active{} == 1)", sel(""));
-    let versions = format!("max by (node) (relayfed_config_version{})", sel(""));
-    let per_service = format!("sum by (service) ({})", rate("relayfed_lb_picks_total", ""));
+    let homes = format!("count(relayfed_proxy_uplink_active{} == 1)", sel(""));
+    let versions = format!("max by (node) (relayfed_transport_config_version{})", sel(""));
+    let per_service = format!("sum by (service) ({})", rate("relayfed_proxy_lb_picks_total", ""));
     let pair = "service, source_main, destination_main";
     let pair_success = format!(
         "sum by ({pair}) ({}) / sum by ({pair}) ({})",
-        rate("relayfed_calls_total", r#"side="origin",code="OK""#),
-        rate("relayfed_calls_total", r#"side="origin""#)
+        rate("relayfed_proxy_calls_total", r#"side="origin",code="OK""#),
+        rate("relayfed_proxy_calls_total", r#"side="origin""#)
     );
-    let pair_calls = format!("sum by ({pair}) ({})", rate("relayfed_calls_total", r#"side="origin""#));
+    let pair_calls = format!("sum by ({pair}) ({})", rate("relayfed_proxy_calls_total", r#"side="origin""#));
     let pair_errors = format!(
         "sum by (service, destination_main, code) ({})",
-        rate("relayfed_calls_total", r#"side="origin",code!="OK""#)
+        rate("relayfed_proxy_calls_total", r#"side="origin",code!="OK""#)
     );
     let pair_p99 = format!(
         "histogram_quantile(0.99, sum by (le, service, destination_main) ({}))",
-        rate("relayfed_call_setup_duration_seconds_bucket", "")
+        rate("relayfed_proxy_call_setup_duration_seconds_bucket", "")
     );
     let pair_legend = "{{service}} {{source_main}} -> {{destination_main}}";
     Dashboard {
         uid: "relayfed-overview",
         title: "relayfed / Overview",
         description: "Calls between homes of the federation: success, rate, setup latency, errors; relays and homes up.",
-        node_metric: "relayfed_config_version",
+        node_metric: "relayfed_transport_config_version",
         rows: vec![
             row(
                 "Calls",
@@ -55,7 +55,7 @@ pub fn overview() -> Dashboard {
                         Kind::Stat,
                         "Success rate",
                         "percentunit",
-                        "Outbound streams that ended cleanly, over all outbound streams of the selected homes.",
+                        "Calls that ended cleanly (code OK), over all calls the selected homes made.",
                         &[(&success, "success")],
                     ),
                     panel(
@@ -76,7 +76,7 @@ pub fn overview() -> Dashboard {
                         Kind::TimeSeries,
                         "Calls per second by caller",
                         "reqps",
-                        "Outbound streams per second, by calling home.",
+                        "Calls per second, by calling home.",
                         &[(&calls, "{{node}}")],
                     ),
                     panel(
@@ -91,7 +91,7 @@ pub fn overview() -> Dashboard {
                         "Stream setup latency",
                         "s",
                         "From accepting the app's connection to an established end-to-end session, at the caller.",
-                        &owned(&quantiles("relayfed_stream_setup_duration_seconds", "", "")),
+                        &owned(&quantiles("relayfed_proxy_call_setup_duration_seconds", "", "")),
                     ),
                     panel(
                         Kind::TimeSeries,
@@ -157,7 +157,7 @@ pub fn relay() -> Dashboard {
         uid: "relayfed-relay",
         title: "relayfed / Relay",
         description: "Per main relay: peerings, homes, relayed streams and bytes, handshakes, registry and propagation.",
-        node_metric: "relayfed_registry_entries",
+        node_metric: "relayfed_relay_registry_entries",
         rows: vec![
             row(
                 "Peerings and homes",
@@ -167,28 +167,28 @@ pub fn relay() -> Dashboard {
                         "Peers up",
                         "short",
                         "1 while the peering with each other main relay is up.",
-                        &[(&format!("max by (node, peer) (relayfed_peer_up{})", sel(m)), "{{node}} -> {{peer}}")],
+                        &[(&format!("max by (node, peer) (relayfed_relay_peer_up{})", sel(m)), "{{node}} -> {{peer}}")],
                     ),
                     panel(
                         Kind::TimeSeries,
                         "Open hop connections",
                         "short",
                         "QUIC connections from homes and peers.",
-                        &[(&format!("sum by (node) (relayfed_hop_connections_open{})", sel(m)), "{{node}}")],
+                        &[(&format!("sum by (node) (relayfed_transport_hop_connections_open{})", sel(m)), "{{node}}")],
                     ),
                     panel(
                         Kind::TimeSeries,
                         "Hop handshakes by result",
                         "reqps",
                         "QUIC/TLS handshakes per second, by role and result.",
-                        &[(&q("relayfed_hop_handshakes_total", "role, result"), "{{role}} {{result}}")],
+                        &[(&q("relayfed_transport_hop_handshakes_total", "role, result"), "{{role}} {{result}}")],
                     ),
                     panel(
                         Kind::TimeSeries,
                         "Reconnects",
                         "reqps",
-                        "Re-established links per second, by kind.",
-                        &[(&q("relayfed_reconnects_total", "node, kind"), "{{node}} {{kind}}")],
+                        "Re-established peerings per second.",
+                        &[(&q("relayfed_relay_peer_reconnects_total", "node"), "{{node}}")],
                     ),
                 ],
             ),
@@ -197,24 +197,24 @@ pub fn relay() -> Dashboard {
                 vec![
                     panel(
                         Kind::TimeSeries,
-                        "Streams by direction and result",
+                        "Relayed streams by result",
                         "reqps",
-                        "Streams per second through the relay.",
-                        &[(&q("relayfed_streams_total", "direction, result"), "{{direction}} {{result}}")],
+                        "Streams per second through the relay; error when either side's copy failed.",
+                        &[(&q("relayfed_relay_streams_total", "node, result"), "{{node}} {{result}}")],
                     ),
                     panel(
                         Kind::TimeSeries,
                         "Relayed bytes",
                         "Bps",
-                        "Payload bytes per second, by direction.",
-                        &[(&q("relayfed_payload_bytes_total", "direction"), "{{direction}}")],
+                        "Payload bytes per second through the relay, both directions.",
+                        &[(&q("relayfed_relay_payload_bytes_total", "node"), "{{node}}")],
                     ),
                     panel(
                         Kind::TimeSeries,
                         "Routing decisions",
                         "reqps",
                         "Routes per second by result (local, forwarded, no_route, ...).",
-                        &[(&q("relayfed_routes_total", "result"), "{{result}}")],
+                        &[(&q("relayfed_relay_routes_total", "result"), "{{result}}")],
                     ),
                 ],
             ),
@@ -226,14 +226,17 @@ pub fn relay() -> Dashboard {
                         "Registry entries by kind",
                         "short",
                         "Local (own homes) and federated (learned from peers) entries.",
-                        &[(&format!("sum by (node, kind) (relayfed_registry_entries{})", sel(m)), "{{node}} {{kind}}")],
+                        &[(
+                            &format!("sum by (node, kind) (relayfed_relay_registry_entries{})", sel(m)),
+                            "{{node}} {{kind}}",
+                        )],
                     ),
                     panel(
                         Kind::TimeSeries,
                         "Propagation events",
                         "reqps",
                         "Deltas, refreshes, withdrawals and expiries per second.",
-                        &[(&q("relayfed_registry_propagation_total", "event"), "{{event}}")],
+                        &[(&q("relayfed_relay_registry_propagation_total", "event"), "{{event}}")],
                     ),
                 ],
             ),
@@ -272,18 +275,21 @@ pub fn relay() -> Dashboard {
 
 /// The ECH rollout: how much is sealed, and what goes wrong.
 pub fn ech() -> Dashboard {
-    let outcome = |o: &str| rate("relayfed_ech_streams_total", &format!(r#"outcome="{o}""#));
-    let sealed =
-        format!("sum({}) / sum({})", outcome("accepted"), rate("relayfed_streams_total", r#"direction="outbound""#));
-    let outcomes = format!("sum by (outcome) ({})", rate("relayfed_ech_streams_total", ""));
-    let anonymity = format!("min by (node) (relayfed_ech_anonymity_set_services{})", sel(r#"role="main""#));
-    let headers = format!("sum by (node, envelope) ({})", rate("relayfed_route_headers_total", ""));
-    let signed = format!("sum by (result) ({})", rate("relayfed_ech_signed_configs_total", ""));
+    let sealed = format!(
+        "sum({}) / sum({})",
+        rate("relayfed_proxy_ech_streams_total", r#"outcome="accepted""#),
+        rate("relayfed_proxy_calls_total", r#"side="origin""#)
+    );
+    let outcomes = format!("sum by (outcome) ({})", rate("relayfed_proxy_ech_streams_total", ""));
+    let relay_outcomes = format!("sum by (outcome) ({})", rate("relayfed_relay_ech_streams_total", ""));
+    let anonymity = format!("min by (node) (relayfed_relay_ech_anonymity_set_services{})", sel(r#"role="main""#));
+    let headers = format!("sum by (node, envelope) ({})", rate("relayfed_relay_route_headers_total", ""));
+    let signed = format!("sum by (result) ({})", rate("relayfed_proxy_ech_signed_configs_total", ""));
     Dashboard {
         uid: "relayfed-ech",
         title: "relayfed / ECH rollout",
         description: "Sealed share of streams, ECH outcomes, setup latency with and without ECH, anonymity sets.",
-        node_metric: "relayfed_config_version",
+        node_metric: "relayfed_transport_config_version",
         rows: vec![row(
             "ECH",
             vec![
@@ -291,22 +297,22 @@ pub fn ech() -> Dashboard {
                     Kind::Stat,
                     "Sealed share",
                     "percentunit",
-                    "Outbound streams whose route was sealed and accepted, over all outbound streams: the effective rollout percentage.",
+                    "Calls whose route was sealed and accepted, over all calls the selected homes made: the effective rollout percentage.",
                     &[(&sealed, "sealed")],
                 ),
                 panel(
                     Kind::TimeSeries,
                     "ECH outcomes",
                     "reqps",
-                    "Attempted, accepted, retried, fallback, failed, downgrade, retry_refused per second.",
-                    &[(&outcomes, "{{outcome}}")],
+                    "At calling homes: attempted, accepted, retried, fallback, failed, downgrade, retry_refused, grease per second; at main relays: opened, retry_sent, decrypt_failed.",
+                    &[(&outcomes, "home {{outcome}}"), (&relay_outcomes, "relay {{outcome}}")],
                 ),
                 panel(
                     Kind::TimeSeries,
                     "Setup latency, ECH vs plain",
                     "s",
-                    "Stream setup quantiles with (ech=true) and without ECH.",
-                    &owned(&quantiles("relayfed_stream_setup_duration_seconds", "", "ech")),
+                    "Call setup quantiles with (ech=true) and without ECH.",
+                    &owned(&quantiles("relayfed_proxy_call_setup_duration_seconds", "", "ech")),
                 ),
                 panel(
                     Kind::TimeSeries,
@@ -337,13 +343,16 @@ pub fn ech() -> Dashboard {
 /// Rate limits, breakers, retries, trust.
 pub fn resilience() -> Dashboard {
     let by = |metric: &str, labels: &str| format!("sum by ({labels}) ({})", rate(metric, ""));
-    let open = format!("count by (node) (relayfed_circuit_state{} == 1)", sel(""));
-    let timeouts = format!("sum by (node) ({})", rate("relayfed_stream_errors_total", r#"code="TIMEOUT""#));
+    let open = format!("count by (node) (relayfed_proxy_circuit_state{} == 1)", sel(""));
+    let peers = format!("max by (node, peer) (relayfed_relay_circuit_state{})", sel(r#"role="main""#));
+    let timeout = r#"code="TIMEOUT""#;
+    let timeouts = format!("sum by (node) ({})", rate("relayfed_proxy_stream_errors_total", timeout));
+    let relay_timeouts = format!("sum by (node) ({})", rate("relayfed_relay_stream_errors_total", timeout));
     Dashboard {
         uid: "relayfed-resilience",
         title: "relayfed / Resilience",
         description: "Rate-limited streams, circuit breakers, retries, timeouts, relay switches and trust denials.",
-        node_metric: "relayfed_config_version",
+        node_metric: "relayfed_transport_config_version",
         rows: vec![row(
             "Resilience",
             vec![
@@ -352,42 +361,52 @@ pub fn resilience() -> Dashboard {
                     "Rate-limited streams",
                     "reqps",
                     "Streams refused with RATE_LIMITED per second, by relay and kind of sender (the senders: the relay's /federation/health).",
-                    &[(&by("relayfed_rate_limited_streams_total", "node, sender_kind"), "{{node}} {{sender_kind}}")],
+                    &[(
+                        &by("relayfed_relay_rate_limited_streams_total", "node, sender_kind"),
+                        "{{node}} {{sender_kind}}",
+                    )],
                 ),
                 panel(
                     Kind::TimeSeries,
                     "Open circuit breakers",
                     "short",
-                    "Instances whose breaker is open, by calling home.",
+                    "Service instances whose breaker is open, by calling home.",
                     &[(&open, "{{node}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Peer circuit breakers",
+                    "short",
+                    "Each main relay's breaker toward each peer main relay: 0 closed, 1 open, 2 half-open.",
+                    &[(&peers, "{{node}} -> {{peer}}")],
                 ),
                 panel(
                     Kind::TimeSeries,
                     "Retries by cause",
                     "reqps",
                     "Stream setups retried on another instance or link, by the code that caused it.",
-                    &[(&by("relayfed_stream_retries_total", "code"), "{{code}}")],
+                    &[(&by("relayfed_proxy_stream_retries_total", "code"), "{{code}}")],
                 ),
                 panel(
                     Kind::TimeSeries,
                     "Timeouts",
                     "reqps",
-                    "Streams failed with TIMEOUT per second.",
-                    &[(&timeouts, "{{node}}")],
+                    "Streams failed with TIMEOUT per second, at homes and at main relays.",
+                    &[(&timeouts, "{{node}}"), (&relay_timeouts, "{{node}} (relay)")],
                 ),
                 panel(
                     Kind::TimeSeries,
                     "Relay switches",
                     "reqps",
                     "Changes of a home's active main relay, by reason (lost, failback).",
-                    &[(&by("relayfed_home_relay_switches_total", "reason"), "{{reason}}")],
+                    &[(&by("relayfed_proxy_relay_switches_total", "reason"), "{{reason}}")],
                 ),
                 panel(
                     Kind::TimeSeries,
                     "Trust denials by rule",
                     "reqps",
                     "Peers, homes, calls or exports refused, by rule.",
-                    &[(&by("relayfed_trust_denials_total", "rule"), "{{rule}}")],
+                    &[(&by("relayfed_relay_trust_denials_total", "rule"), "{{rule}}")],
                 ),
             ],
         )],
@@ -399,14 +418,14 @@ pub fn control_plane() -> Dashboard {
     let o = r#"role="operator""#;
     let by = |metric: &str, labels: &str| format!("sum by ({labels}) ({})", rate(metric, o));
     let behind = format!(
-        "max by (node) (relayfed_config_published_version{s}) - max by (node) (relayfed_config_acknowledged_version{s})",
+        "max by (node) (relayfed_operator_config_published_version{s}) - max by (node) (relayfed_operator_config_acknowledged_version{s})",
         s = sel(o)
     );
     Dashboard {
         uid: "relayfed-control-plane",
         title: "relayfed / Control plane",
         description: "Reconciles, admissions, certificates, config distribution and acknowledgements.",
-        node_metric: "relayfed_config_published_version",
+        node_metric: "relayfed_operator_config_published_version",
         rows: vec![row(
             "Operator",
             vec![
@@ -443,14 +462,14 @@ pub fn control_plane() -> Dashboard {
                     "Distribution subscribers",
                     "short",
                     "Nodes connected to the config distribution server.",
-                    &[(&format!("sum(relayfed_config_subscribers{})", sel(o)), "subscribers")],
+                    &[(&format!("sum(relayfed_operator_config_subscribers{})", sel(o)), "subscribers")],
                 ),
                 panel(
                     Kind::TimeSeries,
                     "Publish-to-acknowledge latency",
                     "s",
                     "From publishing a version to a node acknowledging it.",
-                    &owned(&quantiles("relayfed_config_ack_latency_seconds", o, "")),
+                    &owned(&quantiles("relayfed_operator_config_ack_latency_seconds", o, "")),
                 ),
                 panel(
                     Kind::TimeSeries,
@@ -464,7 +483,7 @@ pub fn control_plane() -> Dashboard {
                     "Config changes",
                     "reqps",
                     "Config sources (CR updates, files) by result.",
-                    &[(&by("relayfed_config_changes_total", "result"), "{{result}}")],
+                    &[(&by("relayfed_operator_config_changes_total", "result"), "{{result}}")],
                 ),
             ],
         )],

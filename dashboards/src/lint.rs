@@ -103,13 +103,14 @@ mod tests {
 
     #[test]
     fn a_clean_query_passes_and_each_rule_can_fail() {
-        let ok = r#"sum(rate(relayfed_streams_total{federation=~"$federation",node=~"$node"}[$__rate_interval]))"#;
+        let ok =
+            r#"sum(rate(relayfed_relay_streams_total{federation=~"$federation",node=~"$node"}[$__rate_interval]))"#;
         assert!(check(&with_expr(ok)).is_empty(), "{:?}", check(&with_expr(ok)));
         for broken in [
-            r#"sum(rate(relayfed_streams_total{federation=~"$federation",node=~"$node"}[5m]))"#,
-            r#"sum(relayfed_streams_total{federation=~"$federation",node=~"$node"})"#,
-            r#"sum(rate(relayfed_streams_total[$__rate_interval]))"#,
-            r#"rate(sum(relayfed_streams_total{federation=~"$federation",node=~"$node"})[$__rate_interval])"#,
+            r#"sum(rate(relayfed_relay_streams_total{federation=~"$federation",node=~"$node"}[5m]))"#,
+            r#"sum(relayfed_relay_streams_total{federation=~"$federation",node=~"$node"})"#,
+            r#"sum(rate(relayfed_relay_streams_total[$__rate_interval]))"#,
+            r#"rate(sum(relayfed_relay_streams_total{federation=~"$federation",node=~"$node"})[$__rate_interval])"#,
         ] {
             assert!(!check(&with_expr(broken)).is_empty(), "not caught: {broken}");
         }

@@ -191,7 +191,7 @@ impl Dashboard {
             "templating": {"list": [
                 {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
                  "current": {"selected": false, "text": "default", "value": "default"}},
-                var("federation", "Federation", "label_values(relayfed_config_version, federation)".to_owned()),
+                var("federation", "Federation", "label_values(relayfed_transport_config_version, federation)".to_owned()),
                 var("node", "Node", format!("label_values({}{{federation=~\"$federation\"}}, node)", self.node_metric)),
             ]},
             "panels": panels,

@@ -44,7 +44,7 @@ fn promtool(args: &[&str]) {
         .args(args)
         .current_dir(root())
         .output()
-        .unwrap_or_else(|e| panic!("promtool ({e}): install Debian's prometheus package (.ci/run does)"));
+        .unwrap_or_else(|e| panic!("promtool ({e}): `make prometheus` builds it; make test puts it on PATH"));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "promtool {args:?}: {text}");
 }

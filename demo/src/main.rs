@@ -123,7 +123,7 @@ fn sum(s: &[(String, BTreeMap<String, String>, f64)], name: &str, want: &[(&str,
 /// Setup-latency histogram buckets (le -> cumulative count) over both `ech` values.
 fn buckets(s: &[(String, BTreeMap<String, String>, f64)]) -> Vec<(f64, f64)> {
     let mut m: Vec<(f64, f64)> = Vec::new();
-    for (n, l, v) in s.iter().filter(|(n, _, _)| n == "relayfed_stream_setup_duration_seconds_bucket") {
+    for (n, l, v) in s.iter().filter(|(n, _, _)| n == "relayfed_proxy_call_setup_duration_seconds_bucket") {
         let _ = n;
         let le = l.get("le").map(|x| if x == "+Inf" { f64::INFINITY } else { x.parse().unwrap() }).unwrap();
         match m.iter_mut().find(|(b, _)| *b == le) {
@@ -305,8 +305,8 @@ async fn main() {
             after.extend(scrape(a).await);
         }
         let d = |name: &str, l: &[(&str, &str)]| sum(&after, name, l) - sum(&before, name, l);
-        let sealed = d("relayfed_stream_setup_duration_seconds_count", &[("ech", "true")]);
-        let plain = d("relayfed_stream_setup_duration_seconds_count", &[("ech", "false")]);
+        let sealed = d("relayfed_proxy_call_setup_duration_seconds_count", &[("ech", "true")]);
+        let plain = d("relayfed_proxy_call_setup_duration_seconds_count", &[("ech", "false")]);
         let total = (sealed + plain).max(1.0);
         let requests = ROUTES.len() * REQUESTS_PER_ROUTE;
         println!(
@@ -316,7 +316,7 @@ async fn main() {
             format!("{ok}/{requests}"),
             format!("{sealed:.0} ({:.0}%)", 100.0 * sealed / total),
             format!("{:.0}%", 100.0 * expected_sealed / requests as f64),
-            d("relayfed_ech_streams_total", &[("outcome", "fallback")]),
+            d("relayfed_proxy_ech_streams_total", &[("outcome", "fallback")]),
             quantile_ms(&buckets(&before), &buckets(&after), 0.5),
             quantile_ms(&buckets(&before), &buckets(&after), 0.99),
         );

@@ -1,5 +1,7 @@
-//! Operator and local-mode metrics (Prometheus text via prometheus-client): config
-//! distribution, processes supervised in local mode, reconciles, certificates, admissions.
+//! Operator and local-mode metrics (Prometheus text via prometheus-client):
+//! `relayfed_operator_*` for what the operator does (and the local supervisor in its place):
+//! config distribution, ECH rollout, reconciles, certificates, admissions;
+//! `relayfed_local_*` for the node processes only local mode supervises.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -96,30 +98,42 @@ impl OperatorMetrics {
             registry: Registry::default(),
         };
         registry.register(
-            "relayfed_config_published_version",
+            "relayfed_operator_config_published_version",
             "Config snapshot version published per node",
             m.config_published_version.clone(),
         );
         registry.register(
-            "relayfed_config_acknowledged_version",
+            "relayfed_operator_config_acknowledged_version",
             "Config snapshot version acknowledged per node",
             m.config_acked_version.clone(),
         );
-        registry.register("relayfed_config_acks", "Config acknowledgements by result", m.config_acks.clone());
-        registry.register("relayfed_config_snapshots_served", "Snapshots sent to subscribers", m.config_served.clone());
-        registry.register("relayfed_config_subscribers", "Open subscriber connections", m.config_subscribers.clone());
+        registry.register("relayfed_operator_config_acks", "Config acknowledgements by result", m.config_acks.clone());
+        registry.register(
+            "relayfed_operator_config_snapshots_served",
+            "Snapshots sent to subscribers",
+            m.config_served.clone(),
+        );
+        registry.register(
+            "relayfed_operator_config_subscribers",
+            "Open subscriber connections",
+            m.config_subscribers.clone(),
+        );
         registry.register_with_unit(
-            "relayfed_config_ack_latency",
+            "relayfed_operator_config_ack_latency",
             "Time from publishing a config version to its acknowledgement",
             prometheus_client::registry::Unit::Seconds,
             m.config_ack_seconds.clone(),
         );
         registry.register(
-            "relayfed_config_refusals",
+            "relayfed_operator_config_refusals",
             "Refused distribution clients by reason",
             m.config_refusals.clone(),
         );
-        registry.register("relayfed_config_changes", "Config source changes by result", m.config_changes.clone());
+        registry.register(
+            "relayfed_operator_config_changes",
+            "Config source changes by result",
+            m.config_changes.clone(),
+        );
         registry.register(
             "relayfed_local_process_up",
             "Supervised node processes running (local mode)",
@@ -149,22 +163,22 @@ impl OperatorMetrics {
             m.leader.clone(),
         );
         registry.register(
-            "relayfed_rollout_effective_percent",
+            "relayfed_operator_rollout_effective_percent",
             "ECH percentage in force for destinations behind each main relay (after steps and automatic rollback)",
             m.rollout_effective_percent.clone(),
         );
         registry.register(
-            "relayfed_rollout_analysis",
+            "relayfed_operator_rollout_analysis",
             "ECH rollout analyses by result, one per main relay per evaluation",
             m.rollout_analyses.clone(),
         );
         registry.register(
-            "relayfed_rollout_transitions",
+            "relayfed_operator_rollout_transitions",
             "ECH rollout transitions by kind",
             m.rollout_transitions.clone(),
         );
         registry.register(
-            "relayfed_rollout_reports",
+            "relayfed_operator_rollout_reports",
             "ECH cohort reports from nodes by result",
             m.rollout_reports.clone(),
         );

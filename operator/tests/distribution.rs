@@ -67,8 +67,8 @@ async fn subscribers_follow_published_versions_and_ack_them() {
     wait_ack("a", 3).await;
     assert_eq!(*seen.lock().unwrap(), [(1, 0), (2, 25), (3, 100)]);
     let text = metrics.encode();
-    assert!(text.contains("relayfed_config_acknowledged_version{node=\"a\"} 3"), "{text}");
-    assert!(text.contains("relayfed_config_published_version{node=\"b\"} 1"), "{text}");
+    assert!(text.contains("relayfed_operator_config_acknowledged_version{node=\"a\"} 3"), "{text}");
+    assert!(text.contains("relayfed_operator_config_published_version{node=\"b\"} 1"), "{text}");
     task.abort();
 }
 
@@ -99,7 +99,7 @@ async fn a_node_cannot_read_another_nodes_snapshot() {
         applied(snap.version)
     }));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !metrics.encode().contains("relayfed_config_refusals_total{reason=\"wrong_node\"}") {
+    while !metrics.encode().contains("relayfed_operator_config_refusals_total{reason=\"wrong_node\"}") {
         assert!(tokio::time::Instant::now() < deadline, "no refusal counted");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -118,7 +118,7 @@ fn an_ack_for_a_version_never_published_is_refused_and_not_reported() {
     assert!(err.contains("999999") && err.contains(&published.to_string()), "{err}");
     assert!(dist.record_ack("b", applied(1)).is_err(), "nothing is published for b");
     assert!(dist.acks().is_empty(), "a refused ack must not show in status: {:?}", dist.acks());
-    assert!(metrics.encode().contains("relayfed_config_refusals_total{reason=\"unknown_version\"} 2"));
+    assert!(metrics.encode().contains("relayfed_operator_config_refusals_total{reason=\"unknown_version\"} 2"));
     dist.record_ack("a", applied(published)).unwrap();
     assert_eq!(dist.acks()["a"].version, published);
 }

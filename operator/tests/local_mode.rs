@@ -227,7 +227,7 @@ async fn ech_counts(status: &Value) -> (f64, f64) {
         .await
         .unwrap()
         .1;
-    let n = "relayfed_stream_setup_duration_seconds_count";
+    let n = "relayfed_proxy_call_setup_duration_seconds_count";
     (sample(&text, n, &[("ech", "true")]), sample(&text, n, &[("ech", "false")]))
 }
 
@@ -353,7 +353,7 @@ async fn a_killed_relay_shows_in_status_and_metrics_and_the_federation_recovers(
         .await
         .map(|r| r.1)
         .unwrap_or_default();
-        sample(&text, "relayfed_peer_up", &[("peer", "hub-b")])
+        sample(&text, "relayfed_relay_peer_up", &[("peer", "hub-b")])
     };
     assert_eq!(peer_up().await, 1.0);
     let pid = Local::node(&status, "hub-b")["pid"].as_u64().unwrap();

@@ -9,27 +9,19 @@ fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// The family names registered in `file`: the name literal of each `register(`,
-/// `register_with_unit(` (which appends the unit; every such call here uses seconds) and
-/// the data plane's per-role `reg(&mut registry, <flag>, `.
-fn registered(file: &str) -> BTreeSet<String> {
+/// The family names registered in `file`: `prefix` followed by the name literal of each
+/// `register(` and `register_with_unit(` (which appends the unit; every such call here uses
+/// seconds). The data plane registers each component's families in a registry whose prefix
+/// is `relayfed_<component>` (the file's name).
+fn registered(file: &str, prefix: &str) -> BTreeSet<String> {
     let text = std::fs::read_to_string(repo().join(file)).unwrap();
     let mut out = BTreeSet::new();
-    for (call, suffix) in [("register(", ""), ("register_with_unit(", "_seconds"), ("reg(", "")] {
+    for (call, suffix) in [("register(", ""), ("register_with_unit(", "_seconds")] {
         for (i, _) in text.match_indices(call) {
-            if call == "reg(" && text[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '.') {
-                continue; // `register(`, `.reg(`, `foo_reg(`: not the helper
+            if text[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_') {
+                continue; // `sub_register(` and the like
             }
-            let mut rest = &text[i + call.len()..];
-            if call == "reg(" {
-                // `reg(&mut registry, <role flag>, "name", ...)`: skip the registry and the flag.
-                let Some(args) = rest.trim_start().strip_prefix("&mut registry,") else { continue };
-                let Some((flag, after)) = args.split_once(',') else { continue };
-                if !flag.trim().chars().all(|c| c.is_alphanumeric() || c == '_') {
-                    continue;
-                }
-                rest = after;
-            }
+            let rest = &text[i + call.len()..];
             let Some(open) = rest.find('"') else { continue };
             if !rest[..open].trim().is_empty() {
                 continue; // not a literal name argument
@@ -37,7 +29,7 @@ fn registered(file: &str) -> BTreeSet<String> {
             let name = &rest[open + 1..];
             let name = &name[..name.find('"').unwrap()];
             assert!(!name.contains(' '), "{file}: {name:?}");
-            out.insert(format!("{name}{suffix}"));
+            out.insert(format!("{prefix}{name}{suffix}"));
         }
     }
     out
@@ -74,8 +66,14 @@ fn documented() -> Vec<(String, String)> {
 #[test]
 fn the_metric_table_lists_exactly_the_registered_metrics() {
     let mut code = collected();
-    for f in ["sidecar/src/admin/metrics.rs", "operator/src/metrics.rs", "serving/src/process.rs"] {
-        code.extend(registered(f));
+    for component in ["transport", "relay", "proxy"] {
+        code.extend(registered(
+            &format!("sidecar/src/admin/metrics/{component}.rs"),
+            &format!("relayfed_{component}_"),
+        ));
+    }
+    for f in ["operator/src/metrics.rs", "serving/src/process.rs"] {
+        code.extend(registered(f, ""));
     }
     assert!(code.len() > 40, "too few metrics found in the code: {code:?}");
     let docs = documented();

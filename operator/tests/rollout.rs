@@ -197,10 +197,10 @@ async fn steps_advance_and_a_broken_relay_is_rolled_back_alone() {
     eprintln!("rollback: {event}; m2 analysis {m2:?}");
     let metrics = get(control, "/metrics").await.unwrap();
     assert!(
-        metrics.lines().any(|l| l.starts_with("relayfed_rollout_effective_percent{main=\"m2\"} 50")),
+        metrics.lines().any(|l| l.starts_with("relayfed_operator_rollout_effective_percent{main=\"m2\"} 50")),
         "the supervisor exports m2's effective percentage"
     );
-    assert!(metrics.lines().any(|l| l.starts_with("relayfed_rollout_effective_percent{main=\"m1\"} 100")));
+    assert!(metrics.lines().any(|l| l.starts_with("relayfed_operator_rollout_effective_percent{main=\"m1\"} 100")));
     assert!(failed.load(Ordering::Relaxed) > healthy_failed, "the broken key failed calls");
     let m2_health = relayfed_operator::local::http::get_json(&m2_admin, "/federation/health").await.unwrap();
     assert!(m2_health["ech"]["retrySent"].as_u64() > Some(0), "m2 answered the stale config id: {}", m2_health["ech"]);

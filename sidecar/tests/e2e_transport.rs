@@ -136,15 +136,18 @@ async fn one_mebibyte_and_many_small_messages_with_ech_on_and_off() {
         }
     }
 
-    assert_eq!(plain.metric("relayfed_ech_streams_total", &[("outcome", "attempted")]).await, 0.0);
-    assert_eq!(plain.metric("relayfed_e2e_handshakes_total", &[("result", "ok")]).await, 2.0);
-    assert_eq!(sealed.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 2.0);
-    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "opened")]).await, 2.0);
-    assert!(fed.relay.metric("relayfed_hop_handshakes_total", &[("role", "server"), ("result", "ok")]).await >= 3.0);
+    assert_eq!(plain.metric("relayfed_proxy_ech_streams_total", &[("outcome", "attempted")]).await, 0.0);
+    assert_eq!(plain.metric("relayfed_proxy_e2e_handshakes_total", &[("result", "ok")]).await, 2.0);
+    assert_eq!(sealed.metric("relayfed_proxy_ech_streams_total", &[("outcome", "accepted")]).await, 2.0);
+    assert_eq!(fed.relay.metric("relayfed_relay_ech_streams_total", &[("outcome", "opened")]).await, 2.0);
+    assert!(
+        fed.relay.metric("relayfed_transport_hop_handshakes_total", &[("role", "server"), ("result", "ok")]).await
+            >= 3.0
+    );
     // Every node says when its certificate expires (the testbed issues them for a year or less).
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     for node in [&plain, &sealed, &fed.relay] {
-        let expiry = node.metric("relayfed_certificate_expiry_timestamp_seconds", &[]).await;
+        let expiry = node.metric("relayfed_transport_certificate_expiry_timestamp_seconds", &[]).await;
         assert!(expiry > now && expiry < now + 400.0 * 86_400.0, "expiry {expiry}, now {now}");
     }
 }
@@ -163,11 +166,11 @@ async fn retry_configs_for_a_stale_config_are_not_trusted_and_the_stream_fails_c
         let r = round_trip(addr, b"x").await;
         assert!(r.is_err() || r.unwrap().is_empty(), "no plain and no retried stream");
     }
-    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "retry_sent")]).await, 2.0);
-    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "retry_refused")]).await, 2.0);
-    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 0.0);
-    assert_eq!(origin.metric("relayfed_stream_errors_total", &[("code", "ECH_UNKNOWN_CONFIG")]).await, 2.0);
-    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "opened")]).await, 0.0);
+    assert_eq!(fed.relay.metric("relayfed_relay_ech_streams_total", &[("outcome", "retry_sent")]).await, 2.0);
+    assert_eq!(origin.metric("relayfed_proxy_ech_streams_total", &[("outcome", "retry_refused")]).await, 2.0);
+    assert_eq!(origin.metric("relayfed_proxy_ech_streams_total", &[("outcome", "retried")]).await, 0.0);
+    assert_eq!(origin.metric("relayfed_proxy_stream_errors_total", &[("code", "ECH_UNKNOWN_CONFIG")]).await, 2.0);
+    assert_eq!(fed.relay.metric("relayfed_relay_ech_streams_total", &[("outcome", "opened")]).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,9 +179,9 @@ async fn a_relay_that_flips_sealed_bytes_is_detected() {
     let (origin, addr) = fed.origin("shop", policy(100, EchMode::Required), Some(fed.relay_list())).await;
     let err = round_trip(addr, b"secret request").await;
     assert!(err.is_err() || err.as_ref().unwrap().is_empty(), "tampered stream must not carry data: {err:?}");
-    assert_eq!(fed.relay.metric("relayfed_ech_streams_total", &[("outcome", "decrypt_failed")]).await, 1.0);
-    assert_eq!(origin.metric("relayfed_stream_errors_total", &[("code", "ECH_DECRYPT_FAILED")]).await, 1.0);
-    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "failed")]).await, 1.0);
+    assert_eq!(fed.relay.metric("relayfed_relay_ech_streams_total", &[("outcome", "decrypt_failed")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_proxy_stream_errors_total", &[("code", "ECH_DECRYPT_FAILED")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_proxy_ech_streams_total", &[("outcome", "failed")]).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,9 +190,9 @@ async fn a_relay_that_strips_ech_fails_the_noise_handshake() {
     let (origin, addr) = fed.origin("shop", policy(100, EchMode::Required), Some(fed.relay_list())).await;
     let err = round_trip(addr, b"secret request").await;
     assert!(err.is_err() || err.as_ref().unwrap().is_empty(), "downgraded stream must not carry data: {err:?}");
-    assert_eq!(fed.pay.metric("relayfed_e2e_handshakes_total", &[("result", "failed")]).await, 1.0);
-    assert_eq!(origin.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 1.0);
-    assert_eq!(origin.metric("relayfed_ech_streams_total", &[("outcome", "downgrade")]).await, 1.0);
+    assert_eq!(fed.pay.metric("relayfed_proxy_e2e_handshakes_total", &[("result", "failed")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_proxy_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 1.0);
+    assert_eq!(origin.metric("relayfed_proxy_ech_streams_total", &[("outcome", "downgrade")]).await, 1.0);
     // Plain streams through the same relay are unaffected (it only alters sealed headers).
     let (_plain, plain_addr) = fed.origin("shop-plain", policy(0, EchMode::Opportunistic), None).await;
     assert_eq!(round_trip(plain_addr, b"hello").await.unwrap(), b"hello");
@@ -202,8 +205,8 @@ async fn required_mode_without_a_config_fails_closed_and_opportunistic_falls_bac
     let (req, req_addr) = fed.origin("shop-req", policy(100, EchMode::Required), None).await;
     let r = round_trip(req_addr, b"x").await;
     assert!(r.is_err() || r.unwrap().is_empty());
-    assert_eq!(req.metric("relayfed_stream_errors_total", &[("code", "ECH_REQUIRED")]).await, 1.0);
+    assert_eq!(req.metric("relayfed_proxy_stream_errors_total", &[("code", "ECH_REQUIRED")]).await, 1.0);
     let (opp, opp_addr) = fed.origin("shop-opp", policy(100, EchMode::Opportunistic), None).await;
     assert_eq!(round_trip(opp_addr, b"fallback").await.unwrap(), b"fallback");
-    assert_eq!(opp.metric("relayfed_ech_streams_total", &[("outcome", "fallback")]).await, 1.0);
+    assert_eq!(opp.metric("relayfed_proxy_ech_streams_total", &[("outcome", "fallback")]).await, 1.0);
 }

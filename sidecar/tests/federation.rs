@@ -140,19 +140,20 @@ async fn three_mains_six_homes() {
     let pair = [("service", "only-b"), ("source_main", "hub-c"), ("destination_main", "hub-b"), ("ech", "false")];
     let ok = [&pair[..], &[("code", "OK")]].concat();
     eventually("c1 and b1 count the call", WAIT, || async {
-        homes["c1"].metric("relayfed_calls_total", &[&ok[..], &[("side", "origin")]].concat()).await == 1.0
-            && homes["b1"].metric("relayfed_calls_total", &[&ok[..], &[("side", "destination")]].concat()).await == 1.0
+        homes["c1"].metric("relayfed_proxy_calls_total", &[&ok[..], &[("side", "origin")]].concat()).await == 1.0
+            && homes["b1"].metric("relayfed_proxy_calls_total", &[&ok[..], &[("side", "destination")]].concat()).await
+                == 1.0
     })
     .await;
     let setup = [("service", "only-b"), ("destination_main", "hub-b")];
-    assert_eq!(homes["c1"].metric("relayfed_call_setup_duration_seconds_count", &setup).await, 1.0);
+    assert_eq!(homes["c1"].metric("relayfed_proxy_call_setup_duration_seconds_count", &setup).await, 1.0);
 
     // A service nobody exports.
     assert!(call(&homes["a2"], "missing:1", b"x").await.is_err());
-    assert_eq!(homes["a2"].metric("relayfed_stream_errors_total", &[("code", "SERVICE_NOT_FOUND")]).await, 1.0);
+    assert_eq!(homes["a2"].metric("relayfed_proxy_stream_errors_total", &[("code", "SERVICE_NOT_FOUND")]).await, 1.0);
     let missing =
         [("service", "missing"), ("source_main", "hub-a"), ("destination_main", "none"), ("code", "SERVICE_NOT_FOUND")];
-    assert_eq!(homes["a2"].metric("relayfed_calls_total", &missing).await, 1.0);
+    assert_eq!(homes["a2"].metric("relayfed_proxy_calls_total", &missing).await, 1.0);
 
     // Round robin across b1 and b2 for `spread` (configured for c1).
     let mut spread = HashMap::new();
@@ -204,7 +205,7 @@ async fn three_mains_six_homes() {
     })
     .await;
     assert_eq!(call(&homes["c1"], "echo:7", b"resumed").await.unwrap(), ("a1".to_owned(), b"resumed".to_vec()));
-    assert!(homes["a1"].metric("relayfed_reconnects_total", &[("kind", "main")]).await >= 1.0);
+    assert!(homes["a1"].metric("relayfed_proxy_uplink_reconnects_total", &[]).await >= 1.0);
 
     // A crashed relay's homes are withdrawn from every view as soon as its peers see the
     // link die; their entries stay at the peers, unroutable, until their TTL runs out.
@@ -222,5 +223,5 @@ async fn three_mains_six_homes() {
         })
         .await;
     }
-    assert!(mains["hub-c"].metric("relayfed_registry_propagation_total", &[("event", "expired")]).await >= 2.0);
+    assert!(mains["hub-c"].metric("relayfed_relay_registry_propagation_total", &[("event", "expired")]).await >= 2.0);
 }

@@ -59,7 +59,7 @@ async fn counted(metrics: &Metrics, reason: &str) -> f64 {
     loop {
         let v = common::sample(
             &metrics.encode(),
-            "relayfed_hop_handshakes_total",
+            "relayfed_transport_hop_handshakes_total",
             &[("role", "server"), ("result", reason)],
         );
         if v > 0.0 || tokio::time::Instant::now() > deadline {

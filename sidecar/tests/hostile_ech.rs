@@ -92,10 +92,10 @@ async fn a_first_relay_that_forges_retry_configs_reads_no_route() {
     assert_eq!(Seen::get(&net.mitm.seen.forged_retries), 1);
     assert_eq!(Seen::get(&net.mitm.seen.routes_read), 0, "the relay read an inner route");
     assert_eq!(ok, 9, "the forged stream fails closed; every later call is sealed to the real key");
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "retry_refused")]).await, 1.0);
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 0.0);
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 9.0);
-    assert_eq!(net.shop.metric("relayfed_stream_errors_total", &[("code", "ECH_UNKNOWN_CONFIG")]).await, 1.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "retry_refused")]).await, 1.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "retried")]).await, 0.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "accepted")]).await, 9.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_stream_errors_total", &[("code", "ECH_UNKNOWN_CONFIG")]).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,8 +105,8 @@ async fn a_first_relay_that_omits_configs_cannot_downgrade_opportunistic_ech() {
     assert_eq!(calls(&net, 5).await, 5);
     assert_eq!(Seen::get(&net.mitm.seen.routes_read), 0, "the relay read an inner route");
     assert_eq!(Seen::get(&net.mitm.seen.sealed_unread), 5);
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "fallback")]).await, 0.0);
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 5.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "fallback")]).await, 0.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "accepted")]).await, 5.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,13 +118,13 @@ async fn a_replaced_config_id_fails_closed_without_trusting_the_retry_configs() 
     // hub-b does not know the id and answers with its real configs; they arrive through the
     // dishonest relay, so the origin does not act on them. (On a heavily loaded machine a
     // stream may fail before hub-b answers it, so the counts are bounded, not exact.)
-    let sent = net.relays[1].metric("relayfed_ech_streams_total", &[("outcome", "retry_sent")]).await;
-    let refused = net.shop.metric("relayfed_ech_streams_total", &[("outcome", "retry_refused")]).await;
+    let sent = net.relays[1].metric("relayfed_relay_ech_streams_total", &[("outcome", "retry_sent")]).await;
+    let refused = net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "retry_refused")]).await;
     assert!(sent >= 1.0, "hub-b answered no stream with retry configs");
     assert!((1.0..=3.0).contains(&refused), "{refused} retry configs refused of {sent} sent");
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "retried")]).await, 0.0);
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "fallback")]).await, 0.0);
-    assert_eq!(net.pay.metric("relayfed_e2e_handshakes_total", &[("result", "ok")]).await, 0.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "retried")]).await, 0.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "fallback")]).await, 0.0);
+    assert_eq!(net.pay.metric("relayfed_proxy_e2e_handshakes_total", &[("result", "ok")]).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,9 +135,9 @@ async fn a_resealed_route_fails_the_end_to_end_handshake() {
     // Before the fix (prologue without the ECH key and encapsulation): 3/3 calls succeeded.
     assert_eq!(calls(&net, 3).await, 0);
     assert_eq!(Seen::get(&net.mitm.seen.rewritten), 3);
-    assert_eq!(net.pay.metric("relayfed_e2e_handshakes_total", &[("result", "failed")]).await, 3.0);
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "downgrade")]).await, 3.0);
-    assert_eq!(net.shop.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 3.0);
+    assert_eq!(net.pay.metric("relayfed_proxy_e2e_handshakes_total", &[("result", "failed")]).await, 3.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "downgrade")]).await, 3.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,8 +150,8 @@ async fn a_first_relay_that_substitutes_the_destinations_noise_key_reads_no_payl
     assert_eq!(calls(&net, 3).await, 0);
     assert_eq!(Seen::get(&net.mitm.seen.payload_read), 0, "the relay decrypted a payload");
     assert_eq!(Seen::get(&net.mitm.seen.handshakes), 0, "shop finished a handshake with the relay");
-    assert_eq!(net.shop.metric("relayfed_e2e_handshakes_total", &[("result", "key_unverified")]).await, 3.0);
-    assert_eq!(net.shop.metric("relayfed_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 3.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_e2e_handshakes_total", &[("result", "key_unverified")]).await, 3.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_stream_errors_total", &[("code", "HANDSHAKE_FAILED")]).await, 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +166,7 @@ async fn a_plain_stream_carries_grease_as_long_as_a_sealed_header_and_is_deliver
         assert_eq!(routes.len(), 5, "{routes:?}");
         assert!(routes.iter().all(|(k, _)| *k == kind), "{routes:?}");
         lengths.extend(routes.iter().map(|(_, l)| *l));
-        let grease = net.shop.metric("relayfed_ech_streams_total", &[("outcome", "grease")]).await;
+        let grease = net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "grease")]).await;
         assert_eq!(grease, if kind == "grease" { 5.0 } else { 0.0 });
     }
     assert!(lengths.windows(2).all(|w| w[0] == w[1]), "first frames differ in length: {lengths:?}");

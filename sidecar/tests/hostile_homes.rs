@@ -137,7 +137,7 @@ async fn a_home_at_a_relay_the_plan_does_not_assign_it_to_is_refused() {
         other => panic!("closed, but not by the relay: {other}"),
     }
     let hub_a = net.relay("hub-a");
-    assert_eq!(hub_a.metric("relayfed_trust_denials_total", &[("rule", "not_planned_here")]).await, 1.0);
+    assert_eq!(hub_a.metric("relayfed_relay_trust_denials_total", &[("rule", "not_planned_here")]).await, 1.0);
     assert_eq!(net.view_nodes().await, ["pay"]);
     assert_eq!(net.answered_by(5).await, ["pay"; 5]);
 }
@@ -157,7 +157,7 @@ async fn a_planned_home_cannot_register_a_service_the_plan_does_not_grant_it() {
         .map(|e| e["node"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(local, ["pay"], "only pay's echo:7 is in hub-b's registry");
-    assert_eq!(hub_b.metric("relayfed_trust_denials_total", &[("rule", "export_not_planned")]).await, 1.0);
+    assert_eq!(hub_b.metric("relayfed_relay_trust_denials_total", &[("rule", "export_not_planned")]).await, 1.0);
     assert_eq!(net.view_nodes().await, ["pay"]);
     assert_eq!(net.answered_by(5).await, ["pay"; 5]);
 }
@@ -173,7 +173,7 @@ async fn a_noise_key_other_than_the_certificates_or_an_unbound_certificate_is_re
     let (conn, _) = mallory_registers(&net.tb, "hub-b", hub_b.quic(), None, &other).await;
     assert_eq!(closed_with(&conn).await, "noise_key_unbound");
     for rule in ["noise_key_binding", "noise_key_unbound"] {
-        assert_eq!(hub_b.metric("relayfed_trust_denials_total", &[("rule", rule)]).await, 1.0, "{rule}");
+        assert_eq!(hub_b.metric("relayfed_relay_trust_denials_total", &[("rule", rule)]).await, 1.0, "{rule}");
     }
     assert_eq!(net.answered_by(3).await, ["pay"; 3]);
 }

@@ -122,11 +122,11 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
     // the flood (the rest succeeded within the quota; a loaded machine may time a few out).
     let limited = limited_for(&relay, "flood").await as usize;
     assert_eq!(
-        relay.metric("relayfed_rate_limited_streams_total", &[("sender_kind", "home")]).await as usize,
+        relay.metric("relayfed_relay_rate_limited_streams_total", &[("sender_kind", "home")]).await as usize,
         limited,
         "only the flood was limited"
     );
-    let seen_by_flood = flood.metric("relayfed_stream_errors_total", &[("code", "RATE_LIMITED")]).await as usize;
+    let seen_by_flood = flood.metric("relayfed_proxy_stream_errors_total", &[("code", "RATE_LIMITED")]).await as usize;
     assert!(seen_by_flood <= limited && seen_by_flood + 10 >= limited, "relay {limited}, origin {seen_by_flood}");
     assert!(
         limited + flood_ok <= 300 && limited >= 300usize.saturating_sub(quota as usize + 30),
@@ -183,7 +183,7 @@ async fn a_relay_closes_a_stream_that_carries_nothing_for_its_idle_timeout() {
     let ended = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await;
     assert!(ended.is_ok(), "the idle stream was not closed");
     eventually("the relay counted the idle stream", WAIT, || async {
-        relay.metric("relayfed_stream_errors_total", &[("code", "TIMEOUT")]).await == 1.0
+        relay.metric("relayfed_relay_stream_errors_total", &[("code", "TIMEOUT")]).await == 1.0
     })
     .await;
 }
@@ -218,9 +218,9 @@ async fn losing_the_homes_own_link_opens_no_remote_breaker() {
     .await;
     // The timeouts opened dest's breaker while the link was dying. Before the fix it stayed
     // open: CIRCUIT_OPEN for openMs (30 s) although dest was fine all along.
-    let open_before = shop.metric("relayfed_stream_errors_total", &[("code", "CIRCUIT_OPEN")]).await;
+    let open_before = shop.metric("relayfed_proxy_stream_errors_total", &[("code", "CIRCUIT_OPEN")]).await;
     assert_eq!(round_trip(shop.import("echo:7"), b"after").await.unwrap(), b"after");
-    assert_eq!(shop.metric("relayfed_stream_errors_total", &[("code", "CIRCUIT_OPEN")]).await, open_before);
+    assert_eq!(shop.metric("relayfed_proxy_stream_errors_total", &[("code", "CIRCUIT_OPEN")]).await, open_before);
     drop(relay);
 }
 
@@ -237,11 +237,11 @@ async fn a_relayed_stream_cut_by_a_dead_destination_is_counted_as_an_error() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await.expect("the cut stream was not closed");
     eventually("the relay counted the cut stream", WAIT, || async {
-        relay.metric("relayfed_streams_total", &[("direction", "relayed"), ("result", "error")]).await == 1.0
+        relay.metric("relayfed_relay_streams_total", &[("result", "error")]).await == 1.0
     })
     .await;
-    assert_eq!(relay.metric("relayfed_stream_errors_total", &[("code", "PEER_UNREACHABLE")]).await, 1.0);
-    assert_eq!(relay.metric("relayfed_streams_total", &[("direction", "relayed"), ("result", "ok")]).await, 1.0);
+    assert_eq!(relay.metric("relayfed_relay_stream_errors_total", &[("code", "PEER_UNREACHABLE")]).await, 1.0);
+    assert_eq!(relay.metric("relayfed_relay_streams_total", &[("result", "ok")]).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,8 +270,8 @@ async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_ha
         assert!(r.starts_with(b"good|"), "{r:?}");
     }
     // ... and after two failures the broken instance's circuit is open and it is skipped.
-    assert_eq!(caller.metric("relayfed_circuit_state", &target).await, 1.0);
-    let retries = caller.metric("relayfed_stream_retries_total", &[("code", "TARGET_UNREACHABLE")]).await;
+    assert_eq!(caller.metric("relayfed_proxy_circuit_state", &target).await, 1.0);
+    let retries = caller.metric("relayfed_proxy_stream_retries_total", &[("code", "TARGET_UNREACHABLE")]).await;
     assert_eq!(retries, 2.0, "only the two calls that tripped the breaker needed a retry");
     // The instance comes back; after the open period one probe closes the circuit again.
     let server = tokio::spawn(async move {
@@ -288,7 +288,7 @@ async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_ha
     });
     eventually("the circuit closes after a successful half-open probe", WAIT, || async {
         let _ = round_trip(caller.import("svc:1"), b"x").await;
-        caller.metric("relayfed_circuit_state", &target).await == 0.0
+        caller.metric("relayfed_proxy_circuit_state", &target).await == 0.0
     })
     .await;
     let mut seen = std::collections::HashSet::new();
@@ -326,13 +326,19 @@ async fn a_home_whose_relay_is_down_connects_by_retry_once_it_is_up() {
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
-        common::sample(&out, "relayfed_hop_handshakes_total", &[("role", "client"), ("result", "timeout")])
+        common::sample(&out, "relayfed_transport_hop_handshakes_total", &[("role", "client"), ("result", "timeout")])
     };
     eventually("two failed connection attempts", WAIT, || async { failures().await >= 2.0 }).await;
     let _relay = common::start("main-relay", &relay_cfg, &[]).await;
     let home = home.await.unwrap();
-    assert_eq!(home.metric("relayfed_hop_handshakes_total", &[("role", "client"), ("result", "ok")]).await, 1.0);
-    assert!(home.metric("relayfed_hop_handshakes_total", &[("role", "client"), ("result", "timeout")]).await >= 2.0);
+    assert_eq!(
+        home.metric("relayfed_transport_hop_handshakes_total", &[("role", "client"), ("result", "ok")]).await,
+        1.0
+    );
+    assert!(
+        home.metric("relayfed_transport_hop_handshakes_total", &[("role", "client"), ("result", "timeout")]).await
+            >= 2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,9 +384,9 @@ async fn a_stream_that_delivered_bytes_is_not_retried() {
     let m = caller.metrics().await;
     // Every retries series (exported with zeros from the start) stays at 0.
     let retried: Vec<&str> =
-        m.lines().filter(|l| l.starts_with("relayfed_stream_retries_total{") && !l.ends_with(" 0")).collect();
+        m.lines().filter(|l| l.starts_with("relayfed_proxy_stream_retries_total{") && !l.ends_with(" 0")).collect();
     assert!(retried.is_empty(), "a stream that carried payload is never retried: {retried:?}");
-    assert!(m.contains("relayfed_stream_retries_total{"), "the family is exported");
+    assert!(m.contains("relayfed_proxy_stream_retries_total{"), "the family is exported");
 }
 
 /// A raw client on a home's certificate, speaking frames directly to the relay.
@@ -458,14 +464,14 @@ async fn hostile_input_gets_documented_errors_and_the_relay_keeps_serving() {
     spent.hop_limit = 0;
     assert_eq!(code(send_raw(&conn, &Frame::Route(spent).encode().unwrap()).await), ErrorCode::HopLimitExceeded);
     let m = relay.metrics().await;
-    assert_eq!(common::sample(&m, "relayfed_stream_errors_total", &[("code", "MALFORMED_FRAME")]), 4.0);
-    assert_eq!(common::sample(&m, "relayfed_stream_errors_total", &[("code", "UNSUPPORTED_VERSION")]), 1.0);
+    assert_eq!(common::sample(&m, "relayfed_relay_stream_errors_total", &[("code", "MALFORMED_FRAME")]), 4.0);
+    assert_eq!(common::sample(&m, "relayfed_relay_stream_errors_total", &[("code", "UNSUPPORTED_VERSION")]), 1.0);
 
     // An unknown node (valid certificate from our CA) under rejectUnknown: refused, counted.
     let intruder = raw_client(&tb, "intruder", relay.quic()).await.unwrap();
     let err = intruder.closed().await;
     assert!(format!("{err:?}").contains("reject_unknown"), "{err:?}");
-    assert_eq!(relay.metric("relayfed_trust_denials_total", &[("rule", "reject_unknown")]).await, 1.0);
+    assert_eq!(relay.metric("relayfed_relay_trust_denials_total", &[("rule", "reject_unknown")]).await, 1.0);
 
     // Still serving real traffic.
     assert_eq!(round_trip(caller.import("echo:7"), b"still here").await.unwrap(), b"still here");
@@ -514,7 +520,7 @@ async fn a_peer_cannot_export_what_it_is_not_permitted_to() {
     let services: Vec<&str> =
         reg["federated"].as_array().unwrap().iter().map(|f| f["entry"]["service"].as_str().unwrap()).collect();
     assert_eq!(services, ["public-api"]);
-    assert!(b.metric("relayfed_trust_denials_total", &[("rule", "export_permission")]).await >= 1.0);
+    assert!(b.metric("relayfed_relay_trust_denials_total", &[("rule", "export_permission")]).await >= 1.0);
 }
 
 fn dead_udp() -> SocketAddr {
@@ -539,7 +545,7 @@ async fn an_idle_stream_is_closed_after_the_stream_idle_timeout() {
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
     assert!(ended.is_ok(), "the idle stream was not closed");
-    assert_eq!(caller.metric("relayfed_stream_errors_total", &[("code", "TIMEOUT")]).await, 1.0);
+    assert_eq!(caller.metric("relayfed_proxy_stream_errors_total", &[("code", "TIMEOUT")]).await, 1.0);
     // The same code in the admin API.
     assert_eq!(caller.json("/federation/health").await["errors"]["TIMEOUT"], 1);
 }
@@ -655,7 +661,7 @@ async fn a_refused_home_backs_off_and_logs_the_relays_reason() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let denials = || async { relay.metric("relayfed_trust_denials_total", &[("rule", "reject_unknown")]).await };
+    let denials = || async { relay.metric("relayfed_relay_trust_denials_total", &[("rule", "reject_unknown")]).await };
     eventually("the first refusal", WAIT, || async { denials().await >= 1.0 }).await;
     let first = denials().await;
     // A measurement window, not a synchronisation: without backoff this was ~60 dials.

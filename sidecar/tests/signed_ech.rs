@@ -82,8 +82,8 @@ async fn a_home_seals_to_another_clusters_relay_by_its_ca_signed_config() {
     assert_eq!(calls(&net, 5).await, 5);
     assert_eq!(Seen::get(&net.mitm.seen.routes_read), 0, "the first relay read an inner route");
     assert_eq!(Seen::get(&net.mitm.seen.sealed_unread), 5);
-    assert_eq!(net.shop.metric("relayfed_ech_signed_configs_total", &[("result", "accepted")]).await, 1.0);
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 5.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_signed_configs_total", &[("result", "accepted")]).await, 1.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "accepted")]).await, 5.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +97,7 @@ async fn a_relay_cannot_substitute_another_relays_signed_config() {
     .await;
     assert_eq!(calls(&net, 3).await, 0, "required ECH without a trusted config fails closed");
     assert_eq!(Seen::get(&net.mitm.seen.routes_read), 0, "the first relay read an inner route");
-    assert!(net.shop.metric("relayfed_ech_signed_configs_total", &[("result", "invalid")]).await >= 1.0);
-    assert_eq!(net.shop.metric("relayfed_ech_signed_configs_total", &[("result", "accepted")]).await, 0.0);
-    assert_eq!(net.shop.metric("relayfed_ech_streams_total", &[("outcome", "accepted")]).await, 0.0);
+    assert!(net.shop.metric("relayfed_proxy_ech_signed_configs_total", &[("result", "invalid")]).await >= 1.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_signed_configs_total", &[("result", "accepted")]).await, 0.0);
+    assert_eq!(net.shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "accepted")]).await, 0.0);
 }

@@ -204,9 +204,9 @@ def test_unmodified_curl_reaches_a_localhost_server_in_another_pod(world):
 
     m = scrape(ns["a"])
     for dst in (f"{CLUSTER_IP4}:80", f"[{CLUSTER_IP6}]:80"):
-        assert metric(m, "relayfed_intercepted_connections_total", original_dst=dst, service=SERVICE, result="federated") == 1, m
-    assert metric(m, "relayfed_ech_streams_total", outcome="accepted") == 2
-    assert metric(m, "relayfed_streams_total", direction="outbound", result="ok") == 2
+        assert metric(m, "relayfed_proxy_intercepted_connections_total", original_dst=dst, service=SERVICE, result="federated") == 1, m
+    assert metric(m, "relayfed_proxy_ech_streams_total", outcome="accepted") == 2
+    assert metric(m, "relayfed_proxy_calls_total", side="origin", code="OK") == 2
 
     # On pod A's link: the relay traffic is there, the payload, path and service name are not.
     raw = capture.read_bytes()
@@ -219,7 +219,7 @@ def test_unmodified_curl_reaches_a_localhost_server_in_another_pod(world):
     # A destination that is not imported passes through (counted).
     out = sh("curl", "-sS", "--max-time", "10", "http://10.88.0.2:8081/plain.txt", ns=ns["a"])
     assert out.stdout == "not federated\n", out.stderr
-    assert metric(scrape(ns["a"]), "relayfed_intercepted_connections_total", result="passthrough") == 1
+    assert metric(scrape(ns["a"]), "relayfed_proxy_intercepted_connections_total", result="passthrough") == 1
 
     # ... or is refused when so configured (same rules, new sidecar config).
     a.stop()
@@ -229,7 +229,7 @@ def test_unmodified_curl_reaches_a_localhost_server_in_another_pod(world):
     procs.append(a2)
     refused = sh("curl", "-sS", "--max-time", "10", "http://10.88.0.2:8081/plain.txt", ns=ns["a"], check=False)
     assert refused.returncode != 0
-    assert metric(scrape(ns["a"]), "relayfed_intercepted_connections_total", result="refused") == 1
+    assert metric(scrape(ns["a"]), "relayfed_proxy_intercepted_connections_total", result="refused") == 1
     # The sidecar's own connections are never redirected (uid excluded): it still reaches B.
     assert sh("curl", "-sS", "--max-time", "10", f"http://{CLUSTER_IP4}:80/secret.txt", ns=ns["a"]).stdout == marker + "\n"
 

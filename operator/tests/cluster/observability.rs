@@ -29,7 +29,8 @@ async fn the_operator_panels_have_data_from_a_real_operator_and_webhook() {
     let (ns, op) = (&setup.ns, &setup.op);
     let injector = Injector::install(&ns.name, &ns.name);
     let dir = plane().dir.join(format!("prometheus-{}", ns.name));
-    let prometheus = Prometheus::start(&dir, "acme").expect("Debian's prometheus on PATH (.ci/run installs it)");
+    eprintln!("observability: {}", relayfed_e2e::procs::prometheus_version());
+    let prometheus = Prometheus::start(&dir, "acme").expect("prometheus on PATH (make test builds Prometheus 3)");
     prometheus
         .set_targets(&[
             ("operator".into(), "operator", format!("127.0.0.1:{}", op.admin_port)),

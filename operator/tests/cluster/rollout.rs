@@ -134,7 +134,7 @@ async fn a_failing_relay_is_rolled_back_alone_and_an_edit_rearms() {
     })
     .await;
     let (_, metrics) = op.admin("/metrics").await.unwrap();
-    assert!(metrics.contains("relayfed_rollout_effective_percent{main=\"hub-us\"} 50"), "metric missing");
+    assert!(metrics.contains("relayfed_operator_rollout_effective_percent{main=\"hub-us\"} 50"), "metric missing");
     let columns = plane().kubectl(&["get", "rolloutpolicy", "default", "-n", &ns.name]).unwrap();
     assert!(columns.ok, "{}", columns.stderr);
     let header: Vec<&str> = columns.stdout.lines().next().unwrap().split_whitespace().collect();

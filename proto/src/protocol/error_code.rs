@@ -44,7 +44,7 @@ macro_rules! codes {
 
 codes! {
     /// No registered instance of the requested service.
-    ServiceNotFound = 1, "SERVICE_NOT_FOUND", "is the service exported by a connected home node, and is the main relay it registered with up (relayfed_peer_up)?";
+    ServiceNotFound = 1, "SERVICE_NOT_FOUND", "is the service exported by a connected home node, and is the main relay it registered with up (relayfed_relay_peer_up)?";
     /// The destination node is not connected to the relay and no peer owns it.
     NoRoute = 2, "NO_ROUTE", "is the destination home node connected to its main relay?";
     /// The stream crossed more relays than the hop limit allows.

@@ -182,7 +182,7 @@ impl Subscription {
                 AckResult::RestartRequired => "restart_required",
                 AckResult::Invalid => "invalid",
             };
-            metrics.config_updates.get_or_create(&[("result", label)]).inc();
+            metrics.transport.config_updates.get_or_create(&[("result", label)]).inc();
             if ack.result == AckResult::Invalid {
                 warn!(version = ack.version, detail = ?ack.detail, "config snapshot refused; the previous one stays in force");
             }
@@ -231,7 +231,7 @@ impl Subscription {
             loop {
                 let started = std::time::Instant::now();
                 if let Err(e) = self.session(&mut version, &metrics, &mut on_snapshot).await {
-                    metrics.config_updates.get_or_create(&[("result", "error")]).inc();
+                    metrics.transport.config_updates.get_or_create(&[("result", "error")]).inc();
                     warn!(error = %e, "config distribution unavailable; retrying");
                 }
                 if started.elapsed() > Duration::from_secs(10) {

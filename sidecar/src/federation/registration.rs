@@ -1,7 +1,7 @@
 //! Who may register what at a main relay: pure decisions over the plan's assignment
 //! (`trust.homes`), the home's authenticated node id, the Noise key its certificate binds and
 //! the services it asks for. The relay's control stream applies them (`relay/homes.rs`);
-//! every refusal has a rule name, counted as `relayfed_trust_denials_total{rule}`.
+//! every refusal has a rule name, counted as `relayfed_relay_trust_denials_total{rule}`.
 
 use std::collections::BTreeMap;
 

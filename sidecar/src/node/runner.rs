@@ -124,7 +124,7 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
         }
     };
     let loaded = HopIdentity::load(&snap)?;
-    metrics.certificate_expiry.set(loaded.not_after_unix().unwrap_or(0));
+    metrics.transport.certificate_expiry.set(loaded.not_after_unix().unwrap_or(0));
     let identity = SharedIdentity::from(loaded);
     if let Some(mut updates) = opts.identity_updates.clone() {
         let (identity, running, timeouts) = (identity.clone(), running.clone(), snap.timeouts.clone());
@@ -138,7 +138,7 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
                     warn!(error = %e, "renewed certificate not installed");
                     continue;
                 }
-                metrics.certificate_expiry.set(next.not_after_unix().unwrap_or(0));
+                metrics.transport.certificate_expiry.set(next.not_after_unix().unwrap_or(0));
                 identity.replace(next);
             }
         });

@@ -41,7 +41,7 @@ impl HomeNode {
             let (responder, msg2) = match responder {
                 Ok(x) => x,
                 Err(e) => {
-                    self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                    self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
                     return self.refuse(&mut send, ErrorCode::HandshakeFailed, &e.to_string()).await;
                 }
             };
@@ -76,7 +76,7 @@ impl HomeNode {
                     });
                 }
                 Err(e) => {
-                    self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                    self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
                     self.refuse(&mut send, ErrorCode::HandshakeFailed, &e.to_string()).await;
                 }
             }
@@ -87,7 +87,7 @@ impl HomeNode {
 
     async fn refuse(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
         warn!(code = code.label(), message, "inbound stream refused");
-        self.metrics.stream_error("inbound", code);
+        self.metrics.proxy_stream_error(code);
         send_error(send, code, message).await;
         let _ = send.finish();
     }

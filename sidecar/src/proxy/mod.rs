@@ -182,7 +182,7 @@ impl HomeNode {
             metrics,
             ech_cohorts: Arc::default(),
         });
-        node.metrics.config_version.set(snap.version as i64);
+        node.metrics.transport.config_version.set(snap.version as i64);
         let mut bound = Bound { imports: Vec::new(), outbound: Vec::new() };
         for imp in &snap.imports {
             let listener = crate::transport::io::listen(imp.listen)
@@ -270,7 +270,7 @@ impl HomeNode {
             Ok(mut c) => *c = configs,
             Err(poisoned) => *poisoned.into_inner() = configs,
         }
-        self.metrics.config_version.set(snap.version as i64);
+        self.metrics.transport.config_version.set(snap.version as i64);
     }
 
     /// Installs a renewed certificate for the next main relay connections (the one in use
@@ -312,6 +312,7 @@ impl HomeNode {
         for bal in b.values_mut() {
             for (k, _) in bal.states(now) {
                 self.metrics
+                    .proxy
                     .circuit_state
                     .get_or_create(&crate::admin::metrics::instance_breaker(&k.service, &k.node, &k.main))
                     .set(crate::resilience::breaker::State::Closed.as_i64());

@@ -99,8 +99,6 @@ impl HomeNode {
         match est {
             Ok(e) => {
                 let setup = started.elapsed().as_secs_f64();
-                let ech = if e.ech { "true" } else { "false" };
-                self.metrics.stream_setup_seconds.get_or_create(&[("ech", ech)]).observe(setup);
                 self.metrics.call_setup(&import.service, live.main_label(Some(&e.main)), e.ech, setup);
                 debug!(ech = e.ech, "session established");
                 let (via, main, sealed) = (e.via, e.main, e.ech);
@@ -109,7 +107,7 @@ impl HomeNode {
             }
             Err((code, message)) => {
                 warn!(code = code.label(), message, hint = code.hint(), "outbound stream failed");
-                self.metrics.stream_error("outbound", code);
+                self.metrics.proxy_stream_error(code);
                 let via = self.path(&[]).map(|(m, _)| m);
                 record(false, via.as_deref(), None, Some(code));
                 reset(tcp);
@@ -146,7 +144,7 @@ impl HomeNode {
             Ok(Candidates::Pick(c)) => c,
             Err(e) => {
                 if e.0 == ErrorCode::ServiceNotFound {
-                    self.metrics.routes.get_or_create(&[("result", "service_not_found")]).inc();
+                    self.metrics.proxy.routes.get_or_create(&[("result", "service_not_found")]).inc();
                 }
                 return Err(e);
             }
@@ -162,11 +160,11 @@ impl HomeNode {
             Some(e)
         });
         let Some(e) = picked else {
-            self.metrics.routes.get_or_create(&[("result", "no_healthy_instance")]).inc();
+            self.metrics.proxy.routes.get_or_create(&[("result", "no_healthy_instance")]).inc();
             return Err(decide::no_healthy_instance(&import.service));
         };
-        self.metrics.routes.get_or_create(&[("result", "resolved")]).inc();
-        self.metrics.lb_picks.get_or_create(&[("service", e.service.clone()), ("node", e.node.clone())]).inc();
+        self.metrics.proxy.routes.get_or_create(&[("result", "resolved")]).inc();
+        self.metrics.proxy.lb_picks.get_or_create(&[("service", e.service.clone()), ("node", e.node.clone())]).inc();
         Ok((e, true))
     }
 
@@ -178,6 +176,7 @@ impl HomeNode {
             bal.finished(key, now, latency);
             for (k, state) in bal.states(now) {
                 self.metrics
+                    .proxy
                     .circuit_state
                     .get_or_create(&crate::admin::metrics::instance_breaker(&k.service, &k.node, &k.main))
                     .set(state.as_i64());
@@ -243,7 +242,7 @@ impl HomeNode {
             if own_link_lost && result.is_err() {
                 // Nothing reached the instance's app: the same call goes out on another link
                 // at once, without using up an attempt.
-                self.metrics.retries.get_or_create(&[("code", "link_lost")]).inc();
+                self.metrics.proxy.retries.get_or_create(&[("code", "link_lost")]).inc();
                 info!(main = %main_id, instance = %dest.node, "our main relay link died under the stream setup: retrying on another link");
                 lost_paths.push(conn.stable_id());
                 continue;
@@ -251,7 +250,7 @@ impl HomeNode {
             attempt += 1;
             match result {
                 Err((code, message)) if balanced && retryable(code) && attempt < retry.max_attempts.max(1) => {
-                    self.metrics.retries.get_or_create(&[("code", code.label())]).inc();
+                    self.metrics.proxy.retries.get_or_create(&[("code", code.label())]).inc();
                     info!(code = code.label(), %message, instance = %dest.node, attempt, "stream setup failed before any payload: retrying on another instance");
                     tried.push(dest.key());
                     let wait = backoff.wait(attempt - 1, &mut rand::rng());
@@ -286,20 +285,20 @@ impl HomeNode {
         loop {
             let config = self.ech_config_for(&dest.main);
             let how = decide::sealing(decision, config.is_some(), &dest.main).inspect_err(|_| {
-                self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
+                self.metrics.proxy.ech.get_or_create(&[("outcome", "failed")]).inc();
             })?;
             let sealed = match (how, config) {
                 (Sealing::Seal, Some((config, suite))) => {
                     let ech_err = |e: crate::crypto::ech::EchError| (e.code(), e.to_string());
                     let s = seal(&config, suite, &dest.main, &inner).map_err(ech_err)?;
                     let b = crate::crypto::ech::binding(&config, &s).map_err(ech_err)?;
-                    self.metrics.ech.get_or_create(&[("outcome", "attempted")]).inc();
+                    self.metrics.proxy.ech.get_or_create(&[("outcome", "attempted")]).inc();
                     Some((s, b))
                 }
                 (Sealing::Fallback, _) => {
                     // The authenticated snapshot says this relay has no ECH keys: ECH is
                     // securely off for it, not stripped by a relay.
-                    self.metrics.ech.get_or_create(&[("outcome", "fallback")]).inc();
+                    self.metrics.proxy.ech.get_or_create(&[("outcome", "fallback")]).inc();
                     cohort.fallback = true;
                     None
                 }
@@ -344,17 +343,17 @@ impl HomeNode {
                     if from_registry
                         && let Err(reason) = destination_key_bound(&self.current_identity(), &dest.node, &remote, &cert)
                     {
-                        self.metrics.e2e_handshakes.get_or_create(&[("result", "key_unverified")]).inc();
+                        self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "key_unverified")]).inc();
                         return Err((
                             ErrorCode::HandshakeFailed,
                             format!("the Noise key the registry gave for {} is not the node's: {reason}", dest.node),
                         ));
                     }
                     write_frames(&mut send, &[Frame::Noise(msg3)]).await.map_err(io_err)?;
-                    self.metrics.e2e_handshakes.get_or_create(&[("result", "ok")]).inc();
-                    self.metrics.e2e_handshake_seconds.observe(hs_started.elapsed().as_secs_f64());
+                    self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "ok")]).inc();
+                    self.metrics.proxy.e2e_handshake_seconds.observe(hs_started.elapsed().as_secs_f64());
                     if binding.is_some() {
-                        self.metrics.ech.get_or_create(&[("outcome", "accepted")]).inc();
+                        self.metrics.proxy.ech.get_or_create(&[("outcome", "accepted")]).inc();
                     }
                     let (tx, rx) = session.split();
                     return Ok(Established {
@@ -369,18 +368,18 @@ impl HomeNode {
                 }
                 Answer::RetryWithNewerConfig => {
                     info!(main = %dest.main, "ECH config was stale: retrying with the config snapshot's newer config");
-                    self.metrics.ech.get_or_create(&[("outcome", "retried")]).inc();
+                    self.metrics.proxy.ech.get_or_create(&[("outcome", "retried")]).inc();
                     retried = true;
                     cohort.retried = true;
                     continue;
                 }
                 Answer::Failed((code, message)) => {
                     if code == ErrorCode::EchUnknownConfig {
-                        self.metrics.ech.get_or_create(&[("outcome", "retry_refused")]).inc();
+                        self.metrics.proxy.ech.get_or_create(&[("outcome", "retry_refused")]).inc();
                     } else if code == ErrorCode::HandshakeFailed {
                         self.handshake_failed(binding.is_some());
                     } else if binding.is_some() {
-                        self.metrics.ech.get_or_create(&[("outcome", "failed")]).inc();
+                        self.metrics.proxy.ech.get_or_create(&[("outcome", "failed")]).inc();
                     }
                     return Err((code, message));
                 }
@@ -399,16 +398,16 @@ impl HomeNode {
         let (config, suite) = self.ech_config_for(&dest.main)?;
         let shape = seal(&config, suite, &dest.main, inner).ok()?;
         let g = crate::protocol::route::Grease::imitating(&shape, inner, rand::random(), |b| rand::fill(b)).ok()?;
-        self.metrics.ech.get_or_create(&[("outcome", "grease")]).inc();
+        self.metrics.proxy.ech.get_or_create(&[("outcome", "grease")]).inc();
         Some(g)
     }
 
     /// Counts a failed end-to-end handshake; for an ECH stream that is a downgrade or
     /// substitution on the path (the prologue binds the ECH key and sealing), or a wrong key.
     fn handshake_failed(&self, ech: bool) {
-        self.metrics.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+        self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
         if ech {
-            self.metrics.ech.get_or_create(&[("outcome", "downgrade")]).inc();
+            self.metrics.proxy.ech.get_or_create(&[("outcome", "downgrade")]).inc();
         }
     }
 

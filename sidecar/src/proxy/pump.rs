@@ -71,7 +71,7 @@ impl HomeNode {
                 r = &mut down, if d.is_none() => d = Some(r),
                 () = &mut watchdog => {
                     warn!(code = ErrorCode::Timeout.label(), idle_ms = idle.as_millis() as u64, "stream idle: closed");
-                    self.metrics.stream_error(direction, ErrorCode::Timeout);
+                    self.metrics.proxy_stream_error(ErrorCode::Timeout);
                     return Err(ErrorCode::Timeout);
                 }
             }
@@ -87,14 +87,13 @@ impl HomeNode {
         let (tx_dir, rx_dir) = if direction == "outbound" { ("tx", "rx") } else { ("rx", "tx") };
         match result {
             Ok((u, d)) => {
-                self.metrics.bytes.get_or_create(&[("direction", tx_dir)]).inc_by(u);
-                self.metrics.bytes.get_or_create(&[("direction", rx_dir)]).inc_by(d);
-                self.metrics.streams.get_or_create(&[("direction", direction), ("result", "ok")]).inc();
+                self.metrics.proxy.bytes.get_or_create(&[("direction", tx_dir)]).inc_by(u);
+                self.metrics.proxy.bytes.get_or_create(&[("direction", rx_dir)]).inc_by(d);
                 Ok(())
             }
             Err(code) => {
                 warn!(code = code.label(), "stream aborted");
-                self.metrics.stream_error(direction, code);
+                self.metrics.proxy_stream_error(code);
                 Err(code)
             }
         }

@@ -64,7 +64,7 @@ impl HomeNode {
         loop {
             if let Some(conn) = self.dial(&endpoint, &main).await {
                 if !first {
-                    self.metrics.reconnects.get_or_create(&[("kind", "main")]).inc();
+                    self.metrics.proxy.uplink_reconnects.inc();
                 }
                 match self.register(&conn, &main.node_id).await {
                     Ok((control, view)) => {
@@ -73,11 +73,11 @@ impl HomeNode {
                         // Only a registered link resets the backoff: a relay that accepts the
                         // handshake and then refuses the node must not be redialed at full speed.
                         retry.succeeded();
-                        self.metrics.open_connections.inc();
+                        self.metrics.transport.open_connections.inc();
                         self.link_up(&main, order, recovered, conn.clone(), control, view);
                         self.clone().serve_inbound(conn.clone()).await;
                         self.link_down(&main.node_id, &conn);
-                        self.metrics.open_connections.dec();
+                        self.metrics.transport.open_connections.dec();
                     }
                     Err(e) => {
                         // A relay that refuses this node (unknown, blocked, not planned here)
@@ -115,7 +115,7 @@ impl HomeNode {
         view: ViewParts,
     ) {
         info!(main = %main.node_id, "connected to main relay (standby until elected)");
-        self.metrics.uplink_active.get_or_create(&[("main", main.node_id.clone())]).set(0);
+        self.metrics.proxy.uplink_active.get_or_create(&[("main", main.node_id.clone())]).set(0);
         let link = Uplink {
             priority: u32::from(main.priority),
             order,
@@ -138,7 +138,7 @@ impl HomeNode {
                 _ => false,
             }
         };
-        self.metrics.uplink_active.remove(&[("main", main.to_owned())]);
+        self.metrics.proxy.uplink_active.remove(&[("main", main.to_owned())]);
         warn!(main, was_active, reason = ?conn.close_reason(), "main relay link lost; redialing");
         if was_active {
             self.conn.send_replace(None);
@@ -203,7 +203,7 @@ impl HomeNode {
         }
         for (m, active) in [(current.clone(), 0), (Some(chosen.clone()), 1)] {
             if let Some(m) = m {
-                self.metrics.uplink_active.get_or_create(&[("main", m)]).set(active);
+                self.metrics.proxy.uplink_active.get_or_create(&[("main", m)]).set(active);
             }
         }
         let label = match reason {
@@ -212,7 +212,7 @@ impl HomeNode {
             Switch::Failback => "failback",
         };
         if !matches!(reason, Switch::First) {
-            self.metrics.relay_switches.get_or_create(&[("reason", label)]).inc();
+            self.metrics.proxy.relay_switches.get_or_create(&[("reason", label)]).inc();
         }
         self.switched.store(true, std::sync::atomic::Ordering::Relaxed);
         info!(main = %chosen, previous = current.as_deref().unwrap_or("none"), reason = label, "active main relay");
@@ -382,8 +382,8 @@ impl HomeNode {
 
     /// Installs the active relay's view.
     fn apply_view(&self, (mains, entries): (std::collections::BTreeMap<String, MainInfo>, Vec<Entry>)) {
-        self.metrics.propagation.get_or_create(&[("event", "view_received")]).inc();
-        self.metrics.registry_entries.get_or_create(&[("kind", "view")]).set(entries.len() as i64);
+        self.metrics.proxy.views_received.inc();
+        self.metrics.proxy.view_entries.set(entries.len() as i64);
         // A view's ECH config is used only for a main relay the snapshot does not list and only
         // when the federation CA signed it (§5.7): the relay that sends the view could choose
         // anything else.
@@ -421,12 +421,12 @@ impl HomeNode {
             }
             match self.verify_signed_ech(main, list, sig) {
                 Ok(parsed) => {
-                    self.metrics.ech_signed_configs.get_or_create(&[("result", "accepted")]).inc();
+                    self.metrics.proxy.ech_signed_configs.get_or_create(&[("result", "accepted")]).inc();
                     info!(%main, "CA-signed ECH config accepted: streams to it can be sealed");
                     next.insert(main.clone(), (pair, parsed));
                 }
                 Err(why) => {
-                    self.metrics.ech_signed_configs.get_or_create(&[("result", "invalid")]).inc();
+                    self.metrics.proxy.ech_signed_configs.get_or_create(&[("result", "invalid")]).inc();
                     warn!(%main, why, "ECH config in a view refused: its signature does not verify");
                 }
             }
@@ -467,18 +467,18 @@ impl HomeNode {
         match tokio::time::timeout(self.live().connect_timeout, connecting).await {
             Ok(Ok(conn)) => {
                 crate::transport::tls::raise_stream_limit(&conn);
-                self.metrics.hop_handshake_seconds.observe(started.elapsed().as_secs_f64());
-                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
+                self.metrics.transport.hop_handshake_seconds.observe(started.elapsed().as_secs_f64());
+                self.metrics.transport.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
                 Some(conn)
             }
             Ok(Err(e)) => {
                 let reason = failure_reason(&e);
-                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", reason)]).inc();
+                self.metrics.transport.hop_handshakes.get_or_create(&[("role", "client"), ("result", reason)]).inc();
                 warn!(main = %main.node_id, reason, error = %e, "hop handshake failed");
                 None
             }
             Err(_) => {
-                self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "timeout")]).inc();
+                self.metrics.transport.hop_handshakes.get_or_create(&[("role", "client"), ("result", "timeout")]).inc();
                 warn!(main = %main.node_id, "hop handshake timed out");
                 None
             }

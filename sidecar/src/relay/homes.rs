@@ -69,7 +69,7 @@ impl MainRelay {
     /// rule as its reason (the home logs it).
     fn refuse_home(&self, node: &str, refusal: registration::Refusal) {
         let rule = refusal.rule();
-        self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
+        self.metrics.relay.trust_denials.get_or_create(&[("rule", rule)]).inc();
         warn!(home = %node, rule, code = ErrorCode::PermissionDenied.label(), "registration refused");
         if let Some(link) = self.homes.read().ok().and_then(|h| h.get(node).map(|l| l.conn.clone())) {
             link.close(ErrorCode::PermissionDenied.to_u16().into(), rule.as_bytes());
@@ -105,7 +105,7 @@ impl MainRelay {
                     }
                     let (services, refused) = registration::granted(planned, &node, services);
                     for s in &refused {
-                        self.metrics.trust_denials.get_or_create(&[("rule", "export_not_planned")]).inc();
+                        self.metrics.relay.trust_denials.get_or_create(&[("rule", "export_not_planned")]).inc();
                         warn!(home = %node, service = %s.service, port = s.port, rule = "export_not_planned", "export not granted to this home by the plan: not registered");
                     }
                     if let Ok(mut i) = interest.write() {
@@ -185,9 +185,9 @@ impl MainRelay {
             Ok(r) => (r.all(), r.sizes(), anonymity_set(r.local())),
             Err(_) => return,
         };
-        self.metrics.ech_anonymity_set.set(anonymity as i64);
-        self.metrics.registry_entries.get_or_create(&[("kind", "local")]).set(sizes.0 as i64);
-        self.metrics.registry_entries.get_or_create(&[("kind", "federated")]).set(sizes.1 as i64);
+        self.metrics.relay.ech_anonymity_set.set(anonymity as i64);
+        self.metrics.relay.registry_entries.get_or_create(&[("kind", "local")]).set(sizes.0 as i64);
+        self.metrics.relay.registry_entries.get_or_create(&[("kind", "federated")]).set(sizes.1 as i64);
         let mut mains = BTreeMap::new();
         mains.insert(self.identity.node_id.clone(), self.ech_info());
         if let Ok(h) = self.peer_health.read() {
@@ -224,7 +224,7 @@ async fn view_writer(
         if tokio::io::AsyncWriteExt::write_all(&mut send, &bytes).await.is_err() {
             return;
         }
-        metrics.propagation.get_or_create(&[("event", "view_sent")]).inc();
+        metrics.relay.propagation.get_or_create(&[("event", "view_sent")]).inc();
         if answering_pings(&mut send, &mut pongs, acked.notified()).await.is_none() {
             return;
         }

@@ -114,7 +114,7 @@ impl MainRelay {
                 }
             }
         }
-        self.metrics.config_version.set(snap.version as i64);
+        self.metrics.transport.config_version.set(snap.version as i64);
     }
 }
 

@@ -145,7 +145,7 @@ impl MainRelay {
             limiter: Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_RATE_SENDERS)),
             peer_breakers: Mutex::new(HashMap::new()),
         });
-        relay.metrics.config_version.set(snap.version as i64);
+        relay.metrics.transport.config_version.set(snap.version as i64);
         relay.push_views();
         let _ = relay.endpoint.set(endpoint.clone());
         let r = relay.clone();
@@ -197,7 +197,12 @@ impl MainRelay {
                     Ok(conn) => relay.serve_connection(conn).await,
                     Err(e) => {
                         let reason = failure_reason(&e);
-                        relay.metrics.hop_handshakes.get_or_create(&[("role", "server"), ("result", reason)]).inc();
+                        relay
+                            .metrics
+                            .transport
+                            .hop_handshakes
+                            .get_or_create(&[("role", "server"), ("result", reason)])
+                            .inc();
                         warn!(%remote, reason, error = %e, "hop handshake refused");
                     }
                 }
@@ -209,15 +214,19 @@ impl MainRelay {
         let node = match self.identity.peer_node_id(&conn) {
             Ok(p) => p,
             Err(e) => {
-                self.metrics.hop_handshakes.get_or_create(&[("role", "server"), ("result", "no_identity")]).inc();
+                self.metrics
+                    .transport
+                    .hop_handshakes
+                    .get_or_create(&[("role", "server"), ("result", "no_identity")])
+                    .inc();
                 warn!(error = %e, "peer certificate carries no node identity");
                 conn.close(1u32.into(), b"no identity");
                 return;
             }
         };
-        self.metrics.hop_handshakes.get_or_create(&[("role", "server"), ("result", "ok")]).inc();
+        self.metrics.transport.hop_handshakes.get_or_create(&[("role", "server"), ("result", "ok")]).inc();
         if let Some(rule) = self.refuse_connection(&node) {
-            self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
+            self.metrics.relay.trust_denials.get_or_create(&[("rule", rule)]).inc();
             warn!(%node, rule, code = ErrorCode::UnknownPeer.label(), "connection refused by trust rules");
             conn.close(ErrorCode::UnknownPeer.to_u16().into(), rule.as_bytes());
             return;
@@ -229,7 +238,7 @@ impl MainRelay {
         } else {
             if let Err(refusal) = crate::federation::registration::admit_home(live.trust.homes.as_ref(), &node) {
                 let rule = refusal.rule();
-                self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
+                self.metrics.relay.trust_denials.get_or_create(&[("rule", rule)]).inc();
                 warn!(%node, rule, code = ErrorCode::PermissionDenied.label(), "home refused: the plan does not assign it to this relay");
                 conn.close(ErrorCode::PermissionDenied.to_u16().into(), rule.as_bytes());
                 return;
@@ -241,7 +250,7 @@ impl MainRelay {
 
     /// Serves every stream of an established connection (either direction of dialing).
     pub(crate) async fn serve_streams(self: &Arc<Self>, conn: quinn::Connection, sender: Sender) {
-        self.metrics.open_connections.inc();
+        self.metrics.transport.open_connections.inc();
         let (kind, node, is_peer) = match &sender {
             Sender::Home(n) => ("home", n.clone(), false),
             Sender::Peer(n) => ("peer", n.clone(), true),
@@ -316,7 +325,7 @@ impl MainRelay {
         }
         .instrument(span)
         .await;
-        self.metrics.open_connections.dec();
+        self.metrics.transport.open_connections.dec();
     }
 
     async fn stream(self: Arc<Self>, sender: Sender, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -369,7 +378,7 @@ impl MainRelay {
             (_, true) => "grease",
             _ => "plain",
         };
-        self.metrics.route_headers.get_or_create(&[("envelope", envelope)]).inc();
+        self.metrics.relay.route_headers.get_or_create(&[("envelope", envelope)]).inc();
         let (decision, ech) = {
             let keys = self.ech_keys();
             // Locked only for the lookup, not across the ECH open before it.
@@ -384,7 +393,7 @@ impl MainRelay {
             router::route(sender, header, &ctx)
         };
         if let Some(outcome) = ech {
-            self.metrics.ech.get_or_create(&[("outcome", outcome.label())]).inc();
+            self.metrics.relay.ech.get_or_create(&[("outcome", outcome.label())]).inc();
         }
         match decision {
             Decision::Refuse(r) => self.refuse(&mut send, &r).await,
@@ -402,7 +411,7 @@ impl MainRelay {
                         let r = Refusal::new(ErrorCode::NoRoute, "destination home node is not connected");
                         return self.refuse(&mut send, &r).await;
                     };
-                    self.metrics.routes.get_or_create(&[("result", "local")]).inc();
+                    self.metrics.relay.routes.get_or_create(&[("result", "local")]).inc();
                     self.pipe(dest, header, send, recv).await;
                 }
                 .instrument(span)
@@ -434,7 +443,7 @@ impl MainRelay {
             return self.refuse(&mut send, &r).await;
         }
         let Some(conn) = conn else { return };
-        self.metrics.routes.get_or_create(&[("result", "forwarded")]).inc();
+        self.metrics.relay.routes.get_or_create(&[("result", "forwarded")]).inc();
         let opened = self.pipe(conn, header, send, recv).await;
         self.peer_breaker(next, BreakerEvent::Outcome(opened));
     }
@@ -457,10 +466,7 @@ impl MainRelay {
                 true
             }
         };
-        self.metrics
-            .circuit_state
-            .get_or_create(&crate::admin::metrics::instance_breaker("", peer, peer))
-            .set(b.state(now).as_i64());
+        self.metrics.relay.circuit_state.get_or_create(&[("peer", peer.to_owned())]).set(b.state(now).as_i64());
         r
     }
 
@@ -489,8 +495,8 @@ impl MainRelay {
         let outcome = splice_streams((&mut send, &mut recv), (&mut dsend, &mut drecv), self.stream_idle).await;
         match outcome {
             Ok(bytes) => {
-                self.metrics.bytes.get_or_create(&[("direction", "relayed")]).inc_by(bytes);
-                self.metrics.streams.get_or_create(&[("direction", "relayed"), ("result", "ok")]).inc();
+                self.metrics.relay.bytes.inc_by(bytes);
+                self.metrics.relay.streams.get_or_create(&[("result", "ok")]).inc();
             }
             Err(code) => {
                 if code == ErrorCode::Timeout {
@@ -502,7 +508,7 @@ impl MainRelay {
                 } else {
                     debug!(code = code.label(), "relayed stream cut on one side: reset both");
                 }
-                self.metrics.stream_error("relayed", code);
+                self.metrics.relay_stream_error(code);
             }
         }
         true
@@ -510,7 +516,7 @@ impl MainRelay {
 
     pub(crate) async fn fail(&self, send: &mut quinn::SendStream, code: ErrorCode, message: &str) {
         warn!(code = code.label(), message, "stream refused");
-        self.metrics.stream_error("relayed", code);
+        self.metrics.relay_stream_error(code);
         send_error(send, code, message).await;
         let _ = send.finish();
     }
@@ -518,17 +524,19 @@ impl MainRelay {
     /// Answers a stream with `r` (an ERROR frame) and counts it.
     async fn refuse(&self, send: &mut quinn::SendStream, r: &Refusal) {
         if let Some(rule) = r.rule {
-            self.metrics.trust_denials.get_or_create(&[("rule", rule)]).inc();
+            self.metrics.relay.trust_denials.get_or_create(&[("rule", rule)]).inc();
         }
         match r.code {
-            ErrorCode::NoRoute => self.metrics.routes.get_or_create(&[("result", "no_route")]).inc(),
-            ErrorCode::CircuitOpen => self.metrics.routes.get_or_create(&[("result", "circuit_open")]).inc(),
-            ErrorCode::PeerUnreachable => self.metrics.routes.get_or_create(&[("result", "peer_unreachable")]).inc(),
+            ErrorCode::NoRoute => self.metrics.relay.routes.get_or_create(&[("result", "no_route")]).inc(),
+            ErrorCode::CircuitOpen => self.metrics.relay.routes.get_or_create(&[("result", "circuit_open")]).inc(),
+            ErrorCode::PeerUnreachable => {
+                self.metrics.relay.routes.get_or_create(&[("result", "peer_unreachable")]).inc()
+            }
             _ => 0,
         };
         match r.retry_after {
             Some(wait) => {
-                self.metrics.stream_error("relayed", r.code);
+                self.metrics.relay_stream_error(r.code);
                 let frame = crate::protocol::ErrorFrame {
                     code: r.code,
                     retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),

@@ -57,7 +57,7 @@ impl MainRelay {
                 let gone = relay.registry.lock().map(|mut r| r.expire(Instant::now())).unwrap_or_default();
                 if !gone.is_empty() {
                     info!(expired = gone.len(), "federated registry entries expired");
-                    relay.metrics.propagation.get_or_create(&[("event", "expired")]).inc_by(gone.len() as u64);
+                    relay.metrics.relay.propagation.get_or_create(&[("event", "expired")]).inc_by(gone.len() as u64);
                     relay.push_views();
                 }
             }
@@ -86,9 +86,9 @@ impl MainRelay {
             match conn {
                 Ok(conn) => {
                     crate::transport::tls::raise_stream_limit(&conn);
-                    self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
+                    self.metrics.transport.hop_handshakes.get_or_create(&[("role", "client"), ("result", "ok")]).inc();
                     if !first {
-                        self.metrics.reconnects.get_or_create(&[("kind", "peer")]).inc();
+                        self.metrics.relay.peer_reconnects.inc();
                     }
                     first = false;
                     retry.succeeded();
@@ -104,7 +104,11 @@ impl MainRelay {
                     }
                 }
                 Err(reason) => {
-                    self.metrics.hop_handshakes.get_or_create(&[("role", "client"), ("result", "other")]).inc();
+                    self.metrics
+                        .transport
+                        .hop_handshakes
+                        .get_or_create(&[("role", "client"), ("result", "other")])
+                        .inc();
                     if let Ok(mut h) = self.peer_health.write() {
                         h.entry(peer.clone()).or_default().failures += 1;
                     }
@@ -209,20 +213,20 @@ impl MainRelay {
                 delta.add.retain(|e| crate::config::Permissions::matches(&allowed, &e.service));
                 if delta.add.len() < before {
                     let denied = (before - delta.add.len()) as u64;
-                    self.metrics.trust_denials.get_or_create(&[("rule", "export_permission")]).inc_by(denied);
+                    self.metrics.relay.trust_denials.get_or_create(&[("rule", "export_permission")]).inc_by(denied);
                     warn!(%peer, denied, rule = "export_permission", "dropped registry entries the peer may not export");
                 }
                 let applied = self.registry.lock().map(|mut r| r.apply(peer, &delta, now));
                 match applied {
                     Ok(Applied::Applied) => {
-                        self.metrics.propagation.get_or_create(&[("event", "delta_applied")]).inc();
+                        self.metrics.relay.propagation.get_or_create(&[("event", "delta_applied")]).inc();
                         self.push_views();
                     }
                     Ok(Applied::Stale) => {
-                        self.metrics.propagation.get_or_create(&[("event", "delta_stale")]).inc();
+                        self.metrics.relay.propagation.get_or_create(&[("event", "delta_stale")]).inc();
                     }
                     Ok(Applied::Forged) | Err(_) => {
-                        self.metrics.propagation.get_or_create(&[("event", "delta_forged")]).inc();
+                        self.metrics.relay.propagation.get_or_create(&[("event", "delta_forged")]).inc();
                         warn!(%peer, origin = %delta.origin, "refused a delta for entries the peer does not own");
                     }
                 }
@@ -231,7 +235,7 @@ impl MainRelay {
                 if origin == peer
                     && self.registry.lock().map(|mut r| r.refresh(&origin, epoch, seq, now)).unwrap_or(false)
                 {
-                    self.metrics.propagation.get_or_create(&[("event", "refresh_applied")]).inc();
+                    self.metrics.relay.propagation.get_or_create(&[("event", "refresh_applied")]).inc();
                 }
             }
             Control::Ping { id } => {
@@ -253,14 +257,14 @@ impl MainRelay {
                 e.last_seen = Some(Instant::now());
             }
         }
-        self.metrics.peer_up.get_or_create(&[("peer", peer.to_owned())]).set(i64::from(up));
+        self.metrics.relay.peer_up.get_or_create(&[("peer", peer.to_owned())]).set(i64::from(up));
         if !up {
             // Its homes cannot be reached through it from now: withdraw them from every view
             // at once (not after the TTL), so callers use their standby registrations.
             let withdrawn = self.registry.lock().map(|mut r| r.origin_down(peer)).unwrap_or(0);
             if withdrawn > 0 {
                 info!(%peer, withdrawn, "peering lost: its homes withdrawn until it is back");
-                self.metrics.propagation.get_or_create(&[("event", "withdrawn")]).inc_by(withdrawn as u64);
+                self.metrics.relay.propagation.get_or_create(&[("event", "withdrawn")]).inc_by(withdrawn as u64);
                 self.push_views();
             }
         }
@@ -278,7 +282,7 @@ impl MainRelay {
             .unwrap_or_default();
         for tx in peers {
             if tx.send(m.clone()).is_ok() && !event.is_empty() {
-                self.metrics.propagation.get_or_create(&[("event", event)]).inc();
+                self.metrics.relay.propagation.get_or_create(&[("event", event)]).inc();
             }
         }
     }
@@ -349,9 +353,9 @@ impl MainRelay {
                     // ECH as this relay sees it: routes sealed to it it opened, and those it
                     // could not (stale config id: retry configs sent; failed to open).
                     "ech": {
-                        "opened": self.metrics.ech.get_or_create(&[("outcome", "opened")]).get(),
-                        "retrySent": self.metrics.ech.get_or_create(&[("outcome", "retry_sent")]).get(),
-                        "decryptFailed": self.metrics.ech.get_or_create(&[("outcome", "decrypt_failed")]).get(),
+                        "opened": self.metrics.relay.ech.get_or_create(&[("outcome", "opened")]).get(),
+                        "retrySent": self.metrics.relay.ech.get_or_create(&[("outcome", "retry_sent")]).get(),
+                        "decryptFailed": self.metrics.relay.ech.get_or_create(&[("outcome", "decrypt_failed")]).get(),
                     },
                     "connectedHomes": homes.len(),
                     "connectedPeers": up.len(),

@@ -144,7 +144,7 @@ pub(crate) enum Decision {
     Deliver { home: String, header: RouteHeader },
 }
 
-/// What happened to an ECH-sealed route here (`relayfed_ech_*` outcome label).
+/// What happened to an ECH-sealed route here (`relayfed_relay_ech_streams_total` outcome label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum EchOutcome {
     /// Opened with one of our keys.

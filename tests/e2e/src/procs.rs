@@ -111,8 +111,10 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
-/// Finds `name{labels...}` in Prometheus text (label order as encoded) and returns its value.
+/// The value of `name` in Prometheus text summed over every series whose labels include
+/// `labels` (one series when `labels` names them all), 0 when none does.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else { continue };
         let (lbl, value) = match rest.strip_prefix('{') {
@@ -126,10 +128,19 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             },
         };
         if labels.iter().all(|(k, v)| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\""))) {
-            return value.trim().parse().unwrap();
+            sum += value.trim().parse::<f64>().unwrap();
         }
     }
-    0.0
+    sum
+}
+
+/// The version line of the `prometheus` on PATH (printed by the tests that scrape with it);
+/// panics with how to get one when there is none.
+pub fn prometheus_version() -> String {
+    let out = std::process::Command::new("prometheus").arg("--version").output().unwrap_or_else(|e| {
+        panic!("the prometheus binary is missing ({e}): `make prometheus` builds Prometheus 3 and make test puts it on PATH")
+    });
+    String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_owned()
 }
 
 /// How many series a Prometheus at `prometheus` returns for `expr` between `from` (Unix

@@ -101,11 +101,11 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
     let after = support::Hops::read(&a, &b);
     for relay in ["main-a", "main-b"] {
         let plain = |h: &support::Hops| {
-            support::metric(h.text(relay), "relayfed_route_headers_total", &["envelope=\"plain\""])
-                + support::metric(h.text(relay), "relayfed_route_headers_total", &["envelope=\"grease\""])
+            support::metric(h.text(relay), "relayfed_relay_route_headers_total", &["envelope=\"plain\""])
+                + support::metric(h.text(relay), "relayfed_relay_route_headers_total", &["envelope=\"grease\""])
         };
         let sealed = |h: &support::Hops| {
-            support::metric(h.text(relay), "relayfed_route_headers_total", &["envelope=\"sealed\""])
+            support::metric(h.text(relay), "relayfed_relay_route_headers_total", &["envelope=\"sealed\""])
         };
         assert_eq!(plain(&after), plain(&before), "{relay} saw readable route headers after ECH went to 100%");
         assert!(
@@ -117,7 +117,7 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
     }
     let signed = support::metric(
         after.text("client sidecar (A)"),
-        "relayfed_ech_signed_configs_total",
+        "relayfed_proxy_ech_signed_configs_total",
         &["result=\"accepted\""],
     );
     assert!(signed >= 1.0, "the client's sidecar sealed to main-b by its CA-signed config");

@@ -364,7 +364,10 @@ impl Cluster {
                 })
                 .collect()
         };
-        (versions("relayfed_config_published_version"), versions("relayfed_config_acknowledged_version"))
+        (
+            versions("relayfed_operator_config_published_version"),
+            versions("relayfed_operator_config_acknowledged_version"),
+        )
     }
 
     /// Waits until every node of `before` has a newer published version and acknowledged it.
@@ -424,10 +427,10 @@ impl Cluster {
         }
         let now = self.pod_get(ns, pod, 15090, "/metrics");
         let count =
-            |text: &str, code: &str| metric(text, "relayfed_stream_errors_total", &[&format!("code=\"{code}\"")]);
+            |text: &str, code: &str| metric(text, "relayfed_proxy_stream_errors_total", &[&format!("code=\"{code}\"")]);
         let mut codes: Vec<(f64, String)> = now
             .lines()
-            .filter_map(|l| l.strip_prefix("relayfed_stream_errors_total{code=\""))
+            .filter_map(|l| l.strip_prefix("relayfed_proxy_stream_errors_total{code=\""))
             .filter_map(|l| l.split('"').next().map(str::to_owned))
             .map(|code| (count(&now, &code) - baseline.map_or(0.0, |b| count(b, &code)), code))
             .filter(|(n, _)| *n > 0.0)
@@ -451,7 +454,7 @@ impl Cluster {
         let mut peers = Vec::new();
         for r in relays.split_whitespace() {
             let text = self.pod_get("relayfed-system", r, 9901, "/metrics");
-            for l in text.lines().filter(|l| l.starts_with("relayfed_peer_up{")) {
+            for l in text.lines().filter(|l| l.starts_with("relayfed_relay_peer_up{")) {
                 let peer = l.split("peer=\"").nth(1).and_then(|p| p.split('"').next()).unwrap_or_default();
                 let up = l.rsplit(' ').next().unwrap_or_default();
                 peers.push(format!("{r}: peer {peer} {}", if up == "1" { "up" } else { "DOWN" }));
@@ -650,12 +653,16 @@ impl Hops {
         let checks: [(&str, &str, &[&str]); 4] = [
             (
                 "client sidecar (A)",
-                "relayfed_calls_total",
+                "relayfed_proxy_calls_total",
                 &["side=\"origin\"", "service=\"catalog.shop\"", "code=\"OK\""],
             ),
-            ("main-a", "relayfed_routes_total", &["result=\"forwarded\""]),
-            ("main-b", "relayfed_routes_total", &["result=\"local\""]),
-            ("catalog sidecar (B)", "relayfed_streams_total", &["direction=\"inbound\"", "result=\"ok\""]),
+            ("main-a", "relayfed_relay_routes_total", &["result=\"forwarded\""]),
+            ("main-b", "relayfed_relay_routes_total", &["result=\"local\""]),
+            (
+                "catalog sidecar (B)",
+                "relayfed_proxy_calls_total",
+                &["side=\"destination\"", "service=\"catalog.shop\"", "code=\"OK\""],
+            ),
         ];
         for (hop, family, labels) in checks {
             let v = metric(self.text(hop), family, labels);
