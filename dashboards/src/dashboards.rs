@@ -171,6 +171,16 @@ pub fn relay() -> Dashboard {
                     ),
                     panel(
                         Kind::TimeSeries,
+                        "Peer RTT",
+                        "s",
+                        "Smoothed QUIC round-trip time from each main relay to each peer it is connected to.",
+                        &[(
+                            &format!("max by (node, peer) (relayfed_relay_peer_rtt_seconds{})", sel(m)),
+                            "{{node}} -> {{peer}}",
+                        )],
+                    ),
+                    panel(
+                        Kind::TimeSeries,
                         "Open hop connections",
                         "short",
                         "QUIC connections from homes and peers.",

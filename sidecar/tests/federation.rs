@@ -147,6 +147,11 @@ async fn three_mains_six_homes() {
     .await;
     let setup = [("service", "only-b"), ("destination_main", "hub-b")];
     assert_eq!(homes["c1"].metric("relayfed_proxy_call_setup_duration_seconds_count", &setup).await, 1.0);
+    // Each main relay measures the round trip to its peers (set at every health ping).
+    eventually("hub-c reports its RTT to hub-b", WAIT, || async {
+        mains["hub-c"].metric("relayfed_relay_peer_rtt_seconds", &[("peer", "hub-b")]).await > 0.0
+    })
+    .await;
 
     // A service nobody exports.
     assert!(call(&homes["a2"], "missing:1", b"x").await.is_err());

@@ -47,6 +47,7 @@ impl MainRelay {
                 tick.tick().await;
                 id += 1;
                 relay.to_peers(Control::Ping { id }, "");
+                relay.record_peer_rtts();
             }
         });
         let relay = self;
@@ -248,6 +249,14 @@ impl MainRelay {
         }
     }
 
+    /// Sets `relayfed_relay_peer_rtt_seconds` from each live peering's QUIC connection.
+    fn record_peer_rtts(&self) {
+        let Ok(peers) = self.peers.read() else { return };
+        for (peer, link) in peers.iter() {
+            self.metrics.relay.peer_rtt.get_or_create(&[("peer", peer.clone())]).set(link.conn.rtt().as_secs_f64());
+        }
+    }
+
     pub(crate) fn peer_up(&self, peer: &str, up: bool) {
         if let Ok(mut h) = self.peer_health.write() {
             let e = h.entry(peer.to_owned()).or_default();
@@ -259,6 +268,7 @@ impl MainRelay {
         }
         self.metrics.relay.peer_up.get_or_create(&[("peer", peer.to_owned())]).set(i64::from(up));
         if !up {
+            self.metrics.relay.peer_rtt.remove(&[("peer", peer.to_owned())]);
             // Its homes cannot be reached through it from now: withdraw them from every view
             // at once (not after the TTL), so callers use their standby registrations.
             let withdrawn = self.registry.lock().map(|mut r| r.origin_down(peer)).unwrap_or(0);

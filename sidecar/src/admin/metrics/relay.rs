@@ -31,6 +31,9 @@ pub struct Relay {
     pub propagation: Family<L1, Counter>,
     /// Peer health: 1 when up, by `peer`.
     pub peer_up: Family<PeerLabel, Gauge>,
+    /// Smoothed round-trip time of the QUIC connection to each `peer` (absent while down),
+    /// refreshed at every health ping.
+    pub peer_rtt: Family<PeerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Reconnections to peer main relays.
     pub peer_reconnects: Counter,
     /// Circuit breaker state toward each `peer` (0 closed, 1 open, 2 half-open).
@@ -60,6 +63,7 @@ impl Relay {
             ech_anonymity_set: Gauge::default(),
             propagation: Family::default(),
             peer_up: Family::default(),
+            peer_rtt: Family::default(),
             peer_reconnects: Counter::default(),
             circuit_state: Family::default(),
             ech: Family::default(),
@@ -83,6 +87,7 @@ impl Relay {
         );
         r.register("registry_propagation", "Registry propagation events", m.propagation.clone());
         r.register("peer_up", "1 when the peering is up", m.peer_up.clone());
+        r.register("peer_rtt_seconds", "Round-trip time to each peer main relay", m.peer_rtt.clone());
         r.register("peer_reconnects", "Reconnections to peer main relays", m.peer_reconnects.clone());
         r.register(
             "circuit_state",
