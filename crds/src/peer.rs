@@ -35,7 +35,8 @@ pub struct PinnedIdentity {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 65536))]
     pub ca_bundle: Option<String>,
-    /// SHA-256 fingerprint of the peer's public key (`sha256:<64 hex>`).
+    /// SHA-256 fingerprint of the public key (SubjectPublicKeyInfo) of the peer federation's CA
+    /// (`sha256:<64 hex>`; `relayfed local identity` prints it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = FINGERPRINT_PATTERN))]
     pub fingerprint: Option<String>,

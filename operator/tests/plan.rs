@@ -36,18 +36,19 @@ fn the_example_federation_compiles_into_one_valid_snapshot_per_relay() {
     assert_eq!(hub.version, 7);
     assert_eq!(hub.registry.ttl_seconds, 600);
     assert_eq!(hub.ech.as_ref().unwrap().grace_seconds, 3600);
-    // The other hub is a trusted peer; the partner (another trust domain) and the blocked
-    // legacy hub (named by DNS) cannot be expressed yet and are reported, not dropped silently.
+    // The other hub is a trusted peer; the partner (another trust domain) is recognised by
+    // its pinned CA key; the blocked legacy hub keeps its DNS name (looked up at each dial).
     assert_eq!(
         hub.peers.iter().map(|p| (p.node_id.as_str(), p.trust_level)).collect::<Vec<_>>(),
-        [("hub-us", TrustLevel::Trusted)]
+        [("hub-us", TrustLevel::Trusted), ("legacy-hub", TrustLevel::Blocked), ("partner-hub", TrustLevel::Verified)]
     );
-    assert!(
-        plan.warnings.iter().any(|w| w.contains("Peer/partner") && w.contains("trust domain")),
-        "{:?}",
-        plan.warnings
-    );
-    assert!(plan.warnings.iter().any(|w| w.contains("Peer/legacy-hub")), "{:?}", plan.warnings);
+    let partner = hub.peers.iter().find(|p| p.node_id == "partner-hub").unwrap();
+    let pin = partner.pin.as_ref().expect("a peer of another trust domain carries its pin");
+    assert_eq!(pin.trust_domain, "partner.example");
+    assert_eq!(pin.fingerprints, ["sha256:3f1c9a1e5b7d2c4f6a8e0b1d3c5f7a9e2b4d6f8a0c1e3b5d7f9a2c4e6b8d0f1a"]);
+    assert_eq!(partner.endpoint, "relay.partner.example:4433");
+    assert!(hub.peers.iter().find(|p| p.node_id == "hub-us").unwrap().pin.is_none(), "our CA vouches for hub-us");
+    assert!(!plan.warnings.iter().any(|w| w.contains("Peer/")), "{:?}", plan.warnings);
     assert!(
         plan.warnings.iter().any(|w| w.contains("Relay/hub-eu") && w.contains("2 replicas")),
         "a main relay with replicas is flagged: {:?}",

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use crate::partners::{FederationClientVerifier, Partner, PartnerServerVerifier, Partners, partner_of};
 use relayfed_proto::config::Snapshot;
 use relayfed_proto::crypto::ca::{CaError, node_id_from_cert, parse_key_pem};
 use rustls::RootCertStore;
@@ -76,6 +77,9 @@ pub struct HopIdentity {
     /// The CA verifier for client certificates, built once (hop servers, and origins checking
     /// destinations' certificates on every stream setup).
     verifier: Arc<std::sync::OnceLock<Arc<dyn rustls::server::danger::ClientCertVerifier>>>,
+    /// Main relays of other trust domains accepted by their pins (shared by every clone and
+    /// by the server configurations built from it; replaced with the plan).
+    partners: Partners,
 }
 
 fn read(path: &std::path::Path) -> Result<String, TlsError> {
@@ -118,18 +122,27 @@ impl HopIdentity {
 
     /// Builds an identity from PEM text.
     pub fn from_pem(trust_domain: &str, node_id: &str, ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
-        let chain = certs(cert)?;
+        let mut chain = certs(cert)?;
         let own = node_id_from_cert(&chain[0], trust_domain)?;
         if own != node_id {
             return Err(TlsError::Identity(format!("certificate is for node {own:?}, config says {node_id:?}")));
         }
+        let roots = certs(ca)?;
+        // The CA goes with the leaf: a relay of another trust domain that pins our CA's key
+        // (not a bundle) finds it in the chain.
+        for r in &roots {
+            if !chain.contains(r) {
+                chain.push(r.clone());
+            }
+        }
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
             node_id: node_id.to_owned(),
-            roots: certs(ca)?,
+            roots,
             chain,
             key: Arc::new(parse_key_pem(key)?),
             verifier: Default::default(),
+            partners: Default::default(),
         })
     }
 
@@ -152,10 +165,21 @@ impl HopIdentity {
         Ok(self.verifier.get_or_init(|| v).clone())
     }
 
-    /// rustls server configuration (TLS 1.3, client certificates from the CA required) with
-    /// the given ALPN protocols; QUIC hops and the config distribution server share it.
+    /// Replaces the partners (main relays of other trust domains) this node accepts; server
+    /// configurations built earlier see the change at their next handshake.
+    pub fn set_partners(&self, partners: Vec<Partner>) {
+        match self.partners.write() {
+            Ok(mut p) => *p = Arc::new(partners),
+            Err(p) => *p.into_inner() = Arc::new(partners),
+        }
+    }
+
+    /// rustls server configuration (TLS 1.3, client certificates from the CA, or from a
+    /// partner by its pin, required) with the given ALPN protocols; QUIC hops and the config
+    /// distribution server share it.
     pub fn rustls_server(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
-        let verifier = self.client_verifier()?;
+        let verifier =
+            Arc::new(FederationClientVerifier { own: self.client_verifier()?, partners: self.partners.clone() });
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -172,6 +196,20 @@ impl HopIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Rustls(e.to_string()))?
             .with_root_certificates(self.root_store()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
+    }
+
+    /// rustls client configuration for dialing `partner`: its certificate is checked against
+    /// its pin instead of this node's CA.
+    pub fn rustls_client_for_partner(&self, alpn: &[u8], partner: Partner) -> Result<rustls::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PartnerServerVerifier::new(partner)))
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
         tls.alpn_protocols = vec![alpn.to_vec()];
@@ -208,10 +246,18 @@ impl HopIdentity {
         Some(cert.validity().not_after.timestamp())
     }
 
-    /// The node id named by a verified peer certificate chain (leaf first).
+    /// The node id of a peer whose chain (leaf first) the handshake verified: named in this
+    /// node's trust domain when this node's CA issued it, else the partner whose pin accepts
+    /// it. A partner's CA cannot make a certificate that passes for one of our nodes.
     pub fn node_id_of_chain(&self, chain: &[CertificateDer<'_>]) -> Result<String, TlsError> {
-        let leaf = chain.first().ok_or_else(|| TlsError::Identity("empty chain".into()))?;
-        Ok(node_id_from_cert(leaf, &self.trust_domain)?)
+        let (leaf, rest) = chain.split_first().ok_or_else(|| TlsError::Identity("empty chain".into()))?;
+        let now = rustls_pki_types::UnixTime::now();
+        if self.client_verifier()?.verify_client_cert(leaf, rest, now).is_ok() {
+            return Ok(node_id_from_cert(leaf, &self.trust_domain)?);
+        }
+        partner_of(&self.partners, chain, now)
+            .map(|p| p.node_id)
+            .ok_or_else(|| TlsError::Identity("certificate issued by neither our CA nor a pinned partner".into()))
     }
 
     /// A 32-byte secret derived from this node's private key and `label` (SHA-256 over both):

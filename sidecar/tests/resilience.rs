@@ -483,9 +483,10 @@ async fn a_peer_cannot_export_what_it_is_not_permitted_to() {
     let a_cfg = tb.main_relay("hub-a", 1).unwrap();
     let b_cfg = tb.main_relay("hub-b", 2).unwrap();
     let (a_addr, b_addr) = (dead_udp(), dead_udp());
-    let peer = |id: &str, addr, level, perms| PeerRelay {
+    let peer = |id: &str, addr: std::net::SocketAddr, level, perms| PeerRelay {
         node_id: id.into(),
-        endpoint: addr,
+        endpoint: addr.to_string(),
+        pin: None,
         trust_level: level,
         permissions: perms,
         rate_limit: None,

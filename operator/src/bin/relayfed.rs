@@ -249,6 +249,16 @@ enum LocalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print what another organisation pins to peer with this federation: its trust domain,
+    /// the fingerprint of its CA's key (a Peer's `spec.identity.fingerprint`) and the CA
+    /// certificate (`spec.identity.caBundle`). Nothing secret is printed.
+    Identity {
+        #[command(flatten)]
+        state: StateArg,
+        /// Print a JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the federation started with `up` (every node, then the supervisor).
     Down {
         #[command(flatten)]
@@ -341,8 +351,32 @@ fn main() -> anyhow::Result<()> {
             LocalCommand::Status { state, json } => runtime()?.block_on(show_status(state.state(), json)),
             LocalCommand::Down { state } => runtime()?.block_on(down(state.state())),
             LocalCommand::RotateKeys { relays, state } => runtime()?.block_on(rotate_keys(state.state(), &relays)),
+            LocalCommand::Identity { state, json } => show_identity(&state.state(), json),
         },
     }
+}
+
+/// `relayfed local identity`: the public half of this federation's trust, for a partner's Peer.
+fn show_identity(state: &StateDir, json: bool) -> anyhow::Result<()> {
+    let path = state.keys().join("ca.pem");
+    let pem = std::fs::read_to_string(&path)
+        .with_context(|| format!("no CA at {} yet: run `relayfed local up` once first", path.display()))?;
+    let der = relayfed_proto::crypto::ca::parse_cert_pem(&pem)?;
+    let trust_domain = relayfed_operator::local::keys::ca_trust_domain(&der)
+        .ok_or_else(|| anyhow::anyhow!("{} is not a relayfed CA certificate", path.display()))?;
+    let fingerprint = relayfed_serving::partners::spki_fingerprint(&der)
+        .ok_or_else(|| anyhow::anyhow!("{}: unreadable public key", path.display()))?;
+    if json {
+        let doc = serde_json::json!({"trustDomain": trust_domain, "fingerprint": fingerprint, "caBundle": pem});
+        println!("{doc}");
+    } else {
+        println!("trust domain:        {trust_domain}");
+        println!("CA key fingerprint:  {fingerprint}");
+        println!("\nA partner pins it in the Peer it writes for one of your main relays:");
+        println!("  spec:\n    trustDomain: {trust_domain}\n    identity:\n      fingerprint: {fingerprint}");
+        println!("\n(or `caBundle:` with the CA certificate below)\n\n{pem}");
+    }
+    Ok(())
 }
 
 fn running(state: &StateDir) -> Option<SupervisorFile> {

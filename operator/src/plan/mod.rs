@@ -33,7 +33,6 @@ pub mod workloads;
 pub use placement::{Placement, Site};
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use relayfed_crds::{AnyResource, EchMode, Peer, Relay, RelayFederation, RelayType, RolloutPolicy, TrustLevel};
@@ -223,7 +222,8 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
                     other.node_id.clone(),
                     PeerRelay {
                         node_id: other.node_id.clone(),
-                        endpoint: addr,
+                        endpoint: addr.to_string(),
+                        pin: None,
                         trust_level: relayfed_proto::config::TrustLevel::Trusted,
                         permissions: None,
                         rate_limit: None,
@@ -242,33 +242,54 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
             if p.spec.node_id == *relay || p.spec.node_id == *node {
                 continue;
             }
-            if p.spec.trust_domain.as_deref().is_some_and(|td| td != fed.spec.trust_domain) {
-                warnings.push(format!(
-                    "{pobj}: peers of another trust domain are not supported yet (multi-CA trust); skipped"
-                ));
-                continue;
-            }
+            let pin = match p.spec.trust_domain.as_deref().filter(|td| *td != fed.spec.trust_domain) {
+                None => None,
+                Some(td) => {
+                    if members.values().flatten().any(|m| m.node_id == p.spec.node_id) {
+                        errors.push(err(
+                            &pobj,
+                            "spec.nodeId",
+                            format!(
+                                "{:?} is a node of this federation; a peer of another trust domain needs its own id",
+                                p.spec.node_id
+                            ),
+                        ));
+                        continue;
+                    }
+                    let identity = p.spec.identity.clone().unwrap_or_default();
+                    Some(relayfed_proto::config::PeerPin {
+                        trust_domain: td.to_owned(),
+                        ca_bundle: identity.ca_bundle,
+                        fingerprints: identity.fingerprint.into_iter().collect(),
+                    })
+                }
+            };
             // A Peer naming one of our own replicated relays sets the terms for each replica,
             // dialed at its own address.
-            let targets: Vec<(String, Option<SocketAddr>)> = match members.get(p.spec.node_id.as_str()) {
-                Some(ms) if ms.iter().all(|m| m.node_id != p.spec.node_id) => ms
+            let targets: Vec<(String, Option<String>)> = match members.get(p.spec.node_id.as_str()) {
+                Some(ms) if pin.is_none() && ms.iter().all(|m| m.node_id != p.spec.node_id) => ms
                     .iter()
                     .filter(|m| m.node_id != *node)
-                    .map(|m| (m.node_id.clone(), m.endpoint.as_deref().and_then(resolve)))
+                    .map(|m| (m.node_id.clone(), m.endpoint.as_deref().and_then(resolve).map(|a| a.to_string())))
                     .collect(),
-                _ => vec![(p.spec.node_id.clone(), p.spec.endpoints.iter().find_map(|e| resolve(e)))],
+                // As written: the relay looks a name up at every dial, so a peer whose address
+                // changes is followed on the next reconnect.
+                _ => vec![(p.spec.node_id.clone(), p.spec.endpoints.first().cloned())],
             };
             for (peer, addr) in targets {
-                let Some(addr) = addr else {
-                    warnings
-                        .push(format!("{pobj}: none of spec.endpoints {:?} resolves here; skipped", p.spec.endpoints));
+                let Some(endpoint) = addr else {
+                    warnings.push(format!(
+                        "{pobj}: no endpoint for {peer} (spec.endpoints {:?}); skipped",
+                        p.spec.endpoints
+                    ));
                     continue;
                 };
                 node_peers.insert(
                     peer.clone(),
                     PeerRelay {
                         node_id: peer,
-                        endpoint: addr,
+                        endpoint,
+                        pin: pin.clone(),
                         trust_level: trust_level(p.spec.trust_level),
                         permissions: p.spec.permissions.as_ref().map(permissions),
                         rate_limit: p.spec.rate_limit.as_ref().map(rate_limit),

@@ -18,7 +18,9 @@ pub mod keys;
 pub mod keystore;
 pub mod policy;
 
-pub use policy::{CircuitBreakerConfig, PeerRelay, Permissions, RateLimit, Resilience, RetryConfig, Trust, TrustLevel};
+pub use policy::{
+    CircuitBreakerConfig, PeerPin, PeerRelay, Permissions, RateLimit, Resilience, RetryConfig, Trust, TrustLevel,
+};
 
 /// Snapshot schema version understood here.
 pub const SNAPSHOT_SCHEMA: u32 = 1;

@@ -1,8 +1,6 @@
 //! Snapshot sections for trust and resilience: peers with trust levels, permissions and rate
 //! limits; trust defaults; circuit breaker, retry and rate-limit settings.
 
-use std::net::SocketAddr;
-
 use serde::{Deserialize, Serialize};
 
 /// A peer main relay (main relays only). Of two peers, the one with the smaller node id dials.
@@ -11,8 +9,12 @@ use serde::{Deserialize, Serialize};
 pub struct PeerRelay {
     /// Its node id.
     pub node_id: String,
-    /// Its QUIC address.
-    pub endpoint: SocketAddr,
+    /// Its QUIC address: `ip:port`, or `host:port` looked up at every dial (a name that
+    /// moves is followed on the next reconnect).
+    pub endpoint: String,
+    /// How a relay of another trust domain is recognised; `None`: our CA vouches for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<PeerPin>,
     /// How much it is trusted.
     #[serde(default = "trusted")]
     pub trust_level: TrustLevel,
@@ -23,6 +25,52 @@ pub struct PeerRelay {
     /// Rate limit for streams it forwards (default: `resilience.rateLimit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+}
+
+/// The pinned identity of a peer main relay of another trust domain (docs/protocol.md §2.3):
+/// its certificate must name `<node id>.<trust domain>` and chain to a CA of `ca_bundle`, or
+/// to a CA certificate it presents whose public key has one of `fingerprints`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerPin {
+    /// The peer federation's trust domain.
+    pub trust_domain: String,
+    /// PEM CA certificates that issue its certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    /// `sha256:<64 hex>` over the DER SubjectPublicKeyInfo of its CA (two during a rotation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fingerprints: Vec<String>,
+}
+
+/// `host:port` split into its parts (`[v6]:port` too); `None` when the port is missing or not
+/// a number, or the host is empty.
+pub fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {
+    let (host, port) = endpoint.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    (!host.is_empty()).then_some(())?;
+    Some((host, port.parse().ok()?))
+}
+
+/// The 32 bytes of a `sha256:<64 lowercase hex>` fingerprint.
+pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
+    let hex = s.strip_prefix("sha256:")?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The `sha256:<64 hex>` fingerprint of `bytes` (a DER SubjectPublicKeyInfo).
+pub fn fingerprint(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 fn trusted() -> TrustLevel {
@@ -190,4 +238,38 @@ pub struct Resilience {
     /// Stream-setup retries at homes.
     #[serde(default)]
     pub retry: RetryConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn endpoints_and_fingerprints_parse_as_documented() {
+        assert_eq!(split_endpoint("relay.partner.example:4433"), Some(("relay.partner.example", 4433)));
+        assert_eq!(split_endpoint("10.0.0.1:1"), Some(("10.0.0.1", 1)));
+        assert_eq!(split_endpoint("[::1]:7"), Some(("::1", 7)));
+        for bad in ["nohost", ":80", "h:", "h:70000", "h:x"] {
+            assert_eq!(split_endpoint(bad), None, "{bad}");
+        }
+        let f = fingerprint(b"spki");
+        assert_eq!(parse_fingerprint(&f).map(|b| fingerprint_of_bytes(&b)), Some(f.clone()));
+        assert_eq!(parse_fingerprint(&f.to_uppercase()), None, "lowercase hex only");
+        assert_eq!(parse_fingerprint("sha256:00"), None);
+        assert_eq!(parse_fingerprint(&f.replace("sha256:", "sha1:")), None);
+    }
+
+    fn fingerprint_of_bytes(b: &[u8; 32]) -> String {
+        format!("sha256:{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+    }
+
+    proptest! {
+        #[test]
+        fn no_input_panics_and_fingerprints_round_trip(s in ".{0,80}", bytes in proptest::array::uniform32(any::<u8>())) {
+            let _ = split_endpoint(&s);
+            let _ = parse_fingerprint(&s);
+            prop_assert_eq!(parse_fingerprint(&fingerprint_of_bytes(&bytes)), Some(bytes));
+        }
+    }
 }

@@ -57,6 +57,26 @@ impl Snapshot {
             if !label_ok(&p.node_id) || p.node_id == self.node.id {
                 return Err(invalid(format!("peers[{i}].nodeId"), "must be another main relay's node id"));
             }
+            if super::policy::split_endpoint(&p.endpoint).is_none() {
+                return Err(invalid(format!("peers[{i}].endpoint"), format!("{:?} is not host:port", p.endpoint)));
+            }
+            if let Some(pin) = &p.pin {
+                if pin.trust_domain.is_empty() || pin.trust_domain == self.node.trust_domain {
+                    return Err(invalid(
+                        format!("peers[{i}].pin.trustDomain"),
+                        "a pin is for a relay of another trust domain",
+                    ));
+                }
+                if pin.ca_bundle.is_none() && pin.fingerprints.is_empty() {
+                    return Err(invalid(format!("peers[{i}].pin"), "set caBundle or fingerprints"));
+                }
+                if let Some(bad) = pin.fingerprints.iter().find(|f| super::policy::parse_fingerprint(f).is_none()) {
+                    return Err(invalid(
+                        format!("peers[{i}].pin.fingerprints"),
+                        format!("{bad:?} is not sha256:<64 hex>"),
+                    ));
+                }
+            }
         }
         if self.registry.ttl_seconds < 2 {
             return Err(invalid("registry.ttlSeconds", "must be at least 2"));

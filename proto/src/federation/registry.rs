@@ -105,6 +105,22 @@ pub struct Delta {
     pub remove: Vec<Key>,
 }
 
+impl Delta {
+    /// This delta with only the entries (added and removed) of services `keep` accepts: what
+    /// a peer that may call only those services is told. Sequence numbers are kept, so the
+    /// peer sees no gap where everything was left out.
+    pub fn only(&self, keep: impl Fn(&str) -> bool) -> Delta {
+        Delta {
+            origin: self.origin.clone(),
+            epoch: self.epoch,
+            seq: self.seq,
+            full: self.full,
+            add: self.add.iter().filter(|e| keep(&e.service)).cloned().collect(),
+            remove: self.remove.iter().filter(|k| keep(&k.service)).cloned().collect(),
+        }
+    }
+}
+
 /// Outcome of applying a delta.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {

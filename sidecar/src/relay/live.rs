@@ -35,6 +35,20 @@ impl MainLive {
     }
 }
 
+/// The peers of other trust domains in `peers`, recognised by their pins (a pin that does
+/// not parse is logged and leaves its peer unaccepted).
+pub(crate) fn partners(peers: &[crate::config::PeerRelay]) -> Vec<crate::transport::tls::Partner> {
+    peers
+        .iter()
+        .filter_map(|p| {
+            let pin = p.pin.as_ref()?;
+            crate::transport::tls::Partner::from_pin(&p.node_id, pin)
+                .map_err(|e| tracing::warn!(peer = %p.node_id, error = %e, "unusable pin: the peer is not accepted"))
+                .ok()
+        })
+        .collect()
+}
+
 impl MainRelay {
     /// The live settings in force now.
     pub(crate) fn live(&self) -> Arc<MainLive> {
@@ -60,6 +74,7 @@ impl MainRelay {
             Ok(mut l) => *l = Arc::new(next.clone()),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(next.clone()),
         }
+        self.identity.set_partners(partners(&snap.peers));
         if let Ok(mut h) = self.peer_health.write() {
             h.retain(|p, _| next.peers.contains_key(p));
             for p in next.peers.keys() {
@@ -109,7 +124,7 @@ impl MainRelay {
                 if new && me < *peer && self.refuse_connection(peer).is_none() {
                     info!(%peer, endpoint = %cfg.endpoint, "new peer main relay: dialing");
                     let relay = self.clone();
-                    let (endpoint, peer, addr) = (endpoint.clone(), peer.clone(), cfg.endpoint);
+                    let (endpoint, peer, addr) = (endpoint.clone(), peer.clone(), cfg.endpoint.clone());
                     tokio::spawn(async move { relay.dial_peer(endpoint, peer, addr).await });
                 }
             }

@@ -68,6 +68,8 @@ pub struct MainRelay {
     registry: Mutex<Registry>,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
+    /// Hop timeouts (the transport of connections this relay dials).
+    timeouts: crate::config::Timeouts,
     /// A relayed stream without payload either way this long is closed.
     stream_idle: Duration,
     health_interval: Duration,
@@ -109,6 +111,7 @@ impl MainRelay {
     /// peers it is responsible for.
     pub async fn start(snap: &Snapshot, metrics: Arc<Metrics>) -> anyhow::Result<(Arc<Self>, Bound)> {
         let identity = HopIdentity::load(snap)?;
+        identity.set_partners(live::partners(&snap.peers));
         // The bytes the keys come from, read first: a rotation racing the load is seen later.
         let ech_bytes = snap.ech.as_ref().and_then(|e| std::fs::read(&e.key_file).ok());
         let keys = match &snap.ech {
@@ -134,6 +137,7 @@ impl MainRelay {
             peer_health: RwLock::new(snap.peers.iter().map(|p| (p.node_id.clone(), PeerHealth::default())).collect()),
             metrics,
             handshake_timeout: Duration::from_millis(snap.timeouts.handshake_ms),
+            timeouts: snap.timeouts.clone(),
             stream_idle: Duration::from_millis(snap.timeouts.stream_idle_ms.max(1)),
             health_interval: Duration::from_secs(snap.health_check_seconds.max(1)),
             refresh_interval: Duration::from_secs(

@@ -15,14 +15,14 @@ use crate::protocol::Frame;
 use crate::protocol::control::Control;
 use crate::resilience::backoff::{Backoff, Retry};
 use crate::transport::io::{read_frame, write_frames};
-use crate::transport::tls::failure_reason;
+use crate::transport::tls::{QuicIdentity, failure_reason};
 
 impl MainRelay {
     /// Starts dialing peers (those with a larger node id) and the periodic tasks.
     pub(crate) fn start_federation(self: Arc<Self>, endpoint: quinn::Endpoint) {
         let me = self.identity.node_id.clone();
-        let peers: Vec<(String, std::net::SocketAddr)> =
-            self.live().peers.values().map(|p| (p.node_id.clone(), p.endpoint)).collect();
+        let peers: Vec<(String, String)> =
+            self.live().peers.values().map(|p| (p.node_id.clone(), p.endpoint.clone())).collect();
         for (peer, addr) in peers {
             if me < peer && self.refuse_connection(&peer).is_none() {
                 let relay = self.clone();
@@ -65,24 +65,20 @@ impl MainRelay {
         });
     }
 
-    pub(crate) async fn dial_peer(
-        self: Arc<Self>,
-        endpoint: quinn::Endpoint,
-        peer: String,
-        addr: std::net::SocketAddr,
-    ) {
+    /// Dials `peer` at `target` (looked up again before every attempt, so a name that moves
+    /// is followed) until the peering ends or the plan moves or removes it.
+    pub(crate) async fn dial_peer(self: Arc<Self>, endpoint: quinn::Endpoint, peer: String, target: String) {
         let mut retry = Retry::new(Backoff::DIAL);
         let mut first = true;
         loop {
             // A config update may remove the peer or move it (a new task dials the new address).
-            if self.live().peers.get(&peer).is_none_or(|p| p.endpoint != addr) {
+            let Some(cfg) = self.live().peers.get(&peer).filter(|p| p.endpoint == target).cloned() else {
                 info!(%peer, "peer removed from the configuration: no longer dialing");
                 return;
-            }
-            let name = self.identity.server_name(&peer);
-            let conn = match endpoint.connect(addr, &name) {
-                Ok(c) => c.await.map_err(|e| failure_reason(&e).to_owned()),
-                Err(e) => Err(e.to_string()),
+            };
+            let conn = match self.connect_peer(&endpoint, &cfg).await {
+                Ok(c) => c.await.map_err(|e| (failure_reason(&e), e.to_string())),
+                Err(e) => Err(e),
             };
             match conn {
                 Ok(conn) => {
@@ -92,7 +88,7 @@ impl MainRelay {
                         self.metrics.relay.peer_reconnects.inc();
                     }
                     first = false;
-                    retry.succeeded();
+                    let started = Instant::now();
                     match conn.open_bi().await {
                         Ok((send, recv)) => {
                             let hello = self.hello();
@@ -103,21 +99,55 @@ impl MainRelay {
                         }
                         Err(e) => warn!(%peer, error = %e, "cannot open the peer control stream"),
                     }
+                    // Only a peering that lasted resets the backoff: a peer that closes at once
+                    // (it refused our certificate after our side finished the handshake) is
+                    // retried with growing waits, not in a loop.
+                    if started.elapsed() >= self.health_interval {
+                        retry.succeeded();
+                    }
                 }
-                Err(reason) => {
+                Err((reason, error)) => {
                     self.metrics
                         .transport
                         .hop_handshakes
-                        .get_or_create(&[("role", "client"), ("result", "other")])
+                        .get_or_create(&[("role", "client"), ("result", reason)])
                         .inc();
                     if let Ok(mut h) = self.peer_health.write() {
                         h.entry(peer.clone()).or_default().failures += 1;
                     }
-                    warn!(%peer, %addr, %reason, "cannot reach peer main relay");
+                    warn!(%peer, endpoint = %target, reason, %error, "cannot reach peer main relay");
                 }
             }
             tokio::time::sleep(retry.next_wait()).await;
         }
+    }
+
+    /// Looks up `cfg.endpoint` and starts a handshake with it: against our CA, or for a relay
+    /// of another trust domain against its pin. The error is a metric label and a message.
+    async fn connect_peer(
+        &self,
+        endpoint: &quinn::Endpoint,
+        cfg: &crate::config::PeerRelay,
+    ) -> Result<quinn::Connecting, (&'static str, String)> {
+        let addr = match tokio::net::lookup_host(cfg.endpoint.as_str()).await {
+            Ok(mut addrs) => addrs.next(),
+            Err(e) => return Err(("unresolved", format!("{} does not resolve: {e}", cfg.endpoint))),
+        }
+        .ok_or_else(|| ("unresolved", format!("{} resolves to no address", cfg.endpoint)))?;
+        let started = match &cfg.pin {
+            None => endpoint.connect(addr, &self.identity.server_name(&cfg.node_id)),
+            Some(pin) => {
+                let partner = crate::transport::tls::Partner::from_pin(&cfg.node_id, pin)
+                    .map_err(|e| ("pin_mismatch", e.to_string()))?;
+                let client = self
+                    .identity
+                    .client_config_for_partner(&self.timeouts, partner)
+                    .map_err(|e| ("other", e.to_string()))?;
+                let name = relayfed_proto::crypto::ca::node_dns_name(&cfg.node_id, &pin.trust_domain);
+                endpoint.connect_with(client, addr, &name)
+            }
+        };
+        started.map_err(|e| ("other", e.to_string()))
     }
 
     pub(crate) fn hello(&self) -> Control {
@@ -162,7 +192,7 @@ impl MainRelay {
         }
         let full = self.registry.lock().map(|r| r.full_delta()).ok();
         if let Some(full) = full {
-            let _ = tx.send(Control::Delta { delta: full });
+            let _ = tx.send(Control::Delta { delta: self.visible_to(&peer, &full) });
         }
         if let Ok(mut p) = self.peers.write()
             && let Some(link) = p.get_mut(&peer)
@@ -284,14 +314,26 @@ impl MainRelay {
         self.to_peers(Control::Delta { delta: d }, "delta_sent");
     }
 
+    /// What of `delta` `peer` may learn: the services it may call (everything for a trusted
+    /// peer of our federation; a partner's `permissions.call`). A partner's registry never
+    /// holds a service it may not call.
+    fn visible_to(&self, peer: &str, delta: &Delta) -> Delta {
+        let call = self.permissions_of(peer).call;
+        delta.only(|service| crate::config::Permissions::matches(&call, service))
+    }
+
     fn to_peers(&self, m: Control, event: &'static str) {
         let peers = self
             .peers
             .read()
-            .map(|p| p.values().filter_map(|l| l.control.clone()).collect::<Vec<_>>())
+            .map(|p| p.iter().filter_map(|(k, l)| Some((k.clone(), l.control.clone()?))).collect::<Vec<_>>())
             .unwrap_or_default();
-        for tx in peers {
-            if tx.send(m.clone()).is_ok() && !event.is_empty() {
+        for (peer, tx) in peers {
+            let m = match &m {
+                Control::Delta { delta } => Control::Delta { delta: self.visible_to(&peer, delta) },
+                other => other.clone(),
+            };
+            if tx.send(m).is_ok() && !event.is_empty() {
                 self.metrics.relay.propagation.get_or_create(&[("event", event)]).inc();
             }
         }
@@ -319,7 +361,7 @@ impl MainRelay {
                         "rttMillis": links.get(p).map(|r| r.as_secs_f64() * 1e3),
                         "lastSeenSecondsAgo": h.last_seen.map(|t| now.saturating_duration_since(t).as_secs_f64()),
                         "failures": h.failures,
-                        "endpoint": self.live().peers.get(p).map(|c| c.endpoint.to_string()),
+                        "endpoint": self.live().peers.get(p).map(|c| c.endpoint.clone()),
                     })
                 })
                 .collect()

@@ -12,7 +12,8 @@ const ME: &str = "hub-eu";
 fn peer(id: &str, level: TrustLevel, call: Option<&[&str]>) -> PeerRelay {
     PeerRelay {
         node_id: id.into(),
-        endpoint: "127.0.0.1:1".parse().unwrap(),
+        endpoint: "127.0.0.1:1".into(),
+        pin: None,
         trust_level: level,
         permissions: call.map(|c| Permissions { call: c.iter().map(|s| (*s).to_owned()).collect(), export: vec![] }),
         rate_limit: None,

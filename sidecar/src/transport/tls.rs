@@ -1,6 +1,7 @@
 //! Hop TLS: mutual TLS 1.3 over QUIC with certificates from the federation CA.
 //!
-//! Servers require a client certificate chaining to the CA; clients verify the server as
+//! Servers require a client certificate chaining to the CA (or, for a main relay of another
+//! trust domain, to the CA its Peer pins); clients verify the server as
 //! `<node-id>.<trust-domain>`, so a certificate for another node is refused. ALPN names the
 //! protocol version; a peer without it is refused by the handshake itself.
 
@@ -12,6 +13,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::config::Timeouts;
 pub use relayfed_serving::identity::{HopIdentity, SharedIdentity, TlsError};
+pub use relayfed_serving::partners::Partner;
 
 /// ALPN of relayfed protocol version 1.
 pub const ALPN: &[u8] = b"relayfed/1";
@@ -33,6 +35,10 @@ pub trait QuicIdentity {
     fn client_config(&self, timeouts: &Timeouts) -> Result<quinn::ClientConfig, TlsError>;
     /// As [`QuicIdentity::client_config`] with another ALPN (tests prove a wrong one is refused).
     fn client_config_with_alpn(&self, timeouts: &Timeouts, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError>;
+    /// QUIC client configuration for dialing a main relay of another trust domain, checked
+    /// against its pin.
+    fn client_config_for_partner(&self, timeouts: &Timeouts, partner: Partner)
+    -> Result<quinn::ClientConfig, TlsError>;
     /// The authenticated node id of the peer of `conn`.
     fn peer_node_id(&self, conn: &quinn::Connection) -> Result<String, TlsError>;
 }
@@ -65,6 +71,18 @@ impl QuicIdentity for HopIdentity {
 
     fn client_config_with_alpn(&self, timeouts: &Timeouts, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
         let tls = self.rustls_client(alpn)?;
+        let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(transport(timeouts));
+        Ok(cfg)
+    }
+
+    fn client_config_for_partner(
+        &self,
+        timeouts: &Timeouts,
+        partner: Partner,
+    ) -> Result<quinn::ClientConfig, TlsError> {
+        let tls = self.rustls_client_for_partner(ALPN, partner)?;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Rustls(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
         cfg.transport_config(transport(timeouts));
@@ -120,7 +138,10 @@ pub fn raise_stream_limit(conn: &quinn::Connection) {
 /// Low-cardinality reason a hop handshake failed, for logs and metric labels.
 pub fn failure_reason(err: &quinn::ConnectionError) -> &'static str {
     let text = format!("{err:?} {err}");
-    if text.contains("UnknownIssuer") || text.contains("BadSignature") || text.contains("unknown ca") {
+    // A pin's refusal, by its message or (as rustls reports it to the server) its variant.
+    if ["pinned identity mismatch", "NoPinnedCa", "PinnedChain", "WrongNode"].iter().any(|p| text.contains(p)) {
+        "pin_mismatch"
+    } else if text.contains("UnknownIssuer") || text.contains("BadSignature") || text.contains("unknown ca") {
         "unknown_ca"
     } else if text.contains("Expired") || text.contains("certificate expired") {
         "expired"

@@ -1,0 +1,152 @@
+//! Peers of another trust domain (docs/protocol.md §2.3): two federations with their own CAs
+//! peer by a pinned CA key each way, nothing else shared; each learns only the services it may
+//! call; a relay whose CA key is not pinned is refused with a counted reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{Proc, echo_server, eventually};
+use relayfed_e2e::Testbed;
+use relayfed_sidecar::config::{Export, MainRelay, PeerPin, PeerRelay, Permissions, Snapshot, TrustLevel};
+use relayfed_sidecar::federation::ech_policy::EchPolicy;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn edit(path: &PathBuf, f: impl FnOnce(&mut Snapshot)) {
+    let mut s = Snapshot::load(path).unwrap();
+    f(&mut s);
+    std::fs::write(path, serde_saphyr::to_string(&s).unwrap()).unwrap();
+}
+
+/// One federation: its testbed (CA), its main relay's snapshot and QUIC address.
+struct Federation {
+    tb: Testbed,
+    relay: String,
+    cfg: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Federation {
+    fn new(trust_domain: &str, relay: &str, config_id: u8) -> Self {
+        let tb = Testbed::new(trust_domain).unwrap();
+        let cfg = tb.main_relay(relay, config_id).unwrap();
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        edit(&cfg, |s| s.listen = Some(addr));
+        Self { tb, relay: relay.into(), cfg, addr }
+    }
+
+    /// What the other side pins: our CA's key.
+    fn fingerprint(&self) -> String {
+        let der = relayfed_sidecar::crypto::ca::parse_cert_pem(&self.tb.ca.certified_key().cert_pem).unwrap();
+        relayfed_sidecar::serving::partners::spki_fingerprint(&der).unwrap()
+    }
+
+    /// `other` as our peer, pinned by `fingerprint`, allowed `call` and `export`.
+    fn peer_with(&self, other: &Federation, fingerprint: String, call: &[&str], export: &[&str]) {
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        let peer = PeerRelay {
+            node_id: other.relay.clone(),
+            endpoint: other.addr.to_string(),
+            pin: Some(PeerPin {
+                trust_domain: other.tb.trust_domain.clone(),
+                ca_bundle: None,
+                fingerprints: vec![fingerprint],
+            }),
+            trust_level: TrustLevel::Verified,
+            permissions: Some(Permissions { call: strings(call), export: strings(export) }),
+            rate_limit: None,
+        };
+        edit(&self.cfg, |s| s.peers = vec![peer]);
+    }
+
+    async fn home(&self, name: &str, relay: &Proc, services: &[&str]) -> Proc {
+        let echo = echo_server().await;
+        let exports =
+            services.iter().map(|s| Export { service: (*s).into(), port: 80, target: echo }).collect::<Vec<_>>();
+        let main = MainRelay { node_id: self.relay.clone(), endpoint: relay.quic(), priority: 0 };
+        let path = self.tb.home(name, main, exports, vec![], EchPolicy::default()).unwrap();
+        common::start("home", &path, &[]).await
+    }
+}
+
+/// The services of `relay`'s federated registry entries, sorted.
+async fn federated(relay: &Proc) -> Vec<String> {
+    let reg = relay.json("/federation/registry").await;
+    let mut v: Vec<String> = reg["federated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["entry"]["service"].as_str().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_they_may_call() {
+    let acme = Federation::new("acme.example", "hub-a", 1);
+    let partner = Federation::new("partner.example", "hub-p", 2);
+    // acme lets the partner call catalog and export inventory*; the partner lets acme call
+    // inventory* and export catalog. Each side writes its own Peer; only the keys cross.
+    acme.peer_with(&partner, partner.fingerprint(), &["catalog"], &["inventory*"]);
+    partner.peer_with(&acme, acme.fingerprint(), &["inventory*"], &["catalog"]);
+    let hub_a = common::start("main-relay", &acme.cfg, &[]).await;
+    let hub_p = common::start("main-relay", &partner.cfg, &[]).await;
+    let _shop = acme.home("shop", &hub_a, &["catalog", "payroll"]).await;
+    let _stock = partner.home("stock", &hub_p, &["inventory-eu", "hr"]).await;
+
+    eventually("both relays see the peering up", WAIT, || async {
+        hub_a.metric("relayfed_relay_peer_up", &[("peer", "hub-p")]).await == 1.0
+            && hub_p.metric("relayfed_relay_peer_up", &[("peer", "hub-a")]).await == 1.0
+    })
+    .await;
+    eventually("each learns the other's permitted service", WAIT, || async {
+        federated(&hub_a).await == ["inventory-eu"] && federated(&hub_p).await == ["catalog"]
+    })
+    .await;
+    // Nothing was sent that the receiver would have had to drop: the partner never learned
+    // payroll, acme never learned hr.
+    assert_eq!(hub_a.metric("relayfed_relay_trust_denials_total", &[("rule", "export_permission")]).await, 0.0);
+    assert_eq!(hub_p.metric("relayfed_relay_trust_denials_total", &[("rule", "export_permission")]).await, 0.0);
+    let text = hub_p.json("/federation/registry").await.to_string();
+    assert!(!text.contains("payroll"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_ca_key_is_not_pinned_is_refused_with_a_counted_reason() {
+    let acme = Federation::new("acme.example", "hub-a", 1);
+    let partner = Federation::new("partner.example", "hub-p", 2);
+    let stranger = Testbed::new("partner.example").unwrap();
+    let wrong = {
+        let der = relayfed_sidecar::crypto::ca::parse_cert_pem(&stranger.ca.certified_key().cert_pem).unwrap();
+        relayfed_sidecar::serving::partners::spki_fingerprint(&der).unwrap()
+    };
+    // hub-a (the smaller id) dials; the partner pins a key that is not acme's.
+    acme.peer_with(&partner, partner.fingerprint(), &["*"], &["*"]);
+    partner.peer_with(&acme, wrong.clone(), &["*"], &["*"]);
+    let hub_a = common::start("main-relay", &acme.cfg, &[]).await;
+    let hub_p = common::start("main-relay", &partner.cfg, &[]).await;
+    eventually("the partner refuses acme's certificate", WAIT, || async {
+        hub_p.metric("relayfed_transport_hop_handshakes_total", &[("role", "server"), ("result", "pin_mismatch")]).await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(hub_p.metric("relayfed_relay_peer_up", &[("peer", "hub-a")]).await, 0.0);
+
+    // The other way round: acme pins the wrong key for the partner and refuses it as a server.
+    drop((hub_a, hub_p));
+    acme.peer_with(&partner, wrong, &["*"], &["*"]);
+    partner.peer_with(&acme, acme.fingerprint(), &["*"], &["*"]);
+    let hub_a = common::start("main-relay", &acme.cfg, &[]).await;
+    let _hub_p = common::start("main-relay", &partner.cfg, &[]).await;
+    eventually("acme refuses the partner's server certificate", WAIT, || async {
+        hub_a.metric("relayfed_transport_hop_handshakes_total", &[("role", "client"), ("result", "pin_mismatch")]).await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(hub_a.metric("relayfed_relay_peer_up", &[("peer", "hub-p")]).await, 0.0);
+}
