@@ -239,6 +239,26 @@ impl HopIdentity {
         Ok((node, relayfed_proto::crypto::ca::noise_key_from_cert(der)?))
     }
 
+    /// This node's certificate followed by its CA's, as concatenated DER: what a destination
+    /// sends in Noise message 2 to an origin of another trust domain (docs/protocol.md §6).
+    pub fn chain_der(&self) -> Vec<u8> {
+        self.chain.iter().flat_map(|c| c.as_ref().iter().copied()).collect()
+    }
+
+    /// Verifies `der` (concatenated DER, leaf first) as a node certificate of `partner`'s
+    /// trust domain, by its pin; returns the node id it names and the Noise key it binds.
+    pub fn verify_partner_node_cert(
+        &self,
+        partner: &Partner,
+        der: &[u8],
+    ) -> Result<(String, Option<[u8; 32]>), TlsError> {
+        let chain = relayfed_proto::crypto::ca::split_der_chain(der)?;
+        let node = partner
+            .node_of(&chain, rustls_pki_types::UnixTime::now())
+            .map_err(|e| TlsError::Identity(e.to_string()))?;
+        Ok((node, relayfed_proto::crypto::ca::noise_key_from_cert(&chain[0])?))
+    }
+
     /// When this node's certificate expires (Unix seconds), for the expiry metric.
     pub fn not_after_unix(&self) -> Option<i64> {
         use x509_parser::prelude::{FromDer, X509Certificate};

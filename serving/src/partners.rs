@@ -94,6 +94,15 @@ impl Partner {
 
     /// Checks `chain` (leaf first) at `now`: it chains to a pinned CA and names this partner.
     pub fn verify(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Result<(), PinError> {
+        match self.node_of(chain, now)? {
+            id if id == self.node_id => Ok(()),
+            _ => Err(PinError::WrongNode { expected: self.node_id.clone(), trust_domain: self.trust_domain.clone() }),
+        }
+    }
+
+    /// The node of the partner's trust domain that `chain` (leaf first) names, when it chains
+    /// to a pinned CA at `now`: how an origin checks a destination home of the partner.
+    pub fn node_of(&self, chain: &[CertificateDer<'_>], now: UnixTime) -> Result<String, PinError> {
         let Some((leaf, rest)) = chain.split_first() else {
             return Err(PinError::PinnedChain("no certificate".into()));
         };
@@ -116,10 +125,10 @@ impl Partner {
             .build()
             .map_err(|e| PinError::PinnedChain(e.to_string()))?;
         verifier.verify_client_cert(leaf, rest, now).map_err(|e| PinError::PinnedChain(e.to_string()))?;
-        match node_id_from_cert(leaf, &self.trust_domain) {
-            Ok(id) if id == self.node_id => Ok(()),
-            _ => Err(PinError::WrongNode { expected: self.node_id.clone(), trust_domain: self.trust_domain.clone() }),
-        }
+        node_id_from_cert(leaf, &self.trust_domain).map_err(|_| PinError::WrongNode {
+            expected: self.node_id.clone(),
+            trust_domain: self.trust_domain.clone(),
+        })
     }
 }
 

@@ -9,9 +9,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Proc, echo_server, eventually};
+use common::{Proc, eventually, identify_server, round_trip};
 use relayfed_e2e::Testbed;
-use relayfed_sidecar::config::{Export, MainRelay, PeerPin, PeerRelay, Permissions, Snapshot, TrustLevel};
+use relayfed_sidecar::config::{
+    Export, Import, MainRelay, PartnerFederation, PeerPin, PeerRelay, Permissions, Snapshot, TrustLevel,
+};
 use relayfed_sidecar::federation::ech_policy::EchPolicy;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -63,12 +65,25 @@ impl Federation {
         edit(&self.cfg, |s| s.peers = vec![peer]);
     }
 
-    async fn home(&self, name: &str, relay: &Proc, services: &[&str]) -> Proc {
-        let echo = echo_server().await;
+    /// A home of ours exporting `services` (an identify server: answers `<name>|<echo>`) and
+    /// importing `imports`; it verifies `other`'s homes by the pin of `other`'s CA key.
+    async fn home(&self, name: &str, relay: &Proc, services: &[&str], imports: &[&str], other: &Federation) -> Proc {
+        let server = identify_server(name).await;
         let exports =
-            services.iter().map(|s| Export { service: (*s).into(), port: 80, target: echo }).collect::<Vec<_>>();
+            services.iter().map(|s| Export { service: (*s).into(), port: 80, target: server }).collect::<Vec<_>>();
+        let imports =
+            imports.iter().map(|s| Import::resolved(s, 80, "127.0.0.1:0".parse().unwrap())).collect::<Vec<_>>();
         let main = MainRelay { node_id: self.relay.clone(), endpoint: relay.quic(), priority: 0 };
-        let path = self.tb.home(name, main, exports, vec![], EchPolicy::default()).unwrap();
+        let path = self.tb.home(name, main, exports, imports, EchPolicy::default()).unwrap();
+        let partner = PartnerFederation {
+            relays: vec![other.relay.clone()],
+            pin: PeerPin {
+                trust_domain: other.tb.trust_domain.clone(),
+                ca_bundle: None,
+                fingerprints: vec![other.fingerprint()],
+            },
+        };
+        edit(&path, |s| s.partners = vec![partner]);
         common::start("home", &path, &[]).await
     }
 }
@@ -96,8 +111,8 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     partner.peer_with(&acme, acme.fingerprint(), &["inventory*"], &["catalog"]);
     let hub_a = common::start("main-relay", &acme.cfg, &[]).await;
     let hub_p = common::start("main-relay", &partner.cfg, &[]).await;
-    let _shop = acme.home("shop", &hub_a, &["catalog", "payroll"]).await;
-    let _stock = partner.home("stock", &hub_p, &["inventory-eu", "hr"]).await;
+    let shop = acme.home("shop", &hub_a, &["catalog", "payroll"], &["inventory-eu", "hr"], &partner).await;
+    let stock = partner.home("stock", &hub_p, &["inventory-eu", "hr"], &["catalog"], &acme).await;
 
     eventually("both relays see the peering up", WAIT, || async {
         hub_a.metric("relayfed_relay_peer_up", &[("peer", "hub-p")]).await == 1.0
@@ -114,6 +129,34 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     assert_eq!(hub_p.metric("relayfed_relay_trust_denials_total", &[("rule", "export_permission")]).await, 0.0);
     let text = hub_p.json("/federation/registry").await.to_string();
     assert!(!text.contains("payroll"), "{text}");
+
+    // Calls across the boundary, each way: home -> main -> partner main -> partner home, the
+    // destination's certificate verified by the partner's pinned CA key end to end.
+    eventually("shop reaches inventory-eu in the partner federation", WAIT, || async {
+        round_trip(shop.import("inventory-eu:80"), b"q").await.is_ok_and(|r| r == b"stock|q")
+    })
+    .await;
+    eventually("stock reaches catalog in acme", WAIT, || async {
+        round_trip(stock.import("catalog:80"), b"q").await.is_ok_and(|r| r == b"shop|q")
+    })
+    .await;
+    let trace = shop.json("/federation/trace?service=inventory-eu&port=80").await;
+    let hops: Vec<&str> = trace["hops"].as_array().unwrap().iter().map(|h| h["node"].as_str().unwrap()).collect();
+    assert_eq!(hops, ["shop", "hub-a", "hub-p", "stock"], "{trace}");
+    assert_eq!(shop.metric("relayfed_proxy_e2e_handshakes_total", &[("result", "key_unverified")]).await, 0.0);
+    // A home that pins another CA key for the partner refuses its destination: a relay on the
+    // path cannot hand it a key of its own making.
+    let stranger = Federation::new("partner.example", "hub-p", 3);
+    let gullible = acme.home("gullible", &hub_a, &[], &["inventory-eu"], &stranger).await;
+    eventually("gullible has inventory-eu in its view", WAIT, || async {
+        gullible.json("/federation/registry").await.to_string().contains("inventory-eu")
+    })
+    .await;
+    assert!(round_trip(gullible.import("inventory-eu:80"), b"q").await.is_err());
+    assert!(gullible.metric("relayfed_proxy_e2e_handshakes_total", &[("result", "key_unverified")]).await >= 1.0);
+    // What the partner may not be called for is not reachable: acme never learned hr.
+    assert!(round_trip(shop.import("hr:80"), b"q").await.is_err());
+    assert_eq!(shop.metric("relayfed_proxy_stream_errors_total", &[("code", "SERVICE_NOT_FOUND")]).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

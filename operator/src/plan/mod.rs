@@ -175,6 +175,23 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
     trust.known_nodes.dedup();
     // Injected pods hold CA-issued certificates naming them: relays know them.
     trust.known_nodes.extend(workloads.iter().flat_map(|f| f.workloads.iter().map(|w| w.node_id.clone())));
+    // Homes verify other federations' homes by the pins of the Peers that trust them.
+    let partners: Vec<relayfed_proto::config::PartnerFederation> = peers
+        .iter()
+        .filter(|p| matches!(p.spec.trust_level, TrustLevel::Trusted | TrustLevel::Verified))
+        .filter_map(|p| {
+            let td = p.spec.trust_domain.as_deref().filter(|td| *td != fed.spec.trust_domain)?;
+            let identity = p.spec.identity.clone()?;
+            Some(relayfed_proto::config::PartnerFederation {
+                relays: vec![p.spec.node_id.clone()],
+                pin: relayfed_proto::config::PeerPin {
+                    trust_domain: td.to_owned(),
+                    ca_bundle: identity.ca_bundle,
+                    fingerprints: identity.fingerprint.into_iter().collect(),
+                },
+            })
+        })
+        .collect();
     let base = |node: &str, role: Role| Snapshot {
         schema: relayfed_proto::config::SNAPSHOT_SCHEMA,
         version,
@@ -192,6 +209,7 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
         ech_announcement: None,
         intercept: None,
         peers: vec![],
+        partners: if role == Role::Home { partners.clone() } else { vec![] },
         registry: RegistryConfig { ttl_seconds: fed.spec.registry_ttl.get().as_secs(), refresh_seconds: None },
         health_check_seconds: 30,
         load_balancing: load_balancing(&policy.spec.load_balancing),

@@ -19,7 +19,8 @@ pub mod keystore;
 pub mod policy;
 
 pub use policy::{
-    CircuitBreakerConfig, PeerPin, PeerRelay, Permissions, RateLimit, Resilience, RetryConfig, Trust, TrustLevel,
+    CircuitBreakerConfig, PartnerFederation, PeerPin, PeerRelay, Permissions, RateLimit, Resilience, RetryConfig,
+    Trust, TrustLevel,
 };
 
 /// Snapshot schema version understood here.
@@ -402,6 +403,10 @@ pub struct Snapshot {
     /// Peer main relays (main relays).
     #[serde(default)]
     pub peers: Vec<PeerRelay>,
+    /// Peer federations of other trust domains (home nodes): their homes' certificates are
+    /// verified by these pins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partners: Vec<PartnerFederation>,
     /// Registry timing (main relays).
     #[serde(default)]
     pub registry: RegistryConfig,

@@ -43,6 +43,18 @@ pub struct PeerPin {
     pub fingerprints: Vec<String>,
 }
 
+/// A peer federation of another trust domain as a home sees it (home nodes): the main relays
+/// through which its homes are reached and how its certificates are recognised. A destination
+/// behind one of `relays` shows a certificate of `pin.trustDomain` (docs/protocol.md §6).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PartnerFederation {
+    /// Its main relays that peer with ours.
+    pub relays: Vec<String>,
+    /// Its trust domain and pinned CA.
+    pub pin: PeerPin,
+}
+
 /// `host:port` split into its parts (`[v6]:port` too); `None` when the port is missing or not
 /// a number, or the host is empty.
 pub fn split_endpoint(endpoint: &str) -> Option<(&str, u16)> {

@@ -78,6 +78,22 @@ impl Snapshot {
                 }
             }
         }
+        for (i, p) in self.partners.iter().enumerate() {
+            if self.node.role != Role::Home {
+                return Err(invalid("partners", "only home nodes verify other federations' homes"));
+            }
+            if p.relays.is_empty() || !p.relays.iter().all(|r| label_ok(r)) {
+                return Err(invalid(format!("partners[{i}].relays"), "one or more main relay node ids"));
+            }
+            if p.pin.trust_domain.is_empty() || p.pin.trust_domain == self.node.trust_domain {
+                return Err(invalid(format!("partners[{i}].pin.trustDomain"), "another federation's trust domain"));
+            }
+            if p.pin.ca_bundle.is_none() && p.pin.fingerprints.is_empty()
+                || p.pin.fingerprints.iter().any(|f| super::policy::parse_fingerprint(f).is_none())
+            {
+                return Err(invalid(format!("partners[{i}].pin"), "caBundle or sha256:<64 hex> fingerprints"));
+            }
+        }
         if self.registry.ttl_seconds < 2 {
             return Err(invalid("registry.ttlSeconds", "must be at least 2"));
         }

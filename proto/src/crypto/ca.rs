@@ -90,6 +90,30 @@ impl CertifiedKey {
     }
 }
 
+/// Most certificates a Noise message 2 chain may hold (the leaf and its CA, with room for an
+/// intermediate).
+pub const MAX_CHAIN: usize = 4;
+
+/// Splits concatenated DER certificates (leaf first, as a destination sends them in Noise
+/// message 2 to an origin of another trust domain; docs/protocol.md §6) into one each.
+pub fn split_der_chain(mut bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let bad = |reason: &str| CaError::Pem { what: "certificate chain", reason: reason.to_owned() };
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if out.len() == MAX_CHAIN {
+            return Err(bad("more than 4 certificates"));
+        }
+        let (rest, _) = X509Certificate::from_der(bytes).map_err(|_| bad("not DER certificates"))?;
+        out.push(CertificateDer::from(bytes[..bytes.len() - rest.len()].to_vec()));
+        bytes = rest;
+    }
+    if out.is_empty() {
+        return Err(bad("empty"));
+    }
+    Ok(out)
+}
+
 /// Parses the first certificate of a PEM bundle.
 pub fn parse_cert_pem(pem: &str) -> Result<CertificateDer<'static>, CaError> {
     use rustls_pki_types::pem::PemObject;
@@ -332,6 +356,28 @@ mod tests {
         fn reading_the_noise_binding_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             let _ = noise_key_from_cert(&bytes);
         }
+
+        #[test]
+        fn splitting_a_chain_never_panics_and_loses_no_byte(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..900)) {
+            if let Ok(certs) = split_der_chain(&bytes) {
+                let joined: Vec<u8> = certs.iter().flat_map(|c| c.as_ref().iter().copied()).collect();
+                proptest::prop_assert_eq!(joined, bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn a_chain_splits_into_its_certificates_and_garbage_is_refused() {
+        let ca = FederationCa::generate("acme.example").unwrap();
+        let leaf = ca.issue("hub-eu", Duration::from_secs(3600)).unwrap().cert_der().unwrap();
+        let root = ca.certified_key().cert_der().unwrap();
+        let chain: Vec<u8> = [leaf.as_ref(), root.as_ref()].concat();
+        assert_eq!(split_der_chain(&chain).unwrap(), vec![leaf.clone(), root.clone()]);
+        assert_eq!(split_der_chain(leaf.as_ref()).unwrap(), vec![leaf.clone()]);
+        assert!(split_der_chain(&[]).is_err());
+        assert!(split_der_chain(&[&chain[..], &[0u8, 1, 2]].concat()).is_err(), "trailing bytes");
+        let five: Vec<u8> = std::iter::repeat_n(leaf.as_ref(), 5).flatten().copied().collect();
+        assert!(split_der_chain(&five).is_err(), "more than MAX_CHAIN");
     }
 
     #[test]

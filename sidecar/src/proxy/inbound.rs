@@ -34,8 +34,12 @@ impl HomeNode {
                 _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 1").await,
             };
             // Message 2 carries this node's certificate, which binds its Noise key: the origin
-            // checks that the key it took from the registry is really this node's.
-            let cert = self.current_identity().leaf_der().to_vec();
+            // checks that the key it took from the registry is really this node's. An origin
+            // of another trust domain gets our CA's certificate after it (it pins the CA's key).
+            let identity = self.current_identity();
+            let from_partner =
+                route.origin.split_once('@').is_some_and(|(_, main)| live.partner_behind(main).is_some());
+            let cert = if from_partner { identity.chain_der() } else { identity.leaf_der().to_vec() };
             let responder =
                 prologue(binding.as_ref(), &route).and_then(|p| Responder::accept(&self.noise, &p, &msg1, &cert));
             let (responder, msg2) = match responder {

@@ -105,6 +105,9 @@ pub(crate) struct HomeLive {
     /// The main relays the plan names to this home (its own and every one with an ECH
     /// config): the only relay ids its call metrics use as label values.
     pub(crate) known_mains: std::collections::BTreeSet<String>,
+    /// Peer federations of other trust domains: their main relays, and the pin their homes'
+    /// certificates are verified by.
+    pub(crate) partners: Vec<(Vec<String>, crate::transport::tls::Partner)>,
 }
 
 impl HomeLive {
@@ -125,7 +128,24 @@ impl HomeLive {
                 .map(|m| m.node_id.clone())
                 .chain(snap.ech_configs.keys().cloned())
                 .collect(),
+            partners: snap
+                .partners
+                .iter()
+                .filter_map(|p| {
+                    let partner = crate::transport::tls::Partner::from_pin(&p.relays.join(","), &p.pin)
+                        .map_err(
+                            |e| tracing::warn!(error = %e, "unusable pin: that federation's homes are not verified"),
+                        )
+                        .ok()?;
+                    Some((p.relays.clone(), partner))
+                })
+                .collect(),
         }
+    }
+
+    /// The federation of another trust domain behind main relay `main`, if any.
+    pub(crate) fn partner_behind(&self, main: &str) -> Option<&crate::transport::tls::Partner> {
+        self.partners.iter().find(|(relays, _)| relays.iter().any(|r| r == main)).map(|(_, p)| p)
     }
 
     /// A main relay id as a metric label value, bounded by the plan: `other` for an id the

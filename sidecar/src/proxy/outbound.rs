@@ -340,8 +340,10 @@ impl HomeNode {
                     };
                     // A key from the registry came through relays: the destination must show
                     // a CA-issued certificate binding it (a key from the snapshot is trusted).
-                    if from_registry
-                        && let Err(reason) = destination_key_bound(&self.current_identity(), &dest.node, &remote, &cert)
+                    let partner = live.partner_behind(&dest.main);
+                    if (from_registry || partner.is_some())
+                        && let Err(reason) =
+                            destination_key_bound(&self.current_identity(), partner, &dest.node, &remote, &cert)
                     {
                         self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "key_unverified")]).inc();
                         return Err((
@@ -491,10 +493,21 @@ struct Established {
     main: String,
 }
 
-/// Whether `cert` (from Noise message 2) is a certificate of this federation for `node` that
-/// binds `key`, the key the handshake used.
-fn destination_key_bound(identity: &HopIdentity, node: &str, key: &[u8; 32], cert: &[u8]) -> Result<(), String> {
-    let (named, bound) = identity.verify_node_cert(cert).map_err(|e| e.to_string())?;
+/// Whether `cert` (from Noise message 2) is a certificate for `node` that binds `key`, the key
+/// the handshake used: of this federation, or for a destination behind a main relay of
+/// another trust domain a chain to that federation's pinned CA.
+fn destination_key_bound(
+    identity: &HopIdentity,
+    partner: Option<&crate::transport::tls::Partner>,
+    node: &str,
+    key: &[u8; 32],
+    cert: &[u8],
+) -> Result<(), String> {
+    let (named, bound) = match partner {
+        None => identity.verify_node_cert(cert),
+        Some(p) => identity.verify_partner_node_cert(p, cert),
+    }
+    .map_err(|e| e.to_string())?;
     if named != node {
         return Err(format!("the certificate is for node {named:?}"));
     }

@@ -86,6 +86,7 @@ impl Testbed {
             ech_announcement: None,
             intercept: None,
             peers: vec![],
+            partners: vec![],
             registry: Default::default(),
             health_check_seconds: 30,
             load_balancing: Default::default(),
