@@ -68,11 +68,28 @@ impl Federation {
     /// A home of ours exporting `services` (an identify server: answers `<name>|<echo>`) and
     /// importing `imports`; it verifies `other`'s homes by the pin of `other`'s CA key.
     async fn home(&self, name: &str, relay: &Proc, services: &[&str], imports: &[&str], other: &Federation) -> Proc {
+        self.home_with(name, relay, services, imports, other, vec![]).await
+    }
+
+    /// As [`Federation::home`], with `fixed` imports (a destination given by node, main relay
+    /// and Noise key, not looked up in the registry).
+    async fn home_with(
+        &self,
+        name: &str,
+        relay: &Proc,
+        services: &[&str],
+        imports: &[&str],
+        other: &Federation,
+        fixed: Vec<Import>,
+    ) -> Proc {
         let server = identify_server(name).await;
         let exports =
             services.iter().map(|s| Export { service: (*s).into(), port: 80, target: server }).collect::<Vec<_>>();
-        let imports =
-            imports.iter().map(|s| Import::resolved(s, 80, "127.0.0.1:0".parse().unwrap())).collect::<Vec<_>>();
+        let imports = imports
+            .iter()
+            .map(|s| Import::resolved(s, 80, "127.0.0.1:0".parse().unwrap()))
+            .chain(fixed)
+            .collect::<Vec<_>>();
         let main = MainRelay { node_id: self.relay.clone(), endpoint: relay.quic(), priority: 0 };
         let path = self.tb.home(name, main, exports, imports, EchPolicy::default()).unwrap();
         let partner = PartnerFederation {
@@ -154,6 +171,15 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     .await;
     assert!(round_trip(gullible.import("inventory-eu:80"), b"q").await.is_err());
     assert!(gullible.metric("relayfed_proxy_e2e_handshakes_total", &[("result", "key_unverified")]).await >= 1.0);
+    // A caller that knows where hr is (a fixed destination) is refused at the partner's
+    // boundary relay: acme may call inventory* only.
+    let mut hr = Import::resolved("hr", 80, "127.0.0.1:0".parse().unwrap());
+    (hr.node, hr.main, hr.noise_public_key) =
+        (Some("stock".into()), Some("hub-p".into()), Some(partner.tb.noise_key("stock").unwrap()));
+    let pushy = acme.home_with("pushy", &hub_a, &[], &[], &partner, vec![hr]).await;
+    assert!(round_trip(pushy.import("hr:80"), b"q").await.is_err());
+    assert_eq!(pushy.metric("relayfed_proxy_stream_errors_total", &[("code", "PERMISSION_DENIED")]).await, 1.0);
+    assert_eq!(hub_p.metric("relayfed_relay_trust_denials_total", &[("rule", "call_permission")]).await, 1.0);
     // What the partner may not be called for is not reachable: acme never learned hr.
     assert!(round_trip(shop.import("hr:80"), b"q").await.is_err());
     assert_eq!(shop.metric("relayfed_proxy_stream_errors_total", &[("code", "SERVICE_NOT_FOUND")]).await, 1.0);

@@ -359,6 +359,7 @@ pub fn render(status: &Value) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    out.push_str(&peerings(status));
     let workloads = status["workloads"].as_array().cloned().unwrap_or_default();
     if !workloads.is_empty() {
         out.push_str("\nbuilt-in workloads: ");
@@ -377,9 +378,56 @@ pub fn render(status: &Value) -> String {
     out
 }
 
+/// One line per peering of each main relay: trust, trust domain when it is another's, state,
+/// and why a peering that is down failed last.
+fn peerings(status: &Value) -> String {
+    let mut out = String::new();
+    for n in status["nodes"].as_array().into_iter().flatten() {
+        for p in n["health"]["peers"].as_array().into_iter().flatten() {
+            if out.is_empty() {
+                out.push_str("\npeerings:\n");
+            }
+            let domain = p["trustDomain"].as_str().map(|d| format!(", {d}")).unwrap_or_default();
+            let why = match (p["refusedBy"].as_str(), p["lastError"].as_str()) {
+                (Some(rule), _) => format!(" ({rule})"),
+                (None, Some(e)) => format!(" (last error: {e})"),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "  {} -> {} [{}{}] {}{}\n",
+                cell(&n["node"]),
+                cell(&p["node"]),
+                cell(&p["trustLevel"]),
+                domain,
+                cell(&p["state"]),
+                why
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_peering_shows_its_trust_domain_state_and_reason() {
+        let status = json!({"nodes": [{"node": "hub-eu", "role": "main", "health": {"peers": [
+            {"node": "hub-us", "trustLevel": "trusted", "state": "up"},
+            {"node": "legacy-hub", "trustLevel": "blocked", "state": "refused", "refusedBy": "blocked"},
+            {"node": "partner-hub", "trustLevel": "verified", "trustDomain": "partner.example", "state": "down",
+             "lastError": "unresolved: relay.partner.example:4433 does not resolve"},
+        ]}}]});
+        let text = peerings(&status);
+        assert!(text.contains("hub-eu -> hub-us [trusted] up\n"), "{text}");
+        assert!(text.contains("hub-eu -> legacy-hub [blocked] refused (blocked)\n"), "{text}");
+        assert!(
+            text.contains("hub-eu -> partner-hub [verified, partner.example] down (last error: unresolved: relay.partner.example:4433 does not resolve)"),
+            "{text}"
+        );
+        assert_eq!(peerings(&json!({"nodes": []})), "");
+    }
 
     fn main(node: &str, set: Option<u64>) -> Value {
         json!({"node": node, "role": "main", "health": set.map(|s| json!({"echAnonymitySet": s}))})

@@ -52,6 +52,8 @@ pub(crate) struct PeerHealth {
     up: bool,
     last_seen: Option<Instant>,
     failures: u64,
+    /// Why the last dial failed (a hop handshake result label and the message).
+    last_error: Option<String>,
     ech_config_list: Option<String>,
     /// The CA's signature over `ech_config_list`, as the peer announced it (§5.7).
     ech_signature: Option<String>,

@@ -113,7 +113,9 @@ impl MainRelay {
                         .get_or_create(&[("role", "client"), ("result", reason)])
                         .inc();
                     if let Ok(mut h) = self.peer_health.write() {
-                        h.entry(peer.clone()).or_default().failures += 1;
+                        let e = h.entry(peer.clone()).or_default();
+                        e.failures += 1;
+                        e.last_error = Some(format!("{reason}: {error}"));
                     }
                     warn!(%peer, endpoint = %target, reason, %error, "cannot reach peer main relay");
                 }
@@ -351,17 +353,28 @@ impl MainRelay {
             let health = self.peer_health.read().map(|h| h.clone()).unwrap_or_default();
             let mut names: Vec<&String> = health.keys().collect();
             names.sort();
+            let live = self.live();
             names
                 .into_iter()
                 .map(|p| {
                     let h = &health[p];
+                    let cfg = live.peers.get(p);
+                    let state = match super::router::refuse_connection(&live, p) {
+                        Some(_) => "refused",
+                        None if links.contains_key(p) => "up",
+                        None => "down",
+                    };
                     json!({
                         "node": p,
-                        "state": if links.contains_key(p) { "up" } else { "down" },
+                        "state": state,
+                        "refusedBy": super::router::refuse_connection(&live, p),
+                        "trustLevel": cfg.map(|c| c.trust_level),
+                        "trustDomain": cfg.and_then(|c| c.pin.as_ref()).map(|pin| pin.trust_domain.clone()),
+                        "lastError": if state == "down" { h.last_error.clone() } else { None },
                         "rttMillis": links.get(p).map(|r| r.as_secs_f64() * 1e3),
                         "lastSeenSecondsAgo": h.last_seen.map(|t| now.saturating_duration_since(t).as_secs_f64()),
                         "failures": h.failures,
-                        "endpoint": self.live().peers.get(p).map(|c| c.endpoint.clone()),
+                        "endpoint": cfg.map(|c| c.endpoint.clone()),
                     })
                 })
                 .collect()
@@ -381,6 +394,8 @@ impl MainRelay {
                 let homes: Vec<String> = self.homes.read().map(|h| h.keys().cloned().collect()).unwrap_or_default();
                 let peers = peers();
                 let up: Vec<&Value> = peers.iter().filter(|p| p["state"] == "up").collect();
+                // A peer refused by policy (blocked) is not expected up.
+                let expected = peers.iter().filter(|p| p["state"] != "refused").count();
                 let rtts: Vec<f64> = up.iter().filter_map(|p| p["rttMillis"].as_f64()).collect();
                 let r = self.registry.lock().ok()?;
                 let mut services: Vec<String> =
@@ -397,7 +412,8 @@ impl MainRelay {
                     })
                 });
                 Some(json!({
-                    "status": if up.len() == peers.len() { "ok" } else { "degraded" },
+                    "status": if up.len() == expected { "ok" } else { "degraded" },
+                    "peers": peers.clone(),
                     "node": self.identity.node_id,
                     "role": "main",
                     "echAnonymitySet": anonymity,
@@ -413,7 +429,7 @@ impl MainRelay {
                     "connectedPeers": up.len(),
                     "configuredPeers": peers.len(),
                     "services": services.len(),
-                    "failedPeers": peers.iter().filter(|p| p["state"] != "up").map(|p| p["node"].clone()).collect::<Vec<_>>(),
+                    "failedPeers": peers.iter().filter(|p| p["state"] == "down").map(|p| p["node"].clone()).collect::<Vec<_>>(),
                     "averagePeerRttMillis": if rtts.is_empty() { None } else { Some(rtts.iter().sum::<f64>() / rtts.len() as f64) },
                     "errors": self.metrics.error_counts(),
                     "rateLimited": self.metrics.top_rate_limited(20).into_iter()
