@@ -88,10 +88,10 @@ pub fn overview() -> Dashboard {
                     ),
                     panel(
                         Kind::TimeSeries,
-                        "Stream setup latency",
+                        "Call setup latency by service",
                         "s",
-                        "From accepting the app's connection to an established end-to-end session, at the caller.",
-                        &owned(&quantiles("relayfed_proxy_call_setup_duration_seconds", "", "")),
+                        "p50, p95 and p99 from accepting the app's connection to an established end-to-end session, at the caller, per service.",
+                        &owned(&quantiles("relayfed_proxy_call_setup_duration_seconds", "", "service")),
                     ),
                     panel(
                         Kind::TimeSeries,
@@ -295,6 +295,12 @@ pub fn ech() -> Dashboard {
     let anonymity = format!("min by (node) (relayfed_relay_ech_anonymity_set_services{})", sel(r#"role="main""#));
     let headers = format!("sum by (node, envelope) ({})", rate("relayfed_relay_route_headers_total", ""));
     let signed = format!("sum by (result) ({})", rate("relayfed_proxy_ech_signed_configs_total", ""));
+    let o = r#"role="operator""#;
+    let configured = format!("max(relayfed_operator_rollout_configured_percent{})", sel(o));
+    let step = format!("max(relayfed_operator_rollout_step_percent{})", sel(o));
+    let effective = format!("max by (main) (relayfed_operator_rollout_effective_percent{})", sel(o));
+    let transitions = format!("sum by (kind) ({})", rate("relayfed_operator_rollout_transitions_total", o));
+    let verdicts = format!("sum by (result) ({})", rate("relayfed_operator_rollout_analysis_total", o));
     Dashboard {
         uid: "relayfed-ech",
         title: "relayfed / ECH rollout",
@@ -303,6 +309,20 @@ pub fn ech() -> Dashboard {
         rows: vec![row(
             "ECH",
             vec![
+                panel(
+                    Kind::TimeSeries,
+                    "Configured vs effective percentage",
+                    "percent",
+                    "The RolloutPolicy's percentage, the current step's, and the percentage in force toward each main relay (lower where automatic rollback acted).",
+                    &[(&configured, "configured"), (&step, "step"), (&effective, "effective {{main}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Rollout transitions and verdicts",
+                    "reqps",
+                    "Rollbacks, would-be rollbacks (dry run), advances and re-arms, and the analysis verdicts (pass, fail, inconclusive) per second.",
+                    &[(&transitions, "{{kind}}"), (&verdicts, "verdict {{result}}")],
+                ),
                 panel(
                     Kind::Stat,
                     "Sealed share",

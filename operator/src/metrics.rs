@@ -47,6 +47,10 @@ pub struct OperatorMetrics {
     pub admissions: Family<L1, Counter>,
     /// 1 while this replica holds the leader Lease, else 0.
     pub leader: Gauge,
+    /// The RolloutPolicy's configured ECH percentage (`spec.ech.percentage`).
+    pub rollout_configured_percent: Gauge,
+    /// The percentage of the rollout's current step (before per-relay rollbacks).
+    pub rollout_step_percent: Gauge,
     /// ECH percentage in force for destinations behind each `main` relay (after steps and
     /// automatic rollback).
     pub rollout_effective_percent: Family<Main, Gauge>,
@@ -91,6 +95,8 @@ impl OperatorMetrics {
             certificates_issued: Default::default(),
             admissions: Default::default(),
             leader: Default::default(),
+            rollout_configured_percent: Default::default(),
+            rollout_step_percent: Default::default(),
             rollout_effective_percent: Default::default(),
             rollout_analyses: Default::default(),
             rollout_transitions: Default::default(),
@@ -161,6 +167,16 @@ impl OperatorMetrics {
             "relayfed_operator_leader",
             "1 while this replica holds the leader Lease (it reconciles and serves distribution)",
             m.leader.clone(),
+        );
+        registry.register(
+            "relayfed_operator_rollout_configured_percent",
+            "The RolloutPolicy's configured ECH percentage",
+            m.rollout_configured_percent.clone(),
+        );
+        registry.register(
+            "relayfed_operator_rollout_step_percent",
+            "ECH percentage of the rollout's current step, before per-relay rollbacks",
+            m.rollout_step_percent.clone(),
         );
         registry.register(
             "relayfed_operator_rollout_effective_percent",

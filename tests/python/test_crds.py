@@ -130,7 +130,7 @@ def example_docs(directory):
                 yield path, doc
 
 
-@pytest.mark.parametrize("path,doc", list(example_docs("federation")), ids=lambda x: getattr(x, "name", None) or x.get("metadata", {}).get("name"))
+@pytest.mark.parametrize("path,doc", [d for x in ("federation", "partners/acme", "partners/partner") for d in example_docs(x)], ids=lambda x: getattr(x, "name", None) or x.get("metadata", {}).get("name"))
 def test_valid_example_passes_the_schema(path, doc):
     assert schema_errors(doc) == []
 

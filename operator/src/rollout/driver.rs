@@ -248,6 +248,8 @@ impl Outcome {
             };
             metrics.rollout_analyses.get_or_create(&[("result", label)]).inc();
         }
+        metrics.rollout_configured_percent.set(i64::from(self.evaluation.configured));
+        metrics.rollout_step_percent.set(i64::from(self.evaluation.step_percentage));
         for (main, pct) in &self.evaluation.effective_by_main {
             metrics.rollout_effective_percent.get_or_create(&[("main", main.clone())]).set(i64::from(*pct));
         }
