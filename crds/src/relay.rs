@@ -110,6 +110,11 @@ pub struct ServiceExport {
     /// Where the relay delivers inbound streams (`host:port`, usually loopback).
     #[schemars(regex(pattern = ENDPOINT_PATTERN), length(max = 261))]
     pub target: String,
+    /// Precede each delivered connection with a PROXY protocol v2 header carrying the
+    /// caller's authenticated identity (`relayfed://<trust domain>/<node>`), for per-service
+    /// authorisation across organisations. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
 }
 
 /// A federated service a home relay makes reachable on a local port.

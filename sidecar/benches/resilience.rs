@@ -58,7 +58,7 @@ async fn main() {
         .home(
             "dest",
             main.clone(),
-            vec![Export { service: "echo".into(), port: 7, target: echo }],
+            vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
             vec![],
             EchPolicy::default(),
         )

@@ -46,7 +46,7 @@ fn bench_noise(n: usize) -> Vec<f64> {
             let t = Instant::now();
             let (i, m1) = Initiator::start(&a, &b.public, &p).unwrap();
             let (r, m2) = Responder::accept(&b, &p, &m1, &[]).unwrap();
-            let (_s, m3, _) = i.finish(&m2).unwrap();
+            let (_s, m3, _) = i.finish(&m2, &[]).unwrap();
             r.finish(&m3).unwrap();
             t.elapsed().as_secs_f64() * 1e3
         })
@@ -167,8 +167,8 @@ async fn main() {
     let echo = echo_server().await;
     let sink = sink_server().await;
     let exports = vec![
-        Export { service: "echo".into(), port: 7, target: echo },
-        Export { service: "sink".into(), port: 9, target: sink },
+        Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false },
+        Export { service: "sink".into(), port: 9, target: sink, proxy_protocol: false },
     ];
     let pay = tb.home("pay", main(), exports, vec![], EchPolicy::default()).unwrap();
     let _pay = start("home", &pay).await;

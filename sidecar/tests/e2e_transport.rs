@@ -56,7 +56,7 @@ impl Fed {
             .home(
                 "pay",
                 Self::main_ref(&relay),
-                vec![Export { service: "echo".into(), port: 7, target: echo }],
+                vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
                 vec![],
                 EchPolicy::default(),
             )

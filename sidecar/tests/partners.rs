@@ -15,6 +15,7 @@ use relayfed_sidecar::config::{
     Export, Import, MainRelay, PartnerFederation, PeerPin, PeerRelay, Permissions, Snapshot, TrustLevel,
 };
 use relayfed_sidecar::federation::ech_policy::EchPolicy;
+use relayfed_sidecar::protocol::proxy_header;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -68,11 +69,12 @@ impl Federation {
     /// A home of ours exporting `services` (an identify server: answers `<name>|<echo>`) and
     /// importing `imports`; it verifies `other`'s homes by the pin of `other`'s CA key.
     async fn home(&self, name: &str, relay: &Proc, services: &[&str], imports: &[&str], other: &Federation) -> Proc {
-        self.home_with(name, relay, services, imports, other, vec![]).await
+        self.home_with(name, relay, services, imports, other, vec![], &[]).await
     }
 
     /// As [`Federation::home`], with `fixed` imports (a destination given by node, main relay
-    /// and Noise key, not looked up in the registry).
+    /// and Noise key, not looked up in the registry) and the exports in `proxied` served by
+    /// [`caller_server`] behind a PROXY v2 header.
     async fn home_with(
         &self,
         name: &str,
@@ -81,10 +83,18 @@ impl Federation {
         imports: &[&str],
         other: &Federation,
         fixed: Vec<Import>,
+        proxied: &[&str],
     ) -> Proc {
         let server = identify_server(name).await;
-        let exports =
-            services.iter().map(|s| Export { service: (*s).into(), port: 80, target: server }).collect::<Vec<_>>();
+        let caller_server = caller_server().await;
+        let exports = services
+            .iter()
+            .map(|s| {
+                let proxied = proxied.contains(s);
+                let target = if proxied { caller_server } else { server };
+                Export { service: (*s).into(), port: 80, target, proxy_protocol: proxied }
+            })
+            .collect::<Vec<_>>();
         let imports = imports
             .iter()
             .map(|s| Import::resolved(s, 80, "127.0.0.1:0".parse().unwrap()))
@@ -103,6 +113,40 @@ impl Federation {
         edit(&path, |s| s.partners = vec![partner]);
         common::start("home", &path, &[]).await
     }
+}
+
+/// An app that authorises by caller: it reads the PROXY v2 header the sidecar writes first
+/// and answers `<identity>|<origin main>|<service>|` followed by an echo of the request.
+async fn caller_server() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read until the header is complete, then the request to its end.
+                let (caller, used) = loop {
+                    match proxy_header::decode(&buf) {
+                        Ok(x) => break x,
+                        Err(proxy_header::ProxyHeaderError::Truncated) => {}
+                        Err(_) => return,
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let mut request = buf[used..].to_vec();
+                let _ = s.read_to_end(&mut request).await;
+                let id = caller.identity.unwrap_or_else(|| "anonymous".into());
+                let head = format!("{id}|{}|{}|", caller.origin_main, caller.service);
+                let _ = s.write_all(&[head.as_bytes(), &request].concat()).await;
+            });
+        }
+    });
+    addr
 }
 
 /// The services of `relay`'s federated registry entries, sorted.
@@ -129,7 +173,10 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     let hub_a = common::start("main-relay", &acme.cfg, &[]).await;
     let hub_p = common::start("main-relay", &partner.cfg, &[]).await;
     let shop = acme.home("shop", &hub_a, &["catalog", "payroll"], &["inventory-eu", "hr"], &partner).await;
-    let stock = partner.home("stock", &hub_p, &["inventory-eu", "hr"], &["catalog"], &acme).await;
+    // stock's inventory-eu authorises by caller: it gets a PROXY v2 header first.
+    let stock = partner
+        .home_with("stock", &hub_p, &["inventory-eu", "hr"], &["catalog"], &acme, vec![], &["inventory-eu"])
+        .await;
 
     eventually("both relays see the peering up", WAIT, || async {
         hub_a.metric("relayfed_relay_peer_up", &[("peer", "hub-p")]).await == 1.0
@@ -149,8 +196,12 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
 
     // Calls across the boundary, each way: home -> main -> partner main -> partner home, the
     // destination's certificate verified by the partner's pinned CA key end to end.
+    // The partner's app learns who calls, as the Noise session authenticated it: acme's shop,
+    // by its certificate from acme's CA, verified by the pin (no relay can say otherwise).
     eventually("shop reaches inventory-eu in the partner federation", WAIT, || async {
-        round_trip(shop.import("inventory-eu:80"), b"q").await.is_ok_and(|r| r == b"stock|q")
+        round_trip(shop.import("inventory-eu:80"), b"q")
+            .await
+            .is_ok_and(|r| r == b"relayfed://acme.example/shop|hub-a|inventory-eu|q")
     })
     .await;
     eventually("stock reaches catalog in acme", WAIT, || async {
@@ -176,7 +227,7 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     let mut hr = Import::resolved("hr", 80, "127.0.0.1:0".parse().unwrap());
     (hr.node, hr.main, hr.noise_public_key) =
         (Some("stock".into()), Some("hub-p".into()), Some(partner.tb.noise_key("stock").unwrap()));
-    let pushy = acme.home_with("pushy", &hub_a, &[], &[], &partner, vec![hr]).await;
+    let pushy = acme.home_with("pushy", &hub_a, &[], &[], &partner, vec![hr], &[]).await;
     assert!(round_trip(pushy.import("hr:80"), b"q").await.is_err());
     assert_eq!(pushy.metric("relayfed_proxy_stream_errors_total", &[("code", "PERMISSION_DENIED")]).await, 1.0);
     assert_eq!(hub_p.metric("relayfed_relay_trust_denials_total", &[("rule", "call_permission")]).await, 1.0);

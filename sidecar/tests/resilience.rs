@@ -77,7 +77,7 @@ async fn echo_fed(relay: impl FnOnce(&mut Snapshot), homes: impl Fn(&mut Snapsho
     edit(&cfg, relay);
     let relay = common::start("main-relay", &cfg, &[]).await;
     let echo = echo_server().await;
-    let exports = vec![Export { service: "echo".into(), port: 7, target: echo }];
+    let exports = vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }];
     let dest = home(&tb, "dest", &relay, exports, vec![], &homes).await;
     let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], &homes).await;
     eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
@@ -91,8 +91,15 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
     edit(&cfg, |s| s.resilience.rate_limit = Some(RateLimit { streams_per_second: 20.0, burst: 10.0 }));
     let relay = common::start("main-relay", &cfg, &[]).await;
     let echo = echo_server().await;
-    let _dest =
-        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    let _dest = home(
+        &tb,
+        "dest",
+        &relay,
+        vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
+        vec![],
+        |_| {},
+    )
+    .await;
     let flood = home(&tb, "flood", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
     let good = home(&tb, "good", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
     eventually("views", WAIT, || async { view_has(&flood, 1).await && view_has(&good, 1).await }).await;
@@ -250,11 +257,24 @@ async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_ha
     let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     let good = identify_server("good").await;
     let broken = dead_port();
-    let _a =
-        home(&tb, "good", &relay, vec![Export { service: "svc".into(), port: 1, target: good }], vec![], |_| {}).await;
-    let _b =
-        home(&tb, "broken", &relay, vec![Export { service: "svc".into(), port: 1, target: broken }], vec![], |_| {})
-            .await;
+    let _a = home(
+        &tb,
+        "good",
+        &relay,
+        vec![Export { service: "svc".into(), port: 1, target: good, proxy_protocol: false }],
+        vec![],
+        |_| {},
+    )
+    .await;
+    let _b = home(
+        &tb,
+        "broken",
+        &relay,
+        vec![Export { service: "svc".into(), port: 1, target: broken, proxy_protocol: false }],
+        vec![],
+        |_| {},
+    )
+    .await;
     let caller = home(&tb, "caller", &relay, vec![], vec![import("svc", 1)], |s| {
         s.resilience.circuit_breaker.consecutive_failures = 2;
         s.resilience.circuit_breaker.open_ms = 1000;
@@ -362,9 +382,24 @@ async fn a_stream_that_delivered_bytes_is_not_retried() {
         }
     });
     let echo = echo_server().await;
-    let _bad = home(&tb, "bad", &relay, vec![Export { service: "svc".into(), port: 1, target }], vec![], |_| {}).await;
-    let _ok =
-        home(&tb, "ok", &relay, vec![Export { service: "svc".into(), port: 1, target: echo }], vec![], |_| {}).await;
+    let _bad = home(
+        &tb,
+        "bad",
+        &relay,
+        vec![Export { service: "svc".into(), port: 1, target, proxy_protocol: false }],
+        vec![],
+        |_| {},
+    )
+    .await;
+    let _ok = home(
+        &tb,
+        "ok",
+        &relay,
+        vec![Export { service: "svc".into(), port: 1, target: echo, proxy_protocol: false }],
+        vec![],
+        |_| {},
+    )
+    .await;
     let caller = home(&tb, "caller", &relay, vec![], vec![import("svc", 1)], |s| {
         s.load_balancing.default = relayfed_sidecar::federation::balancer::Algorithm::RoundRobin;
     })
@@ -418,8 +453,15 @@ async fn hostile_input_gets_documented_errors_and_the_relay_keeps_serving() {
     });
     let relay = common::start("main-relay", &cfg, &[]).await;
     let echo = echo_server().await;
-    let _dest =
-        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    let _dest = home(
+        &tb,
+        "dest",
+        &relay,
+        vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
+        vec![],
+        |_| {},
+    )
+    .await;
     let caller = home(&tb, "caller", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
     eventually("view", WAIT, || async { view_has(&caller, 1).await }).await;
 
@@ -508,8 +550,8 @@ async fn a_peer_cannot_export_what_it_is_not_permitted_to() {
     let b = common::start("main-relay", &b_cfg, &[]).await;
     let echo = echo_server().await;
     let exports = vec![
-        Export { service: "public-api".into(), port: 1, target: echo },
-        Export { service: "secret-db".into(), port: 2, target: echo },
+        Export { service: "public-api".into(), port: 1, target: echo, proxy_protocol: false },
+        Export { service: "secret-db".into(), port: 2, target: echo, proxy_protocol: false },
     ];
     let _h = home(&tb, "h", &a, exports, vec![], |s| s.main_relays[0].node_id = "hub-a".into()).await;
     eventually("hub-b learns hub-a's permitted export", WAIT, || async {
@@ -533,8 +575,15 @@ async fn an_idle_stream_is_closed_after_the_stream_idle_timeout() {
     let tb = Testbed::new("test.example").unwrap();
     let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     let echo = echo_server().await;
-    let _dest =
-        home(&tb, "dest", &relay, vec![Export { service: "echo".into(), port: 7, target: echo }], vec![], |_| {}).await;
+    let _dest = home(
+        &tb,
+        "dest",
+        &relay,
+        vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
+        vec![],
+        |_| {},
+    )
+    .await;
     let caller =
         home(&tb, "caller", &relay, vec![], vec![import("echo", 7)], |s| s.timeouts.stream_idle_ms = 300).await;
     eventually("view", WAIT, || async { view_has(&caller, 1).await }).await;
@@ -560,7 +609,7 @@ async fn keys_encrypted_at_rest_load_with_the_passphrase_only() {
         .home(
             "dest",
             main_ref(&relay),
-            vec![Export { service: "echo".into(), port: 7, target: echo }],
+            vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
             vec![],
             EchPolicy::default(),
         )
@@ -601,7 +650,7 @@ async fn a_stream_that_stalls_after_noise_message_1_releases_the_target_within_t
     // The exported target: a listener that reports each connection's end.
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_addr = target.local_addr().unwrap();
-    let exports = vec![Export { service: "db".into(), port: 5432, target: target_addr }];
+    let exports = vec![Export { service: "db".into(), port: 5432, target: target_addr, proxy_protocol: false }];
     let _dest = home(&tb, "dest", &relay, exports, vec![], |s| s.timeouts.handshake_ms = 500).await;
     let conn = raw_client(&tb, "raw", relay.quic()).await.unwrap();
     let inner = InnerRoute {

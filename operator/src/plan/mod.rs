@@ -359,7 +359,12 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
         }
         for (i, e) in h.spec.exports.iter().enumerate() {
             match e.target.parse() {
-                Ok(target) => s.exports.push(Export { service: e.name.clone(), port: e.port, target }),
+                Ok(target) => s.exports.push(Export {
+                    service: e.name.clone(),
+                    port: e.port,
+                    target,
+                    proxy_protocol: e.proxy_protocol,
+                }),
                 Err(_) => {
                     errors.push(err(&obj, format!("spec.exports[{i}].target"), "must be ip:port for a home relay"))
                 }

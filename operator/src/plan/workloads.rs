@@ -121,6 +121,8 @@ pub fn workload_snapshot(
             service: e.service.clone(),
             port: e.port,
             target: SocketAddr::from(([127, 0, 0, 1], e.target_port)),
+            // Injected pods: not offered yet (their exports come from ServiceExports).
+            proxy_protocol: false,
         })
         .collect();
     base.imports = facts

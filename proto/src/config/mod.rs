@@ -131,6 +131,10 @@ pub struct Export {
     pub port: u16,
     /// Where inbound streams are delivered.
     pub target: SocketAddr,
+    /// Precede each delivered stream with a PROXY protocol v2 header naming the caller's
+    /// authenticated identity (docs/protocol.md §6.1).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
 }
 
 /// A federated service reachable on a local listener.

@@ -150,15 +150,19 @@ impl Initiator {
         Ok((Self { hs }, buf))
     }
 
-    /// Reads message 2, writes message 3, and enters transport mode; also returns message
-    /// 2's payload (the responder's certificate, encrypted on the wire).
-    pub fn finish(mut self, msg2: &[u8]) -> Result<(Session, Vec<u8>, Vec<u8>), NoiseError> {
+    /// Reads message 2, writes message 3 carrying `payload3` (the origin's certificate chain,
+    /// encrypted and bound to its static key on the wire), and enters transport mode; also
+    /// returns message 2's payload (the responder's certificate).
+    pub fn finish(mut self, msg2: &[u8], payload3: &[u8]) -> Result<(Session, Vec<u8>, Vec<u8>), NoiseError> {
         let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
         let mut payload = vec![0u8; MAX_MESSAGE];
         let len = self.hs.read_message(msg2, &mut payload).map_err(hs_err)?;
         payload.truncate(len);
-        let mut msg3 = vec![0u8; 256];
-        let n = self.hs.write_message(&[], &mut msg3).map_err(hs_err)?;
+        if payload3.len() > MAX_MESSAGE - 96 {
+            return Err(NoiseError::TooLong(payload3.len()));
+        }
+        let mut msg3 = vec![0u8; 96 + payload3.len()];
+        let n = self.hs.write_message(payload3, &mut msg3).map_err(hs_err)?;
         msg3.truncate(n);
         Ok((Session::new(self.hs.into_transport_mode().map_err(hs_err)?), msg3, payload))
     }
@@ -197,17 +201,19 @@ impl Responder {
         Ok((Self { hs }, msg2))
     }
 
-    /// Reads message 3; returns the session and the initiator's static public key.
-    pub fn finish(mut self, msg3: &[u8]) -> Result<(Session, [u8; 32]), NoiseError> {
+    /// Reads message 3; returns the session, the initiator's static public key and message
+    /// 3's payload (the origin's certificate chain; empty from an origin that sends none).
+    pub fn finish(mut self, msg3: &[u8]) -> Result<(Session, [u8; 32], Vec<u8>), NoiseError> {
         let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
-        let mut scratch = vec![0u8; MAX_MESSAGE];
-        self.hs.read_message(msg3, &mut scratch).map_err(hs_err)?;
+        let mut payload = vec![0u8; MAX_MESSAGE];
+        let len = self.hs.read_message(msg3, &mut payload).map_err(hs_err)?;
+        payload.truncate(len);
         let remote: [u8; 32] = self
             .hs
             .get_remote_static()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| NoiseError::Handshake("initiator sent no static key".into()))?;
-        Ok((Session::new(self.hs.into_transport_mode().map_err(hs_err)?), remote))
+        Ok((Session::new(self.hs.into_transport_mode().map_err(hs_err)?), remote, payload))
     }
 }
 
@@ -285,11 +291,12 @@ mod tests {
         let b = StaticKeypair::generate()?;
         let (init, m1) = Initiator::start(&a, &b.public, init_prologue)?;
         let (resp, m2) = Responder::accept(&b, resp_prologue, &m1, &[])?;
-        let (sa, m3, payload) = init.finish(&m2)?;
+        let (sa, m3, payload) = init.finish(&m2, &[])?;
         assert!(payload.is_empty());
         assert_eq!((m1.len(), m2.len(), m3.len()), (48, 48, 64), "sizes documented in docs/protocol.md §6");
-        let (sb, remote) = resp.finish(&m3)?;
+        let (sb, remote, payload3) = resp.finish(&m3)?;
         assert_eq!(remote, a.public);
+        assert!(payload3.is_empty());
         Ok((sa.split(), sb.split(), a.public))
     }
 
@@ -332,11 +339,17 @@ mod tests {
         let b = StaticKeypair::generate().unwrap();
         let (init, m1) = Initiator::start(&a, &b.public, &p).unwrap();
         let cert = b"-- a certificate, 600 bytes or so --".repeat(16);
-        let (_resp, m2) = Responder::accept(&b, &p, &m1, &cert).unwrap();
+        let (resp, m2) = Responder::accept(&b, &p, &m1, &cert).unwrap();
         assert_eq!(m2.len(), 48 + cert.len());
         assert!(!m2.windows(16).any(|w| w == &cert[..16]), "the payload is not in clear");
-        let (_, _, payload) = init.finish(&m2).unwrap();
+        let origin_cert = b"-- the origin's chain --".repeat(30);
+        let (_, m3, payload) = init.finish(&m2, &origin_cert).unwrap();
         assert_eq!(payload, cert);
+        // Message 3 carries the origin's certificate the same way, after its static key.
+        assert_eq!(m3.len(), 64 + origin_cert.len());
+        assert!(!m3.windows(16).any(|w| w == &origin_cert[..16]), "the payload is not in clear");
+        let (_, remote, payload3) = resp.finish(&m3).unwrap();
+        assert_eq!((remote, payload3), (a.public, origin_cert));
     }
 
     #[test]

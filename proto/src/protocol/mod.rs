@@ -4,6 +4,7 @@ pub mod control;
 pub mod ech_config;
 pub mod error_code;
 pub mod frame;
+pub mod proxy_header;
 pub mod route;
 pub mod wire;
 

@@ -114,7 +114,12 @@ fn answers_to_a_setup() {
 }
 
 fn exports() -> Vec<Export> {
-    vec![Export { service: "catalog".into(), port: 80, target: "127.0.0.1:8080".parse().unwrap() }]
+    vec![Export {
+        service: "catalog".into(),
+        port: 80,
+        target: "127.0.0.1:8080".parse().unwrap(),
+        proxy_protocol: false,
+    }]
 }
 
 fn route_to(node: &str, service: &str) -> InnerRoute {

@@ -67,7 +67,33 @@ impl HomeNode {
                 _ => return self.refuse(&mut send, ErrorCode::MalformedFrame, "expected Noise message 3").await,
             };
             match session {
-                Ok((session, _initiator_static)) => {
+                Ok((session, initiator, origin_cert)) => {
+                    let (origin_node, origin_main) =
+                        route.origin.split_once('@').unwrap_or((route.origin.as_str(), ""));
+                    let mut tcp = tcp;
+                    // An export that asked for it gets the caller's identity, verified here,
+                    // in a PROXY v2 header before any byte (docs/protocol.md §6.1).
+                    if export.proxy_protocol {
+                        let partner = live.partner_behind(origin_main);
+                        let caller = match caller_identity(&identity, partner, origin_node, &initiator, &origin_cert) {
+                            Ok(c) => c,
+                            Err(reason) => {
+                                self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
+                                let message =
+                                    format!("the caller's certificate does not match its route and key: {reason}");
+                                return self.refuse(&mut send, ErrorCode::HandshakeFailed, &message).await;
+                            }
+                        };
+                        let header = crate::protocol::proxy_header::encode(&crate::protocol::proxy_header::Caller {
+                            identity: caller,
+                            origin_main: origin_main.to_owned(),
+                            service: route.service.clone(),
+                        });
+                        if tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await.is_err() {
+                            let message = "the local target closed before the PROXY header";
+                            return self.refuse(&mut send, ErrorCode::TargetUnreachable, message).await;
+                        }
+                    }
                     let ended = self.pump(tcp, send, recv, session.split(), "inbound", live.stream_idle).await;
                     let source = route.origin.split_once('@').map(|(_, main)| main);
                     self.metrics.call(crate::admin::metrics::Call {
@@ -95,4 +121,34 @@ impl HomeNode {
         send_error(send, code, message).await;
         let _ = send.finish();
     }
+}
+
+/// The caller's authenticated identity (`relayfed://<trust domain>/<node>`) from Noise
+/// message 3's certificate: it must chain to our CA, or for a caller behind a relay of another
+/// trust domain to that federation's pin, name the route's origin node and bind the static
+/// key the handshake authenticated. `None`: the caller sent no certificate (an older origin).
+fn caller_identity(
+    identity: &HopIdentity,
+    partner: Option<&crate::transport::tls::Partner>,
+    origin_node: &str,
+    initiator: &[u8; 32],
+    cert: &[u8],
+) -> Result<Option<String>, String> {
+    if cert.is_empty() {
+        return Ok(None);
+    }
+    let (named, bound) = match partner {
+        None => identity.verify_node_cert(cert).map(|(n, k)| (n, k, identity.trust_domain.clone())),
+        Some(p) => identity.verify_partner_node_cert(p, cert).map(|(n, k)| (n, k, p.trust_domain.clone())),
+    }
+    .map(|(n, k, td)| ((n, td), k))
+    .map_err(|e| e.to_string())?;
+    let (node, trust_domain) = named;
+    if node != origin_node {
+        return Err(format!("it names {node:?}, the route {origin_node:?}"));
+    }
+    if bound != Some(*initiator) {
+        return Err("it does not bind the caller's Noise key".into());
+    }
+    Ok(Some(relayfed_proto::crypto::ca::identity_uri(&node, &trust_domain)))
 }

@@ -331,7 +331,12 @@ impl HomeNode {
             let digest = if matches!(frame, Some(Frame::RetryConfigs(_))) { snapshot_digest() } else { None };
             match decide::answer(frame, &dest.main, binding.as_ref(), digest, retried) {
                 Answer::Noise(msg2) => {
-                    let (session, msg3, cert) = match init.finish(&msg2) {
+                    // Message 3 carries our certificate (and our CA's, for a destination of
+                    // another trust domain): the destination learns who calls (§6.1).
+                    let me = self.current_identity();
+                    let ours =
+                        if live.partner_behind(&dest.main).is_some() { me.chain_der() } else { me.leaf_der().to_vec() };
+                    let (session, msg3, cert) = match init.finish(&msg2, &ours) {
                         Ok(x) => x,
                         Err(e) => {
                             self.handshake_failed(binding.is_some());

@@ -383,7 +383,7 @@ async fn fake_destination(
         return;
     }
     let Ok(Some(Frame::Noise(msg3))) = read_frame(&mut recv).await else { return };
-    let Ok((session, _)) = responder.finish(&msg3) else { return };
+    let Ok((session, _, _)) = responder.finish(&msg3) else { return };
     ctx.seen.handshakes.fetch_add(1, Ordering::SeqCst);
     let (_tx, mut rx) = session.split();
     if let Ok(Some(Frame::Noise(m))) = read_frame(&mut recv).await
