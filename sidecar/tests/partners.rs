@@ -25,6 +25,15 @@ fn edit(path: &PathBuf, f: impl FnOnce(&mut Snapshot)) {
     std::fs::write(path, serde_saphyr::to_string(&s).unwrap()).unwrap();
 }
 
+/// What a home has beyond its plain exports and registry imports.
+#[derive(Default)]
+struct Extra {
+    /// Imports with a fixed destination (node, main relay, Noise key).
+    fixed: Vec<Import>,
+    /// Exports served by [`caller_server`] behind a PROXY v2 header.
+    proxied: &'static [&'static str],
+}
+
 /// One federation: its testbed (CA), its main relay's snapshot and QUIC address.
 struct Federation {
     tb: Testbed,
@@ -69,7 +78,7 @@ impl Federation {
     /// A home of ours exporting `services` (an identify server: answers `<name>|<echo>`) and
     /// importing `imports`; it verifies `other`'s homes by the pin of `other`'s CA key.
     async fn home(&self, name: &str, relay: &Proc, services: &[&str], imports: &[&str], other: &Federation) -> Proc {
-        self.home_with(name, relay, services, imports, other, vec![], &[]).await
+        self.home_with(name, relay, services, imports, other, Extra::default()).await
     }
 
     /// As [`Federation::home`], with `fixed` imports (a destination given by node, main relay
@@ -82,9 +91,9 @@ impl Federation {
         services: &[&str],
         imports: &[&str],
         other: &Federation,
-        fixed: Vec<Import>,
-        proxied: &[&str],
+        extra: Extra,
     ) -> Proc {
+        let Extra { fixed, proxied } = extra;
         let server = identify_server(name).await;
         let caller_server = caller_server().await;
         let exports = services
@@ -175,7 +184,14 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     let shop = acme.home("shop", &hub_a, &["catalog", "payroll"], &["inventory-eu", "hr"], &partner).await;
     // stock's inventory-eu authorises by caller: it gets a PROXY v2 header first.
     let stock = partner
-        .home_with("stock", &hub_p, &["inventory-eu", "hr"], &["catalog"], &acme, vec![], &["inventory-eu"])
+        .home_with(
+            "stock",
+            &hub_p,
+            &["inventory-eu", "hr"],
+            &["catalog"],
+            &acme,
+            Extra { fixed: vec![], proxied: &["inventory-eu"] },
+        )
         .await;
 
     eventually("both relays see the peering up", WAIT, || async {
@@ -227,7 +243,7 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     let mut hr = Import::resolved("hr", 80, "127.0.0.1:0".parse().unwrap());
     (hr.node, hr.main, hr.noise_public_key) =
         (Some("stock".into()), Some("hub-p".into()), Some(partner.tb.noise_key("stock").unwrap()));
-    let pushy = acme.home_with("pushy", &hub_a, &[], &[], &partner, vec![hr], &[]).await;
+    let pushy = acme.home_with("pushy", &hub_a, &[], &[], &partner, Extra { fixed: vec![hr], proxied: &[] }).await;
     assert!(round_trip(pushy.import("hr:80"), b"q").await.is_err());
     assert_eq!(pushy.metric("relayfed_proxy_stream_errors_total", &[("code", "PERMISSION_DENIED")]).await, 1.0);
     assert_eq!(hub_p.metric("relayfed_relay_trust_denials_total", &[("rule", "call_permission")]).await, 1.0);
