@@ -96,7 +96,7 @@ fuzz: ## Run every fuzz harness for FUZZ_SECONDS each (stable Rust, cargo-fuzz -
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	@for pair in $(FUZZ_TARGETS); do \
 	  crate=$${pair%%:*}; target=$${pair##*:}; \
-	  mkdir -p $$crate/fuzz/corpus/$$target; \
+	  mkdir -p $$crate/fuzz/corpus/$$target $$crate/fuzz/seeds/$$target; \
 	  echo "fuzz: $$crate/$$target for $(FUZZ_SECONDS)s"; \
 	  (cd $$crate && $(CARGO) fuzz run -s none $$target fuzz/corpus/$$target fuzz/seeds/$$target \
 	     -- -max_total_time=$(FUZZ_SECONDS) -max_len=70000 -rss_limit_mb=2048 2>&1 | grep -E '^(#[0-9]+.*DONE|Done|==|SUMMARY|thread)' || true); \
