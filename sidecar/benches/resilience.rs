@@ -54,15 +54,7 @@ async fn main() {
     let quic: SocketAddr = relay.ready["quic"].as_str().unwrap().parse().unwrap();
     let main = MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0 };
     let echo = echo_server().await;
-    let dest = tb
-        .home(
-            "dest",
-            main.clone(),
-            vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
-            vec![],
-            EchPolicy::default(),
-        )
-        .unwrap();
+    let dest = tb.home("dest", main.clone(), vec![Export::new("echo", 7, echo)], vec![], EchPolicy::default()).unwrap();
     let _dest = start("home", &dest).await;
     let import = Import::fixed("echo", 7, "127.0.0.1:0".parse().unwrap(), "dest", "hub", tb.noise_key("dest").unwrap());
     let mut addrs = Vec::new();

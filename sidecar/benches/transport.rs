@@ -166,10 +166,7 @@ async fn main() {
     let main = || MainRelay { node_id: "hub".into(), endpoint: quic, priority: 0 };
     let echo = echo_server().await;
     let sink = sink_server().await;
-    let exports = vec![
-        Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false },
-        Export { service: "sink".into(), port: 9, target: sink, proxy_protocol: false },
-    ];
+    let exports = vec![Export::new("echo", 7, echo), Export::new("sink", 9, sink)];
     let pay = tb.home("pay", main(), exports, vec![], EchPolicy::default()).unwrap();
     let _pay = start("home", &pay).await;
     let import = Import::fixed("echo", 7, "127.0.0.1:0".parse().unwrap(), "pay", "hub", tb.noise_key("pay").unwrap());

@@ -53,13 +53,7 @@ impl Fed {
         let relay = common::start("main-relay", &cfg, &[]).await;
         let echo = echo_server().await;
         let pay_cfg = tb
-            .home(
-                "pay",
-                Self::main_ref(&relay),
-                vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
-                vec![],
-                EchPolicy::default(),
-            )
+            .home("pay", Self::main_ref(&relay), vec![Export::new("echo", 7, echo)], vec![], EchPolicy::default())
             .unwrap();
         let mut mitms = Vec::new();
         if tamper == Tamper::StripEch {

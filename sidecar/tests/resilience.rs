@@ -77,7 +77,7 @@ async fn echo_fed(relay: impl FnOnce(&mut Snapshot), homes: impl Fn(&mut Snapsho
     edit(&cfg, relay);
     let relay = common::start("main-relay", &cfg, &[]).await;
     let echo = echo_server().await;
-    let exports = vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }];
+    let exports = vec![Export::new("echo", 7, echo)];
     let dest = home(&tb, "dest", &relay, exports, vec![], &homes).await;
     let shop = home(&tb, "shop", &relay, vec![], vec![import("echo", 7)], &homes).await;
     eventually("view", WAIT, || async { view_has(&shop, 1).await }).await;
@@ -91,15 +91,7 @@ async fn a_flooding_sender_is_held_to_its_quota_while_others_succeed() {
     edit(&cfg, |s| s.resilience.rate_limit = Some(RateLimit { streams_per_second: 20.0, burst: 10.0 }));
     let relay = common::start("main-relay", &cfg, &[]).await;
     let echo = echo_server().await;
-    let _dest = home(
-        &tb,
-        "dest",
-        &relay,
-        vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
-        vec![],
-        |_| {},
-    )
-    .await;
+    let _dest = home(&tb, "dest", &relay, vec![Export::new("echo", 7, echo)], vec![], |_| {}).await;
     let flood = home(&tb, "flood", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
     let good = home(&tb, "good", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
     eventually("views", WAIT, || async { view_has(&flood, 1).await && view_has(&good, 1).await }).await;
@@ -257,24 +249,8 @@ async fn a_failing_instance_trips_its_breaker_is_skipped_and_recovers_through_ha
     let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     let good = identify_server("good").await;
     let broken = dead_port();
-    let _a = home(
-        &tb,
-        "good",
-        &relay,
-        vec![Export { service: "svc".into(), port: 1, target: good, proxy_protocol: false }],
-        vec![],
-        |_| {},
-    )
-    .await;
-    let _b = home(
-        &tb,
-        "broken",
-        &relay,
-        vec![Export { service: "svc".into(), port: 1, target: broken, proxy_protocol: false }],
-        vec![],
-        |_| {},
-    )
-    .await;
+    let _a = home(&tb, "good", &relay, vec![Export::new("svc", 1, good)], vec![], |_| {}).await;
+    let _b = home(&tb, "broken", &relay, vec![Export::new("svc", 1, broken)], vec![], |_| {}).await;
     let caller = home(&tb, "caller", &relay, vec![], vec![import("svc", 1)], |s| {
         s.resilience.circuit_breaker.consecutive_failures = 2;
         s.resilience.circuit_breaker.open_ms = 1000;
@@ -391,15 +367,7 @@ async fn a_stream_that_delivered_bytes_is_not_retried() {
         |_| {},
     )
     .await;
-    let _ok = home(
-        &tb,
-        "ok",
-        &relay,
-        vec![Export { service: "svc".into(), port: 1, target: echo, proxy_protocol: false }],
-        vec![],
-        |_| {},
-    )
-    .await;
+    let _ok = home(&tb, "ok", &relay, vec![Export::new("svc", 1, echo)], vec![], |_| {}).await;
     let caller = home(&tb, "caller", &relay, vec![], vec![import("svc", 1)], |s| {
         s.load_balancing.default = relayfed_sidecar::federation::balancer::Algorithm::RoundRobin;
     })
@@ -453,15 +421,7 @@ async fn hostile_input_gets_documented_errors_and_the_relay_keeps_serving() {
     });
     let relay = common::start("main-relay", &cfg, &[]).await;
     let echo = echo_server().await;
-    let _dest = home(
-        &tb,
-        "dest",
-        &relay,
-        vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
-        vec![],
-        |_| {},
-    )
-    .await;
+    let _dest = home(&tb, "dest", &relay, vec![Export::new("echo", 7, echo)], vec![], |_| {}).await;
     let caller = home(&tb, "caller", &relay, vec![], vec![import("echo", 7)], |_| {}).await;
     eventually("view", WAIT, || async { view_has(&caller, 1).await }).await;
 
@@ -549,10 +509,7 @@ async fn a_peer_cannot_export_what_it_is_not_permitted_to() {
     let a = common::start("main-relay", &a_cfg, &[]).await;
     let b = common::start("main-relay", &b_cfg, &[]).await;
     let echo = echo_server().await;
-    let exports = vec![
-        Export { service: "public-api".into(), port: 1, target: echo, proxy_protocol: false },
-        Export { service: "secret-db".into(), port: 2, target: echo, proxy_protocol: false },
-    ];
+    let exports = vec![Export::new("public-api", 1, echo), Export::new("secret-db", 2, echo)];
     let _h = home(&tb, "h", &a, exports, vec![], |s| s.main_relays[0].node_id = "hub-a".into()).await;
     eventually("hub-b learns hub-a's permitted export", WAIT, || async {
         let reg = b.json("/federation/registry").await;
@@ -575,15 +532,7 @@ async fn an_idle_stream_is_closed_after_the_stream_idle_timeout() {
     let tb = Testbed::new("test.example").unwrap();
     let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     let echo = echo_server().await;
-    let _dest = home(
-        &tb,
-        "dest",
-        &relay,
-        vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
-        vec![],
-        |_| {},
-    )
-    .await;
+    let _dest = home(&tb, "dest", &relay, vec![Export::new("echo", 7, echo)], vec![], |_| {}).await;
     let caller =
         home(&tb, "caller", &relay, vec![], vec![import("echo", 7)], |s| s.timeouts.stream_idle_ms = 300).await;
     eventually("view", WAIT, || async { view_has(&caller, 1).await }).await;
@@ -605,15 +554,8 @@ async fn keys_encrypted_at_rest_load_with_the_passphrase_only() {
     let tb = Testbed::new("test.example").unwrap();
     let relay = common::start("main-relay", &tb.main_relay("hub", 1).unwrap(), &[]).await;
     let echo = echo_server().await;
-    let path = tb
-        .home(
-            "dest",
-            main_ref(&relay),
-            vec![Export { service: "echo".into(), port: 7, target: echo, proxy_protocol: false }],
-            vec![],
-            EchPolicy::default(),
-        )
-        .unwrap();
+    let path =
+        tb.home("dest", main_ref(&relay), vec![Export::new("echo", 7, echo)], vec![], EchPolicy::default()).unwrap();
     let pass_file = tb.encrypt_keys("dest", "correct horse battery staple").unwrap();
     let key_file = Snapshot::load(&path).unwrap().tls.key_file;
     let on_disk = std::fs::read_to_string(&key_file).unwrap();
@@ -650,7 +592,7 @@ async fn a_stream_that_stalls_after_noise_message_1_releases_the_target_within_t
     // The exported target: a listener that reports each connection's end.
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_addr = target.local_addr().unwrap();
-    let exports = vec![Export { service: "db".into(), port: 5432, target: target_addr, proxy_protocol: false }];
+    let exports = vec![Export::new("db", 5432, target_addr)];
     let _dest = home(&tb, "dest", &relay, exports, vec![], |s| s.timeouts.handshake_ms = 500).await;
     let conn = raw_client(&tb, "raw", relay.quic()).await.unwrap();
     let inner = InnerRoute {

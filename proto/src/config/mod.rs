@@ -137,6 +137,13 @@ pub struct Export {
     pub proxy_protocol: bool,
 }
 
+impl Export {
+    /// `service:port` delivered to `target`, without a PROXY header.
+    pub fn new(service: impl Into<String>, port: u16, target: SocketAddr) -> Self {
+        Self { service: service.into(), port, target, proxy_protocol: false }
+    }
+}
+
 /// A federated service reachable on a local listener.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
