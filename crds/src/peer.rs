@@ -29,6 +29,7 @@ pub enum TrustLevel {
 /// How the peer's identity is pinned: a CA bundle or a public-key fingerprint (exactly one).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[x_kube(validation = Rule::new("has(self.caBundle) != has(self.fingerprint)").message("set exactly one of caBundle or fingerprint"))]
+#[x_kube(validation = Rule::new("!has(self.nextFingerprint) || has(self.fingerprint)").message("nextFingerprint rotates a fingerprint pin: set fingerprint too"))]
 #[serde(rename_all = "camelCase")]
 pub struct PinnedIdentity {
     /// PEM bundle of the CA(s) that issue the peer's certificates.
@@ -40,6 +41,11 @@ pub struct PinnedIdentity {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = FINGERPRINT_PATTERN))]
     pub fingerprint: Option<String>,
+    /// While the peer federation rotates its CA: the new CA's key fingerprint, accepted
+    /// alongside `fingerprint` (drop the old one once the peer has finished the rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = FINGERPRINT_PATTERN))]
+    pub next_fingerprint: Option<String>,
 }
 
 /// Desired state of a peering.

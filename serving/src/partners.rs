@@ -330,6 +330,22 @@ mod tests {
     }
 
     #[test]
+    fn during_a_ca_rotation_both_pinned_keys_are_accepted_and_only_they() {
+        // The partner rotates its CA: relays still on the old CA and those on the new one both
+        // pass while the Peer pins both keys (fingerprint + nextFingerprint).
+        let old = FederationCa::generate("partner.example").unwrap();
+        let new = FederationCa::generate("partner.example").unwrap();
+        let both = pin("partner.example", None, vec![ca_fingerprint(&old), ca_fingerprint(&new)]);
+        let partner = Partner::from_pin("partner-hub", &both).unwrap();
+        let now = UnixTime::now();
+        assert_eq!(partner.verify(&presented(&identity(&old, "partner-hub")), now), Ok(()));
+        assert_eq!(partner.verify(&presented(&identity(&new, "partner-hub")), now), Ok(()));
+        let after =
+            Partner::from_pin("partner-hub", &pin("partner.example", None, vec![ca_fingerprint(&new)])).unwrap();
+        assert!(after.verify(&presented(&identity(&old, "partner-hub")), now).is_err(), "the old key, once unpinned");
+    }
+
+    #[test]
     fn a_pinned_ca_cannot_pass_for_one_of_our_nodes() {
         let ours = FederationCa::generate("acme.example").unwrap();
         // The partner's CA makes a certificate naming one of our nodes in our trust domain.

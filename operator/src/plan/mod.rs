@@ -187,7 +187,7 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
                 pin: relayfed_proto::config::PeerPin {
                     trust_domain: td.to_owned(),
                     ca_bundle: identity.ca_bundle,
-                    fingerprints: identity.fingerprint.into_iter().collect(),
+                    fingerprints: identity.fingerprint.into_iter().chain(identity.next_fingerprint).collect(),
                 },
             })
         })
@@ -278,7 +278,7 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
                     Some(relayfed_proto::config::PeerPin {
                         trust_domain: td.to_owned(),
                         ca_bundle: identity.ca_bundle,
-                        fingerprints: identity.fingerprint.into_iter().collect(),
+                        fingerprints: identity.fingerprint.into_iter().chain(identity.next_fingerprint).collect(),
                     })
                 }
             };
