@@ -27,19 +27,20 @@ pub fn overview() -> Dashboard {
     let versions = format!("max by (node) (relayfed_transport_config_version{})", sel(""));
     let per_service = format!("sum by (service) ({})", rate("relayfed_proxy_lb_picks_total", ""));
     let pair = "service, source_main, destination_main";
-    let pair_success = format!(
-        "sum by ({pair}) ({}) / sum by ({pair}) ({})",
-        rate("relayfed_proxy_calls_total", r#"side="origin",code="OK""#),
-        rate("relayfed_proxy_calls_total", r#"side="origin""#)
-    );
-    let pair_calls = format!("sum by ({pair}) ({})", rate("relayfed_proxy_calls_total", r#"side="origin""#));
-    let pair_errors = format!(
-        "sum by (service, destination_main, code) ({})",
-        rate("relayfed_proxy_calls_total", r#"side="origin",code!="OK""#)
-    );
+    // The relay pair selected with the source and destination variables.
+    let calls_from = |extra: &str| {
+        rate(
+            "relayfed_proxy_calls_total",
+            &format!(r#"side="origin",source_main=~"$source",destination_main=~"$destination"{extra}"#),
+        )
+    };
+    let pair_success =
+        format!("sum by ({pair}) ({}) / sum by ({pair}) ({})", calls_from(r#",code="OK""#), calls_from(""));
+    let pair_calls = format!("sum by ({pair}) ({})", calls_from(""));
+    let pair_errors = format!("sum by (service, destination_main, code) ({})", calls_from(r#",code!="OK""#));
     let pair_p99 = format!(
         "histogram_quantile(0.99, sum by (le, service, destination_main) ({}))",
-        rate("relayfed_proxy_call_setup_duration_seconds_bucket", "")
+        rate("relayfed_proxy_call_setup_duration_seconds_bucket", r#"destination_main=~"$destination""#)
     );
     let pair_legend = "{{service}} {{source_main}} -> {{destination_main}}";
     Dashboard {
@@ -47,6 +48,10 @@ pub fn overview() -> Dashboard {
         title: "relayfed / Overview",
         description: "Calls between homes of the federation: success, rate, setup latency, errors; relays and homes up.",
         node_metric: "relayfed_transport_config_version",
+        variables: &[
+            ("source", "Source main relay", "relayfed_proxy_calls_total", "source_main"),
+            ("destination", "Destination main relay", "relayfed_proxy_calls_total", "destination_main"),
+        ],
         rows: vec![
             row(
                 "Calls",
@@ -158,6 +163,7 @@ pub fn relay() -> Dashboard {
         title: "relayfed / Relay",
         description: "Per main relay: peerings, homes, relayed streams and bytes, handshakes, registry and propagation.",
         node_metric: "relayfed_relay_registry_entries",
+        variables: &[],
         rows: vec![
             row(
                 "Peerings and homes",
@@ -306,6 +312,7 @@ pub fn ech() -> Dashboard {
         title: "relayfed / ECH rollout",
         description: "Sealed share of streams, ECH outcomes, setup latency with and without ECH, anonymity sets.",
         node_metric: "relayfed_transport_config_version",
+        variables: &[],
         rows: vec![row(
             "ECH",
             vec![
@@ -383,6 +390,7 @@ pub fn resilience() -> Dashboard {
         title: "relayfed / Resilience",
         description: "Rate-limited streams, circuit breakers, retries, timeouts, relay switches and trust denials.",
         node_metric: "relayfed_transport_config_version",
+        variables: &[],
         rows: vec![row(
             "Resilience",
             vec![
@@ -456,6 +464,7 @@ pub fn control_plane() -> Dashboard {
         title: "relayfed / Control plane",
         description: "Reconciles, admissions, certificates, config distribution and acknowledgements.",
         node_metric: "relayfed_operator_config_published_version",
+        variables: &[],
         rows: vec![row(
             "Operator",
             vec![

@@ -1,5 +1,6 @@
 //! A small model of Grafana dashboards (rows of panels with PromQL targets) and its JSON
-//! rendering: every dashboard gets the same datasource, federation and node variables, and
+//! rendering: every dashboard gets the same datasource, federation and node variables (and
+//! its own further ones, e.g. the Overview's source and destination main relays), and
 //! every panel's selector goes through [`sel`] so the variables always apply.
 
 use serde_json::{Value, json};
@@ -57,6 +58,9 @@ pub struct Dashboard {
     pub description: &'static str,
     /// The metric whose `node` label values fill the node variable.
     pub node_metric: &'static str,
+    /// Further variables: (name, label, metric, the label whose values it offers); queries
+    /// use them as `$name`.
+    pub variables: &'static [(&'static str, &'static str, &'static str, &'static str)],
     /// Its rows.
     pub rows: Vec<Row>,
 }
@@ -177,6 +181,15 @@ impl Dashboard {
                 "refresh": 2, "sort": 1,
             })
         };
+        let mut variables = vec![
+            json!({"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+                   "current": {"selected": false, "text": "default", "value": "default"}}),
+            var("federation", "Federation", "label_values(relayfed_transport_config_version, federation)".to_owned()),
+            var("node", "Node", format!("label_values({}{{federation=~\"$federation\"}}, node)", self.node_metric)),
+        ];
+        variables.extend(self.variables.iter().map(|(name, label, metric, by)| {
+            var(name, label, format!("label_values({metric}{{federation=~\"$federation\"}}, {by})"))
+        }));
         json!({
             "uid": self.uid,
             "title": self.title,
@@ -188,12 +201,7 @@ impl Dashboard {
             "refresh": "30s",
             "timezone": "browser",
             "graphTooltip": 1,
-            "templating": {"list": [
-                {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-                 "current": {"selected": false, "text": "default", "value": "default"}},
-                var("federation", "Federation", "label_values(relayfed_transport_config_version, federation)".to_owned()),
-                var("node", "Node", format!("label_values({}{{federation=~\"$federation\"}}, node)", self.node_metric)),
-            ]},
+            "templating": {"list": variables},
             "panels": panels,
         })
     }

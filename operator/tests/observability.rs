@@ -60,7 +60,10 @@ async fn series(prometheus: std::net::SocketAddr, expr: &str, from: f64) -> Resu
 
 /// A panel query as Grafana would send it with every variable at "All".
 fn substitute(expr: &str) -> String {
-    expr.replace("$federation", ".*").replace("$node", ".*").replace("$__rate_interval", "20s")
+    ["$federation", "$node", "$source", "$destination"]
+        .iter()
+        .fold(expr.to_owned(), |e, v| e.replace(v, ".*"))
+        .replace("$__rate_interval", "20s")
 }
 
 /// An alert expression without its final threshold comparison (`== 0`, `> 0.05`, ...).
