@@ -75,8 +75,12 @@ impl HomeNode {
                     // in a PROXY v2 header before any byte (docs/protocol.md §6.1).
                     if export.proxy_protocol {
                         let partner = live.partner_behind(origin_main);
-                        let caller = match caller_identity(&identity, partner, origin_node, &initiator, &origin_cert) {
-                            Ok(c) => c,
+                        // No certificate: an older origin, anonymous to the app.
+                        let caller = match (!origin_cert.is_empty())
+                            .then(|| super::node_binds_key(&identity, partner, origin_node, &initiator, &origin_cert))
+                            .transpose()
+                        {
+                            Ok(td) => td.map(|td| relayfed_proto::crypto::ca::identity_uri(origin_node, &td)),
                             Err(reason) => {
                                 self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "failed")]).inc();
                                 let message =
@@ -121,34 +125,4 @@ impl HomeNode {
         send_error(send, code, message).await;
         let _ = send.finish();
     }
-}
-
-/// The caller's authenticated identity (`relayfed://<trust domain>/<node>`) from Noise
-/// message 3's certificate: it must chain to our CA, or for a caller behind a relay of another
-/// trust domain to that federation's pin, name the route's origin node and bind the static
-/// key the handshake authenticated. `None`: the caller sent no certificate (an older origin).
-fn caller_identity(
-    identity: &HopIdentity,
-    partner: Option<&crate::transport::tls::Partner>,
-    origin_node: &str,
-    initiator: &[u8; 32],
-    cert: &[u8],
-) -> Result<Option<String>, String> {
-    if cert.is_empty() {
-        return Ok(None);
-    }
-    let (named, bound) = match partner {
-        None => identity.verify_node_cert(cert).map(|(n, k)| (n, k, identity.trust_domain.clone())),
-        Some(p) => identity.verify_partner_node_cert(p, cert).map(|(n, k)| (n, k, p.trust_domain.clone())),
-    }
-    .map(|(n, k, td)| ((n, td), k))
-    .map_err(|e| e.to_string())?;
-    let (node, trust_domain) = named;
-    if node != origin_node {
-        return Err(format!("it names {node:?}, the route {origin_node:?}"));
-    }
-    if bound != Some(*initiator) {
-        return Err("it does not bind the caller's Noise key".into());
-    }
-    Ok(Some(relayfed_proto::crypto::ca::identity_uri(&node, &trust_domain)))
 }

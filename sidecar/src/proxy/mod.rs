@@ -432,3 +432,30 @@ impl HomeNode {
         }
     }
 }
+
+/// Whether `cert` (a Noise handshake payload) is a certificate for `node` that binds `key`,
+/// the static key the handshake authenticated: issued by this federation's CA, or for a node
+/// behind a main relay of another trust domain a chain to that federation's pinned CA.
+/// Returns the trust domain it belongs to. Origins check destinations with it (message 2),
+/// destinations check callers (message 3).
+pub(crate) fn node_binds_key(
+    identity: &HopIdentity,
+    partner: Option<&crate::transport::tls::Partner>,
+    node: &str,
+    key: &[u8; 32],
+    cert: &[u8],
+) -> Result<String, String> {
+    let (verified, trust_domain) = match partner {
+        None => (identity.verify_node_cert(cert), &identity.trust_domain),
+        Some(p) => (identity.verify_partner_node_cert(p, cert), &p.trust_domain),
+    };
+    let (named, bound) = verified.map_err(|e| e.to_string())?;
+    if named != node {
+        return Err(format!("the certificate is for node {named:?}, not {node:?}"));
+    }
+    match bound {
+        Some(k) if k == *key => Ok(trust_domain.clone()),
+        Some(_) => Err("its certificate binds another Noise key".into()),
+        None => Err("its certificate binds no Noise key".into()),
+    }
+}

@@ -348,7 +348,7 @@ impl HomeNode {
                     let partner = live.partner_behind(&dest.main);
                     if (from_registry || partner.is_some())
                         && let Err(reason) =
-                            destination_key_bound(&self.current_identity(), partner, &dest.node, &remote, &cert)
+                            super::node_binds_key(&self.current_identity(), partner, &dest.node, &remote, &cert)
                     {
                         self.metrics.proxy.e2e_handshakes.get_or_create(&[("result", "key_unverified")]).inc();
                         return Err((
@@ -496,31 +496,6 @@ struct Established {
     via: String,
     /// The destination home's main relay.
     main: String,
-}
-
-/// Whether `cert` (from Noise message 2) is a certificate for `node` that binds `key`, the key
-/// the handshake used: of this federation, or for a destination behind a main relay of
-/// another trust domain a chain to that federation's pinned CA.
-fn destination_key_bound(
-    identity: &HopIdentity,
-    partner: Option<&crate::transport::tls::Partner>,
-    node: &str,
-    key: &[u8; 32],
-    cert: &[u8],
-) -> Result<(), String> {
-    let (named, bound) = match partner {
-        None => identity.verify_node_cert(cert),
-        Some(p) => identity.verify_partner_node_cert(p, cert),
-    }
-    .map_err(|e| e.to_string())?;
-    if named != node {
-        return Err(format!("the certificate is for node {named:?}"));
-    }
-    match bound {
-        Some(k) if k == *key => Ok(()),
-        Some(_) => Err("its certificate binds another Noise key".into()),
-        None => Err("its certificate binds no Noise key".into()),
-    }
 }
 
 /// Failures that count against the instance (its circuit breaker).
