@@ -63,6 +63,7 @@ impl Federation {
         let peer = PeerRelay {
             node_id: other.relay.clone(),
             endpoint: other.addr.to_string(),
+            fallback_endpoints: vec![],
             pin: Some(PeerPin {
                 trust_domain: other.tb.trust_domain.clone(),
                 ca_bundle: None,
@@ -179,6 +180,12 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     // inventory* and export catalog. Each side writes its own Peer; only the keys cross.
     acme.peer_with(&partner, partner.fingerprint(), &["catalog"], &["inventory*"]);
     partner.peer_with(&acme, acme.fingerprint(), &["inventory*"], &["catalog"]);
+    // hub-a (the smaller id) dials: its first address for the partner is a name that does not
+    // resolve, the working one is its fallback.
+    edit(&acme.cfg, |s| {
+        let p = &mut s.peers[0];
+        p.fallback_endpoints = vec![std::mem::replace(&mut p.endpoint, "nowhere.invalid:4433".into())];
+    });
     let hub_a = common::start("main-relay", &acme.cfg, &[]).await;
     let hub_p = common::start("main-relay", &partner.cfg, &[]).await;
     let shop = acme.home("shop", &hub_a, &["catalog", "payroll"], &["inventory-eu", "hr"], &partner).await;
@@ -194,7 +201,7 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
         )
         .await;
 
-    eventually("both relays see the peering up", WAIT, || async {
+    eventually("both relays see the peering up (hub-a through its fallback address)", WAIT, || async {
         hub_a.metric("relayfed_relay_peer_up", &[("peer", "hub-p")]).await == 1.0
             && hub_p.metric("relayfed_relay_peer_up", &[("peer", "hub-a")]).await == 1.0
     })
@@ -203,6 +210,11 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
         federated(&hub_a).await == ["inventory-eu"] && federated(&hub_p).await == ["catalog"]
     })
     .await;
+    assert!(
+        hub_a.metric("relayfed_transport_hop_handshakes_total", &[("role", "client"), ("result", "unresolved")]).await
+            >= 1.0,
+        "the first address was tried first"
+    );
     // Nothing was sent that the receiver would have had to drop: the partner never learned
     // payroll, acme never learned hr.
     assert_eq!(hub_a.metric("relayfed_relay_trust_denials_total", &[("rule", "export_permission")]).await, 0.0);

@@ -488,6 +488,7 @@ async fn a_peer_cannot_export_what_it_is_not_permitted_to() {
     let peer = |id: &str, addr: std::net::SocketAddr, level, perms| PeerRelay {
         node_id: id.into(),
         endpoint: addr.to_string(),
+        fallback_endpoints: vec![],
         pin: None,
         trust_level: level,
         permissions: perms,

@@ -241,6 +241,7 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
                     PeerRelay {
                         node_id: other.node_id.clone(),
                         endpoint: addr.to_string(),
+                        fallback_endpoints: vec![],
                         pin: None,
                         trust_level: relayfed_proto::config::TrustLevel::Trusted,
                         permissions: None,
@@ -294,6 +295,12 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
                 // changes is followed on the next reconnect.
                 _ => vec![(p.spec.node_id.clone(), p.spec.endpoints.first().cloned())],
             };
+            // The rest of a Peer's endpoints are its fallbacks (none for our own replicas,
+            // each dialed at its own address).
+            let fallbacks: Vec<String> = match members.get(p.spec.node_id.as_str()) {
+                Some(ms) if pin.is_none() && ms.iter().all(|m| m.node_id != p.spec.node_id) => vec![],
+                _ => p.spec.endpoints.iter().skip(1).cloned().collect(),
+            };
             for (peer, addr) in targets {
                 let Some(endpoint) = addr else {
                     warnings.push(format!(
@@ -307,6 +314,7 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
                     PeerRelay {
                         node_id: peer,
                         endpoint,
+                        fallback_endpoints: fallbacks.clone(),
                         pin: pin.clone(),
                         trust_level: trust_level(p.spec.trust_level),
                         permissions: p.spec.permissions.as_ref().map(permissions),

@@ -12,6 +12,10 @@ pub struct PeerRelay {
     /// Its QUIC address: `ip:port`, or `host:port` looked up at every dial (a name that
     /// moves is followed on the next reconnect).
     pub endpoint: String,
+    /// Further addresses (`Peer.spec.endpoints` after the first), tried in turn after a failed
+    /// dial.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_endpoints: Vec<String>,
     /// How a relay of another trust domain is recognised; `None`: our CA vouches for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<PeerPin>,

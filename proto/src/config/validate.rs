@@ -57,8 +57,11 @@ impl Snapshot {
             if !label_ok(&p.node_id) || p.node_id == self.node.id {
                 return Err(invalid(format!("peers[{i}].nodeId"), "must be another main relay's node id"));
             }
-            if super::policy::split_endpoint(&p.endpoint).is_none() {
-                return Err(invalid(format!("peers[{i}].endpoint"), format!("{:?} is not host:port", p.endpoint)));
+            if let Some(bad) = std::iter::once(&p.endpoint)
+                .chain(&p.fallback_endpoints)
+                .find(|e| super::policy::split_endpoint(e).is_none())
+            {
+                return Err(invalid(format!("peers[{i}].endpoint"), format!("{bad:?} is not host:port")));
             }
             if let Some(pin) = &p.pin {
                 if pin.trust_domain.is_empty() || pin.trust_domain == self.node.trust_domain {

@@ -65,18 +65,23 @@ impl MainRelay {
         });
     }
 
-    /// Dials `peer` at `target` (looked up again before every attempt, so a name that moves
-    /// is followed) until the peering ends or the plan moves or removes it.
+    /// Dials `peer` at `target`, and after a failed dial at its next fallback address in turn
+    /// (each looked up again before every attempt, so a name that moves is followed), until
+    /// the peering ends or the plan moves or removes it.
     pub(crate) async fn dial_peer(self: Arc<Self>, endpoint: quinn::Endpoint, peer: String, target: String) {
         let mut retry = Retry::new(Backoff::DIAL);
         let mut first = true;
+        // Which of the peer's addresses to dial: the next one after each failure.
+        let mut turn = 0usize;
         loop {
             // A config update may remove the peer or move it (a new task dials the new address).
             let Some(cfg) = self.live().peers.get(&peer).filter(|p| p.endpoint == target).cloned() else {
                 info!(%peer, "peer removed from the configuration: no longer dialing");
                 return;
             };
-            let conn = match self.connect_peer(&endpoint, &cfg).await {
+            let addresses: Vec<&String> = std::iter::once(&cfg.endpoint).chain(&cfg.fallback_endpoints).collect();
+            let address = addresses[turn % addresses.len()].clone();
+            let conn = match self.connect_peer(&endpoint, &cfg, &address).await {
                 Ok(c) => c.await.map_err(|e| (failure_reason(&e), e.to_string())),
                 Err(e) => Err(e),
             };
@@ -117,25 +122,28 @@ impl MainRelay {
                         e.failures += 1;
                         e.last_error = Some(format!("{reason}: {error}"));
                     }
-                    warn!(%peer, endpoint = %target, reason, %error, "cannot reach peer main relay");
+                    warn!(%peer, endpoint = %address, reason, %error, "cannot reach peer main relay");
+                    turn += 1;
                 }
             }
             tokio::time::sleep(retry.next_wait()).await;
         }
     }
 
-    /// Looks up `cfg.endpoint` and starts a handshake with it: against our CA, or for a relay
-    /// of another trust domain against its pin. The error is a metric label and a message.
+    /// Looks up `address` (one of `cfg`'s) and starts a handshake with it: against our CA, or
+    /// for a relay of another trust domain against its pin. The error is a metric label and a
+    /// message.
     async fn connect_peer(
         &self,
         endpoint: &quinn::Endpoint,
         cfg: &crate::config::PeerRelay,
+        address: &str,
     ) -> Result<quinn::Connecting, (&'static str, String)> {
-        let addr = match tokio::net::lookup_host(cfg.endpoint.as_str()).await {
+        let addr = match tokio::net::lookup_host(address).await {
             Ok(mut addrs) => addrs.next(),
-            Err(e) => return Err(("unresolved", format!("{} does not resolve: {e}", cfg.endpoint))),
+            Err(e) => return Err(("unresolved", format!("{address} does not resolve: {e}"))),
         }
-        .ok_or_else(|| ("unresolved", format!("{} resolves to no address", cfg.endpoint)))?;
+        .ok_or_else(|| ("unresolved", format!("{address} resolves to no address")))?;
         let started = match &cfg.pin {
             None => endpoint.connect(addr, &self.identity.server_name(&cfg.node_id)),
             Some(pin) => {

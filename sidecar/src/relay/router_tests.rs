@@ -13,6 +13,7 @@ fn peer(id: &str, level: TrustLevel, call: Option<&[&str]>) -> PeerRelay {
     PeerRelay {
         node_id: id.into(),
         endpoint: "127.0.0.1:1".into(),
+        fallback_endpoints: vec![],
         pin: None,
         trust_level: level,
         permissions: call.map(|c| Permissions { call: c.iter().map(|s| (*s).to_owned()).collect(), export: vec![] }),
