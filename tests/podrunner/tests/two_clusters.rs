@@ -155,7 +155,23 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
         after.iter().filter_map(|c| c.error.as_deref()).take(3).collect::<Vec<_>>()
     );
 
-    // Two catalog replicas: calls spread over both.
+    // Two catalog replicas: calls spread over both. The caller balances (in A). Its default,
+    // peak-EWMA over two random candidates, sends sequential calls to whichever replica has
+    // answered faster (with two replicas it always compares both), so a split is only even
+    // by chance; round robin for catalog (a live RolloutPolicy edit) makes it a property.
+    let before = a.config_versions().0;
+    a.kubectl(&[
+        "-n",
+        "relayfed-system",
+        "patch",
+        "rolloutpolicy",
+        "default",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"loadBalancing":{"perService":{"catalog.shop":"roundRobin"}}}}"#,
+    ]);
+    a.wait_acknowledged(&before).await;
     b.kubectl(&["-n", "shop", "scale", "deployment", "catalog", "--replicas=2"]);
     let pods = b.wait_ready_count("shop", "app=catalog", 2).await;
     let scaled_at = support::unix_ms();
