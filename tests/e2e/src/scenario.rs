@@ -29,12 +29,24 @@ pub struct ScenarioFiles {
     pub homes: Vec<(String, PathBuf)>,
 }
 
+/// A free loopback port below Linux's ephemeral range (32768..): a port the kernel hands
+/// out for `:0` can be taken by any outgoing connection between the pick and the node's bind
+/// (CI saw "Address already in use" that way). Tried in a per-process window of 12000..20000.
 fn free_port(udp: bool) -> anyhow::Result<SocketAddr> {
-    Ok(if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?
-    })
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 12_000 + (std::process::id() % 160) as u16 * 50;
+    for _ in 0..8_000 {
+        let port = 12_000 + (base - 12_000 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 8_000) % 8_000;
+        let free = if udp {
+            std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        } else {
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        };
+        if free {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+    }
+    anyhow::bail!("no free loopback port in 12000..20000")
 }
 
 /// `crs` with every [`ANY_PORT`] given a free port of its own.
