@@ -144,10 +144,14 @@ fn chain_of(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>
     std::iter::once(end_entity).chain(intermediates).map(|c| c.clone().into_owned()).collect()
 }
 
+/// The partners accepted now.
+pub fn current(partners: &Partners) -> Arc<Vec<Partner>> {
+    partners.read().map(|p| p.clone()).unwrap_or_else(|p| p.into_inner().clone())
+}
+
 /// The first partner whose pin accepts `chain`, if any.
 pub fn partner_of(partners: &Partners, chain: &[CertificateDer<'_>], now: UnixTime) -> Option<Partner> {
-    let list = partners.read().map(|p| p.clone()).unwrap_or_else(|p| p.into_inner().clone());
-    list.iter().find(|p| p.verify(chain, now).is_ok()).cloned()
+    current(partners).iter().find(|p| p.verify(chain, now).is_ok()).cloned()
 }
 
 /// Client certificates from this node's CA, or from a partner by its pin.
@@ -175,9 +179,8 @@ impl ClientCertVerifier for FederationClientVerifier {
             Err(e) => e,
         };
         let chain = chain_of(end_entity, intermediates);
-        let list = self.partners.read().map(|p| p.clone()).unwrap_or_else(|p| p.into_inner().clone());
         let mut claimed = None;
-        for p in list.iter() {
+        for p in current(&self.partners).iter() {
             match p.verify(&chain, now) {
                 Ok(()) => return Ok(ClientCertVerified::assertion()),
                 // The certificate claims this partner's domain: its refusal is the one to report.

@@ -367,7 +367,8 @@ impl MainRelay {
                 .map(|p| {
                     let h = &health[p];
                     let cfg = live.peers.get(p);
-                    let state = match super::router::refuse_connection(&live, p) {
+                    let refused_by = super::router::refuse_connection(&live, p);
+                    let state = match refused_by {
                         Some(_) => "refused",
                         None if links.contains_key(p) => "up",
                         None => "down",
@@ -375,7 +376,7 @@ impl MainRelay {
                     json!({
                         "node": p,
                         "state": state,
-                        "refusedBy": super::router::refuse_connection(&live, p),
+                        "refusedBy": refused_by,
                         "trustLevel": cfg.map(|c| c.trust_level),
                         "trustDomain": cfg.and_then(|c| c.pin.as_ref()).map(|pin| pin.trust_domain.clone()),
                         "lastError": if state == "down" { h.last_error.clone() } else { None },

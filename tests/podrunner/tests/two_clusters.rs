@@ -75,17 +75,7 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
         "each operator publishes for its relay and its injected pod: {versions:?}"
     );
     for c in [&a, &b] {
-        c.kubectl(&[
-            "-n",
-            "relayfed-system",
-            "patch",
-            "rolloutpolicy",
-            "default",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"ech":{"percentage":100}}}"#,
-        ]);
+        c.patch_rollout_policy(r#"{"spec":{"ech":{"percentage":100}}}"#);
     }
     let edited_at = Instant::now();
     for (c, before) in [(&a, &versions[0]), (&b, &versions[1])] {
@@ -160,17 +150,7 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
     // answered faster (with two replicas it always compares both), so a split is only even
     // by chance; round robin for catalog (a live RolloutPolicy edit) makes it a property.
     let before = a.config_versions().0;
-    a.kubectl(&[
-        "-n",
-        "relayfed-system",
-        "patch",
-        "rolloutpolicy",
-        "default",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"loadBalancing":{"perService":{"catalog.shop":"roundRobin"}}}}"#,
-    ]);
+    a.patch_rollout_policy(r#"{"spec":{"loadBalancing":{"perService":{"catalog.shop":"roundRobin"}}}}"#);
     a.wait_acknowledged(&before).await;
     b.kubectl(&["-n", "shop", "scale", "deployment", "catalog", "--replicas=2"]);
     let pods = b.wait_ready_count("shop", "app=catalog", 2).await;

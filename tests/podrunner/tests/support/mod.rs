@@ -150,6 +150,11 @@ impl Cluster {
         assert!(out.ok, "cluster {}: kubectl apply -f {}: {}{}", self.name, path.display(), out.stdout, out.stderr);
     }
 
+    /// `kubectl patch rolloutpolicy default --type merge -p <patch>` (what `kubectl edit` does).
+    pub fn patch_rollout_policy(&self, patch: &str) {
+        self.kubectl(&["-n", "relayfed-system", "patch", "rolloutpolicy", "default", "--type", "merge", "-p", patch]);
+    }
+
     /// `kubectl args...`, which must succeed.
     pub fn kubectl(&self, args: &[&str]) -> String {
         let out = self.plane.kubectl(args).unwrap();
