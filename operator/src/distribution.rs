@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use relayfed_proto::config::Role;
 use relayfed_proto::config::Snapshot;
 use relayfed_proto::distribution::{ALPN, Ack, AckResult, MAX_REPORT_BYTES, MAX_WAIT_SECONDS, Report, parse_path};
-use relayfed_serving::identity::HopIdentity;
+use relayfed_serving::identity::{HopIdentity, SharedIdentity};
 use relayfed_serving::{Admitted, BoundedListener, ServerLimits, http1};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -295,19 +295,32 @@ impl Distributor {
     }
 
     /// Binds `addr` and serves the distribution endpoint with `identity` (a certificate from
-    /// the federation CA); returns the bound address.
-    pub async fn serve(self: Arc<Self>, addr: SocketAddr, identity: &HopIdentity) -> anyhow::Result<SocketAddr> {
-        let tls = identity.rustls_server(&[ALPN])?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    /// the federation CA; a [`SharedIdentity`] the caller replaces takes effect at the next
+    /// connection: a CA rotation); returns the bound address.
+    pub async fn serve(
+        self: Arc<Self>,
+        addr: SocketAddr,
+        identity: impl Into<SharedIdentity>,
+    ) -> anyhow::Result<SocketAddr> {
+        let shared: SharedIdentity = identity.into();
+        let first = shared.get();
+        let mut tls = (first.certificate_fingerprint(), first.root_fingerprints(), acceptor(&first)?);
         let limits = ServerLimits::FLEET;
         let listener = BoundedListener::bind(addr, limits, "distribution").await?;
         let local = listener.local_addr()?;
-        let identity = identity.clone();
         tokio::spawn(async move {
             loop {
                 let Admitted { tcp, remote, permit } = listener.accept().await;
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, identity, this) = (acceptor.clone(), identity.clone(), self.clone());
+                let identity = shared.get();
+                let now = (identity.certificate_fingerprint(), identity.root_fingerprints());
+                if (&tls.0, &tls.1) != (&now.0, &now.1) {
+                    match acceptor(&identity) {
+                        Ok(a) => tls = (now.0, now.1, a),
+                        Err(e) => warn!(error = %e, "renewed distribution identity unusable; keeping the previous one"),
+                    }
+                }
+                let (acceptor, this) = (tls.2.clone(), self.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
@@ -458,6 +471,11 @@ pub fn ack_acceptable(published: Option<u64>, version: u64) -> Result<(), String
         Some(p) if version > p => Err(format!("version {version} acknowledged, but {p} is the newest published")),
         Some(_) => Ok(()),
     }
+}
+
+/// The TLS acceptor of the distribution endpoint for `identity`.
+fn acceptor(identity: &HopIdentity) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(identity.rustls_server(&[ALPN])?)))
 }
 
 #[cfg(test)]

@@ -49,18 +49,28 @@ impl SharedIdentity {
         }
     }
 
-    /// Replaces the identity (a renewed certificate).
-    pub fn replace(&self, next: HopIdentity) {
-        match self.0.write() {
-            Ok(mut g) => *g = next,
-            Err(p) => *p.into_inner() = next,
-        }
+    /// Replaces the identity (a renewed certificate, or a CA rotation's new trust bundle);
+    /// the partners accepted so far stay (server configurations built earlier keep seeing
+    /// them).
+    pub fn replace(&self, mut next: HopIdentity) {
+        let mut g = match self.0.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        next.partners = g.partners.clone();
+        *g = next;
     }
 }
 
 impl From<HopIdentity> for SharedIdentity {
     fn from(id: HopIdentity) -> Self {
         Self(Arc::new(std::sync::RwLock::new(id)))
+    }
+}
+
+impl From<&HopIdentity> for SharedIdentity {
+    fn from(id: &HopIdentity) -> Self {
+        id.clone().into()
     }
 }
 
@@ -214,6 +224,19 @@ impl HopIdentity {
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
         tls.alpn_protocols = vec![alpn.to_vec()];
         Ok(tls)
+    }
+
+    /// The `sha256:` SPKI fingerprints of the CAs this identity trusts (what a Peer pins),
+    /// in bundle order: `/federation/health` shows them, so a CA rotation can wait until
+    /// every node trusts the new CA.
+    pub fn root_fingerprints(&self) -> Vec<String> {
+        self.roots.iter().filter_map(|r| crate::partners::spki_fingerprint(r)).collect()
+    }
+
+    /// The `sha256:` fingerprint of this node's certificate (DER), as
+    /// `relayfed_proto::crypto::ca::cert_fingerprint` computes it from the PEM file.
+    pub fn certificate_fingerprint(&self) -> String {
+        relayfed_proto::config::policy::fingerprint(self.leaf_der())
     }
 
     /// The server name to dial `node_id` by.

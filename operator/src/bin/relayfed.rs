@@ -264,6 +264,25 @@ enum LocalCommand {
         #[command(flatten)]
         state: StateArg,
     },
+    /// Rotate this federation's CA without downtime: every node first trusts the old and the
+    /// new CA, then the new CA issues every certificate, and after `--overlap` the old CA is
+    /// dropped. Each step waits until every running node has taken the previous one.
+    RotateCa {
+        /// Least time between every node trusting the new CA and the new CA issuing: give
+        /// partner organisations this long to pin the new key (`relayfed local identity`
+        /// prints it as nextFingerprint).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        stage_for: Duration,
+        /// How long the old CA stays trusted after the new one issues.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        overlap: Duration,
+        /// Take the next step of the rotation in progress now, without waiting for the rest of
+        /// `--stage-for` or `--overlap` (the nodes' acknowledgements are still awaited).
+        #[arg(long, conflicts_with_all = ["stage_for", "overlap"])]
+        next: bool,
+        #[command(flatten)]
+        state: StateArg,
+    },
     /// Rotate main relays' ECH keys now: the new key is staged (relays accept it), then homes
     /// get its config after the Relay's `echKeys.stagingPeriod`; the old key stays accepted
     /// for `gracePeriod`.
@@ -352,6 +371,9 @@ fn main() -> anyhow::Result<()> {
             LocalCommand::Down { state } => runtime()?.block_on(down(state.state())),
             LocalCommand::RotateKeys { relays, state } => runtime()?.block_on(rotate_keys(state.state(), &relays)),
             LocalCommand::Identity { state, json } => show_identity(&state.state(), json),
+            LocalCommand::RotateCa { stage_for, overlap, next, state } => {
+                runtime()?.block_on(rotate_ca(state.state(), stage_for, overlap, next))
+            }
         },
     }
 }
@@ -366,12 +388,26 @@ fn show_identity(state: &StateDir, json: bool) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("{} is not a relayfed CA certificate", path.display()))?;
     let fingerprint = relayfed_serving::partners::spki_fingerprint(&der)
         .ok_or_else(|| anyhow::anyhow!("{}: unreadable public key", path.display()))?;
+    // During a CA rotation a partner pins both keys: the one to come, then the one that goes.
+    let rotation = relayfed_operator::local::ca_rotation::current_in(&state.keys())?;
+    let (next, previous) = match &rotation {
+        Some(r) if r.phase == relayfed_operator::local::ca_rotation::Phase::Trusting => (Some(r.new.clone()), None),
+        Some(r) => (None, Some(r.old.clone())),
+        None => (None, None),
+    };
     if json {
-        let doc = serde_json::json!({"trustDomain": trust_domain, "fingerprint": fingerprint, "caBundle": pem});
+        let doc = serde_json::json!({"trustDomain": trust_domain, "fingerprint": fingerprint, "caBundle": pem,
+            "nextFingerprint": next, "previousFingerprint": previous});
         println!("{doc}");
     } else {
         println!("trust domain:        {trust_domain}");
         println!("CA key fingerprint:  {fingerprint}");
+        if let Some(n) = &next {
+            println!("next CA key:         {n}  (a CA rotation is in progress: pin it as nextFingerprint now)");
+        }
+        if let Some(p) = &previous {
+            println!("previous CA key:     {p}  (still trusted until the rotation ends; then unpin it)");
+        }
         println!("\nA partner pins it in the Peer it writes for one of your main relays:");
         println!("  spec:\n    trustDomain: {trust_domain}\n    identity:\n      fingerprint: {fingerprint}");
         println!("\n(or `caBundle:` with the CA certificate below)\n\n{pem}");
@@ -550,6 +586,32 @@ async fn rotate_keys(state: StateDir, relays: &[String]) -> anyhow::Result<()> {
         anyhow::ensure!(status == 202, "{}", answer["error"].as_str().unwrap_or(&body));
         eprintln!("ECH key staged for {}; homes seal to it after the relay's echKeys.stagingPeriod", answer["staging"]);
     }
+    Ok(())
+}
+
+/// A duration as the CRDs write them (`90s`, `10m`, `1h`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<relayfed_crds::common::Duration>().map(|d| d.get()).map_err(|e| e.to_string())
+}
+
+async fn rotate_ca(state: StateDir, stage_for: Duration, overlap: Duration, next: bool) -> anyhow::Result<()> {
+    let f = running(&state).with_context(|| format!("no local federation runs from {}", state.root.display()))?;
+    let in_progress = state.keys().join("ca-rotation.json").exists();
+    let path = match (next, in_progress) {
+        (true, true) => "/local/rotate-ca/next".to_owned(),
+        (true, false) => anyhow::bail!("no CA rotation in progress; start one with `relayfed local rotate-ca`"),
+        (false, true) => anyhow::bail!(
+            "a CA rotation is already in progress (`relayfed local status` shows it; `--next` takes its next step now)"
+        ),
+        (false, false) => format!("/local/rotate-ca?stageFor={}&overlap={}", stage_for.as_secs(), overlap.as_secs()),
+    };
+    let (status, body) = http::request(&f.control, hyper::Method::POST, &path, Duration::from_secs(5)).await?;
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    anyhow::ensure!(status == 202, "{}", answer["error"].as_str().unwrap_or(&body));
+    eprintln!(
+        "{}; `relayfed local status` shows its progress",
+        if next { "CA rotation: next step as soon as every node acknowledges" } else { "CA rotation started" }
+    );
     Ok(())
 }
 

@@ -95,8 +95,18 @@ impl KeyStore {
         Self { dir, trust_domain: trust_domain.to_owned(), public_name: public_name.to_owned(), passphrase }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The passphrase sealing the private keys.
+    pub(super) fn passphrase(&self) -> &[u8] {
+        &self.passphrase
+    }
+
+    /// The trust domain of this federation.
+    pub(super) fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// Loads the CA, creating it on first use (never overwritten afterwards).
@@ -112,7 +122,9 @@ impl KeyStore {
             let key_pem = read_secret(&key, Some(&self.passphrase))
                 .map_err(|e| KeyError::Passphrase { path: key.clone(), reason: e.to_string() })?;
             report.reused.push("ca".into());
-            return FederationCa::from_pem(&self.trust_domain, &pem, &String::from_utf8_lossy(&key_pem))
+            // During a CA rotation `ca.pem` is a bundle; the issuing CA comes first.
+            let issuer = first_pem_block(&pem);
+            return FederationCa::from_pem(&self.trust_domain, issuer, &String::from_utf8_lossy(&key_pem))
                 .map_err(|e| file_err(&key, e));
         }
         let ca = FederationCa::generate(&self.trust_domain).map_err(|e| file_err(&cert, e))?;
@@ -155,8 +167,19 @@ impl KeyStore {
                 _ => None,
             };
             let (cert, key) = (self.path(&format!("{node}.pem")), self.path(&format!("{node}.key")));
-            if cert.exists() && key.exists() && !expiring(&cert) && binds(&cert, noise_public.as_ref()) {
+            let usable = cert.exists() && key.exists() && !expiring(&cert) && binds(&cert, noise_public.as_ref());
+            if usable && issued_by(&ca, &cert) {
                 report.reused.push(format!("{node} certificate"));
+            } else if usable {
+                // Another CA issued it (a CA rotation was promoted): a new certificate for the
+                // same key, so a node reading its files while they change sees a matching pair.
+                let key_pem = read_secret(&key, pass)
+                    .map_err(|e| KeyError::Passphrase { path: key.clone(), reason: e.to_string() })?;
+                let pem = ca
+                    .reissue_bound(node, CERT_VALIDITY, noise_public.as_ref(), &String::from_utf8_lossy(&key_pem))
+                    .map_err(|e| file_err(&cert, e))?;
+                write_atomically(&cert, pem.as_bytes()).map_err(|e| file_err(&cert, e))?;
+                report.generated.push(format!("{node} certificate (new CA)"));
             } else {
                 let issued =
                     ca.issue_bound(node, CERT_VALIDITY, noise_public.as_ref()).map_err(|e| file_err(&cert, e))?;
@@ -258,6 +281,35 @@ fn binds(path: &Path, noise_key: Option<&[u8; 32]>) -> bool {
     let Ok(pem) = std::fs::read_to_string(path) else { return false };
     let Ok(der) = relayfed_proto::crypto::ca::parse_cert_pem(&pem) else { return false };
     relayfed_proto::crypto::ca::noise_key_from_cert(der.as_ref()).ok().flatten().as_ref() == noise_key
+}
+
+/// The first PEM block of `pem` (the issuing CA of a bundle).
+pub(super) fn first_pem_block(pem: &str) -> &str {
+    const END: &str = "-----END CERTIFICATE-----";
+    match pem.find(END) {
+        Some(i) => &pem[..i + END.len()],
+        None => pem,
+    }
+}
+
+/// Whether `ca` issued the certificate in `path`.
+fn issued_by(ca: &FederationCa, path: &Path) -> bool {
+    let Ok(pem) = std::fs::read_to_string(path) else { return false };
+    relayfed_proto::crypto::ca::parse_cert_pem(&pem).is_ok_and(|der| ca.issued(der.as_ref()))
+}
+
+/// Replaces `path` with `bytes` in one step (a temporary file renamed over it), so a node
+/// reading it sees the old or the new contents, never a mix; the mode of `path` is kept.
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0o644);
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Whether the certificate in `path` expires within [`RENEW_BEFORE`] (or cannot be read).

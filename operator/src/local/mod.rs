@@ -9,6 +9,7 @@
 //! (live where possible, a restart of that node where not); a rejected edit leaves the
 //! running configuration in force. docs/architecture.md ("Local mode") has the picture.
 
+pub mod ca_rotation;
 pub mod http;
 pub mod keys;
 pub mod prometheus;

@@ -1,5 +1,5 @@
 //! The supervisor's control API (loopback HTTP: `GET /local/status`, `POST /local/down`,
-//! `POST /local/rotate-keys[/<relay>]`, `GET /metrics`) and the `relayfed local status` table.
+//! `POST /local/rotate-keys[/<relay>]`, `POST /local/rotate-ca[/next]`, `GET /metrics`) and the `relayfed local status` table.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +24,33 @@ pub enum ControlRequest {
     Down,
     /// Rotate the ECH keys of these main relays (node ids) now.
     RotateKeys(std::collections::BTreeSet<String>),
+    /// Start a CA rotation with these waits.
+    RotateCa {
+        /// Least time every node trusts both CAs before the new one issues.
+        stage_for: std::time::Duration,
+        /// How long the old CA stays trusted after the new one issues.
+        overlap: std::time::Duration,
+    },
+    /// End the current CA rotation phase's wait early.
+    AdvanceCa,
+}
+
+/// Reads `POST /local/rotate-ca?stageFor=<s>&overlap=<s>` (seconds; defaults 0 and 600).
+fn rotate_ca(query: Option<&str>) -> Result<ControlRequest, String> {
+    let (mut stage_for, mut overlap) = (0u64, 600u64);
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let n: u64 = v.parse().map_err(|_| format!("{k}={v:?}: whole seconds expected"))?;
+        match k {
+            "stageFor" => stage_for = n,
+            "overlap" => overlap = n,
+            _ => return Err(format!("unknown parameter {k:?} (stageFor, overlap)")),
+        }
+    }
+    Ok(ControlRequest::RotateCa {
+        stage_for: std::time::Duration::from_secs(stage_for),
+        overlap: std::time::Duration::from_secs(overlap),
+    })
 }
 
 /// Answers `POST /local/rotate-keys[/<relay>]`: which relays, or why not.
@@ -85,10 +112,21 @@ pub async fn serve(
                                     Err(e) => (StatusCode::NOT_FOUND, json!({ "error": e }).to_string()),
                                 }
                             }
+                            (&Method::POST, "/local/rotate-ca") => match rotate_ca(req.uri().query()) {
+                                Ok(r) => {
+                                    control(r);
+                                    (StatusCode::ACCEPTED, "{\"rotating\":true}".to_owned())
+                                }
+                                Err(e) => (StatusCode::BAD_REQUEST, json!({ "error": e }).to_string()),
+                            },
+                            (&Method::POST, "/local/rotate-ca/next") => {
+                                control(ControlRequest::AdvanceCa);
+                                (StatusCode::ACCEPTED, "{\"advancing\":true}".to_owned())
+                            }
                             (&Method::GET, "/metrics") => (StatusCode::OK, metrics.encode()),
                             _ => (
                                 StatusCode::NOT_FOUND,
-                                "GET /local/status, POST /local/down, POST /local/rotate-keys[/<relay>], GET /metrics\n"
+                                "GET /local/status, POST /local/down, POST /local/rotate-keys[/<relay>], POST /local/rotate-ca[/next], GET /metrics\n"
                                     .into(),
                             ),
                         };
@@ -188,6 +226,7 @@ pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> V
         "federation": fed.as_ref().map(|f| f.0.clone()),
         "trustDomain": fed.as_ref().map(|f| f.1.clone()),
         "caFingerprint": s.ca_fingerprint,
+        "caRotation": s.ca_rotation,
         "files": s.files,
         "generation": distributor.generation(),
         "acceptedEdits": s.accepted_edits,
@@ -286,6 +325,16 @@ pub fn render(status: &Value) -> String {
         cell(&status["trustDomain"]),
         cell(&status["caFingerprint"])
     ));
+    let ca = &status["caRotation"];
+    if !ca.is_null() {
+        out.push_str(&format!(
+            "CA         rotating ({}): old {} -> new {}{}\n",
+            cell(&ca["phase"]),
+            cell(&ca["old"]),
+            cell(&ca["new"]),
+            ca["waiting"].as_str().map(|w| format!("; {w}")).unwrap_or_default()
+        ));
+    }
     let r = &status["rollout"];
     out.push_str(&format!(
         "rollout    policy {}: ECH {} mode {} at {}%  whitelist {}  blacklist {}\n",

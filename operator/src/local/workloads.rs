@@ -96,7 +96,10 @@ async fn http(tcp: tokio::net::TcpStream, service: String, node: String) {
             Ok::<_, Infallible>(r)
         }
     });
-    if let Err(e) = http1(&ServerLimits::FLEET).serve_connection(TokioIo::new(tcp), svc).await {
+    // A client may half-close after its request (`nc -N`, scripted calls): answer it anyway.
+    let mut server = http1(&ServerLimits::FLEET);
+    server.half_close(true);
+    if let Err(e) = server.serve_connection(TokioIo::new(tcp), svc).await {
         warn!(error = %e, "built-in http workload: connection error");
     }
 }

@@ -236,6 +236,31 @@ impl FederationCa {
         Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
+    /// Issues a node certificate for the key pair in `key_pem` (kept across a re-issue: a CA
+    /// rotation replaces a node's certificate file while the node may read its key file, so the
+    /// key does not change under it), valid from now for `validity`, binding `noise_key` if any.
+    pub fn reissue_bound(
+        &self,
+        node_id: &str,
+        validity: Duration,
+        noise_key: Option<&[u8; 32]>,
+        key_pem: &str,
+    ) -> Result<String, CaError> {
+        let now = SystemTime::now();
+        let mut params = self.node_params(node_id, now - Duration::from_secs(60), now + validity)?;
+        if let Some(key) = noise_key {
+            params.custom_extensions.push(noise_key_extension(key));
+        }
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(params.signed_by(&key, &self.issuer)?.pem())
+    }
+
+    /// Whether this CA signed `cert_der` (its signature verifies with the CA's key). Two CAs of
+    /// one trust domain share a name, so the name does not tell which one issued a certificate.
+    pub fn issued(&self, cert_der: &[u8]) -> bool {
+        parse_cert_pem(&self.cert.cert_pem).is_ok_and(|ca| issued_by(cert_der, ca.as_ref()))
+    }
+
     /// Issues a node certificate valid between two instants (tests issue expired ones).
     pub fn issue_between(
         &self,
@@ -305,6 +330,19 @@ pub fn cert_fingerprint(cert_pem: &str) -> Result<String, CaError> {
     let der = parse_cert_pem(cert_pem)?;
     let hex: String = sha2::Sha256::digest(der.as_ref()).iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!("sha256:{hex}"))
+}
+
+/// Whether the certificate `cert_der` carries a valid ECDSA P-256 / SHA-256 signature (the
+/// only kind relayfed CAs make) by the key of the CA certificate `ca_der`.
+pub fn issued_by(cert_der: &[u8], ca_der: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (Ok((_, cert)), Ok((_, ca))) = (X509Certificate::from_der(cert_der), X509Certificate::from_der(ca_der)) else {
+        return false;
+    };
+    let key = &ca.tbs_certificate.subject_pki.subject_public_key.data;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, key)
+        .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+        .is_ok()
 }
 
 /// Reads the node id from a certificate's `relayfed://<trust_domain>/<node-id>` URI SAN.
@@ -388,6 +426,26 @@ mod tests {
         assert_eq!(node_id_from_cert(&der, "acme.example").unwrap(), "hub-eu");
         assert!(matches!(node_id_from_cert(&der, "other.example"), Err(CaError::NoIdentity { .. })));
         node.key_der().unwrap();
+    }
+
+    #[test]
+    fn a_certificate_is_issued_by_the_ca_that_signed_it_and_a_reissue_keeps_the_key() {
+        let (old, new) =
+            (FederationCa::generate("acme.example").unwrap(), FederationCa::generate("acme.example").unwrap());
+        let node = old.issue_bound("shop", Duration::from_secs(3600), Some(&[3u8; 32])).unwrap();
+        let der = node.cert_der().unwrap();
+        assert!(old.issued(&der) && !new.issued(&der), "same name, different keys");
+        let again = new.reissue_bound("shop", Duration::from_secs(3600), Some(&[3u8; 32]), &node.key_pem).unwrap();
+        let again = parse_cert_pem(&again).unwrap();
+        assert!(new.issued(&again) && !old.issued(&again));
+        assert_eq!(noise_key_from_cert(&again).unwrap(), Some([3u8; 32]));
+        let spki = |d: &[u8]| {
+            use x509_parser::prelude::{FromDer, X509Certificate};
+            X509Certificate::from_der(d).unwrap().1.tbs_certificate.subject_pki.raw.to_vec()
+        };
+        assert_eq!(spki(&der), spki(&again), "the node's key pair is kept");
+        assert!(!issued_by(b"garbage", &again) && !issued_by(&der, b"garbage"));
+        assert!(new.reissue_bound("shop", Duration::from_secs(60), None, "not a key").is_err());
     }
 
     #[test]

@@ -125,16 +125,24 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
     };
     let loaded = HopIdentity::load(&snap)?;
     metrics.transport.certificate_expiry.set(loaded.not_after_unix().unwrap_or(0));
-    let identity = SharedIdentity::from(loaded);
-    if let Some(mut updates) = opts.identity_updates.clone() {
+    let identity = SharedIdentity::from(loaded.clone());
+    // Workload sidecars renew through the certificate API; other nodes reload their files.
+    let updates = match opts.identity_updates.clone() {
+        Some(u) => u,
+        None => super::identity_files::watch(&snap, loaded),
+    };
+    {
         let (identity, running, timeouts) = (identity.clone(), running.clone(), snap.timeouts.clone());
         let metrics = metrics.clone();
+        let mut updates = updates;
         tokio::spawn(async move {
             while updates.changed().await.is_ok() {
                 let next = updates.borrow_and_update().clone();
-                if let Running::Home(h) = &running
-                    && let Err(e) = h.renew_identity(&next, &timeouts)
-                {
+                let installed = match &running {
+                    Running::Home(h) => h.renew_identity(&next, &timeouts),
+                    Running::Main(r) => r.renew_identity(next.clone()),
+                };
+                if let Err(e) = installed {
                     warn!(error = %e, "renewed certificate not installed");
                     continue;
                 }

@@ -397,6 +397,7 @@ impl HomeNode {
                 let mut services: Vec<String> = entries.iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
                 services.sort();
                 services.dedup();
+                let current = self.current_identity();
                 Some(json!({
                     "status": if main.is_some() { "ok" } else { "disconnected" },
                     "node": self.identity.node_id,
@@ -408,6 +409,11 @@ impl HomeNode {
                     "averageLatencyMillis": main.as_ref().map(|m| m.1.as_secs_f64() * 1e3),
                     "circuits": self.breaker_states(),
                     "ech": self.ech_health(),
+                    "tls": {
+                        "roots": current.root_fingerprints(),
+                        "certificate": current.certificate_fingerprint(),
+                        "notAfter": current.not_after_unix(),
+                    },
                     "errors": self.metrics.error_counts(),
                 }))
             }

@@ -189,7 +189,7 @@ impl MainRelay {
         self.metrics.relay.registry_entries.get_or_create(&[("kind", "local")]).set(sizes.0 as i64);
         self.metrics.relay.registry_entries.get_or_create(&[("kind", "federated")]).set(sizes.1 as i64);
         let mut mains = BTreeMap::new();
-        mains.insert(self.identity.node_id.clone(), self.ech_info());
+        mains.insert(self.node_id.clone(), self.ech_info());
         if let Ok(h) = self.peer_health.read() {
             for (p, health) in h.iter() {
                 mains.insert(

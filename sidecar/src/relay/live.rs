@@ -74,7 +74,7 @@ impl MainRelay {
             Ok(mut l) => *l = Arc::new(next.clone()),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(next.clone()),
         }
-        self.identity.set_partners(partners(&snap.peers));
+        self.identity.get().set_partners(partners(&snap.peers));
         if let Ok(mut h) = self.peer_health.write() {
             h.retain(|p, _| next.peers.contains_key(p));
             for p in next.peers.keys() {
@@ -118,7 +118,7 @@ impl MainRelay {
             self.push_views();
         }
         if let Some(endpoint) = self.endpoint.get() {
-            let me = self.identity.node_id.clone();
+            let me = self.node_id.clone();
             for (peer, cfg) in &next.peers {
                 let new = old.peers.get(peer).is_none_or(|o| o.endpoint != cfg.endpoint);
                 if new && me < *peer && self.refuse_connection(peer).is_none() {

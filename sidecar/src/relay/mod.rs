@@ -34,7 +34,7 @@ use crate::protocol::{ErrorCode, Frame};
 use crate::transport::idle::splice_streams;
 use crate::transport::io::{read_frame, send_error, write_frames};
 use crate::transport::tls::QuicIdentity;
-use crate::transport::tls::{HopIdentity, failure_reason};
+use crate::transport::tls::{HopIdentity, SharedIdentity, failure_reason};
 use live::MainLive;
 use router::{Decision, FirstFrame, PeerLink, Refusal, RouteContext};
 
@@ -61,7 +61,10 @@ pub(crate) struct PeerHealth {
 
 /// Shared state of a running main relay.
 pub struct MainRelay {
-    identity: HopIdentity,
+    /// This relay's node id (its certificate's name; renewals keep it).
+    node_id: String,
+    /// Its TLS identity; replaced when its files change (a renewal or a CA rotation).
+    identity: SharedIdentity,
     /// ECH keys; replaced when the key file changes (a rotation), see `live.rs`.
     keys: RwLock<Option<Arc<EchKeySet>>>,
     homes: RwLock<HashMap<String, Link>>,
@@ -132,7 +135,8 @@ impl MainRelay {
         let ttl = Duration::from_secs(snap.registry.ttl_seconds);
         let relay = Arc::new(Self {
             registry: Mutex::new(Registry::new(&snap.node.id, ttl)),
-            identity,
+            node_id: identity.node_id.clone(),
+            identity: identity.into(),
             keys: RwLock::new(keys.map(Arc::new)),
             homes: RwLock::new(HashMap::new()),
             peers: RwLock::new(HashMap::new()),
@@ -175,7 +179,37 @@ impl MainRelay {
 
     /// This relay's node id.
     pub fn node_id(&self) -> &str {
-        &self.identity.node_id
+        &self.node_id
+    }
+
+    /// Installs a renewed identity (new certificate, or the trust bundle of a CA rotation):
+    /// handshakes from now on present its certificate and verify against its CAs; established
+    /// connections keep theirs. The node id must stay the same.
+    pub fn renew_identity(&self, next: HopIdentity) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            next.node_id == self.node_id,
+            "renewed certificate is for node {:?}, this relay is {:?}",
+            next.node_id,
+            self.node_id
+        );
+        if let Some(endpoint) = self.endpoint.get() {
+            // Share the partners first: the new server configuration's verifier reads them.
+            self.identity.replace(next);
+            let current = self.identity.get();
+            // (Peer dials build their client configuration from the identity each time.)
+            endpoint.set_server_config(Some(current.server_config(&self.timeouts)?));
+        } else {
+            self.identity.replace(next);
+        }
+        info!(node = %self.node_id, "hop identity renewed");
+        Ok(())
+    }
+
+    /// The SPKI fingerprints of the CAs this relay trusts and its certificate's fingerprint,
+    /// for `/federation/health`.
+    pub(crate) fn tls_health(&self) -> serde_json::Value {
+        let id = self.identity.get();
+        serde_json::json!({"roots": id.root_fingerprints(), "certificate": id.certificate_fingerprint(), "notAfter": id.not_after_unix()})
     }
 
     /// What this relay tells homes and peers about its ECH config: the CA-signed
@@ -217,7 +251,7 @@ impl MainRelay {
     }
 
     async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
-        let node = match self.identity.peer_node_id(&conn) {
+        let node = match self.identity.get().peer_node_id(&conn) {
             Ok(p) => p,
             Err(e) => {
                 self.metrics
@@ -390,7 +424,7 @@ impl MainRelay {
             // Locked only for the lookup, not across the ECH open before it.
             let connected = |n: &str| self.homes.read().is_ok_and(|h| h.contains_key(n));
             let ctx = RouteContext {
-                me: &self.identity.node_id,
+                me: &self.node_id,
                 live: &live,
                 keys: keys.as_deref(),
                 home_connected: &connected,

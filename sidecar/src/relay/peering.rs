@@ -20,7 +20,7 @@ use crate::transport::tls::{QuicIdentity, failure_reason};
 impl MainRelay {
     /// Starts dialing peers (those with a larger node id) and the periodic tasks.
     pub(crate) fn start_federation(self: Arc<Self>, endpoint: quinn::Endpoint) {
-        let me = self.identity.node_id.clone();
+        let me = self.node_id.clone();
         let peers: Vec<(String, String)> =
             self.live().peers.values().map(|p| (p.node_id.clone(), p.endpoint.clone())).collect();
         for (peer, addr) in peers {
@@ -36,7 +36,7 @@ impl MainRelay {
             loop {
                 tick.tick().await;
                 let (epoch, seq) = relay.registry.lock().map(|r| (r.epoch(), r.seq())).unwrap_or((0, 0));
-                relay.to_peers(Control::Refresh { origin: relay.identity.node_id.clone(), epoch, seq }, "refresh_sent");
+                relay.to_peers(Control::Refresh { origin: relay.node_id.clone(), epoch, seq }, "refresh_sent");
             }
         });
         let relay = self.clone();
@@ -145,12 +145,17 @@ impl MainRelay {
         }
         .ok_or_else(|| ("unresolved", format!("{address} resolves to no address")))?;
         let started = match &cfg.pin {
-            None => endpoint.connect(addr, &self.identity.server_name(&cfg.node_id)),
+            None => {
+                let identity = self.identity.get();
+                let client = identity.client_config(&self.timeouts).map_err(|e| ("other", e.to_string()))?;
+                endpoint.connect_with(client, addr, &identity.server_name(&cfg.node_id))
+            }
             Some(pin) => {
                 let partner = crate::transport::tls::Partner::from_pin(&cfg.node_id, pin)
                     .map_err(|e| ("pin_mismatch", e.to_string()))?;
                 let client = self
                     .identity
+                    .get()
                     .client_config_for_partner(&self.timeouts, partner)
                     .map_err(|e| ("other", e.to_string()))?;
                 let name = relayfed_proto::crypto::ca::node_dns_name(&cfg.node_id, &pin.trust_domain);
@@ -163,7 +168,7 @@ impl MainRelay {
     pub(crate) fn hello(&self) -> Control {
         let info = self.ech_info();
         Control::PeerHello {
-            node: self.identity.node_id.clone(),
+            node: self.node_id.clone(),
             ech_config_list: info.ech_config_list,
             ech_signature: info.ech_signature,
         }
@@ -393,7 +398,7 @@ impl MainRelay {
             "/federation/registry" => {
                 let r = self.registry.lock().ok()?;
                 Some(json!({
-                    "node": self.identity.node_id,
+                    "node": self.node_id,
                     "seq": r.seq(),
                     "local": r.local().collect::<Vec<_>>(),
                     "federated": r.federated(now).map(|(e, ttl, reachable)| json!({"entry": e, "ttlSeconds": ttl.as_secs_f64(), "reachable": reachable})).collect::<Vec<_>>(),
@@ -423,10 +428,11 @@ impl MainRelay {
                 Some(json!({
                     "status": if up.len() == expected { "ok" } else { "degraded" },
                     "peers": peers.clone(),
-                    "node": self.identity.node_id,
+                    "node": self.node_id,
                     "role": "main",
                     "echAnonymitySet": anonymity,
                     "echKeys": keys,
+                    "tls": self.tls_health(),
                     // ECH as this relay sees it: routes sealed to it it opened, and those it
                     // could not (stale config id: retry configs sent; failed to open).
                     "ech": {

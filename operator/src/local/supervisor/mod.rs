@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+mod ca;
 mod processes;
 
 use super::keys::{KeyStore, NodeKeys};
@@ -107,6 +108,8 @@ pub struct Shared {
     pub workloads: Vec<(String, String, SocketAddr, &'static str)>,
     /// CA fingerprint.
     pub ca_fingerprint: Option<String>,
+    /// The CA rotation in progress (null when none).
+    pub ca_rotation: Value,
 }
 
 enum Event {
@@ -114,6 +117,8 @@ enum Event {
     Exited { node: String, generation: u64, status: String },
     Restart { node: String },
     RotateKeys(BTreeSet<String>),
+    RotateCa { stage_for: Duration, overlap: Duration },
+    AdvanceCa,
     Down,
 }
 
@@ -128,6 +133,10 @@ pub struct Supervisor {
     /// The config distribution store.
     pub distributor: Arc<Distributor>,
     distribution_addr: SocketAddr,
+    /// The distribution server's identity (a CA rotation replaces it).
+    server_identity: relayfed_serving::identity::SharedIdentity,
+    /// When a CA rotation in progress is looked at next.
+    ca_due: tokio::time::Instant,
     /// State shown by `status`.
     pub shared: Arc<Mutex<Shared>>,
     /// Metrics (`/metrics` of the control API).
@@ -213,8 +222,9 @@ impl Supervisor {
         let report = keys.ensure(&nodes, SERVER_NODE)?;
         with_ech_configs(&keys, &nodes, &mut snapshots)?;
         info!(generated = ?report.generated, reused = ?report.reused, "key material ready");
-        let identity = keys.identity(SERVER_NODE)?;
-        let distribution_addr = distributor.clone().serve(SocketAddr::from(([127, 0, 0, 1], 0)), &identity).await?;
+        let server_identity = relayfed_serving::identity::SharedIdentity::from(keys.identity(SERVER_NODE)?);
+        let distribution_addr =
+            distributor.clone().serve(SocketAddr::from(([127, 0, 0, 1], 0)), server_identity.clone()).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Mutex::new(Shared { ca_fingerprint: keys.ca_fingerprint(), ..Default::default() }));
         let mut sup = Self {
@@ -226,6 +236,8 @@ impl Supervisor {
             remove_passphrase_on_exit,
             distributor,
             distribution_addr,
+            server_identity,
+            ca_due: tokio::time::Instant::now(),
             shared,
             metrics,
             events: tx,
@@ -429,6 +441,7 @@ impl Supervisor {
                     }
                     self.run_key_schedules();
                     self.run_rollout();
+                    self.run_ca_rotation().await;
                 }
                 ev = rx.recv() => match ev {
                     Some(Event::Down) | None => break,
@@ -448,6 +461,10 @@ impl Supervisor {
             let _ = tx.send(match req {
                 super::status::ControlRequest::Down => Event::Down,
                 super::status::ControlRequest::RotateKeys(nodes) => Event::RotateKeys(nodes),
+                super::status::ControlRequest::RotateCa { stage_for, overlap } => {
+                    Event::RotateCa { stage_for, overlap }
+                }
+                super::status::ControlRequest::AdvanceCa => Event::AdvanceCa,
             });
         })
     }

@@ -134,6 +134,8 @@ impl Supervisor {
                 self.rotate_now.extend(nodes);
                 self.keys_due = tokio::time::Instant::now();
             }
+            Event::RotateCa { stage_for, overlap } => self.begin_ca_rotation(stage_for, overlap),
+            Event::AdvanceCa => self.advance_ca_rotation(),
             Event::Ready { node, generation, line } => {
                 if let Ok(mut s) = self.shared.lock()
                     && let Some(p) = s.nodes.get_mut(&node)
