@@ -106,8 +106,17 @@ fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(v)
 }
 
+/// rustls' ring provider with AES-128-GCM preferred: the cheapest AEAD where the CPU has AES
+/// instructions, and as strong as the 128-bit security of the hops' P-256 keys. (The default
+/// order puts AES-256-GCM first; the client's order decides.)
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 1,
+        _ => 2,
+    });
+    Arc::new(p)
 }
 
 impl HopIdentity {
@@ -316,5 +325,69 @@ impl HopIdentity {
         h.update(label);
         h.update(self.key.secret_der());
         h.finalize().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use relayfed_proto::crypto::ca::FederationCa;
+    use std::time::Duration;
+
+    fn identity(issuer: &FederationCa, trusted: &[&FederationCa], node: &str) -> HopIdentity {
+        let issued = issuer.issue(node, Duration::from_secs(3600)).unwrap();
+        let bundle: String = trusted.iter().map(|c| c.certified_key().cert_pem.clone()).collect();
+        HopIdentity::from_pem("acme.example", node, &bundle, &issued.cert_pem, &issued.key_pem).unwrap()
+    }
+
+    /// A whole TLS handshake in memory; the suite it agreed on, or the first side's error.
+    fn handshake(client: &HopIdentity, server: &HopIdentity) -> Result<rustls::CipherSuite, String> {
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        let name = rustls_pki_types::ServerName::try_from(client.server_name(&server.node_id)).map_err(|x| e(&x))?;
+        let mut c = rustls::ClientConnection::new(Arc::new(client.rustls_client(b"t").map_err(|x| e(&x))?), name)
+            .map_err(|x| e(&x))?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server.rustls_server(&[b"t"]).map_err(|x| e(&x))?))
+            .map_err(|x| e(&x))?;
+        for _ in 0..8 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).map_err(|x| e(&x))?;
+            s.read_tls(&mut &buf[..]).map_err(|x| e(&x))?;
+            s.process_new_packets().map_err(|x| format!("server: {x}"))?;
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).map_err(|x| e(&x))?;
+            c.read_tls(&mut &buf[..]).map_err(|x| e(&x))?;
+            c.process_new_packets().map_err(|x| format!("client: {x}"))?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(c.negotiated_cipher_suite().map(|s| s.suite()).ok_or("no suite")?);
+            }
+        }
+        Err("handshake did not finish".into())
+    }
+
+    #[test]
+    fn hops_agree_on_aes_128_gcm() {
+        let ca = FederationCa::generate("acme.example").unwrap();
+        let (a, b) = (identity(&ca, &[&ca], "hub-a"), identity(&ca, &[&ca], "hub-b"));
+        assert_eq!(handshake(&a, &b), Ok(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    }
+
+    #[test]
+    fn during_a_ca_rotation_both_cas_are_accepted_and_afterwards_only_the_new_one() {
+        // Two CAs of one trust domain: the same name, different keys.
+        let (old, new) =
+            (FederationCa::generate("acme.example").unwrap(), FederationCa::generate("acme.example").unwrap());
+        let both_old = identity(&old, &[&old, &new], "hub-a");
+        let both_new = identity(&new, &[&new, &old], "hub-b");
+        let only_new = identity(&new, &[&new], "hub-c");
+        let only_old = identity(&old, &[&old], "shop");
+        assert!(handshake(&both_old, &both_new).is_ok(), "old certificate, both trusted");
+        assert!(handshake(&both_new, &both_old).is_ok(), "new certificate, both trusted");
+        assert!(handshake(&only_new, &both_new).is_ok(), "after the rotation, toward a node still in the overlap");
+        // Why the old CA is dropped only once every node presents a new certificate:
+        assert!(handshake(&only_new, &both_old).is_err(), "a node that dropped the old CA refuses its certificates");
+        let refused = handshake(&only_old, &only_new).unwrap_err();
+        assert!(refused.contains("UnknownIssuer") || refused.contains("BadSignature"), "{refused}");
+        assert!(handshake(&only_new, &only_old).is_err(), "a node of the old CA alone refuses the new one");
     }
 }

@@ -40,7 +40,7 @@ async fn main() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/scenarios/bench.yaml")).unwrap();
     // The homes measured at hub-m are in the plan like any other (a relay refuses homes the
     // plan does not assign to it), each exporting a service of its own.
-    let n = 500;
+    let n = 1000;
     for i in 0..n {
         crs.push_str(&format!(
             "---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: mem-{i}, namespace: test}}\n\
@@ -92,6 +92,10 @@ async fn main() {
     let before = rss_kib(hub_m_pid);
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut conns = Vec::new();
+    // Registration at scale: each block of 100 homes timed until its last home has its
+    // first view (the relay processed its registration and sent it what it imports).
+    let mut blocks = Vec::new();
+    let mut block_started = std::time::Instant::now();
     for i in 0..n {
         let node = format!("mem-{i}");
         // Its certificate binds the Noise key it registers, as the plan's relays require.
@@ -111,14 +115,26 @@ async fn main() {
         };
         write_frames(&mut send, &[Frame::Control(reg)]).await.unwrap();
         // Behave like a home node: acknowledge every complete view.
+        let (viewed, got_view) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
+            let mut viewed = Some(viewed);
             while let Ok(Some(Frame::Control(Control::View { more, .. }))) = read_frame(&mut recv).await {
-                if !more && write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await.is_err() {
-                    break;
+                if !more {
+                    if let Some(v) = viewed.take() {
+                        let _ = v.send(());
+                    }
+                    if write_frames(&mut send, &[Frame::Control(Control::ViewAck)]).await.is_err() {
+                        break;
+                    }
                 }
             }
         });
         conns.push(conn);
+        if (i + 1) % 100 == 0 {
+            let _ = got_view.await;
+            blocks.push(block_started.elapsed());
+            block_started = std::time::Instant::now();
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib(hub_m_pid);
@@ -137,6 +153,14 @@ async fn main() {
         "| main relay with no call load (hub-m): resident memory before / after {n} connected, registered home nodes | {before} KiB / {after} KiB |"
     );
     println!("| main relay memory per connected home node | {per_home:.1} KiB |");
+    for (i, d) in blocks.iter().enumerate() {
+        println!(
+            "| homes {}–{} connected and registered at hub-m (each block until its last home has its first view) | {:.0} ms |",
+            i * 100 + 1,
+            (i + 1) * 100,
+            d.as_secs_f64() * 1e3
+        );
+    }
     drop(conns);
     drop(server);
 }

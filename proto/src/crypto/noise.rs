@@ -242,18 +242,25 @@ pub struct SendHalf {
 impl SendHalf {
     /// Encrypts one message (at most [`MAX_PLAINTEXT`] bytes).
     pub fn encrypt(&mut self, plain: &[u8]) -> Result<Vec<u8>, NoiseError> {
+        let mut out = vec![0u8; plain.len() + 16];
+        let n = self.encrypt_into(plain, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// Encrypts one message (at most [`MAX_PLAINTEXT`] bytes) into `out` (at least 16 bytes
+    /// longer than `plain`), where a caller building a frame wants it; returns its length.
+    pub fn encrypt_into(&mut self, plain: &[u8], out: &mut [u8]) -> Result<usize, NoiseError> {
         if plain.len() > MAX_PLAINTEXT {
             return Err(NoiseError::TooLong(plain.len()));
         }
-        let mut out = vec![0u8; plain.len() + 16];
         let mut ts = self.state.lock().map_err(|_| NoiseError::Decrypt("session lock poisoned".into()))?;
-        let n = ts.write_message(plain, &mut out).map_err(|e| NoiseError::Decrypt(e.to_string()))?;
-        out.truncate(n);
+        let n = ts.write_message(plain, out).map_err(|e| NoiseError::Decrypt(e.to_string()))?;
         self.sent += 1;
         if self.sent.is_multiple_of(REKEY_INTERVAL) {
             ts.rekey_outgoing();
         }
-        Ok(out)
+        Ok(n)
     }
 }
 

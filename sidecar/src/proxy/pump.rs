@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// The first read from an app's connection; a sender that fills it gets larger reads, up to
+/// a whole Noise message.
+const FIRST_READ: usize = 16 * 1024;
+
+/// A NOISE frame carrying `plain` encrypted, built in one buffer that quinn then sends as is.
+fn noise_frame(tx: &mut SendHalf, plain: &[u8]) -> Option<bytes::Bytes> {
+    use crate::protocol::frame::{FRAME_HEADER, kind};
+    let mut frame = vec![0u8; FRAME_HEADER + plain.len() + 16];
+    let len = tx.encrypt_into(plain, &mut frame[FRAME_HEADER..]).ok()?;
+    let wire = u16::try_from(len).ok()?.to_be_bytes();
+    frame[..FRAME_HEADER].copy_from_slice(&[kind::NOISE, wire[0], wire[1]]);
+    frame.truncate(FRAME_HEADER + len);
+    Some(frame.into())
+}
+
 impl HomeNode {
     /// Carries bytes between a TCP socket and a stream of Noise transport messages; says how
     /// the stream ended.
@@ -16,20 +31,31 @@ impl HomeNode {
         idle: Duration,
     ) -> Result<(), ErrorCode> {
         let _ = tcp.set_nodelay(true);
-        let (mut tr, mut tw) = tcp.into_split();
+        let (tr, mut tw) = tcp.into_split();
         let watch = crate::transport::idle::IdleWatch::new();
         let touch = || watch.touch();
         let up = async {
-            let mut buf = vec![0u8; MAX_PLAINTEXT];
             let mut total = 0u64;
+            let mut read_size = FIRST_READ;
             loop {
-                let n = match tr.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
+                // No buffer is held while the app is quiet: an idle connection costs none.
+                if tr.readable().await.is_err() {
+                    break;
+                }
+                let mut plain = Vec::with_capacity(read_size);
+                let n = match tr.try_read_buf(&mut plain) {
+                    Ok(0) => break,
                     Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => break,
                 };
                 touch();
-                let Ok(ct) = tx.encrypt(&buf[..n]) else { return Err(ErrorCode::Internal) };
-                if write_frames(&mut send, &[Frame::Noise(ct)]).await.is_err() {
+                if n == read_size {
+                    // A bulk sender: read up to a whole Noise message at a time.
+                    read_size = (read_size * 2).min(MAX_PLAINTEXT);
+                }
+                let Some(frame) = noise_frame(&mut tx, &plain) else { return Err(ErrorCode::Internal) };
+                if send.write_chunk(frame).await.is_err() {
                     return Err(ErrorCode::PeerUnreachable);
                 }
                 total += n as u64;

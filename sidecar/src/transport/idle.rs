@@ -46,35 +46,31 @@ impl IdleWatch {
     }
 }
 
-/// Copies `from` to `to` until EOF or an error, touching `watch` for every chunk; at EOF it
-/// finishes `to` (on an error the caller decides: a relay resets both streams). Returns the
-/// bytes copied and whether the copy ended cleanly (EOF read, everything written, `to`
-/// finished).
-pub async fn copy_watched<R, W>(from: &mut R, to: &mut W, watch: &IdleWatch) -> (u64, bool)
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // 16 KiB per direction: relays hold many streams at once.
-    let mut buf = vec![0u8; 16 * 1024];
+/// Forwards `from` to `to` until EOF or an error, touching `watch` for every chunk; at EOF it
+/// finishes `to` (on an error the caller decides: a relay resets both streams). Chunks move as
+/// quinn received them (`Bytes`, no copy, no buffer per stream: a relay holds many streams).
+/// Returns the bytes forwarded and whether it ended cleanly (EOF read, everything written,
+/// `to` finished).
+pub async fn forward_watched(
+    from: &mut quinn::RecvStream,
+    to: &mut quinn::SendStream,
+    watch: &IdleWatch,
+) -> (u64, bool) {
     let mut total = 0u64;
-    let clean = loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) => break true,
-            Err(_) => break false,
-            Ok(n) => n,
-        };
-        watch.touch();
-        if to.write_all(&buf[..n]).await.is_err() {
-            break false;
+    loop {
+        match from.read_chunk(usize::MAX, true).await {
+            Ok(None) => break,
+            Err(_) => return (total, false),
+            Ok(Some(chunk)) => {
+                watch.touch();
+                total += chunk.bytes.len() as u64;
+                if to.write_chunk(chunk.bytes).await.is_err() {
+                    return (total, false);
+                }
+            }
         }
-        total += n as u64;
-    };
-    if !clean {
-        return (total, false);
     }
-    (total, to.shutdown().await.is_ok())
+    (total, to.finish().is_ok())
 }
 
 /// Copies two QUIC streams into each other until the stream is over: `a` is the caller's
@@ -94,8 +90,8 @@ pub async fn splice_streams(
     let watch = IdleWatch::new();
     let (mut requests, mut answers) = (None, None);
     let outcome = {
-        let mut up = std::pin::pin!(copy_watched(a_recv, b_send, &watch));
-        let mut down = std::pin::pin!(copy_watched(b_recv, a_send, &watch));
+        let mut up = std::pin::pin!(forward_watched(a_recv, b_send, &watch));
+        let mut down = std::pin::pin!(forward_watched(b_recv, a_send, &watch));
         let mut expired = std::pin::pin!(watch.expired(idle));
         loop {
             tokio::select! {
