@@ -70,6 +70,34 @@ async fn main() {
     for _ in 0..20 {
         call(import).await.unwrap();
     }
+    // Memory per idle proxied connection: 1,000 connections through the client home (and
+    // the server home at the far end), each after one round trip, then left open (measured before the concurrent
+    // calls below raise the processes' high-water marks).
+    let (client_pid, server_pid) = (client.child.id().unwrap(), server.child.id().unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_before = (rss_kib(client_pid), rss_kib(server_pid));
+    let mut idle_conns = Vec::new();
+    for _ in 0..1000 {
+        let mut s = TcpStream::connect(import).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        s.read_exact(&mut [0u8; 1]).await.unwrap();
+        idle_conns.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_after = (rss_kib(client_pid), rss_kib(server_pid));
+    let per_conn = |b: u64, a: u64| a.saturating_sub(b) as f64 / idle_conns.len() as f64;
+    let idle_rows = [
+        ("calling home (client)", idle_before.0, idle_after.0),
+        ("serving home (server)", idle_before.1, idle_after.1),
+    ]
+    .map(|(who, b, a)| {
+        format!(
+            "| 1,000 idle proxied connections, {who}: resident memory before / after, per connection | {b} KiB / {a} KiB, {:.1} KiB |",
+            per_conn(b, a)
+        )
+    });
+    drop(idle_conns);
+
     let mut runs = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
@@ -83,7 +111,7 @@ async fn main() {
         runs.push((t.elapsed(), ok));
     }
 
-    // Memory per connected home at hub-m: RSS before and after 500 registered homes.
+    // Memory per connected home at hub-m: RSS before and after the registered homes.
     let hub_m_pid = mains[2].child.id().unwrap();
     let hub_m: SocketAddr = files.mains[2].2;
     let snap = Snapshot::load(&home_file("client")).unwrap();
@@ -153,6 +181,9 @@ async fn main() {
         "| main relay with no call load (hub-m): resident memory before / after {n} connected, registered home nodes | {before} KiB / {after} KiB |"
     );
     println!("| main relay memory per connected home node | {per_home:.1} KiB |");
+    for row in &idle_rows {
+        println!("{row}");
+    }
     for (i, d) in blocks.iter().enumerate() {
         println!(
             "| homes {}–{} connected and registered at hub-m (each block until its last home has its first view) | {:.0} ms |",

@@ -155,7 +155,9 @@ impl Initiator {
     /// returns message 2's payload (the responder's certificate).
     pub fn finish(mut self, msg2: &[u8], payload3: &[u8]) -> Result<(Session, Vec<u8>, Vec<u8>), NoiseError> {
         let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
-        let mut payload = vec![0u8; MAX_MESSAGE];
+        // A payload is never longer than its message: sized to it, the buffer kept with the
+        // certificate for the stream's life is not 64 KiB.
+        let mut payload = vec![0u8; msg2.len()];
         let len = self.hs.read_message(msg2, &mut payload).map_err(hs_err)?;
         payload.truncate(len);
         if payload3.len() > MAX_MESSAGE - 96 {
@@ -190,7 +192,7 @@ impl Responder {
             .map_err(hs_err)?
             .build_responder()
             .map_err(hs_err)?;
-        let mut scratch = vec![0u8; MAX_MESSAGE];
+        let mut scratch = vec![0u8; msg1.len()];
         hs.read_message(msg1, &mut scratch).map_err(hs_err)?;
         if payload.len() > MAX_MESSAGE - 64 {
             return Err(NoiseError::TooLong(payload.len()));
@@ -205,7 +207,7 @@ impl Responder {
     /// 3's payload (the origin's certificate chain; empty from an origin that sends none).
     pub fn finish(mut self, msg3: &[u8]) -> Result<(Session, [u8; 32], Vec<u8>), NoiseError> {
         let hs_err = |e: snow::Error| NoiseError::Handshake(e.to_string());
-        let mut payload = vec![0u8; MAX_MESSAGE];
+        let mut payload = vec![0u8; msg3.len()];
         let len = self.hs.read_message(msg3, &mut payload).map_err(hs_err)?;
         payload.truncate(len);
         let remote: [u8; 32] = self
