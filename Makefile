@@ -15,7 +15,7 @@ BENCH_OUT ?= docs/benchmarks.md
 DURATION ?= 10m
 FAILURE_RATE ?= 10%
 
-.PHONY: prometheus e2e dashboards chaos chart-docs images demo bench help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+.PHONY: prometheus e2e dashboards chaos chart-docs images demo bench bench-peers help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -146,6 +146,21 @@ bench: ## Benchmarks (release build) and the failover scenario's figures; writes
 	   echo; echo "### A main relay with two replicas"; echo; echo "\`RELAYFED_CHAOS_BIN=<release relayfed> cargo test -p relayfed-operator --test chaos a_replicated_main_relay_survives_the_loss_of_either_replica -- --nocapture\` (tests/chaos/replicas: hub as hub-0 and hub-1, far, 6 homes, the homes on hub listing no other relay, ECH 100%, 50 calls/s)"; echo; cat target/bench-replicas.md; \
 	   echo; cat target/bench-kept.md; } > $(BENCH_OUT)
 	@cat $(BENCH_OUT)
+
+PEERS_DIR ?= /var/tmp/relayfed-peers
+bench-peers: ## relayfed beside direct, stunnel4 and boringtun on one namespace topology (root; installs them); rewrites its section of $(BENCH_OUT).
+	for t in stunnel4 iperf3 wg openssl; do command -v $$t >/dev/null || { apt-get install -y --no-install-recommends stunnel4 iperf3 wireguard-tools openssl; break; }; done
+	test -x $(PEERS_DIR)/bin/boringtun-cli || $(CARGO) install -q --locked boringtun-cli@0.7.1 --root $(PEERS_DIR)
+	mkdir -p target
+	RELAYFED_BORINGTUN=$(PEERS_DIR)/bin/boringtun-cli $(CARGO) bench -q -p relayfed-sidecar --bench peers > target/bench-peers.md
+	@{ echo "Produced by \`make bench-peers\` (\`cargo bench -p relayfed-sidecar --bench peers\`, root) on $$(date -u +%Y-%m-%d), $$(nproc) cores,"; \
+	   echo "$$(uname -sr); $$(stunnel4 -version 2>&1 | grep -m1 -o 'stunnel [0-9.]*'), boringtun $$($(PEERS_DIR)/bin/boringtun-cli --version | cut -d' ' -f2),"; \
+	   echo "$$(iperf3 --version | head -1 | cut -d' ' -f1-2), $$(openssl version | cut -d' ' -f1-2); the machine's load average at the start: $$(cut -d' ' -f1-3 /proc/loadavg)."; \
+	   echo; cat target/bench-peers.md; } > target/bench-peers-section.md
+	@awk -v f=target/bench-peers-section.md '/^<!-- bench-peers: begin/ {print; while ((getline l < f) > 0) print l; skip=1; next} /^<!-- bench-peers: end/ {skip=0} !skip' $(BENCH_OUT) > target/bench-peers-doc.md
+	@grep -q '^<!-- bench-peers: begin' $(BENCH_OUT) || { echo "$(BENCH_OUT) has no bench-peers markers"; exit 1; }
+	mv target/bench-peers-doc.md $(BENCH_OUT)
+	@cat target/bench-peers-section.md
 
 clean: ## Remove build output.
 	$(CARGO) clean
