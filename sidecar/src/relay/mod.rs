@@ -13,6 +13,7 @@ pub mod homes;
 pub mod live;
 pub mod peering;
 pub(crate) mod router;
+pub(crate) mod views;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -82,7 +83,9 @@ pub struct MainRelay {
     endpoint: std::sync::OnceLock<quinn::Endpoint>,
     /// The latest view (main relays' ECH configs and every instance); each home writer sends
     /// the newest, filtered to what that home imports.
-    views: tokio::sync::watch::Sender<Arc<homes::ViewData>>,
+    views: tokio::sync::watch::Sender<Arc<views::ViewData>>,
+    /// Asks the view builder for a new view (`views.rs`).
+    views_wanted: Arc<tokio::sync::Notify>,
     /// Settings a new config version replaces in place: peers (endpoint, trust level,
     /// permissions, rate limit), trust defaults, the default rate limit, breaker settings.
     live: RwLock<Arc<MainLive>>,
@@ -151,11 +154,13 @@ impl MainRelay {
             ),
             endpoint: std::sync::OnceLock::new(),
             views: tokio::sync::watch::channel(Arc::new(Default::default())).0,
+            views_wanted: Default::default(),
             live: RwLock::new(Arc::new(MainLive::from_snapshot(snap))),
             limiter: Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_RATE_SENDERS)),
             peer_breakers: Mutex::new(HashMap::new()),
         });
         relay.metrics.transport.config_version.set(snap.version as i64);
+        relay.start_view_builder();
         relay.push_views();
         let _ = relay.endpoint.set(endpoint.clone());
         let r = relay.clone();

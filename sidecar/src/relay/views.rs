@@ -1,0 +1,311 @@
+//! The views a main relay sends its homes: every instance of what a home imports and the
+//! main relays' ECH configs. One builder task turns registry changes into a new [`ViewData`]
+//! (a storm of registrations coalesces into as many builds as the builder has time for), and
+//! each home's writer re-encodes its view only when something it imports (or an ECH config)
+//! changed since it last looked, and sends it only when the bytes differ: a registration
+//! costs what it changes, not the number of homes times the registry.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::MainRelay;
+use super::homes::anonymity_set;
+use crate::federation::registry::Entry;
+use crate::protocol::Frame;
+use crate::protocol::control::{Control, MainInfo};
+use crate::transport::io::write_frames;
+
+/// The `(service, port)` pairs a home imports.
+pub(crate) type Interest = HashSet<(String, u16)>;
+
+/// What every home's view is cut from: the mains' ECH configs and every instance, by
+/// `(service, port)`, each with the build that last changed it.
+#[derive(Debug, Default)]
+pub(crate) struct ViewData {
+    /// This build's number (the first is 1).
+    version: u64,
+    mains: BTreeMap<String, MainInfo>,
+    /// The build that last changed `mains`.
+    mains_version: u64,
+    /// Instances by `(service, port)`, with the build that last changed them; a key whose
+    /// instances are gone stays, empty, so a writer still sees that it changed.
+    entries: BTreeMap<(String, u16), (u64, Vec<Entry>)>,
+}
+
+/// Most emptied keys kept after their instances are gone (beyond it they are dropped, and
+/// the next build counts as changing everything).
+const MAX_GONE_KEYS: usize = 10_000;
+
+impl ViewData {
+    /// The build after `prev` from the registry's entries and the mains' configs now.
+    pub(crate) fn next(prev: &ViewData, mains: BTreeMap<String, MainInfo>, all: Vec<Entry>) -> Self {
+        let version = prev.version + 1;
+        let mut grouped: BTreeMap<(String, u16), Vec<Entry>> = BTreeMap::new();
+        for e in all {
+            grouped.entry((e.service.clone(), e.port)).or_default().push(e);
+        }
+        let mut entries = BTreeMap::new();
+        let mut gone = 0usize;
+        for (key, (at, old)) in &prev.entries {
+            if !grouped.contains_key(key) {
+                // Emptied now, or earlier (then it keeps its version).
+                let at = if old.is_empty() { *at } else { version };
+                gone += 1;
+                entries.insert(key.clone(), (at, Vec::new()));
+            }
+        }
+        let mut everything_changed = false;
+        if gone > MAX_GONE_KEYS {
+            entries.clear();
+            everything_changed = true;
+        }
+        for (key, list) in grouped {
+            let at = match prev.entries.get(&key) {
+                Some((at, old)) if *old == list => *at,
+                _ => version,
+            };
+            entries.insert(key, (at, list));
+        }
+        let mains_version =
+            if everything_changed || mains != prev.mains || prev.version == 0 { version } else { prev.mains_version };
+        Self { version, mains, mains_version, entries }
+    }
+
+    /// Whether a home interested in `imports` (all when `None`) may see something new since
+    /// build `seen`.
+    fn changed_for(&self, seen: u64, imports: Option<&Interest>) -> bool {
+        if self.mains_version > seen {
+            return true;
+        }
+        match imports {
+            None => self.version > seen,
+            Some(wanted) => wanted.iter().any(|k| self.entries.get(k).is_some_and(|(at, _)| *at > seen)),
+        }
+    }
+
+    /// The view for a home interested in `imports` (all when `None`), as CONTROL frames of at
+    /// most 200 entries each.
+    pub(crate) fn encode_for(&self, imports: Option<&Interest>) -> Vec<u8> {
+        let entries: Vec<&Entry> = match imports {
+            None => self.entries.values().flat_map(|(_, l)| l).collect(),
+            Some(wanted) => {
+                // In a stable order (the registry's), whatever the set's.
+                let mut keys: Vec<&(String, u16)> = wanted.iter().collect();
+                keys.sort();
+                keys.into_iter().filter_map(|k| self.entries.get(k)).flat_map(|(_, l)| l).collect()
+            }
+        };
+        let chunks: Vec<&[&Entry]> = if entries.is_empty() { vec![&[]] } else { entries.chunks(200).collect() };
+        let mut bytes = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let part = Control::View {
+                mains: if i == 0 { self.mains.clone() } else { BTreeMap::new() },
+                entries: chunk.iter().map(|e| (*e).clone()).collect(),
+                more: i + 1 < chunks.len(),
+            };
+            match Frame::Control(part).encode() {
+                Ok(b) => bytes.extend_from_slice(&b),
+                Err(e) => warn!(error = %e, "view part too large to encode"),
+            }
+        }
+        bytes
+    }
+}
+
+impl MainRelay {
+    /// Asks for a new view (the registry or an ECH config changed); the builder task makes
+    /// it, once for however many asks arrive while it builds.
+    pub(crate) fn push_views(&self) {
+        self.views_wanted.notify_one();
+    }
+
+    /// Starts the task that builds views when asked.
+    pub(crate) fn start_view_builder(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let wanted = self.views_wanted.clone();
+        tokio::spawn(async move {
+            loop {
+                wanted.notified().await;
+                let Some(relay) = weak.upgrade() else { return };
+                relay.build_views();
+            }
+        });
+    }
+
+    /// Publishes the current view (all instances, the mains' ECH configs) to every home
+    /// node's writer.
+    fn build_views(&self) {
+        let (entries, sizes, anonymity) = match self.registry.lock() {
+            Ok(r) => (r.all(), r.sizes(), anonymity_set(r.local())),
+            Err(_) => return,
+        };
+        self.metrics.relay.ech_anonymity_set.set(anonymity as i64);
+        self.metrics.relay.registry_entries.get_or_create(&[("kind", "local")]).set(sizes.0 as i64);
+        self.metrics.relay.registry_entries.get_or_create(&[("kind", "federated")]).set(sizes.1 as i64);
+        let mut mains = BTreeMap::new();
+        mains.insert(self.node_id.clone(), self.ech_info());
+        if let Ok(h) = self.peer_health.read() {
+            for (p, health) in h.iter() {
+                mains.insert(
+                    p.clone(),
+                    MainInfo {
+                        ech_config_list: health.ech_config_list.clone(),
+                        ech_signature: health.ech_signature.clone(),
+                    },
+                );
+            }
+        }
+        self.views.send_modify(|v| *v = Arc::new(ViewData::next(v, mains, entries)));
+    }
+}
+
+/// Writes a home's control stream: the newest view whenever what it imports changed, one in
+/// flight at a time (intermediate views are skipped, not queued), and pongs for its liveness
+/// pings.
+pub(crate) async fn view_writer(
+    mut send: quinn::SendStream,
+    mut pongs: mpsc::Receiver<u64>,
+    mut views: tokio::sync::watch::Receiver<Arc<ViewData>>,
+    acked: Arc<tokio::sync::Notify>,
+    interest: Arc<std::sync::RwLock<Option<Interest>>>,
+    metrics: Arc<crate::admin::metrics::Metrics>,
+) {
+    // What this home was last sent, from which build, for which imports.
+    let mut sent: Option<(Vec<u8>, u64, Option<Interest>)> = None;
+    loop {
+        let data = views.borrow_and_update().clone();
+        let wanted = match interest.read() {
+            Ok(i) => i.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let look = match &sent {
+            None => true,
+            Some((_, seen, imports)) => *imports != wanted || data.changed_for(*seen, wanted.as_ref()),
+        };
+        if look {
+            let bytes = data.encode_for(wanted.as_ref());
+            let same = sent.as_ref().is_some_and(|(b, _, _)| *b == bytes);
+            sent = Some((bytes, data.version, wanted));
+            if !same {
+                let Some((bytes, _, _)) = &sent else { return };
+                if tokio::io::AsyncWriteExt::write_all(&mut send, bytes).await.is_err() {
+                    return;
+                }
+                metrics.relay.propagation.get_or_create(&[("event", "view_sent")]).inc();
+                if answering_pings(&mut send, &mut pongs, acked.notified()).await.is_none() {
+                    return;
+                }
+            }
+        } else if let Some(s) = sent.as_mut() {
+            s.1 = data.version;
+        }
+        match answering_pings(&mut send, &mut pongs, views.changed()).await {
+            Some(Ok(())) => {}
+            _ => return,
+        }
+    }
+}
+
+/// Waits for `until`, answering pings meanwhile; `None` when the stream broke.
+async fn answering_pings<F: std::future::Future>(
+    send: &mut quinn::SendStream,
+    pongs: &mut mpsc::Receiver<u64>,
+    until: F,
+) -> Option<F::Output> {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            out = &mut until => return Some(out),
+            Some(id) = pongs.recv() => {
+                write_frames(send, &[Frame::Control(Control::Pong { id })]).await.ok()?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn entry(service: &str, node: &str) -> Entry {
+        Entry {
+            service: service.into(),
+            port: 80,
+            node: node.into(),
+            main: "hub".into(),
+            noise_key: "k".into(),
+            ech: true,
+            standby: false,
+            attached: 0,
+        }
+    }
+
+    /// The entries of an encoded view, in order.
+    fn decoded(mut bytes: &[u8]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let (frame, used) = Frame::decode(bytes).unwrap();
+            if let Frame::Control(Control::View { entries, .. }) = frame {
+                out.extend(entries.into_iter().map(|e| (e.service, e.node)));
+            }
+            bytes = &bytes[used..];
+        }
+        out
+    }
+
+    fn build(prev: &ViewData, all: Vec<Entry>) -> ViewData {
+        ViewData::next(prev, BTreeMap::new(), all)
+    }
+
+    #[test]
+    fn a_home_sees_what_it_imports_and_changes_elsewhere_leave_its_view_as_it_was() {
+        let all = vec![entry("web", "a"), entry("db", "b"), entry("web", "c")];
+        let view = build(&ViewData::default(), all.clone());
+        let wants_web: Interest = [("web".to_owned(), 80)].into();
+        assert_eq!(
+            decoded(&view.encode_for(Some(&wants_web))),
+            vec![("web".into(), "a".into()), ("web".into(), "c".into())]
+        );
+        assert_eq!(decoded(&view.encode_for(None)).len(), 3);
+        let nothing: Interest = [("mail".to_owned(), 25)].into();
+        assert!(decoded(&view.encode_for(Some(&nothing))).is_empty());
+        // Another home registering a service this one does not import: the same bytes.
+        let more = build(&view, [all.clone(), vec![entry("db", "d")]].concat());
+        assert_eq!(more.encode_for(Some(&wants_web)), view.encode_for(Some(&wants_web)));
+        let changed = build(&view, [all, vec![entry("web", "e")]].concat());
+        assert_ne!(changed.encode_for(Some(&wants_web)), view.encode_for(Some(&wants_web)));
+        // Many entries go out in frames of at most 200.
+        let many: Vec<Entry> = (0..450).map(|i| entry("web", &format!("n{i}"))).collect();
+        let bytes = build(&ViewData::default(), many).encode_for(Some(&wants_web));
+        assert_eq!(decoded(&bytes).len(), 450);
+    }
+
+    #[test]
+    fn a_writer_looks_again_only_when_something_it_imports_changed_since_it_last_looked() {
+        let wants_web: Interest = [("web".to_owned(), 80)].into();
+        let v1 = build(&ViewData::default(), vec![entry("web", "a")]);
+        assert!(v1.changed_for(0, Some(&wants_web)), "the first build is news to everyone");
+        let v2 = build(&v1, vec![entry("web", "a"), entry("db", "b")]);
+        assert!(!v2.changed_for(v1.version, Some(&wants_web)), "db changed, web did not");
+        assert!(v2.changed_for(v1.version, None), "a home importing everything looks at every build");
+        // web changes in v3, db in v4: a writer that skipped v3 still sees web changed.
+        let v3 = build(&v2, vec![entry("web", "a"), entry("web", "c"), entry("db", "b")]);
+        let v4 = build(&v3, vec![entry("web", "a"), entry("web", "c")]);
+        assert!(v4.changed_for(v2.version, Some(&wants_web)));
+        assert!(!v4.changed_for(v3.version, Some(&wants_web)));
+        // Gone is a change too, and stays one for a writer that looked before it.
+        let v5 = build(&v4, vec![]);
+        assert!(v5.changed_for(v4.version, Some(&wants_web)));
+        let v6 = build(&v5, vec![entry("db", "x")]);
+        assert!(v6.changed_for(v4.version, Some(&wants_web)) && !v6.changed_for(v5.version, Some(&wants_web)));
+        assert!(decoded(&v6.encode_for(Some(&wants_web))).is_empty());
+        // An ECH config changing is news to every home.
+        let mains = BTreeMap::from([("hub".to_owned(), MainInfo::default())]);
+        let v7 = ViewData::next(&v6, mains, vec![entry("db", "x")]);
+        assert!(v7.changed_for(v6.version, Some(&wants_web)));
+    }
+}
