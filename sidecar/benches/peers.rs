@@ -53,15 +53,26 @@ fn main() {
     wait_tcp("rfp-b", "10.77.2.2", IPERF_PORT);
     wait_tcp("rfp-b", "10.77.2.2", RPC_PORT);
 
-    let mut paths: Vec<Box<dyn PathUnderTest>> = vec![Box::new(Direct)];
-    paths.push(Box::new(Stunnel::start(&topo, &tools, 1)));
-    paths.push(Box::new(Stunnel::start(&topo, &tools, 2)));
+    // RELAYFED_PEERS_ONLY=<word>: only the paths whose kind contains it (while iterating).
+    let only = std::env::var("RELAYFED_PEERS_ONLY").unwrap_or_default();
+    let wanted = |kind: &str| kind.contains(only.as_str());
+    let mut paths: Vec<Box<dyn PathUnderTest>> = Vec::new();
+    if wanted("direct") {
+        paths.push(Box::new(Direct));
+    }
+    if wanted("stunnel") {
+        paths.push(Box::new(Stunnel::start(&topo, &tools, 1)));
+        paths.push(Box::new(Stunnel::start(&topo, &tools, 2)));
+    }
     match &tools.boringtun {
-        Some(bt) => paths.push(Box::new(Boringtun::start(&topo, bt))),
+        Some(bt) if wanted("boringtun") => paths.push(Box::new(Boringtun::start(&topo, bt))),
+        Some(_) => {}
         None => eprintln!("boringtun-cli not found (make bench-peers builds it): its rows are left out"),
     }
-    for (relays, ech) in [(1, false), (1, true), (2, false)] {
-        paths.push(Box::new(Relayfed::start(&topo, relays, ech)));
+    if wanted("relayfed") {
+        for (relays, ech) in [(1, false), (1, true), (2, false)] {
+            paths.push(Box::new(Relayfed::start(&topo, relays, ech)));
+        }
     }
     let idle: Vec<u64> = paths.iter().map(|p| p.pids().iter().map(|&pid| rss_kib(pid)).sum()).collect();
 
@@ -695,8 +706,7 @@ impl CryptoBound {
 }
 
 fn print_table(paths: &[Box<dyn PathUnderTest>], results: &[Results], idle: &[u64], peak: &[u64], bound: &CryptoBound) {
-    let stunnel = paths.iter().position(|p| p.name() == "stunnel4, 1 relay").unwrap_or(0);
-    let st = median(&results[stunnel].one);
+    let st = paths.iter().position(|p| p.name() == "stunnel4, 1 relay").map_or(f64::NAN, |i| median(&results[i].one));
     println!(
         "| path | 1 stream MB/s | 8 streams MB/s | 1 KiB RPC p50 / p99 µs ({RPC_RATE}/s) | setup ms (connect + 1 KiB RPC, p50) | CPU s per GB | share of the 2-core AEAD bound | RSS idle / peak MiB | 1 stream vs stunnel, 1 relay |"
     );
