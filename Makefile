@@ -148,14 +148,13 @@ bench: ## Benchmarks (release build) and the failover scenario's figures; writes
 	@cat $(BENCH_OUT)
 
 PEERS_DIR ?= /var/tmp/relayfed-peers
-bench-peers: ## relayfed beside direct, stunnel4, boringtun and Nebula on one namespace topology (root; installs them); rewrites its section of $(BENCH_OUT).
+bench-peers: ## relayfed beside direct, stunnel4 and boringtun on one namespace topology (root; installs them); rewrites its section of $(BENCH_OUT).
 	for t in stunnel4 iperf3 wg openssl; do command -v $$t >/dev/null || { apt-get install -y --no-install-recommends stunnel4 iperf3 wireguard-tools openssl; break; }; done
 	test -x $(PEERS_DIR)/bin/boringtun-cli || $(CARGO) install -q --locked boringtun-cli@0.7.1 --root $(PEERS_DIR)
-	test -x $(PEERS_DIR)/bin/nebula || GOBIN=$(PEERS_DIR)/bin go install github.com/slackhq/nebula/cmd/nebula@v1.10.3 github.com/slackhq/nebula/cmd/nebula-cert@v1.10.3
 	mkdir -p target
-	RELAYFED_BORINGTUN=$(PEERS_DIR)/bin/boringtun-cli RELAYFED_NEBULA_DIR=$(PEERS_DIR)/bin $(CARGO) bench -q -p relayfed-sidecar --bench peers > target/bench-peers.md
+	RELAYFED_BORINGTUN=$(PEERS_DIR)/bin/boringtun-cli $(CARGO) bench -q -p relayfed-sidecar --bench peers > target/bench-peers.md
 	@{ echo "Produced by \`make bench-peers\` (\`cargo bench -p relayfed-sidecar --bench peers\`, root) on $$(date -u +%Y-%m-%d), $$(nproc) cores,"; \
-	   echo "$$(uname -sr); $$(stunnel4 -version 2>&1 | grep -m1 -o 'stunnel [0-9.]*'), boringtun $$($(PEERS_DIR)/bin/boringtun-cli --version | cut -d' ' -f2), Nebula $$($(PEERS_DIR)/bin/nebula -version | grep -o '[0-9.]*' | head -1),"; \
+	   echo "$$(uname -sr); $$(stunnel4 -version 2>&1 | grep -m1 -o 'stunnel [0-9.]*'), boringtun $$($(PEERS_DIR)/bin/boringtun-cli --version | cut -d' ' -f2),"; \
 	   echo "$$(iperf3 --version | head -1 | cut -d' ' -f1-2), $$(openssl version | cut -d' ' -f1-2); the machine's load average at the start: $$(cut -d' ' -f1-3 /proc/loadavg)."; \
 	   echo; cat target/bench-peers.md; } > target/bench-peers-section.md
 	@awk -v f=target/bench-peers-section.md '/^<!-- bench-peers: begin/ {print; while ((getline l < f) > 0) print l; skip=1; next} /^<!-- bench-peers: end/ {skip=0} !skip' $(BENCH_OUT) > target/bench-peers-doc.md

@@ -12,8 +12,6 @@
 //! - stunnel4: TLS hop by hop, a client stunnel in `a`, one (or two) relaying stunnels in `r`
 //!   (TLS in, TLS out), a server stunnel in `b`;
 //! - boringtun: a WireGuard tunnel `a` <-> `b` (userspace), routed by `r`;
-//! - Nebula: hosts in `a` and `b`, lighthouse and relay in `r` (direct UDP between the hosts
-//!   dropped, so it relays);
 //! - relayfed: a home in `a`, one main relay (or two, peered) in `r`, a home in `b` (Noise end
 //!   to end inside QUIC hops), plain and ECH.
 //!
@@ -71,11 +69,6 @@ fn main() {
         Some(_) => {}
         None => eprintln!("boringtun-cli not found (make bench-peers builds it): its rows are left out"),
     }
-    match &tools.nebula {
-        Some(nebula) if wanted("nebula") => paths.push(Box::new(Nebula::start(&topo, nebula))),
-        Some(_) => {}
-        None => eprintln!("nebula not found (make bench-peers builds it): its row is left out"),
-    }
     if wanted("relayfed") {
         for (relays, ech) in [(1, false), (1, true), (2, false)] {
             paths.push(Box::new(Relayfed::start(&topo, relays, ech)));
@@ -112,8 +105,6 @@ fn main() {
 struct Tools {
     stunnel: PathBuf,
     boringtun: Option<PathBuf>,
-    /// `nebula` and `nebula-cert`.
-    nebula: Option<(PathBuf, PathBuf)>,
 }
 
 impl Tools {
@@ -127,11 +118,7 @@ impl Tools {
         if boringtun.is_some() {
             assert!(which("wg").is_some(), "wg (apt-get install wireguard-tools) configures boringtun");
         }
-        let nebula = std::env::var_os("RELAYFED_NEBULA_DIR").map(PathBuf::from).and_then(|d| {
-            let (n, c) = (d.join("nebula"), d.join("nebula-cert"));
-            (n.is_file() && c.is_file()).then_some((n, c))
-        });
-        Self { stunnel, boringtun, nebula }
+        Self { stunnel, boringtun }
     }
 }
 
@@ -209,8 +196,7 @@ impl Drop for Topology {
 
 /// Waits until `host:port` accepts a TCP connection from `ns`.
 fn wait_tcp(ns: &str, host: &str, port: u16) {
-    // Nebula falls back to its relay only after its direct attempts time out.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         let probe = format!("exec 3<>/dev/tcp/{host}/{port}");
         if Command::new("ip")
@@ -222,6 +208,14 @@ fn wait_tcp(ns: &str, host: &str, port: u16) {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // What the processes started so far said (the topology's directory goes with it).
+    let dir = std::env::temp_dir().join(format!("relayfed-peers-{}", std::process::id()));
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if entry.path().extension().is_some_and(|e| e == "log") && !text.is_empty() {
+            eprintln!("--- {}\n{}", entry.path().display(), text.lines().rev().take(15).collect::<Vec<_>>().join("\n"));
+        }
     }
     panic!("{host}:{port} never accepted a connection from {ns}");
 }
@@ -406,76 +400,6 @@ impl PathUnderTest for Boringtun {
     }
     fn aead_passes(&self) -> (f64, f64) {
         (2.0, 0.0)
-    }
-}
-
-/// Nebula: hosts in `rfp-a` and `rfp-b`, the lighthouse and relay in `rfp-r`; direct UDP
-/// between the two hosts is dropped in `rfp-r`, so their traffic goes through the relay.
-struct Nebula {
-    pids: Vec<u32>,
-}
-
-impl Nebula {
-    fn start(topo: &Topology, (nebula, cert): &(PathBuf, PathBuf)) -> Self {
-        let dir = topo.dir.join("nebula");
-        std::fs::create_dir_all(&dir).unwrap();
-        let run = |args: &[&str]| {
-            let ok = Command::new(cert).current_dir(&dir).args(args).status().is_ok_and(|s| s.success());
-            assert!(ok, "nebula-cert {args:?}");
-        };
-        run(&["ca", "-name", "peers"]);
-        for (name, ip) in [("a", "10.79.0.1/24"), ("b", "10.79.0.2/24"), ("r", "10.79.0.3/24")] {
-            run(&["sign", "-name", name, "-ip", ip]);
-        }
-        // Only relayed traffic: the hosts cannot reach each other's Nebula port directly.
-        for (from, to) in [("10.77.1.0/24", "10.77.2.0/24"), ("10.77.2.0/24", "10.77.1.0/24")] {
-            sh(&format!("ip netns exec rfp-r iptables -I FORWARD -s {from} -d {to} -p udp --dport 4242 -j DROP"));
-        }
-        let firewall = "firewall:\n  outbound: [{port: any, proto: any, host: any}]\n  inbound: [{port: any, proto: any, host: any}]\n";
-        let config = |name: &str, extra: &str| {
-            let path = dir.join(format!("{name}.yml"));
-            let text = format!(
-                "pki: {{ca: {d}/ca.crt, cert: {d}/{name}.crt, key: {d}/{name}.key}}\nlisten: {{host: 0.0.0.0, port: 4242}}\n\
-                 tun: {{dev: rfpneb{name}}}\nlogging: {{level: error}}\n{firewall}{extra}",
-                d = dir.display()
-            );
-            std::fs::write(&path, text).unwrap();
-            path
-        };
-        let r = config("r", "lighthouse: {am_lighthouse: true}\nrelay: {am_relay: true, use_relays: false}\n");
-        let host = |name: &str, relay_at: &str| {
-            config(
-                name,
-                &format!(
-                    "static_host_map: {{\"10.79.0.3\": [\"{relay_at}:4242\"]}}\n\
-                     lighthouse: {{am_lighthouse: false, interval: 60, hosts: [\"10.79.0.3\"]}}\n\
-                     relay: {{relays: [\"10.79.0.3\"], am_relay: false, use_relays: true}}\n"
-                ),
-            )
-        };
-        let (a, b) = (host("a", "10.77.1.1"), host("b", "10.77.2.1"));
-        let mut pids = Vec::new();
-        for (ns, cfg) in [("rfp-r", &r), ("rfp-b", &b), ("rfp-a", &a)] {
-            pids.push(topo.spawn(ns, nebula, &["-config", cfg.to_str().unwrap()]));
-        }
-        wait_tcp("rfp-a", "10.79.0.2", RPC_PORT);
-        Self { pids }
-    }
-}
-
-impl PathUnderTest for Nebula {
-    fn name(&self) -> String {
-        "Nebula, 1 relay".into()
-    }
-    fn targets(&self) -> (SocketAddr, SocketAddr) {
-        (SocketAddr::from(([10, 79, 0, 2], IPERF_PORT)), SocketAddr::from(([10, 79, 0, 2], RPC_PORT)))
-    }
-    fn pids(&self) -> Vec<u32> {
-        self.pids.clone()
-    }
-    fn aead_passes(&self) -> (f64, f64) {
-        // AES-GCM (Nebula's default cipher) end to end; what the relay does is not counted.
-        (0.0, 2.0)
     }
 }
 
@@ -819,7 +743,7 @@ fn print_table(paths: &[Box<dyn PathUnderTest>], results: &[Results], idle: &[u6
     println!(
         "AEAD on one core (`openssl speed -evp`, 16 KiB blocks): ChaCha20-Poly1305 {:.0} MB/s, AES-128-GCM {:.0} MB/s. \
          Passes per byte: relayfed 2 ChaCha20-Poly1305 (Noise, end to end) + 2 AES-GCM per hop (QUIC); stunnel 2 per TLS hop \
-         (AES-GCM); boringtun 2 ChaCha20-Poly1305; Nebula 2 AES-GCM end to end (its relay's work not counted). {ROUNDS} interleaved rounds of {SECONDS} s iperf3 runs; median (min–max).",
+         (AES-GCM); boringtun 2 ChaCha20-Poly1305. {ROUNDS} interleaved rounds of {SECONDS} s iperf3 runs; median (min–max).",
         bound.chacha / 1e6,
         bound.aes / 1e6
     );
