@@ -128,14 +128,29 @@ impl Side {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_organisations_federate_by_pinned_keys_from_two_directories_of_yaml() {
+/// The example's two sides, their fixed ports replaced by free ones.
+fn example_sides() -> (Side, Side) {
     let ports =
         |q: u16, t: &[u16]| std::iter::once((q, "udp")).chain(t.iter().map(|p| (*p, "tcp"))).collect::<Vec<_>>();
     let (acme, _) = Side::new("acme", "hub-a", &ports(7411, &[18411, 18412, 18413, 18414]));
     let (partner, _) = Side::new("partner", "hub-p", &ports(7421, &[18421, 18422, 18423]));
-    let (mut a, _) = scenario::local_up(&bin(), &acme.dir, &[]).await;
-    let (mut p, _) = scenario::local_up(&bin(), &partner.dir, &[]).await;
+    (acme, partner)
+}
+
+/// Stops both federations and removes their directories.
+async fn down(sides: [(&Side, tokio::process::Child); 2]) {
+    for (side, mut supervisor) in sides {
+        local(&["down"], &side.state());
+        let _ = supervisor.wait().await;
+        let _ = std::fs::remove_dir_all(&side.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_organisations_federate_by_pinned_keys_from_two_directories_of_yaml() {
+    let (acme, partner) = example_sides();
+    let (a, _) = scenario::local_up(&bin(), &acme.dir, &[]).await;
+    let (p, _) = scenario::local_up(&bin(), &partner.dir, &[]).await;
 
     // Only public material crosses: each side's trust domain and CA key fingerprint.
     let (acme_id, partner_id) =
@@ -172,12 +187,7 @@ async fn two_organisations_federate_by_pinned_keys_from_two_directories_of_yaml(
     let registry = partner.admin_json("hub-p", "/federation/registry").await.to_string();
     assert!(registry.contains("catalog") && !registry.contains("payroll"), "{registry}");
 
-    local(&["down"], &acme.state());
-    local(&["down"], &partner.state());
-    let _ = a.wait().await;
-    let _ = p.wait().await;
-    let _ = std::fs::remove_dir_all(&acme.dir);
-    let _ = std::fs::remove_dir_all(&partner.dir);
+    down([(&acme, a), (&partner, p)]).await;
 }
 
 /// Wall-clock time of day (UTC, seconds), to line failures up with the nodes' logs.
@@ -223,10 +233,7 @@ fn settled(side: &Side) -> bool {
 async fn a_federation_rotates_its_ca_under_load_without_a_failed_call() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let ports =
-        |q: u16, t: &[u16]| std::iter::once((q, "udp")).chain(t.iter().map(|p| (*p, "tcp"))).collect::<Vec<_>>();
-    let (acme, _) = Side::new("acme", "hub-a", &ports(7411, &[18411, 18412, 18413, 18414]));
-    let (partner, _) = Side::new("partner", "hub-p", &ports(7421, &[18421, 18422, 18423]));
+    let (acme, partner) = example_sides();
     // A second acme home calling shop: traffic inside the rotating federation too.
     let office = scenario::free_port("tcp");
     std::fs::write(
@@ -238,8 +245,8 @@ async fn a_federation_rotates_its_ca_under_load_without_a_failed_call() {
         ),
     )
     .unwrap();
-    let (mut a, _) = scenario::local_up(&bin(), &acme.dir, &[]).await;
-    let (mut p, _) = scenario::local_up(&bin(), &partner.dir, &[]).await;
+    let (a, _) = scenario::local_up(&bin(), &acme.dir, &[]).await;
+    let (p, _) = scenario::local_up(&bin(), &partner.dir, &[]).await;
     let (acme_id, partner_id) =
         (local(&["identity", "--json"], &acme.state()), local(&["identity", "--json"], &partner.state()));
     let old = acme_id["fingerprint"].as_str().unwrap().to_owned();
@@ -353,10 +360,5 @@ async fn a_federation_rotates_its_ca_under_load_without_a_failed_call() {
     })
     .await;
 
-    local(&["down"], &acme.state());
-    local(&["down"], &partner.state());
-    let _ = a.wait().await;
-    let _ = p.wait().await;
-    let _ = std::fs::remove_dir_all(&acme.dir);
-    let _ = std::fs::remove_dir_all(&partner.dir);
+    down([(&acme, a), (&partner, p)]).await;
 }

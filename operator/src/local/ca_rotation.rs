@@ -84,18 +84,9 @@ pub fn decide(rotation: &CaRotation, nodes: &BTreeMap<String, (Option<NodeTls>, 
     let waited = now.saturating_sub(rotation.phase_since);
     match rotation.phase {
         Phase::Trusting => {
-            let missing: Vec<&str> = nodes
-                .iter()
-                .filter(|(_, (tls, _))| !tls.as_ref().is_some_and(|t| t.roots.contains(&rotation.new)))
-                .map(|(n, _)| n.as_str())
-                .collect();
+            let missing = lagging(nodes, |t, _| t.roots.contains(&rotation.new));
             if !missing.is_empty() {
-                return Step::Wait(format!(
-                    "{} of {} nodes do not trust the new CA yet: {}",
-                    missing.len(),
-                    nodes.len(),
-                    missing.join(", ")
-                ));
+                return Step::Wait(format!("{missing} do not trust the new CA yet"));
             }
             if waited < rotation.stage_for_seconds && !rotation.advance {
                 return Step::Wait(format!(
@@ -106,18 +97,9 @@ pub fn decide(rotation: &CaRotation, nodes: &BTreeMap<String, (Option<NodeTls>, 
             Step::Promote
         }
         Phase::Overlap => {
-            let missing: Vec<&str> = nodes
-                .iter()
-                .filter(|(_, (tls, file))| tls.as_ref().is_none_or(|t| &t.certificate != file))
-                .map(|(n, _)| n.as_str())
-                .collect();
+            let missing = lagging(nodes, |t, file| &t.certificate == file);
             if !missing.is_empty() {
-                return Step::Wait(format!(
-                    "{} of {} nodes do not present their new certificate yet: {}",
-                    missing.len(),
-                    nodes.len(),
-                    missing.join(", ")
-                ));
+                return Step::Wait(format!("{missing} do not present their new certificate yet"));
             }
             if waited < rotation.overlap_seconds && !rotation.advance {
                 return Step::Wait(format!(
@@ -128,6 +110,20 @@ pub fn decide(rotation: &CaRotation, nodes: &BTreeMap<String, (Option<NodeTls>, 
             Step::Finish
         }
     }
+}
+
+/// "n of m nodes: a, b" for the nodes whose report does not pass `done` (no report: not done),
+/// or "" when all pass.
+fn lagging(nodes: &BTreeMap<String, (Option<NodeTls>, String)>, done: impl Fn(&NodeTls, &String) -> bool) -> String {
+    let missing: Vec<&str> = nodes
+        .iter()
+        .filter(|(_, (tls, file))| !tls.as_ref().is_some_and(|t| done(t, file)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if missing.is_empty() {
+        return String::new();
+    }
+    format!("{} of {} nodes ({})", missing.len(), nodes.len(), missing.join(", "))
 }
 
 fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> KeyError + '_ {
