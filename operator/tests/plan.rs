@@ -109,6 +109,22 @@ fn impossible_combinations_name_object_and_field() {
     let e = compile(&yaml(&format!("{base}{policy}{hub}{twin}")), &Placement::offline(keys(), 1)).unwrap_err();
     assert!(e.iter().any(|e| e.field == "spec.nodeId" && e.reason.contains("also the node id")), "{e:?}");
 
+    // A partner (another trust domain) whose relay has one of our node ids is refused; a
+    // peer of our own trust domain names our own relays by design.
+    let partner = |domain: &str| {
+        format!(
+            "---\napiVersion: relayfed.io/v1alpha1\nkind: Peer\nmetadata: {{name: partner}}\n\
+             spec: {{nodeId: hub, trustDomain: {domain}, endpoints: [\"127.0.0.1:7100\"], identity: {{fingerprint: \"sha256:{}\"}}, trustLevel: verified}}\n",
+            "a".repeat(64)
+        )
+    };
+    let e = compile(&yaml(&format!("{base}{policy}{hub}{}", partner("other.example"))), &Placement::offline(keys(), 1))
+        .unwrap_err();
+    assert!(
+        e.iter().any(|e| e.object == "Peer/partner" && e.field == "spec.nodeId" && e.reason.contains("Relay/hub")),
+        "{e:?}"
+    );
+
     let none = compile(&yaml(policy), &Placement::offline(keys(), 1)).unwrap_err();
     assert!(none[0].reason.contains("exactly one RelayFederation"));
 }

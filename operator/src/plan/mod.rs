@@ -169,6 +169,20 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
             }
         }
     }
+    // A main relay of another trust domain is known by its node id in registries, routes and
+    // trust rules: it must not be one of ours.
+    for p in peers.iter().filter(|p| p.spec.trust_domain.as_ref().is_some_and(|t| *t != fed.spec.trust_domain)) {
+        if let Some(ours) = seen.get(&p.spec.node_id) {
+            errors.push(err(
+                format!("Peer/{}", p.metadata.name.clone().unwrap_or_default()),
+                "spec.nodeId",
+                format!(
+                    "{:?} is also the node id of {ours} in this federation; a peer of another trust domain needs a node id none of ours has",
+                    p.spec.node_id
+                ),
+            ));
+        }
+    }
     let (ech, mut trust, resilience, timeouts) = policy_parts(policy, &relays);
     trust.known_nodes.extend(members.values().flatten().map(|m| m.node_id.clone()));
     trust.known_nodes.sort();
