@@ -304,7 +304,9 @@ impl Distributor {
     ) -> anyhow::Result<SocketAddr> {
         let shared: SharedIdentity = identity.into();
         let first = shared.get();
-        let mut tls = (first.certificate_fingerprint(), first.root_fingerprints(), acceptor(&first)?);
+        // Rebuilt only when the certificate or the CAs changed (compared as DER, no parsing).
+        let material = |id: &HopIdentity| (id.leaf_der().to_vec(), id.roots().to_vec());
+        let mut tls = (material(&first), acceptor(&first)?);
         let limits = ServerLimits::FLEET;
         let listener = BoundedListener::bind(addr, limits, "distribution").await?;
         let local = listener.local_addr()?;
@@ -313,14 +315,14 @@ impl Distributor {
                 let Admitted { tcp, remote, permit } = listener.accept().await;
                 let _ = tcp.set_nodelay(true);
                 let identity = shared.get();
-                let now = (identity.certificate_fingerprint(), identity.root_fingerprints());
-                if (&tls.0, &tls.1) != (&now.0, &now.1) {
+                let now = material(&identity);
+                if tls.0 != now {
                     match acceptor(&identity) {
-                        Ok(a) => tls = (now.0, now.1, a),
+                        Ok(a) => tls = (now, a),
                         Err(e) => warn!(error = %e, "renewed distribution identity unusable; keeping the previous one"),
                     }
                 }
-                let (acceptor, this) = (tls.2.clone(), self.clone());
+                let (acceptor, this) = (tls.1.clone(), self.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {

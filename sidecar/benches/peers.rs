@@ -231,6 +231,11 @@ trait PathUnderTest {
     fn aead_passes(&self) -> (f64, f64);
 }
 
+/// The iperf3 and RPC servers at `ip`.
+fn servers_at(ip: [u8; 4]) -> (SocketAddr, SocketAddr) {
+    (SocketAddr::from((ip, IPERF_PORT)), SocketAddr::from((ip, RPC_PORT)))
+}
+
 struct Direct;
 
 impl PathUnderTest for Direct {
@@ -238,7 +243,7 @@ impl PathUnderTest for Direct {
         "direct (routed, no encryption)".into()
     }
     fn targets(&self) -> (SocketAddr, SocketAddr) {
-        (SocketAddr::from(([10, 77, 2, 2], IPERF_PORT)), SocketAddr::from(([10, 77, 2, 2], RPC_PORT)))
+        servers_at([10, 77, 2, 2])
     }
     fn pids(&self) -> Vec<u32> {
         vec![]
@@ -393,7 +398,7 @@ impl PathUnderTest for Boringtun {
         "boringtun (WireGuard, routed)".into()
     }
     fn targets(&self) -> (SocketAddr, SocketAddr) {
-        (SocketAddr::from(([10, 78, 0, 2], IPERF_PORT)), SocketAddr::from(([10, 78, 0, 2], RPC_PORT)))
+        servers_at([10, 78, 0, 2])
     }
     fn pids(&self) -> Vec<u32> {
         self.pids.clone()
@@ -490,10 +495,7 @@ fn start_node(topo: &Topology, ns: &str, proxy: &Path, mode: &str, config: &Path
 
 /// Whether one RPC through `addr` (from `ns`) succeeds.
 fn rpc_once(ns: &str, addr: SocketAddr) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(std::env::current_exe().unwrap())
-        .args(["setup", &addr.to_string(), "1"])
+    this_in(ns, &["setup", &addr.to_string(), "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -549,13 +551,15 @@ fn setup(target: &SocketAddr) -> f64 {
     serde_json::from_str::<Value>(&out).unwrap()["p50"].as_f64().unwrap() / 1e3
 }
 
+/// This program re-executed in `ns` with `args` (a subcommand).
+fn this_in(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(std::env::current_exe().unwrap()).args(args);
+    c
+}
+
 fn self_in(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(std::env::current_exe().unwrap())
-        .args(args)
-        .output()
-        .unwrap();
+    let out = this_in(ns, args).output().unwrap();
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }

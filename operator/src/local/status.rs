@@ -167,6 +167,25 @@ fn rollout(resources: &[AnyResource]) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// `/federation/health` of every node that has an admin address (`None`: no answer), asked
+/// all at once: one slow node costs its own timeout, not everyone's.
+pub async fn healths<'a>(
+    nodes: impl Iterator<Item = (&'a String, &'a super::supervisor::NodeProc)>,
+) -> std::collections::BTreeMap<String, Option<Value>> {
+    let mut asks = tokio::task::JoinSet::new();
+    for (node, p) in nodes {
+        if let Some(admin) = p.ready.as_ref().and_then(|r| r["admin"].as_str()).map(str::to_owned) {
+            let node = node.clone();
+            asks.spawn(async move { (node, super::http::get_json(&admin, "/federation/health").await) });
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    while let Some(Ok((node, health))) = asks.join_next().await {
+        out.insert(node, health);
+    }
+    out
+}
+
 /// The full status document (`relayfed local status --json`).
 pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> Value {
     let s = match shared.lock() {
@@ -175,18 +194,7 @@ pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> V
     };
     let versions = distributor.versions();
     let acks = distributor.acks();
-    // Ask every node at once: one slow node costs its own timeout, not everyone's.
-    let mut asks = tokio::task::JoinSet::new();
-    for (node, p) in &s.nodes {
-        if let Some(admin) = p.ready.as_ref().and_then(|r| r["admin"].as_str()).map(str::to_owned) {
-            let node = node.clone();
-            asks.spawn(async move { (node, super::http::get_json(&admin, "/federation/health").await) });
-        }
-    }
-    let mut healths = std::collections::BTreeMap::new();
-    while let Some(Ok((node, health))) = asks.join_next().await {
-        healths.insert(node, health);
-    }
+    let mut healths = healths(s.nodes.iter()).await;
     let mut nodes = Vec::new();
     for (node, p) in &s.nodes {
         let admin = p.ready.as_ref().and_then(|r| r["admin"].as_str()).map(str::to_owned);

@@ -197,14 +197,11 @@ impl MainRelay {
             next.node_id,
             self.node_id
         );
+        // Replaced first, so it carries the partners the new server configuration's verifier
+        // reads. (Peer dials build their client configuration from the identity each time.)
+        self.identity.replace(next);
         if let Some(endpoint) = self.endpoint.get() {
-            // Share the partners first: the new server configuration's verifier reads them.
-            self.identity.replace(next);
-            let current = self.identity.get();
-            // (Peer dials build their client configuration from the identity each time.)
-            endpoint.set_server_config(Some(current.server_config(&self.timeouts)?));
-        } else {
-            self.identity.replace(next);
+            endpoint.set_server_config(Some(self.identity.get().server_config(&self.timeouts)?));
         }
         info!(node = %self.node_id, "hop identity renewed");
         Ok(())

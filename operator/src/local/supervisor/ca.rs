@@ -85,23 +85,19 @@ impl Supervisor {
     /// Each running node's TLS report, with the fingerprint of the certificate file written
     /// for it.
     async fn node_tls(&self) -> BTreeMap<String, (Option<NodeTls>, String)> {
-        let running: Vec<(String, String)> = self
+        let running = self
             .shared
             .lock()
             .map(|s| {
                 s.nodes
                     .iter()
                     .filter(|(_, p)| p.state == ProcState::Running)
-                    .filter_map(|(n, p)| Some((n.clone(), p.ready.as_ref()?["admin"].as_str()?.to_owned())))
-                    .collect()
+                    .map(|(n, p)| (n.clone(), p.clone()))
+                    .collect::<BTreeMap<_, _>>()
             })
             .unwrap_or_default();
-        let mut asks = tokio::task::JoinSet::new();
-        for (node, admin) in running {
-            asks.spawn(async move { (node, crate::local::http::get_json(&admin, "/federation/health").await) });
-        }
         let mut out = BTreeMap::new();
-        while let Some(Ok((node, health))) = asks.join_next().await {
+        for (node, health) in crate::local::status::healths(running.iter()).await {
             let tls = health.map(|h| NodeTls {
                 roots: h["tls"]["roots"]
                     .as_array()
