@@ -51,13 +51,24 @@ pub fn parse_documents(source_name: &str, yaml: &str) -> Result<Vec<AnyResource>
     let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).map_err(|e| CrdError::Document {
         source_name: source_name.to_owned(),
         index: 0,
-        reason: e.to_string(),
+        reason: yaml_error_reason(&e),
     })?;
     docs.into_iter()
         .enumerate()
         .filter(|(_, doc)| !doc.is_null())
         .map(|(index, doc)| admission::admit(source_name, index, doc))
         .collect()
+}
+
+/// The YAML parser's error, with what to do when a file has more documents than its parse
+/// budget allows (1,024, against separator storms).
+pub fn yaml_error_reason(e: &serde_saphyr::Error) -> String {
+    let reason = e.to_string();
+    if reason.contains("budget breached: Documents") {
+        format!("{reason} (a file holds at most 1,024 documents: split it into several files)")
+    } else {
+        reason
+    }
 }
 
 /// Core-schema tags (`!!str`, `!!int`, ...) mean what kubectl's YAML-to-JSON reads them as.

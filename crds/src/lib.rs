@@ -19,7 +19,7 @@ pub mod relay;
 pub mod rollout;
 
 pub use common::{Condition, Duration, MainRelayRef, Permissions, RateLimit};
-pub use document::{AnyResource, parse_documents};
+pub use document::{AnyResource, parse_documents, yaml_error_reason};
 pub use error::{CrdError, FieldError};
 pub use federation::{ClusterRole, RelayFederation, RelayFederationSpec, RelayFederationStatus};
 pub use peer::{Peer, PeerSpec, PeerStatus, TrustLevel};

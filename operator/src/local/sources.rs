@@ -112,7 +112,7 @@ pub fn admit(contents: &Contents, previous: Option<&Loaded>) -> Result<Loaded, V
         let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
             Ok(d) => d,
             Err(e) => {
-                errors.push(format!("{name}: not valid YAML: {e}"));
+                errors.push(format!("{name}: not valid YAML: {}", relayfed_crds::yaml_error_reason(&e)));
                 continue;
             }
         };

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::MainRelay;
-use super::views::{Interest, view_writer};
+use super::views::{SharedInterest, view_writer};
 use crate::federation::registration;
 use crate::federation::registry::Entry;
 use crate::protocol::control::Control;
@@ -55,7 +55,10 @@ impl MainRelay {
         let mut send = Some(send);
         let mut writer = None;
         let acked = Arc::new(tokio::sync::Notify::new());
-        let interest: Arc<std::sync::RwLock<Option<Interest>>> = Default::default();
+        let interest: SharedInterest = Default::default();
+        // This home's writer in the relay's index of who imports what (once it exists).
+        let mut subscription: Option<u64> = None;
+        let wake = Arc::new(tokio::sync::Notify::new());
         // Liveness pings are answered by the writer, between views; a home that floods pings
         // gets answers to the first few only.
         let (pong_tx, pong_rx) = mpsc::channel::<u64>(4);
@@ -76,14 +79,20 @@ impl MainRelay {
                         self.metrics.relay.trust_denials.get_or_create(&[("rule", "export_not_planned")]).inc();
                         warn!(home = %node, service = %s.service, port = s.port, rule = "export_not_planned", "export not granted to this home by the plan: not registered");
                     }
-                    if let Ok(mut i) = interest.write() {
-                        *i = imports.map(|list| {
+                    let wanted = imports.map(|list| {
+                        Arc::new(
                             list.iter()
                                 .filter_map(|s| {
                                     s.rsplit_once(':').and_then(|(n, p)| Some((n.to_owned(), p.parse().ok()?)))
                                 })
-                                .collect()
-                        });
+                                .collect(),
+                        )
+                    });
+                    if let Ok(mut i) = interest.write() {
+                        *i = wanted.clone();
+                    }
+                    if let (Some(id), Ok(mut subs)) = (subscription, self.view_subs.lock()) {
+                        subs.set_interest(id, wanted);
                     }
                     let entries = services
                         .into_iter()
@@ -117,10 +126,13 @@ impl MainRelay {
                 // After the first message: send the newest view whenever it changes
                 // (coalesced: a slow home never makes views pile up), and answer pings.
                 let views = self.views.subscribe();
+                let current = interest.read().ok().and_then(|i| i.clone());
+                subscription = self.view_subs.lock().ok().map(|mut s| s.add(current, wake.clone()));
                 writer = Some(tokio::spawn(view_writer(
                     send,
                     pongs,
                     views,
+                    wake.clone(),
                     acked.clone(),
                     interest.clone(),
                     self.metrics.clone(),
@@ -133,6 +145,9 @@ impl MainRelay {
         }
         if let Some(w) = writer {
             w.abort();
+        }
+        if let (Some(id), Ok(mut subs)) = (subscription, self.view_subs.lock()) {
+            subs.remove(id);
         }
     }
 

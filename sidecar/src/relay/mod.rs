@@ -13,6 +13,7 @@ pub mod homes;
 pub mod live;
 pub mod peering;
 pub(crate) mod router;
+pub(crate) mod view_subs;
 pub(crate) mod views;
 
 use std::collections::HashMap;
@@ -86,6 +87,8 @@ pub struct MainRelay {
     views: tokio::sync::watch::Sender<Arc<views::ViewData>>,
     /// Asks the view builder for a new view (`views.rs`).
     views_wanted: Arc<tokio::sync::Notify>,
+    /// The home writers, by what they import (which to wake after a build).
+    view_subs: Mutex<view_subs::Subscribers>,
     /// Settings a new config version replaces in place: peers (endpoint, trust level,
     /// permissions, rate limit), trust defaults, the default rate limit, breaker settings.
     live: RwLock<Arc<MainLive>>,
@@ -98,6 +101,11 @@ pub use router::PROBE_LIMIT;
 
 /// Most senders whose token buckets a relay tracks (idle ones are evicted first).
 const MAX_RATE_SENDERS: usize = 100_000;
+
+/// Hop handshakes a relay runs at once; further dialers are refused (CONNECTION_REFUSED) and
+/// redial after their backoff. A handshake costs a relay well under a millisecond of CPU, so
+/// this is far above what a steady state needs and bounds what a storm holds in memory.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
 pub(crate) fn limit(r: &crate::config::RateLimit) -> crate::resilience::rate_limit::Limit {
     crate::resilience::rate_limit::Limit { rate: r.streams_per_second, burst: r.burst.max(1.0) }
@@ -155,6 +163,7 @@ impl MainRelay {
             endpoint: std::sync::OnceLock::new(),
             views: tokio::sync::watch::channel(Arc::new(Default::default())).0,
             views_wanted: Default::default(),
+            view_subs: Default::default(),
             live: RwLock::new(Arc::new(MainLive::from_snapshot(snap))),
             limiter: Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_RATE_SENDERS)),
             peer_breakers: Mutex::new(HashMap::new()),
@@ -231,11 +240,28 @@ impl MainRelay {
     }
 
     async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
         while let Some(incoming) = endpoint.accept().await {
+            // A reconnect storm (thousands of homes redialing a restarted relay) is admitted
+            // at the pace the CPU completes handshakes: beyond the bound, a dialer is refused
+            // at once and redials after its jittered backoff, instead of every handshake
+            // slowing until established links miss their liveness deadline.
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                self.metrics
+                    .transport
+                    .hop_handshakes
+                    .get_or_create(&[("role", "server"), ("result", "overloaded")])
+                    .inc();
+                debug!(remote = %incoming.remote_address(), "handshake refused: too many in progress");
+                incoming.refuse();
+                continue;
+            };
             let relay = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                match incoming.await {
+                let handshake = incoming.await;
+                drop(permit);
+                match handshake {
                     Ok(conn) => relay.serve_connection(conn).await,
                     Err(e) => {
                         let reason = failure_reason(&e);

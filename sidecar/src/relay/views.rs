@@ -1,15 +1,20 @@
 //! The views a main relay sends its homes: every instance of what a home imports and the
 //! main relays' ECH configs. One builder task turns registry changes into a new [`ViewData`]
-//! (a storm of registrations coalesces into as many builds as the builder has time for), and
-//! each home's writer re-encodes its view only when something it imports (or an ECH config)
-//! changed since it last looked, and sends it only when the bytes differ: a registration
-//! costs what it changes, not the number of homes times the registry.
+//! (a storm of registrations coalesces into at most one build per [`MIN_BUILD_INTERVAL`]); a
+//! build wakes only the writers of homes importing what it changed ([`view_subs`]), and each
+//! re-encodes its view only when something it imports (or an ECH config) changed since it
+//! last looked, and sends it only when the bytes differ: a registration costs what it
+//! changes, not the number of homes times the registry.
+//!
+//! [`view_subs`]: super::view_subs
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tracing::warn;
+
+use super::view_subs::Changed;
 
 use super::MainRelay;
 use super::homes::anonymity_set;
@@ -33,7 +38,13 @@ pub(crate) struct ViewData {
     /// Instances by `(service, port)`, with the build that last changed them; a key whose
     /// instances are gone stays, empty, so a writer still sees that it changed.
     entries: BTreeMap<(String, u16), (u64, Vec<Entry>)>,
+    /// What this build changed since the one before (which writers to wake).
+    changed: Changed,
 }
+
+/// Shortest time between two view builds: under a registration storm each build costs a
+/// pass over the registry, so they are batched rather than run back to back.
+pub(crate) const MIN_BUILD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Most emptied keys kept after their instances are gone (beyond it they are dropped, and
 /// the next build counts as changing everything).
@@ -71,7 +82,12 @@ impl ViewData {
         }
         let mains_version =
             if everything_changed || mains != prev.mains || prev.version == 0 { version } else { prev.mains_version };
-        Self { version, mains, mains_version, entries }
+        let changed = if mains_version == version {
+            Changed::Everything
+        } else {
+            Changed::Keys(entries.iter().filter(|(_, (at, _))| *at == version).map(|(k, _)| k.clone()).collect())
+        };
+        Self { version, mains, mains_version, entries, changed }
     }
 
     /// Whether a home interested in `imports` (all when `None`) may see something new since
@@ -122,7 +138,8 @@ impl MainRelay {
         self.views_wanted.notify_one();
     }
 
-    /// Starts the task that builds views when asked.
+    /// Starts the task that builds views when asked (at most one build per
+    /// [`MIN_BUILD_INTERVAL`]; asks meanwhile are answered by the next build).
     pub(crate) fn start_view_builder(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let wanted = self.views_wanted.clone();
@@ -131,6 +148,8 @@ impl MainRelay {
                 wanted.notified().await;
                 let Some(relay) = weak.upgrade() else { return };
                 relay.build_views();
+                drop(relay);
+                tokio::time::sleep(MIN_BUILD_INTERVAL).await;
             }
         });
     }
@@ -158,35 +177,47 @@ impl MainRelay {
                 );
             }
         }
-        self.views.send_modify(|v| *v = Arc::new(ViewData::next(v, mains, entries)));
+        let mut changed = Changed::Everything;
+        self.views.send_modify(|v| {
+            let next = ViewData::next(v, mains, entries);
+            changed = next.changed.clone();
+            *v = Arc::new(next);
+        });
+        if let Ok(subs) = self.view_subs.lock() {
+            subs.wake(&changed);
+        }
     }
 }
 
-/// Writes a home's control stream: the newest view whenever what it imports changed, one in
-/// flight at a time (intermediate views are skipped, not queued), and pongs for its liveness
-/// pings.
+/// What a home imports, shared by its control loop (which sets it) and its view writer.
+pub(crate) type SharedInterest = Arc<std::sync::RwLock<Option<Arc<Interest>>>>;
+
+/// Writes a home's control stream: the newest view whenever what it imports changed (the
+/// builder wakes it through `wake`), one in flight at a time (intermediate views are
+/// skipped, not queued), and pongs for its liveness pings.
 pub(crate) async fn view_writer(
     mut send: quinn::SendStream,
     mut pongs: mpsc::Receiver<u64>,
-    mut views: tokio::sync::watch::Receiver<Arc<ViewData>>,
+    views: tokio::sync::watch::Receiver<Arc<ViewData>>,
+    wake: Arc<tokio::sync::Notify>,
     acked: Arc<tokio::sync::Notify>,
-    interest: Arc<std::sync::RwLock<Option<Interest>>>,
+    interest: SharedInterest,
     metrics: Arc<crate::admin::metrics::Metrics>,
 ) {
     // What this home was last sent, from which build, for which imports.
-    let mut sent: Option<(Vec<u8>, u64, Option<Interest>)> = None;
+    let mut sent: Option<(Vec<u8>, u64, Option<Arc<Interest>>)> = None;
     loop {
-        let data = views.borrow_and_update().clone();
+        let data = views.borrow().clone();
         let wanted = match interest.read() {
             Ok(i) => i.clone(),
             Err(p) => p.into_inner().clone(),
         };
         let look = match &sent {
             None => true,
-            Some((_, seen, imports)) => *imports != wanted || data.changed_for(*seen, wanted.as_ref()),
+            Some((_, seen, imports)) => *imports != wanted || data.changed_for(*seen, wanted.as_deref()),
         };
         if look {
-            let bytes = data.encode_for(wanted.as_ref());
+            let bytes = data.encode_for(wanted.as_deref());
             let same = sent.as_ref().is_some_and(|(b, _, _)| *b == bytes);
             sent = Some((bytes, data.version, wanted));
             if !same {
@@ -202,9 +233,8 @@ pub(crate) async fn view_writer(
         } else if let Some(s) = sent.as_mut() {
             s.1 = data.version;
         }
-        match answering_pings(&mut send, &mut pongs, views.changed()).await {
-            Some(Ok(())) => {}
-            _ => return,
+        if answering_pings(&mut send, &mut pongs, wake.notified()).await.is_none() {
+            return;
         }
     }
 }

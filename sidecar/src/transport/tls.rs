@@ -58,6 +58,7 @@ impl QuicIdentity for HopIdentity {
         listen: std::net::SocketAddr,
     ) -> std::io::Result<quinn::Endpoint> {
         let socket = std::net::UdpSocket::bind(listen)?;
+        grow_receive_buffer(&socket);
         let runtime =
             quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
         let key =
@@ -95,6 +96,30 @@ impl QuicIdentity for HopIdentity {
             .downcast::<Vec<CertificateDer<'static>>>()
             .map_err(|_| TlsError::Identity("unexpected identity type".into()))?;
         self.node_id_of_chain(&chain)
+    }
+}
+
+/// Receive buffer asked for a relay's UDP socket. The kernel's default (208 KiB) drops the
+/// Initial packets of a reconnect storm (thousands of homes redialing a restarted relay),
+/// and each drop costs a handshake a retransmission timeout; the kernel caps the size at
+/// `net.core.rmem_max` (docs/operations.md).
+pub const RELAY_RECEIVE_BUFFER: usize = 8 << 20;
+
+/// Asks for [`RELAY_RECEIVE_BUFFER`] on `socket`; the kernel may grant less (logged).
+pub fn grow_receive_buffer(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if let Err(e) = setsockopt(socket, sockopt::RcvBuf, &RELAY_RECEIVE_BUFFER) {
+        tracing::warn!(error = %e, "cannot grow the QUIC socket's receive buffer");
+    }
+    if let Ok(got) = nix::sys::socket::getsockopt(socket, sockopt::RcvBuf) {
+        // Linux reports twice the granted size (bookkeeping included).
+        if got < RELAY_RECEIVE_BUFFER {
+            tracing::info!(
+                granted = got,
+                asked = RELAY_RECEIVE_BUFFER,
+                "QUIC socket receive buffer capped by net.core.rmem_max"
+            );
+        }
     }
 }
 
@@ -156,6 +181,9 @@ pub fn failure_reason(err: &quinn::ConnectionError) -> &'static str {
         || text.contains("crypto(78)")
     {
         "alpn"
+    } else if text.contains("CONNECTION_REFUSED") || text.contains("refused to accept a new connection") {
+        // A relay with too many handshakes in progress (MAX_PENDING_HANDSHAKES).
+        "overloaded"
     } else if text.contains("TimedOut") || text.contains("timed out") {
         "timeout"
     } else if text.contains("CertificateRequired")

@@ -75,7 +75,13 @@ impl Testbed {
     /// real plan, and writes what every planned node needs: certificates (homes' bound to
     /// their Noise keys), Noise keys, main relays' ECH keys; homes get the ECH configs.
     pub fn compile(&self, crs: &str) -> anyhow::Result<Scenario> {
-        let resources = relayfed_crds::parse_documents("scenario", &with_free_ports(crs)?)?;
+        // Parsed in files of at most 1,000 documents (the YAML parser's per-file budget).
+        let text = with_free_ports(crs)?;
+        let docs: Vec<&str> = text.split("\n---\n").collect();
+        let mut resources = Vec::new();
+        for (i, chunk) in docs.chunks(1000).enumerate() {
+            resources.extend(relayfed_crds::parse_documents(&format!("scenario part {i}"), &chunk.join("\n---\n"))?);
+        }
         let placement = Placement::offline(KeyLayout { dir: self.dir.clone() }, 1);
         let compiled = plan::compile(&resources, &placement).map_err(|errs| {
             anyhow::anyhow!("{}", errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
