@@ -37,6 +37,16 @@ fn rss_kib(pid: u32) -> u64 {
     line.trim().trim_end_matches(" kB").trim().parse().unwrap()
 }
 
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
 /// The machine's UDP receive-buffer drops so far (`RcvbufErrors` in /proc/net/snmp).
 fn udp_receive_drops() -> u64 {
     let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap();
@@ -249,6 +259,7 @@ async fn main() {
     let (tx, mut events) = mpsc::unbounded_channel();
     let mut registered = vec![false; n];
     let cold = Instant::now();
+    let cold_cpu = cpu_seconds(hub.child.id().unwrap());
     for (i, h) in homes.into_iter().enumerate() {
         tokio::spawn(home(h, endpoints[i % endpoints.len()].clone(), relay, tx.clone()));
     }
@@ -256,6 +267,7 @@ async fn main() {
         until_all_registered(&mut events, &mut registered, cold, Duration::from_secs(300)).await;
     eprintln!("scale: {n} homes registered from a cold start in {:.1} s", cold.elapsed().as_secs_f64());
     let cold_drops = udp_receive_drops() - drops_before;
+    let cold_cpu = cpu_seconds(hub.child.id().unwrap()) - cold_cpu;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded_rss = rss_kib(hub.child.id().unwrap());
 
@@ -278,6 +290,7 @@ async fn main() {
     let (restart_times, restart_failures) =
         until_all_registered(&mut events, &mut registered, restarted, Duration::from_secs(120)).await;
     let restart_drops = udp_receive_drops() - drops_before;
+    let restart_cpu = cpu_seconds(hub.child.id().unwrap());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted_rss = rss_kib(hub.child.id().unwrap());
 
@@ -312,6 +325,9 @@ async fn main() {
         ms(*restart_times.last().unwrap())
     );
     println!("| failed registrations after the restart | {} |", restart_failures.len());
+    println!(
+        "| relay CPU until every home registered, cold start / restart (the rest of the 2 cores ran the {n} simulated homes) | {cold_cpu:.1} / {restart_cpu:.1} s |"
+    );
     println!(
         "| relay RSS after the restart with {n} homes, per home | {restarted_rss} KiB, {:.1} KiB |",
         per_home(restarted_rss)

@@ -207,31 +207,40 @@ pub(crate) async fn view_writer(
     // What this home was last sent, from which build, for which imports.
     let mut sent: Option<(Vec<u8>, u64, Option<Arc<Interest>>)> = None;
     loop {
-        let data = views.borrow().clone();
         let wanted = match interest.read() {
             Ok(i) => i.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        let look = match &sent {
-            None => true,
-            Some((_, seen, imports)) => *imports != wanted || data.changed_for(*seen, wanted.as_deref()),
-        };
-        if look {
-            let bytes = data.encode_for(wanted.as_deref());
-            let same = sent.as_ref().is_some_and(|(b, _, _)| *b == bytes);
-            sent = Some((bytes, data.version, wanted));
-            if !same {
-                let Some((bytes, _, _)) = &sent else { return };
-                if tokio::io::AsyncWriteExt::write_all(&mut send, bytes).await.is_err() {
-                    return;
+        // The build is looked at and let go before any wait: a writer that held on to the
+        // build it last saw would keep every instance of that build alive (10,000 idle homes
+        // pinning builds of a registration storm held 2 GB).
+        let news = {
+            let data = views.borrow().clone();
+            let look = match &sent {
+                None => true,
+                Some((_, seen, imports)) => *imports != wanted || data.changed_for(*seen, wanted.as_deref()),
+            };
+            if look {
+                let bytes = data.encode_for(wanted.as_deref());
+                let same = sent.as_ref().is_some_and(|(b, _, _)| *b == bytes);
+                sent = Some((bytes, data.version, wanted));
+                !same
+            } else {
+                if let Some(s) = sent.as_mut() {
+                    s.1 = data.version;
                 }
-                metrics.relay.propagation.get_or_create(&[("event", "view_sent")]).inc();
-                if answering_pings(&mut send, &mut pongs, acked.notified()).await.is_none() {
-                    return;
-                }
+                false
             }
-        } else if let Some(s) = sent.as_mut() {
-            s.1 = data.version;
+        };
+        if news {
+            let Some((bytes, _, _)) = &sent else { return };
+            if tokio::io::AsyncWriteExt::write_all(&mut send, bytes).await.is_err() {
+                return;
+            }
+            metrics.relay.propagation.get_or_create(&[("event", "view_sent")]).inc();
+            if answering_pings(&mut send, &mut pongs, acked.notified()).await.is_none() {
+                return;
+            }
         }
         if answering_pings(&mut send, &mut pongs, wake.notified()).await.is_none() {
             return;
