@@ -268,6 +268,8 @@ async fn main() {
     eprintln!("scale: {n} homes registered from a cold start in {:.1} s", cold.elapsed().as_secs_f64());
     let cold_drops = udp_receive_drops() - drops_before;
     let cold_cpu = cpu_seconds(hub.child.id().unwrap()) - cold_cpu;
+    let overloaded = [("role", "server"), ("result", "overloaded")];
+    let cold_refused = hub.metric("relayfed_transport_hop_handshakes_total", &overloaded).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded_rss = rss_kib(hub.child.id().unwrap());
 
@@ -291,6 +293,7 @@ async fn main() {
         until_all_registered(&mut events, &mut registered, restarted, Duration::from_secs(120)).await;
     let restart_drops = udp_receive_drops() - drops_before;
     let restart_cpu = cpu_seconds(hub.child.id().unwrap());
+    let restart_refused = hub.metric("relayfed_transport_hop_handshakes_total", &overloaded).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted_rss = rss_kib(hub.child.id().unwrap());
 
@@ -325,6 +328,9 @@ async fn main() {
         ms(*restart_times.last().unwrap())
     );
     println!("| failed registrations after the restart | {} |", restart_failures.len());
+    println!(
+        "| dials refused while 256 handshakes were in progress (redialed after backoff), cold start / restart | {cold_refused} / {restart_refused} |"
+    );
     println!(
         "| relay CPU until every home registered, cold start / restart (the rest of the 2 cores ran the {n} simulated homes) | {cold_cpu:.1} / {restart_cpu:.1} s |"
     );

@@ -10,7 +10,7 @@
 //! delta or refresh from their origin; owners refresh while they live and remove entries
 //! promptly when a home node deregisters. Plain data; time is passed in (tests use a fake clock).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -132,6 +132,18 @@ pub enum Applied {
     Forged,
 }
 
+/// A `(service, port)` pair: what callers look up and what views are cut by.
+pub type ServiceKey = (String, u16);
+
+/// What changed in the routable entries since the last [`Registry::take_changes`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// Anything may have changed (a new registry): look at everything.
+    Everything,
+    /// Only instances of these services changed.
+    Keys(HashSet<ServiceKey>),
+}
+
 #[derive(Clone, Debug)]
 struct Federated {
     entry: Entry,
@@ -151,6 +163,11 @@ pub struct Registry {
     local_seq: u64,
     federated: BTreeMap<Key, Federated>,
     origin_seq: HashMap<String, (u64, u64)>,
+    /// Local keys by home node (a registration touches its own entries only).
+    local_by_node: HashMap<String, Vec<Key>>,
+    /// Services whose routable instances changed since the last `take_changes`; `None`:
+    /// everything.
+    changed: Option<HashSet<ServiceKey>>,
 }
 
 impl Registry {
@@ -174,13 +191,15 @@ impl Registry {
             local_seq: 0,
             federated: BTreeMap::new(),
             origin_seq: HashMap::new(),
+            local_by_node: HashMap::new(),
+            changed: None,
         }
     }
 
     /// Replaces the entries of home node `node` with `entries`; returns the delta for peers
     /// (`None` when nothing changed).
     pub fn register(&mut self, node: &str, entries: Vec<Entry>) -> Option<Delta> {
-        let old: Vec<Key> = self.local.keys().filter(|k| k.node == node).cloned().collect();
+        let old: Vec<Key> = self.local_by_node.remove(node).unwrap_or_default();
         let mut add = Vec::new();
         let mut keep = std::collections::HashSet::new();
         for mut e in entries {
@@ -197,7 +216,38 @@ impl Registry {
         for k in &remove {
             self.local.remove(k);
         }
+        if !keep.is_empty() {
+            self.local_by_node.insert(node.to_owned(), keep.into_iter().collect());
+        }
+        self.touch(add.iter().map(|e| (&e.service, e.port)).chain(remove.iter().map(|k| (&k.service, k.port))));
         self.delta(add, remove)
+    }
+
+    /// Notes that instances of these services changed.
+    fn touch<'a>(&mut self, keys: impl Iterator<Item = (&'a String, u16)>) {
+        if let Some(changed) = self.changed.as_mut() {
+            for (service, port) in keys {
+                if !changed.contains(&(service.clone(), port)) {
+                    changed.insert((service.clone(), port));
+                }
+            }
+        }
+    }
+
+    /// Notes that instances of every service of origin `origin` changed.
+    fn touch_origin(&mut self, origin: &str) {
+        let keys: Vec<ServiceKey> =
+            self.federated.keys().filter(|k| k.main == origin).map(|k| (k.service.clone(), k.port)).collect();
+        self.touch(keys.iter().map(|(s, p)| (s, *p)));
+    }
+
+    /// What changed since the last call (the first call: everything); the next call
+    /// reports changes from now on.
+    pub fn take_changes(&mut self) -> Changes {
+        match self.changed.replace(HashSet::new()) {
+            None => Changes::Everything,
+            Some(keys) => Changes::Keys(keys),
+        }
     }
 
     /// Removes every entry of `node` (it disconnected or deregistered).
@@ -243,6 +293,10 @@ impl Registry {
         // replaces what its previous life said.
         let new_epoch = last.is_some_and(|(e, _)| e != d.epoch);
         self.origin_seq.insert(d.origin.clone(), at);
+        if new_epoch || d.full {
+            self.touch_origin(&d.origin);
+        }
+        self.touch(d.add.iter().map(|e| (&e.service, e.port)).chain(d.remove.iter().map(|k| (&k.service, k.port))));
         let expires = now + self.ttl;
         if new_epoch {
             // A restarted origin knows none of its homes yet; they are reconnecting to it.
@@ -267,12 +321,13 @@ impl Registry {
     /// Their entries are kept (the next full delta from `origin` replaces them) and expire by
     /// TTL as usual. Returns how many were withdrawn.
     pub fn origin_down(&mut self, origin: &str) -> usize {
-        let mut n = 0;
+        let mut withdrawn = Vec::new();
         for f in self.federated.values_mut().filter(|f| f.entry.main == origin && f.reachable) {
             f.reachable = false;
-            n += 1;
+            withdrawn.push((f.entry.service.clone(), f.entry.port));
         }
-        n
+        self.touch(withdrawn.iter().map(|(s, p)| (s, *p)));
+        withdrawn.len()
     }
 
     /// This relay's current sequence number (sent in refreshes).
@@ -305,6 +360,8 @@ impl Registry {
         for k in &gone {
             self.federated.remove(k);
         }
+        let keys: Vec<ServiceKey> = gone.iter().map(|k| (k.service.clone(), k.port)).collect();
+        self.touch(keys.iter().map(|(s, p)| (s, *p)));
         gone
     }
 
@@ -313,9 +370,18 @@ impl Registry {
     }
 
     /// Reachable instances of `service:port`: local ones first, then federated, each in key
-    /// order.
+    /// order (a range of each map: keys sort by service and port first).
     pub fn lookup(&self, service: &str, port: u16) -> Vec<Entry> {
-        self.routable().filter(|e| e.service == service && e.port == port).cloned().collect()
+        let from = Key { service: service.to_owned(), port, node: String::new(), main: String::new() };
+        let here = |k: &Key| k.service == service && k.port == port;
+        let local = self.local.range(from.clone()..).take_while(|(k, _)| here(k)).map(|(_, e)| e.clone());
+        let federated = self
+            .federated
+            .range(from..)
+            .take_while(|(k, _)| here(k))
+            .filter(|(_, f)| f.reachable)
+            .map(|(_, f)| f.entry.clone());
+        local.chain(federated).collect()
     }
 
     /// Every reachable entry (local then federated): what views carry.
@@ -331,6 +397,20 @@ impl Registry {
     /// Federated entries with the time left before they expire and whether they are reachable.
     pub fn federated(&self, now: Instant) -> impl Iterator<Item = (&Entry, Duration, bool)> {
         self.federated.values().map(move |f| (&f.entry, f.expires.saturating_duration_since(now), f.reachable))
+    }
+
+    /// How many distinct services (`service:port`) local homes export (keys sort by service
+    /// and port first, so neighbours are compared; no hashing).
+    pub fn local_services(&self) -> usize {
+        let mut count = 0;
+        let mut last: Option<(&str, u16)> = None;
+        for k in self.local.keys() {
+            if last != Some((k.service.as_str(), k.port)) {
+                count += 1;
+                last = Some((k.service.as_str(), k.port));
+            }
+        }
+        count
     }
 
     /// Counts: (local, federated).
@@ -493,6 +573,102 @@ mod tests {
         r.register("near", vec![e("a", "", "")]);
         let found: Vec<_> = r.lookup("a", 80).into_iter().map(|e| e.node).collect();
         assert_eq!(found, ["near", "far"]);
+        r.register("other", vec![e("a", "", ""), e("b", "", "")]);
+        assert_eq!(r.local_services(), 2, "a (twice) and b");
         assert_eq!(r.sizes(), (1, 1));
+    }
+
+    mod changes {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One thing that happens to a registry.
+        #[derive(Clone, Debug)]
+        enum Op {
+            Register(u8, Vec<u8>),
+            Deregister(u8),
+            Delta { full: bool, epoch: u64, add: Vec<(u8, u8)>, remove: Vec<(u8, u8)> },
+            OriginDown,
+            Expire(u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let svc = || 0u8..4;
+            prop_oneof![
+                (0u8..4, prop::collection::vec(svc(), 0..3)).prop_map(|(n, s)| Op::Register(n, s)),
+                (0u8..4).prop_map(Op::Deregister),
+                (
+                    any::<bool>(),
+                    1u64..3,
+                    prop::collection::vec((svc(), 0u8..3), 0..3),
+                    prop::collection::vec((svc(), 0u8..3), 0..2)
+                )
+                    .prop_map(|(full, epoch, add, remove)| Op::Delta { full, epoch, add, remove }),
+                Just(Op::OriginDown),
+                (0u64..1200).prop_map(Op::Expire),
+            ]
+        }
+
+        /// Every service's instances, by lookup.
+        fn views(r: &Registry) -> BTreeMap<ServiceKey, Vec<Entry>> {
+            (0..4).map(|s| ((format!("s{s}"), 80), r.lookup(&format!("s{s}"), 80))).collect()
+        }
+
+        proptest! {
+            /// Lookups by range give what a scan of every routable entry gives, and
+            /// `take_changes` names every service whose instances changed.
+            #[test]
+            fn lookups_match_a_scan_and_every_change_is_reported(ops in prop::collection::vec(op(), 1..40)) {
+                let t0 = Instant::now();
+                let mut r = Registry::with_epoch("m1", Duration::from_secs(600), 1);
+                let mut seq = 0u64;
+                prop_assert_eq!(r.take_changes(), Changes::Everything);
+                for op in ops {
+                    let before = views(&r);
+                    match op {
+                        Op::Register(n, svcs) => {
+                            r.register(&format!("h{n}"), svcs.iter().map(|s| e(&format!("s{s}"), "", "")).collect());
+                        }
+                        Op::Deregister(n) => {
+                            r.deregister(&format!("h{n}"));
+                        }
+                        Op::Delta { full, epoch, add, remove } => {
+                            seq += 1;
+                            let d = Delta {
+                                origin: "m2".into(),
+                                epoch,
+                                seq,
+                                full,
+                                add: add.iter().map(|(s, n)| e(&format!("s{s}"), &format!("f{n}"), "m2")).collect(),
+                                remove: remove.iter().map(|(s, n)| e(&format!("s{s}"), &format!("f{n}"), "m2").key()).collect(),
+                            };
+                            r.apply("m2", &d, t0);
+                        }
+                        Op::OriginDown => {
+                            r.origin_down("m2");
+                        }
+                        Op::Expire(s) => {
+                            r.expire(t0 + Duration::from_secs(s));
+                        }
+                    }
+                    let after = views(&r);
+                    for (key, list) in &after {
+                        let scanned: Vec<Entry> =
+                            r.all().into_iter().filter(|e| e.service == key.0 && e.port == key.1).collect();
+                        let mut sorted_scan = scanned.clone();
+                        sorted_scan.sort();
+                        let mut sorted = list.clone();
+                        sorted.sort();
+                        prop_assert_eq!(sorted, sorted_scan);
+                    }
+                    let Changes::Keys(changed) = r.take_changes() else { panic!("only the first call reports everything") };
+                    for (key, list) in &after {
+                        if before.get(key) != Some(list) {
+                            prop_assert!(changed.contains(key), "{:?} changed unreported", key);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

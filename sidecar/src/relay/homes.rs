@@ -15,12 +15,6 @@ use crate::protocol::control::Control;
 use crate::protocol::{ErrorCode, Frame};
 use crate::transport::io::read_frame;
 
-/// How many distinct services (`service:port`) this relay's homes export: what a stream
-/// sealed to this relay could be for, as seen by the relays on its path.
-pub(crate) fn anonymity_set<'a>(local: impl Iterator<Item = &'a Entry>) -> usize {
-    local.map(|e| (&e.service, e.port)).collect::<std::collections::HashSet<_>>().len()
-}
-
 impl MainRelay {
     /// The Noise key the home's certificate binds (`Ok(None)`: no binding; `Err`: malformed).
     fn bound_noise_key(&self, node: &str) -> Result<Option<[u8; 32]>, ()> {

@@ -416,7 +416,7 @@ impl MainRelay {
                     r.all().into_iter().map(|e| format!("{}:{}", e.service, e.port)).collect();
                 services.sort();
                 services.dedup();
-                let anonymity = super::homes::anonymity_set(r.local());
+                let anonymity = r.local_services();
                 let keys = self.ech_keys().map(|k| {
                     let id = |k: Option<&crate::crypto::ech::EchKeyPair>| k.map(|k| k.config().config_id);
                     json!({

@@ -17,8 +17,7 @@ use tracing::warn;
 use super::view_subs::Changed;
 
 use super::MainRelay;
-use super::homes::anonymity_set;
-use crate::federation::registry::Entry;
+use crate::federation::registry::{Changes, Entry};
 use crate::protocol::Frame;
 use crate::protocol::control::{Control, MainInfo};
 use crate::transport::io::write_frames;
@@ -37,7 +36,7 @@ pub(crate) struct ViewData {
     mains_version: u64,
     /// Instances by `(service, port)`, with the build that last changed them; a key whose
     /// instances are gone stays, empty, so a writer still sees that it changed.
-    entries: BTreeMap<(String, u16), (u64, Vec<Entry>)>,
+    entries: BTreeMap<(String, u16), (u64, Arc<Vec<Entry>>)>,
     /// What this build changed since the one before (which writers to wake).
     changed: Changed,
 }
@@ -65,7 +64,7 @@ impl ViewData {
                 // Emptied now, or earlier (then it keeps its version).
                 let at = if old.is_empty() { *at } else { version };
                 gone += 1;
-                entries.insert(key.clone(), (at, Vec::new()));
+                entries.insert(key.clone(), (at, Arc::new(Vec::new())));
             }
         }
         let mut everything_changed = false;
@@ -74,11 +73,10 @@ impl ViewData {
             everything_changed = true;
         }
         for (key, list) in grouped {
-            let at = match prev.entries.get(&key) {
-                Some((at, old)) if *old == list => *at,
-                _ => version,
+            match prev.entries.get(&key) {
+                Some((at, old)) if **old == list => entries.insert(key, (*at, old.clone())),
+                _ => entries.insert(key, (version, Arc::new(list))),
             };
-            entries.insert(key, (at, list));
         }
         let mains_version =
             if everything_changed || mains != prev.mains || prev.version == 0 { version } else { prev.mains_version };
@@ -87,6 +85,33 @@ impl ViewData {
         } else {
             Changed::Keys(entries.iter().filter(|(_, (at, _))| *at == version).map(|(k, _)| k.clone()).collect())
         };
+        Self { version, mains, mains_version, entries, changed }
+    }
+
+    /// The build after `prev` when only the services in `changed` (with their instances now)
+    /// may differ: the rest is shared with `prev`, so a build costs what changed.
+    pub(crate) fn next_changed(
+        prev: &ViewData,
+        mains: BTreeMap<String, MainInfo>,
+        changed: Vec<((String, u16), Vec<Entry>)>,
+    ) -> Self {
+        let version = prev.version + 1;
+        let mut entries = prev.entries.clone();
+        let mut keys = std::collections::HashSet::new();
+        for (key, list) in changed {
+            let same = entries.get(&key).is_some_and(|(_, old)| **old == list);
+            if !same && !(list.is_empty() && !entries.contains_key(&key)) {
+                keys.insert(key.clone());
+                entries.insert(key, (version, Arc::new(list)));
+            }
+        }
+        let gone = entries.values().filter(|(_, l)| l.is_empty()).count();
+        if gone > MAX_GONE_KEYS {
+            entries.retain(|_, (_, l)| !l.is_empty());
+        }
+        let mains_version =
+            if gone > MAX_GONE_KEYS || mains != prev.mains || prev.version == 0 { version } else { prev.mains_version };
+        let changed = if mains_version == version { Changed::Everything } else { Changed::Keys(keys) };
         Self { version, mains, mains_version, entries, changed }
     }
 
@@ -106,12 +131,12 @@ impl ViewData {
     /// most 200 entries each.
     pub(crate) fn encode_for(&self, imports: Option<&Interest>) -> Vec<u8> {
         let entries: Vec<&Entry> = match imports {
-            None => self.entries.values().flat_map(|(_, l)| l).collect(),
+            None => self.entries.values().flat_map(|(_, l)| l.iter()).collect(),
             Some(wanted) => {
                 // In a stable order (the registry's), whatever the set's.
                 let mut keys: Vec<&(String, u16)> = wanted.iter().collect();
                 keys.sort();
-                keys.into_iter().filter_map(|k| self.entries.get(k)).flat_map(|(_, l)| l).collect()
+                keys.into_iter().filter_map(|k| self.entries.get(k)).flat_map(|(_, l)| l.iter()).collect()
             }
         };
         let chunks: Vec<&[&Entry]> = if entries.is_empty() { vec![&[]] } else { entries.chunks(200).collect() };
@@ -157,8 +182,22 @@ impl MainRelay {
     /// Publishes the current view (all instances, the mains' ECH configs) to every home
     /// node's writer.
     fn build_views(&self) {
-        let (entries, sizes, anonymity) = match self.registry.lock() {
-            Ok(r) => (r.all(), r.sizes(), anonymity_set(r.local())),
+        // What changed in the registry since the last build: the instances of those services
+        // only (the first build, everything).
+        let (source, sizes, anonymity) = match self.registry.lock() {
+            Ok(mut r) => {
+                let source = match r.take_changes() {
+                    Changes::Everything => Err(r.all()),
+                    Changes::Keys(keys) => Ok(keys
+                        .into_iter()
+                        .map(|k| {
+                            let now = r.lookup(&k.0, k.1);
+                            (k, now)
+                        })
+                        .collect()),
+                };
+                (source, r.sizes(), r.local_services())
+            }
             Err(_) => return,
         };
         self.metrics.relay.ech_anonymity_set.set(anonymity as i64);
@@ -179,7 +218,10 @@ impl MainRelay {
         }
         let mut changed = Changed::Everything;
         self.views.send_modify(|v| {
-            let next = ViewData::next(v, mains, entries);
+            let next = match source {
+                Ok(changed) => ViewData::next_changed(v, mains, changed),
+                Err(all) => ViewData::next(v, mains, all),
+            };
             changed = next.changed.clone();
             *v = Arc::new(next);
         });
@@ -346,5 +388,48 @@ mod tests {
         let mains = BTreeMap::from([("hub".to_owned(), MainInfo::default())]);
         let v7 = ViewData::next(&v6, mains, vec![entry("db", "x")]);
         assert!(v7.changed_for(v6.version, Some(&wants_web)));
+    }
+
+    mod incremental {
+        use super::*;
+        use crate::federation::registry::Registry;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// A build from what changed says what a build from everything says, to every
+            /// home, and wakes at least the homes whose view changed.
+            #[test]
+            fn building_from_changes_matches_building_from_everything(
+                ops in prop::collection::vec((0u8..6, prop::collection::vec(0u8..4, 0..3)), 1..30)
+            ) {
+                let mut r = Registry::with_epoch("hub", std::time::Duration::from_secs(600), 1);
+                let _ = r.take_changes();
+                let (mut full, mut incremental) = (ViewData::default(), ViewData::default());
+                let interests: Vec<Interest> =
+                    (0..4).map(|s| [(format!("s{s}"), 80)].into_iter().collect()).collect();
+                for (node, services) in ops {
+                    let node = format!("h{node}");
+                    r.register(&node, services.iter().map(|s| entry(&format!("s{s}"), &node)).collect());
+                    let Changes::Keys(keys) = r.take_changes() else { panic!("only the first call says everything") };
+                    let changed: Vec<_> = keys.into_iter().map(|k| { let now = r.lookup(&k.0, k.1); (k, now) }).collect();
+                    let next_full = ViewData::next(&full, BTreeMap::new(), r.all());
+                    let next_inc = ViewData::next_changed(&incremental, BTreeMap::new(), changed);
+                    prop_assert_eq!(next_full.encode_for(None), next_inc.encode_for(None));
+                    for wanted in &interests {
+                        prop_assert_eq!(next_full.encode_for(Some(wanted)), next_inc.encode_for(Some(wanted)));
+                        let news = next_full.encode_for(Some(wanted)) != full.encode_for(Some(wanted));
+                        if news && full.version > 0 {
+                            prop_assert!(next_inc.changed_for(incremental.version, Some(wanted)));
+                            let woken = match &next_inc.changed {
+                                Changed::Everything => true,
+                                Changed::Keys(k) => wanted.iter().any(|w| k.contains(w)),
+                            };
+                            prop_assert!(woken, "a home whose view changed is woken");
+                        }
+                    }
+                    (full, incremental) = (next_full, next_inc);
+                }
+            }
+        }
     }
 }
