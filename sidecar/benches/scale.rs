@@ -329,7 +329,7 @@ async fn main() {
     );
     println!("| failed registrations after the restart | {} |", restart_failures.len());
     println!(
-        "| dials refused while 256 handshakes were in progress (redialed after backoff), cold start / restart | {cold_refused} / {restart_refused} |"
+        "| dials refused by the relay's handshake admission (256 in progress, 4,096 waiting at most 2 s; redialed after backoff), cold start / restart | {cold_refused} / {restart_refused} |"
     );
     println!(
         "| relay CPU until every home registered, cold start / restart (the rest of the 2 cores ran the {n} simulated homes) | {cold_cpu:.1} / {restart_cpu:.1} s |"

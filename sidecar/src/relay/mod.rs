@@ -102,10 +102,15 @@ pub use router::PROBE_LIMIT;
 /// Most senders whose token buckets a relay tracks (idle ones are evicted first).
 const MAX_RATE_SENDERS: usize = 100_000;
 
-/// Hop handshakes a relay runs at once; further dialers are refused (CONNECTION_REFUSED) and
-/// redial after their backoff. A handshake costs a relay well under a millisecond of CPU, so
-/// this is far above what a steady state needs and bounds what a storm holds in memory.
+/// Hop handshakes a relay runs at once. A handshake costs a relay well under a millisecond
+/// of CPU, so this is far above what a steady state needs and bounds what a storm holds.
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Dials that wait for a handshake slot; beyond them a dialer is refused (CONNECTION_REFUSED)
+/// and redials after its backoff.
+pub const MAX_QUEUED_HANDSHAKES: usize = 4096;
+/// Longest a dial waits for a slot before it is refused (well inside a home's 5 s connect
+/// timeout, so a handshake is not started for a dialer that gave up).
+pub const MAX_HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) fn limit(r: &crate::config::RateLimit) -> crate::resilience::rate_limit::Limit {
     crate::resilience::rate_limit::Limit { rate: r.streams_per_second, burst: r.burst.max(1.0) }
@@ -241,26 +246,34 @@ impl MainRelay {
 
     async fn accept_loop(self: Arc<Self>, endpoint: quinn::Endpoint) {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+        let admitted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         while let Some(incoming) = endpoint.accept().await {
             // A reconnect storm (thousands of homes redialing a restarted relay) is admitted
-            // at the pace the CPU completes handshakes: beyond the bound, a dialer is refused
-            // at once and redials after its jittered backoff, instead of every handshake
-            // slowing until established links miss their liveness deadline.
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                self.metrics
-                    .transport
-                    .hop_handshakes
-                    .get_or_create(&[("role", "server"), ("result", "overloaded")])
-                    .inc();
-                debug!(remote = %incoming.remote_address(), "handshake refused: too many in progress");
-                incoming.refuse();
+            // at the pace handshakes complete: MAX_PENDING_HANDSHAKES run, up to
+            // MAX_QUEUED_HANDSHAKES more wait their turn (the dialer's Initial packets are
+            // held meanwhile), and beyond that, or after waiting MAX_HANDSHAKE_QUEUE_WAIT, a
+            // dialer is refused and redials after its jittered backoff — instead of every
+            // handshake slowing until established links miss their liveness deadline.
+            let queued = admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if queued >= MAX_PENDING_HANDSHAKES + MAX_QUEUED_HANDSHAKES {
+                admitted.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                self.refuse_overloaded(incoming);
                 continue;
-            };
+            }
             let relay = self.clone();
+            let (handshakes, admitted) = (handshakes.clone(), admitted.clone());
             tokio::spawn(async move {
+                let waiting = Instant::now();
+                let permit = handshakes.acquire_owned().await;
+                if permit.is_err() || waiting.elapsed() > MAX_HANDSHAKE_QUEUE_WAIT {
+                    admitted.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    relay.refuse_overloaded(incoming);
+                    return;
+                }
                 let remote = incoming.remote_address();
                 let handshake = incoming.await;
                 drop(permit);
+                admitted.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 match handshake {
                     Ok(conn) => relay.serve_connection(conn).await,
                     Err(e) => {
@@ -276,6 +289,13 @@ impl MainRelay {
                 }
             });
         }
+    }
+
+    /// Refuses a dial while too many handshakes are in progress or waiting.
+    fn refuse_overloaded(&self, incoming: quinn::Incoming) {
+        self.metrics.transport.hop_handshakes.get_or_create(&[("role", "server"), ("result", "overloaded")]).inc();
+        debug!(remote = %incoming.remote_address(), "handshake refused: too many in progress");
+        incoming.refuse();
     }
 
     async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
