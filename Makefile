@@ -15,7 +15,7 @@ BENCH_OUT ?= docs/benchmarks.md
 DURATION ?= 10m
 FAILURE_RATE ?= 10%
 
-.PHONY: prometheus e2e dashboards chaos chart-docs images demo bench bench-peers help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+.PHONY: prometheus e2e dashboards chaos chart-docs images demo bench bench-peers bench-scale help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -161,6 +161,21 @@ bench-peers: ## relayfed beside direct, stunnel4 and boringtun on one namespace 
 	@grep -q '^<!-- bench-peers: begin' $(BENCH_OUT) || { echo "$(BENCH_OUT) has no bench-peers markers"; exit 1; }
 	mv target/bench-peers-doc.md $(BENCH_OUT)
 	@cat target/bench-peers-section.md
+
+SCALE_HOMES ?= 10000
+SCALE_LINK_IDLE ?= 10s
+bench-scale: ## One main relay with $(SCALE_HOMES) homes (cold start, crash, restart) and config distribution to as many subscribers; rewrites its section of $(BENCH_OUT).
+	mkdir -p target
+	RELAYFED_SCALE_HOMES=$(SCALE_HOMES) RELAYFED_SCALE_LINK_IDLE=$(SCALE_LINK_IDLE) $(CARGO) bench -q -p relayfed-sidecar --bench scale > target/bench-scale.md
+	RELAYFED_DIST_SUBSCRIBERS=$(SCALE_HOMES) $(CARGO) bench -q -p relayfed-operator --bench distribution > target/bench-scale-dist.md
+	@{ echo "Produced by \`make bench-scale\` (\`RELAYFED_SCALE_HOMES=$(SCALE_HOMES) RELAYFED_SCALE_LINK_IDLE=$(SCALE_LINK_IDLE) cargo bench -p relayfed-sidecar --bench scale\`,"; \
+	   echo "then \`RELAYFED_DIST_SUBSCRIBERS=$(SCALE_HOMES) cargo bench -p relayfed-operator --bench distribution\`) on $$(date -u +%Y-%m-%d), $$(nproc) cores;"; \
+	   echo "the machine's load average at the start: $$(cut -d' ' -f1-3 /proc/loadavg)."; \
+	   echo; cat target/bench-scale.md; echo; cat target/bench-scale-dist.md; } > target/bench-scale-section.md
+	@grep -q '^<!-- bench-scale: begin' $(BENCH_OUT) || { echo "$(BENCH_OUT) has no bench-scale markers"; exit 1; }
+	@awk -v f=target/bench-scale-section.md '/^<!-- bench-scale: begin/ {print; while ((getline l < f) > 0) print l; skip=1; next} /^<!-- bench-scale: end/ {skip=0} !skip' $(BENCH_OUT) > target/bench-scale-doc.md
+	mv target/bench-scale-doc.md $(BENCH_OUT)
+	@cat target/bench-scale-section.md
 
 clean: ## Remove build output.
 	$(CARGO) clean
