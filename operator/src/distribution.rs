@@ -307,7 +307,7 @@ impl Distributor {
         // Rebuilt only when the certificate or the CAs changed (compared as DER, no parsing).
         let material = |id: &HopIdentity| (id.leaf_der().to_vec(), id.roots().to_vec());
         let mut tls = (material(&first), acceptor(&first)?);
-        let limits = ServerLimits::FLEET;
+        let limits = ServerLimits::DISTRIBUTION;
         let listener = BoundedListener::bind(addr, limits, "distribution").await?;
         let local = listener.local_addr()?;
         tokio::spawn(async move {

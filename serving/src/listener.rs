@@ -45,12 +45,31 @@ impl ServerLimits {
         header_read_timeout: Duration::from_secs(10),
         handshake_timeout: Duration::from_secs(10),
     };
-    /// Endpoints every node or pod of a federation calls (distribution, certificates, webhook).
+    /// Endpoints every node or pod of a federation calls (certificates, webhook).
     pub const FLEET: Self = Self {
         max_connections: 4096,
         header_read_timeout: Duration::from_secs(10),
         handshake_timeout: Duration::from_secs(10),
     };
+    /// Config distribution: every sidecar holds one long-poll connection, so a federation of
+    /// 10,000 homes needs 10,000 at once (within the descriptor budget [`raise_fd_limit`] gives).
+    pub const DISTRIBUTION: Self = Self {
+        max_connections: 16_384,
+        header_read_timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(10),
+    };
+}
+
+/// Raises the process's soft open-file limit to its hard limit (as Go's runtime does), so the
+/// connection limits above are not cut short by a soft limit of 1,024; returns the limit now
+/// in force, `None` when it cannot be read.
+pub fn raise_fd_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
 }
 
 /// A listener that admits at most `max_connections` at once and backs off on accept errors.
@@ -75,7 +94,14 @@ pub struct Admitted {
 impl BoundedListener {
     /// Binds `addr`; `name` appears in logs.
     pub async fn bind(addr: SocketAddr, limits: ServerLimits, name: &'static str) -> std::io::Result<Self> {
-        Ok(Self::new(TcpListener::bind(addr).await?, limits, name))
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        // A backlog as deep as the connection limit (the kernel caps it at
+        // net.core.somaxconn): a fleet reconnecting at once is queued, not made to wait for
+        // SYN retransmissions (1 s, 3 s, 7 s, ...).
+        let backlog = u32::try_from(limits.max_connections).unwrap_or(u32::MAX).max(128);
+        Ok(Self::new(socket.listen(backlog)?, limits, name))
     }
 
     /// Wraps a bound listener.

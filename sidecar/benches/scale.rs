@@ -40,11 +40,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// CPU seconds (user + system) process `pid` has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) start at the state, field 3.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / 100.0
+    relayfed_serving::process::cpu_seconds(&stat).unwrap()
 }
 
 /// The machine's UDP receive-buffer drops so far (`RcvbufErrors` in /proc/net/snmp).

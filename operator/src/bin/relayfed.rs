@@ -312,6 +312,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging();
+    relayfed_serving::listener::raise_fd_limit();
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Webhook { command } => webhook(command),

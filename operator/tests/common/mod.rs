@@ -17,6 +17,18 @@ impl Pki {
         Self { ca: FederationCa::generate(TD).unwrap() }
     }
 
+    /// The CA as PEM (certificate, key), for another process to issue from.
+    #[allow(dead_code)]
+    pub fn ca_pem(&self) -> (String, String) {
+        (self.ca.certified_key().cert_pem.clone(), self.ca.certified_key().key_pem.clone())
+    }
+
+    /// A PKI issuing from the CA `ca_pem` gave.
+    #[allow(dead_code)]
+    pub fn from_pem(cert: &str, key: &str) -> Self {
+        Self { ca: FederationCa::from_pem(TD, cert, key).unwrap() }
+    }
+
     pub fn identity(&self, node: &str) -> HopIdentity {
         let c = self.ca.issue(node, std::time::Duration::from_secs(3600)).unwrap();
         HopIdentity::from_pem(TD, node, &self.ca.certified_key().cert_pem, &c.cert_pem, &c.key_pem).unwrap()

@@ -246,6 +246,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if matches!(cli.command, Command::MainRelay { .. } | Command::Home { .. }) {
         bound_malloc_arenas();
+        relayfed_serving::listener::raise_fd_limit();
     }
     init_logging(cli.log_format);
     match cli.command {

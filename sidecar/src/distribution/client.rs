@@ -57,12 +57,23 @@ pub enum ClientError {
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
+/// Longest a connection to the distribution server may take to set up (a server busy with
+/// a fleet reconnecting at once is tried again after backoff, not waited on).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Subscription {
     fn transport(&self, reason: impl std::fmt::Display) -> ClientError {
         ClientError::Transport { server: self.server.clone(), reason: reason.to_string() }
     }
 
+    /// Connects (TCP, TLS, HTTP/1.1) within [`CONNECT_TIMEOUT`].
     async fn connect(&self) -> Result<Sender, ClientError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_now())
+            .await
+            .map_err(|_| self.transport(format!("no connection within {CONNECT_TIMEOUT:?}")))?
+    }
+
+    async fn connect_now(&self) -> Result<Sender, ClientError> {
         let identity = self.identity.get();
         let tls = identity.rustls_client(ALPN).map_err(|e| self.transport(e))?;
         let name = rustls_pki_types::ServerName::try_from(identity.server_name(&self.server_node))

@@ -113,9 +113,9 @@ pub fn grow_receive_buffer(socket: &std::net::UdpSocket) {
     }
     if let Ok(got) = nix::sys::socket::getsockopt(socket, sockopt::RcvBuf) {
         // Linux reports twice the granted size (bookkeeping included).
-        if got < RELAY_RECEIVE_BUFFER {
+        if got / 2 < RELAY_RECEIVE_BUFFER {
             tracing::info!(
-                granted = got,
+                granted = got / 2,
                 asked = RELAY_RECEIVE_BUFFER,
                 "QUIC socket receive buffer capped by net.core.rmem_max"
             );
