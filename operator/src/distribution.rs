@@ -177,31 +177,45 @@ impl Distributor {
     }
 
     /// Waits until every published node acknowledged its current version (or `deadline`
-    /// passes); returns the nodes still behind.
+    /// passes); returns the nodes still behind. After a publication every node is looked at;
+    /// after acknowledgements only those still behind, at most every 5 ms (10,000 nodes
+    /// acknowledging one by one would otherwise cost a scan of all of them each).
     pub async fn wait_acked(&self, deadline: Duration) -> Vec<String> {
         let until = tokio::time::Instant::now() + deadline;
         let mut rx = self.published.subscribe();
         let mut acked = self.acked.subscribe();
+        let mut behind: Option<Vec<String>> = None;
         loop {
             // Mark both as seen before reading the state, so no change is missed.
             acked.borrow_and_update();
-            let behind: Vec<String> = {
+            let republished = rx.has_changed().unwrap_or(false);
+            {
+                let published = rx.borrow_and_update();
                 let acks = match self.acks.lock() {
                     Ok(a) => a,
                     Err(p) => p.into_inner(),
                 };
-                rx.borrow_and_update()
-                    .iter()
-                    .filter(|(n, p)| acks.get(*n).is_none_or(|a| a.version < p.version))
-                    .map(|(n, _)| n.clone())
-                    .collect()
-            };
-            if behind.is_empty() || tokio::time::Instant::now() >= until {
-                return behind;
+                let lagging =
+                    |n: &String| published.get(n).is_some_and(|p| acks.get(n).is_none_or(|a| a.version < p.version));
+                behind = Some(match behind.take() {
+                    Some(mut nodes) if !republished => {
+                        nodes.retain(|n| lagging(n));
+                        nodes
+                    }
+                    _ => published.keys().filter(|n| lagging(n)).cloned().collect(),
+                });
+            }
+            let nodes = behind.as_ref().map(Vec::len).unwrap_or(0);
+            if nodes == 0 || tokio::time::Instant::now() >= until {
+                return behind.unwrap_or_default();
             }
             tokio::select! {
-                _ = rx.changed() => {}
-                _ = acked.changed() => {}
+                _ = rx.changed() => {
+                    behind = None;
+                }
+                _ = acked.changed() => {
+                    tokio::time::sleep(Duration::from_millis(5).min(until - tokio::time::Instant::now())).await;
+                }
                 _ = tokio::time::sleep_until(until) => {}
             }
         }
