@@ -36,7 +36,7 @@ pub(crate) struct ViewData {
     mains_version: u64,
     /// Instances by `(service, port)`, with the build that last changed them; a key whose
     /// instances are gone stays, empty, so a writer still sees that it changed.
-    entries: BTreeMap<(String, u16), (u64, Arc<Vec<Entry>>)>,
+    entries: BTreeMap<(String, u16), Versioned>,
     /// What this build changed since the one before (which writers to wake).
     changed: Changed,
 }
@@ -44,6 +44,9 @@ pub(crate) struct ViewData {
 /// Shortest time between two view builds: under a registration storm each build costs a
 /// pass over the registry, so they are batched rather than run back to back.
 pub(crate) const MIN_BUILD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// One service's instances, with the build that last changed them.
+type Versioned = (u64, Arc<Vec<Entry>>);
 
 /// Most emptied keys kept after their instances are gone (beyond it they are dropped, and
 /// the next build counts as changing everything).
@@ -99,8 +102,10 @@ impl ViewData {
         let mut entries = prev.entries.clone();
         let mut keys = std::collections::HashSet::new();
         for (key, list) in changed {
+            // Unchanged, or gone and never known: nothing to record.
             let same = entries.get(&key).is_some_and(|(_, old)| **old == list);
-            if !same && !(list.is_empty() && !entries.contains_key(&key)) {
+            let known = entries.contains_key(&key) || !list.is_empty();
+            if known && !same {
                 keys.insert(key.clone());
                 entries.insert(key, (version, Arc::new(list)));
             }
