@@ -573,9 +573,9 @@ mod tests {
         r.register("near", vec![e("a", "", "")]);
         let found: Vec<_> = r.lookup("a", 80).into_iter().map(|e| e.node).collect();
         assert_eq!(found, ["near", "far"]);
+        assert_eq!(r.sizes(), (1, 1));
         r.register("other", vec![e("a", "", ""), e("b", "", "")]);
         assert_eq!(r.local_services(), 2, "a (twice) and b");
-        assert_eq!(r.sizes(), (1, 1));
     }
 
     mod changes {
