@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use relayfed_e2e::Testbed;
-use relayfed_e2e::procs::{Proc, echo_server};
+use relayfed_e2e::procs::{Proc, echo_server, status_kib};
 use relayfed_sidecar::config::{Snapshot, Timeouts};
 use relayfed_sidecar::protocol::Frame;
 use relayfed_sidecar::protocol::control::{Control, Service};
@@ -22,12 +22,6 @@ use tokio::net::TcpStream;
 
 fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
-}
-
-/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix(field)).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

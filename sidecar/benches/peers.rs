@@ -26,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use relayfed_e2e::Testbed;
+use relayfed_e2e::procs::status_kib;
 use serde_json::Value;
 
 const NS: [&str; 3] = ["rfp-a", "rfp-r", "rfp-b"];
@@ -648,13 +649,6 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
             (ticks(11) + ticks(12)) / 100.0
         })
         .sum()
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use relayfed_e2e::Testbed;
-use relayfed_e2e::procs::Proc;
+use relayfed_e2e::procs::{Proc, status_kib};
 use relayfed_proto::backoff::{Backoff, Retry};
 use relayfed_sidecar::config::Snapshot;
 use relayfed_sidecar::protocol::Frame;
@@ -32,9 +32,7 @@ enum Event {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
-    line.trim().trim_end_matches(" kB").trim().parse().unwrap()
+    status_kib(pid, "VmRSS:")
 }
 
 /// CPU seconds (user + system) process `pid` has used.

@@ -31,6 +31,14 @@ pub fn proxy_next_to(relayfed: &Path) -> std::path::PathBuf {
     proxy
 }
 
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`); 0 when the process is gone.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
 /// A running `relayfed-proxy` process, killed on drop.
 pub struct Proc {
     pub child: Child,
