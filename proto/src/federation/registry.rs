@@ -226,11 +226,7 @@ impl Registry {
     /// Notes that instances of these services changed.
     fn touch<'a>(&mut self, keys: impl Iterator<Item = (&'a String, u16)>) {
         if let Some(changed) = self.changed.as_mut() {
-            for (service, port) in keys {
-                if !changed.contains(&(service.clone(), port)) {
-                    changed.insert((service.clone(), port));
-                }
-            }
+            changed.extend(keys.map(|(service, port)| (service.clone(), port)));
         }
     }
 

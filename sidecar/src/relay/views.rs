@@ -45,6 +45,13 @@ pub(crate) struct ViewData {
 /// pass over the registry, so they are batched rather than run back to back.
 pub(crate) const MIN_BUILD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// What a build starts from: every routable entry, or the instances now of the services that
+/// changed since the last build.
+enum Source {
+    Everything(Vec<Entry>),
+    Changed(Vec<((String, u16), Vec<Entry>)>),
+}
+
 /// One service's instances, with the build that last changed them.
 type Versioned = (u64, Arc<Vec<Entry>>);
 
@@ -192,14 +199,15 @@ impl MainRelay {
         let (source, sizes, anonymity) = match self.registry.lock() {
             Ok(mut r) => {
                 let source = match r.take_changes() {
-                    Changes::Everything => Err(r.all()),
-                    Changes::Keys(keys) => Ok(keys
-                        .into_iter()
-                        .map(|k| {
-                            let now = r.lookup(&k.0, k.1);
-                            (k, now)
-                        })
-                        .collect()),
+                    Changes::Everything => Source::Everything(r.all()),
+                    Changes::Keys(keys) => Source::Changed(
+                        keys.into_iter()
+                            .map(|k| {
+                                let now = r.lookup(&k.0, k.1);
+                                (k, now)
+                            })
+                            .collect(),
+                    ),
                 };
                 (source, r.sizes(), r.local_services())
             }
@@ -224,8 +232,8 @@ impl MainRelay {
         let mut changed = Changed::Everything;
         self.views.send_modify(|v| {
             let next = match source {
-                Ok(changed) => ViewData::next_changed(v, mains, changed),
-                Err(all) => ViewData::next(v, mains, all),
+                Source::Changed(changed) => ViewData::next_changed(v, mains, changed),
+                Source::Everything(all) => ViewData::next(v, mains, all),
             };
             changed = next.changed.clone();
             *v = Arc::new(next);
