@@ -63,11 +63,12 @@ pub fn parse_documents(source_name: &str, yaml: &str) -> Result<Vec<AnyResource>
 /// The YAML parser's error, with what to do when a file has more documents than its parse
 /// budget allows (1,024, against separator storms).
 pub fn yaml_error_reason(e: &serde_saphyr::Error) -> String {
-    let reason = e.to_string();
-    if reason.contains("budget breached: Documents") {
-        format!("{reason} (a file holds at most 1,024 documents: split it into several files)")
-    } else {
-        reason
+    use serde_saphyr::budget::BudgetBreach;
+    match e.without_snippet() {
+        serde_saphyr::Error::Budget { breach: BudgetBreach::Documents { .. }, .. } => {
+            format!("{e} (a file holds at most 1,024 documents: split it into several files)")
+        }
+        _ => e.to_string(),
     }
 }
 
@@ -128,6 +129,15 @@ mod tag_tests {
         }
         let second = format!("---\n{DOC}---\n{DOC}spec: !x {{}}\n");
         assert!(matches!(parse_documents("f.yaml", &second), Err(CrdError::Document { index: 1, .. })));
+    }
+
+    #[test]
+    fn a_file_of_more_documents_than_the_parser_allows_is_told_to_split() {
+        let many = "---\n{}\n".repeat(1_025);
+        let err = parse_documents("f.yaml", &many).unwrap_err().to_string();
+        assert!(err.contains("split it into several files"), "{err}");
+        let few = "---\n{}\n".repeat(3);
+        assert!(parse_documents("f.yaml", &few).map_or_else(|e| !e.to_string().contains("split"), |_| true));
     }
 
     #[test]

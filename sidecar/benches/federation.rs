@@ -109,23 +109,23 @@ async fn main() {
     // Memory per connected home at hub-m: RSS before and after the registered homes.
     let hub_m_pid = mains[2].child.id().unwrap();
     let hub_m: SocketAddr = files.mains[2].2;
-    let snap = Snapshot::load(&home_file("client")).unwrap();
-    let ca = std::fs::read_to_string(&snap.tls.ca_file).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_kib(hub_m_pid);
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut conns = Vec::new();
+    // Each home's identity is the plan's, from its snapshot (its certificate binds the Noise
+    // key it registers, as the plan's relays require); loaded before anything is timed.
+    let identities: Vec<(String, HopIdentity)> = (0..n)
+        .map(|i| {
+            let node = format!("mem-{i}");
+            (tb.noise_key(&node).unwrap(), HopIdentity::load(&Snapshot::load(&home_file(&node)).unwrap()).unwrap())
+        })
+        .collect();
     // Registration at scale: each block of 100 homes timed until its last home has its
     // first view (the relay processed its registration and sent it what it imports).
     let mut blocks = Vec::new();
     let mut block_started = std::time::Instant::now();
-    for i in 0..n {
-        let node = format!("mem-{i}");
-        // Its certificate binds the Noise key it registers, as the plan's relays require.
-        let noise_key = tb.noise_key(&node).unwrap();
-        let public = relayfed_sidecar::config::decode_key32(&noise_key).unwrap();
-        let cert = tb.ca.issue_bound(&node, Duration::from_secs(3600), Some(&public)).unwrap();
-        let id = HopIdentity::from_pem("bench.example", &node, &ca, &cert.cert_pem, &cert.key_pem).unwrap();
+    for (i, (noise_key, id)) in identities.into_iter().enumerate() {
         endpoint.set_default_client_config(id.client_config(&Timeouts::default()).unwrap());
         let conn = endpoint.connect(hub_m, &id.server_name("hub-m")).unwrap().await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();

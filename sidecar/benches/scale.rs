@@ -214,23 +214,24 @@ async fn main() {
     let tb = Testbed::new("scale.example").unwrap();
     let files = tb.scenario(&crs, |_, _, _| "127.0.0.1:1".parse().unwrap()).unwrap();
     let (_, hub_cfg, relay) = files.mains[0].clone();
-    let hub_snap = Snapshot::load(&hub_cfg).unwrap();
-    let ca = std::fs::read_to_string(&hub_snap.tls.ca_file).unwrap();
-    // The homes get the timeouts the plan gives every node.
-    let timeouts = hub_snap.timeouts.clone();
-    let link_idle_ms = timeouts.idle_ms;
+    let link_idle_ms = Snapshot::load(&hub_cfg).unwrap().timeouts.idle_ms;
+    let paths: std::collections::HashMap<String, std::path::PathBuf> = files.homes.into_iter().collect();
     let mut homes = Vec::with_capacity(n);
     for i in 0..n {
         let node = format!("h-{i}");
-        let noise_key = tb.noise_key(&node).unwrap();
-        let public = relayfed_sidecar::config::decode_key32(&noise_key).unwrap();
-        let cert = tb.ca.issue_bound(&node, Duration::from_secs(3600), Some(&public)).unwrap();
-        let id = HopIdentity::from_pem("scale.example", &node, &ca, &cert.cert_pem, &cert.key_pem).unwrap();
-        let config = id.client_config(&timeouts).unwrap();
-        let link_idle = Duration::from_millis(link_idle_ms);
-        let connect_timeout = Duration::from_millis(timeouts.connect_ms);
-        let server_name = id.server_name("hub");
-        homes.push(Home { index: i, server_name, node, noise_key, config, link_idle, connect_timeout });
+        // Each home's identity and timeouts are the plan's, from its snapshot (its certificate
+        // binds the Noise key it registers, as the relay requires).
+        let snap = Snapshot::load(&paths[&node]).unwrap();
+        let id = HopIdentity::load(&snap).unwrap();
+        homes.push(Home {
+            index: i,
+            server_name: id.server_name("hub"),
+            noise_key: tb.noise_key(&node).unwrap(),
+            config: id.client_config(&snap.timeouts).unwrap(),
+            link_idle: Duration::from_millis(snap.timeouts.idle_ms),
+            connect_timeout: Duration::from_millis(snap.timeouts.connect_ms),
+            node,
+        });
     }
     eprintln!("scale: {n} homes prepared in {:.1} s", prepared.elapsed().as_secs_f64());
 
@@ -299,12 +300,11 @@ async fn main() {
     println!(
         "| link idle timeout (RolloutPolicy `timeouts.linkIdle`; keep-alives and liveness pings every quarter of it) | {link_idle_ms} ms |"
     );
-    println!(
-        "| cold start, all homes dialing at once: registered p50 / p99 / last | {:.0} / {:.0} / {:.0} ms |",
-        ms(percentile(&cold_times, 0.5)),
-        ms(percentile(&cold_times, 0.99)),
-        ms(*cold_times.last().unwrap())
-    );
+    let spread = |t: &[Duration]| {
+        let last = t.last().copied().unwrap_or_default();
+        format!("{:.0} / {:.0} / {:.0} ms", ms(percentile(t, 0.5)), ms(percentile(t, 0.99)), ms(last))
+    };
+    println!("| cold start, all homes dialing at once: registered p50 / p99 / last | {} |", spread(&cold_times));
     println!("| failed registrations, cold start | {} |", cold_failures.len());
     println!(
         "| UDP datagrams dropped for a full receive buffer (whole machine), cold start / restart | {cold_drops} / {restart_drops} |"
@@ -315,12 +315,7 @@ async fn main() {
     );
     println!("| relay killed (SIGKILL): every home saw its link end after | {:.0} ms |", ms(noticed));
     println!("| restarted relay ready (process start to listening) | {:.0} ms |", ms(ready));
-    println!(
-        "| restart -> homes registered again p50 / p99 / last | {:.0} / {:.0} / {:.0} ms |",
-        ms(percentile(&restart_times, 0.5)),
-        ms(percentile(&restart_times, 0.99)),
-        ms(*restart_times.last().unwrap())
-    );
+    println!("| restart -> homes registered again p50 / p99 / last | {} |", spread(&restart_times));
     println!("| failed registrations after the restart | {} |", restart_failures.len());
     println!(
         "| dials refused by the relay's handshake admission (256 in progress, 4,096 waiting at most 2 s; redialed after backoff), cold start / restart | {cold_refused} / {restart_refused} |"

@@ -144,6 +144,14 @@ pub enum Changes {
     Keys(HashSet<ServiceKey>),
 }
 
+/// Notes in `changed` (unless it already stands for everything) that instances of
+/// `service:port` changed.
+fn touch(changed: &mut Option<HashSet<ServiceKey>>, service: &str, port: u16) {
+    if let Some(changed) = changed {
+        changed.insert((service.to_owned(), port));
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Federated {
     entry: Entry,
@@ -219,22 +227,12 @@ impl Registry {
         if !keep.is_empty() {
             self.local_by_node.insert(node.to_owned(), keep.into_iter().collect());
         }
-        self.touch(add.iter().map(|e| (&e.service, e.port)).chain(remove.iter().map(|k| (&k.service, k.port))));
-        self.delta(add, remove)
-    }
-
-    /// Notes that instances of these services changed.
-    fn touch<'a>(&mut self, keys: impl Iterator<Item = (&'a String, u16)>) {
-        if let Some(changed) = self.changed.as_mut() {
-            changed.extend(keys.map(|(service, port)| (service.clone(), port)));
+        for (service, port) in
+            add.iter().map(|e| (&e.service, e.port)).chain(remove.iter().map(|k| (&k.service, k.port)))
+        {
+            touch(&mut self.changed, service, port);
         }
-    }
-
-    /// Notes that instances of every service of origin `origin` changed.
-    fn touch_origin(&mut self, origin: &str) {
-        let keys: Vec<ServiceKey> =
-            self.federated.keys().filter(|k| k.main == origin).map(|k| (k.service.clone(), k.port)).collect();
-        self.touch(keys.iter().map(|(s, p)| (s, *p)));
+        self.delta(add, remove)
     }
 
     /// What changed since the last call (the first call: everything); the next call
@@ -290,9 +288,15 @@ impl Registry {
         let new_epoch = last.is_some_and(|(e, _)| e != d.epoch);
         self.origin_seq.insert(d.origin.clone(), at);
         if new_epoch || d.full {
-            self.touch_origin(&d.origin);
+            for k in self.federated.keys().filter(|k| k.main == d.origin) {
+                touch(&mut self.changed, &k.service, k.port);
+            }
         }
-        self.touch(d.add.iter().map(|e| (&e.service, e.port)).chain(d.remove.iter().map(|k| (&k.service, k.port))));
+        for (service, port) in
+            d.add.iter().map(|e| (&e.service, e.port)).chain(d.remove.iter().map(|k| (&k.service, k.port)))
+        {
+            touch(&mut self.changed, service, port);
+        }
         let expires = now + self.ttl;
         if new_epoch {
             // A restarted origin knows none of its homes yet; they are reconnecting to it.
@@ -317,13 +321,13 @@ impl Registry {
     /// Their entries are kept (the next full delta from `origin` replaces them) and expire by
     /// TTL as usual. Returns how many were withdrawn.
     pub fn origin_down(&mut self, origin: &str) -> usize {
-        let mut withdrawn = Vec::new();
+        let mut n = 0;
         for f in self.federated.values_mut().filter(|f| f.entry.main == origin && f.reachable) {
             f.reachable = false;
-            withdrawn.push((f.entry.service.clone(), f.entry.port));
+            touch(&mut self.changed, &f.entry.service, f.entry.port);
+            n += 1;
         }
-        self.touch(withdrawn.iter().map(|(s, p)| (s, *p)));
-        withdrawn.len()
+        n
     }
 
     /// This relay's current sequence number (sent in refreshes).
@@ -355,9 +359,8 @@ impl Registry {
         let gone: Vec<Key> = self.federated.iter().filter(|(_, f)| f.expires <= now).map(|(k, _)| k.clone()).collect();
         for k in &gone {
             self.federated.remove(k);
+            touch(&mut self.changed, &k.service, k.port);
         }
-        let keys: Vec<ServiceKey> = gone.iter().map(|k| (k.service.clone(), k.port)).collect();
-        self.touch(keys.iter().map(|(s, p)| (s, *p)));
         gone
     }
 

@@ -60,42 +60,15 @@ type Versioned = (u64, Arc<Vec<Entry>>);
 const MAX_GONE_KEYS: usize = 10_000;
 
 impl ViewData {
-    /// The build after `prev` from the registry's entries and the mains' configs now.
+    /// The build after `prev` from every routable entry and the mains' configs now: every
+    /// service known before or now counts as possibly changed (gone ones with no instances).
     pub(crate) fn next(prev: &ViewData, mains: BTreeMap<String, MainInfo>, all: Vec<Entry>) -> Self {
-        let version = prev.version + 1;
-        let mut grouped: BTreeMap<(String, u16), Vec<Entry>> = BTreeMap::new();
+        let mut grouped: BTreeMap<(String, u16), Vec<Entry>> =
+            prev.entries.keys().map(|k| (k.clone(), Vec::new())).collect();
         for e in all {
             grouped.entry((e.service.clone(), e.port)).or_default().push(e);
         }
-        let mut entries = BTreeMap::new();
-        let mut gone = 0usize;
-        for (key, (at, old)) in &prev.entries {
-            if !grouped.contains_key(key) {
-                // Emptied now, or earlier (then it keeps its version).
-                let at = if old.is_empty() { *at } else { version };
-                gone += 1;
-                entries.insert(key.clone(), (at, Arc::new(Vec::new())));
-            }
-        }
-        let mut everything_changed = false;
-        if gone > MAX_GONE_KEYS {
-            entries.clear();
-            everything_changed = true;
-        }
-        for (key, list) in grouped {
-            match prev.entries.get(&key) {
-                Some((at, old)) if **old == list => entries.insert(key, (*at, old.clone())),
-                _ => entries.insert(key, (version, Arc::new(list))),
-            };
-        }
-        let mains_version =
-            if everything_changed || mains != prev.mains || prev.version == 0 { version } else { prev.mains_version };
-        let changed = if mains_version == version {
-            Changed::Everything
-        } else {
-            Changed::Keys(entries.iter().filter(|(_, (at, _))| *at == version).map(|(k, _)| k.clone()).collect())
-        };
-        Self { version, mains, mains_version, entries, changed }
+        Self::next_changed(prev, mains, grouped.into_iter().collect())
     }
 
     /// The build after `prev` when only the services in `changed` (with their instances now)
