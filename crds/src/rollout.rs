@@ -130,6 +130,29 @@ fn default_step_interval() -> Duration {
     Duration::from_secs(300)
 }
 
+/// Direct paths between homes: hole punching through NATs, coordinated by their main relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectPathsRollout {
+    /// Master switch: off, every stream goes through a main relay.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Share of calling homes (by a stable hash of the node id) that attempt direct paths.
+    #[serde(default = "all_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percentage: u8,
+}
+
+impl Default for DirectPathsRollout {
+    fn default() -> Self {
+        Self { enabled: false, percentage: all_percent() }
+    }
+}
+
+fn all_percent() -> u8 {
+    100
+}
+
 /// Trust defaults.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -351,6 +374,13 @@ pub struct RolloutPolicySpec {
     /// How a calling home picks among a service's instances.
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// Direct paths between homes through NATs (off by default).
+    #[serde(default, skip_serializing_if = "is_default_direct")]
+    pub direct_paths: DirectPathsRollout,
+}
+
+fn is_default_direct(d: &DirectPathsRollout) -> bool {
+    *d == DirectPathsRollout::default()
 }
 
 /// An instance-selection algorithm.

@@ -231,6 +231,10 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
         resilience: resilience.clone(),
         timeouts: timeouts.clone(),
         key_passphrase_file: None,
+        direct_paths: relayfed_proto::config::direct::DirectPaths {
+            enabled: policy.spec.direct_paths.enabled,
+            percentage: policy.spec.direct_paths.percentage,
+        },
     };
     let mut snapshots = BTreeMap::new();
     for (m, member) in mains.iter().flat_map(|m| members[m.spec.node_id.as_str()].iter().map(move |x| (m, x))) {

@@ -16,6 +16,7 @@ mod validate;
 
 pub mod keys;
 pub mod keystore;
+pub mod direct;
 pub mod policy;
 
 pub use policy::{
@@ -442,6 +443,9 @@ pub struct Snapshot {
     /// Timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Direct paths between homes (absent: off).
+    #[serde(default, skip_serializing_if = "direct::DirectPaths::is_default")]
+    pub direct_paths: direct::DirectPaths,
 }
 
 impl Snapshot {

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::wire::DecodeError;
 use crate::federation::registry::{Delta, Entry};
 
+/// Most addresses a home lists in `candidates` (and a relay passes on in `punch`).
+pub const MAX_CANDIDATES: usize = 8;
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -125,6 +128,47 @@ pub enum Control {
         /// The ping's id.
         id: u64,
     },
+    /// Main -> home (direct paths on): the address this relay sees the home's packets come
+    /// from (its reflexive address), `ip:port`.
+    #[serde(rename_all = "camelCase")]
+    Observed {
+        /// The address, `ip:port` (IPv6 in brackets).
+        address: String,
+    },
+    /// Home -> main (direct paths on): the home's own addresses, `ip:port`, at most
+    /// [`MAX_CANDIDATES`] (replaces the previous list).
+    #[serde(rename_all = "camelCase")]
+    Candidates {
+        /// Local addresses of the home's QUIC socket.
+        local: Vec<String>,
+    },
+    /// Home -> main: asks for a direct path to home `peer` (both registered at this relay).
+    #[serde(rename_all = "camelCase")]
+    PunchRequest {
+        /// The other home's node id.
+        peer: String,
+    },
+    /// Main -> both homes at once: punch toward `peer` now.
+    #[serde(rename_all = "camelCase")]
+    Punch {
+        /// The other home's node id.
+        peer: String,
+        /// 16 random bytes, base64, carried in every probe datagram of this attempt.
+        token: String,
+        /// The other home's addresses: reflexive first, then local ones.
+        candidates: Vec<String>,
+        /// This home dials (it asked); the other only sends probes and accepts.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dial: bool,
+    },
+    /// Main -> home: the relay will not coordinate a direct path to `peer`.
+    #[serde(rename_all = "camelCase")]
+    PunchRefused {
+        /// The other home's node id.
+        peer: String,
+        /// Why (`disabled`, `not_connected`, `no_address`, `not_permitted`).
+        reason: String,
+    },
     /// Destination -> origin: answer to a probe stream (route header flag `probe`).
     #[serde(rename_all = "camelCase")]
     TraceResult {
@@ -171,6 +215,27 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("expected u16"), "{err}");
         assert!(Control::decode(br#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn direct_path_messages_have_their_documented_json() {
+        let m = Control::Punch {
+            peer: "pay".into(),
+            token: "dG9rZW4".into(),
+            candidates: vec!["198.51.100.7:4433".into()],
+            dial: true,
+        };
+        let bytes = m.encode();
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            r#"{"type":"punch","peer":"pay","token":"dG9rZW4","candidates":["198.51.100.7:4433"],"dial":true}"#
+        );
+        assert_eq!(Control::decode(&bytes).unwrap(), m);
+        let o = Control::decode(br#"{"type":"observed","address":"[2001:db8::1]:9"}"#).unwrap();
+        assert_eq!(o, Control::Observed { address: "[2001:db8::1]:9".into() });
+        let r = Control::decode(br#"{"type":"punchRequest","peer":"pay"}"#).unwrap();
+        assert_eq!(r, Control::PunchRequest { peer: "pay".into() });
+        assert!(Control::decode(br#"{"type":"punchRequest"}"#).is_err());
     }
 
     proptest! {

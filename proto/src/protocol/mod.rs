@@ -5,6 +5,7 @@ pub mod ech_config;
 pub mod error_code;
 pub mod frame;
 pub mod proxy_header;
+pub mod punch;
 pub mod route;
 pub mod wire;
 

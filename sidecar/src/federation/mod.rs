@@ -5,5 +5,6 @@
 pub use relayfed_proto::federation::{ech_cohorts, ech_policy, registry};
 
 pub mod balancer;
+pub mod direct_path;
 pub mod registration;
 pub mod uplink;

@@ -97,6 +97,7 @@ impl Testbed {
             // can starve a process's QUIC driver for over a second: links in these tests get
             // 5 s before they are declared dead (failover tests set their own).
             timeouts: Timeouts { idle_ms: TEST_LINK_IDLE_MS, ..Timeouts::default() },
+            direct_paths: Default::default(),
         })
     }
 
