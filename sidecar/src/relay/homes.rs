@@ -55,7 +55,10 @@ impl MainRelay {
         let wake = Arc::new(tokio::sync::Notify::new());
         // Liveness pings are answered by the writer, between views; a home that floods pings
         // gets answers to the first few only.
-        let (pong_tx, pong_rx) = mpsc::channel::<u64>(4);
+        // Direct-path messages (§12) go the same way, dropped when the home does not read.
+        let (pong_tx, pong_rx) = mpsc::channel::<Control>(16);
+        // This home's connection, once it takes part in direct paths.
+        let mut joined: Option<usize> = None;
         let mut pong_rx = Some(pong_rx);
         while let Some(m) = next.take() {
             match m {
@@ -86,7 +89,14 @@ impl MainRelay {
                         *i = wanted.clone();
                     }
                     if let (Some(id), Ok(mut subs)) = (subscription, self.view_subs.lock()) {
-                        subs.set_interest(id, wanted);
+                        subs.set_interest(id, wanted.clone());
+                    }
+                    if live.direct_paths.enabled {
+                        joined = joined.or_else(|| self.join_rendezvous(&node, pong_tx.clone()));
+                        let offered = services.iter().map(|s| (s.service.clone(), s.port)).collect();
+                        if let Ok(mut r) = self.rendezvous.lock() {
+                            r.registered(&node, offered, wanted.clone());
+                        }
                     }
                     let entries = services
                         .into_iter()
@@ -110,8 +120,14 @@ impl MainRelay {
                 }
                 Control::ViewAck => acked.notify_one(),
                 Control::Ping { id } => {
-                    let _ = pong_tx.try_send(id);
+                    let _ = pong_tx.try_send(Control::Pong { id });
                 }
+                Control::Candidates { local } => {
+                    if let Ok(mut r) = self.rendezvous.lock() {
+                        r.candidates(&node, &local);
+                    }
+                }
+                Control::PunchRequest { peer } => self.punch_request(&node, &peer, &pong_tx),
                 other => warn!(home = %node, message = ?other, "unexpected control message from a home node"),
             }
             if writer.is_none()
@@ -143,6 +159,58 @@ impl MainRelay {
         if let (Some(id), Ok(mut subs)) = (subscription, self.view_subs.lock()) {
             subs.remove(id);
         }
+        if let (Some(conn_id), Ok(mut r)) = (joined, self.rendezvous.lock()) {
+            r.leave(&node, conn_id);
+            self.metrics.relay.direct_parties.set(r.len() as i64);
+        }
+    }
+
+    /// Makes `node` a party of direct paths and tells it its reflexive address; returns its
+    /// connection's id.
+    fn join_rendezvous(&self, node: &str, tx: mpsc::Sender<Control>) -> Option<usize> {
+        let conn = self.homes.read().ok().and_then(|h| h.get(node).map(|l| l.conn.clone()))?;
+        let observed = conn.remote_address();
+        let _ = tx.try_send(Control::Observed { address: observed.to_string() });
+        let party = super::rendezvous::Party {
+            conn_id: conn.stable_id(),
+            tx,
+            observed,
+            local: vec![],
+            imports: None,
+            services: vec![],
+        };
+        let mut r = self.rendezvous.lock().ok()?;
+        r.join(node, party);
+        self.metrics.relay.direct_parties.set(r.len() as i64);
+        Some(conn.stable_id())
+    }
+
+    /// Coordinates `from`'s request for a direct path to `peer`: `punch` to both homes at
+    /// once, or `punchRefused` to `from`.
+    fn punch_request(&self, from: &str, peer: &str, reply: &mpsc::Sender<Control>) {
+        let decided = if self.live().direct_paths.enabled {
+            let token: [u8; 16] = rand::random();
+            match self.rendezvous.lock() {
+                Ok(r) => r.coordinate(from, peer, &token),
+                Err(_) => Err(super::rendezvous::Refusal::NotConnected),
+            }
+        } else {
+            Err(super::rendezvous::Refusal::Disabled)
+        };
+        let result = match decided {
+            Ok(((to_from, a), (to_peer, b))) => {
+                let _ = to_peer.try_send(b);
+                let _ = to_from.try_send(a);
+                info!(home = %from, peer = %peer, "direct path: punch coordinated");
+                "coordinated"
+            }
+            Err(why) => {
+                let _ = reply.try_send(Control::PunchRefused { peer: peer.to_owned(), reason: why.label().to_owned() });
+                info!(home = %from, peer = %peer, reason = why.label(), "direct path: punch refused");
+                why.label()
+            }
+        };
+        self.metrics.relay.punches.get_or_create(&[("result", result)]).inc();
     }
 
     /// A home node's connection ended: its entries go, everywhere, now.

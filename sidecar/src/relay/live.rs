@@ -21,6 +21,8 @@ pub(crate) struct MainLive {
     pub(crate) breaker: crate::resilience::breaker::BreakerConfig,
     /// This relay's CA-signed ECH config, announced to peers (docs/protocol.md §5.7).
     pub(crate) announcement: Option<crate::config::SignedEchConfig>,
+    /// Whether this relay coordinates direct paths between its homes.
+    pub(crate) direct_paths: crate::config::direct::DirectPaths,
 }
 
 impl MainLive {
@@ -31,6 +33,7 @@ impl MainLive {
             default_rate: snap.resilience.rate_limit.as_ref().map(limit),
             breaker: (&snap.resilience.circuit_breaker).into(),
             announcement: snap.ech_announcement.clone(),
+            direct_paths: snap.direct_paths.clone(),
         }
     }
 }

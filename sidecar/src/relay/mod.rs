@@ -12,6 +12,7 @@
 pub mod homes;
 pub mod live;
 pub mod peering;
+mod rendezvous;
 pub(crate) mod router;
 pub(crate) mod view_subs;
 pub(crate) mod views;
@@ -95,6 +96,8 @@ pub struct MainRelay {
     limiter: Mutex<crate::resilience::rate_limit::RateLimiter>,
     /// A circuit breaker per peer relay, for streams forwarded to it.
     peer_breakers: Mutex<HashMap<String, crate::resilience::breaker::Breaker>>,
+    /// Homes taking part in direct paths (§12).
+    rendezvous: Mutex<rendezvous::Rendezvous>,
 }
 
 pub use router::PROBE_LIMIT;
@@ -172,6 +175,7 @@ impl MainRelay {
             live: RwLock::new(Arc::new(MainLive::from_snapshot(snap))),
             limiter: Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_RATE_SENDERS)),
             peer_breakers: Mutex::new(HashMap::new()),
+            rendezvous: Default::default(),
         });
         relay.metrics.transport.config_version.set(snap.version as i64);
         relay.start_view_builder();

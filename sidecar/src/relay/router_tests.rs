@@ -28,6 +28,7 @@ fn live(peers: Vec<PeerRelay>, trust: Trust) -> MainLive {
         default_rate: Some(Limit { rate: 100.0, burst: 10.0 }),
         breaker: crate::resilience::breaker::BreakerConfig::default(),
         announcement: None,
+        direct_paths: Default::default(),
     }
 }
 

@@ -225,7 +225,7 @@ pub(crate) type SharedInterest = Arc<std::sync::RwLock<Option<Arc<Interest>>>>;
 /// skipped, not queued), and pongs for its liveness pings.
 pub(crate) async fn view_writer(
     mut send: quinn::SendStream,
-    mut pongs: mpsc::Receiver<u64>,
+    mut pongs: mpsc::Receiver<Control>,
     views: tokio::sync::watch::Receiver<Arc<ViewData>>,
     wake: Arc<tokio::sync::Notify>,
     acked: Arc<tokio::sync::Notify>,
@@ -279,15 +279,15 @@ pub(crate) async fn view_writer(
 /// Waits for `until`, answering pings meanwhile; `None` when the stream broke.
 async fn answering_pings<F: std::future::Future>(
     send: &mut quinn::SendStream,
-    pongs: &mut mpsc::Receiver<u64>,
+    pongs: &mut mpsc::Receiver<Control>,
     until: F,
 ) -> Option<F::Output> {
     tokio::pin!(until);
     loop {
         tokio::select! {
             out = &mut until => return Some(out),
-            Some(id) = pongs.recv() => {
-                write_frames(send, &[Frame::Control(Control::Pong { id })]).await.ok()?;
+            Some(m) = pongs.recv() => {
+                write_frames(send, &[Frame::Control(m)]).await.ok()?;
             }
         }
     }

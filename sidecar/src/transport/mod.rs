@@ -3,4 +3,5 @@
 
 pub mod idle;
 pub mod io;
+pub mod punch_socket;
 pub mod tls;

@@ -49,6 +49,11 @@ pub struct Relay {
     pub streams: Family<L1, Counter>,
     /// Relayed or refused stream failures by structured error `code`.
     pub stream_errors: Family<L1, Counter>,
+    /// Direct-path punch requests by `result` (coordinated, disabled, not_connected,
+    /// not_permitted).
+    pub punches: Family<L1, Counter>,
+    /// Homes taking part in direct paths at this relay.
+    pub direct_parties: Gauge,
 }
 
 impl Relay {
@@ -71,6 +76,8 @@ impl Relay {
             bytes: Counter::default(),
             streams: Family::default(),
             stream_errors: Family::default(),
+            punches: Family::default(),
+            direct_parties: Gauge::default(),
         };
         r.register(
             "rate_limited_streams",
@@ -107,6 +114,11 @@ impl Relay {
             "Relayed or refused stream failures by structured error code",
             m.stream_errors.clone(),
         );
+        r.register("punches", "Direct-path punch requests by result", m.punches.clone());
+        r.register("direct_parties", "Homes taking part in direct paths at this relay", m.direct_parties.clone());
+        for result in ["coordinated", "disabled", "not_connected", "not_permitted"] {
+            let _ = m.punches.get_or_create(&[("result", result)]);
+        }
         for o in ["opened", "retry_sent", "decrypt_failed"] {
             let _ = m.ech.get_or_create(&[("outcome", o)]);
         }

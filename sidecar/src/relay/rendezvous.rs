@@ -1,0 +1,199 @@
+//! A main relay's part in direct paths (docs/protocol.md §12): it tells each home the address
+//! it sees the home's packets come from, keeps the homes' candidate addresses (in memory,
+//! never propagated to peers or shown to anyone else), and on a home's `punchRequest` sends
+//! `punch` to both homes at once, each with the other's candidates.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::views::Interest;
+use crate::protocol::control::{Control, MAX_CANDIDATES};
+
+/// What the relay knows of one home for direct paths.
+pub(crate) struct Party {
+    /// The home's QUIC connection (`stable_id`): a newer connection replaces the party.
+    pub(crate) conn_id: usize,
+    /// Control messages to the home (its view writer sends them between views).
+    pub(crate) tx: mpsc::Sender<Control>,
+    /// The address the relay sees the home's packets come from.
+    pub(crate) observed: SocketAddr,
+    /// The home's own addresses, as it listed them.
+    pub(crate) local: Vec<SocketAddr>,
+    /// `service:port`s the home imports (`None`: everything).
+    pub(crate) imports: Option<Arc<Interest>>,
+    /// `service:port`s the home registered.
+    pub(crate) services: Vec<(String, u16)>,
+}
+
+/// Why a punch was not coordinated (a metric label and the `punchRefused` reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Direct paths are off at this relay.
+    Disabled,
+    /// The other home is not connected here (or is the asker itself).
+    NotConnected,
+    /// The asker may call nothing the other home serves.
+    NotPermitted,
+}
+
+impl Refusal {
+    /// Label value and wire reason.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Refusal::Disabled => "disabled",
+            Refusal::NotConnected => "not_connected",
+            Refusal::NotPermitted => "not_permitted",
+        }
+    }
+}
+
+/// The homes taking part in direct paths at this relay.
+#[derive(Default)]
+pub(crate) struct Rendezvous {
+    parties: HashMap<String, Party>,
+}
+
+impl Rendezvous {
+    /// Adds or replaces `node`'s party.
+    pub(crate) fn join(&mut self, node: &str, party: Party) {
+        self.parties.insert(node.to_owned(), party);
+    }
+
+    /// Updates what `node` registered and imports.
+    pub(crate) fn registered(&mut self, node: &str, services: Vec<(String, u16)>, imports: Option<Arc<Interest>>) {
+        if let Some(p) = self.parties.get_mut(node) {
+            p.services = services;
+            p.imports = imports;
+        }
+    }
+
+    /// Records `node`'s local addresses (the first [`MAX_CANDIDATES`] that parse).
+    pub(crate) fn candidates(&mut self, node: &str, local: &[String]) {
+        if let Some(p) = self.parties.get_mut(node) {
+            p.local = local.iter().take(MAX_CANDIDATES).filter_map(|a| a.parse().ok()).collect();
+        }
+    }
+
+    /// Removes `node`'s party if it still belongs to connection `conn_id`.
+    pub(crate) fn leave(&mut self, node: &str, conn_id: usize) {
+        if self.parties.get(node).is_some_and(|p| p.conn_id == conn_id) {
+            self.parties.remove(node);
+        }
+    }
+
+    /// Parties known (a gauge).
+    pub(crate) fn len(&self) -> usize {
+        self.parties.len()
+    }
+
+    /// Decides `from`'s request for a direct path to `peer`: the two `punch` messages (for
+    /// `from`, for `peer`) and where to send them, or why not.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn coordinate(
+        &self,
+        from: &str,
+        peer: &str,
+        token: &[u8; 16],
+    ) -> Result<((mpsc::Sender<Control>, Control), (mpsc::Sender<Control>, Control)), Refusal> {
+        let (Some(a), Some(b)) = (self.parties.get(from), self.parties.get(peer)) else {
+            return Err(Refusal::NotConnected);
+        };
+        if from == peer {
+            return Err(Refusal::NotConnected);
+        }
+        if !may_call(a.imports.as_deref(), &b.services) {
+            return Err(Refusal::NotPermitted);
+        }
+        let token = crate::config::base64_encode(token);
+        let punch = |to: &str, other: &Party, dial: bool| Control::Punch {
+            peer: to.to_owned(),
+            token: token.clone(),
+            candidates: candidates(other),
+            dial,
+        };
+        Ok(((a.tx.clone(), punch(peer, b, true)), (b.tx.clone(), punch(from, a, false))))
+    }
+}
+
+/// Whether a home importing `imports` may call something among `services`.
+pub(crate) fn may_call(imports: Option<&Interest>, services: &[(String, u16)]) -> bool {
+    match imports {
+        None => !services.is_empty(),
+        Some(i) => services.iter().any(|s| i.contains(s)),
+    }
+}
+
+/// A home's candidates as sent to the other home: the observed address first, then its own
+/// (without repeats), at most [`MAX_CANDIDATES`].
+pub(crate) fn candidates(p: &Party) -> Vec<String> {
+    let mut out: Vec<SocketAddr> = vec![p.observed];
+    for a in &p.local {
+        if !out.contains(a) && out.len() < MAX_CANDIDATES {
+            out.push(*a);
+        }
+    }
+    out.iter().map(SocketAddr::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn party(conn_id: usize, observed: &str, imports: Option<&[(&str, u16)]>, services: &[(&str, u16)]) -> Party {
+        Party {
+            conn_id,
+            tx: mpsc::channel(4).0,
+            observed: observed.parse().unwrap(),
+            local: vec![],
+            imports: imports.map(|i| Arc::new(i.iter().map(|(s, p)| ((*s).to_owned(), *p)).collect())),
+            services: services.iter().map(|(s, p)| ((*s).to_owned(), *p)).collect(),
+        }
+    }
+
+    #[test]
+    fn both_homes_get_the_others_candidates_and_only_the_asker_dials() {
+        let mut r = Rendezvous::default();
+        r.join("shop", party(1, "198.51.100.1:4000", Some(&[("pay", 80)]), &[]));
+        r.join("pay", party(2, "203.0.113.9:5000", None, &[("pay", 80)]));
+        r.candidates("pay", &["10.0.0.2:5000".into(), "203.0.113.9:5000".into(), "junk".into()]);
+        let ((_, to_shop), (_, to_pay)) = r.coordinate("shop", "pay", &[0; 16]).unwrap();
+        let Control::Punch { peer, candidates, dial, token } = to_shop else { panic!() };
+        assert_eq!((peer.as_str(), dial), ("pay", true));
+        assert_eq!(candidates, vec!["203.0.113.9:5000", "10.0.0.2:5000"]);
+        let Control::Punch { peer, candidates, dial, token: t2 } = to_pay else { panic!() };
+        assert_eq!((peer.as_str(), dial, candidates), ("shop", false, vec!["198.51.100.1:4000".to_owned()]));
+        assert_eq!(token, t2);
+    }
+
+    #[test]
+    fn refusals_name_why() {
+        let mut r = Rendezvous::default();
+        r.join("shop", party(1, "198.51.100.1:4000", Some(&[("hr", 80)]), &[]));
+        r.join("pay", party(2, "203.0.113.9:5000", None, &[("pay", 80)]));
+        assert_eq!(r.coordinate("shop", "pay", &[0; 16]).err(), Some(Refusal::NotPermitted));
+        assert_eq!(r.coordinate("shop", "nobody", &[0; 16]).err(), Some(Refusal::NotConnected));
+        assert_eq!(r.coordinate("shop", "shop", &[0; 16]).err(), Some(Refusal::NotConnected));
+        // A home that exports nothing is never a punch target, even for "import everything".
+        assert_eq!(r.coordinate("pay", "shop", &[0; 16]).err(), Some(Refusal::NotPermitted));
+        // An old connection leaving does not remove the new one's party.
+        r.join("pay", party(3, "203.0.113.9:5001", None, &[("pay", 80)]));
+        r.leave("pay", 2);
+        assert_eq!(r.len(), 2);
+        r.leave("pay", 3);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn candidates_are_bounded() {
+        let mut r = Rendezvous::default();
+        r.join("a", party(1, "192.0.2.1:1", None, &[("x", 1)]));
+        let many: Vec<String> = (2..40).map(|p| format!("10.0.0.1:{p}")).collect();
+        r.candidates("a", &many);
+        let p = r.parties.get("a").unwrap();
+        assert_eq!(candidates(p).len(), MAX_CANDIDATES);
+    }
+}
