@@ -14,9 +14,9 @@ use crate::federation::ech_policy::EchPolicy;
 
 mod validate;
 
+pub mod direct;
 pub mod keys;
 pub mod keystore;
-pub mod direct;
 pub mod policy;
 
 pub use policy::{

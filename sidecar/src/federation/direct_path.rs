@@ -347,7 +347,10 @@ mod tests {
         let mut d = PathSession::new(t0);
         d.on(Event::Punch { dial: false }, t0);
         d.on(Event::Connected, t0);
-        assert_eq!(d.on(Event::Punch { dial: false }, at(t0, 1)), vec![Action::UseRelay, Action::Probe { dial: false }]);
+        assert_eq!(
+            d.on(Event::Punch { dial: false }, at(t0, 1)),
+            vec![Action::UseRelay, Action::Probe { dial: false }]
+        );
         // Losing a path we do not have changes nothing.
         assert_eq!(PathSession::new(t0).on(Event::Lost, t0), vec![]);
     }

@@ -5,7 +5,14 @@ use super::decide::{self, Inbound};
 use super::*;
 
 impl HomeNode {
-    pub(super) async fn inbound(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    /// Serves one stream delivered by a main relay, or (`direct_peer`) one opened by that home
+    /// over a direct connection, whose route must then name it as the origin.
+    pub(super) async fn inbound(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        direct_peer: Option<&str>,
+    ) {
         // One stream uses one version of the live settings from setup to close.
         let live = self.live();
         let read = tokio::time::timeout(live.handshake_timeout, read_frame(&mut recv)).await.ok();
@@ -15,6 +22,12 @@ impl HomeNode {
                 Err(None) => return,
                 Err(Some((code, message))) => return self.refuse(&mut send, code, &message).await,
             };
+        if let Some(peer) = direct_peer
+            && route.origin.split_once('@').map_or(route.origin.as_str(), |(n, _)| n) != peer
+        {
+            let message = format!("a direct stream from {peer} must name it as the origin");
+            return self.refuse(&mut send, ErrorCode::PermissionDenied, &message).await;
+        }
         let span = info_span!("inbound", service = %route.service, origin = %route.origin, ech = binding.is_some());
         async {
             if let Some(path) = probe_path {

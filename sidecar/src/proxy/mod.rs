@@ -8,6 +8,7 @@
 //! answer message 2, read message 3, then carry bytes.
 
 mod decide;
+mod direct;
 mod inbound;
 mod outbound;
 mod pump;
@@ -84,6 +85,8 @@ pub struct HomeNode {
     /// Setups per destination main relay and ECH cohort, reported to the operator's rollout
     /// analysis.
     ech_cohorts: Arc<EchCohorts>,
+    /// Direct paths to other homes (`direct.rs`).
+    direct: direct::Direct,
 }
 
 /// The part of a home node's configuration that changes without a restart. A stream takes
@@ -108,6 +111,8 @@ pub(crate) struct HomeLive {
     /// Peer federations of other trust domains: their main relays, and the pin their homes'
     /// certificates are verified by.
     pub(crate) partners: Vec<(Vec<String>, crate::transport::tls::Partner)>,
+    /// Direct paths to other homes (§12).
+    pub(crate) direct_paths: crate::config::direct::DirectPaths,
 }
 
 impl HomeLive {
@@ -140,6 +145,7 @@ impl HomeLive {
                     Some((p.relays.clone(), partner))
                 })
                 .collect(),
+            direct_paths: snap.direct_paths.clone(),
         }
     }
 
@@ -180,6 +186,11 @@ impl HomeNode {
         let mut mains = snap.main_relays.clone();
         mains.sort_by_key(|m| m.priority);
         let (conn, _) = watch::channel(None);
+        let bind: SocketAddr = snap.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        // One socket for relay links, punch probes and direct connections (§12).
+        let (socket, probes) = crate::transport::punch_socket::PunchSocket::bind(bind)
+            .map_err(|e| anyhow::anyhow!("cannot bind QUIC on {bind}: {e}"))?;
+        let endpoint = socket.endpoint()?;
         let client_tls = RwLock::new(identity.client_config(&snap.timeouts)?);
         let node = Arc::new(Self {
             client_tls,
@@ -201,6 +212,7 @@ impl HomeNode {
             live: RwLock::new(Arc::new(HomeLive::from_snapshot(snap))),
             metrics,
             ech_cohorts: Arc::default(),
+            direct: direct::Direct::new(socket),
         });
         node.metrics.transport.config_version.set(snap.version as i64);
         let mut bound = Bound { imports: Vec::new(), outbound: Vec::new() };
@@ -235,9 +247,10 @@ impl HomeNode {
                 tokio::spawn(async move { n.accept_intercepted(listener, by_dst, unmatched).await });
             }
         }
-        let bind: SocketAddr = snap.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let endpoint = quinn::Endpoint::client(bind)?;
         let _ = node.endpoint.set(endpoint.clone());
+        node.direct_server(snap.direct_paths.enabled, &snap.timeouts);
+        tokio::spawn(node.clone().probes(probes));
+        tokio::spawn(node.clone().accept_direct(endpoint.clone()));
         let mut ready = node.conn.subscribe();
         node.start_uplinks(endpoint);
         ready.wait_for(Option::is_some).await?;
@@ -281,6 +294,10 @@ impl HomeNode {
         if next.policy != old.policy {
             info!(version = snap.version, percentage = next.policy.percentage, mode = ?next.policy.mode, enabled = next.policy.enabled, "ECH policy updated");
         }
+        if next.direct_paths.enabled != old.direct_paths.enabled {
+            info!(version = snap.version, enabled = next.direct_paths.enabled, "direct paths switched");
+            self.direct_server(next.direct_paths.enabled, &snap.timeouts);
+        }
         match self.live.write() {
             Ok(mut l) => *l = Arc::new(next),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(next),
@@ -312,6 +329,7 @@ impl HomeNode {
             Ok(mut c) => *c = current,
             Err(p) => *p.into_inner() = current,
         }
+        self.direct_server(self.live().direct_paths.enabled, timeouts);
         info!(node = %next.node_id, "hop certificate renewed");
         Ok(())
     }
@@ -383,7 +401,7 @@ impl HomeNode {
     async fn serve_inbound(self: Arc<Self>, conn: quinn::Connection) {
         while let Ok((send, recv)) = conn.accept_bi().await {
             let node = self.clone();
-            tokio::spawn(async move { node.inbound(send, recv).await });
+            tokio::spawn(async move { node.inbound(send, recv, None).await });
         }
     }
 
@@ -425,11 +443,16 @@ impl HomeNode {
                         .map(|m| {
                             let link = links.get(&m.node_id);
                             json!({
+                                "kind": "main",
                                 "node": m.node_id, "endpoint": m.endpoint.to_string(), "priority": m.priority,
                                 "state": link.map_or("down", |l| l.0),
                                 "rttMillis": link.map(|l| l.1.as_secs_f64() * 1e3),
                             })
                         })
+                        .chain(self.direct_paths_json().into_iter().map(|mut h| {
+                            h["kind"] = json!("home");
+                            h
+                        }))
                         .collect::<Vec<_>>()
                 ))
             }

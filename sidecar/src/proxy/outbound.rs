@@ -75,7 +75,7 @@ impl HomeNode {
         }
     }
 
-    async fn outbound(&self, tcp: TcpStream, import: &Import) {
+    async fn outbound(self: &Arc<Self>, tcp: TcpStream, import: &Import) {
         let started = Instant::now();
         // One stream uses one version of the live settings from setup to close.
         let live = self.live();
@@ -196,7 +196,7 @@ impl HomeNode {
     /// Sets up the stream for one call. A registry-resolved call whose setup fails before any
     /// payload byte is read from the client (the client's bytes are only read once the session
     /// is up) is retried on another instance, with full-jitter backoff, up to `maxAttempts`.
-    async fn establish(&self, import: &Import, live: &HomeLive) -> Result<Established, StreamError> {
+    async fn establish(self: &Arc<Self>, import: &Import, live: &HomeLive) -> Result<Established, StreamError> {
         let retry = &live.retry;
         let backoff = crate::resilience::backoff::Backoff {
             initial: Duration::from_millis(retry.initial_backoff_ms),
@@ -210,21 +210,39 @@ impl HomeNode {
             let (main_id, conn) =
                 self.path(&lost_paths).ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
             let (dest, balanced) = self.resolve(import, &main_id, &tried, live)?;
+            // A direct connection to the destination home carries the stream while it is up
+            // (§12); the call also starts an attempt toward one when policy allows.
+            self.want_direct(&dest, live);
+            let direct = self.direct_conn(&dest.node).filter(|c| !lost_paths.contains(&c.stable_id()));
+            let is_direct = direct.is_some();
+            let conn = direct.unwrap_or(conn);
             let started = Instant::now();
             let mut cohort = CohortNote::default();
             // One attempt gets the handshake timeout; the call timeout bounds them all.
             let result = match tokio::time::timeout(
                 live.handshake_timeout,
-                self.establish_to(&conn, &main_id, &dest, balanced, live, &mut cohort),
+                self.establish_to(
+                    Via { conn: &conn, main: &main_id, direct: is_direct },
+                    &dest,
+                    balanced,
+                    live,
+                    &mut cohort,
+                ),
             )
             .await
             {
                 Ok(r) => r,
                 Err(_) => Err((ErrorCode::Timeout, format!("no Noise handshake with {} in time", dest.node))),
             };
-            // A failure on our own link (the main relay connection closed meanwhile) says
-            // nothing about the instance: it is released unjudged, like a refusal.
-            let own_link_lost = conn.close_reason().is_some();
+            // A failure on our own link (the main relay connection, or the direct one, closed
+            // meanwhile) says nothing about the instance: it is released unjudged, like a
+            // refusal. A direct path that did not answer is given up the same way.
+            let direct_failed = is_direct
+                && matches!(&result, Err((code, _)) if matches!(code, ErrorCode::Timeout | ErrorCode::PeerUnreachable));
+            if is_direct && (direct_failed || conn.close_reason().is_some()) {
+                self.direct_lost(&dest.node, conn.stable_id());
+            }
+            let own_link_lost = conn.close_reason().is_some() || direct_failed;
             if let Some(setup) = cohort.setup(&result, own_link_lost, started.elapsed()) {
                 self.ech_cohorts.record(&dest.main, setup);
             }
@@ -263,13 +281,13 @@ impl HomeNode {
 
     async fn establish_to(
         &self,
-        conn: &quinn::Connection,
-        main_id: &str,
+        via: Via<'_>,
         dest: &Entry,
         from_registry: bool,
         live: &HomeLive,
         cohort: &mut CohortNote,
     ) -> Result<Established, StreamError> {
+        let Via { conn, main: main_id, direct } = via;
         let remote =
             decode_key32(&dest.noise_key).ok_or((ErrorCode::Internal, format!("bad Noise key for {}", dest.node)))?;
         let inner = InnerRoute {
@@ -279,8 +297,13 @@ impl HomeNode {
             port: dest.port,
             origin: format!("{}@{}", self.identity.node_id, main_id),
         };
-        let decision = if dest.ech { live.policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
-        cohort.cohort = Some(if decision == EchDecision::Plain { Cohort::Plain } else { Cohort::Ech });
+        // A direct stream has no relay to hide the route from: it goes plain, and says
+        // nothing about ECH to the rollout analysis.
+        let decision =
+            if dest.ech && !direct { live.policy.decide(&dest.node, &dest.main) } else { EchDecision::Plain };
+        if !direct {
+            cohort.cohort = Some(if decision == EchDecision::Plain { Cohort::Plain } else { Cohort::Ech });
+        }
         let mut retried = false;
         loop {
             let config = self.ech_config_for(&dest.main);
@@ -307,7 +330,7 @@ impl HomeNode {
             let binding = sealed.as_ref().map(|(_, b)| b.clone());
             let (body, grease) = match sealed {
                 Some((s, _)) => (RouteBody::Sealed(s), None),
-                None if decision == EchDecision::Plain => {
+                None if decision == EchDecision::Plain && !direct => {
                     (RouteBody::Plain(inner.clone()), self.grease(live, dest, &inner))
                 }
                 None => (RouteBody::Plain(inner.clone()), None),
@@ -522,6 +545,15 @@ fn retryable(code: ErrorCode) -> bool {
             | ErrorCode::CircuitOpen
             | ErrorCode::Timeout
     )
+}
+
+/// The connection a stream is opened on: a main relay link (`main`), or a direct connection
+/// to the destination home (`direct`; `main` is then our active relay, named in the origin).
+#[derive(Clone, Copy)]
+struct Via<'a> {
+    conn: &'a quinn::Connection,
+    main: &'a str,
+    direct: bool,
 }
 
 /// The ECH cohort of one setup attempt, noted while it runs (the decision is taken inside).

@@ -20,7 +20,7 @@ pub(super) struct Uplink {
     priority: u32,
     order: usize,
     pub(super) conn: quinn::Connection,
-    control: mpsc::UnboundedSender<Control>,
+    pub(super) control: mpsc::UnboundedSender<Control>,
     since: Instant,
     /// An earlier link to this relay was lost (it must prove stable before failback).
     recovered: bool,
@@ -98,7 +98,7 @@ impl HomeNode {
         }
     }
 
-    fn uplinks(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Uplink>> {
+    pub(super) fn uplinks(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Uplink>> {
         match self.uplinks.lock() {
             Ok(u) => u,
             Err(p) => p.into_inner(),
@@ -336,6 +336,15 @@ impl HomeNode {
                             }
                         }
                         Some(Frame::Control(Control::Pong { .. })) => {}
+                        Some(Frame::Control(
+                            m @ (Control::Observed { .. } | Control::Punch { .. } | Control::PunchRefused { .. }),
+                        )) => {
+                            if let Some(reply) = self.direct_control(&main, m)
+                                && write_frames(&mut send, &[Frame::Control(reply)]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
                         Some(other) => debug!(%main, frame = ?other, "unexpected frame on the control stream"),
                         None => break,
                     }

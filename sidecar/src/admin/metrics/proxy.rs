@@ -66,6 +66,14 @@ pub struct Proxy {
     /// Intercepted connections by `original_dst` (for imports; `other` otherwise), `service`
     /// and `result` (federated, passthrough, refused, not_redirected).
     pub intercepted: Family<[(&'static str, String); 3], Counter>,
+    /// Paths to the homes this home has called or been asked by, by `kind` (direct, relayed).
+    pub paths: Family<L1, Gauge>,
+    /// Direct-path attempts by `result` (direct, no_address, refused, timeout).
+    pub punches: Family<L1, Counter>,
+    /// Time from a direct-path attempt's start to its direct connection.
+    pub time_to_direct: Histogram,
+    /// Direct paths lost (the connection ended; new streams went back to the relay).
+    pub direct_lost: Counter,
 }
 
 impl Proxy {
@@ -91,6 +99,10 @@ impl Proxy {
             circuit_state: Family::default(),
             retries: Family::default(),
             intercepted: Family::default(),
+            paths: Family::default(),
+            punches: Family::default(),
+            time_to_direct: latency_histogram(),
+            direct_lost: Counter::default(),
         };
         r.register(
             "calls",
@@ -134,6 +146,24 @@ impl Proxy {
             "Connections redirected by iptables, by original destination, service and result",
             m.intercepted.clone(),
         );
+        r.register("paths", "Paths to other homes by kind (direct, relayed)", m.paths.clone());
+        r.register("punches", "Direct-path attempts by result", m.punches.clone());
+        r.register(
+            "time_to_direct_seconds",
+            "Time from a direct-path attempt's start to its direct connection",
+            m.time_to_direct.clone(),
+        );
+        r.register(
+            "direct_paths_lost",
+            "Direct paths lost (new streams went back to the relay)",
+            m.direct_lost.clone(),
+        );
+        for kind in ["direct", "relayed"] {
+            let _ = m.paths.get_or_create(&[("kind", kind)]);
+        }
+        for result in ["direct", "no_address", "refused", "timeout"] {
+            let _ = m.punches.get_or_create(&[("result", result)]);
+        }
         for o in ["attempted", "accepted", "retried", "fallback", "failed", "retry_refused", "downgrade", "grease"] {
             let _ = m.ech.get_or_create(&[("outcome", o)]);
         }

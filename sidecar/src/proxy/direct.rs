@@ -1,0 +1,534 @@
+//! Direct paths from this home to the homes it calls (docs/protocol.md §12): the I/O around
+//! the pure [`PathSession`]. The relay path is never given up: a call uses the direct
+//! connection only while it is up, and a call whose direct stream fails before any payload
+//! goes through the relay.
+//!
+//! The home that calls asks its peer's main relay to coordinate (`punchRequest`); the relay
+//! sends `punch` to both homes at once. Both send probes from their QUIC socket to the
+//! other's candidates every [`PROBE_INTERVAL`]; a probe received from an address not listed
+//! (a symmetric NAT's fresh mapping) is answered and added. The caller dials each address a
+//! probe came from at once, and every candidate after [`DIAL_ALL_AFTER`]. The other home
+//! accepts a connection only from an address of a running attempt, and only from the
+//! node it punches with (its certificate, verified as on any hop).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use quinn::AsyncUdpSocket;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::federation::direct_path::{Action, Event, Outcome, PUNCH_TIMEOUT, PathSession, Phase};
+use crate::protocol::control::MAX_CANDIDATES;
+use crate::protocol::punch::TOKEN_LEN;
+use crate::transport::punch_socket::{Probe, PunchSocket};
+
+/// Probes go to every candidate this often while an attempt runs.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// The caller dials every candidate this long into an attempt, probe or not (a peer whose
+/// probes cannot reach us may still accept our packets).
+pub const DIAL_ALL_AFTER: Duration = Duration::from_millis(500);
+/// Direct handshakes a home accepts at once.
+pub const MAX_DIRECT_HANDSHAKES: usize = 16;
+/// Addresses one attempt probes, at most (candidates plus learned ones).
+const MAX_ATTEMPT_ADDRESSES: usize = MAX_CANDIDATES * 2;
+
+/// The direct-path state of a home.
+pub(super) struct Direct {
+    socket: Arc<PunchSocket>,
+    state: std::sync::Mutex<DirectState>,
+    handshakes: AtomicUsize,
+}
+
+#[derive(Default)]
+struct DirectState {
+    /// Our reflexive address, by main relay that told us.
+    observed: HashMap<String, SocketAddr>,
+    peers: HashMap<String, PeerPath>,
+}
+
+struct PeerPath {
+    session: PathSession,
+    /// The main relay coordinating (the one the peer is registered at).
+    via: String,
+    attempt: Option<Attempt>,
+    /// The direct connection and the node that dialed it.
+    conn: Option<(quinn::Connection, String)>,
+}
+
+struct Attempt {
+    token: [u8; TOKEN_LEN],
+    addresses: Vec<SocketAddr>,
+    dial: bool,
+    dialed: Vec<SocketAddr>,
+    started: Instant,
+    /// Distinguishes this attempt's probe task from an abandoned one's.
+    generation: u64,
+}
+
+impl Direct {
+    /// Direct-path state over the home's QUIC socket.
+    pub(super) fn new(socket: Arc<PunchSocket>) -> Self {
+        Self { socket, state: Default::default(), handshakes: AtomicUsize::new(0) }
+    }
+}
+
+/// Whether a new direct connection (dialed by `new_dialer`) replaces the one we hold (dialed
+/// by `held_dialer`): both homes keep the one dialed by the smaller node id (the newest of
+/// those), so two homes that punched each other at once agree on one connection.
+pub(crate) fn replaces(held_dialer: &str, new_dialer: &str, me: &str, peer: &str) -> bool {
+    let preferred = if me < peer { me } else { peer };
+    new_dialer == preferred || held_dialer != preferred
+}
+
+impl HomeNode {
+    fn direct_state(&self) -> std::sync::MutexGuard<'_, DirectState> {
+        match self.direct.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The direct connection to `node`, while one is up.
+    pub(super) fn direct_conn(&self, node: &str) -> Option<quinn::Connection> {
+        let s = self.direct_state();
+        let p = s.peers.get(node)?;
+        let (conn, _) = p.conn.as_ref().filter(|_| p.session.phase() == Phase::Direct)?;
+        conn.close_reason().is_none().then(|| conn.clone())
+    }
+
+    /// A call to `dest` went out: starts an attempt when policy and backoff allow.
+    pub(super) fn want_direct(self: &Arc<Self>, dest: &Entry, live: &HomeLive) {
+        if !live.direct_paths.attempts(&self.identity.node_id) || dest.node == self.identity.node_id {
+            return;
+        }
+        // The peer's relay coordinates: we need a link to it too.
+        if !self.uplinks().contains_key(&dest.main) {
+            return;
+        }
+        let now = Instant::now();
+        let actions = {
+            let mut s = self.direct_state();
+            let observed = s.observed.contains_key(&dest.main);
+            let p = s.peers.entry(dest.node.clone()).or_insert_with(|| PeerPath {
+                session: PathSession::new(now),
+                via: dest.main.clone(),
+                attempt: None,
+                conn: None,
+            });
+            if p.session.phase() == Phase::Relayed {
+                p.via = dest.main.clone();
+            }
+            p.session.on(Event::Wanted { observed }, now)
+        };
+        self.direct_actions(&dest.node, actions, None);
+    }
+
+    /// A direct stream to `node` failed on a closed connection: the path is lost.
+    pub(super) fn direct_lost(self: &Arc<Self>, node: &str, conn_id: usize) {
+        let actions = {
+            let mut s = self.direct_state();
+            let Some(p) = s.peers.get_mut(node) else { return };
+            if p.conn.as_ref().is_none_or(|(c, _)| c.stable_id() != conn_id) {
+                return;
+            }
+            p.conn = None;
+            p.session.on(Event::Lost, Instant::now())
+        };
+        if !actions.is_empty() {
+            self.metrics.proxy.direct_lost.inc();
+            info!(peer = %node, "direct path lost: new streams go through the relay");
+        }
+        self.direct_actions(node, actions, None);
+    }
+
+    /// A direct-path message from main relay `main`; returns the answer to send it.
+    pub(super) fn direct_control(self: &Arc<Self>, main: &str, m: Control) -> Option<Control> {
+        match m {
+            Control::Observed { address } => {
+                let Ok(addr) = address.parse::<SocketAddr>() else {
+                    warn!(main, address, "main relay sent an unusable observed address");
+                    return None;
+                };
+                debug!(main, %addr, "reflexive address learned");
+                let waiting: Vec<String> = {
+                    let mut s = self.direct_state();
+                    s.observed.insert(main.to_owned(), addr);
+                    s.peers.iter().filter(|(_, p)| p.via == main).map(|(n, _)| n.clone()).collect()
+                };
+                for peer in waiting {
+                    let actions =
+                        self.direct_state().peers.get_mut(&peer).map(|p| p.session.on(Event::Observed, Instant::now()));
+                    self.direct_actions(&peer, actions.unwrap_or_default(), None);
+                }
+                let local = self.local_candidates(addr);
+                Some(Control::Candidates { local: local.iter().map(|a| a.to_string()).collect() })
+            }
+            Control::Punch { peer, token, candidates, dial } => {
+                // Only a home this one may be called by is ever punched to: the relay checks
+                // the caller's imports; accepting checks the node's certificate.
+                if !self.live().direct_paths.enabled {
+                    return None;
+                }
+                let Some(token) =
+                    crate::config::base64_decode(&token).and_then(|t| <[u8; TOKEN_LEN]>::try_from(t).ok())
+                else {
+                    warn!(main, %peer, "punch with an unusable token");
+                    return None;
+                };
+                let addresses: Vec<SocketAddr> =
+                    candidates.iter().take(MAX_CANDIDATES).filter_map(|a| a.parse().ok()).collect();
+                let now = Instant::now();
+                let actions = {
+                    let mut s = self.direct_state();
+                    let p = s.peers.entry(peer.clone()).or_insert_with(|| PeerPath {
+                        session: PathSession::new(now),
+                        via: main.to_owned(),
+                        attempt: None,
+                        conn: None,
+                    });
+                    p.via = main.to_owned();
+                    p.session.on(Event::Punch { dial }, now)
+                };
+                let attempt =
+                    Attempt { token, addresses, dial, dialed: vec![], started: now, generation: rand::random() };
+                self.direct_actions(&peer, actions, Some(attempt));
+                None
+            }
+            Control::PunchRefused { peer, reason } => {
+                info!(main, %peer, reason, "main relay will not coordinate a direct path");
+                let actions =
+                    self.direct_state().peers.get_mut(&peer).map(|p| p.session.on(Event::Refused, Instant::now()));
+                self.direct_actions(&peer, actions.unwrap_or_default(), None);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Carries out what the session of `peer` decided.
+    fn direct_actions(self: &Arc<Self>, peer: &str, actions: Vec<Action>, attempt: Option<Attempt>) {
+        let mut attempt = attempt;
+        for a in actions {
+            match a {
+                Action::Request => {
+                    let via = self.direct_state().peers.get(peer).map(|p| p.via.clone());
+                    if let Some(via) = via {
+                        self.send_control(&via, Control::PunchRequest { peer: peer.to_owned() });
+                    }
+                }
+                Action::Probe { .. } => {
+                    let Some(new) = attempt.take() else { continue };
+                    let generation = new.generation;
+                    let mut s = self.direct_state();
+                    let Some(p) = s.peers.get_mut(peer) else { continue };
+                    // Asked and asking at once: one attempt, which dials if either said so.
+                    let merged = match p.attempt.take() {
+                        Some(mut old) => {
+                            old.dial |= new.dial;
+                            for a in new.addresses {
+                                if !old.addresses.contains(&a) {
+                                    old.addresses.push(a);
+                                }
+                            }
+                            old
+                        }
+                        None => new,
+                    };
+                    let started = merged.generation == generation;
+                    p.attempt = Some(merged);
+                    drop(s);
+                    if started {
+                        let node = self.clone();
+                        let peer = peer.to_owned();
+                        tokio::spawn(async move { node.punch(peer, generation).await });
+                    }
+                }
+                Action::Abandon => {
+                    let mut s = self.direct_state();
+                    if let Some(p) = s.peers.get_mut(peer) {
+                        p.attempt = None;
+                        if let Some((outcome, _)) = p.session.last() {
+                            self.metrics.proxy.punches.get_or_create(&[("result", outcome.label())]).inc();
+                            info!(peer, result = outcome.label(), "direct path attempt abandoned: relayed");
+                        }
+                    }
+                }
+                Action::UseDirect => {
+                    let mut s = self.direct_state();
+                    if let Some(p) = s.peers.get_mut(peer) {
+                        p.attempt = None;
+                        if let Some((Outcome::Direct, took)) = p.session.last() {
+                            self.metrics.proxy.punches.get_or_create(&[("result", "direct")]).inc();
+                            self.metrics.proxy.time_to_direct.observe(took.as_secs_f64());
+                            info!(peer, millis = took.as_millis() as u64, "direct path up");
+                        }
+                    }
+                }
+                Action::UseRelay => {
+                    let mut s = self.direct_state();
+                    if let Some(p) = s.peers.get_mut(peer)
+                        && let Some((c, _)) = p.conn.take()
+                    {
+                        c.close(0u32.into(), b"path abandoned");
+                    }
+                }
+            }
+        }
+        self.count_paths();
+    }
+
+    fn count_paths(&self) {
+        let s = self.direct_state();
+        let direct = s.peers.values().filter(|p| p.session.phase() == Phase::Direct).count();
+        self.metrics.proxy.paths.get_or_create(&[("kind", "direct")]).set(direct as i64);
+        self.metrics.proxy.paths.get_or_create(&[("kind", "relayed")]).set((s.peers.len() - direct) as i64);
+    }
+
+    /// Sends `m` on the control stream of the link to `main`, if it is up.
+    fn send_control(&self, main: &str, m: Control) {
+        if let Some(tx) = self.uplinks().get(main).map(|l| l.control.clone()) {
+            let _ = tx.send(m);
+        }
+    }
+
+    /// Our own addresses for the relay at `toward`: the address the OS would send from,
+    /// with the QUIC socket's port.
+    fn local_candidates(&self, toward: SocketAddr) -> Vec<SocketAddr> {
+        let Ok(bound) = self.direct.socket.local_addr() else { return vec![] };
+        if !bound.ip().is_unspecified() {
+            return vec![bound];
+        }
+        // Which source address routing picks toward the relay (connect sends nothing).
+        let any: SocketAddr = if toward.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap_or(bound);
+        let Some(ip) = std::net::UdpSocket::bind(any)
+            .and_then(|u| u.connect(toward).and_then(|_| u.local_addr()))
+            .ok()
+            .map(|a| a.ip())
+        else {
+            return vec![];
+        };
+        vec![SocketAddr::new(ip, bound.port())]
+    }
+
+    /// Runs one attempt toward `peer`: probes every [`PROBE_INTERVAL`], dials (the caller)
+    /// every candidate after [`DIAL_ALL_AFTER`], until the attempt ends or times out.
+    async fn punch(self: Arc<Self>, peer: String, generation: u64) {
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let (token, addresses, to_dial, timed_out) = {
+                let mut s = self.direct_state();
+                let Some(p) = s.peers.get_mut(&peer) else { return };
+                let timed_out = p.session.deadline().is_some_and(|d| now >= d);
+                let Some(a) = p.attempt.as_mut().filter(|a| a.generation == generation) else { return };
+                let mut to_dial = vec![];
+                if a.dial && now.saturating_duration_since(a.started) >= DIAL_ALL_AFTER {
+                    for addr in &a.addresses {
+                        if !a.dialed.contains(addr) {
+                            to_dial.push(*addr);
+                        }
+                    }
+                    a.dialed.extend(to_dial.iter().copied());
+                }
+                (a.token, a.addresses.clone(), to_dial, timed_out)
+            };
+            if timed_out {
+                let actions = self.direct_state().peers.get_mut(&peer).map(|p| p.session.tick(now));
+                return self.direct_actions(&peer, actions.unwrap_or_default(), None);
+            }
+            for addr in &addresses {
+                self.direct.socket.send_probe(*addr, &token);
+            }
+            for addr in to_dial {
+                self.clone().dial_direct(peer.clone(), addr);
+            }
+        }
+    }
+
+    /// Handles the probes the socket received, until the socket closes.
+    pub(super) async fn probes(self: Arc<Self>, mut rx: mpsc::Receiver<Probe>) {
+        while let Some((token, from)) = rx.recv().await {
+            let (peer, dial, answer) = {
+                let mut s = self.direct_state();
+                let Some((peer, a)) = s
+                    .peers
+                    .iter_mut()
+                    .find_map(|(n, p)| Some((n.clone(), p.attempt.as_mut().filter(|a| a.token == token)?)))
+                else {
+                    continue;
+                };
+                // A fresh mapping of a symmetric NAT: answer it, and dial it if we dial.
+                let answer = !a.addresses.contains(&from) && a.addresses.len() < MAX_ATTEMPT_ADDRESSES;
+                if answer {
+                    a.addresses.push(from);
+                }
+                let dial = a.dial && !a.dialed.contains(&from);
+                if dial {
+                    a.dialed.push(from);
+                }
+                (peer, dial, answer.then_some(a.token))
+            };
+            if let Some(token) = answer {
+                self.direct.socket.send_probe(from, &token);
+            }
+            if dial {
+                self.clone().dial_direct(peer, from);
+            }
+        }
+    }
+
+    /// Dials `peer` at `addr` on the home's socket (its certificate must name `peer`).
+    fn dial_direct(self: Arc<Self>, peer: String, addr: SocketAddr) {
+        let Some(endpoint) = self.endpoint.get().cloned() else { return };
+        let tls = match self.client_tls.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let name = self.identity.server_name(&peer);
+        tokio::spawn(async move {
+            let connecting = match endpoint.connect_with(tls, addr, &name) {
+                Ok(c) => c,
+                Err(e) => return debug!(%peer, %addr, error = %e, "cannot dial direct"),
+            };
+            match tokio::time::timeout(PUNCH_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => {
+                    let me = self.identity.node_id.clone();
+                    self.direct_connected(&peer, conn, me);
+                }
+                Ok(Err(e)) => debug!(%peer, %addr, reason = failure_reason(&e), "direct dial failed"),
+                Err(_) => debug!(%peer, %addr, "direct dial timed out"),
+            }
+        });
+    }
+
+    /// Accepts direct connections from homes we punch with, until the endpoint closes.
+    pub(super) async fn accept_direct(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let from = incoming.remote_address();
+            let expected = {
+                let s = self.direct_state();
+                s.peers
+                    .iter()
+                    .find(|(_, p)| p.attempt.as_ref().is_some_and(|a| a.addresses.contains(&from)))
+                    .map(|(n, _)| n.clone())
+            };
+            let Some(peer) =
+                expected.filter(|_| self.direct.handshakes.load(Ordering::Relaxed) < MAX_DIRECT_HANDSHAKES)
+            else {
+                incoming.refuse();
+                continue;
+            };
+            self.direct.handshakes.fetch_add(1, Ordering::Relaxed);
+            let node = self.clone();
+            let timeout = self.live().handshake_timeout;
+            tokio::spawn(async move {
+                let result = tokio::time::timeout(timeout, async { incoming.accept()?.await }).await;
+                node.direct.handshakes.fetch_sub(1, Ordering::Relaxed);
+                let conn = match result {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => return debug!(%peer, %from, error = %e, "direct handshake failed"),
+                    Err(_) => return debug!(%peer, %from, "direct handshake timed out"),
+                };
+                match node.identity.peer_node_id(&conn) {
+                    Ok(id) if id == peer => node.direct_connected(&peer, conn, peer.clone()),
+                    Ok(id) => {
+                        warn!(%peer, other = %id, %from, "direct connection from another node than the one punched with: closed");
+                        conn.close(ErrorCode::PermissionDenied.to_u16().into(), b"not the node punched with");
+                    }
+                    Err(e) => {
+                        warn!(%peer, %from, error = %e, "direct connection without a usable certificate: closed");
+                        conn.close(ErrorCode::PermissionDenied.to_u16().into(), b"no node identity");
+                    }
+                }
+            });
+        }
+    }
+
+    /// A direct connection to `peer` (dialed by `dialer`) is up: it carries new streams both
+    /// ways until it ends.
+    fn direct_connected(self: &Arc<Self>, peer: &str, conn: quinn::Connection, dialer: String) {
+        let me = self.identity.node_id.clone();
+        let actions = {
+            let mut s = self.direct_state();
+            let Some(p) = s.peers.get_mut(peer) else {
+                conn.close(0u32.into(), b"no attempt");
+                return;
+            };
+            let live_held = p.conn.as_ref().filter(|(c, _)| c.close_reason().is_none());
+            if let Some((held, held_dialer)) = live_held {
+                if !replaces(held_dialer, &dialer, &me, peer) {
+                    conn.close(0u32.into(), b"duplicate direct connection");
+                    return;
+                }
+                held.close(0u32.into(), b"duplicate direct connection");
+            }
+            crate::transport::tls::raise_stream_limit(&conn);
+            p.conn = Some((conn.clone(), dialer));
+            p.session.on(Event::Connected, Instant::now())
+        };
+        self.direct_actions(peer, actions, None);
+        let node = self.clone();
+        let peer = peer.to_owned();
+        tokio::spawn(async move {
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let n = node.clone();
+                let peer = peer.clone();
+                tokio::spawn(async move { n.inbound(send, recv, Some(&peer)).await });
+            }
+            node.direct_lost(&peer, conn.stable_id());
+        });
+    }
+
+    /// Paths to other homes, for `/federation/peers`.
+    pub(super) fn direct_paths_json(&self) -> Vec<serde_json::Value> {
+        let s = self.direct_state();
+        let mut out: Vec<serde_json::Value> = s
+            .peers
+            .iter()
+            .map(|(node, p)| {
+                let last = p.session.last();
+                serde_json::json!({
+                    "node": node,
+                    "via": p.via,
+                    "path": p.session.phase().label(),
+                    "remote": p.conn.as_ref().map(|(c, _)| c.remote_address().to_string()),
+                    "lastAttempt": last.map(|(o, _)| o.label()),
+                    "lastAttemptMillis": last.map(|(_, d)| d.as_millis() as u64),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+        out
+    }
+
+    /// Applies a new direct-path policy and identity to the endpoint: a server configuration
+    /// (to accept direct connections) only while direct paths are on.
+    pub(super) fn direct_server(&self, enabled: bool, timeouts: &crate::config::Timeouts) {
+        let Some(endpoint) = self.endpoint.get() else { return };
+        let config = enabled.then(|| self.current_identity().server_config(timeouts)).transpose();
+        match config {
+            Ok(c) => endpoint.set_server_config(c),
+            Err(e) => warn!(error = %e, "no server configuration for direct paths"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replaces;
+
+    #[test]
+    fn both_homes_keep_the_connection_dialed_by_the_smaller_node_id() {
+        // "a" < "b": from either side, a connection dialed by "a" wins over one by "b".
+        for (me, peer) in [("a", "b"), ("b", "a")] {
+            assert!(replaces("b", "a", me, peer));
+            assert!(!replaces("a", "b", me, peer));
+            // Same dialer: the newer one (a redial after the old one died).
+            assert!(replaces("a", "a", me, peer));
+            assert!(replaces("b", "b", me, peer));
+        }
+    }
+}

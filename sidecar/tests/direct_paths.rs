@@ -1,0 +1,105 @@
+//! Direct paths on loopback (no NAT): with `directPaths` on, a home that calls another home
+//! of its relay gets a direct connection and the relay stops carrying the bytes; with it off
+//! (the default) every byte goes through the relay and nothing is punched. The NAT cases are
+//! in `nat_matrix.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proc, eventually, identify_server, round_trip, sample};
+use relayfed_e2e::Testbed;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn crs(direct: bool) -> String {
+    format!(
+        "apiVersion: relayfed.io/v1alpha1\nkind: RelayFederation\nmetadata: {{name: d, namespace: test}}\n\
+         spec: {{trustDomain: direct.test, publicName: relay.direct.test, defaultRolloutPolicy: default, \
+         mainRelays: [{{nodeId: hub, endpoint: \"127.0.0.1:0\"}}]}}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: RolloutPolicy\nmetadata: {{name: default, namespace: test}}\n\
+         spec:\n  ech: {{enabled: true, mode: opportunistic, percentage: 100}}\n  resilience: {{timeouts: {{linkIdle: 1500ms}}}}\n{}\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: hub, namespace: test}}\nspec: {{type: main, nodeId: hub, federation: d}}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: shop, namespace: test}}\n\
+         spec: {{type: home, nodeId: shop, federation: d, mainRelays: [{{nodeId: hub}}], imports: [{{name: pay, port: 80, listen: \"127.0.0.1:0\"}}]}}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: pay, namespace: test}}\n\
+         spec: {{type: home, nodeId: pay, federation: d, mainRelays: [{{nodeId: hub}}], exports: [{{name: pay, port: 80, target: \"127.0.0.1:1\"}}]}}\n",
+        if direct { "  directPaths: {enabled: true}\n" } else { "" }
+    )
+}
+
+async fn start(direct: bool) -> (Proc, Proc, Proc) {
+    let tb = Testbed::new("direct.test").unwrap();
+    let target = identify_server("pay").await;
+    let files = tb.scenario(&crs(direct), |_, _, _| target).unwrap();
+    let hub = common::start("main-relay", &files.mains[0].1, &[]).await;
+    let home = |id: &str| files.homes.iter().find(|(h, _)| h == id).unwrap().1.clone();
+    let pay = common::start("home", &home("pay"), &[]).await;
+    let shop = common::start("home", &home("shop"), &[]).await;
+    (hub, pay, shop)
+}
+
+async fn call(shop: &Proc) -> bool {
+    round_trip(shop.import("pay:80"), b"hello").await.is_ok_and(|r| r.ends_with(b"hello"))
+}
+
+/// The path `home` shows to `peer` in `/federation/peers`.
+async fn path_to(home: &Proc, peer: &str) -> Option<String> {
+    let peers: Value = home.json("/federation/peers").await;
+    peers.as_array()?.iter().find(|p| p["kind"] == "home" && p["node"] == peer)?["path"].as_str().map(str::to_owned)
+}
+
+async fn relayed_bytes(hub: &Proc) -> f64 {
+    sample(&hub.metrics().await, "relayfed_relay_payload_bytes_total", &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_called_home_is_reached_directly_and_the_relay_stops_carrying_bytes() {
+    let (hub, pay, shop) = start(true).await;
+    eventually("the first call goes through", WAIT, || call(&shop)).await;
+    // The call asked for a direct path; later calls use it.
+    eventually("shop has a direct path to pay", WAIT, || async {
+        call(&shop).await && path_to(&shop, "pay").await.as_deref() == Some("direct")
+    })
+    .await;
+    assert_eq!(path_to(&pay, "shop").await.as_deref(), Some("direct"), "both ends hold the path");
+    let before = relayed_bytes(&hub).await;
+    for _ in 0..20 {
+        assert!(call(&shop).await, "every call on the direct path succeeds");
+    }
+    assert_eq!(relayed_bytes(&hub).await, before, "no payload byte went through the relay");
+    let m = shop.metrics().await;
+    assert_eq!(sample(&m, "relayfed_proxy_paths", &[("kind", "direct")]), 1.0);
+    assert_eq!(sample(&m, "relayfed_proxy_punches_total", &[("result", "direct")]), 1.0);
+    assert_eq!(sample(&hub.metrics().await, "relayfed_relay_punches_total", &[("result", "coordinated")]), 1.0);
+    // The destination app still sees calls from shop (the route names it, the Noise session
+    // authenticates it); the direct stream carried no ECH (nothing in the middle).
+    let pm = pay.metrics().await;
+    assert!(sample(&pm, "relayfed_proxy_calls_total", &[("side", "destination"), ("code", "OK")]) >= 20.0);
+
+    // The destination goes away: calls fail over nothing (there is no other instance), but
+    // the direct path is dropped, and shop is relayed again.
+    drop(pay);
+    eventually("shop sees the direct path lost", WAIT, || async {
+        path_to(&shop, "pay").await.as_deref() != Some("direct")
+    })
+    .await;
+    drop(hub);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_direct_paths_off_every_byte_goes_through_the_relay() {
+    let (hub, _pay, shop) = start(false).await;
+    eventually("the first call goes through", WAIT, || call(&shop)).await;
+    let before = relayed_bytes(&hub).await;
+    for _ in 0..5 {
+        assert!(call(&shop).await);
+    }
+    assert!(relayed_bytes(&hub).await > before, "the relay carried the calls");
+    assert_eq!(path_to(&shop, "pay").await, None, "no path was attempted");
+    let m = hub.metrics().await;
+    assert_eq!(sample(&m, "relayfed_relay_punches_total", &[("result", "coordinated")]), 0.0);
+    assert_eq!(sample(&m, "relayfed_relay_direct_parties", &[]), 0.0);
+}
