@@ -15,7 +15,7 @@ BENCH_OUT ?= docs/benchmarks.md
 DURATION ?= 10m
 FAILURE_RATE ?= 10%
 
-.PHONY: prometheus e2e dashboards chaos chart-docs images demo bench bench-peers bench-scale help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
+.PHONY: prometheus e2e dashboards chaos chart-docs images demo bench bench-peers bench-scale nat-matrix help build test test-rust test-python python-deps lint fmt crds fuzz clean cluster cluster-up cluster-down
 
 help: ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -161,6 +161,11 @@ bench-peers: ## relayfed beside direct, stunnel4 and boringtun on one namespace 
 	@grep -q '^<!-- bench-peers: begin' $(BENCH_OUT) || { echo "$(BENCH_OUT) has no bench-peers markers"; exit 1; }
 	mv target/bench-peers-doc.md $(BENCH_OUT)
 	@cat target/bench-peers-section.md
+
+NAT_TRIALS ?= 20
+nat-matrix: ## Direct paths between homes behind six kinds of NAT (network namespaces, root), $(NAT_TRIALS) trials per ordered pair; rewrites its table in $(BENCH_OUT).
+	RELAYFED_NAT_TRIALS=$(NAT_TRIALS) RELAYFED_NAT_ORDERED=1 RELAYFED_NAT_WRITE=1 \
+	  $(CARGO) test -q --release -p relayfed-sidecar --test nat_matrix
 
 SCALE_HOMES ?= 10000
 SCALE_LINK_IDLE ?= 10s

@@ -12,7 +12,8 @@
 //! Netem is not in this kernel, so no latency is added (docs/benchmarks.md says so).
 //!
 //! Needs root (namespaces, iptables). Environment: `RELAYFED_NAT_TRIALS` (trials per pair,
-//! default 2), `RELAYFED_NAT_WRITE=1` (write the table into docs/benchmarks.md).
+//! default 2), `RELAYFED_NAT_ORDERED=1` (both homes of each pair call; default: the kind
+//! listed first), `RELAYFED_NAT_WRITE=1` (write the table into docs/benchmarks.md).
 //!
 //! The same binary, re-executed inside a namespace, is the echo server and the trial client.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -254,8 +255,10 @@ fn matrix() {
     let relay_config = files.mains[0].1.to_str().unwrap().to_owned();
     let mut rows = Vec::new();
     let mut failures = Vec::new();
+    // Each unordered pair once (the earlier kind calls), or both ways round.
+    let ordered = std::env::var_os("RELAYFED_NAT_ORDERED").is_some();
     for (i, a) in KINDS.iter().enumerate() {
-        for b in &KINDS[i..] {
+        for b in if ordered { &KINDS[..] } else { &KINDS[i..] } {
             let mut topo = Topology::build([a, b]);
             let relay = topo.spawn("rfn-inet", proxy, &["main-relay", "--config", &relay_config]);
             ready(relay);
@@ -369,7 +372,12 @@ fn fallback(topo: &mut Topology, proxy: &Path, me: &Path, shop_config: &str) -> 
 
 fn write_table(rows: &[Value], trials: usize) {
     let mut t = format!(
-        "<!-- nat-matrix: begin -->\n`make nat-matrix` ({trials} trials per pair; the first kind calls). Cells: trials that went direct, then the time from the attempt's start to the direct connection, p50 / p95 in ms; `relayed` where no trial went direct. Failed calls in all trials: {}.\n\n| caller \\ called |",
+        "<!-- nat-matrix: begin -->\n`make nat-matrix` ({trials} trials per ordered pair, on {}; the row's home calls the column's). Cells: trials that went direct, then the time from the attempt's start to the direct connection, p50 / p95 in ms; `relayed` where no trial went direct. Failed calls in all trials: {}.\n\n| caller \\ called |",
+        Command::new("date")
+            .args(["-u", "+%Y-%m-%d"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default(),
         rows.iter().map(|r| r["failed"].as_u64().unwrap_or(0)).sum::<u64>()
     );
     for k in KINDS {
