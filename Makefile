@@ -7,7 +7,7 @@ PY_REQS := tests/python/requirements.txt
 
 FUZZ_SECONDS ?= 60
 # crate-dir:target pairs; each crate keeps its harnesses and seeds in <crate>/fuzz.
-FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:frame sidecar:frame_reader sidecar:ech_config_list sidecar:snapshot sidecar:control sidecar:distribution sidecar:sealed_route_open sidecar:noise_responder sidecar:peer_certificate sidecar:ech_signature sidecar:proxy_header sidecar:key_files sidecar:certificate_response sidecar:admin_query operator:admission_review operator:certificate_request operator:inject_config operator:local_update operator:ready_line operator:relay_pods
+FUZZ_TARGETS ?= crds:cr_documents crds:cr_json sidecar:route_header sidecar:frame sidecar:frame_reader sidecar:ech_config_list sidecar:snapshot sidecar:control sidecar:distribution sidecar:sealed_route_open sidecar:noise_responder sidecar:peer_certificate sidecar:ech_signature sidecar:proxy_header sidecar:key_files sidecar:certificate_response sidecar:admin_query sidecar:punch operator:admission_review operator:certificate_request operator:inject_config operator:local_update operator:ready_line operator:relay_pods
 
 BENCH_OUT ?= docs/benchmarks.md
 
