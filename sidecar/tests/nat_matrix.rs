@@ -1,8 +1,8 @@
 //! The NAT matrix (`make nat-matrix`; a short run is part of `make test`): two homes behind
 //! routers of each kind, built from network namespaces and iptables, and a main relay on the
 //! "internet" namespace. For every pair it records whether the calling home's path went
-//! direct, how long the punch took (p50/p95 over the trials), and every failed call (a
-//! call is made every 20 ms through the switch).
+//! direct, how long the punch took (p50/p95 over the trials), and every failed call (four
+//! callers call back to back through the switch).
 //!
 //! Kinds: `public` (no NAT), `one-to-one` (static SNAT/DNAT: endpoint-independent mapping and
 //! filtering), `home` (MASQUERADE: endpoint-independent mapping, address-and-port-dependent
@@ -257,8 +257,14 @@ fn matrix() {
     let mut failures = Vec::new();
     // Each unordered pair once (the earlier kind calls), or both ways round.
     let ordered = std::env::var_os("RELAYFED_NAT_ORDERED").is_some();
+    // `RELAYFED_NAT_PAIRS=home:symmetric,...`: only those pairs (to look into one).
+    let only: Option<Vec<String>> =
+        std::env::var("RELAYFED_NAT_PAIRS").ok().map(|p| p.split(',').map(str::to_owned).collect());
     for (i, a) in KINDS.iter().enumerate() {
-        for b in if ordered { &KINDS[..] } else { &KINDS[i..] } {
+        for b in if ordered || only.is_some() { &KINDS[..] } else { &KINDS[i..] } {
+            if only.as_ref().is_some_and(|o| !o.contains(&format!("{a}:{b}"))) {
+                continue;
+            }
             let mut topo = Topology::build([a, b]);
             let relay = topo.spawn("rfn-inet", proxy, &["main-relay", "--config", &relay_config]);
             ready(relay);
@@ -267,6 +273,19 @@ fn matrix() {
             std::io::BufReader::new(echo.stdout.take().unwrap()).read_line(&mut line).unwrap();
             let pay = topo.spawn("rfn-h2", proxy, &["home", "--config", &config("pay")]);
             ready(pay);
+            // The called home is registered (a call goes through) before the trials count.
+            let warm = topo.spawn("rfn-h1", proxy, &["home", "--config", &config("shop")]);
+            let admin = ready(warm)["admin"].as_str().unwrap().to_owned();
+            let out = Command::new("ip")
+                .args(["netns", "exec", "rfn-h1"])
+                .arg(&me)
+                .args(["trial", &admin, &format!("127.0.0.1:{IMPORT_PORT}"), "warmup"])
+                .output()
+                .unwrap();
+            assert!(String::from_utf8_lossy(&out.stdout).contains("true"), "{a} -> {b}: no call went through");
+            let mut warm = topo.children.pop().unwrap();
+            let _ = warm.kill();
+            let _ = warm.wait();
             let mut results = Vec::new();
             for _ in 0..trials {
                 // A fresh calling home each trial: a new port, so new NAT mappings.
@@ -286,6 +305,15 @@ fn matrix() {
                     ok: v["ok"].as_u64().unwrap(),
                     failed: v["failed"].as_u64().unwrap(),
                 };
+                if t.failed > 0 {
+                    // Keep the nodes' logs of a trial with a failed call.
+                    let keep = std::env::temp_dir().join(format!("relayfed-nat-failed-{a}-{b}-{}", results.len()));
+                    let _ = std::fs::create_dir_all(&keep);
+                    for e in std::fs::read_dir(&topo.dir).into_iter().flatten().flatten() {
+                        let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                    }
+                    println!("failed calls {}: logs in {}", v["errors"], keep.display());
+                }
                 let mut shop = topo.children.pop().unwrap();
                 let _ = shop.kill();
                 let _ = shop.wait();
@@ -314,10 +342,11 @@ fn matrix() {
             }
             rows.push(json!({"from": a, "to": b, "direct": direct, "trials": trials,
                 "p50": percentile(&times, 0.5), "p95": percentile(&times, 0.95), "calls": calls, "failed": failed}));
-            if *a == "home" && *b == "home" {
-                if let Some(f) = fallback(&mut topo, proxy, &me, &config("shop")) {
-                    failures.push(f);
-                }
+            if *a == "home"
+                && *b == "home"
+                && let Some(f) = fallback(&mut topo, proxy, &me, &config("shop"))
+            {
+                failures.push(f);
             }
         }
     }
@@ -434,16 +463,15 @@ fn echo(port: u16) {
     }
 }
 
-/// One 1 KiB call through the import; whether it came back intact.
-fn call(import: SocketAddr) -> bool {
+/// One 1 KiB call through the import, echoed intact; else what went wrong.
+fn call(import: SocketAddr) -> Result<(), String> {
     let payload: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
-    let Ok(mut s) = TcpStream::connect_timeout(&import, Duration::from_secs(2)) else { return false };
+    let mut s = TcpStream::connect_timeout(&import, Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    if s.write_all(&payload).is_err() {
-        return false;
-    }
+    s.write_all(&payload).map_err(|e| format!("write: {e}"))?;
     let mut back = vec![0u8; payload.len()];
-    s.read_exact(&mut back).is_ok() && back == payload
+    s.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+    if back == payload { Ok(()) } else { Err("the echo differs".into()) }
 }
 
 /// `GET path` on the admin port; the JSON body.
@@ -465,46 +493,68 @@ fn path_to_pay(admin: SocketAddr) -> (Option<String>, Option<f64>) {
     )
 }
 
-/// Trial client (runs in the calling home's namespace): calls every 20 ms until the path is
-/// direct (then 20 more calls) or [`TRIAL_WAIT`] passes. Phase `cut` (the direct path was
-/// just cut): calls for 6 s and reports whether the path went back to relayed. Prints JSON.
+/// Callers running at once in a trial, each calling back to back: calls are in flight
+/// whenever the path switches.
+const CALLERS: usize = 4;
+
+/// Trial client (runs in the calling home's namespace). Phase `warmup`: calls until one
+/// succeeds (the called home is registered), for at most 10 s. Otherwise [`CALLERS`] threads
+/// call back to back until the path has been direct for 100 ms or [`TRIAL_WAIT`] passes;
+/// phase `cut` (the direct path was just cut): for 6 s, then whether the path went back to
+/// relayed. Prints JSON.
 fn trial(admin: SocketAddr, import: SocketAddr) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
     let phase = std::env::args().nth(4).unwrap_or_default();
     let started = Instant::now();
-    let (mut ok, mut failed) = (0u64, 0u64);
-    let mut direct_at: Option<(Instant, Option<f64>)> = None;
-    let mut extra = 0;
+    if phase == "warmup" {
+        let ok = std::iter::repeat_with(|| call(import))
+            .take_while(|_| started.elapsed() < Duration::from_secs(10))
+            .any(|r| r.is_ok());
+        return println!("{}", json!({ "ok": ok }));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let results = Arc::new(Mutex::new((0u64, Vec::<String>::new())));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (stop, results) = (stop.clone(), results.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = call(import);
+                    let mut res = results.lock().unwrap();
+                    match r {
+                        Ok(()) => res.0 += 1,
+                        Err(e) => res.1.push(format!("{} ms: {e}", started.elapsed().as_millis())),
+                    }
+                }
+            })
+        })
+        .collect();
     let limit = if phase == "cut" { Duration::from_secs(6) } else { TRIAL_WAIT };
-    loop {
-        if call(import) {
-            ok += 1;
-        } else {
-            failed += 1;
-        }
+    let mut direct_at: Option<(Instant, Option<f64>)> = None;
+    while started.elapsed() < limit && direct_at.is_none_or(|(at, _)| at.elapsed() < Duration::from_millis(100)) {
         if phase != "cut" && direct_at.is_none() {
             let (path, millis) = path_to_pay(admin);
             if path.as_deref() == Some("direct") {
                 direct_at = Some((Instant::now(), millis));
             }
         }
-        if direct_at.is_some() {
-            extra += 1;
-            if extra >= 20 {
-                break;
-            }
-        }
-        if started.elapsed() >= limit {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        // Polling pace of the admin endpoint (the calls run meanwhile).
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        let _ = c.join();
     }
     let (path, _) = path_to_pay(admin);
+    let (ok, errors) = std::mem::take(&mut *results.lock().unwrap());
     let out = json!({
         "direct": direct_at.is_some(),
         "millis": direct_at.and_then(|(_, m)| m),
         "ok": ok,
-        "failed": failed,
+        "failed": errors.len(),
         "relayed": path.as_deref() != Some("direct"),
+        "errors": errors,
     });
     println!("{out}");
 }

@@ -8,7 +8,8 @@
 //!    +------ timeout, refused (retry after backoff) -+----------------------+         lost --------+
 //! ```
 //! The home that asked dials; the other home only probes and accepts. A home that is asked
-//! (a `punch` without `dial`) starts punching from any phase.
+//! (a `punch` without `dial`) starts punching from any phase; a second `punch` while
+//! punching joins the running attempt.
 
 use std::time::{Duration, Instant};
 
@@ -203,8 +204,9 @@ impl PathSession {
                 self.enter(Phase::Punching, now);
                 vec![Action::UseRelay, Action::Probe { dial }]
             }
-            (Phase::Punching, Event::Punch { dial: false }) => vec![],
             (_, Event::Punch { dial }) => {
+                // Also while punching: the other home asked again (it restarted, or both
+                // asked at once); the attempt takes the new punch in and runs on from now.
                 self.attempt_started.get_or_insert(now);
                 self.enter(Phase::Punching, now);
                 vec![Action::Probe { dial }]
@@ -280,12 +282,15 @@ mod tests {
     }
 
     #[test]
-    fn the_asked_home_punches_from_any_phase_and_ignores_a_second_ask() {
+    fn the_asked_home_punches_from_any_phase_and_takes_in_a_second_ask() {
         let t0 = Instant::now();
         let mut s = PathSession::new(t0);
         assert_eq!(s.on(Event::Punch { dial: false }, t0), vec![Action::Probe { dial: false }]);
-        assert_eq!(s.on(Event::Punch { dial: false }, at(t0, 5)), vec![]);
-        assert_eq!(s.on(Event::Connected, at(t0, 50)), vec![Action::UseDirect]);
+        // Asked again (the caller restarted): the attempt runs on, its timeout from now.
+        assert_eq!(s.on(Event::Punch { dial: false }, at(t0, 2000)), vec![Action::Probe { dial: false }]);
+        assert_eq!(s.deadline(), Some(at(t0, 5000)));
+        assert_eq!(s.on(Event::Connected, at(t0, 2050)), vec![Action::UseDirect]);
+        assert_eq!(s.last(), Some((Outcome::Direct, Duration::from_millis(2050))));
         // Both homes asked at once: our own punch (dial) still dials while punching.
         let mut both = PathSession::new(t0);
         both.on(Event::Wanted { observed: true }, t0);

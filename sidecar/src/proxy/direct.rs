@@ -33,6 +33,12 @@ pub const DIAL_ALL_AFTER: Duration = Duration::from_millis(500);
 pub const MAX_DIRECT_HANDSHAKES: usize = 16;
 /// Addresses one attempt probes, at most (candidates plus learned ones).
 const MAX_ATTEMPT_ADDRESSES: usize = MAX_CANDIDATES * 2;
+/// Punches one attempt takes in, at most (the other home asked again, or both asked).
+const MAX_ATTEMPT_TOKENS: usize = 4;
+/// When probes go out, from the start of an attempt: a burst while both homes' first
+/// probes may still cross (each NAT drops the other's until its own went out), then every
+/// [`PROBE_INTERVAL`].
+const PROBE_SCHEDULE_MS: [u64; 5] = [0, 10, 25, 50, 75];
 
 /// The direct-path state of a home.
 pub(super) struct Direct {
@@ -58,7 +64,9 @@ struct PeerPath {
 }
 
 struct Attempt {
-    token: [u8; TOKEN_LEN],
+    /// The tokens of the punches this attempt took in (probes carry each; at most
+    /// [`MAX_ATTEMPT_TOKENS`]).
+    tokens: Vec<[u8; TOKEN_LEN]>,
     addresses: Vec<SocketAddr>,
     dial: bool,
     dialed: Vec<SocketAddr>,
@@ -191,8 +199,14 @@ impl HomeNode {
                     p.via = main.to_owned();
                     p.session.on(Event::Punch { dial }, now)
                 };
-                let attempt =
-                    Attempt { token, addresses, dial, dialed: vec![], started: now, generation: rand::random() };
+                let attempt = Attempt {
+                    tokens: vec![token],
+                    addresses,
+                    dial,
+                    dialed: vec![],
+                    started: now,
+                    generation: rand::random(),
+                };
                 self.direct_actions(&peer, actions, Some(attempt));
                 None
             }
@@ -227,8 +241,16 @@ impl HomeNode {
                     let merged = match p.attempt.take() {
                         Some(mut old) => {
                             old.dial |= new.dial;
+                            for t in new.tokens {
+                                if !old.tokens.contains(&t) {
+                                    if old.tokens.len() >= MAX_ATTEMPT_TOKENS {
+                                        old.tokens.remove(0);
+                                    }
+                                    old.tokens.push(t);
+                                }
+                            }
                             for a in new.addresses {
-                                if !old.addresses.contains(&a) {
+                                if !old.addresses.contains(&a) && old.addresses.len() < MAX_ATTEMPT_ADDRESSES {
                                     old.addresses.push(a);
                                 }
                             }
@@ -315,11 +337,14 @@ impl HomeNode {
     /// Runs one attempt toward `peer`: probes every [`PROBE_INTERVAL`], dials (the caller)
     /// every candidate after [`DIAL_ALL_AFTER`], until the attempt ends or times out.
     async fn punch(self: Arc<Self>, peer: String, generation: u64) {
-        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        let start = tokio::time::Instant::now();
+        let mut schedule = PROBE_SCHEDULE_MS.iter().map(|ms| start + Duration::from_millis(*ms));
+        let mut next = schedule.next().unwrap_or(start);
         loop {
-            tick.tick().await;
+            tokio::time::sleep_until(next).await;
+            next = schedule.next().unwrap_or(next + PROBE_INTERVAL);
             let now = Instant::now();
-            let (token, addresses, to_dial, timed_out) = {
+            let (tokens, addresses, to_dial, timed_out) = {
                 let mut s = self.direct_state();
                 let Some(p) = s.peers.get_mut(&peer) else { return };
                 let timed_out = p.session.deadline().is_some_and(|d| now >= d);
@@ -333,14 +358,16 @@ impl HomeNode {
                     }
                     a.dialed.extend(to_dial.iter().copied());
                 }
-                (a.token, a.addresses.clone(), to_dial, timed_out)
+                (a.tokens.clone(), a.addresses.clone(), to_dial, timed_out)
             };
             if timed_out {
                 let actions = self.direct_state().peers.get_mut(&peer).map(|p| p.session.tick(now));
                 return self.direct_actions(&peer, actions.unwrap_or_default(), None);
             }
             for addr in &addresses {
-                self.direct.socket.send_probe(*addr, &token);
+                for token in &tokens {
+                    self.direct.socket.send_probe(*addr, token);
+                }
             }
             for addr in to_dial {
                 self.clone().dial_direct(peer.clone(), addr);
@@ -351,26 +378,25 @@ impl HomeNode {
     /// Handles the probes the socket received, until the socket closes.
     pub(super) async fn probes(self: Arc<Self>, mut rx: mpsc::Receiver<Probe>) {
         while let Some((token, from)) = rx.recv().await {
-            let (peer, dial, answer) = {
-                let mut s = self.direct_state();
-                let Some((peer, a)) = s
-                    .peers
-                    .iter_mut()
-                    .find_map(|(n, p)| Some((n.clone(), p.attempt.as_mut().filter(|a| a.token == token)?)))
-                else {
-                    continue;
+            let (peer, dial, answer) =
+                {
+                    let mut s = self.direct_state();
+                    let Some((peer, a)) = s.peers.iter_mut().find_map(|(n, p)| {
+                        Some((n.clone(), p.attempt.as_mut().filter(|a| a.tokens.contains(&token))?))
+                    }) else {
+                        continue;
+                    };
+                    // A fresh mapping of a symmetric NAT: answer it, and dial it if we dial.
+                    let answer = !a.addresses.contains(&from) && a.addresses.len() < MAX_ATTEMPT_ADDRESSES;
+                    if answer {
+                        a.addresses.push(from);
+                    }
+                    let dial = a.dial && !a.dialed.contains(&from);
+                    if dial {
+                        a.dialed.push(from);
+                    }
+                    (peer, dial, answer.then_some(token))
                 };
-                // A fresh mapping of a symmetric NAT: answer it, and dial it if we dial.
-                let answer = !a.addresses.contains(&from) && a.addresses.len() < MAX_ATTEMPT_ADDRESSES;
-                if answer {
-                    a.addresses.push(from);
-                }
-                let dial = a.dial && !a.dialed.contains(&from);
-                if dial {
-                    a.dialed.push(from);
-                }
-                (peer, dial, answer.then_some(a.token))
-            };
             if let Some(token) = answer {
                 self.direct.socket.send_probe(from, &token);
             }
