@@ -15,12 +15,16 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn crs(direct: bool) -> String {
+    crs_with(direct, "{timeouts: {linkIdle: 1500ms}}")
+}
+
+fn crs_with(direct: bool, resilience: &str) -> String {
     format!(
         "apiVersion: relayfed.io/v1alpha1\nkind: RelayFederation\nmetadata: {{name: d, namespace: test}}\n\
          spec: {{trustDomain: direct.test, publicName: relay.direct.test, defaultRolloutPolicy: default, \
          mainRelays: [{{nodeId: hub, endpoint: \"127.0.0.1:0\"}}]}}\n\
          ---\napiVersion: relayfed.io/v1alpha1\nkind: RolloutPolicy\nmetadata: {{name: default, namespace: test}}\n\
-         spec:\n  ech: {{enabled: true, mode: opportunistic, percentage: 100}}\n  resilience: {{timeouts: {{linkIdle: 1500ms}}}}\n{}\
+         spec:\n  ech: {{enabled: true, mode: opportunistic, percentage: 100}}\n  resilience: {resilience}\n{}\
          ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: hub, namespace: test}}\nspec: {{type: main, nodeId: hub, federation: d}}\n\
          ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {{name: shop, namespace: test}}\n\
          spec: {{type: home, nodeId: shop, federation: d, mainRelays: [{{nodeId: hub}}], imports: [{{name: pay, port: 80, listen: \"127.0.0.1:0\"}}]}}\n\
@@ -31,9 +35,13 @@ fn crs(direct: bool) -> String {
 }
 
 async fn start(direct: bool) -> (Proc, Proc, Proc) {
+    start_from(&crs(direct)).await
+}
+
+async fn start_from(crs: &str) -> (Proc, Proc, Proc) {
     let tb = Testbed::new("direct.test").unwrap();
     let target = identify_server("pay").await;
-    let files = tb.scenario(&crs(direct), |_, _, _| target).unwrap();
+    let files = tb.scenario(crs, |_, _, _| target).unwrap();
     let hub = common::start("main-relay", &files.mains[0].1, &[]).await;
     let home = |id: &str| files.homes.iter().find(|(h, _)| h == id).unwrap().1.clone();
     let pay = common::start("home", &home("pay"), &[]).await;
@@ -102,4 +110,31 @@ async fn with_direct_paths_off_every_byte_goes_through_the_relay() {
     let m = hub.metrics().await;
     assert_eq!(sample(&m, "relayfed_relay_punches_total", &[("result", "coordinated")]), 0.0);
     assert_eq!(sample(&m, "relayfed_relay_direct_parties", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_called_home_applies_the_relays_rate_limit_to_direct_streams() {
+    let resilience = "{timeouts: {linkIdle: 1500ms}, rateLimit: {streamsPerSecond: 1, burst: 3}}";
+    let (hub, pay, shop) = start_from(&crs_with(true, resilience)).await;
+    eventually("shop has a direct path to pay", WAIT, || async {
+        call(&shop).await && path_to(&shop, "pay").await.as_deref() == Some("direct")
+    })
+    .await;
+    let relayed = sample(&hub.metrics().await, "relayfed_relay_rate_limited_streams_total", &[("sender_kind", "home")]);
+    let before = sample(&pay.metrics().await, "relayfed_proxy_stream_errors_total", &[("code", "RATE_LIMITED")]);
+    // Far more calls at once than the bucket holds: pay refuses the excess itself.
+    let addr = shop.import("pay:80");
+    let handles: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { round_trip(addr, b"hello").await.is_ok_and(|r| r.ends_with(b"hello")) }))
+        .collect();
+    let mut ok = 0;
+    for h in handles {
+        ok += usize::from(h.await.unwrap());
+    }
+    assert!(ok < 10, "some calls were refused ({ok} of 10 went through)");
+    let after = sample(&pay.metrics().await, "relayfed_proxy_stream_errors_total", &[("code", "RATE_LIMITED")]);
+    assert!(after > before, "pay counted RATE_LIMITED refusals");
+    let relayed_after =
+        sample(&hub.metrics().await, "relayfed_relay_rate_limited_streams_total", &[("sender_kind", "home")]);
+    assert_eq!(relayed_after, relayed, "the relay saw none of these streams");
 }

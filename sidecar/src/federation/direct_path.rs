@@ -78,6 +78,8 @@ pub enum Event {
 /// What the home must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// Ask the relay for our reflexive address (send `candidates`).
+    Discover,
     /// Send `punchRequest` to the relay.
     Request,
     /// Send probes to the other home's candidates and accept its connection; `dial`: dial them.
@@ -191,7 +193,7 @@ impl PathSession {
                     vec![Action::Request]
                 } else {
                     self.enter(Phase::Discovering, now);
-                    vec![]
+                    vec![Action::Discover]
                 }
             }
             (Phase::Discovering, Event::Observed) => {
@@ -268,7 +270,7 @@ mod tests {
     fn the_asking_home_goes_direct_and_reports_the_time_it_took() {
         let t0 = Instant::now();
         let mut s = PathSession::new(t0);
-        assert_eq!(s.on(Event::Wanted { observed: false }, t0), vec![]);
+        assert_eq!(s.on(Event::Wanted { observed: false }, t0), vec![Action::Discover]);
         assert_eq!(s.phase(), Phase::Discovering);
         assert_eq!(s.on(Event::Observed, at(t0, 10)), vec![Action::Request]);
         assert_eq!(s.phase(), Phase::Coordinating);

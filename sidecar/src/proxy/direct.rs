@@ -45,7 +45,19 @@ pub(super) struct Direct {
     socket: Arc<PunchSocket>,
     state: std::sync::Mutex<DirectState>,
     handshakes: AtomicUsize,
+    /// The relays' per-home rate limit (`resilience.rateLimit`), applied here to streams
+    /// that arrive on direct connections, where no relay counts them.
+    limiter: std::sync::Mutex<crate::resilience::rate_limit::RateLimiter>,
 }
+
+/// Senders whose buckets a home tracks for direct streams, at most.
+const MAX_DIRECT_SENDERS: usize = 4096;
+/// Other homes a home keeps path state for, at most (relayed ones without an attempt are
+/// forgotten first).
+const MAX_PEERS: usize = 4096;
+/// Attempts a home runs at once, at most: a relay cannot make a home probe more addresses
+/// than `MAX_ATTEMPTS` × 16 at a time.
+const MAX_ATTEMPTS: usize = 16;
 
 #[derive(Default)]
 struct DirectState {
@@ -78,7 +90,12 @@ struct Attempt {
 impl Direct {
     /// Direct-path state over the home's QUIC socket.
     pub(super) fn new(socket: Arc<PunchSocket>) -> Self {
-        Self { socket, state: Default::default(), handshakes: AtomicUsize::new(0) }
+        Self {
+            socket,
+            state: Default::default(),
+            handshakes: AtomicUsize::new(0),
+            limiter: std::sync::Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_DIRECT_SENDERS)),
+        }
     }
 }
 
@@ -88,6 +105,31 @@ impl Direct {
 pub(crate) fn replaces(held_dialer: &str, new_dialer: &str, me: &str, peer: &str) -> bool {
     let preferred = if me < peer { me } else { peer };
     new_dialer == preferred || held_dialer != preferred
+}
+
+impl DirectState {
+    /// The path to `node`, created if there is room.
+    fn peer(&mut self, node: &str, via: &str, now: Instant) -> Option<&mut PeerPath> {
+        if !self.peers.contains_key(node) && self.peers.len() >= MAX_PEERS {
+            let idle = self
+                .peers
+                .iter()
+                .find(|(_, p)| p.session.phase() == Phase::Relayed && p.attempt.is_none())
+                .map(|(n, _)| n.clone())?;
+            self.peers.remove(&idle);
+        }
+        Some(self.peers.entry(node.to_owned()).or_insert_with(|| PeerPath {
+            session: PathSession::new(now),
+            via: via.to_owned(),
+            attempt: None,
+            conn: None,
+        }))
+    }
+
+    /// Attempts running now.
+    fn attempts(&self) -> usize {
+        self.peers.values().filter(|p| p.attempt.is_some()).count()
+    }
 }
 
 impl HomeNode {
@@ -119,12 +161,7 @@ impl HomeNode {
         let actions = {
             let mut s = self.direct_state();
             let observed = s.observed.contains_key(&dest.main);
-            let p = s.peers.entry(dest.node.clone()).or_insert_with(|| PeerPath {
-                session: PathSession::new(now),
-                via: dest.main.clone(),
-                attempt: None,
-                conn: None,
-            });
+            let Some(p) = s.peer(&dest.node, &dest.main, now) else { return };
             if p.session.phase() == Phase::Relayed {
                 p.via = dest.main.clone();
             }
@@ -190,12 +227,11 @@ impl HomeNode {
                 let now = Instant::now();
                 let actions = {
                     let mut s = self.direct_state();
-                    let p = s.peers.entry(peer.clone()).or_insert_with(|| PeerPath {
-                        session: PathSession::new(now),
-                        via: main.to_owned(),
-                        attempt: None,
-                        conn: None,
-                    });
+                    let busy = s.attempts() >= MAX_ATTEMPTS;
+                    let Some(p) = s.peer(&peer, main, now).filter(|p| p.attempt.is_some() || !busy) else {
+                        warn!(main, %peer, "punch ignored: too many attempts or paths at once");
+                        return None;
+                    };
                     p.via = main.to_owned();
                     p.session.on(Event::Punch { dial }, now)
                 };
@@ -226,6 +262,19 @@ impl HomeNode {
         let mut attempt = attempt;
         for a in actions {
             match a {
+                Action::Discover => {
+                    // The relay answers `candidates` with our address (it may not have told us
+                    // yet: direct paths were switched on after we registered).
+                    let via = self.direct_state().peers.get(peer).map(|p| p.via.clone());
+                    let relay = via.as_ref().and_then(|v| self.mains.iter().find(|m| &m.node_id == v));
+                    if let (Some(via), Some(relay)) = (&via, relay) {
+                        let local = self.local_candidates(relay.endpoint);
+                        self.send_control(
+                            via,
+                            Control::Candidates { local: local.iter().map(|a| a.to_string()).collect() },
+                        );
+                    }
+                }
                 Action::Request => {
                     let via = self.direct_state().peers.get(peer).map(|p| p.via.clone());
                     if let Some(via) = via {
@@ -506,6 +555,17 @@ impl HomeNode {
             }
             node.direct_lost(&peer, conn.stable_id());
         });
+    }
+
+    /// Draws a token for a new direct stream from `peer` under the relays' rate limit;
+    /// `Some(wait)` when it has none left.
+    pub(super) fn direct_rate_limited(&self, peer: &str, live: &HomeLive) -> Option<Duration> {
+        let limit = live.direct_rate?;
+        let decision = self.direct.limiter.lock().ok()?.admit(peer, limit, Instant::now());
+        match decision {
+            crate::resilience::rate_limit::Decision::Admit => None,
+            crate::resilience::rate_limit::Decision::Limited { retry_after } => Some(retry_after),
+        }
     }
 
     /// Paths to other homes, for `/federation/peers`.

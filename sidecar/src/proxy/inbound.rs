@@ -28,6 +28,20 @@ impl HomeNode {
             let message = format!("a direct stream from {peer} must name it as the origin");
             return self.refuse(&mut send, ErrorCode::PermissionDenied, &message).await;
         }
+        if let Some(peer) = direct_peer
+            && let Some(wait) = self.direct_rate_limited(peer, &live)
+        {
+            warn!(code = ErrorCode::RateLimited.label(), %peer, "direct stream refused: rate limit");
+            self.metrics.proxy_stream_error(ErrorCode::RateLimited);
+            let frame = Frame::Error(crate::protocol::ErrorFrame {
+                code: ErrorCode::RateLimited,
+                retry_after_ms: wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+                message: "too many new streams from this sender".into(),
+            });
+            let _ = write_frames(&mut send, &[frame]).await;
+            let _ = send.finish();
+            return;
+        }
         let span = info_span!("inbound", service = %route.service, origin = %route.origin, ech = binding.is_some());
         async {
             if let Some(path) = probe_path {

@@ -113,6 +113,8 @@ pub(crate) struct HomeLive {
     pub(crate) partners: Vec<(Vec<String>, crate::transport::tls::Partner)>,
     /// Direct paths to other homes (§12).
     pub(crate) direct_paths: crate::config::direct::DirectPaths,
+    /// The relays' per-home rate limit, applied to streams on direct connections.
+    pub(crate) direct_rate: Option<crate::resilience::rate_limit::Limit>,
 }
 
 impl HomeLive {
@@ -146,6 +148,7 @@ impl HomeLive {
                 })
                 .collect(),
             direct_paths: snap.direct_paths.clone(),
+            direct_rate: snap.resilience.rate_limit.as_ref().map(crate::relay::limit),
         }
     }
 

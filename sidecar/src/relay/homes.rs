@@ -91,12 +91,15 @@ impl MainRelay {
                     if let (Some(id), Ok(mut subs)) = (subscription, self.view_subs.lock()) {
                         subs.set_interest(id, wanted.clone());
                     }
+                    // Every home is known to the rendezvous (direct paths may be switched on
+                    // live); it is told its address, and takes part, only while they are on.
+                    joined = joined.or_else(|| self.join_rendezvous(&node, pong_tx.clone()));
+                    let offered = services.iter().map(|s| (s.service.clone(), s.port)).collect();
+                    if let Ok(mut r) = self.rendezvous.lock() {
+                        r.registered(&node, offered, wanted.clone());
+                    }
                     if live.direct_paths.enabled {
-                        joined = joined.or_else(|| self.join_rendezvous(&node, pong_tx.clone()));
-                        let offered = services.iter().map(|s| (s.service.clone(), s.port)).collect();
-                        if let Ok(mut r) = self.rendezvous.lock() {
-                            r.registered(&node, offered, wanted.clone());
-                        }
+                        self.tell_observed(&node);
                     }
                     let entries = services
                         .into_iter()
@@ -125,6 +128,10 @@ impl MainRelay {
                 Control::Candidates { local } => {
                     if let Ok(mut r) = self.rendezvous.lock() {
                         r.candidates(&node, &local);
+                    }
+                    // A home that registered while direct paths were off asks this way.
+                    if self.live().direct_paths.enabled {
+                        self.tell_observed(&node);
                     }
                 }
                 Control::PunchRequest { peer } => self.punch_request(&node, &peer, &pong_tx),
@@ -165,30 +172,38 @@ impl MainRelay {
         }
     }
 
-    /// Makes `node` a party of direct paths and tells it its reflexive address; returns its
-    /// connection's id.
+    /// Adds `node` to the rendezvous (nothing is sent); returns its connection's id.
     fn join_rendezvous(&self, node: &str, tx: mpsc::Sender<Control>) -> Option<usize> {
         let conn = self.homes.read().ok().and_then(|h| h.get(node).map(|l| l.conn.clone()))?;
-        let observed = conn.remote_address();
-        let _ = tx.try_send(Control::Observed { address: observed.to_string() });
         let party = super::rendezvous::Party {
             conn_id: conn.stable_id(),
             tx,
-            observed,
+            observed: conn.remote_address(),
+            told: false,
             local: vec![],
             imports: None,
             services: vec![],
         };
-        let mut r = self.rendezvous.lock().ok()?;
-        r.join(node, party);
-        self.metrics.relay.direct_parties.set(r.len() as i64);
+        self.rendezvous.lock().ok()?.join(node, party);
         Some(conn.stable_id())
+    }
+
+    /// Tells `node` its reflexive address, once per connection: from then on it takes part
+    /// in direct paths (it may be punched to).
+    fn tell_observed(&self, node: &str) {
+        let Ok(mut r) = self.rendezvous.lock() else { return };
+        if let Some(m) = r.tell(node) {
+            self.metrics.relay.direct_parties.set(r.len() as i64);
+            drop(r);
+            info!(home = %node, message = ?m, "direct paths: home told its address");
+        }
     }
 
     /// Coordinates `from`'s request for a direct path to `peer`: `punch` to both homes at
     /// once, or `punchRefused` to `from`.
     fn punch_request(&self, from: &str, peer: &str, reply: &mpsc::Sender<Control>) {
         let decided = if self.live().direct_paths.enabled {
+            self.tell_observed(from);
             let token: [u8; 16] = rand::random();
             match self.rendezvous.lock() {
                 Ok(r) => r.coordinate(from, peer, &token),

@@ -20,6 +20,8 @@ pub(crate) struct Party {
     pub(crate) tx: mpsc::Sender<Control>,
     /// The address the relay sees the home's packets come from.
     pub(crate) observed: SocketAddr,
+    /// The home was told `observed` (it takes part in direct paths).
+    pub(crate) told: bool,
     /// The home's own addresses, as it listed them.
     pub(crate) local: Vec<SocketAddr>,
     /// `service:port`s the home imports (`None`: everything).
@@ -84,9 +86,18 @@ impl Rendezvous {
         }
     }
 
-    /// Parties known (a gauge).
+    /// Homes taking part: told their address (a gauge).
     pub(crate) fn len(&self) -> usize {
-        self.parties.len()
+        self.parties.values().filter(|p| p.told).count()
+    }
+
+    /// Sends `node` its `observed` address unless it was told already; returns the message
+    /// sent.
+    pub(crate) fn tell(&mut self, node: &str) -> Option<Control> {
+        let p = self.parties.get_mut(node).filter(|p| !p.told)?;
+        let m = Control::Observed { address: p.observed.to_string() };
+        p.told = p.tx.try_send(m.clone()).is_ok();
+        p.told.then_some(m)
     }
 
     /// Decides `from`'s request for a direct path to `peer`: the two `punch` messages (for
@@ -98,7 +109,8 @@ impl Rendezvous {
         peer: &str,
         token: &[u8; 16],
     ) -> Result<((mpsc::Sender<Control>, Control), (mpsc::Sender<Control>, Control)), Refusal> {
-        let (Some(a), Some(b)) = (self.parties.get(from), self.parties.get(peer)) else {
+        // The other home must take part (told its address: it runs with direct paths on).
+        let (Some(a), Some(b)) = (self.parties.get(from), self.parties.get(peer).filter(|p| p.told)) else {
             return Err(Refusal::NotConnected);
         };
         if from == peer {
@@ -144,10 +156,14 @@ mod tests {
     use super::*;
 
     fn party(conn_id: usize, observed: &str, imports: Option<&[(&str, u16)]>, services: &[(&str, u16)]) -> Party {
+        let (tx, rx) = mpsc::channel(4);
+        // The home's end stays open for the test's length (a closed one takes nothing).
+        std::mem::forget(rx);
         Party {
             conn_id,
-            tx: mpsc::channel(4).0,
+            tx,
             observed: observed.parse().unwrap(),
+            told: true,
             local: vec![],
             imports: imports.map(|i| Arc::new(i.iter().map(|(s, p)| ((*s).to_owned(), *p)).collect())),
             services: services.iter().map(|(s, p)| ((*s).to_owned(), *p)).collect(),
@@ -179,6 +195,16 @@ mod tests {
         assert_eq!(r.coordinate("shop", "shop", &[0; 16]).err(), Some(Refusal::NotConnected));
         // A home that exports nothing is never a punch target, even for "import everything".
         assert_eq!(r.coordinate("pay", "shop", &[0; 16]).err(), Some(Refusal::NotPermitted));
+        // A home not told its address (direct paths were off when it registered) is not
+        // punched to until it is.
+        let mut quiet = party(4, "192.0.2.4:4", None, &[("hr", 80)]);
+        quiet.told = false;
+        r.join("hr", quiet);
+        assert_eq!(r.coordinate("shop", "hr", &[0; 16]).err(), Some(Refusal::NotConnected));
+        assert!(matches!(r.tell("hr"), Some(Control::Observed { address }) if address == "192.0.2.4:4"));
+        assert_eq!(r.tell("hr"), None, "told once");
+        assert!(r.coordinate("shop", "hr", &[0; 16]).is_ok());
+        r.leave("hr", 4);
         // An old connection leaving does not remove the new one's party.
         r.join("pay", party(3, "203.0.113.9:5001", None, &[("pay", 80)]));
         r.leave("pay", 2);
