@@ -2,7 +2,6 @@
 //! by default, rolled out to a share of calling homes like ECH (docs/protocol.md §12).
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// Direct-path policy of a node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,13 +40,7 @@ impl DirectPaths {
 /// The rollout bucket (0..10,000) of a home for direct paths (its own salt: a home's ECH
 /// cohort says nothing about its direct-path cohort).
 pub fn bucket(node: &str) -> u16 {
-    let mut h = Sha256::new();
-    h.update(b"relayfed direct paths v1\0");
-    h.update(node.as_bytes());
-    let d = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d[..8]);
-    (u64::from_be_bytes(first) % 10_000) as u16
+    crate::federation::ech_policy::salted_bucket(b"relayfed direct paths v1\0", node)
 }
 
 #[cfg(test)]

@@ -66,9 +66,16 @@ pub enum EchDecision {
 
 /// The rollout bucket (0..10,000) of a peer id.
 pub fn bucket(peer_id: &str) -> u16 {
+    salted_bucket(b"relayfed ech rollout v1\0", peer_id)
+}
+
+/// A stable rollout bucket (0..10,000) of `id` under `salt`: the first 8 bytes of
+/// SHA-256(salt || id), big-endian, modulo 10,000. Each rollout has its own salt, so a
+/// node's cohort in one says nothing about its cohort in another.
+pub fn salted_bucket(salt: &[u8], id: &str) -> u16 {
     let mut h = Sha256::new();
-    h.update(b"relayfed ech rollout v1\0");
-    h.update(peer_id.as_bytes());
+    h.update(salt);
+    h.update(id.as_bytes());
     let d = h.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&d[..8]);
