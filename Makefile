@@ -163,8 +163,9 @@ bench-peers: ## relayfed beside direct, stunnel4 and boringtun on one namespace 
 	@cat target/bench-peers-section.md
 
 NAT_TRIALS ?= 20
-nat-matrix: ## Direct paths between homes behind six kinds of NAT (network namespaces, root), $(NAT_TRIALS) trials per ordered pair; rewrites its table in $(BENCH_OUT).
-	RELAYFED_NAT_TRIALS=$(NAT_TRIALS) RELAYFED_NAT_ORDERED=1 RELAYFED_NAT_WRITE=1 \
+NAT_LATENCY_MS ?= 50
+nat-matrix: ## Direct paths between homes behind six kinds of NAT (network namespaces, root), $(NAT_TRIALS) trials per ordered pair, $(NAT_LATENCY_MS) ms to the relay; rewrites its table in $(BENCH_OUT).
+	RELAYFED_NAT_TRIALS=$(NAT_TRIALS) RELAYFED_NAT_LATENCY_MS=$(NAT_LATENCY_MS) RELAYFED_NAT_ORDERED=1 RELAYFED_NAT_WRITE=1 \
 	  $(CARGO) test -q --release -p relayfed-sidecar --test nat_matrix
 
 SCALE_HOMES ?= 10000

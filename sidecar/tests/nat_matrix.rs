@@ -9,9 +9,11 @@
 //! filtering), `addr-filter` (MASQUERADE plus inbound accepted from any port of an address
 //! the home sent to: address-dependent filtering), `symmetric` (MASQUERADE --random:
 //! endpoint-dependent mapping), `double` (a carrier-grade MASQUERADE under a home one).
-//! Netem is not in this kernel, so no latency is added (docs/benchmarks.md says so).
+//! The relay sits in its own namespace behind the "internet" one; this kernel has no netem,
+//! so `RELAYFED_NAT_LATENCY_MS` (one way, default 0) is added on that link in user space
+//! (`nat_wire.py`: TUN devices and a delay line). The homes' direct path gets none.
 //!
-//! Needs root (namespaces, iptables). Environment: `RELAYFED_NAT_TRIALS` (trials per pair,
+//! Needs root (namespaces, iptables, TUN). Environment: `RELAYFED_NAT_TRIALS` (trials per pair,
 //! default 2), `RELAYFED_NAT_ORDERED=1` (both homes of each pair call; default: the kind
 //! listed first), `RELAYFED_NAT_WRITE=1` (write the table into docs/benchmarks.md).
 //!
@@ -28,7 +30,11 @@ use relayfed_e2e::Testbed;
 use serde_json::{Value, json};
 
 const KINDS: [&str; 6] = ["public", "one-to-one", "home", "addr-filter", "symmetric", "double"];
-const RELAY: &str = "203.0.113.1";
+/// The main relay, in its own namespace behind the "internet" one.
+const RELAY: &str = "198.51.100.1";
+/// The "internet" namespace's address on the bridge: every router's (and public home's)
+/// default gateway.
+const GATEWAY: &str = "203.0.113.254";
 const RELAY_PORT: u16 = 7400;
 const ECHO_PORT: u16 = 7401;
 const IMPORT_PORT: u16 = 7402;
@@ -68,17 +74,53 @@ struct Topology {
 }
 
 impl Topology {
-    fn build(kinds: [&'static str; 2]) -> Self {
-        for ns in ["rfn-inet", "rfn-r1", "rfn-c1", "rfn-h1", "rfn-r2", "rfn-c2", "rfn-h2"] {
+    /// The namespaces for `kinds`; the relay's link adds `latency_ms` each way.
+    fn build(kinds: [&'static str; 2], latency_ms: u64) -> Self {
+        for ns in ["rfn-inet", "rfn-relay", "rfn-r1", "rfn-c1", "rfn-h1", "rfn-r2", "rfn-c2", "rfn-h2"] {
             quiet(&format!("ip netns del {ns}"));
         }
         sh("ip netns add rfn-inet && ip -n rfn-inet link set lo up");
+        sh("ip netns exec rfn-inet sysctl -qw net.ipv4.ip_forward=1");
         sh("ip -n rfn-inet link add br0 type bridge && ip -n rfn-inet link set br0 up");
-        sh(&format!("ip -n rfn-inet addr add {RELAY}/24 dev br0"));
+        sh(&format!("ip -n rfn-inet addr add {GATEWAY}/24 dev br0"));
+        sh("ip netns add rfn-relay && ip -n rfn-relay link set lo up");
         let sides = [Self::side(1, kinds[0]), Self::side(2, kinds[1])];
         let dir = std::env::temp_dir().join(format!("relayfed-nat-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        Self { sides, children: vec![], dir }
+        let mut topo = Self { sides, children: vec![], dir };
+        topo.relay_link(latency_ms);
+        topo
+    }
+
+    /// Links the relay's namespace to the "internet": a veth, or with latency two TUN
+    /// devices and `nat_wire.py` carrying packets between them `latency_ms` late.
+    fn relay_link(&mut self, latency_ms: u64) {
+        if latency_ms == 0 {
+            sh("ip link add r1 netns rfn-inet type veth peer name r0 netns rfn-relay");
+            sh("ip -n rfn-inet link set r1 up && ip -n rfn-relay link set r0 up");
+            // The relay's side answers for every address (it has one route: out of r0).
+            sh("ip netns exec rfn-inet sysctl -qw net.ipv4.conf.r1.proxy_arp=1");
+            sh(&format!("ip -n rfn-relay addr add {RELAY}/32 dev r0 && ip -n rfn-relay route add default dev r0"));
+            sh(&format!("ip -n rfn-inet route add {RELAY}/32 dev r1"));
+            return;
+        }
+        sh("ip -n rfn-inet tuntap add dev r1 mode tun && ip -n rfn-relay tuntap add dev r0 mode tun");
+        let wire = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nat_wire.py");
+        let log = std::fs::File::create(self.dir.join("wire.log")).unwrap();
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(&wire)
+            .args(["rfn-inet", "r1", "rfn-relay", "r0", &latency_ms.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "nat_wire.py did not start: {}", self.dir.join("wire.log").display());
+        self.children.push(child);
+        sh("ip -n rfn-inet link set r1 up && ip -n rfn-relay link set r0 up");
+        sh(&format!("ip -n rfn-relay addr add {RELAY}/32 dev r0 && ip -n rfn-relay route add default dev r0"));
+        sh(&format!("ip -n rfn-inet route add {RELAY}/32 dev r1"));
     }
 
     /// Side `i` behind a router of `kind`; the home's namespace is `rfn-h<i>`.
@@ -99,6 +141,7 @@ impl Topology {
         };
         if kind == "public" {
             on_bridge(&home, &public_ip);
+            sh(&format!("ip -n {home} route add default via {GATEWAY}"));
             return Side { public_ip, namespaces: vec![home] };
         }
         let router = format!("rfn-r{i}");
@@ -125,7 +168,7 @@ impl Topology {
                 ));
                 sh(&format!("ip -n {router} route add default via 100.64.{i}.1"));
                 on_bridge(&cgn, &public_ip);
-                sh(&format!("ip -n {cgn} route add default via {RELAY}"));
+                sh(&format!("ip -n {cgn} route add default via {GATEWAY}"));
                 nat(&router, "-t nat -A POSTROUTING -o wan -j MASQUERADE");
                 nat(&cgn, "-t nat -A POSTROUTING -o wan -j MASQUERADE");
                 nat(&cgn, "-A INPUT -i wan -j DROP");
@@ -133,7 +176,7 @@ impl Topology {
             }
             _ => {
                 on_bridge(&router, &public_ip);
-                sh(&format!("ip -n {router} route add default via {RELAY}"));
+                sh(&format!("ip -n {router} route add default via {GATEWAY}"));
                 match kind {
                     "one-to-one" => {
                         nat(&router, &format!("-t nat -A POSTROUTING -o wan -s {lan} -j SNAT --to-source {public_ip}"));
@@ -192,6 +235,7 @@ impl Drop for Topology {
             }
         }
         quiet("ip netns del rfn-inet");
+        quiet("ip netns del rfn-relay");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -247,6 +291,7 @@ fn matrix() {
     let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
     assert!(root, "the NAT matrix needs root (network namespaces and iptables)");
     let trials: usize = std::env::var("RELAYFED_NAT_TRIALS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+    let latency_ms: u64 = std::env::var("RELAYFED_NAT_LATENCY_MS").ok().and_then(|t| t.parse().ok()).unwrap_or(0);
     let tb = Testbed::new("nat.test").unwrap();
     let files = tb.scenario(&crs(), |_, _, _| SocketAddr::from(([127, 0, 0, 1], ECHO_PORT))).unwrap();
     let proxy = Path::new(env!("CARGO_BIN_EXE_relayfed-proxy"));
@@ -265,8 +310,8 @@ fn matrix() {
             if only.as_ref().is_some_and(|o| !o.contains(&format!("{a}:{b}"))) {
                 continue;
             }
-            let mut topo = Topology::build([a, b]);
-            let relay = topo.spawn("rfn-inet", proxy, &["main-relay", "--config", &relay_config]);
+            let mut topo = Topology::build([a, b], latency_ms);
+            let relay = topo.spawn("rfn-relay", proxy, &["main-relay", "--config", &relay_config]);
             ready(relay);
             let echo = topo.spawn("rfn-h2", &me, &["echo", &ECHO_PORT.to_string()]);
             let mut line = String::new();
@@ -351,7 +396,7 @@ fn matrix() {
         }
     }
     if std::env::var_os("RELAYFED_NAT_WRITE").is_some() {
-        write_table(&rows, trials);
+        write_table(&rows, trials, latency_ms);
     }
     assert!(failures.is_empty(), "NAT matrix: {failures:#?}");
 }
@@ -399,9 +444,9 @@ fn fallback(topo: &mut Topology, proxy: &Path, me: &Path, shop_config: &str) -> 
     }
 }
 
-fn write_table(rows: &[Value], trials: usize) {
+fn write_table(rows: &[Value], trials: usize, latency_ms: u64) {
     let mut t = format!(
-        "<!-- nat-matrix: begin -->\n`make nat-matrix` ({trials} trials per ordered pair, on {}; the row's home calls the column's). Cells: trials that went direct, then the time from the attempt's start to the direct connection, p50 / p95 in ms; `relayed` where no trial went direct. Failed calls in all trials: {}.\n\n| caller \\ called |",
+        "<!-- nat-matrix: begin -->\n`make nat-matrix` ({trials} trials per ordered pair, {latency_ms} ms one way between each home and the relay, on {}; the row's home calls the column's). Cells: trials that went direct, then the time from the attempt's start to the direct connection, p50 / p95 in ms; `relayed` where no trial went direct. Failed calls in all trials: {}.\n\n| caller \\ called |",
         Command::new("date")
             .args(["-u", "+%Y-%m-%d"])
             .output()

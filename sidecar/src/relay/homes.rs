@@ -195,7 +195,7 @@ impl MainRelay {
         if let Some(m) = r.tell(node) {
             self.metrics.relay.direct_parties.set(r.len() as i64);
             drop(r);
-            info!(home = %node, message = ?m, "direct paths: home told its address");
+            tracing::debug!(home = %node, message = ?m, "direct paths: home told its address");
         }
     }
 
@@ -216,12 +216,12 @@ impl MainRelay {
             Ok(((to_from, a), (to_peer, b))) => {
                 let _ = to_peer.try_send(b);
                 let _ = to_from.try_send(a);
-                info!(home = %from, peer = %peer, "direct path: punch coordinated");
+                tracing::debug!(home = %from, peer = %peer, "direct path: punch coordinated");
                 "coordinated"
             }
             Err(why) => {
                 let _ = reply.try_send(Control::PunchRefused { peer: peer.to_owned(), reason: why.label().to_owned() });
-                info!(home = %from, peer = %peer, reason = why.label(), "direct path: punch refused");
+                tracing::debug!(home = %from, peer = %peer, reason = why.label(), "direct path: punch refused");
                 why.label()
             }
         };
