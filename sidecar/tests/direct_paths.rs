@@ -138,3 +138,40 @@ async fn the_called_home_applies_the_relays_rate_limit_to_direct_streams() {
         sample(&hub.metrics().await, "relayfed_relay_rate_limited_streams_total", &[("sender_kind", "home")]);
     assert_eq!(relayed_after, relayed, "the relay saw none of these streams");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn homes_of_two_relays_are_reached_directly_through_a_forwarded_punch() {
+    let crs = "apiVersion: relayfed.io/v1alpha1\nkind: RelayFederation\nmetadata: {name: d, namespace: test}\n\
+         spec: {trustDomain: direct.test, publicName: relay.direct.test, defaultRolloutPolicy: default, \
+         mainRelays: [{nodeId: hub-a, endpoint: \"127.0.0.1:0\"}, {nodeId: hub-b, endpoint: \"127.0.0.1:0\"}]}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: RolloutPolicy\nmetadata: {name: default, namespace: test}\n\
+         spec:\n  resilience: {timeouts: {linkIdle: 1500ms}}\n  directPaths: {enabled: true}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: hub-a, namespace: test}\nspec: {type: main, nodeId: hub-a, federation: d}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: hub-b, namespace: test}\nspec: {type: main, nodeId: hub-b, federation: d}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: shop, namespace: test}\n\
+         spec: {type: home, nodeId: shop, federation: d, mainRelays: [{nodeId: hub-a}], imports: [{name: pay, port: 80, listen: \"127.0.0.1:0\"}]}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: pay, namespace: test}\n\
+         spec: {type: home, nodeId: pay, federation: d, mainRelays: [{nodeId: hub-b}], exports: [{name: pay, port: 80, target: \"127.0.0.1:1\"}]}\n";
+    let tb = Testbed::new("direct.test").unwrap();
+    let target = identify_server("pay").await;
+    let files = tb.scenario(crs, |_, _, _| target).unwrap();
+    let main = |id: &str| files.mains.iter().find(|(m, _, _)| m == id).unwrap().1.clone();
+    let hub_a = common::start("main-relay", &main("hub-a"), &[]).await;
+    let hub_b = common::start("main-relay", &main("hub-b"), &[]).await;
+    let home = |id: &str| files.homes.iter().find(|(h, _)| h == id).unwrap().1.clone();
+    let pay = common::start("home", &home("pay"), &[]).await;
+    let shop = common::start("home", &home("shop"), &[]).await;
+    eventually("shop has a direct path to pay, a home of another relay", WAIT, || async {
+        call(&shop).await && path_to(&shop, "pay").await.as_deref() == Some("direct")
+    })
+    .await;
+    assert_eq!(path_to(&pay, "shop").await.as_deref(), Some("direct"));
+    // hub-a forwarded shop's request; hub-b punched pay and answered.
+    assert_eq!(sample(&hub_a.metrics().await, "relayfed_relay_punches_total", &[("result", "forwarded")]), 1.0);
+    assert_eq!(sample(&hub_b.metrics().await, "relayfed_relay_punches_total", &[("result", "coordinated")]), 1.0);
+    let before = (relayed_bytes(&hub_a).await, relayed_bytes(&hub_b).await);
+    for _ in 0..10 {
+        assert!(call(&shop).await);
+    }
+    assert_eq!((relayed_bytes(&hub_a).await, relayed_bytes(&hub_b).await), before, "neither relay carried the calls");
+}

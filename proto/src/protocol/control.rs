@@ -142,11 +142,44 @@ pub enum Control {
         /// Local addresses of the home's QUIC socket.
         local: Vec<String>,
     },
-    /// Home -> main: asks for a direct path to home `peer` (both registered at this relay).
+    /// Home -> main: asks for a direct path to home `peer`.
     #[serde(rename_all = "camelCase")]
     PunchRequest {
         /// The other home's node id.
         peer: String,
+        /// The main relay `peer` is registered at, when it is not this one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        main: Option<String>,
+    },
+    /// Main -> main: home `from` (the sender's) asks for a direct path to home `peer` (the
+    /// receiver's); its candidates and the attempt's token.
+    #[serde(rename_all = "camelCase")]
+    PunchForward {
+        /// The asking home (registered at the sender).
+        from: String,
+        /// The other home (registered at the receiver).
+        peer: String,
+        /// 16 random bytes, base64.
+        token: String,
+        /// `from`'s addresses, as in `punch`.
+        candidates: Vec<String>,
+    },
+    /// Main -> main: the answer to `punchForward`: `peer`'s candidates (it was sent `punch`),
+    /// or why not.
+    #[serde(rename_all = "camelCase")]
+    PunchAnswer {
+        /// The asking home.
+        from: String,
+        /// The other home.
+        peer: String,
+        /// The token of the `punchForward`.
+        token: String,
+        /// `peer`'s addresses (empty when refused).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        candidates: Vec<String>,
+        /// Why not, as in `punchRefused` (absent: coordinated).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
     },
     /// Main -> both homes at once: punch toward `peer` now.
     #[serde(rename_all = "camelCase")]
@@ -234,7 +267,7 @@ mod tests {
         let o = Control::decode(br#"{"type":"observed","address":"[2001:db8::1]:9"}"#).unwrap();
         assert_eq!(o, Control::Observed { address: "[2001:db8::1]:9".into() });
         let r = Control::decode(br#"{"type":"punchRequest","peer":"pay"}"#).unwrap();
-        assert_eq!(r, Control::PunchRequest { peer: "pay".into() });
+        assert_eq!(r, Control::PunchRequest { peer: "pay".into(), main: None });
         assert!(Control::decode(br#"{"type":"punchRequest"}"#).is_err());
     }
 

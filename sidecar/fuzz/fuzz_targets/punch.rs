@@ -18,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
         | Control::Candidates { .. }
         | Control::PunchRequest { .. }
         | Control::Punch { .. }
-        | Control::PunchRefused { .. }),
+        | Control::PunchRefused { .. }
+        | Control::PunchForward { .. }
+        | Control::PunchAnswer { .. }),
     ) = Control::decode(data)
     {
         assert_eq!(Control::decode(&m.encode()).ok(), Some(m));

@@ -68,8 +68,11 @@ struct DirectState {
 
 struct PeerPath {
     session: PathSession,
-    /// The main relay coordinating (the one the peer is registered at).
+    /// The main relay coordinating: the one the peer is registered at if we have a link to
+    /// it, else our active one (which forwards to the peer's).
     via: String,
+    /// The main relay the peer is registered at.
+    peer_main: String,
     attempt: Option<Attempt>,
     /// The direct connection and the node that dialed it.
     conn: Option<(quinn::Connection, String)>,
@@ -121,6 +124,7 @@ impl DirectState {
         Some(self.peers.entry(node.to_owned()).or_insert_with(|| PeerPath {
             session: PathSession::new(now),
             via: via.to_owned(),
+            peer_main: via.to_owned(),
             attempt: None,
             conn: None,
         }))
@@ -153,17 +157,24 @@ impl HomeNode {
         if !live.direct_paths.attempts(&self.identity.node_id) || dest.node == self.identity.node_id {
             return;
         }
-        // The peer's relay coordinates: we need a link to it too.
-        if !self.uplinks().contains_key(&dest.main) {
-            return;
-        }
+        // The peer's relay coordinates when we have a link to it; else our active relay asks
+        // it for us.
+        let via = if self.uplinks().contains_key(&dest.main) {
+            dest.main.clone()
+        } else {
+            match self.path(&[]) {
+                Some((main, _)) => main,
+                None => return,
+            }
+        };
         let now = Instant::now();
         let actions = {
             let mut s = self.direct_state();
-            let observed = s.observed.contains_key(&dest.main);
-            let Some(p) = s.peer(&dest.node, &dest.main, now) else { return };
+            let observed = s.observed.contains_key(&via);
+            let Some(p) = s.peer(&dest.node, &via, now) else { return };
             if p.session.phase() == Phase::Relayed {
-                p.via = dest.main.clone();
+                p.via = via;
+                p.peer_main = dest.main.clone();
             }
             p.session.on(Event::Wanted { observed }, now)
         };
@@ -276,9 +287,10 @@ impl HomeNode {
                     }
                 }
                 Action::Request => {
-                    let via = self.direct_state().peers.get(peer).map(|p| p.via.clone());
-                    if let Some(via) = via {
-                        self.send_control(&via, Control::PunchRequest { peer: peer.to_owned() });
+                    let route = self.direct_state().peers.get(peer).map(|p| (p.via.clone(), p.peer_main.clone()));
+                    if let Some((via, peer_main)) = route {
+                        let main = (peer_main != via).then_some(peer_main);
+                        self.send_control(&via, Control::PunchRequest { peer: peer.to_owned(), main });
                     }
                 }
                 Action::Probe { .. } => {

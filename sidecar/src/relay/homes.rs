@@ -134,7 +134,10 @@ impl MainRelay {
                         self.tell_observed(&node);
                     }
                 }
-                Control::PunchRequest { peer } => self.punch_request(&node, &peer, &pong_tx),
+                Control::PunchRequest { peer, main } => match main.filter(|m| *m != self.node_id) {
+                    Some(relay) => self.forward_punch(&node, &peer, &relay, &pong_tx),
+                    None => self.punch_request(&node, &peer, &pong_tx),
+                },
                 other => warn!(home = %node, message = ?other, "unexpected control message from a home node"),
             }
             if writer.is_none()
@@ -226,6 +229,112 @@ impl MainRelay {
             }
         };
         self.metrics.relay.punches.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// `from`'s request for a direct path to `peer`, registered at peer relay `relay`: sent on
+    /// to that relay (`punchForward`), which punches its home and answers with its
+    /// candidates; or `punchRefused` to `from` now.
+    fn forward_punch(&self, from: &str, peer: &str, relay: &str, reply: &mpsc::Sender<Control>) {
+        use super::rendezvous::Refusal;
+        let live = self.live();
+        let forwarded = (|| {
+            if !live.direct_paths.enabled {
+                return Err(Refusal::Disabled);
+            }
+            self.tell_observed(from);
+            // Only to a relay of this federation (a partner's has a pin): homes' addresses
+            // never leave the federation.
+            if live.peers.get(relay).is_none_or(|p| p.pin.is_some()) {
+                return Err(Refusal::PeerUnreachable);
+            }
+            let link = self.peers.read().ok().and_then(|p| p.get(relay).and_then(|l| l.control.clone()));
+            let link = link.ok_or(Refusal::PeerUnreachable)?;
+            let imports = self.rendezvous.lock().ok().and_then(|r| r.imports_of(from)).ok_or(Refusal::NotConnected)?;
+            let permitted = self.registry.lock().is_ok_and(|r| {
+                let theirs = |e: &Entry| e.node == peer && e.main == relay;
+                match imports.as_deref() {
+                    Some(i) => i.iter().any(|(s, p)| r.lookup(s, *p).iter().any(theirs)),
+                    None => r.all().iter().any(theirs),
+                }
+            });
+            let token: [u8; 16] = rand::random();
+            let m = self.rendezvous.lock().map_err(|_| Refusal::NotConnected)?.forward(
+                from,
+                peer,
+                relay,
+                permitted,
+                &token,
+                std::time::Instant::now(),
+            )?;
+            link.send(m).map_err(|_| Refusal::PeerUnreachable)
+        })();
+        let result = match forwarded {
+            Ok(()) => "forwarded",
+            Err(why) => {
+                let _ = reply.try_send(Control::PunchRefused { peer: peer.to_owned(), reason: why.label().to_owned() });
+                why.label()
+            }
+        };
+        tracing::debug!(home = %from, peer = %peer, relay, result, "direct path: punch request for another relay's home");
+        self.metrics.relay.punches.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// A peer relay's `punchForward` (its home `from` asks for our home `peer`) or
+    /// `punchAnswer` (to one we forwarded); `reply` goes back to that relay.
+    pub(crate) fn peer_punch(
+        &self,
+        relay: &str,
+        m: Control,
+        reply: Option<&tokio::sync::mpsc::UnboundedSender<Control>>,
+    ) {
+        use super::rendezvous::Refusal;
+        let live = self.live();
+        match m {
+            Control::PunchForward { from, peer, token, candidates } => {
+                let decided = if !live.direct_paths.enabled {
+                    Err(Refusal::Disabled)
+                } else if live.peers.get(relay).is_none_or(|p| p.pin.is_some()) {
+                    Err(Refusal::PeerUnreachable)
+                } else {
+                    match self.rendezvous.lock() {
+                        Ok(r) => r.forwarded(&from, &peer, &token, &candidates),
+                        Err(_) => Err(Refusal::NotConnected),
+                    }
+                };
+                let (answer, result) = match decided {
+                    Ok(((to_peer, punch), answer)) => {
+                        let _ = to_peer.try_send(punch);
+                        (answer, "coordinated")
+                    }
+                    Err(why) => (
+                        Control::PunchAnswer {
+                            from: from.clone(),
+                            peer: peer.clone(),
+                            token,
+                            candidates: vec![],
+                            refused: Some(why.label().to_owned()),
+                        },
+                        why.label(),
+                    ),
+                };
+                if let Some(tx) = reply {
+                    let _ = tx.send(answer);
+                }
+                tracing::debug!(%relay, home = %peer, asker = %from, result, "direct path: punch forwarded to us");
+                self.metrics.relay.punches.get_or_create(&[("result", result)]).inc();
+            }
+            m @ Control::PunchAnswer { .. } => {
+                let to_home =
+                    self.rendezvous.lock().ok().and_then(|mut r| r.answered(relay, &m, std::time::Instant::now()));
+                match to_home {
+                    Some((tx, punch)) => {
+                        let _ = tx.try_send(punch);
+                    }
+                    None => warn!(%relay, "an answer to no punch we forwarded: ignored"),
+                }
+            }
+            _ => {}
+        }
     }
 
     /// A home node's connection ended: its entries go, everywhere, now.

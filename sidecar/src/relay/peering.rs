@@ -290,6 +290,7 @@ impl MainRelay {
                 }
             }
             Control::Pong { .. } => {}
+            m @ (Control::PunchForward { .. } | Control::PunchAnswer { .. }) => self.peer_punch(peer, m, tx),
             other => warn!(%peer, message = ?other, "unexpected control message from a peer"),
         }
     }

@@ -39,6 +39,8 @@ pub(crate) enum Refusal {
     NotConnected,
     /// The asker may call nothing the other home serves.
     NotPermitted,
+    /// The other home's relay is not a connected peer of this federation, or did not answer.
+    PeerUnreachable,
 }
 
 impl Refusal {
@@ -48,14 +50,31 @@ impl Refusal {
             Refusal::Disabled => "disabled",
             Refusal::NotConnected => "not_connected",
             Refusal::NotPermitted => "not_permitted",
+            Refusal::PeerUnreachable => "peer_unreachable",
         }
     }
+}
+
+/// Punches forwarded to other relays and not answered yet, at most; older than
+/// [`FORWARD_TIMEOUT`] they are forgotten.
+pub(crate) const MAX_FORWARDED: usize = 4096;
+/// How long an answer to a forwarded punch is waited for.
+pub(crate) const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A punch forwarded to the relay of the other home.
+struct Forwarded {
+    from: String,
+    peer: String,
+    relay: String,
+    at: std::time::Instant,
 }
 
 /// The homes taking part in direct paths at this relay.
 #[derive(Default)]
 pub(crate) struct Rendezvous {
     parties: HashMap<String, Party>,
+    /// By token (base64).
+    forwarded: HashMap<String, Forwarded>,
 }
 
 impl Rendezvous {
@@ -84,6 +103,11 @@ impl Rendezvous {
         if self.parties.get(node).is_some_and(|p| p.conn_id == conn_id) {
             self.parties.remove(node);
         }
+    }
+
+    /// What `node` imports (`Some(None)`: everything), if it is a party.
+    pub(crate) fn imports_of(&self, node: &str) -> Option<Option<Arc<Interest>>> {
+        self.parties.get(node).map(|p| p.imports.clone())
     }
 
     /// Homes taking part: told their address (a gauge).
@@ -127,6 +151,96 @@ impl Rendezvous {
             dial,
         };
         Ok(((a.tx.clone(), punch(peer, b, true)), (b.tx.clone(), punch(from, a, false))))
+    }
+}
+
+impl Rendezvous {
+    /// The `punchForward` for `from`'s request toward `peer` at relay `relay` (recorded to
+    /// match the answer), or why not. `permitted`: `from` imports something `peer` registered
+    /// (the registry knows).
+    pub(crate) fn forward(
+        &mut self,
+        from: &str,
+        peer: &str,
+        relay: &str,
+        permitted: bool,
+        token: &[u8; 16],
+        now: std::time::Instant,
+    ) -> Result<Control, Refusal> {
+        let a = self.parties.get(from).ok_or(Refusal::NotConnected)?;
+        if !permitted {
+            return Err(Refusal::NotPermitted);
+        }
+        let candidates = candidates(a);
+        self.forwarded.retain(|_, f| now.saturating_duration_since(f.at) < FORWARD_TIMEOUT);
+        if self.forwarded.len() >= MAX_FORWARDED {
+            return Err(Refusal::PeerUnreachable);
+        }
+        let token = crate::config::base64_encode(token);
+        let f = Forwarded { from: from.to_owned(), peer: peer.to_owned(), relay: relay.to_owned(), at: now };
+        self.forwarded.insert(token.clone(), f);
+        Ok(Control::PunchForward { from: from.to_owned(), peer: peer.to_owned(), token, candidates })
+    }
+
+    /// At the other home's relay: the `punch` for `peer` (one of ours) with the asking home's
+    /// `candidates`, and the answer for the asking relay; or the refusal to answer with.
+    pub(crate) fn forwarded(
+        &self,
+        from: &str,
+        peer: &str,
+        token: &str,
+        their_candidates: &[String],
+    ) -> Result<((mpsc::Sender<Control>, Control), Control), Refusal> {
+        let b = self.parties.get(peer).filter(|p| p.told).ok_or(Refusal::NotConnected)?;
+        let theirs: Vec<String> = their_candidates
+            .iter()
+            .take(MAX_CANDIDATES)
+            .filter_map(|a| a.parse::<SocketAddr>().ok().map(|a| a.to_string()))
+            .collect();
+        let punch = Control::Punch { peer: from.to_owned(), token: token.to_owned(), candidates: theirs, dial: false };
+        let answer = Control::PunchAnswer {
+            from: from.to_owned(),
+            peer: peer.to_owned(),
+            token: token.to_owned(),
+            candidates: candidates(b),
+            refused: None,
+        };
+        Ok(((b.tx.clone(), punch), answer))
+    }
+
+    /// At the asking home's relay: the answer from `relay` to a forwarded punch; what to send
+    /// the asking home (`punch` or `punchRefused`), if the answer matches one we forwarded.
+    pub(crate) fn answered(
+        &mut self,
+        relay: &str,
+        answer: &Control,
+        now: std::time::Instant,
+    ) -> Option<(mpsc::Sender<Control>, Control)> {
+        let Control::PunchAnswer { from, peer, token, candidates, refused } = answer else { return None };
+        let f = self.forwarded.get(token)?;
+        if f.relay != relay
+            || &f.from != from
+            || &f.peer != peer
+            || now.saturating_duration_since(f.at) >= FORWARD_TIMEOUT
+        {
+            return None;
+        }
+        self.forwarded.remove(token);
+        let a = self.parties.get(from)?;
+        let m = match refused {
+            Some(reason) => Control::PunchRefused { peer: peer.clone(), reason: reason.clone() },
+            None => Control::Punch {
+                peer: peer.clone(),
+                token: token.clone(),
+                candidates: candidates
+                    .iter()
+                    .take(MAX_CANDIDATES)
+                    .filter_map(|a| a.parse::<SocketAddr>().ok().map(|a| a.to_string()))
+                    .collect(),
+                dial: true,
+            },
+        };
+        Some((a.tx.clone(), m))
     }
 }
 
@@ -211,6 +325,44 @@ mod tests {
         assert_eq!(r.len(), 2);
         r.leave("pay", 3);
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn a_punch_across_two_relays_goes_out_and_its_answer_comes_back_once() {
+        let t0 = std::time::Instant::now();
+        let mut a = Rendezvous::default();
+        a.join("shop", party(1, "198.51.100.1:4000", Some(&[("pay", 80)]), &[]));
+        let mut b = Rendezvous::default();
+        b.join("pay", party(2, "203.0.113.9:5000", None, &[("pay", 80)]));
+        assert_eq!(a.forward("shop", "pay", "hub-b", false, &[1; 16], t0).err(), Some(Refusal::NotPermitted));
+        let fwd = a.forward("shop", "pay", "hub-b", true, &[1; 16], t0).unwrap();
+        let Control::PunchForward { from, peer, token, candidates } = &fwd else { panic!() };
+        assert_eq!(candidates, &vec!["198.51.100.1:4000".to_owned()]);
+        // The other relay punches its home with the asker's candidates and answers with its own.
+        let with_junk = [candidates.clone(), vec!["junk".into()]].concat();
+        let ((_, to_pay), answer) = b.forwarded(from, peer, token, &with_junk).unwrap();
+        assert!(
+            matches!(&to_pay, Control::Punch { peer, dial: false, candidates, .. } if peer == "shop" && candidates.len() == 1)
+        );
+        assert_eq!(b.forwarded(from, "nobody", token, &[]).err(), Some(Refusal::NotConnected));
+        // An answer from another relay, or a second one, is not taken.
+        assert!(a.answered("hub-c", &answer, t0).is_none());
+        let (_, to_shop) = a.answered("hub-b", &answer, t0).unwrap();
+        assert!(
+            matches!(&to_shop, Control::Punch { peer, dial: true, candidates, .. } if peer == "pay" && candidates == &vec!["203.0.113.9:5000".to_owned()])
+        );
+        assert!(a.answered("hub-b", &answer, t0).is_none());
+        // Too late: forgotten.
+        let late = a.forward("shop", "pay", "hub-b", true, &[2; 16], t0).unwrap();
+        let Control::PunchForward { token, .. } = late else { panic!() };
+        let refused = Control::PunchAnswer {
+            from: "shop".into(),
+            peer: "pay".into(),
+            token,
+            candidates: vec![],
+            refused: Some("not_connected".into()),
+        };
+        assert!(a.answered("hub-b", &refused, t0 + FORWARD_TIMEOUT).is_none());
     }
 
     #[test]

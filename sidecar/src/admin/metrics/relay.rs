@@ -49,8 +49,8 @@ pub struct Relay {
     pub streams: Family<L1, Counter>,
     /// Relayed or refused stream failures by structured error `code`.
     pub stream_errors: Family<L1, Counter>,
-    /// Direct-path punch requests by `result` (coordinated, disabled, not_connected,
-    /// not_permitted).
+    /// Direct-path punch requests by `result` (coordinated, forwarded, disabled,
+    /// not_connected, not_permitted, peer_unreachable).
     pub punches: Family<L1, Counter>,
     /// Homes taking part in direct paths at this relay.
     pub direct_parties: Gauge,
@@ -116,7 +116,7 @@ impl Relay {
         );
         r.register("punches", "Direct-path punch requests by result", m.punches.clone());
         r.register("direct_parties", "Homes taking part in direct paths at this relay", m.direct_parties.clone());
-        for result in ["coordinated", "disabled", "not_connected", "not_permitted"] {
+        for result in ["coordinated", "forwarded", "disabled", "not_connected", "not_permitted", "peer_unreachable"] {
             let _ = m.punches.get_or_create(&[("result", result)]);
         }
         for o in ["opened", "retry_sent", "decrypt_failed"] {
