@@ -144,13 +144,13 @@ impl Rendezvous {
             return Err(Refusal::NotPermitted);
         }
         let token = crate::config::base64_encode(token);
-        let punch = |to: &str, other: &Party, dial: bool| Control::Punch {
+        let punch = |to: &str, other: &Party, viewer: &Party, dial: bool| Control::Punch {
             peer: to.to_owned(),
             token: token.clone(),
-            candidates: candidates(other),
+            candidates: shown_to(&candidates(other), viewer.observed.ip()),
             dial,
         };
-        Ok(((a.tx.clone(), punch(peer, b, true)), (b.tx.clone(), punch(from, a, false))))
+        Ok(((a.tx.clone(), punch(peer, b, a, true)), (b.tx.clone(), punch(from, a, b, false))))
     }
 }
 
@@ -192,11 +192,7 @@ impl Rendezvous {
         their_candidates: &[String],
     ) -> Result<((mpsc::Sender<Control>, Control), Control), Refusal> {
         let b = self.parties.get(peer).filter(|p| p.told).ok_or(Refusal::NotConnected)?;
-        let theirs: Vec<String> = their_candidates
-            .iter()
-            .take(MAX_CANDIDATES)
-            .filter_map(|a| a.parse::<SocketAddr>().ok().map(|a| a.to_string()))
-            .collect();
+        let theirs = shown_to(their_candidates, b.observed.ip());
         let punch = Control::Punch { peer: from.to_owned(), token: token.to_owned(), candidates: theirs, dial: false };
         let answer = Control::PunchAnswer {
             from: from.to_owned(),
@@ -232,11 +228,7 @@ impl Rendezvous {
             None => Control::Punch {
                 peer: peer.clone(),
                 token: token.clone(),
-                candidates: candidates
-                    .iter()
-                    .take(MAX_CANDIDATES)
-                    .filter_map(|a| a.parse::<SocketAddr>().ok().map(|a| a.to_string()))
-                    .collect(),
+                candidates: shown_to(candidates, a.observed.ip()),
                 dial: true,
             },
         };
@@ -252,8 +244,20 @@ pub(crate) fn may_call(imports: Option<&Interest>, services: &[(String, u16)]) -
     }
 }
 
-/// A home's candidates as sent to the other home: the observed address first, then its own
-/// (without repeats), at most [`MAX_CANDIDATES`].
+/// The candidates a home at public address `viewer` is shown: the other home's observed
+/// address (the first), and its own addresses only when both are behind the same public
+/// address (one NAT: the only case they can help, and nobody else learns a home's private
+/// addresses). Unparsable entries are dropped; at most [`MAX_CANDIDATES`].
+pub(crate) fn shown_to(candidates: &[String], viewer: std::net::IpAddr) -> Vec<String> {
+    let parsed: Vec<SocketAddr> =
+        candidates.iter().take(MAX_CANDIDATES).filter_map(|a| a.parse::<SocketAddr>().ok()).collect();
+    let Some(first) = parsed.first().copied() else { return vec![] };
+    let same_nat = first.ip() == viewer;
+    parsed.iter().enumerate().filter(|(i, _)| *i == 0 || same_nat).map(|(_, a)| a.to_string()).collect()
+}
+
+/// A home's candidates: the observed address first, then its own (without repeats), at
+/// most [`MAX_CANDIDATES`].
 pub(crate) fn candidates(p: &Party) -> Vec<String> {
     let mut out: Vec<SocketAddr> = vec![p.observed];
     for a in &p.local {
@@ -293,7 +297,8 @@ mod tests {
         let ((_, to_shop), (_, to_pay)) = r.coordinate("shop", "pay", &[0; 16]).unwrap();
         let Control::Punch { peer, candidates, dial, token } = to_shop else { panic!() };
         assert_eq!((peer.as_str(), dial), ("pay", true));
-        assert_eq!(candidates, vec!["203.0.113.9:5000", "10.0.0.2:5000"]);
+        // shop is behind another public address: pay's own address is not shown to it.
+        assert_eq!(candidates, vec!["203.0.113.9:5000"]);
         let Control::Punch { peer, candidates, dial, token: t2 } = to_pay else { panic!() };
         assert_eq!((peer.as_str(), dial, candidates), ("shop", false, vec!["198.51.100.1:4000".to_owned()]));
         assert_eq!(token, t2);
@@ -363,6 +368,21 @@ mod tests {
             refused: Some("not_connected".into()),
         };
         assert!(a.answered("hub-b", &refused, t0 + FORWARD_TIMEOUT).is_none());
+    }
+
+    #[test]
+    fn own_addresses_are_shown_only_behind_the_same_public_address() {
+        let list = vec!["203.0.113.9:5000".to_owned(), "10.0.0.2:5000".into(), "junk".into()];
+        assert_eq!(shown_to(&list, "203.0.113.9".parse().unwrap()), vec!["203.0.113.9:5000", "10.0.0.2:5000"]);
+        assert_eq!(shown_to(&list, "198.51.100.1".parse().unwrap()), vec!["203.0.113.9:5000"]);
+        assert!(shown_to(&[], "198.51.100.1".parse().unwrap()).is_empty());
+        let mut r = Rendezvous::default();
+        r.join("a", party(1, "203.0.113.9:4000", Some(&[("x", 1)]), &[]));
+        r.join("b", party(2, "203.0.113.9:5000", None, &[("x", 1)]));
+        r.candidates("b", &["10.0.0.2:5000".into()]);
+        let ((_, to_a), _) = r.coordinate("a", "b", &[0; 16]).unwrap();
+        let Control::Punch { candidates, .. } = to_a else { panic!() };
+        assert_eq!(candidates, vec!["203.0.113.9:5000", "10.0.0.2:5000"], "one NAT: the local address helps");
     }
 
     #[test]
