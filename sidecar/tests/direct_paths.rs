@@ -151,7 +151,9 @@ async fn homes_of_two_relays_are_reached_directly_through_a_forwarded_punch() {
          ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: shop, namespace: test}\n\
          spec: {type: home, nodeId: shop, federation: d, mainRelays: [{nodeId: hub-a}], imports: [{name: pay, port: 80, listen: \"127.0.0.1:0\"}]}\n\
          ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: pay, namespace: test}\n\
-         spec: {type: home, nodeId: pay, federation: d, mainRelays: [{nodeId: hub-b}], exports: [{name: pay, port: 80, target: \"127.0.0.1:1\"}]}\n";
+         spec: {type: home, nodeId: pay, federation: d, mainRelays: [{nodeId: hub-b}], exports: [{name: pay, port: 80, target: \"127.0.0.1:1\"}]}\n\
+         ---\napiVersion: relayfed.io/v1alpha1\nkind: Relay\nmetadata: {name: hr, namespace: test}\n\
+         spec: {type: home, nodeId: hr, federation: d, mainRelays: [{nodeId: hub-a}, {nodeId: hub-b, priority: 1}], imports: [{name: pay, port: 80, listen: \"127.0.0.1:0\"}]}\n";
     let tb = Testbed::new("direct.test").unwrap();
     let target = identify_server("pay").await;
     let files = tb.scenario(crs, |_, _, _| target).unwrap();
@@ -166,6 +168,13 @@ async fn homes_of_two_relays_are_reached_directly_through_a_forwarded_punch() {
     })
     .await;
     assert_eq!(path_to(&pay, "shop").await.as_deref(), Some("direct"));
+    // hr lists both relays: both see its socket at one address (no NAT on loopback).
+    let hr = common::start("home", &home("hr"), &[]).await;
+    eventually("hr knows its NAT's mapping", WAIT, || async {
+        hr.json("/federation/health").await["natMapping"] == "endpoint_independent"
+    })
+    .await;
+    assert_eq!(shop.json("/federation/health").await["natMapping"], "unknown", "one relay tells nothing");
     // hub-a forwarded shop's request; hub-b punched pay and answered.
     assert_eq!(sample(&hub_a.metrics().await, "relayfed_relay_punches_total", &[("result", "forwarded")]), 1.0);
     assert_eq!(sample(&hub_b.metrics().await, "relayfed_relay_punches_total", &[("result", "coordinated")]), 1.0);

@@ -251,6 +251,40 @@ impl PathSession {
     }
 }
 
+/// How this home's NAT maps its socket, as its main relays see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Fewer than two relays told us our address.
+    Unknown,
+    /// Every relay sees the same address and port: no NAT, or one that keeps a mapping for
+    /// every destination (direct paths work against any NAT but a symmetric one that
+    /// filters by port, and that one's too).
+    EndpointIndependent,
+    /// Relays see different ports or addresses: a symmetric NAT (a fresh port per
+    /// destination). Direct paths then need the other side to filter by address at most.
+    EndpointDependent,
+}
+
+impl Mapping {
+    /// Label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mapping::Unknown => "unknown",
+            Mapping::EndpointIndependent => "endpoint_independent",
+            Mapping::EndpointDependent => "endpoint_dependent",
+        }
+    }
+}
+
+/// The mapping behaviour shown by the addresses several relays observed for one socket.
+pub fn mapping(observed: &[std::net::SocketAddr]) -> Mapping {
+    match observed {
+        [] | [_] => Mapping::Unknown,
+        [first, rest @ ..] if rest.iter().all(|a| a == first) => Mapping::EndpointIndependent,
+        _ => Mapping::EndpointDependent,
+    }
+}
+
 /// Wait before the next attempt after `failures` failures (1: `RETRY_BASE`, doubling, at
 /// most `RETRY_MAX`).
 pub fn backoff(failures: u32) -> Duration {
@@ -360,6 +394,17 @@ mod tests {
         );
         // Losing a path we do not have changes nothing.
         assert_eq!(PathSession::new(t0).on(Event::Lost, t0), vec![]);
+    }
+
+    #[test]
+    fn the_mapping_is_told_by_two_relays_or_more() {
+        let a: std::net::SocketAddr = "198.51.100.7:4000".parse().unwrap();
+        let b: std::net::SocketAddr = "198.51.100.7:4001".parse().unwrap();
+        assert_eq!(mapping(&[]), Mapping::Unknown);
+        assert_eq!(mapping(&[a]), Mapping::Unknown);
+        assert_eq!(mapping(&[a, a]), Mapping::EndpointIndependent);
+        assert_eq!(mapping(&[a, a, b]), Mapping::EndpointDependent);
+        assert_eq!(mapping(&[a, b]).label(), "endpoint_dependent");
     }
 
     #[test]

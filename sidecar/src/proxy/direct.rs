@@ -211,6 +211,11 @@ impl HomeNode {
                 let waiting: Vec<String> = {
                     let mut s = self.direct_state();
                     s.observed.insert(main.to_owned(), addr);
+                    let seen: Vec<SocketAddr> = s.observed.values().copied().collect();
+                    let kind = crate::federation::direct_path::mapping(&seen);
+                    for k in ["unknown", "endpoint_independent", "endpoint_dependent"] {
+                        self.metrics.proxy.nat_mapping.get_or_create(&[("kind", k)]).set(i64::from(k == kind.label()));
+                    }
                     s.peers.iter().filter(|(_, p)| p.via == main).map(|(n, _)| n.clone()).collect()
                 };
                 for peer in waiting {
@@ -578,6 +583,13 @@ impl HomeNode {
             crate::resilience::rate_limit::Decision::Admit => None,
             crate::resilience::rate_limit::Decision::Limited { retry_after } => Some(retry_after),
         }
+    }
+
+    /// How this home's NAT maps its socket (from the addresses its relays observed), for
+    /// `/federation/health`.
+    pub(super) fn nat_mapping(&self) -> &'static str {
+        let seen: Vec<SocketAddr> = self.direct_state().observed.values().copied().collect();
+        crate::federation::direct_path::mapping(&seen).label()
     }
 
     /// Paths to other homes, for `/federation/peers`.

@@ -430,6 +430,7 @@ impl HomeNode {
                     "averageLatencyMillis": main.as_ref().map(|m| m.1.as_secs_f64() * 1e3),
                     "circuits": self.breaker_states(),
                     "ech": self.ech_health(),
+                    "natMapping": self.nat_mapping(),
                     "tls": {
                         "roots": current.root_fingerprints(),
                         "certificate": current.certificate_fingerprint(),

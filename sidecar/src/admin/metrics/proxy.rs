@@ -74,6 +74,9 @@ pub struct Proxy {
     pub time_to_direct: Histogram,
     /// Direct paths lost (the connection ended; new streams went back to the relay).
     pub direct_lost: Counter,
+    /// 1 for how this home's NAT maps its socket, by `kind` (unknown, endpoint_independent,
+    /// endpoint_dependent), from the addresses its main relays observed.
+    pub nat_mapping: Family<L1, Gauge>,
 }
 
 impl Proxy {
@@ -103,6 +106,7 @@ impl Proxy {
             punches: Family::default(),
             time_to_direct: latency_histogram(),
             direct_lost: Counter::default(),
+            nat_mapping: Family::default(),
         };
         r.register(
             "calls",
@@ -158,6 +162,14 @@ impl Proxy {
             "Direct paths lost (new streams went back to the relay)",
             m.direct_lost.clone(),
         );
+        r.register(
+            "nat_mapping",
+            "1 for how the home's NAT maps its socket, as its main relays observe it",
+            m.nat_mapping.clone(),
+        );
+        for kind in ["unknown", "endpoint_independent", "endpoint_dependent"] {
+            let _ = m.nat_mapping.get_or_create(&[("kind", kind)]).set(i64::from(kind == "unknown"));
+        }
         for kind in ["direct", "relayed"] {
             let _ = m.paths.get_or_create(&[("kind", kind)]);
         }
