@@ -385,10 +385,11 @@ pub fn resilience() -> Dashboard {
     let timeout = r#"code="TIMEOUT""#;
     let timeouts = format!("sum by (node) ({})", rate("relayfed_proxy_stream_errors_total", timeout));
     let relay_timeouts = format!("sum by (node) ({})", rate("relayfed_relay_stream_errors_total", timeout));
+    let paths = format!("sum by (kind) (relayfed_proxy_paths{})", sel(""));
     Dashboard {
         uid: "relayfed-resilience",
         title: "relayfed / Resilience",
-        description: "Rate-limited streams, circuit breakers, retries, timeouts, relay switches and trust denials.",
+        description: "Rate-limited streams, circuit breakers, retries, timeouts, relay switches, trust denials and direct paths between homes.",
         node_metric: "relayfed_transport_config_version",
         variables: &[],
         rows: vec![row(
@@ -445,6 +446,20 @@ pub fn resilience() -> Dashboard {
                     "reqps",
                     "Peers, homes, calls or exports refused, by rule.",
                     &[(&by("relayfed_relay_trust_denials_total", "rule"), "{{rule}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Paths to other homes",
+                    "short",
+                    "Homes' paths to the homes they call or are asked by, by kind (direct, relayed); all relayed unless the RolloutPolicy turns directPaths on.",
+                    &[(&paths, "{{kind}}")],
+                ),
+                panel(
+                    Kind::TimeSeries,
+                    "Direct-path attempts",
+                    "reqps",
+                    "Direct-path attempts at homes by result (direct, no_address, refused, timeout); timeouts are NATs that do not allow it.",
+                    &[(&by("relayfed_proxy_punches_total", "result"), "{{result}}")],
                 ),
             ],
         )],
