@@ -206,6 +206,14 @@ impl Topology {
         Side { public_ip, namespaces }
     }
 
+    /// Stops the process started last (a calling home).
+    fn stop_last(&mut self) {
+        if let Some(mut c) = self.children.pop() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Starts `program args` in `ns`, its stderr in the topology's log directory.
     fn spawn(&mut self, ns: &str, program: &Path, args: &[&str]) -> &mut Child {
         let log = std::fs::File::create(self.dir.join(format!("{ns}-{}.log", self.children.len()))).unwrap();
@@ -238,6 +246,19 @@ impl Drop for Topology {
         quiet("ip netns del rfn-relay");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs the trial client in the calling home's namespace against its admin port `admin`, in
+/// `phase` (`""`: a normal trial); its JSON.
+fn run_trial(me: &Path, admin: &str, phase: &str) -> Value {
+    let out = Command::new("ip")
+        .args(["netns", "exec", "rfn-h1"])
+        .arg(me)
+        .args(["trial", admin, &format!("127.0.0.1:{IMPORT_PORT}"), phase])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("trial output: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Reads a node's ready line (its admin address) and keeps draining its stdout.
@@ -321,29 +342,14 @@ fn matrix() {
             // The called home is registered (a call goes through) before the trials count.
             let warm = topo.spawn("rfn-h1", proxy, &["home", "--config", &config("shop")]);
             let admin = ready(warm)["admin"].as_str().unwrap().to_owned();
-            let out = Command::new("ip")
-                .args(["netns", "exec", "rfn-h1"])
-                .arg(&me)
-                .args(["trial", &admin, &format!("127.0.0.1:{IMPORT_PORT}"), "warmup"])
-                .output()
-                .unwrap();
-            assert!(String::from_utf8_lossy(&out.stdout).contains("true"), "{a} -> {b}: no call went through");
-            let mut warm = topo.children.pop().unwrap();
-            let _ = warm.kill();
-            let _ = warm.wait();
+            assert_eq!(run_trial(&me, &admin, "warmup")["ok"], true, "{a} -> {b}: no call went through");
+            topo.stop_last();
             let mut results = Vec::new();
             for _ in 0..trials {
                 // A fresh calling home each trial: a new port, so new NAT mappings.
                 let shop = topo.spawn("rfn-h1", proxy, &["home", "--config", &config("shop")]);
                 let admin = ready(shop)["admin"].as_str().unwrap().to_owned();
-                let out = Command::new("ip")
-                    .args(["netns", "exec", "rfn-h1"])
-                    .arg(&me)
-                    .args(["trial", &admin, &format!("127.0.0.1:{IMPORT_PORT}")])
-                    .output()
-                    .unwrap();
-                let v: Value = serde_json::from_slice(&out.stdout)
-                    .unwrap_or_else(|e| panic!("trial output: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+                let v = run_trial(&me, &admin, "");
                 let t = Trial {
                     direct: v["direct"].as_bool().unwrap(),
                     millis: v["millis"].as_f64(),
@@ -359,9 +365,7 @@ fn matrix() {
                     }
                     println!("failed calls {}: logs in {}", v["errors"], keep.display());
                 }
-                let mut shop = topo.children.pop().unwrap();
-                let _ = shop.kill();
-                let _ = shop.wait();
+                topo.stop_last();
                 results.push(t);
             }
             let direct = results.iter().filter(|t| t.direct).count();
@@ -415,15 +419,7 @@ fn punchable(a: &str, b: &str) -> bool {
 fn fallback(topo: &mut Topology, proxy: &Path, me: &Path, shop_config: &str) -> Option<String> {
     let shop = topo.spawn("rfn-h1", proxy, &["home", "--config", shop_config]);
     let admin = ready(shop)["admin"].as_str().unwrap().to_owned();
-    let run = |phase: &str| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", "rfn-h1"])
-            .arg(me)
-            .args(["trial", &admin, &format!("127.0.0.1:{IMPORT_PORT}"), phase])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let run = |phase: &str| run_trial(me, &admin, phase);
     let up = run("direct");
     if up["direct"] != true {
         return Some(format!("fallback: no direct path to cut: {up}"));
@@ -433,9 +429,7 @@ fn fallback(topo: &mut Topology, proxy: &Path, me: &Path, shop_config: &str) -> 
     sh(&format!("ip netns exec rfn-r1 iptables -I FORWARD -d {other} -j DROP"));
     let cut = run("cut");
     println!("fallback after cutting the direct path: {cut}");
-    let mut s = topo.children.pop().unwrap();
-    let _ = s.kill();
-    let _ = s.wait();
+    topo.stop_last();
     sh(&format!("ip netns exec rfn-r1 iptables -D FORWARD -s {other} -j DROP"));
     sh(&format!("ip netns exec rfn-r1 iptables -D FORWARD -d {other} -j DROP"));
     match (cut["failed"].as_u64(), cut["relayed"].as_bool()) {

@@ -5,7 +5,8 @@
 //!
 //! The home that calls asks its peer's main relay to coordinate (`punchRequest`); the relay
 //! sends `punch` to both homes at once. Both send probes from their QUIC socket to the
-//! other's candidates every [`PROBE_INTERVAL`]; a probe received from an address not listed
+//! other's candidates (a burst, then every [`PROBE_INTERVAL`]); a probe received from an
+//! address not listed
 //! (a symmetric NAT's fresh mapping) is answered and added. The caller dials each address a
 //! probe came from at once, and every candidate after [`DIAL_ALL_AFTER`]. The other home
 //! accepts a connection only from an address of a running attempt, and only from the
@@ -13,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use quinn::AsyncUdpSocket;
 use tokio::sync::mpsc;
@@ -44,7 +44,8 @@ const PROBE_SCHEDULE_MS: [u64; 5] = [0, 10, 25, 50, 75];
 pub(super) struct Direct {
     socket: Arc<PunchSocket>,
     state: std::sync::Mutex<DirectState>,
-    handshakes: AtomicUsize,
+    /// Direct handshakes this home accepts at once.
+    handshakes: Arc<tokio::sync::Semaphore>,
     /// The relays' per-home rate limit (`resilience.rateLimit`), applied here to streams
     /// that arrive on direct connections, where no relay counts them.
     limiter: std::sync::Mutex<crate::resilience::rate_limit::RateLimiter>,
@@ -96,7 +97,7 @@ impl Direct {
         Self {
             socket,
             state: Default::default(),
-            handshakes: AtomicUsize::new(0),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_DIRECT_HANDSHAKES)),
             limiter: std::sync::Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_DIRECT_SENDERS)),
         }
     }
@@ -223,8 +224,7 @@ impl HomeNode {
                         self.direct_state().peers.get_mut(&peer).map(|p| p.session.on(Event::Observed, Instant::now()));
                     self.direct_actions(&peer, actions.unwrap_or_default(), None);
                 }
-                let local = self.local_candidates(addr);
-                Some(Control::Candidates { local: local.iter().map(|a| a.to_string()).collect() })
+                Some(self.candidates_toward(addr))
             }
             Control::Punch { peer, token, candidates, dial } => {
                 // Only a home this one may be called by is ever punched to: the relay checks
@@ -275,6 +275,11 @@ impl HomeNode {
 
     /// Carries out what the session of `peer` decided.
     fn direct_actions(self: &Arc<Self>, peer: &str, actions: Vec<Action>, attempt: Option<Attempt>) {
+        // Every change of phase comes with an action: nothing to do, nothing to count (this
+        // runs for every call to another home).
+        if actions.is_empty() {
+            return;
+        }
         let mut attempt = attempt;
         for a in actions {
             match a {
@@ -284,11 +289,7 @@ impl HomeNode {
                     let via = self.direct_state().peers.get(peer).map(|p| p.via.clone());
                     let relay = via.as_ref().and_then(|v| self.mains.iter().find(|m| &m.node_id == v));
                     if let (Some(via), Some(relay)) = (&via, relay) {
-                        let local = self.local_candidates(relay.endpoint);
-                        self.send_control(
-                            via,
-                            Control::Candidates { local: local.iter().map(|a| a.to_string()).collect() },
-                        );
+                        self.send_control(via, self.candidates_toward(relay.endpoint));
                     }
                 }
                 Action::Request => {
@@ -381,27 +382,27 @@ impl HomeNode {
         }
     }
 
-    /// Our own addresses for the relay at `toward`: the address the OS would send from,
-    /// with the QUIC socket's port.
-    fn local_candidates(&self, toward: SocketAddr) -> Vec<SocketAddr> {
-        let Ok(bound) = self.direct.socket.local_addr() else { return vec![] };
-        if !bound.ip().is_unspecified() {
-            return vec![bound];
-        }
-        // Which source address routing picks toward the relay (connect sends nothing).
-        let any: SocketAddr = if toward.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap_or(bound);
-        let Some(ip) = std::net::UdpSocket::bind(any)
-            .and_then(|u| u.connect(toward).and_then(|_| u.local_addr()))
-            .ok()
-            .map(|a| a.ip())
-        else {
-            return vec![];
-        };
-        vec![SocketAddr::new(ip, bound.port())]
+    /// The `candidates` message for the relay at `toward`: our own address, i.e. the one
+    /// the OS would send from toward it, with the QUIC socket's port.
+    fn candidates_toward(&self, toward: SocketAddr) -> Control {
+        Control::Candidates { local: self.local_address(toward).iter().map(SocketAddr::to_string).collect() }
     }
 
-    /// Runs one attempt toward `peer`: probes every [`PROBE_INTERVAL`], dials (the caller)
-    /// every candidate after [`DIAL_ALL_AFTER`], until the attempt ends or times out.
+    fn local_address(&self, toward: SocketAddr) -> Option<SocketAddr> {
+        let bound = self.direct.socket.local_addr().ok()?;
+        if !bound.ip().is_unspecified() {
+            return Some(bound);
+        }
+        // Which source address routing picks toward the relay (connect sends nothing).
+        let any: SocketAddr = if toward.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().ok()?;
+        let u = std::net::UdpSocket::bind(any).ok()?;
+        u.connect(toward).ok()?;
+        Some(SocketAddr::new(u.local_addr().ok()?.ip(), bound.port()))
+    }
+
+    /// Runs one attempt toward `peer`: probes on [`PROBE_SCHEDULE_MS`], then every
+    /// [`PROBE_INTERVAL`]; dials (the caller) every candidate after [`DIAL_ALL_AFTER`]; until
+    /// the attempt ends or times out.
     async fn punch(self: Arc<Self>, peer: String, generation: u64) {
         let start = tokio::time::Instant::now();
         let mut schedule = PROBE_SCHEDULE_MS.iter().map(|ms| start + Duration::from_millis(*ms));
@@ -475,10 +476,7 @@ impl HomeNode {
     /// Dials `peer` at `addr` on the home's socket (its certificate must name `peer`).
     fn dial_direct(self: Arc<Self>, peer: String, addr: SocketAddr) {
         let Some(endpoint) = self.endpoint.get().cloned() else { return };
-        let tls = match self.client_tls.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let tls = self.client_config();
         let name = self.identity.server_name(&peer);
         tokio::spawn(async move {
             let connecting = match endpoint.connect_with(tls, addr, &name) {
@@ -507,18 +505,16 @@ impl HomeNode {
                     .find(|(_, p)| p.attempt.as_ref().is_some_and(|a| a.addresses.contains(&from)))
                     .map(|(n, _)| n.clone())
             };
-            let Some(peer) =
-                expected.filter(|_| self.direct.handshakes.load(Ordering::Relaxed) < MAX_DIRECT_HANDSHAKES)
-            else {
+            let slot = self.direct.handshakes.clone().try_acquire_owned().ok();
+            let (Some(peer), Some(slot)) = (expected, slot) else {
                 incoming.refuse();
                 continue;
             };
-            self.direct.handshakes.fetch_add(1, Ordering::Relaxed);
             let node = self.clone();
             let timeout = self.live().handshake_timeout;
             tokio::spawn(async move {
                 let result = tokio::time::timeout(timeout, async { incoming.accept()?.await }).await;
-                node.direct.handshakes.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
                 let conn = match result {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => return debug!(%peer, %from, error = %e, "direct handshake failed"),
@@ -578,11 +574,7 @@ impl HomeNode {
     /// `Some(wait)` when it has none left.
     pub(super) fn direct_rate_limited(&self, peer: &str, live: &HomeLive) -> Option<Duration> {
         let limit = live.direct_rate?;
-        let decision = self.direct.limiter.lock().ok()?.admit(peer, limit, Instant::now());
-        match decision {
-            crate::resilience::rate_limit::Decision::Admit => None,
-            crate::resilience::rate_limit::Decision::Limited { retry_after } => Some(retry_after),
-        }
+        self.direct.limiter.lock().ok()?.admit(peer, limit, Instant::now()).retry_after()
     }
 
     /// How this home's NAT maps its socket (from the addresses its relays observed), for

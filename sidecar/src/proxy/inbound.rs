@@ -33,12 +33,8 @@ impl HomeNode {
         {
             warn!(code = ErrorCode::RateLimited.label(), %peer, "direct stream refused: rate limit");
             self.metrics.proxy_stream_error(ErrorCode::RateLimited);
-            let frame = Frame::Error(crate::protocol::ErrorFrame {
-                code: ErrorCode::RateLimited,
-                retry_after_ms: wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
-                message: "too many new streams from this sender".into(),
-            });
-            let _ = write_frames(&mut send, &[frame]).await;
+            let message = "too many new streams from this sender";
+            crate::transport::io::send_error_retry_after(&mut send, ErrorCode::RateLimited, wait, message).await;
             let _ = send.finish();
             return;
         }

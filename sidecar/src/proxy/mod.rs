@@ -260,6 +260,15 @@ impl HomeNode {
         Ok((node, bound))
     }
 
+    /// Hop TLS for a new outgoing connection (a main relay or a direct one): the newest
+    /// renewed certificate.
+    fn client_config(&self) -> quinn::ClientConfig {
+        match self.client_tls.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
     /// This node's current identity (the newest renewed certificate and CA bundle).
     fn current_identity(&self) -> Arc<HopIdentity> {
         match self.current.read() {

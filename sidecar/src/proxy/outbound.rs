@@ -237,12 +237,13 @@ impl HomeNode {
             // A failure on our own link (the main relay connection, or the direct one, closed
             // meanwhile) says nothing about the instance: it is released unjudged, like a
             // refusal. A direct path that did not answer is given up the same way.
-            let direct_failed = is_direct
-                && matches!(&result, Err((code, _)) if matches!(code, ErrorCode::Timeout | ErrorCode::PeerUnreachable));
-            if is_direct && (direct_failed || conn.close_reason().is_some()) {
+            let link_closed = conn.close_reason().is_some();
+            let unanswered = matches!(&result, Err((ErrorCode::Timeout | ErrorCode::PeerUnreachable, _)));
+            let direct_failed = is_direct && (link_closed || unanswered);
+            if direct_failed {
                 self.direct_lost(&dest.node, conn.stable_id());
             }
-            let own_link_lost = conn.close_reason().is_some() || direct_failed;
+            let own_link_lost = link_closed || direct_failed;
             if let Some(setup) = cohort.setup(&result, own_link_lost, started.elapsed()) {
                 self.ech_cohorts.record(&dest.main, setup);
             }

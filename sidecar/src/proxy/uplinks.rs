@@ -461,10 +461,7 @@ impl HomeNode {
 
     pub(super) async fn dial(&self, endpoint: &quinn::Endpoint, main: &MainRelay) -> Option<quinn::Connection> {
         let name = self.identity.server_name(&main.node_id);
-        let tls = match self.client_tls.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let tls = self.client_config();
         let connecting = match endpoint.connect_with(tls, main.endpoint, &name) {
             Ok(c) => c,
             Err(e) => {

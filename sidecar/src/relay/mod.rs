@@ -9,6 +9,7 @@
 //! the local home node, copying bytes both ways. Relays never see plaintext after the
 //! header: the rest is Noise ciphertext.
 
+mod direct;
 pub mod homes;
 pub mod live;
 pub mod peering;
@@ -443,14 +444,9 @@ impl MainRelay {
     /// Draws a token for a new stream from `sender`; `Some(wait)` when it has none left.
     fn rate_limited(&self, live: &MainLive, sender: &Sender, probe: bool) -> Option<Duration> {
         let (key, kind, lim) = router::rate_bucket(live, sender, probe)?;
-        let decision = self.limiter.lock().ok()?.admit(&key, lim, Instant::now());
-        match decision {
-            crate::resilience::rate_limit::Decision::Admit => None,
-            crate::resilience::rate_limit::Decision::Limited { retry_after } => {
-                self.metrics.rate_limited(kind, &key);
-                Some(retry_after)
-            }
-        }
+        let wait = self.limiter.lock().ok()?.admit(&key, lim, Instant::now()).retry_after()?;
+        self.metrics.rate_limited(kind, &key);
+        Some(wait)
     }
 
     /// Routes a stream: the rate limit, then [`router::route`]'s decision, carried out.
@@ -629,12 +625,7 @@ impl MainRelay {
         match r.retry_after {
             Some(wait) => {
                 self.metrics.relay_stream_error(r.code);
-                let frame = crate::protocol::ErrorFrame {
-                    code: r.code,
-                    retry_after_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1),
-                    message: r.message.clone(),
-                };
-                let _ = write_frames(send, &[Frame::Error(frame)]).await;
+                crate::transport::io::send_error_retry_after(send, r.code, wait, r.message.clone()).await;
                 let _ = send.finish();
             }
             None => self.fail(send, r.code, &r.message).await,

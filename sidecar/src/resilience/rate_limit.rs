@@ -44,6 +44,16 @@ pub enum Decision {
     },
 }
 
+impl Decision {
+    /// `None` when admitted, else how long until a token is available.
+    pub fn retry_after(self) -> Option<Duration> {
+        match self {
+            Decision::Admit => None,
+            Decision::Limited { retry_after } => Some(retry_after),
+        }
+    }
+}
+
 /// Token buckets keyed by sender.
 #[derive(Debug)]
 pub struct RateLimiter {

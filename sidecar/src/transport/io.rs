@@ -54,6 +54,19 @@ pub async fn send_error<W: AsyncWrite + Unpin>(w: &mut W, code: ErrorCode, messa
     let _ = write_frames(w, &[frame]).await;
 }
 
+/// Sends an ERROR frame telling the sender to retry after `wait` (at least 1 ms; best
+/// effort, as [`send_error`]).
+pub async fn send_error_retry_after<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    code: ErrorCode,
+    wait: std::time::Duration,
+    message: impl Into<String>,
+) {
+    let retry_after_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1);
+    let frame = Frame::Error(ErrorFrame { code, retry_after_ms, message: message.into() });
+    let _ = write_frames(w, &[frame]).await;
+}
+
 /// Listen backlog for application-facing TCP listeners: a burst of connections (a client
 /// opening hundreds at once) must queue, not overflow into SYN retransmits (1 s stalls).
 pub const LISTEN_BACKLOG: u32 = 4096;
