@@ -276,12 +276,84 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// The short name in a NAT pair label (`independent`, `dependent`, `unknown`).
+    pub fn short(self) -> &'static str {
+        match self {
+            Mapping::Unknown => "unknown",
+            Mapping::EndpointIndependent => "independent",
+            Mapping::EndpointDependent => "dependent",
+        }
+    }
+}
+
+/// The `nat_pair` label value for our mapping and the other home's (short names; nine
+/// values, static so a metric family can hold them).
+pub fn nat_pair_label(ours: &str, theirs: &str) -> &'static str {
+    const PAIRS: [&str; 9] = [
+        "independent-independent",
+        "independent-dependent",
+        "independent-unknown",
+        "dependent-independent",
+        "dependent-dependent",
+        "dependent-unknown",
+        "unknown-independent",
+        "unknown-dependent",
+        "unknown-unknown",
+    ];
+    PAIRS.iter().find(|p| p.split_once('-') == Some((ours, theirs))).copied().unwrap_or("unknown-unknown")
+}
+
 /// The mapping behaviour shown by the addresses several relays observed for one socket.
 pub fn mapping(observed: &[std::net::SocketAddr]) -> Mapping {
     match observed {
         [] | [_] => Mapping::Unknown,
         [first, rest @ ..] if rest.iter().all(|a| a == first) => Mapping::EndpointIndependent,
         _ => Mapping::EndpointDependent,
+    }
+}
+
+/// How long an attempt probes the candidates alone before it escalates to a port sweep (no
+/// probe of the other home arrived by then: one side's NAT is symmetric and the other
+/// filters by port, or nothing gets through).
+pub const SWEEP_AFTER: Duration = Duration::from_millis(250);
+
+/// What an attempt adds when the plain probes went unanswered (docs/protocol.md §12.3): a
+/// home behind a symmetric NAT opens many sockets (many fresh mappings toward the other
+/// home's one), a home behind a NAT that keeps one mapping probes many ports of the other's
+/// address; one of the many mappings is then hit with high probability (a birthday match).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sweep {
+    /// Open extra sockets and probe the candidates from each.
+    pub sockets: bool,
+    /// Probe many ports of each candidate's address from the home's socket.
+    pub ports: bool,
+}
+
+/// Whether an attempt running for `elapsed`, that `heard` the other home or not, escalates,
+/// and how, given how our NAT maps (`Unknown`: both halves, since one of them is useless
+/// and harmless).
+pub fn sweep(mapping: Mapping, heard: bool, elapsed: Duration) -> Option<Sweep> {
+    if heard || elapsed < SWEEP_AFTER {
+        return None;
+    }
+    Some(match mapping {
+        Mapping::EndpointIndependent => Sweep { sockets: false, ports: true },
+        Mapping::EndpointDependent => Sweep { sockets: true, ports: false },
+        Mapping::Unknown => Sweep { sockets: true, ports: true },
+    })
+}
+
+/// How the other home's NAT mapped, as its probes show: `EndpointDependent` when one came
+/// from a port of its address that it did not list (a fresh mapping toward us),
+/// `EndpointIndependent` when they came from a listed address, `Unknown` before any came.
+pub fn peer_mapping(listed: &[std::net::SocketAddr], heard_from: &[std::net::SocketAddr]) -> Mapping {
+    if heard_from.is_empty() {
+        Mapping::Unknown
+    } else if heard_from.iter().any(|h| !listed.contains(h)) {
+        Mapping::EndpointDependent
+    } else {
+        Mapping::EndpointIndependent
     }
 }
 
@@ -298,6 +370,40 @@ mod tests {
 
     fn at(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn an_unanswered_attempt_sweeps_with_the_half_its_nat_needs() {
+        let late = SWEEP_AFTER;
+        assert_eq!(sweep(Mapping::Unknown, false, late - Duration::from_millis(1)), None);
+        assert_eq!(sweep(Mapping::Unknown, true, late * 4), None);
+        assert_eq!(sweep(Mapping::Unknown, false, late), Some(Sweep { sockets: true, ports: true }));
+        assert_eq!(sweep(Mapping::EndpointIndependent, false, late), Some(Sweep { sockets: false, ports: true }));
+        assert_eq!(sweep(Mapping::EndpointDependent, false, late), Some(Sweep { sockets: true, ports: false }));
+    }
+
+    #[test]
+    fn nat_pair_labels_are_the_nine_combinations() {
+        let all = [Mapping::EndpointIndependent, Mapping::EndpointDependent, Mapping::Unknown];
+        let mut seen = std::collections::BTreeSet::new();
+        for a in all {
+            for b in all {
+                let l = nat_pair_label(a.short(), b.short());
+                assert_eq!(l, format!("{}-{}", a.short(), b.short()));
+                seen.insert(l);
+            }
+        }
+        assert_eq!(seen.len(), 9);
+        assert_eq!(nat_pair_label("bogus", "x"), "unknown-unknown");
+    }
+
+    #[test]
+    fn the_peers_mapping_shows_in_where_its_probes_come_from() {
+        let a: std::net::SocketAddr = "203.0.113.10:4000".parse().unwrap();
+        let fresh: std::net::SocketAddr = "203.0.113.10:51234".parse().unwrap();
+        assert_eq!(peer_mapping(&[a], &[]), Mapping::Unknown);
+        assert_eq!(peer_mapping(&[a], &[a]), Mapping::EndpointIndependent);
+        assert_eq!(peer_mapping(&[a], &[a, fresh]), Mapping::EndpointDependent);
     }
 
     #[test]

@@ -24,6 +24,9 @@ use crate::protocol::control::MAX_CANDIDATES;
 use crate::protocol::punch::TOKEN_LEN;
 use crate::transport::punch_socket::{Probe, PunchSocket};
 
+#[path = "direct_sweep.rs"]
+mod sweep;
+
 /// Probes go to every candidate this often while an attempt runs.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// The caller dials every candidate this long into an attempt, probe or not (a peer whose
@@ -49,6 +52,11 @@ pub(super) struct Direct {
     /// The relays' per-home rate limit (`resilience.rateLimit`), applied here to streams
     /// that arrive on direct connections, where no relay counts them.
     limiter: std::sync::Mutex<crate::resilience::rate_limit::RateLimiter>,
+    /// Fans of extra sockets (port sweeps, `direct_sweep.rs`) running at once.
+    pub(super) fans: Arc<tokio::sync::Semaphore>,
+    /// The server configuration for direct connections while direct paths are on (a port
+    /// sweep's winning socket accepts with it too).
+    pub(super) server: std::sync::Mutex<Option<quinn::ServerConfig>>,
 }
 
 /// Senders whose buckets a home tracks for direct streams, at most.
@@ -83,12 +91,49 @@ struct Attempt {
     /// The tokens of the punches this attempt took in (probes carry each; at most
     /// [`MAX_ATTEMPT_TOKENS`]).
     tokens: Vec<[u8; TOKEN_LEN]>,
+    /// Where probes go and handshakes are taken from: the relay's candidates, then
+    /// addresses the other home's probes came from.
     addresses: Vec<SocketAddr>,
+    /// The candidates the relay sent.
+    listed: Vec<SocketAddr>,
+    /// Where the other home's probes came from (at most [`MAX_ATTEMPT_ADDRESSES`]).
+    heard_from: Vec<SocketAddr>,
+    /// A port sweep started (handshakes are then taken from any port of a candidate's
+    /// address: the other home's fresh mapping is not known in advance).
+    swept: bool,
     dial: bool,
     dialed: Vec<SocketAddr>,
     started: Instant,
     /// Distinguishes this attempt's probe task from an abandoned one's.
     generation: u64,
+}
+
+impl Attempt {
+    /// Whether a direct handshake from `from` belongs to this attempt.
+    fn expects(&self, from: SocketAddr) -> bool {
+        self.addresses.contains(&from) || (self.swept && self.listed.iter().any(|a| a.ip() == from.ip()))
+    }
+
+    /// Records an address the other home's probe came from; whether it is new.
+    fn heard(&mut self, from: SocketAddr) -> bool {
+        if !self.heard_from.contains(&from) && self.heard_from.len() < MAX_ATTEMPT_ADDRESSES {
+            self.heard_from.push(from);
+        }
+        let new = !self.addresses.contains(&from) && self.addresses.len() < MAX_ATTEMPT_ADDRESSES;
+        if new {
+            self.addresses.push(from);
+        }
+        new
+    }
+
+    /// The `nat_pair` label: how our NAT maps (as our relays saw), then how the other
+    /// home's did (as its probes showed).
+    fn nat_pair(&self, observed: &HashMap<String, SocketAddr>) -> &'static str {
+        let seen: Vec<SocketAddr> = observed.values().copied().collect();
+        let ours = crate::federation::direct_path::mapping(&seen);
+        let theirs = crate::federation::direct_path::peer_mapping(&self.listed, &self.heard_from);
+        crate::federation::direct_path::nat_pair_label(ours.short(), theirs.short())
+    }
 }
 
 impl Direct {
@@ -99,6 +144,8 @@ impl Direct {
             state: Default::default(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_DIRECT_HANDSHAKES)),
             limiter: std::sync::Mutex::new(crate::resilience::rate_limit::RateLimiter::new(MAX_DIRECT_SENDERS)),
+            fans: Arc::new(tokio::sync::Semaphore::new(sweep::MAX_FANS)),
+            server: std::sync::Mutex::new(None),
         }
     }
 }
@@ -253,7 +300,10 @@ impl HomeNode {
                 };
                 let attempt = Attempt {
                     tokens: vec![token],
+                    listed: addresses.clone(),
                     addresses,
+                    heard_from: vec![],
+                    swept: false,
                     dial,
                     dialed: vec![],
                     started: now,
@@ -320,6 +370,9 @@ impl HomeNode {
                                 if !old.addresses.contains(&a) && old.addresses.len() < MAX_ATTEMPT_ADDRESSES {
                                     old.addresses.push(a);
                                 }
+                                if !old.listed.contains(&a) && old.listed.len() < MAX_ATTEMPT_ADDRESSES {
+                                    old.listed.push(a);
+                                }
                             }
                             old
                         }
@@ -336,20 +389,24 @@ impl HomeNode {
                 }
                 Action::Abandon => {
                     let mut s = self.direct_state();
-                    if let Some(p) = s.peers.get_mut(peer) {
-                        p.attempt = None;
+                    let DirectState { observed, peers } = &mut *s;
+                    if let Some(p) = peers.get_mut(peer) {
+                        let pair = p.attempt.take().map_or("unknown-unknown", |a| a.nat_pair(observed));
                         if let Some((outcome, _)) = p.session.last() {
-                            self.metrics.proxy.punches.get_or_create(&[("result", outcome.label())]).inc();
+                            let labels = [("result", outcome.label()), ("nat_pair", pair)];
+                            self.metrics.proxy.punches.get_or_create(&labels).inc();
                             info!(peer, result = outcome.label(), "direct path attempt abandoned: relayed");
                         }
                     }
                 }
                 Action::UseDirect => {
                     let mut s = self.direct_state();
-                    if let Some(p) = s.peers.get_mut(peer) {
-                        p.attempt = None;
+                    let DirectState { observed, peers } = &mut *s;
+                    if let Some(p) = peers.get_mut(peer) {
+                        let pair = p.attempt.take().map_or("unknown-unknown", |a| a.nat_pair(observed));
                         if let Some((Outcome::Direct, took)) = p.session.last() {
-                            self.metrics.proxy.punches.get_or_create(&[("result", "direct")]).inc();
+                            let labels = [("result", "direct"), ("nat_pair", pair)];
+                            self.metrics.proxy.punches.get_or_create(&labels).inc();
                             self.metrics.proxy.time_to_direct.observe(took.as_secs_f64());
                             info!(peer, millis = took.as_millis() as u64, "direct path up");
                         }
@@ -411,8 +468,10 @@ impl HomeNode {
             tokio::time::sleep_until(next).await;
             next = schedule.next().unwrap_or(next + PROBE_INTERVAL);
             let now = Instant::now();
-            let (tokens, addresses, to_dial, timed_out) = {
+            let (tokens, addresses, to_dial, timed_out, sweep) = {
                 let mut s = self.direct_state();
+                let seen: Vec<SocketAddr> = s.observed.values().copied().collect();
+                let mapping = crate::federation::direct_path::mapping(&seen);
                 let Some(p) = s.peers.get_mut(&peer) else { return };
                 let timed_out = p.session.deadline().is_some_and(|d| now >= d);
                 let Some(a) = p.attempt.as_mut().filter(|a| a.generation == generation) else { return };
@@ -425,7 +484,14 @@ impl HomeNode {
                     }
                     a.dialed.extend(to_dial.iter().copied());
                 }
-                (a.tokens.clone(), a.addresses.clone(), to_dial, timed_out)
+                let elapsed = now.saturating_duration_since(a.started);
+                let sweep = if a.swept {
+                    None
+                } else {
+                    crate::federation::direct_path::sweep(mapping, !a.heard_from.is_empty(), elapsed)
+                };
+                a.swept |= sweep.is_some();
+                (a.tokens.clone(), a.addresses.clone(), to_dial, timed_out, sweep)
             };
             if timed_out {
                 let actions = self.direct_state().peers.get_mut(&peer).map(|p| p.session.tick(now));
@@ -438,6 +504,9 @@ impl HomeNode {
             }
             for addr in to_dial {
                 self.clone().dial_direct(peer.clone(), addr);
+            }
+            if let Some(how) = sweep {
+                self.start_sweep(&peer, generation, how);
             }
         }
     }
@@ -454,10 +523,7 @@ impl HomeNode {
                         continue;
                     };
                     // A fresh mapping of a symmetric NAT: answer it, and dial it if we dial.
-                    let answer = !a.addresses.contains(&from) && a.addresses.len() < MAX_ATTEMPT_ADDRESSES;
-                    if answer {
-                        a.addresses.push(from);
-                    }
+                    let answer = a.heard(from);
                     let dial = a.dial && !a.dialed.contains(&from);
                     if dial {
                         a.dialed.push(from);
@@ -476,6 +542,11 @@ impl HomeNode {
     /// Dials `peer` at `addr` on the home's socket (its certificate must name `peer`).
     fn dial_direct(self: Arc<Self>, peer: String, addr: SocketAddr) {
         let Some(endpoint) = self.endpoint.get().cloned() else { return };
+        self.dial_from(endpoint, peer, addr);
+    }
+
+    /// Dials `peer` at `addr` from `endpoint` (the home's, or a port sweep's winner).
+    pub(super) fn dial_from(self: Arc<Self>, endpoint: quinn::Endpoint, peer: String, addr: SocketAddr) {
         let tls = self.client_config();
         let name = self.identity.server_name(&peer);
         tokio::spawn(async move {
@@ -497,22 +568,29 @@ impl HomeNode {
     /// Accepts direct connections from homes we punch with, until the endpoint closes.
     pub(super) async fn accept_direct(self: Arc<Self>, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
-            let from = incoming.remote_address();
-            let expected = {
-                let s = self.direct_state();
-                s.peers
-                    .iter()
-                    .find(|(_, p)| p.attempt.as_ref().is_some_and(|a| a.addresses.contains(&from)))
-                    .map(|(n, _)| n.clone())
-            };
-            let slot = self.direct.handshakes.clone().try_acquire_owned().ok();
-            let (Some(peer), Some(slot)) = (expected, slot) else {
-                incoming.refuse();
-                continue;
-            };
-            let node = self.clone();
-            let timeout = self.live().handshake_timeout;
-            tokio::spawn(async move {
+            self.accept_incoming(incoming);
+        }
+    }
+
+    /// Takes a direct handshake if it comes from an address of a running attempt and a
+    /// handshake slot is free; refuses it otherwise.
+    pub(super) fn accept_incoming(self: &Arc<Self>, incoming: quinn::Incoming) {
+        let from = incoming.remote_address();
+        let expected = {
+            let s = self.direct_state();
+            s.peers
+                .iter()
+                .find(|(_, p)| p.attempt.as_ref().is_some_and(|a| a.expects(from)))
+                .map(|(n, _)| n.clone())
+        };
+        let slot = self.direct.handshakes.clone().try_acquire_owned().ok();
+        let (Some(peer), Some(slot)) = (expected, slot) else {
+            incoming.refuse();
+            return;
+        };
+        let node = self.clone();
+        let timeout = self.live().handshake_timeout;
+        tokio::spawn(async move {
                 let result = tokio::time::timeout(timeout, async { incoming.accept()?.await }).await;
                 drop(slot);
                 let conn = match result {
@@ -532,7 +610,6 @@ impl HomeNode {
                     }
                 }
             });
-        }
     }
 
     /// A direct connection to `peer` (dialed by `dialer`) is up: it carries new streams both
@@ -612,7 +689,13 @@ impl HomeNode {
         let Some(endpoint) = self.endpoint.get() else { return };
         let config = enabled.then(|| self.current_identity().server_config(timeouts)).transpose();
         match config {
-            Ok(c) => endpoint.set_server_config(c),
+            Ok(c) => {
+                match self.direct.server.lock() {
+                    Ok(mut s) => s.clone_from(&c),
+                    Err(p) => p.into_inner().clone_from(&c),
+                }
+                endpoint.set_server_config(c)
+            }
             Err(e) => warn!(error = %e, "no server configuration for direct paths"),
         }
     }

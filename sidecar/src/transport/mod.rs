@@ -3,5 +3,6 @@
 
 pub mod idle;
 pub mod io;
+pub mod port_sweep;
 pub mod punch_socket;
 pub mod tls;

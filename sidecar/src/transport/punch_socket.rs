@@ -37,8 +37,14 @@ impl fmt::Debug for PunchSocket {
 impl PunchSocket {
     /// Binds `addr` for QUIC; probes received go to the returned queue.
     pub fn bind(addr: SocketAddr) -> io::Result<(Arc<Self>, mpsc::Receiver<Probe>)> {
+        Self::from_std(std::net::UdpSocket::bind(addr)?)
+    }
+
+    /// Takes over a bound socket (a port sweep's winner); probes received go to the
+    /// returned queue.
+    pub fn from_std(socket: std::net::UdpSocket) -> io::Result<(Arc<Self>, mpsc::Receiver<Probe>)> {
         let runtime = quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
-        let inner = runtime.wrap_udp_socket(std::net::UdpSocket::bind(addr)?)?;
+        let inner = runtime.wrap_udp_socket(socket)?;
         let (probes, rx) = mpsc::channel(PROBE_QUEUE);
         Ok((Arc::new(Self { inner, probes }), rx))
     }

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::{L1, latency_histogram};
+use super::{L1, L2, latency_histogram};
 
 /// The labels of an instance's circuit breaker: `service`, its home `destination` and that
 /// home's `destination_main`.
@@ -68,8 +68,13 @@ pub struct Proxy {
     pub intercepted: Family<[(&'static str, String); 3], Counter>,
     /// Paths to the homes this home has called or been asked by, by `kind` (direct, relayed).
     pub paths: Family<L1, Gauge>,
-    /// Direct-path attempts by `result` (direct, no_address, refused, timeout).
-    pub punches: Family<L1, Counter>,
+    /// Direct-path attempts by `result` (direct, no_address, refused, timeout) and
+    /// `nat_pair` (how this home's NAT maps, then how the other home's did:
+    /// `<independent|dependent|unknown>-<same>`).
+    pub punches: Family<L2, Counter>,
+    /// Port sweeps started by `half` (sockets: a fan of extra sockets; ports: many ports of
+    /// the other home's address), for attempts whose plain probes went unanswered.
+    pub port_sweeps: Family<L1, Counter>,
     /// Time from a direct-path attempt's start to its direct connection.
     pub time_to_direct: Histogram,
     /// Direct paths lost (the connection ended; new streams went back to the relay).
@@ -104,6 +109,7 @@ impl Proxy {
             intercepted: Family::default(),
             paths: Family::default(),
             punches: Family::default(),
+            port_sweeps: Family::default(),
             time_to_direct: latency_histogram(),
             direct_lost: Counter::default(),
             nat_mapping: Family::default(),
@@ -151,7 +157,8 @@ impl Proxy {
             m.intercepted.clone(),
         );
         r.register("paths", "Paths to other homes by kind (direct, relayed)", m.paths.clone());
-        r.register("punches", "Direct-path attempts by result", m.punches.clone());
+        r.register("punches", "Direct-path attempts by result and NAT pair", m.punches.clone());
+        r.register("port_sweeps", "Port sweeps started, by half (sockets, ports)", m.port_sweeps.clone());
         r.register(
             "time_to_direct_seconds",
             "Time from a direct-path attempt's start to its direct connection",
@@ -173,8 +180,17 @@ impl Proxy {
         for kind in ["direct", "relayed"] {
             let _ = m.paths.get_or_create(&[("kind", kind)]);
         }
+        let mappings = ["independent", "dependent", "unknown"];
         for result in ["direct", "no_address", "refused", "timeout"] {
-            let _ = m.punches.get_or_create(&[("result", result)]);
+            for ours in mappings {
+                for theirs in mappings {
+                    let pair = crate::federation::direct_path::nat_pair_label(ours, theirs);
+                    let _ = m.punches.get_or_create(&[("result", result), ("nat_pair", pair)]);
+                }
+            }
+        }
+        for half in ["sockets", "ports"] {
+            let _ = m.port_sweeps.get_or_create(&[("half", half)]);
         }
         for o in ["attempted", "accepted", "retried", "fallback", "failed", "retry_refused", "downgrade", "grease"] {
             let _ = m.ech.get_or_create(&[("outcome", o)]);
