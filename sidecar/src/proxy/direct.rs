@@ -578,10 +578,7 @@ impl HomeNode {
         let from = incoming.remote_address();
         let expected = {
             let s = self.direct_state();
-            s.peers
-                .iter()
-                .find(|(_, p)| p.attempt.as_ref().is_some_and(|a| a.expects(from)))
-                .map(|(n, _)| n.clone())
+            s.peers.iter().find(|(_, p)| p.attempt.as_ref().is_some_and(|a| a.expects(from))).map(|(n, _)| n.clone())
         };
         let slot = self.direct.handshakes.clone().try_acquire_owned().ok();
         let (Some(peer), Some(slot)) = (expected, slot) else {
@@ -591,25 +588,25 @@ impl HomeNode {
         let node = self.clone();
         let timeout = self.live().handshake_timeout;
         tokio::spawn(async move {
-                let result = tokio::time::timeout(timeout, async { incoming.accept()?.await }).await;
-                drop(slot);
-                let conn = match result {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => return debug!(%peer, %from, error = %e, "direct handshake failed"),
-                    Err(_) => return debug!(%peer, %from, "direct handshake timed out"),
-                };
-                match node.identity.peer_node_id(&conn) {
-                    Ok(id) if id == peer => node.direct_connected(&peer, conn, peer.clone()),
-                    Ok(id) => {
-                        warn!(%peer, other = %id, %from, "direct connection from another node than the one punched with: closed");
-                        conn.close(ErrorCode::PermissionDenied.to_u16().into(), b"not the node punched with");
-                    }
-                    Err(e) => {
-                        warn!(%peer, %from, error = %e, "direct connection without a usable certificate: closed");
-                        conn.close(ErrorCode::PermissionDenied.to_u16().into(), b"no node identity");
-                    }
+            let result = tokio::time::timeout(timeout, async { incoming.accept()?.await }).await;
+            drop(slot);
+            let conn = match result {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return debug!(%peer, %from, error = %e, "direct handshake failed"),
+                Err(_) => return debug!(%peer, %from, "direct handshake timed out"),
+            };
+            match node.identity.peer_node_id(&conn) {
+                Ok(id) if id == peer => node.direct_connected(&peer, conn, peer.clone()),
+                Ok(id) => {
+                    warn!(%peer, other = %id, %from, "direct connection from another node than the one punched with: closed");
+                    conn.close(ErrorCode::PermissionDenied.to_u16().into(), b"not the node punched with");
                 }
-            });
+                Err(e) => {
+                    warn!(%peer, %from, error = %e, "direct connection without a usable certificate: closed");
+                    conn.close(ErrorCode::PermissionDenied.to_u16().into(), b"no node identity");
+                }
+            }
+        });
     }
 
     /// A direct connection to `peer` (dialed by `dialer`) is up: it carries new streams both

@@ -87,8 +87,7 @@ impl HomeNode {
         let (i, from) = loop {
             let Some((tokens, listed)) = self.attempt_probe_set(peer, generation) else { return Ok(()) };
             fan.probe(&listed, &tokens).await;
-            let next =
-                schedule.next().unwrap_or_else(|| tokio::time::Instant::now() + FAN_INTERVAL).min(deadline);
+            let next = schedule.next().unwrap_or_else(|| tokio::time::Instant::now() + FAN_INTERVAL).min(deadline);
             tokio::select! {
                 hit = fan.hit(&tokens) => break hit?,
                 _ = tokio::time::sleep_until(next) => {

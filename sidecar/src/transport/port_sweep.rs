@@ -102,7 +102,11 @@ impl Fan {
 pub fn sweep_ports(n: usize) -> Vec<u16> {
     let span = usize::from(u16::MAX - FIRST_PORT) + 1;
     let mut rng = rand::rng();
-    index::sample(&mut rng, span, n.min(span)).into_iter().filter_map(|i| u16::try_from(i).ok()).map(|i| FIRST_PORT + i).collect()
+    index::sample(&mut rng, span, n.min(span))
+        .into_iter()
+        .filter_map(|i| u16::try_from(i).ok())
+        .map(|i| FIRST_PORT + i)
+        .collect()
 }
 
 /// Probes `ports` of `ip` from the home's socket, paced so the socket buffer keeps up.
