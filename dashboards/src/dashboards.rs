@@ -458,8 +458,11 @@ pub fn resilience() -> Dashboard {
                     Kind::TimeSeries,
                     "Direct-path attempts",
                     "reqps",
-                    "Direct-path attempts at homes by result (direct, no_address, refused, timeout); timeouts are NATs that do not allow it.",
-                    &[(&by("relayfed_proxy_punches_total", "result"), "{{result}}")],
+                    "Direct-path attempts at homes by result (direct, no_address, refused, timeout), and port sweeps started by half (sockets, ports) where plain probes went unanswered; timeouts are NATs that do not allow it (both symmetric).",
+                    &[
+                        (&by("relayfed_proxy_punches_total", "result"), "{{result}}"),
+                        (&by("relayfed_proxy_port_sweeps_total", "half"), "sweep: {{half}}"),
+                    ],
                 ),
             ],
         )],
