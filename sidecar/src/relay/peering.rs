@@ -262,6 +262,14 @@ impl MainRelay {
                     self.metrics.relay.trust_denials.get_or_create(&[("rule", "export_permission")]).inc_by(denied);
                     warn!(%peer, denied, rule = "export_permission", "dropped registry entries the peer may not export");
                 }
+                let before = delta.add.len();
+                let live = self.live();
+                delta.add.retain(|e| !super::router::collides(&live, peer, e));
+                if delta.add.len() < before {
+                    let denied = (before - delta.add.len()) as u64;
+                    self.metrics.relay.trust_denials.get_or_create(&[("rule", "node_id_collision")]).inc_by(denied);
+                    warn!(%peer, denied, rule = "node_id_collision", "dropped a partner's registry entries that name a node of this federation");
+                }
                 let applied = self.registry.lock().map(|mut r| r.apply(peer, &delta, now));
                 match applied {
                     Ok(Applied::Applied) => {

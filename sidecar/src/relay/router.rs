@@ -59,6 +59,16 @@ pub(crate) fn refuse_connection(live: &MainLive, node: &str) -> Option<&'static 
     }
 }
 
+/// Whether a registry entry from `peer` names one of this federation's nodes (its home or
+/// its main relay) although `peer` is a relay of another trust domain: node ids are chosen
+/// by each organisation, so two may pick the same one, and such an entry would make calls
+/// meant for our node go to the partner's, or the reverse. Such entries are dropped at the
+/// boundary (`trust_denials{rule="node_id_collision"}`).
+pub(crate) fn collides(live: &MainLive, peer: &str, entry: &crate::federation::registry::Entry) -> bool {
+    let ours = |n: &str| live.trust.known_nodes.iter().any(|k| k == n);
+    live.peers.get(peer).is_some_and(|p| p.pin.is_some()) && (ours(&entry.node) || ours(&entry.main))
+}
+
 /// The permissions peer `peer` has by its trust level.
 pub(crate) fn permissions_of(live: &MainLive, peer: &str) -> Permissions {
     let all = || Permissions { call: vec!["*".into()], export: vec!["*".into()] };

@@ -305,3 +305,30 @@ fn forwarding_needs_a_closed_circuit_and_a_link() {
     assert_eq!(code(forward_check("hub-us", true, PeerLink::Down)), Some(ErrorCode::PeerUnreachable));
     assert_eq!(code(forward_check("hub-ap", true, PeerLink::NotAPeer)), Some(ErrorCode::NoRoute));
 }
+
+#[test]
+fn a_partners_entry_naming_one_of_our_nodes_collides() {
+    use crate::config::PeerPin;
+    use crate::federation::registry::Entry;
+    let mut partner = peer("partner", TrustLevel::Verified, Some(&["catalog"]));
+    partner.pin = Some(PeerPin { trust_domain: "partner.example".into(), ca_bundle: None, fingerprints: vec![] });
+    let trust = Trust { known_nodes: vec![ME.into(), "shop-eu".into()], ..Trust::default() };
+    let l = live(vec![partner, peer("hub-us", TrustLevel::Trusted, None)], trust);
+    let entry = |node: &str, main: &str| Entry {
+        service: "catalog".into(),
+        port: 80,
+        node: node.into(),
+        main: main.into(),
+        noise_key: String::new(),
+        ech: false,
+        standby: false,
+        attached: 0,
+    };
+    // Their own home at their own relay: kept.
+    assert!(!collides(&l, "partner", &entry("web-p", "partner")));
+    // A home id or a main relay id of ours: dropped.
+    assert!(collides(&l, "partner", &entry("shop-eu", "partner")));
+    assert!(collides(&l, "partner", &entry("web-p", ME)));
+    // A peer of our own trust domain carries our own homes: kept.
+    assert!(!collides(&l, "hub-us", &entry("shop-eu", "hub-us")));
+}
