@@ -17,7 +17,7 @@ pub struct Relay {
     /// themselves are in [`super::Metrics::top_rate_limited`] (bounded cardinality).
     pub rate_limited: Family<L1, Counter>,
     /// Trust denials by `rule` (reject_unknown, blocked, call_permission, export_permission,
-    /// export_not_planned).
+    /// node_id_collision, export_not_planned).
     pub trust_denials: Family<L1, Counter>,
     /// Routing decisions by `result` (local, forwarded, no_route, circuit_open,
     /// peer_unreachable).
@@ -134,7 +134,14 @@ impl Relay {
         for k in ["home", "peer", "probe"] {
             let _ = m.rate_limited.get_or_create(&[("sender_kind", k)]);
         }
-        for rule in ["reject_unknown", "blocked", "call_permission", "export_permission", "export_not_planned"] {
+        for rule in [
+            "reject_unknown",
+            "blocked",
+            "call_permission",
+            "export_permission",
+            "node_id_collision",
+            "export_not_planned",
+        ] {
             let _ = m.trust_denials.get_or_create(&[("rule", rule)]);
         }
         m
