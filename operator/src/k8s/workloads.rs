@@ -82,6 +82,15 @@ fn target_port(port: &k8s_openapi::api::core::v1::ServicePort, pod: &Pod) -> Opt
     }
 }
 
+/// The ServiceExport annotation that asks for a PROXY protocol v2 header with the caller's
+/// identity before the first byte of every federated connection to the exported Service.
+pub const PROXY_PROTOCOL_ANNOTATION: &str = "relayfed.io/proxy-protocol";
+
+/// Whether a ServiceExport asks for the PROXY protocol header (`"true"`; anything else: no).
+fn wants_proxy_protocol(e: &ServiceExport) -> bool {
+    e.metadata.annotations.as_ref().and_then(|a| a.get(PROXY_PROTOCOL_ANNOTATION)).is_some_and(|v| v == "true")
+}
+
 /// Computes the workload facts from the given objects (what the stores hold).
 pub fn facts(
     settings: &WorkloadSettings,
@@ -92,10 +101,13 @@ pub fn facts(
 ) -> WorkloadFacts {
     let svc_by_key: BTreeMap<(String, String), &Service> =
         services.iter().map(|s| ((s.namespace().unwrap_or_default(), s.name_any()), *s)).collect();
-    let exported: Vec<&Service> = exports
+    let exported: Vec<(&Service, bool)> = exports
         .iter()
         .filter(|e| e.metadata.deletion_timestamp.is_none())
-        .filter_map(|e| svc_by_key.get(&(e.namespace().unwrap_or_default(), e.name_any())).copied())
+        .filter_map(|e| {
+            let svc = svc_by_key.get(&(e.namespace().unwrap_or_default(), e.name_any())).copied()?;
+            Some((svc, wants_proxy_protocol(e)))
+        })
         .collect();
     let mut workloads: Vec<Workload> = pods
         .iter()
@@ -106,7 +118,9 @@ pub fn facts(
             let w =
                 identity::Workload { namespace: namespace.clone(), service_account: String::new(), pod: p.name_any() };
             let mut exports = Vec::new();
-            for svc in exported.iter().filter(|s| s.namespace().as_deref() == Some(namespace.as_str())) {
+            for (svc, proxy_protocol) in
+                exported.iter().filter(|(s, _)| s.namespace().as_deref() == Some(namespace.as_str()))
+            {
                 if !selects(svc, p) {
                     continue;
                 }
@@ -119,6 +133,7 @@ pub fn facts(
                             service: federated_name(&svc.name_any(), &namespace),
                             port,
                             target_port,
+                            proxy_protocol: *proxy_protocol,
                         });
                     }
                 }
@@ -299,7 +314,9 @@ mod tests {
             ),
             service("db", json!({"app": "db"}), json!([{"port": 5432}])),
         ];
-        let exports = [export("web"), export("missing")];
+        let mut web = export("web");
+        web.metadata.annotations = Some([(PROXY_PROTOCOL_ANNOTATION.to_owned(), "true".to_owned())].into());
+        let exports = [web, export("missing")];
         let f = facts(
             &WorkloadSettings::default(),
             &pods.iter().collect::<Vec<_>>(),
@@ -314,13 +331,27 @@ mod tests {
         assert_eq!(
             web.exports,
             vec![
-                WorkloadExport { service: "web.shop".into(), port: 80, target_port: 8080 },
-                WorkloadExport { service: "web.shop".into(), port: 81, target_port: 9000 },
+                WorkloadExport { service: "web.shop".into(), port: 80, target_port: 8080, proxy_protocol: true },
+                WorkloadExport { service: "web.shop".into(), port: 81, target_port: 9000, proxy_protocol: true },
             ],
-            "named targetPort resolved, UDP skipped"
+            "named targetPort resolved, UDP skipped, the export's PROXY protocol annotation followed"
         );
         let db = f.workloads.iter().find(|w| w.pod == "shop/db-1").unwrap();
         assert!(db.exports.is_empty(), "db is not exported");
+        // Without the annotation (or with another value): no header.
+        let mut other = export("web");
+        other.metadata.annotations = Some([(PROXY_PROTOCOL_ANNOTATION.to_owned(), "yes".to_owned())].into());
+        for exports in [vec![export("web")], vec![other]] {
+            let f = facts(
+                &WorkloadSettings::default(),
+                &pods.iter().collect::<Vec<_>>(),
+                &services.iter().collect::<Vec<_>>(),
+                &exports.iter().collect::<Vec<_>>(),
+                &[],
+            );
+            let web = f.workloads.iter().find(|w| w.pod == "shop/web-1").unwrap();
+            assert!(web.exports.iter().all(|e| !e.proxy_protocol));
+        }
     }
 
     #[test]

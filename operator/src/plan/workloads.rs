@@ -34,6 +34,9 @@ pub struct WorkloadExport {
     pub port: u16,
     /// The container port the Service targets (delivered to `127.0.0.1:<targetPort>`).
     pub target_port: u16,
+    /// The app gets a PROXY protocol v2 header with the caller's identity first (the
+    /// ServiceExport's `relayfed.io/proxy-protocol: "true"`; docs/protocol.md §6.1).
+    pub proxy_protocol: bool,
 }
 
 /// An imported service as local pods dial it (its `ServiceImport` Service's ClusterIP).
@@ -121,8 +124,7 @@ pub fn workload_snapshot(
             service: e.service.clone(),
             port: e.port,
             target: SocketAddr::from(([127, 0, 0, 1], e.target_port)),
-            // Injected pods: not offered yet (their exports come from ServiceExports).
-            proxy_protocol: false,
+            proxy_protocol: e.proxy_protocol,
         })
         .collect();
     base.imports = facts
