@@ -132,6 +132,23 @@ impl Partner {
     }
 }
 
+impl Partner {
+    /// The CA certificates that speak for this partner: its `caBundle`, and those of
+    /// `presented` (certificates its relay showed, passed on by a relay of ours that no one
+    /// has to trust) whose public key is pinned. What checks a partner relay's ECH config
+    /// signature (docs/protocol.md §5.7).
+    pub fn signers(&self, presented: &[CertificateDer<'_>]) -> Vec<CertificateDer<'static>> {
+        let pinned = |c: &CertificateDer<'_>| {
+            spki_fingerprint(c).and_then(|f| parse_fingerprint(&f)).is_some_and(|f| self.fingerprints.contains(&f))
+        };
+        self.roots
+            .iter()
+            .cloned()
+            .chain(presented.iter().filter(|c| pinned(c)).map(|c| c.clone().into_owned()))
+            .collect()
+    }
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -1,6 +1,7 @@
 //! Peers of another trust domain (docs/protocol.md §2.3): two federations with their own CAs
 //! peer by a pinned CA key each way, nothing else shared; each learns only the services it may
-//! call; a relay whose CA key is not pinned is refused with a counted reason.
+//! call; a relay whose CA key is not pinned is refused with a counted reason; routes to a
+//! partner's relay are sealed with ECH when its CA, as pinned, signed its config.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -14,7 +15,7 @@ use relayfed_e2e::Testbed;
 use relayfed_sidecar::config::{
     Export, Import, MainRelay, PartnerFederation, PeerPin, PeerRelay, Permissions, Snapshot, TrustLevel,
 };
-use relayfed_sidecar::federation::ech_policy::EchPolicy;
+use relayfed_sidecar::federation::ech_policy::{EchMode, EchPolicy};
 use relayfed_sidecar::protocol::proxy_header;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -32,6 +33,8 @@ struct Extra {
     fixed: Vec<Import>,
     /// Exports served by [`caller_server`] behind a PROXY v2 header.
     proxied: &'static [&'static str],
+    /// The home's ECH policy (default: off).
+    ech: EchPolicy,
 }
 
 /// One federation: its testbed (CA), its main relay's snapshot and QUIC address.
@@ -94,7 +97,7 @@ impl Federation {
         other: &Federation,
         extra: Extra,
     ) -> Proc {
-        let Extra { fixed, proxied } = extra;
+        let Extra { fixed, proxied, ech } = extra;
         let server = identify_server(name).await;
         let caller_server = caller_server().await;
         let exports = services
@@ -111,7 +114,7 @@ impl Federation {
             .chain(fixed)
             .collect::<Vec<_>>();
         let main = MainRelay { node_id: self.relay.clone(), endpoint: relay.quic(), priority: 0 };
-        let path = self.tb.home(name, main, exports, imports, EchPolicy::default()).unwrap();
+        let path = self.tb.home(name, main, exports, imports, ech).unwrap();
         let partner = PartnerFederation {
             relays: vec![other.relay.clone()],
             pin: PeerPin {
@@ -197,7 +200,7 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
             &["inventory-eu", "hr"],
             &["catalog"],
             &acme,
-            Extra { fixed: vec![], proxied: &["inventory-eu"] },
+            Extra { proxied: &["inventory-eu"], ..Extra::default() },
         )
         .await;
 
@@ -255,7 +258,8 @@ async fn relays_of_two_trust_domains_peer_by_pinned_keys_and_learn_only_what_the
     let mut hr = Import::resolved("hr", 80, "127.0.0.1:0".parse().unwrap());
     (hr.node, hr.main, hr.noise_public_key) =
         (Some("stock".into()), Some("hub-p".into()), Some(partner.tb.noise_key("stock").unwrap()));
-    let pushy = acme.home_with("pushy", &hub_a, &[], &[], &partner, Extra { fixed: vec![hr], proxied: &[] }).await;
+    let pushy =
+        acme.home_with("pushy", &hub_a, &[], &[], &partner, Extra { fixed: vec![hr], ..Extra::default() }).await;
     assert!(round_trip(pushy.import("hr:80"), b"q").await.is_err());
     assert_eq!(pushy.metric("relayfed_proxy_stream_errors_total", &[("code", "PERMISSION_DENIED")]).await, 1.0);
     assert_eq!(hub_p.metric("relayfed_relay_trust_denials_total", &[("rule", "call_permission")]).await, 1.0);
@@ -301,4 +305,55 @@ async fn a_relay_whose_ca_key_is_not_pinned_is_refused_with_a_counted_reason() {
     })
     .await;
     assert_eq!(hub_a.metric("relayfed_relay_peer_up", &[("peer", "hub-p")]).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_to_a_partners_relay_are_sealed_when_its_pinned_ca_signed_its_ech_config() {
+    let acme = Federation::new("acme.example", "hub-a", 1);
+    let partner = Federation::new("partner.example", "hub-p", 2);
+    acme.peer_with(&partner, partner.fingerprint(), &[], &["inventory*"]);
+    partner.peer_with(&acme, acme.fingerprint(), &["inventory*"], &[]);
+    // The partner's operator signs hub-p's config with the partner's CA (§5.7); acme's homes
+    // have no config of hub-p in their snapshots.
+    let list = partner.tb.ech_configs().unwrap().remove("hub-p").unwrap();
+    let signature = relayfed_sidecar::config::base64_encode(
+        &partner.tb.ca.sign_ech_config("hub-p", &relayfed_sidecar::config::base64_decode(&list).unwrap()).unwrap(),
+    );
+    edit(&partner.cfg, |s| {
+        s.ech_announcement = Some(relayfed_sidecar::config::SignedEchConfig { ech_config_list: list, signature })
+    });
+    let hub_a = common::start("main-relay", &acme.cfg, &[]).await;
+    let hub_p = common::start("main-relay", &partner.cfg, &[]).await;
+    let _stock = partner.home("stock", &hub_p, &["inventory-eu"], &[], &acme).await;
+    let required = EchPolicy { enabled: true, mode: EchMode::Required, percentage: 100, ..EchPolicy::default() };
+    let shop = acme
+        .home_with(
+            "shop",
+            &hub_a,
+            &[],
+            &["inventory-eu"],
+            &partner,
+            Extra { ech: required.clone(), ..Extra::default() },
+        )
+        .await;
+    // A home whose pin for the partner is another key refuses the config: in `required` mode
+    // it then sends nothing to hub-p rather than a plain route.
+    let stranger = Federation::new("partner.example", "hub-p", 3);
+    let gullible = acme
+        .home_with("gullible", &hub_a, &[], &["inventory-eu"], &stranger, Extra { ech: required, ..Extra::default() })
+        .await;
+
+    eventually("shop reaches inventory-eu through hub-p, sealed", WAIT, || async {
+        round_trip(shop.import("inventory-eu:80"), b"q").await.is_ok_and(|r| r == b"stock|q")
+    })
+    .await;
+    assert!(shop.metric("relayfed_proxy_ech_signed_configs_total", &[("result", "accepted")]).await >= 1.0);
+    assert!(shop.metric("relayfed_proxy_ech_streams_total", &[("outcome", "accepted")]).await >= 1.0);
+    assert_eq!(shop.metric("relayfed_proxy_ech_signed_configs_total", &[("result", "invalid")]).await, 0.0);
+    eventually("gullible refuses hub-p's config", WAIT, || async {
+        gullible.metric("relayfed_proxy_ech_signed_configs_total", &[("result", "invalid")]).await >= 1.0
+    })
+    .await;
+    assert!(round_trip(gullible.import("inventory-eu:80"), b"q").await.is_err());
+    assert_eq!(gullible.metric("relayfed_proxy_ech_streams_total", &[("outcome", "accepted")]).await, 0.0);
 }

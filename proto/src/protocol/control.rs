@@ -43,6 +43,11 @@ pub struct MainInfo {
     /// their snapshot lacks only when it verifies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ech_signature: Option<String>,
+    /// For a main relay of another trust domain: the CA certificate (DER, base64) its relay
+    /// presented, which signed the list. Homes use it only when its key is the partner's
+    /// pinned one (§5.7); absent for relays of our federation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ech_signer: Option<String>,
 }
 
 /// One hop of a path trace.

@@ -428,7 +428,7 @@ impl HomeNode {
                 next.insert(main.clone(), p.clone());
                 continue;
             }
-            match self.verify_signed_ech(main, list, sig) {
+            match self.verify_signed_ech(main, list, sig, info.ech_signer.as_deref()) {
                 Ok(parsed) => {
                     self.metrics.proxy.ech_signed_configs.get_or_create(&[("result", "accepted")]).inc();
                     info!(%main, "CA-signed ECH config accepted: streams to it can be sealed");
@@ -445,16 +445,36 @@ impl HomeNode {
         }
     }
 
-    fn verify_signed_ech(&self, main: &str, list: &str, sig: &str) -> Result<EchConfigList, String> {
+    /// Checks a view's signed ECH config for `main`: signed by our CA, or for a main relay
+    /// of a partner federation by a CA its pin names (a `caBundle` CA, or `signer`, the CA
+    /// its relay presented, when its key is pinned).
+    fn verify_signed_ech(
+        &self,
+        main: &str,
+        list: &str,
+        sig: &str,
+        signer: Option<&str>,
+    ) -> Result<EchConfigList, String> {
         let bytes = crate::config::base64_decode(list).ok_or("list is not base64")?;
         let sig = crate::config::base64_decode(sig).ok_or("signature is not base64")?;
-        let verified = self
-            .identity
-            .roots()
+        let live = self.live();
+        let partner = live.partners.iter().find(|(relays, _)| relays.iter().any(|r| r == main)).map(|(_, p)| p);
+        let cas = match partner {
+            Some(p) => {
+                let presented: Vec<rustls_pki_types::CertificateDer<'static>> =
+                    signer.and_then(crate::config::base64_decode).map(Into::into).into_iter().collect();
+                p.signers(&presented)
+            }
+            None => self.identity.roots().to_vec(),
+        };
+        let verified = cas
             .iter()
             .any(|ca| crate::crypto::ech_signature::verify_ech_config(ca.as_ref(), main, &bytes, &sig).is_ok());
         if !verified {
-            return Err("not signed by the federation CA for this relay".into());
+            return Err(match partner {
+                Some(p) => format!("not signed by a pinned CA of {} for this relay", p.trust_domain),
+                None => "not signed by the federation CA for this relay".into(),
+            });
         }
         EchConfigList::decode(&bytes).map_err(|e| e.to_string())
     }

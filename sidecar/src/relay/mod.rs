@@ -237,10 +237,16 @@ impl MainRelay {
     /// announcement of its snapshot when there is one, else the list of its own keys.
     pub(crate) fn ech_info(&self) -> MainInfo {
         match self.live().announcement.clone() {
-            Some(a) => MainInfo { ech_config_list: Some(a.ech_config_list), ech_signature: Some(a.signature) },
-            None => {
-                MainInfo { ech_config_list: self.ech_config_list().map(|l| base64_encode(&l)), ech_signature: None }
-            }
+            Some(a) => MainInfo {
+                ech_config_list: Some(a.ech_config_list),
+                ech_signature: Some(a.signature),
+                ech_signer: None,
+            },
+            None => MainInfo {
+                ech_config_list: self.ech_config_list().map(|l| base64_encode(&l)),
+                ech_signature: None,
+                ech_signer: None,
+            },
         }
     }
 

@@ -303,6 +303,17 @@ impl MainRelay {
         }
     }
 
+    /// For a peer of another trust domain with a live peering: the last certificate of the
+    /// chain it presented (its CA, which signs its ECH configs), base64 DER, for our homes to
+    /// check against their pin (§5.7). `None` for peers of our own federation.
+    pub(crate) fn presented_ca(&self, peer: &str) -> Option<String> {
+        self.live().peers.get(peer)?.pin.as_ref()?;
+        let conn = self.peers.read().ok()?.get(peer)?.conn.clone();
+        let chain = conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+        let ca = chain.get(1..)?.last()?;
+        Some(crate::config::base64_encode(ca.as_ref()))
+    }
+
     /// Sets `relayfed_relay_peer_rtt_seconds` from each live peering's QUIC connection.
     fn record_peer_rtts(&self) {
         let Ok(peers) = self.peers.read() else { return };

@@ -198,6 +198,7 @@ impl MainRelay {
                     MainInfo {
                         ech_config_list: health.ech_config_list.clone(),
                         ech_signature: health.ech_signature.clone(),
+                        ech_signer: self.presented_ca(p),
                     },
                 );
             }
