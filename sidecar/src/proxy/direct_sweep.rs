@@ -21,6 +21,11 @@ const MAX_SWEPT_ADDRESSES: usize = 2;
 /// sweep may still be on its way (a probe that reached its NAT first was dropped), then
 /// every [`FAN_INTERVAL`].
 const FAN_SCHEDULE_MS: [u64; 4] = [0, 40, 80, 150];
+/// Sweeps a home starts, at most: a burst, then one per second on average. A main relay
+/// can ask a home to punch toward any address; this bounds how much a hostile one can make
+/// it send there (2,048 probes of 24 bytes per swept address).
+const SWEEP_LIMIT: crate::resilience::rate_limit::Limit =
+    crate::resilience::rate_limit::Limit { rate: 1.0, burst: 4.0 };
 /// A fan probes from every socket this often after [`FAN_SCHEDULE_MS`].
 const FAN_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -30,6 +35,13 @@ impl HomeNode {
     pub(super) fn start_sweep(self: &Arc<Self>, peer: &str, generation: u64, how: Sweep) {
         let Some((tokens, listed)) = self.attempt_probe_set(peer, generation) else { return };
         let Some(token) = tokens.first().copied() else { return };
+        let limited = match self.direct.limiter.lock() {
+            Ok(mut l) => l.admit("port sweep", SWEEP_LIMIT, Instant::now()).retry_after().is_some(),
+            Err(_) => true,
+        };
+        if limited {
+            return debug!(peer, "port sweeps are rate limited: this attempt does without");
+        }
         info!(peer, sockets = how.sockets, ports = how.ports, "no probe answered: sweeping ports");
         if how.ports {
             self.metrics.proxy.port_sweeps.get_or_create(&[("half", "ports")]).inc();
