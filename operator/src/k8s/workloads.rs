@@ -314,16 +314,21 @@ mod tests {
             ),
             service("db", json!({"app": "db"}), json!([{"port": 5432}])),
         ];
-        let mut web = export("web");
-        web.metadata.annotations = Some([(PROXY_PROTOCOL_ANNOTATION.to_owned(), "true".to_owned())].into());
-        let exports = [web, export("missing")];
-        let f = facts(
-            &WorkloadSettings::default(),
-            &pods.iter().collect::<Vec<_>>(),
-            &services.iter().collect::<Vec<_>>(),
-            &exports.iter().collect::<Vec<_>>(),
-            &[],
-        );
+        let annotated = |value: &str| {
+            let mut e = export("web");
+            e.metadata.annotations = Some([(PROXY_PROTOCOL_ANNOTATION.to_owned(), value.to_owned())].into());
+            e
+        };
+        let facts_of = |exports: &[ServiceExport]| {
+            facts(
+                &WorkloadSettings::default(),
+                &pods.iter().collect::<Vec<_>>(),
+                &services.iter().collect::<Vec<_>>(),
+                &exports.iter().collect::<Vec<_>>(),
+                &[],
+            )
+        };
+        let f = facts_of(&[annotated("true"), export("missing")]);
         let names: Vec<&str> = f.workloads.iter().map(|w| w.pod.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(names.contains(&"shop/web-1") && names.contains(&"shop/db-1"), "{names:?}");
@@ -339,16 +344,8 @@ mod tests {
         let db = f.workloads.iter().find(|w| w.pod == "shop/db-1").unwrap();
         assert!(db.exports.is_empty(), "db is not exported");
         // Without the annotation (or with another value): no header.
-        let mut other = export("web");
-        other.metadata.annotations = Some([(PROXY_PROTOCOL_ANNOTATION.to_owned(), "yes".to_owned())].into());
-        for exports in [vec![export("web")], vec![other]] {
-            let f = facts(
-                &WorkloadSettings::default(),
-                &pods.iter().collect::<Vec<_>>(),
-                &services.iter().collect::<Vec<_>>(),
-                &exports.iter().collect::<Vec<_>>(),
-                &[],
-            );
+        for exports in [[export("web")], [annotated("yes")]] {
+            let f = facts_of(&exports);
             let web = f.workloads.iter().find(|w| w.pod == "shop/web-1").unwrap();
             assert!(web.exports.iter().all(|e| !e.proxy_protocol));
         }
