@@ -148,13 +148,13 @@ bench: ## Benchmarks (release build) and the failover scenario's figures; writes
 	@cat $(BENCH_OUT)
 
 PEERS_DIR ?= /var/tmp/relayfed-peers
-bench-peers: ## relayfed beside direct, stunnel4 and boringtun on one namespace topology (root; installs them); rewrites its section of $(BENCH_OUT).
-	for t in stunnel4 iperf3 wg openssl; do command -v $$t >/dev/null || { apt-get install -y --no-install-recommends stunnel4 iperf3 wireguard-tools openssl; break; }; done
+bench-peers: ## relayfed beside direct, stunnel4, boringtun and Nebula on one namespace topology (root; installs them); rewrites its section of $(BENCH_OUT).
+	for t in stunnel4 iperf3 wg openssl nebula; do command -v $$t >/dev/null || { apt-get install -y --no-install-recommends stunnel4 iperf3 wireguard-tools openssl nebula; break; }; done
 	test -x $(PEERS_DIR)/bin/boringtun-cli || $(CARGO) install -q --locked boringtun-cli@0.7.1 --root $(PEERS_DIR)
 	mkdir -p target
 	RELAYFED_BORINGTUN=$(PEERS_DIR)/bin/boringtun-cli $(CARGO) bench -q -p relayfed-sidecar --bench peers > target/bench-peers.md
 	@{ echo "Produced by \`make bench-peers\` (\`cargo bench -p relayfed-sidecar --bench peers\`, root) on $$(date -u +%Y-%m-%d), $$(nproc) cores,"; \
-	   echo "$$(uname -sr); $$(stunnel4 -version 2>&1 | grep -m1 -o 'stunnel [0-9.]*'), boringtun $$($(PEERS_DIR)/bin/boringtun-cli --version | cut -d' ' -f2),"; \
+	   echo "$$(uname -sr); $$(stunnel4 -version 2>&1 | grep -m1 -o 'stunnel [0-9.]*'), boringtun $$($(PEERS_DIR)/bin/boringtun-cli --version | cut -d' ' -f2), Nebula $$(nebula -version | cut -d' ' -f2),"; \
 	   echo "$$(iperf3 --version | head -1 | cut -d' ' -f1-2), $$(openssl version | cut -d' ' -f1-2); the machine's load average at the start: $$(cut -d' ' -f1-3 /proc/loadavg)."; \
 	   echo; cat target/bench-peers.md; } > target/bench-peers-section.md
 	@awk -v f=target/bench-peers-section.md '/^<!-- bench-peers: begin/ {print; while ((getline l < f) > 0) print l; skip=1; next} /^<!-- bench-peers: end/ {skip=0} !skip' $(BENCH_OUT) > target/bench-peers-doc.md

@@ -12,6 +12,8 @@
 //! - stunnel4: TLS hop by hop, a client stunnel in `a`, one (or two) relaying stunnels in `r`
 //!   (TLS in, TLS out), a server stunnel in `b`;
 //! - boringtun: a WireGuard tunnel `a` <-> `b` (userspace), routed by `r`;
+//! - Nebula: an overlay of two hosts `a` and `b` (Noise, AES-256-GCM, TUN devices), routed
+//!   by `r`, no lighthouse (each host's underlay address given);
 //! - relayfed: a home in `a`, one main relay (or two, peered) in `r`, a home in `b` (Noise end
 //!   to end inside QUIC hops), plain and ECH.
 //!
@@ -70,6 +72,11 @@ fn main() {
         Some(_) => {}
         None => eprintln!("boringtun-cli not found (make bench-peers builds it): its rows are left out"),
     }
+    match &tools.nebula {
+        Some(n) if wanted("nebula") => paths.push(Box::new(Nebula::start(&topo, n))),
+        Some(_) => {}
+        None => eprintln!("nebula not found (apt-get install nebula): its row is left out"),
+    }
     if wanted("relayfed") {
         for (relays, ech) in [(1, false), (1, true), (2, false)] {
             paths.push(Box::new(Relayfed::start(&topo, relays, ech)));
@@ -113,6 +120,8 @@ fn main() {
 struct Tools {
     stunnel: PathBuf,
     boringtun: Option<PathBuf>,
+    /// `nebula` and `nebula-cert`, side by side.
+    nebula: Option<PathBuf>,
 }
 
 impl Tools {
@@ -126,7 +135,8 @@ impl Tools {
         if boringtun.is_some() {
             assert!(which("wg").is_some(), "wg (apt-get install wireguard-tools) configures boringtun");
         }
-        Self { stunnel, boringtun }
+        let nebula = which("nebula").filter(|_| which("nebula-cert").is_some());
+        Self { stunnel, boringtun, nebula }
     }
 }
 
@@ -413,6 +423,60 @@ impl PathUnderTest for Boringtun {
     }
     fn aead_passes(&self) -> (f64, f64) {
         (2.0, 0.0)
+    }
+}
+
+/// Nebula: hosts `a` (overlay 10.79.0.1) and `b` (10.79.0.2) of one CA, each told the
+/// other's underlay address (no lighthouse), routed by `rfp-r`.
+struct Nebula {
+    pids: Vec<u32>,
+}
+
+impl Nebula {
+    fn start(topo: &Topology, nebula: &Path) -> Self {
+        let cert = nebula.with_file_name("nebula-cert");
+        let dir = topo.dir.join("nebula");
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        sh(&format!("cd {d} && {} ca -name relayfed-bench", cert.display()));
+        let hosts = [("a", "rfp-a", "10.79.0.1", "rfpneba"), ("b", "rfp-b", "10.79.0.2", "rfpnebb")];
+        let underlay = |host: &str| if host == "a" { "10.77.1.2" } else { "10.77.2.2" };
+        let mut pids = Vec::new();
+        for (i, (host, ns, ip, dev)) in hosts.iter().enumerate() {
+            sh(&format!("cd {d} && {} sign -name {host} -ip {ip}/24", cert.display()));
+            let (other, other_ip) = if i == 0 { ("b", hosts[1].2) } else { ("a", hosts[0].2) };
+            let config = format!(
+                "pki: {{ca: {d}/ca.crt, cert: {d}/{host}.crt, key: {d}/{host}.key}}\n\
+                 static_host_map: {{\"{other_ip}\": [\"{}:4242\"]}}\n\
+                 lighthouse: {{am_lighthouse: false, hosts: []}}\n\
+                 listen: {{host: 0.0.0.0, port: 4242}}\n\
+                 punchy: {{punch: false}}\n\
+                 tun: {{dev: {dev}, mtu: 1300}}\n\
+                 logging: {{level: warning}}\n\
+                 firewall:\n  outbound: [{{port: any, proto: any, host: any}}]\n  inbound: [{{port: any, proto: any, host: any}}]\n",
+                underlay(other)
+            );
+            let path = dir.join(format!("{host}.yml"));
+            std::fs::write(&path, config).unwrap();
+            pids.push(topo.spawn(ns, nebula, &["-config", path.to_str().unwrap()]));
+        }
+        wait_tcp("rfp-a", "10.79.0.2", RPC_PORT);
+        Self { pids }
+    }
+}
+
+impl PathUnderTest for Nebula {
+    fn name(&self) -> String {
+        "Nebula (overlay, routed)".into()
+    }
+    fn targets(&self) -> (SocketAddr, SocketAddr) {
+        servers_at([10, 79, 0, 2])
+    }
+    fn pids(&self) -> Vec<u32> {
+        self.pids.clone()
+    }
+    fn aead_passes(&self) -> (f64, f64) {
+        (0.0, 2.0)
     }
 }
 
@@ -755,7 +819,7 @@ fn print_table(
     println!(
         "AEAD on one core (`openssl speed -evp`, 16 KiB blocks): ChaCha20-Poly1305 {:.0} MB/s, AES-128-GCM {:.0} MB/s. \
          Passes per byte: relayfed 2 ChaCha20-Poly1305 (Noise, end to end) + 2 AES-GCM per hop (QUIC); stunnel 2 per TLS hop \
-         (AES-GCM); boringtun 2 ChaCha20-Poly1305. {ROUNDS} interleaved rounds of {SECONDS} s iperf3 runs; median (min–max).",
+         (AES-GCM); boringtun 2 ChaCha20-Poly1305; Nebula 2 AES-256-GCM. {ROUNDS} interleaved rounds of {SECONDS} s iperf3 runs; median (min–max).",
         bound.chacha / 1e6,
         bound.aes / 1e6
     );
