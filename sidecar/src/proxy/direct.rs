@@ -700,7 +700,52 @@ impl HomeNode {
 
 #[cfg(test)]
 mod tests {
-    use super::replaces;
+    use super::{Attempt, HashMap, SocketAddr, replaces};
+
+    fn attempt(listed: &[&str]) -> Attempt {
+        let listed: Vec<SocketAddr> = listed.iter().map(|a| a.parse().unwrap()).collect();
+        Attempt {
+            tokens: vec![[1; 16]],
+            addresses: listed.clone(),
+            listed,
+            heard_from: vec![],
+            swept: false,
+            dial: true,
+            dialed: vec![],
+            started: std::time::Instant::now(),
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn handshakes_come_from_an_attempts_addresses_or_while_it_sweeps_any_port_of_them() {
+        let mut a = attempt(&["203.0.113.20:4000"]);
+        let fresh: SocketAddr = "203.0.113.20:51234".parse().unwrap();
+        let elsewhere: SocketAddr = "198.51.100.9:4000".parse().unwrap();
+        assert!(a.expects("203.0.113.20:4000".parse().unwrap()));
+        assert!(!a.expects(fresh), "an unknown port before any sweep");
+        a.swept = true;
+        assert!(a.expects(fresh), "a symmetric NAT's fresh port while sweeping");
+        assert!(!a.expects(elsewhere), "never another address");
+    }
+
+    #[test]
+    fn a_probe_from_a_fresh_port_is_learnt_once_and_shows_a_dependent_peer() {
+        let mut a = attempt(&["203.0.113.20:4000"]);
+        let observed: HashMap<String, SocketAddr> = HashMap::new();
+        assert_eq!(a.nat_pair(&observed), "unknown-unknown");
+        assert!(!a.heard("203.0.113.20:4000".parse().unwrap()), "a listed address is not new");
+        assert_eq!(a.nat_pair(&observed), "unknown-independent");
+        let fresh: SocketAddr = "203.0.113.20:51234".parse().unwrap();
+        assert!(a.heard(fresh));
+        assert!(!a.heard(fresh), "learnt once");
+        assert_eq!(a.addresses.len(), 2);
+        assert_eq!(a.nat_pair(&observed), "unknown-dependent");
+        // Our own mapping from two relays that saw the same address: independent.
+        let same: SocketAddr = "198.51.100.1:7000".parse().unwrap();
+        let ours = HashMap::from([("hub-a".to_owned(), same), ("hub-b".to_owned(), same)]);
+        assert_eq!(a.nat_pair(&ours), "independent-dependent");
+    }
 
     #[test]
     fn both_homes_keep_the_connection_dialed_by_the_smaller_node_id() {
