@@ -119,6 +119,14 @@ impl Side {
         serde_json::from_str(out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default()).unwrap()
     }
 
+    /// The value of one sample of node `node`'s metrics (0 when absent).
+    async fn metric(&self, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let status = self.status();
+        let n = status["nodes"].as_array().unwrap().iter().find(|n| n["node"] == node).cloned().unwrap();
+        let admin: std::net::SocketAddr = n["admin"].as_str().unwrap().parse().unwrap();
+        relayfed_e2e::procs::sample(&relayfed_e2e::procs::get(admin, "/metrics").await.unwrap(), name, labels)
+    }
+
     /// The loopback address of `home`'s import of `service`.
     fn import(&self, home: &str, service: &str) -> std::net::SocketAddr {
         let status = self.status();
@@ -181,6 +189,14 @@ async fn two_organisations_federate_by_pinned_keys_from_two_directories_of_yaml(
         get(catalog).await.contains(r#""node":"shop""#)
     })
     .await;
+    // Each side's homes took the other's relay's ECH config, signed by the other's CA and
+    // checked against the pinned key (protocol §5.7): raising `ech.percentage` seals to it.
+    for (side, home) in [(&acme, "shop"), (&partner, "stock")] {
+        let accepted = side.metric(home, "relayfed_proxy_ech_signed_configs_total", &[("result", "accepted")]).await;
+        let invalid = side.metric(home, "relayfed_proxy_ech_signed_configs_total", &[("result", "invalid")]).await;
+        let reg = side.admin_json(home, "/federation/registry").await;
+        assert!(accepted >= 1.0 && invalid == 0.0, "{home}: accepted {accepted}, invalid {invalid}: {}", reg["mains"]);
+    }
     // hr is not acme's to call: never propagated to acme, so the call fails.
     assert!(round_trip(acme.import("shop", "hr"), b"x").await.is_err());
     // The partner's relay learned catalog, and nothing of payroll.

@@ -76,6 +76,9 @@ pub struct KeyStore {
     trust_domain: String,
     public_name: String,
     passphrase: Vec<u8>,
+    /// Signed ECH announcements by (relay, list, issuing CA certificate): a signature is
+    /// randomised, so signing again would change every relay's snapshot at every publish.
+    announced: std::sync::Mutex<std::collections::BTreeMap<(String, String, String), String>>,
 }
 
 /// A node whose key material local mode keeps.
@@ -92,7 +95,13 @@ pub struct NodeKeys {
 impl KeyStore {
     /// A key store for one federation.
     pub fn new(dir: PathBuf, trust_domain: &str, public_name: &str, passphrase: Vec<u8>) -> Self {
-        Self { dir, trust_domain: trust_domain.to_owned(), public_name: public_name.to_owned(), passphrase }
+        Self {
+            dir,
+            trust_domain: trust_domain.to_owned(),
+            public_name: public_name.to_owned(),
+            passphrase,
+            announced: Default::default(),
+        }
     }
 
     pub(super) fn path(&self, name: &str) -> PathBuf {
@@ -217,6 +226,39 @@ impl KeyStore {
             out.insert(node.clone(), lists[path].clone());
         }
         Ok(out)
+    }
+
+    /// Each of `configs` (ECHConfigList base64 by main relay) signed by the issuing CA for
+    /// its relay (docs/protocol.md §5.7): what a main relay announces to its peers, so that
+    /// a partner federation's homes, which pin this CA's key, can seal to it.
+    pub fn ech_announcements(
+        &self,
+        configs: &std::collections::BTreeMap<String, String>,
+    ) -> Result<std::collections::BTreeMap<String, relayfed_proto::config::SignedEchConfig>, KeyError> {
+        let ca = self.ca(&mut KeyReport::default())?;
+        let path = self.path("ca.key");
+        let issuer = ca.certified_key().cert_pem.clone();
+        let mut cache = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        // Only what is announced now is kept (a rotated key's or CA's signatures go).
+        cache.retain(|(node, list, ca), _| *ca == issuer && configs.get(node) == Some(list));
+        configs
+            .iter()
+            .map(|(node, list)| {
+                let key = (node.clone(), list.clone(), issuer.clone());
+                let signature = match cache.get(&key) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let raw = relayfed_proto::config::base64_decode(list)
+                            .ok_or_else(|| file_err(&path, format!("the ECH config of {node} is not base64")))?;
+                        let s = ca.sign_ech_config(node, &raw).map_err(|e| file_err(&path, e))?;
+                        let s = relayfed_proto::config::base64_encode(&s);
+                        cache.insert(key, s.clone());
+                        s
+                    }
+                };
+                Ok((node.clone(), relayfed_proto::config::SignedEchConfig { ech_config_list: list.clone(), signature }))
+            })
+            .collect()
     }
 
     /// One step of a main relay's ECH key schedule (as the Relay reconciler does in a

@@ -177,13 +177,22 @@ fn compile(keys: &KeyStore, passphrase_file: &std::path::Path, loaded: &Loaded) 
 }
 
 /// Gives home snapshots the ECH configs of the main relays' key files (kept by this
-/// supervisor; homes seal only to configs from their snapshot).
+/// supervisor; our homes seal to configs from their snapshot), and each main relay its
+/// config signed by our CA to announce to peers (a partner's homes check it against their
+/// pin of our CA, docs/protocol.md §5.7).
 fn with_ech_configs(
     keys: &KeyStore,
     nodes: &[NodeKeys],
     snapshots: &mut BTreeMap<String, Snapshot>,
 ) -> Result<(), super::keys::KeyError> {
-    plan::set_ech_configs(snapshots, &keys.ech_configs(nodes)?);
+    let configs = keys.ech_configs(nodes)?;
+    plan::set_ech_configs(snapshots, &configs);
+    let mut announced = keys.ech_announcements(&configs)?;
+    for (node, s) in snapshots.iter_mut().filter(|(_, s)| s.node.role == relayfed_proto::config::Role::Main) {
+        if let Some(a) = announced.remove(node) {
+            s.ech_announcement = Some(a);
+        }
+    }
     Ok(())
 }
 
