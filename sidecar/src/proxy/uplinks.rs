@@ -424,14 +424,19 @@ impl HomeNode {
                 continue;
             }
             let pair = (list.clone(), sig.clone());
-            if let Some(p) = previous.get(main).filter(|p| p.0 == pair) {
+            let cached = previous.get(main).filter(|p| p.0 == pair);
+            // A partner's relay's config is checked again at every view: the pin it was
+            // accepted by may have changed since (a Peer edit, a rotation's end).
+            if let Some(p) = cached.filter(|_| !self.is_partner_relay(main)) {
                 next.insert(main.clone(), p.clone());
                 continue;
             }
             match self.verify_signed_ech(main, list, sig, info.ech_signer.as_deref()) {
                 Ok(parsed) => {
-                    self.metrics.proxy.ech_signed_configs.get_or_create(&[("result", "accepted")]).inc();
-                    info!(%main, "CA-signed ECH config accepted: streams to it can be sealed");
+                    if cached.is_none() {
+                        self.metrics.proxy.ech_signed_configs.get_or_create(&[("result", "accepted")]).inc();
+                        info!(%main, "CA-signed ECH config accepted: streams to it can be sealed");
+                    }
                     next.insert(main.clone(), (pair, parsed));
                 }
                 Err(why) => {
@@ -443,6 +448,11 @@ impl HomeNode {
         if let Ok(mut s) = self.signed_ech.write() {
             *s = next;
         }
+    }
+
+    /// Whether `main` is a main relay of a partner federation (another trust domain).
+    fn is_partner_relay(&self, main: &str) -> bool {
+        self.live().partners.iter().any(|(relays, _)| relays.iter().any(|r| r == main))
     }
 
     /// Checks a view's signed ECH config for `main`: signed by our CA, or for a main relay
