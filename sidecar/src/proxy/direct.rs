@@ -55,10 +55,10 @@ pub(super) struct Direct {
     /// that arrive on direct connections, where no relay counts them.
     limiter: std::sync::Mutex<crate::resilience::rate_limit::RateLimiter>,
     /// Fans of extra sockets (port sweeps, `direct_sweep.rs`) running at once.
-    pub(super) fans: Arc<tokio::sync::Semaphore>,
+    fans: Arc<tokio::sync::Semaphore>,
     /// The server configuration for direct connections while direct paths are on (a port
     /// sweep's winning socket accepts with it too).
-    pub(super) server: std::sync::Mutex<Option<quinn::ServerConfig>>,
+    server: std::sync::Mutex<Option<quinn::ServerConfig>>,
 }
 
 /// Senders whose buckets a home tracks for direct streams, at most.

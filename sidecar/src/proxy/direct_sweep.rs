@@ -21,11 +21,12 @@ const MAX_SWEPT_ADDRESSES: usize = 2;
 /// sweep may still be on its way (a probe that reached its NAT first was dropped), then
 /// every [`FAN_INTERVAL`].
 const FAN_SCHEDULE_MS: [u64; 4] = [0, 40, 80, 150];
-/// Sweeps a home starts, at most: a burst, then one per second on average. A main relay
-/// can ask a home to punch toward any address; this bounds how much a hostile one can make
-/// it send there (2,048 probes of 24 bytes per swept address).
+/// Sweeps a home starts, at most: a burst of 8, then two per second on average. A main
+/// relay can ask a home to punch toward any address; this bounds how much a hostile one can
+/// make it send there (2,048 probes of 24 bytes per swept address), while a home that calls
+/// several homes behind symmetric NATs in a row still sweeps for each.
 const SWEEP_LIMIT: crate::resilience::rate_limit::Limit =
-    crate::resilience::rate_limit::Limit { rate: 1.0, burst: 4.0 };
+    crate::resilience::rate_limit::Limit { rate: 2.0, burst: 8.0 };
 /// A fan probes from every socket this often after [`FAN_SCHEDULE_MS`].
 const FAN_INTERVAL: Duration = Duration::from_millis(200);
 
