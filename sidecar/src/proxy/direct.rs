@@ -19,7 +19,7 @@ use quinn::AsyncUdpSocket;
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::federation::direct_path::{Action, Event, Outcome, PUNCH_TIMEOUT, PathSession, Phase};
+use crate::federation::direct_path::{Action, Event, Mapping, Outcome, PUNCH_TIMEOUT, PathSession, Phase};
 use crate::protocol::control::MAX_CANDIDATES;
 use crate::protocol::punch::TOKEN_LEN;
 use crate::transport::punch_socket::{Probe, PunchSocket};
@@ -128,11 +128,9 @@ impl Attempt {
         new
     }
 
-    /// The `nat_pair` label: how our NAT maps (as our relays saw), then how the other
-    /// home's did (as its probes showed).
-    fn nat_pair(&self, observed: &HashMap<String, SocketAddr>) -> &'static str {
-        let seen: Vec<SocketAddr> = observed.values().copied().collect();
-        let ours = crate::federation::direct_path::mapping(&seen);
+    /// The `nat_pair` label: how our NAT maps (`ours`, as our relays saw), then how the
+    /// other home's did (as its probes showed).
+    fn nat_pair(&self, ours: Mapping) -> &'static str {
         let theirs = crate::federation::direct_path::peer_mapping(&self.listed, &self.heard_from);
         crate::federation::direct_path::nat_pair_label(ours.short(), theirs.short())
     }
@@ -153,6 +151,12 @@ impl Direct {
 }
 
 impl DirectState {
+    /// How our NAT maps the home's socket, from the addresses our main relays observed.
+    fn mapping(&self) -> Mapping {
+        let seen: Vec<SocketAddr> = self.observed.values().copied().collect();
+        crate::federation::direct_path::mapping(&seen)
+    }
+
     /// The path to `node`, created if there is room.
     fn peer(&mut self, node: &str, via: &str, now: Instant) -> Option<&mut PeerPath> {
         if !self.peers.contains_key(node) && self.peers.len() >= MAX_PEERS {
@@ -253,8 +257,7 @@ impl HomeNode {
                 let waiting: Vec<String> = {
                     let mut s = self.direct_state();
                     s.observed.insert(main.to_owned(), addr);
-                    let seen: Vec<SocketAddr> = s.observed.values().copied().collect();
-                    let kind = crate::federation::direct_path::mapping(&seen);
+                    let kind = s.mapping();
                     for k in ["unknown", "endpoint_independent", "endpoint_dependent"] {
                         self.metrics.proxy.nat_mapping.get_or_create(&[("kind", k)]).set(i64::from(k == kind.label()));
                     }
@@ -383,9 +386,9 @@ impl HomeNode {
                 }
                 Action::Abandon => {
                     let mut s = self.direct_state();
-                    let DirectState { observed, peers } = &mut *s;
-                    if let Some(p) = peers.get_mut(peer) {
-                        let pair = p.attempt.take().map_or("unknown-unknown", |a| a.nat_pair(observed));
+                    let ours = s.mapping();
+                    if let Some(p) = s.peers.get_mut(peer) {
+                        let pair = p.attempt.take().map_or("unknown-unknown", |a| a.nat_pair(ours));
                         if let Some((outcome, _)) = p.session.last() {
                             let labels = [("result", outcome.label()), ("nat_pair", pair)];
                             self.metrics.proxy.punches.get_or_create(&labels).inc();
@@ -395,9 +398,9 @@ impl HomeNode {
                 }
                 Action::UseDirect => {
                     let mut s = self.direct_state();
-                    let DirectState { observed, peers } = &mut *s;
-                    if let Some(p) = peers.get_mut(peer) {
-                        let pair = p.attempt.take().map_or("unknown-unknown", |a| a.nat_pair(observed));
+                    let ours = s.mapping();
+                    if let Some(p) = s.peers.get_mut(peer) {
+                        let pair = p.attempt.take().map_or("unknown-unknown", |a| a.nat_pair(ours));
                         if let Some((Outcome::Direct, took)) = p.session.last() {
                             let labels = [("result", "direct"), ("nat_pair", pair)];
                             self.metrics.proxy.punches.get_or_create(&labels).inc();
@@ -464,8 +467,7 @@ impl HomeNode {
             let now = Instant::now();
             let (tokens, addresses, to_dial, timed_out, sweep) = {
                 let mut s = self.direct_state();
-                let seen: Vec<SocketAddr> = s.observed.values().copied().collect();
-                let mapping = crate::federation::direct_path::mapping(&seen);
+                let mapping = s.mapping();
                 let Some(p) = s.peers.get_mut(&peer) else { return };
                 let timed_out = p.session.deadline().is_some_and(|d| now >= d);
                 let Some(a) = p.attempt.as_mut().filter(|a| a.generation == generation) else { return };
@@ -543,8 +545,7 @@ impl HomeNode {
     /// How this home's NAT maps its socket (from the addresses its relays observed), for
     /// `/federation/health`.
     pub(super) fn nat_mapping(&self) -> &'static str {
-        let seen: Vec<SocketAddr> = self.direct_state().observed.values().copied().collect();
-        crate::federation::direct_path::mapping(&seen).label()
+        self.direct_state().mapping().label()
     }
 
     /// Paths to other homes, for `/federation/peers`.
@@ -589,7 +590,7 @@ impl HomeNode {
 
 #[cfg(test)]
 mod tests {
-    use super::{Attempt, HashMap, SocketAddr};
+    use super::{Attempt, DirectState, HashMap, Mapping, SocketAddr};
 
     fn attempt(listed: &[&str]) -> Attempt {
         let listed: Vec<SocketAddr> = listed.iter().map(|a| a.parse().unwrap()).collect();
@@ -621,18 +622,20 @@ mod tests {
     #[test]
     fn a_probe_from_a_fresh_port_is_learnt_once_and_shows_a_dependent_peer() {
         let mut a = attempt(&["203.0.113.20:4000"]);
-        let observed: HashMap<String, SocketAddr> = HashMap::new();
-        assert_eq!(a.nat_pair(&observed), "unknown-unknown");
+        assert_eq!(a.nat_pair(Mapping::Unknown), "unknown-unknown");
         assert!(!a.heard("203.0.113.20:4000".parse().unwrap()), "a listed address is not new");
-        assert_eq!(a.nat_pair(&observed), "unknown-independent");
+        assert_eq!(a.nat_pair(Mapping::Unknown), "unknown-independent");
         let fresh: SocketAddr = "203.0.113.20:51234".parse().unwrap();
         assert!(a.heard(fresh));
         assert!(!a.heard(fresh), "learnt once");
         assert_eq!(a.addresses.len(), 2);
-        assert_eq!(a.nat_pair(&observed), "unknown-dependent");
+        assert_eq!(a.nat_pair(Mapping::Unknown), "unknown-dependent");
         // Our own mapping from two relays that saw the same address: independent.
         let same: SocketAddr = "198.51.100.1:7000".parse().unwrap();
-        let ours = HashMap::from([("hub-a".to_owned(), same), ("hub-b".to_owned(), same)]);
-        assert_eq!(a.nat_pair(&ours), "independent-dependent");
+        let s = DirectState {
+            observed: HashMap::from([("hub-a".to_owned(), same), ("hub-b".to_owned(), same)]),
+            ..DirectState::default()
+        };
+        assert_eq!(a.nat_pair(s.mapping()), "independent-dependent");
     }
 }

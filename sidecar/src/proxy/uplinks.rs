@@ -427,11 +427,12 @@ impl HomeNode {
             let cached = previous.get(main).filter(|p| p.0 == pair);
             // A partner's relay's config is checked again at every view: the pin it was
             // accepted by may have changed since (a Peer edit, a rotation's end).
-            if let Some(p) = cached.filter(|_| !self.is_partner_relay(main)) {
+            let partner = self.partner_of(main);
+            if let Some(p) = cached.filter(|_| partner.is_none()) {
                 next.insert(main.clone(), p.clone());
                 continue;
             }
-            match self.verify_signed_ech(main, list, sig, info.ech_signer.as_deref()) {
+            match self.verify_signed_ech(main, list, sig, partner.as_ref().map(|p| (p, info.ech_signer.as_deref()))) {
                 Ok(parsed) => {
                     if cached.is_none() {
                         self.metrics.proxy.ech_signed_configs.get_or_create(&[("result", "accepted")]).inc();
@@ -450,27 +451,25 @@ impl HomeNode {
         }
     }
 
-    /// Whether `main` is a main relay of a partner federation (another trust domain).
-    fn is_partner_relay(&self, main: &str) -> bool {
-        self.live().partners.iter().any(|(relays, _)| relays.iter().any(|r| r == main))
+    /// The partner federation (another trust domain) whose main relay `main` is, if any.
+    fn partner_of(&self, main: &str) -> Option<crate::transport::tls::Partner> {
+        self.live().partners.iter().find(|(relays, _)| relays.iter().any(|r| r == main)).map(|(_, p)| p.clone())
     }
 
     /// Checks a view's signed ECH config for `main`: signed by our CA, or for a main relay
-    /// of a partner federation by a CA its pin names (a `caBundle` CA, or `signer`, the CA
-    /// its relay presented, when its key is pinned).
+    /// of a partner federation (`partner`, with `signer`, the CA its relay presented) by a
+    /// CA its pin names (a `caBundle` CA, or `signer` when its key is pinned).
     fn verify_signed_ech(
         &self,
         main: &str,
         list: &str,
         sig: &str,
-        signer: Option<&str>,
+        partner: Option<(&crate::transport::tls::Partner, Option<&str>)>,
     ) -> Result<EchConfigList, String> {
         let bytes = crate::config::base64_decode(list).ok_or("list is not base64")?;
         let sig = crate::config::base64_decode(sig).ok_or("signature is not base64")?;
-        let live = self.live();
-        let partner = live.partners.iter().find(|(relays, _)| relays.iter().any(|r| r == main)).map(|(_, p)| p);
         let cas = match partner {
-            Some(p) => {
+            Some((p, signer)) => {
                 let presented: Vec<rustls_pki_types::CertificateDer<'static>> =
                     signer.and_then(crate::config::base64_decode).map(Into::into).into_iter().collect();
                 p.signers(&presented)
@@ -482,7 +481,7 @@ impl HomeNode {
             .any(|ca| crate::crypto::ech_signature::verify_ech_config(ca.as_ref(), main, &bytes, &sig).is_ok());
         if !verified {
             return Err(match partner {
-                Some(p) => format!("not signed by a pinned CA of {} for this relay", p.trust_domain),
+                Some((p, _)) => format!("not signed by a pinned CA of {} for this relay", p.trust_domain),
                 None => "not signed by the federation CA for this relay".into(),
             });
         }

@@ -316,13 +316,9 @@ fn a_partners_entry_naming_one_of_our_nodes_collides() {
     let l = live(vec![partner, peer("hub-us", TrustLevel::Trusted, None)], trust);
     let entry = |node: &str, main: &str| Entry {
         service: "catalog".into(),
-        port: 80,
         node: node.into(),
         main: main.into(),
-        noise_key: String::new(),
-        ech: false,
-        standby: false,
-        attached: 0,
+        ..Entry::default()
     };
     // Their own home at their own relay: kept.
     assert!(!collides(&l, "partner", &entry("web-p", "partner")));
