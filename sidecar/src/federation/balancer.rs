@@ -177,16 +177,7 @@ mod tests {
     }
 
     fn inst(node: &str, main: &str) -> Entry {
-        Entry {
-            service: "s".into(),
-            port: 1,
-            node: node.into(),
-            main: main.into(),
-            noise_key: String::new(),
-            ech: false,
-            standby: false,
-            attached: 0,
-        }
+        Entry { service: "s".into(), port: 1, node: node.into(), main: main.into(), ..Entry::default() }
     }
 
     fn counts(b: &mut Balancer, c: &[Entry], n: usize, now: Instant, rng: &mut StdRng) -> HashMap<String, usize> {
