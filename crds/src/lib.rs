@@ -24,7 +24,9 @@ pub use error::{CrdError, FieldError};
 pub use federation::{ClusterRole, RelayFederation, RelayFederationSpec, RelayFederationStatus};
 pub use peer::{Peer, PeerSpec, PeerStatus, TrustLevel};
 pub use relay::{Relay, RelaySpec, RelayStatus, RelayType};
-pub use rollout::{EchMode, MainAnalysis, RolloutPolicy, RolloutPolicySpec, RolloutPolicyStatus};
+pub use rollout::{
+    DirectAnalysis, DirectPathsStatus, EchMode, MainAnalysis, RolloutPolicy, RolloutPolicySpec, RolloutPolicyStatus,
+};
 
 /// API group of every relayfed kind.
 pub const GROUP: &str = "relayfed.io";

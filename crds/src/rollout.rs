@@ -21,14 +21,16 @@ pub enum EchMode {
     Required,
 }
 
-/// Automatic rollback of the ECH percentage when the ECH success rate drops.
+/// Automatic rollback of a rollout's percentage (ECH's or direct paths') when the success rate
+/// of its cohort drops.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoRollback {
     /// Whether rollback is automatic.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Lowest acceptable share (0–1) of ECH streams that succeed within the window.
+    /// Lowest acceptable share (0–1) of the cohort's stream setups (ECH-sealed, or first tried
+    /// on a direct path) that succeed within the window.
     #[serde(default = "default_min_success")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub min_success_rate: f64,
@@ -39,7 +41,7 @@ pub struct AutoRollback {
     #[serde(default = "default_step")]
     #[schemars(range(min = 1, max = 100))]
     pub step: u8,
-    /// Fewest ECH streams in the window before a decision is made.
+    /// Fewest setups of the cohort in the window before a decision is made.
     #[serde(default = "default_min_streams")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub min_streams: u32,
@@ -131,7 +133,7 @@ fn default_step_interval() -> Duration {
 }
 
 /// Direct paths between homes: hole punching through NATs, coordinated by their main relay.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectPathsRollout {
     /// Master switch: off, every stream goes through a main relay.
@@ -141,11 +143,28 @@ pub struct DirectPathsRollout {
     #[serde(default = "all_percent")]
     #[schemars(range(min = 0, max = 100))]
     pub percentage: u8,
+    /// Automatic rollback per destination main relay: when setups first tried on a direct path
+    /// to homes behind a relay fail where relayed ones do not.
+    #[serde(default)]
+    pub auto_rollback: AutoRollback,
+    /// Percentages to pass through on the way to `percentage`, as `spec.ech.steps`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20), inner(range(min = 0, max = 100)))]
+    pub steps: Vec<u8>,
+    /// How long each step is held (and analysed) before the next.
+    #[serde(default = "default_step_interval")]
+    pub step_interval: Duration,
 }
 
 impl Default for DirectPathsRollout {
     fn default() -> Self {
-        Self { enabled: false, percentage: all_percent() }
+        Self {
+            enabled: false,
+            percentage: all_percent(),
+            auto_rollback: AutoRollback::default(),
+            steps: vec![],
+            step_interval: default_step_interval(),
+        }
     }
 }
 
@@ -450,6 +469,60 @@ pub struct RolloutPolicyStatus {
     /// The last analysis per destination main relay: verdict and why, with the figures.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub analysis: Vec<MainAnalysis>,
+    /// The direct-path rollout (`spec.directPaths`), while direct paths are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_paths: Option<DirectPathsStatus>,
+}
+
+/// Observed state of the direct-path rollout (the `DirectPathsRolledBack` condition is set
+/// while a rollback holds a relay's percentage down).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectPathsStatus {
+    /// Where the rollout stands: Progressing, Paused, Succeeded or RolledBack.
+    pub phase: String,
+    /// The percentage of the current step.
+    pub effective_percentage: u8,
+    /// The percentage in force for calls to homes behind each destination main relay.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub effective_by_main: BTreeMap<String, u8>,
+    /// Success rate (0–1) of setups first tried on a direct path over the last window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_success_rate: Option<f64>,
+    /// RFC 3339 time of the last automatic rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollback: Option<String>,
+    /// The last analysis per destination main relay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<DirectAnalysis>,
+}
+
+/// The direct-path analysis of one destination main relay over the evaluation window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectAnalysis {
+    /// The destination main relay's node id.
+    pub main: String,
+    /// Pass, Fail or Inconclusive.
+    pub verdict: String,
+    /// The reason, with the figures.
+    pub reason: String,
+    /// Setups first tried on a direct path in the window.
+    pub direct_attempts: u64,
+    /// Their success rate (0–1), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_success_rate: Option<f64>,
+    /// Relayed setups in the window.
+    pub relayed_attempts: u64,
+    /// Their success rate (0–1), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed_success_rate: Option<f64>,
+    /// Mean setup time on a direct path, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_setup_millis: Option<f64>,
+    /// Mean relayed setup time, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed_setup_millis: Option<f64>,
 }
 
 /// The rollout analysis of one destination main relay over the evaluation window.
@@ -486,6 +559,27 @@ pub struct MainAnalysis {
     pub plain_setup_millis: Option<f64>,
 }
 
+/// Checks a rollout's steps, step interval and rollback settings under `at`.
+fn check_progression(errs: &mut Errors, at: &str, steps: &[u8], interval: Duration, rb: &AutoRollback) {
+    if !(0.0..=1.0).contains(&rb.min_success_rate) {
+        errs.push(format!("{at}.autoRollback.minSuccessRate"), format!("{} is outside 0..1", rb.min_success_rate));
+    }
+    for (i, step) in steps.iter().enumerate() {
+        if i > 0 && steps[i - 1] >= *step {
+            errs.push(format!("{at}.steps[{i}]"), format!("{step} does not rise above the step before it"));
+        }
+    }
+    if !steps.is_empty() && interval.get() < std::time::Duration::from_secs(10) {
+        errs.push(format!("{at}.stepInterval"), format!("{interval} is too short: at least 10s"));
+    }
+    if rb.evaluation_window.get() < std::time::Duration::from_secs(10) {
+        errs.push(
+            format!("{at}.autoRollback.evaluationWindow"),
+            format!("{} is too short: at least 10s", rb.evaluation_window),
+        );
+    }
+}
+
 impl RolloutPolicy {
     /// Semantic checks the schema cannot express.
     pub fn validate(&self) -> Result<(), CrdError> {
@@ -514,24 +608,9 @@ impl RolloutPolicy {
                 "mode required needs enabled: true (otherwise every ECH destination fails closed)",
             );
         }
-        let rb = &ech.auto_rollback;
-        if !(0.0..=1.0).contains(&rb.min_success_rate) {
-            errs.push("spec.ech.autoRollback.minSuccessRate", format!("{} is outside 0..1", rb.min_success_rate));
-        }
-        for (i, step) in ech.steps.iter().enumerate() {
-            if i > 0 && ech.steps[i - 1] >= *step {
-                errs.push(format!("spec.ech.steps[{i}]"), format!("{step} does not rise above the step before it"));
-            }
-        }
-        if !ech.steps.is_empty() && ech.step_interval.get() < std::time::Duration::from_secs(10) {
-            errs.push("spec.ech.stepInterval", format!("{} is too short: at least 10s", ech.step_interval));
-        }
-        if rb.evaluation_window.get() < std::time::Duration::from_secs(10) {
-            errs.push(
-                "spec.ech.autoRollback.evaluationWindow",
-                format!("{} is too short: at least 10s", rb.evaluation_window),
-            );
-        }
+        check_progression(&mut errs, "spec.ech", &ech.steps, ech.step_interval, &ech.auto_rollback);
+        let direct = &self.spec.direct_paths;
+        check_progression(&mut errs, "spec.directPaths", &direct.steps, direct.step_interval, &direct.auto_rollback);
         let res = &self.spec.resilience;
         if !(0.0..=1.0).contains(&res.circuit_breaker.failure_rate) {
             errs.push(

@@ -111,6 +111,14 @@ pub fn rules() -> RuleFile {
                     "relayfedconfignotacknowledged",
                 ),
                 alert(
+                    "RelayfedDirectPathsRolledBack",
+                    r#"sum(increase(relayfed_operator_direct_paths_transitions_total{kind="rolled_back"}[15m])) > 0"#,
+                    "0m",
+                    "warning",
+                    "The direct-path rollout lowered its percentage for homes behind a main relay in the last 15 minutes",
+                    "relayfeddirectpathsrolledback",
+                ),
+                alert(
                     "RelayfedCertificateExpiringSoon",
                     "min by (federation, node) (relayfed_transport_certificate_expiry_timestamp_seconds) - time() < 3 * 86400",
                     "1h",

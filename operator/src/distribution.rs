@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::OperatorMetrics;
-use crate::rollout::analysis::{self, Cohorts, History};
+use crate::rollout::analysis::{self, Cohorts, History, Subject};
 
 /// Largest ack body accepted.
 const MAX_ACK_BYTES: usize = 16 * 1024;
@@ -63,10 +63,21 @@ pub struct Distributor {
     acked: watch::Sender<u64>,
     generation: Mutex<u64>,
     metrics: Arc<OperatorMetrics>,
-    /// ECH cohort reports over the rollout's evaluation window (its analysis reads them).
-    reports: Mutex<(History, Duration)>,
+    /// Cohort reports over the rollouts' evaluation window (their analyses read them).
+    reports: Mutex<Reports>,
     /// The main relays among the published nodes (kept at publish; reports name them).
     mains: Mutex<Vec<String>>,
+}
+
+/// The reports of the last window, per rollout.
+#[derive(Default)]
+struct Reports {
+    /// ECH cohorts.
+    ech: History,
+    /// Direct-path cohorts.
+    direct: History,
+    /// How long they are kept.
+    keep: Duration,
 }
 
 /// Reports are kept this long until a rollout says its window.
@@ -82,7 +93,7 @@ impl Distributor {
             acked: watch::channel(0).0,
             generation: Mutex::new(generation),
             metrics,
-            reports: Mutex::new((History::default(), DEFAULT_REPORT_WINDOW)),
+            reports: Mutex::new(Reports { keep: DEFAULT_REPORT_WINDOW, ..Reports::default() }),
             mains: Mutex::new(Vec::new()),
         })
     }
@@ -124,7 +135,8 @@ impl Distributor {
             }
         });
         if let Ok(mut r) = self.reports.lock() {
-            r.0.retain(|node| snapshots.contains_key(node));
+            r.ech.retain(|node| snapshots.contains_key(node));
+            r.direct.retain(|node| snapshots.contains_key(node));
         }
         if let Ok(mut m) = self.mains.lock() {
             *m = snapshots.iter().filter(|(_, s)| s.node.role == Role::Main).map(|(n, _)| n.clone()).collect();
@@ -263,8 +275,9 @@ impl Distributor {
         Ok(())
     }
 
-    /// Records `node`'s ECH cohort counters, stamped with this server's clock. Only nodes in
-    /// the plan report, and only counters toward main relays in the plan are kept.
+    /// Records `node`'s ECH and direct-path cohort counters, stamped with this server's clock.
+    /// Only nodes in the plan report, and only counters toward main relays in the plan are
+    /// kept.
     pub fn record_report(&self, node: &str, report: Report) -> Result<(), String> {
         if !self.published.borrow().contains_key(node) {
             return Err(format!("node {node:?} is not in the plan"));
@@ -272,16 +285,26 @@ impl Distributor {
         let mains = self.main_relays();
         let by_main: BTreeMap<String, Cohorts> = report
             .by_main
-            .into_iter()
+            .iter()
             .filter(|(m, _)| mains.contains(m))
-            .map(|(m, c)| (m, Cohorts::from(&c)))
+            .map(|(m, c)| (m.clone(), Cohorts::from(c)))
             .collect();
+        let direct: BTreeMap<String, Cohorts> = report
+            .direct_by_main
+            .iter()
+            .filter(|(m, _)| mains.contains(m))
+            .map(|(m, c)| (m.clone(), Cohorts::from(c)))
+            .collect();
+        let at = SystemTime::now();
         if let Ok(mut r) = self.reports.lock() {
-            let keep = r.1;
-            r.0.record(analysis::Report { node: node.to_owned(), at: SystemTime::now(), by_main }, keep);
+            let keep = r.keep;
+            r.ech.record(analysis::Report { node: node.to_owned(), at, by_main }, keep);
+            if !direct.is_empty() {
+                r.direct.record(analysis::Report { node: node.to_owned(), at, by_main: direct }, keep);
+            }
         }
         self.metrics.rollout_reports.get_or_create(&[("result", "accepted")]).inc();
-        debug!(%node, "ECH cohort report recorded");
+        debug!(%node, "cohort report recorded");
         Ok(())
     }
 
@@ -290,22 +313,29 @@ impl Distributor {
         self.mains.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
-    /// How long reports are kept: the rollout's evaluation window.
+    /// How long reports are kept: the rollouts' longest evaluation window.
     pub fn set_report_window(&self, window: Duration) {
         if let Ok(mut r) = self.reports.lock() {
-            r.1 = window;
+            r.keep = window;
         }
     }
 
-    /// Every node's counter increase over `window` ending at `now`, by destination main relay,
-    /// from reports received after `not_before`.
+    /// Every node's counter increase of `subject`'s cohorts over `window` ending at `now`, by
+    /// destination main relay, from reports received after `not_before`.
     pub fn cohort_increase(
         &self,
+        subject: Subject,
         window: Duration,
         now: SystemTime,
         not_before: SystemTime,
     ) -> BTreeMap<String, Cohorts> {
-        self.reports.lock().map(|r| r.0.increase_since(window, now, not_before)).unwrap_or_default()
+        self.reports
+            .lock()
+            .map(|r| match subject {
+                Subject::Ech => r.ech.increase_since(window, now, not_before),
+                Subject::DirectPaths => r.direct.increase_since(window, now, not_before),
+            })
+            .unwrap_or_default()
     }
 
     /// Binds `addr` and serves the distribution endpoint with `identity` (a certificate from

@@ -60,6 +60,30 @@ pub struct OperatorMetrics {
     pub rollout_transitions: Family<L1, Counter>,
     /// ECH cohort reports from nodes by `result` (accepted, refused).
     pub rollout_reports: Family<L1, Counter>,
+    /// The direct-path rollout's configured percentage (`spec.directPaths.percentage`).
+    pub direct_configured_percent: Gauge,
+    /// The direct-path percentage of the current step.
+    pub direct_step_percent: Gauge,
+    /// Direct-path percentage in force for calls to homes behind each `main` relay.
+    pub direct_effective_percent: Family<Main, Gauge>,
+    /// Direct-path rollout analyses by `result`.
+    pub direct_analyses: Family<L1, Counter>,
+    /// Direct-path rollout transitions by `kind`.
+    pub direct_transitions: Family<L1, Counter>,
+}
+
+/// The metrics of one rollout (ECH's or direct paths'), as the rollout driver records them.
+pub struct RolloutMetrics<'a> {
+    /// The configured percentage.
+    pub configured: &'a Gauge,
+    /// The current step's percentage.
+    pub step: &'a Gauge,
+    /// The percentage in force per main relay.
+    pub effective: &'a Family<Main, Gauge>,
+    /// Analyses by result.
+    pub analyses: &'a Family<L1, Counter>,
+    /// Transitions by kind.
+    pub transitions: &'a Family<L1, Counter>,
 }
 
 type Main = [(&'static str, String); 1];
@@ -101,6 +125,11 @@ impl OperatorMetrics {
             rollout_analyses: Default::default(),
             rollout_transitions: Default::default(),
             rollout_reports: Default::default(),
+            direct_configured_percent: Default::default(),
+            direct_step_percent: Default::default(),
+            direct_effective_percent: Default::default(),
+            direct_analyses: Default::default(),
+            direct_transitions: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -198,16 +227,66 @@ impl OperatorMetrics {
             "ECH cohort reports from nodes by result",
             m.rollout_reports.clone(),
         );
-        for result in ["pass", "fail", "inconclusive"] {
-            let _ = m.rollout_analyses.get_or_create(&[("result", result)]);
-        }
-        for kind in ["rearmed", "advanced", "rolled_back", "would_roll_back"] {
-            let _ = m.rollout_transitions.get_or_create(&[("kind", kind)]);
+        registry.register(
+            "relayfed_operator_direct_paths_configured_percent",
+            "The RolloutPolicy's configured direct-path percentage",
+            m.direct_configured_percent.clone(),
+        );
+        registry.register(
+            "relayfed_operator_direct_paths_step_percent",
+            "Direct-path percentage of the rollout's current step, before per-relay rollbacks",
+            m.direct_step_percent.clone(),
+        );
+        registry.register(
+            "relayfed_operator_direct_paths_effective_percent",
+            "Direct-path percentage in force for calls to homes behind each main relay (after steps and automatic rollback)",
+            m.direct_effective_percent.clone(),
+        );
+        registry.register(
+            "relayfed_operator_direct_paths_analysis",
+            "Direct-path rollout analyses by result, one per main relay per evaluation",
+            m.direct_analyses.clone(),
+        );
+        registry.register(
+            "relayfed_operator_direct_paths_transitions",
+            "Direct-path rollout transitions by kind",
+            m.direct_transitions.clone(),
+        );
+        for (analyses, transitions) in
+            [(&m.rollout_analyses, &m.rollout_transitions), (&m.direct_analyses, &m.direct_transitions)]
+        {
+            for result in ["pass", "fail", "inconclusive"] {
+                let _ = analyses.get_or_create(&[("result", result)]);
+            }
+            for kind in ["rearmed", "advanced", "rolled_back", "would_roll_back"] {
+                let _ = transitions.get_or_create(&[("kind", kind)]);
+            }
         }
         for result in ["accepted", "refused"] {
             let _ = m.rollout_reports.get_or_create(&[("result", result)]);
         }
         Self { registry, ..m }
+    }
+
+    /// The metrics of the ECH rollout (`direct` false) or the direct-path rollout.
+    pub fn rollout(&self, direct: bool) -> RolloutMetrics<'_> {
+        if direct {
+            RolloutMetrics {
+                configured: &self.direct_configured_percent,
+                step: &self.direct_step_percent,
+                effective: &self.direct_effective_percent,
+                analyses: &self.direct_analyses,
+                transitions: &self.direct_transitions,
+            }
+        } else {
+            RolloutMetrics {
+                configured: &self.rollout_configured_percent,
+                step: &self.rollout_step_percent,
+                effective: &self.rollout_effective_percent,
+                analyses: &self.rollout_analyses,
+                transitions: &self.rollout_transitions,
+            }
+        }
     }
 
     /// Prometheus/OpenMetrics text exposition.

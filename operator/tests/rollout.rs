@@ -3,7 +3,8 @@
 //! then one main relay's ECH key broken under load, and only that relay's percentage rolled
 //! back (status, event, metric); then the key fixed and the policy edited, and every relay at
 //! 100% again with ECH working. The analysis reads the cohort counters the calling home
-//! reports to the supervisor's config distribution: no Prometheus involved.
+//! reports to the supervisor's config distribution: no Prometheus involved. The direct-path
+//! rollout (`tests/direct-rollout/`) is proved the same way, in its own network namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "chaos/scenario.rs"]
@@ -95,25 +96,28 @@ fn node(s: &Value, id: &str) -> Value {
     s["nodes"].as_array().unwrap().iter().find(|n| n["node"] == id).cloned().unwrap_or(Value::Null)
 }
 
-/// Calls `addr` in a loop (three at a time) until `stop`; counts successes and failures.
-fn load(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+/// Calls `addr` in a loop (three at a time) until `stop`; counts successes, failures, and
+/// failures of the calls that started after `mark` was set.
+fn load(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, mark: Arc<AtomicBool>) -> [Arc<AtomicU64>; 3] {
+    let counters = [(); 3].map(|_| Arc::new(AtomicU64::new(0)));
     for _ in 0..3 {
-        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+        let ([ok, failed, late], stop, mark) = (counters.clone(), stop.clone(), mark.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                let marked = mark.load(Ordering::Relaxed);
                 let r = tokio::time::timeout(Duration::from_secs(5), round_trip(addr, b"rollout")).await;
                 if matches!(r, Ok(Ok(b)) if b == b"rollout") {
                     ok.fetch_add(1, Ordering::Relaxed);
                 } else {
                     failed.fetch_add(1, Ordering::Relaxed);
+                    late.fetch_add(u64::from(marked), Ordering::Relaxed);
                 }
                 // Pacing of the load (about 30 calls a second), not a synchronisation.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
     }
-    (ok, failed)
+    counters
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +146,7 @@ async fn steps_advance_and_a_broken_relay_is_rolled_back_alone() {
 
     // Healthy traffic: the steps advance to 100%.
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = load(c1, stop.clone());
+    let [ok, failed, _] = load(c1, stop.clone(), Arc::default());
     eventually("the steps reach 100% under healthy traffic", Duration::from_secs(90), || async {
         let s = status(&state);
         evaluation(&s)["phase"] == "Succeeded" && evaluation(&s)["stepPercentage"] == 100
@@ -251,6 +255,153 @@ async fn steps_advance_and_a_broken_relay_is_rolled_back_alone() {
         .await;
     stop.store(true, Ordering::Relaxed);
     eprintln!("rollout: {} calls ok, {} failed", ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let _ = std::process::Command::new(bin()).args(["local", "down", "--state-dir"]).arg(&state).status();
+    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether this run is the copy [`isolated`] started in its own network namespace.
+fn in_netns() -> bool {
+    std::env::var_os("RELAYFED_ROLLOUT_IN_NETNS").is_some()
+}
+
+/// Runs test `name` again inside a fresh network namespace (root, `unshare`), where it may
+/// install iptables rules without touching the host; asserts that copy passed.
+fn isolated(name: &str) {
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    assert!(root, "{name} needs root: it breaks a direct path with iptables in its own network namespace");
+    let status = std::process::Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture"])
+        .env("RELAYFED_ROLLOUT_IN_NETNS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success(), "{name} in its own network namespace failed: {status}");
+}
+
+fn direct_policy() -> &'static str {
+    "apiVersion: relayfed.io/v1alpha1
+kind: RolloutPolicy
+metadata: {name: default, namespace: relayfed-system}
+spec:
+  ech: {enabled: false}
+  resilience: {timeouts: {handshake: 1s, linkIdle: 1500ms}}
+  loadBalancing: {algorithm: roundRobin, preferLocal: false}
+  directPaths:
+    enabled: true
+    autoRollback: {minSuccessRate: 0.99, evaluationWindow: 20s, step: 100, minStreams: 3}
+"
+}
+
+fn direct(s: &Value) -> &Value {
+    &s["rollout"]["directPaths"]["status"]
+}
+
+/// The path `admin`'s home has to home `peer` (`/federation/peers`), and its remote address.
+async fn home_path(admin: &str, peer: &str) -> Option<(String, String)> {
+    let peers = relayfed_operator::local::http::get_json(admin, "/federation/peers").await?;
+    let p = peers.as_array()?.iter().find(|p| p["kind"] == "home" && p["node"] == peer)?.clone();
+    Some((p["path"].as_str()?.to_owned(), p["remote"].as_str().unwrap_or_default().to_owned()))
+}
+
+fn iptables(rule: &str) {
+    let out = std::process::Command::new("sh").args(["-c", &format!("iptables {rule}")]).output().unwrap();
+    assert!(out.status.success(), "iptables {rule}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Issue 22's "rolled out like ECH": direct paths that connect and then carry nothing (the
+/// QUIC handshake passes, every later packet between the two homes is dropped) fail each
+/// stream set up on them after the handshake timeout; the call takes the relay at once. The
+/// analysis sees direct setups toward m2 fail where relayed ones do not and rolls m2 back to
+/// 0%; m1's direct path (unbroken) keeps 100%; no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_paths_that_carry_nothing_are_rolled_back_for_their_relay_alone() {
+    if !in_netns() {
+        return isolated("direct_paths_that_carry_nothing_are_rolled_back_for_their_relay_alone");
+    }
+    let dir = scenario::work_dir("direct-rollout");
+    std::fs::write(dir.join("manifests/50-policy.yaml"), direct_policy()).unwrap();
+    let federation = std::fs::read_to_string(dir.join("manifests/00-federation.yaml")).unwrap();
+    let m2_port = federation.split("nodeId: m2, endpoint: \"127.0.0.1:").nth(1).unwrap().split('"').next().unwrap();
+    let state = dir.join("state");
+    let (mut child, ready) = scenario::local_up(&bin(), &dir, &[]).await;
+    let control: std::net::SocketAddr = ready["control"].as_str().unwrap().parse().unwrap();
+    let s = status(&state);
+    let c1: std::net::SocketAddr =
+        node(&s, "c1")["imports"].as_array().unwrap()[0]["listen"].as_str().unwrap().parse().unwrap();
+    let c1_admin = node(&s, "c1")["admin"].as_str().unwrap().to_owned();
+
+    let (stop, applied) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let [ok, failed, late] = load(c1, stop.clone(), applied.clone());
+    let e2 = eventually_value("c1 calls e1 and e2 on direct paths", Duration::from_secs(60), || async {
+        let e1 = home_path(&c1_admin, "e1").await?;
+        let e2 = home_path(&c1_admin, "e2").await?;
+        (e1.0 == "direct" && e2.0 == "direct").then_some(e2.1)
+    })
+    .await;
+    eventually("both relays pass with direct paths at 100%", Duration::from_secs(60), || async {
+        let s = status(&state);
+        let pass = |m: &str| {
+            direct(&s)["analysis"].as_array().into_iter().flatten().any(|a| a["main"] == m && a["verdict"] == "Pass")
+        };
+        pass("m1") && pass("m2") && direct(&s)["effectiveByMain"]["m2"] == 100
+    })
+    .await;
+    let healthy_failed = failed.load(Ordering::Relaxed);
+
+    // Short-header QUIC packets (first byte 01xxxxxx) to and from e2's socket, except its
+    // relay link's: the handshake of a direct connection passes (long headers), nothing after.
+    let e2_port = e2.rsplit(':').next().unwrap().to_owned();
+    let short = "-m u32 --u32 '0>>22&0x3C@8>>24&0xC0=0x40'";
+    iptables(&format!("-I INPUT -p udp --dport {e2_port} ! --sport {m2_port} {short} -j DROP"));
+    iptables(&format!("-I INPUT -p udp --sport {e2_port} ! --dport {m2_port} {short} -j DROP"));
+
+    let mut m1_held = true;
+    eventually("m2's direct-path percentage is rolled back", Duration::from_secs(90), || {
+        let s = status(&state);
+        m1_held &= direct(&s)["effectiveByMain"]["m1"] == 100;
+        async move { direct(&s)["effectiveByMain"]["m2"] == 0 }
+    })
+    .await;
+    assert!(m1_held, "m1 kept 100% while m2's direct paths failed");
+    let s = status(&state);
+    assert_eq!(direct(&s)["phase"], "RolledBack", "{}", direct(&s));
+    eprintln!("direct-path rollback: analyses {}", direct(&s)["analysis"]);
+    let event = s["rollout"]["directPaths"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .find(|e| e.contains("rolled back"))
+        .expect("a rollback event")
+        .to_owned();
+    assert!(event.contains("direct paths to homes behind m2 rolled back from 100% to 0%"), "{event}");
+    let metrics = get(control, "/metrics").await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("relayfed_operator_direct_paths_effective_percent{main=\"m2\"} 0")),
+        "the supervisor exports m2's direct-path percentage"
+    );
+    // c1 applies it: e2 is called through the relays, e1 still directly.
+    eventually("c1 calls e2 through the relays again", Duration::from_secs(20), || async {
+        home_path(&c1_admin, "e2").await.is_some_and(|p| p.0 != "direct")
+    })
+    .await;
+    applied.store(true, Ordering::Relaxed);
+    let before = ok.load(Ordering::Relaxed);
+    eventually("calls keep succeeding", Duration::from_secs(20), || async { ok.load(Ordering::Relaxed) > before + 20 })
+        .await;
+    assert_eq!(home_path(&c1_admin, "e1").await.map(|p| p.0).as_deref(), Some("direct"), "m1's path is untouched");
+    stop.store(true, Ordering::Relaxed);
+    let [ok, failed, late] = [ok, failed, late].map(|c| c.load(Ordering::Relaxed));
+    eprintln!(
+        "direct-path rollout: {ok} calls ok, {failed} failed ({healthy_failed} before the fault, {late} after the rollback)"
+    );
+    assert_eq!(healthy_failed, 0, "no call failed before the fault");
+    // While the path was broken, a stream whose handshake got through (a datagram that starts
+    // with a QUIC long header passes) and then stalled failed its call; once the rollback is
+    // in force at c1, calls to e2 take the relays.
+    assert_eq!(late, 0, "a call failed after the rollback was applied");
     let _ = std::process::Command::new(bin()).args(["local", "down", "--state-dir"]).arg(&state).status();
     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
     let _ = std::fs::remove_dir_all(&dir);

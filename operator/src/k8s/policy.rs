@@ -148,11 +148,13 @@ pub async fn reconcile_policy(policy: Arc<RolloutPolicy>, ctx: Arc<Context>) -> 
             // Before the first evaluation: where the rollout starts (the plan's percentage).
             None if v.ok => serde_json::Map::from_iter([(
                 "effectivePercentage".to_owned(),
-                serde_json::Value::from(crate::rollout::driver::progression(&policy).start()),
+                serde_json::Value::from(
+                    crate::rollout::driver::progression(&policy, crate::rollout::driver::Subject::Ech).start(),
+                ),
             )]),
             None => serde_json::Map::new(),
         };
-        rollout_conds.retain(|c| c.type_ == "RolledBack");
+        rollout_conds.retain(|c| c.type_ == "RolledBack" || c.type_ == super::rollout::DIRECT_ROLLED_BACK);
         report(&ctx, policy.as_ref(), v, extra, rollout_conds).await?;
         Ok(Action::requeue(Duration::from_secs(300)))
     }

@@ -1,9 +1,11 @@
-//! The ECH rollout in a cluster: every [`INTERVAL`] the leader evaluates each federation's
+//! The rollouts in a cluster: every [`INTERVAL`] the leader evaluates each federation's
 //! default `RolloutPolicy` over the cohort reports its config distribution received
 //! (`crate::rollout::driver`, the same as local mode), publishes new percentages through the
 //! plan, and reports on the policy: status (phase, effective percentages, success rate, the
-//! analysis per main relay, a `RolledBack` condition), Events and metrics. The configured
-//! `spec.ech.percentage` is never written: the next edit of the policy re-arms the rollout.
+//! analysis per main relay, a `RolledBack` condition), Events and metrics. The ECH rollout
+//! always runs; the direct-path rollout while `spec.directPaths.enabled`, with its status
+//! under `status.directPaths` and a `DirectPathsRolledBack` condition. The configured
+//! percentages are never written: the next edit of the policy re-arms the rollout.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,28 +21,57 @@ use tracing::{Instrument, info_span, warn};
 
 use super::Context;
 use super::status::{Cond, HasConditions, apply_status, event, rfc3339, set_condition};
-use crate::rollout::driver::{self, Evaluation, Rollout};
+use crate::rollout::driver::{self, Evaluation, Rollout, Subject};
 
 /// How often rollouts are evaluated.
 pub const INTERVAL: Duration = Duration::from_secs(5);
 /// A status whose percentages and phase did not change is written at most this often.
 const STATUS_REFRESH: Duration = Duration::from_secs(30);
 
-/// One federation's rollout and what was last written to its policy's status.
-#[derive(Default)]
+/// One federation's rollouts and what was last written to its policy's status.
 pub struct FederationRollout {
-    driver: Rollout,
+    ech: Rollout,
+    direct: Rollout,
     written: Option<(Value, SystemTime)>,
 }
 
-/// The status fields an evaluation sets on its `RolloutPolicy`, with its `RolledBack`
-/// condition set in `conds`. Pure.
+impl Default for FederationRollout {
+    fn default() -> Self {
+        Self { ech: Rollout::new(Subject::Ech), direct: Rollout::new(Subject::DirectPaths), written: None }
+    }
+}
+
+/// Condition type of the direct-path rollout's rollbacks.
+pub const DIRECT_ROLLED_BACK: &str = "DirectPathsRolledBack";
+
+/// The status fields the evaluations set on their `RolloutPolicy` (the ECH rollout's, and the
+/// direct-path rollout's while it runs), with their `RolledBack` and `DirectPathsRolledBack`
+/// conditions set in `conds` (the latter removed while direct paths are off). Pure.
 pub fn status_fields(
     eval: &Evaluation,
+    direct: Option<&Evaluation>,
     conds: &mut Vec<Condition>,
     generation: Option<i64>,
     now: SystemTime,
 ) -> Map<String, Value> {
+    let mut out = ech_fields(eval, conds, generation, now);
+    match direct {
+        Some(d) => {
+            let c = rolled_back_condition(d, DIRECT_ROLLED_BACK);
+            set_condition(conds, c, generation, now);
+            out.insert("directPaths".into(), json!(driver::direct_status(d)));
+        }
+        None => {
+            conds.retain(|c| c.type_ != DIRECT_ROLLED_BACK);
+            out.insert("directPaths".into(), Value::Null);
+        }
+    }
+    out
+}
+
+/// The condition `type_` says of an evaluation: true, with each relay held down and why,
+/// while a rollback holds.
+fn rolled_back_condition<'a>(eval: &Evaluation, type_: &'a str) -> Cond<'a> {
     let rolled_back = eval.rolled_back();
     let message = if rolled_back.is_empty() {
         format!("no relay rolled back; phase {:?} at {}%", eval.phase, eval.step_percentage)
@@ -55,7 +86,16 @@ pub fn status_fields(
             .join("; ")
     };
     let reason = if rolled_back.is_empty() { "NotRolledBack" } else { "AnalysisFailed" };
-    set_condition(conds, Cond { type_: "RolledBack", ok: !rolled_back.is_empty(), reason, message }, generation, now);
+    Cond { type_, ok: !rolled_back.is_empty(), reason, message }
+}
+
+fn ech_fields(
+    eval: &Evaluation,
+    conds: &mut Vec<Condition>,
+    generation: Option<i64>,
+    now: SystemTime,
+) -> Map<String, Value> {
+    set_condition(conds, rolled_back_condition(eval, "RolledBack"), generation, now);
     let mut out = Map::new();
     out.insert("effectivePercentage".into(), eval.step_percentage.into());
     out.insert("phase".into(), json!(eval.phase));
@@ -85,8 +125,10 @@ pub fn last_fields(ctx: &Context, policy: &RolloutPolicy, conds: &mut Vec<Condit
         .collect();
     feds.sort();
     let rollouts = ctx.rollouts.lock().ok()?;
-    let eval = feds.iter().find_map(|k| rollouts.get(k)?.driver.last().cloned())?;
-    Some(status_fields(&eval, conds, policy.metadata.generation, ctx.now()))
+    let f = feds.iter().find_map(|k| rollouts.get(k).filter(|f| f.ech.last().is_some()))?;
+    let eval = f.ech.last()?;
+    let direct = f.direct.last().filter(|_| policy.spec.direct_paths.enabled);
+    Some(status_fields(eval, direct, conds, policy.metadata.generation, ctx.now()))
 }
 
 /// Puts federation `key`'s rollout percentages into its snapshots (the plan's values until the
@@ -100,7 +142,8 @@ pub fn apply(
     if let Ok(r) = ctx.rollouts.lock()
         && let Some(f) = r.get(key)
     {
-        f.driver.apply(policy, snapshots);
+        f.ech.apply(policy, snapshots);
+        f.direct.apply(policy, snapshots);
     }
 }
 
@@ -146,34 +189,56 @@ async fn evaluate(ctx: &Context, ns: &str, name: &str, policy: &RolloutPolicy) {
         return; // no plan in force yet
     }
     let now = ctx.now();
-    let out = {
+    let direct_on = policy.spec.direct_paths.enabled;
+    let (ech, direct) = {
         let Ok(mut r) = ctx.rollouts.lock() else { return };
         let f = r.entry(key.clone()).or_default();
-        f.driver.evaluate(policy, |w, since| ctx.distributor.cohort_increase(w, now, since), &mains, now)
+        let increase = |subject| move |w, since| ctx.distributor.cohort_increase(subject, w, now, since);
+        let ech = f.ech.evaluate(policy, increase(Subject::Ech), &mains, now);
+        if !direct_on {
+            // Off: forgotten, so turning it on again starts over.
+            f.direct = Rollout::new(Subject::DirectPaths);
+        }
+        let direct = direct_on.then(|| f.direct.evaluate(policy, increase(Subject::DirectPaths), &mains, now));
+        (ech, direct)
     };
-    let eval = &out.evaluation;
-    for n in out.record(&ctx.metrics) {
-        event(ctx, policy, n.warning, n.reason, "Rollout", n.message).await;
+    let outs: Vec<&driver::Outcome> = std::iter::once(&ech).chain(direct.as_ref()).collect();
+    for out in &outs {
+        for n in out.record(&ctx.metrics) {
+            event(ctx, policy, n.warning, n.reason, "Rollout", n.message).await;
+        }
     }
-    if out.changed
+    if outs.iter().any(|o| o.changed)
         && let Err(errors) = super::replan::replan(ctx, ns, name)
     {
         warn!(errors = errors.len(), "the new rollout percentages wait for a valid plan");
     }
-    write_status(ctx, &key, policy, eval, !out.transitions.is_empty()).await;
+    let transitioned = outs.iter().any(|o| !o.transitions.is_empty());
+    let direct_eval = direct.as_ref().map(|o| &o.evaluation);
+    write_status(ctx, &key, policy, &ech.evaluation, direct_eval, transitioned).await;
 }
 
 /// Writes the evaluation to the policy's status when it changed, or every
 /// [`STATUS_REFRESH`] (the success rate moves with every evaluation).
-async fn write_status(ctx: &Context, key: &str, policy: &RolloutPolicy, eval: &Evaluation, transitioned: bool) {
+async fn write_status(
+    ctx: &Context,
+    key: &str,
+    policy: &RolloutPolicy,
+    eval: &Evaluation,
+    direct: Option<&Evaluation>,
+    transitioned: bool,
+) {
     let mut conds = policy.conditions();
     let now = ctx.now();
-    let fields = status_fields(eval, &mut conds, policy.metadata.generation, now);
+    let fields = status_fields(eval, direct, &mut conds, policy.metadata.generation, now);
+    let cond = |t: &str| conds.iter().find(|c| c.type_ == t).map(|c| c.status.clone());
     let shape = json!([
         fields["phase"],
         fields["effectiveByMain"],
         fields["effectivePercentage"],
-        conds.iter().find(|c| c.type_ == "RolledBack").map(|c| &c.status)
+        cond("RolledBack"),
+        direct.map(|d| (&d.phase, &d.effective_by_main, d.step_percentage)),
+        cond(DIRECT_ROLLED_BACK),
     ]);
     let due = match ctx.rollouts.lock().ok().and_then(|r| r.get(key).and_then(|f| f.written.clone())) {
         Some((last, at)) => {
@@ -191,7 +256,12 @@ async fn write_status(ctx: &Context, key: &str, policy: &RolloutPolicy, eval: &E
         status = json!({});
     }
     for (k, v) in fields {
-        status[k] = v;
+        match (v, status.as_object_mut()) {
+            (Value::Null, Some(o)) => {
+                o.remove(&k);
+            }
+            (v, _) => status[k] = v,
+        }
     }
     status["conditions"] = serde_json::to_value(&conds).unwrap_or_default();
     let Some(ns) = policy.namespace() else { return };
@@ -233,7 +303,7 @@ mod tests {
     #[test]
     fn a_rollback_sets_the_condition_with_the_relay_and_its_figures() {
         let mut conds = vec![];
-        let f = status_fields(&eval(50), &mut conds, Some(3), SystemTime::UNIX_EPOCH);
+        let f = status_fields(&eval(50), None, &mut conds, Some(3), SystemTime::UNIX_EPOCH);
         assert_eq!(f["effectivePercentage"], 100);
         assert_eq!(f["phase"], "RolledBack");
         assert_eq!(f["effectiveByMain"]["m2"], 50);
@@ -243,8 +313,26 @@ mod tests {
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "AnalysisFailed"));
         assert!(c.message.contains("m2 at 50% (step 100%): ECH setups 50.0%"), "{}", c.message);
         assert_eq!(c.observed_generation, Some(3));
-        status_fields(&eval(100), &mut conds, Some(4), SystemTime::UNIX_EPOCH);
+        status_fields(&eval(100), None, &mut conds, Some(4), SystemTime::UNIX_EPOCH);
         let c = conds.iter().find(|c| c.type_ == "RolledBack").unwrap();
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "NotRolledBack"));
+    }
+
+    #[test]
+    fn the_direct_path_rollout_has_its_own_status_and_condition_while_it_runs() {
+        let mut conds = vec![];
+        let f = status_fields(&eval(100), Some(&eval(50)), &mut conds, Some(5), SystemTime::UNIX_EPOCH);
+        assert_eq!(f["phase"], "Succeeded", "ECH is not rolled back");
+        assert_eq!(f["directPaths"]["phase"], "RolledBack");
+        assert_eq!(f["directPaths"]["effectiveByMain"]["m2"], 50);
+        assert_eq!(f["directPaths"]["analysis"][0]["main"], "m2");
+        let c = conds.iter().find(|c| c.type_ == DIRECT_ROLLED_BACK).unwrap();
+        assert_eq!(c.status, "True");
+        assert!(c.message.contains("m2 at 50%"), "{}", c.message);
+        assert_eq!(conds.iter().find(|c| c.type_ == "RolledBack").unwrap().status, "False");
+        // Turned off: the fields and the condition go.
+        let f = status_fields(&eval(100), None, &mut conds, Some(6), SystemTime::UNIX_EPOCH);
+        assert_eq!(f["directPaths"], Value::Null, "removed from the written status");
+        assert!(conds.iter().all(|c| c.type_ != DIRECT_ROLLED_BACK));
     }
 }

@@ -225,6 +225,9 @@ pub async fn status_json(shared: &Mutex<Shared>, distributor: &Distributor) -> V
     if let Some(r) = rollout.as_object_mut() {
         r.insert("evaluation".into(), s.rollout["evaluation"].clone());
         r.insert("events".into(), s.rollout["events"].clone());
+        if !s.rollout["directPaths"].is_null() {
+            r.insert("directPaths".into(), s.rollout["directPaths"].clone());
+        }
     }
     let mut warnings = s.warnings.clone();
     if rollout["enabled"].as_bool() == Some(true) {
@@ -288,21 +291,37 @@ fn render_rollout(r: &Value) -> String {
         cell(&e["stepPercentage"]),
         e["successRate"].as_f64().map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
     );
-    let analyses = e["analyses"].as_array().cloned().unwrap_or_default();
-    for (main, pct) in e["effectiveByMain"].as_object().into_iter().flatten() {
-        let a = analyses.iter().find(|a| a["main"] == main.as_str());
-        let lowered = pct.as_u64() < e["stepPercentage"].as_u64();
+    relay_lines(&mut out, "", &e["effectiveByMain"], &e["stepPercentage"], &e["analyses"], &r["events"]);
+    let d = &r["directPaths"]["status"];
+    if !d.is_null() {
         out.push_str(&format!(
-            "           {main}: {}%{}  {}\n",
+            "           direct paths: phase {}, step {}%, direct setup success {} over the window\n",
+            cell(&d["phase"]),
+            cell(&d["effectivePercentage"]),
+            d["observedSuccessRate"].as_f64().map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+        ));
+        let events = &r["directPaths"]["events"];
+        relay_lines(&mut out, "direct ", &d["effectiveByMain"], &d["effectivePercentage"], &d["analysis"], events);
+    }
+    out
+}
+
+/// Per main relay its percentage (marked where rolled back below `step`) and verdict, then
+/// the last three `events`.
+fn relay_lines(out: &mut String, label: &str, effective: &Value, step: &Value, analyses: &Value, events: &Value) {
+    for (main, pct) in effective.as_object().into_iter().flatten() {
+        let a = analyses.as_array().into_iter().flatten().find(|a| a["main"] == main.as_str());
+        let lowered = pct.as_u64() < step.as_u64();
+        out.push_str(&format!(
+            "           {label}{main}: {}%{}  {}\n",
             cell(pct),
             if lowered { " (rolled back)" } else { "" },
             a.map_or("no setups in the window".into(), |a| format!("{}: {}", cell(&a["verdict"]), cell(&a["reason"])))
         ));
     }
-    for ev in r["events"].as_array().into_iter().flatten().rev().take(3) {
+    for ev in events.as_array().into_iter().flatten().rev().take(3) {
         out.push_str(&format!("           event: {}\n", cell(&ev["message"])));
     }
-    out
 }
 
 /// The ECH column: a home's health over the last minute (and its success rate), a main

@@ -35,6 +35,7 @@ pub use placement::{Placement, Site};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::rollout::driver::Subject;
 use relayfed_crds::{AnyResource, EchMode, Peer, Relay, RelayFederation, RelayType, RolloutPolicy, TrustLevel};
 use relayfed_proto::config::{
     CircuitBreakerConfig, EchServerConfig, Export, Import, MainRelay, NodeConfig, PeerRelay, Permissions, RateLimit,
@@ -233,7 +234,9 @@ pub fn compile(resources: &[AnyResource], placement: &Placement<'_>) -> Result<P
         key_passphrase_file: None,
         direct_paths: relayfed_proto::config::direct::DirectPaths {
             enabled: policy.spec.direct_paths.enabled,
-            percentage: policy.spec.direct_paths.percentage,
+            // With steps, the rollout starts at the first; the rollout driver moves it on.
+            percentage: crate::rollout::driver::progression(policy, Subject::DirectPaths).start(),
+            percentage_by_main: BTreeMap::new(),
         },
     };
     let mut snapshots = BTreeMap::new();
@@ -553,7 +556,7 @@ fn policy_parts(policy: &RolloutPolicy, relays: &[&Relay]) -> (EchPolicy, Trust,
             EchMode::Required => ech_policy::EchMode::Required,
         },
         // With steps, the rollout starts at the first; the rollout driver moves it on.
-        percentage: crate::rollout::driver::progression(policy).start(),
+        percentage: crate::rollout::driver::progression(policy, Subject::Ech).start(),
         whitelist: e.whitelist.clone(),
         blacklist: e.blacklist.clone(),
         percentage_by_main: BTreeMap::new(),

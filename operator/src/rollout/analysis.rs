@@ -1,6 +1,11 @@
-//! ECH rollout analysis: from the setup counters nodes report (cumulative, per destination
-//! main relay, for the ECH cohort and the plain cohort), the verdict per main relay over the
+//! Rollout analysis: from the setup counters nodes report (cumulative, per destination main
+//! relay, for the treated cohort and the control cohort), the verdict per main relay over the
 //! policy's evaluation window. Pure: callers feed reports and time.
+//!
+//! Two rollouts use it ([`Subject`]): ECH (treated: setups sealed with ECH; control: plain
+//! route headers) and direct paths (treated: setups first tried on a direct path; control:
+//! relayed setups while direct paths are on). The rules below name ECH's cohorts; for direct
+//! paths read "direct" and "relayed".
 //!
 //! A main relay is the unit ECH is sealed to, so one broken relay fails only its own verdict.
 //! The ECH cohort fails when its success rate is below `minSuccessRate` while the plain cohort
@@ -23,12 +28,38 @@ impl From<&ech_cohorts::Cohorts> for Cohorts {
     }
 }
 
+impl From<&relayfed_proto::federation::direct_cohorts::PathCohorts> for Cohorts {
+    fn from(c: &relayfed_proto::federation::direct_cohorts::PathCohorts) -> Self {
+        Cohorts { ech: c.direct, plain: c.relayed, ..Cohorts::default() }
+    }
+}
+
+/// What a rollout rolls out: names its cohorts in reasons and messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Subject {
+    /// ECH route headers (`spec.ech`).
+    #[default]
+    Ech,
+    /// Direct paths between homes (`spec.directPaths`).
+    DirectPaths,
+}
+
+impl Subject {
+    /// The treated and the control cohort, as reasons name their setups.
+    pub fn cohorts(self) -> (&'static str, &'static str) {
+        match self {
+            Subject::Ech => ("ECH", "plain"),
+            Subject::DirectPaths => ("direct", "relayed"),
+        }
+    }
+}
+
 /// Both cohorts toward one main relay.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Cohorts {
-    /// Streams sealed with ECH.
+    /// The treated cohort: streams sealed with ECH (or first tried on a direct path).
     pub ech: Counters,
-    /// Streams with a plain route header.
+    /// The control cohort: streams with a plain route header (or relayed).
     pub plain: Counters,
     /// Nodes with ECH setups toward the relay in the window (counted by [`History`]).
     pub ech_reporters: u32,
@@ -129,13 +160,16 @@ impl History {
     }
 }
 
-/// What the analysis needs of the policy (`spec.ech.autoRollback`).
+/// What the analysis needs of the policy (`spec.ech.autoRollback` or
+/// `spec.directPaths.autoRollback`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Criteria {
-    /// Lowest acceptable ECH setup success rate.
+    /// Lowest acceptable setup success rate of the treated cohort.
     pub min_success_rate: f64,
-    /// Fewest ECH setups in the window for a verdict.
+    /// Fewest setups of the treated cohort in the window for a verdict.
     pub min_streams: u64,
+    /// Whose cohorts these are.
+    pub subject: Subject,
 }
 
 /// The verdict for one main relay.
@@ -179,21 +213,22 @@ fn pct(r: f64) -> String {
 
 fn judge(counts: &Cohorts, c: Criteria) -> (Verdict, String) {
     let (ech, plain) = (&counts.ech, &counts.plain);
+    let (treated, control) = c.subject.cohorts();
     if ech.attempts < c.min_streams {
         return (
             Verdict::Inconclusive,
-            format!("{} ECH setups in the window, fewer than minStreams {}", ech.attempts, c.min_streams),
+            format!("{} {treated} setups in the window, fewer than minStreams {}", ech.attempts, c.min_streams),
         );
     }
     let rate = ech.success_rate().unwrap_or(0.0);
     if rate < c.min_success_rate && counts.ech_reporters >= 2 && counts.failing_reporters < 2 {
-        // One home's word is not enough to lower ECH for everyone calling this relay (a
-        // compromised home could report failures it never had; an honest one may hold a
+        // One home's word is not enough to lower the rollout for everyone calling this relay
+        // (a compromised home could report failures it never had; an honest one may hold a
         // stale config of its own).
         return (
             Verdict::Inconclusive,
             format!(
-                "ECH setups {} successful of {}, but only 1 of {} calling nodes saw failures",
+                "{treated} setups {} successful of {}, but only 1 of {} calling nodes saw failures",
                 pct(rate),
                 ech.attempts,
                 counts.ech_reporters
@@ -203,18 +238,31 @@ fn judge(counts: &Cohorts, c: Criteria) -> (Verdict, String) {
     if rate >= c.min_success_rate {
         return (
             Verdict::Pass,
-            format!("ECH setups {} successful of {} (minimum {})", pct(rate), ech.attempts, pct(c.min_success_rate)),
+            format!(
+                "{treated} setups {} successful of {} (minimum {})",
+                pct(rate),
+                ech.attempts,
+                pct(c.min_success_rate)
+            ),
         );
     }
     match plain.success_rate() {
         Some(p) if plain.attempts >= c.min_streams && p < c.min_success_rate => (
             Verdict::Inconclusive,
-            format!("ECH setups {} and plain setups {} successful: the path fails, not ECH", pct(rate), pct(p)),
+            format!(
+                "{treated} setups {} and {control} setups {} successful: the path fails, not {}",
+                pct(rate),
+                pct(p),
+                match c.subject {
+                    Subject::Ech => "ECH",
+                    Subject::DirectPaths => "the direct path",
+                }
+            ),
         ),
         p => (
             Verdict::Fail,
             format!(
-                "ECH setups {} successful of {} (minimum {}); plain setups {}",
+                "{treated} setups {} successful of {} (minimum {}); {control} setups {}",
                 pct(rate),
                 ech.attempts,
                 pct(c.min_success_rate),
@@ -244,7 +292,7 @@ mod tests {
         }
     }
 
-    const C: Criteria = Criteria { min_success_rate: 0.95, min_streams: 100 };
+    const C: Criteria = Criteria { min_success_rate: 0.95, min_streams: 100, subject: Subject::Ech };
     const W: Duration = Duration::from_secs(60);
 
     #[test]
@@ -353,6 +401,13 @@ mod tests {
         );
         assert_eq!(a[0].reason, "ECH setups 75.0% successful of 200 (minimum 95.0%); plain setups 100.0%");
         assert_eq!(a[0].counts.ech.mean_setup(), Some(Duration::from_millis(10)));
+        let direct = Criteria { subject: Subject::DirectPaths, ..C };
+        let both = Cohorts { ech: c(200, 150), plain: c(100, 50), ..Cohorts::default() };
+        let a = analyse(&BTreeMap::from([("m1".to_owned(), both)]), direct);
+        assert_eq!(
+            a[0].reason,
+            "direct setups 75.0% and relayed setups 50.0% successful: the path fails, not the direct path"
+        );
     }
 
     #[test]

@@ -1,43 +1,60 @@
-//! One rollout, evaluated again and again: turns a `RolloutPolicy` into the analysis criteria
-//! and the progression policy, judges the window's cohort counters, keeps the progression
-//! state between evaluations, and writes the effective percentages into snapshots. Pure: the
-//! operator and local mode feed it counters and time and apply what it returns.
+//! One rollout (ECH's or direct paths', its [`Subject`]), evaluated again and again: turns a
+//! `RolloutPolicy` into the analysis criteria and the progression policy, judges the window's
+//! cohort counters, keeps the progression state between evaluations, and writes the
+//! effective percentages into snapshots. Pure: the operator and local mode feed it counters
+//! and time and apply what it returns.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, SystemTime};
 
-use relayfed_crds::{MainAnalysis, RolloutPolicy};
+use relayfed_crds::{DirectAnalysis, DirectPathsStatus, MainAnalysis, RolloutPolicy};
 use relayfed_proto::config::{Role, Snapshot};
 use serde::Serialize;
 
+pub use super::analysis::Subject;
 use super::analysis::{Analysis, Cohorts, Criteria, Verdict, analyse};
 use super::progress::{self, Phase, State, Transition};
 
-/// The progression policy of a `RolloutPolicy`. The generation is the object's
-/// `metadata.generation` mixed with a hash of its `spec`, so any edit of the spec re-arms,
-/// also where no API server counts generations (local mode).
-pub fn progression(rp: &RolloutPolicy) -> progress::Policy {
-    let ech = &rp.spec.ech;
+/// The progression policy of `subject` in a `RolloutPolicy`. For ECH the generation is the
+/// object's `metadata.generation` mixed with a hash of its `spec`, so any edit of the spec
+/// re-arms, also where no API server counts generations (local mode). For direct paths it is
+/// a hash of `spec.directPaths` alone: editing ECH or resilience settings does not restart
+/// the direct-path rollout (nor undo its rollbacks).
+pub fn progression(rp: &RolloutPolicy, subject: Subject) -> progress::Policy {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(&rp.spec).unwrap_or_default().hash(&mut h);
-    rp.metadata.generation.hash(&mut h);
+    let (configured, steps, interval, rb) = match subject {
+        Subject::Ech => {
+            serde_json::to_string(&rp.spec).unwrap_or_default().hash(&mut h);
+            rp.metadata.generation.hash(&mut h);
+            let ech = &rp.spec.ech;
+            (ech.percentage, &ech.steps, ech.step_interval, &ech.auto_rollback)
+        }
+        Subject::DirectPaths => {
+            let d = &rp.spec.direct_paths;
+            serde_json::to_string(d).unwrap_or_default().hash(&mut h);
+            (d.percentage, &d.steps, d.step_interval, &d.auto_rollback)
+        }
+    };
     progress::Policy {
         generation: (h.finish() >> 1) as i64,
-        configured: ech.percentage.min(100),
-        steps: ech.steps.clone(),
-        step_interval: ech.step_interval.get(),
-        auto_rollback: ech.auto_rollback.enabled,
-        rollback_step: ech.auto_rollback.step,
-        window: ech.auto_rollback.evaluation_window.get(),
-        dry_run: ech.auto_rollback.dry_run,
+        configured: configured.min(100),
+        steps: steps.clone(),
+        step_interval: interval.get(),
+        auto_rollback: rb.enabled,
+        rollback_step: rb.step,
+        window: rb.evaluation_window.get(),
+        dry_run: rb.dry_run,
     }
 }
 
-/// The analysis criteria of a `RolloutPolicy`.
-pub fn criteria(rp: &RolloutPolicy) -> Criteria {
-    let rb = &rp.spec.ech.auto_rollback;
-    Criteria { min_success_rate: rb.min_success_rate, min_streams: u64::from(rb.min_streams) }
+/// The analysis criteria of `subject` in a `RolloutPolicy`.
+pub fn criteria(rp: &RolloutPolicy, subject: Subject) -> Criteria {
+    let rb = match subject {
+        Subject::Ech => &rp.spec.ech.auto_rollback,
+        Subject::DirectPaths => &rp.spec.direct_paths.auto_rollback,
+    };
+    Criteria { min_success_rate: rb.min_success_rate, min_streams: u64::from(rb.min_streams), subject }
 }
 
 /// The outcome of one evaluation, as status, `local status` and logs show it.
@@ -46,13 +63,14 @@ pub fn criteria(rp: &RolloutPolicy) -> Criteria {
 pub struct Evaluation {
     /// Where the rollout stands.
     pub phase: Phase,
-    /// The configured percentage (`spec.ech.percentage`).
+    /// The configured percentage (`spec.ech.percentage` or `spec.directPaths.percentage`).
     pub configured: u8,
     /// The percentage of the current step (before per-relay rollbacks).
     pub step_percentage: u8,
     /// The percentage in force per destination main relay.
     pub effective_by_main: BTreeMap<String, u8>,
-    /// ECH setup success rate over the window, every relay together.
+    /// Setup success rate of the treated cohort (ECH, or direct) over the window, every relay
+    /// together.
     pub success_rate: Option<f64>,
     /// The verdict per destination main relay that had setups in the window.
     pub analyses: Vec<MainAnalysis>,
@@ -86,11 +104,14 @@ pub struct Outcome {
     /// Whether the percentages snapshots carry changed (the first evaluation counts as a
     /// change): the caller publishes again.
     pub changed: bool,
+    /// The rollout it is of.
+    pub subject: Subject,
 }
 
 /// A rollout's state between evaluations.
 #[derive(Clone, Debug, Default)]
 pub struct Rollout {
+    subject: Subject,
     state: Option<State>,
     last: Option<Evaluation>,
     /// When the current generation was armed: streams before it are not judged (they ran
@@ -99,6 +120,16 @@ pub struct Rollout {
 }
 
 impl Rollout {
+    /// A rollout of `subject`, not evaluated yet.
+    pub fn new(subject: Subject) -> Self {
+        Rollout { subject, ..Rollout::default() }
+    }
+
+    /// What it rolls out.
+    pub fn subject(&self) -> Subject {
+        self.subject
+    }
+
     /// Evaluates at `now` for the main relays in `mains`. `increase(window, not_before)` gives
     /// the counter increases over the `window` ending at `now`, by destination main relay,
     /// from reports received after `not_before` (when the policy was last edited).
@@ -109,7 +140,7 @@ impl Rollout {
         mains: &[String],
         now: SystemTime,
     ) -> Outcome {
-        let policy = progression(rp);
+        let policy = progression(rp, self.subject);
         let armed_at = match (&self.state, self.armed_at) {
             (Some(s), Some(at)) if s.generation == policy.generation => at,
             _ => now,
@@ -117,7 +148,7 @@ impl Rollout {
         self.armed_at = Some(armed_at);
         let increase = if now > armed_at { increase(policy.window, armed_at) } else { BTreeMap::new() };
         let analyses: Vec<Analysis> =
-            analyse(&increase, criteria(rp)).into_iter().filter(|a| mains.contains(&a.main)).collect();
+            analyse(&increase, criteria(rp, self.subject)).into_iter().filter(|a| mains.contains(&a.main)).collect();
         let (state, transitions) = progress::evaluate(self.state.as_ref(), &policy, &analyses, now);
         let ech =
             analyses.iter().fold((0u64, 0u64), |(a, s), x| (a + x.counts.ech.attempts, s + x.counts.ech.successes));
@@ -138,7 +169,7 @@ impl Rollout {
         let changed = self.last.as_ref().is_none_or(|l| l.applied() != eval.applied());
         self.state = Some(state);
         self.last = Some(eval.clone());
-        Outcome { evaluation: eval, transitions, changed }
+        Outcome { evaluation: eval, transitions, changed, subject: self.subject }
     }
 
     /// The last evaluation, if any.
@@ -150,15 +181,45 @@ impl Rollout {
     /// is now (after an edit, the plan's values hold until the next evaluation re-arms).
     pub fn apply(&self, rp: &RolloutPolicy, snapshots: &mut BTreeMap<String, Snapshot>) {
         if let (Some(state), Some(eval)) = (&self.state, &self.last)
-            && state.generation == progression(rp).generation
+            && state.generation == progression(rp, self.subject).generation
         {
-            apply(eval, snapshots);
+            apply(eval, snapshots, self.subject);
         }
     }
 
-    /// The evaluation window of `rp` (how long node reports must be kept).
+    /// How long node reports must be kept for the rollouts of `rp`: its longest evaluation
+    /// window.
     pub fn window(rp: &RolloutPolicy) -> Duration {
-        rp.spec.ech.auto_rollback.evaluation_window.get()
+        let direct = rp.spec.direct_paths.auto_rollback.evaluation_window.get();
+        rp.spec.ech.auto_rollback.evaluation_window.get().max(direct)
+    }
+}
+
+/// The direct-path rollout's status (`status.directPaths`) from an evaluation of it.
+pub fn direct_status(eval: &Evaluation) -> DirectPathsStatus {
+    DirectPathsStatus {
+        phase: format!("{:?}", eval.phase),
+        effective_percentage: eval.step_percentage,
+        effective_by_main: eval.effective_by_main.clone(),
+        observed_success_rate: eval.success_rate.map(|r| (r * 1000.0).round() / 1000.0),
+        last_rollback: eval
+            .last_rollback_unix
+            .map(|at| crate::k8s::status::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(at))),
+        analysis: eval
+            .analyses
+            .iter()
+            .map(|a| DirectAnalysis {
+                main: a.main.clone(),
+                verdict: a.verdict.clone(),
+                reason: a.reason.clone(),
+                direct_attempts: a.ech_attempts,
+                direct_success_rate: a.ech_success_rate,
+                relayed_attempts: a.plain_attempts,
+                relayed_success_rate: a.plain_success_rate,
+                direct_setup_millis: a.ech_setup_millis,
+                relayed_setup_millis: a.plain_setup_millis,
+            })
+            .collect(),
     }
 }
 
@@ -184,18 +245,29 @@ fn view(a: &Analysis) -> MainAnalysis {
     }
 }
 
-/// The main relays among `snapshots` (the destinations ECH is sealed to).
+/// The main relays among `snapshots` (the destinations ECH is sealed to, and the unit the
+/// direct-path rollout lowers).
 pub fn mains_of(snapshots: &BTreeMap<String, Snapshot>) -> Vec<String> {
     snapshots.iter().filter(|(_, s)| s.node.role == Role::Main).map(|(n, _)| n.clone()).collect()
 }
 
-/// Puts an evaluation's percentages into every snapshot's ECH policy: the step's percentage,
-/// and the relays below it in `percentageByMain`.
-pub fn apply(eval: &Evaluation, snapshots: &mut BTreeMap<String, Snapshot>) {
+/// Puts an evaluation's percentages into every snapshot's ECH policy (or direct-path policy,
+/// where direct paths are on): the step's percentage, and the relays below it in
+/// `percentageByMain`.
+pub fn apply(eval: &Evaluation, snapshots: &mut BTreeMap<String, Snapshot>, subject: Subject) {
     let below = eval.rolled_back();
     for s in snapshots.values_mut() {
-        s.ech_policy.percentage = eval.step_percentage;
-        s.ech_policy.percentage_by_main = below.clone();
+        match subject {
+            Subject::Ech => {
+                s.ech_policy.percentage = eval.step_percentage;
+                s.ech_policy.percentage_by_main = below.clone();
+            }
+            Subject::DirectPaths if s.direct_paths.enabled => {
+                s.direct_paths.percentage = eval.step_percentage;
+                s.direct_paths.percentage_by_main = below.clone();
+            }
+            Subject::DirectPaths => {}
+        }
     }
 }
 
@@ -212,8 +284,33 @@ pub struct Noted {
     pub message: String,
 }
 
-/// Names a transition.
-pub fn describe(t: &Transition) -> Noted {
+/// Names a transition of a rollout of `subject`.
+pub fn describe(t: &Transition, subject: Subject) -> Noted {
+    let n = describe_ech(t);
+    match subject {
+        Subject::Ech => n,
+        Subject::DirectPaths => Noted {
+            reason: match t {
+                Transition::Rearmed { .. } => "DirectPathsRearmed",
+                Transition::Advanced { .. } => "DirectPathsAdvanced",
+                Transition::RolledBack { .. } => "DirectPathsRolledBack",
+                Transition::WouldRollBack { .. } => "DirectPathsWouldRollBack",
+            },
+            message: match t {
+                Transition::RolledBack { main, from, to, reason } => {
+                    format!("direct paths to homes behind {main} rolled back from {from}% to {to}%: {reason}")
+                }
+                Transition::WouldRollBack { main, at, reason } => {
+                    format!("dry run: direct paths to homes behind {main} would be rolled back from {at}%: {reason}")
+                }
+                _ => format!("direct paths: {}", n.message),
+            },
+            ..n
+        },
+    }
+}
+
+fn describe_ech(t: &Transition) -> Noted {
     let (kind, reason, warning, message) = match t {
         Transition::Rearmed { to } => {
             ("rearmed", "Rearmed", false, format!("policy edited: the rollout starts again at {to}%"))
@@ -240,24 +337,25 @@ impl Outcome {
     /// effective percentages and the transitions in `metrics`, logs each transition, and
     /// returns them named (for Events in a cluster, `local status` in local mode).
     pub fn record(&self, metrics: &crate::metrics::OperatorMetrics) -> Vec<Noted> {
+        let m = metrics.rollout(self.subject == Subject::DirectPaths);
         for a in &self.evaluation.analyses {
             let label = match a.verdict.as_str() {
                 "Pass" => "pass",
                 "Fail" => "fail",
                 _ => "inconclusive",
             };
-            metrics.rollout_analyses.get_or_create(&[("result", label)]).inc();
+            m.analyses.get_or_create(&[("result", label)]).inc();
         }
-        metrics.rollout_configured_percent.set(i64::from(self.evaluation.configured));
-        metrics.rollout_step_percent.set(i64::from(self.evaluation.step_percentage));
+        m.configured.set(i64::from(self.evaluation.configured));
+        m.step.set(i64::from(self.evaluation.step_percentage));
         for (main, pct) in &self.evaluation.effective_by_main {
-            metrics.rollout_effective_percent.get_or_create(&[("main", main.clone())]).set(i64::from(*pct));
+            m.effective.get_or_create(&[("main", main.clone())]).set(i64::from(*pct));
         }
         self.transitions
             .iter()
             .map(|t| {
-                let n = describe(t);
-                metrics.rollout_transitions.get_or_create(&[("kind", n.kind)]).inc();
+                let n = describe(t, self.subject);
+                m.transitions.get_or_create(&[("kind", n.kind)]).inc();
                 if n.warning {
                     tracing::warn!(kind = n.kind, "{}", n.message);
                 } else {
@@ -325,12 +423,57 @@ mod tests {
         let mut snaps = BTreeMap::new();
         let snap = Snapshot::parse(include_str!("../../../sidecar/fuzz/seeds/snapshot/home.yaml")).unwrap();
         snaps.insert("h".to_owned(), snap);
-        apply(&eval, &mut snaps);
+        apply(&eval, &mut snaps, Subject::Ech);
         assert_eq!(snaps["h"].ech_policy.percentage, 100);
         assert_eq!(snaps["h"].ech_policy.percentage_by_main, BTreeMap::from([("m2".into(), 50)]));
         assert_eq!(snaps["h"].ech_policy.percentage_for("m1"), 100);
-        let noted = describe(&tr[0]);
+        let noted = describe(&tr[0], Subject::Ech);
         assert!(noted.message.contains("m2") && noted.warning && noted.reason == "RolledBack", "{noted:?}");
+    }
+
+    #[test]
+    fn direct_paths_roll_back_per_relay_and_only_where_they_are_on() {
+        let rp = policy(&format!(
+            "{BASE}  directPaths:\n    enabled: true\n    autoRollback: {{minSuccessRate: 0.9, evaluationWindow: 10s, step: 100, minStreams: 3}}\n"
+        ));
+        let mains = vec!["m1".to_owned(), "m2".to_owned()];
+        let mut r = Rollout::new(Subject::DirectPaths);
+        r.evaluate(&rp, |_, _| BTreeMap::new(), &mains, t(0));
+        let inc = BTreeMap::from([
+            ("m1".to_owned(), counts((40, 40), (10, 10))),
+            ("m2".to_owned(), counts((4, 0), (30, 30))),
+        ]);
+        let out = r.evaluate(&rp, |_, _| inc.clone(), &mains, t(5));
+        assert_eq!(out.evaluation.effective_by_main, BTreeMap::from([("m1".into(), 100), ("m2".into(), 0)]));
+        let noted = describe(&out.transitions[0], out.subject);
+        assert_eq!(noted.reason, "DirectPathsRolledBack");
+        assert!(noted.message.starts_with("direct paths to homes behind m2 rolled back from 100% to 0%"), "{noted:?}");
+        assert!(noted.message.contains("direct setups 0.0% successful of 4"), "{}", noted.message);
+        let status = direct_status(&out.evaluation);
+        assert_eq!((status.phase.as_str(), status.effective_percentage), ("RolledBack", 100));
+        let m2 = status.analysis.iter().find(|a| a.main == "m2").unwrap();
+        assert_eq!((m2.direct_attempts, m2.relayed_attempts, m2.relayed_success_rate), (4, 30, Some(1.0)));
+
+        let home = Snapshot::parse(include_str!("../../../sidecar/fuzz/seeds/snapshot/home.yaml")).unwrap();
+        let mut off = home.clone();
+        off.direct_paths = Default::default();
+        let mut on = home;
+        on.direct_paths.enabled = true;
+        let mut snaps = BTreeMap::from([("off".to_owned(), off), ("on".to_owned(), on)]);
+        r.apply(&rp, &mut snaps);
+        assert!(snaps["off"].direct_paths.is_default(), "a snapshot without direct paths is left alone");
+        assert_eq!(snaps["on"].direct_paths.percentage_for("m2"), 0);
+        assert_eq!(snaps["on"].direct_paths.percentage_for("m1"), 100);
+        assert_eq!(snaps["on"].ech_policy.percentage_by_main, BTreeMap::new(), "ECH is another rollout");
+
+        // An edit of ECH alone neither re-arms nor undoes the direct-path rollback.
+        let mut ech_edited = rp.clone();
+        ech_edited.spec.ech.percentage = 40;
+        assert_eq!(progression(&ech_edited, Subject::DirectPaths), progression(&rp, Subject::DirectPaths));
+        assert_ne!(progression(&ech_edited, Subject::Ech), progression(&rp, Subject::Ech));
+        let again = r.evaluate(&ech_edited, |_, _| BTreeMap::new(), &mains, t(6));
+        assert!(again.transitions.is_empty(), "{:?}", again.transitions);
+        assert_eq!(again.evaluation.effective_by_main["m2"], 0);
     }
 
     #[test]
@@ -364,6 +507,6 @@ mod tests {
         );
         assert!(matches!(tr[..], [Transition::Rearmed { to: 50 }]), "{tr:?}");
         assert_eq!(eval.step_percentage, 50);
-        assert_eq!(progression(&edited).window, Duration::from_secs(10));
+        assert_eq!(progression(&edited, Subject::Ech).window, Duration::from_secs(10));
     }
 }

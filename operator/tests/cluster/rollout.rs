@@ -62,7 +62,7 @@ async fn a_failing_relay_is_rolled_back_alone_and_an_edit_rearms() {
         server_node: relayfed_sidecar::distribution::DEFAULT_SERVER_NODE.into(),
         identity: identity.into(),
         wait_seconds: 5,
-        reports: Some(cohorts.clone()),
+        reports: Some(relayfed_sidecar::distribution::client::Counters { ech: cohorts.clone(), ..Default::default() }),
     };
     let received: Arc<Mutex<Option<Snapshot>>> = Arc::default();
     let seen = received.clone();

@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::federation::ech_cohorts::{Cohorts, MAX_MAINS};
+use crate::federation::direct_cohorts::PathCohorts;
+use crate::federation::ech_cohorts::{CohortCounters, Cohorts, MAX_MAINS};
 
 /// ALPN for the distribution endpoint.
 pub const ALPN: &[u8] = b"http/1.1";
@@ -72,12 +73,17 @@ impl Ack {
 }
 
 /// Body of `POST /v1/report/{node}`: cumulative ECH cohort counters by destination main
-/// relay. The server stamps it with its own clock on receipt.
+/// relay, and while direct paths are on the direct-path cohort counters. The server stamps it
+/// with its own clock on receipt.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Report {
-    /// Counters by destination main relay id.
+    /// ECH counters by destination main relay id.
     pub by_main: BTreeMap<String, Cohorts>,
+    /// Direct-path counters by destination main relay id (absent while direct paths were
+    /// never on).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub direct_by_main: BTreeMap<String, PathCohorts>,
 }
 
 impl Report {
@@ -86,21 +92,35 @@ impl Report {
         let mut de = serde_json::Deserializer::from_slice(body);
         let r: Report =
             serde_path_to_error::deserialize(&mut de).map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
-        if r.by_main.len() > MAX_MAINS {
-            return Err(format!("byMain: {} relays, at most {MAX_MAINS}", r.by_main.len()));
-        }
-        for (main, c) in &r.by_main {
-            if !is_node_id(main) {
-                return Err(format!("byMain: {main:?} is not a node id"));
-            }
-            for (cohort, counters) in [("ech", &c.ech), ("plain", &c.plain)] {
-                if let Some(why) = counters.implausible() {
-                    return Err(format!("byMain.{main}.{cohort}: {why}"));
-                }
-            }
-        }
+        let ech = r.by_main.iter().map(|(m, c)| (m, [("ech", &c.ech), ("plain", &c.plain)]));
+        check_relays("byMain", r.by_main.len(), ech)?;
+        let direct = r.direct_by_main.iter().map(|(m, c)| (m, [("direct", &c.direct), ("relayed", &c.relayed)]));
+        check_relays("directByMain", r.direct_by_main.len(), direct)?;
         Ok(r)
     }
+}
+
+/// Checks one map of a report: at most [`MAX_MAINS`] relays, each a node id, with plausible
+/// counters; the error names the field.
+fn check_relays<'a>(
+    field: &str,
+    len: usize,
+    relays: impl Iterator<Item = (&'a String, [(&'static str, &'a CohortCounters); 2])>,
+) -> Result<(), String> {
+    if len > MAX_MAINS {
+        return Err(format!("{field}: {len} relays, at most {MAX_MAINS}"));
+    }
+    for (main, cohorts) in relays {
+        if !is_node_id(main) {
+            return Err(format!("{field}: {main:?} is not a node id"));
+        }
+        for (cohort, counters) in cohorts {
+            if let Some(why) = counters.implausible() {
+                return Err(format!("{field}.{main}.{cohort}: {why}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_node_id(s: &str) -> bool {
@@ -152,13 +172,21 @@ mod tests {
             (br#"{"byMain": {"m": {"ech": {"attempts": -1, "successes": 0}, "plain": {"attempts": 0, "successes": 0}}}}"#, "attempts"),
             (br#"{"byMain": {}, "extra": 1}"#, "extra"),
             (br#"{}"#, "byMain"),
+            (br#"{"byMain": {}, "directByMain": {"m": {"direct": {"attempts": 1, "successes": 2}, "relayed": {"attempts": 0, "successes": 0}}}}"#, "directByMain.m.direct"),
+            (br#"{"byMain": {}, "directByMain": {"M": {"direct": {"attempts": 0, "successes": 0}, "relayed": {"attempts": 0, "successes": 0}}}}"#, "directByMain"),
         ] {
             let e = Report::parse(bad).unwrap_err();
             assert!(e.contains(names), "{e}");
         }
         let many: BTreeMap<String, Cohorts> = (0..=MAX_MAINS).map(|i| (format!("m{i}"), Cohorts::default())).collect();
-        let body = serde_json::to_vec(&Report { by_main: many }).unwrap();
+        let body = serde_json::to_vec(&Report { by_main: many, ..Report::default() }).unwrap();
         assert!(Report::parse(&body).unwrap_err().contains("at most"));
+        let direct = br#"{"byMain": {}, "directByMain": {"hub-eu": {"direct": {"attempts": 3, "successes": 2, "setupSeconds": 0.1},
+                     "relayed": {"attempts": 5, "successes": 5}}}}"#;
+        let r = Report::parse(direct).unwrap();
+        assert_eq!((r.direct_by_main["hub-eu"].direct.successes, r.direct_by_main["hub-eu"].relayed.attempts), (2, 5));
+        let plain = serde_json::to_string(&Report::default()).unwrap();
+        assert_eq!(plain, r#"{"byMain":{}}"#, "without direct paths the report is unchanged");
     }
 
     proptest::proptest! {
@@ -174,7 +202,10 @@ mod tests {
             // Binary fractions with short decimals: exact through JSON.
             let secs = f64::from(secs) / 1024.0;
             let counters = crate::federation::ech_cohorts::CohortCounters { attempts: attempts.max(ok), successes: ok, fallbacks: 0, retries: 0, setup_seconds: secs };
-            let r = Report { by_main: BTreeMap::from([("m".to_owned(), Cohorts { ech: counters, plain: counters })]) };
+            let r = Report {
+                by_main: BTreeMap::from([("m".to_owned(), Cohorts { ech: counters, plain: counters })]),
+                direct_by_main: BTreeMap::from([("d".to_owned(), PathCohorts { direct: counters, relayed: counters })]),
+            };
             proptest::prop_assert_eq!(Report::parse(&serde_json::to_vec(&r).unwrap()).unwrap(), r);
         }
 

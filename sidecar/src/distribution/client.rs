@@ -13,6 +13,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::{ALPN, Ack, AckResult, REPORT_SECONDS, Report};
 use crate::admin::metrics::Metrics;
 use crate::config::Snapshot;
+use crate::federation::direct_cohorts::DirectCohorts;
 use crate::federation::ech_cohorts::EchCohorts;
 use crate::resilience::backoff::{Backoff, Retry};
 use crate::transport::tls::SharedIdentity;
@@ -29,9 +30,18 @@ pub struct Subscription {
     pub identity: SharedIdentity,
     /// Seconds each long-poll may wait.
     pub wait_seconds: u64,
-    /// ECH cohort counters to report (calling homes): sent every [`REPORT_SECONDS`] while
-    /// they change, between long-polls (which then wait at most that long).
-    pub reports: Option<Arc<EchCohorts>>,
+    /// Cohort counters to report (calling homes): sent every [`REPORT_SECONDS`] while they
+    /// change, between long-polls (which then wait at most that long).
+    pub reports: Option<Counters>,
+}
+
+/// The cohort counters a calling home reports for the rollouts' analyses.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// ECH cohorts.
+    pub ech: Arc<EchCohorts>,
+    /// Direct-path cohorts (counted only while direct paths are on).
+    pub direct: Arc<DirectCohorts>,
 }
 
 /// Why one round with the server failed (the subscription retries with backoff).
@@ -141,18 +151,18 @@ impl Subscription {
             if let Some(counters) = &self.reports {
                 wait = wait.min(REPORT_SECONDS);
                 // Keeps the admin API's ECH health window sampled.
-                let _ = counters.recent(std::time::Instant::now());
-                let totals = counters.totals();
-                if !totals.is_empty() && reported.as_ref() != Some(&totals) {
-                    let body =
-                        serde_json::to_vec(&Report { by_main: totals.clone() }).map_err(|e| self.transport(e))?;
+                let _ = counters.ech.recent(std::time::Instant::now());
+                let totals = Report { by_main: counters.ech.totals(), direct_by_main: counters.direct.totals() };
+                let empty = totals.by_main.is_empty() && totals.direct_by_main.is_empty();
+                if !empty && reported.as_ref() != Some(&totals) {
+                    let body = serde_json::to_vec(&totals).map_err(|e| self.transport(e))?;
                     let (status, _, text) =
                         self.request(&mut sender, Method::POST, format!("/v1/report/{node}"), body).await?;
                     if status.is_success() {
                         reported = Some(totals);
                     } else {
                         // The rollout analysis misses this node; config distribution goes on.
-                        warn!(status = status.as_u16(), answer = %String::from_utf8_lossy(&text).trim(), "ECH cohort report refused");
+                        warn!(status = status.as_u16(), answer = %String::from_utf8_lossy(&text).trim(), "cohort report refused");
                     }
                 }
             }

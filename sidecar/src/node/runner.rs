@@ -153,7 +153,7 @@ pub async fn run(snap: Snapshot, opts: RunOptions) -> anyhow::Result<()> {
     }
     if let Some(server) = opts.config_server.clone() {
         let reports = match &running {
-            Running::Home(h) => Some(h.ech_cohorts()),
+            Running::Home(h) => Some(h.cohort_counters()),
             Running::Main(_) => None,
         };
         let sub =

@@ -200,7 +200,7 @@ impl HomeNode {
 
     /// A call to `dest` went out: starts an attempt when policy and backoff allow.
     pub(super) fn want_direct(self: &Arc<Self>, dest: &Entry, live: &HomeLive) {
-        if !live.direct_paths.attempts(&self.identity.node_id) || dest.node == self.identity.node_id {
+        if !live.direct_paths.attempts(&self.identity.node_id, &dest.main) || dest.node == self.identity.node_id {
             return;
         }
         // The peer's relay coordinates when we have a link to it; else our active relay asks

@@ -12,6 +12,7 @@ mod direct;
 mod inbound;
 mod outbound;
 mod pump;
+mod setup_counts;
 mod uplinks;
 
 use std::collections::HashMap;
@@ -85,6 +86,8 @@ pub struct HomeNode {
     /// Setups per destination main relay and ECH cohort, reported to the operator's rollout
     /// analysis.
     ech_cohorts: Arc<EchCohorts>,
+    /// Direct-path cohort counters (while direct paths are on), reported like ECH's.
+    direct_cohorts: Arc<crate::federation::direct_cohorts::DirectCohorts>,
     /// Direct paths to other homes (`direct.rs`).
     direct: direct::Direct,
 }
@@ -215,6 +218,7 @@ impl HomeNode {
             live: RwLock::new(Arc::new(HomeLive::from_snapshot(snap))),
             metrics,
             ech_cohorts: Arc::default(),
+            direct_cohorts: Arc::default(),
             direct: direct::Direct::new(socket),
         });
         node.metrics.transport.config_version.set(snap.version as i64);
@@ -277,9 +281,9 @@ impl HomeNode {
         }
     }
 
-    /// The ECH cohort counters this home keeps (reported to the operator).
-    pub fn ech_cohorts(&self) -> Arc<EchCohorts> {
-        self.ech_cohorts.clone()
+    /// The cohort counters this home keeps (reported to the operator).
+    pub fn cohort_counters(&self) -> crate::distribution::client::Counters {
+        crate::distribution::client::Counters { ech: self.ech_cohorts.clone(), direct: self.direct_cohorts.clone() }
     }
 
     /// The live settings in force now.

@@ -3,10 +3,11 @@
 //! before any payload, then hand it to the pump; plus the path-trace probe.
 
 use super::decide::{self, Answer, Candidates, Sealing};
+use super::setup_counts::{CohortNote, path_setup};
 use super::*;
 use crate::admin::metrics::Call;
 use crate::crypto::ech::config_digest;
-use crate::federation::ech_cohorts::{Cohort, Setup};
+use crate::federation::ech_cohorts::Cohort;
 use crate::serving::{Admitted, BoundedListener, ServerLimits};
 
 impl HomeNode {
@@ -213,7 +214,14 @@ impl HomeNode {
             // A direct connection to the destination home carries the stream while it is up
             // (§12); the call also starts an attempt toward one when policy allows.
             self.want_direct(&dest, live);
-            let direct = self.direct_conn(&dest.node).filter(|c| !lost_paths.contains(&c.stable_id()));
+            // Only while the rollout selects this home for the destination's relay: a rollback
+            // moves new streams back to the relays at once.
+            let direct = live
+                .direct_paths
+                .attempts(&self.identity.node_id, &dest.main)
+                .then(|| self.direct_conn(&dest.node))
+                .flatten()
+                .filter(|c| !lost_paths.contains(&c.stable_id()));
             let is_direct = direct.is_some();
             let conn = direct.unwrap_or(conn);
             let started = Instant::now();
@@ -246,6 +254,11 @@ impl HomeNode {
             let own_link_lost = link_closed || direct_failed;
             if let Some(setup) = cohort.setup(&result, own_link_lost, started.elapsed()) {
                 self.ech_cohorts.record(&dest.main, setup);
+            }
+            if live.direct_paths.enabled
+                && let Some(ok) = path_setup(&result, is_direct, direct_failed, link_closed)
+            {
+                self.direct_cohorts.record(&dest.main, is_direct, ok, started.elapsed().as_secs_f64());
             }
             if balanced {
                 match &result {
@@ -555,40 +568,6 @@ struct Via<'a> {
     conn: &'a quinn::Connection,
     main: &'a str,
     direct: bool,
-}
-
-/// The ECH cohort of one setup attempt, noted while it runs (the decision is taken inside).
-#[derive(Debug, Default)]
-struct CohortNote {
-    /// Set once the ECH decision is taken; `None`: the attempt ended before it.
-    cohort: Option<Cohort>,
-    fallback: bool,
-    retried: bool,
-}
-
-impl CohortNote {
-    /// The setup to count for the rollout analysis, if the attempt says anything about ECH:
-    /// a completed handshake, or a failure the route header's sealing could cause (`ECH_*`, a
-    /// failed end-to-end handshake, a malformed answer). Failures of the path or the
-    /// destination (a relay or home down or hung, a missing service) and refusals of the
-    /// caller (rate limits, permissions) happen alike in both cohorts and are left out: with
-    /// ECH at 100% there is no plain cohort to tell them apart, and a crashed relay must not
-    /// roll ECH back.
-    fn setup<T>(&self, result: &Result<T, StreamError>, own_link_lost: bool, took: Duration) -> Option<Setup> {
-        let cohort = self.cohort?;
-        let ok = match result {
-            Ok(_) => true,
-            Err(_) if own_link_lost => return None,
-            Err((code, _)) if counts_against_ech(*code) => false,
-            Err(_) => return None,
-        };
-        Some(Setup { cohort, ok, fallback: self.fallback, retried: self.retried, seconds: took.as_secs_f64() })
-    }
-}
-
-/// Failures the route header's sealing can cause (what the rollout analysis counts).
-fn counts_against_ech(code: ErrorCode) -> bool {
-    code.is_ech() || matches!(code, ErrorCode::HandshakeFailed | ErrorCode::MalformedFrame)
 }
 
 fn io_err(e: FrameIoError) -> StreamError {
