@@ -85,6 +85,7 @@ async fn report<K>(
     v: Verdict,
     extra: serde_json::Map<String, serde_json::Value>,
     extra_conds: Vec<relayfed_crds::Condition>,
+    stale: &[&str],
 ) -> Result<(), ReconcileError>
 where
     K: StatusObject,
@@ -93,6 +94,7 @@ where
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let generation = obj.meta().generation;
     let mut conds = obj.conditions();
+    conds.retain(|c| !stale.contains(&c.type_.as_str()));
     let was_ok = conds.iter().find(|c| c.type_ == "Applied").map(|c| c.status == "True");
     if !v.ok && was_ok != Some(false) {
         event(ctx, obj, true, v.reason, "Apply", v.message.clone()).await;
@@ -111,7 +113,9 @@ where
             None => conds.push(c),
         }
     }
-    let mut status = extra;
+    // A null field is one to remove: the apply leaves it out.
+    let mut status: serde_json::Map<String, serde_json::Value> =
+        extra.into_iter().filter(|(_, v)| !v.is_null()).collect();
     status.insert("observedGeneration".into(), generation.into());
     status.insert("conditions".into(), serde_json::to_value(&conds).unwrap_or_default());
     apply_status(&api, obj, serde_json::Value::Object(status)).await
@@ -123,7 +127,7 @@ pub async fn reconcile_peer(peer: Arc<Peer>, ctx: Arc<Context>) -> Result<Action
     let started = std::time::Instant::now();
     let result = async {
         let v = judge(&ctx, &namespace, &format!("Peer/{name}"), peer.validate(), true);
-        report(&ctx, peer.as_ref(), v, serde_json::Map::new(), vec![]).await?;
+        report(&ctx, peer.as_ref(), v, serde_json::Map::new(), vec![], &[]).await?;
         Ok(Action::requeue(Duration::from_secs(300)))
     }
     .instrument(info_span!("reconcile", kind = "Peer", %namespace, %name))
@@ -155,7 +159,9 @@ pub async fn reconcile_policy(policy: Arc<RolloutPolicy>, ctx: Arc<Context>) -> 
             None => serde_json::Map::new(),
         };
         rollout_conds.retain(|c| c.type_ == "RolledBack" || c.type_ == super::rollout::DIRECT_ROLLED_BACK);
-        report(&ctx, policy.as_ref(), v, extra, rollout_conds).await?;
+        // Direct paths off: their rollout's condition goes with them.
+        let stale: &[&str] = if policy.spec.direct_paths.enabled { &[] } else { &[super::rollout::DIRECT_ROLLED_BACK] };
+        report(&ctx, policy.as_ref(), v, extra, rollout_conds, stale).await?;
         Ok(Action::requeue(Duration::from_secs(300)))
     }
     .instrument(info_span!("reconcile", kind = "RolloutPolicy", %namespace, %name))

@@ -14,9 +14,10 @@ use relayfed_crds::RolloutPolicy;
 use relayfed_sidecar::admin::metrics::Metrics;
 use relayfed_sidecar::config::Snapshot;
 use relayfed_sidecar::crypto::ca::FederationCa;
-use relayfed_sidecar::distribution::client::Subscription;
+use relayfed_sidecar::distribution::client::{Counters, Subscription};
 use relayfed_sidecar::distribution::{Ack, AckResult};
 use relayfed_sidecar::federation::ech_cohorts::{Cohort, EchCohorts, Setup};
+
 use relayfed_sidecar::transport::tls::HopIdentity;
 
 use crate::support::{eventually, eventually_or, examples_in, operated, plane};
@@ -27,6 +28,45 @@ fn setups(c: &EchCohorts, main: &str, cohort: Cohort, ok: u32, failed: u32) {
     for i in 0..ok + failed {
         c.record(main, Setup { cohort, ok: i < ok, fallback: false, retried: false, seconds: 0.01 });
     }
+}
+
+/// Subscribes to the operator's config distribution as home `shop-eu` (identity issued by
+/// the federation's CA, as the operator would), reporting `counters`; returns them, the last
+/// snapshot received, and the subscription's task.
+async fn subscribe(
+    client: &kube::Client,
+    ns: &crate::support::Namespace,
+    op: &crate::support::Operator,
+) -> (Counters, Arc<Mutex<Option<Snapshot>>>, tokio::task::JoinHandle<()>) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let ca = eventually("the CA Secret", WAIT, || async { secrets.get_opt("acme-ca").await.ok().flatten() }).await;
+    let text = |k: &str| String::from_utf8(ca.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    let ca = FederationCa::from_pem("acme.example", &text("ca.crt"), &text("ca.key")).unwrap();
+    let issued = ca.issue("shop-eu", Duration::from_secs(3600)).unwrap();
+    let identity = HopIdentity::from_pem(
+        "acme.example",
+        "shop-eu",
+        &ca.certified_key().cert_pem,
+        &issued.cert_pem,
+        &issued.key_pem,
+    )
+    .unwrap();
+    let counters = Counters::default();
+    let sub = Subscription {
+        server: format!("127.0.0.1:{}", op.distribution_port),
+        server_node: relayfed_sidecar::distribution::DEFAULT_SERVER_NODE.into(),
+        identity: identity.into(),
+        wait_seconds: 5,
+        reports: Some(counters.clone()),
+    };
+    let received: Arc<Mutex<Option<Snapshot>>> = Arc::default();
+    let seen = received.clone();
+    let node = tokio::spawn(sub.run(0, Arc::new(Metrics::new()), move |snap| {
+        let version = snap.version;
+        *seen.lock().unwrap() = Some(snap);
+        Ack { version, result: AckResult::Applied, restart_required: vec![], detail: None }
+    }));
+    (counters, received, node)
 }
 
 #[tokio::test]
@@ -42,35 +82,8 @@ async fn a_failing_relay_is_rolled_back_alone_and_an_edit_rearms() {
         {"enabled": true, "minSuccessRate": 0.9, "evaluationWindow": "10s", "step": 50, "minStreams": 5}}}});
     policies.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
 
-    // Home shop-eu's identity, issued by the federation's CA as the operator would.
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
-    let ca = eventually("the CA Secret", WAIT, || async { secrets.get_opt("acme-ca").await.ok().flatten() }).await;
-    let text = |k: &str| String::from_utf8(ca.data.as_ref().unwrap()[k].0.clone()).unwrap();
-    let ca = FederationCa::from_pem("acme.example", &text("ca.crt"), &text("ca.key")).unwrap();
-    let issued = ca.issue("shop-eu", Duration::from_secs(3600)).unwrap();
-    let identity = HopIdentity::from_pem(
-        "acme.example",
-        "shop-eu",
-        &ca.certified_key().cert_pem,
-        &issued.cert_pem,
-        &issued.key_pem,
-    )
-    .unwrap();
-    let cohorts = Arc::new(EchCohorts::default());
-    let sub = Subscription {
-        server: format!("127.0.0.1:{}", op.distribution_port),
-        server_node: relayfed_sidecar::distribution::DEFAULT_SERVER_NODE.into(),
-        identity: identity.into(),
-        wait_seconds: 5,
-        reports: Some(relayfed_sidecar::distribution::client::Counters { ech: cohorts.clone(), ..Default::default() }),
-    };
-    let received: Arc<Mutex<Option<Snapshot>>> = Arc::default();
-    let seen = received.clone();
-    let node = tokio::spawn(sub.run(0, Arc::new(Metrics::new()), move |snap| {
-        let version = snap.version;
-        *seen.lock().unwrap() = Some(snap);
-        Ack { version, result: AckResult::Applied, restart_required: vec![], detail: None }
-    }));
+    let (counters, received, node) = subscribe(&client, ns, op).await;
+    let cohorts = counters.ech.clone();
     eventually_or("the node receives ECH at 100%", WAIT, || async {
         match received.lock().unwrap().as_ref() {
             Some(s) if s.ech_policy.enabled && s.ech_policy.percentage == 100 => Ok(()),
@@ -158,6 +171,89 @@ async fn a_failing_relay_is_rolled_back_alone_and_an_edit_rearms() {
     })
     .await;
     traffic.abort();
+    node.abort();
+    let refused = op.rbac_refusals();
+    assert!(refused.is_empty(), "the chart's RBAC refused requests:\n{}", refused.join("\n"));
+}
+
+/// Direct paths rolled out like ECH, on a real API server: the node reports direct setups that
+/// fail toward `hub-us` (relayed ones succeed) and succeed toward `hub-eu`; the operator rolls
+/// back direct paths to homes behind `hub-us` alone: `status.directPaths`, the
+/// `DirectPathsRolledBack` condition, a Warning Event, the metric and the snapshot. ECH's
+/// status is untouched. Turning direct paths off removes the status and the condition.
+#[tokio::test]
+async fn failing_direct_paths_are_rolled_back_for_their_relay_alone() {
+    let setup = operated("rec-direct").await;
+    let (ns, op) = (&setup.ns, &setup.op);
+    let dir = examples_in("federation", &ns.name);
+    let out = plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let client = plane().client().await.unwrap();
+    let policies: Api<RolloutPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let patch = serde_json::json!({"spec": {"directPaths": {"enabled": true, "autoRollback":
+        {"minSuccessRate": 0.9, "evaluationWindow": "10s", "step": 100, "minStreams": 5}}}});
+    policies.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let (counters, received, node) = subscribe(&client, ns, op).await;
+    eventually("the node receives direct paths on", WAIT, || async {
+        received.lock().unwrap().as_ref().is_some_and(|s| s.direct_paths.enabled).then_some(())
+    })
+    .await;
+    let traffic = {
+        let direct = counters.direct.clone();
+        tokio::spawn(async move {
+            loop {
+                for i in 0..8 {
+                    direct.record("hub-us", true, i < 2, 0.01);
+                    direct.record("hub-us", false, true, 0.02);
+                    direct.record("hub-eu", true, true, 0.01);
+                }
+                // The pace of the simulated traffic, not a synchronisation.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let status = eventually("hub-us's direct paths rolled back", WAIT, || async {
+        let s = policies.get("default").await.ok()?.status?;
+        (s.direct_paths.as_ref()?.effective_by_main.get("hub-us") == Some(&0)).then_some(s)
+    })
+    .await;
+    let direct = status.direct_paths.as_ref().unwrap();
+    assert_eq!(direct.effective_by_main.get("hub-eu"), Some(&100), "{direct:?}");
+    assert_eq!((direct.phase.as_str(), direct.effective_percentage), ("RolledBack", 100));
+    let us = direct.analysis.iter().find(|a| a.main == "hub-us").expect("hub-us analysed");
+    assert_eq!(us.verdict, "Fail");
+    assert!(us.reason.starts_with("direct setups 25.0% successful"), "{}", us.reason);
+    assert_eq!(us.relayed_success_rate, Some(1.0));
+    let cond = status.common.conditions.iter().find(|c| c.type_ == "DirectPathsRolledBack").expect("the condition");
+    assert_eq!(cond.status, "True");
+    assert!(cond.message.contains("hub-us at 0%"), "{}", cond.message);
+    assert_ne!(status.phase.as_deref(), Some("RolledBack"), "ECH is another rollout: {status:?}");
+    let events = crate::support::get_json(&ns.name, &["events.events.k8s.io"]);
+    let warning = events["items"].as_array().unwrap().iter().find(|e| e["reason"] == "DirectPathsRolledBack");
+    let warning = warning.unwrap_or_else(|| panic!("no DirectPathsRolledBack Event: {events}"));
+    assert_eq!(warning["type"], "Warning");
+    eventually("the node receives hub-us's lowered direct-path percentage", WAIT, || async {
+        let r = received.lock().unwrap();
+        r.as_ref().is_some_and(|s| s.direct_paths.percentage_by_main.get("hub-us") == Some(&0)).then_some(())
+    })
+    .await;
+    let (_, metrics) = op.admin("/metrics").await.unwrap();
+    assert!(metrics.contains("relayfed_operator_direct_paths_effective_percent{main=\"hub-us\"} 0"), "metric missing");
+
+    // Off: the status and the condition go; the node's snapshot has no direct paths.
+    traffic.abort();
+    let patch = serde_json::json!({"spec": {"directPaths": {"enabled": false}}});
+    policies.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually("direct paths off: their status is removed", WAIT, || async {
+        let s = policies.get("default").await.ok()?.status?;
+        let gone = s.direct_paths.is_none() && s.common.conditions.iter().all(|c| c.type_ != "DirectPathsRolledBack");
+        gone.then_some(())
+    })
+    .await;
+    eventually("the node runs without direct paths", WAIT, || async {
+        received.lock().unwrap().as_ref().is_some_and(|s| s.direct_paths.is_default()).then_some(())
+    })
+    .await;
     node.abort();
     let refused = op.rbac_refusals();
     assert!(refused.is_empty(), "the chart's RBAC refused requests:\n{}", refused.join("\n"));
