@@ -35,7 +35,7 @@ test-rust: cluster prometheus ## Rust unit, property and integration tests (incl
 e2e: images cluster ## Two clusters on one machine (root): pods run by relayfed-pod-runner, kube-proxy, CoreDNS, relayfed installed with helm; an unmodified pod in cluster A calls catalog in cluster B.
 	$(CARGO) build -q -p relayfed-pod-runner --features e2e --tests
 	RELAYFED_IMAGES=$(TARGET_DIR)/images RELAYFED_CLUSTER_BIN=$$(tests/cluster/build.sh) \
-	  $(CARGO) test -q -p relayfed-pod-runner --features e2e --test two_clusters -- --nocapture
+	  $(CARGO) test -q -p relayfed-pod-runner --features e2e --test two_clusters -- --nocapture --test-threads=1
 
 cluster: ## Build the test control plane (etcd, apiserver, controller-manager, scheduler, kubectl, kwok, helm) from Go modules; cached.
 	@tests/cluster/build.sh >/dev/null

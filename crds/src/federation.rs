@@ -93,6 +93,10 @@ pub struct RelayFederationStatus {
     /// SHA-256 fingerprint of the federation CA certificate (`sha256:<hex>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_fingerprint: Option<String>,
+    /// SHA-256 fingerprint of the CA's public key (SubjectPublicKeyInfo): what another
+    /// organisation pins in its Peer for this federation (`spec.identity.fingerprint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key_fingerprint: Option<String>,
 }
 
 impl RelayFederation {

@@ -53,6 +53,8 @@ pub struct LoadedCa {
     pub ca: FederationCa,
     /// `sha256:<hex>` of the CA certificate.
     pub fingerprint: String,
+    /// `sha256:<hex>` of the CA's public key: a partner's pin.
+    pub key_fingerprint: String,
     /// Whether this reconcile created it.
     pub created: bool,
 }
@@ -127,7 +129,8 @@ pub async fn load_ca(
         .map_err(|e| ReconcileError::Dependency(format!("Secret {namespace}/{name}: {e}")))?;
     let fingerprint = relayfed_proto::crypto::ca::cert_fingerprint(&cert)
         .map_err(|e| ReconcileError::Dependency(format!("Secret {namespace}/{name}: {e}")))?;
-    Ok(Some(LoadedCa { fingerprint, ca, created }))
+    let key_fingerprint = relayfed_serving::partners::spki_fingerprint(&der).unwrap_or_default();
+    Ok(Some(LoadedCa { fingerprint, key_fingerprint, ca, created }))
 }
 
 /// Reconciles one `RelayFederation`.
@@ -244,6 +247,7 @@ async fn apply(fed: &RelayFederation, ctx: &Context, name: &str, namespace: &str
             "observedGeneration": generation,
             "conditions": conds,
             "caFingerprint": ca.fingerprint,
+            "caKeyFingerprint": ca.key_fingerprint,
             "mainRelaysReady": mains_ready,
             "connectedPeers": connected,
             "services": services,

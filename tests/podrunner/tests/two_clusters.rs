@@ -228,3 +228,101 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
     support::report_rss(&[&a, &b]);
     support::hold(&[&a, &b]);
 }
+
+/// Two organisations on two control planes (issue 21): cluster A runs federation `shop`
+/// (trust domain shop.example), cluster B federation `partner` (partner.example), each with
+/// the CA its own operator created. Nothing is copied between them: each side reads the
+/// other's public pin (`status.caKeyFingerprint` of its RelayFederation) and writes its own
+/// Peer from `examples/partners/peer.yaml.template`. B lets A call `catalog.*`; A lets B export
+/// `catalog.*`. The unmodified client pod in A calls catalog in B; B's `ledger`, exported in B
+/// but not permitted, never reaches A's registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_organisations_share_nothing_but_a_pinned_key() {
+    let images = support::image_map();
+    let (a, b) = Cluster::pair(&images);
+    for c in [&a, &b] {
+        c.install_dns().await;
+        c.install_relayfed().await;
+    }
+    let dir = repo().join("examples/two-organisations");
+    a.apply(&dir.join("cluster-a/10-federation.yaml"));
+    b.apply(&dir.join("cluster-b/10-federation.yaml"));
+    async fn pin(c: &Cluster, fed: &str) -> String {
+        let path = "jsonpath={.status.caKeyFingerprint}";
+        c.eventually(&format!("{fed}'s CA key fingerprint"), || {
+            let out = c.kubectl(&["-n", "relayfed-system", "get", "relayfederation", fed, "-o", path]);
+            async move { out.starts_with("sha256:").then_some(out) }
+        })
+        .await
+    }
+    let (pin_a, pin_b) = (pin(&a, "shop").await, pin(&b, "partner").await);
+    assert_ne!(pin_a, pin_b, "two organisations, two CAs");
+    for (c, other) in [(&a, "partner-ca"), (&b, "shop-ca")] {
+        let held = c.plane.kubectl(&["-n", "relayfed-system", "get", "secret", other]).unwrap();
+        assert!(!held.ok, "cluster {} holds the other organisation's CA Secret {other}", c.name);
+    }
+    let template = std::fs::read_to_string(repo().join("examples/partners/peer.yaml.template")).unwrap();
+    let peer = |c: &Cluster, fields: [(&str, &str); 8]| {
+        let text = fields.iter().fold(template.clone(), |t, (k, v)| t.replace(&format!("${{{k}}}"), v));
+        let file = c.plane.dir.join("30-peer.yaml");
+        std::fs::write(&file, text).unwrap();
+        c.apply(&file);
+    };
+    peer(
+        &a,
+        [
+            ("NAME", "partner"),
+            ("NODE", "main-b"),
+            ("LOCAL", "main-a"),
+            ("DOMAIN", "partner.example"),
+            ("ENDPOINT", "192.168.242.1:4433"),
+            ("FINGERPRINT", &pin_b),
+            ("CALL", ""),
+            ("EXPORT", "\"catalog.*\""),
+        ],
+    );
+    peer(
+        &b,
+        [
+            ("NAME", "shop"),
+            ("NODE", "main-a"),
+            ("LOCAL", "main-b"),
+            ("DOMAIN", "shop.example"),
+            ("ENDPOINT", "192.168.241.1:4433"),
+            ("FINGERPRINT", &pin_a),
+            ("CALL", "\"catalog.*\""),
+            ("EXPORT", ""),
+        ],
+    );
+    for (c, relay) in [(&a, "main-a"), (&b, "main-b")] {
+        c.assign_load_balancer(relay, &c.node.lb_address(1)).await;
+        c.wait_ready("relayfed-system", &format!("app.kubernetes.io/name=relayfed-relay,relayfed.io/relay={relay}"))
+            .await;
+    }
+    b.apply(&repo().join("examples/two-clusters/cluster-b/20-catalog.yaml"));
+    let ledger = b.plane.dir.join("ledger.yaml");
+    std::fs::write(
+        &ledger,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ledger, namespace: shop}\n\
+         spec: {selector: {app: catalog}, ports: [{name: http, port: 8080, targetPort: http}]}\n---\n\
+         apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: ledger, namespace: shop}\nspec: {}\n",
+    )
+    .unwrap();
+    b.apply(&ledger);
+    b.wait_ready("shop", "app=catalog").await;
+    a.apply(&repo().join("examples/two-clusters/cluster-a/20-client.yaml"));
+    let client = a.pod_log("shop", "client", "app");
+    let calls = client.wait_for(WAIT, |calls| calls.iter().filter(|c| c.ok).count() >= 20).await;
+    let ok = calls.iter().find(|c| c.ok).unwrap();
+    assert!(ok.pod.as_deref().unwrap_or_default().starts_with("catalog-"), "{ok:?}");
+    eprintln!("two organisations: {} calls from shop (A) answered by partner's catalog (B)", calls.len());
+
+    let peers = a.pod_get("relayfed-system", "main-a-", 9901, "/federation/peers");
+    assert!(peers.contains("partner.example"), "main-a shows its peering with the partner: {peers}");
+    let registry_b = b.pod_get("relayfed-system", "main-b-", 9901, "/federation/registry");
+    assert!(registry_b.contains("ledger.shop"), "ledger is exported in B: {registry_b}");
+    let registry_a = a.pod_get("relayfed-system", "main-a-", 9901, "/federation/registry");
+    assert!(registry_a.contains("catalog.shop"), "{registry_a}");
+    assert!(!registry_a.contains("ledger"), "the partner's ledger is not ours to see: {registry_a}");
+    support::hold(&[&a, &b]);
+}
