@@ -240,9 +240,9 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
 async fn two_organisations_share_nothing_but_a_pinned_key() {
     let images = support::image_map();
     let (a, b) = Cluster::pair(&images);
-    for c in [&a, &b] {
+    for (c, federation) in [(&a, "shop"), (&b, "partner")] {
         c.install_dns().await;
-        c.install_relayfed().await;
+        c.install_relayfed_for(federation).await;
     }
     let dir = repo().join("examples/two-organisations");
     a.apply(&dir.join("cluster-a/10-federation.yaml"));

@@ -183,6 +183,13 @@ impl Cluster {
 
     /// The user's install: the CRD chart (with the MCS CRDs), then the chart, with helm.
     pub async fn install_relayfed(&self) {
+        self.install_relayfed_for("shop").await;
+    }
+
+    /// The chart as [`Cluster::install_relayfed`], its operator serving federation
+    /// `relayfed-system/<federation>`.
+    pub async fn install_relayfed_for(&self, federation: &str) {
+        let served = format!("operator.federation=relayfed-system/{federation}");
         let helm = |args: &[&str]| {
             let out = self.plane.helm(args).unwrap();
             assert!(out.ok, "cluster {}: helm {args:?}: {}{}\n{}", self.name, out.stdout, out.stderr, self.state());
@@ -208,7 +215,7 @@ impl Cluster {
             "--set",
             "injection.webhook.replicas=1",
             "--set",
-            "operator.federation=relayfed-system/shop",
+            &served,
             "--wait",
             "--timeout",
             "4m",
