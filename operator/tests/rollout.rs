@@ -120,17 +120,30 @@ fn load(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, mark: Arc<AtomicBool>
     counters
 }
 
+/// A local federation started from `dir`: the supervisor, its control address, its first
+/// status and c1's import address.
+struct Up {
+    child: tokio::process::Child,
+    control: std::net::SocketAddr,
+    status: Value,
+    c1: std::net::SocketAddr,
+}
+
+async fn up(dir: &Path) -> Up {
+    let (child, ready) = scenario::local_up(&bin(), dir, &[]).await;
+    let control = ready["control"].as_str().unwrap().parse().unwrap();
+    let status = status(&dir.join("state"));
+    let c1 = node(&status, "c1")["imports"].as_array().unwrap()[0]["listen"].as_str().unwrap().parse().unwrap();
+    Up { child, control, status, c1 }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_advance_and_a_broken_relay_is_rolled_back_alone() {
     let dir = scenario::work_dir("rollout");
     let policy_file = dir.join("manifests/50-policy.yaml");
     std::fs::write(&policy_file, policy("[5, 25, 50]")).unwrap();
     let state = dir.join("state");
-    let (mut child, ready) = scenario::local_up(&bin(), &dir, &[]).await;
-    let control: std::net::SocketAddr = ready["control"].as_str().unwrap().parse().unwrap();
-    let s = status(&state);
-    let c1: std::net::SocketAddr =
-        node(&s, "c1")["imports"].as_array().unwrap()[0]["listen"].as_str().unwrap().parse().unwrap();
+    let Up { mut child, control, c1, .. } = up(&dir).await;
 
     // Without traffic the first step is held.
     eventually("the rollout is evaluated and paused at 5%", Duration::from_secs(30), || async {
@@ -325,11 +338,7 @@ async fn direct_paths_that_carry_nothing_are_rolled_back_for_their_relay_alone()
     let federation = std::fs::read_to_string(dir.join("manifests/00-federation.yaml")).unwrap();
     let m2_port = federation.split("nodeId: m2, endpoint: \"127.0.0.1:").nth(1).unwrap().split('"').next().unwrap();
     let state = dir.join("state");
-    let (mut child, ready) = scenario::local_up(&bin(), &dir, &[]).await;
-    let control: std::net::SocketAddr = ready["control"].as_str().unwrap().parse().unwrap();
-    let s = status(&state);
-    let c1: std::net::SocketAddr =
-        node(&s, "c1")["imports"].as_array().unwrap()[0]["listen"].as_str().unwrap().parse().unwrap();
+    let Up { mut child, control, status: s, c1 } = up(&dir).await;
     let c1_admin = node(&s, "c1")["admin"].as_str().unwrap().to_owned();
 
     let (stop, applied) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
@@ -382,14 +391,15 @@ async fn direct_paths_that_carry_nothing_are_rolled_back_for_their_relay_alone()
         metrics.lines().any(|l| l.starts_with("relayfed_operator_direct_paths_effective_percent{main=\"m2\"} 0")),
         "the supervisor exports m2's direct-path percentage"
     );
-    // c1 applies it: e2 is called through the relays, e1 still directly.
-    eventually("c1 calls e2 through the relays again", Duration::from_secs(20), || async {
-        home_path(&c1_admin, "e2").await.is_some_and(|p| p.0 != "direct")
+    // c1 applies it: new calls to e2 take the relays; e1 is still called directly.
+    eventually("c1 applies m2's direct-path rollback", Duration::from_secs(30), || async {
+        let h = relayfed_operator::local::http::get_json(&c1_admin, "/federation/health").await;
+        h.is_some_and(|h| h["directPaths"]["percentageByMain"]["m2"] == 0)
     })
     .await;
     applied.store(true, Ordering::Relaxed);
     let before = ok.load(Ordering::Relaxed);
-    eventually("calls keep succeeding", Duration::from_secs(20), || async { ok.load(Ordering::Relaxed) > before + 20 })
+    eventually("calls keep succeeding", Duration::from_secs(60), || async { ok.load(Ordering::Relaxed) > before + 20 })
         .await;
     assert_eq!(home_path(&c1_admin, "e1").await.map(|p| p.0).as_deref(), Some("direct"), "m1's path is untouched");
     stop.store(true, Ordering::Relaxed);

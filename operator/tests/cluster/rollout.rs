@@ -30,6 +30,22 @@ fn setups(c: &EchCohorts, main: &str, cohort: Cohort, ok: u32, failed: u32) {
     }
 }
 
+/// The example federation applied in a fresh operated namespace named after `prefix`, its
+/// default RolloutPolicy patched with `patch`.
+async fn federation_with_policy(
+    prefix: &str,
+    patch: &serde_json::Value,
+) -> (crate::support::Operated, kube::Client, Api<RolloutPolicy>) {
+    let setup = operated(prefix).await;
+    let dir = examples_in("federation", &setup.ns.name);
+    let out = plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let client = plane().client().await.unwrap();
+    let policies: Api<RolloutPolicy> = Api::namespaced(client.clone(), &setup.ns.name);
+    policies.patch("default", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    (setup, client, policies)
+}
+
 /// Subscribes to the operator's config distribution as home `shop-eu` (identity issued by
 /// the federation's CA, as the operator would), reporting `counters`; returns them, the last
 /// snapshot received, and the subscription's task.
@@ -71,16 +87,10 @@ async fn subscribe(
 
 #[tokio::test]
 async fn a_failing_relay_is_rolled_back_alone_and_an_edit_rearms() {
-    let setup = operated("rec-rollout").await;
-    let (ns, op) = (&setup.ns, &setup.op);
-    let dir = examples_in("federation", &ns.name);
-    let out = plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap();
-    assert!(out.ok, "{}", out.stderr);
-    let client = plane().client().await.unwrap();
-    let policies: Api<RolloutPolicy> = Api::namespaced(client.clone(), &ns.name);
     let patch = serde_json::json!({"spec": {"ech": {"enabled": true, "percentage": 100, "autoRollback":
         {"enabled": true, "minSuccessRate": 0.9, "evaluationWindow": "10s", "step": 50, "minStreams": 5}}}});
-    policies.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let (setup, client, policies) = federation_with_policy("rec-rollout", &patch).await;
+    let (ns, op) = (&setup.ns, &setup.op);
 
     let (counters, received, node) = subscribe(&client, ns, op).await;
     let cohorts = counters.ech.clone();
@@ -183,16 +193,10 @@ async fn a_failing_relay_is_rolled_back_alone_and_an_edit_rearms() {
 /// status is untouched. Turning direct paths off removes the status and the condition.
 #[tokio::test]
 async fn failing_direct_paths_are_rolled_back_for_their_relay_alone() {
-    let setup = operated("rec-direct").await;
-    let (ns, op) = (&setup.ns, &setup.op);
-    let dir = examples_in("federation", &ns.name);
-    let out = plane().kubectl(&["apply", "-f", &dir.display().to_string()]).unwrap();
-    assert!(out.ok, "{}", out.stderr);
-    let client = plane().client().await.unwrap();
-    let policies: Api<RolloutPolicy> = Api::namespaced(client.clone(), &ns.name);
     let patch = serde_json::json!({"spec": {"directPaths": {"enabled": true, "autoRollback":
         {"minSuccessRate": 0.9, "evaluationWindow": "10s", "step": 100, "minStreams": 5}}}});
-    policies.patch("default", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let (setup, client, policies) = federation_with_policy("rec-direct", &patch).await;
+    let (ns, op) = (&setup.ns, &setup.op);
     let (counters, received, node) = subscribe(&client, ns, op).await;
     eventually("the node receives direct paths on", WAIT, || async {
         received.lock().unwrap().as_ref().is_some_and(|s| s.direct_paths.enabled).then_some(())

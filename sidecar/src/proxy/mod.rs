@@ -444,6 +444,7 @@ impl HomeNode {
                     "circuits": self.breaker_states(),
                     "ech": self.ech_health(),
                     "natMapping": self.nat_mapping(),
+                    "directPaths": self.live().direct_paths,
                     "tls": {
                         "roots": current.root_fingerprints(),
                         "certificate": current.certificate_fingerprint(),
