@@ -31,8 +31,9 @@ pub const ALPN: &[u8] = b"http/1.1";
 pub const MAX_WAIT_SECONDS: u64 = 60;
 /// How often a calling home reports its ECH cohort counters (when they changed).
 pub const REPORT_SECONDS: u64 = 5;
-/// Largest report body accepted (a full map of [`MAX_MAINS`] relays fits).
-pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+/// Largest report body accepted: both maps full ([`MAX_MAINS`] relays each, 63-character
+/// ids, every counter at its largest) fit.
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
 /// Node id in the distribution server's certificate unless configured otherwise.
 pub const DEFAULT_SERVER_NODE: &str = "relayfed-operator";
 
@@ -187,6 +188,24 @@ mod tests {
         assert_eq!((r.direct_by_main["hub-eu"].direct.successes, r.direct_by_main["hub-eu"].relayed.attempts), (2, 5));
         let plain = serde_json::to_string(&Report::default()).unwrap();
         assert_eq!(plain, r#"{"byMain":{}}"#, "without direct paths the report is unchanged");
+    }
+
+    #[test]
+    fn the_largest_possible_report_fits_the_body_limit() {
+        let c = CohortCounters {
+            attempts: u64::MAX,
+            successes: u64::MAX,
+            fallbacks: u64::MAX,
+            retries: u64::MAX,
+            setup_seconds: -f64::MAX,
+        };
+        let id = |i: usize| format!("{i:0>63}");
+        let r = Report {
+            by_main: (0..MAX_MAINS).map(|i| (id(i), Cohorts { ech: c, plain: c })).collect(),
+            direct_by_main: (0..MAX_MAINS).map(|i| (id(i), PathCohorts { direct: c, relayed: c })).collect(),
+        };
+        let len = serde_json::to_vec(&r).unwrap().len();
+        assert!(len <= MAX_REPORT_BYTES, "{len} bytes");
     }
 
     proptest::proptest! {
