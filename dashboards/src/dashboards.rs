@@ -464,6 +464,28 @@ pub fn resilience() -> Dashboard {
                         (&by("relayfed_proxy_port_sweeps_total", "half"), "sweep: {{half}}"),
                     ],
                 ),
+                panel(
+                    Kind::TimeSeries,
+                    "Direct-path rollout",
+                    "reqps",
+                    "The direct-path rollout's transitions (rolled_back: direct setups toward a main relay's homes failed where relayed ones did not; advanced, rearmed) and analysis verdicts per second; the percentage in force per relay is relayfed_operator_direct_paths_effective_percent and the RolloutPolicy's status.directPaths.",
+                    &[
+                        (
+                            &format!(
+                                "sum by (kind) ({})",
+                                rate("relayfed_operator_direct_paths_transitions_total", r#"role="operator""#)
+                            ),
+                            "{{kind}}",
+                        ),
+                        (
+                            &format!(
+                                "sum by (result) ({})",
+                                rate("relayfed_operator_direct_paths_analysis_total", r#"role="operator""#)
+                            ),
+                            "verdict {{result}}",
+                        ),
+                    ],
+                ),
             ],
         )],
     }
