@@ -93,7 +93,8 @@ async fn the_example_federation_reconciles_under_the_charts_rbac() {
     eventually("federation status", WAIT, || async {
         let f = feds.get("acme").await.ok()?;
         let s = f.status?;
-        (s.common.observed_generation == f.metadata.generation && s.ca_fingerprint.is_some()).then_some(())
+        let pin = s.ca_key_fingerprint.as_deref().is_some_and(|k| k.starts_with("sha256:") && k.len() == 71);
+        (s.common.observed_generation == f.metadata.generation && s.ca_fingerprint.is_some() && pin).then_some(())
     })
     .await;
     // Events from the operator, through the events.k8s.io API its RBAC grants.
