@@ -196,8 +196,9 @@ async fn evaluate(ctx: &Context, ns: &str, name: &str, policy: &RolloutPolicy) {
         let increase = |subject| move |w, since| ctx.distributor.cohort_increase(subject, w, now, since);
         let ech = f.ech.evaluate(policy, increase(Subject::Ech), &mains, now);
         if !direct_on {
-            // Off: forgotten, so turning it on again starts over.
+            // Off: forgotten, so turning it on again starts over; no percentage is in force.
             f.direct = Rollout::new(Subject::DirectPaths);
+            ctx.metrics.direct_effective_percent.clear();
         }
         let direct = direct_on.then(|| f.direct.evaluate(policy, increase(Subject::DirectPaths), &mains, now));
         (ech, direct)

@@ -1,8 +1,9 @@
 //! Local mode's rollouts (ECH, and direct paths while they are on): the same driver as the
 //! operator's (`crate::rollout::driver`), evaluated every [`INTERVAL`] over the homes' cohort
-//! reports to the supervisor's config distribution. Transitions are logged and counted; a change of effective percentages is
-//! published as new snapshots; `relayfed local status` shows the evaluation. Nothing is
-//! written back to the YAML files: the configured percentage stays what the user wrote.
+//! reports to the supervisor's config distribution. Transitions are logged and counted; a
+//! change of effective percentages is published as new snapshots; `relayfed local status`
+//! shows the evaluations. Nothing is written back to the YAML files: the configured
+//! percentages stay what the user wrote.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime};
@@ -64,9 +65,10 @@ impl LocalRollout {
         let unix = at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let mut changed = false;
         if !rp.spec.direct_paths.enabled && self.direct.last().is_some() {
-            // Off: forgotten, so turning it on again starts over.
+            // Off: forgotten, so turning it on again starts over; no percentage is in force.
             self.direct = Rollout::new(Subject::DirectPaths);
             self.direct_events.clear();
+            metrics.direct_effective_percent.clear();
         }
         for (driver, events) in [(&mut self.ech, &mut self.events), (&mut self.direct, &mut self.direct_events)] {
             let subject = driver.subject();
