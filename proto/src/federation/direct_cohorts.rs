@@ -17,7 +17,8 @@ use super::ech_cohorts::{Cohort, CohortCounters, EchCohorts, Setup};
 pub struct PathCohorts {
     /// Setups first tried on a direct path. A setup the direct path failed (it closed, or did
     /// not answer, and the stream went out again through a relay) is an attempt without
-    /// success; `setupSeconds` sums the successful ones.
+    /// success, and so is a stream set up on it that failed when the path closed under it;
+    /// `setupSeconds` sums the successful setups.
     pub direct: CohortCounters,
     /// Setups sent through a main relay while direct paths were on.
     pub relayed: CohortCounters,

@@ -3,7 +3,7 @@
 //! before any payload, then hand it to the pump; plus the path-trace probe.
 
 use super::decide::{self, Answer, Candidates, Sealing};
-use super::setup_counts::{CohortNote, path_setup};
+use super::setup_counts::{CohortNote, lost_with_direct_path, path_setup};
 use super::*;
 use crate::admin::metrics::Call;
 use crate::crypto::ech::config_digest;
@@ -102,8 +102,15 @@ impl HomeNode {
                 let setup = started.elapsed().as_secs_f64();
                 self.metrics.call_setup(&import.service, live.main_label(Some(&e.main)), e.ech, setup);
                 debug!(ech = e.ech, "session established");
-                let (via, main, sealed) = (e.via, e.main, e.ech);
+                let (via, main, sealed, direct) = (e.via, e.main, e.ech, e.direct);
                 let ended = self.pump(tcp, e.send, e.recv, (e.tx, e.rx), "outbound", live.stream_idle).await;
+                if let Some(conn) = direct
+                    && lost_with_direct_path(&ended, conn.close_reason().is_some())
+                {
+                    // Set up on a direct path that then died under it: the call failed, and
+                    // the direct-path rollout counts it against the path.
+                    self.direct_cohorts.record(&main, true, false, 0.0);
+                }
                 record(sealed, Some(&via), Some(&main), ended.err());
             }
             Err((code, message)) => {
@@ -408,6 +415,7 @@ impl HomeNode {
                         ech: binding.is_some(),
                         via: main_id.to_owned(),
                         main: dest.main.clone(),
+                        direct: direct.then(|| conn.clone()),
                     });
                 }
                 Answer::RetryWithNewerConfig => {
@@ -533,6 +541,8 @@ struct Established {
     via: String,
     /// The destination home's main relay.
     main: String,
+    /// The direct connection the stream rides on, if it is on one.
+    direct: Option<quinn::Connection>,
 }
 
 /// Failures that count against the instance (its circuit breaker).

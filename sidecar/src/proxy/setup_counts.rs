@@ -63,6 +63,14 @@ pub(super) fn path_setup<T>(
     }
 }
 
+/// Whether a stream set up on a direct connection ended because that connection died (it
+/// failed, and the connection is closed): the direct-path rollout counts it as a failed
+/// direct attempt besides its setup, so a path that connects and then carries nothing is
+/// seen even when its handshakes complete.
+pub(super) fn lost_with_direct_path(ended: &Result<(), ErrorCode>, conn_closed: bool) -> bool {
+    ended.is_err() && conn_closed
+}
+
 /// Failures the route header's sealing can cause (what the rollout analysis counts).
 fn counts_against_ech(code: ErrorCode) -> bool {
     code.is_ech() || matches!(code, ErrorCode::HandshakeFailed | ErrorCode::MalformedFrame)
@@ -83,6 +91,9 @@ mod tests {
         assert_eq!(path_setup(&err(ErrorCode::Timeout), false, false, false), Some(false), "the relayed path hung");
         assert_eq!(path_setup(&err(ErrorCode::PeerUnreachable), false, false, true), None, "our relay link died");
         assert_eq!(path_setup(&err(ErrorCode::HandshakeFailed), true, false, false), Some(false));
+        assert!(lost_with_direct_path(&Err(ErrorCode::PeerUnreachable), true));
+        assert!(!lost_with_direct_path(&Err(ErrorCode::TargetUnreachable), false), "the app's side failed");
+        assert!(!lost_with_direct_path(&Ok(()), true), "it ended well before the path went");
         for refusal in [ErrorCode::RateLimited, ErrorCode::PermissionDenied] {
             assert_eq!(path_setup(&err(refusal), true, false, false), None, "{refusal:?}");
             assert_eq!(path_setup(&err(refusal), false, false, false), None, "{refusal:?}");
