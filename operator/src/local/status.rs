@@ -505,6 +505,27 @@ mod tests {
         assert_eq!(peerings(&json!({"nodes": []})), "");
     }
 
+    #[test]
+    fn the_direct_path_rollout_shows_under_ech_with_its_rolled_back_relays() {
+        let r = json!({
+            "evaluation": {"phase": "Succeeded", "stepPercentage": 100, "effectiveByMain": {"m1": 100}},
+            "events": [],
+            "directPaths": {
+                "status": {"phase": "RolledBack", "effectivePercentage": 100, "observedSuccessRate": 0.9,
+                           "effectiveByMain": {"m1": 100, "m2": 0},
+                           "analysis": [{"main": "m2", "verdict": "Fail", "reason": "direct setups 90.0% successful of 40"}]},
+                "events": [{"message": "direct paths to homes behind m2 rolled back from 100% to 0%"}],
+            },
+        });
+        let text = render_rollout(&r);
+        assert!(text.contains("direct paths: phase RolledBack, step 100%, direct setup success 90.0%"), "{text}");
+        assert!(text.contains("direct m2: 0% (rolled back)  Fail: direct setups 90.0% successful of 40"), "{text}");
+        assert!(text.contains("direct m1: 100%  no setups in the window"), "{text}");
+        assert!(text.contains("event: direct paths to homes behind m2 rolled back"), "{text}");
+        let without = render_rollout(&json!({"evaluation": r["evaluation"].clone(), "events": []}));
+        assert!(!without.contains("direct"), "{without}");
+    }
+
     fn main(node: &str, set: Option<u64>) -> Value {
         json!({"node": node, "role": "main", "health": set.map(|s| json!({"echAnonymitySet": s}))})
     }
