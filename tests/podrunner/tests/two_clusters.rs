@@ -235,7 +235,9 @@ async fn an_unmodified_pod_calls_a_service_in_the_other_cluster() {
 /// other's public pin (`status.caKeyFingerprint` of its RelayFederation) and writes its own
 /// Peer from `examples/partners/peer.yaml.template`. B lets A call `catalog*`; A lets B export
 /// `catalog*`. The unmodified client pod in A calls catalog in B; B's `ledger`, exported in B
-/// but not permitted, never reaches A's registry.
+/// but not permitted, never reaches A's registry; with B's ServiceExport annotated
+/// `relayfed.io/proxy-protocol: "true"`, catalog's app reads the caller's identity in A's
+/// trust domain from a PROXY v2 header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_organisations_share_nothing_but_a_pinned_key() {
     let images = support::image_map();
@@ -299,17 +301,28 @@ async fn two_organisations_share_nothing_but_a_pinned_key() {
         c.wait_ready("relayfed-system", &format!("app.kubernetes.io/name=relayfed-relay,relayfed.io/relay={relay}"))
             .await;
     }
-    b.apply(&repo().join("examples/two-clusters/cluster-b/20-catalog.yaml"));
-    let ledger = b.plane.dir.join("ledger.yaml");
+    // catalog, and `ledger` (another Service of catalog's pods, exported in B but not
+    // permitted to A) in the same apply: a pod's exports are fixed when its sidecar starts.
+    let catalog = std::fs::read_to_string(repo().join("examples/two-clusters/cluster-b/20-catalog.yaml")).unwrap();
+    let workloads = b.plane.dir.join("20-catalog-and-ledger.yaml");
     std::fs::write(
-        &ledger,
-        "apiVersion: v1\nkind: Service\nmetadata: {name: ledger, namespace: shop}\n\
-         spec: {selector: {app: catalog}, ports: [{name: http, port: 8080, targetPort: http}]}\n---\n\
-         apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: ledger, namespace: shop}\nspec: {}\n",
+        &workloads,
+        format!(
+            "{catalog}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: ledger, namespace: shop}}\n\
+             spec: {{selector: {{app: catalog}}, ports: [{{name: http, port: 8080, targetPort: http}}]}}\n---\n\
+             apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: ledger, namespace: shop}}\nspec: {{}}\n"
+        ),
     )
     .unwrap();
-    b.apply(&ledger);
+    b.apply(&workloads);
     b.wait_ready("shop", "app=catalog").await;
+
+    // The partner's catalog reaches A's relay (what `kubectl get rfed` counts as services).
+    a.eventually("catalog.shop from the partner at main-a", || async {
+        let registry = a.pod_get("relayfed-system", "main-a-", 9901, "/federation/registry");
+        registry.contains("\"catalog.shop\"").then_some(())
+    })
+    .await;
     a.apply(&repo().join("examples/two-clusters/cluster-a/20-client.yaml"));
     let client = a.pod_log("shop", "client", "app");
     let calls = client.wait_for(WAIT, |calls| calls.iter().filter(|c| c.ok).count() >= 20).await;
@@ -319,10 +332,32 @@ async fn two_organisations_share_nothing_but_a_pinned_key() {
 
     let peers = a.pod_get("relayfed-system", "main-a-", 9901, "/federation/peers");
     assert!(peers.contains("partner.example"), "main-a shows its peering with the partner: {peers}");
-    let registry_b = b.pod_get("relayfed-system", "main-b-", 9901, "/federation/registry");
-    assert!(registry_b.contains("ledger.shop"), "ledger is exported in B: {registry_b}");
+    b.eventually("ledger registered at main-b", || async {
+        b.pod_get("relayfed-system", "main-b-", 9901, "/federation/registry").contains("\"ledger.shop\"").then_some(())
+    })
+    .await;
     let registry_a = a.pod_get("relayfed-system", "main-a-", 9901, "/federation/registry");
     assert!(registry_a.contains("catalog.shop"), "{registry_a}");
     assert!(!registry_a.contains("ledger"), "the partner's ledger is not ours to see: {registry_a}");
+
+    // The partner's catalog opts in to the caller's identity (its ServiceExport's annotation):
+    // its app reads, from a PROXY v2 header its sidecar writes, who in the other organisation
+    // calls, as the Noise session authenticated it (no relay of either side can forge it).
+    // Like exports, it reaches a pod when the pod restarts: once the operator has published
+    // it for catalog's pod, the pod is replaced.
+    let before: std::collections::BTreeMap<String, f64> =
+        b.config_versions().0.into_iter().filter(|(node, _)| node.contains("catalog")).collect();
+    assert!(!before.is_empty(), "catalog's pod has a published config");
+    b.kubectl(&["-n", "shop", "annotate", "serviceexport", "catalog", "relayfed.io/proxy-protocol=true"]);
+    b.wait_acknowledged(&before).await;
+    b.kubectl(&["-n", "shop", "delete", "pod", "-l", "app=catalog", "--wait=false"]);
+    let annotated = support::unix_ms();
+    let calls = client.wait_for(WAIT, |calls| calls.iter().any(|c| c.t > annotated && c.caller.is_some())).await;
+    let seen = calls.iter().find(|c| c.t > annotated && c.caller.is_some()).unwrap();
+    let caller = seen.caller.as_deref().unwrap_or_default();
+    assert!(caller.starts_with("relayfed://shop.example/"), "{seen:?}");
+    let after: Vec<&Call> = calls.iter().filter(|c| c.t > seen.t).collect();
+    assert!(after.iter().all(|c| c.ok), "calls fail once the header is on: {after:?}");
+    eprintln!("two organisations: partner's catalog sees its caller as {caller}");
     support::hold(&[&a, &b]);
 }

@@ -1,7 +1,9 @@
 //! relayfed-test-app: the app the two-cluster test's pods run, never part of the product.
 //! `serve` answers every HTTP request with the pod's name (so a caller sees which replica
-//! answered); `call` is an unmodified client: it resolves a URL's host with the system
-//! resolver and calls it in a loop, printing one JSON line per call.
+//! answered) and, when the connection starts with relayfed's PROXY v2 header (an export with
+//! `relayfed.io/proxy-protocol: "true"`), the caller's identity from it; `call` is an
+//! unmodified client: it resolves a URL's host with the system resolver and calls it in a
+//! loop, printing one JSON line per call.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -19,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Answer HTTP on 0.0.0.0:PORT with `{"pod": "<HOSTNAME>"}`.
+    /// Answer HTTP on 0.0.0.0:PORT with `{"pod": "<HOSTNAME>"}` (and `"caller"` from a PROXY
+    /// v2 header).
     Serve {
         /// Port.
         #[arg(long, default_value_t = 8080)]
@@ -54,6 +57,7 @@ fn serve(port: u16) -> anyhow::Result<()> {
                 Ok(r) => r,
                 Err(_) => return,
             });
+            let caller = proxy_header(&mut reader);
             let mut line = String::new();
             // Request line and headers, up to the blank line.
             loop {
@@ -64,7 +68,7 @@ fn serve(port: u16) -> anyhow::Result<()> {
                     Ok(_) => {}
                 }
             }
-            let body = format!("{{\"pod\":\"{pod}\"}}\n");
+            let body = format!("{}\n", serde_json::json!({"pod": pod, "caller": caller}));
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
@@ -75,7 +79,23 @@ fn serve(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn once(url: &str, timeout: Duration) -> Result<String, String> {
+/// The caller's identity from a PROXY v2 header at the start of the connection, consumed;
+/// `None` (and nothing consumed) when the connection starts otherwise (an HTTP request starts
+/// with a method, the header with `\r`).
+fn proxy_header(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    use relayfed_proto::protocol::proxy_header::{SIGNATURE, decode};
+    if reader.fill_buf().ok()?.first() != Some(&SIGNATURE[0]) {
+        return None;
+    }
+    let mut header = vec![0u8; 16];
+    reader.read_exact(&mut header).ok()?;
+    let mut tlvs = vec![0u8; usize::from(u16::from_be_bytes([header[14], header[15]]))];
+    reader.read_exact(&mut tlvs).ok()?;
+    header.extend_from_slice(&tlvs);
+    decode(&header).ok()?.0.identity
+}
+
+fn once(url: &str, timeout: Duration) -> Result<(String, Option<String>), String> {
     let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
     let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
     let addr = authority
@@ -95,7 +115,7 @@ fn once(url: &str, timeout: Duration) -> Result<String, String> {
     }
     let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").trim();
     let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("body {body:?}: {e}"))?;
-    Ok(v["pod"].as_str().unwrap_or_default().to_owned())
+    Ok((v["pod"].as_str().unwrap_or_default().to_owned(), v["caller"].as_str().map(str::to_owned)))
 }
 
 fn call(url: &str, interval: Duration, count: u64, timeout: Duration) {
@@ -105,7 +125,9 @@ fn call(url: &str, interval: Duration, count: u64, timeout: Duration) {
         let result = once(url, timeout);
         let unix_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         let line = match result {
-            Ok(pod) => serde_json::json!({"t": unix_ms, "ok": true, "us": t0.elapsed().as_micros() as u64, "pod": pod}),
+            Ok((pod, caller)) => {
+                serde_json::json!({"t": unix_ms, "ok": true, "us": t0.elapsed().as_micros() as u64, "pod": pod, "caller": caller})
+            }
             Err(e) => serde_json::json!({"t": unix_ms, "ok": false, "us": t0.elapsed().as_micros() as u64, "error": e}),
         };
         println!("{line}");

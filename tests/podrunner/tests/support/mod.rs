@@ -513,6 +513,9 @@ pub struct Call {
     pub us: u64,
     /// The answering pod.
     pub pod: Option<String>,
+    /// The caller's identity the answering app read from a PROXY v2 header, if it got one.
+    #[serde(default)]
+    pub caller: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
 }
