@@ -198,9 +198,10 @@ impl HomeNode {
         conn.close_reason().is_none().then(|| conn.clone())
     }
 
-    /// A call to `dest` went out: starts an attempt when policy and backoff allow.
-    pub(super) fn want_direct(self: &Arc<Self>, dest: &Entry, live: &HomeLive) {
-        if !live.direct_paths.attempts(&self.identity.node_id, &dest.main) || dest.node == self.identity.node_id {
+    /// A call to `dest` went out and the policy selects this home for direct paths to it:
+    /// starts an attempt when backoff allows.
+    pub(super) fn want_direct(self: &Arc<Self>, dest: &Entry) {
+        if dest.node == self.identity.node_id {
             return;
         }
         // The peer's relay coordinates when we have a link to it; else our active relay asks

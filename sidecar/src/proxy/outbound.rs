@@ -218,17 +218,16 @@ impl HomeNode {
             let (main_id, conn) =
                 self.path(&lost_paths).ok_or((ErrorCode::PeerUnreachable, "no main relay connection".to_owned()))?;
             let (dest, balanced) = self.resolve(import, &main_id, &tried, live)?;
-            // A direct connection to the destination home carries the stream while it is up
-            // (§12); the call also starts an attempt toward one when policy allows.
-            self.want_direct(&dest, live);
-            // Only while the rollout selects this home for the destination's relay: a rollback
-            // moves new streams back to the relays at once.
-            let direct = live
-                .direct_paths
-                .attempts(&self.identity.node_id, &dest.main)
-                .then(|| self.direct_conn(&dest.node))
-                .flatten()
-                .filter(|c| !lost_paths.contains(&c.stable_id()));
+            // While the rollout selects this home for the destination's relay, a direct
+            // connection to the destination home carries the stream while it is up (§12), and
+            // the call starts an attempt toward one; a rollback moves new streams back to the
+            // relays at once.
+            let direct = if live.direct_paths.attempts(&self.identity.node_id, &dest.main) {
+                self.want_direct(&dest);
+                self.direct_conn(&dest.node).filter(|c| !lost_paths.contains(&c.stable_id()))
+            } else {
+                None
+            };
             let is_direct = direct.is_some();
             let conn = direct.unwrap_or(conn);
             let started = Instant::now();
